@@ -1,0 +1,42 @@
+# boxd: build, test, lint, bench, demo.
+GO            ?= go
+LINT_VERSION  := v2.15.0
+TOOLS         := $(CURDIR)/.tools
+LINT          := $(TOOLS)/golangci-lint-$(LINT_VERSION)
+TEST_TIMEOUT  ?= 60m
+
+.PHONY: all build test lint bench demo deps clean
+
+all: build
+
+build:
+	$(GO) build -o bin/boxd ./cmd/boxd
+
+# Debian packages the tests and demo use (e2fsprogs for mkfs.ext4).
+deps:
+	@./scripts/deps.sh
+
+# Every test this kind of machine can run (root: loop mounts, tmpfs mounts).
+test: deps build
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+$(LINT):
+	mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(LINT_VERSION)
+	mv $(TOOLS)/golangci-lint $(LINT)
+
+lint: $(LINT)
+	$(LINT) run ./...
+
+# Go benchmarks, then the side-by-side store benchmark (boxd vs restic, sha256sum, cp).
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
+	./bench/store.sh
+
+# Sets up and runs the store demo on embedded defaults.
+demo: deps build
+	./scripts/demo.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,135 @@
+package cas
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// The index is a bbolt database rather than a format of our own: it gives
+// ordered, mmap-backed lookups whose memory the kernel pages in and out (so a
+// store far larger than RAM costs no heap), atomic multi-key updates for a
+// sealed pack's entries and for GC's switch of locations, and a file lock that
+// keeps a second process out. It is only a cache of the pack footers, so its
+// durability needs are modest; Open rebuilds it when it is missing or damaged.
+var (
+	bucketChunks = []byte("chunks")
+	bucketPacks  = []byte("packs")
+	bucketMeta   = []byte("meta")
+	keyVersion   = []byte("version")
+	keyNextPack  = []byte("next-pack")
+)
+
+const indexVersion = 1
+
+// Location is where a chunk lives.
+type Location struct {
+	Pack   uint32
+	Offset uint32
+	Stored uint32
+	Codec  Codec
+}
+
+// locationSize is the encoded size: pack u32 | offset u32 | stored u16 | codec u8.
+const locationSize = 11
+
+func (l Location) marshal() []byte {
+	b := make([]byte, locationSize)
+	binary.BigEndian.PutUint32(b[0:], l.Pack)
+	binary.BigEndian.PutUint32(b[4:], l.Offset)
+	binary.BigEndian.PutUint16(b[8:], uint16(l.Stored))
+	b[10] = byte(l.Codec)
+	return b
+}
+
+// DecodeLocation parses an index value.
+func DecodeLocation(b []byte) (Location, error) {
+	if len(b) != locationSize {
+		return Location{}, fmt.Errorf("index entry is %d bytes, want %d: %w", len(b), locationSize, ErrCorrupt)
+	}
+	l := Location{
+		Pack:   binary.BigEndian.Uint32(b[0:]),
+		Offset: binary.BigEndian.Uint32(b[4:]),
+		Stored: uint32(binary.BigEndian.Uint16(b[8:])),
+		Codec:  Codec(b[10]),
+	}
+	e := Entry{Offset: l.Offset, Stored: l.Stored, Raw: ChunkSize, Codec: l.Codec}
+	if err := e.check(maxPackSize); err != nil {
+		return Location{}, fmt.Errorf("index entry: %w", err)
+	}
+	return l, nil
+}
+
+// packState is the index's record of one pack.
+type packState uint8
+
+const (
+	packLive     packState = 0
+	packDeleting packState = 1 // its chunks moved; the file is to be removed
+)
+
+// packRecord: state u8 | chunks u32 | size u64.
+type packRecord struct {
+	State  packState
+	Chunks uint32
+	Size   uint64
+}
+
+func (r packRecord) marshal() []byte {
+	b := make([]byte, 13)
+	b[0] = byte(r.State)
+	binary.BigEndian.PutUint32(b[1:], r.Chunks)
+	binary.BigEndian.PutUint64(b[5:], r.Size)
+	return b
+}
+
+func decodePackRecord(b []byte) (packRecord, error) {
+	if len(b) != 13 || b[0] > byte(packDeleting) {
+		return packRecord{}, fmt.Errorf("pack record of %d bytes: %w", len(b), ErrCorrupt)
+	}
+	return packRecord{State: packState(b[0]), Chunks: binary.BigEndian.Uint32(b[1:]), Size: binary.BigEndian.Uint64(b[5:])}, nil
+}
+
+func packKey(num uint32) []byte {
+	var k [4]byte
+	binary.BigEndian.PutUint32(k[:], num)
+	return k[:]
+}
+
+// initIndex creates the buckets and checks the version.
+func initIndex(tx *bolt.Tx) error {
+	for _, name := range [][]byte{bucketChunks, bucketPacks, bucketMeta} {
+		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+			return err
+		}
+	}
+	meta := tx.Bucket(bucketMeta)
+	v := meta.Get(keyVersion)
+	if v == nil {
+		return meta.Put(keyVersion, binary.BigEndian.AppendUint32(nil, indexVersion))
+	}
+	if len(v) != 4 || binary.BigEndian.Uint32(v) != indexVersion {
+		return fmt.Errorf("index version %x not supported: %w", v, ErrCorrupt)
+	}
+	return nil
+}
+
+// addPack records a sealed pack and its chunks. A chunk already indexed
+// elsewhere keeps its location; the copy here is garbage for GC.
+func addPack(tx *bolt.Tx, num uint32, size int64, entries []Entry) (added int, err error) {
+	chunks := tx.Bucket(bucketChunks)
+	chunks.FillPercent = 0.9
+	for _, e := range entries {
+		if chunks.Get(e.ID[:]) != nil {
+			continue
+		}
+		loc := Location{Pack: num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec}
+		if err := chunks.Put(e.ID[:], loc.marshal()); err != nil {
+			return added, err
+		}
+		added++
+	}
+	rec := packRecord{State: packLive, Chunks: uint32(len(entries)), Size: uint64(size)}
+	return added, tx.Bucket(bucketPacks).Put(packKey(num), rec.marshal())
+}

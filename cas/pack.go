@@ -1,0 +1,302 @@
+package cas
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+// Pack file format, version 1 (all integers little-endian):
+//
+//	header   16 bytes  "BOXDPACK" | version u32 | reserved u32 (0)
+//	chunks   the stored bytes of each chunk, back to back
+//	footer   count × 48-byte entries:
+//	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 | reserved [3]
+//	trailer  32 bytes  footer offset u64 | count u32 | crc32c(footer) u32 |
+//	                   version u32 | crc32c(previous 20 bytes) u32 | "BOXDPEND"
+//
+// The trailer sits at a fixed place (the last 32 bytes), so a reader finds the
+// footer without scanning, and the two checksums tell a torn or damaged footer
+// from a good one. Chunk bytes carry no checksum of their own: the chunk id is
+// the SHA-256 of the raw bytes, and every read checks it.
+const (
+	packVersion    = 1
+	packHeaderSize = 16
+	entrySize      = 48
+	trailerSize    = 32
+	// PackTarget is the size at which a pack is sealed and a new one begun.
+	PackTarget = 32 << 20
+	// maxPackSize bounds offsets to what a u32 can address.
+	maxPackSize = 1<<32 - 1
+)
+
+var (
+	packMagic    = [8]byte{'B', 'O', 'X', 'D', 'P', 'A', 'C', 'K'}
+	trailerMagic = [8]byte{'B', 'O', 'X', 'D', 'P', 'E', 'N', 'D'}
+	castagnoli   = crc32.MakeTable(crc32.Castagnoli)
+)
+
+// Codec says how a chunk's bytes are stored.
+type Codec uint8
+
+// Codecs.
+const (
+	CodecRaw Codec = 0 // stored as is
+	CodecS2  Codec = 1 // klauspost/compress s2 block format
+)
+
+func (c Codec) String() string {
+	switch c {
+	case CodecRaw:
+		return "raw"
+	case CodecS2:
+		return "s2"
+	}
+	return fmt.Sprintf("codec(%d)", uint8(c))
+}
+
+// Entry describes one chunk in a pack, as listed in the pack's footer.
+type Entry struct {
+	ID     ID
+	Offset uint32
+	Stored uint32 // bytes in the pack
+	Raw    uint32 // bytes once decoded
+	Codec  Codec
+}
+
+func (e Entry) marshal(b []byte) {
+	copy(b[:32], e.ID[:])
+	binary.LittleEndian.PutUint32(b[32:], e.Offset)
+	binary.LittleEndian.PutUint32(b[36:], e.Stored)
+	binary.LittleEndian.PutUint32(b[40:], e.Raw)
+	b[44] = byte(e.Codec)
+	b[45], b[46], b[47] = 0, 0, 0
+}
+
+// DecodeFooter parses a pack's footer and trailer from its last bytes. tail
+// must end where the pack ends; size is the pack's total size. It checks both
+// checksums and that every entry lies inside the chunk area.
+func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
+	if len(tail) < trailerSize || size < packHeaderSize+trailerSize {
+		return nil, fmt.Errorf("pack too short for a trailer: %w", ErrCorrupt)
+	}
+	tr := tail[len(tail)-trailerSize:]
+	if [8]byte(tr[24:32]) != trailerMagic {
+		return nil, fmt.Errorf("pack trailer magic missing: %w", ErrCorrupt)
+	}
+	if crc32.Checksum(tr[:20], castagnoli) != binary.LittleEndian.Uint32(tr[20:]) {
+		return nil, fmt.Errorf("pack trailer checksum mismatch: %w", ErrCorrupt)
+	}
+	footerOff := binary.LittleEndian.Uint64(tr[0:])
+	count := uint64(binary.LittleEndian.Uint32(tr[8:]))
+	footerCRC := binary.LittleEndian.Uint32(tr[12:])
+	if v := binary.LittleEndian.Uint32(tr[16:]); v != packVersion {
+		return nil, fmt.Errorf("pack version %d not supported: %w", v, ErrCorrupt)
+	}
+	// Compare without wrapping: a huge footerOff plus the footer's size
+	// must not overflow to the pack's size.
+	need := count*entrySize + trailerSize
+	if footerOff < packHeaderSize || need > uint64(size) || footerOff != uint64(size)-need {
+		return nil, fmt.Errorf("pack footer offset %d with %d entries does not fit a %d-byte pack: %w", footerOff, count, size, ErrCorrupt)
+	}
+	if uint64(len(tail)) < need {
+		return nil, fmt.Errorf("pack footer needs %d bytes, have %d: %w", need, len(tail), ErrCorrupt)
+	}
+	footer := tail[uint64(len(tail))-need : uint64(len(tail))-trailerSize]
+	if crc32.Checksum(footer, castagnoli) != footerCRC {
+		return nil, fmt.Errorf("pack footer checksum mismatch: %w", ErrCorrupt)
+	}
+	entries := make([]Entry, count)
+	for i := range entries {
+		b := footer[i*entrySize : (i+1)*entrySize]
+		e := Entry{
+			ID:     ID(b[:32]),
+			Offset: binary.LittleEndian.Uint32(b[32:]),
+			Stored: binary.LittleEndian.Uint32(b[36:]),
+			Raw:    binary.LittleEndian.Uint32(b[40:]),
+			Codec:  Codec(b[44]),
+		}
+		if err := e.check(footerOff); err != nil {
+			return nil, fmt.Errorf("pack footer entry %d: %w", i, err)
+		}
+		entries[i] = e
+	}
+	return entries, nil
+}
+
+// check validates an entry against the end of a pack's chunk area.
+func (e Entry) check(chunkEnd uint64) error {
+	switch {
+	case e.Codec != CodecRaw && e.Codec != CodecS2:
+		return fmt.Errorf("unknown codec %d: %w", e.Codec, ErrCorrupt)
+	case e.Raw == 0 || e.Raw > ChunkSize:
+		return fmt.Errorf("raw length %d out of range: %w", e.Raw, ErrCorrupt)
+	case e.Stored == 0 || e.Stored > e.Raw || (e.Codec == CodecRaw && e.Stored != e.Raw):
+		return fmt.Errorf("stored length %d does not fit raw length %d: %w", e.Stored, e.Raw, ErrCorrupt)
+	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
+		return fmt.Errorf("chunk at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, ErrCorrupt)
+	}
+	return nil
+}
+
+// readFooter reads and decodes the footer of the pack file f.
+func readFooter(f *os.File) ([]Entry, int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, 0, err
+	}
+	size := fi.Size()
+	if size < packHeaderSize+trailerSize {
+		return nil, size, fmt.Errorf("pack is %d bytes, too short: %w", size, ErrCorrupt)
+	}
+	var tr [trailerSize]byte
+	if _, err := f.ReadAt(tr[:], size-trailerSize); err != nil {
+		return nil, size, err
+	}
+	count := int64(binary.LittleEndian.Uint32(tr[8:]))
+	need := count*entrySize + trailerSize
+	if need > size-packHeaderSize {
+		// Let DecodeFooter name the damage.
+		_, err := DecodeFooter(tr[:], size)
+		if err == nil {
+			err = fmt.Errorf("pack footer larger than the pack: %w", ErrCorrupt)
+		}
+		return nil, size, err
+	}
+	tail := make([]byte, need)
+	if _, err := f.ReadAt(tail, size-need); err != nil {
+		return nil, size, err
+	}
+	var hdr [packHeaderSize]byte
+	if _, err := f.ReadAt(hdr[:], 0); err != nil {
+		return nil, size, err
+	}
+	if [8]byte(hdr[:8]) != packMagic {
+		return nil, size, fmt.Errorf("pack header magic missing: %w", ErrCorrupt)
+	}
+	entries, err := DecodeFooter(tail, size)
+	return entries, size, err
+}
+
+// packWriter appends chunks to a temporary pack file and seals it.
+type packWriter struct {
+	dir     string
+	num     uint32
+	f       *os.File
+	bw      *bufio.Writer
+	off     uint32
+	entries []Entry
+}
+
+func packName(num uint32) string { return fmt.Sprintf("pack-%08x.pack", num) }
+
+func newPackWriter(dir string, num uint32) (*packWriter, error) {
+	f, err := os.CreateTemp(dir, packName(num)+".*.tmp")
+	if err != nil {
+		return nil, wrapIO("creating pack", err)
+	}
+	w := &packWriter{dir: dir, num: num, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
+	var hdr [packHeaderSize]byte
+	copy(hdr[:], packMagic[:])
+	binary.LittleEndian.PutUint32(hdr[8:], packVersion)
+	if _, err := w.bw.Write(hdr[:]); err != nil {
+		w.abort()
+		return nil, wrapIO("writing pack header", err)
+	}
+	return w, nil
+}
+
+// size is what the pack would be if sealed now.
+func (w *packWriter) size() int64 {
+	return int64(w.off) + int64(len(w.entries))*entrySize + trailerSize
+}
+
+func (w *packWriter) add(id ID, stored []byte, codec Codec) (Entry, error) {
+	e := Entry{ID: id, Offset: w.off, Stored: uint32(len(stored)), Raw: ChunkSize, Codec: codec}
+	if _, err := w.bw.Write(stored); err != nil {
+		return e, wrapIO("writing pack", err)
+	}
+	w.off += uint32(len(stored))
+	w.entries = append(w.entries, e)
+	return e, nil
+}
+
+// seal writes the footer, syncs and renames the pack into place, and syncs
+// the folder. It returns the final path and size.
+func (w *packWriter) seal() (string, int64, error) {
+	footer := make([]byte, len(w.entries)*entrySize)
+	for i, e := range w.entries {
+		e.marshal(footer[i*entrySize:])
+	}
+	var tr [trailerSize]byte
+	binary.LittleEndian.PutUint64(tr[0:], uint64(w.off))
+	binary.LittleEndian.PutUint32(tr[8:], uint32(len(w.entries)))
+	binary.LittleEndian.PutUint32(tr[12:], crc32.Checksum(footer, castagnoli))
+	binary.LittleEndian.PutUint32(tr[16:], packVersion)
+	binary.LittleEndian.PutUint32(tr[20:], crc32.Checksum(tr[:20], castagnoli))
+	copy(tr[24:], trailerMagic[:])
+	size := w.size()
+	for _, b := range [][]byte{footer, tr[:]} {
+		if _, err := w.bw.Write(b); err != nil {
+			w.abort()
+			return "", 0, wrapIO("writing pack footer", err)
+		}
+	}
+	if err := w.bw.Flush(); err != nil {
+		w.abort()
+		return "", 0, wrapIO("writing pack", err)
+	}
+	if err := w.f.Sync(); err != nil {
+		w.abort()
+		return "", 0, wrapIO("syncing pack", err)
+	}
+	tmp := w.f.Name()
+	if err := w.f.Close(); err != nil {
+		_ = os.Remove(tmp)
+		return "", 0, wrapIO("closing pack", err)
+	}
+	final := filepath.Join(w.dir, packName(w.num))
+	if err := os.Rename(tmp, final); err != nil {
+		_ = os.Remove(tmp)
+		return "", 0, wrapIO("sealing pack", err)
+	}
+	if err := syncDir(w.dir); err != nil {
+		return "", 0, wrapIO("syncing pack folder", err)
+	}
+	return final, size, nil
+}
+
+func (w *packWriter) abort() {
+	if w.f != nil {
+		name := w.f.Name()
+		_ = w.f.Close()
+		_ = os.Remove(name)
+		w.f = nil
+	}
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// wrapIO adds context to an I/O error and categorises a full disk.
+func wrapIO(what string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%s: %w", what, WithCategory(err, ErrNoSpace))
+	}
+	if errors.Is(err, io.ErrShortWrite) {
+		return fmt.Errorf("%s: short write: %w", what, err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}

@@ -1,0 +1,423 @@
+package cas
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/s2"
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// Store is a content-addressed chunk store in one directory. Its methods are
+// safe for concurrent use; at most one Writer exists at a time.
+type Store struct {
+	dir      string
+	packsDir string
+	db       *bolt.DB
+
+	// writeMu is held by the one Writer (and by GC) for its whole life.
+	writeMu sync.Mutex
+
+	// filesMu protects files and nextPack.
+	filesMu  sync.RWMutex
+	files    map[uint32]*os.File
+	nextPack uint32
+
+	// Rebuilt reports whether Open rebuilt the index from the pack footers.
+	Rebuilt bool
+	// Damaged lists packs whose footers could not be read when the index was
+	// reconciled; their chunks are not indexed. Verify reports them too.
+	Damaged []string
+}
+
+// Options tune Open.
+type Options struct {
+	// LockTimeout bounds the wait for another process holding the store.
+	LockTimeout time.Duration
+}
+
+// Open opens or creates the store in dir. It takes an exclusive lock on the
+// store, removes unfinished packs, and reconciles the index with the packs on
+// disk, rebuilding it when it is missing or unreadable.
+func Open(dir string, opts Options) (*Store, error) {
+	if opts.LockTimeout == 0 {
+		opts.LockTimeout = time.Second
+	}
+	s := &Store{dir: dir, packsDir: filepath.Join(dir, "packs"), files: map[uint32]*os.File{}}
+	if err := os.MkdirAll(s.packsDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating store in %s: %w", dir, err)
+	}
+	dbPath := filepath.Join(dir, "index.db")
+	_, statErr := os.Stat(dbPath)
+	indexMissing := errors.Is(statErr, fs.ErrNotExist)
+	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("store %s is in use by another process: %w", dir, ErrUnavailable)
+	case err != nil && isPermission(err):
+		return nil, fmt.Errorf("opening index: %w", err)
+	case err != nil:
+		// Unreadable index: keep it aside for inspection and rebuild.
+		_ = os.Rename(dbPath, dbPath+".damaged")
+		db, err = bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+		if err != nil {
+			return nil, fmt.Errorf("recreating index: %w", err)
+		}
+		s.Rebuilt = true
+	}
+	s.db = db
+	if err := db.Update(initIndex); err != nil {
+		if !errors.Is(err, ErrCorrupt) {
+			db.Close()
+			return nil, wrapIO("initialising index", err)
+		}
+		if err := s.resetIndex(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
+	if err := s.reconcile(indexMissing); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func isPermission(err error) bool {
+	return errors.Is(err, fs.ErrPermission) || errors.Is(err, os.ErrNotExist)
+}
+
+// resetIndex empties the index so reconcile rebuilds it from the packs.
+func (s *Store) resetIndex() error {
+	s.Rebuilt = true
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketChunks, bucketPacks, bucketMeta} {
+			if tx.Bucket(name) != nil {
+				if err := tx.DeleteBucket(name); err != nil {
+					return err
+				}
+			}
+		}
+		return initIndex(tx)
+	})
+}
+
+// Dir returns the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+// Close closes the index and every open pack.
+func (s *Store) Close() error {
+	s.filesMu.Lock()
+	for n, f := range s.files {
+		f.Close()
+		delete(s.files, n)
+	}
+	s.filesMu.Unlock()
+	return s.db.Close()
+}
+
+// packPath returns the path of pack num.
+func (s *Store) packPath(num uint32) string { return filepath.Join(s.packsDir, packName(num)) }
+
+// listPacks returns the sealed packs on disk. With removeTmp (Open, before
+// any Writer exists) it also removes unfinished ones; other callers must
+// not, as a Writer's pack in progress is one.
+func (s *Store) listPacks(removeTmp bool) ([]uint32, error) {
+	ents, err := os.ReadDir(s.packsDir)
+	if err != nil {
+		return nil, fmt.Errorf("listing packs: %w", err)
+	}
+	var nums []uint32
+	for _, e := range ents {
+		name := e.Name()
+		if strings.HasSuffix(name, ".tmp") {
+			if removeTmp {
+				_ = os.Remove(filepath.Join(s.packsDir, name))
+			}
+			continue
+		}
+		var n uint32
+		if _, err := fmt.Sscanf(name, "pack-%08x.pack", &n); err == nil && name == packName(n) {
+			nums = append(nums, n)
+		}
+	}
+	sort.Slice(nums, func(i, j int) bool { return nums[i] < nums[j] })
+	return nums, nil
+}
+
+// reconcile brings the index in line with the packs on disk: it finishes
+// interrupted deletions, indexes sealed packs the index does not know (a
+// crash between sealing and indexing, or a rebuild), and drops the entries of
+// packs that are gone. indexMissing says Open found no index file, so the
+// packs on disk, if any, are indexed afresh: a rebuild.
+func (s *Store) reconcile(indexMissing bool) error {
+	onDisk, err := s.listPacks(true)
+	if err != nil {
+		return err
+	}
+	if indexMissing && len(onDisk) > 0 {
+		s.Rebuilt = true
+	}
+	present := map[uint32]bool{}
+	for _, n := range onDisk {
+		present[n] = true
+	}
+	known := map[uint32]packRecord{}
+	var next uint32
+	err = s.db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket(bucketMeta).Get(keyNextPack); len(v) == 4 {
+			next = beUint32(v)
+		}
+		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
+			rec, err := decodePackRecord(v)
+			if err != nil || len(k) != 4 {
+				return fmt.Errorf("pack record %x: %w", k, ErrCorrupt)
+			}
+			known[beUint32(k)] = rec
+			return nil
+		})
+	})
+	if errors.Is(err, ErrCorrupt) {
+		if err := s.resetIndex(); err != nil {
+			return err
+		}
+		known = map[uint32]packRecord{}
+	} else if err != nil {
+		return fmt.Errorf("reading index: %w", err)
+	}
+	var gone []uint32
+	for n, rec := range known {
+		switch {
+		case rec.State == packDeleting:
+			if err := os.Remove(s.packPath(n)); err != nil && !os.IsNotExist(err) {
+				return fmt.Errorf("finishing removal of %s: %w", packName(n), err)
+			}
+			delete(present, n)
+			gone = append(gone, n)
+		case !present[n]:
+			gone = append(gone, n)
+		}
+	}
+	if len(gone) > 0 {
+		if err := s.dropPacks(gone); err != nil {
+			return err
+		}
+	}
+	for _, n := range onDisk {
+		if n >= next {
+			next = n + 1
+		}
+		if _, ok := known[n]; ok || !present[n] {
+			continue
+		}
+		if err := s.indexPackFile(n); err != nil {
+			if errors.Is(err, ErrCorrupt) {
+				s.Damaged = append(s.Damaged, fmt.Sprintf("%s: %v", packName(n), err))
+				continue
+			}
+			return err
+		}
+	}
+	s.nextPack = next
+	return nil
+}
+
+// indexPackFile adds a sealed pack found on disk to the index.
+func (s *Store) indexPackFile(num uint32) error {
+	f, err := os.Open(s.packPath(num))
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", packName(num), err)
+	}
+	defer f.Close()
+	entries, size, err := readFooter(f)
+	if err != nil {
+		return fmt.Errorf("%s: %w", packName(num), err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		_, err := addPack(tx, num, size, entries)
+		return err
+	})
+}
+
+// dropPacks removes the records of packs that are gone and every index
+// entry that points into them.
+func (s *Store) dropPacks(nums []uint32) error {
+	drop := map[uint32]bool{}
+	for _, n := range nums {
+		drop[n] = true
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketChunks).Cursor()
+		for k, v := c.First(); k != nil; {
+			loc, err := DecodeLocation(v)
+			if err != nil || drop[loc.Pack] {
+				if err := c.Delete(); err != nil {
+					return err
+				}
+				k, v = c.Seek(k)
+				continue
+			}
+			k, v = c.Next()
+		}
+		for n := range drop {
+			if err := tx.Bucket(bucketPacks).Delete(packKey(n)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func beUint32(b []byte) uint32 {
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+// Lookup returns where a chunk is stored.
+func (s *Store) Lookup(id ID) (Location, error) {
+	var loc Location
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketChunks).Get(id[:])
+		if v == nil {
+			return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
+		}
+		var err error
+		loc, err = DecodeLocation(v)
+		return err
+	})
+	return loc, err
+}
+
+// Has reports whether a chunk is stored (the zero chunk always is).
+func (s *Store) Has(id ID) bool {
+	if id == ZeroID {
+		return true
+	}
+	_, err := s.Lookup(id)
+	return err == nil
+}
+
+// file returns the open pack file num.
+func (s *Store) file(num uint32) (*os.File, error) {
+	s.filesMu.RLock()
+	f := s.files[num]
+	s.filesMu.RUnlock()
+	if f != nil {
+		return f, nil
+	}
+	s.filesMu.Lock()
+	defer s.filesMu.Unlock()
+	if f := s.files[num]; f != nil {
+		return f, nil
+	}
+	f, err := os.Open(s.packPath(num))
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", packName(num), err)
+	}
+	s.files[num] = f
+	return f, nil
+}
+
+// forget closes pack num's file once it has been removed.
+func (s *Store) forget(num uint32) {
+	s.filesMu.Lock()
+	if f := s.files[num]; f != nil {
+		f.Close()
+		delete(s.files, num)
+	}
+	s.filesMu.Unlock()
+}
+
+// Get returns the chunk id, read into dst (which must hold ChunkSize bytes,
+// or be nil). The bytes are re-hashed: a damaged chunk is an ErrCorrupt error
+// naming the chunk and its pack, never wrong data.
+func (s *Store) Get(id ID, dst []byte) ([]byte, error) {
+	if cap(dst) < ChunkSize {
+		dst = make([]byte, ChunkSize)
+	}
+	dst = dst[:ChunkSize]
+	if id == ZeroID {
+		clear(dst)
+		return dst, nil
+	}
+	loc, err := s.Lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		out, err := s.read(id, loc, dst)
+		if err == nil {
+			return out, nil
+		}
+		// GC may have moved the chunk and removed its old pack between
+		// the lookup and the read: read it from where it is now.
+		again, lerr := s.Lookup(id)
+		if lerr != nil {
+			return nil, lerr
+		}
+		if again == loc {
+			return nil, err
+		}
+		loc = again
+	}
+}
+
+// read fetches, decodes and checks one chunk. It holds filesMu for reading
+// so GC cannot close the file under it.
+func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
+	f, err := s.file(loc.Pack)
+	if err != nil {
+		return nil, err
+	}
+	var buf [ChunkSize]byte
+	stored := buf[:loc.Stored]
+	if loc.Codec == CodecRaw {
+		stored = dst[:loc.Stored]
+	}
+	s.filesMu.RLock()
+	_, err = f.ReadAt(stored, int64(loc.Offset))
+	s.filesMu.RUnlock()
+	if err != nil {
+		return nil, fmt.Errorf("reading chunk %s from %s: %w", id, packName(loc.Pack), err)
+	}
+	out, err := decode(loc.Codec, stored, dst)
+	if err == nil && sha256.Sum256(out) != id {
+		err = errors.New("content does not match its id")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %v: %w", id, packName(loc.Pack), loc.Offset, err, ErrCorrupt)
+	}
+	return out, nil
+}
+
+// decode turns stored bytes into the raw chunk, in dst.
+func decode(codec Codec, stored, dst []byte) ([]byte, error) {
+	switch codec {
+	case CodecRaw:
+		if len(stored) != ChunkSize {
+			return nil, fmt.Errorf("raw chunk of %d bytes", len(stored))
+		}
+		if &stored[0] != &dst[0] {
+			copy(dst, stored)
+		}
+		return dst[:ChunkSize], nil
+	case CodecS2:
+		n, err := s2.DecodedLen(stored)
+		if err != nil {
+			return nil, err
+		}
+		if n != ChunkSize {
+			return nil, fmt.Errorf("decodes to %d bytes", n)
+		}
+		return s2.Decode(dst[:ChunkSize], stored)
+	}
+	return nil, fmt.Errorf("unknown codec %d", codec)
+}

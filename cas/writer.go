@@ -1,0 +1,336 @@
+package cas
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+
+	"github.com/klauspost/compress/s2"
+	bolt "go.etcd.io/bbolt"
+)
+
+// WriteStats counts what a Writer did with the chunks it was given.
+type WriteStats struct {
+	Chunks      int64 // chunks offered, zero ones included
+	ZeroChunks  int64 // all-zero chunks (never stored)
+	NewChunks   int64 // chunks stored for the first time
+	NewStored   int64 // bytes those took in packs
+	ReusedChunk int64 // chunks already in the store (deduplicated)
+	Packs       int   // packs sealed
+}
+
+// Writer adds chunks to the store. It holds the store's write lock from
+// NewWriter until Commit or Abort, so GC never sweeps chunks it has written
+// and a caller has yet to reference. After an error the Writer is broken:
+// every later call returns that error, and only Abort is useful.
+type Writer struct {
+	s     *Store
+	pack  *packWriter
+	stats WriteStats
+	// pending holds the ids in the unsealed pack; sealGen counts seals, so a
+	// batch looked up before a seal knows to look again.
+	pending map[ID]struct{}
+	sealGen uint64
+	broken  error
+	done    bool
+	// Workers is the number of goroutines hashing and compressing.
+	Workers int
+}
+
+// NewWriter waits for the write lock and returns a Writer.
+func (s *Store) NewWriter() *Writer {
+	s.writeMu.Lock()
+	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0)}
+}
+
+// Stats returns the counts so far.
+func (w *Writer) Stats() WriteStats { return w.stats }
+
+// Put stores one chunk (shorter chunks are zero-padded) and returns its id.
+func (w *Writer) Put(chunk []byte) (ID, error) {
+	var ids [1]ID
+	b := &batch{n: 1, buf: make([]byte, ChunkSize), ids: ids[:]}
+	copy(b.buf, chunk)
+	w.process(b)
+	if err := w.collect(b); err != nil {
+		return ID{}, err
+	}
+	return b.ids[0], nil
+}
+
+// batchChunks is how many chunks travel through the pipeline together.
+const batchChunks = 256
+
+// chunk classes within a batch.
+const (
+	classZero = iota
+	classKnown
+	classNew
+)
+
+type batch struct {
+	buf   []byte // n chunks, back to back
+	n     int
+	ids   []ID
+	class [batchChunks]uint8
+	codec [batchChunks]Codec
+	comp  [batchChunks][]byte // stored bytes of new chunks
+	gen   uint64
+	done  chan struct{}
+}
+
+var batchPool = sync.Pool{New: func() any {
+	b := &batch{buf: make([]byte, batchChunks*ChunkSize), ids: make([]ID, batchChunks)}
+	for i := range b.comp {
+		b.comp[i] = make([]byte, 0, s2.MaxEncodedLen(ChunkSize))
+	}
+	return b
+}}
+
+// WriteStream cuts r into chunks and stores them, using Workers goroutines
+// to hash and compress. For chunk i (in order, from 0) it calls emit with
+// the chunk's id; a short last chunk is zero-padded. It returns the number of
+// bytes read. Memory stays bounded: a few batches of 1 MiB are in flight.
+func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64, id ID) error) (int64, error) {
+	if w.broken != nil {
+		return 0, w.broken
+	}
+	workers := max(w.Workers, 1)
+	work := make(chan *batch, workers)
+	order := make(chan *batch, 2*workers+1)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for b := range work {
+				w.process(b)
+				close(b.done)
+			}
+		})
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var total int64
+	var readErr, stopErr error
+	go func() {
+		defer close(order)
+		defer close(work)
+		for {
+			if err := ctx.Err(); err != nil {
+				stopErr = err // stopped before the end of r
+				return
+			}
+			b := batchPool.Get().(*batch)
+			n, err := io.ReadFull(r, b.buf)
+			if n == 0 {
+				batchPool.Put(b)
+				if err != io.EOF && err != io.ErrUnexpectedEOF {
+					readErr = err
+				}
+				return
+			}
+			total += int64(n)
+			b.n = (n + ChunkSize - 1) / ChunkSize
+			clear(b.buf[n : b.n*ChunkSize])
+			b.done = make(chan struct{})
+			order <- b
+			work <- b
+			if err != nil {
+				if err != io.EOF && err != io.ErrUnexpectedEOF {
+					readErr = err
+				}
+				return
+			}
+		}
+	}()
+	var idx int64
+	var err error
+	for b := range order {
+		<-b.done
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			err = w.collect(b)
+		}
+		for i := 0; err == nil && i < b.n; i++ {
+			err = emit(idx, b.ids[i])
+			idx++
+		}
+		if err != nil {
+			cancel()
+		}
+		batchPool.Put(b)
+	}
+	wg.Wait()
+	if err == nil && readErr != nil {
+		err = fmt.Errorf("reading input: %w", readErr)
+	}
+	if err == nil {
+		err = stopErr
+	}
+	return total, err
+}
+
+// process hashes a batch, looks its chunks up in the index and compresses
+// the new ones. It runs on a worker goroutine.
+func (w *Writer) process(b *batch) {
+	w.s.filesMu.RLock()
+	b.gen = w.sealGen
+	w.s.filesMu.RUnlock()
+	for i := 0; i < b.n; i++ {
+		c := b.buf[i*ChunkSize : (i+1)*ChunkSize]
+		if isZeroChunk(c) {
+			b.ids[i], b.class[i] = ZeroID, classZero
+			continue
+		}
+		b.ids[i], b.class[i] = sha256.Sum256(c), classNew
+	}
+	_ = w.s.db.View(func(tx *bolt.Tx) error {
+		chunks := tx.Bucket(bucketChunks)
+		for i := 0; i < b.n; i++ {
+			if b.class[i] == classNew && chunks.Get(b.ids[i][:]) != nil {
+				b.class[i] = classKnown
+			}
+		}
+		return nil
+	})
+	for i := 0; i < b.n; i++ {
+		if b.class[i] != classNew {
+			continue
+		}
+		c := b.buf[i*ChunkSize : (i+1)*ChunkSize]
+		enc := s2.Encode(b.comp[i][:cap(b.comp[i])], c)
+		b.comp[i], b.codec[i] = enc, CodecS2
+		if len(enc) > ChunkSize-ChunkSize/8 {
+			b.codec[i] = CodecRaw
+		}
+	}
+}
+
+// collect appends a processed batch's new chunks to the pack, in order.
+func (w *Writer) collect(b *batch) error {
+	if w.broken != nil {
+		return w.broken
+	}
+	for i := 0; i < b.n; i++ {
+		w.stats.Chunks++
+		switch b.class[i] {
+		case classZero:
+			w.stats.ZeroChunks++
+			continue
+		case classKnown:
+			w.stats.ReusedChunk++
+			continue
+		}
+		id := b.ids[i]
+		if _, ok := w.pending[id]; ok || (b.gen != w.sealGen && w.s.Has(id)) {
+			w.stats.ReusedChunk++
+			continue
+		}
+		stored := b.comp[i]
+		if b.codec[i] == CodecRaw {
+			stored = b.buf[i*ChunkSize : (i+1)*ChunkSize]
+		}
+		if err := w.add(id, stored, b.codec[i]); err != nil {
+			return w.fail(err)
+		}
+	}
+	return nil
+}
+
+func (w *Writer) add(id ID, stored []byte, codec Codec) error {
+	if w.pack == nil {
+		w.s.filesMu.Lock()
+		num := w.s.nextPack
+		w.s.nextPack++
+		w.s.filesMu.Unlock()
+		p, err := newPackWriter(w.s.packsDir, num)
+		if err != nil {
+			return err
+		}
+		w.pack = p
+	}
+	if _, err := w.pack.add(id, stored, codec); err != nil {
+		return err
+	}
+	w.pending[id] = struct{}{}
+	w.stats.NewChunks++
+	w.stats.NewStored += int64(len(stored))
+	if w.pack.size() >= PackTarget {
+		return w.seal()
+	}
+	return nil
+}
+
+// seal closes the current pack and indexes its chunks.
+func (w *Writer) seal() error {
+	p := w.pack
+	if p == nil {
+		return nil
+	}
+	w.pack = nil
+	_, size, err := p.seal()
+	if err != nil {
+		return err
+	}
+	err = w.s.db.Update(func(tx *bolt.Tx) error {
+		if _, err := addPack(tx, p.num, size, p.entries); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketMeta).Put(keyNextPack, packKey(p.num+1))
+	})
+	if err != nil {
+		// The pack is sealed; the next Open indexes it.
+		return wrapIO("indexing "+packName(p.num), err)
+	}
+	w.s.filesMu.Lock()
+	w.sealGen++
+	w.s.filesMu.Unlock()
+	clear(w.pending)
+	w.stats.Packs++
+	return nil
+}
+
+func (w *Writer) fail(err error) error {
+	if w.broken == nil {
+		w.broken = err
+	}
+	return w.broken
+}
+
+// Commit seals the last pack and releases the write lock. Once it returns
+// nil, every chunk the Writer returned an id for is durable and indexed.
+func (w *Writer) Commit() error {
+	if w.done {
+		return errors.New("writer already finished")
+	}
+	err := w.broken
+	if err == nil {
+		err = w.seal()
+	}
+	if err != nil {
+		w.Abort()
+		return err
+	}
+	w.done = true
+	w.s.writeMu.Unlock()
+	return nil
+}
+
+// Abort drops the unsealed pack and releases the write lock. Chunks in packs
+// sealed earlier stay; GC reclaims those nothing references.
+func (w *Writer) Abort() {
+	if w.done {
+		return
+	}
+	if w.pack != nil {
+		w.pack.abort()
+		w.pack = nil
+	}
+	w.done = true
+	w.s.writeMu.Unlock()
+}
