@@ -393,7 +393,7 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 		err = errors.New("content does not match its id")
 	}
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %v: %w", id, packName(loc.Pack), loc.Offset, err, ErrCorrupt)
+		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, ErrCorrupt)
 	}
 	return out, nil
 }

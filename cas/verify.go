@@ -3,8 +3,10 @@ package cas
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"runtime"
 	"sync"
@@ -88,7 +90,13 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 		return res, err
 	}
 	footers := map[uint32]map[uint32]Entry{}
+	// sealedSince caches, for a pack the index names but Verify did not
+	// list, whether it exists now: a Writer or GC sealed it meanwhile.
+	sealedSince := map[uint32]bool{}
 	for i, r := range results {
+		if r.entries == nil && r.damaged == nil {
+			continue // removed by GC since it was listed
+		}
 		res.Packs++
 		res.Chunks += r.chunks
 		res.Bytes += r.size
@@ -105,6 +113,15 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 			}
 			f, ok := footers[loc.Pack]
 			if !ok {
+				sealed, seen := sealedSince[loc.Pack]
+				if !seen {
+					_, err := os.Stat(s.packPath(loc.Pack))
+					sealed = err == nil
+					sealedSince[loc.Pack] = sealed
+				}
+				if sealed {
+					return nil
+				}
 				res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "indexed in a pack that is missing"})
 				return nil
 			}
@@ -128,6 +145,11 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 func (s *Store) verifyPack(num uint32) (map[uint32]Entry, []Damage, int64) {
 	name := packName(num)
 	f, err := os.Open(s.packPath(num))
+	if errors.Is(err, fs.ErrNotExist) {
+		// GC removed it since it was listed; Verify skips it, and its
+		// index check reports any entry still pointing at it.
+		return nil, nil, 0
+	}
 	if err != nil {
 		return nil, []Damage{{Pack: name, Reason: err.Error()}}, 0
 	}

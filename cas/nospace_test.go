@@ -1,0 +1,100 @@
+package cas
+
+import (
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// mountTmpfs mounts a tmpfs of the given size (as mount(8) spells it) on a
+// new folder and unmounts it at cleanup. It skips the test when mounting is
+// not allowed.
+func mountTmpfs(t *testing.T, size string) string {
+	t.Helper()
+	dir := t.TempDir()
+	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
+	if err != nil {
+		if os.Geteuid() != 0 {
+			t.Skipf("mounting a tmpfs needs root (running as uid %d): %v: %s", os.Geteuid(), err, out)
+		}
+		t.Fatalf("mount tmpfs on %s: %v: %s", dir, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}
+
+func TestFullDisk(t *testing.T) {
+	g := newGen(50)
+	data := g.random(16 << 20)
+	tests := []struct {
+		name   string
+		stream bool // WriteStream, or Put chunk by chunk
+	}{
+		{"WriteStream", true},
+		{"Put", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := mountTmpfs(t, "4m")
+			s, err := Open(dir, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Something stored before the disk filled must survive.
+			keep := g.random(4 * ChunkSize)
+			keepIDs, _ := ingest(t, s, keep)
+
+			w := s.NewWriter()
+			if tt.stream {
+				_, err = writeStream(w, data)
+			} else {
+				for _, c := range chunksOf(data) {
+					if _, err = w.Put(c); err != nil {
+						break
+					}
+				}
+			}
+			if err == nil {
+				err = w.Commit()
+			} else {
+				// A broken Writer keeps its error.
+				if _, err2 := w.Put(g.random(ChunkSize)); !errorsSame(err2, err) {
+					t.Errorf("Put after the failure: %v, want %v", err2, err)
+				}
+				w.Abort()
+			}
+			wantErrIs(t, err, ErrNoSpace)
+			if !strings.Contains(err.Error(), "no space") {
+				t.Errorf("error %q does not say the disk is full", err)
+			}
+			for _, name := range packFiles(t, s) {
+				if strings.HasSuffix(name, ".tmp") {
+					t.Errorf("%s left after Abort", name)
+				}
+			}
+			checkReadable(t, s, keepIDs, chunksOf(keep))
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+
+			s = openStore(t, dir)
+			if s.Rebuilt || len(s.Damaged) != 0 {
+				t.Errorf("reopen: Rebuilt %v, Damaged %q", s.Rebuilt, s.Damaged)
+			}
+			checkReadable(t, s, keepIDs, chunksOf(keep))
+			checkVerify(t, s)
+			// With the space back, a small write works.
+			small := g.random(8 * ChunkSize)
+			ids, _ := ingest(t, s, small)
+			checkReadable(t, s, ids, chunksOf(small))
+			checkVerify(t, s)
+		})
+	}
+}
+
+func errorsSame(a, b error) bool { return a != nil && b != nil && a.Error() == b.Error() }
