@@ -1,7 +1,9 @@
 package cas
 
 import (
+	"bytes"
 	"encoding/binary"
+	"slices"
 	"fmt"
 
 	bolt "go.etcd.io/bbolt"
@@ -119,8 +121,12 @@ func initIndex(tx *bolt.Tx) error {
 // elsewhere keeps its location; the copy here is garbage for GC.
 func addPack(tx *bolt.Tx, num uint32, size int64, entries []Entry) (added int, err error) {
 	chunks := tx.Bucket(bucketChunks)
+	// Random ids land everywhere in the tree; fuller leaves keep it small.
 	chunks.FillPercent = 0.9
-	for _, e := range entries {
+	// In id order, consecutive inserts land on the same or the next leaf.
+	sorted := slices.Clone(entries)
+	slices.SortFunc(sorted, func(a, b Entry) int { return bytes.Compare(a.ID[:], b.ID[:]) })
+	for _, e := range sorted {
 		if chunks.Get(e.ID[:]) != nil {
 			continue
 		}

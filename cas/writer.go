@@ -31,10 +31,12 @@ type Writer struct {
 	s     *Store
 	pack  *packWriter
 	stats WriteStats
-	// pending holds the ids in the unsealed pack; sealGen counts seals, so a
-	// batch looked up before a seal knows to look again.
+	// pending holds the ids in packs not yet indexed; sealGen counts packs
+	// indexed, so a batch looked up before one was knows to look again.
 	pending map[ID]struct{}
 	sealGen uint64
+	// sealing delivers the results of the seals in flight, oldest first.
+	sealing []chan sealResult
 	broken  error
 	done    bool
 	// Workers is the number of goroutines hashing and compressing.
@@ -52,6 +54,9 @@ func (w *Writer) Stats() WriteStats { return w.stats }
 
 // Put stores one chunk (shorter chunks are zero-padded) and returns its id.
 func (w *Writer) Put(chunk []byte) (ID, error) {
+	if err := w.usable(); err != nil {
+		return ID{}, err
+	}
 	var ids [1]ID
 	b := &batch{n: 1, buf: make([]byte, ChunkSize), ids: ids[:]}
 	copy(b.buf, chunk)
@@ -96,8 +101,8 @@ var batchPool = sync.Pool{New: func() any {
 // the chunk's id; a short last chunk is zero-padded. It returns the number of
 // bytes read. Memory stays bounded: a few batches of 1 MiB are in flight.
 func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64, id ID) error) (int64, error) {
-	if w.broken != nil {
-		return 0, w.broken
+	if err := w.usable(); err != nil {
+		return 0, err
 	}
 	workers := max(w.Workers, 1)
 	work := make(chan *batch, workers)
@@ -261,23 +266,79 @@ func (w *Writer) add(id ID, stored []byte, codec Codec) error {
 	w.stats.NewChunks++
 	w.stats.NewStored += int64(len(stored))
 	if w.pack.size() >= PackTarget {
-		return w.seal()
+		return w.startSeal()
 	}
 	return nil
 }
 
-// seal closes the current pack and indexes its chunks.
-func (w *Writer) seal() error {
+// startSeal hands the full pack to a goroutine that seals and indexes it,
+// while the Writer fills the next one. At most maxSealing seals are in
+// flight, which bounds the ids held in pending.
+func (w *Writer) startSeal() error {
 	p := w.pack
 	if p == nil {
 		return nil
 	}
 	w.pack = nil
+	if len(w.sealing) >= maxSealing {
+		if err := w.waitSeal(); err != nil {
+			p.abort()
+			return err
+		}
+	}
+	done := make(chan sealResult, 1)
+	w.sealing = append(w.sealing, done)
+	go func() { done <- sealResult{p, w.s.sealAndIndex(p)} }()
+	return nil
+}
+
+// maxSealing is how many packs may be syncing at once.
+const maxSealing = 3
+
+type sealResult struct {
+	p   *packWriter
+	err error
+}
+
+// waitSeal waits for the oldest seal in flight, if any, and then forgets
+// the ids of that pack: the index answers for them now.
+func (w *Writer) waitSeal() error {
+	if len(w.sealing) == 0 {
+		return nil
+	}
+	r := <-w.sealing[0]
+	w.sealing = w.sealing[1:]
+	if r.err != nil {
+		return r.err
+	}
+	w.s.filesMu.Lock()
+	w.sealGen++
+	w.s.filesMu.Unlock()
+	for _, e := range r.p.entries {
+		delete(w.pending, e.ID)
+	}
+	w.stats.Packs++
+	return nil
+}
+
+// waitSeals waits for every seal in flight and returns the first error.
+func (w *Writer) waitSeals() error {
+	var first error
+	for len(w.sealing) > 0 {
+		if err := w.waitSeal(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// sealAndIndex makes a pack durable, then adds its chunks to the index.
+func (s *Store) sealAndIndex(p *packWriter) error {
 	_, size, err := p.seal()
 	if err != nil {
 		return err
 	}
-	err = w.s.db.Update(func(tx *bolt.Tx) error {
+	err = s.db.Update(func(tx *bolt.Tx) error {
 		if _, err := addPack(tx, p.num, size, p.entries); err != nil {
 			return err
 		}
@@ -287,12 +348,15 @@ func (w *Writer) seal() error {
 		// The pack is sealed; the next Open indexes it.
 		return wrapIO("indexing "+packName(p.num), err)
 	}
-	w.s.filesMu.Lock()
-	w.sealGen++
-	w.s.filesMu.Unlock()
-	clear(w.pending)
-	w.stats.Packs++
 	return nil
+}
+
+// usable says why the Writer can take no more chunks, if it cannot.
+func (w *Writer) usable() error {
+	if w.done {
+		return fmt.Errorf("writer already committed or aborted: %w", ErrFailedPrecondition)
+	}
+	return w.broken
 }
 
 func (w *Writer) fail(err error) error {
@@ -310,7 +374,10 @@ func (w *Writer) Commit() error {
 	}
 	err := w.broken
 	if err == nil {
-		err = w.seal()
+		err = w.startSeal()
+	}
+	if err2 := w.waitSeals(); err == nil {
+		err = err2
 	}
 	if err != nil {
 		w.Abort()
@@ -327,6 +394,7 @@ func (w *Writer) Abort() {
 	if w.done {
 		return
 	}
+	_ = w.waitSeals()
 	if w.pack != nil {
 		w.pack.abort()
 		w.pack = nil
