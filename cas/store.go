@@ -433,6 +433,16 @@ func (s *Store) GetMany(ids []ID, dst []byte) error {
 	if err != nil {
 		return err
 	}
+	return s.GetLocated(ids, locs, dst)
+}
+
+// GetLocated is GetMany for callers that looked the locations up already
+// (Lookup), such as a restore that resolves a whole memory map once. A chunk
+// that GC moved since is looked up again.
+func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
+	if len(locs) != len(ids) || len(dst) < len(ids)*ChunkSize {
+		return fmt.Errorf("GetLocated: %d ids, %d locations, %d bytes: %w", len(ids), len(locs), len(dst), ErrInvalidArgument)
+	}
 	var run []byte
 	for i := 0; i < len(ids); {
 		out := dst[i*ChunkSize : (i+1)*ChunkSize]
@@ -448,8 +458,10 @@ func (s *Store) GetMany(ids []ID, dst []byte) error {
 			j++
 		}
 		if j == i+1 {
-			if _, err := s.Get(ids[i], out); err != nil {
-				return err
+			if _, err := s.read(ids[i], locs[i], out); err != nil {
+				if _, err := s.Get(ids[i], out); err != nil {
+					return err
+				}
 			}
 			i++
 			continue

@@ -60,7 +60,7 @@ var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print machine-readable JSON o
 
 // NewApp returns the boxd command.
 func NewApp(stdout, stderr io.Writer) *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:  "boxd",
 		Usage: "persistent Linux micro-VMs that fork, hibernate and share one deduplicated store",
 		Flags: []cli.Flag{
@@ -72,13 +72,34 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
 		ExitErrHandler:  func(*cli.Context, error) {},
+		OnUsageError:    onUsageError,
 	}
+	var setUsage func([]*cli.Command)
+	setUsage = func(cmds []*cli.Command) {
+		for _, cmd := range cmds {
+			cmd.OnUsageError = onUsageError
+			setUsage(cmd.Subcommands)
+		}
+	}
+	setUsage(app.Commands)
+	return app
+}
+
+// onUsageError makes a flag the command does not know a usage error (exit
+// 2, one line on stderr) instead of a help page on stdout.
+func onUsageError(_ *cli.Context, err error, _ bool) error {
+	return usageError("%v", err)
 }
 
 // Main runs boxd with args and returns the process's exit code.
 func Main(ctx context.Context, args []string) int {
 	app := NewApp(os.Stdout, os.Stderr)
 	if err := app.RunContext(ctx, args); err != nil {
+		// The only exit coder the framework returns is for an unknown
+		// command: a usage error.
+		if ec := cli.ExitCoder(nil); errors.As(err, &ec) {
+			err = usageError("%v", err)
+		}
 		fmt.Fprintf(os.Stderr, "boxd: %v\n", err)
 		return ExitCode(err)
 	}

@@ -12,7 +12,16 @@ import (
 )
 
 // wantJSON reports whether --json was given, globally or to the command.
-func wantJSON(c *cli.Context) bool { return c.Bool("json") }
+// c.Bool alone would read only the command's own flag, which shadows the
+// global one, so each context up the lineage is asked.
+func wantJSON(c *cli.Context) bool {
+	for _, cc := range c.Lineage() {
+		if cc.Bool("json") {
+			return true
+		}
+	}
+	return false
+}
 
 func printJSON(c *cli.Context, v any) error {
 	enc := json.NewEncoder(c.App.Writer)

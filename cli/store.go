@@ -23,7 +23,7 @@ func storeCommand() *cli.Command {
 				Usage:     "store a file (a disk or memory image) as a new snapshot",
 				ArgsUsage: "FILE",
 				Flags: []cli.Flag{
-					&cli.StringFlag{Name: "name", Required: true, Usage: "name of the new snapshot ([A-Za-z0-9._-], up to 128)"},
+					&cli.StringFlag{Name: "name", Usage: "name of the new snapshot ([A-Za-z0-9._-], up to 128)"},
 					&cli.StringFlag{Name: "parent", Usage: "snapshot this one is a delta against"},
 					&cli.StringFlag{Name: "kind", Value: "disk", Usage: "what the file holds: disk or memory"},
 					jsonFlag,
@@ -97,6 +97,9 @@ func storeIngest(c *cli.Context) error {
 		return err
 	}
 	name := c.String("name")
+	if !c.IsSet("name") {
+		return usageError("--name is required")
+	}
 	if err := snapshotter.ValidateName(name); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"math"
 	"slices"
 
 	"github.com/boxd-dev/boxd/cas"
@@ -59,7 +60,7 @@ func decodeDelta(b []byte) ([]change, error) {
 		return nil, fmt.Errorf("block map delta: checksum mismatch: %w", cas.ErrCorrupt)
 	}
 	p := body[len(deltaMagic):]
-	count, n := binary.Uvarint(p)
+	count, n := uvarint(p)
 	if n <= 0 || count > uint64(len(p))/33 {
 		return nil, fmt.Errorf("block map delta: bad count: %w", cas.ErrCorrupt)
 	}
@@ -67,12 +68,12 @@ func decodeDelta(b []byte) ([]change, error) {
 	changes := make([]change, 0, count)
 	next := uint64(0)
 	for range count {
-		gap, n := binary.Uvarint(p)
+		gap, n := uvarint(p)
 		if n <= 0 || len(p) < n+32 {
 			return nil, fmt.Errorf("block map delta: truncated entry: %w", cas.ErrCorrupt)
 		}
 		block := next + gap
-		if block < next {
+		if block < next || block == math.MaxUint64 {
 			return nil, fmt.Errorf("block map delta: block number overflows: %w", cas.ErrCorrupt)
 		}
 		changes = append(changes, change{Block: block, ID: cas.ID(p[n : n+32])})
@@ -83,4 +84,15 @@ func decodeDelta(b []byte) ([]change, error) {
 		return nil, fmt.Errorf("block map delta: %d trailing bytes: %w", len(p), cas.ErrCorrupt)
 	}
 	return changes, nil
+}
+
+// uvarint is binary.Uvarint that also refuses an overlong encoding (a last
+// byte of zero after others), which encodeDelta never writes: every delta
+// has one encoding.
+func uvarint(b []byte) (uint64, int) {
+	v, n := binary.Uvarint(b)
+	if n > 1 && b[n-1] == 0 {
+		return 0, -n
+	}
+	return v, n
 }

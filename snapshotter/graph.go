@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
@@ -126,7 +127,7 @@ func Open(root string) (*Graph, error) {
 		return nil, fmt.Errorf("root %s is in use by another boxd process: %w", root, cas.ErrUnavailable)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("opening snapshot metadata: %w", err)
+		return nil, fmt.Errorf("opening snapshot metadata: %w", dbErr(err))
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketSnapshots, bucketDeltas} {
@@ -138,7 +139,7 @@ func Open(root string) (*Graph, error) {
 	})
 	if err != nil {
 		db.Close()
-		return nil, fmt.Errorf("initialising snapshot metadata: %w", err)
+		return nil, fmt.Errorf("initialising snapshot metadata: %w", dbErr(err))
 	}
 	store, err := cas.Open(filepath.Join(root, "cas"), cas.Options{})
 	if err != nil {
@@ -266,6 +267,15 @@ func (g *Graph) Remove(name string) error {
 		return tx.Bucket(bucketSnapshots).Delete([]byte(name))
 	})
 	g.cache.forget(name)
+	return dbErr(err)
+}
+
+// dbErr marks a metadata write that ran out of disk as cas.ErrNoSpace, as
+// the store marks its own.
+func dbErr(err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return cas.WithCategory(err, cas.ErrNoSpace)
+	}
 	return err
 }
 
@@ -301,7 +311,7 @@ func (g *Graph) delta(snap, m string) ([]change, error) {
 // resolve returns the flat table of one map of a snapshot. The result is
 // frozen and shared: clone it before writing.
 func (g *Graph) resolve(snap Snapshot, m string) (*table, error) {
-	if t := g.cache.get(snap.Name, m); t != nil {
+	if t := g.cache.get(snap, m); t != nil {
 		return t, nil
 	}
 	if _, ok := snap.Map(m); !ok {
@@ -319,7 +329,7 @@ func (g *Graph) resolve(snap Snapshot, m string) (*table, error) {
 		if _, ok := parent.Map(m); !ok {
 			break
 		}
-		if t := g.cache.get(parent.Name, m); t != nil {
+		if t := g.cache.get(parent, m); t != nil {
 			base = t
 			break
 		}
@@ -342,7 +352,7 @@ func (g *Graph) resolve(snap Snapshot, m string) (*table, error) {
 		t.truncate(blocksOf(mi.Size))
 	}
 	t.freeze()
-	g.cache.put(snap.Name, m, t)
+	g.cache.put(snap, m, t)
 	return t, nil
 }
 
@@ -381,7 +391,9 @@ func (g *Graph) liveSet() (map[cas.ID]struct{}, error) {
 	return live, err
 }
 
-// tableCache keeps the most recently resolved tables.
+// tableCache keeps the most recently resolved tables. An entry is for one
+// snapshot, not one name: a snapshot removed and made again under the same
+// name has another creation time.
 type tableCache struct {
 	mu      sync.Mutex
 	max     int
@@ -390,16 +402,17 @@ type tableCache struct {
 
 type cacheEntry struct {
 	snap, m string
+	created time.Time
 	t       *table
 }
 
 func newTableCache(max int) *tableCache { return &tableCache{max: max} }
 
-func (c *tableCache) get(snap, m string) *table {
+func (c *tableCache) get(s Snapshot, m string) *table {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i, e := range c.entries {
-		if e.snap == snap && e.m == m {
+		if e.snap == s.Name && e.m == m && e.created.Equal(s.Created) {
 			copy(c.entries[1:i+1], c.entries[:i])
 			c.entries[0] = e
 			return e.t
@@ -408,10 +421,10 @@ func (c *tableCache) get(snap, m string) *table {
 	return nil
 }
 
-func (c *tableCache) put(snap, m string, t *table) {
+func (c *tableCache) put(s Snapshot, m string, t *table) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.entries = append([]cacheEntry{{snap, m, t}}, c.entries...)
+	c.entries = append([]cacheEntry{{s.Name, m, s.Created, t}}, c.entries...)
 	if len(c.entries) > c.max {
 		c.entries = c.entries[:c.max]
 	}

@@ -3,8 +3,11 @@ package snapshotter
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"math"
+	"slices"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
@@ -24,8 +27,11 @@ type Image struct {
 }
 
 type imageMap struct {
-	info    MapInfo
-	base    *table // the parent's resolved map (frozen), or nil
+	info MapInfo
+	base *table // the parent's resolved map (frozen), truncated by SetSize, or nil
+	// parent is the parent's resolved map as it is, which the delta is
+	// against; base differs from it only where a shrink cut blocks off.
+	parent  *table
 	changes map[uint64]cas.ID
 }
 
@@ -44,7 +50,7 @@ func (g *Graph) NewImage(parent string) (*Image, error) {
 			if err != nil {
 				return nil, err
 			}
-			img.maps[m.Name] = &imageMap{info: MapInfo{Name: m.Name, Kind: m.Kind, Size: m.Size}, base: base, changes: map[uint64]cas.ID{}}
+			img.maps[m.Name] = &imageMap{info: MapInfo{Name: m.Name, Kind: m.Kind, Size: m.Size}, base: base, parent: base, changes: map[uint64]cas.ID{}}
 			img.order = append(img.order, m.Name)
 		}
 	}
@@ -54,6 +60,9 @@ func (g *Graph) NewImage(parent string) (*Image, error) {
 
 // mapFor returns the image's map called name, creating it empty.
 func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
+	if img.w == nil {
+		return nil, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
+	}
 	if err := ValidateName(name); err != nil {
 		return nil, fmt.Errorf("map: %w", err)
 	}
@@ -122,20 +131,22 @@ func (img *Image) WriteBlock(name string, kind Kind, n uint64, data []byte) erro
 	if len(data) > cas.ChunkSize {
 		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), cas.ErrInvalidArgument)
 	}
+	if n >= math.MaxInt64/cas.ChunkSize {
+		return fmt.Errorf("block %d is beyond the largest image: %w", n, cas.ErrInvalidArgument)
+	}
 	m, err := img.mapFor(name, kind)
 	if err != nil {
 		return err
 	}
-	before := img.w.Stats()
-	id, err := img.w.Put(data)
+	if end := int64(n+1) * cas.ChunkSize; end > m.info.Size && n != uint64(m.info.Size/cas.ChunkSize) {
+		if err := img.cutTail(m, m.info.Size); err != nil {
+			return err
+		}
+	}
+	id, err := img.put(m, data)
 	if err != nil {
 		return err
 	}
-	after := img.w.Stats()
-	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
-	m.info.NewChunks += after.NewChunks - before.NewChunks
-	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
-	m.info.NewStored += after.NewStored - before.NewStored
 	m.record(n, id)
 	if end := int64(n+1) * cas.ChunkSize; end > m.info.Size {
 		m.info.Size = end
@@ -152,7 +163,61 @@ func (img *Image) SetSize(name string, kind Kind, size int64) error {
 	if err != nil {
 		return err
 	}
+	if err := img.cutTail(m, min(size, m.info.Size)); err != nil {
+		return err
+	}
 	img.setSize(m, size)
+	return nil
+}
+
+// put stores one block for map m, counting it in the map's statistics.
+func (img *Image) put(m *imageMap, data []byte) (cas.ID, error) {
+	before := img.w.Stats()
+	id, err := img.w.Put(data)
+	if err != nil {
+		return id, err
+	}
+	after := img.w.Stats()
+	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
+	m.info.NewChunks += after.NewChunks - before.NewChunks
+	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
+	m.info.NewStored += after.NewStored - before.NewStored
+	return id, nil
+}
+
+// cutTail zeroes the bytes at and past size in the block that holds size,
+// so that they read zero once the map is longer, as blocks past the end do.
+// A block written by this image is not readable until Commit; it keeps its
+// bytes (a limit of the store's Writer).
+func (img *Image) cutTail(m *imageMap, size int64) error {
+	if size%cas.ChunkSize == 0 {
+		return nil
+	}
+	n := uint64(size / cas.ChunkSize)
+	id, ok := m.changes[n]
+	if !ok {
+		id = m.baseID(n)
+	}
+	if id == cas.ZeroID {
+		return nil
+	}
+	buf, err := img.g.store.Get(id, nil)
+	if errors.Is(err, cas.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("block %d: %w", n, err)
+	}
+	tail := buf[size%cas.ChunkSize:]
+	if !slices.ContainsFunc(tail, func(b byte) bool { return b != 0 }) {
+		return nil
+	}
+	clear(tail)
+	id, err = img.put(m, buf)
+	if err != nil {
+		return err
+	}
+	m.record(n, id)
 	return nil
 }
 
@@ -171,6 +236,36 @@ func (img *Image) setSize(m *imageMap, size int64) {
 		t.freeze()
 		m.base = t
 	}
+}
+
+// delta returns the blocks below the map's size that differ from the
+// parent's map: the written ones, and those a shrink cut off (they read
+// zero now, so a map that grew again must not show the parent's blocks).
+func (m *imageMap) delta() []change {
+	parentID := func(n uint64) cas.ID {
+		if m.parent == nil {
+			return cas.ZeroID
+		}
+		return m.parent.get(n)
+	}
+	changes := make([]change, 0, len(m.changes))
+	for n, id := range m.changes {
+		if id != parentID(n) {
+			changes = append(changes, change{n, id})
+		}
+	}
+	if m.base != m.parent {
+		limit := blocksOf(m.info.Size)
+		_ = m.parent.each(func(n uint64, _ cas.ID) error {
+			if n < limit && m.base.get(n) == cas.ZeroID {
+				if _, written := m.changes[n]; !written {
+					changes = append(changes, change{n, cas.ZeroID})
+				}
+			}
+			return nil
+		})
+	}
+	return changes
 }
 
 // Abort drops the image. Chunks it already stored are reclaimed by GC.
@@ -203,10 +298,7 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 	deltas := map[string][]byte{}
 	for _, mn := range img.order {
 		m := img.maps[mn]
-		changes := make([]change, 0, len(m.changes))
-		for n, id := range m.changes {
-			changes = append(changes, change{n, id})
-		}
+		changes := m.delta()
 		m.info.Changed = int64(len(changes))
 		deltas[mn] = encodeDelta(changes)
 		snap.Maps = append(snap.Maps, m.info)
@@ -228,8 +320,15 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 		if snaps.Get([]byte(name)) != nil {
 			return fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
 		}
-		if snap.Parent != "" && snaps.Get([]byte(snap.Parent)) == nil {
-			return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, cas.ErrNotFound)
+		if snap.Parent != "" {
+			// The parent the deltas are against, not another of its name.
+			p, err := getSnapshot(tx, snap.Parent)
+			if errors.Is(err, cas.ErrNotFound) || err == nil && !p.Created.Equal(img.parent.Created) {
+				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, cas.ErrNotFound)
+			}
+			if err != nil {
+				return err
+			}
 		}
 		for mn, d := range deltas {
 			if err := tx.Bucket(bucketDeltas).Put(deltaKey(name, mn), d); err != nil {
@@ -239,7 +338,7 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 		return snaps.Put([]byte(name), rec)
 	})
 	if err != nil {
-		return Snapshot{}, fmt.Errorf("committing snapshot %q: %w", name, err)
+		return Snapshot{}, fmt.Errorf("committing snapshot %q: %w", name, dbErr(err))
 	}
 	return snap, nil
 }

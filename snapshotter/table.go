@@ -68,7 +68,7 @@ func (t *table) truncate(n uint64) {
 		clear(t.pages[p:])
 		t.pages, t.owned = t.pages[:p], t.owned[:p]
 	}
-	if n&(pageLen-1) != 0 && p > 0 && t.pages[p-1] != nil {
+	if n&(pageLen-1) != 0 && p > 0 && p <= uint64(len(t.pages)) && t.pages[p-1] != nil {
 		for b := n; b < p<<pageShift; b++ {
 			t.set(b, cas.ZeroID)
 		}

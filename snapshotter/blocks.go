@@ -1,0 +1,47 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/boxd-dev/boxd/cas"
+)
+
+// WriteBlocks sets the listed blocks of map name from r, which holds their
+// contents back to back (ChunkSize bytes each, in the order listed). Blocks
+// not listed keep what the parent had: this is how an incremental capture
+// writes only what changed. The map grows to cover the blocks if needed.
+func (img *Image) WriteBlocks(ctx context.Context, name string, kind Kind, blocks []uint64, r io.Reader) (MapInfo, error) {
+	m, err := img.mapFor(name, kind)
+	if err != nil {
+		return MapInfo{}, err
+	}
+	before := img.w.Stats()
+	var last uint64
+	n, err := img.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
+		if i >= int64(len(blocks)) {
+			return fmt.Errorf("input holds more than the %d blocks listed: %w", len(blocks), cas.ErrInvalidArgument)
+		}
+		last = max(last, blocks[i])
+		m.record(blocks[i], id)
+		return nil
+	})
+	if err != nil {
+		return MapInfo{}, err
+	}
+	if n != int64(len(blocks))*cas.ChunkSize {
+		return MapInfo{}, fmt.Errorf("input holds %d bytes, want %d for %d blocks: %w", n, int64(len(blocks))*cas.ChunkSize, len(blocks), cas.ErrInvalidArgument)
+	}
+	if len(blocks) > 0 {
+		if end := int64(last+1) * cas.ChunkSize; end > m.info.Size {
+			m.info.Size = end
+		}
+	}
+	after := img.w.Stats()
+	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
+	m.info.NewChunks += after.NewChunks - before.NewChunks
+	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
+	m.info.NewStored += after.NewStored - before.NewStored
+	return m.info, nil
+}
