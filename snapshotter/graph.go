@@ -259,9 +259,15 @@ func (g *Graph) Remove(name string) error {
 		if err != nil {
 			return err
 		}
+		ws := tx.Bucket(bucketWorkingSets)
 		for _, m := range s.Maps {
 			if err := tx.Bucket(bucketDeltas).Delete(deltaKey(name, m.Name)); err != nil {
 				return err
+			}
+			if ws != nil {
+				if err := ws.Delete(deltaKey(name, m.Name)); err != nil {
+					return err
+				}
 			}
 		}
 		return tx.Bucket(bucketSnapshots).Delete([]byte(name))

@@ -1,0 +1,360 @@
+package memstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/uffd"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"golang.org/x/sys/unix"
+)
+
+// Options tune a restore.
+type Options struct {
+	// FaultAround is how many contiguous missing pages answer one fault
+	// (default 16: 64 KiB). 1 serves exactly the faulting page.
+	FaultAround int
+	// Prefetch lists pages to populate first, in order (a working set).
+	Prefetch []uint64
+	// PrefetchBatch is how many prefetch pages go per batch (default 256).
+	PrefetchBatch int
+}
+
+func (o *Options) defaults() {
+	if o.FaultAround <= 0 {
+		o.FaultAround = 16
+	}
+	if o.PrefetchBatch <= 0 {
+		o.PrefetchBatch = 256
+	}
+}
+
+// Stats counts what a restore did.
+type Stats struct {
+	Faults     int64 `json:"faults"`     // faults served
+	Copied     int64 `json:"copied"`     // pages filled with UFFDIO_COPY on a fault
+	Zeroed     int64 `json:"zeroed"`     // pages filled with UFFDIO_ZEROPAGE on a fault
+	Prefetched int64 `json:"prefetched"` // pages filled by the prefetcher
+}
+
+// pageTable is a memory map resolved once: page → chunk and location.
+type pageTable struct {
+	ids  []cas.ID
+	locs []cas.Location
+}
+
+func newPageTable(store *cas.Store, r *snapshotter.MapReader, offset uint64, pages int) (*pageTable, error) {
+	t := &pageTable{ids: make([]cas.ID, pages), locs: make([]cas.Location, pages)}
+	for i := range pages {
+		id := r.Block(offset + uint64(i))
+		t.ids[i] = id
+		if id == cas.ZeroID {
+			continue
+		}
+		loc, err := store.Lookup(id)
+		if err != nil {
+			return nil, fmt.Errorf("page %d: %w", offset+uint64(i), err)
+		}
+		t.locs[i] = loc
+	}
+	return t, nil
+}
+
+// Server serves the page faults of registered regions from a snapshot's
+// memory map. It runs until shut down, or until a page cannot be served:
+// then it records the error (Err) and makes the regions fail loudly rather
+// than hand out a wrong page.
+type Server struct {
+	fd      *uffd.FD
+	regions []*region
+	store   *cas.Store
+	opts    Options
+	// onFail runs once when serving fails, before waiters are woken.
+	onFail func()
+
+	stop int // eventfd that ends the handler
+	wg   sync.WaitGroup
+
+	errOnce sync.Once
+	err     atomic.Pointer[error]
+	failed  chan struct{}
+
+	traceMu sync.Mutex
+	trace   []uint64 // faulted pages (of the map), in order
+
+	faults, copied, zeroed, prefetched atomic.Int64
+
+	// prefetchDone is closed when the prefetcher has finished (at once
+	// when there is nothing to prefetch).
+	prefetchDone chan struct{}
+}
+
+// region is one registered range and the part of the map behind it.
+type region struct {
+	base    uintptr
+	pages   int
+	first   uint64 // the map page at base
+	tab     *pageTable
+	present []atomic.Uint64 // pages filled, bit per page
+}
+
+func (r *region) isPresent(p int) bool { return r.present[p/64].Load()&(1<<(p%64)) != 0 }
+
+func (r *region) markPresent(first, n int) {
+	for p := first; p < first+n; p++ {
+		r.present[p/64].Or(1 << (p % 64))
+	}
+}
+
+// span describes a registered range: its address, its pages, and the map
+// page it starts at.
+type span struct {
+	base  uintptr
+	pages int
+	first uint64
+}
+
+// newServer resolves the page tables and starts the fault handler and, when
+// there is a working set, the prefetcher.
+func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+	opts.defaults()
+	s := &Server{fd: fd, store: store, opts: opts, onFail: onFail, failed: make(chan struct{}), prefetchDone: make(chan struct{})}
+	for _, sp := range spans {
+		if uint64(sp.pages)+sp.first > r.Blocks() {
+			return nil, fmt.Errorf("region of %d pages at page %d is larger than the snapshot's %d pages: %w", sp.pages, sp.first, r.Blocks(), cas.ErrInvalidArgument)
+		}
+		tab, err := newPageTable(store, r, sp.first, sp.pages)
+		if err != nil {
+			return nil, err
+		}
+		s.regions = append(s.regions, &region{base: sp.base, pages: sp.pages, first: sp.first, tab: tab, present: make([]atomic.Uint64, (sp.pages+63)/64)})
+	}
+	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	s.stop = stop
+	s.wg.Add(1)
+	go s.handle()
+	s.wg.Add(1)
+	go s.prefetch(ctx, opts.Prefetch)
+	return s, nil
+}
+
+// Err returns the error that ended serving, or nil.
+func (s *Server) Err() error {
+	if e := s.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// PrefetchDone is closed once the working set is populated (or prefetching
+// stopped early).
+func (s *Server) PrefetchDone() <-chan struct{} { return s.prefetchDone }
+
+// Failed is closed when serving fails.
+func (s *Server) Failed() <-chan struct{} { return s.failed }
+
+// Stats returns the counts so far.
+func (s *Server) Stats() Stats {
+	return Stats{Faults: s.faults.Load(), Copied: s.copied.Load(), Zeroed: s.zeroed.Load(), Prefetched: s.prefetched.Load()}
+}
+
+// WorkingSet returns the map pages faulted so far, in the order of the faults.
+func (s *Server) WorkingSet() []uint64 {
+	s.traceMu.Lock()
+	defer s.traceMu.Unlock()
+	return slices.Clone(s.trace)
+}
+
+func (s *Server) fail(err error) {
+	s.errOnce.Do(func() {
+		s.err.Store(&err)
+		if s.onFail != nil {
+			s.onFail()
+		}
+		// Wake every waiter: with the memory made inaccessible they fault
+		// again and see an error instead of sleeping forever.
+		for _, r := range s.regions {
+			_ = s.fd.Wake(r.base, uintptr(r.pages)*PageSize)
+		}
+		close(s.failed)
+	})
+}
+
+// Shutdown stops the handler and prefetcher and waits for them.
+func (s *Server) Shutdown() {
+	var one [8]byte
+	one[0] = 1
+	_, _ = unix.Write(s.stop, one[:])
+	s.wg.Wait()
+	unix.Close(s.stop)
+}
+
+// handle is the fault loop. It runs on its own OS thread, so that a
+// goroutine blocked in a fault on another thread never waits for it to be
+// scheduled.
+func (s *Server) handle() {
+	defer s.wg.Done()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	msgs := make([]uffd.Msg, 64)
+	buf := make([]byte, s.opts.FaultAround*PageSize)
+	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
+	for {
+		fds[0].Revents, fds[1].Revents = 0, 0
+		if _, err := unix.Poll(fds, -1); err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			s.fail(fmt.Errorf("polling userfaultfd: %w", err))
+			return
+		}
+		if fds[1].Revents != 0 {
+			return
+		}
+		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			s.fail(errors.New("userfaultfd closed under the handler"))
+			return
+		}
+		faults, err := s.fd.ReadFaults(msgs)
+		if errors.Is(err, unix.EAGAIN) {
+			continue
+		}
+		if err != nil {
+			s.fail(fmt.Errorf("reading faults: %w", err))
+			return
+		}
+		for _, f := range faults {
+			if err := s.serve(f.Address, buf); err != nil {
+				s.fail(err)
+				return
+			}
+		}
+	}
+}
+
+// regionOf returns the region holding addr and the page within it.
+func (s *Server) regionOf(addr uintptr) (*region, int) {
+	for _, r := range s.regions {
+		if addr >= r.base && addr < r.base+uintptr(r.pages)*PageSize {
+			return r, int((addr - r.base) / PageSize)
+		}
+	}
+	return nil, 0
+}
+
+// serve answers one fault with a window of missing pages starting at the
+// faulting page.
+func (s *Server) serve(addr uintptr, buf []byte) error {
+	r, p := s.regionOf(addr)
+	if r == nil {
+		return fmt.Errorf("fault at %#x outside every registered region", addr)
+	}
+	s.faults.Add(1)
+	s.traceMu.Lock()
+	s.trace = append(s.trace, r.first+uint64(p))
+	s.traceMu.Unlock()
+	if r.isPresent(p) {
+		// Filled by the prefetcher after the fault was queued; that copy
+		// woke the thread already, but make sure.
+		return s.fd.Wake(r.base+uintptr(p)*PageSize, PageSize)
+	}
+	n := 1
+	for n < s.opts.FaultAround && p+n < r.pages && !r.isPresent(p+n) {
+		n++
+	}
+	return s.fill(r, p, n, buf, &s.copied, &s.zeroed)
+}
+
+// fill populates pages [p, p+n) of r from its table.
+func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed *atomic.Int64) error {
+	allZero := true
+	for i := p; i < p+n; i++ {
+		if r.tab.ids[i] != cas.ZeroID {
+			allZero = false
+			break
+		}
+	}
+	dst := r.base + uintptr(p)*PageSize
+	length := uintptr(n) * PageSize
+	if allZero {
+		done, err := s.fd.ZeroPage(dst, length)
+		if err != nil {
+			return err
+		}
+		r.markPresent(p, n)
+		zeroed.Add(int64(done / PageSize))
+		return nil
+	}
+	if err := s.store.GetLocated(r.tab.ids[p:p+n], r.tab.locs[p:p+n], buf[:n*PageSize]); err != nil {
+		return fmt.Errorf("restoring page %d: %w", r.first+uint64(p), err)
+	}
+	done, err := s.fd.Copy(dst, uffd.Addr(buf), length)
+	if err != nil {
+		return err
+	}
+	r.markPresent(p, n)
+	copied.Add(int64(done / PageSize))
+	return nil
+}
+
+// prefetch populates the working set (map pages) in batches: each batch is
+// sorted and filled as runs of contiguous missing pages.
+func (s *Server) prefetch(ctx context.Context, pages []uint64) {
+	defer s.wg.Done()
+	defer close(s.prefetchDone)
+	const maxRun = 64
+	buf := make([]byte, maxRun*PageSize)
+	batch := make([]uint64, 0, s.opts.PrefetchBatch)
+	for len(pages) > 0 {
+		if ctx.Err() != nil || s.Err() != nil || s.stopped() {
+			return
+		}
+		k := min(len(pages), s.opts.PrefetchBatch)
+		batch = append(batch[:0], pages[:k]...)
+		pages = pages[k:]
+		slices.Sort(batch)
+		batch = slices.Compact(batch)
+		for i := 0; i < len(batch); {
+			r, p := s.regionOfPage(batch[i])
+			if r == nil || r.isPresent(p) {
+				i++
+				continue
+			}
+			n := 1
+			for i+n < len(batch) && n < maxRun && p+n < r.pages && batch[i+n] == batch[i]+uint64(n) && !r.isPresent(p+n) {
+				n++
+			}
+			if err := s.fill(r, p, n, buf, &s.prefetched, &s.prefetched); err != nil {
+				s.fail(err)
+				return
+			}
+			i += n
+		}
+	}
+}
+
+// regionOfPage returns the region holding map page mp and the page within it.
+func (s *Server) regionOfPage(mp uint64) (*region, int) {
+	for _, r := range s.regions {
+		if mp >= r.first && mp < r.first+uint64(r.pages) {
+			return r, int(mp - r.first)
+		}
+	}
+	return nil, 0
+}
+
+// stopped reports whether shutdown has begun.
+func (s *Server) stopped() bool {
+	fds := []unix.PollFd{{Fd: int32(s.stop), Events: unix.POLLIN}}
+	n, _ := unix.Poll(fds, 0)
+	return n > 0
+}
