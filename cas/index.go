@@ -3,8 +3,8 @@ package cas
 import (
 	"bytes"
 	"encoding/binary"
-	"slices"
 	"fmt"
+	"slices"
 
 	bolt "go.etcd.io/bbolt"
 )
