@@ -41,12 +41,14 @@ type Writer struct {
 	done    bool
 	// Workers is the number of goroutines hashing and compressing.
 	Workers int
+	// spare holds batches for reuse.
+	spare chan *batch
 }
 
 // NewWriter waits for the write lock and returns a Writer.
 func (s *Store) NewWriter() *Writer {
 	s.writeMu.Lock()
-	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0)}
+	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0), spare: make(chan *batch, 16)}
 }
 
 // Stats returns the counts so far.
@@ -60,6 +62,7 @@ func (w *Writer) Put(chunk []byte) (ID, error) {
 	var ids [1]ID
 	b := &batch{n: 1, buf: make([]byte, ChunkSize), ids: ids[:]}
 	copy(b.buf, chunk)
+	b.data = b.buf
 	w.process(b)
 	if err := w.collect(b); err != nil {
 		return ID{}, err
@@ -78,23 +81,44 @@ const (
 )
 
 type batch struct {
-	buf   []byte // n chunks, back to back
-	n     int
-	ids   []ID
-	class [batchChunks]uint8
-	codec [batchChunks]Codec
-	comp  [batchChunks][]byte // stored bytes of new chunks
-	gen   uint64
-	done  chan struct{}
+	buf    []byte // room for batchChunks chunks
+	data   []byte // the batch's n chunks, back to back: buf, or a mapped file
+	mapped []byte // the part of a mapped file data came from
+	n      int
+	ids    []ID
+	class  [batchChunks]uint8
+	codec  [batchChunks]Codec
+	comp   [batchChunks][]byte // stored bytes of new chunks
+	gen    uint64
+	done   chan struct{}
 }
 
-var batchPool = sync.Pool{New: func() any {
+func newBatch() *batch {
 	b := &batch{buf: make([]byte, batchChunks*ChunkSize), ids: make([]ID, batchChunks)}
 	for i := range b.comp {
 		b.comp[i] = make([]byte, 0, s2.MaxEncodedLen(ChunkSize))
 	}
 	return b
-}}
+}
+
+// getBatch returns a spare batch, or a new one. The Writer keeps its spares
+// (rather than a sync.Pool, which each GC empties) so a long ingest
+// allocates its few megabytes of batches once.
+func (w *Writer) getBatch() *batch {
+	select {
+	case b := <-w.spare:
+		return b
+	default:
+		return newBatch()
+	}
+}
+
+func (w *Writer) putBatch(b *batch) {
+	select {
+	case w.spare <- b:
+	default:
+	}
+}
 
 // WriteStream cuts r into chunks and stores them, using Workers goroutines
 // to hash and compress. For chunk i (in order, from 0) it calls emit with
@@ -120,6 +144,8 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	defer cancel()
 	var total int64
 	var readErr, stopErr error
+	src := newSource(r)
+	defer src.close()
 	go func() {
 		defer close(order)
 		defer close(work)
@@ -128,25 +154,19 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 				stopErr = err // stopped before the end of r
 				return
 			}
-			b := batchPool.Get().(*batch)
-			n, err := io.ReadFull(r, b.buf)
+			b := w.getBatch()
+			n, err := src.fill(b)
 			if n == 0 {
-				batchPool.Put(b)
-				if err != io.EOF && err != io.ErrUnexpectedEOF {
-					readErr = err
-				}
+				w.putBatch(b)
+				readErr = err
 				return
 			}
 			total += int64(n)
-			b.n = (n + ChunkSize - 1) / ChunkSize
-			clear(b.buf[n : b.n*ChunkSize])
 			b.done = make(chan struct{})
 			order <- b
 			work <- b
 			if err != nil {
-				if err != io.EOF && err != io.ErrUnexpectedEOF {
-					readErr = err
-				}
+				readErr = err
 				return
 			}
 		}
@@ -168,7 +188,8 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 		if err != nil {
 			cancel()
 		}
-		batchPool.Put(b)
+		src.release(b)
+		w.putBatch(b)
 	}
 	wg.Wait()
 	if err == nil && readErr != nil {
@@ -187,7 +208,7 @@ func (w *Writer) process(b *batch) {
 	b.gen = w.sealGen
 	w.s.filesMu.RUnlock()
 	for i := 0; i < b.n; i++ {
-		c := b.buf[i*ChunkSize : (i+1)*ChunkSize]
+		c := b.data[i*ChunkSize : (i+1)*ChunkSize]
 		if isZeroChunk(c) {
 			b.ids[i], b.class[i] = ZeroID, classZero
 			continue
@@ -207,7 +228,7 @@ func (w *Writer) process(b *batch) {
 		if b.class[i] != classNew {
 			continue
 		}
-		c := b.buf[i*ChunkSize : (i+1)*ChunkSize]
+		c := b.data[i*ChunkSize : (i+1)*ChunkSize]
 		enc := s2.Encode(b.comp[i][:cap(b.comp[i])], c)
 		b.comp[i], b.codec[i] = enc, CodecS2
 		if len(enc) > ChunkSize-ChunkSize/8 {
@@ -238,7 +259,7 @@ func (w *Writer) collect(b *batch) error {
 		}
 		stored := b.comp[i]
 		if b.codec[i] == CodecRaw {
-			stored = b.buf[i*ChunkSize : (i+1)*ChunkSize]
+			stored = b.data[i*ChunkSize : (i+1)*ChunkSize]
 		}
 		if err := w.add(id, stored, b.codec[i]); err != nil {
 			return w.fail(err)

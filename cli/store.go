@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -13,10 +14,21 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// storeMemoryLimit is the soft Go heap limit of the store commands.
+const storeMemoryLimit = 96 << 20
+
 func storeCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "store",
 		Usage: "the content-addressed store: ingest, export and inspect snapshots, collect garbage, verify",
+		Before: func(*cli.Context) error {
+			// The store streams; a soft heap limit keeps an ingest of any
+			// size well under 200 MiB of RSS. GOMEMLIMIT overrides it.
+			if os.Getenv("GOMEMLIMIT") == "" {
+				debug.SetMemoryLimit(storeMemoryLimit)
+			}
+			return nil
+		},
 		Subcommands: []*cli.Command{
 			{
 				Name:      "ingest",

@@ -116,7 +116,7 @@ func (r *MapReader) Export(ctx context.Context, out string, progress func(done i
 // writeBlocks reads the non-zero blocks in parallel and writes each at its
 // offset.
 func (r *MapReader) writeBlocks(ctx context.Context, f *os.File, progress func(int64)) error {
-	const run = 64 // blocks per work item
+	const run = 256 // blocks per work item
 	type item struct{ first uint64 }
 	work := make(chan item, 4)
 	var done atomic.Int64
@@ -129,11 +129,20 @@ func (r *MapReader) writeBlocks(ctx context.Context, f *os.File, progress func(i
 	for range runtime.GOMAXPROCS(0) {
 		wg.Go(func() {
 			buf := make([]byte, run*cas.ChunkSize)
+			ids := make([]cas.ID, run)
 			for it := range work {
 				if failed.Load() {
 					continue
 				}
 				end := min(it.first+run, nblocks)
+				ids := ids[:end-it.first]
+				for n := it.first; n < end; n++ {
+					ids[n-it.first] = r.t.get(n)
+				}
+				if err := r.store.GetMany(ids, buf); err != nil {
+					fail(fmt.Errorf("blocks %d-%d: %w", it.first, end-1, err))
+					continue
+				}
 				// Write maximal runs of non-zero blocks with one pwrite.
 				start := -1
 				flush := func(upto uint64) error {
@@ -151,17 +160,12 @@ func (r *MapReader) writeBlocks(ctx context.Context, f *os.File, progress func(i
 					return nil
 				}
 				for n := it.first; n < end; n++ {
-					id := r.t.get(n)
-					if id == cas.ZeroID {
+					if ids[n-it.first] == cas.ZeroID {
 						if err := flush(n); err != nil {
 							fail(err)
 							break
 						}
 						continue
-					}
-					if _, err := r.store.Get(id, buf[(n-it.first)*cas.ChunkSize:][:cas.ChunkSize]); err != nil {
-						fail(fmt.Errorf("block %d: %w", n, err))
-						break
 					}
 					if start < 0 {
 						start = int(n)
