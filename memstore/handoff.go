@@ -153,3 +153,26 @@ func Serve(ctx context.Context, g *snapshotter.Graph, fd *uffd.FD, h Handoff, co
 	s.Shutdown()
 	return s, err
 }
+
+// HandlerError waits for the handler's report on conn: the error it sent
+// (when serving failed), or nil when it closed the connection.
+func HandlerError(conn *net.UnixConn) error {
+	dec := json.NewDecoder(conn)
+	var msg struct {
+		Error string `json:"error"`
+	}
+	if err := dec.Decode(&msg); err != nil {
+		return nil
+	}
+	return fmt.Errorf("page-fault handler: %s: %w", msg.Error, cas.ErrCorrupt)
+}
+
+// FailRegion makes region inaccessible and wakes the threads waiting on its
+// faults, so that they fail (SIGSEGV in the process, EFAULT from KVM_RUN)
+// instead of waiting for a handler that has given up.
+func FailRegion(fd *uffd.FD, region []byte) error {
+	if err := unix.Mprotect(region, unix.PROT_NONE); err != nil {
+		return fmt.Errorf("mprotect: %w", err)
+	}
+	return fd.Wake(uffd.Addr(region), uintptr(len(region)))
+}

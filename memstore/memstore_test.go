@@ -379,3 +379,5 @@ func TestMissingSnapshotOrChunk(t *testing.T) {
 		t.Errorf("snapshot with missing chunks: %v, want ErrNotFound", err)
 	}
 }
+
+func openGraphForHandler(root string) (*snapshotter.Graph, error) { return snapshotter.Open(root) }
