@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 
 	"github.com/boxd-dev/boxd/cas"
 )
@@ -13,9 +14,21 @@ import (
 // not listed keep what the parent had: this is how an incremental capture
 // writes only what changed. The map grows to cover the blocks if needed.
 func (img *Image) WriteBlocks(ctx context.Context, name string, kind Kind, blocks []uint64, r io.Reader) (MapInfo, error) {
+	for _, b := range blocks {
+		if b >= math.MaxInt64/cas.ChunkSize {
+			return MapInfo{}, fmt.Errorf("block %d is beyond the largest image: %w", b, cas.ErrInvalidArgument)
+		}
+	}
 	m, err := img.mapFor(name, kind)
 	if err != nil {
 		return MapInfo{}, err
+	}
+	if m.info.Size%cas.ChunkSize != 0 {
+		// The map may grow past its last, partial block: its tail must
+		// read zero then, as WriteBlock ensures.
+		if err := img.cutTail(m, m.info.Size); err != nil {
+			return MapInfo{}, err
+		}
 	}
 	before := img.w.Stats()
 	var last uint64
