@@ -261,10 +261,7 @@ func TestWorkingSetPrefetch(t *testing.T) {
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	// The consumer touches 10% of the pages, scattered.
 	r := rand.New(rand.NewPCG(6, 6))
-	var set []int
-	for _, p := range r.Perm(pages)[:pages/10] {
-		set = append(set, p)
-	}
+	set := r.Perm(pages)[:pages/10]
 
 	first := anon(t, len(src))
 	r1 := start(t, g, "m", first, Options{FaultAround: 1})
