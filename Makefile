@@ -29,10 +29,12 @@ $(LINT):
 lint: $(LINT)
 	$(LINT) run ./...
 
-# Go benchmarks, then the side-by-side store benchmark (boxd vs restic, sha256sum, cp).
+# Go benchmarks, then the side-by-side benchmarks: the store (boxd vs restic,
+# sha256sum, cp) and memstore (the userfaultfd handler vs the C baseline).
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
 	./bench/store.sh
+	./bench/memstore.sh
 
 # Sets up and runs the store demo on embedded defaults.
 demo: deps build

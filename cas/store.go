@@ -296,6 +296,35 @@ func (s *Store) Lookup(id ID) (Location, error) {
 	return loc, err
 }
 
+// LookupMany returns the locations of ids in one consistent view of the
+// index (zero chunks get a zero Location). It fails on the first id that is
+// not stored, naming it.
+func (s *Store) LookupMany(ids []ID) ([]Location, error) {
+	locs := make([]Location, len(ids))
+	err := s.db.View(func(tx *bolt.Tx) error {
+		chunks := tx.Bucket(bucketChunks)
+		for i, id := range ids {
+			if id == ZeroID {
+				continue
+			}
+			v := chunks.Get(id[:])
+			if v == nil {
+				return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
+			}
+			loc, err := DecodeLocation(v)
+			if err != nil {
+				return fmt.Errorf("chunk %s: %w", id, err)
+			}
+			locs[i] = loc
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return locs, nil
+}
+
 // Has reports whether a chunk is stored (the zero chunk always is).
 func (s *Store) Has(id ID) bool {
 	if id == ZeroID {
@@ -411,25 +440,7 @@ func (s *Store) GetMany(ids []ID, dst []byte) error {
 	if len(dst) < len(ids)*ChunkSize {
 		return fmt.Errorf("GetMany: %d chunks need %d bytes, have %d: %w", len(ids), len(ids)*ChunkSize, len(dst), ErrInvalidArgument)
 	}
-	locs := make([]Location, len(ids))
-	err := s.db.View(func(tx *bolt.Tx) error {
-		chunks := tx.Bucket(bucketChunks)
-		for i, id := range ids {
-			if id == ZeroID {
-				continue
-			}
-			v := chunks.Get(id[:])
-			if v == nil {
-				return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
-			}
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				return err
-			}
-			locs[i] = loc
-		}
-		return nil
-	})
+	locs, err := s.LookupMany(ids)
 	if err != nil {
 		return err
 	}

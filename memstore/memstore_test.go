@@ -162,13 +162,19 @@ func TestRestoresDiverge(t *testing.T) {
 	a, b := anon(t, len(src)), anon(t, len(src))
 	ra := start(t, g, "m", a, Options{Prefetch: []uint64{}})
 	rb := start(t, g, "m", b, Options{Prefetch: []uint64{}})
-	copy(a[5*PageSize:], "written in a")
-	copy(b[7*PageSize:], "written in b")
+	// Fault the pages in with plain loads first: copy() is runtime
+	// assembly, and a goroutine blocked in a fault there cannot be stopped
+	// for a GC, which would then wait on the handler forever (see Start).
 	touch(a, allPages(256), 1)
 	touch(b, allPages(256), 1)
+	copy(a[5*PageSize:], "written in a")
+	copy(b[7*PageSize:], "written in b")
 	for _, r := range []*Restore{ra, rb} {
 		if err := r.Close(); err != nil {
 			t.Fatal(err)
+		}
+		if err := r.Close(); err != nil {
+			t.Fatalf("second Close: %v", err)
 		}
 	}
 	wantA, wantB := bytes.Clone(src), bytes.Clone(src)

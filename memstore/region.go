@@ -3,6 +3,7 @@ package memstore
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/uffd"
@@ -19,6 +20,8 @@ type Restore struct {
 	g      *snapshotter.Graph
 	snap   string
 	m      string
+
+	closeOnce sync.Once
 }
 
 // Start restores map m of snapshot snap into region, which must be private
@@ -29,8 +32,17 @@ type Restore struct {
 // none). If serving fails, the region is made inaccessible: a thread that
 // touches a page that could not be served gets a fault, never wrong data.
 //
-// Go code touching region must leave a P free for the handler: run with
-// GOMAXPROCS greater than the number of goroutines that may fault at once.
+// The handler is a goroutine of this process, which puts two rules on Go
+// code that touches region itself (a vCPU thread inside KVM_RUN, or the
+// kernel copying into region during a system call, is not affected):
+//   - leave a P free for the handler: GOMAXPROCS above the number of
+//     goroutines that may fault at once, since a thread blocked in a fault
+//     keeps its P;
+//   - fault pages in with plain loads and stores in Go code, never inside
+//     runtime assembly (copy, bytes.Equal, clear): a goroutine blocked in a
+//     fault there cannot be stopped for a garbage collection, which then
+//     waits for it while the handler waits for the collection. A handler
+//     in another process (Serve) has neither constraint.
 func Start(ctx context.Context, g *snapshotter.Graph, snap, m string, region []byte, opts Options) (*Restore, error) {
 	if m == "" {
 		m = DefaultMap
@@ -76,12 +88,14 @@ func (r *Restore) SaveWorkingSet() error {
 // Close stops serving and unregisters the region. Pages not yet touched
 // read as zero afterwards, so call it only when the region is done with
 // (or fully populated). It returns the error that ended serving, if any.
+// It may be called more than once.
 func (r *Restore) Close() error {
-	r.Shutdown()
-	err := r.Err()
-	if err == nil {
-		_ = r.fd.Unregister(uffd.Addr(r.region), uintptr(len(r.region)))
-	}
-	r.fd.Close()
-	return err
+	r.closeOnce.Do(func() {
+		r.Shutdown()
+		if r.Err() == nil {
+			_ = r.fd.Unregister(uffd.Addr(r.region), uintptr(len(r.region)))
+		}
+		r.fd.Close()
+	})
+	return r.Err()
 }

@@ -50,19 +50,15 @@ type pageTable struct {
 }
 
 func newPageTable(store *cas.Store, r *snapshotter.MapReader, offset uint64, pages int) (*pageTable, error) {
-	t := &pageTable{ids: make([]cas.ID, pages), locs: make([]cas.Location, pages)}
+	t := &pageTable{ids: make([]cas.ID, pages)}
 	for i := range pages {
-		id := r.Block(offset + uint64(i))
-		t.ids[i] = id
-		if id == cas.ZeroID {
-			continue
-		}
-		loc, err := store.Lookup(id)
-		if err != nil {
-			return nil, fmt.Errorf("page %d: %w", offset+uint64(i), err)
-		}
-		t.locs[i] = loc
+		t.ids[i] = r.Block(offset + uint64(i))
 	}
+	locs, err := store.LookupMany(t.ids)
+	if err != nil {
+		return nil, fmt.Errorf("memory map: %w", err)
+	}
+	t.locs = locs
 	return t, nil
 }
 
@@ -78,8 +74,9 @@ type Server struct {
 	// onFail runs once when serving fails, before waiters are woken.
 	onFail func()
 
-	stop int // eventfd that ends the handler
-	wg   sync.WaitGroup
+	stop     int // eventfd that ends the handler
+	wg       sync.WaitGroup
+	stopOnce sync.Once
 
 	errOnce sync.Once
 	err     atomic.Pointer[error]
@@ -190,12 +187,15 @@ func (s *Server) fail(err error) {
 }
 
 // Shutdown stops the handler and prefetcher and waits for them.
+// It may be called more than once.
 func (s *Server) Shutdown() {
-	var one [8]byte
-	one[0] = 1
-	_, _ = unix.Write(s.stop, one[:])
-	s.wg.Wait()
-	unix.Close(s.stop)
+	s.stopOnce.Do(func() {
+		var one [8]byte
+		one[0] = 1
+		_, _ = unix.Write(s.stop, one[:])
+		s.wg.Wait()
+		unix.Close(s.stop)
+	})
 }
 
 // handle is the fault loop. It runs on its own OS thread, so that a
@@ -206,6 +206,7 @@ func (s *Server) handle() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	msgs := make([]uffd.Msg, 64)
+	faults := make([]uffd.Fault, 0, len(msgs))
 	buf := make([]byte, s.opts.FaultAround*PageSize)
 	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
 	for {
@@ -224,7 +225,7 @@ func (s *Server) handle() {
 			s.fail(errors.New("userfaultfd closed under the handler"))
 			return
 		}
-		faults, err := s.fd.ReadFaults(msgs)
+		faults, err := s.fd.ReadFaults(msgs, faults[:0])
 		if errors.Is(err, unix.EAGAIN) {
 			continue
 		}
@@ -306,41 +307,49 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed *atomic.In
 	return nil
 }
 
-// prefetch populates the working set (map pages) in batches: each batch is
-// sorted and filled as runs of contiguous missing pages.
+// prefetch populates the working set (map pages) in batches, with
+// prefetchWorkers goroutines taking turns: each sorts its batch and fills it
+// as runs of contiguous missing pages.
 func (s *Server) prefetch(ctx context.Context, pages []uint64) {
 	defer s.wg.Done()
 	defer close(s.prefetchDone)
-	const maxRun = 64
-	buf := make([]byte, maxRun*PageSize)
-	batch := make([]uint64, 0, s.opts.PrefetchBatch)
-	for len(pages) > 0 {
-		if ctx.Err() != nil || s.Err() != nil || s.stopped() {
-			return
-		}
-		k := min(len(pages), s.opts.PrefetchBatch)
-		batch = append(batch[:0], pages[:k]...)
-		pages = pages[k:]
-		slices.Sort(batch)
-		batch = slices.Compact(batch)
-		for i := 0; i < len(batch); {
-			r, p := s.regionOfPage(batch[i])
-			if r == nil || r.isPresent(p) {
-				i++
-				continue
+	var wg sync.WaitGroup
+	for w := range prefetchWorkers {
+		wg.Go(func() {
+			const maxRun = 64
+			buf := make([]byte, maxRun*PageSize)
+			batch := make([]uint64, 0, s.opts.PrefetchBatch)
+			for first := w * s.opts.PrefetchBatch; first < len(pages); first += prefetchWorkers * s.opts.PrefetchBatch {
+				if ctx.Err() != nil || s.Err() != nil || s.stopped() {
+					return
+				}
+				batch = append(batch[:0], pages[first:min(len(pages), first+s.opts.PrefetchBatch)]...)
+				slices.Sort(batch)
+				batch = slices.Compact(batch)
+				for i := 0; i < len(batch); {
+					r, p := s.regionOfPage(batch[i])
+					if r == nil || r.isPresent(p) {
+						i++
+						continue
+					}
+					n := 1
+					for i+n < len(batch) && n < maxRun && p+n < r.pages && batch[i+n] == batch[i]+uint64(n) && !r.isPresent(p+n) {
+						n++
+					}
+					if err := s.fill(r, p, n, buf, &s.prefetched, &s.prefetched); err != nil {
+						s.fail(err)
+						return
+					}
+					i += n
+				}
 			}
-			n := 1
-			for i+n < len(batch) && n < maxRun && p+n < r.pages && batch[i+n] == batch[i]+uint64(n) && !r.isPresent(p+n) {
-				n++
-			}
-			if err := s.fill(r, p, n, buf, &s.prefetched, &s.prefetched); err != nil {
-				s.fail(err)
-				return
-			}
-			i += n
-		}
+		})
 	}
+	wg.Wait()
 }
+
+// prefetchWorkers is how many goroutines populate a working set.
+const prefetchWorkers = 2
 
 // regionOfPage returns the region holding map page mp and the page within it.
 func (s *Server) regionOfPage(mp uint64) (*region, int) {

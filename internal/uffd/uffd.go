@@ -181,10 +181,11 @@ type Fault struct {
 	Write   bool
 }
 
-// ReadFaults reads the pending events and returns the page faults among
-// them, using buf as scratch. With nothing pending it returns unix.EAGAIN:
-// poll the descriptor first. A signal interrupting the read is retried.
-func (u *FD) ReadFaults(buf []Msg) ([]Fault, error) {
+// ReadFaults reads the pending events and appends the page faults among
+// them to out, using buf as scratch. With nothing pending it returns
+// unix.EAGAIN: poll the descriptor first. A signal interrupting the read is
+// retried.
+func (u *FD) ReadFaults(buf []Msg, out []Fault) ([]Fault, error) {
 	for {
 		n, err := readMsgs(u.fd, buf)
 		if errors.Is(err, unix.EINTR) {
@@ -193,7 +194,6 @@ func (u *FD) ReadFaults(buf []Msg) ([]Fault, error) {
 		if err != nil {
 			return nil, err
 		}
-		out := make([]Fault, 0, n)
 		for _, m := range buf[:n] {
 			if m.Event == eventPagefault {
 				out = append(out, Fault{Address: uintptr(m.Address), Write: m.Flags&pagefaultFlagWrite != 0})
