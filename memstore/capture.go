@@ -1,7 +1,9 @@
 package memstore
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
@@ -24,6 +26,22 @@ type CaptureOptions struct {
 	// capture every page (zero pages are recorded as zero, never stored).
 	Dirty  Bitmap
 	Labels map[string]string
+	// Blobs are written into the same snapshot as maps of kind "state",
+	// one per name: a machine's registers and device state.
+	Blobs map[string][]byte
+}
+
+// ReadBlob returns the state blob called name of snapshot snap.
+func ReadBlob(g *snapshotter.Graph, snap, name string) ([]byte, error) {
+	r, err := g.OpenMap(snap, name)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, r.Size())
+	if _, err := r.ReadAt(b, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("reading %s of %s: %w", name, snap, err)
+	}
+	return b, nil
 }
 
 // Capture writes the memory in src (size bytes: a mapping of guest RAM as a
@@ -57,6 +75,11 @@ func Capture(ctx context.Context, g *snapshotter.Graph, src io.ReaderAt, size in
 	}
 	if err != nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("capturing memory: %w", err)
+	}
+	for name, b := range opts.Blobs {
+		if _, err := img.WriteMap(ctx, name, snapshotter.KindState, bytes.NewReader(b), nil); err != nil {
+			return snapshotter.Snapshot{}, fmt.Errorf("storing %s: %w", name, err)
+		}
 	}
 	return img.Commit(opts.Name, opts.Labels)
 }

@@ -114,9 +114,11 @@ func ReceiveHandoff(conn *net.UnixConn) (*uffd.FD, Handoff, error) {
 	return fd, h, nil
 }
 
-// Serve serves the regions of a handoff from the graph, in this process,
-// until ctx ends or serving fails; it returns the server so the caller can
-// read its stats and working set. A failure is
+// Serve serves the regions of a handoff from the graph, in this process.
+// With a connection, it runs until ctx ends or serving fails, then shuts the
+// server down and returns it (for its stats and working set). With conn nil
+// it returns the running server at once; the caller watches Failed and
+// calls Shutdown. A failure is
 // reported on the connection as one JSON line {"error": "..."} so that the
 // owner can stop its guest; the owner's faulting threads stay blocked, never
 // served a wrong page.
@@ -140,6 +142,9 @@ func Serve(ctx context.Context, g *snapshotter.Graph, fd *uffd.FD, h Handoff, co
 	s, err := newServer(ctx, fd, spans, g.Store(), r, opts, nil)
 	if err != nil {
 		return nil, err
+	}
+	if conn == nil {
+		return s, nil
 	}
 	select {
 	case <-s.Failed():

@@ -25,6 +25,8 @@ type Kind string
 const (
 	KindDisk   Kind = "disk"
 	KindMemory Kind = "memory"
+	// KindState holds a small blob: a machine's registers and device state.
+	KindState Kind = "state"
 )
 
 // ParseKind accepts "disk" or "memory".

@@ -73,12 +73,14 @@ type machine struct {
 	cond     *sync.Cond
 	want     runState // what the controller asked for
 	is       runState // what the vCPU loop is doing
-	cmd      uint32   // answer to the next control read
+	cmds     []uint32 // answers to the next control reads, in order
 	reportIn []uint32
 	reports  chan Report
-	exit     error // why the vCPU stopped for good
-	started  bool  // the vCPU loop runs
-	tid      int   // the vCPU thread, for kicking it out of KVM_RUN
+	seed     []uint32      // halves of the seed the guest reads after CmdReseed
+	exit     error         // why the vCPU stopped for good
+	stopped  chan struct{} // closed with exit set
+	started  bool          // the vCPU loop runs
+	tid      int           // the vCPU thread, for kicking it out of KVM_RUN
 }
 
 type runState int
@@ -100,7 +102,7 @@ func newMachine(p Params, console io.Writer) (*machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &machine{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1)}
+	m := &machine{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1), stopped: make(chan struct{})}
 	m.cond = sync.NewCond(&m.mu)
 	ok := false
 	defer func() {
@@ -340,6 +342,9 @@ func (m *machine) loop() {
 // ErrHalted says the guest halted of its own accord (CmdHalt).
 var ErrHalted = errors.New("guest halted")
 
+// errStopped is the exit of a machine stopped on request.
+var errStopped = errors.New("machine stopped")
+
 func (m *machine) stop(err error) {
 	m.mu.Lock()
 	m.stopLocked(err)
@@ -350,9 +355,10 @@ func (m *machine) stopLocked(err error) {
 	m.is, m.want = stateStopped, stateStopped
 	if m.exit == nil {
 		if err == nil {
-			err = errors.New("machine stopped")
+			err = errStopped
 		}
 		m.exit = err
+		close(m.stopped)
 	}
 	m.cond.Broadcast()
 }
@@ -367,8 +373,10 @@ func (m *machine) io(next *time.Time) error {
 		}
 	case io.In && io.Port == guest.PortCtrl && io.Size == 4:
 		m.mu.Lock()
-		cmd := m.cmd
-		m.cmd = guest.CmdRun
+		cmd := uint32(guest.CmdRun)
+		if len(m.cmds) > 0 {
+			cmd, m.cmds = m.cmds[0], m.cmds[1:]
+		}
 		m.mu.Unlock()
 		binary.LittleEndian.PutUint32(io.Data, cmd)
 		if r := m.params.TickRate; r > 0 && cmd == guest.CmdRun {
@@ -396,6 +404,14 @@ func (m *machine) io(next *time.Time) error {
 			}
 		}
 		m.mu.Unlock()
+	case io.In && io.Port == guest.PortSeed && io.Size == 4:
+		m.mu.Lock()
+		var half uint32
+		if len(m.seed) > 0 {
+			half, m.seed = m.seed[0], m.seed[1:]
+		}
+		m.mu.Unlock()
+		binary.LittleEndian.PutUint32(io.Data, half)
 	case !io.In && io.Port == guest.PortDone:
 	default:
 		return fmt.Errorf("guest used port %#x (%d bytes, in=%v) that nothing serves", io.Port, io.Size, io.In)
@@ -455,15 +471,23 @@ func (m *machine) report(timeout time.Duration) (Report, error) {
 		m.mu.Unlock()
 		return Report{}, err
 	}
-	m.cmd = guest.CmdReport
+	m.cmds = append(m.cmds, guest.CmdReport)
 	m.mu.Unlock()
 	return m.waitReport(timeout)
+}
+
+// reseed has the guest mix seed into its random state at its next tick.
+func (m *machine) reseed(seed uint64) {
+	m.mu.Lock()
+	m.cmds = append(m.cmds, guest.CmdReseed)
+	m.seed = append(m.seed, uint32(seed), uint32(seed>>32))
+	m.mu.Unlock()
 }
 
 // requestReport sets the next control answer to CmdReport.
 func (m *machine) requestReport() {
 	m.mu.Lock()
-	m.cmd = guest.CmdReport
+	m.cmds = append(m.cmds, guest.CmdReport)
 	m.mu.Unlock()
 }
 
@@ -471,6 +495,10 @@ func (m *machine) waitReport(timeout time.Duration) (Report, error) {
 	select {
 	case r := <-m.reports:
 		return r, nil
+	case <-m.stopped:
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return Report{}, m.exit
 	case <-time.After(timeout):
 		return Report{}, fmt.Errorf("guest did not report within %v", timeout)
 	}

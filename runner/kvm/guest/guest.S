@@ -24,6 +24,7 @@
 	.set	PORT_CTRL,	0x510
 	.set	PORT_REPORT,	0x511
 	.set	PORT_DONE,	0x512
+	.set	PORT_SEED,	0x513
 
 _start:
 	movq	S_RNG, %rax
@@ -99,6 +100,19 @@ ctrl:
 	je	report
 	cmpl	$2, %eax
 	je	halt
+	cmpl	$3, %eax
+	je	reseed
+	jmp	tick
+
+reseed:					/* mix fresh entropy into the writer */
+	movw	$PORT_SEED, %dx
+	inl	%dx, %eax
+	movl	%eax, %ebx
+	inl	%dx, %eax
+	shlq	$32, %rax
+	orq	%rbx, %rax
+	xorq	%rax, S_RNG
+	orq	$1, S_RNG
 	jmp	tick
 
 report:		/* FNV-1a over the first word of every data page: what the writer writes */

@@ -17,8 +17,10 @@
 //	         thousand times slower than native, so it reads little)
 //
 // Ports: 0x3f8 serial (console bytes out); 0x510 control (the guest reads a
-// command each tick: CmdRun, CmdReport, CmdHalt); 0x511 report (four 32-bit
-// writes: checksum low, high, tick low, high); 0x512 halting.
+// command each tick: CmdRun, CmdReport, CmdHalt, CmdReseed); 0x511 report
+// (four 32-bit writes: checksum low, high, tick low, high); 0x512 halting;
+// 0x513 seed (after CmdReseed, two 32-bit reads: low, high, mixed into the
+// writer's random state).
 package guest
 
 import (
@@ -46,6 +48,7 @@ const (
 	PortCtrl   = 0x510
 	PortReport = 0x511
 	PortDone   = 0x512
+	PortSeed   = 0x513
 )
 
 // Commands the VMM answers on PortCtrl.
@@ -53,6 +56,7 @@ const (
 	CmdRun    = 0
 	CmdReport = 1
 	CmdHalt   = 2
+	CmdReseed = 3
 )
 
 // Build compiles the guest with gcc, as and ld into dir and returns the flat

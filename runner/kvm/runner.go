@@ -1,0 +1,585 @@
+package kvm
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/uffd"
+	"github.com/boxd-dev/boxd/memstore"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"golang.org/x/sys/unix"
+)
+
+// StateMap is the name of the snapshot map that holds a machine's vCPU state.
+const StateMap = "machine"
+
+// Runner runs machines on /dev/kvm, one VMM process each. It owns the
+// graph: it captures memory (reading the VMM's memory with
+// process_vm_readv) and serves restored machines' page faults.
+type Runner struct {
+	Graph *snapshotter.Graph
+	// Command starts a VMM process: the boxd binary and "vmm". The VMM
+	// talks on descriptor 3.
+	Command []string
+	// Env is added to the VMM's environment.
+	Env []string
+	// Dir holds the machines' console files.
+	Dir string
+	// Memory tunes lazy restores (fault-around, prefetch batch).
+	Memory memstore.Options
+
+	ids atomic.Int64
+}
+
+// Name implements runner.Runner.
+func (r *Runner) Name() string { return "kvm" }
+
+// Capabilities implements runner.Runner. Linux guests need hardware
+// virtualisation, which this host may lack.
+func (r *Runner) Capabilities() runner.Capabilities {
+	return runner.Capabilities{LazyMemory: true, IncrementalSnapshots: true, Linux: HasHardwareVirt()}
+}
+
+// HasHardwareVirt reports whether the CPU shows vmx or svm.
+func HasHardwareVirt() bool {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return false
+	}
+	for _, flag := range [][]byte{[]byte(" vmx"), []byte(" svm")} {
+		if containsWord(b, flag) {
+			return true
+		}
+	}
+	return false
+}
+
+func containsWord(b, w []byte) bool {
+	for i := 0; i+len(w) <= len(b); i++ {
+		if string(b[i:i+len(w)]) == string(w) && (i+len(w) == len(b) || b[i+len(w)] == ' ' || b[i+len(w)] == '\n') {
+			return true
+		}
+	}
+	return false
+}
+
+// Options of a Spec this backend reads: pages_per_tick, seed, print_every,
+// tick_rate (see Params).
+func paramsOf(spec runner.Spec) (Params, error) {
+	p := Params{MemSize: spec.MemSize, PagesPerTick: 16, Seed: 1, PrintEvery: 10000}
+	for k, v := range spec.Options {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return p, fmt.Errorf("option %s=%q: want a number: %w", k, v, cas.ErrInvalidArgument)
+		}
+		switch k {
+		case "pages_per_tick":
+			p.PagesPerTick = n
+		case "seed":
+			p.Seed = n
+		case "print_every":
+			p.PrintEvery = n
+		case "tick_rate":
+			p.TickRate = int(n)
+		default:
+			return p, fmt.Errorf("unknown option %q: %w", k, cas.ErrInvalidArgument)
+		}
+	}
+	if spec.CPUs > 1 {
+		return p, fmt.Errorf("%d vCPUs: this backend runs one: %w", spec.CPUs, cas.ErrInvalidArgument)
+	}
+	if err := p.check(); err != nil {
+		return p, fmt.Errorf("%w: %w", err, cas.ErrInvalidArgument)
+	}
+	return p, nil
+}
+
+// Start implements runner.Runner: it boots spec.Boot, a conformance-guest
+// binary, in a new VMM process.
+func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, error) {
+	p, err := paramsOf(spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkKVM(); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(spec.Boot); err != nil {
+		return nil, fmt.Errorf("guest binary: %w", err)
+	}
+	m, err := r.spawn(p)
+	if err != nil {
+		return nil, err
+	}
+	var resp response
+	if err := m.call(request{Op: "boot", Params: &p, Guest: spec.Boot, Console: m.consolePath}, &resp); err != nil {
+		m.kill(err)
+		return nil, err
+	}
+	m.pid, m.memAddr = resp.Pid, resp.MemAddr
+	m.running = true
+	return m, nil
+}
+
+// checkKVM says clearly when /dev/kvm cannot be used.
+func checkKVM() error {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("/dev/kvm: %w: %w", err, runner.ErrNotSupported)
+	}
+	return f.Close()
+}
+
+// Restore implements runner.Runner.
+func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
+	blob, err := memstore.ReadBlob(r.Graph, snap, StateMap)
+	if err != nil {
+		return nil, fmt.Errorf("restoring %s: %w", snap, err)
+	}
+	var st State
+	if err := json.Unmarshal(blob, &st); err != nil {
+		return nil, fmt.Errorf("restoring %s: machine state unreadable: %w: %w", snap, err, cas.ErrCorrupt)
+	}
+	if err := checkKVM(); err != nil {
+		return nil, err
+	}
+	m, err := r.spawn(st.Params)
+	if err != nil {
+		return nil, err
+	}
+	var resp response
+	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: &st, Console: m.consolePath}, &resp)
+	if err != nil {
+		m.kill(err)
+		return nil, err
+	}
+	m.pid, m.memAddr, m.fd = resp.Pid, resp.MemAddr, fd
+	h := memstore.Handoff{Snapshot: snap, Map: memstore.DefaultMap, Regions: []memstore.RegionLayout{{Base: resp.MemAddr, Size: uint64(st.Params.MemSize), PageSize: memstore.PageSize}}}
+	srv, err := memstore.Serve(context.Background(), r.Graph, fd, h, nil, r.Memory)
+	if err != nil {
+		m.kill(err)
+		return nil, fmt.Errorf("restoring %s: %w", snap, err)
+	}
+	m.server, m.restoredFrom, m.last = srv, snap, snap
+	go func() {
+		select {
+		case <-srv.Failed():
+			// The vCPU waits on a page nobody can serve: end the VMM.
+			m.kill(fmt.Errorf("serving guest memory: %w", srv.Err()))
+		case <-m.done:
+		}
+	}()
+	if opts.Unique {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		if err := m.call(request{Op: "reseed", Seed: binary.LittleEndian.Uint64(b[:])}, nil); err != nil {
+			m.kill(err)
+			return nil, err
+		}
+	}
+	if !opts.Paused {
+		if err := m.Resume(ctx); err != nil {
+			m.kill(err)
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// spawn starts a VMM process connected by a socket pair.
+func (r *Runner) spawn(p Params) (*Machine, error) {
+	if len(r.Command) == 0 {
+		return nil, fmt.Errorf("kvm runner: no VMM command: %w", cas.ErrInvalidArgument)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socketpair: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "vmm"), os.NewFile(uintptr(fds[1]), "vmm")
+	defer theirs.Close()
+	c, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return nil, err
+	}
+	id := fmt.Sprintf("kvm-%d-%d", os.Getpid(), r.ids.Add(1))
+	cmd := exec.Command(r.Command[0], r.Command[1:]...)
+	cmd.Env = append(os.Environ(), r.Env...)
+	cmd.ExtraFiles = []*os.File{theirs}
+	stderr := &tailBuffer{}
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("starting the VMM: %w", err)
+	}
+	m := &Machine{r: r, id: id, cmd: cmd, conn: c.(*net.UnixConn), params: p, done: make(chan struct{})}
+	m.rd = bufio.NewReaderSize(m.conn, 1<<20)
+	if r.Dir != "" {
+		m.consolePath = filepath.Join(r.Dir, id+".console")
+	}
+	go func() {
+		err := cmd.Wait()
+		if err == nil {
+			err = errors.New("VMM exited")
+		}
+		if last := stderr.lastLine(); last != "" {
+			err = fmt.Errorf("%s (%w)", last, err)
+		}
+		m.finish(fmt.Errorf("VMM process %d: %w", cmd.Process.Pid, err))
+	}()
+	return m, nil
+}
+
+// Machine is a VM run by a VMM process.
+type Machine struct {
+	r           *Runner
+	id          string
+	cmd         *exec.Cmd
+	conn        *net.UnixConn
+	rd          *bufio.Reader
+	consolePath string
+	params      Params
+	pid         int
+	memAddr     uint64
+	fd          *uffd.FD
+	server      *memstore.Server
+
+	// callMu serialises requests; mu protects the fields below.
+	callMu       sync.Mutex
+	mu           sync.Mutex
+	running      bool
+	last         string // the previous snapshot: the base of incremental ones
+	restoredFrom string
+	done         chan struct{}
+	err          error
+	stopOnce     sync.Once
+}
+
+// ID implements runner.Machine.
+func (m *Machine) ID() string { return m.id }
+
+// PID is the VMM process.
+func (m *Machine) PID() int { return m.pid }
+
+// Server is the page-fault server of a restored machine (nil otherwise).
+func (m *Machine) Server() *memstore.Server { return m.server }
+
+func (m *Machine) call(req request, resp *response) error {
+	_, err := m.roundTrip(req, resp, false)
+	return err
+}
+
+func (m *Machine) callFD(req request, resp *response) (*uffd.FD, error) {
+	return m.roundTrip(req, resp, true)
+}
+
+// roundTrip sends one request and reads its response (and a descriptor).
+func (m *Machine) roundTrip(req request, resp *response, wantFD bool) (*uffd.FD, error) {
+	m.callMu.Lock()
+	defer m.callMu.Unlock()
+	select {
+	case <-m.done:
+		return nil, m.Err()
+	default:
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := m.conn.Write(append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("VMM %s: %s: %w", m.id, req.Op, err)
+	}
+	var fd *uffd.FD
+	var line []byte
+	if wantFD {
+		// The descriptor rides on the first bytes of the response.
+		buf := make([]byte, 1<<16)
+		oob := make([]byte, unix.CmsgSpace(4))
+		n, oobn, _, _, err := m.conn.ReadMsgUnix(buf, oob)
+		if err != nil {
+			return nil, fmt.Errorf("VMM %s: %s: %w", m.id, req.Op, err)
+		}
+		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(msgs) == 1 {
+			if fds, err := unix.ParseUnixRights(&msgs[0]); err == nil && len(fds) == 1 {
+				f := os.NewFile(uintptr(fds[0]), "userfaultfd")
+				fd, err = uffd.FromFile(f)
+				f.Close()
+				if err != nil {
+					return nil, err
+				}
+			}
+		}
+		line = buf[:n]
+		for len(line) == 0 || line[len(line)-1] != '\n' {
+			rest, err := m.rd.ReadBytes('\n')
+			line = append(line, rest...)
+			if err != nil {
+				return nil, fmt.Errorf("VMM %s: %s: %w", m.id, req.Op, err)
+			}
+		}
+	} else {
+		line, err = m.rd.ReadBytes('\n')
+		if err != nil {
+			return nil, fmt.Errorf("VMM %s: %s: %w", m.id, req.Op, err)
+		}
+	}
+	var r response
+	if err := json.Unmarshal(line, &r); err != nil {
+		return nil, fmt.Errorf("VMM %s: %s: bad response: %w", m.id, req.Op, err)
+	}
+	if r.Error != "" {
+		if fd != nil {
+			fd.Close()
+		}
+		return nil, fmt.Errorf("VMM %s: %s: %s", m.id, req.Op, r.Error)
+	}
+	if resp != nil {
+		*resp = r
+	}
+	if wantFD && fd == nil {
+		return nil, fmt.Errorf("VMM %s: %s: no userfaultfd attached", m.id, req.Op)
+	}
+	return fd, nil
+}
+
+// Pause implements runner.Machine.
+func (m *Machine) Pause(ctx context.Context) error {
+	if err := m.call(request{Op: "pause"}, nil); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.running = false
+	m.mu.Unlock()
+	return nil
+}
+
+// Resume implements runner.Machine.
+func (m *Machine) Resume(ctx context.Context) error {
+	if err := m.call(request{Op: "resume"}, nil); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.running = true
+	m.mu.Unlock()
+	return nil
+}
+
+// Snapshot implements runner.Machine: pause, save the vCPU state, read and
+// clear the dirty log, capture memory (only the dirty pages when
+// incremental), resume if it was running.
+func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
+	if err := snapshotter.ValidateName(name); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	if _, err := m.r.Graph.Get(name); err == nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+	}
+	m.mu.Lock()
+	wasRunning, parent := m.running, m.last
+	m.mu.Unlock()
+	var resp response
+	if err := m.call(request{Op: "state"}, &resp); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	m.mu.Lock()
+	m.running = false
+	m.mu.Unlock()
+	st := resp.State
+	if err := m.call(request{Op: "dirty"}, &resp); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	blob, err := json.Marshal(st)
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	labels := map[string]string{"boxd.runner": "kvm"}
+	maps.Copy(labels, opts.Labels)
+	copts := memstore.CaptureOptions{Name: name, Parent: parent, Labels: labels, Blobs: map[string][]byte{StateMap: blob}}
+	if opts.Incremental && parent != "" {
+		copts.Dirty = memstore.Bitmap(resp.Dirty)
+	}
+	snap, err := memstore.Capture(ctx, m.r.Graph, m.memory(), m.params.MemSize, copts)
+	if err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	m.mu.Lock()
+	m.last = name
+	m.mu.Unlock()
+	if wasRunning {
+		if err := m.Resume(ctx); err != nil {
+			return snap, err
+		}
+	}
+	return snap, nil
+}
+
+// Report asks the guest for its checksum and tick at its next step (the
+// machine is resumed if paused).
+func (m *Machine) Report(ctx context.Context) (Report, error) {
+	if err := m.call(request{Op: "report"}, nil); err != nil {
+		return Report{}, err
+	}
+	m.mu.Lock()
+	running := m.running
+	m.mu.Unlock()
+	if !running {
+		if err := m.Resume(ctx); err != nil {
+			return Report{}, err
+		}
+	}
+	var resp response
+	if err := m.call(request{Op: "wait_report"}, &resp); err != nil {
+		return Report{}, err
+	}
+	return *resp.Report, nil
+}
+
+// Stop implements runner.Machine. A restored machine's faulted pages are
+// kept as its snapshot's working set, for the next restore to prefetch.
+func (m *Machine) Stop(ctx context.Context) error {
+	m.stopOnce.Do(func() {
+		_ = m.call(request{Op: "stop"}, nil)
+		select {
+		case <-m.done:
+		case <-time.After(5 * time.Second):
+			_ = m.cmd.Process.Kill()
+			<-m.done
+		}
+		if m.server != nil {
+			if ws := m.server.WorkingSet(); len(ws) > 0 && m.server.Err() == nil {
+				_ = m.r.Graph.SetWorkingSet(m.restoredFrom, memstore.DefaultMap, ws)
+			}
+		}
+	})
+	return nil
+}
+
+// kill ends the VMM process after a failure.
+func (m *Machine) kill(err error) {
+	m.mu.Lock()
+	if m.err == nil {
+		m.err = err
+	}
+	m.mu.Unlock()
+	_ = m.cmd.Process.Kill()
+}
+
+// finish runs once the VMM process has exited.
+func (m *Machine) finish(err error) {
+	m.mu.Lock()
+	if m.err == nil {
+		m.err = err
+	}
+	m.running = false
+	m.mu.Unlock()
+	if m.server != nil {
+		m.server.Shutdown()
+	}
+	if m.fd != nil {
+		m.fd.Close()
+	}
+	m.conn.Close()
+	close(m.done)
+}
+
+// Done implements runner.Machine.
+func (m *Machine) Done() <-chan struct{} { return m.done }
+
+// Err implements runner.Machine.
+func (m *Machine) Err() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.err
+}
+
+// Console implements runner.Machine.
+func (m *Machine) Console() []byte {
+	if m.consolePath == "" {
+		return nil
+	}
+	b, _ := os.ReadFile(m.consolePath)
+	return b
+}
+
+// memory reads the VMM's guest memory.
+func (m *Machine) memory() io.ReaderAt {
+	return remoteMemory{pid: m.pid, base: m.memAddr, size: m.params.MemSize}
+}
+
+// remoteMemory reads another process's memory with process_vm_readv. A page
+// of a lazily restored machine that is not yet there faults in that process
+// and is served like any other.
+type remoteMemory struct {
+	pid  int
+	base uint64
+	size int64
+}
+
+func (r remoteMemory) ReadAt(p []byte, off int64) (int, error) {
+	if off >= r.size {
+		return 0, io.EOF
+	}
+	want := min(int64(len(p)), r.size-off)
+	done := int64(0)
+	for done < want {
+		local := []unix.Iovec{{Base: &p[done]}}
+		local[0].SetLen(int(want - done))
+		remote := []unix.RemoteIovec{{Base: uintptr(r.base + uint64(off+done)), Len: int(want - done)}}
+		n, err := unix.ProcessVMReadv(r.pid, local, remote, 0)
+		if err != nil {
+			return int(done), fmt.Errorf("reading guest memory of process %d: %w", r.pid, err)
+		}
+		if n == 0 {
+			return int(done), fmt.Errorf("reading guest memory of process %d: no progress", r.pid)
+		}
+		done += int64(n)
+	}
+	if want < int64(len(p)) {
+		return int(done), io.EOF
+	}
+	return int(done), nil
+}
+
+// tailBuffer keeps the end of a VMM's stderr, where it says why it exited.
+type tailBuffer struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if len(t.buf) > 4096 {
+		t.buf = append([]byte(nil), t.buf[len(t.buf)-4096:]...)
+	}
+	return len(p), nil
+}
+
+// lastLine returns the last non-empty line written.
+func (t *tailBuffer) lastLine() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	lines := strings.Split(strings.TrimSpace(string(t.buf)), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
+}

@@ -1,0 +1,236 @@
+package kvm
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/boxd-dev/boxd/internal/uffd"
+	"github.com/boxd-dev/boxd/memstore"
+	"golang.org/x/sys/unix"
+)
+
+// The VMM protocol: the runner writes one JSON request per line on the
+// VMM's socket; the VMM answers each with one JSON response line, in order.
+// The response to "restore" carries the userfaultfd of guest memory
+// (SCM_RIGHTS), for the runner to serve.
+type request struct {
+	Op      string  `json:"op"` // boot, restore, resume, pause, state, dirty, report, reseed, stop
+	Params  *Params `json:"params,omitempty"`
+	Guest   string  `json:"guest,omitempty"`   // boot: the guest binary
+	Console string  `json:"console,omitempty"` // boot, restore: console file
+	State   *State  `json:"state,omitempty"`   // restore
+	Seed    uint64  `json:"seed,omitempty"`    // reseed
+	Wait    bool    `json:"wait,omitempty"`    // report: wait for the answer
+}
+
+type response struct {
+	Error   string   `json:"error,omitempty"`
+	Pid     int      `json:"pid,omitempty"`
+	MemAddr uint64   `json:"mem_addr,omitempty"`
+	State   *State   `json:"state,omitempty"`
+	Dirty   []uint64 `json:"dirty,omitempty"`
+	Report  *Report  `json:"report,omitempty"`
+}
+
+// VMMMain runs a VMM process on conn until told to stop or the runner goes
+// away. It is what `boxd vmm` runs.
+func VMMMain(conn *net.UnixConn) error {
+	v := &vmm{conn: conn}
+	defer v.close()
+	sc := bufio.NewScanner(conn)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		var req request
+		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
+			return fmt.Errorf("vmm: bad request: %w", err)
+		}
+		resp, fd, err := v.handle(req)
+		if err != nil {
+			resp = response{Error: err.Error()}
+		}
+		if err := v.reply(resp, fd); err != nil {
+			return err
+		}
+		if req.Op == "stop" {
+			return nil
+		}
+	}
+	return sc.Err()
+}
+
+type vmm struct {
+	conn    *net.UnixConn
+	m       *machine
+	console *os.File
+	fd      *uffd.FD
+}
+
+func (v *vmm) close() {
+	if v.m != nil {
+		v.m.shutdown()
+		v.m.close()
+	}
+	if v.fd != nil {
+		v.fd.Close()
+	}
+	if v.console != nil {
+		v.console.Close()
+	}
+}
+
+func (v *vmm) reply(r response, fd *uffd.FD) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	if fd == nil {
+		_, err = v.conn.Write(b)
+		return err
+	}
+	_, _, err = v.conn.WriteMsgUnix(b, unix.UnixRights(fd.Fd()), nil)
+	return err
+}
+
+func (v *vmm) handle(req request) (response, *uffd.FD, error) {
+	if v.m == nil && req.Op != "boot" && req.Op != "restore" && req.Op != "stop" {
+		return response{}, nil, errors.New("no machine yet: boot or restore first")
+	}
+	switch req.Op {
+	case "boot", "restore":
+		if v.m != nil {
+			return response{}, nil, errors.New("a machine is already running")
+		}
+		if req.Params == nil {
+			return response{}, nil, errors.New("params missing")
+		}
+		if err := v.open(req); err != nil {
+			return response{}, nil, err
+		}
+		go v.exitWithGuest()
+		resp := response{Pid: os.Getpid(), MemAddr: uint64(uffd.Addr(v.m.mem))}
+		if req.Op == "boot" {
+			code, err := os.ReadFile(req.Guest)
+			if err != nil {
+				return response{}, nil, fmt.Errorf("guest: %w", err)
+			}
+			if err := v.m.boot(code); err != nil {
+				return response{}, nil, err
+			}
+			v.m.start()
+			return resp, nil, nil
+		}
+		if req.State == nil {
+			return response{}, nil, errors.New("state missing")
+		}
+		// Register guest memory with userfaultfd before KVM sees it, so
+		// that its first touch of every page is served by the runner.
+		fd, err := memstore.Register(v.m.mem)
+		if err != nil {
+			return response{}, nil, err
+		}
+		v.fd = fd
+		if err := v.m.mapMemory(); err != nil {
+			return response{}, nil, err
+		}
+		if err := v.m.restoreState(*req.State); err != nil {
+			return response{}, nil, err
+		}
+		return resp, fd, nil
+	case "resume":
+		v.m.mu.Lock()
+		started := v.m.started
+		v.m.mu.Unlock()
+		if !started {
+			v.m.start()
+			return response{}, nil, nil
+		}
+		return response{}, nil, v.m.resume()
+	case "pause":
+		return response{}, nil, v.m.pause()
+	case "state":
+		if err := v.m.pause(); err != nil {
+			return response{}, nil, err
+		}
+		st, err := v.m.saveState()
+		return response{State: &st}, nil, err
+	case "dirty":
+		bitmap, err := v.m.vm.DirtyLog(0, int(v.m.params.MemSize/memstore.PageSize))
+		return response{Dirty: bitmap}, nil, err
+	case "report":
+		if !req.Wait {
+			v.m.requestReport()
+			return response{}, nil, nil
+		}
+		r, err := v.m.report(30 * time.Second)
+		return response{Report: &r}, nil, err
+	case "wait_report":
+		r, err := v.m.waitReport(30 * time.Second)
+		return response{Report: &r}, nil, err
+	case "reseed":
+		v.m.reseed(req.Seed)
+		return response{}, nil, nil
+	case "stop":
+		return response{}, nil, nil
+	}
+	return response{}, nil, fmt.Errorf("unknown op %q", req.Op)
+}
+
+// exitWithGuest ends the VMM process when its guest stops on its own
+// (halts, crashes): the reason goes to stderr, where the runner reads it.
+func (v *vmm) exitWithGuest() {
+	<-v.m.stopped
+	v.m.mu.Lock()
+	reason := v.m.exit
+	requested := errors.Is(reason, errStopped)
+	v.m.mu.Unlock()
+	if requested {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "%v\n", reason)
+	os.Exit(3)
+}
+
+func (v *vmm) open(req request) error {
+	if req.Console != "" {
+		f, err := os.OpenFile(req.Console, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("console: %w", err)
+		}
+		v.console = f
+	}
+	var console io.Writer
+	if v.console != nil {
+		console = v.console
+	}
+	m, err := newMachine(*req.Params, console)
+	if err != nil {
+		return err
+	}
+	v.m = m
+	return nil
+}
+
+// VMMFD is the descriptor on which a VMM process finds its socket.
+const VMMFD = 3
+
+// ServeInherited runs VMMMain on the socket the runner passed as VMMFD.
+func ServeInherited() error {
+	f := os.NewFile(VMMFD, "vmm")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("vmm: descriptor %d is not the runner's socket: %w", VMMFD, err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("vmm: descriptor %d is not a unix socket", VMMFD)
+	}
+	return VMMMain(uc)
+}
