@@ -63,7 +63,8 @@ func Open(dir string, opts Options) (*Store, error) {
 	switch {
 	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, fmt.Errorf("store %s is in use by another process: %w", dir, ErrUnavailable)
-	case err != nil && isPermission(err):
+	case err != nil && isAccessError(err):
+		// Not damage: the index is fine, we may not open it.
 		return nil, fmt.Errorf("opening index: %w", err)
 	case err != nil:
 		// Unreadable index: keep it aside for inspection and rebuild.
@@ -92,7 +93,9 @@ func Open(dir string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-func isPermission(err error) bool {
+// isAccessError reports an error opening a file that says nothing about its
+// content: no permission, or a folder gone.
+func isAccessError(err error) bool {
 	return errors.Is(err, fs.ErrPermission) || errors.Is(err, os.ErrNotExist)
 }
 

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -254,7 +255,7 @@ func (g *Graph) Remove(name string) error {
 		return err
 	}
 	if len(kids) > 0 {
-		return fmt.Errorf("snapshot %q has children (%s); remove them first: %w", name, joinNames(kids), cas.ErrFailedPrecondition)
+		return fmt.Errorf("snapshot %q has children (%s); remove them first: %w", name, strings.Join(kids, ", "), cas.ErrFailedPrecondition)
 	}
 	err = g.db.Update(func(tx *bolt.Tx) error {
 		s, err := getSnapshot(tx, name)
@@ -285,17 +286,6 @@ func dbErr(err error) error {
 		return cas.WithCategory(err, cas.ErrNoSpace)
 	}
 	return err
-}
-
-func joinNames(names []string) string {
-	out := ""
-	for i, n := range names {
-		if i > 0 {
-			out += ", "
-		}
-		out += n
-	}
-	return out
 }
 
 // delta returns the decoded delta of one map of one snapshot.
