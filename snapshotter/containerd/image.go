@@ -164,19 +164,28 @@ func (s *Snapshotter) ingest(ctx context.Context, path, name, parent, ctrName st
 	}
 	var regions []blockRange
 	var same []bool
+	var nums []uint64
+	var changed []byte
 	err = eachDataRun(ctx, f, size, func(r blockRange) { regions = append(regions, r) }, func(n0 uint64, run []byte) error {
 		same = sameAsParent(pr, n0, run, same)
+		// The blocks that changed go to the store in one batch, hashed
+		// and compressed on every core.
+		nums, changed = nums[:0], changed[:0]
 		for i := 0; i*cas.ChunkSize < len(run); i++ {
 			b := run[i*cas.ChunkSize : min((i+1)*cas.ChunkSize, len(run))]
 			n := n0 + uint64(i)
 			if same[i] || isZero(b) && parentID(n) == cas.ZeroID {
 				continue
 			}
-			if err := img.WriteBlock(MapName, snapshotter.KindDisk, n, b); err != nil {
-				return err
-			}
+			nums = append(nums, n)
+			changed = append(changed, b...)
+			changed = append(changed, make([]byte, cas.ChunkSize-len(b))...)
 		}
-		return nil
+		if len(nums) == 0 {
+			return nil
+		}
+		_, err := img.WriteBlocks(ctx, MapName, snapshotter.KindDisk, nums, bytes.NewReader(changed))
+		return err
 	})
 	if err != nil {
 		return snapshots.Usage{}, err
