@@ -7,6 +7,7 @@ import (
 	"io"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	ikvm "github.com/boxd-dev/boxd/internal/kvm"
@@ -76,11 +77,28 @@ type machine struct {
 	cmds     []uint32 // answers to the next control reads, in order
 	reportIn []uint32
 	reports  chan Report
-	seed     []uint32      // halves of the seed the guest reads after CmdReseed
+	args     []uint32      // words the guest reads on PortSeed (CmdReseed, CmdFill)
 	exit     error         // why the vCPU stopped for good
 	stopped  chan struct{} // closed with exit set
 	started  bool          // the vCPU loop runs
 	tid      int           // the vCPU thread, for kicking it out of KVM_RUN
+	// ctrlReads counts the guest's reads of the control port; waiters
+	// are woken when it reaches theirs (a command has been carried out
+	// once the guest asks for the next one).
+	ctrlReads uint64
+	waiters   []ctrlWaiter
+	// firstExit is closed when the vCPU first leaves KVM_RUN after the
+	// latest start or resume, at firstExitAt (CLOCK_MONOTONIC): proof
+	// that the guest runs. awaitExit says it is still open, so that the
+	// vCPU loop takes m.mu for it only once.
+	firstExit   chan struct{}
+	firstExitAt time.Duration
+	awaitExit   atomic.Bool
+}
+
+type ctrlWaiter struct {
+	reads uint64
+	done  chan struct{}
 }
 
 type runState int
@@ -102,7 +120,7 @@ func newMachine(p Params, console io.Writer) (*machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &machine{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1), stopped: make(chan struct{})}
+	m := &machine{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1), stopped: make(chan struct{}), firstExit: make(chan struct{})}
 	m.cond = sync.NewCond(&m.mu)
 	ok := false
 	defer func() {
@@ -267,8 +285,58 @@ func (m *machine) start() {
 	m.mu.Lock()
 	m.want = stateRunning
 	m.started = true
+	m.watchFirstExitLocked()
 	m.mu.Unlock()
 	go m.loop()
+}
+
+// watchFirstExitLocked arms firstExit for the next run. Precondition: m.mu
+// is held.
+func (m *machine) watchFirstExitLocked() {
+	if !m.awaitExit.Load() {
+		m.firstExit = make(chan struct{})
+		m.firstExitAt = 0
+		m.awaitExit.Store(true)
+	}
+}
+
+// noteExit records the vCPU's first exit since it was armed.
+func (m *machine) noteExit() {
+	now := monotonic()
+	m.mu.Lock()
+	if m.awaitExit.Load() {
+		m.firstExitAt = now
+		close(m.firstExit)
+		m.awaitExit.Store(false)
+	}
+	m.mu.Unlock()
+}
+
+// monotonic reads CLOCK_MONOTONIC, which every process on the host shares.
+func monotonic() time.Duration {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return time.Duration(ts.Nano())
+}
+
+// waitFirstExit waits until the vCPU has left KVM_RUN once since the latest
+// start or resume, and says when it did (CLOCK_MONOTONIC).
+func (m *machine) waitFirstExit(timeout time.Duration) (time.Duration, error) {
+	m.mu.Lock()
+	ch := m.firstExit
+	m.mu.Unlock()
+	select {
+	case <-ch:
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.firstExitAt, nil
+	case <-m.stopped:
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return 0, m.exit
+	case <-time.After(timeout):
+		return 0, fmt.Errorf("vCPU did not exit within %v", timeout)
+	}
 }
 
 // kick interrupts KVM_RUN on the vCPU thread (a guest that never exits on
@@ -315,6 +383,9 @@ func (m *machine) loop() {
 		m.mu.Unlock()
 
 		reason, err := m.cpu.Run()
+		if m.awaitExit.Load() {
+			m.noteExit()
+		}
 		if err != nil {
 			m.stop(err)
 			return
@@ -377,6 +448,8 @@ func (m *machine) io(next *time.Time) error {
 		if len(m.cmds) > 0 {
 			cmd, m.cmds = m.cmds[0], m.cmds[1:]
 		}
+		m.ctrlReads++
+		m.wakeWaitersLocked()
 		m.mu.Unlock()
 		binary.LittleEndian.PutUint32(io.Data, cmd)
 		if r := m.params.TickRate; r > 0 && cmd == guest.CmdRun {
@@ -406,12 +479,12 @@ func (m *machine) io(next *time.Time) error {
 		m.mu.Unlock()
 	case io.In && io.Port == guest.PortSeed && io.Size == 4:
 		m.mu.Lock()
-		var half uint32
-		if len(m.seed) > 0 {
-			half, m.seed = m.seed[0], m.seed[1:]
+		var arg uint32
+		if len(m.args) > 0 {
+			arg, m.args = m.args[0], m.args[1:]
 		}
 		m.mu.Unlock()
-		binary.LittleEndian.PutUint32(io.Data, half)
+		binary.LittleEndian.PutUint32(io.Data, arg)
 	case !io.In && io.Port == guest.PortDone:
 	default:
 		return fmt.Errorf("guest used port %#x (%d bytes, in=%v) that nothing serves", io.Port, io.Size, io.In)
@@ -446,6 +519,7 @@ func (m *machine) resume() error {
 		return m.exit
 	}
 	m.want = stateRunning
+	m.watchFirstExitLocked()
 	m.cond.Broadcast()
 	return nil
 }
@@ -480,8 +554,51 @@ func (m *machine) report(timeout time.Duration) (Report, error) {
 func (m *machine) reseed(seed uint64) {
 	m.mu.Lock()
 	m.cmds = append(m.cmds, guest.CmdReseed)
-	m.seed = append(m.seed, uint32(seed), uint32(seed>>32))
+	m.args = append(m.args, uint32(seed), uint32(seed>>32))
 	m.mu.Unlock()
+}
+
+// fill has the guest fill count data pages from first with fresh data
+// (CmdFill) and waits until it has: until it asks for its next command.
+// The machine must be running, or be resumed by someone else, to get there.
+func (m *machine) fill(first, count uint32, timeout time.Duration) error {
+	m.mu.Lock()
+	if m.is == stateStopped {
+		err := m.exit
+		m.mu.Unlock()
+		return err
+	}
+	m.cmds = append(m.cmds, guest.CmdFill)
+	m.args = append(m.args, first, count)
+	// The guest takes CmdFill at read ctrlReads+len(cmds) and is done at
+	// the read after it.
+	w := ctrlWaiter{reads: m.ctrlReads + uint64(len(m.cmds)) + 1, done: make(chan struct{})}
+	m.waiters = append(m.waiters, w)
+	m.mu.Unlock()
+	select {
+	case <-w.done:
+		return nil
+	case <-m.stopped:
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.exit
+	case <-time.After(timeout):
+		return fmt.Errorf("guest did not fill %d pages within %v", count, timeout)
+	}
+}
+
+// wakeWaitersLocked wakes the waiters whose control read has come.
+// Precondition: m.mu is held.
+func (m *machine) wakeWaitersLocked() {
+	kept := m.waiters[:0]
+	for _, w := range m.waiters {
+		if m.ctrlReads >= w.reads {
+			close(w.done)
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	m.waiters = kept
 }
 
 // requestReport sets the next control answer to CmdReport.

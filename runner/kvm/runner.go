@@ -48,6 +48,25 @@ type Runner struct {
 	Memory memstore.Options
 
 	ids atomic.Int64
+	// step, when set, is told as Restore and Snapshot finish each step
+	// (the step names below), for benchmarks that show where time goes.
+	step func(name string)
+}
+
+// Steps of Restore and Snapshot, as told to Runner.step.
+const (
+	stepSpawned  = "spawned"  // Restore: the VMM process started
+	stepRestored = "restored" // Restore: the VMM set up the VM and vCPU state, and sent the userfaultfd
+	stepServing  = "serving"  // Restore: the page-fault server runs
+	stepState    = "state"    // Snapshot: the vCPU paused and its state saved
+	stepDirty    = "dirty"    // Snapshot: the dirty log read
+	stepCaptured = "captured" // Snapshot: memory and state committed to the store
+)
+
+func (r *Runner) tell(step string) {
+	if r.step != nil {
+		r.step(step)
+	}
 }
 
 // Name implements runner.Runner.
@@ -166,12 +185,14 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	if err != nil {
 		return nil, err
 	}
+	r.tell(stepSpawned)
 	var resp response
 	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: &st, Console: m.consolePath}, &resp)
 	if err != nil {
 		m.kill(err)
 		return nil, err
 	}
+	r.tell(stepRestored)
 	m.pid, m.memAddr, m.fd = resp.Pid, resp.MemAddr, fd
 	h := memstore.Handoff{Snapshot: snap, Map: memstore.DefaultMap, Regions: []memstore.RegionLayout{{Base: resp.MemAddr, Size: uint64(st.Params.MemSize), PageSize: memstore.PageSize}}}
 	srv, err := memstore.Serve(context.Background(), r.Graph, fd, h, nil, r.Memory)
@@ -180,6 +201,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 		return nil, fmt.Errorf("restoring %s: %w", snap, err)
 	}
 	m.server, m.restoredFrom, m.last = srv, snap, snap
+	r.tell(stepServing)
 	go func() {
 		select {
 		case <-srv.Failed():
@@ -404,10 +426,12 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	m.mu.Lock()
 	m.running = false
 	m.mu.Unlock()
+	m.r.tell(stepState)
 	st := resp.State
 	if err := m.call(request{Op: "dirty"}, &resp); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
+	m.r.tell(stepDirty)
 	blob, err := json.Marshal(st)
 	if err != nil {
 		return snapshotter.Snapshot{}, err
@@ -422,6 +446,7 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	if err != nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
+	m.r.tell(stepCaptured)
 	m.mu.Lock()
 	m.last = name
 	m.mu.Unlock()
@@ -452,6 +477,24 @@ func (m *Machine) Report(ctx context.Context) (Report, error) {
 		return Report{}, err
 	}
 	return *resp.Report, nil
+}
+
+// fill has the conformance guest fill count data pages from first with
+// fresh data, and waits until it has: an exact amount of dirty memory. The
+// machine must be running.
+func (m *Machine) fill(first, count uint32) error {
+	return m.call(request{Op: "fill", First: first, Count: count}, nil)
+}
+
+// firstExit waits until the vCPU has left KVM_RUN once since the machine
+// was last started or resumed (the guest runs), and returns when it did on
+// the host's CLOCK_MONOTONIC (see monotonic).
+func (m *Machine) firstExit() (time.Duration, error) {
+	var resp response
+	if err := m.call(request{Op: "first_exit"}, &resp); err != nil {
+		return 0, err
+	}
+	return time.Duration(resp.ExitAt), nil
 }
 
 // Stop implements runner.Machine. A restored machine's faulted pages are

@@ -20,13 +20,15 @@ import (
 // The response to "restore" carries the userfaultfd of guest memory
 // (SCM_RIGHTS), for the runner to serve.
 type request struct {
-	Op      string  `json:"op"` // boot, restore, resume, pause, state, dirty, report, reseed, stop
+	Op      string  `json:"op"` // boot, restore, resume, pause, state, dirty, report, wait_report, reseed, fill, first_exit, stop
 	Params  *Params `json:"params,omitempty"`
 	Guest   string  `json:"guest,omitempty"`   // boot: the guest binary
 	Console string  `json:"console,omitempty"` // boot, restore: console file
 	State   *State  `json:"state,omitempty"`   // restore
 	Seed    uint64  `json:"seed,omitempty"`    // reseed
 	Wait    bool    `json:"wait,omitempty"`    // report: wait for the answer
+	First   uint32  `json:"first,omitempty"`   // fill: the first data page
+	Count   uint32  `json:"count,omitempty"`   // fill: how many pages
 }
 
 type response struct {
@@ -36,6 +38,9 @@ type response struct {
 	State   *State   `json:"state,omitempty"`
 	Dirty   []uint64 `json:"dirty,omitempty"`
 	Report  *Report  `json:"report,omitempty"`
+	// ExitAt answers first_exit: when the vCPU first left KVM_RUN after
+	// the latest start or resume, in CLOCK_MONOTONIC nanoseconds.
+	ExitAt int64 `json:"exit_at,omitempty"`
 }
 
 // VMMMain runs a VMM process on conn until told to stop or the runner goes
@@ -176,6 +181,11 @@ func (v *vmm) handle(req request) (response, *uffd.FD, error) {
 	case "reseed":
 		v.m.reseed(req.Seed)
 		return response{}, nil, nil
+	case "fill":
+		return response{}, nil, v.m.fill(req.First, req.Count, 5*time.Minute)
+	case "first_exit":
+		at, err := v.m.waitFirstExit(30 * time.Second)
+		return response{ExitAt: int64(at)}, nil, err
 	case "stop":
 		return response{}, nil, nil
 	}

@@ -4,7 +4,8 @@
  * tick it dirties a number of pages with a pseudo-random writer, prints a
  * line on the serial port now and then, and asks the VMM over a control port
  * what to do next: carry on, report a checksum of its memory and its tick
- * counter, or halt. The layout and ports are in guest.go.
+ * counter, halt, take a new seed, or fill a range of pages. The layout and
+ * ports are in guest.go.
  */
 	.code64
 	.text
@@ -19,6 +20,7 @@
 	.set	STATE,		0x9100	/* the guest's own */
 	.set	S_TICK,		STATE+0
 	.set	S_RNG,		STATE+8
+	.set	POOL,		0x8000	/* a page for CmdFill's pattern */
 
 	.set	PORT_SERIAL,	0x3f8
 	.set	PORT_CTRL,	0x510
@@ -102,6 +104,8 @@ ctrl:
 	je	halt
 	cmpl	$3, %eax
 	je	reseed
+	cmpl	$4, %eax
+	je	fill
 	jmp	tick
 
 reseed:					/* mix fresh entropy into the writer */
@@ -114,6 +118,55 @@ reseed:					/* mix fresh entropy into the writer */
 	xorq	%rax, S_RNG
 	orq	$1, S_RNG
 	jmp	tick
+
+fill:		/* fill data pages [first, first+count) with fresh data */
+	movw	$PORT_SEED, %dx
+	inl	%dx, %eax		/* first data page */
+	movl	%eax, %r10d
+	inl	%dx, %eax		/* count */
+	movl	%eax, %r11d
+	shlq	$12, %r10
+	addq	P_DATA, %r10
+	shlq	$12, %r11
+	addq	%r10, %r11
+	cmpq	P_MEMSIZE, %r11
+	jbe	5f
+	movq	P_MEMSIZE, %r11
+	/*
+	 * One page of pseudo-random words (a stream of its own: the writer's
+	 * is left alone), then a copy of it into every page with the page's
+	 * address mixed into its first word: each page new and incompressible.
+	 * Under KVM without hardware virtualisation a store in a loop costs
+	 * microseconds; a string copy costs far less a word.
+	 */
+5:	movq	S_RNG, %rax
+	xorq	S_TICK, %rax
+	orq	$1, %rax
+	leaq	POOL, %rdi
+	movl	$512, %ecx
+7:	movq	%rax, %rdx		/* xorshift64 */
+	shlq	$13, %rdx
+	xorq	%rdx, %rax
+	movq	%rax, %rdx
+	shrq	$7, %rdx
+	xorq	%rdx, %rax
+	movq	%rax, %rdx
+	shlq	$17, %rdx
+	xorq	%rdx, %rax
+	movq	%rax, (%rdi)
+	addq	$8, %rdi
+	decl	%ecx
+	jnz	7b
+	movq	%r10, %rdi
+6:	cmpq	%r11, %rdi
+	jae	tick
+	movq	%rdi, %r9
+	leaq	POOL, %rsi
+	movl	$512, %ecx
+	rep movsq
+	xorq	%rax, (%r9)		/* the page's address mixed into its first word */
+	xorq	%r9, (%r9)
+	jmp	6b
 
 report:		/* FNV-1a over the first word of every data page: what the writer writes */
 	movq	P_DATA, %rsi

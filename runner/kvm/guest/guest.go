@@ -6,6 +6,7 @@
 //
 //	0x0500   GDT (written by the VMM)
 //	0x1000   page tables: PML4, PDPT, PD with 2 MiB pages (by the VMM)
+//	0x8000   the page CmdFill copies into the pages it fills
 //	0x9000   parameters, u64 each: memory size, data start, pages dirtied
 //	         per tick, seed, ticks between console lines (0: none)
 //	0x9100   the guest's state: tick counter, random-number state
@@ -17,10 +18,11 @@
 //	         thousand times slower than native, so it reads little)
 //
 // Ports: 0x3f8 serial (console bytes out); 0x510 control (the guest reads a
-// command each tick: CmdRun, CmdReport, CmdHalt, CmdReseed); 0x511 report
-// (four 32-bit writes: checksum low, high, tick low, high); 0x512 halting;
-// 0x513 seed (after CmdReseed, two 32-bit reads: low, high, mixed into the
-// writer's random state).
+// command each tick: CmdRun, CmdReport, CmdHalt, CmdReseed, CmdFill); 0x511
+// report (four 32-bit writes: checksum low, high, tick low, high); 0x512
+// halting; 0x513 arguments, two 32-bit reads after the commands that take
+// them: after CmdReseed the seed (low, high, mixed into the writer's random
+// state), after CmdFill the first data page and the number of pages.
 package guest
 
 import (
@@ -38,6 +40,7 @@ var source []byte
 const (
 	GDTAddr    = 0x500
 	PML4Addr   = 0x1000
+	PoolAddr   = 0x8000
 	ParamsAddr = 0x9000
 	StateAddr  = 0x9100
 	Load       = 0x10000
@@ -48,7 +51,7 @@ const (
 	PortCtrl   = 0x510
 	PortReport = 0x511
 	PortDone   = 0x512
-	PortSeed   = 0x513
+	PortSeed   = 0x513 // arguments of CmdReseed and CmdFill
 )
 
 // Commands the VMM answers on PortCtrl.
@@ -57,6 +60,11 @@ const (
 	CmdReport = 1
 	CmdHalt   = 2
 	CmdReseed = 3
+	// CmdFill fills whole data pages with fresh pseudo-random words (a
+	// stream of their own: the writer's is left alone), so that an exact
+	// amount of memory is dirty and stores as new, incompressible data.
+	// Pages past the end of memory are skipped.
+	CmdFill = 4
 )
 
 // Build compiles the guest with gcc, as and ld into dir and returns the flat
