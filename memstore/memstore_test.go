@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -384,3 +385,25 @@ func TestMissingSnapshotOrChunk(t *testing.T) {
 }
 
 func openGraphForHandler(root string) (*snapshotter.Graph, error) { return snapshotter.Open(root) }
+
+func TestWorkingSetRecordsWindows(t *testing.T) {
+	const pages = 512
+	src := image(12, pages)
+	g := openGraph(t, t.TempDir())
+	capture(t, g, src, CaptureOptions{Name: "m"})
+	region := anon(t, len(src))
+	r := start(t, g, "m", region, Options{FaultAround: 8, Prefetch: []uint64{}})
+	touch(region, []int{0, 100, 506}, 1)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var want []uint64
+	for _, w := range [][2]int{{0, 8}, {100, 108}, {506, 512}} {
+		for p := w[0]; p < w[1]; p++ {
+			want = append(want, uint64(p))
+		}
+	}
+	if got := r.WorkingSet(); !slices.Equal(got, want) {
+		t.Fatalf("working set %v, want each fault's window %v", got, want)
+	}
+}

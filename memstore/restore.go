@@ -83,7 +83,7 @@ type Server struct {
 	failed  chan struct{}
 
 	traceMu sync.Mutex
-	trace   []uint64 // faulted pages (of the map), in order
+	trace   []uint64 // pages (of the map) served on faults, in order
 
 	faults, copied, zeroed, prefetched atomic.Int64
 
@@ -164,7 +164,8 @@ func (s *Server) Stats() Stats {
 	return Stats{Faults: s.faults.Load(), Copied: s.copied.Load(), Zeroed: s.zeroed.Load(), Prefetched: s.prefetched.Load()}
 }
 
-// WorkingSet returns the map pages faulted so far, in the order of the faults.
+// WorkingSet returns the map pages served on faults so far, in the order of
+// the faults: each fault's window, the faulting page first.
 func (s *Server) WorkingSet() []uint64 {
 	s.traceMu.Lock()
 	defer s.traceMu.Unlock()
@@ -260,19 +261,31 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 		return fmt.Errorf("fault at %#x outside every registered region", addr)
 	}
 	s.faults.Add(1)
-	s.traceMu.Lock()
-	s.trace = append(s.trace, r.first+uint64(p))
-	s.traceMu.Unlock()
 	if r.isPresent(p) {
 		// Filled by the prefetcher after the fault was queued; that copy
 		// woke the thread already, but make sure.
+		s.record(r, p, 1)
 		return s.fd.Wake(r.base+uintptr(p)*PageSize, PageSize)
 	}
 	n := 1
 	for n < s.opts.FaultAround && p+n < r.pages && !r.isPresent(p+n) {
 		n++
 	}
+	// The whole window goes into the working set: the pages after the
+	// faulting one are there because the guest was expected to need them,
+	// and recording only the faulting page would leave a prefetched
+	// restore to fault on all the others.
+	s.record(r, p, n)
 	return s.fill(r, p, n, buf, &s.copied, &s.zeroed)
+}
+
+// record appends pages [p, p+n) of r to the working set.
+func (s *Server) record(r *region, p, n int) {
+	s.traceMu.Lock()
+	for i := range n {
+		s.trace = append(s.trace, r.first+uint64(p+i))
+	}
+	s.traceMu.Unlock()
 }
 
 // fill populates pages [p, p+n) of r from its table.

@@ -508,9 +508,13 @@ func (m *Machine) Stop(ctx context.Context) error {
 			_ = m.cmd.Process.Kill()
 			<-m.done
 		}
-		if m.server != nil {
-			if ws := m.server.WorkingSet(); len(ws) > 0 && m.server.Err() == nil {
-				_ = m.r.Graph.SetWorkingSet(m.restoredFrom, memstore.DefaultMap, ws)
+		if m.server != nil && m.server.Err() == nil {
+			if ws := m.server.WorkingSet(); len(ws) > 0 {
+				// Keep what was prefetched (a prefetched restore faults
+				// little, and its faults alone would shrink the set) and
+				// add what this run faulted besides.
+				old, _, _ := m.r.Graph.WorkingSet(m.restoredFrom, memstore.DefaultMap)
+				_ = m.r.Graph.SetWorkingSet(m.restoredFrom, memstore.DefaultMap, mergePages(old, ws))
 			}
 		}
 	})
@@ -625,4 +629,23 @@ func (t *tailBuffer) lastLine() string {
 	defer t.mu.Unlock()
 	lines := strings.Split(strings.TrimSpace(string(t.buf)), "\n")
 	return strings.TrimSpace(lines[len(lines)-1])
+}
+
+// mergePages returns a followed by the pages of b not in a.
+func mergePages(a, b []uint64) []uint64 {
+	seen := make(map[uint64]bool, len(a))
+	out := make([]uint64, 0, len(a)+len(b))
+	for _, p := range a {
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	for _, p := range b {
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	return out
 }
