@@ -1,12 +1,14 @@
 package cas
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -301,24 +303,37 @@ func (s *Store) Lookup(id ID) (Location, error) {
 
 // LookupMany returns the locations of ids in one consistent view of the
 // index (zero chunks get a zero Location). It fails on the first id that is
-// not stored, naming it.
+// not stored, naming it. The ids are looked up in sorted order, each once,
+// so that a large map walks the index's leaves in order instead of jumping
+// between them.
 func (s *Store) LookupMany(ids []ID) ([]Location, error) {
+	order := make([]int32, 0, len(ids))
+	for i, id := range ids {
+		if id != ZeroID {
+			order = append(order, int32(i))
+		}
+	}
+	slices.SortFunc(order, func(a, b int32) int { return bytes.Compare(ids[a][:], ids[b][:]) })
 	locs := make([]Location, len(ids))
 	err := s.db.View(func(tx *bolt.Tx) error {
-		chunks := tx.Bucket(bucketChunks)
-		for i, id := range ids {
-			if id == ZeroID {
+		c := tx.Bucket(bucketChunks).Cursor()
+		var prev ID
+		var loc Location
+		for k, i := range order {
+			id := ids[i]
+			if k > 0 && id == prev {
+				locs[i] = loc
 				continue
 			}
-			v := chunks.Get(id[:])
-			if v == nil {
+			key, v := seekNear(c, id[:], k > 0)
+			if key == nil || !bytes.Equal(key, id[:]) {
 				return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
 			}
-			loc, err := DecodeLocation(v)
-			if err != nil {
+			var err error
+			if loc, err = DecodeLocation(v); err != nil {
 				return fmt.Errorf("chunk %s: %w", id, err)
 			}
-			locs[i] = loc
+			locs[i], prev = loc, id
 		}
 		return nil
 	})
@@ -326,6 +341,25 @@ func (s *Store) LookupMany(ids []ID) ([]Location, error) {
 		return nil, err
 	}
 	return locs, nil
+}
+
+// seekNear positions c at the first key at or after want. After a previous
+// position, it first steps forward a few keys: when the ids sought are most
+// of the index, the next one is usually among them, which is cheaper than a
+// Seek from the root.
+func seekNear(c *bolt.Cursor, want []byte, positioned bool) ([]byte, []byte) {
+	if positioned {
+		for range 4 {
+			k, v := c.Next()
+			if k == nil {
+				break
+			}
+			if bytes.Compare(k, want) >= 0 {
+				return k, v
+			}
+		}
+	}
+	return c.Seek(want)
 }
 
 // Has reports whether a chunk is stored (the zero chunk always is).
