@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/boxd-dev/boxd/internal/uffd"
@@ -55,11 +56,17 @@ func VMMMain(conn *net.UnixConn) error {
 		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
 			return fmt.Errorf("vmm: bad request: %w", err)
 		}
+		// busy is held while a request is answered, so that a guest that
+		// stops on its own does not end the process before the answer
+		// has gone out.
+		v.busy.Lock()
 		resp, fd, err := v.handle(req)
 		if err != nil {
 			resp = response{Error: err.Error()}
 		}
-		if err := v.reply(resp, fd); err != nil {
+		err = v.reply(resp, fd)
+		v.busy.Unlock()
+		if err != nil {
 			return err
 		}
 		if req.Op == "stop" {
@@ -70,6 +77,7 @@ func VMMMain(conn *net.UnixConn) error {
 }
 
 type vmm struct {
+	busy    sync.Mutex
 	conn    *net.UnixConn
 	m       *machine
 	console *os.File
@@ -203,6 +211,7 @@ func (v *vmm) exitWithGuest() {
 	if requested {
 		return
 	}
+	v.busy.Lock()
 	fmt.Fprintf(os.Stderr, "%v\n", reason)
 	os.Exit(3)
 }
