@@ -353,15 +353,33 @@ func benchHibernate(b *testing.B, mem, dirty int64) {
 // is prefetched as well.
 func BenchmarkResume(b *testing.B) {
 	for _, mem := range []int64{256 * mib, 1 << 30} {
-		b.Run(fmt.Sprintf("mem=%s", sizeName(mem)), func(b *testing.B) {
-			benchResume(b, mem)
-		})
+		for _, warm := range []int{0, 1} {
+			b.Run(fmt.Sprintf("mem=%s/warm=%d", sizeName(mem), warm), func(b *testing.B) {
+				benchResume(b, mem, warm)
+			})
+		}
 	}
 }
 
-func benchResume(b *testing.B, mem int64) {
+// waitWarm waits, outside the timed part, until the runner's pool is full.
+func waitWarm(r *Runner) {
+	for {
+		r.refill()
+		r.poolMu.Lock()
+		n := len(r.pool)
+		r.poolMu.Unlock()
+		if n >= r.Warm {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func benchResume(b *testing.B, mem int64, warm int) {
 	ctx := context.Background()
 	r, st := benchRunner(b)
+	r.Warm = warm
+	b.Cleanup(func() { r.Close() })
 	m := boot(b, r, mem)
 	fill(b, m, 0, 16*mib/memstore.PageSize)
 	if _, err := m.Snapshot(ctx, "hib", runner.SnapshotOptions{}); err != nil {
@@ -372,6 +390,9 @@ func benchResume(b *testing.B, mem int64) {
 	}
 	t := newTimings()
 	for b.Loop() {
+		b.StopTimer()
+		waitWarm(r)
+		b.StartTimer()
 		start := monotonic()
 		m, err := r.Restore(ctx, "hib", runner.RestoreOptions{})
 		if err != nil {

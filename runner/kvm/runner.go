@@ -47,7 +47,16 @@ type Runner struct {
 	// Memory tunes lazy restores (fault-around, prefetch batch).
 	Memory memstore.Options
 
+	// Warm is how many VMM processes the runner keeps started and waiting,
+	// so that Start and Restore skip process start-up (0: none).
+	Warm int
+
 	ids atomic.Int64
+	// poolMu protects the warm pool.
+	poolMu    sync.Mutex
+	pool      []*Machine
+	refilling bool
+	closed    bool
 	// step, when set, is told as Restore and Snapshot finish each step
 	// (the step names below), for benchmarks that show where time goes.
 	step func(name string)
@@ -228,7 +237,91 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 }
 
 // spawn starts a VMM process connected by a socket pair.
+// spawn returns a VMM process for a machine with params p: a warm one if
+// the pool has one, else a new one.
 func (r *Runner) spawn(p Params) (*Machine, error) {
+	m := r.takeWarm()
+	if m == nil {
+		var err error
+		if m, err = r.startVMM(); err != nil {
+			return nil, err
+		}
+	}
+	if r.Warm > 0 {
+		go r.refill()
+	}
+	m.params = p
+	return m, nil
+}
+
+// takeWarm returns a live process from the warm pool, or nil.
+func (r *Runner) takeWarm() *Machine {
+	r.poolMu.Lock()
+	defer r.poolMu.Unlock()
+	for len(r.pool) > 0 {
+		m := r.pool[0]
+		r.pool = r.pool[1:]
+		select {
+		case <-m.done:
+		default:
+			return m
+		}
+	}
+	return nil
+}
+
+// refill starts VMM processes until the pool holds Warm of them.
+func (r *Runner) refill() {
+	r.poolMu.Lock()
+	if r.refilling {
+		r.poolMu.Unlock()
+		return
+	}
+	r.refilling = true
+	r.poolMu.Unlock()
+	defer func() {
+		r.poolMu.Lock()
+		r.refilling = false
+		r.poolMu.Unlock()
+	}()
+	for {
+		r.poolMu.Lock()
+		full := r.closed || len(r.pool) >= r.Warm
+		r.poolMu.Unlock()
+		if full {
+			return
+		}
+		m, err := r.startVMM()
+		if err != nil {
+			return
+		}
+		r.poolMu.Lock()
+		if r.closed {
+			r.poolMu.Unlock()
+			_ = m.Stop(context.Background())
+			return
+		}
+		r.pool = append(r.pool, m)
+		r.poolMu.Unlock()
+	}
+}
+
+// Close stops the warm VMM processes. Machines already started are not
+// affected; a Runner with Warm set should be closed when done with.
+func (r *Runner) Close() error {
+	r.poolMu.Lock()
+	r.closed = true
+	pool := r.pool
+	r.pool = nil
+	r.poolMu.Unlock()
+	for _, m := range pool {
+		_ = m.Stop(context.Background())
+	}
+	return nil
+}
+
+// startVMM starts a VMM process connected by a socket pair.
+func (r *Runner) startVMM() (*Machine, error) {
 	if len(r.Command) == 0 {
 		return nil, fmt.Errorf("kvm runner: no VMM command: %w", cas.ErrInvalidArgument)
 	}
@@ -254,7 +347,7 @@ func (r *Runner) spawn(p Params) (*Machine, error) {
 		c.Close()
 		return nil, fmt.Errorf("starting the VMM: %w", err)
 	}
-	m := &Machine{r: r, id: id, cmd: cmd, conn: c.(*net.UnixConn), params: p, done: make(chan struct{})}
+	m := &Machine{r: r, id: id, cmd: cmd, conn: c.(*net.UnixConn), done: make(chan struct{})}
 	m.rd = bufio.NewReaderSize(m.conn, 1<<20)
 	if r.Dir != "" {
 		m.consolePath = filepath.Join(r.Dir, id+".console")

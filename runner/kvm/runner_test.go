@@ -282,3 +282,53 @@ func TestGuestCrash(t *testing.T) {
 	}
 	t.Logf("crash reported as: %v", m.Err())
 }
+
+// A runner with warm VMM processes hands them out and stops the spares on
+// Close.
+func TestWarmPool(t *testing.T) {
+	r, _ := newRunner(t)
+	r.Warm = 2
+	ctx := context.Background()
+	m, err := r.Start(ctx, spec(16<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitWarm(r)
+	r.poolMu.Lock()
+	spares := append([]*Machine(nil), r.pool...)
+	r.poolMu.Unlock()
+	c, err := r.Restore(ctx, "s", runner.RestoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.(*Machine) != spares[0] {
+		t.Error("restore did not use a warm VMM")
+	}
+	if _, err := c.(*Machine).Report(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.Stop(ctx)
+	m.Stop(ctx)
+	waitWarm(r)
+	r.poolMu.Lock()
+	spares = append([]*Machine(nil), r.pool...)
+	r.poolMu.Unlock()
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range spares {
+		select {
+		case <-s.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("spare VMM %s still running after Close", s.ID())
+		}
+	}
+	after, err := r.Restore(ctx, "s", runner.RestoreOptions{})
+	if err != nil {
+		t.Fatalf("restore after Close (without the pool): %v", err)
+	}
+	after.Stop(ctx)
+}
