@@ -217,7 +217,12 @@ func BenchmarkFork(b *testing.B) {
 	for _, mem := range []int64{256 * mib, 1 << 30} {
 		for _, dirty := range []int64{0, 16 * mib, 64 * mib} {
 			b.Run(fmt.Sprintf("boxd/mem=%s/dirty=%s", sizeName(mem), sizeName(dirty)), func(b *testing.B) {
-				benchFork(b, mem, dirty)
+				benchFork(b, mem, dirty, 0)
+			})
+		}
+		for _, dirty := range []int64{0, 16 * mib} {
+			b.Run(fmt.Sprintf("boxd/mem=%s/dirty=%s/warm=1", sizeName(mem), sizeName(dirty)), func(b *testing.B) {
+				benchFork(b, mem, dirty, 1)
 			})
 		}
 	}
@@ -228,9 +233,11 @@ func BenchmarkFork(b *testing.B) {
 	}
 }
 
-func benchFork(b *testing.B, mem, dirty int64) {
+func benchFork(b *testing.B, mem, dirty int64, warm int) {
 	ctx := context.Background()
 	r, st := benchRunner(b)
+	r.Warm = warm
+	b.Cleanup(func() { r.Close() })
 	parent := boot(b, r, mem)
 	if err := parent.Pause(ctx); err != nil {
 		b.Fatal(err)
@@ -248,6 +255,7 @@ func benchFork(b *testing.B, mem, dirty int64) {
 	for b.Loop() {
 		i++
 		fill(b, parent, 0, pages)
+		waitWarm(r)
 		if err := parent.Pause(ctx); err != nil {
 			b.Fatal(err)
 		}
