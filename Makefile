@@ -29,12 +29,17 @@ $(LINT):
 lint: $(LINT)
 	$(LINT) run ./...
 
-# Go benchmarks, then the side-by-side benchmarks: the store (boxd vs restic,
-# sha256sum, cp) and memstore (the userfaultfd handler vs the C baseline).
+# The side-by-side benchmarks: the store (boxd vs restic, sha256sum, cp),
+# memstore (the userfaultfd handler vs the C baseline), the kvm runner (fork,
+# hibernate, resume vs QEMU's device-state figures), the containerd
+# snapshotter (vs native, overlayfs, blockfile); then the Go benchmarks of the
+# other packages.
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
 	./bench/store.sh
 	./bench/memstore.sh
+	./bench/kvm.sh
+	./bench/snapshotter.sh
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the store demo on embedded defaults.
 demo: deps build
