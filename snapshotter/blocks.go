@@ -51,10 +51,6 @@ func (img *Image) WriteBlocks(ctx context.Context, name string, kind Kind, block
 			m.info.Size = end
 		}
 	}
-	after := img.w.Stats()
-	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
-	m.info.NewChunks += after.NewChunks - before.NewChunks
-	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
-	m.info.NewStored += after.NewStored - before.NewStored
+	m.count(before, img.w.Stats())
 	return m.info, nil
 }

@@ -78,6 +78,15 @@ func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
 	return m, nil
 }
 
+// count adds what the store's writer did between two of its Stats to the
+// map's write statistics.
+func (m *imageMap) count(before, after cas.WriteStats) {
+	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
+	m.info.NewChunks += after.NewChunks - before.NewChunks
+	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
+	m.info.NewStored += after.NewStored - before.NewStored
+}
+
 func (m *imageMap) baseID(n uint64) cas.ID {
 	if m.base == nil {
 		return cas.ZeroID
@@ -117,11 +126,7 @@ func (img *Image) WriteMap(ctx context.Context, name string, kind Kind, r io.Rea
 		progress(n)
 	}
 	img.setSize(m, n)
-	after := img.w.Stats()
-	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
-	m.info.NewChunks += after.NewChunks - before.NewChunks
-	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
-	m.info.NewStored += after.NewStored - before.NewStored
+	m.count(before, img.w.Stats())
 	return m.info, nil
 }
 
@@ -177,11 +182,7 @@ func (img *Image) put(m *imageMap, data []byte) (cas.ID, error) {
 	if err != nil {
 		return id, err
 	}
-	after := img.w.Stats()
-	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
-	m.info.NewChunks += after.NewChunks - before.NewChunks
-	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
-	m.info.NewStored += after.NewStored - before.NewStored
+	m.count(before, img.w.Stats())
 	return id, nil
 }
 
