@@ -341,6 +341,9 @@ func storeRemove(c *cli.Context) error {
 	if err := args(c, 1, "NAME"); err != nil {
 		return err
 	}
+	if err := snapshotter.ValidateName(c.Args().First()); err != nil {
+		return err
+	}
 	g, err := openGraph(c)
 	if err != nil {
 		return err

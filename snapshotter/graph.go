@@ -17,6 +17,7 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+	"golang.org/x/sys/unix"
 )
 
 // Kind says what a block map holds.
@@ -119,12 +120,10 @@ func Open(root string) (*Graph, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("creating root %s: %w", root, err)
 	}
-	probe, err := os.CreateTemp(root, ".probe-*")
-	if err != nil {
+	// access(2) answers for root too: EROFS on a read-only mount.
+	if err := unix.Access(root, unix.W_OK); err != nil {
 		return nil, fmt.Errorf("root %s is not writable: %w", root, err)
 	}
-	probe.Close()
-	os.Remove(probe.Name())
 	db, err := bolt.Open(filepath.Join(root, "meta.db"), 0o600, &bolt.Options{Timeout: time.Second})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("root %s is in use by another boxd process: %w", root, cas.ErrUnavailable)
