@@ -1,0 +1,93 @@
+package guestkernel
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+func TestParseDepends(t *testing.T) {
+	tests := []struct {
+		name, out, want string
+	}{
+		{"debian 12", "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-48-cloud-amd64\n", "linux-image-6.1.0-48-cloud-amd64"},
+		{"alternative only", "linux-image-cloud-amd64\n  Recommends: foo\n |Depends: linux-image-6.1.0-1-cloud-amd64\n", ""},
+		{"virtual package skipped", "x\n  Depends: <linux-image-virtual>\n  Depends: linux-image-6.1.0-2-cloud-amd64\n", "linux-image-6.1.0-2-cloud-amd64"},
+		{"none", "linux-image-cloud-amd64\n", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseDepends([]byte(tt.out))
+			if tt.want == "" {
+				if !errors.Is(err, errdefs.ErrNotFound) {
+					t.Fatalf("got %q, %v; want not found", got, err)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Fatalf("got %q, %v; want %q", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestFetchPackageRejects(t *testing.T) {
+	for _, pkg := range []string{"busybox", "linux-image-", "linux-image-../x"} {
+		if _, err := FetchPackage(context.Background(), t.TempDir(), pkg); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("FetchPackage(%q): err = %v, want invalid argument", pkg, err)
+		}
+	}
+}
+
+func TestFetchUnknownPackageFailsClearly(t *testing.T) {
+	dir := t.TempDir()
+	_, err := FetchPackage(context.Background(), dir, "linux-image-0.0.0-0-boxd-absent")
+	if err == nil || !strings.Contains(err.Error(), "cannot fetch kernel package linux-image-0.0.0-0-boxd-absent") {
+		t.Fatalf("err = %v, want a clear fetch failure", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Fatalf("failed fetch left %d entries in the cache", len(entries))
+	}
+}
+
+// TestFetchCached downloads the cloud kernel into a fresh cache, then checks a second Fetch reuses it.
+func TestFetchCached(t *testing.T) {
+	if testing.Short() {
+		t.Skip("downloads the ~26 MB kernel package; skipped with -short")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	k, err := Fetch(ctx, dir)
+	if err != nil {
+		t.Fatalf("cannot fetch the guest kernel: %v", err)
+	}
+	if filepath.Dir(k.Root) != dir || !strings.HasPrefix(k.Package, "linux-image-") {
+		t.Fatalf("unexpected kernel %+v", k)
+	}
+	stamp := time.Unix(1, 0)
+	if err := os.Chtimes(k.Vmlinuz, stamp, stamp); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	k2, err := Fetch(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *k2 != *k {
+		t.Fatalf("second Fetch returned %+v, first %+v", k2, k)
+	}
+	if fi, err := os.Stat(k.Vmlinuz); err != nil || !fi.ModTime().Equal(stamp) {
+		t.Fatalf("second Fetch replaced the cached kernel (%v)", err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("cache holds %d entries, want only the unpacked package", len(entries))
+	}
+	t.Logf("cached Fetch took %v", time.Since(start).Round(time.Millisecond))
+}
