@@ -1,0 +1,256 @@
+package qemu_test
+
+import (
+	"context"
+	"debug/elf"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/guestkernel"
+	"github.com/boxd-dev/boxd/internal/initramfs"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+)
+
+const busyboxPath = "/bin/busybox" // where busybox-static installs it
+
+// tickInit mounts /proc and prints a growing counter to the console forever.
+const tickInit = "#!/bin/sh\nmount -t proc proc /proc\ni=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done\n"
+
+var tickRE = regexp.MustCompile(`(?m)^tick (\d+)\r?$`)
+
+// lastTick is the highest tick on the console, -1 if none.
+func lastTick(console []byte) int {
+	last := -1
+	for _, m := range tickRE.FindAllSubmatch(console, -1) {
+		if n, err := strconv.Atoi(string(m[1])); err == nil && n > last {
+			last = n
+		}
+	}
+	return last
+}
+
+func TestStartPauseResumeStop(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a Linux guest under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	kernel, initrd := guest(ctx, t)
+
+	r := &qemu.Runner{Dir: t.TempDir()}
+	t.Logf("accelerator: %s", r.Accel())
+	spec := runner.Spec{
+		MemSize: 256 << 20,
+		Boot:    kernel,
+		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet"},
+	}
+	m, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() { // Stop kills QEMU if it does not quit within the second
+		sctx, scancel := context.WithTimeout(context.Background(), time.Second)
+		defer scancel()
+		_ = m.Stop(sctx)
+	})
+	t.Logf("machine %s (QEMU pid %d)", m.ID(), m.PID())
+
+	first := waitTick(ctx, t, m, 0)
+	t.Logf("console shows tick %d", first)
+
+	if err := m.Pause(ctx); err != nil {
+		t.Fatalf("Pause: %v", err)
+	}
+	if err := m.Pause(ctx); err != nil {
+		t.Fatalf("Pause of a paused machine: %v", err)
+	}
+	if st, err := m.Status(ctx); err != nil || st != "paused" {
+		t.Fatalf("after Pause, query-status = %q, %v; want paused", st, err)
+	}
+	paused := lastTick(m.Console())
+
+	if err := m.Resume(ctx); err != nil {
+		t.Fatalf("Resume: %v", err)
+	}
+	if st, err := m.Status(ctx); err != nil || st != "running" {
+		t.Fatalf("after Resume, query-status = %q, %v; want running", st, err)
+	}
+	after := waitTick(ctx, t, m, paused+1)
+	t.Logf("paused at tick %d, resumed to tick %d", paused, after)
+
+	if err := m.Stop(ctx); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	select {
+	case <-m.Done():
+	default:
+		t.Fatal("Done not closed after Stop returned")
+	}
+	if !errors.Is(m.Err(), qemu.ErrStopped) {
+		t.Fatalf("Err after Stop = %v, want ErrStopped", m.Err())
+	}
+	if err := m.Stop(ctx); err != nil {
+		t.Fatalf("second Stop: %v", err)
+	}
+	if lastTick(m.Console()) < after {
+		t.Fatalf("console after Stop lost ticks: last %d, want >= %d", lastTick(m.Console()), after)
+	}
+	if err := m.Pause(ctx); !errors.Is(err, qemu.ErrStopped) {
+		t.Fatalf("Pause of a stopped machine = %v, want ErrStopped", err)
+	}
+	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, runner.ErrNotSupported) {
+		t.Fatalf("Snapshot = %v, want ErrNotSupported", err)
+	}
+	if entries, _ := os.ReadDir(r.Dir); len(entries) != 0 {
+		t.Fatalf("machine folder left behind after Stop: %v", entries)
+	}
+}
+
+// waitTick polls the console until it shows a tick of at least want.
+func waitTick(ctx context.Context, t *testing.T, m *qemu.Machine, want int) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	for {
+		if n := lastTick(m.Console()); n >= want {
+			return n
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no tick >= %d on the console: %v; console:\n%s", want, ctx.Err(), m.Console())
+		case <-m.Done():
+			t.Fatalf("machine exited waiting for tick %d: %v; console:\n%s", want, m.Err(), m.Console())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func TestRestoreNotSupported(t *testing.T) {
+	r := &qemu.Runner{}
+	_, err := r.Restore(context.Background(), "any", runner.RestoreOptions{})
+	if !errors.Is(err, runner.ErrNotSupported) {
+		t.Fatalf("Restore = %v, want ErrNotSupported", err)
+	}
+	t.Log(err)
+	if c := r.Capabilities(); !c.Linux || c.LazyMemory || c.IncrementalSnapshots {
+		t.Fatalf("Capabilities = %+v", c)
+	}
+	if r.Name() != "qemu" {
+		t.Fatalf("Name = %q", r.Name())
+	}
+}
+
+func TestStartRejectsBadSpec(t *testing.T) {
+	kernel := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(kernel, []byte("not a kernel"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "missing")
+	r := &qemu.Runner{Dir: t.TempDir(), Binary: "/nonexistent/qemu"} // nothing may get as far as running QEMU
+	for _, c := range []struct {
+		name string
+		spec runner.Spec
+		want error
+	}{
+		{"zero memory", runner.Spec{Boot: kernel}, cas.ErrInvalidArgument},
+		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Boot: kernel}, cas.ErrInvalidArgument},
+		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Boot: kernel}, cas.ErrInvalidArgument},
+		{"no kernel", runner.Spec{MemSize: 64 << 20}, cas.ErrInvalidArgument},
+		{"missing kernel", runner.Spec{MemSize: 64 << 20, Boot: missing}, cas.ErrNotFound},
+		{"missing initrd", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"initrd": missing}}, cas.ErrNotFound},
+		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": "x"}}, cas.ErrInvalidArgument},
+		{"no QEMU", runner.Spec{MemSize: 64 << 20, Boot: kernel}, runner.ErrNotSupported},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m, err := r.Start(context.Background(), c.spec)
+			if m != nil {
+				_ = m.Stop(context.Background())
+			}
+			if !errors.Is(err, c.want) {
+				t.Fatalf("Start = %v, want %v", err, c.want)
+			}
+			t.Log(err)
+		})
+	}
+	if c := "missing kernel"; !errors.Is(mustErr(r.Start(context.Background(), runner.Spec{MemSize: 64 << 20, Boot: missing})), os.ErrNotExist) {
+		t.Fatalf("%s: error does not wrap os.ErrNotExist", c)
+	}
+}
+
+func mustErr(_ runner.Machine, err error) error { return err }
+
+// guest fetches the kernel and writes the ticking initramfs; it returns their paths.
+func guest(ctx context.Context, t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	ensurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", busyboxPath: "busybox-static"})
+	cache, err := guestkernel.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := guestkernel.Fetch(ctx, cache)
+	if err != nil {
+		t.Fatalf("cannot fetch the guest kernel: %v", err)
+	}
+	initrd = filepath.Join(t.TempDir(), "initrd.gz")
+	f, err := os.Create(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := initramfs.NewGzipWriter(f)
+	check := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range []string{"/bin", "/dev", "/proc", "/tmp"} {
+		check(w.Dir(d, 0o755))
+	}
+	check(w.CharDev("/dev/console", 0o600, 5, 1))
+	check(w.CopyFile("/bin/busybox", 0o755, busyboxPath))
+	for _, applet := range []string{"sh", "mount", "sleep", "echo"} {
+		check(w.Symlink("/bin/"+applet, "busybox"))
+	}
+	check(w.File("/init", 0o755, []byte(tickInit)))
+	check(w.Close())
+	check(f.Close())
+	return k.Vmlinuz, initrd
+}
+
+// ensurePackages installs the Debian package for each missing file, and checks busybox is static.
+func ensurePackages(ctx context.Context, t *testing.T, need map[string]string) {
+	t.Helper()
+	var missing []string
+	for file, pkg := range need {
+		if _, err := exec.LookPath(file); err != nil {
+			missing = append(missing, pkg)
+		}
+	}
+	if len(missing) > 0 {
+		args := append([]string{"install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"}, missing...)
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("apt-get install %v: %v\n%s", missing, err, out)
+		}
+	}
+	f, err := elf.Open(busyboxPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			t.Fatalf("%s is dynamically linked; the initramfs needs busybox-static's", busyboxPath)
+		}
+	}
+}

@@ -1,0 +1,431 @@
+// Package qemu is the runner backend that boots Linux guests in QEMU, one
+// qemu-system-x86_64 process per machine, driven over QMP. It uses KVM
+// where the host CPU has hardware virtualisation (vmx or svm) and TCG
+// elsewhere. Snapshots of QEMU machines come with the fork/hibernate work:
+// for now Restore and Snapshot are not supported.
+//
+// Spec.Boot is the kernel image. Spec.Options:
+//
+//	initrd   the initramfs (optional)
+//	cmdline  the kernel command line (optional)
+//
+// Spec.MemSize must be a positive multiple of 1 MiB.
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// Option names in Spec.Options.
+const (
+	OptionInitrd  = "initrd"
+	OptionCmdline = "cmdline"
+)
+
+// Accelerators QEMU runs machines with.
+const (
+	AccelKVM = "kvm"
+	AccelTCG = "tcg"
+)
+
+const mib = 1 << 20
+
+// errSnapshots is why Restore and Snapshot refuse.
+var errSnapshots = fmt.Errorf("qemu: snapshots of QEMU machines come with the fork/hibernate work: %w", runner.ErrNotSupported)
+
+// ErrStopped is the Err of a machine stopped on request.
+var ErrStopped = errors.New("qemu: machine stopped")
+
+// Runner starts QEMU machines.
+type Runner struct {
+	// Binary is the QEMU executable ("" means qemu-system-x86_64 on PATH).
+	Binary string
+	// Dir holds each machine's folder (console file, QMP socket); "" means
+	// the system's temporary folder.
+	Dir string
+	// Logger is told which accelerator each machine runs with (nil means
+	// slog.Default()).
+	Logger *slog.Logger
+
+	ids       atomic.Int64
+	accelOnce sync.Once
+	accel     string
+}
+
+var _ runner.Runner = (*Runner)(nil)
+
+// Name is "qemu".
+func (r *Runner) Name() string { return "qemu" }
+
+// Accel is the accelerator machines run with: AccelKVM where /proc/cpuinfo
+// shows vmx or svm and /dev/kvm exists, else AccelTCG.
+func (r *Runner) Accel() string {
+	r.accelOnce.Do(func() { r.accel = detectAccel() })
+	return r.accel
+}
+
+func detectAccel() string {
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil || !hasVirtFlag(info) {
+		return AccelTCG
+	}
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		return AccelTCG
+	}
+	return AccelKVM
+}
+
+// hasVirtFlag says whether a cpuinfo text lists vmx or svm among its flags.
+func hasVirtFlag(cpuinfo []byte) bool {
+	for line := range bytes.Lines(cpuinfo) {
+		key, val, ok := bytes.Cut(line, []byte(":"))
+		if !ok || string(bytes.TrimSpace(key)) != "flags" {
+			continue
+		}
+		for _, f := range bytes.Fields(val) {
+			if string(f) == "vmx" || string(f) == "svm" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Capabilities says the backend boots Linux guests, without lazy memory or
+// incremental snapshots.
+func (r *Runner) Capabilities() runner.Capabilities {
+	return runner.Capabilities{Linux: true}
+}
+
+// Restore is not supported yet.
+func (r *Runner) Restore(context.Context, string, runner.RestoreOptions) (runner.Machine, error) {
+	return nil, errSnapshots
+}
+
+func (r *Runner) logger() *slog.Logger {
+	if r.Logger != nil {
+		return r.Logger
+	}
+	return slog.Default()
+}
+
+// args checks spec and returns QEMU's arguments, less the per-machine paths.
+func (r *Runner) args(spec runner.Spec) ([]string, error) {
+	if spec.MemSize <= 0 || spec.MemSize%mib != 0 {
+		return nil, fmt.Errorf("qemu: memory size %d: want a positive multiple of 1 MiB: %w", spec.MemSize, cas.ErrInvalidArgument)
+	}
+	if spec.CPUs < 0 {
+		return nil, fmt.Errorf("qemu: %d vCPUs: %w", spec.CPUs, cas.ErrInvalidArgument)
+	}
+	if spec.Boot == "" {
+		return nil, fmt.Errorf("qemu: no kernel (Spec.Boot): %w", cas.ErrInvalidArgument)
+	}
+	for k := range spec.Options {
+		if k != OptionInitrd && k != OptionCmdline {
+			return nil, fmt.Errorf("qemu: unknown option %q: %w", k, cas.ErrInvalidArgument)
+		}
+	}
+	if err := checkFile("kernel", spec.Boot); err != nil {
+		return nil, err
+	}
+	cpus := max(spec.CPUs, 1)
+	args := []string{
+		"-accel", r.Accel(),
+		"-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
+		"-m", strconv.FormatInt(spec.MemSize/mib, 10) + "M",
+		"-smp", strconv.Itoa(cpus),
+		"-kernel", spec.Boot,
+	}
+	if initrd := spec.Options[OptionInitrd]; initrd != "" {
+		if err := checkFile("initrd", initrd); err != nil {
+			return nil, err
+		}
+		args = append(args, "-initrd", initrd)
+	}
+	if cmdline := spec.Options[OptionCmdline]; cmdline != "" {
+		args = append(args, "-append", cmdline)
+	}
+	return args, nil
+}
+
+func checkFile(what, path string) error {
+	fi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("qemu: %s: %w: %w", what, err, cas.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("qemu: %s: %w", what, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("qemu: %s %s is not a regular file: %w", what, path, cas.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Start boots a fresh machine: QEMU with the kernel, initrd and command
+// line of spec, its serial console captured to a file. It returns once
+// QMP answers; ctx bounds only the start-up.
+func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, error) {
+	m, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// StartMachine is Start returning the concrete *Machine.
+func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, error) {
+	args, err := r.args(spec)
+	if err != nil {
+		return nil, err
+	}
+	bin := r.Binary
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	path, err := exec.LookPath(bin)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %s: %w: %w", bin, err, runner.ErrNotSupported)
+	}
+	id := fmt.Sprintf("qemu-%d-%d", os.Getpid(), r.ids.Add(1))
+	dir, err := os.MkdirTemp(r.Dir, id+"-")
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	m := &Machine{
+		id:      id,
+		accel:   r.Accel(),
+		dir:     dir,
+		console: filepath.Join(dir, "console"),
+		socket:  filepath.Join(dir, "qmp.sock"),
+		done:    make(chan struct{}),
+	}
+	args = append(args,
+		"-serial", "file:"+m.console,
+		"-qmp", "unix:"+m.socket+",server=on,wait=off",
+	)
+	m.cmd = exec.Command(path, args...)
+	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
+	r.logger().Info("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Boot, "mem_mib", spec.MemSize/mib)
+	if err := m.cmd.Start(); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("qemu: %s: %w", id, err)
+	}
+	go m.wait()
+	if err := m.connect(ctx); err != nil {
+		m.kill()
+		<-m.done
+		return nil, fmt.Errorf("qemu: %s (%s): %w; QEMU said: %s", id, m.accel, err, bytes.TrimSpace(m.output.Bytes()))
+	}
+	return m, nil
+}
+
+// connect dials the QMP socket until QEMU answers, the process exits or
+// ctx ends.
+func (m *Machine) connect(ctx context.Context) error {
+	for {
+		q, err := dialQMP(ctx, m.socket)
+		if err == nil {
+			m.qmpMu.Lock()
+			m.qmp = q
+			m.qmpMu.Unlock()
+			return nil
+		}
+		select {
+		case <-m.done:
+			return fmt.Errorf("QEMU exited before QMP answered: %w", m.exit)
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for QMP: %w (last: %w)", ctx.Err(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// lockedBuffer collects QEMU's own output (its error messages).
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) Bytes() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bytes.Clone(l.b.Bytes())
+}
+
+// Machine is one QEMU process.
+type Machine struct {
+	id      string
+	accel   string
+	dir     string
+	console string
+	socket  string
+	cmd     *exec.Cmd
+	output  lockedBuffer
+	qmpMu   sync.Mutex // guards qmp's writing (connect) against wait's closing
+	qmp     *qmp       // set before Start returns
+
+	stopping atomic.Bool
+	done     chan struct{}
+	exit     error  // set before done closes
+	final    []byte // the console at exit, set before done closes
+}
+
+var _ runner.Machine = (*Machine)(nil)
+
+// wait reaps QEMU, keeps its console and frees its folder.
+func (m *Machine) wait() {
+	err := m.cmd.Wait()
+	switch {
+	case m.stopping.Load():
+		err = ErrStopped
+	case err == nil:
+		err = errors.New("qemu: guest powered off")
+	default:
+		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
+	}
+	m.final, _ = os.ReadFile(m.console)
+	m.qmpMu.Lock()
+	if m.qmp != nil {
+		_ = m.qmp.close()
+	}
+	m.qmpMu.Unlock()
+	_ = os.RemoveAll(m.dir)
+	m.exit = err
+	close(m.done)
+}
+
+// ID names the machine.
+func (m *Machine) ID() string { return m.id }
+
+// Accel is the accelerator the machine runs with.
+func (m *Machine) Accel() string { return m.accel }
+
+// PID is the QEMU process's.
+func (m *Machine) PID() int { return m.cmd.Process.Pid }
+
+func (m *Machine) stopped() bool {
+	select {
+	case <-m.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (m *Machine) command(ctx context.Context, name string) error {
+	if m.stopped() {
+		return m.exit
+	}
+	if _, err := m.qmp.execute(ctx, name, nil); err != nil {
+		if m.stopped() {
+			return m.exit
+		}
+		return fmt.Errorf("qemu: %s: %w", m.id, err)
+	}
+	return nil
+}
+
+// Pause stops the vCPUs (QMP stop).
+func (m *Machine) Pause(ctx context.Context) error { return m.command(ctx, "stop") }
+
+// Resume lets them run on (QMP cont).
+func (m *Machine) Resume(ctx context.Context) error { return m.command(ctx, "cont") }
+
+// Status is QEMU's run state (QMP query-status): "running", "paused", ...
+func (m *Machine) Status(ctx context.Context) (string, error) {
+	if m.stopped() {
+		return "", m.exit
+	}
+	raw, err := m.qmp.execute(ctx, "query-status", nil)
+	if err != nil {
+		return "", fmt.Errorf("qemu: %s: %w", m.id, err)
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return "", fmt.Errorf("qemu: %s: query-status: %w", m.id, err)
+	}
+	return st.Status, nil
+}
+
+// Snapshot is not supported yet.
+func (m *Machine) Snapshot(context.Context, string, runner.SnapshotOptions) (snapshotter.Snapshot, error) {
+	return snapshotter.Snapshot{}, errSnapshots
+}
+
+// quitGrace is how long Stop waits after QMP quit before killing QEMU.
+const quitGrace = 5 * time.Second
+
+// Stop asks QEMU to quit, kills it if it has not within a few seconds (or
+// when ctx ends), and waits for it to exit. It may be called more than
+// once.
+func (m *Machine) Stop(ctx context.Context) error {
+	if m.stopped() {
+		return nil
+	}
+	m.stopping.Store(true)
+	qctx, cancel := context.WithTimeout(ctx, quitGrace)
+	defer cancel()
+	_, _ = m.qmp.execute(qctx, "quit", nil) // QEMU may close the socket before it answers
+	select {
+	case <-m.done:
+		return nil
+	case <-qctx.Done():
+	}
+	m.kill()
+	<-m.done
+	return nil
+}
+
+func (m *Machine) kill() {
+	if m.cmd.Process != nil {
+		_ = m.cmd.Process.Kill()
+	}
+}
+
+// Done is closed when QEMU has exited.
+func (m *Machine) Done() <-chan struct{} { return m.done }
+
+// Err says why QEMU exited (nil while it runs): ErrStopped after Stop.
+func (m *Machine) Err() error {
+	if !m.stopped() {
+		return nil
+	}
+	return m.exit
+}
+
+// Console returns the serial console's output so far.
+func (m *Machine) Console() []byte {
+	if m.stopped() {
+		return m.final
+	}
+	b, _ := os.ReadFile(m.console)
+	if m.stopped() { // the folder may have gone while reading
+		return m.final
+	}
+	return b
+}
