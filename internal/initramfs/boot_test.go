@@ -3,7 +3,6 @@ package initramfs_test
 import (
 	"bytes"
 	"context"
-	"debug/elf"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,12 +15,13 @@ import (
 
 	"github.com/boxd-dev/boxd/internal/guestkernel"
 	"github.com/boxd-dev/boxd/internal/initramfs"
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 // boxModules are the drivers a box needs: the PCI transport, the agent channel, the disk and the network.
 var boxModules = []string{"virtio_pci", "virtio_console", "virtio_blk", "virtio_net"}
 
-const busyboxPath = "/bin/busybox" // where busybox-static installs it
+const busyboxPath = testutil.BusyboxPath
 
 // TestBootCloudKernel builds an initramfs with busybox and the virtio modules in resolved order, boots the
 // Debian cloud kernel on it under QEMU (TCG), and checks that every module loaded and the guest powered off.
@@ -31,7 +31,8 @@ func TestBootCloudKernel(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	ensurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", busyboxPath: "busybox-static"})
+	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86"})
+	testutil.StaticBusybox(ctx, t)
 
 	start := time.Now()
 	cache, err := guestkernel.DefaultCacheDir()
@@ -128,35 +129,6 @@ func buildInitramfs(t *testing.T, path string, order []initramfs.Module) {
 	check(f.Close())
 	if fi, err := os.Stat(path); err == nil {
 		t.Logf("initramfs %d bytes", fi.Size())
-	}
-}
-
-// ensurePackages installs the Debian package for each missing file, and checks busybox is static.
-func ensurePackages(ctx context.Context, t *testing.T, need map[string]string) {
-	t.Helper()
-	var missing []string
-	for file, pkg := range need {
-		if _, err := exec.LookPath(file); err != nil {
-			missing = append(missing, pkg)
-		}
-	}
-	if len(missing) > 0 {
-		args := append([]string{"install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"}, missing...)
-		cmd := exec.CommandContext(ctx, "apt-get", args...)
-		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("apt-get install %v: %v\n%s", missing, err, out)
-		}
-	}
-	f, err := elf.Open(busyboxPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			t.Fatalf("%s is dynamically linked; the initramfs needs busybox-static's", busyboxPath)
-		}
 	}
 }
 

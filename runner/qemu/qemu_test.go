@@ -2,10 +2,8 @@ package qemu_test
 
 import (
 	"context"
-	"debug/elf"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -15,11 +13,12 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/guestkernel"
 	"github.com/boxd-dev/boxd/internal/initramfs"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
-const busyboxPath = "/bin/busybox" // where busybox-static installs it
+const busyboxPath = testutil.BusyboxPath
 
 // tickInit mounts /proc and prints a growing counter to the console forever.
 const tickInit = "#!/bin/sh\nmount -t proc proc /proc\ni=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done\n"
@@ -190,7 +189,8 @@ func mustErr(_ runner.Machine, err error) error { return err }
 // guest fetches the kernel and writes the ticking initramfs; it returns their paths.
 func guest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 	t.Helper()
-	ensurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", busyboxPath: "busybox-static"})
+	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86"})
+	testutil.StaticBusybox(ctx, t)
 	cache, err := guestkernel.DefaultCacheDir()
 	if err != nil {
 		t.Fatal(err)
@@ -224,33 +224,4 @@ func guest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 	check(w.Close())
 	check(f.Close())
 	return k.Vmlinuz, initrd
-}
-
-// ensurePackages installs the Debian package for each missing file, and checks busybox is static.
-func ensurePackages(ctx context.Context, t *testing.T, need map[string]string) {
-	t.Helper()
-	var missing []string
-	for file, pkg := range need {
-		if _, err := exec.LookPath(file); err != nil {
-			missing = append(missing, pkg)
-		}
-	}
-	if len(missing) > 0 {
-		args := append([]string{"install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"}, missing...)
-		cmd := exec.CommandContext(ctx, "apt-get", args...)
-		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("apt-get install %v: %v\n%s", missing, err, out)
-		}
-	}
-	f, err := elf.Open(busyboxPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			t.Fatalf("%s is dynamically linked; the initramfs needs busybox-static's", busyboxPath)
-		}
-	}
 }
