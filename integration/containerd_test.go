@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/mountinfo"
 	"github.com/boxd-dev/boxd/snapshotter"
 	ctdsnap "github.com/boxd-dev/boxd/snapshotter/containerd"
 	"github.com/opencontainers/go-digest"
@@ -490,10 +491,10 @@ func (d *daemons) stop() {
 	if err := d.snap.stop(time.Minute); err != nil {
 		t.Errorf("boxd snapshotter did not exit cleanly: %v\n%s", err, d.snap.tail(30))
 	}
-	if mps, _ := mountsUnder(d.dir); len(mps) > 0 {
+	if mps, _ := mountinfo.Under(d.dir); len(mps) > 0 {
 		t.Errorf("still mounted after containerd and boxd stopped: %v", mps)
 	}
-	if loops, _ := loopsUnder(d.dir); len(loops) > 0 {
+	if loops, _ := mountinfo.LoopsUnder(d.dir); len(loops) > 0 {
 		t.Errorf("loop devices still attached after containerd and boxd stopped: %v", loops)
 	}
 }

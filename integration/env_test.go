@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -10,13 +9,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -213,68 +212,6 @@ func run(ctx context.Context, timeout time.Duration, bin string, args ...string)
 	return stdout.String(), nil
 }
 
-// mountsUnder returns the mount points at or under dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMountinfo(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out, sc.Err()
-}
-
-// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-// loopsUnder returns the loop devices whose backing file is under dir.
-func loopsUnder(dir string) ([]string, error) {
-	files, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue // detached meanwhile
-		}
-		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
-		if strings.HasPrefix(backing, dir+"/") {
-			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(f))))
-		}
-	}
-	return out, nil
-}
-
 // unmountAll unmounts everything at or under dir (lazily when busy) and
 // detaches the loop devices backed by files under it. It returns what it
 // found, for the caller to judge.
@@ -282,7 +219,7 @@ func unmountAll(dir string) (mounts, loops []string, err error) {
 	var errs []error
 	// Mounts can stack: go round until none is left.
 	for range 5 {
-		mps, err := mountsUnder(dir)
+		mps, err := mountinfo.Under(dir)
 		if err != nil {
 			return mounts, loops, err
 		}
@@ -298,24 +235,15 @@ func unmountAll(dir string) (mounts, loops []string, err error) {
 			}
 		}
 	}
-	if mps, err := mountsUnder(dir); err == nil && len(mps) > 0 {
+	if mps, err := mountinfo.Under(dir); err == nil && len(mps) > 0 {
 		errs = append(errs, fmt.Errorf("still mounted: %s", strings.Join(mps, ", ")))
 	}
-	lds, err := loopsUnder(dir)
+	found, err := mountinfo.DetachLoopsUnder(dir)
 	if err != nil {
 		errs = append(errs, err)
 	}
-	for _, dev := range lds {
-		loops = append(loops, dev)
-		f, err := os.OpenFile(dev, os.O_RDWR, 0)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
-			errs = append(errs, fmt.Errorf("detaching %s: %w", dev, err))
-		}
-		f.Close()
+	for _, l := range found {
+		loops = append(loops, l.Device)
 	}
 	return mounts, loops, errors.Join(errs...)
 }

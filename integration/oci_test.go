@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/mountinfo"
 	"github.com/opencontainers/go-digest"
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -402,7 +403,7 @@ func clearTree(t *testing.T, dir string) {
 	if _, _, err := unmountAll(dir); err != nil {
 		t.Fatalf("clearing %s: %v", dir, err)
 	}
-	if mps, err := mountsUnder(dir); err != nil || len(mps) > 0 {
+	if mps, err := mountinfo.Under(dir); err != nil || len(mps) > 0 {
 		t.Fatalf("clearing %s: still mounted under it: %v %v", dir, mps, err)
 	}
 	if err := os.RemoveAll(dir); err != nil {

@@ -1,73 +1,23 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
-
-// mountsUnder returns the mount points at or below dir, deepest first.
-func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var mps []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMountinfo(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			mps = append(mps, mp)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
-	}
-	// Deepest first; mounts stacked on one point come back once each.
-	slices.SortStableFunc(mps, func(a, b string) int { return len(b) - len(a) })
-	return mps, nil
-}
-
-// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
 
 // unmountUnder unmounts everything mounted at or below dir, lazily when a
 // plain unmount is refused, going round while mounts are stacked.
 func unmountUnder(dir string) error {
 	var errs []error
 	for range 8 {
-		mps, err := mountsUnder(dir)
+		mps, err := mountinfo.Under(dir)
 		if err != nil {
 			return err
 		}
@@ -85,7 +35,7 @@ func unmountUnder(dir string) error {
 			}
 		}
 	}
-	if mps, err := mountsUnder(dir); err == nil && len(mps) > 0 {
+	if mps, err := mountinfo.Under(dir); err == nil && len(mps) > 0 {
 		errs = append(errs, fmt.Errorf("still mounted: %s", strings.Join(mps, ", ")))
 	}
 	return errors.Join(errs...)
@@ -95,32 +45,8 @@ func unmountUnder(dir string) error {
 // below dir (a loop device is normally released when its filesystem is
 // unmounted; this catches one left behind by a failure).
 func detachLoopsUnder(dir string) error {
-	files, err := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, bf := range files {
-		b, err := os.ReadFile(bf)
-		if err != nil {
-			continue // detached meanwhile
-		}
-		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
-		if backing != dir && !strings.HasPrefix(backing, dir+"/") {
-			continue
-		}
-		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
-		f, err := os.OpenFile(dev, os.O_RDWR, 0)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
-			errs = append(errs, fmt.Errorf("detaching %s (%s): %w", dev, backing, err))
-		}
-		f.Close()
-	}
-	return errors.Join(errs...)
+	_, err := mountinfo.DetachLoopsUnder(dir)
+	return err
 }
 
 // cleaner undoes what the run made: mounts, loop devices and the work
@@ -176,7 +102,7 @@ func (c *cleaner) run(closeAll bool) error {
 		if err := detachLoopsUnder(c.work); err != nil {
 			errs = append(errs, err)
 		}
-		if mps, err := mountsUnder(c.work); err != nil {
+		if mps, err := mountinfo.Under(c.work); err != nil {
 			errs = append(errs, fmt.Errorf("not removing %s: %w", c.work, err))
 		} else if len(mps) > 0 {
 			errs = append(errs, fmt.Errorf("not removing %s: still mounted under it: %s", c.work, strings.Join(mps, ", ")))
