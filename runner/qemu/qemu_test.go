@@ -44,7 +44,7 @@ func TestStartPauseResumeStop(t *testing.T) {
 	defer cancel()
 	kernel, initrd := guest(ctx, t)
 
-	r := &qemu.Runner{Dir: t.TempDir()}
+	r := &qemu.Runner{Dir: t.TempDir(), MemDir: t.TempDir()}
 	t.Logf("accelerator: %s", r.Accel())
 	spec := runner.Spec{
 		MemSize: 256 << 20,
@@ -62,6 +62,9 @@ func TestStartPauseResumeStop(t *testing.T) {
 	})
 	t.Logf("machine %s (QEMU pid %d)", m.ID(), m.PID())
 
+	if fi, err := os.Stat(m.MemoryFile()); err != nil || fi.Size() != spec.MemSize {
+		t.Fatalf("memory file %s: %v, want %d bytes", m.MemoryFile(), err, spec.MemSize)
+	}
 	first := waitTick(ctx, t, m, 0)
 	t.Logf("console shows tick %d", first)
 
@@ -108,8 +111,10 @@ func TestStartPauseResumeStop(t *testing.T) {
 	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, runner.ErrNotSupported) {
 		t.Fatalf("Snapshot = %v, want ErrNotSupported", err)
 	}
-	if entries, _ := os.ReadDir(r.Dir); len(entries) != 0 {
-		t.Fatalf("machine folder left behind after Stop: %v", entries)
+	for _, dir := range []string{r.Dir, r.MemDir} {
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Fatalf("files left behind in %s after Stop: %v", dir, entries)
+		}
 	}
 }
 
@@ -165,7 +170,9 @@ func TestStartRejectsBadSpec(t *testing.T) {
 		{"no kernel", runner.Spec{MemSize: 64 << 20}, cas.ErrInvalidArgument},
 		{"missing kernel", runner.Spec{MemSize: 64 << 20, Boot: missing}, cas.ErrNotFound},
 		{"missing initrd", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"initrd": missing}}, cas.ErrNotFound},
-		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": "x"}}, cas.ErrInvalidArgument},
+		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"floppy": "x"}}, cas.ErrInvalidArgument},
+		{"missing disk", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": missing}}, cas.ErrNotFound},
+		{"unknown network", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"net": "bridge"}}, cas.ErrInvalidArgument},
 		{"no QEMU", runner.Spec{MemSize: 64 << 20, Boot: kernel}, runner.ErrNotSupported},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -8,8 +8,17 @@
 //
 //	initrd   the initramfs (optional)
 //	cmdline  the kernel command line (optional)
+//	disk     the machine's disk, a qcow2 or raw file, as virtio-blk /dev/vda (optional)
+//	net      "user" (the default: QEMU user-mode networking, outbound access,
+//	         the guest at 10.0.2.15 with the gateway 10.0.2.2) or "none"
+//	console  a file the serial console is appended to (optional; by default
+//	         it lives in the machine's folder and is kept in memory at exit)
 //
-// Spec.MemSize must be a positive multiple of 1 MiB.
+// Spec.MemSize must be a positive multiple of 1 MiB. Guest memory is a file
+// (memory-backend-file, share=on) in Runner.MemDir, a tmpfs, so that a
+// snapshot can read it and forks can map it. Every machine has a
+// virtio-serial port named AgentPort on a unix socket (Machine.AgentSocket)
+// for the in-guest agent.
 package qemu
 
 import (
@@ -18,13 +27,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
@@ -36,7 +48,19 @@ import (
 const (
 	OptionInitrd  = "initrd"
 	OptionCmdline = "cmdline"
+	OptionDisk    = "disk"
+	OptionNet     = "net"
+	OptionConsole = "console"
 )
+
+// Network modes for OptionNet.
+const (
+	NetUser = "user"
+	NetNone = "none"
+)
+
+// AgentPort is the name of the virtio-serial port the guest agent serves on.
+const AgentPort = "org.boxd.agent"
 
 // Accelerators QEMU runs machines with.
 const (
@@ -59,6 +83,9 @@ type Runner struct {
 	// Dir holds each machine's folder (console file, QMP socket); "" means
 	// the system's temporary folder.
 	Dir string
+	// MemDir holds guest memory files; it should be a tmpfs. "" means
+	// /dev/shm.
+	MemDir string
 	// Logger is told which accelerator each machine runs with (nil means
 	// slog.Default()).
 	Logger *slog.Logger
@@ -137,7 +164,9 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		return nil, fmt.Errorf("qemu: no kernel (Spec.Boot): %w", cas.ErrInvalidArgument)
 	}
 	for k := range spec.Options {
-		if k != OptionInitrd && k != OptionCmdline {
+		switch k {
+		case OptionInitrd, OptionCmdline, OptionDisk, OptionNet, OptionConsole:
+		default:
 			return nil, fmt.Errorf("qemu: unknown option %q: %w", k, cas.ErrInvalidArgument)
 		}
 	}
@@ -161,8 +190,47 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	if cmdline := spec.Options[OptionCmdline]; cmdline != "" {
 		args = append(args, "-append", cmdline)
 	}
+	if disk := spec.Options[OptionDisk]; disk != "" {
+		if err := checkFile("disk", disk); err != nil {
+			return nil, err
+		}
+		format, err := diskFormat(disk)
+		if err != nil {
+			return nil, err
+		}
+		args = append(args,
+			"-drive", "file="+escapeOpt(disk)+",if=none,id=disk0,format="+format+",cache=writeback,discard=unmap",
+			"-device", "virtio-blk-pci,drive=disk0")
+	}
+	switch spec.Options[OptionNet] {
+	case "", NetUser:
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=")
+	case NetNone:
+	default:
+		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Options[OptionNet], NetUser, NetNone, cas.ErrInvalidArgument)
+	}
 	return args, nil
 }
+
+// qcow2Magic starts every qcow2 image.
+var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+
+// diskFormat is "qcow2" for a qcow2 image and "raw" for anything else.
+func diskFormat(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("qemu: disk: %w", err)
+	}
+	defer f.Close()
+	head := make([]byte, len(qcow2Magic))
+	if _, err := io.ReadFull(f, head); err == nil && bytes.Equal(head, qcow2Magic) {
+		return "qcow2", nil
+	}
+	return "raw", nil
+}
+
+// escapeOpt doubles the commas of a value in a QEMU option list.
+func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 func checkFile(what, path string) error {
 	fi, err := os.Stat(path)
@@ -208,19 +276,40 @@ func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, 
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
+	memDir := r.MemDir
+	if memDir == "" {
+		memDir = "/dev/shm"
+	}
+	if err := os.MkdirAll(memDir, 0o700); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("qemu: memory folder: %w", err)
+	}
 	m := &Machine{
 		id:      id,
 		accel:   r.Accel(),
 		dir:     dir,
 		console: filepath.Join(dir, "console"),
 		socket:  filepath.Join(dir, "qmp.sock"),
+		agent:   filepath.Join(dir, "agent.sock"),
+		memFile: filepath.Join(memDir, filepath.Base(dir)+".mem"),
 		done:    make(chan struct{}),
 	}
+	if c := spec.Options[OptionConsole]; c != "" {
+		m.console, m.keepConsole = c, true
+	}
 	args = append(args,
-		"-serial", "file:"+m.console,
+		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", spec.MemSize/mib, escapeOpt(m.memFile)),
+		"-machine", "pc,memory-backend=mem",
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=agent,path="+escapeOpt(m.agent)+",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+AgentPort,
+		"-chardev", "file,id=console,path="+escapeOpt(m.console)+",append=on",
+		"-serial", "chardev:console",
 		"-qmp", "unix:"+m.socket+",server=on,wait=off",
 	)
 	m.cmd = exec.Command(path, args...)
+	// QEMU dies with the process that started it: no machine outlives boxd.
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
 	r.logger().Info("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Boot, "mem_mib", spec.MemSize/mib)
 	if err := m.cmd.Start(); err != nil {
@@ -282,7 +371,11 @@ type Machine struct {
 	dir     string
 	console string
 	socket  string
+	agent   string
+	memFile string
 	cmd     *exec.Cmd
+
+	keepConsole bool // the console is the caller's file, not the folder's
 	output  lockedBuffer
 	qmpMu   sync.Mutex // guards qmp's writing (connect) against wait's closing
 	qmp     *qmp       // set before Start returns
@@ -307,6 +400,7 @@ func (m *Machine) wait() {
 		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
 	}
 	m.final, _ = os.ReadFile(m.console)
+	_ = os.Remove(m.memFile)
 	m.qmpMu.Lock()
 	if m.qmp != nil {
 		_ = m.qmp.close()
@@ -322,6 +416,12 @@ func (m *Machine) ID() string { return m.id }
 
 // Accel is the accelerator the machine runs with.
 func (m *Machine) Accel() string { return m.accel }
+
+// AgentSocket is the unix socket of the guest agent's virtio-serial port.
+func (m *Machine) AgentSocket() string { return m.agent }
+
+// MemoryFile is the file that holds guest memory while QEMU runs.
+func (m *Machine) MemoryFile() string { return m.memFile }
 
 // PID is the QEMU process's.
 func (m *Machine) PID() int { return m.cmd.Process.Pid }
