@@ -376,9 +376,9 @@ type Machine struct {
 	cmd     *exec.Cmd
 
 	keepConsole bool // the console is the caller's file, not the folder's
-	output  lockedBuffer
-	qmpMu   sync.Mutex // guards qmp's writing (connect) against wait's closing
-	qmp     *qmp       // set before Start returns
+	output      lockedBuffer
+	qmpMu       sync.Mutex // guards qmp's writing (connect) against wait's closing
+	qmp         *qmp       // set before Start returns
 
 	stopping atomic.Bool
 	done     chan struct{}
