@@ -67,7 +67,7 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 			&cli.StringFlag{Name: "root", Value: DefaultRoot, EnvVars: []string{"BOXD_ROOT"}, Usage: "folder holding boxd's store and metadata"},
 			jsonFlag,
 		},
-		Commands:        []*cli.Command{storeCommand(), snapshotterCommand(), vmmCommand()},
+		Commands:        []*cli.Command{storeCommand(), imageCommand(), snapshotterCommand(), vmmCommand()},
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,

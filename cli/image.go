@@ -1,0 +1,212 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/schollz/progressbar/v3"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+func imageCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "image",
+		Usage: "root disk images for boxes: build them into the store, list them",
+		Before: func(*cli.Context) error {
+			// Storing an image streams it into the store, as store ingest
+			// does: the same soft heap limit. GOMEMLIMIT overrides it.
+			if os.Getenv("GOMEMLIMIT") == "" {
+				debug.SetMemoryLimit(storeMemoryLimit)
+			}
+			return nil
+		},
+		Subcommands: []*cli.Command{
+			{
+				Name:  "build",
+				Usage: "build an image (Debian by debootstrap, as an ext4 disk) into the store, unless it is built already",
+				Description: "debian-SUITE images are debootstrap's minbase variant plus " + strings.Join(guest.DefaultPackages, ", ") + ",\n" +
+					"configured for a box. The debootstrap tree is cached in ROOT/cache/rootfs, so a rebuild fetches nothing\n" +
+					"unless --refetch. The disk is stored as the snapshot image.NAME.",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "name", Value: guest.DefaultImage, Usage: "the image: debian-SUITE"},
+					&cli.StringFlag{Name: "size", Value: "4G", Usage: "the disk's size (sparse: free space costs nothing), in bytes or with K, M, G, T"},
+					&cli.StringFlag{Name: "mirror", Usage: "the Debian mirror (default: $" + guest.MirrorEnv + ", else the one this host's apt uses, else " + guest.FallbackMirror + ")"},
+					&cli.BoolFlag{Name: "rebuild", Usage: "build the image again, replacing it"},
+					&cli.BoolFlag{Name: "refetch", Usage: "run debootstrap again instead of using the cached tree (implies --rebuild)"},
+					&cli.StringFlag{Name: "tree", Usage: "build from this root filesystem tree, made by debootstrap, instead of fetching one (it is not changed)"},
+					jsonFlag,
+				},
+				Action: imageBuild,
+			},
+			{Name: "ls", Usage: "list the images in the store", Flags: []cli.Flag{jsonFlag}, Action: imageList},
+		},
+	}
+}
+
+// imageArgs refuses positional arguments: the image commands take flags only.
+func imageArgs(c *cli.Context) error {
+	if c.NArg() != 0 {
+		return usageError("boxd image %s takes no arguments (got %q); see boxd image %s --help", c.Command.Name, c.Args().First(), c.Command.Name)
+	}
+	return nil
+}
+
+func imageBuild(c *cli.Context) error {
+	if err := imageArgs(c); err != nil {
+		return err
+	}
+	size, err := parseSize(c.String("size"))
+	if err != nil {
+		return err
+	}
+	g, err := openGraph(c)
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+	rebuild := c.Bool("rebuild") || c.Bool("refetch")
+	existed := false
+	if !rebuild {
+		_, err := guest.GetImage(g, c.String("name"))
+		existed = err == nil
+	}
+	show, finish := buildProgress(c)
+	start := time.Now()
+	img, err := guest.BuildImage(c.Context, g, guest.BuildOptions{
+		Name:     c.String("name"),
+		Size:     size,
+		Mirror:   c.String("mirror"),
+		Rebuild:  c.Bool("rebuild"),
+		Refetch:  c.Bool("refetch"),
+		Tree:     c.String("tree"),
+		Progress: show,
+	})
+	finish()
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, img)
+	}
+	w := c.App.Writer
+	if existed {
+		fmt.Fprintf(w, "image %s is built (snapshot %s, %s, built %s); --rebuild builds it again\n",
+			img.Name, img.Snapshot, size2(img.Size), img.Built.Local().Format(time.DateTime))
+		return nil
+	}
+	fmt.Fprintf(w, "image %s built in %s: snapshot %s, %s disk\n  from %s\n",
+		img.Name, time.Since(start).Round(100*time.Millisecond), img.Snapshot, size2(img.Size), img.Source)
+	return nil
+}
+
+func imageList(c *cli.Context) error {
+	if err := imageArgs(c); err != nil {
+		return err
+	}
+	g, err := openGraph(c)
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+	imgs, err := guest.ListImages(g)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		if imgs == nil {
+			imgs = []guest.Image{}
+		}
+		return printJSON(c, imgs)
+	}
+	rows := [][]string{{"NAME", "SNAPSHOT", "SIZE", "BUILT"}}
+	for _, img := range imgs {
+		rows = append(rows, []string{img.Name, img.Snapshot, size2(img.Size), img.Built.Local().Format(time.DateTime)})
+	}
+	table(c.App.Writer, rows)
+	return nil
+}
+
+// size2 formats a disk size: whole units without decimals ("4 GiB").
+func size2(n int64) string {
+	s := size(n)
+	if i := strings.Index(s, ".00 "); i >= 0 {
+		s = s[:i] + s[i+3:]
+	}
+	return s
+}
+
+// parseSize reads a size in bytes, or with a binary unit: K, M, G or T,
+// alone or followed by B or iB ("4G", "512MiB").
+func parseSize(s string) (int64, error) {
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	shift := 0
+	if t != "" {
+		if i := strings.IndexByte("KMGT", t[len(t)-1]); i >= 0 {
+			shift = 10 * (i + 1)
+			t = t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(t), 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)>>shift {
+		return 0, usageError("size %q is not a positive size such as 4G, 512M or 1073741824", s)
+	}
+	return n << shift, nil
+}
+
+// stageNames are how a build's stages read on a terminal.
+var stageNames = map[string]string{
+	guest.StageFetch:     "fetching (debootstrap)",
+	guest.StageConfigure: "configuring",
+	guest.StageMkfs:      "making the filesystem",
+	guest.StageStore:     "storing",
+}
+
+// buildProgress shows a build's stages on stderr when it is a terminal and
+// JSON was not asked for: a line for each stage that has no measure, a
+// counter of debootstrap's steps, a progress bar while storing. The second
+// function ends the display.
+func buildProgress(c *cli.Context) (func(stage string, done, total int64), func()) {
+	f, ok := c.App.ErrWriter.(*os.File)
+	if wantJSON(c) || !ok || !term.IsTerminal(int(f.Fd())) {
+		return nil, func() {}
+	}
+	var (
+		cur    string
+		update func(int64)
+		end    = func() {}
+	)
+	show := func(stage string, done, total int64) {
+		if stage != cur {
+			end()
+			cur, update, end = stage, nil, func() {}
+			switch stage {
+			case guest.StageStore:
+				update, end = progress(c, total, stageNames[stage])
+			case guest.StageFetch:
+				bar := progressbar.NewOptions64(-1,
+					progressbar.OptionSetWriter(f),
+					progressbar.OptionSetDescription(stageNames[stage]),
+					progressbar.OptionShowCount(),
+					progressbar.OptionSetItsString("steps"),
+					progressbar.OptionSetElapsedTime(true),
+					progressbar.OptionThrottle(100e6),
+					progressbar.OptionClearOnFinish(),
+				)
+				update, end = func(n int64) { _ = bar.Set64(n) }, func() { _ = bar.Finish(); _ = bar.Clear() }
+			default:
+				fmt.Fprintf(f, "%s...\n", stageNames[stage])
+			}
+		}
+		if update != nil {
+			update(done)
+		}
+	}
+	return show, func() { end() }
+}
