@@ -71,7 +71,8 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 	}
 }
 
-// NewClient makes one SSH handshake with the agent over conn, bounded by ctx. On failure conn is closed.
+// NewClient makes one SSH handshake with the agent over conn, bounded by ctx: first the channel preamble, which
+// skips bytes left over from earlier connections (see preamble.go), then SSH. On failure conn is closed.
 func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
 	if deadline, ok := ctx.Deadline(); ok {
 		if err := conn.SetDeadline(deadline); err != nil {
@@ -90,7 +91,13 @@ func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
 		// See Dial: the channel is root's alone on the host and the agent's key is made fresh at every boot.
 		HostKeyCallback: ssh.InsecureIgnoreHostKey(),
 	}
-	sc, chans, reqs, err := ssh.NewClientConn(conn, "boxd-agent", cfg)
+	var sc ssh.Conn
+	var chans <-chan ssh.NewChannel
+	var reqs <-chan *ssh.Request
+	pc, err := syncClient(conn)
+	if err == nil {
+		sc, chans, reqs, err = ssh.NewClientConn(pc, "boxd-agent", cfg)
+	}
 	if !stop() || ctx.Err() != nil {
 		if err == nil {
 			sc.Close()

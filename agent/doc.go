@@ -18,8 +18,10 @@
 //     host's clock, a hostname and a machine-id.
 //
 // A connection ends when the host goes away (the port reads end of file), when the VM is restored into a new
-// QEMU, or when bytes left over from an old connection break a handshake. The agent then reopens the port and
-// waits for the host to connect again; the client's Dial retries until a handshake succeeds. Because the channel
+// QEMU, or when bytes left over from an old connection break it. The agent then reopens the port and waits for
+// the host to connect again; the client's Dial retries until a handshake succeeds. Before SSH starts, a short
+// preamble (see preamble.go) lets the host skip bytes left on the line by earlier connections and know that a
+// fresh agent session reads it, so a reconnect costs one round of it rather than a timeout. Because the channel
 // is private to the host, the agent accepts SSH's "none" authentication and makes a fresh host key at boot, and
 // the client does not check host keys (see Dial).
 package agent

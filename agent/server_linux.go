@@ -71,7 +71,8 @@ func NewHostKey() (ssh.Signer, error) {
 }
 
 // Serve runs one SSH server connection over conn until the peer goes away, the connection fails or ctx ends,
-// and closes conn. It returns nil when the connection ended cleanly (end of file), else the reason. Commands the
+// and closes conn. The client may open with the channel preamble (see preamble.go; the host's client always
+// does) or with its SSH version line. It returns nil when the connection ended cleanly (end of file), else the reason. Commands the
 // connection started are not waited for: they get end of file on stdin and a broken pipe (or, on a pty, a
 // hangup) on output, as under OpenSSH.
 func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) error {
@@ -98,7 +99,14 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 		timeout = DefaultHandshakeTimeout
 	}
 	_ = nc.SetDeadline(time.Now().Add(timeout))
-	sc, chans, reqs, err := ssh.NewServerConn(nc, sshCfg)
+	pc, err := acceptPreamble(nc)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+		}
+		return fmt.Errorf("agent: serve: %w", err)
+	}
+	sc, chans, reqs, err := ssh.NewServerConn(pc, sshCfg)
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
