@@ -9,8 +9,10 @@ TEST_TIMEOUT  ?= 60m
 
 all: build
 
+# bin/boxd-agent is the in-guest agent, the /init of a box's initramfs: static, no cgo.
 build:
 	$(GO) build -o bin/boxd ./cmd/boxd
+	CGO_ENABLED=0 $(GO) build -ldflags='-s -w' -o bin/boxd-agent ./cmd/boxd-agent
 
 # Debian packages the tests and demo use (e2fsprogs for mkfs.ext4).
 deps:

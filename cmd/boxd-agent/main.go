@@ -1,0 +1,103 @@
+//go:build linux
+
+// Command boxd-agent is boxd's in-guest agent: the /init of a box's initramfs (see package agent). Run as
+// anything but PID 1 it serves connections for manual testing:
+//
+//	boxd-agent serve --socket PATH   # a unix socket; each connection is one SSH connection to the agent
+//	boxd-agent serve --port NAME     # a virtio-serial port, in a guest with an init of its own
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/boxd-dev/boxd/agent"
+)
+
+const usage = "usage: boxd-agent serve (--socket PATH | --port NAME) [--system]  (as PID 1 it boots the box)"
+
+func main() {
+	if os.Getpid() == 1 {
+		agent.Init() // never returns
+	}
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "boxd-agent:", err)
+		os.Exit(2)
+	}
+}
+
+func run(args []string) error {
+	if len(args) == 0 || args[0] != "serve" {
+		return errors.New(usage)
+	}
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	socket := fs.String("socket", "", "serve SSH connections on this unix socket")
+	port := fs.String("port", "", "serve the virtio-serial port of this name (e.g. "+agent.DefaultPortName+")")
+	system := fs.Bool("system", false, "apply unique requests (RNG, clock, hostname, machine-id) to this machine")
+	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 0 || (*socket == "") == (*port == "") {
+		return errors.New(usage)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	key, err := agent.NewHostKey()
+	if err != nil {
+		return err
+	}
+	cfg := &agent.ServerConfig{
+		HostKey: key,
+		Logf:    func(format string, a ...any) { fmt.Fprintf(os.Stderr, "boxd-agent: "+format+"\n", a...) },
+	}
+	if *system {
+		cfg.System = agent.OS{}
+	}
+	if *port != "" {
+		path, err := agent.FindPort(ctx, *port, 0)
+		if err != nil {
+			return err
+		}
+		err = agent.ServeSerial(ctx, agent.NextPortConn(path, nil), cfg)
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	return serveSocket(ctx, *socket, cfg)
+}
+
+// serveSocket serves each connection to a unix socket (root's alone) at path, at the same time.
+func serveSocket(ctx context.Context, path string, cfg *agent.ServerConfig) error {
+	_ = os.Remove(path)
+	old := syscall.Umask(0o077)
+	var lc net.ListenConfig
+	l, err := lc.Listen(ctx, "unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	context.AfterFunc(ctx, func() { l.Close() })
+	cfg.Logf("listening on %s", path)
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		go func() {
+			if err := agent.Serve(ctx, conn, cfg); err != nil {
+				cfg.Logf("%v", err)
+			}
+		}()
+	}
+}
