@@ -1,0 +1,179 @@
+package sshproxy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/containerd/errdefs"
+	"golang.org/x/crypto/ssh"
+)
+
+// testBackend is a Backend whose boxes are boxd's real agent served in the
+// test process over a socket pair, standing in for the virtio-serial port
+// of a VM. So sessions run as processes of the test host (as root, in
+// /root); tests give each box a temporary directory and use absolute paths
+// in it. Like boxd's box manager, it holds one *ssh.Client per box and
+// hands it to every connection.
+type testBackend struct {
+	t *testing.T
+
+	mu         sync.Mutex
+	keys       map[string][]ssh.PublicKey
+	clients    map[string]*agent.Client
+	hosts      map[string]net.Conn // the host end of each box's agent channel
+	connectErr map[string]error
+	connects   map[string]int
+}
+
+func newTestBackend(t *testing.T) *testBackend {
+	return &testBackend{
+		t:          t,
+		keys:       map[string][]ssh.PublicKey{},
+		clients:    map[string]*agent.Client{},
+		hosts:      map[string]net.Conn{},
+		connectErr: map[string]error{},
+		connects:   map[string]int{},
+	}
+}
+
+// addBox creates box name, reachable with keys, and returns a directory
+// for the test's files in it.
+func (b *testBackend) addBox(name string, keys ...ssh.PublicKey) string {
+	dir := b.t.TempDir()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.keys[name] = keys
+	return dir
+}
+
+func (b *testBackend) AuthorizedKeys(_ context.Context, box string) ([]ssh.PublicKey, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	keys, ok := b.keys[box]
+	if !ok {
+		return nil, fmt.Errorf("box %q: %w", box, errdefs.ErrNotFound)
+	}
+	return keys, nil
+}
+
+func (b *testBackend) Connect(ctx context.Context, box string) (*ssh.Client, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.connects[box]++
+	if err := b.connectErr[box]; err != nil {
+		return nil, err
+	}
+	if c := b.clients[box]; c != nil {
+		return c.SSH(), nil
+	}
+	if _, ok := b.keys[box]; !ok {
+		return nil, fmt.Errorf("box %q: %w", box, errdefs.ErrNotFound)
+	}
+	host, guest, err := socketPair()
+	if err != nil {
+		return nil, err
+	}
+	serveCtx, stop := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		agent.Serve(serveCtx, guest, &agent.ServerConfig{Logf: b.t.Logf})
+	}()
+	c, err := agent.NewClient(ctx, host)
+	if err != nil {
+		stop()
+		<-served
+		return nil, err
+	}
+	b.clients[box] = c
+	b.hosts[box] = host
+	b.t.Cleanup(func() {
+		c.Close()
+		stop()
+		<-served
+	})
+	return c.SSH(), nil
+}
+
+// socketPair returns the two ends of a stream socket pair. (net.Pipe would
+// deadlock: both SSH ends write their version line first, and its writes
+// wait for a reader.)
+func socketPair() (net.Conn, net.Conn, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	var conns [2]net.Conn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "agent channel")
+		conns[i], err = net.FileConn(f) // dups fd
+		f.Close()
+		if err != nil {
+			if i == 1 {
+				conns[0].Close()
+			} else {
+				syscall.Close(fds[1])
+			}
+			return nil, nil, fmt.Errorf("socketpair: %w", err)
+		}
+	}
+	return conns[0], conns[1], nil
+}
+
+// cut ends box's agent channel, as a crashed box would. The next Connect
+// starts a fresh one.
+func (b *testBackend) cut(box string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if h := b.hosts[box]; h != nil {
+		h.Close()
+	}
+	delete(b.clients, box)
+	delete(b.hosts, box)
+}
+
+// sftpExitMissing reports whether box's agent, asked directly, ends an sftp
+// subsystem without an exit status (which OpenSSH's scp counts as failure).
+func (b *testBackend) sftpExitMissing(t *testing.T, box string) bool {
+	t.Helper()
+	c, err := b.Connect(context.Background(), box)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, reqs, err := c.OpenChannel("session", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(struct{ Name string }{"sftp"}))
+	if !ok || err != nil {
+		t.Fatalf("sftp subsystem: %v, %v", ok, err)
+	}
+	ch.CloseWrite()
+	go io.Copy(io.Discard, ch)
+	for r := range reqs {
+		if r.Type == "exit-status" {
+			return false
+		}
+	}
+	return true
+}
+
+func (b *testBackend) connectCount(box string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.connects[box]
+}
+
+func (b *testBackend) failConnect(box string, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.connectErr[box] = err
+}

@@ -1,0 +1,374 @@
+package sshproxy
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/crypto/ssh"
+)
+
+// Backend is what the proxy needs from the box manager.
+type Backend interface {
+	// AuthorizedKeys returns the public keys allowed into box name. An
+	// unknown box returns an error (errdefs.ErrNotFound); the proxy refuses
+	// it exactly as it refuses a wrong key.
+	AuthorizedKeys(ctx context.Context, box string) ([]ssh.PublicKey, error)
+	// Connect returns an SSH client connected to the box's agent, resuming a
+	// hibernated box first (this may take seconds; the person waits). The
+	// client stays the backend's: it may be shared by every connection to
+	// the box, and the proxy never closes it, only the channels it opened.
+	// ctx ends when the person disconnects or the proxy closes.
+	Connect(ctx context.Context, box string) (*ssh.Client, error)
+}
+
+// Server is the SSH front door. Set its fields, then call Serve.
+type Server struct {
+	// HostKey is the proxy's identity (see LoadOrCreateHostKey). Required.
+	HostKey ssh.Signer
+	// Backend reaches the boxes. Required.
+	Backend Backend
+	// Logger receives connects, disconnects and refusals; nil logs nothing.
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the SSH handshake and authentication; zero
+	// means 30 seconds. It does not bound Backend.Connect.
+	HandshakeTimeout time.Duration
+
+	initOnce sync.Once
+	ctx      context.Context // ends at Close
+	cancel   context.CancelFunc
+	decoy    ssh.PublicKey // compared against when a box has no keys
+
+	// mu protects the fields below.
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	watches   map[*ssh.Client]chan struct{}
+	handlers  sync.WaitGroup // one per accepted connection; Add under mu while !closed
+}
+
+// Permissions.Extensions keys set at authentication and read after it.
+const (
+	extBox = "boxd-box"
+	extKey = "boxd-key-fingerprint"
+)
+
+const defaultHandshakeTimeout = 30 * time.Second
+
+// errRefused is the one refusal for every failed key: unknown box, wrong
+// key, backend failure. The client never sees it (SSH only says which
+// methods remain), but one value keeps the paths identical.
+var errRefused = errors.New("ssh: public key refused")
+
+func (s *Server) init() {
+	s.initOnce.Do(func() {
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		s.listeners = map[net.Listener]struct{}{}
+		s.conns = map[net.Conn]struct{}{}
+		s.watches = map[*ssh.Client]chan struct{}{}
+		pub, _, err := ed25519.GenerateKey(nil)
+		if err == nil {
+			s.decoy, err = ssh.NewPublicKey(pub)
+		}
+		if err != nil {
+			panic(fmt.Sprintf("sshproxy: make decoy key: %v", err))
+		}
+	})
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return s.Logger
+}
+
+// Serve accepts connections on l until Close, and returns ErrServerClosed
+// then; it closes l when it returns. It may be called for several
+// listeners; Close closes them all.
+func (s *Server) Serve(l net.Listener) error {
+	if s.HostKey == nil || s.Backend == nil {
+		return withCategory(errors.New("ssh proxy needs a host key and a backend"), errdefs.ErrInvalidArgument)
+	}
+	s.init()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		_ = l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+		_ = l.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			if !retryable(err) {
+				return fmt.Errorf("accept ssh connection: %w", err)
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.logger().Warn("ssh accept failed; retrying", "err", err, "in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-s.ctx.Done():
+				return ErrServerClosed
+			}
+			continue
+		}
+		backoff = 0
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			_ = nc.Close()
+			return ErrServerClosed
+		}
+		s.conns[nc] = struct{}{}
+		s.handlers.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.handlers.Done()
+			defer func() {
+				s.mu.Lock()
+				delete(s.conns, nc)
+				s.mu.Unlock()
+			}()
+			s.serveConn(nc)
+		}()
+	}
+}
+
+// retryable reports whether Accept may succeed if tried again: too many
+// open files, a connection aborted before it was accepted, a timeout.
+func retryable(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// Close stops every Serve, ends every connection (the sessions they relay
+// end with them: the proxy closes its channels on the boxes) and waits for
+// their handlers to return.
+func (s *Server) Close() error {
+	s.init()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.cancel()
+	var errs []error
+	for l := range s.listeners {
+		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	for nc := range s.conns {
+		_ = nc.Close()
+	}
+	s.mu.Unlock()
+	s.handlers.Wait()
+	return errors.Join(errs...)
+}
+
+// watch returns a channel closed when client's connection ends. One
+// goroutine watches each client however many connections share it, and it
+// ends with the client.
+func (s *Server) watch(client *ssh.Client) <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if done, ok := s.watches[client]; ok {
+		return done
+	}
+	done := make(chan struct{})
+	s.watches[client] = done
+	go func() {
+		_ = client.Wait()
+		s.mu.Lock()
+		delete(s.watches, client)
+		s.mu.Unlock()
+		close(done)
+	}()
+	return done
+}
+
+// authorize is the PublicKeyCallback. It decides from this key and this
+// user name only, and what it decides travels in the returned Permissions:
+// after the handshake the proxy reads the permissions of the key that
+// actually signed, never a key that was merely offered.
+func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
+	box := meta.User()
+	fp := ssh.FingerprintSHA256(key)
+	keys, err := s.Backend.AuthorizedKeys(ctx, box)
+	if err != nil {
+		keys = nil
+	}
+	if !s.keyIn(key, keys) {
+		log := s.logger().With("box", box, "remote", meta.RemoteAddr().String(), "key", fp)
+		switch {
+		case err == nil:
+			log.Debug("ssh key refused: not authorized for the box")
+		case errdefs.IsNotFound(err):
+			log.Debug("ssh key refused: no such box")
+		default:
+			log.Warn("ssh key refused: cannot read the box's keys", "err", err)
+		}
+		return nil, errRefused
+	}
+	return &ssh.Permissions{Extensions: map[string]string{extBox: box, extKey: fp}}, nil
+}
+
+// keyIn reports whether key is one of keys. It compares against every key,
+// in constant time each, and against a decoy when there are none, so an
+// unknown box costs about what a wrong key does.
+func (s *Server) keyIn(key ssh.PublicKey, keys []ssh.PublicKey) bool {
+	want := key.Marshal()
+	candidates := keys
+	if len(candidates) == 0 {
+		candidates = []ssh.PublicKey{s.decoy}
+	}
+	found := 0
+	for _, k := range candidates {
+		found |= subtle.ConstantTimeCompare(k.Marshal(), want)
+	}
+	return found == 1 && len(keys) > 0
+}
+
+func (s *Server) config(ctx context.Context) *ssh.ServerConfig {
+	cfg := &ssh.ServerConfig{
+		ServerVersion: "SSH-2.0-boxd",
+		PublicKeyCallback: func(meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
+			return s.authorize(ctx, meta, key)
+		},
+	}
+	cfg.AddHostKey(s.HostKey)
+	return cfg
+}
+
+// serveConn runs one person's connection: handshake, Backend.Connect, and
+// the relay of every channel they open, until either side ends it.
+func (s *Server) serveConn(nc net.Conn) {
+	defer nc.Close()
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	remote := nc.RemoteAddr().String()
+	log := s.logger().With("remote", remote)
+
+	timeout := s.HandshakeTimeout
+	if timeout <= 0 {
+		timeout = defaultHandshakeTimeout
+	}
+	_ = nc.SetDeadline(time.Now().Add(timeout))
+	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(ctx))
+	if err != nil {
+		log.Info("ssh handshake failed", "err", err)
+		return
+	}
+	_ = nc.SetDeadline(time.Time{})
+	defer sconn.Close()
+
+	var box, fp string
+	if p := sconn.Permissions; p != nil {
+		box, fp = p.Extensions[extBox], p.Extensions[extKey]
+	}
+	if box == "" || box != sconn.User() {
+		// Cannot happen with authorize as the only way in; refuse anyway.
+		log.Error("ssh connection authenticated without a box; closing", "user", sconn.User())
+		return
+	}
+	log = log.With("box", box, "key", fp)
+	start := time.Now()
+	log.Info("ssh connect")
+
+	// Answer the person's global requests (keepalives) at once, also while
+	// the box resumes, and end ctx, cancelling Connect, when they leave.
+	go func() {
+		for r := range reqs {
+			if r.WantReply {
+				_ = r.Reply(false, nil)
+			}
+		}
+	}()
+	go func() {
+		_ = sconn.Wait()
+		cancel()
+	}()
+
+	client, err := s.Backend.Connect(ctx, box)
+	if err == nil && client == nil {
+		err = errors.New("the box manager returned no connection")
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Warn("ssh connect to box failed", "err", err)
+			refuse(chans, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
+		}
+		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
+		return
+	}
+
+	c := &proxyConn{
+		name:     box,
+		box:      client,
+		boxDone:  s.watch(client),
+		log:      log,
+		sessions: map[chan struct{}]struct{}{},
+	}
+	go func() {
+		select {
+		case <-c.boxDone:
+			log.Warn("ssh connection to box lost")
+			c.drainSessions(5 * time.Second)
+			_ = sconn.Close()
+		case <-ctx.Done():
+		}
+	}()
+	var channels sync.WaitGroup
+	for nch := range chans {
+		channels.Go(func() { c.handleChannel(nch) })
+	}
+	channels.Wait()
+	log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
+}
+
+// refuse rejects the first channel the person opens with msg (the OpenSSH
+// client prints it), or gives up waiting after timeout.
+func refuse(chans <-chan ssh.NewChannel, msg string, timeout time.Duration) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case nch, ok := <-chans:
+		if ok {
+			_ = nch.Reject(ssh.ConnectionFailed, msg)
+		}
+	case <-t.C:
+	}
+}
