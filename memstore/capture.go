@@ -29,6 +29,10 @@ type CaptureOptions struct {
 	// Blobs are written into the same snapshot as maps of kind "state",
 	// one per name: a machine's registers and device state.
 	Blobs map[string][]byte
+	// More, when set, writes further maps into the snapshot before it is
+	// committed: a machine's disk changes, so that one snapshot holds the
+	// whole machine.
+	More func(ctx context.Context, img *snapshotter.Image) error
 }
 
 // ReadBlob returns the state blob called name of snapshot snap.
@@ -79,6 +83,11 @@ func Capture(ctx context.Context, g *snapshotter.Graph, src io.ReaderAt, size in
 	for name, b := range opts.Blobs {
 		if _, err := img.WriteMap(ctx, name, snapshotter.KindState, bytes.NewReader(b), nil); err != nil {
 			return snapshotter.Snapshot{}, fmt.Errorf("storing %s: %w", name, err)
+		}
+	}
+	if opts.More != nil {
+		if err := opts.More(ctx, img); err != nil {
+			return snapshotter.Snapshot{}, err
 		}
 	}
 	return img.Commit(opts.Name, opts.Labels)

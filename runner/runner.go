@@ -65,6 +65,9 @@ type RestoreOptions struct {
 	// Unique gives the machine fresh entropy on its first step, so that
 	// forks of one snapshot do not share random state.
 	Unique bool
+	// Options are backend-specific settings for the new machine (its disk,
+	// its console file), documented by each backend.
+	Options map[string]string
 }
 
 // SnapshotOptions tune Machine.Snapshot.

@@ -137,14 +137,15 @@ func waitTick(ctx context.Context, t *testing.T, m *qemu.Machine, want int) int 
 	}
 }
 
-func TestRestoreNotSupported(t *testing.T) {
+// Without a store there is nothing to restore from.
+func TestRestoreNeedsGraph(t *testing.T) {
 	r := &qemu.Runner{}
 	_, err := r.Restore(context.Background(), "any", runner.RestoreOptions{})
 	if !errors.Is(err, runner.ErrNotSupported) {
 		t.Fatalf("Restore = %v, want ErrNotSupported", err)
 	}
 	t.Log(err)
-	if c := r.Capabilities(); !c.Linux || c.LazyMemory || c.IncrementalSnapshots {
+	if c := r.Capabilities(); !c.Linux || c.LazyMemory || !c.IncrementalSnapshots {
 		t.Fatalf("Capabilities = %+v", c)
 	}
 	if r.Name() != "qemu" {

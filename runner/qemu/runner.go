@@ -1,8 +1,14 @@
 // Package qemu is the runner backend that boots Linux guests in QEMU, one
 // qemu-system-x86_64 process per machine, driven over QMP. It uses KVM
 // where the host CPU has hardware virtualisation (vmx or svm) and TCG
-// elsewhere. Snapshots of QEMU machines come with the fork/hibernate work:
-// for now Restore and Snapshot are not supported.
+// elsewhere.
+//
+// A snapshot saves device state (migration with x-ignore-shared, guest RAM
+// left out), the guest memory pages written since the previous snapshot
+// (soft-dirty bits of QEMU's mapping) and the disk blocks written since
+// (the frozen top of a qcow2 overlay chain). A restore maps a frozen memory
+// file of the snapshot copy-on-write (share=off), so that forks share every
+// page they only read, and loads the device state with -incoming.
 //
 // Spec.Boot is the kernel image. Spec.Options:
 //
@@ -70,9 +76,6 @@ const (
 
 const mib = 1 << 20
 
-// errSnapshots is why Restore and Snapshot refuse.
-var errSnapshots = fmt.Errorf("qemu: snapshots of QEMU machines come with the fork/hibernate work: %w", runner.ErrNotSupported)
-
 // ErrStopped is the Err of a machine stopped on request.
 var ErrStopped = errors.New("qemu: machine stopped")
 
@@ -90,9 +93,21 @@ type Runner struct {
 	// slog.Default()).
 	Logger *slog.Logger
 
+	// Graph is the store snapshots go to and come from.
+	Graph *snapshotter.Graph
+	// Unique, when set, is called for a machine restored with
+	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
+	// (the guest agent's job: QEMU has no way to reseed a Linux guest's
+	// random number generator on its own).
+	Unique func(ctx context.Context, m *Machine) error
+
 	ids       atomic.Int64
 	accelOnce sync.Once
 	accel     string
+
+	frozenMu sync.Mutex
+	frozen   map[string]*frozenFile // by snapshot name
+	byPath   map[string]*frozenFile
 }
 
 var _ runner.Runner = (*Runner)(nil)
@@ -134,15 +149,10 @@ func hasVirtFlag(cpuinfo []byte) bool {
 	return false
 }
 
-// Capabilities says the backend boots Linux guests, without lazy memory or
-// incremental snapshots.
+// Capabilities says the backend boots Linux guests and takes incremental
+// snapshots; memory is not served lazily (a restore maps a memory file).
 func (r *Runner) Capabilities() runner.Capabilities {
-	return runner.Capabilities{Linux: true}
-}
-
-// Restore is not supported yet.
-func (r *Runner) Restore(context.Context, string, runner.RestoreOptions) (runner.Machine, error) {
-	return nil, errSnapshots
+	return runner.Capabilities{Linux: true, IncrementalSnapshots: true}
 }
 
 func (r *Runner) logger() *slog.Logger {
@@ -165,7 +175,7 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	}
 	for k := range spec.Options {
 		switch k {
-		case OptionInitrd, OptionCmdline, OptionDisk, OptionNet, OptionConsole:
+		case OptionInitrd, OptionCmdline, OptionDisk, OptionNet, OptionConsole, OptionBase:
 		default:
 			return nil, fmt.Errorf("qemu: unknown option %q: %w", k, cas.ErrInvalidArgument)
 		}
@@ -259,6 +269,20 @@ func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, e
 
 // StartMachine is Start returning the concrete *Machine.
 func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, error) {
+	return r.launch(ctx, spec, launchOptions{})
+}
+
+// launchOptions say how a machine's QEMU starts beyond its spec.
+type launchOptions struct {
+	// memFile is an existing memory file to map privately (share=off):
+	// a frozen snapshot's memory. "" makes a fresh file the machine owns
+	// and maps shared.
+	memFile string
+	// incoming starts QEMU paused, waiting for device state (-incoming defer).
+	incoming bool
+}
+
+func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions) (*Machine, error) {
 	args, err := r.args(spec)
 	if err != nil {
 		return nil, err
@@ -269,22 +293,21 @@ func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, 
 	}
 	path, err := exec.LookPath(bin)
 	if err != nil {
-		return nil, fmt.Errorf("qemu: %s: %w: %w", bin, err, runner.ErrNotSupported)
+		return nil, fmt.Errorf("qemu: %s is missing (install the Debian package qemu-system-x86): %w: %w", bin, err, runner.ErrNotSupported)
 	}
 	id := fmt.Sprintf("qemu-%d-%d", os.Getpid(), r.ids.Add(1))
 	dir, err := os.MkdirTemp(r.Dir, id+"-")
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
-	memDir := r.MemDir
-	if memDir == "" {
-		memDir = "/dev/shm"
-	}
+	memDir := r.memDir()
 	if err := os.MkdirAll(memDir, 0o700); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: memory folder: %w", err)
 	}
 	m := &Machine{
+		r:       r,
+		spec:    spec,
 		id:      id,
 		accel:   r.Accel(),
 		dir:     dir,
@@ -292,13 +315,18 @@ func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, 
 		socket:  filepath.Join(dir, "qmp.sock"),
 		agent:   filepath.Join(dir, "agent.sock"),
 		memFile: filepath.Join(memDir, filepath.Base(dir)+".mem"),
+		disk:    spec.Options[OptionDisk],
 		done:    make(chan struct{}),
 	}
+	share := "on"
+	if lo.memFile != "" {
+		m.memFile, m.private, share = lo.memFile, true, "off"
+	}
 	if c := spec.Options[OptionConsole]; c != "" {
-		m.console, m.keepConsole = c, true
+		m.console = c
 	}
 	args = append(args,
-		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", spec.MemSize/mib, escapeOpt(m.memFile)),
+		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", spec.MemSize/mib, escapeOpt(m.memFile), share),
 		"-machine", "pc,memory-backend=mem",
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent,path="+escapeOpt(m.agent)+",server=on,wait=off",
@@ -307,11 +335,14 @@ func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, 
 		"-serial", "chardev:console",
 		"-qmp", "unix:"+m.socket+",server=on,wait=off",
 	)
+	if lo.incoming {
+		args = append(args, "-S", "-incoming", "defer")
+	}
 	m.cmd = exec.Command(path, args...)
 	// QEMU dies with the process that started it: no machine outlives boxd.
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
-	r.logger().Info("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Boot, "mem_mib", spec.MemSize/mib)
+	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Boot, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
 	if err := m.cmd.Start(); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
@@ -322,7 +353,21 @@ func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, 
 		<-m.done
 		return nil, fmt.Errorf("qemu: %s (%s): %w; QEMU said: %s", id, m.accel, err, bytes.TrimSpace(m.output.Bytes()))
 	}
+	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
+	}); err != nil {
+		m.kill()
+		<-m.done
+		return nil, fmt.Errorf("qemu: %s: %w", id, err)
+	}
 	return m, nil
+}
+
+func (r *Runner) memDir() string {
+	if r.MemDir == "" {
+		return "/dev/shm"
+	}
+	return r.MemDir
 }
 
 // connect dials the QMP socket until QEMU answers, the process exits or
@@ -366,6 +411,8 @@ func (l *lockedBuffer) Bytes() []byte {
 
 // Machine is one QEMU process.
 type Machine struct {
+	r       *Runner
+	spec    runner.Spec
 	id      string
 	accel   string
 	dir     string
@@ -373,12 +420,21 @@ type Machine struct {
 	socket  string
 	agent   string
 	memFile string
+	private bool // memFile is a frozen snapshot's, mapped copy-on-write
+	disk    string
 	cmd     *exec.Cmd
+	frozen  atomic.Bool // memFile became a frozen snapshot's (Freeze)
 
-	keepConsole bool // the console is the caller's file, not the folder's
-	output      lockedBuffer
-	qmpMu       sync.Mutex // guards qmp's writing (connect) against wait's closing
-	qmp         *qmp       // set before Start returns
+	snapMu sync.Mutex // one snapshot at a time
+	last   string     // the machine's previous snapshot
+	sums   *pageSums  // what each page held at the last snapshot
+
+	ownDisk       string // a restore's disk overlay, removed at exit
+	pendingUnique bool   // reseed the guest when it next runs
+
+	output lockedBuffer
+	qmpMu  sync.Mutex // guards qmp's writing (connect) against wait's closing
+	qmp    *qmp       // set before Start returns
 
 	stopping atomic.Bool
 	done     chan struct{}
@@ -400,7 +456,14 @@ func (m *Machine) wait() {
 		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
 	}
 	m.final, _ = os.ReadFile(m.console)
-	_ = os.Remove(m.memFile)
+	if m.ownDisk != "" {
+		_ = os.Remove(m.ownDisk)
+	}
+	if m.private {
+		m.r.release(m.memFile)
+	} else if !m.frozen.Load() {
+		_ = os.Remove(m.memFile)
+	}
 	m.qmpMu.Lock()
 	if m.qmp != nil {
 		_ = m.qmp.close()
@@ -451,8 +514,24 @@ func (m *Machine) command(ctx context.Context, name string) error {
 // Pause stops the vCPUs (QMP stop).
 func (m *Machine) Pause(ctx context.Context) error { return m.command(ctx, "stop") }
 
-// Resume lets them run on (QMP cont).
-func (m *Machine) Resume(ctx context.Context) error { return m.command(ctx, "cont") }
+// Resume lets them run on (QMP cont). A machine restored with
+// RestoreOptions.Unique is reseeded (Runner.Unique) on its first Resume.
+func (m *Machine) Resume(ctx context.Context) error {
+	if err := m.command(ctx, "cont"); err != nil {
+		return err
+	}
+	if !m.pendingUnique {
+		return nil
+	}
+	if m.r.Unique == nil {
+		return errNoUnique
+	}
+	if err := m.r.Unique(ctx, m); err != nil {
+		return fmt.Errorf("qemu: %s: reseeding the guest: %w", m.id, err)
+	}
+	m.pendingUnique = false
+	return nil
+}
 
 // Status is QEMU's run state (QMP query-status): "running", "paused", ...
 func (m *Machine) Status(ctx context.Context) (string, error) {
@@ -470,11 +549,6 @@ func (m *Machine) Status(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("qemu: %s: query-status: %w", m.id, err)
 	}
 	return st.Status, nil
-}
-
-// Snapshot is not supported yet.
-func (m *Machine) Snapshot(context.Context, string, runner.SnapshotOptions) (snapshotter.Snapshot, error) {
-	return snapshotter.Snapshot{}, errSnapshots
 }
 
 // quitGrace is how long Stop waits after QMP quit before killing QEMU.

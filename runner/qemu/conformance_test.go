@@ -1,0 +1,211 @@
+package qemu_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/internal/guestkernel"
+	"github.com/boxd-dev/boxd/internal/initramfs"
+	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/runner/runnertest"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// observerInit is the conformance guest: it loads the virtio console
+// driver, prints "step N sum S L" every 200 ms, where S is the MD5 (and L the length) of a
+// file in RAM that grows with bytes from the kernel's random number
+// generator each step, and adds every line the host writes on the agent
+// port to that file (the host's fresh entropy after a unique restore).
+const observerInit = `#!/bin/sh
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/boxd/order); do insmod /lib/modules/boxd/$m; done
+: > /tmp/state
+(
+	while :; do
+		if read -r line < /dev/vport0p1; then echo "$line" >> /tmp/state; else sleep 0.05; fi
+	done
+) &
+i=0
+while :; do
+	echo "step $i sum $(md5sum < /tmp/state | head -c 16) $(wc -c < /tmp/state)"
+	head -c 16 /dev/urandom >> /tmp/state
+	i=$((i+1))
+	sleep 0.2
+done
+`
+
+var stepRE = regexp.MustCompile(`(?m)^step (\d+) sum ([0-9a-f]{16}) +(\d+)\r?$`)
+
+// observer reads the conformance guest's steps from the console.
+type observer struct {
+	mu   sync.Mutex
+	seen map[runner.Machine]int // console bytes already observed
+}
+
+func (o *observer) Next(ctx context.Context, rm runner.Machine) (runner.Observation, error) {
+	m := rm.(*qemu.Machine)
+	o.mu.Lock()
+	from := o.seen[rm]
+	o.mu.Unlock()
+	st, err := m.Status(ctx)
+	if err != nil {
+		return runner.Observation{}, err
+	}
+	if st != "running" {
+		// Nothing is printed while paused: the next step is after here.
+		from = len(m.Console())
+		if err := m.Resume(ctx); err != nil {
+			return runner.Observation{}, err
+		}
+	}
+	for {
+		c := m.Console()
+		if from < len(c) {
+			if loc := stepRE.FindSubmatchIndex(c[from:]); loc != nil {
+				sub := c[from:]
+				n, _ := strconv.ParseUint(string(sub[loc[2]:loc[3]]), 10, 64)
+				sum, _ := strconv.ParseUint(string(sub[loc[4]:loc[5]]), 16, 64)
+				size, _ := strconv.ParseUint(string(sub[loc[6]:loc[7]]), 10, 64)
+				o.mu.Lock()
+				o.seen[rm] = from + loc[1]
+				o.mu.Unlock()
+				return runner.Observation{Counter: n, Checksum: sum ^ size}, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return runner.Observation{}, fmt.Errorf("no step on the console: %w; console:\n%s", ctx.Err(), c)
+		case <-m.Done():
+			return runner.Observation{}, fmt.Errorf("machine exited: %w; console:\n%s", m.Err(), c)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// seedGuest is the conformance guest's reseed: a line of fresh host
+// entropy on the agent port.
+func seedGuest(ctx context.Context, m *qemu.Machine) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", m.AgentSocket())
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	seed := make([]byte, 32)
+	_, _ = rand.Read(seed)
+	_, err = fmt.Fprintf(conn, "seed %s\n", hex.EncodeToString(seed))
+	// The guest reads the line while the host is connected.
+	time.Sleep(300 * time.Millisecond)
+	return err
+}
+
+func TestConformance(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots Linux guests under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	kernel, initrd := observerGuest(ctx, t)
+	runnertest.Suite(t, runnertest.Backend{
+		New: func(t *testing.T) (runner.Runner, *snapshotter.Graph) {
+			g, err := snapshotter.Open(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = g.Close() })
+			r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Unique: seedGuest}
+			t.Cleanup(func() {
+				if left := r.FrozenFiles(); len(left) != 0 {
+					t.Errorf("frozen memory files left behind: %v", left)
+				}
+			})
+			return r, g
+		},
+		Spec: runner.Spec{
+			MemSize: 128 << 20,
+			Boot:    kernel,
+			Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none"},
+		},
+		Observer: &observer{seen: map[runner.Machine]int{}},
+	})
+}
+
+// shmDir is a fresh folder on tmpfs for memory files.
+func shmDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("/dev/shm", "boxd-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
+// observerGuest writes the conformance guest's initramfs: busybox, the
+// virtio console modules and observerInit.
+func observerGuest(ctx context.Context, t *testing.T) (kernel, initrd string) {
+	t.Helper()
+	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"})
+	testutil.StaticBusybox(ctx, t)
+	cache, err := guestkernel.DefaultCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := guestkernel.Fetch(ctx, cache)
+	if err != nil {
+		t.Fatalf("cannot fetch the guest kernel: %v", err)
+	}
+	mods, err := initramfs.ScanModules(k.ModulesDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	order, err := mods.LoadOrder("virtio_pci", "virtio_console", "virtio_blk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	initrd = filepath.Join(t.TempDir(), "initrd.gz")
+	f, err := os.Create(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := initramfs.NewGzipWriter(f)
+	check := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range []string{"/bin", "/dev", "/proc", "/tmp", "/lib/modules/boxd"} {
+		check(w.Dir(d, 0o755))
+	}
+	check(w.CharDev("/dev/console", 0o600, 5, 1))
+	check(w.CopyFile("/bin/busybox", 0o755, busyboxPath))
+	for _, applet := range []string{"sh", "mount", "sleep", "echo", "cat", "md5sum", "wc", "head", "insmod", "dd"} {
+		check(w.Symlink("/bin/"+applet, "busybox"))
+	}
+	var list string
+	for _, m := range order {
+		name := filepath.Base(m.Path)
+		check(w.CopyFile("/lib/modules/boxd/"+name, 0o644, m.Path))
+		list += name + "\n"
+	}
+	check(w.File("/lib/modules/boxd/order", 0o644, []byte(list)))
+	check(w.File("/init", 0o755, []byte(observerInit)))
+	check(w.Close())
+	check(f.Close())
+	return k.Vmlinuz, initrd
+}

@@ -1,0 +1,247 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/memstore"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// Restore starts a machine from a QEMU snapshot. RestoreOptions.Options:
+//
+//	disk     where to create the machine's disk, a qcow2 overlay over the
+//	         snapshot's (default: in the machine's folder, gone at exit)
+//	console  as for Start
+//
+// Memory is the snapshot's frozen memory file, mapped copy-on-write: the
+// one Freeze left, or one rebuilt from the store (only the pages that hold
+// data are written; a missing or damaged chunk fails the restore before
+// QEMU starts).
+func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
+	m, err := r.RestoreMachine(ctx, snap, opts)
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// RestoreMachine is Restore returning the concrete *Machine.
+func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.RestoreOptions) (*Machine, error) {
+	if r.Graph == nil {
+		return nil, fmt.Errorf("qemu: restores need Runner.Graph: %w", runner.ErrNotSupported)
+	}
+	for k := range opts.Options {
+		if k != OptionDisk && k != OptionConsole {
+			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, cas.ErrInvalidArgument)
+		}
+	}
+	s, err := r.Graph.Get(snap)
+	if err != nil {
+		return nil, err
+	}
+	if s.Labels[LabelRunner] != "qemu" {
+		return nil, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", snap, cas.ErrInvalidArgument)
+	}
+	var spec runner.Spec
+	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &spec); err != nil {
+		return nil, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", snap, err, cas.ErrCorrupt)
+	}
+	devices, err := memstore.ReadBlob(r.Graph, snap, DevicesMap)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: snapshot %q: device state: %w", snap, err)
+	}
+	spec.Options = maps.Clone(spec.Options)
+	if spec.Options == nil {
+		spec.Options = map[string]string{}
+	}
+	delete(spec.Options, OptionDisk)
+	if c := opts.Options[OptionConsole]; c != "" {
+		spec.Options[OptionConsole] = c
+	}
+
+	memFile, err := r.acquire(ctx, snap)
+	if err != nil {
+		return nil, err
+	}
+	var ownDisk string
+	if _, ok := s.Map(DiskMap); ok {
+		disk := opts.Options[OptionDisk]
+		if disk == "" {
+			disk = filepath.Join(r.diskDir(), fmt.Sprintf("restore-%d-%d.qcow2", os.Getpid(), r.ids.Add(1)))
+			ownDisk = disk
+		}
+		if err := r.overlayFor(ctx, s, disk); err != nil {
+			r.release(memFile)
+			return nil, err
+		}
+		spec.Options[OptionDisk] = disk
+	}
+	m, err := r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true})
+	if err != nil {
+		r.release(memFile)
+		if ownDisk != "" {
+			_ = os.Remove(ownDisk)
+		}
+		return nil, err
+	}
+	m.ownDisk = ownDisk
+	if err := m.loadDevices(ctx, devices); err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	m.last = snap
+	m.pendingUnique = opts.Unique
+	if opts.Paused {
+		return m, nil
+	}
+	if err := m.Resume(ctx); err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return m, nil
+}
+
+func (r *Runner) diskDir() string {
+	d := filepath.Join(r.Dir, "disks")
+	if r.Dir == "" {
+		d = filepath.Join(os.TempDir(), "boxd-qemu-disks")
+	}
+	return d
+}
+
+// overlayFor creates disk, a qcow2 overlay holding the disk of snapshot s:
+// over the frozen overlay the snapshot was taken from when it is still
+// there, else over the disk exported from the store.
+func (r *Runner) overlayFor(ctx context.Context, s snapshotter.Snapshot, disk string) error {
+	if err := os.MkdirAll(filepath.Dir(disk), 0o700); err != nil {
+		return fmt.Errorf("qemu: disk folder: %w", err)
+	}
+	backing := s.Labels[LabelDisk]
+	if backing == "" || !exists(backing) {
+		backing = filepath.Join(r.diskDir(), "snap-"+s.Name+".raw")
+		if !exists(backing) {
+			mr, err := r.Graph.OpenMap(s.Name, DiskMap)
+			if err != nil {
+				return err
+			}
+			if err := os.MkdirAll(filepath.Dir(backing), 0o700); err != nil {
+				return fmt.Errorf("qemu: disk folder: %w", err)
+			}
+			if err := mr.Export(ctx, backing, nil); err != nil {
+				return fmt.Errorf("qemu: disk of snapshot %q: %w", s.Name, err)
+			}
+			_ = os.Chmod(backing, 0o444)
+		}
+	}
+	return CreateOverlay(ctx, disk, backing)
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// frozenFile is a snapshot's memory file that no process writes again.
+type frozenFile struct {
+	snap string
+	path string
+	refs int // machines mapping it
+}
+
+// acquire returns the frozen memory file of snap, rebuilding it from the
+// store when there is none, and counts one more machine mapping it.
+func (r *Runner) acquire(ctx context.Context, snap string) (string, error) {
+	r.frozenMu.Lock()
+	if f := r.frozen[snap]; f != nil {
+		f.refs++
+		r.frozenMu.Unlock()
+		return f.path, nil
+	}
+	r.frozenMu.Unlock()
+	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
+	if err != nil {
+		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	if err := os.MkdirAll(r.memDir(), 0o700); err != nil {
+		return "", fmt.Errorf("qemu: memory folder: %w", err)
+	}
+	path := filepath.Join(r.memDir(), fmt.Sprintf("frozen-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
+	if err := mr.Export(ctx, path, nil); err != nil {
+		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	if f := r.frozen[snap]; f != nil { // built meanwhile by another restore
+		_ = os.Remove(path)
+		f.refs++
+		return f.path, nil
+	}
+	r.register(&frozenFile{snap: snap, path: path, refs: 1})
+	return path, nil
+}
+
+// adopt makes path, a stopped machine's memory file, the frozen memory of
+// snap.
+func (r *Runner) adopt(snap, path string) {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	r.register(&frozenFile{snap: snap, path: path})
+}
+
+func (r *Runner) register(f *frozenFile) {
+	if r.frozen == nil {
+		r.frozen, r.byPath = map[string]*frozenFile{}, map[string]*frozenFile{}
+	}
+	r.frozen[f.snap], r.byPath[f.path] = f, f
+}
+
+// release counts one machine fewer mapping the frozen file at path and
+// removes the file when none is left: its content is in the store.
+func (r *Runner) release(path string) {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	f := r.byPath[path]
+	if f == nil {
+		return
+	}
+	if f.refs--; f.refs <= 0 {
+		r.drop(f)
+	}
+}
+
+func (r *Runner) drop(f *frozenFile) {
+	delete(r.frozen, f.snap)
+	delete(r.byPath, f.path)
+	_ = os.Remove(f.path)
+}
+
+// DropFrozen removes the frozen memory file of snap if no machine maps it.
+func (r *Runner) DropFrozen(snap string) {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	if f := r.frozen[snap]; f != nil && f.refs <= 0 {
+		r.drop(f)
+	}
+}
+
+// FrozenFiles lists the frozen memory files the runner holds.
+func (r *Runner) FrozenFiles() []string {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	var out []string
+	for p := range r.byPath {
+		out = append(out, p)
+	}
+	return out
+}
+
+// errNoUnique says a unique restore has no way to reseed the guest.
+var errNoUnique = errors.New("qemu: a unique restore needs Runner.Unique (the guest agent reseeds the guest)")
