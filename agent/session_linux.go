@@ -372,10 +372,17 @@ func (ss *session) signal(sig syscall.Signal) bool {
 	return unix.Kill(-ss.proc.Pid, sig) == nil
 }
 
+// keepOpen is a channel whose Close does nothing.
+type keepOpen struct{ ssh.Channel }
+
+func (keepOpen) Close() error { return nil }
+
 // sftp serves the sftp subsystem on the channel, in the agent's process, rooted at / and starting in root's home.
 func (ss *session) sftp() {
 	status := uint32(0)
-	srv, err := sftp.NewServer(ss.ch, sftp.WithServerWorkingDirectory(workDir()))
+	// The server closes what it is given when it ends; the channel must
+	// stay open for the exit status.
+	srv, err := sftp.NewServer(keepOpen{ss.ch}, sftp.WithServerWorkingDirectory(workDir()))
 	if err == nil {
 		err = srv.Serve()
 		srv.Close()

@@ -3,7 +3,6 @@ package sshproxy
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sync"
@@ -137,33 +136,6 @@ func (b *testBackend) cut(box string) {
 	}
 	delete(b.clients, box)
 	delete(b.hosts, box)
-}
-
-// sftpExitMissing reports whether box's agent, asked directly, ends an sftp
-// subsystem without an exit status (which OpenSSH's scp counts as failure).
-func (b *testBackend) sftpExitMissing(t *testing.T, box string) bool {
-	t.Helper()
-	c, err := b.Connect(context.Background(), box)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch, reqs, err := c.OpenChannel("session", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ch.Close()
-	ok, err := ch.SendRequest("subsystem", true, ssh.Marshal(struct{ Name string }{"sftp"}))
-	if !ok || err != nil {
-		t.Fatalf("sftp subsystem: %v, %v", ok, err)
-	}
-	ch.CloseWrite()
-	go io.Copy(io.Discard, ch)
-	for r := range reqs {
-		if r.Type == "exit-status" {
-			return false
-		}
-	}
-	return true
 }
 
 func (b *testBackend) connectCount(box string) int {
