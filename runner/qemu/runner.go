@@ -483,6 +483,14 @@ func (m *Machine) Accel() string { return m.accel }
 // AgentSocket is the unix socket of the guest agent's virtio-serial port.
 func (m *Machine) AgentSocket() string { return m.agent }
 
+// Disk is the machine's current disk file: after a snapshot, the overlay
+// that took over its writes.
+func (m *Machine) Disk() string {
+	m.snapMu.Lock()
+	defer m.snapMu.Unlock()
+	return m.disk
+}
+
 // MemoryFile is the file that holds guest memory while QEMU runs.
 func (m *Machine) MemoryFile() string { return m.memFile }
 

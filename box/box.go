@@ -1,0 +1,531 @@
+// Package box is the box manager behind the daemon: each box's lifecycle
+// (running, hibernated, stopped) kept in bbolt under boxd's root, booted,
+// forked, hibernated and resumed through the QEMU runner, and reached
+// through its agent.
+package box
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+	bolt "go.etcd.io/bbolt"
+)
+
+// States of a box.
+const (
+	StateRunning    = "running"
+	StatePaused     = "paused"
+	StateHibernated = "hibernated"
+	StateStopped    = "stopped"
+)
+
+// Defaults for new boxes.
+const (
+	DefaultMemory = 512 << 20
+	DefaultCPUs   = 1
+)
+
+// ReadyTimeout bounds how long a box may take from QEMU's start to its
+// agent answering (TCG boots take seconds).
+var ReadyTimeout = 90 * time.Second
+
+// Box is what the manager knows of one box.
+type Box struct {
+	Name     string    `json:"name"`
+	State    string    `json:"state"`
+	Image    string    `json:"image"`
+	Memory   int64     `json:"memory"`
+	CPUs     int       `json:"cpus"`
+	Keys     []string  `json:"keys,omitempty"`     // authorized public keys, authorized_keys lines
+	Snapshot string    `json:"snapshot,omitempty"` // the last snapshot, which a hibernated box resumes from
+	Parent   string    `json:"parent,omitempty"`   // the box it was forked from
+	Disk     string    `json:"disk"`               // the writable top of its disk
+	Created  time.Time `json:"created"`
+	Snaps    int       `json:"snaps"` // snapshots taken, for names
+	Note     string    `json:"note,omitempty"`
+}
+
+// Config configures a Manager.
+type Config struct {
+	Root   string             // boxd's root
+	Graph  *snapshotter.Graph // the store under Root
+	Kernel string             // a kernel to boot instead of Debian's cloud kernel
+	Logger *slog.Logger
+	// MemDir holds guest memory files; "" means a folder in /dev/shm.
+	MemDir string
+}
+
+// Manager owns the boxes of one root.
+type Manager struct {
+	cfg    Config
+	db     *bolt.DB
+	runner *qemu.Runner
+	log    *slog.Logger
+
+	mu       sync.Mutex
+	locks    map[string]*sync.Mutex // one operation per box at a time
+	machines map[string]*qemu.Machine
+	clients  map[string]*agent.Client
+	lastUse  map[string]time.Time
+}
+
+var bucket = []byte("boxes")
+
+// Errors a box operation may return.
+var (
+	ErrNotFound     = fmt.Errorf("no such box: %w", cas.ErrNotFound)
+	ErrExists       = fmt.Errorf("box already exists: %w", cas.ErrAlreadyExists)
+	ErrInvalidState = fmt.Errorf("box is not in a state for this: %w", cas.ErrFailedPrecondition)
+)
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// ValidateName checks a box name: 1 to 63 of a-z, 0-9 and '-', not
+// starting or ending with '-' (box names become hostnames).
+func ValidateName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("box name %q: use 1 to 63 lowercase letters, digits and '-', not at either end: %w", name, cas.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Open opens the manager of cfg.Root. Boxes recorded as running whose
+// machines are gone (boxd stopped without hibernating them) are marked
+// stopped, with a note; their disks are kept.
+func Open(cfg Config) (*Manager, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MemDir == "" {
+		cfg.MemDir = filepath.Join("/dev/shm", "boxd-"+shortHash(cfg.Root))
+	}
+	for _, d := range []string{filepath.Join(cfg.Root, "run"), disksDir(cfg.Root), filepath.Join(cfg.Root, "boxes")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("box: %w", err)
+		}
+	}
+	db, err := bolt.Open(filepath.Join(cfg.Root, "boxes.db"), 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("box: opening boxes.db (is another boxd daemon running on %s?): %w", cfg.Root, err)
+	}
+	m := &Manager{
+		cfg: cfg, db: db, log: cfg.Logger,
+		runner:   &qemu.Runner{Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger},
+		locks:    map[string]*sync.Mutex{},
+		machines: map[string]*qemu.Machine{},
+		clients:  map[string]*agent.Client{},
+		lastUse:  map[string]time.Time{},
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucket)
+		if err != nil {
+			return err
+		}
+		return b.ForEach(func(k, v []byte) error {
+			var bx Box
+			if err := json.Unmarshal(v, &bx); err != nil {
+				return err
+			}
+			if bx.State != StateRunning && bx.State != StatePaused {
+				return nil
+			}
+			bx.State, bx.Note = StateStopped, "boxd stopped while the box ran; its disk is kept, start it again"
+			nv, err := json.Marshal(bx)
+			if err != nil {
+				return err
+			}
+			return b.Put(k, nv)
+		})
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("box: reading boxes.db: %w", err)
+	}
+	_ = os.RemoveAll(cfg.MemDir) // memory files of a boxd that is gone
+	return m, nil
+}
+
+func disksDir(root string) string { return filepath.Join(root, "disks") }
+
+func shortHash(s string) string {
+	h := cas.Sum([]byte(s))
+	return hex.EncodeToString(h[:6])
+}
+
+// Runner is the QEMU runner the manager drives.
+func (m *Manager) Runner() *qemu.Runner { return m.runner }
+
+// Close hibernates every running box (so that nothing is lost) and
+// closes the database.
+func (m *Manager) Close(ctx context.Context) error {
+	boxes, _ := m.List()
+	for _, b := range boxes {
+		if b.State == StateRunning || b.State == StatePaused {
+			if _, err := m.Hibernate(ctx, b.Name); err != nil {
+				m.log.Error("box: hibernating at exit", "box", b.Name, "err", err)
+				m.stopMachine(ctx, b.Name)
+			}
+		}
+	}
+	return m.db.Close()
+}
+
+func (m *Manager) lock(name string) func() {
+	m.mu.Lock()
+	l := m.locks[name]
+	if l == nil {
+		l = &sync.Mutex{}
+		m.locks[name] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+// Get returns box name.
+func (m *Manager) Get(name string) (Box, error) {
+	var bx Box
+	err := m.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucket).Get([]byte(name))
+		if v == nil {
+			return fmt.Errorf("%q: %w", name, ErrNotFound)
+		}
+		return json.Unmarshal(v, &bx)
+	})
+	return bx, err
+}
+
+// List returns every box, by name.
+func (m *Manager) List() ([]Box, error) {
+	var out []Box
+	err := m.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucket).ForEach(func(_, v []byte) error {
+			var bx Box
+			if err := json.Unmarshal(v, &bx); err != nil {
+				return err
+			}
+			out = append(out, bx)
+			return nil
+		})
+	})
+	return out, err
+}
+
+func (m *Manager) put(bx Box) error {
+	v, err := json.Marshal(bx)
+	if err != nil {
+		return err
+	}
+	return m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Put([]byte(bx.Name), v) })
+}
+
+// CreateOptions describe a new box.
+type CreateOptions struct {
+	Name   string
+	Image  string // default guest.DefaultImage
+	Memory int64  // bytes, default DefaultMemory
+	CPUs   int
+	Keys   []string
+}
+
+// Create makes box opts.Name from its image and boots it; it returns once
+// the box's agent answers.
+func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
+	if err := ValidateName(opts.Name); err != nil {
+		return Box{}, err
+	}
+	if opts.Image == "" {
+		opts.Image = guest.DefaultImage
+	}
+	if opts.Memory == 0 {
+		opts.Memory = DefaultMemory
+	}
+	if opts.Memory < 128<<20 || opts.Memory%(1<<20) != 0 {
+		return Box{}, fmt.Errorf("memory %d: want a whole number of MiB, at least 128 MiB: %w", opts.Memory, cas.ErrInvalidArgument)
+	}
+	if opts.CPUs == 0 {
+		opts.CPUs = DefaultCPUs
+	}
+	if opts.CPUs < 1 || opts.CPUs > 64 {
+		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, cas.ErrInvalidArgument)
+	}
+	unlock := m.lock(opts.Name)
+	defer unlock()
+	if _, err := m.Get(opts.Name); err == nil {
+		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
+	}
+	if _, err := guest.GetImage(m.cfg.Graph, opts.Image); err != nil {
+		return Box{}, fmt.Errorf("image %q: %w (build it with: boxd image build)", opts.Image, err)
+	}
+	base, err := guest.BaseFile(ctx, m.cfg.Graph, opts.Image, guest.BaseDir(m.cfg.Root))
+	if err != nil {
+		return Box{}, err
+	}
+	bx := Box{
+		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
+		Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
+	}
+	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
+		return Box{}, fmt.Errorf("box: %w", err)
+	}
+	if err := qemu.CreateOverlay(ctx, bx.Disk, base); err != nil {
+		return Box{}, err
+	}
+	if err := m.put(bx); err != nil {
+		return Box{}, err
+	}
+	return m.boot(ctx, bx)
+}
+
+func (m *Manager) boxDir(name string) string { return filepath.Join(m.cfg.Root, "boxes", name) }
+
+func (m *Manager) newDiskPath(name string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return filepath.Join(disksDir(m.cfg.Root), fmt.Sprintf("%s-%s.qcow2", name, hex.EncodeToString(b[:])))
+}
+
+// Console returns the last bytes of box name's console log.
+func (m *Manager) Console(name string, max int) []byte {
+	b, _ := os.ReadFile(filepath.Join(m.boxDir(name), "console.log"))
+	if len(b) > max {
+		b = b[len(b)-max:]
+	}
+	return b
+}
+
+// spec is the machine a cold boot of bx starts.
+func (m *Manager) spec(ctx context.Context, bx Box) (runner.Spec, error) {
+	root := m.cfg.Root
+	kernel, modules, err := guest.Kernel(ctx, root, m.cfg.Kernel)
+	if err != nil {
+		return runner.Spec{}, err
+	}
+	agentPath, err := guest.AgentPath()
+	if err != nil {
+		return runner.Spec{}, err
+	}
+	initrd, err := guest.Initramfs(ctx, root, modules, agentPath)
+	if err != nil {
+		return runner.Spec{}, err
+	}
+	return runner.Spec{
+		MemSize: bx.Memory, CPUs: bx.CPUs, Boot: kernel,
+		Options: map[string]string{
+			qemu.OptionInitrd:  initrd,
+			qemu.OptionCmdline: guest.Cmdline(bx.Name),
+			qemu.OptionDisk:    bx.Disk,
+			qemu.OptionBase:    guest.SnapshotName(bx.Image),
+			qemu.OptionConsole: filepath.Join(m.boxDir(bx.Name), "console.log"),
+		},
+	}, nil
+}
+
+// boot cold-boots bx from its disk and waits for its agent.
+func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
+	spec, err := m.spec(ctx, bx)
+	if err != nil {
+		return bx, err
+	}
+	mach, err := m.runner.StartMachine(ctx, spec)
+	if err != nil {
+		return bx, err
+	}
+	if err := m.attach(ctx, bx.Name, mach); err != nil {
+		return bx, err
+	}
+	bx.State, bx.Note = StateRunning, ""
+	return bx, m.put(bx)
+}
+
+// attach waits for the agent of mach and makes it box name's machine. On
+// failure the machine is stopped and the error carries the console's end.
+func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) error {
+	dctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
+	defer cancel()
+	go func() { // a guest that dies ends the wait at once
+		select {
+		case <-mach.Done():
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	c, err := agent.Dial(dctx, mach.AgentSocket())
+	if err != nil {
+		_ = mach.Stop(context.WithoutCancel(ctx))
+		why := "its agent did not answer within " + ReadyTimeout.String()
+		if mach.Err() != nil && !errors.Is(mach.Err(), qemu.ErrStopped) {
+			why = "the machine stopped: " + mach.Err().Error()
+		}
+		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), cas.ErrUnavailable)
+	}
+	m.mu.Lock()
+	m.machines[name], m.clients[name], m.lastUse[name] = mach, c, time.Now()
+	m.mu.Unlock()
+	return nil
+}
+
+// tail returns the last n lines of b.
+func tail(b []byte, n int) string {
+	lines := bytes.Split(bytes.TrimRight(b, "\r\n"), []byte("\n"))
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return string(bytes.Join(lines, []byte("\n")))
+}
+
+func (m *Manager) detach(name string) *qemu.Machine {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	mach := m.machines[name]
+	if c := m.clients[name]; c != nil {
+		_ = c.Close()
+	}
+	delete(m.machines, name)
+	delete(m.clients, name)
+	return mach
+}
+
+func (m *Manager) stopMachine(ctx context.Context, name string) {
+	if mach := m.detach(name); mach != nil {
+		_ = mach.Stop(ctx)
+	}
+}
+
+// machine returns box name's running machine, noticing one that died.
+func (m *Manager) machine(name string) (*qemu.Machine, *agent.Client, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	mach := m.machines[name]
+	if mach == nil {
+		return nil, nil, false
+	}
+	select {
+	case <-mach.Done():
+		return mach, nil, false
+	default:
+	}
+	m.lastUse[name] = time.Now()
+	return mach, m.clients[name], true
+}
+
+// Client returns an agent client of box name, resuming a hibernated box
+// or starting a stopped one first. The client belongs to the manager.
+func (m *Manager) Client(ctx context.Context, name string) (*agent.Client, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	if _, c, ok := m.machine(name); ok && bx.State == StateRunning {
+		return c, nil
+	}
+	if _, _, ok := m.machine(name); ok && bx.State == StatePaused {
+		if _, err := m.setPausedLocked(ctx, bx, false); err != nil {
+			return nil, err
+		}
+		_, c, _ := m.machine(name)
+		return c, nil
+	}
+	switch bx.State {
+	case StateHibernated:
+		bx, err = m.resume(ctx, bx)
+	default:
+		if mach := m.detach(name); mach != nil && mach.Err() != nil {
+			bx.Note = "its machine stopped: " + mach.Err().Error()
+		}
+		bx, err = m.boot(ctx, bx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	_, c, _ := m.machine(bx.Name)
+	return c, nil
+}
+
+// Exec runs cmd in box name and returns its exit code.
+func (m *Manager) Exec(ctx context.Context, name string, cmd agent.Command) (int, error) {
+	c, err := m.Client(ctx, name)
+	if err != nil {
+		return 0, err
+	}
+	return c.Run(ctx, cmd)
+}
+
+// Start boots a stopped box (or resumes a hibernated one).
+func (m *Manager) Start(ctx context.Context, name string) (Box, error) {
+	if _, err := m.Client(ctx, name); err != nil {
+		return Box{}, err
+	}
+	return m.Get(name)
+}
+
+// Stop shuts box name's machine down; its disk is kept.
+func (m *Manager) Stop(ctx context.Context, name string) (Box, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return Box{}, err
+	}
+	if bx.State == StateHibernated {
+		return bx, fmt.Errorf("box %s is hibernated; resume it first or remove it: %w", name, ErrInvalidState)
+	}
+	m.stopMachine(ctx, name)
+	bx.State = StateStopped
+	return bx, m.put(bx)
+}
+
+// Remove stops box name and deletes it: its record, its disk's top and its
+// console. Snapshots other boxes came from stay in the store.
+func (m *Manager) Remove(ctx context.Context, name string) error {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return err
+	}
+	m.stopMachine(ctx, name)
+	if err := m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(name)) }); err != nil {
+		return err
+	}
+	if !m.diskShared(bx.Disk) {
+		_ = os.Remove(bx.Disk)
+	}
+	_ = os.RemoveAll(m.boxDir(name))
+	return nil
+}
+
+// diskShared says whether a disk file backs another box's disk (a frozen
+// overlay other boxes' overlays are made over).
+func (m *Manager) diskShared(path string) bool {
+	boxes, _ := m.List()
+	return slices.ContainsFunc(boxes, func(b Box) bool { return b.Disk == path })
+}
+
+// snapName names a box's next snapshot.
+func snapName(bx *Box, what string) string {
+	bx.Snaps++
+	return fmt.Sprintf("box.%s.%d-%s", bx.Name, bx.Snaps, what)
+}
+
+func nowUTC() time.Time { return time.Now().UTC() }

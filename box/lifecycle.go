@@ -1,0 +1,278 @@
+package box
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// Pause stops box name's vCPUs; its memory stays where it is.
+func (m *Manager) Pause(ctx context.Context, name string) (Box, error) {
+	return m.setPaused(ctx, name, true)
+}
+
+// Unpause lets a paused box run on.
+func (m *Manager) Unpause(ctx context.Context, name string) (Box, error) {
+	return m.setPaused(ctx, name, false)
+}
+
+func (m *Manager) setPaused(ctx context.Context, name string, pause bool) (Box, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return Box{}, err
+	}
+	return m.setPausedLocked(ctx, bx, pause)
+}
+
+func (m *Manager) setPausedLocked(ctx context.Context, bx Box, pause bool) (Box, error) {
+	mach, err := m.running(bx)
+	if err != nil {
+		return bx, err
+	}
+	if pause {
+		err, bx.State = mach.Pause(ctx), StatePaused
+	} else {
+		err, bx.State = mach.Resume(ctx), StateRunning
+	}
+	if err != nil {
+		return bx, err
+	}
+	return bx, m.put(bx)
+}
+
+// running returns bx's machine, or an error saying why there is none.
+func (m *Manager) running(bx Box) (*qemu.Machine, error) {
+	mach, _, ok := m.machine(bx.Name)
+	if (bx.State != StateRunning && bx.State != StatePaused) || !ok {
+		return nil, fmt.Errorf("box %s is %s: %w", bx.Name, bx.State, ErrInvalidState)
+	}
+	return mach, nil
+}
+
+// Snapshot saves running box name as snapshot box.NAME.SNAP (SNAP chosen
+// when empty), a delta against its previous one; the box goes on.
+func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	mach, err := m.running(bx)
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	full := snapName(&bx, "snapshot")
+	if snap != "" {
+		full = "box." + bx.Name + "." + snap
+		if err := snapshotter.ValidateName(full); err != nil {
+			return snapshotter.Snapshot{}, err
+		}
+	}
+	s, err := mach.Snapshot(ctx, full, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": bx.Name}})
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	bx.Snapshot, bx.Disk = full, mach.Disk()
+	return s, m.put(bx)
+}
+
+// Hibernate snapshots running box name into the store and stops its
+// machine, freeing its memory. If the snapshot fails (a full disk), the box
+// keeps running.
+func (m *Manager) Hibernate(ctx context.Context, name string) (Box, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return Box{}, err
+	}
+	mach, err := m.running(bx)
+	if err != nil {
+		return Box{}, err
+	}
+	snap := snapName(&bx, "hibernate")
+	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": bx.Name}})
+	if err != nil {
+		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", name, err)
+	}
+	top := mach.Disk()
+	m.stopMachine(ctx, name)
+	_ = os.Remove(top) // the empty overlay after the snapshot; resume makes a new one
+	bx.State, bx.Snapshot, bx.Disk = StateHibernated, snap, s.Labels[qemu.LabelDisk]
+	return bx, m.put(bx)
+}
+
+// Resume brings hibernated box name back from its snapshot.
+func (m *Manager) Resume(ctx context.Context, name string) (Box, error) {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return Box{}, err
+	}
+	if bx.State != StateHibernated {
+		return bx, fmt.Errorf("box %s is %s, not hibernated: %w", name, bx.State, ErrInvalidState)
+	}
+	return m.resume(ctx, bx)
+}
+
+// resume restores bx from its snapshot onto a fresh disk overlay.
+func (m *Manager) resume(ctx context.Context, bx Box) (Box, error) {
+	unique, err := agent.NewUnique("")
+	if err != nil {
+		return bx, err
+	}
+	unique.MachineID = "" // the same box: only entropy and the clock are new
+	disk := m.newDiskPath(bx.Name)
+	if err := m.restore(ctx, bx.Name, bx.Snapshot, disk, unique); err != nil {
+		return bx, fmt.Errorf("resuming box %s: %w", bx.Name, err)
+	}
+	bx.State, bx.Disk, bx.Note = StateRunning, disk, ""
+	return bx, m.put(bx)
+}
+
+// restore starts box name's machine from snap on a new overlay at disk,
+// waits for its agent and gives the guest u.
+func (m *Manager) restore(ctx context.Context, name, snap, disk string, u agent.Unique) error {
+	if err := os.MkdirAll(m.boxDir(name), 0o700); err != nil {
+		return fmt.Errorf("box: %w", err)
+	}
+	mach, err := m.runner.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: map[string]string{
+		qemu.OptionDisk:    disk,
+		qemu.OptionConsole: filepath.Join(m.boxDir(name), "console.log"),
+	}})
+	if err != nil {
+		_ = os.Remove(disk)
+		return err
+	}
+	if err := m.attach(ctx, name, mach); err != nil {
+		return err
+	}
+	_, c, _ := m.machine(name)
+	if err := c.Unique(ctx, u); err != nil {
+		m.stopMachine(ctx, name)
+		return fmt.Errorf("making box %s unique: %w", name, err)
+	}
+	return nil
+}
+
+// Fork makes boxes names from running (or hibernated) box src: each carries
+// on from src's memory, disk and processes, with its own hostname,
+// machine-id, fresh entropy and the host's clock. A running src is
+// snapshotted with its memory file frozen; src and every fork map that file
+// copy-on-write, so pages they only read are in host memory once.
+func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, error) {
+	if len(names) == 0 {
+		return nil, fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
+	}
+	seen := map[string]bool{}
+	for _, n := range names {
+		if err := ValidateName(n); err != nil {
+			return nil, err
+		}
+		if seen[n] || n == src {
+			return nil, fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
+		}
+		seen[n] = true
+		if _, err := m.Get(n); err == nil {
+			return nil, fmt.Errorf("%q: %w", n, ErrExists)
+		}
+	}
+	unlock := m.lock(src)
+	defer unlock()
+	parent, err := m.Get(src)
+	if err != nil {
+		return nil, err
+	}
+	var snap string
+	switch parent.State {
+	case StateRunning:
+		mach, err := m.running(parent)
+		if err != nil {
+			return nil, err
+		}
+		snap = snapName(&parent, "fork")
+		if _, err := mach.Freeze(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": src}}); err != nil {
+			return nil, fmt.Errorf("fork of %s: %w", src, err)
+		}
+		top := mach.Disk()
+		m.detach(src)
+		_ = os.Remove(top)
+		parent.Snapshot = snap
+	case StateHibernated:
+		snap = parent.Snapshot
+	default:
+		return nil, fmt.Errorf("box %s is %s; start it before forking: %w", src, parent.State, ErrInvalidState)
+	}
+	defer m.runner.DropFrozen(snap) // if nothing ever maps it
+
+	type job struct {
+		bx     Box
+		unique agent.Unique
+	}
+	var jobs []job
+	if parent.State == StateRunning {
+		u, err := agent.NewUnique("")
+		if err != nil {
+			return nil, err
+		}
+		u.MachineID = ""
+		parent.Disk = m.newDiskPath(src)
+		jobs = append(jobs, job{parent, u})
+	}
+	for _, n := range names {
+		u, err := agent.NewUnique(n)
+		if err != nil {
+			return nil, err
+		}
+		child := Box{
+			Name: n, State: StateRunning, Image: parent.Image, Memory: parent.Memory, CPUs: parent.CPUs,
+			Keys: parent.Keys, Snapshot: snap, Parent: src, Disk: m.newDiskPath(n), Created: nowUTC(),
+		}
+		jobs = append(jobs, job{child, u})
+	}
+	errs := make([]error, len(jobs))
+	var wg sync.WaitGroup
+	for i, j := range jobs {
+		if j.bx.Name != src {
+			if err := m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
+				CPUs: j.bx.CPUs, Keys: j.bx.Keys, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created, Note: "being forked"}); err != nil {
+				return nil, err
+			}
+		}
+		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
+	}
+	wg.Wait()
+	var out []Box
+	var failed []string
+	for i, j := range jobs {
+		bx := j.bx
+		if errs[i] != nil {
+			// The snapshot holds it all: the box can resume from it.
+			bx.State, bx.Snapshot, bx.Note = StateHibernated, snap, "fork failed to start: "+errs[i].Error()
+			failed = append(failed, fmt.Sprintf("%s: %v", bx.Name, errs[i]))
+		}
+		if err := m.put(bx); err != nil {
+			return out, err
+		}
+		if bx.Name != src {
+			out = append(out, bx)
+		}
+	}
+	if len(failed) > 0 {
+		return out, fmt.Errorf("fork of %s: %s", src, strings.Join(failed, "; "))
+	}
+	return out, nil
+}
