@@ -1,0 +1,286 @@
+package integration
+
+// TestBox boots real Linux boxes under QEMU (TCG on hosts without
+// hardware virtualisation) from the default Debian image, talks to them
+// through boxd's agent, and forks and hibernates them.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// boxEnv is a manager over a fresh root with the default image built.
+type boxEnv struct {
+	root string
+	g    *snapshotter.Graph
+	mgr  *box.Manager
+}
+
+func newBoxEnv(ctx context.Context, t *testing.T) *boxEnv {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("boots Linux boxes under QEMU; skipped with -short")
+	}
+	ensurePackages(t, "qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs")
+	tree := debootstrapRootfs(t)
+	root := t.TempDir()
+	agentBin := filepath.Join(root, "boxd-agent")
+	build := exec.CommandContext(ctx, "go", "build", "-o", agentBin, "github.com/boxd-dev/boxd/cmd/boxd-agent")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building boxd-agent: %v\n%s", err, out)
+	}
+	t.Setenv(guest.AgentEnv, agentBin)
+	g, err := snapshotter.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = g.Close() })
+	start := time.Now()
+	if _, err := guest.BuildImage(ctx, g, guest.BuildOptions{Tree: tree, Size: 2 << 30}); err != nil {
+		t.Fatalf("building the default image: %v", err)
+	}
+	t.Logf("default image built from the cached tree in %v", time.Since(start).Round(time.Millisecond))
+	mgr, err := box.Open(box.Config{Root: root, Graph: g})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		boxes, _ := mgr.List()
+		for _, b := range boxes {
+			_, _ = mgr.Stop(context.Background(), b.Name)
+		}
+		_ = mgr.Close(context.Background())
+	})
+	return &boxEnv{root: root, g: g, mgr: mgr}
+}
+
+// run runs a shell line in box name and returns its stdout, failing the
+// test unless it exits with want.
+func (e *boxEnv) run(ctx context.Context, t *testing.T, name, line string, want int) string {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code, err := e.mgr.Exec(ctx, name, agent.Command{Shell: line, Stdout: &out, Stderr: &errb})
+	if err != nil {
+		t.Fatalf("%s: %q: %v", name, line, err)
+	}
+	if code != want {
+		t.Fatalf("%s: %q exited %d, want %d; stderr: %s", name, line, code, want, errb.String())
+	}
+	return strings.TrimSpace(out.String())
+}
+
+func TestBoxLinux(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	e := newBoxEnv(ctx, t)
+
+	start := time.Now()
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("box dev: created and its agent answered in %v", time.Since(start).Round(time.Millisecond))
+
+	// The guest's kernel, not the host's.
+	_, modules, err := guest.Kernel(ctx, e.root, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, _ := exec.Command("uname", "-r").Output()
+	if got := e.run(ctx, t, "dev", "uname -r", 0); got != filepath.Base(modules) || got == strings.TrimSpace(string(host)) {
+		t.Fatalf("uname -r in the box = %q; want the guest kernel %q (host %q)", got, filepath.Base(modules), host)
+	}
+	if got := e.run(ctx, t, "dev", "cat /etc/os-release", 0); !strings.Contains(got, "bookworm") {
+		t.Fatalf("/etc/os-release: %s", got)
+	}
+	if got := e.run(ctx, t, "dev", "hostname", 0); got != "dev" {
+		t.Fatalf("hostname = %q, want dev", got)
+	}
+	// A pty.
+	var out bytes.Buffer
+	code, err := e.mgr.Exec(ctx, "dev", agent.Command{Shell: "tty", TTY: true, Stdout: &out})
+	if err != nil || code != 0 || !strings.HasPrefix(strings.TrimSpace(out.String()), "/dev/pts/") {
+		t.Fatalf("tty on a pty: %d %v %q", code, err, out.String())
+	}
+	e.run(ctx, t, "dev", "exit 3", 3)
+	var errb bytes.Buffer
+	code, err = e.mgr.Exec(ctx, "dev", agent.Command{Args: []string{"no-such-command"}, Stderr: &errb})
+	if err != nil || code != 127 || !strings.Contains(errb.String(), "not found") {
+		t.Fatalf("a missing command: exit %d, %v, stderr %q; want 127 and 'not found'", code, err, errb.String())
+	}
+
+	// The disk persists across a stop and a cold boot.
+	e.run(ctx, t, "dev", "echo kept > /root/file && sync", 0)
+	if _, err := e.mgr.Stop(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Start(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.run(ctx, t, "dev", "cat /root/file", 0); got != "kept" {
+		t.Fatalf("after a restart /root/file = %q", got)
+	}
+
+	// Pause and resume.
+	if _, err := e.mgr.Pause(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := e.mgr.Get("dev"); b.State != box.StatePaused {
+		t.Fatalf("state after pause: %s", b.State)
+	}
+	if _, err := e.mgr.Unpause(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	e.run(ctx, t, "dev", "true", 0)
+}
+
+// counter is a process that appends a growing count to a file in /tmp
+// (RAM) five times a second.
+const counter = `nohup sh -c 'i=0; while :; do echo $i >> /tmp/count; i=$((i+1)); sleep 0.2; done' >/dev/null 2>&1 &`
+
+// lastCount is the last number in box name's /tmp/count.
+func (e *boxEnv) lastCount(ctx context.Context, t *testing.T, name string) int {
+	t.Helper()
+	n, err := strconv.Atoi(e.run(ctx, t, name, "tail -n 1 /tmp/count", 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// storeBytes is what the store's packs hold.
+func (e *boxEnv) storeBytes(ctx context.Context, t *testing.T) int64 {
+	t.Helper()
+	r, err := e.g.Report(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Store.PackBytes
+}
+
+func TestBoxForkHibernate(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	e := newBoxEnv(ctx, t)
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev"}); err != nil {
+		t.Fatal(err)
+	}
+	e.run(ctx, t, "dev", counter, 0)
+	e.run(ctx, t, "dev", "echo parent > /root/parent.txt && sleep 1", 0)
+	before := e.lastCount(ctx, t, "dev")
+
+	storeBefore := e.storeBytes(ctx, t)
+	start := time.Now()
+	if _, err := e.mgr.Fork(ctx, "dev", []string{"a", "b"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("fork of dev into a and b, agents answering: %v; store grew %d KiB",
+		time.Since(start).Round(time.Millisecond), (e.storeBytes(ctx, t)-storeBefore)>>10)
+
+	ids := map[string]string{}
+	hosts := map[string]string{}
+	rnd := map[string]string{}
+	for _, n := range []string{"dev", "a", "b"} {
+		// One line, so that the random bytes are read as soon as the
+		// box is reached.
+		got := e.run(ctx, t, n, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; cat /etc/machine-id; date +%s.%N; cat /root/parent.txt", 0)
+		host := float64(time.Now().UnixNano()) / 1e9
+		lines := strings.Split(got, "\n")
+		if len(lines) != 5 {
+			t.Fatalf("%s: %q", n, got)
+		}
+		rnd[n], hosts[n], ids[n] = lines[0], lines[1], lines[2]
+		guestClock, _ := strconv.ParseFloat(lines[3], 64)
+		if d := host - guestClock; d < -1 || d > 1 {
+			t.Fatalf("%s: guest clock %.3f, host %.3f: more than a second apart", n, guestClock, host)
+		}
+		if lines[4] != "parent" {
+			t.Fatalf("%s: the parent's file reads %q", n, lines[4])
+		}
+		// The counter runs on from where it was, in each box.
+		time.Sleep(500 * time.Millisecond)
+		if c := e.lastCount(ctx, t, n); c <= before {
+			t.Fatalf("%s: counter at %d, it was %d before the fork", n, c, before)
+		}
+		if first := e.run(ctx, t, n, "head -n 1 /tmp/count", 0); first != "0" {
+			t.Fatalf("%s: /tmp/count starts at %q: the process is not the one from before the fork", n, first)
+		}
+	}
+	if hosts["a"] != "a" || hosts["b"] != "b" || hosts["dev"] != "dev" {
+		t.Fatalf("hostnames: %v", hosts)
+	}
+	if ids["a"] == ids["b"] || ids["a"] == ids["dev"] || ids["b"] == ids["dev"] {
+		t.Fatalf("machine-ids are not unique: %v", ids)
+	}
+	if rnd["a"] == rnd["b"] || rnd["a"] == rnd["dev"] {
+		t.Fatalf("random bytes repeat across forks: %v", rnd)
+	}
+
+	// Forks diverge.
+	e.run(ctx, t, "a", "echo mine > /root/a.txt", 0)
+	e.run(ctx, t, "b", "test ! -e /root/a.txt", 0)
+	e.run(ctx, t, "dev", "test ! -e /root/a.txt", 0)
+
+	// A fork of a fork stores about what changed.
+	storeBefore = e.storeBytes(ctx, t)
+	if _, err := e.mgr.Fork(ctx, "a", []string{"a2"}); err != nil {
+		t.Fatal(err)
+	}
+	grew := e.storeBytes(ctx, t) - storeBefore
+	t.Logf("second fork: store grew %d KiB for a 512 MiB box", grew>>10)
+	if grew > 64<<20 {
+		t.Fatalf("a fork of a running fork stored %d MiB: more than what changed", grew>>20)
+	}
+	e.run(ctx, t, "a2", "cat /root/a.txt", 0)
+
+	// Hibernate and resume: the process is still there.
+	atHibernate := e.lastCount(ctx, t, "b")
+	start = time.Now()
+	if _, err := e.mgr.Hibernate(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("hibernate of b: %v", time.Since(start).Round(time.Millisecond))
+	if bx, _ := e.mgr.Get("b"); bx.State != box.StateHibernated {
+		t.Fatalf("b is %s after hibernate", bx.State)
+	}
+	start = time.Now()
+	if _, err := e.mgr.Resume(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("resume of b to its agent answering: %v", time.Since(start).Round(time.Millisecond))
+	time.Sleep(500 * time.Millisecond)
+	if c := e.lastCount(ctx, t, "b"); c <= atHibernate {
+		t.Fatalf("b's counter at %d after resume, %d at hibernate", c, atHibernate)
+	}
+
+	// Bad input.
+	if _, err := e.mgr.Fork(ctx, "nope", []string{"x"}); !errors.Is(err, cas.ErrNotFound) {
+		t.Fatalf("fork of a missing box: %v", err)
+	}
+	if _, err := e.mgr.Stop(ctx, "a2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Fork(ctx, "a2", []string{"y"}); !errors.Is(err, box.ErrInvalidState) {
+		t.Fatalf("fork of a stopped box: %v", err)
+	}
+	if _, err := e.mgr.Hibernate(ctx, "nope"); !errors.Is(err, cas.ErrNotFound) {
+		t.Fatalf("hibernate of a missing box: %v", err)
+	}
+	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, cas.ErrInvalidArgument) {
+		t.Fatalf("fork to a bad name: %v", err)
+	}
+}
