@@ -292,7 +292,20 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err := m.put(bx); err != nil {
 		return Box{}, err
 	}
-	return m.boot(ctx, bx)
+	bx, err = m.boot(ctx, bx)
+	if err != nil {
+		return bx, err
+	}
+	// Its own machine-id (the image has none), entropy and clock.
+	u, err := agent.NewUnique(bx.Name)
+	if err == nil {
+		_, c, _ := m.machine(bx.Name)
+		err = c.Unique(ctx, u)
+	}
+	if err != nil {
+		return bx, fmt.Errorf("box %s: %w", bx.Name, err)
+	}
+	return bx, nil
 }
 
 func (m *Manager) boxDir(name string) string { return filepath.Join(m.cfg.Root, "boxes", name) }

@@ -197,7 +197,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	for _, n := range []string{"dev", "a", "b"} {
 		// One line, so that the random bytes are read as soon as the
 		// box is reached.
-		got := e.run(ctx, t, n, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; cat /etc/machine-id; date +%s.%N; cat /root/parent.txt", 0)
+		got := e.run(ctx, t, n, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; echo $(cat /etc/machine-id); date +%s.%N; cat /root/parent.txt", 0)
 		host := float64(time.Now().UnixNano()) / 1e9
 		lines := strings.Split(got, "\n")
 		if len(lines) != 5 {
