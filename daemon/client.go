@@ -1,0 +1,214 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"syscall"
+
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
+)
+
+// Client talks to the daemon of one root over its API socket. Its methods
+// wait as long as the operation takes (a boot, a hibernate); their context
+// bounds the wait, but an operation the daemon started goes on without it.
+type Client struct {
+	root   string
+	socket string
+	hc     *http.Client
+}
+
+// NewClient returns a client of the daemon serving root. It connects on
+// each call, so it may be made before the daemon runs.
+func NewClient(root string) *Client {
+	socket := SocketPath(root)
+	return &Client{
+		root:   root,
+		socket: socket,
+		hc: &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+			},
+			MaxIdleConns: 4,
+		}},
+	}
+}
+
+// NotRunningError is the error of a call when no daemon serves the root.
+type NotRunningError struct {
+	Root string
+	Err  error // what connecting to the socket said
+}
+
+func (e *NotRunningError) Error() string {
+	return fmt.Sprintf("boxd daemon is not running on %s (start it with: boxd daemon --root %s)", e.Root, e.Root)
+}
+
+// Is makes a NotRunningError match errdefs.ErrUnavailable. It does not
+// unwrap to Err: a missing socket is no missing file of the caller's.
+func (e *NotRunningError) Is(target error) bool { return target == errdefs.ErrUnavailable }
+
+// do sends a request with body in as JSON (none when nil) and decodes the
+// answer into out (discarded when nil).
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://boxd"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return &NotRunningError{Root: c.root, Err: err}
+		}
+		if errors.Is(err, syscall.EACCES) {
+			return fmt.Errorf("cannot reach the boxd daemon at %s: permission denied (its socket is root's alone)", c.socket)
+		}
+		return fmt.Errorf("boxd daemon at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("boxd daemon at %s: reading the answer: %w", c.socket, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var eb errorBody
+		_ = json.Unmarshal(data, &eb)
+		return remoteError(resp.StatusCode, eb)
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("boxd daemon at %s: decoding the answer: %w", c.socket, err)
+	}
+	return nil
+}
+
+func boxPath(name string, rest ...string) string {
+	p := "/v1/boxes/" + url.PathEscape(name)
+	for _, r := range rest {
+		p += "/" + r
+	}
+	return p
+}
+
+// Info returns where the daemon serves.
+func (c *Client) Info(ctx context.Context) (Info, error) {
+	var i Info
+	return i, c.do(ctx, http.MethodGet, "/v1/info", nil, &i)
+}
+
+// List returns every box.
+func (c *Client) List(ctx context.Context) ([]box.Box, error) {
+	var out []box.Box
+	return out, c.do(ctx, http.MethodGet, "/v1/boxes", nil, &out)
+}
+
+// Get returns box name.
+func (c *Client) Get(ctx context.Context, name string) (box.Box, error) {
+	var out box.Box
+	return out, c.do(ctx, http.MethodGet, boxPath(name), nil, &out)
+}
+
+// Create makes a box and returns once it runs.
+func (c *Client) Create(ctx context.Context, req CreateRequest) (box.Box, error) {
+	var out box.Box
+	return out, c.do(ctx, http.MethodPost, "/v1/boxes", req, &out)
+}
+
+// Fork makes boxes names from box src.
+func (c *Client) Fork(ctx context.Context, src string, names []string) ([]box.Box, error) {
+	var out []box.Box
+	return out, c.do(ctx, http.MethodPost, boxPath(src, "fork"), ForkRequest{Names: names}, &out)
+}
+
+func (c *Client) lifecycle(ctx context.Context, name, action string) (box.Box, error) {
+	var out box.Box
+	return out, c.do(ctx, http.MethodPost, boxPath(name, action), struct{}{}, &out)
+}
+
+// Start boots a stopped box (or resumes a hibernated one).
+func (c *Client) Start(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "start")
+}
+
+// Stop shuts a box's machine down.
+func (c *Client) Stop(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "stop")
+}
+
+// Hibernate snapshots a running box and stops its machine.
+func (c *Client) Hibernate(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "hibernate")
+}
+
+// Resume brings a hibernated box back.
+func (c *Client) Resume(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "resume")
+}
+
+// Snapshot saves running box name as snapshot box.NAME.SNAP (SNAP chosen
+// by the daemon when empty).
+func (c *Client) Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error) {
+	var out snapshotter.Snapshot
+	return out, c.do(ctx, http.MethodPost, boxPath(name, "snapshot"), SnapshotRequest{Name: snap}, &out)
+}
+
+// Snapshots returns box name's snapshots as a tree.
+func (c *Client) Snapshots(ctx context.Context, name string) ([]*SnapshotNode, error) {
+	var out []*SnapshotNode
+	return out, c.do(ctx, http.MethodGet, boxPath(name, "snapshots"), nil, &out)
+}
+
+// AllSnapshots returns every box's snapshot tree.
+func (c *Client) AllSnapshots(ctx context.Context) ([]BoxSnapshots, error) {
+	var out []BoxSnapshots
+	return out, c.do(ctx, http.MethodGet, "/v1/snapshots", nil, &out)
+}
+
+// Exec runs args in box name with stdin and returns once it has exited.
+func (c *Client) Exec(ctx context.Context, name string, args []string, stdin []byte) (ExecResult, error) {
+	var out ExecResult
+	return out, c.do(ctx, http.MethodPost, boxPath(name, "exec"), ExecRequest{Args: args, Stdin: stdin}, &out)
+}
+
+// Remove deletes box name.
+func (c *Client) Remove(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, boxPath(name), nil, nil)
+}
+
+// Report returns the dedup report of the boxes named (all when none).
+func (c *Client) Report(ctx context.Context, boxes ...string) (Report, error) {
+	q := url.Values{}
+	for _, b := range boxes {
+		q.Add("box", b)
+	}
+	path := "/v1/report"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var out Report
+	return out, c.do(ctx, http.MethodGet, path, nil, &out)
+}

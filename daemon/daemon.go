@@ -1,0 +1,201 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/boxd-dev/boxd/sshproxy"
+	"golang.org/x/crypto/ssh"
+)
+
+// Defaults of the daemon.
+const (
+	DefaultSSHListen     = "127.0.0.1:2222"
+	DefaultIdleHibernate = 5 * time.Minute
+	// IdleInterval is how often idle boxes are looked for.
+	IdleInterval = 30 * time.Second
+)
+
+// Shutdown bounds: how long requests in flight may finish, and how long
+// hibernating the running boxes may take.
+const (
+	requestGrace = 30 * time.Second
+	closeTimeout = 10 * time.Minute
+)
+
+// Config configures Run.
+type Config struct {
+	Root          string
+	SSHListen     string        // host:port of the SSH front door
+	IdleHibernate time.Duration // 0 disables idle hibernation
+	Kernel        string        // a kernel to boot instead of Debian's cloud kernel
+	Logger        *slog.Logger
+	// Ready, when not nil, is called once the daemon serves.
+	Ready func(Info)
+}
+
+// Run serves root's boxes until ctx ends: the API on ROOT/boxd.sock and the
+// SSH front door on cfg.SSHListen. Then it stops accepting, lets requests in
+// flight finish, hibernates every running box and returns nil. Another
+// daemon (or another boxd command holding the store) on the same root makes
+// it fail at once.
+func Run(ctx context.Context, cfg Config) (err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	g, err := snapshotter.Open(cfg.Root)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := g.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	mgr, err := box.Open(box.Config{Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log})
+	if err != nil {
+		return err
+	}
+	closeMgr := func() error {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
+		defer cancel()
+		return mgr.Close(cctx)
+	}
+	hostKey, err := sshproxy.LoadOrCreateHostKey(filepath.Join(cfg.Root, HostKeyName))
+	if err != nil {
+		return errors.Join(err, closeMgr())
+	}
+	sshL, err := net.Listen("tcp", cfg.SSHListen)
+	if err != nil {
+		return errors.Join(fmt.Errorf("ssh front door: %w", err), closeMgr())
+	}
+	apiL, err := listenSocket(SocketPath(cfg.Root))
+	if err != nil {
+		sshL.Close()
+		return errors.Join(err, closeMgr())
+	}
+	defer os.Remove(SocketPath(cfg.Root))
+
+	srvCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopOps()
+	info := Info{
+		Root: cfg.Root, Socket: SocketPath(cfg.Root), SSHAddr: sshL.Addr().String(),
+		IdleHibernate: cfg.IdleHibernate.String(), PID: os.Getpid(),
+	}
+	api := NewServer(srvCtx, Options{Manager: mgr, Store: g, Info: info, Logger: log})
+	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
+	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+
+	served := make(chan error, 2)
+	go func() { served <- fmt.Errorf("ssh front door: %w", proxy.Serve(sshL)) }()
+	go func() { served <- fmt.Errorf("api: %w", hs.Serve(apiL)) }()
+	idleDone := make(chan struct{})
+	go func() {
+		defer close(idleDone)
+		api.IdleLoop(srvCtx, IdleInterval, cfg.IdleHibernate)
+	}()
+	log.Info("boxd daemon serving", "root", cfg.Root, "api", info.Socket, "ssh", info.SSHAddr, "idle_hibernate", info.IdleHibernate)
+	if cfg.Ready != nil {
+		cfg.Ready(info)
+	}
+
+	var failed error
+	select {
+	case <-ctx.Done():
+	case failed = <-served:
+	}
+	log.Info("boxd daemon stopping: hibernating running boxes")
+	// Stop accepting: SSH connections end now (their boxes are about to
+	// hibernate); API requests in flight may finish for a while, then the
+	// operations they started are cancelled.
+	_ = proxy.Close()
+	sctx, cancel := context.WithTimeout(context.Background(), requestGrace)
+	if err := hs.Shutdown(sctx); err != nil {
+		stopOps()
+		_ = hs.Close()
+	}
+	cancel()
+	stopOps()
+	<-idleDone
+	return errors.Join(failed, closeMgr())
+}
+
+// listenSocket listens on the unix socket path, mode 0600. A socket left
+// there is stale: the caller holds the root's store, so no other daemon
+// serves on it. The socket is made under a temporary name and renamed into
+// place once its mode is set, so nobody else ever connects to it.
+func listenSocket(path string) (net.Listener, error) {
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; move it away", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, err
+		}
+	}
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	_ = os.Remove(tmp)
+	l, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, fmt.Errorf("api socket: %w", err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("api socket: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("api socket: %w", err)
+	}
+	return l, nil
+}
+
+// boxClients is what the SSH front door's backend needs of the manager.
+type boxClients interface {
+	Get(name string) (box.Box, error)
+	Client(ctx context.Context, name string) (*agent.Client, error)
+}
+
+// backend connects the SSH front door to the boxes, and tells the server
+// which boxes have SSH connections, so that they are not hibernated.
+type backend struct {
+	mgr boxClients
+	srv *Server
+}
+
+// AuthorizedKeys returns the keys recorded with box name.
+func (b *backend) AuthorizedKeys(_ context.Context, name string) ([]ssh.PublicKey, error) {
+	bx, err := b.mgr.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	return sshproxy.ParseAuthorizedKeys([]byte(strings.Join(bx.Keys, "\n")))
+}
+
+// Connect returns the client of box name's agent, resuming or booting the
+// box first. The box counts as in use until ctx ends: the person's SSH
+// connection closes.
+func (b *backend) Connect(ctx context.Context, name string) (*ssh.Client, error) {
+	done := b.srv.begin(name)
+	context.AfterFunc(ctx, done)
+	c, err := b.mgr.Client(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return c.SSH(), nil
+}

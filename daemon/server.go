@@ -1,0 +1,613 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/boxd-dev/boxd/sshproxy"
+	"github.com/containerd/errdefs"
+)
+
+// Manager is what the API needs of the box manager (*box.Manager).
+type Manager interface {
+	List() ([]box.Box, error)
+	Get(name string) (box.Box, error)
+	Create(ctx context.Context, opts box.CreateOptions) (box.Box, error)
+	Fork(ctx context.Context, src string, names []string) ([]box.Box, error)
+	Start(ctx context.Context, name string) (box.Box, error)
+	Stop(ctx context.Context, name string) (box.Box, error)
+	Hibernate(ctx context.Context, name string) (box.Box, error)
+	Resume(ctx context.Context, name string) (box.Box, error)
+	Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error)
+	Remove(ctx context.Context, name string) error
+	Exec(ctx context.Context, name string, cmd agent.Command) (int, error)
+}
+
+// Store is what the API needs of the snapshot graph (*snapshotter.Graph).
+type Store interface {
+	List() ([]snapshotter.Snapshot, error)
+	Report(ctx context.Context, names ...string) (snapshotter.Report, error)
+}
+
+// Body limits: a request's JSON, and what one exec keeps of each of its
+// output streams.
+const (
+	maxRequestBody = 1 << 20
+	maxExecBody    = 96 << 20 // stdin, base64 in JSON
+	MaxExecOutput  = 64 << 20
+)
+
+// Server answers the API and keeps track of when each box was last used.
+// Create it with NewServer.
+type Server struct {
+	mgr   Manager
+	store Store
+	info  Info
+	log   *slog.Logger
+	now   func() time.Time
+	// ctx ends when the daemon shuts down; box operations run under it
+	// rather than under their request, so a command interrupted while a
+	// box boots does not leave the box half made.
+	ctx context.Context
+
+	// mu protects the fields below.
+	mu sync.Mutex
+	// lastUse is when each box was last used: created, started, resumed,
+	// an exec or an SSH connection ended.
+	lastUse map[string]time.Time
+	// active counts each box's execs and SSH connections in progress.
+	active map[string]int
+}
+
+// Options configure a Server.
+type Options struct {
+	Manager Manager
+	Store   Store
+	Info    Info
+	Logger  *slog.Logger     // nil logs nothing
+	Now     func() time.Time // nil means time.Now
+}
+
+// NewServer returns a server of the API. Box operations it starts are
+// cancelled when ctx ends.
+func NewServer(ctx context.Context, opts Options) *Server {
+	s := &Server{
+		mgr: opts.Manager, store: opts.Store, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
+		lastUse: map[string]time.Time{}, active: map[string]int{},
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	return s
+}
+
+// Handler returns the API's routes.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/info", s.getInfo)
+	mux.HandleFunc("GET /v1/boxes", s.listBoxes)
+	mux.HandleFunc("POST /v1/boxes", s.createBox)
+	mux.HandleFunc("GET /v1/boxes/{name}", s.getBox)
+	mux.HandleFunc("DELETE /v1/boxes/{name}", s.removeBox)
+	mux.HandleFunc("POST /v1/boxes/{name}/fork", s.forkBox)
+	mux.HandleFunc("POST /v1/boxes/{name}/snapshot", s.snapshotBox)
+	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
+	for action, op := range map[string]func(context.Context, string) (box.Box, error){
+		"start":     s.mgr.Start,
+		"stop":      s.mgr.Stop,
+		"hibernate": s.mgr.Hibernate,
+		"resume":    s.mgr.Resume,
+	} {
+		mux.HandleFunc("POST /v1/boxes/{name}/"+action, func(w http.ResponseWriter, r *http.Request) { s.lifecycle(w, r, action, op) })
+	}
+	mux.HandleFunc("GET /v1/boxes/{name}/snapshots", s.boxSnapshots)
+	mux.HandleFunc("GET /v1/snapshots", s.allSnapshots)
+	mux.HandleFunc("GET /v1/report", s.report)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		// Also what a known path with the wrong method gets: the
+		// catch-all matches every method.
+		s.fail(w, r, fmt.Errorf("the boxd daemon has no %s %s: %w", r.Method, r.URL.Path, errdefs.ErrNotFound))
+	})
+	return mux
+}
+
+// opContext is the context of a box operation that request r started: it
+// outlives the request, not the daemon.
+func (s *Server) opContext(r *http.Request) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (s *Server) reply(w http.ResponseWriter, v any) { writeJSON(w, http.StatusOK, v) }
+
+func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	cat, status := Category(err)
+	if status == http.StatusInternalServerError {
+		s.log.Error("api", "method", r.Method, "path", r.URL.Path, "err", err)
+	} else {
+		s.log.Debug("api", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	writeJSON(w, status, errorBody{Error: err.Error(), Category: cat})
+}
+
+// decode reads r's JSON body into v, refusing unknown fields.
+func decode(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+			return fmt.Errorf("request body over %d bytes: %w", mbe.Limit, errdefs.ErrInvalidArgument)
+		}
+		return fmt.Errorf("request body: %w: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if dec.More() {
+		return fmt.Errorf("request body: more than one JSON value: %w", errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// boxName returns the {name} of r's path, checked.
+func boxName(r *http.Request) (string, error) {
+	name := r.PathValue("name")
+	return name, box.ValidateName(name)
+}
+
+func (s *Server) getInfo(w http.ResponseWriter, _ *http.Request) { s.reply(w, s.info) }
+
+func (s *Server) listBoxes(w http.ResponseWriter, r *http.Request) {
+	boxes, err := s.mgr.List()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if boxes == nil {
+		boxes = []box.Box{}
+	}
+	s.reply(w, boxes)
+}
+
+func (s *Server) getBox(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	if err == nil {
+		var bx box.Box
+		if bx, err = s.mgr.Get(name); err == nil {
+			s.reply(w, bx)
+			return
+		}
+	}
+	s.fail(w, r, err)
+}
+
+func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
+	var req CreateRequest
+	if err := decode(w, r, maxRequestBody, &req); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if err := box.ValidateName(req.Name); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if len(req.Keys) > 0 {
+		if _, err := sshproxy.ParseAuthorizedKeys([]byte(strings.Join(req.Keys, "\n"))); err != nil {
+			s.fail(w, r, fmt.Errorf("keys: %w", err))
+			return
+		}
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	bx, err := s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.touch(bx.Name)
+	s.reply(w, bx)
+}
+
+func (s *Server) removeBox(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	if err == nil {
+		ctx, cancel := s.opContext(r)
+		err = s.mgr.Remove(ctx, name)
+		cancel()
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.forget(name)
+	s.reply(w, map[string]string{"removed": name})
+}
+
+func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
+	src, err := boxName(r)
+	var req ForkRequest
+	if err == nil {
+		err = decode(w, r, maxRequestBody, &req)
+	}
+	if err == nil && len(req.Names) == 0 {
+		err = fmt.Errorf("fork: no names for the new boxes: %w", errdefs.ErrInvalidArgument)
+	}
+	for _, n := range req.Names {
+		if err == nil {
+			err = box.ValidateName(n)
+		}
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	boxes, err := s.mgr.Fork(ctx, src, req.Names)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	for _, bx := range boxes {
+		s.touch(bx.Name)
+	}
+	s.reply(w, boxes)
+}
+
+func (s *Server) lifecycle(w http.ResponseWriter, r *http.Request, action string, op func(context.Context, string) (box.Box, error)) {
+	name, err := boxName(r)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	bx, err := op(ctx, name)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if action == "start" || action == "resume" {
+		s.touch(name)
+	}
+	s.reply(w, bx)
+}
+
+func (s *Server) snapshotBox(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	var req SnapshotRequest
+	if err == nil {
+		err = decode(w, r, maxRequestBody, &req)
+	}
+	if err == nil && req.Name != "" {
+		err = snapshotter.ValidateName("box." + name + "." + req.Name)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	snap, err := s.mgr.Snapshot(ctx, name, req.Name)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.reply(w, snap)
+}
+
+// limitedBuffer keeps the first max bytes written to it and drops the rest.
+type limitedBuffer struct {
+	bytes.Buffer
+	max       int
+	truncated bool
+}
+
+func (b *limitedBuffer) Write(p []byte) (int, error) {
+	n := len(p)
+	if room := b.max - b.Len(); len(p) > room {
+		p, b.truncated = p[:max(room, 0)], true
+	}
+	b.Buffer.Write(p)
+	return n, nil
+}
+
+func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	var req ExecRequest
+	if err == nil {
+		err = decode(w, r, maxExecBody, &req)
+	}
+	if err == nil && len(req.Args) == 0 {
+		err = fmt.Errorf("exec: no command: %w", errdefs.ErrInvalidArgument)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	stdout, stderr := &limitedBuffer{max: MaxExecOutput}, &limitedBuffer{max: MaxExecOutput}
+	done := s.begin(name)
+	// The command runs under the request: a client that goes away ends it.
+	code, err := s.mgr.Exec(r.Context(), name, agent.Command{Args: req.Args, Stdin: bytes.NewReader(req.Stdin), Stdout: stdout, Stderr: stderr})
+	done()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.reply(w, ExecResult{ExitCode: code, Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Truncated: stdout.truncated || stderr.truncated})
+}
+
+// isBoxSnapshot reports whether snapshot sn belongs to box name: labelled
+// for it by the box manager, or named after it.
+func isBoxSnapshot(sn snapshotter.Snapshot, name string) bool {
+	return sn.Labels["boxd.box"] == name || strings.HasPrefix(sn.Name, "box."+name+".")
+}
+
+// snapshotTree arranges the snapshots of bx (from all, parents first) as a
+// tree: its roots are the snapshots whose parents are not the box's.
+func snapshotTree(all []snapshotter.Snapshot, bx box.Box) []*SnapshotNode {
+	nodes := map[string]*SnapshotNode{}
+	var roots []*SnapshotNode
+	for _, sn := range all {
+		if !isBoxSnapshot(sn, bx.Name) {
+			continue
+		}
+		n := &SnapshotNode{Name: sn.Name, Parent: sn.Parent, Created: sn.Created, Labels: sn.Labels, Size: sn.Size(), Current: sn.Name == bx.Snapshot}
+		nodes[sn.Name] = n
+		if p := nodes[sn.Parent]; p != nil {
+			p.Children = append(p.Children, n)
+		} else {
+			roots = append(roots, n)
+		}
+	}
+	// A parent listed after its child (the graph lists parents first, so
+	// this is defensive) still gets it.
+	var kept []*SnapshotNode
+	for _, n := range roots {
+		if p := nodes[n.Parent]; p != nil && p != n {
+			p.Children = append(p.Children, n)
+			continue
+		}
+		kept = append(kept, n)
+	}
+	if kept == nil {
+		kept = []*SnapshotNode{}
+	}
+	return kept
+}
+
+func (s *Server) boxSnapshots(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	var bx box.Box
+	if err == nil {
+		bx, err = s.mgr.Get(name)
+	}
+	var all []snapshotter.Snapshot
+	if err == nil {
+		all, err = s.store.List()
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.reply(w, snapshotTree(all, bx))
+}
+
+func (s *Server) allSnapshots(w http.ResponseWriter, r *http.Request) {
+	boxes, err := s.mgr.List()
+	var all []snapshotter.Snapshot
+	if err == nil {
+		all, err = s.store.List()
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := []BoxSnapshots{}
+	for _, bx := range boxes {
+		out = append(out, BoxSnapshots{Box: bx.Name, Snapshots: snapshotTree(all, bx)})
+	}
+	s.reply(w, out)
+}
+
+// report answers the dedup report of the boxes named by ?box= (all boxes
+// when none): each box's snapshots, then all of them together.
+func (s *Server) report(w http.ResponseWriter, r *http.Request) {
+	names := r.URL.Query()["box"]
+	var boxes []box.Box
+	var err error
+	if len(names) == 0 {
+		boxes, err = s.mgr.List()
+	}
+	for _, n := range names {
+		var bx box.Box
+		if err == nil {
+			if err = box.ValidateName(n); err == nil {
+				bx, err = s.mgr.Get(n)
+			}
+		}
+		boxes = append(boxes, bx)
+	}
+	var all []snapshotter.Snapshot
+	if err == nil {
+		all, err = s.store.List()
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := Report{Boxes: []BoxReport{}, Total: emptyReport()}
+	var union []string
+	for _, bx := range boxes {
+		br := BoxReport{Box: bx.Name, Snapshots: []string{}, Report: emptyReport()}
+		for _, sn := range all {
+			if isBoxSnapshot(sn, bx.Name) {
+				br.Snapshots = append(br.Snapshots, sn.Name)
+			}
+		}
+		// Report of no names reports everything: a box without
+		// snapshots keeps the empty report.
+		if len(br.Snapshots) > 0 {
+			if br.Report, err = s.store.Report(r.Context(), br.Snapshots...); err != nil {
+				s.fail(w, r, err)
+				return
+			}
+			fillEmpty(&br.Report)
+		}
+		for _, n := range br.Snapshots {
+			if !slices.Contains(union, n) {
+				union = append(union, n)
+			}
+		}
+		out.Boxes = append(out.Boxes, br)
+	}
+	if len(union) > 0 {
+		if out.Total, err = s.store.Report(r.Context(), union...); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		fillEmpty(&out.Total)
+	}
+	s.reply(w, out)
+}
+
+func emptyReport() snapshotter.Report {
+	var r snapshotter.Report
+	fillEmpty(&r)
+	return r
+}
+
+// fillEmpty makes r's lists empty rather than null in JSON.
+func fillEmpty(r *snapshotter.Report) {
+	if r.Histogram == nil {
+		r.Histogram = []snapshotter.RefBucket{}
+	}
+	if r.PerSnap == nil {
+		r.PerSnap = []snapshotter.SnapshotReport{}
+	}
+}
+
+// touch records a use of box name now.
+func (s *Server) touch(name string) {
+	s.mu.Lock()
+	s.lastUse[name] = s.now()
+	s.mu.Unlock()
+}
+
+// forget drops what the server knows of a removed box.
+func (s *Server) forget(name string) {
+	s.mu.Lock()
+	delete(s.lastUse, name)
+	if s.active[name] == 0 {
+		delete(s.active, name)
+	}
+	s.mu.Unlock()
+}
+
+// begin records that box name is in use until the returned function is
+// called (once; later calls do nothing).
+func (s *Server) begin(name string) func() {
+	s.mu.Lock()
+	s.active[name]++
+	s.lastUse[name] = s.now()
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.active[name]--
+			if s.active[name] <= 0 {
+				delete(s.active, name)
+			}
+			s.lastUse[name] = s.now()
+			s.mu.Unlock()
+		})
+	}
+}
+
+// idleFor returns how long box name has been idle, zero while it is in use.
+// A box the server has not seen used counts as used now.
+func (s *Server) idleFor(name string) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.active[name] > 0 {
+		return 0
+	}
+	now := s.now()
+	last, ok := s.lastUse[name]
+	if !ok {
+		s.lastUse[name] = now
+		return 0
+	}
+	return now.Sub(last)
+}
+
+// HibernateIdle hibernates every running box that has been idle (no exec
+// and no SSH connection through the front door) for at least idle, and
+// returns their names. A failure to hibernate one box is logged, not
+// returned; the box keeps running and is tried again on the next call.
+func (s *Server) HibernateIdle(ctx context.Context, idle time.Duration) ([]string, error) {
+	boxes, err := s.mgr.List()
+	if err != nil {
+		return nil, err
+	}
+	var done []string
+	for _, bx := range boxes {
+		if ctx.Err() != nil {
+			return done, ctx.Err()
+		}
+		if bx.State != box.StateRunning {
+			continue
+		}
+		d := s.idleFor(bx.Name)
+		if d < idle {
+			continue
+		}
+		s.log.Info("hibernating idle box", "box", bx.Name, "idle", d.Round(time.Second))
+		if _, err := s.mgr.Hibernate(ctx, bx.Name); err != nil {
+			s.log.Warn("hibernating idle box", "box", bx.Name, "err", err)
+			continue
+		}
+		done = append(done, bx.Name)
+	}
+	return done, nil
+}
+
+// IdleLoop calls HibernateIdle every interval until ctx ends. idle <= 0
+// returns at once.
+func (s *Server) IdleLoop(ctx context.Context, interval, idle time.Duration) {
+	if idle <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if _, err := s.HibernateIdle(ctx, idle); err != nil && ctx.Err() == nil {
+				s.log.Warn("idle hibernation", "err", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,687 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
+)
+
+// testKey is an authorized_keys line for the tests.
+const testKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test"
+
+// fakeManager is the test double of the box manager: boxes in a map, every
+// call recorded, and an error to answer instead when err is set.
+type fakeManager struct {
+	mu    sync.Mutex
+	boxes map[string]box.Box
+	calls []string
+	err   error // returned by every call that can fail, when set
+	// execOut is what Exec writes on stdout; execCode is its exit code.
+	execOut  string
+	execCode int
+	// execStarted, when not nil, gets a value once Exec runs; Exec then
+	// waits for execRelease.
+	execStarted chan struct{}
+	execRelease chan struct{}
+}
+
+func newFakeManager(boxes ...box.Box) *fakeManager {
+	m := &fakeManager{boxes: map[string]box.Box{}}
+	for _, b := range boxes {
+		m.boxes[b.Name] = b
+	}
+	return m
+}
+
+func (m *fakeManager) record(format string, args ...any) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.calls = append(m.calls, fmt.Sprintf(format, args...))
+	return m.err
+}
+
+func (m *fakeManager) lookup(name string) (box.Box, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b, ok := m.boxes[name]
+	if !ok {
+		return box.Box{}, fmt.Errorf("%q: %w", name, box.ErrNotFound)
+	}
+	return b, nil
+}
+
+func (m *fakeManager) setState(name, state string) (box.Box, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b, ok := m.boxes[name]
+	if !ok {
+		return box.Box{}, fmt.Errorf("%q: %w", name, box.ErrNotFound)
+	}
+	b.State = state
+	m.boxes[name] = b
+	return b, nil
+}
+
+func (m *fakeManager) List() ([]box.Box, error) {
+	if err := m.record("list"); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []box.Box
+	for _, b := range m.boxes {
+		out = append(out, b)
+	}
+	slices.SortFunc(out, func(a, b box.Box) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+func (m *fakeManager) Get(name string) (box.Box, error) {
+	if err := m.record("get %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.lookup(name)
+}
+
+func (m *fakeManager) Create(_ context.Context, o box.CreateOptions) (box.Box, error) {
+	if err := m.record("create %s image=%s memory=%d cpus=%d keys=%d", o.Name, o.Image, o.Memory, o.CPUs, len(o.Keys)); err != nil {
+		return box.Box{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.boxes[o.Name]; ok {
+		return box.Box{}, fmt.Errorf("%q: %w", o.Name, box.ErrExists)
+	}
+	b := box.Box{Name: o.Name, State: box.StateRunning, Image: o.Image, Memory: o.Memory, CPUs: o.CPUs, Keys: o.Keys}
+	m.boxes[o.Name] = b
+	return b, nil
+}
+
+func (m *fakeManager) Fork(_ context.Context, src string, names []string) ([]box.Box, error) {
+	if err := m.record("fork %s %s", src, strings.Join(names, ",")); err != nil {
+		return nil, err
+	}
+	if _, err := m.lookup(src); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []box.Box
+	for _, n := range names {
+		b := box.Box{Name: n, State: box.StateRunning, Parent: src}
+		m.boxes[n] = b
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+func (m *fakeManager) Start(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("start %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StateRunning)
+}
+
+func (m *fakeManager) Stop(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("stop %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StateStopped)
+}
+
+func (m *fakeManager) Hibernate(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("hibernate %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StateHibernated)
+}
+
+func (m *fakeManager) Resume(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("resume %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StateRunning)
+}
+
+func (m *fakeManager) Snapshot(_ context.Context, name, snap string) (snapshotter.Snapshot, error) {
+	if err := m.record("snapshot %s %s", name, snap); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	if _, err := m.lookup(name); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	return snapshotter.Snapshot{Name: "box." + name + "." + snap}, nil
+}
+
+func (m *fakeManager) Remove(_ context.Context, name string) error {
+	if err := m.record("remove %s", name); err != nil {
+		return err
+	}
+	if _, err := m.lookup(name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.boxes, name)
+	return nil
+}
+
+func (m *fakeManager) Exec(_ context.Context, name string, cmd agent.Command) (int, error) {
+	stdin, _ := io.ReadAll(cmd.Stdin)
+	if err := m.record("exec %s %s stdin=%q", name, strings.Join(cmd.Args, " "), stdin); err != nil {
+		return 0, err
+	}
+	if _, err := m.lookup(name); err != nil {
+		return 0, err
+	}
+	if m.execStarted != nil {
+		m.execStarted <- struct{}{}
+		<-m.execRelease
+	}
+	_, _ = io.WriteString(cmd.Stdout, m.execOut)
+	_, _ = io.WriteString(cmd.Stderr, "err")
+	return m.execCode, nil
+}
+
+func (m *fakeManager) lastCall() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.calls) == 0 {
+		return ""
+	}
+	return m.calls[len(m.calls)-1]
+}
+
+// fakeStore is the test double of the snapshot graph: a fixed list, and
+// the names each Report was asked for.
+type fakeStore struct {
+	mu      sync.Mutex
+	snaps   []snapshotter.Snapshot
+	reports [][]string
+}
+
+func (s *fakeStore) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
+
+func (s *fakeStore) Report(_ context.Context, names ...string) (snapshotter.Report, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reports = append(s.reports, names)
+	return snapshotter.Report{Snapshots: len(names)}, nil
+}
+
+// serve runs srv's API on a socket under a new root and returns a client
+// of it.
+func serve(t *testing.T, srv *Server) *Client {
+	t.Helper()
+	root := shortTempDir(t)
+	l, err := listenSocket(SocketPath(root))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: srv.Handler()}
+	go hs.Serve(l)
+	t.Cleanup(func() { hs.Close() })
+	return NewClient(root)
+}
+
+// shortTempDir returns a temporary folder with a path short enough for a
+// unix socket (t.TempDir's may not be).
+func shortTempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "boxd-daemon-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func newTestServer(m Manager, s Store) *Server {
+	return NewServer(context.Background(), Options{Manager: m, Store: s, Info: Info{SSHAddr: "127.0.0.1:2222"}})
+}
+
+func TestRoutes(t *testing.T) {
+	for _, tc := range []struct {
+		method, path, body string
+		status             int
+		category           string // of an error answer
+		call               string // the manager's last call, "" for none
+	}{
+		{"GET", "/v1/info", "", 200, "", ""},
+		{"GET", "/v1/boxes", "", 200, "", "list"},
+		{"POST", "/v1/boxes", `{"name":"new","memory":134217728,"cpus":2,"keys":["` + testKey + `"]}`, 200, "", "create new image= memory=134217728 cpus=2 keys=1"},
+		{"POST", "/v1/boxes", `{"name":"dev"}`, 409, "already_exists", "create dev image= memory=0 cpus=0 keys=0"},
+		{"POST", "/v1/boxes", `{"name":"Bad_Name"}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":"new","keys":["not a key"]}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":"new","colour":"red"}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":`, 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/dev", "", 200, "", "get dev"},
+		{"GET", "/v1/boxes/nope", "", 404, "not_found", "get nope"},
+		{"GET", "/v1/boxes/-x-", "", 400, "invalid_argument", ""},
+		{"DELETE", "/v1/boxes/dev", "", 200, "", "remove dev"},
+		{"DELETE", "/v1/boxes/nope", "", 404, "not_found", "remove nope"},
+		{"POST", "/v1/boxes/dev/fork", `{"names":["a-1","a-2"]}`, 200, "", "fork dev a-1,a-2"},
+		{"POST", "/v1/boxes/nope/fork", `{"names":["a"]}`, 404, "not_found", "fork nope a"},
+		{"POST", "/v1/boxes/dev/fork", `{"names":[]}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes/dev/fork", `{"names":["A"]}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes/dev/hibernate", `{}`, 200, "", "hibernate dev"},
+		{"POST", "/v1/boxes/dev/resume", `{}`, 200, "", "resume dev"},
+		{"POST", "/v1/boxes/dev/start", ``, 200, "", "start dev"},
+		{"POST", "/v1/boxes/dev/stop", `{}`, 200, "", "stop dev"},
+		{"POST", "/v1/boxes/nope/stop", `{}`, 404, "not_found", "stop nope"},
+		{"POST", "/v1/boxes/dev/snapshot", `{"name":"s1"}`, 200, "", "snapshot dev s1"},
+		{"POST", "/v1/boxes/dev/snapshot", `{}`, 200, "", "snapshot dev "},
+		{"POST", "/v1/boxes/dev/snapshot", `{"name":"a/b"}`, 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/dev/snapshots", "", 200, "", "get dev"},
+		{"GET", "/v1/boxes/nope/snapshots", "", 404, "not_found", "get nope"},
+		{"GET", "/v1/snapshots", "", 200, "", "list"},
+		{"POST", "/v1/boxes/dev/exec", `{"args":["echo","hi"],"stdin":"aW4="}`, 200, "", `exec dev echo hi stdin="in"`},
+		{"POST", "/v1/boxes/dev/exec", `{"args":[]}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes/nope/exec", `{"args":["true"]}`, 404, "not_found", `exec nope true stdin=""`},
+		{"GET", "/v1/report", "", 200, "", "list"},
+		{"GET", "/v1/report?box=dev", "", 200, "", "get dev"},
+		{"GET", "/v1/report?box=nope", "", 404, "not_found", "get nope"},
+		{"GET", "/v1/boxes/dev/hibernate", "", 404, "not_found", ""},
+		{"PUT", "/v1/boxes", "", 404, "not_found", ""},
+		{"GET", "/v2/whatever", "", 404, "not_found", ""},
+	} {
+		t.Run(tc.method+" "+tc.path+" "+tc.body, func(t *testing.T) {
+			m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
+			c := serve(t, newTestServer(m, &fakeStore{}))
+			req, err := http.NewRequest(tc.method, "http://boxd"+tc.path, strings.NewReader(tc.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, err := c.hc.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			data, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, data)
+			}
+			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("Content-Type %q", ct)
+			}
+			if tc.category != "" {
+				var eb errorBody
+				if err := json.Unmarshal(data, &eb); err != nil || eb.Category != tc.category || eb.Error == "" {
+					t.Errorf("error body %s (%v), want category %s", data, err, tc.category)
+				}
+			} else if !json.Valid(data) {
+				t.Errorf("answer is not JSON: %s", data)
+			}
+			if got := m.lastCall(); got != tc.call {
+				t.Errorf("manager's last call %q, want %q", got, tc.call)
+			}
+		})
+	}
+}
+
+func TestCategoryStatus(t *testing.T) {
+	for _, tc := range []struct {
+		err      error
+		category string
+		status   int
+	}{
+		{fmt.Errorf("x: %w", errdefs.ErrNotFound), "not_found", 404},
+		{box.ErrExists, "already_exists", 409},
+		{fmt.Errorf("bad: %w", errdefs.ErrInvalidArgument), "invalid_argument", 400},
+		{box.ErrInvalidState, "failed_precondition", 409},
+		{fmt.Errorf("busy: %w", errdefs.ErrUnavailable), "unavailable", 503},
+		{fmt.Errorf("hash: %w", errdefs.ErrDataLoss), "data_loss", 500},
+		{fmt.Errorf("full: %w", errdefs.ErrResourceExhausted), "resource_exhausted", 500},
+		{errors.New("qemu died"), "unknown", 500},
+	} {
+		cat, status := Category(tc.err)
+		if cat != tc.category || status != tc.status {
+			t.Errorf("Category(%v) = %s, %d; want %s, %d", tc.err, cat, status, tc.category, tc.status)
+		}
+	}
+}
+
+func TestRemoteError(t *testing.T) {
+	for _, tc := range []struct {
+		status   int
+		body     errorBody
+		want     error // nil: no category
+		category string
+	}{
+		{404, errorBody{"no such box", "not_found"}, errdefs.ErrNotFound, "not_found"},
+		{409, errorBody{"taken", "already_exists"}, errdefs.ErrAlreadyExists, "already_exists"},
+		{409, errorBody{"wrong state", "failed_precondition"}, errdefs.ErrFailedPrecondition, "failed_precondition"},
+		{400, errorBody{"bad", "invalid_argument"}, errdefs.ErrInvalidArgument, "invalid_argument"},
+		{503, errorBody{"busy", "unavailable"}, errdefs.ErrUnavailable, "unavailable"},
+		{500, errorBody{"damaged", "data_loss"}, errdefs.ErrDataLoss, "data_loss"},
+		{500, errorBody{"full", "resource_exhausted"}, errdefs.ErrResourceExhausted, "resource_exhausted"},
+		{500, errorBody{"boom", "unknown"}, nil, "unknown"},
+		// Without a category (not the API's JSON), the status decides.
+		{404, errorBody{}, errdefs.ErrNotFound, "not_found"},
+		{400, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
+		{405, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
+		{409, errorBody{}, errdefs.ErrFailedPrecondition, "failed_precondition"},
+		{503, errorBody{}, errdefs.ErrUnavailable, "unavailable"},
+		{502, errorBody{}, nil, "unknown"},
+	} {
+		e := remoteError(tc.status, tc.body)
+		if tc.want != nil && !errors.Is(e, tc.want) {
+			t.Errorf("%d %+v: %v does not match %v", tc.status, tc.body, e, tc.want)
+		}
+		if tc.want == nil && e.Unwrap() != nil {
+			t.Errorf("%d %+v: category %v, want none", tc.status, tc.body, e.Unwrap())
+		}
+		if e.Category != tc.category {
+			t.Errorf("%d %+v: category %q, want %q", tc.status, tc.body, e.Category, tc.category)
+		}
+		if tc.body.Error != "" && e.Error() != tc.body.Error {
+			t.Errorf("message %q, want %q", e.Error(), tc.body.Error)
+		}
+		if e.Error() == "" {
+			t.Errorf("%d: empty message", tc.status)
+		}
+	}
+}
+
+// TestClientErrors checks that every category the manager returns comes
+// out of the client as the same category with the same message.
+func TestClientErrors(t *testing.T) {
+	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted} {
+		m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
+		m.err = fmt.Errorf("box dev went wrong: %w", cat)
+		c := serve(t, newTestServer(m, &fakeStore{}))
+		_, err := c.Hibernate(context.Background(), "dev")
+		if !errors.Is(err, cat) {
+			t.Errorf("%v: client error %v does not match", cat, err)
+		}
+		if err == nil || err.Error() != m.err.Error() {
+			t.Errorf("%v: client error %q, want %q", cat, err, m.err)
+		}
+	}
+}
+
+func TestClientRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning, Snapshot: "box.dev.2-snap"})
+	m.execOut, m.execCode = "out\x00bytes", 3
+	st := &fakeStore{snaps: []snapshotter.Snapshot{
+		{Name: "image.debian"},
+		{Name: "box.dev.1-hibernate", Parent: "image.debian", Labels: map[string]string{"boxd.box": "dev"}},
+		{Name: "box.dev.2-snap", Parent: "box.dev.1-hibernate"},
+		{Name: "box.other.1", Parent: "box.dev.2-snap", Labels: map[string]string{"boxd.box": "other"}},
+	}}
+	c := serve(t, newTestServer(m, st))
+
+	if i, err := c.Info(ctx); err != nil || i.SSHAddr != "127.0.0.1:2222" {
+		t.Fatalf("info %+v, %v", i, err)
+	}
+	bx, err := c.Create(ctx, CreateRequest{Name: "new", Memory: 256 << 20, CPUs: 2, Keys: []string{testKey}})
+	if err != nil || bx.Name != "new" || bx.Memory != 256<<20 || bx.CPUs != 2 || len(bx.Keys) != 1 {
+		t.Fatalf("create: %+v, %v", bx, err)
+	}
+	boxes, err := c.List(ctx)
+	if err != nil || len(boxes) != 2 {
+		t.Fatalf("list: %+v, %v", boxes, err)
+	}
+	forks, err := c.Fork(ctx, "dev", []string{"f-1", "f-2"})
+	if err != nil || len(forks) != 2 || forks[1].Parent != "dev" {
+		t.Fatalf("fork: %+v, %v", forks, err)
+	}
+	if bx, err := c.Hibernate(ctx, "dev"); err != nil || bx.State != box.StateHibernated {
+		t.Fatalf("hibernate: %+v, %v", bx, err)
+	}
+	if sn, err := c.Snapshot(ctx, "dev", "s1"); err != nil || sn.Name != "box.dev.s1" {
+		t.Fatalf("snapshot: %+v, %v", sn, err)
+	}
+	res, err := c.Exec(ctx, "dev", []string{"cat"}, []byte("in\x00put"))
+	if err != nil || res.ExitCode != 3 || string(res.Stdout) != "out\x00bytes" || string(res.Stderr) != "err" {
+		t.Fatalf("exec: %+v, %v", res, err)
+	}
+	if got := m.lastCall(); got != `exec dev cat stdin="in\x00put"` {
+		t.Errorf("exec call %s", got)
+	}
+
+	tree, err := c.Snapshots(ctx, "dev")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tree) != 1 || tree[0].Name != "box.dev.1-hibernate" || tree[0].Parent != "image.debian" ||
+		len(tree[0].Children) != 1 || tree[0].Children[0].Name != "box.dev.2-snap" || !tree[0].Children[0].Current || tree[0].Current {
+		b, _ := json.Marshal(tree)
+		t.Errorf("snapshot tree %s", b)
+	}
+	all, err := c.AllSnapshots(ctx)
+	if err != nil || len(all) != 4 {
+		t.Fatalf("all snapshots: %+v, %v", all, err)
+	}
+	for _, bs := range all {
+		if bs.Snapshots == nil {
+			t.Errorf("box %s: nil snapshots", bs.Box)
+		}
+	}
+
+	rep, err := c.Report(ctx, "dev", "new")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Boxes) != 2 || rep.Boxes[0].Box != "dev" || len(rep.Boxes[0].Snapshots) != 2 || len(rep.Boxes[1].Snapshots) != 0 || rep.Total.Snapshots != 2 {
+		t.Errorf("report %+v", rep)
+	}
+	// A box without snapshots must not ask for the report of everything.
+	want := [][]string{{"box.dev.1-hibernate", "box.dev.2-snap"}, {"box.dev.1-hibernate", "box.dev.2-snap"}}
+	if !reflect.DeepEqual(st.reports, want) {
+		t.Errorf("reports asked %q, want %q", st.reports, want)
+	}
+
+	if err := c.Remove(ctx, "new"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, "new"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("get after remove: %v", err)
+	}
+}
+
+func TestClientNotRunning(t *testing.T) {
+	root := shortTempDir(t)
+	check := func(what string) {
+		t.Helper()
+		_, err := NewClient(root).List(context.Background())
+		want := fmt.Sprintf("boxd daemon is not running on %s (start it with: boxd daemon --root %s)", root, root)
+		if err == nil || err.Error() != want {
+			t.Fatalf("%s: %v, want %q", what, err, want)
+		}
+		if !errors.Is(err, errdefs.ErrUnavailable) || errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: %v matches the wrong categories", what, err)
+		}
+		var nr *NotRunningError
+		if !errors.As(err, &nr) || nr.Root != root {
+			t.Errorf("%s: %#v", what, err)
+		}
+	}
+	check("no socket")
+
+	// A socket left by a daemon that died: nobody accepts on it.
+	l, err := net.Listen("unix", SocketPath(root))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	check("stale socket")
+}
+
+func TestListenSocket(t *testing.T) {
+	root := shortTempDir(t)
+	path := SocketPath(root)
+	// A stale socket is replaced.
+	old, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.(*net.UnixListener).SetUnlinkOnClose(false)
+	old.Close()
+	l, err := listenSocket(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&os.ModeSocket == 0 || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want a socket, 0600", st.Mode())
+	}
+	if m, _ := filepath.Glob(path + ".*"); len(m) != 0 {
+		t.Errorf("left behind: %v", m)
+	}
+	// Something that is not a socket is not removed.
+	other := filepath.Join(root, "file")
+	if err := os.WriteFile(other, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := listenSocket(other); err == nil {
+		t.Error("listened over a regular file")
+	}
+}
+
+// fakeClock is a clock the test moves.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func TestHibernateIdle(t *testing.T) {
+	ctx := context.Background()
+	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
+	m := newFakeManager(
+		box.Box{Name: "idle", State: box.StateRunning},
+		box.Box{Name: "ssh", State: box.StateRunning},
+		box.Box{Name: "exec", State: box.StateRunning},
+		box.Box{Name: "paused", State: box.StatePaused},
+		box.Box{Name: "stopped", State: box.StateStopped},
+	)
+	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	const idle = 5 * time.Minute
+
+	// First sight: every box counts as used now.
+	if got, err := srv.HibernateIdle(ctx, idle); err != nil || len(got) != 0 {
+		t.Fatalf("first pass hibernated %v, %v", got, err)
+	}
+	// An SSH connection through the front door holds its box while it lasts.
+	b := &backend{mgr: clientsOf(m), srv: srv}
+	sshCtx, disconnect := context.WithCancel(ctx)
+	if _, err := b.Connect(sshCtx, "ssh"); err == nil {
+		t.Fatal("connect to a box without an agent succeeded")
+	}
+	// So does an exec in progress.
+	m.execStarted, m.execRelease = make(chan struct{}), make(chan struct{})
+	c := serve(t, srv)
+	execDone := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(ctx, "exec", []string{"sleep", "1h"}, nil)
+		execDone <- err
+	}()
+	<-m.execStarted
+
+	clock.Advance(idle)
+	got, err := srv.HibernateIdle(ctx, idle)
+	if err != nil || !reflect.DeepEqual(got, []string{"idle"}) {
+		t.Fatalf("hibernated %v, %v; want [idle]", got, err)
+	}
+	if bx, _ := m.lookup("paused"); bx.State != box.StatePaused {
+		t.Errorf("paused box is %s", bx.State)
+	}
+
+	// Once the session and the exec end, their boxes are idle from then.
+	disconnect()
+	close(m.execRelease)
+	if err := <-execDone; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.activeCount("ssh") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the SSH connection's end was not noticed")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	clock.Advance(idle - time.Second)
+	if got, _ := srv.HibernateIdle(ctx, idle); len(got) != 0 {
+		t.Errorf("hibernated %v a second early", got)
+	}
+	clock.Advance(time.Second)
+	got, _ = srv.HibernateIdle(ctx, idle)
+	slices.Sort(got)
+	if !reflect.DeepEqual(got, []string{"exec", "ssh"}) {
+		t.Errorf("hibernated %v, want [exec ssh]", got)
+	}
+}
+
+func TestBackendAuthorizedKeys(t *testing.T) {
+	ctx := context.Background()
+	m := newFakeManager(
+		box.Box{Name: "dev", Keys: []string{testKey}},
+		box.Box{Name: "bad", Keys: []string{"nonsense"}},
+	)
+	b := &backend{mgr: clientsOf(m), srv: newTestServer(m, &fakeStore{})}
+	keys, err := b.AuthorizedKeys(ctx, "dev")
+	if err != nil || len(keys) != 1 || keys[0].Type() != "ssh-ed25519" {
+		t.Errorf("keys of dev: %v, %v", keys, err)
+	}
+	if _, err := b.AuthorizedKeys(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("keys of an unknown box: %v", err)
+	}
+	if _, err := b.AuthorizedKeys(ctx, "bad"); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("malformed keys: %v", err)
+	}
+}
+
+// fakeClients gives the fake manager the backend's Client: there is no
+// agent to reach.
+type fakeClients struct{ *fakeManager }
+
+func (f fakeClients) Client(_ context.Context, name string) (*agent.Client, error) {
+	if _, err := f.lookup(name); err != nil {
+		return nil, err
+	}
+	return nil, fmt.Errorf("box %s: no agent in the test double: %w", name, errdefs.ErrUnavailable)
+}
+
+func clientsOf(m *fakeManager) boxClients { return fakeClients{m} }
+
+// activeCount is how many uses of box name are in progress.
+func (s *Server) activeCount(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.active[name]
+}
