@@ -67,7 +67,7 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 			&cli.StringFlag{Name: "root", Value: DefaultRoot, EnvVars: []string{"BOXD_ROOT"}, Usage: "folder holding boxd's store and metadata"},
 			jsonFlag,
 		},
-		Commands:        []*cli.Command{storeCommand(), imageCommand(), snapshotterCommand(), vmmCommand()},
+		Commands:        append([]*cli.Command{daemonCommand()}, append(boxCommands(), storeCommand(), imageCommand(), snapshotterCommand(), vmmCommand())...),
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
@@ -94,7 +94,11 @@ func onUsageError(_ *cli.Context, err error, _ bool) error {
 // Main runs boxd with args and returns the process's exit code.
 func Main(ctx context.Context, args []string) int {
 	app := NewApp(os.Stdout, os.Stderr)
-	if err := app.RunContext(ctx, args); err != nil {
+	if err := app.RunContext(ctx, flagsFirst(app, args)); err != nil {
+		// boxd exec exits with the status of the command it ran.
+		if st := commandExit(0); errors.As(err, &st) {
+			return int(st)
+		}
 		// The only exit coder the framework returns is for an unknown
 		// command: a usage error.
 		if ec := cli.ExitCoder(nil); errors.As(err, &ec) {

@@ -1,0 +1,738 @@
+package cli
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/daemon"
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/boxd-dev/boxd/sshproxy"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/term"
+)
+
+// maxForks bounds boxd fork --count.
+const maxForks = 256
+
+// boxCommands are the commands that work on boxes through the daemon.
+func boxCommands() []*cli.Command {
+	nameOnly := func(name, usage, doing string, op lifecycleOp) *cli.Command {
+		return &cli.Command{
+			Name: name, Usage: usage, ArgsUsage: "NAME", Flags: []cli.Flag{jsonFlag},
+			Action: func(c *cli.Context) error { return boxLifecycle(c, doing, op) },
+		}
+	}
+	return []*cli.Command{
+		{
+			Name:      "create",
+			Usage:     "make a box from an image and boot it (through the daemon)",
+			ArgsUsage: "NAME",
+			Description: "NAME is 1 to 63 lowercase letters, digits and '-'. The box admits the keys of --ssh-key; without it,\n" +
+				"~/.ssh/id_ed25519.pub if there is one, else a key boxd makes once at ROOT/ssh/id_ed25519.",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "image", Value: guest.DefaultImage, Usage: "the image to make the box from (see boxd image ls)"},
+				&cli.StringFlag{Name: "memory", Value: "512M", Usage: "the box's memory, in bytes or with K, M, G"},
+				&cli.IntFlag{Name: "cpus", Value: box.DefaultCPUs, Usage: "the box's vCPUs"},
+				&cli.StringSliceFlag{Name: "ssh-key", Usage: "a file of public keys (authorized_keys format, a .pub file) to admit; may be repeated"},
+				jsonFlag,
+			},
+			Action: boxCreate,
+		},
+		{Name: "ls", Usage: "list the boxes", Flags: []cli.Flag{jsonFlag}, Action: boxList},
+		{
+			Name:      "fork",
+			Usage:     "clone a running or hibernated box, memory, disk and processes, into new boxes",
+			ArgsUsage: "SRC NEW",
+			Flags: []cli.Flag{
+				&cli.IntFlag{Name: "count", Value: 1, Usage: fmt.Sprintf("make NEW-1 .. NEW-N instead of NEW (1 to %d)", maxForks)},
+				jsonFlag,
+			},
+			Action: boxFork,
+		},
+		nameOnly("hibernate", "save a running box into the store and free its memory", "hibernating", (*daemon.Client).Hibernate),
+		nameOnly("resume", "bring a hibernated box back, processes and all", "resuming", (*daemon.Client).Resume),
+		nameOnly("start", "boot a stopped box (or resume a hibernated one)", "starting", (*daemon.Client).Start),
+		nameOnly("stop", "shut a box's machine down, keeping its disk", "stopping", (*daemon.Client).Stop),
+		{
+			Name:      "snapshot",
+			Usage:     "save a running box as a snapshot box.NAME.SNAP; the box goes on",
+			ArgsUsage: "NAME",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "name", Usage: "SNAP, the snapshot's name after box.NAME. ([A-Za-z0-9._-]; default: chosen)"},
+				jsonFlag,
+			},
+			Action: boxSnapshot,
+		},
+		{Name: "snapshots", Usage: "a box's snapshots (or every box's) as a tree", ArgsUsage: "[NAME]", Flags: []cli.Flag{jsonFlag}, Action: boxSnapshots},
+		{
+			Name:        "exec",
+			Usage:       "run a command in a box; boxd exits with its exit status",
+			ArgsUsage:   "NAME -- CMD [ARGS...]",
+			Description: "Standard input, unless it is a terminal or --no-stdin is given, is read to its end and passed to the\ncommand. Its output is shown once it exits.",
+			Flags: []cli.Flag{
+				&cli.BoolFlag{Name: "no-stdin", Aliases: []string{"n"}, Usage: "give the command empty input instead of boxd's"},
+				jsonFlag,
+			},
+			Action: boxExec,
+		},
+		{
+			Name:        "ssh",
+			Usage:       "log in to a box with OpenSSH's ssh through the daemon's SSH front door",
+			ArgsUsage:   "NAME [-- SSH ARGS...]",
+			Description: "Runs ssh -p PORT [-i ROOT/ssh/id_ed25519] -o UserKnownHostsFile=ROOT/ssh/known_hosts\n-o StrictHostKeyChecking=accept-new NAME@127.0.0.1 [SSH ARGS...].",
+			Action:      boxSSH,
+		},
+		{Name: "rm", Usage: "stop a box and delete it (snapshots other boxes came from stay)", ArgsUsage: "NAME", Flags: []cli.Flag{jsonFlag}, Action: boxRemove},
+		{Name: "report", Usage: "the store's dedup report of each box's snapshots (all boxes, or those named)", ArgsUsage: "[NAME...]", Flags: []cli.Flag{jsonFlag}, Action: boxReport},
+	}
+}
+
+// boxArgs checks the number of positional arguments.
+func boxArgs(c *cli.Context, lo, hi int, usage string) error {
+	if n := c.NArg(); n < lo || (hi >= 0 && n > hi) {
+		return usageError("usage: boxd %s %s (got %d arguments)", c.Command.Name, usage, n)
+	}
+	return nil
+}
+
+// daemonClient returns a client of the daemon of the root.
+func daemonClient(c *cli.Context) (*daemon.Client, string, error) {
+	root, err := rootDir(c)
+	if err != nil {
+		return nil, "", err
+	}
+	return daemon.NewClient(root), root, nil
+}
+
+// say writes a line of progress on stderr when it is a terminal and JSON
+// was not asked for.
+func say(c *cli.Context, format string, args ...any) {
+	f, ok := c.App.ErrWriter.(*os.File)
+	if wantJSON(c) || !ok || !term.IsTerminal(int(f.Fd())) {
+		return
+	}
+	fmt.Fprintf(f, format+"\n", args...)
+}
+
+// lifecycleOp is a client's method that changes a box's state.
+type lifecycleOp = func(d *daemon.Client, ctx context.Context, name string) (box.Box, error)
+
+func boxLifecycle(c *cli.Context, doing string, op lifecycleOp) error {
+	if err := boxArgs(c, 1, 1, "NAME"); err != nil {
+		return err
+	}
+	name := c.Args().First()
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	say(c, "%s box %s…", doing, name)
+	start := time.Now()
+	bx, err := op(d, c.Context, name)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, bx)
+	}
+	fmt.Fprintf(c.App.Writer, "box %s is %s (%s)\n", bx.Name, bx.State, time.Since(start).Round(10*time.Millisecond))
+	return nil
+}
+
+// readKeyFile returns the public keys of an authorized_keys file, one line
+// each.
+func readKeyFile(path string) ([]string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ssh key file: %w", err)
+	}
+	keys, err := sshproxy.ParseAuthorizedKeys(data)
+	if err != nil {
+		return nil, fmt.Errorf("ssh key file %s: %w", path, err)
+	}
+	var lines []string
+	for _, k := range keys {
+		lines = append(lines, strings.TrimSpace(string(ssh.MarshalAuthorizedKey(k))))
+	}
+	return lines, nil
+}
+
+// boxdKeyPath is the key boxd makes for boxes when the user has none.
+func boxdKeyPath(root string) string { return filepath.Join(root, "ssh", "id_ed25519") }
+
+// boxdKey returns the public key of the key boxd keeps at
+// ROOT/ssh/id_ed25519, making it (mode 0600, with its .pub beside it) the
+// first time.
+func boxdKey(root string) (string, error) {
+	path := boxdKeyPath(root)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		data, err = makeKey(path)
+	}
+	if err != nil {
+		return "", fmt.Errorf("boxd's ssh key: %w", err)
+	}
+	signer, err := ssh.ParsePrivateKey(data)
+	if err != nil {
+		return "", fmt.Errorf("boxd's ssh key %s: %w", path, err)
+	}
+	return strings.TrimSpace(string(ssh.MarshalAuthorizedKey(signer.PublicKey()))), nil
+}
+
+// makeKey writes a new ed25519 key in OpenSSH's format at path, atomically
+// (a key already there, made concurrently, wins), and returns the key file.
+func makeKey(path string) ([]byte, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "boxd")
+	if err != nil {
+		return nil, err
+	}
+	data := pem.EncodeToMemory(block)
+	f, err := os.CreateTemp(filepath.Dir(path), ".id_ed25519-*")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+	if err := os.Link(f.Name(), path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return os.ReadFile(path)
+		}
+		return nil, err
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	line := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub))) + " boxd\n"
+	if err := os.WriteFile(path+".pub", []byte(line), 0o644); err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+func boxCreate(c *cli.Context) error {
+	if err := boxArgs(c, 1, 1, "NAME [--image IMAGE] [--memory 512M] [--cpus 1] [--ssh-key FILE]..."); err != nil {
+		return err
+	}
+	name := c.Args().First()
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	mem, err := parseSize(c.String("memory"))
+	if err != nil {
+		return fmt.Errorf("--memory: %w", err)
+	}
+	if mem < 128<<20 || mem%(1<<20) != 0 {
+		return usageError("--memory %s: want a whole number of MiB, at least 128M", c.String("memory"))
+	}
+	if cpus := c.Int("cpus"); cpus < 1 || cpus > 64 {
+		return usageError("--cpus %d: want 1 to 64", cpus)
+	}
+	var keys []string
+	for _, path := range c.StringSlice("ssh-key") {
+		k, err := readKeyFile(path)
+		if err != nil {
+			return err
+		}
+		keys = append(keys, k...)
+	}
+	d, root, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	// Ask the daemon first, so that a command without one makes no key.
+	if _, err := d.Info(c.Context); err != nil {
+		return err
+	}
+	if len(keys) == 0 {
+		if home, err := os.UserHomeDir(); err == nil {
+			own := filepath.Join(home, ".ssh", "id_ed25519.pub")
+			if _, err := os.Stat(own); err == nil {
+				if keys, err = readKeyFile(own); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if len(keys) == 0 {
+		k, err := boxdKey(root)
+		if err != nil {
+			return err
+		}
+		keys = []string{k}
+	}
+	say(c, "booting box %s…", name)
+	start := time.Now()
+	bx, err := d.Create(c.Context, daemon.CreateRequest{Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys})
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, bx)
+	}
+	fmt.Fprintf(c.App.Writer, "box %s is %s (image %s, %s, %d vCPU) in %s; log in with: boxd ssh %s\n",
+		bx.Name, bx.State, bx.Image, size2(bx.Memory), bx.CPUs, time.Since(start).Round(100*time.Millisecond), bx.Name)
+	return nil
+}
+
+func boxList(c *cli.Context) error {
+	if err := boxArgs(c, 0, 0, ""); err != nil {
+		return err
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	boxes, err := d.List(c.Context)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		if boxes == nil {
+			boxes = []box.Box{}
+		}
+		return printJSON(c, boxes)
+	}
+	rows := [][]string{{"NAME", "STATE", "IMAGE", "MEMORY", "CPUS", "FORKED FROM", "CREATED"}}
+	for _, b := range boxes {
+		parent := b.Parent
+		if parent == "" {
+			parent = "-"
+		}
+		rows = append(rows, []string{b.Name, b.State, b.Image, size2(b.Memory), strconv.Itoa(b.CPUs), parent, b.Created.Local().Format(time.DateTime)})
+	}
+	table(c.App.Writer, rows)
+	return nil
+}
+
+// forkNames returns the names of the boxes boxd fork makes: NEW, or NEW-1
+// .. NEW-count when count was given.
+func forkNames(newName string, count int, counted bool) ([]string, error) {
+	if count < 1 || count > maxForks {
+		return nil, usageError("--count %d: want 1 to %d", count, maxForks)
+	}
+	if !counted {
+		return []string{newName}, box.ValidateName(newName)
+	}
+	names := make([]string, count)
+	for i := range names {
+		names[i] = fmt.Sprintf("%s-%d", newName, i+1)
+		if err := box.ValidateName(names[i]); err != nil {
+			return nil, err
+		}
+	}
+	return names, nil
+}
+
+func boxFork(c *cli.Context) error {
+	if err := boxArgs(c, 2, 2, "SRC NEW [--count N]"); err != nil {
+		return err
+	}
+	src := c.Args().Get(0)
+	if err := box.ValidateName(src); err != nil {
+		return err
+	}
+	names, err := forkNames(c.Args().Get(1), c.Int("count"), c.IsSet("count"))
+	if err != nil {
+		return err
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	say(c, "forking box %s into %s…", src, strings.Join(names, ", "))
+	start := time.Now()
+	boxes, err := d.Fork(c.Context, src, names)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, boxes)
+	}
+	var made []string
+	for _, b := range boxes {
+		made = append(made, b.Name)
+	}
+	fmt.Fprintf(c.App.Writer, "forked %s into %s in %s\n", src, strings.Join(made, ", "), time.Since(start).Round(10*time.Millisecond))
+	return nil
+}
+
+func boxSnapshot(c *cli.Context) error {
+	if err := boxArgs(c, 1, 1, "NAME [--name SNAP]"); err != nil {
+		return err
+	}
+	name := c.Args().First()
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	snap := c.String("name")
+	if c.IsSet("name") {
+		if err := snapshotter.ValidateName(snap); err != nil {
+			return fmt.Errorf("--name: %w", err)
+		}
+		if err := snapshotter.ValidateName("box." + name + "." + snap); err != nil {
+			return fmt.Errorf("--name: %w", err)
+		}
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	say(c, "snapshotting box %s…", name)
+	sn, err := d.Snapshot(c.Context, name, snap)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, sn)
+	}
+	parent := sn.Parent
+	if parent == "" {
+		parent = "none"
+	}
+	fmt.Fprintf(c.App.Writer, "snapshot %s of box %s (parent %s)\n", sn.Name, name, parent)
+	return nil
+}
+
+func boxSnapshots(c *cli.Context) error {
+	if err := boxArgs(c, 0, 1, "[NAME]"); err != nil {
+		return err
+	}
+	var trees []daemon.BoxSnapshots
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	if c.NArg() == 1 {
+		name := c.Args().First()
+		if err := box.ValidateName(name); err != nil {
+			return err
+		}
+		nodes, err := d.Snapshots(c.Context, name)
+		if err != nil {
+			return err
+		}
+		if wantJSON(c) {
+			if nodes == nil {
+				nodes = []*daemon.SnapshotNode{}
+			}
+			return printJSON(c, nodes)
+		}
+		trees = []daemon.BoxSnapshots{{Box: name, Snapshots: nodes}}
+	} else {
+		if trees, err = d.AllSnapshots(c.Context); err != nil {
+			return err
+		}
+		if wantJSON(c) {
+			if trees == nil {
+				trees = []daemon.BoxSnapshots{}
+			}
+			return printJSON(c, trees)
+		}
+	}
+	w := c.App.Writer
+	for _, t := range trees {
+		fmt.Fprintf(w, "box %s\n", t.Box)
+		if len(t.Snapshots) == 0 {
+			fmt.Fprintln(w, "  (no snapshots)")
+			continue
+		}
+		var rows [][]string
+		var walk func(n *daemon.SnapshotNode, depth int, root bool)
+		walk = func(n *daemon.SnapshotNode, depth int, root bool) {
+			note := ""
+			if root && n.Parent != "" {
+				note = "from " + n.Parent
+			}
+			if n.Current {
+				note = strings.TrimSpace(note + " (current)")
+			}
+			rows = append(rows, []string{strings.Repeat("  ", depth+1) + n.Name, size2(n.Size), n.Created.Local().Format(time.DateTime), note})
+			for _, ch := range n.Children {
+				walk(ch, depth+1, false)
+			}
+		}
+		for _, n := range t.Snapshots {
+			walk(n, 0, true)
+		}
+		table(w, rows)
+	}
+	return nil
+}
+
+// commandExit is the exit status of a command run in a box, which boxd
+// exits with.
+type commandExit int
+
+func (e commandExit) Error() string { return fmt.Sprintf("the command exited with status %d", int(e)) }
+
+// splitDashes splits the arguments of a command NAME [--] REST...: the
+// flag parser keeps a "--" that follows a positional argument.
+func splitDashes(args []string) (string, []string) {
+	if len(args) == 0 {
+		return "", nil
+	}
+	rest := args[1:]
+	if len(rest) > 0 && rest[0] == "--" {
+		rest = rest[1:]
+	}
+	return args[0], rest
+}
+
+func boxExec(c *cli.Context) error {
+	name, cmd := splitDashes(c.Args().Slice())
+	if name == "" || len(cmd) == 0 {
+		return usageError("usage: boxd exec NAME -- CMD [ARGS...]")
+	}
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	var stdin []byte
+	if !c.Bool("no-stdin") && !term.IsTerminal(int(os.Stdin.Fd())) {
+		if stdin, err = io.ReadAll(os.Stdin); err != nil {
+			return fmt.Errorf("reading standard input: %w", err)
+		}
+	}
+	res, err := d.Exec(c.Context, name, cmd, stdin)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		if err := printJSON(c, res); err != nil {
+			return err
+		}
+	} else {
+		if _, err := c.App.Writer.Write(res.Stdout); err != nil {
+			return err
+		}
+		_, _ = c.App.ErrWriter.Write(res.Stderr)
+		if res.Truncated {
+			fmt.Fprintf(c.App.ErrWriter, "boxd: the command's output was cut at %s\n", size2(daemon.MaxExecOutput))
+		}
+	}
+	switch {
+	case res.ExitCode == 0:
+		return nil
+	case res.ExitCode < 0 || res.ExitCode > 255:
+		return commandExit(255)
+	}
+	return commandExit(res.ExitCode)
+}
+
+func boxSSH(c *cli.Context) error {
+	name, extra := splitDashes(c.Args().Slice())
+	if name == "" {
+		return usageError("usage: boxd ssh NAME [-- SSH ARGS...]")
+	}
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	sshPath, err := exec.LookPath("ssh")
+	if err != nil {
+		return fmt.Errorf("boxd ssh runs OpenSSH's ssh, which is not installed (Debian package openssh-client): %w", fs.ErrNotExist)
+	}
+	d, root, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	info, err := d.Info(c.Context)
+	if err != nil {
+		return err
+	}
+	if _, err := d.Get(c.Context, name); err != nil {
+		return err
+	}
+	host, port, err := net.SplitHostPort(info.SSHAddr)
+	if err != nil {
+		return fmt.Errorf("the daemon's SSH address %q: %w", info.SSHAddr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	sshDir := filepath.Join(root, "ssh")
+	if err := os.MkdirAll(sshDir, 0o700); err != nil {
+		return err
+	}
+	argv := []string{"ssh", "-p", port}
+	if _, err := os.Stat(boxdKeyPath(root)); err == nil {
+		argv = append(argv, "-i", boxdKeyPath(root))
+	}
+	argv = append(argv,
+		"-o", "UserKnownHostsFile="+filepath.Join(sshDir, "known_hosts"),
+		"-o", "StrictHostKeyChecking=accept-new",
+		name+"@"+host)
+	argv = append(argv, extra...)
+	// ssh takes over the terminal and the process: its exit status is
+	// boxd's.
+	return syscall.Exec(sshPath, argv, os.Environ())
+}
+
+func boxRemove(c *cli.Context) error {
+	if err := boxArgs(c, 1, 1, "NAME"); err != nil {
+		return err
+	}
+	name := c.Args().First()
+	if err := box.ValidateName(name); err != nil {
+		return err
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	if err := d.Remove(c.Context, name); err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, map[string]string{"removed": name})
+	}
+	fmt.Fprintf(c.App.Writer, "removed box %s\n", name)
+	return nil
+}
+
+func boxReport(c *cli.Context) error {
+	for _, n := range c.Args().Slice() {
+		if err := box.ValidateName(n); err != nil {
+			return err
+		}
+	}
+	d, _, err := daemonClient(c)
+	if err != nil {
+		return err
+	}
+	rep, err := d.Report(c.Context, c.Args().Slice()...)
+	if err != nil {
+		return err
+	}
+	if wantJSON(c) {
+		return printJSON(c, rep)
+	}
+	rows := [][]string{{"BOX", "SNAPSHOTS", "LOGICAL", "REFERENCED", "UNIQUE", "STORED", "DEDUP", "EXCLUSIVE"}}
+	row := func(name string, r snapshotter.Report) []string {
+		var excl int64
+		for _, s := range r.PerSnap {
+			excl += s.ExclusiveBytes
+		}
+		return []string{name, strconv.Itoa(r.Snapshots), size(r.LogicalBytes), size(r.ReferencedBytes), size(r.UniqueBytes), size(r.StoredBytes), ratioStr(r.DedupRatio), size(excl)}
+	}
+	for _, b := range rep.Boxes {
+		rows = append(rows, row(b.Box, b.Report))
+	}
+	rows = append(rows, row("(together)", rep.Total))
+	table(c.App.Writer, rows)
+	fmt.Fprintln(c.App.Writer, "\nEXCLUSIVE: what removing the box's snapshots, then gc, would free; `boxd store report` has the whole store")
+	return nil
+}
+
+// passthrough names the commands whose arguments after NAME belong to
+// another program (the command to run, ssh's arguments): flags are looked
+// for only before them.
+var passthrough = map[string]bool{"exec": true, "ssh": true}
+
+// flagsFirst lets the flags of the daemon and box commands follow their
+// positional arguments, as their usage shows them (boxd create dev --memory
+// 1G): it moves such flags before the positional arguments, where the flag
+// parser looks for them. "--" ends the flags.
+func flagsFirst(app *cli.App, args []string) []string {
+	isBool := func(flags []cli.Flag, name string) bool {
+		if name == "help" || name == "h" {
+			return true
+		}
+		for _, f := range flags {
+			for _, n := range f.Names() {
+				if n == name {
+					_, ok := f.(*cli.BoolFlag)
+					return ok
+				}
+			}
+		}
+		return false
+	}
+	// takesValue reports whether flag token t is followed by its value.
+	takesValue := func(flags []cli.Flag, t string) bool {
+		return !strings.Contains(t, "=") && !isBool(flags, strings.TrimLeft(t, "-"))
+	}
+	i := 1
+	for i < len(args) && strings.HasPrefix(args[i], "-") && args[i] != "-" && args[i] != "--" {
+		if takesValue(app.Flags, args[i]) {
+			i++
+		}
+		i++
+	}
+	if i >= len(args) {
+		return args
+	}
+	cmd := app.Command(args[i])
+	if cmd == nil || !reorders[cmd.Name] {
+		return args
+	}
+	var flags, pos []string
+	rest := args[i+1:]
+	for j := 0; j < len(rest); j++ {
+		t := rest[j]
+		switch {
+		case t == "--" || (passthrough[cmd.Name] && len(pos) > 0 && !strings.HasPrefix(t, "-")):
+			pos = append(pos, rest[j:]...)
+			j = len(rest)
+		case strings.HasPrefix(t, "-") && t != "-":
+			flags = append(flags, t)
+			if takesValue(cmd.Flags, t) && j+1 < len(rest) {
+				j++
+				flags = append(flags, rest[j])
+			}
+		default:
+			pos = append(pos, t)
+		}
+	}
+	out := append([]string{}, args[:i+1]...)
+	return append(append(out, flags...), pos...)
+}
+
+// reorders names the commands flagsFirst applies to.
+var reorders = func() map[string]bool {
+	m := map[string]bool{"daemon": true}
+	for _, c := range boxCommands() {
+		m[c.Name] = true
+	}
+	return m
+}()

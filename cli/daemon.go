@@ -1,0 +1,76 @@
+package cli
+
+import (
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/boxd-dev/boxd/daemon"
+	"github.com/urfave/cli/v2"
+)
+
+func daemonCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "daemon",
+		Usage: "serve the boxes of the root: the API the box commands use, and the SSH front door (ssh NAME@host), until SIGINT or SIGTERM",
+		Description: "The API is HTTP/JSON on the unix socket ROOT/" + daemon.SocketName + " (root only). The SSH front door's host key\n" +
+			"is ROOT/" + daemon.HostKeyName + ". A running box nobody has used (no SSH connection, no exec) for\n" +
+			"--idle-hibernate is hibernated; the next SSH connection resumes it. On SIGINT or SIGTERM every\n" +
+			"running box is hibernated before the daemon exits, so a restart loses nothing.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "root", Usage: "folder holding boxd's store and metadata (default: the global --root)"},
+			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
+			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
+			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
+			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
+		},
+		Action: runDaemon,
+	}
+}
+
+// rootDir returns the root a command works on, absolute: its own --root if
+// it has one, else the global one.
+func rootDir(c *cli.Context) (string, error) {
+	var root string
+	for _, cc := range c.Lineage() {
+		if root = cc.String("root"); root != "" {
+			break
+		}
+	}
+	if root == "" {
+		return "", usageError("--root must not be empty")
+	}
+	abs, err := filepath.Abs(root)
+	if err != nil {
+		return "", usageError("--root %s: %v", root, err)
+	}
+	return abs, nil
+}
+
+func runDaemon(c *cli.Context) error {
+	if c.NArg() != 0 {
+		return usageError("boxd daemon takes no arguments (got %q)", c.Args().First())
+	}
+	root, err := rootDir(c)
+	if err != nil {
+		return err
+	}
+	if c.Duration("idle-hibernate") < 0 {
+		return usageError("--idle-hibernate %s is negative", c.Duration("idle-hibernate"))
+	}
+	level := slog.LevelInfo
+	if c.Bool("debug") {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
+	return daemon.Run(c.Context, daemon.Config{
+		Root:          root,
+		SSHListen:     c.String("ssh-listen"),
+		IdleHibernate: c.Duration("idle-hibernate"),
+		Kernel:        c.String("kernel"),
+		Logger:        log,
+		Ready: func(i daemon.Info) {
+			fmt.Fprintf(c.App.Writer, "boxd daemon on %s: API on %s, SSH on %s\n", i.Root, i.Socket, i.SSHAddr)
+		},
+	})
+}
