@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -267,14 +268,58 @@ func TestBoxForkHibernate(t *testing.T) {
 		t.Fatalf("b's counter at %d after resume, %d at hibernate", c, atHibernate)
 	}
 
+	// kill -9 of QEMU during a snapshot leaves the previous snapshot whole.
+	bx, _ := e.mgr.Get("b")
+	prev := bx.Snapshot
+	pids, _ := exec.Command("pgrep", "-f", bx.Disk).Output()
+	pid, err := strconv.Atoi(strings.Fields(string(pids) + " x")[0])
+	if err != nil {
+		t.Fatalf("no QEMU for box b (disk %s): %q", bx.Disk, pids)
+	}
+	go func() {
+		time.Sleep(150 * time.Millisecond)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}()
+	if _, err := e.mgr.Snapshot(ctx, "b", "killed"); err == nil {
+		t.Log("the snapshot finished before QEMU was killed")
+	} else {
+		t.Logf("snapshot with QEMU killed: %v", err)
+	}
+	if res, err := e.g.Verify(ctx, nil); err != nil || !res.OK() {
+		t.Fatalf("the store after the kill: %v %+v", err, res)
+	}
+	if _, err := e.g.Get(prev); err != nil {
+		t.Fatalf("the snapshot before the kill: %v", err)
+	}
+	if _, err := e.mgr.Resume(ctx, "b"); err == nil {
+		t.Log("b resumed")
+	}
+
+	// A hibernated box whose snapshot lost data does not resume, says why,
+	// and stays hibernated; other boxes are unaffected.
+	e.run(ctx, t, "a2", "head -c 8000000 /dev/urandom > /tmp/noise", 0)
+	if _, err := e.mgr.Hibernate(ctx, "a2"); err != nil {
+		t.Fatal(err)
+	}
+	damageNewestPack(t, e.root)
+	if _, err := e.mgr.Resume(ctx, "a2"); !errors.Is(err, cas.ErrCorrupt) {
+		t.Fatalf("resume from a damaged snapshot: %v, want ErrCorrupt", err)
+	} else {
+		t.Logf("resume from a damaged snapshot: %v", err)
+	}
+	if bx, _ := e.mgr.Get("a2"); bx.State != box.StateHibernated {
+		t.Fatalf("a2 is %s after a failed resume", bx.State)
+	}
+	e.run(ctx, t, "dev", "cat /root/parent.txt", 0)
+
 	// Bad input.
 	if _, err := e.mgr.Fork(ctx, "nope", []string{"x"}); !errors.Is(err, cas.ErrNotFound) {
 		t.Fatalf("fork of a missing box: %v", err)
 	}
-	if _, err := e.mgr.Stop(ctx, "a2"); err != nil {
+	if _, err := e.mgr.Stop(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.mgr.Fork(ctx, "a2", []string{"y"}); !errors.Is(err, box.ErrInvalidState) {
+	if _, err := e.mgr.Fork(ctx, "a", []string{"y"}); !errors.Is(err, box.ErrInvalidState) {
 		t.Fatalf("fork of a stopped box: %v", err)
 	}
 	if _, err := e.mgr.Hibernate(ctx, "nope"); !errors.Is(err, cas.ErrNotFound) {
@@ -282,5 +327,32 @@ func TestBoxForkHibernate(t *testing.T) {
 	}
 	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Fatalf("fork to a bad name: %v", err)
+	}
+}
+
+// damageNewestPack flips a byte in every chunk-sized stretch of the newest
+// pack, where the last snapshot's data went.
+func damageNewestPack(t *testing.T, root string) {
+	t.Helper()
+	packs, _ := filepath.Glob(filepath.Join(root, "cas", "packs", "pack-*.pack"))
+	if len(packs) == 0 {
+		t.Fatal("no packs")
+	}
+	newest := packs[len(packs)-1]
+	f, err := os.OpenFile(newest, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	b := make([]byte, 1)
+	for off := int64(64); off < fi.Size()-4096; off += 1024 {
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0xff
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
