@@ -5,7 +5,7 @@ TOOLS         := $(CURDIR)/.tools
 LINT          := $(TOOLS)/golangci-lint-$(LINT_VERSION)
 TEST_TIMEOUT  ?= 60m
 
-.PHONY: all build test lint bench demo deps clean
+.PHONY: all build test lint bench demo demo-store deps clean
 
 all: build
 
@@ -43,9 +43,13 @@ bench: deps build
 	./bench/snapshotter.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
-# Sets up and runs the store demo on embedded defaults.
+# Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.
 demo: deps build
 	./scripts/demo.sh
+
+# The store demo: ingest, dedup report, export, verify.
+demo-store: deps build
+	./scripts/store-demo.sh
 
 clean:
 	rm -rf bin

@@ -1,48 +1,43 @@
 #!/usr/bin/env bash
-# The store demo: ingest a real ext4 image, ingest a changed copy of it, and
-# print the dedup report. Runs on boxd's defaults in a throw-away root.
+# The box demo: build the default image, start the daemon, create a box and
+# SSH into it. Runs on boxd's defaults in its own root; the daemon stops
+# (hibernating the box) when the demo ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-boxd=${BOXD:-./bin/boxd}
-work=${BOXD_DEMO_DIR:-/var/tmp/boxd-demo}
-root="$work/root"
-rm -rf "$work"
-mkdir -p "$work/tree"
+boxd=${BOXD:-$PWD/bin/boxd}
+root=${BOXD_DEMO_DIR:-/var/tmp/boxd-demo}/root
+port=${BOXD_DEMO_PORT:-2222}
+export BOXD_AGENT=$PWD/bin/boxd-agent
+mkdir -p "$root"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "building a 256 MiB ext4 image from /usr/share/doc and /usr/share/man (mkfs.ext4 -d)"
-cp -a /usr/share/doc /usr/share/man "$work/tree/" 2>/dev/null || true
-truncate -s 256M "$work/base.img"
-mkfs.ext4 -q -F -d "$work/tree" "$work/base.img"
+step "building the default image (debootstrap once, then cached under $root)"
+"$boxd" --root "$root" image build
+"$boxd" --root "$root" image ls
 
-step "ingesting it as snapshot 'base'"
-"$boxd" --root "$root" store ingest --name base "$work/base.img"
+step "starting boxd daemon (SSH front door on 127.0.0.1:$port; log in $root/daemon.log)"
+"$boxd" --root "$root" daemon --ssh-listen "127.0.0.1:$port" >"$root/daemon.log" 2>&1 &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -S "$root/boxd.sock" ] && break; sleep 0.1; done
 
-step "changing 1% of the copy's blocks and ingesting it as 'changed' (parent: base)"
-cp "$work/base.img" "$work/changed.img"
-python3 - "$work/changed.img" <<'PY'
-import os, random, sys
-path = sys.argv[1]
-blocks = os.path.getsize(path) // 4096
-rng = random.Random(1)
-with open(path, "r+b") as f:
-    for n in rng.sample(range(blocks), blocks // 100):
-        f.seek(n * 4096)
-        f.write(rng.randbytes(4096))
-PY
-"$boxd" --root "$root" store ingest --name changed --parent base "$work/changed.img"
+if ! "$boxd" --root "$root" ls | grep -q '^demo '; then
+	step "creating box 'demo' (boots Linux under QEMU; TCG without vmx/svm takes a few seconds)"
+	"$boxd" --root "$root" create demo
+fi
+"$boxd" --root "$root" ls
 
-step "the snapshots"
-"$boxd" --root "$root" store ls
+step "ssh demo@127.0.0.1 -p $port: a command"
+"$boxd" --root "$root" ssh demo -- 'uname -a; grep PRETTY /etc/os-release; hostname; echo "hello from $(hostname)" > /root/hello'
 
-step "the dedup report"
-"$boxd" --root "$root" store report
+step "forking it: boxd fork demo demo-2"
+"$boxd" --root "$root" rm demo-2 >/dev/null 2>&1 || true
+"$boxd" --root "$root" fork demo demo-2
+"$boxd" --root "$root" ssh demo-2 -- 'hostname; cat /root/hello'
+"$boxd" --root "$root" ls
 
-step "exporting 'changed' and comparing it with its source"
-"$boxd" --root "$root" store export changed "$work/changed.out"
-cmp "$work/changed.img" "$work/changed.out" && echo "byte-identical"
-
-step "verifying every stored chunk"
-"$boxd" --root "$root" store verify
-
-printf '\nThe store is in %s; try: %s --root %s store report --json\n' "$root" "$boxd" "$root"
+if [ -t 0 ] && [ -t 1 ]; then
+	step "a shell in box 'demo' (exit to end the demo)"
+	"$boxd" --root "$root" ssh demo || true
+fi
+step "stopping the daemon: running boxes hibernate and come back on the next ssh"
