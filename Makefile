@@ -41,6 +41,7 @@ bench: deps build
 	./bench/memstore.sh
 	./bench/kvm.sh
 	./bench/snapshotter.sh
+	./bench/guest.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.

@@ -1,0 +1,216 @@
+// Command guestboot measures Linux boxes under QEMU, in one run, beside
+// baselines measured in the same run:
+//
+//   - boot: a box (boxd's default image on a qcow2 overlay over its base
+//     file, the Debian cloud kernel, boxd's initramfs with boxd-agent as
+//     /init, started by the qemu runner) from Start to the agent answering
+//     (agent.Dial), beside QEMU's bare boot of the same kernel with a busybox
+//     initramfs whose /init powers off at once (process start to exit);
+//   - exec: round trips of `true` through the agent beside a host-local
+//     exec of `true`;
+//   - snapshot: its time and the bytes it adds to the store, beside what the
+//     box's memory file and disk overlay hold;
+//   - resume: a restore of that snapshot until the agent answers, beside the
+//     cold boot;
+//   - fork: Freeze of a running box and two restores of it, until both run
+//     and both agents answer, beside the cold boot.
+//
+// The store, the image, the kernel and the caches are kept in a root folder
+// between runs (-root); each run's snapshots are removed, and the store
+// collected, at the end (and at the start, should a run have been cut
+// short). Every QEMU is stopped at the end; they die with the process too.
+// See README.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+var (
+	jsonOut    = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
+	reps       = flag.Int("reps", 3, "how many times each boot, snapshot, resume and fork is measured")
+	execs      = flag.Int("execs", 50, "exec round trips of `true` through the agent, and host execs of `true`")
+	memMiB     = flag.Int64("mem", 512, "guest memory in MiB (boxes and the bare boot alike)")
+	cpus       = flag.Int("cpus", 1, "vCPUs (boxes and the bare boot alike)")
+	rootDir    = flag.String("root", envOr("BOXD_BENCH_GUEST_ROOT", "/var/tmp/boxd-bench-guest"), "boxd root kept between runs: the store with the image, the kernel, the initramfs and base file caches")
+	treeCache  = flag.String("cache", envOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is there (else guest.BuildImage runs debootstrap itself)")
+	agentPath  = flag.String("agent", "", "the boxd-agent binary (default: $BOXD_AGENT, else beside this program, else in PATH)")
+	kernelPath = flag.String("kernel", "", "a kernel with the virtio drivers built in (default: Debian's cloud kernel, fetched into the root)")
+	timeout    = flag.Duration("ready-timeout", 3*time.Minute, "how long one box may take to answer")
+)
+
+// snapPrefix starts the name of every snapshot the benchmark takes, so a run
+// can find what an earlier one left.
+const snapPrefix = "bench-"
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func main() {
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "guestboot: unexpected arguments: %s\n", strings.Join(flag.Args(), " "))
+		os.Exit(2)
+	}
+	if *reps < 1 || *execs < 1 || *memMiB < 64 || *cpus < 1 {
+		fmt.Fprintln(os.Stderr, "guestboot: -reps and -execs must be at least 1, -mem at least 64, -cpus at least 1")
+		os.Exit(2)
+	}
+	os.Exit(run())
+}
+
+func run() int {
+	fail := func(err error) int {
+		fmt.Fprintf(os.Stderr, "guestboot: %v\n", err)
+		return 1
+	}
+	if os.Geteuid() != 0 {
+		return fail(errors.New("needs root: guest memory goes to /dev/shm and boxes read their snapshots' frozen files"))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	b, err := setUp(ctx)
+	if b != nil {
+		// Runs on every path: the machines stop before the snapshots go.
+		defer b.tearDown()
+	}
+	if err != nil {
+		return fail(err)
+	}
+	rep, err := b.measure(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	if *jsonOut {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return fail(err)
+		}
+	} else {
+		printTable(os.Stdout, rep)
+	}
+	return 0
+}
+
+// setUp opens the root, clears what an earlier run left, and makes or
+// finds what the boots need. The bench it returns (also on failure, once
+// there is one) must be torn down.
+func setUp(ctx context.Context) (*bench, error) {
+	root, err := filepath.Abs(*rootDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	g, err := snapshotter.Open(root)
+	if err != nil {
+		return nil, fmt.Errorf("opening the store in %s: %w", root, err)
+	}
+	b := &bench{g: g, root: root, mem: *memMiB << 20}
+	if err := b.clearSnapshots(ctx); err != nil {
+		return b, fmt.Errorf("clearing an earlier run's snapshots: %w", err)
+	}
+	if b.work, err = os.MkdirTemp(root, "run-"); err != nil {
+		return b, err
+	}
+	// Guest memory lives on a tmpfs, as the runner wants it.
+	if b.memDir, err = os.MkdirTemp("/dev/shm", "boxd-bench-guest-"); err != nil {
+		return b, err
+	}
+	b.r = &qemu.Runner{Dir: filepath.Join(b.work, "machines"), MemDir: b.memDir, Graph: g}
+	if err := os.MkdirAll(b.r.Dir, 0o700); err != nil {
+		return b, err
+	}
+	progress("root %s (kept), this run's files in %s and %s", root, b.work, b.memDir)
+
+	t := time.Now()
+	if b.kernel, b.modules, err = guest.Kernel(ctx, root, *kernelPath); err != nil {
+		return b, err
+	}
+	agentBin := *agentPath
+	if agentBin == "" {
+		if agentBin, err = guest.AgentPath(); err != nil {
+			return b, err
+		}
+	}
+	if b.initrd, err = guest.Initramfs(ctx, root, b.modules, agentBin); err != nil {
+		return b, err
+	}
+	progress("kernel %s, initramfs %s (%.1fs)", b.kernel, b.initrd, time.Since(t).Seconds())
+
+	t = time.Now()
+	if b.img, err = ensureImage(ctx, g, *treeCache); err != nil {
+		return b, err
+	}
+	if b.base, err = guest.BaseFile(ctx, g, b.img.Name, guest.BaseDir(root)); err != nil {
+		return b, err
+	}
+	progress("image %s (snapshot %s, %s), base file %s (%.1fs)", b.img.Name, b.img.Snapshot, size(b.img.Size), b.base, time.Since(t).Seconds())
+
+	if b.bareInitrd, err = writeBareInitramfs(filepath.Join(b.work, "bare-initrd.gz")); err != nil {
+		return b, fmt.Errorf("the bare boot's initramfs: %w", err)
+	}
+	return b, nil
+}
+
+// ensureImage returns the default image, building it first if the store
+// lacks it: from the pre-fetched debootstrap tree under cache when that is
+// complete (holding its lock while the tree is read), else by debootstrap.
+func ensureImage(ctx context.Context, g *snapshotter.Graph, cache string) (guest.Image, error) {
+	if img, err := guest.GetImage(g, guest.DefaultImage); err == nil {
+		return img, nil
+	} else if !errors.Is(err, cas.ErrNotFound) {
+		return guest.Image{}, err
+	}
+	opts := guest.BuildOptions{Name: guest.DefaultImage, Progress: buildProgress()}
+	tree := filepath.Join(cache, "debootstrap-bookworm")
+	if _, err := os.Stat(tree + ".complete"); err == nil {
+		unlock, err := lockTree(tree)
+		if err != nil {
+			return guest.Image{}, err
+		}
+		defer unlock()
+		opts.Tree = tree
+		progress("building image %s from %s (first run only)", guest.DefaultImage, tree)
+	} else {
+		progress("building image %s with debootstrap (first run only; %s has no complete tree)", guest.DefaultImage, tree)
+	}
+	return guest.BuildImage(ctx, g, opts)
+}
+
+// buildProgress reports each stage of an image build once, as it starts.
+func buildProgress() func(stage string, done, total int64) {
+	last := ""
+	return func(stage string, _, _ int64) {
+		if stage != last {
+			last = stage
+			progress("  image build: %s", stage)
+		}
+	}
+}

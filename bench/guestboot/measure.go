@@ -1,0 +1,350 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// What each row is compared with.
+const (
+	baseBare     = "QEMU's bare boot of the same kernel, busybox initramfs, /init powers off at once: start to exit"
+	baseBareKern = "the bare boot: \"" + markKernel + "\" on its console"
+	baseBareInit = "the bare boot: its /init's line (\"" + markInit + "\") on its console"
+	baseHost     = "exec of `true` on the host (os/exec)"
+	baseFiles    = "what the box's files take: its guest memory file (tmpfs pages) plus its disk overlay"
+	baseBoot     = "the cold boot of a box, Start to agent answering (the boot rows' boxd column)"
+	baseQMP      = "a box's QEMU start, Start until QMP answers (the boot rows' boxd column)"
+)
+
+// measure runs every measurement in order and returns the report. Boxes
+// boot one at a time, so no two measurements share the CPUs but a fork's
+// two restores.
+func (b *bench) measure(ctx context.Context) (Report, error) {
+	began := time.Now()
+	rep := Report{Host: host(b.r.Accel()), Guest: Guest{
+		Kernel: strings.TrimPrefix(filepath.Base(b.kernel), "vmlinuz-"), Image: b.img.Name,
+		MemMiB: b.mem >> 20, CPUs: *cpus, Reps: *reps, Execs: *execs,
+	}}
+
+	// The bare boot.
+	var bareKernel, bareInit, bareExit []time.Duration
+	for i := range *reps {
+		f, err := bootBare(ctx, b.r.Accel(), b.kernel, b.bareInitrd, b.mem, *cpus, *timeout)
+		if err != nil {
+			return rep, err
+		}
+		progress("bare boot %d/%d: firmware done %s, /init's line %s, powered off %s", i+1, *reps, ms(f.kernel), ms(f.initLine), ms(f.exit))
+		bareKernel, bareInit, bareExit = append(bareKernel, f.kernel), append(bareInit, f.initLine), append(bareExit, f.exit)
+	}
+
+	// Cold boots of boxes, each then snapshotted in full; the last one runs
+	// the execs first.
+	var qmp, kernel, agentLine, ready, snapTook []time.Duration
+	var added, files []int64
+	var inGuest, onHost []time.Duration
+	for i := range *reps {
+		name := fmt.Sprintf("%sbox-%d", snapPrefix, i+1)
+		m, c, f, err := b.bootBox(ctx, name)
+		if err != nil {
+			return rep, err
+		}
+		progress("box %s: QMP %s, firmware done %s, agent's ready line %s, agent answering %s", name, ms(f.qmp), ms(f.kernel), ms(f.agentLine), ms(f.ready))
+		qmp, ready = append(qmp, f.qmp), append(ready, f.ready)
+		kernel, agentLine = appendSeen(kernel, f.kernel), appendSeen(agentLine, f.agentLine)
+
+		if i == *reps-1 {
+			if inGuest, err = execAgent(ctx, c, *execs); err != nil {
+				return rep, fmt.Errorf("exec through the agent: %w", err)
+			}
+			if onHost, err = execHost(*execs); err != nil {
+				return rep, fmt.Errorf("exec on the host: %w", err)
+			}
+			progress("exec of true: agent p50 %s, host p50 %s", ms(percentile(inGuest, 50)), ms(percentile(onHost, 50)))
+		}
+
+		_ = c.Close() // the box is idle, as one is when boxd hibernates it
+		memBytes, err := allocated(m.MemoryFile())
+		if err != nil {
+			return rep, err
+		}
+		diskBytes, err := allocated(m.Disk())
+		if err != nil {
+			return rep, err
+		}
+		snap, err := b.snapshot(ctx, m, snapName(i), false, runner.SnapshotOptions{})
+		if err != nil {
+			return rep, err
+		}
+		progress("snapshot %s: %s, store +%s (%s); the box's files: memory %s, disk overlay %s",
+			snapName(i), ms(snap.took), size(snap.added), mapsAdded(snap.snap), size(memBytes), size(diskBytes))
+		snapTook, added, files = append(snapTook, snap.took), append(added, snap.added), append(files, memBytes+diskBytes)
+		rep.Snapshots = append(rep.Snapshots, snapInfo(snap, false))
+		if err := m.Stop(ctx); err != nil {
+			return rep, err
+		}
+	}
+	rep.add(durRow("boot: QEMU up, QMP answering", "s", qmp, nil, ""))
+	rep.add(durRow("boot: firmware hands over to the kernel", "s", kernel, bareKernel, baseBareKern))
+	rep.add(durRow("boot: agent's ready line (bare: /init's line)", "s", agentLine, bareInit, baseBareInit))
+	rep.add(durRow("boot: agent answering (bare: powered off)", "s", ready, bareExit, baseBare))
+	for _, st := range []struct {
+		name string
+		f    func([]time.Duration) time.Duration
+	}{
+		{"p50", func(d []time.Duration) time.Duration { return percentile(d, 50) }},
+		{"p95", func(d []time.Duration) time.Duration { return percentile(d, 95) }},
+		{"mean", mean},
+	} {
+		rep.add(statRow(fmt.Sprintf("exec `true`: %s of %d", st.name, *execs), st.f, inGuest, onHost, baseHost))
+	}
+	rep.add(durRow("snapshot (full): time", "s", snapTook, nil, ""))
+	rep.add(byteRow("snapshot (full), first box: bytes added", added[:1], files[:1], baseFiles))
+	if len(added) > 1 {
+		rep.add(byteRow("snapshot (full), later boxes: bytes added", added[1:], files[1:], baseFiles))
+	}
+
+	// Resumes, each from its box's snapshot; the last resumed box stays up
+	// to be forked.
+	var resumes []restored
+	for i := range *reps {
+		u, err := sameBox()
+		if err != nil {
+			return rep, err
+		}
+		disk := filepath.Join(b.work, fmt.Sprintf("resume-%d.qcow2", i+1))
+		res, err := b.restore(ctx, snapName(i), disk, u, time.Now())
+		if err != nil {
+			return rep, err
+		}
+		if err := check(ctx, res.c); err != nil {
+			return rep, fmt.Errorf("resumed box: %w", err)
+		}
+		progress("resume %d/%d: running %s, agent answering %s, fresh entropy taken %s", i+1, *reps, ms(res.running), ms(res.ready), ms(res.unique))
+		resumes = append(resumes, res)
+		_ = res.c.Close()
+		if i < *reps-1 {
+			if err := res.m.Stop(ctx); err != nil {
+				return rep, err
+			}
+		}
+	}
+	rep.add(durRow("resume: running", "s", pick(resumes, restored.runningAt), qmp, baseQMP))
+	rep.add(durRow("resume: agent answering", "s", pick(resumes, restored.readyAt), ready, baseBoot))
+
+	// Forks of a resumed box: freeze it, restore it twice at once (the
+	// parent carrying on and a child); the parent forks again in the next
+	// round. Its memory is a frozen file mapped copy-on-write (share=off):
+	// QEMU's save of its device state carries every page of guest RAM,
+	// which the runner drops, and a freeze does not adopt the file, so the
+	// forks' memory is rebuilt from the store.
+	parent := resumes[len(resumes)-1].m
+	var resumed []forked
+	for i := range *reps {
+		f, kids, err := b.forkRound(ctx, parent, fmt.Sprintf("%sfork-resumed-%d", snapPrefix, i+1), true)
+		if err != nil {
+			return rep, err
+		}
+		progress("fork of a resumed box %d/%d: %s", i+1, *reps, f)
+		resumed = append(resumed, f)
+		rep.Snapshots = append(rep.Snapshots, snapInfo(f.snap, f.frozenFile))
+		if err := kids[1].m.Stop(ctx); err != nil {
+			return rep, err
+		}
+		parent = kids[0].m
+	}
+	if err := parent.Stop(ctx); err != nil {
+		return rep, err
+	}
+
+	// Forks of a box booted cold: its first snapshot is the freeze, and
+	// its memory file becomes the snapshot's, which the forks map.
+	var booted []forked
+	for i := range *reps {
+		m, c, _, err := b.bootBox(ctx, fmt.Sprintf("%sparent-%d", snapPrefix, i+1))
+		if err != nil {
+			return rep, err
+		}
+		_ = c.Close()
+		f, kids, err := b.forkRound(ctx, m, fmt.Sprintf("%sfork-booted-%d", snapPrefix, i+1), false)
+		if err != nil {
+			return rep, err
+		}
+		progress("fork of a booted box %d/%d: %s", i+1, *reps, f)
+		booted = append(booted, f)
+		rep.Snapshots = append(rep.Snapshots, snapInfo(f.snap, f.frozenFile))
+		for _, k := range kids {
+			if err := k.m.Stop(ctx); err != nil {
+				return rep, err
+			}
+		}
+	}
+
+	for _, series := range []struct {
+		of string
+		fs []forked
+	}{{"booted", booted}, {"resumed", resumed}} {
+		freezeIs := "full"
+		if series.of == "resumed" {
+			freezeIs = "incremental"
+		}
+		var took []time.Duration
+		var added, files []int64
+		var both []restored
+		for _, f := range series.fs {
+			took, added, both = append(took, f.snap.took), append(added, f.snap.added), append(both, f.both)
+			if f.files > 0 {
+				files = append(files, f.files)
+			}
+		}
+		what := "fork of a " + series.of + " box: "
+		rep.add(durRow(what+"freeze ("+freezeIs+" snapshot, QEMU ends)", "s", took, nil, ""))
+		rep.add(byteRow(what+"bytes added by the freeze", added, files, baseFiles))
+		rep.add(durRow(what+"both boxes running", "s", pick(both, restored.runningAt), qmp, baseQMP))
+		rep.add(durRow(what+"both agents answering", "s", pick(both, restored.readyAt), ready, baseBoot))
+	}
+
+	rep.Seconds = time.Since(began).Seconds()
+	return rep, nil
+}
+
+// snapName is the full snapshot of the i-th box (from 0).
+func snapName(i int) string { return fmt.Sprintf("%ssnap-%d", snapPrefix, i+1) }
+
+// appendSeen appends d unless it is 0 (not seen).
+func appendSeen(s []time.Duration, d time.Duration) []time.Duration {
+	if d == 0 {
+		return s
+	}
+	return append(s, d)
+}
+
+func (r restored) runningAt() time.Duration { return r.running }
+func (r restored) readyAt() time.Duration   { return r.ready }
+
+func pick(rs []restored, f func(restored) time.Duration) []time.Duration {
+	out := make([]time.Duration, 0, len(rs))
+	for _, r := range rs {
+		out = append(out, f(r))
+	}
+	return out
+}
+
+// forked is one fork's figures: the freeze, and the later of the two
+// restores' times, from the freeze's start.
+type forked struct {
+	snap       snapshotted
+	frozenFile bool  // the freeze left a frozen memory file for the restores to map
+	files      int64 // the parent's memory file and disk overlay (0 when its memory is a frozen file)
+	both       restored
+}
+
+func (f forked) String() string {
+	mem := "memory rebuilt from the store"
+	if f.frozenFile {
+		mem = "frozen memory file mapped"
+	}
+	return fmt.Sprintf("freeze %s (store +%s: %s; %s), both running %s, both agents answering %s, both with their identity %s",
+		ms(f.snap.took), size(f.snap.added), mapsAdded(f.snap.snap), mem, ms(f.both.running), ms(f.both.ready), ms(f.both.unique))
+}
+
+// forkRound freezes parent as snapshot name (incremental or not) and
+// restores it twice at once, checks that both boxes run commands, and
+// returns the figures and the two boxes.
+func (b *bench) forkRound(ctx context.Context, parent *qemu.Machine, name string, incremental bool) (forked, [2]restored, error) {
+	var f forked
+	var kids [2]restored
+	if !slices.Contains(b.r.FrozenFiles(), parent.MemoryFile()) {
+		mem, err := allocated(parent.MemoryFile())
+		if err != nil {
+			return f, kids, err
+		}
+		disk, err := allocated(parent.Disk())
+		if err != nil {
+			return f, kids, err
+		}
+		f.files = mem + disk
+	}
+	frozen := len(b.r.FrozenFiles())
+	start := time.Now()
+	var err error
+	if f.snap, err = b.snapshot(ctx, parent, name, true, runner.SnapshotOptions{Incremental: incremental}); err != nil {
+		return f, kids, err
+	}
+	f.frozenFile = len(b.r.FrozenFiles()) > frozen
+	if kids, err = b.fork(ctx, name, start); err != nil {
+		return f, kids, err
+	}
+	for _, k := range kids {
+		f.both.running, f.both.ready, f.both.unique = max(f.both.running, k.running), max(f.both.ready, k.ready), max(f.both.unique, k.unique)
+		if err := check(ctx, k.c); err != nil {
+			return f, kids, fmt.Errorf("forked box: %w", err)
+		}
+		_ = k.c.Close()
+	}
+	return f, kids, nil
+}
+
+// fork restores snapshot name twice at once: the parent carrying on (same
+// machine-id and hostname, fresh entropy) and a child with an identity of
+// its own, as boxd's fork does.
+func (b *bench) fork(ctx context.Context, name string, start time.Time) ([2]restored, error) {
+	var kids [2]restored
+	var errs [2]error
+	var wg sync.WaitGroup
+	for i := range kids {
+		u, err := sameBox()
+		if i == 1 {
+			u, err = agent.NewUnique(name + "-child")
+		}
+		if err != nil {
+			return kids, err
+		}
+		disk := filepath.Join(b.work, fmt.Sprintf("%s-%d.qcow2", name, i+1))
+		wg.Go(func() { kids[i], errs[i] = b.restore(ctx, name, disk, u, start) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return kids, err
+		}
+	}
+	return kids, nil
+}
+
+// check runs `true` in the guest: the box does work, not only answer.
+func check(ctx context.Context, c *agent.Client) error {
+	code, err := c.Run(ctx, agent.Command{Args: []string{"true"}})
+	if err == nil && code != 0 {
+		err = fmt.Errorf("true exited %d", code)
+	}
+	return err
+}
+
+// mapsAdded lists what each map of a snapshot stored anew.
+func mapsAdded(s snapshotter.Snapshot) string {
+	var parts []string
+	for _, m := range s.Maps {
+		parts = append(parts, fmt.Sprintf("%s %s", m.Name, size(m.NewStored)))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func snapInfo(s snapshotted, frozenFile bool) SnapshotInfo {
+	info := SnapshotInfo{Name: s.snap.Name, Parent: s.snap.Parent, Seconds: s.took.Seconds(), PackBytesAdded: s.added, FrozenFile: frozenFile,
+		NewStored: map[string]int64{}, NewChunks: map[string]int64{}}
+	for _, m := range s.snap.Maps {
+		info.NewStored[m.Name] = m.NewStored
+		info.NewChunks[m.Name] = m.NewChunks
+	}
+	return info
+}
