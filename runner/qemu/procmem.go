@@ -211,10 +211,3 @@ func dataPages(file string, size int64) (memstore.Bitmap, error) {
 	}
 	return bm, nil
 }
-
-// or sets in a every page set in b.
-func or(a, b memstore.Bitmap) {
-	for i := range min(len(a), len(b)) {
-		a[i] |= b[i]
-	}
-}

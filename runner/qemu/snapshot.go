@@ -19,7 +19,7 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// OptionBase, in Spec.Options, names the snapshot whose disk map the disk
+// OptionBase is the Spec.Options key naming the snapshot whose disk map the disk
 // starts from (the image a box's overlay is made over); a machine's first
 // snapshot is a delta against it.
 const OptionBase = "base"
