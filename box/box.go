@@ -84,7 +84,6 @@ type Manager struct {
 	locks    map[string]*sync.Mutex // one operation per box at a time
 	machines map[string]*qemu.Machine
 	clients  map[string]*agent.Client
-	lastUse  map[string]time.Time
 }
 
 var bucket = []byte("boxes")
@@ -132,7 +131,6 @@ func Open(cfg Config) (*Manager, error) {
 		locks:    map[string]*sync.Mutex{},
 		machines: map[string]*qemu.Machine{},
 		clients:  map[string]*agent.Client{},
-		lastUse:  map[string]time.Time{},
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucket)
@@ -273,7 +271,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
 	}
 	if _, err := guest.GetImage(m.cfg.Graph, opts.Image); err != nil {
-		return Box{}, fmt.Errorf("image %q: %w (build it with: boxd image build)", opts.Image, err)
+		return Box{}, err // it says how to build the image
 	}
 	base, err := guest.BaseFile(ctx, m.cfg.Graph, opts.Image, guest.BaseDir(m.cfg.Root))
 	if err != nil {
@@ -314,15 +312,6 @@ func (m *Manager) newDiskPath(name string) string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	return filepath.Join(disksDir(m.cfg.Root), fmt.Sprintf("%s-%s.qcow2", name, hex.EncodeToString(b[:])))
-}
-
-// Console returns the last bytes of box name's console log.
-func (m *Manager) Console(name string, max int) []byte {
-	b, _ := os.ReadFile(filepath.Join(m.boxDir(name), "console.log"))
-	if len(b) > max {
-		b = b[len(b)-max:]
-	}
-	return b
 }
 
 // spec is the machine a cold boot of bx starts.
@@ -391,7 +380,7 @@ func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) e
 		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), cas.ErrUnavailable)
 	}
 	m.mu.Lock()
-	m.machines[name], m.clients[name], m.lastUse[name] = mach, c, time.Now()
+	m.machines[name], m.clients[name] = mach, c
 	m.mu.Unlock()
 	return nil
 }
@@ -436,7 +425,6 @@ func (m *Manager) machine(name string) (*qemu.Machine, *agent.Client, bool) {
 		return mach, nil, false
 	default:
 	}
-	m.lastUse[name] = time.Now()
 	return mach, m.clients[name], true
 }
 

@@ -86,7 +86,7 @@ func TestModuleOrderMissing(t *testing.T) {
 // far as Initramfs can tell.
 func fakeAgent(t *testing.T, dir, marker string) string {
 	p := filepath.Join(dir, "boxd-agent")
-	writeObject(t, p, "agent="+marker)
+	testutil.WriteELF(t, p, "agent="+marker)
 	must(t, os.Chmod(p, 0o755))
 	return p
 }
@@ -175,7 +175,7 @@ func TestInitramfsCache(t *testing.T) {
 	agent2 := fakeAgent(t, t.TempDir(), "two")
 	other, err := Initramfs(ctx, root, modDir, agent2)
 	must(t, err)
-	writeObject(t, filepath.Join(modDir, "kernel", "virtio-blk.ko"), "depends=virtio_ring,virtio", "name=virtio_blk", "version=2")
+	testutil.WriteELF(t, filepath.Join(modDir, "kernel", "virtio-blk.ko"), "depends=virtio_ring,virtio", "name=virtio_blk", "version=2")
 	third, err := Initramfs(ctx, root, modDir, agent)
 	must(t, err)
 	if other == first || third == first || third == other {

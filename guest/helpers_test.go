@@ -1,10 +1,8 @@
 package guest
 
 import (
-	"bytes"
 	"compress/gzip"
-	"debug/elf"
-	"encoding/binary"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"io"
 	"os"
 	"path/filepath"
@@ -13,49 +11,12 @@ import (
 	"testing"
 )
 
-// writeObject writes a minimal ELF64 object file whose only section besides
-// the names is .modinfo with the given NUL-separated entries: enough for a
-// fake kernel module, or (with no entries) a fake static executable.
-func writeObject(t *testing.T, path string, modinfo ...string) {
-	t.Helper()
-	info := []byte(strings.Join(modinfo, "\x00") + "\x00")
-	names := []byte("\x00.modinfo\x00.shstrtab\x00")
-	const hdrLen, shLen = 64, 64
-	infoOff := uint64(hdrLen)
-	namesOff := infoOff + uint64(len(info))
-	shOff := (namesOff + uint64(len(names)) + 7) &^ 7
-
-	var b bytes.Buffer
-	hdr := elf.Header64{
-		Type: uint16(elf.ET_REL), Machine: uint16(elf.EM_X86_64), Version: uint32(elf.EV_CURRENT),
-		Shoff: shOff, Ehsize: hdrLen, Shentsize: shLen, Shnum: 3, Shstrndx: 2,
-	}
-	copy(hdr.Ident[:], elf.ELFMAG)
-	hdr.Ident[elf.EI_CLASS] = byte(elf.ELFCLASS64)
-	hdr.Ident[elf.EI_DATA] = byte(elf.ELFDATA2LSB)
-	hdr.Ident[elf.EI_VERSION] = byte(elf.EV_CURRENT)
-	must(t, binary.Write(&b, binary.LittleEndian, hdr))
-	b.Write(info)
-	b.Write(names)
-	b.Write(make([]byte, shOff-uint64(b.Len())))
-	sections := []elf.Section64{
-		{},
-		{Name: 1, Type: uint32(elf.SHT_PROGBITS), Flags: uint64(elf.SHF_ALLOC), Off: infoOff, Size: uint64(len(info)), Addralign: 1},
-		{Name: 10, Type: uint32(elf.SHT_STRTAB), Off: namesOff, Size: uint64(len(names)), Addralign: 1},
-	}
-	for _, s := range sections {
-		must(t, binary.Write(&b, binary.LittleEndian, s))
-	}
-	must(t, os.MkdirAll(filepath.Dir(path), 0o755))
-	must(t, os.WriteFile(path, b.Bytes(), 0o644))
-}
-
 // fakeModules writes a module tree under dir: one NAME.ko per entry of
 // deps, NAME → its comma-separated depends=.
 func fakeModules(t *testing.T, dir string, deps map[string]string) {
 	t.Helper()
 	for name, dep := range deps {
-		writeObject(t, filepath.Join(dir, "kernel", strings.ReplaceAll(name, "_", "-")+".ko"), "license=GPL", "depends="+dep, "name="+name)
+		testutil.WriteELF(t, filepath.Join(dir, "kernel", strings.ReplaceAll(name, "_", "-")+".ko"), "license=GPL", "depends="+dep, "name="+name)
 	}
 }
 

@@ -1,10 +1,8 @@
 package initramfs
 
 import (
-	"bytes"
-	"debug/elf"
-	"encoding/binary"
 	"errors"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,43 +10,6 @@ import (
 
 	"github.com/containerd/errdefs"
 )
-
-// writeELF writes a minimal relocatable ELF64 file holding one section, .modinfo, with the given entries
-// (each NUL-terminated, as modpost lays them out), plus the section-name table.
-func writeELF(t *testing.T, path string, modinfo ...string) {
-	t.Helper()
-	var info []byte
-	for _, s := range modinfo {
-		info = append(append(info, s...), 0)
-	}
-	shstrtab := []byte("\x00.modinfo\x00.shstrtab\x00")
-	const ehsize, shentsize = 64, 64
-	infoOff := uint64(ehsize)
-	strOff := infoOff + uint64(len(info))
-	shOff := (strOff + uint64(len(shstrtab)) + 7) &^ 7
-
-	var b bytes.Buffer
-	hdr := elf.Header64{
-		Type: uint16(elf.ET_REL), Machine: uint16(elf.EM_X86_64), Version: uint32(elf.EV_CURRENT),
-		Shoff: shOff, Ehsize: ehsize, Shentsize: shentsize, Shnum: 3, Shstrndx: 2,
-	}
-	copy(hdr.Ident[:], elf.ELFMAG)
-	hdr.Ident[elf.EI_CLASS] = byte(elf.ELFCLASS64)
-	hdr.Ident[elf.EI_DATA] = byte(elf.ELFDATA2LSB)
-	hdr.Ident[elf.EI_VERSION] = byte(elf.EV_CURRENT)
-	must(t, binary.Write(&b, binary.LittleEndian, hdr))
-	b.Write(info)
-	b.Write(shstrtab)
-	b.Write(make([]byte, shOff-uint64(b.Len())))
-	sections := []elf.Section64{
-		{},
-		{Name: 1, Type: uint32(elf.SHT_PROGBITS), Flags: uint64(elf.SHF_ALLOC), Off: infoOff, Size: uint64(len(info)), Addralign: 1},
-		{Name: 10, Type: uint32(elf.SHT_STRTAB), Off: strOff, Size: uint64(len(shstrtab)), Addralign: 1},
-	}
-	must(t, binary.Write(&b, binary.LittleEndian, sections))
-	must(t, os.MkdirAll(filepath.Dir(path), 0o755))
-	must(t, os.WriteFile(path, b.Bytes(), 0o644))
-}
 
 func must(t *testing.T, err error) {
 	t.Helper()
@@ -73,7 +34,7 @@ func TestReadModule(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
 			p := filepath.Join(dir, tt.file)
-			writeELF(t, p, tt.modinfo...)
+			testutil.WriteELF(t, p, tt.modinfo...)
 			got, err := ReadModule(p)
 			if err != nil {
 				t.Fatal(err)
@@ -99,7 +60,7 @@ func fakeModules(t *testing.T, deps map[string]string) Modules {
 	t.Helper()
 	dir := t.TempDir()
 	for name, dep := range deps {
-		writeELF(t, filepath.Join(dir, "kernel", name[:1], name+".ko"), "depends="+dep, "name="+name)
+		testutil.WriteELF(t, filepath.Join(dir, "kernel", name[:1], name+".ko"), "depends="+dep, "name="+name)
 	}
 	mods, err := ScanModules(dir)
 	if err != nil {
@@ -182,8 +143,8 @@ func TestErrorCategories(t *testing.T) {
 
 func TestScanModulesDuplicate(t *testing.T) {
 	dir := t.TempDir()
-	writeELF(t, filepath.Join(dir, "a", "m.ko"), "name=m")
-	writeELF(t, filepath.Join(dir, "b", "m.ko"), "name=m")
+	testutil.WriteELF(t, filepath.Join(dir, "a", "m.ko"), "name=m")
+	testutil.WriteELF(t, filepath.Join(dir, "b", "m.ko"), "name=m")
 	if _, err := ScanModules(dir); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("err = %v, want already exists", err)
 	}

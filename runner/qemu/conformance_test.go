@@ -158,6 +158,14 @@ func shmDir(t *testing.T) string {
 // virtio console modules and observerInit.
 func observerGuest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 	t.Helper()
+	return busyboxGuest(ctx, t, observerInit, "virtio_pci", "virtio_console", "virtio_blk")
+}
+
+// busyboxGuest fetches the kernel and writes an initramfs of static
+// busybox, the modules named (and what they need, listed in load order in
+// /lib/modules/boxd/order) and init as /init; it returns their paths.
+func busyboxGuest(ctx context.Context, t *testing.T, init string, modules ...string) (kernel, initrd string) {
+	t.Helper()
 	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"})
 	testutil.StaticBusybox(ctx, t)
 	cache, err := guestkernel.DefaultCacheDir()
@@ -168,13 +176,15 @@ func observerGuest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 	if err != nil {
 		t.Fatalf("cannot fetch the guest kernel: %v", err)
 	}
-	mods, err := initramfs.ScanModules(k.ModulesDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	order, err := mods.LoadOrder("virtio_pci", "virtio_console", "virtio_blk")
-	if err != nil {
-		t.Fatal(err)
+	var order []initramfs.Module
+	if len(modules) > 0 {
+		mods, err := initramfs.ScanModules(k.ModulesDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if order, err = mods.LoadOrder(modules...); err != nil {
+			t.Fatal(err)
+		}
 	}
 	initrd = filepath.Join(t.TempDir(), "initrd.gz")
 	f, err := os.Create(initrd)
@@ -204,7 +214,7 @@ func observerGuest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 		list += name + "\n"
 	}
 	check(w.File("/lib/modules/boxd/order", 0o644, []byte(list)))
-	check(w.File("/init", 0o755, []byte(observerInit)))
+	check(w.File("/init", 0o755, []byte(init)))
 	check(w.Close())
 	check(f.Close())
 	return k.Vmlinuz, initrd

@@ -11,8 +11,6 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
-	"github.com/boxd-dev/boxd/internal/guestkernel"
-	"github.com/boxd-dev/boxd/internal/initramfs"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
@@ -197,39 +195,5 @@ func mustErr(_ runner.Machine, err error) error { return err }
 // guest fetches the kernel and writes the ticking initramfs; it returns their paths.
 func guest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 	t.Helper()
-	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86"})
-	testutil.StaticBusybox(ctx, t)
-	cache, err := guestkernel.DefaultCacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := guestkernel.Fetch(ctx, cache)
-	if err != nil {
-		t.Fatalf("cannot fetch the guest kernel: %v", err)
-	}
-	initrd = filepath.Join(t.TempDir(), "initrd.gz")
-	f, err := os.Create(initrd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w := initramfs.NewGzipWriter(f)
-	check := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, d := range []string{"/bin", "/dev", "/proc", "/tmp"} {
-		check(w.Dir(d, 0o755))
-	}
-	check(w.CharDev("/dev/console", 0o600, 5, 1))
-	check(w.CopyFile("/bin/busybox", 0o755, busyboxPath))
-	for _, applet := range []string{"sh", "mount", "sleep", "echo"} {
-		check(w.Symlink("/bin/"+applet, "busybox"))
-	}
-	check(w.File("/init", 0o755, []byte(tickInit)))
-	check(w.Close())
-	check(f.Close())
-	return k.Vmlinuz, initrd
+	return busyboxGuest(ctx, t, tickInit)
 }

@@ -62,7 +62,6 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if spec.Options == nil {
 		spec.Options = map[string]string{}
 	}
-	delete(spec.Options, OptionDisk)
 	if c := opts.Options[OptionConsole]; c != "" {
 		spec.Options[OptionConsole] = c
 	}
@@ -92,7 +91,9 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		}
 		return nil, err
 	}
-	m.ownDisk = ownDisk
+	if ownDisk != "" {
+		m.ownDisk.Store(&ownDisk)
+	}
 	if err := m.loadDevices(ctx, devices); err != nil {
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err

@@ -429,8 +429,8 @@ type Machine struct {
 	last   string     // the machine's previous snapshot
 	sums   *pageSums  // what each page held at the last snapshot
 
-	ownDisk       string // a restore's disk overlay, removed at exit
-	pendingUnique bool   // reseed the guest when it next runs
+	ownDisk       atomic.Pointer[string] // a restore's disk overlay, removed at exit
+	pendingUnique bool                   // reseed the guest when it next runs
 
 	output lockedBuffer
 	qmpMu  sync.Mutex // guards qmp's writing (connect) against wait's closing
@@ -456,8 +456,8 @@ func (m *Machine) wait() {
 		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
 	}
 	m.final, _ = os.ReadFile(m.console)
-	if m.ownDisk != "" {
-		_ = os.Remove(m.ownDisk)
+	if d := m.ownDisk.Load(); d != nil {
+		_ = os.Remove(*d)
 	}
 	if m.private {
 		m.r.release(m.memFile)

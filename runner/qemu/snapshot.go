@@ -105,6 +105,10 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 			return snapshotter.Snapshot{}, fmt.Errorf("qemu: %s: freezing the disk: %w", m.id, err)
 		}
 		frozenDisk, m.disk = m.disk, top
+		if d := m.ownDisk.Load(); d != nil && *d == frozenDisk {
+			// The snapshot holds it now; the new top is the machine's.
+			m.ownDisk.Store(&top)
+		}
 	}
 
 	devices, err := m.saveDevices(ctx)
@@ -223,9 +227,7 @@ func (m *Machine) specLabel() runner.Spec {
 	s := m.spec
 	s.Options = maps.Clone(s.Options)
 	delete(s.Options, OptionConsole)
-	if _, ok := s.Options[OptionDisk]; ok {
-		s.Options[OptionDisk] = "yes"
-	}
+	delete(s.Options, OptionDisk) // a restore has a disk when the snapshot has a disk map
 	delete(s.Options, OptionBase)
 	return s
 }

@@ -193,11 +193,14 @@ func (s *streamFilter) ramPages() {
 		} else {
 			s.dropped++
 		}
-		switch {
-		case flags&ramFlagZero != 0:
-			s.bytes(1, keep)
-		default:
-			s.bytes(migrationPage, keep)
+		n := migrationPage
+		if flags&ramFlagZero != 0 {
+			n = 1
+		}
+		if keep {
+			s.bytes(n, true)
+		} else {
+			s.skip(n)
 		}
 	}
 }
@@ -214,6 +217,16 @@ func (s *streamFilter) fail(err error) error {
 		return fmt.Errorf("%w: ends early: %w", errStream, io.ErrUnexpectedEOF)
 	}
 	return s.err
+}
+
+// skip drops n bytes of the stream.
+func (s *streamFilter) skip(n int) {
+	if s.err != nil {
+		return
+	}
+	if _, err := s.r.Discard(n); err != nil {
+		s.setErr(err)
+	}
 }
 
 // bytes reads n bytes, copying them to w when keep.
