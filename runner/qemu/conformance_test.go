@@ -47,7 +47,7 @@ while :; do
 done
 `
 
-var stepRE = regexp.MustCompile(`(?m)^step (\d+) sum ([0-9a-f]{16}) +(\d+)\r?$`)
+var stepRE = regexp.MustCompile(`(?m)^step (\d+) sum ([0-9a-f]{16}) +(\d+)\r?\n`)
 
 // observer reads the conformance guest's steps from the console.
 type observer struct {

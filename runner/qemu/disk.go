@@ -33,16 +33,18 @@ func qemuImg(ctx context.Context, args ...string) ([]byte, error) {
 }
 
 // CreateOverlay makes path a new, empty qcow2 image over backing (a qcow2
-// or raw image, which must not change while the overlay lives).
-func CreateOverlay(ctx context.Context, path, backing string) error {
+// or raw image, which must not change while the overlay lives), named as
+// given.
+func CreateOverlay(_ context.Context, path, backing string) error {
 	format, err := diskFormat(backing)
 	if err != nil {
 		return err
 	}
-	if _, err := qemuImg(ctx, "create", "-q", "-f", "qcow2", "-F", format, "-b", backing, path); err != nil {
+	size, err := virtualSize(backing, format)
+	if err != nil {
 		return err
 	}
-	return nil
+	return createOverlayFile(path, backing, format, size)
 }
 
 // extent is one run of qemu-img map's answer.

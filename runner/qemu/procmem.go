@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -123,9 +124,12 @@ func newPageSums(pages int) *pageSums {
 
 // changed reads the candidate pages of src (all when nil) and returns
 // those whose content differs from when it last read them (or that it
-// never read), remembering the new sums.
-func (p *pageSums) changed(src io.ReaderAt, candidates memstore.Bitmap) (memstore.Bitmap, error) {
+// never read), and keep, which remembers the new sums: call it once the
+// snapshot that stores the changed pages is committed, so that a snapshot
+// that fails leaves the pages changed for the next one.
+func (p *pageSums) changed(src io.ReaderAt, candidates memstore.Bitmap) (changed memstore.Bitmap, keep func(), err error) {
 	n := len(p.sums)
+	next := slices.Clone(p.sums)
 	out := memstore.NewBitmap(n)
 	const run = 256 // pages per read
 	type item struct{ first, count int }
@@ -150,7 +154,7 @@ func (p *pageSums) changed(src io.ReaderAt, candidates memstore.Bitmap) (memstor
 					_, _ = d.Write(b[i*memstore.PageSize : (i+1)*memstore.PageSize])
 					sum := d.Sum64()
 					if pg := it.first + i; sum != p.sums[pg] || sum == 0 {
-						p.sums[pg] = sum
+						next[pg] = sum
 						mu.Lock()
 						out.Set(pg)
 						mu.Unlock()
@@ -175,10 +179,10 @@ func (p *pageSums) changed(src io.ReaderAt, candidates memstore.Bitmap) (memstor
 	wg.Wait()
 	select {
 	case err := <-errs:
-		return nil, fmt.Errorf("qemu: reading guest memory: %w", err)
+		return nil, nil, fmt.Errorf("qemu: reading guest memory: %w", err)
 	default:
 	}
-	return out, nil
+	return out, func() { p.sums = next }, nil
 }
 
 // dataPages returns the pages of a memory file that hold data (tmpfs

@@ -21,7 +21,7 @@ const busyboxPath = testutil.BusyboxPath
 // tickInit mounts /proc and prints a growing counter to the console forever.
 const tickInit = "#!/bin/sh\nmount -t proc proc /proc\ni=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done\n"
 
-var tickRE = regexp.MustCompile(`(?m)^tick (\d+)\r?$`)
+var tickRE = regexp.MustCompile(`(?m)^tick (\d+)\r?\n`)
 
 // lastTick is the highest tick on the console, -1 if none.
 func lastTick(console []byte) int {

@@ -43,7 +43,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, cas.ErrInvalidArgument)
 		}
 	}
-	s, err := r.Graph.Get(snap)
+	s, devices, err := r.snapshotForRestore(snap)
 	if err != nil {
 		return nil, err
 	}
@@ -54,10 +54,6 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &spec); err != nil {
 		return nil, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", snap, err, cas.ErrCorrupt)
 	}
-	devices, err := memstore.ReadBlob(r.Graph, snap, DevicesMap)
-	if err != nil {
-		return nil, fmt.Errorf("qemu: snapshot %q: device state: %w", snap, err)
-	}
 	spec.Options = maps.Clone(spec.Options)
 	if spec.Options == nil {
 		spec.Options = map[string]string{}
@@ -66,12 +62,14 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		spec.Options[OptionConsole] = c
 	}
 
+	ph := startPhases()
 	memFile, err := r.acquire(ctx, snap)
 	if err != nil {
 		return nil, err
 	}
+	ph.mark("memory")
 	var ownDisk string
-	if _, ok := s.Map(DiskMap); ok {
+	if _, ok := s.Map(DiskMap); ok || s.Labels[LabelDisk] != "" {
 		disk := opts.Options[OptionDisk]
 		if disk == "" {
 			disk = filepath.Join(r.diskDir(), fmt.Sprintf("restore-%d-%d.qcow2", os.Getpid(), r.ids.Add(1)))
@@ -83,7 +81,13 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		}
 		spec.Options[OptionDisk] = disk
 	}
-	m, err := r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true})
+	ph.mark("disk")
+	m, err := r.takeSpare(ctx, memFile, spec)
+	ph.mark("spare")
+	if m == nil && err == nil {
+		m, err = r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true, acquired: true})
+		ph.mark("launch")
+	}
 	if err != nil {
 		r.release(memFile)
 		if ownDisk != "" {
@@ -98,8 +102,10 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err
 	}
+	ph.mark("devices")
 	m.last = snap
 	m.pendingUnique = opts.Unique
+	defer func() { r.logger().Debug("qemu: restore", ph.log("id", m.id, "snapshot", snap)...) }()
 	if opts.Paused {
 		return m, nil
 	}
@@ -107,7 +113,25 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err
 	}
+	ph.mark("cont")
 	return m, nil
+}
+
+// snapshotForRestore returns snapshot snap and its device state: from
+// the store, or from a freeze whose snapshot is still being written.
+func (r *Runner) snapshotForRestore(snap string) (snapshotter.Snapshot, []byte, error) {
+	if p := r.pendingOf(snap); p != nil {
+		return snapshotter.Snapshot{Name: snap, Parent: p.job.parent, Labels: p.job.labels}, p.job.devices, nil
+	}
+	s, err := r.Graph.Get(snap)
+	if err != nil {
+		return s, nil, err
+	}
+	devices, err := memstore.ReadBlob(r.Graph, snap, DevicesMap)
+	if err != nil {
+		return s, nil, fmt.Errorf("qemu: snapshot %q: device state: %w", snap, err)
+	}
+	return s, devices, nil
 }
 
 func (r *Runner) diskDir() string {
@@ -155,6 +179,10 @@ type frozenFile struct {
 	snap string
 	path string
 	refs int // machines mapping it
+	// pending is the snapshot's capture while it is being written to the
+	// store: the file must stay until it is. dropped says it goes then.
+	pending *pendingSnap
+	dropped bool
 }
 
 // acquire returns the frozen memory file of snap, rebuilding it from the
@@ -219,9 +247,31 @@ func (r *Runner) release(path string) {
 }
 
 func (r *Runner) drop(f *frozenFile) {
+	if p := f.pending; p != nil && !p.finished() {
+		f.dropped = true // when the capture is done
+		return
+	}
+	if f.pending != nil { // its capture failed: the snapshot is lost
+		delete(r.pending, f.snap)
+		r.logger().Warn("qemu: snapshot dropped unwritten", "snapshot", f.snap, "err", f.pending.err)
+	}
 	delete(r.frozen, f.snap)
 	delete(r.byPath, f.path)
 	_ = os.Remove(f.path)
+	r.stopSpares(f.path)
+}
+
+// reacquire counts one more machine mapping the frozen file at path, if it
+// is still there.
+func (r *Runner) reacquire(path string) bool {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	f := r.byPath[path]
+	if f == nil {
+		return false
+	}
+	f.refs++
+	return true
 }
 
 // DropFrozen removes the frozen memory file of snap if no machine maps it.

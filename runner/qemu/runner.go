@@ -108,6 +108,10 @@ type Runner struct {
 	frozenMu sync.Mutex
 	frozen   map[string]*frozenFile // by snapshot name
 	byPath   map[string]*frozenFile
+	pending  map[string]*pendingSnap // snapshots on their way to the store, by name
+
+	spareMu sync.Mutex
+	spares  map[string][]*Machine // by the memory file they map
 }
 
 var _ runner.Runner = (*Runner)(nil)
@@ -209,17 +213,31 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 			return nil, err
 		}
 		args = append(args,
-			"-drive", "file="+escapeOpt(disk)+",if=none,id=disk0,format="+format+",cache=writeback,discard=unmap",
-			"-device", "virtio-blk-pci,drive=disk0")
+			"-drive", driveOpts(disk, format),
+			"-device", "virtio-blk-pci,drive=disk0,addr="+slotDisk)
 	}
 	switch spec.Options[OptionNet] {
 	case "", NetUser:
-		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=")
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,addr="+slotNet)
 	case NetNone:
 	default:
 		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Options[OptionNet], NetUser, NetNone, cas.ErrInvalidArgument)
 	}
 	return args, nil
+}
+
+// PCI slots of the devices. They are fixed, not left to the order of the
+// arguments, because device state is matched by PCI address and a spare
+// (see Warm) starts without the disk it gets later.
+const (
+	slotDisk   = "0x2"
+	slotNet    = "0x3"
+	slotSerial = "0x4"
+)
+
+// driveOpts is the -drive (or drive_add) value of the machine's disk.
+func driveOpts(disk, format string) string {
+	return "file=" + escapeOpt(disk) + ",if=none,id=disk0,format=" + format + ",cache=writeback,discard=unmap"
 }
 
 // qcow2Magic starts every qcow2 image.
@@ -280,6 +298,9 @@ type launchOptions struct {
 	memFile string
 	// incoming starts QEMU paused, waiting for device state (-incoming defer).
 	incoming bool
+	// acquired says the machine holds a reference on memFile (acquire),
+	// to release when it ends; a spare holds none until it is taken.
+	acquired bool
 }
 
 func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions) (*Machine, error) {
@@ -321,6 +342,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	share := "on"
 	if lo.memFile != "" {
 		m.memFile, m.private, share = lo.memFile, true, "off"
+		m.acquired.Store(lo.acquired)
 	}
 	if c := spec.Options[OptionConsole]; c != "" {
 		m.console = c
@@ -328,7 +350,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	args = append(args,
 		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", spec.MemSize/mib, escapeOpt(m.memFile), share),
 		"-machine", "pc,memory-backend=mem",
-		"-device", "virtio-serial-pci,id=vser0",
+		"-device", "virtio-serial-pci,id=vser0,addr="+slotSerial,
 		"-chardev", "socket,id=agent,path="+escapeOpt(m.agent)+",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+AgentPort,
 		"-chardev", "file,id=console,path="+escapeOpt(m.console)+",append=on",
@@ -356,6 +378,14 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{
 		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
 	}); err != nil {
+		m.kill()
+		<-m.done
+		return nil, fmt.Errorf("qemu: %s: %w", id, err)
+	}
+	// Migration goes to boxd over a unix socket, not a network: QEMU's
+	// default cap of 32 MiB/s would make a machine on a private mapping,
+	// which sends its RAM, take seconds to save.
+	if _, err := m.qmp.execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}); err != nil {
 		m.kill()
 		<-m.done
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
@@ -422,8 +452,13 @@ type Machine struct {
 	memFile string
 	private bool // memFile is a frozen snapshot's, mapped copy-on-write
 	disk    string
-	cmd     *exec.Cmd
-	frozen  atomic.Bool // memFile became a frozen snapshot's (Freeze)
+
+	consoleMu sync.Mutex // guards console, which a spare's takeover changes
+
+	acquired atomic.Bool // the machine holds a reference on memFile
+	released atomic.Bool // and gave it back
+	cmd      *exec.Cmd
+	frozen   atomic.Bool // memFile became a frozen snapshot's (Freeze)
 
 	snapMu sync.Mutex // one snapshot at a time
 	last   string     // the machine's previous snapshot
@@ -455,13 +490,20 @@ func (m *Machine) wait() {
 	default:
 		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
 	}
-	m.final, _ = os.ReadFile(m.console)
+	m.final, _ = os.ReadFile(m.consolePath())
 	if d := m.ownDisk.Load(); d != nil {
 		_ = os.Remove(*d)
 	}
-	if m.private {
-		m.r.release(m.memFile)
-	} else if !m.frozen.Load() {
+	switch {
+	case m.private:
+		m.r.forgetSpare(m)
+		if m.acquired.Load() && m.released.CompareAndSwap(false, true) {
+			m.r.release(m.memFile)
+		}
+	case !m.frozen.Load():
+		// Spares of a machine that ends without a freeze have nothing to
+		// take over.
+		m.r.stopSpares(m.memFile)
 		_ = os.Remove(m.memFile)
 	}
 	m.qmpMu.Lock()
@@ -589,6 +631,12 @@ func (m *Machine) kill() {
 	}
 }
 
+func (m *Machine) consolePath() string {
+	m.consoleMu.Lock()
+	defer m.consoleMu.Unlock()
+	return m.console
+}
+
 // Done is closed when QEMU has exited.
 func (m *Machine) Done() <-chan struct{} { return m.done }
 
@@ -605,7 +653,7 @@ func (m *Machine) Console() []byte {
 	if m.stopped() {
 		return m.final
 	}
-	b, _ := os.ReadFile(m.console)
+	b, _ := os.ReadFile(m.consolePath())
 	if m.stopped() { // the folder may have gone while reading
 		return m.final
 	}

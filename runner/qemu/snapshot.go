@@ -6,11 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
@@ -62,12 +64,16 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
-	if _, err := g.Get(name); err == nil {
+	if _, err := g.Get(name); err == nil || m.r.isPending(name) {
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
 	}
 	parent := m.last
 	if parent == "" {
 		parent = m.spec.Options[OptionBase]
+	}
+	// A delta needs its parent in the store.
+	if err := m.r.committed(ctx, parent); err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
 	qcow2 := false
 	if m.disk != "" {
@@ -85,9 +91,11 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		return snapshotter.Snapshot{}, err
 	}
 	wasRunning := st == "running"
+	ph := startPhases()
 	if err := m.command(ctx, "stop"); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
+	ph.mark("stop")
 	resume := func() {
 		if wasRunning && !freeze {
 			_ = m.command(context.WithoutCancel(ctx), "cont")
@@ -111,20 +119,47 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		}
 	}
 
+	ph.mark("disk")
 	devices, err := m.saveDevices(ctx)
 	if err != nil {
 		resume()
 		return snapshotter.Snapshot{}, err
 	}
+	ph.mark("devices")
 
-	snap, err := m.capture(ctx, name, parent, opts, devices, frozenDisk)
+	job, err := m.captureJob(name, parent, opts, devices, frozenDisk)
+	if err != nil {
+		resume()
+		return snapshotter.Snapshot{}, err
+	}
+	if freeze && !m.private && job.rawDisk == "" {
+		// The memory file and the frozen disk no longer change: they go
+		// to the store after the freeze returns, while forks run.
+		// QEMU, stopped, quits in the background too.
+		m.frozen.Store(true)
+		m.r.adoptPending(job)
+		m.last = name
+		top := m.disk
+		go func() {
+			_ = m.Stop(context.WithoutCancel(ctx))
+			if qcow2 {
+				_ = os.Remove(top) // the empty overlay nobody will write
+			}
+		}()
+		m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name, "capture", "after")...)
+		return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
+	}
+	snap, err := m.r.capture(ctx, job)
 	if err != nil {
 		resume()
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
+	ph.mark("capture")
 	m.last = name
 	if !freeze {
 		resume()
+		ph.mark("cont")
+		m.r.logger().Debug("qemu: snapshot", ph.log("id", m.id, "name", name)...)
 		return snap, nil
 	}
 	if !m.private {
@@ -132,9 +167,11 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		m.r.adopt(name, m.memFile)
 	}
 	_ = m.Stop(context.WithoutCancel(ctx))
+	ph.mark("quit")
 	if qcow2 {
 		_ = os.Remove(m.disk) // the empty overlay nobody will write
 	}
+	m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name)...)
 	return snap, nil
 }
 
@@ -148,68 +185,110 @@ func (m *Machine) nextOverlay(name string) string {
 	return filepath.Join(filepath.Dir(m.disk), base+"@"+name+".qcow2")
 }
 
-// capture writes the snapshot: memory, device state and disk changes.
-func (m *Machine) capture(ctx context.Context, name, parent string, opts runner.SnapshotOptions, devices []byte, frozenDisk string) (snapshotter.Snapshot, error) {
-	g := m.r.Graph
-	ram, err := findGuestRAM(m.PID(), m.memFile, m.spec.MemSize)
-	if err != nil {
-		return snapshotter.Snapshot{}, err
-	}
-	f, src, err := ram.open()
-	if err != nil {
-		return snapshotter.Snapshot{}, err
-	}
-	defer f.Close()
-	// The pages that may have changed: those QEMU holds privately, for a
-	// machine on a frozen file; those that hold data, for one on its own.
-	var candidates memstore.Bitmap
-	if m.private {
-		candidates, err = ram.private()
-	} else {
-		candidates, err = dataPages(m.memFile, m.spec.MemSize)
-	}
-	if err != nil {
-		return snapshotter.Snapshot{}, err
-	}
-	if m.sums == nil {
-		m.sums = newPageSums(int(m.spec.MemSize / memstore.PageSize))
-	}
-	changed, err := m.sums.changed(src, candidates)
-	if err != nil {
-		return snapshotter.Snapshot{}, err
-	}
-	var dirty memstore.Bitmap
-	switch {
-	case parent == "":
-		// Every page is read; zero pages are not stored.
-	case opts.Incremental && m.last != "":
-		dirty = changed
-	case !hasMemory(g, parent):
-		// The parent is a disk image: the pages that hold data are all.
-		dirty = candidates
-	}
+// captureJob is what one snapshot writes to the store: memory, device
+// state and disk changes.
+type captureJob struct {
+	name, parent string
+	incremental  bool // only the pages changed since parent (sums)
+	labels       map[string]string
+	devices      []byte
+	frozenDisk   string // a frozen qcow2 overlay, whose own blocks are stored
+	rawDisk      string // a raw disk, stored whole
+	memFile      string
+	memSize      int64
+	pid          int // a running QEMU whose private mapping of memFile holds the memory; 0: memFile holds it
+	sums         *pageSums
+	retryMu      sync.Mutex // one retry of a failed background write at a time
+}
+
+// captureJob describes snapshot name of the stopped machine.
+func (m *Machine) captureJob(name, parent string, opts runner.SnapshotOptions, devices []byte, frozenDisk string) (*captureJob, error) {
 	spec, err := json.Marshal(m.specLabel())
 	if err != nil {
-		return snapshotter.Snapshot{}, err
+		return nil, err
 	}
 	labels := map[string]string{LabelRunner: "qemu", LabelSpec: string(spec)}
 	if frozenDisk != "" {
 		labels[LabelDisk] = frozenDisk
 	}
 	maps.Copy(labels, opts.Labels)
+	if m.sums == nil {
+		m.sums = newPageSums(int(m.spec.MemSize / memstore.PageSize))
+	}
+	j := &captureJob{
+		name: name, parent: parent, incremental: opts.Incremental && m.last != "",
+		labels: labels, devices: devices, frozenDisk: frozenDisk,
+		memFile: m.memFile, memSize: m.spec.MemSize, sums: m.sums,
+	}
+	if frozenDisk == "" {
+		j.rawDisk = m.disk
+	}
+	if m.private {
+		j.pid = m.PID()
+	}
+	return j, nil
+}
+
+// capture writes j to the store.
+func (r *Runner) capture(ctx context.Context, j *captureJob) (snapshotter.Snapshot, error) {
+	g := r.Graph
+	// The pages that may have changed: those QEMU holds privately, for a
+	// machine on a frozen file; those that hold data, for one on its own
+	// (whose file holds its memory: it is read directly).
+	var src io.ReaderAt
+	var candidates memstore.Bitmap
+	if j.pid != 0 {
+		ram, err := findGuestRAM(j.pid, j.memFile, j.memSize)
+		if err != nil {
+			return snapshotter.Snapshot{}, err
+		}
+		f, mem, err := ram.open()
+		if err != nil {
+			return snapshotter.Snapshot{}, err
+		}
+		defer f.Close()
+		if candidates, err = ram.private(); err != nil {
+			return snapshotter.Snapshot{}, err
+		}
+		src = mem
+	} else {
+		f, err := os.Open(j.memFile)
+		if err != nil {
+			return snapshotter.Snapshot{}, fmt.Errorf("qemu: memory file: %w", err)
+		}
+		defer f.Close()
+		if candidates, err = dataPages(j.memFile, j.memSize); err != nil {
+			return snapshotter.Snapshot{}, err
+		}
+		src = f
+	}
+	changed, keepSums, err := j.sums.changed(src, candidates)
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	var dirty memstore.Bitmap
+	switch {
+	case j.parent == "":
+		// Every page is read; zero pages are not stored.
+	case j.incremental:
+		dirty = changed
+	case !hasMemory(g, j.parent):
+		// The parent is a disk image: the pages that hold data are all.
+		dirty = candidates
+	}
 	copts := memstore.CaptureOptions{
-		Name: name, Parent: parent, Dirty: dirty, Labels: labels,
-		Blobs: map[string][]byte{DevicesMap: devices},
+		Name: j.name, Parent: j.parent, Dirty: dirty, Labels: j.labels,
+		Blobs: map[string][]byte{DevicesMap: j.devices},
 	}
 	switch {
-	case frozenDisk != "":
+	case j.frozenDisk != "":
 		copts.More = func(ctx context.Context, img *snapshotter.Image) error {
-			_, err := writeOverlay(ctx, img, frozenDisk)
+			_, err := writeOverlay(ctx, img, j.frozenDisk)
 			return err
 		}
-	case m.disk != "": // a raw disk: all of it
+	case j.rawDisk != "": // all of it
 		copts.More = func(ctx context.Context, img *snapshotter.Image) error {
-			d, err := os.Open(m.disk)
+			d, err := os.Open(j.rawDisk)
 			if err != nil {
 				return fmt.Errorf("qemu: disk: %w", err)
 			}
@@ -218,7 +297,12 @@ func (m *Machine) capture(ctx context.Context, name, parent string, opts runner.
 			return err
 		}
 	}
-	return memstore.Capture(ctx, g, src, m.spec.MemSize, copts)
+	snap, err := memstore.Capture(ctx, g, src, j.memSize, copts)
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	keepSums()
+	return snap, nil
 }
 
 // specLabel is the spec a restore starts QEMU with: the machine's, less

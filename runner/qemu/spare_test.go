@@ -1,0 +1,249 @@
+package qemu_test
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// diskInit prints a growing counter and the first bytes of /dev/vda, read
+// from the device each time (the page cache dropped), every 200 ms.
+const diskInit = `#!/bin/sh
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/boxd/order); do insmod /lib/modules/boxd/$m; done
+i=0
+while :; do
+	echo 3 > /proc/sys/vm/drop_caches
+	echo "step $i disk $(head -c 10 /dev/vda)"
+	i=$((i+1))
+	sleep 0.2
+done
+`
+
+var diskStepRE = regexp.MustCompile(`(?m)^step (\d+) disk (\S*)\r?\n`)
+
+// diskStep waits for a console line of diskInit numbered after after and
+// returns its number and what it read from the disk.
+func diskStep(ctx context.Context, t *testing.T, m *qemu.Machine, after int) (int, string) {
+	t.Helper()
+	for {
+		for _, s := range diskStepRE.FindAllSubmatch(m.Console(), -1) {
+			if n, _ := strconv.Atoi(string(s[1])); n > after {
+				return n, string(s[2])
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: no step after %d: %v; console:\n%s", m.ID(), after, ctx.Err(), m.Console())
+		case <-m.Done():
+			t.Fatalf("%s exited: %v; console:\n%s", m.ID(), m.Err(), m.Console())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// TestWarmFork forks a machine onto spares started before the fork: each
+// carries on from the frozen memory with its own disk and console, spares
+// left over go with the frozen file, and spares of a machine that stops
+// without a freeze stop with it.
+func TestWarmFork(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots Linux guests under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
+	g, err := snapshotter.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = g.Close() })
+	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
+	work := t.TempDir()
+	disk := filepath.Join(work, "disk.raw")
+	content := make([]byte, 1<<20)
+	copy(content, "boxd-disk!")
+	if err := os.WriteFile(disk, content, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	// The disk is an image in the store with a qcow2 overlay over it, as a
+	// box's is: a freeze then writes the snapshot after it returns.
+	if _, err := g.Ingest(ctx, bytes.NewReader(content), snapshotter.IngestOptions{Name: "warm-image"}); err != nil {
+		t.Fatal(err)
+	}
+	overlay := filepath.Join(work, "parent.qcow2")
+	if err := qemu.CreateOverlay(ctx, overlay, disk); err != nil {
+		t.Fatal(err)
+	}
+	spec := runner.Spec{
+		MemSize: 128 << 20,
+		Boot:    kernel,
+		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none", "disk": overlay, "base": "warm-image"},
+	}
+	parent, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = parent.Stop(context.Background()) })
+	before, got := diskStep(ctx, t, parent, 2)
+	if got != "boxd-disk!" {
+		t.Fatalf("the parent reads %q from its disk, want boxd-disk!", got)
+	}
+	if err := parent.Warm(ctx, 2); err != nil {
+		t.Fatalf("Warm: %v", err)
+	}
+	if n := parent.Spares(); n != 2 {
+		t.Fatalf("Spares = %d after Warm(2)", n)
+	}
+	// The spares must not see what the parent writes before the freeze
+	// as anything but the parent's memory: let it run on a while.
+	before, _ = diskStep(ctx, t, parent, before+3)
+
+	start := time.Now()
+	if _, err := parent.Freeze(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
+		t.Fatalf("Freeze: %v", err)
+	}
+	t.Logf("freeze: %v", time.Since(start))
+	frozeAt := lastStep(parent.Console())
+	if frozeAt < before {
+		t.Fatalf("the parent's console ends at step %d, before %d", frozeAt, before)
+	}
+	var kids []*qemu.Machine
+	for i := range 3 {
+		console := filepath.Join(work, "console-"+strconv.Itoa(i))
+		k, err := r.RestoreMachine(ctx, "warm-fork", runner.RestoreOptions{Options: map[string]string{
+			"disk": filepath.Join(work, "kid-"+strconv.Itoa(i)+".qcow2"), "console": console,
+		}})
+		if err != nil {
+			t.Fatalf("restore %d: %v", i, err)
+		}
+		t.Cleanup(func() { _ = k.Stop(context.Background()) })
+		kids = append(kids, k)
+		if i == 1 {
+			t.Logf("freeze and two restores on spares: %v", time.Since(start))
+			if n := parent.Spares(); n != 0 {
+				t.Fatalf("%d spares left after two restores, want 0", n)
+			}
+		}
+	}
+	for i, k := range kids {
+		n, got := diskStep(ctx, t, k, frozeAt)
+		if got != "boxd-disk!" {
+			t.Errorf("fork %d reads %q from its disk, want boxd-disk!; console:\n%s", i, got, k.Console())
+		}
+		if n > frozeAt+10 {
+			t.Errorf("fork %d went on at step %d, the parent froze at %d: it did not carry on", i, n, frozeAt)
+		}
+		if first := firstStep(k.Console()); first <= frozeAt && i < 2 {
+			// The console a spare writes is the restore's own file.
+			t.Errorf("fork %d's console starts at step %d", i, first)
+		}
+		c, err := os.ReadFile(filepath.Join(work, "console-"+strconv.Itoa(i)))
+		if err != nil || !diskStepRE.Match(c) {
+			t.Errorf("fork %d's console file: %v, %q", i, err, c)
+		}
+	}
+	// The freeze returned before its snapshot was in the store; it gets
+	// there, and a fork's own snapshot builds on it.
+	snap, err := r.Committed(ctx, "warm-fork")
+	if err != nil {
+		t.Fatalf("Committed: %v", err)
+	}
+	if _, ok := snap.Map("memory"); !ok {
+		t.Fatalf("snapshot warm-fork has no memory map: %+v", snap)
+	}
+	if _, err := kids[0].Snapshot(ctx, "warm-kid", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatalf("snapshot of a fork: %v", err)
+	}
+	if s, err := g.Get("warm-kid"); err != nil || s.Parent != "warm-fork" {
+		t.Fatalf("warm-kid: %+v, %v; want a child of warm-fork", s, err)
+	}
+	for _, k := range kids {
+		_ = k.Stop(ctx)
+	}
+	if left := r.FrozenFiles(); len(left) != 0 {
+		t.Errorf("frozen files left after every fork stopped: %v", left)
+	}
+
+	// Spares of a machine that stops without a freeze stop too.
+	other, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Warm(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	_ = other.Stop(ctx)
+	for other.Spares() != 0 {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the spare outlived its machine")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// Every machine's folder goes when its QEMU ends (disks/ is the
+	// runner's, for disks exported from the store).
+	if left := machineDirs(t, r.Dir); len(left) != 0 {
+		time.Sleep(time.Second)
+		if left = machineDirs(t, r.Dir); len(left) != 0 {
+			t.Errorf("machine folders left: %v", left)
+		}
+	}
+}
+
+func machineDirs(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		if e.Name() != "disks" {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// testLogger logs at debug level to the test's log.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+func lastStep(console []byte) int {
+	last := -1
+	for _, s := range diskStepRE.FindAllSubmatch(console, -1) {
+		if n, _ := strconv.Atoi(string(s[1])); n > last {
+			last = n
+		}
+	}
+	return last
+}
+
+func firstStep(console []byte) int {
+	if s := diskStepRE.FindSubmatch(console); s != nil {
+		n, _ := strconv.Atoi(string(s[1]))
+		return n
+	}
+	return -1
+}
