@@ -50,7 +50,7 @@ func (r *Runner) adoptPending(j *captureJob) {
 		close(p.done)
 		r.frozenMu.Lock()
 		defer r.frozenMu.Unlock()
-		if f := r.frozen[j.name]; f != nil && f.pending == p && f.dropped {
+		if f := r.frozen[j.name]; f != nil && f.dropped && f.refs <= 0 {
 			r.drop(f)
 		}
 	}()

@@ -20,6 +20,7 @@ import (
 //	disk     where to create the machine's disk, a qcow2 overlay over the
 //	         snapshot's (default: in the machine's folder, gone at exit)
 //	console  as for Start
+//	memory   MemoryOwn: a memory file of the machine's own (see OptionMemory)
 //
 // Memory is the snapshot's frozen memory file, mapped copy-on-write: the
 // one Freeze left, or one rebuilt from the store (only the pages that hold
@@ -38,8 +39,16 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if r.Graph == nil {
 		return nil, fmt.Errorf("qemu: restores need Runner.Graph: %w", runner.ErrNotSupported)
 	}
+	own := false
+	switch opts.Options[OptionMemory] {
+	case "":
+	case MemoryOwn:
+		own = true
+	default:
+		return nil, fmt.Errorf("qemu: restore option %s=%q: want %q or nothing: %w", OptionMemory, opts.Options[OptionMemory], MemoryOwn, cas.ErrInvalidArgument)
+	}
 	for k := range opts.Options {
-		if k != OptionDisk && k != OptionConsole {
+		if k != OptionDisk && k != OptionConsole && k != OptionMemory {
 			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, cas.ErrInvalidArgument)
 		}
 	}
@@ -63,11 +72,24 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	}
 
 	ph := startPhases()
-	memFile, err := r.acquire(ctx, snap)
+	var memFile string
+	if own {
+		memFile, err = r.ownMemory(ctx, snap, spec.MemSize)
+	} else {
+		memFile, err = r.acquire(ctx, snap)
+	}
 	if err != nil {
 		return nil, err
 	}
 	ph.mark("memory")
+	// undo gives back what a failed restore took.
+	undo := func() {
+		if own {
+			_ = os.Remove(memFile)
+		} else {
+			r.release(memFile)
+		}
+	}
 	var ownDisk string
 	if _, ok := s.Map(DiskMap); ok || s.Labels[LabelDisk] != "" {
 		disk := opts.Options[OptionDisk]
@@ -76,29 +98,47 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 			ownDisk = disk
 		}
 		if err := r.overlayFor(ctx, s, disk); err != nil {
-			r.release(memFile)
+			undo()
 			return nil, err
 		}
 		spec.Options[OptionDisk] = disk
 	}
 	ph.mark("disk")
-	m, err := r.takeSpare(ctx, memFile, spec)
-	ph.mark("spare")
-	if m == nil && err == nil {
-		m, err = r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true, acquired: true})
+	var m *Machine
+	if own {
+		m, err = r.launch(ctx, spec, launchOptions{ownFile: memFile, incoming: true})
 		ph.mark("launch")
+	} else {
+		m, err = r.takeSpare(ctx, memFile, spec)
+		ph.mark("spare")
+		if m == nil && err == nil {
+			m, err = r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true, acquired: true})
+			ph.mark("launch")
+		}
 	}
 	if err != nil {
-		r.release(memFile)
+		undo()
 		if ownDisk != "" {
 			_ = os.Remove(ownDisk)
 		}
 		return nil, err
 	}
+	seeded := make(chan error, 1)
+	if own {
+		// While the device state loads: QEMU does not touch the memory
+		// of a shared file (x-ignore-shared) until the guest runs.
+		go func() { seeded <- m.seedSums() }()
+	} else {
+		seeded <- nil
+	}
 	if ownDisk != "" {
 		m.ownDisk.Store(&ownDisk)
 	}
-	if err := m.loadDevices(ctx, devices); err != nil {
+	err = m.loadDevices(ctx, devices)
+	if serr := <-seeded; err == nil {
+		err = serr
+	}
+	if err != nil {
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err
 	}

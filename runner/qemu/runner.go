@@ -301,6 +301,9 @@ type launchOptions struct {
 	// acquired says the machine holds a reference on memFile (acquire),
 	// to release when it ends; a spare holds none until it is taken.
 	acquired bool
+	// ownFile is an existing memory file the machine owns and maps shared
+	// (a restore's own copy of a snapshot's memory).
+	ownFile string
 }
 
 func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions) (*Machine, error) {
@@ -340,9 +343,12 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		done:    make(chan struct{}),
 	}
 	share := "on"
-	if lo.memFile != "" {
+	switch {
+	case lo.memFile != "":
 		m.memFile, m.private, share = lo.memFile, true, "off"
 		m.acquired.Store(lo.acquired)
+	case lo.ownFile != "":
+		m.memFile = lo.ownFile
 	}
 	if c := spec.Options[OptionConsole]; c != "" {
 		m.console = c

@@ -64,34 +64,7 @@ func TestWarmFork(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
-	g, err := snapshotter.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = g.Close() })
-	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
-	work := t.TempDir()
-	disk := filepath.Join(work, "disk.raw")
-	content := make([]byte, 1<<20)
-	copy(content, "boxd-disk!")
-	if err := os.WriteFile(disk, content, 0o444); err != nil {
-		t.Fatal(err)
-	}
-	// The disk is an image in the store with a qcow2 overlay over it, as a
-	// box's is: a freeze then writes the snapshot after it returns.
-	if _, err := g.Ingest(ctx, bytes.NewReader(content), snapshotter.IngestOptions{Name: "warm-image"}); err != nil {
-		t.Fatal(err)
-	}
-	overlay := filepath.Join(work, "parent.qcow2")
-	if err := qemu.CreateOverlay(ctx, overlay, disk); err != nil {
-		t.Fatal(err)
-	}
-	spec := runner.Spec{
-		MemSize: 128 << 20,
-		Boot:    kernel,
-		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none", "disk": overlay, "base": "warm-image"},
-	}
+	r, g, spec, work := diskMachine(ctx, t)
 	parent, err := r.StartMachine(ctx, spec)
 	if err != nil {
 		t.Fatal(err)
@@ -218,6 +191,41 @@ func machineDirs(t *testing.T, dir string) []string {
 	return out
 }
 
+// diskMachine returns a runner and the spec of a machine running diskInit
+// on a qcow2 overlay over an image in the runner's store, as a box is.
+func diskMachine(ctx context.Context, t *testing.T) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
+	t.Helper()
+	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
+	g, err := snapshotter.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = g.Close() })
+	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
+	work := t.TempDir()
+	disk := filepath.Join(work, "disk.raw")
+	content := make([]byte, 1<<20)
+	copy(content, "boxd-disk!")
+	if err := os.WriteFile(disk, content, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	// The disk is an image in the store with a qcow2 overlay over it, as a
+	// box's is: a freeze then writes the snapshot after it returns.
+	if _, err := g.Ingest(ctx, bytes.NewReader(content), snapshotter.IngestOptions{Name: "warm-image"}); err != nil {
+		t.Fatal(err)
+	}
+	overlay := filepath.Join(work, "parent.qcow2")
+	if err := qemu.CreateOverlay(ctx, overlay, disk); err != nil {
+		t.Fatal(err)
+	}
+	spec := runner.Spec{
+		MemSize: 128 << 20,
+		Boot:    kernel,
+		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none", "disk": overlay, "base": "warm-image"},
+	}
+	return r, g, spec, work
+}
+
 // testLogger logs at debug level to the test's log.
 func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -246,4 +254,96 @@ func firstStep(console []byte) int {
 		return n
 	}
 	return -1
+}
+
+// TestOwnMemory restores machines onto memory files of their own: copied
+// from a frozen file, and rebuilt from the store. Such a machine carries
+// on, has spares, and its own freeze goes to the store after it returns;
+// its first snapshot stores only what the guest changed.
+func TestOwnMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots Linux guests under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	r, g, spec, work := diskMachine(ctx, t)
+	parent, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = parent.Stop(context.Background()) })
+	diskStep(ctx, t, parent, 2)
+	if _, err := parent.Freeze(ctx, "own-1", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	frozeAt := lastStep(parent.Console())
+
+	restore := func(snap, name string) *qemu.Machine {
+		t.Helper()
+		m, err := r.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: map[string]string{
+			"disk": filepath.Join(work, name+".qcow2"), "memory": "own",
+		}})
+		if err != nil {
+			t.Fatalf("restore of %s with its own memory: %v", snap, err)
+		}
+		t.Cleanup(func() { _ = m.Stop(context.Background()) })
+		return m
+	}
+	// From the frozen file, while the snapshot may still be on its way.
+	a := restore("own-1", "a")
+	if a.MemoryFile() == parent.MemoryFile() {
+		t.Fatal("a restore with its own memory maps the frozen file")
+	}
+	if n, got := diskStep(ctx, t, a, frozeAt); got != "boxd-disk!" || n > frozeAt+10 {
+		t.Fatalf("own restore: step %d reading %q; the parent froze at %d", n, got, frozeAt)
+	}
+	if left := r.FrozenFiles(); len(left) != 0 {
+		t.Errorf("the frozen file stays after its only restore copied it: %v", left)
+	}
+	// Its first snapshot is a small delta: its page sums were taken at the
+	// restore.
+	s, err := a.Snapshot(ctx, "own-2", runner.SnapshotOptions{Incremental: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, _ := s.Map("memory")
+	full, _ := func() (snapshotter.MapInfo, bool) { s, _ := g.Get("own-1"); return s.Map("memory") }()
+	t.Logf("own-1 stored %d memory bytes; own-2, after the restore, %d", full.NewStored, mem.NewStored)
+	if mem.NewStored*4 > full.NewStored {
+		t.Errorf("the first snapshot after an own restore stored %d bytes of memory, the full one %d: the guest cannot have changed that much", mem.NewStored, full.NewStored)
+	}
+	// It has spares, and its freeze forks onto them.
+	if err := a.Warm(ctx, 1); err != nil {
+		t.Fatalf("Warm of a machine with its own memory: %v", err)
+	}
+	before, _ := diskStep(ctx, t, a, 0)
+	if _, err := a.Freeze(ctx, "own-3", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "b.qcow2")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Stop(context.Background()) })
+	if a.Spares() != 0 {
+		t.Error("the restore did not take the spare")
+	}
+	if n, got := diskStep(ctx, t, b, before); got != "boxd-disk!" {
+		t.Fatalf("fork of an own restore: step %d reading %q", n, got)
+	}
+	// Rebuilt from the store, once the frozen file is gone.
+	_ = b.Stop(ctx)
+	if _, err := r.Committed(ctx, "own-3"); err != nil {
+		t.Fatal(err)
+	}
+	if left := r.FrozenFiles(); len(left) != 0 {
+		t.Fatalf("frozen files left: %v", left)
+	}
+	c := restore("own-3", "c")
+	if n, got := diskStep(ctx, t, c, before); got != "boxd-disk!" {
+		t.Fatalf("own restore from the store: step %d reading %q", n, got)
+	}
+	if _, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"memory": "mine"}}); err == nil {
+		t.Error("a restore with memory=mine was accepted")
+	}
 }

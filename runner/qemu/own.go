@@ -1,0 +1,135 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/boxd-dev/boxd/memstore"
+)
+
+// OptionMemory is the restore option that says where the machine's memory
+// comes from; MemoryOwn gives it a memory file of its own, mapped shared:
+// the snapshot's memory copied from its frozen file or rebuilt from the
+// store. Such a machine can have spares (Warm), and its Freeze writes the
+// snapshot after it returns; the cost is that its memory is in host memory
+// apart from that of other restores of the snapshot. By default a restore
+// maps the snapshot's frozen file copy-on-write.
+const (
+	OptionMemory = "memory"
+	MemoryOwn    = "own"
+)
+
+// ownMemory writes the memory of snapshot snap (size bytes) to a new file
+// for one machine: a copy of the snapshot's frozen file when there is one,
+// else rebuilt from the store.
+func (r *Runner) ownMemory(ctx context.Context, snap string, size int64) (string, error) {
+	if err := os.MkdirAll(r.memDir(), 0o700); err != nil {
+		return "", fmt.Errorf("qemu: memory folder: %w", err)
+	}
+	path := filepath.Join(r.memDir(), fmt.Sprintf("own-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
+	r.frozenMu.Lock()
+	f := r.frozen[snap]
+	if f != nil {
+		f.refs++ // kept while it is copied
+	}
+	r.frozenMu.Unlock()
+	if f != nil {
+		err := copySparse(f.path, path, size)
+		r.release(f.path)
+		if err != nil {
+			_ = os.Remove(path)
+			return "", err
+		}
+		return path, nil
+	}
+	if err := r.committed(ctx, snap); err != nil {
+		return "", err
+	}
+	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
+	if err != nil {
+		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	if err := mr.Export(ctx, path, nil); err != nil {
+		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	return path, nil
+}
+
+// copySparse copies the size bytes of file from to a new file to, only
+// the runs that hold data: holes stay holes.
+func copySparse(from, to string, size int64) error {
+	in, err := os.Open(from)
+	if err != nil {
+		return fmt.Errorf("qemu: memory file: %w", err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("qemu: memory file: %w", err)
+	}
+	err = func() error {
+		if err := out.Truncate(size); err != nil {
+			return err
+		}
+		buf := make([]byte, 1<<20)
+		for off := int64(0); off < size; {
+			start, err := seekData(in, off)
+			if err != nil {
+				return err
+			}
+			if start < 0 || start >= size {
+				return nil
+			}
+			end, err := seekHole(in, start)
+			if err != nil {
+				return err
+			}
+			end = min(end, size)
+			for p := start; p < end; {
+				n := min(int64(len(buf)), end-p)
+				if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
+					return err
+				}
+				if _, err := out.WriteAt(buf[:n], p); err != nil {
+					return err
+				}
+				p += n
+			}
+			off = end
+		}
+		return nil
+	}()
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+	}
+	return nil
+}
+
+// seedSums makes m's page sums those of its memory file as it is now,
+// before the guest runs: its first snapshot then stores only the pages
+// the guest changes, not every page that holds data.
+func (m *Machine) seedSums() error {
+	f, err := os.Open(m.memFile)
+	if err != nil {
+		return fmt.Errorf("qemu: memory file: %w", err)
+	}
+	defer f.Close()
+	data, err := dataPages(m.memFile, m.spec.MemSize)
+	if err != nil {
+		return err
+	}
+	sums := newPageSums(int(m.spec.MemSize / memstore.PageSize))
+	_, keep, err := sums.changed(f, data)
+	if err != nil {
+		return err
+	}
+	keep()
+	m.sums = sums
+	return nil
+}
