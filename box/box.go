@@ -71,7 +71,16 @@ type Config struct {
 	Logger *slog.Logger
 	// MemDir holds guest memory files; "" means a folder in /dev/shm.
 	MemDir string
+	// WarmForks is how many spare QEMUs wait, paused, for a fork of each
+	// box that runs on a memory file of its own (a box booted or resumed):
+	// a fork then starts no process. 0 means DefaultWarmForks; negative,
+	// none.
+	WarmForks int
 }
+
+// DefaultWarmForks is the spares each box has by default: a fork into one
+// box restores two machines, the parent and the child.
+const DefaultWarmForks = 2
 
 // Manager owns the boxes of one root.
 type Manager struct {
@@ -182,6 +191,10 @@ func (m *Manager) Close(ctx context.Context) error {
 				m.stopMachine(ctx, b.Name)
 			}
 		}
+	}
+	// Snapshots that forks froze go to the store before boxd ends.
+	if err := m.runner.Flush(ctx); err != nil {
+		m.log.Error("box: writing frozen snapshots at exit", "err", err)
 	}
 	return m.db.Close()
 }
@@ -354,8 +367,25 @@ func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
 	if err := m.attach(ctx, bx.Name, mach); err != nil {
 		return bx, err
 	}
+	m.warm(bx.Name, mach)
 	bx.State, bx.Note = StateRunning, ""
 	return bx, m.put(bx)
+}
+
+// warm starts spares for forks of box name's machine, in the background.
+func (m *Manager) warm(name string, mach *qemu.Machine) {
+	n := m.cfg.WarmForks
+	if n == 0 {
+		n = DefaultWarmForks
+	}
+	if n < 0 {
+		return
+	}
+	go func() {
+		if err := mach.Warm(context.Background(), n); err != nil && mach.Err() == nil {
+			m.log.Warn("box: no spares for forks", "box", name, "err", err)
+		}
+	}()
 }
 
 // attach waits for the agent of mach and makes it box name's machine. On

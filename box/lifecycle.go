@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/cas"
@@ -136,7 +137,7 @@ func (m *Manager) resume(ctx context.Context, bx Box) (Box, error) {
 	}
 	unique.MachineID = "" // the same box: only entropy and the clock are new
 	disk := m.newDiskPath(bx.Name)
-	if err := m.restore(ctx, bx.Name, bx.Snapshot, disk, unique); err != nil {
+	if err := m.restoreWith(ctx, bx.Name, bx.Snapshot, disk, unique, true); err != nil {
 		return bx, fmt.Errorf("resuming box %s: %w", bx.Name, err)
 	}
 	bx.State, bx.Disk, bx.Note = StateRunning, disk, ""
@@ -144,15 +145,26 @@ func (m *Manager) resume(ctx context.Context, bx Box) (Box, error) {
 }
 
 // restore starts box name's machine from snap on a new overlay at disk,
-// waits for its agent and gives the guest u.
+// mapping the snapshot's frozen memory copy-on-write, waits for its agent
+// and gives the guest u.
 func (m *Manager) restore(ctx context.Context, name, snap, disk string, u agent.Unique) error {
+	return m.restoreWith(ctx, name, snap, disk, u, false)
+}
+
+// restoreWith is restore; with own, the machine gets a memory file of its
+// own (qemu.MemoryOwn) and spares for forks.
+func (m *Manager) restoreWith(ctx context.Context, name, snap, disk string, u agent.Unique, own bool) error {
 	if err := os.MkdirAll(m.boxDir(name), 0o700); err != nil {
 		return fmt.Errorf("box: %w", err)
 	}
-	mach, err := m.runner.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: map[string]string{
+	opts := map[string]string{
 		qemu.OptionDisk:    disk,
 		qemu.OptionConsole: filepath.Join(m.boxDir(name), "console.log"),
-	}})
+	}
+	if own {
+		opts[qemu.OptionMemory] = qemu.MemoryOwn
+	}
+	mach, err := m.runner.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: opts})
 	if err != nil {
 		_ = os.Remove(disk)
 		return err
@@ -161,9 +173,15 @@ func (m *Manager) restore(ctx context.Context, name, snap, disk string, u agent.
 		return err
 	}
 	_, c, _ := m.machine(name)
+	if u.TimeUnixNano != 0 {
+		u.TimeUnixNano = time.Now().UnixNano() // the clock as it is now, not when u was made
+	}
 	if err := c.Unique(ctx, u); err != nil {
 		m.stopMachine(ctx, name)
 		return fmt.Errorf("making box %s unique: %w", name, err)
+	}
+	if own {
+		m.warm(name, mach)
 	}
 	return nil
 }
@@ -252,7 +270,10 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 				return nil, err
 			}
 		}
-		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
+		// The parent gets its memory of its own back, and with it spares
+		// for its next fork; the forks share the frozen memory.
+		own := j.bx.Name == src
+		wg.Go(func() { errs[i] = m.restoreWith(ctx, j.bx.Name, snap, j.bx.Disk, j.unique, own) })
 	}
 	wg.Wait()
 	var out []Box

@@ -33,6 +33,13 @@ type boxEnv struct {
 
 func newBoxEnv(ctx context.Context, t *testing.T) *boxEnv {
 	t.Helper()
+	return newBoxEnvOn(ctx, t, nil)
+}
+
+// newBoxEnvOn is newBoxEnv, with prepare called on the fresh root before
+// the store is opened in it.
+func newBoxEnvOn(ctx context.Context, t *testing.T, prepare func(root string)) *boxEnv {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("boots Linux boxes under QEMU; skipped with -short")
 	}
@@ -46,6 +53,9 @@ func newBoxEnv(ctx context.Context, t *testing.T) *boxEnv {
 		t.Fatalf("building boxd-agent: %v\n%s", err, out)
 	}
 	t.Setenv(guest.AgentEnv, agentBin)
+	if prepare != nil {
+		prepare(root)
+	}
 	g, err := snapshotter.Open(root)
 	if err != nil {
 		t.Fatal(err)
@@ -189,8 +199,12 @@ func TestBoxForkHibernate(t *testing.T) {
 	if _, err := e.mgr.Fork(ctx, "dev", []string{"a", "b"}); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("fork of dev into a and b, agents answering: %v; store grew %d KiB",
-		time.Since(start).Round(time.Millisecond), (e.storeBytes(ctx, t)-storeBefore)>>10)
+	took := time.Since(start).Round(time.Millisecond)
+	// The fork's snapshot goes to the store after the fork returns.
+	if err := e.mgr.Runner().Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("fork of dev into a and b, agents answering: %v; store grew %d KiB", took, (e.storeBytes(ctx, t)-storeBefore)>>10)
 
 	ids := map[string]string{}
 	hosts := map[string]string{}
@@ -242,6 +256,9 @@ func TestBoxForkHibernate(t *testing.T) {
 	// A fork of a fork stores about what changed.
 	storeBefore = e.storeBytes(ctx, t)
 	if _, err := e.mgr.Fork(ctx, "a", []string{"a2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.mgr.Runner().Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
 	grew := e.storeBytes(ctx, t) - storeBefore
@@ -301,6 +318,9 @@ func TestBoxForkHibernate(t *testing.T) {
 	// A hibernated box whose snapshot lost data does not resume, says why,
 	// and stays hibernated; other boxes are unaffected.
 	e.run(ctx, t, "a2", "head -c 8000000 /dev/urandom > /tmp/noise", 0)
+	if err := e.mgr.Runner().Flush(ctx); err != nil { // nothing else lands in the newest pack
+		t.Fatal(err)
+	}
 	if _, err := e.mgr.Hibernate(ctx, "a2"); err != nil {
 		t.Fatal(err)
 	}
@@ -330,6 +350,97 @@ func TestBoxForkHibernate(t *testing.T) {
 	}
 	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Fatalf("fork to a bad name: %v", err)
+	}
+}
+
+// TestBoxHibernateDiskFull hibernates a box while the store's file system
+// is full: the hibernate fails saying so and the box runs on; once there
+// is room, it hibernates and resumes with its process and every page it
+// changed meanwhile.
+func TestBoxHibernateDiskFull(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	var casDir string
+	e := newBoxEnvOn(ctx, t, func(root string) {
+		// The store alone on a small file system (the disks stay on the
+		// test's: a guest whose disk is full is paused by QEMU).
+		casDir = filepath.Join(root, "cas")
+		if err := os.MkdirAll(casDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=640m", "boxd-full", casDir).CombinedOutput(); err != nil {
+			t.Fatalf("mounting a small tmpfs for the store: %v: %s", err, out)
+		}
+		t.Cleanup(func() { _ = exec.Command("umount", "-l", casDir).Run() })
+	})
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "full", Memory: 256 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	e.run(ctx, t, "full", counter, 0)
+	// Memory the snapshot must store: 16 MiB the guest has not shown yet.
+	e.run(ctx, t, "full", "head -c 16000000 /dev/urandom > /tmp/noise; md5sum /tmp/noise > /tmp/noise.md5", 0)
+
+	filler := filepath.Join(casDir, "filler")
+	fill(t, filler)
+	_, err := e.mgr.Hibernate(ctx, "full")
+	if !errors.Is(err, cas.ErrNoSpace) {
+		t.Fatalf("hibernate with the store's disk full: %v, want ErrNoSpace", err)
+	}
+	t.Logf("hibernate with the disk full: %v", err)
+	if bx, _ := e.mgr.Get("full"); bx.State != box.StateRunning {
+		t.Fatalf("the box is %s after a failed hibernate, want running", bx.State)
+	}
+	at := e.lastCount(ctx, t, "full")
+	time.Sleep(600 * time.Millisecond)
+	if c := e.lastCount(ctx, t, "full"); c <= at {
+		t.Fatalf("the counter stopped at %d after the failed hibernate", c)
+	}
+	// More changes after the failed attempt, then room again.
+	e.run(ctx, t, "full", "echo after > /tmp/after", 0)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	atHibernate := e.lastCount(ctx, t, "full")
+	if _, err := e.mgr.Hibernate(ctx, "full"); err != nil {
+		t.Fatalf("hibernate once there is room: %v", err)
+	}
+	if _, err := e.mgr.Resume(ctx, "full"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(600 * time.Millisecond)
+	if c := e.lastCount(ctx, t, "full"); c <= atHibernate {
+		t.Fatalf("counter at %d after resume, %d at hibernate", c, atHibernate)
+	}
+	// Every page changed before and after the failed attempt came back.
+	e.run(ctx, t, "full", "md5sum -c /tmp/noise.md5 && test \"$(cat /tmp/after)\" = after", 0)
+	e.run(ctx, t, "full", `awk 'NR-1 != $1 { print "line " NR ": " $0; exit 1 }' /tmp/count`, 0)
+	if res, err := e.g.Verify(ctx, nil); err != nil || !res.OK() {
+		t.Fatalf("the store: %v %+v", err, res)
+	}
+}
+
+// fill takes all the free space of the file system path is on, with the
+// file at path.
+func fill(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	for { // the last few KiB
+		if _, err := f.Write(buf[:4096]); err != nil {
+			break
+		}
 	}
 }
 

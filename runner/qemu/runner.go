@@ -469,6 +469,9 @@ type Machine struct {
 	snapMu sync.Mutex // one snapshot at a time
 	last   string     // the machine's previous snapshot
 	sums   *pageSums  // what each page held at the last snapshot
+	// unstoredDisks are overlays that snapshots which then failed froze:
+	// the next snapshot stores their blocks too.
+	unstoredDisks []string
 
 	ownDisk       atomic.Pointer[string] // a restore's disk overlay, removed at exit
 	pendingUnique bool                   // reseed the guest when it next runs

@@ -97,7 +97,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	ph.mark("stop")
 	resume := func() {
-		if wasRunning && !freeze {
+		if wasRunning { // a failed freeze goes on too
 			_ = m.command(context.WithoutCancel(ctx), "cont")
 		}
 	}
@@ -132,6 +132,12 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		resume()
 		return snapshotter.Snapshot{}, err
 	}
+	if qcow2 {
+		// Overlays frozen by snapshots that failed are stored with this
+		// one, oldest first: the store must hold every block since parent.
+		job.frozenDisks = append(m.unstoredDisks, frozenDisk)
+		m.unstoredDisks = job.frozenDisks
+	}
 	if freeze && !m.private && job.rawDisk == "" {
 		// The memory file and the frozen disk no longer change: they go
 		// to the store after the freeze returns, while forks run.
@@ -154,6 +160,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		resume()
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
+	m.unstoredDisks = nil
 	ph.mark("capture")
 	m.last = name
 	if !freeze {
@@ -182,7 +189,12 @@ func (m *Machine) nextOverlay(name string) string {
 	if i := strings.Index(base, "@"); i >= 0 {
 		base = base[:i]
 	}
-	return filepath.Join(filepath.Dir(m.disk), base+"@"+name+".qcow2")
+	next := filepath.Join(filepath.Dir(m.disk), base+"@"+name+".qcow2")
+	// A snapshot that failed may have left its overlay under the name.
+	for i := 2; next == m.disk || exists(next); i++ {
+		next = filepath.Join(filepath.Dir(m.disk), fmt.Sprintf("%s@%s.%d.qcow2", base, name, i))
+	}
+	return next
 }
 
 // captureJob is what one snapshot writes to the store: memory, device
@@ -192,8 +204,8 @@ type captureJob struct {
 	incremental  bool // only the pages changed since parent (sums)
 	labels       map[string]string
 	devices      []byte
-	frozenDisk   string // a frozen qcow2 overlay, whose own blocks are stored
-	rawDisk      string // a raw disk, stored whole
+	frozenDisks  []string // frozen qcow2 overlays, oldest first, whose own blocks are stored
+	rawDisk      string   // a raw disk, stored whole
 	memFile      string
 	memSize      int64
 	pid          int // a running QEMU whose private mapping of memFile holds the memory; 0: memFile holds it
@@ -217,7 +229,7 @@ func (m *Machine) captureJob(name, parent string, opts runner.SnapshotOptions, d
 	}
 	j := &captureJob{
 		name: name, parent: parent, incremental: opts.Incremental && m.last != "",
-		labels: labels, devices: devices, frozenDisk: frozenDisk,
+		labels: labels, devices: devices,
 		memFile: m.memFile, memSize: m.spec.MemSize, sums: m.sums,
 	}
 	if frozenDisk == "" {
@@ -281,10 +293,14 @@ func (r *Runner) capture(ctx context.Context, j *captureJob) (snapshotter.Snapsh
 		Blobs: map[string][]byte{DevicesMap: j.devices},
 	}
 	switch {
-	case j.frozenDisk != "":
+	case len(j.frozenDisks) > 0:
 		copts.More = func(ctx context.Context, img *snapshotter.Image) error {
-			_, err := writeOverlay(ctx, img, j.frozenDisk)
-			return err
+			for _, d := range j.frozenDisks {
+				if _, err := writeOverlay(ctx, img, d); err != nil {
+					return err
+				}
+			}
+			return nil
 		}
 	case j.rawDisk != "": // all of it
 		copts.More = func(ctx context.Context, img *snapshotter.Image) error {

@@ -40,12 +40,26 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 		}
 		m.r.spares[m.memFile] = append(m.r.spares[m.memFile], sp)
 		m.r.spareMu.Unlock()
-		if m.stopped() && !m.frozen.Load() { // m ended while the spare started
+		switch {
+		case m.frozen.Load():
+			// A freeze while the spare started: it maps the frozen file,
+			// and goes with it; if the file went already, it goes now.
+			if !m.r.isFrozenFile(m.memFile) {
+				m.r.stopSpares(m.memFile)
+				return nil
+			}
+		case m.stopped(): // m ended while the spare started
 			m.r.stopSpares(m.memFile)
 			return m.exit
 		}
 	}
 	return nil
+}
+
+func (r *Runner) isFrozenFile(path string) bool {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	return r.byPath[path] != nil
 }
 
 // Spares is how many spares wait on m's memory file.
