@@ -34,14 +34,16 @@ lint: $(LINT)
 # The side-by-side benchmarks: the store (boxd vs restic, sha256sum, cp),
 # memstore (the userfaultfd handler vs the C baseline), the kvm runner (fork,
 # hibernate, resume vs QEMU's device-state figures), the containerd
-# snapshotter (vs native, overlayfs, blockfile); then the Go benchmarks of the
-# other packages.
+# snapshotter (vs native, overlayfs, blockfile), Linux boxes under QEMU (vs a
+# bare boot), the front door (ssh, fork, ls vs sshd, boxd exec, cold create);
+# then the Go benchmarks of the other packages.
 bench: deps build
 	./bench/store.sh
 	./bench/memstore.sh
 	./bench/kvm.sh
 	./bench/snapshotter.sh
 	./bench/guest.sh
+	./bench/frontdoor.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.

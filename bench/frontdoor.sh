@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# bench/frontdoor.sh - boxd's front door as a user meets it: the real
+# OpenSSH client through boxd's SSH proxy and the boxd CLI through the
+# daemon, beside baselines measured on this machine in the same run, and
+# print them side by side.
+#
+# Usage: bench/frontdoor.sh [-json] [-reps N] [-wake-reps N] [-fork-reps N]
+#                           [-ls-reps N] [-boxes N] [-batch N] [-mem SIZE]
+#                           [-many-mem SIZE] [-dir DIR] [-cache DIR]
+#
+#   -json          the results as one JSON object on stdout (progress on
+#                  stderr)
+#   -reps N        ssh `true` to the running box, to the baseline sshd and
+#                  boxd exec, N times each (default 20)
+#   -wake-reps N   ssh to the hibernated box (default 5)
+#   -fork-reps N   boxd fork, fork --count 2 and cold creates (default 3)
+#   -ls-reps N     each ls (default 10)
+#   -boxes N       boxes for the big ls (default 100)
+#   -batch N       forks made, then hibernated, at a time (default 10)
+#   -mem SIZE      the measured box's memory (default 512M)
+#   -many-mem SIZE the memory of the seed the many are forked from
+#                  (default 128M)
+#   -dir DIR       kept folder: the boxd root and the daemon's log (default
+#                  /var/tmp/boxd-bench-frontdoor, BOXD_BENCH_FRONTDOOR_DIR)
+#   -cache DIR     where the debootstrap-bookworm tree is (default
+#                  /var/cache/boxd-test, BOXD_TEST_CACHE)
+#
+# Builds bin/boxd and bin/boxd-agent (make build) and the program in
+# bench/frontdoor/, and runs it; see bench/README.md. Needs root; installs
+# Debian's openssh-client, openssh-server, qemu-system-x86 and qemu-utils
+# if they are missing (the sshd the package brings is not started: the
+# baseline is a private one). The first run builds the image (seconds from
+# a cached debootstrap tree) and fetches the kernel; a run takes about
+# three minutes on 2 cores under TCG. Every box is removed, the daemon
+# and the private sshd are stopped, and no QEMU of the root is left, on an
+# error or ^C too.
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO_ROOT"
+
+case "${1:-}" in
+-h | --help)
+	sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
+	exit 0
+	;;
+esac
+
+if [ "$(id -u)" != 0 ]; then
+	echo "frontdoor.sh: needs root (the daemon runs QEMU with guest memory in /dev/shm; the baseline sshd logs in as root)" >&2
+	exit 1
+fi
+
+need=()
+command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v pgrep >/dev/null || need+=(procps)
+if [ ${#need[@]} -gt 0 ]; then
+	echo "installing Debian's ${need[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	if ! apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
+		apt-get update -q >/dev/null
+		apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+	fi
+fi
+
+make --no-print-directory build >&2
+export BOXD=${BOXD:-$REPO_ROOT/bin/boxd}
+export BOXD_AGENT=${BOXD_AGENT:-$REPO_ROOT/bin/boxd-agent}
+
+# The folder the program works in, for the check below.
+dir=${BOXD_BENCH_FRONTDOOR_DIR:-/var/tmp/boxd-bench-frontdoor}
+args=("$@")
+for i in "${!args[@]}"; do
+	case "${args[$i]}" in
+	-dir | --dir) dir=${args[$((i + 1))]:-$dir} ;;
+	-dir=* | --dir=*) dir=${args[$i]#*=} ;;
+	esac
+done
+dir=$(realpath -m "$dir")
+
+tmp=$(mktemp -d)
+child=
+# The program removes its boxes and stops the daemon itself, on errors and
+# signals too; this is the backstop should it die: every QEMU of the root,
+# and its daemon, by pid.
+cleanup() {
+	rc=$?
+	if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+		kill -TERM "$child" 2>/dev/null || true
+		wait "$child" 2>/dev/null || true
+	fi
+	left=$(pgrep -f -- "qemu-system-x86_64 .*$dir/root/|--root $dir/root daemon" || true)
+	if [ -n "$left" ]; then
+		echo "frontdoor.sh: left running, killing: $(echo $left)" >&2
+		for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+		rc=1
+	fi
+	rm -rf "$tmp"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+go build -o "$tmp/frontdoor" ./bench/frontdoor
+"$tmp/frontdoor" "$@" &
+child=$!
+wait "$child"
