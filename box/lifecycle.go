@@ -270,10 +270,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 				return nil, err
 			}
 		}
-		// The parent gets its memory of its own back, and with it spares
-		// for its next fork; the forks share the frozen memory.
-		own := j.bx.Name == src
-		wg.Go(func() { errs[i] = m.restoreWith(ctx, j.bx.Name, snap, j.bx.Disk, j.unique, own) })
+		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
 	}
 	wg.Wait()
 	var out []Box

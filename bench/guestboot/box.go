@@ -329,9 +329,10 @@ func execHost(n int) ([]time.Duration, error) {
 
 // snapshotted is one snapshot's figures.
 type snapshotted struct {
-	took  time.Duration
-	added int64 // pack bytes the store grew by
-	snap  snapshotter.Snapshot
+	took   time.Duration
+	added  int64 // pack bytes the store grew by
+	before int64 // the store's pack bytes before
+	snap   snapshotter.Snapshot
 }
 
 // snapshot takes snapshot name of m (freezing it if freeze) and measures
@@ -351,11 +352,28 @@ func (b *bench) snapshot(ctx context.Context, m *qemu.Machine, name string, free
 	if err != nil {
 		return snapshotted{}, fmt.Errorf("snapshot %s: %w", name, err)
 	}
+	res := snapshotted{took: took, snap: s, before: before.PackBytes}
+	if freeze {
+		// A freeze may write the snapshot after it returns: its bytes
+		// are counted by stored, once the forks run.
+		return res, nil
+	}
+	return res, b.stored(ctx, &res)
+}
+
+// stored waits until s's snapshot is in the store and counts what it
+// added.
+func (b *bench) stored(ctx context.Context, s *snapshotted) error {
+	snap, err := b.r.Committed(ctx, s.snap.Name)
+	if err != nil {
+		return err
+	}
 	after, err := b.g.Store().Stats()
 	if err != nil {
-		return snapshotted{}, err
+		return err
 	}
-	return snapshotted{took: took, added: after.PackBytes - before.PackBytes, snap: s}, nil
+	s.snap, s.added = snap, after.PackBytes-s.before
+	return nil
 }
 
 // allocated is the bytes a file takes on its file system.
