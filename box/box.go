@@ -16,7 +16,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"sync"
 	"time"
 
@@ -297,10 +296,12 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
 		return Box{}, fmt.Errorf("box: %w", err)
 	}
-	if err := qemu.CreateOverlay(ctx, bx.Disk, base); err != nil {
+	// The record first: a disk file without a box is collected (collect).
+	if err := m.put(bx); err != nil {
 		return Box{}, err
 	}
-	if err := m.put(bx); err != nil {
+	if err := qemu.CreateOverlay(ctx, bx.Disk, base); err != nil {
+		_ = m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(bx.Name)) })
 		return Box{}, err
 	}
 	bx, err = m.boot(ctx, bx)
@@ -526,31 +527,22 @@ func (m *Manager) Stop(ctx context.Context, name string) (Box, error) {
 	return bx, m.put(bx)
 }
 
-// Remove stops box name and deletes it: its record, its disk's top and its
-// console. Snapshots other boxes came from stay in the store.
+// Remove stops box name and deletes it: its record, its console, and its
+// snapshots and disk overlays that no other box needs (see collect).
+// Snapshots and overlays other boxes came from stay.
 func (m *Manager) Remove(ctx context.Context, name string) error {
 	unlock := m.lock(name)
 	defer unlock()
-	bx, err := m.Get(name)
-	if err != nil {
+	if _, err := m.Get(name); err != nil {
 		return err
 	}
 	m.stopMachine(ctx, name)
 	if err := m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(name)) }); err != nil {
 		return err
 	}
-	if !m.diskShared(bx.Disk) {
-		_ = os.Remove(bx.Disk)
-	}
 	_ = os.RemoveAll(m.boxDir(name))
+	m.collect(ctx)
 	return nil
-}
-
-// diskShared says whether a disk file backs another box's disk (a frozen
-// overlay other boxes' overlays are made over).
-func (m *Manager) diskShared(path string) bool {
-	boxes, _ := m.List()
-	return slices.ContainsFunc(boxes, func(b Box) bool { return b.Disk == path })
 }
 
 // snapName names a box's next snapshot.

@@ -351,6 +351,41 @@ func TestBoxForkHibernate(t *testing.T) {
 	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Fatalf("fork to a bad name: %v", err)
 	}
+
+	// Removing a box keeps what its forks stand on: b runs on dev's frozen
+	// disk overlay, and hibernates and resumes through dev's snapshots.
+	if err := e.mgr.Remove(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	e.run(ctx, t, "b", "cat /root/parent.txt", 0)
+	if _, err := e.mgr.Hibernate(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Resume(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	e.run(ctx, t, "b", "cat /root/parent.txt", 0)
+	// Once every box is gone, nothing of theirs is left but chunks for gc.
+	for _, n := range []string{"a", "a2", "b"} {
+		if err := e.mgr.Remove(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snaps, err := e.g.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range snaps {
+		if strings.HasPrefix(s.Name, "box.") {
+			t.Errorf("snapshot %s outlived its boxes", s.Name)
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Join(e.root, "disks", "*")); len(left) != 0 {
+		t.Errorf("disk files outlived their boxes: %v", left)
+	}
+	if left := e.mgr.Runner().FrozenFiles(); len(left) != 0 {
+		t.Errorf("frozen memory outlived its boxes: %v", left)
+	}
 }
 
 // TestBoxHibernateDiskFull hibernates a box while the store's file system

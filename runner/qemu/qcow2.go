@@ -1,11 +1,13 @@
 package qemu
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/boxd-dev/boxd/cas"
 )
@@ -117,4 +119,53 @@ func virtualSize(path, format string) (int64, error) {
 		return 0, fmt.Errorf("qemu: disk %s: qcow2 header: %w", path, err)
 	}
 	return int64(binary.BigEndian.Uint64(b[:])), nil
+}
+
+// BackingChain lists the disk image at path and the images under it, top
+// first, as their qcow2 headers name them (a relative name is relative to
+// the image that names it). It stops at a raw image, a file it cannot
+// read, or after 1000 images.
+func BackingChain(path string) []string {
+	var chain []string
+	for range 1000 {
+		chain = append(chain, path)
+		next, err := backingFile(path)
+		if err != nil || next == "" {
+			break
+		}
+		if !filepath.IsAbs(next) {
+			next = filepath.Join(filepath.Dir(path), next)
+		}
+		path = next
+	}
+	return chain
+}
+
+// backingFile is the backing file a qcow2 image's header names ("" for
+// none, or for a raw image).
+func backingFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	var hdr [20]byte
+	if _, err := f.ReadAt(hdr[:], 0); err != nil {
+		return "", err
+	}
+	if !bytes.Equal(hdr[:4], qcow2Magic) {
+		return "", nil
+	}
+	off, size := binary.BigEndian.Uint64(hdr[8:]), binary.BigEndian.Uint32(hdr[16:])
+	if off == 0 || size == 0 {
+		return "", nil
+	}
+	if size > 4096 {
+		return "", fmt.Errorf("qemu: %s: backing file name of %d bytes: %w", path, size, cas.ErrCorrupt)
+	}
+	name := make([]byte, size)
+	if _, err := f.ReadAt(name, int64(off)); err != nil {
+		return "", err
+	}
+	return string(name), nil
 }

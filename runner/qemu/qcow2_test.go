@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/boxd-dev/boxd/internal/testutil"
@@ -93,6 +94,13 @@ func TestCreateOverlayFile(t *testing.T) {
 				if b, _ := os.ReadFile(raw); !bytes.Equal(b, content) {
 					t.Fatal("a write to the overlay reached its backing file")
 				}
+			}
+			want := []string{top, tc.backing}
+			if tc.backing == mid {
+				want = append(want, raw)
+			}
+			if got := BackingChain(top); !slices.Equal(got, want) {
+				t.Errorf("BackingChain = %q, want %q", got, want)
 			}
 		})
 	}
