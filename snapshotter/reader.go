@@ -113,6 +113,21 @@ func (r *MapReader) Export(ctx context.Context, out string, progress func(done i
 	return nil
 }
 
+// ExportInto writes the map's non-zero blocks into f, an open file of the
+// map's size whose other bytes are already zero (a fresh, sparse file),
+// each at its offset. Unlike Export it writes in place: a process that maps
+// f sees the blocks arrive.
+func (r *MapReader) ExportInto(ctx context.Context, f *os.File, progress func(done int64)) error {
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("exporting into %s: %w", f.Name(), err)
+	}
+	if fi.Size() != r.info.Size {
+		return fmt.Errorf("exporting %d bytes into %s, of %d bytes: %w", r.info.Size, f.Name(), fi.Size(), cas.ErrInvalidArgument)
+	}
+	return r.writeBlocks(ctx, f, progress)
+}
+
 // writeBlocks reads the non-zero blocks in parallel and writes each at its
 // offset.
 func (r *MapReader) writeBlocks(ctx context.Context, f *os.File, progress func(int64)) error {

@@ -22,91 +22,86 @@ const (
 	MemoryOwn    = "own"
 )
 
-// ownMemory writes the memory of snapshot snap (size bytes) to a new file
-// for one machine: a copy of the snapshot's frozen file when there is one,
-// else rebuilt from the store.
-func (r *Runner) ownMemory(ctx context.Context, snap string, size int64) (string, error) {
+// ownMemory makes a new memory file of snapshot snap's size (size bytes)
+// for one machine and returns it with fill, which writes the snapshot's
+// memory into it: a copy of the snapshot's frozen file when there is one,
+// else rebuilt from the store. fill may run while QEMU starts on the
+// file: QEMU does not touch a shared memory file until the guest runs.
+func (r *Runner) ownMemory(snap string, size int64) (path string, fill func(context.Context) error, err error) {
 	if err := os.MkdirAll(r.memDir(), 0o700); err != nil {
-		return "", fmt.Errorf("qemu: memory folder: %w", err)
+		return "", nil, fmt.Errorf("qemu: memory folder: %w", err)
 	}
-	path := filepath.Join(r.memDir(), fmt.Sprintf("own-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
+	path = filepath.Join(r.memDir(), fmt.Sprintf("own-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
+	out, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
+	}
+	if err := out.Truncate(size); err != nil {
+		_ = out.Close()
+		_ = os.Remove(path)
+		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
+	}
 	r.frozenMu.Lock()
 	f := r.frozen[snap]
 	if f != nil {
 		f.refs++ // kept while it is copied
 	}
 	r.frozenMu.Unlock()
-	if f != nil {
-		err := copySparse(f.path, path, size)
-		r.release(f.path)
-		if err != nil {
-			_ = os.Remove(path)
-			return "", err
+	fill = func(ctx context.Context) error {
+		defer out.Close()
+		if f != nil {
+			defer r.release(f.path)
+			return copySparse(f.path, out, size)
 		}
-		return path, nil
+		if err := r.committed(ctx, snap); err != nil {
+			return err
+		}
+		mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
+		if err != nil {
+			return fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+		}
+		if err := mr.ExportInto(ctx, out, nil); err != nil {
+			return fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+		}
+		return nil
 	}
-	if err := r.committed(ctx, snap); err != nil {
-		return "", err
-	}
-	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
-	if err != nil {
-		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
-	}
-	if err := mr.Export(ctx, path, nil); err != nil {
-		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
-	}
-	return path, nil
+	return path, fill, nil
 }
 
-// copySparse copies the size bytes of file from to a new file to, only
-// the runs that hold data: holes stay holes.
-func copySparse(from, to string, size int64) error {
+// copySparse copies the size bytes of file from into out, a file of
+// that size holding zeros: only the runs that hold data, so holes stay
+// holes.
+func copySparse(from string, out *os.File, size int64) error {
 	in, err := os.Open(from)
 	if err != nil {
 		return fmt.Errorf("qemu: memory file: %w", err)
 	}
 	defer in.Close()
-	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return fmt.Errorf("qemu: memory file: %w", err)
-	}
-	err = func() error {
-		if err := out.Truncate(size); err != nil {
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; {
+		start, err := seekData(in, off)
+		if err != nil {
 			return err
 		}
-		buf := make([]byte, 1<<20)
-		for off := int64(0); off < size; {
-			start, err := seekData(in, off)
-			if err != nil {
-				return err
-			}
-			if start < 0 || start >= size {
-				return nil
-			}
-			end, err := seekHole(in, start)
-			if err != nil {
-				return err
-			}
-			end = min(end, size)
-			for p := start; p < end; {
-				n := min(int64(len(buf)), end-p)
-				if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
-					return err
-				}
-				if _, err := out.WriteAt(buf[:n], p); err != nil {
-					return err
-				}
-				p += n
-			}
-			off = end
+		if start < 0 || start >= size {
+			return nil
 		}
-		return nil
-	}()
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+		end, err := seekHole(in, start)
+		if err != nil {
+			return err
+		}
+		end = min(end, size)
+		for p := start; p < end; {
+			n := min(int64(len(buf)), end-p)
+			if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
+				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+			}
+			if _, err := out.WriteAt(buf[:n], p); err != nil {
+				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+			}
+			p += n
+		}
+		off = end
 	}
 	return nil
 }

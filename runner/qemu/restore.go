@@ -73,10 +73,16 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 
 	ph := startPhases()
 	var memFile string
+	filled := make(chan error, 1)
 	if own {
-		memFile, err = r.ownMemory(ctx, snap, spec.MemSize)
+		var fill func(context.Context) error
+		if memFile, fill, err = r.ownMemory(snap, spec.MemSize); err == nil {
+			// While QEMU starts.
+			go func() { filled <- fill(ctx) }()
+		}
 	} else {
 		memFile, err = r.acquire(ctx, snap)
+		filled <- nil
 	}
 	if err != nil {
 		return nil, err
@@ -85,6 +91,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	// undo gives back what a failed restore took.
 	undo := func() {
 		if own {
+			<-filled
 			_ = os.Remove(memFile)
 		} else {
 			r.release(memFile)
@@ -123,6 +130,11 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		}
 		return nil, err
 	}
+	if err := <-filled; err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx)) // its exit removes the memory file
+		return nil, err
+	}
+	ph.mark("filled")
 	seeded := make(chan error, 1)
 	if own {
 		// While the device state loads: QEMU does not touch the memory
