@@ -70,10 +70,9 @@ type Config struct {
 	Logger *slog.Logger
 	// MemDir holds guest memory files; "" means a folder in /dev/shm.
 	MemDir string
-	// WarmForks is how many spare QEMUs wait, paused, for a fork of each
-	// box that runs on a memory file of its own (a box booted or resumed):
-	// a fork then starts no process. 0 means DefaultWarmForks; negative,
-	// none.
+	// WarmForks is how many spare QEMUs wait, paused, for a fork of a box
+	// (one booted, resumed, or just forked from): a fork then starts no
+	// process. 0 means DefaultWarmForks; negative, none.
 	WarmForks int
 }
 

@@ -273,6 +273,12 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
 	}
 	wg.Wait()
+	// The parent, likely to fork again, gets spares again (over a copy of
+	// the frozen memory, which its next freeze completes); its forks do
+	// when they first fork.
+	if mach, _, ok := m.machine(src); ok && parent.State == StateRunning {
+		m.warm(src, mach)
+	}
 	var out []Box
 	var failed []string
 	for i, j := range jobs {

@@ -21,6 +21,7 @@ import (
 // Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
 const (
 	pagemapFilePage = 1 << 61
+	pagemapSwapped  = 1 << 62
 	pagemapPresent  = 1 << 63
 )
 
@@ -99,9 +100,12 @@ func (g guestRAM) pages(keep func(entry uint64) bool) (memstore.Bitmap, error) {
 }
 
 // private returns the pages the process holds as its own copies (a
-// private mapping's written pages), which its memory file does not have.
+// private mapping's written pages, in memory or swapped out), which its
+// memory file does not have.
 func (g guestRAM) private() (memstore.Bitmap, error) {
-	return g.pages(func(e uint64) bool { return e&pagemapPresent != 0 && e&pagemapFilePage == 0 })
+	return g.pages(func(e uint64) bool {
+		return e&pagemapSwapped != 0 || e&pagemapPresent != 0 && e&pagemapFilePage == 0
+	})
 }
 
 // pageSums finds the pages changed since it last looked by keeping a

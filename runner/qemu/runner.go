@@ -463,8 +463,13 @@ type Machine struct {
 
 	acquired atomic.Bool // the machine holds a reference on memFile
 	released atomic.Bool // and gave it back
-	cmd      *exec.Cmd
-	frozen   atomic.Bool // memFile became a frozen snapshot's (Freeze)
+
+	prepMu       sync.Mutex
+	prepared     string // a private machine's copy of its frozen file, for spares (Warm)
+	prepDone     bool   // a freeze took it, or the machine ended: no other is made
+	prepFrozenAt string // the copy a freeze took
+	cmd          *exec.Cmd
+	frozen       atomic.Bool // memFile became a frozen snapshot's (Freeze)
 
 	snapMu sync.Mutex // one snapshot at a time
 	last   string     // the machine's previous snapshot
@@ -503,6 +508,7 @@ func (m *Machine) wait() {
 	if d := m.ownDisk.Load(); d != nil {
 		_ = os.Remove(*d)
 	}
+	m.dropPrepared()
 	switch {
 	case m.private:
 		m.r.forgetSpare(m)

@@ -138,6 +138,32 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		job.frozenDisks = append(m.unstoredDisks, frozenDisk)
 		m.unstoredDisks = job.frozenDisks
 	}
+	if freeze && m.private && job.rawDisk == "" {
+		// A fork with a prepared copy of its frozen file (Warm): its own
+		// pages go into the copy, which then holds its memory and becomes
+		// the snapshot's frozen file, as a machine's own file does below.
+		if prep := m.takePrepared(); prep != "" {
+			if err := m.writePrivate(prep); err != nil {
+				m.r.logger().Warn("qemu: completing a prepared memory file; the freeze stores the snapshot first", "id", m.id, "err", err)
+				m.r.stopSpares(prep)
+				_ = os.Remove(prep)
+			} else {
+				ph.mark("memory")
+				job.memFile, job.pid = prep, 0
+				m.r.adoptPending(job)
+				m.last = name
+				top := m.disk
+				go func() {
+					_ = m.Stop(context.WithoutCancel(ctx))
+					if qcow2 {
+						_ = os.Remove(top)
+					}
+				}()
+				m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name, "capture", "after")...)
+				return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
+			}
+		}
+	}
 	if freeze && !m.private && job.rawDisk == "" {
 		// The memory file and the frozen disk no longer change: they go
 		// to the store after the freeze returns, while forks run.

@@ -3,10 +3,15 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"maps"
+	"os"
+	"path/filepath"
 	"strings"
 
+	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 )
 
@@ -21,16 +26,25 @@ import (
 //
 // Spares of m are stopped when m ends other than by Freeze, and spares of
 // a frozen file when the file is dropped.
+//
+// A machine that maps a frozen file copy-on-write (a fork) has no file of
+// its own for spares to map: Warm first copies the frozen file to a new
+// one, which the spares map, and the machine's Freeze writes the pages it
+// holds privately into that copy, which becomes the snapshot's frozen file.
 func (m *Machine) Warm(ctx context.Context, n int) error {
-	if m.private {
-		return fmt.Errorf("qemu: %s maps a frozen memory file copy-on-write; only a machine on its own memory file has spares: %w", m.id, runner.ErrNotSupported)
-	}
 	if m.stopped() {
 		return m.exit
 	}
+	file := m.memFile
+	if m.private {
+		var err error
+		if file, err = m.prepare(); err != nil || file == "" {
+			return err
+		}
+	}
 	spec := m.specLabel()
 	for range n {
-		sp, err := m.r.launch(ctx, spec, launchOptions{memFile: m.memFile, incoming: true})
+		sp, err := m.r.launch(ctx, spec, launchOptions{memFile: file, incoming: true})
 		if err != nil {
 			return fmt.Errorf("qemu: a spare for %s: %w", m.id, err)
 		}
@@ -38,22 +52,137 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 		if m.r.spares == nil {
 			m.r.spares = map[string][]*Machine{}
 		}
-		m.r.spares[m.memFile] = append(m.r.spares[m.memFile], sp)
+		m.r.spares[file] = append(m.r.spares[file], sp)
 		m.r.spareMu.Unlock()
 		switch {
-		case m.frozen.Load():
+		case m.frozen.Load() || m.prepFrozen(file):
 			// A freeze while the spare started: it maps the frozen file,
 			// and goes with it; if the file went already, it goes now.
-			if !m.r.isFrozenFile(m.memFile) {
-				m.r.stopSpares(m.memFile)
+			if !m.r.isFrozenFile(file) {
+				m.r.stopSpares(file)
 				return nil
 			}
 		case m.stopped(): // m ended while the spare started
-			m.r.stopSpares(m.memFile)
+			m.r.stopSpares(file)
 			return m.exit
 		}
 	}
 	return nil
+}
+
+// prepare makes the copy of a private machine's frozen file that its
+// spares map and its Freeze completes, or returns the one it has; "" if
+// the machine ended or froze meanwhile.
+func (m *Machine) prepare() (string, error) {
+	m.prepMu.Lock()
+	if m.prepared != "" {
+		defer m.prepMu.Unlock()
+		return m.prepared, nil
+	}
+	m.prepMu.Unlock()
+	path := filepath.Join(m.r.memDir(), fmt.Sprintf("prep-%d-%d.mem", os.Getpid(), m.r.ids.Add(1)))
+	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("qemu: memory file: %w", err)
+	}
+	err = out.Truncate(m.spec.MemSize)
+	if err == nil {
+		err = copySparse(m.memFile, out, m.spec.MemSize)
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(path)
+		return "", err
+	}
+	m.prepMu.Lock()
+	defer m.prepMu.Unlock()
+	if m.prepared != "" || m.prepDone || m.stopped() {
+		_ = os.Remove(path) // another Warm's, or too late
+		return m.prepared, nil
+	}
+	m.prepared = path
+	return path, nil
+}
+
+// takePrepared hands the machine's prepared copy to a freeze: "" if there
+// is none. After it, a Warm prepares no other.
+func (m *Machine) takePrepared() string {
+	m.prepMu.Lock()
+	defer m.prepMu.Unlock()
+	p := m.prepared
+	m.prepared, m.prepDone = "", true
+	if p != "" {
+		m.prepFrozenAt = p
+	}
+	return p
+}
+
+// prepFrozen says whether file is the prepared copy a freeze took.
+func (m *Machine) prepFrozen(file string) bool {
+	m.prepMu.Lock()
+	defer m.prepMu.Unlock()
+	return m.prepFrozenAt == file
+}
+
+// dropPrepared removes a prepared copy no freeze took, and its spares.
+func (m *Machine) dropPrepared() {
+	m.prepMu.Lock()
+	p := m.prepared
+	m.prepared, m.prepDone = "", true
+	m.prepMu.Unlock()
+	if p != "" {
+		m.r.stopSpares(p)
+		_ = os.Remove(p)
+	}
+}
+
+// writePrivate writes the pages the stopped machine holds privately into
+// file, a copy of the frozen file it maps: file then holds its memory.
+func (m *Machine) writePrivate(file string) error {
+	ram, err := findGuestRAM(m.PID(), m.memFile, m.spec.MemSize)
+	if err != nil {
+		return err
+	}
+	priv, err := ram.private()
+	if err != nil {
+		return err
+	}
+	mem, src, err := ram.open()
+	if err != nil {
+		return err
+	}
+	defer mem.Close()
+	out, err := os.OpenFile(file, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("qemu: memory file: %w", err)
+	}
+	const run = 256
+	buf := make([]byte, run*memstore.PageSize)
+	pages := int(m.spec.MemSize / memstore.PageSize)
+	for p := 0; p < pages; {
+		if !priv.Has(p) {
+			p++
+			continue
+		}
+		n := 1
+		for p+n < pages && n < run && priv.Has(p+n) {
+			n++
+		}
+		b := buf[:n*memstore.PageSize]
+		off := int64(p) * memstore.PageSize
+		if _, err := src.ReadAt(b, off); err != nil && !errors.Is(err, io.EOF) {
+			_ = out.Close()
+			return fmt.Errorf("qemu: reading guest memory: %w", err)
+		}
+		if _, err := out.WriteAt(b, off); err != nil {
+			_ = out.Close()
+			return fmt.Errorf("qemu: memory file: %w", err)
+		}
+		p += n
+	}
+	return out.Close()
 }
 
 func (r *Runner) isFrozenFile(path string) bool {

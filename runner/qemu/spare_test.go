@@ -3,6 +3,7 @@ package qemu_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -346,4 +347,84 @@ func TestOwnMemory(t *testing.T) {
 	if _, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"memory": "mine"}}); err == nil {
 		t.Error("a restore with memory=mine was accepted")
 	}
+}
+
+// TestWarmForkOfFork forks a fork, which maps its parent's frozen file
+// copy-on-write, onto spares: Warm copies the frozen file, the freeze adds
+// the fork's own pages to the copy, and the restores take the spares.
+func TestWarmForkOfFork(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots Linux guests under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	r, g, spec, work := diskMachine(ctx, t)
+	parent, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = parent.Stop(context.Background()) })
+	diskStep(ctx, t, parent, 2)
+	if _, err := parent.Freeze(ctx, "fof-1", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fork, err := r.RestoreMachine(ctx, "fof-1", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "fork.qcow2")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = fork.Stop(context.Background()) })
+	if err := fork.Warm(ctx, 2); err != nil {
+		t.Fatalf("Warm of a fork: %v", err)
+	}
+	if fork.Spares() != 0 {
+		t.Fatal("a fork's spares count as mapping its frozen file")
+	}
+	// The fork runs on, writing pages of its own, then freezes.
+	before, _ := diskStep(ctx, t, fork, 0)
+	before, _ = diskStep(ctx, t, fork, before+3)
+	start := time.Now()
+	if _, err := fork.Freeze(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	frozeAt := lastStep(fork.Console())
+	var kids []*qemu.Machine
+	for i := range 2 {
+		k, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, fmt.Sprintf("kid-%d.qcow2", i))}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = k.Stop(context.Background()) })
+		kids = append(kids, k)
+	}
+	t.Logf("freeze of a fork and two restores: %v", time.Since(start))
+	for i, k := range kids {
+		n, got := diskStep(ctx, t, k, frozeAt)
+		if got != "boxd-disk!" || n > frozeAt+10 {
+			t.Fatalf("fork %d of the fork: step %d reading %q; it froze at %d", i, n, got, frozeAt)
+		}
+	}
+	// The snapshot in the store is whole: a restore from it, with the
+	// frozen files gone, carries on too.
+	if _, err := r.Committed(ctx, "fof-2"); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range kids {
+		_ = k.Stop(ctx)
+	}
+	_ = fork.Stop(ctx)
+	if left := r.FrozenFiles(); len(left) != 0 {
+		t.Fatalf("frozen files left: %v", left)
+	}
+	if _, err := g.Get("fof-2"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "c.qcow2")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Stop(context.Background()) })
+	if n, got := diskStep(ctx, t, c, frozeAt); got != "boxd-disk!" || n > frozeAt+10 {
+		t.Fatalf("restore from the store: step %d reading %q; the fork froze at %d", n, got, frozeAt)
+	}
+	_ = before
 }
