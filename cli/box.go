@@ -1,23 +1,25 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/guest"
@@ -42,14 +44,19 @@ func boxCommands() []*cli.Command {
 	return []*cli.Command{
 		{
 			Name:      "create",
-			Usage:     "make a box from an image and boot it (through the daemon)",
+			Usage:     "make a box from an image, or from a box's snapshot, and boot it (through the daemon)",
 			ArgsUsage: "NAME",
 			Description: "NAME is 1 to 63 lowercase letters, digits and '-'. The box admits the keys of --ssh-key; without it,\n" +
-				"~/.ssh/id_ed25519.pub if there is one, else a key boxd makes once at ROOT/ssh/id_ed25519.",
+				"~/.ssh/id_ed25519.pub if there is one, else a key boxd makes once at ROOT/ssh/id_ed25519.\n" +
+				"With --from, the box carries on from a snapshot a box took (boxd snapshots lists them), processes and\n" +
+				"all, like a fork: with its own hostname and machine-id, fresh entropy and the host's clock, and the\n" +
+				"snapshot's image, memory and vCPUs.",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "image", Value: guest.DefaultImage, Usage: "the image to make the box from (see boxd image ls)"},
+				&cli.StringFlag{Name: "from", Usage: "a box's snapshot to make the box from, e.g. box.dev.s1 (instead of --image)"},
 				&cli.StringFlag{Name: "memory", Value: "512M", Usage: "the box's memory, in bytes or with K, M, G"},
 				&cli.IntFlag{Name: "cpus", Value: box.DefaultCPUs, Usage: "the box's vCPUs"},
+				&cli.StringFlag{Name: "runner", Value: box.RunnerAuto, Usage: "the runner: auto or qemu (QEMU), or kvm (boxd's own VMM: not for Linux boxes yet)"},
 				&cli.StringSliceFlag{Name: "ssh-key", Usage: "a file of public keys (authorized_keys format, a .pub file) to admit; may be repeated"},
 				jsonFlag,
 			},
@@ -70,6 +77,8 @@ func boxCommands() []*cli.Command {
 		nameOnly("resume", "bring a hibernated box back, processes and all", "resuming", (*daemon.Client).Resume),
 		nameOnly("start", "boot a stopped box (or resume a hibernated one)", "starting", (*daemon.Client).Start),
 		nameOnly("stop", "shut a box's machine down, keeping its disk", "stopping", (*daemon.Client).Stop),
+		nameOnly("pause", "stop a running box's vCPUs, keeping its memory where it is", "pausing", (*daemon.Client).Pause),
+		nameOnly("unpause", "let a paused box run on", "unpausing", (*daemon.Client).Unpause),
 		{
 			Name:      "snapshot",
 			Usage:     "save a running box as a snapshot box.NAME.SNAP; the box goes on",
@@ -82,11 +91,19 @@ func boxCommands() []*cli.Command {
 		},
 		{Name: "snapshots", Usage: "a box's snapshots (or every box's) as a tree", ArgsUsage: "[NAME]", Flags: []cli.Flag{jsonFlag}, Action: boxSnapshots},
 		{
-			Name:        "exec",
-			Usage:       "run a command in a box; boxd exits with its exit status",
-			ArgsUsage:   "NAME -- CMD [ARGS...]",
-			Description: "Standard input, unless it is a terminal or --no-stdin is given, is read to its end and passed to the\ncommand. Its output is shown once it exits.",
+			Name:      "exec",
+			Usage:     "run a command in a box, its input and output streamed; boxd exits with its exit status",
+			ArgsUsage: "NAME [-i] [-t] -- CMD [ARGS...]",
+			Description: "The command's output is shown as it writes it. boxd's standard input is passed to the command with -i,\n" +
+				"or when it is not a terminal (a pipe, a file), unless --no-stdin is given; otherwise the command's input\n" +
+				"is empty. -t runs the command on a pseudo-terminal the size of boxd's terminal (its stdout and stderr\n" +
+				"both arrive on stdout); with -i as well, boxd's terminal is put in raw mode while the command runs, so\n" +
+				"that keys such as ^C reach the command, and window size changes follow. With --json the output is\n" +
+				"collected and printed as one object when the command exits.",
+			UseShortOptionHandling: true,
 			Flags: []cli.Flag{
+				&cli.BoolFlag{Name: "interactive", Aliases: []string{"i"}, Usage: "pass boxd's standard input to the command, even from a terminal"},
+				&cli.BoolFlag{Name: "tty", Aliases: []string{"t"}, Usage: "run the command on a pseudo-terminal"},
 				&cli.BoolFlag{Name: "no-stdin", Aliases: []string{"n"}, Usage: "give the command empty input instead of boxd's"},
 				jsonFlag,
 			},
@@ -248,12 +265,26 @@ func makeKey(path string) ([]byte, error) {
 }
 
 func boxCreate(c *cli.Context) error {
-	if err := boxArgs(c, 1, 1, "NAME [--image IMAGE] [--memory 512M] [--cpus 1] [--ssh-key FILE]..."); err != nil {
+	if err := boxArgs(c, 1, 1, "NAME [--image IMAGE | --from SNAPSHOT] [--memory 512M] [--cpus 1] [--runner auto] [--ssh-key FILE]..."); err != nil {
 		return err
 	}
 	name := c.Args().First()
 	if err := box.ValidateName(name); err != nil {
 		return err
+	}
+	if _, err := box.ChooseRunner(c.String("runner")); err != nil {
+		return fmt.Errorf("--runner: %w", err)
+	}
+	from := c.String("from")
+	if c.IsSet("from") {
+		for _, f := range []string{"image", "memory", "cpus"} {
+			if c.IsSet(f) {
+				return usageError("--from %s and --%s together: a box made from a snapshot has the snapshot's image, memory and vCPUs", from, f)
+			}
+		}
+		if err := snapshotter.ValidateName(from); err != nil {
+			return fmt.Errorf("--from: %w", err)
+		}
 	}
 	mem, err := parseSize(c.String("memory"))
 	if err != nil {
@@ -298,17 +329,27 @@ func boxCreate(c *cli.Context) error {
 		}
 		keys = []string{k}
 	}
-	say(c, "booting box %s…", name)
+	req := daemon.CreateRequest{Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys, Runner: c.String("runner")}
+	if from != "" {
+		req.Image, req.Memory, req.CPUs, req.From = "", 0, 0, from
+		say(c, "starting box %s from snapshot %s…", name, from)
+	} else {
+		say(c, "booting box %s…", name)
+	}
 	start := time.Now()
-	bx, err := d.Create(c.Context, daemon.CreateRequest{Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys})
+	bx, err := d.Create(c.Context, req)
 	if err != nil {
 		return err
 	}
 	if wantJSON(c) {
 		return printJSON(c, bx)
 	}
-	fmt.Fprintf(c.App.Writer, "box %s is %s (image %s, %s, %d vCPU) in %s; log in with: boxd ssh %s\n",
-		bx.Name, bx.State, bx.Image, size2(bx.Memory), bx.CPUs, time.Since(start).Round(100*time.Millisecond), bx.Name)
+	what := "image " + bx.Image
+	if from != "" {
+		what = "from " + from
+	}
+	fmt.Fprintf(c.App.Writer, "box %s is %s (%s, %s, %d vCPU) in %s; log in with: boxd ssh %s\n",
+		bx.Name, bx.State, what, size2(bx.Memory), bx.CPUs, time.Since(start).Round(100*time.Millisecond), bx.Name)
 	return nil
 }
 
@@ -519,45 +560,132 @@ func splitDashes(args []string) (string, []string) {
 func boxExec(c *cli.Context) error {
 	name, cmd := splitDashes(c.Args().Slice())
 	if name == "" || len(cmd) == 0 {
-		return usageError("usage: boxd exec NAME -- CMD [ARGS...]")
+		return usageError("usage: boxd exec NAME [-i] [-t] -- CMD [ARGS...]")
 	}
 	if err := box.ValidateName(name); err != nil {
 		return err
+	}
+	if c.Bool("interactive") && c.Bool("no-stdin") {
+		return usageError("-i passes standard input and --no-stdin withholds it: give one")
 	}
 	d, _, err := daemonClient(c)
 	if err != nil {
 		return err
 	}
-	var stdin []byte
-	if !c.Bool("no-stdin") && !term.IsTerminal(int(os.Stdin.Fd())) {
-		if stdin, err = io.ReadAll(os.Stdin); err != nil {
-			return fmt.Errorf("reading standard input: %w", err)
-		}
+	stdinFD := int(os.Stdin.Fd())
+	stdinTerm := term.IsTerminal(stdinFD)
+	opts := daemon.ExecOptions{Args: cmd, TTY: c.Bool("tty"), Stdout: c.App.Writer, Stderr: c.App.ErrWriter}
+	if !c.Bool("no-stdin") && (c.Bool("interactive") || !stdinTerm) {
+		opts.Stdin = os.Stdin
 	}
-	res, err := d.Exec(c.Context, name, cmd, stdin)
+	var stdout, stderr *capped
+	if wantJSON(c) {
+		stdout, stderr = &capped{max: daemon.MaxExecOutput}, &capped{max: daemon.MaxExecOutput}
+		opts.Stdout, opts.Stderr = stdout, stderr
+	}
+	if opts.TTY {
+		restore, err := localTerminal(&opts, stdinTerm && opts.Stdin != nil)
+		if err != nil {
+			return err
+		}
+		defer restore()
+	}
+	code, err := d.ExecStream(c.Context, name, opts)
 	if err != nil {
+		// ^C (without a pty, which would have passed it on) ends the
+		// command with boxd, as a shell reports it.
+		if errors.Is(err, context.Canceled) && c.Err() != nil {
+			return commandExit(130)
+		}
 		return err
 	}
 	if wantJSON(c) {
+		res := daemon.ExecResult{ExitCode: code, Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Truncated: stdout.truncated || stderr.truncated}
 		if err := printJSON(c, res); err != nil {
 			return err
 		}
-	} else {
-		if _, err := c.App.Writer.Write(res.Stdout); err != nil {
-			return err
-		}
-		_, _ = c.App.ErrWriter.Write(res.Stderr)
-		if res.Truncated {
-			fmt.Fprintf(c.App.ErrWriter, "boxd: the command's output was cut at %s\n", size2(daemon.MaxExecOutput))
-		}
 	}
 	switch {
-	case res.ExitCode == 0:
+	case code == 0:
 		return nil
-	case res.ExitCode < 0 || res.ExitCode > 255:
+	case code < 0 || code > 255:
 		return commandExit(255)
 	}
-	return commandExit(res.ExitCode)
+	return commandExit(code)
+}
+
+// localTerminal sizes opts's pty after boxd's terminal, if it has one, and
+// makes the pty follow its window size changes; with raw, it puts the
+// terminal on standard input in raw mode. The returned function undoes it.
+func localTerminal(opts *daemon.ExecOptions, raw bool) (func(), error) {
+	fd := -1
+	for _, f := range []*os.File{os.Stdin, os.Stdout, os.Stderr} {
+		if term.IsTerminal(int(f.Fd())) {
+			fd = int(f.Fd())
+			break
+		}
+	}
+	if fd < 0 {
+		return func() {}, nil // the agent's default size
+	}
+	if cols, rows, err := term.GetSize(fd); err == nil {
+		opts.Rows, opts.Cols = rows, cols
+	}
+	winch := make(chan os.Signal, 1)
+	signal.Notify(winch, syscall.SIGWINCH)
+	resize := make(chan agent.WindowSize, 1)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case <-winch:
+				cols, rows, err := term.GetSize(fd)
+				if err != nil {
+					continue
+				}
+				select { // the latest size wins
+				case <-resize:
+				default:
+				}
+				resize <- agent.WindowSize{Rows: rows, Cols: cols}
+			}
+		}
+	}()
+	opts.Resize = resize
+	undo := func() {
+		signal.Stop(winch)
+		close(done)
+	}
+	if !raw {
+		return undo, nil
+	}
+	state, err := term.MakeRaw(int(os.Stdin.Fd()))
+	if err != nil {
+		undo()
+		return nil, fmt.Errorf("putting the terminal in raw mode: %w", err)
+	}
+	return func() {
+		_ = term.Restore(int(os.Stdin.Fd()), state)
+		undo()
+	}, nil
+}
+
+// capped keeps the first max bytes written to it and drops the rest.
+type capped struct {
+	bytes.Buffer
+	max       int
+	truncated bool
+}
+
+func (b *capped) Write(p []byte) (int, error) {
+	n := len(p)
+	if room := b.max - b.Len(); len(p) > room {
+		p, b.truncated = p[:max(room, 0)], true
+	}
+	b.Buffer.Write(p)
+	return n, nil
 }
 
 func boxSSH(c *cli.Context) error {
@@ -690,7 +818,16 @@ func flagsFirst(app *cli.App, args []string) []string {
 	}
 	// takesValue reports whether flag token t is followed by its value.
 	takesValue := func(flags []cli.Flag, t string) bool {
-		return !strings.Contains(t, "=") && !isBool(flags, strings.TrimLeft(t, "-"))
+		if strings.Contains(t, "=") {
+			return false
+		}
+		name := strings.TrimLeft(t, "-")
+		if !strings.HasPrefix(t, "--") && len(name) > 1 && !isBool(flags, name) {
+			// Short flags together (-it): a value follows only if the
+			// last one takes it.
+			return !isBool(flags, name[len(name)-1:])
+		}
+		return !isBool(flags, name)
 	}
 	i := 1
 	for i < len(args) && strings.HasPrefix(args[i], "-") && args[i] != "-" && args[i] != "--" {

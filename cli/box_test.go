@@ -81,9 +81,20 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{2, []string{"usage: boxd rm NAME"}, []string{"rm"}},
 		{2, []string{`--name: invalid name "a/b"`}, []string{"snapshot", "dev", "--name", "a/b"}},
 		{2, []string{"usage: boxd snapshots [NAME]"}, []string{"snapshots", "a", "b"}},
-		{2, []string{"usage: boxd exec NAME -- CMD"}, []string{"exec", "dev"}},
-		{2, []string{"usage: boxd exec NAME -- CMD"}, []string{"exec", "dev", "--"}},
+		{2, []string{"usage: boxd exec NAME [-i] [-t] -- CMD"}, []string{"exec", "dev"}},
+		{2, []string{"usage: boxd exec NAME [-i] [-t] -- CMD"}, []string{"exec", "dev", "--"}},
+		{2, []string{"usage: boxd exec NAME [-i] [-t] -- CMD"}, []string{"exec", "-it", "dev"}},
 		{2, []string{`box name "Dev"`}, []string{"exec", "Dev", "--", "true"}},
+		{2, []string{"-i passes standard input and --no-stdin withholds it"}, []string{"exec", "dev", "-i", "-n", "--", "cat"}},
+		{2, []string{"-i passes standard input and --no-stdin withholds it"}, []string{"exec", "-in", "dev", "cat"}},
+		{2, []string{"usage: boxd pause NAME"}, []string{"pause"}},
+		{2, []string{`box name "Dev"`}, []string{"unpause", "Dev"}},
+		{2, []string{"--from box.dev.s1 and --image together"}, []string{"create", "dev", "--from", "box.dev.s1", "--image", "debian-bookworm"}},
+		{2, []string{"--from box.dev.s1 and --memory together"}, []string{"create", "dev", "--from", "box.dev.s1", "--memory", "1G"}},
+		{2, []string{"--from box.dev.s1 and --cpus together"}, []string{"create", "dev", "--cpus", "2", "--from", "box.dev.s1"}},
+		{2, []string{`--from: invalid name "a/b"`}, []string{"create", "dev", "--from", "a/b"}},
+		{2, []string{`--runner: runner "xen": want auto, kvm or qemu`}, []string{"create", "dev", "--runner", "xen"}},
+		{1, []string{"--runner: ", "kvm runner", "use --runner qemu"}, []string{"create", "dev", "--runner", "kvm", "--ssh-key", goodKey}},
 		{2, []string{"usage: boxd ssh NAME"}, []string{"ssh"}},
 		{2, []string{`box name "x_y"`}, []string{"report", "x_y"}},
 		{2, []string{"flag provided but not defined"}, []string{"ls", "--colour"}},
@@ -93,6 +104,14 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{8, []string{notRunning}, []string{"fork", "dev", "new", "--count", "3"}},
 		{8, []string{notRunning}, []string{"exec", "dev", "ls", "-l"}},
 		{8, []string{notRunning}, []string{"exec", "dev", "--json", "--", "ls", "-l"}},
+		{8, []string{notRunning}, []string{"exec", "-it", "dev", "--", "sh"}},
+		{8, []string{notRunning}, []string{"exec", "dev", "-t", "-i", "tty"}},
+		{8, []string{notRunning}, []string{"exec", "dev", "-it", "--", "tty"}},
+		{8, []string{notRunning}, []string{"pause", "dev"}},
+		{8, []string{notRunning}, []string{"unpause", "dev", "--json"}},
+		{8, []string{notRunning}, []string{"create", "dev", "--from", "box.dev.s1", "--ssh-key", goodKey}},
+		{8, []string{notRunning}, []string{"create", "dev", "--runner", "qemu", "--ssh-key", goodKey}},
+		{8, []string{notRunning}, []string{"create", "dev", "--runner", "auto", "--ssh-key", goodKey}},
 		{8, []string{notRunning}, []string{"snapshot", "dev", "--name", "s1"}},
 		{8, []string{notRunning}, []string{"snapshots"}},
 		{8, []string{notRunning}, []string{"report"}},
@@ -110,7 +129,7 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 
 func TestBoxCommandsHelp(t *testing.T) {
 	root := shortRoot(t)
-	for _, name := range []string{"daemon", "create", "ls", "fork", "hibernate", "resume", "start", "stop", "snapshot", "snapshots", "exec", "ssh", "rm", "report"} {
+	for _, name := range []string{"daemon", "create", "ls", "fork", "hibernate", "resume", "start", "stop", "pause", "unpause", "snapshot", "snapshots", "exec", "ssh", "rm", "report"} {
 		r := ok(t, root, name, "--help")
 		if !strings.Contains(r.stdout, "boxd "+name+" - ") || !strings.Contains(r.stdout, "USAGE:") {
 			t.Errorf("boxd %s --help:\n%s", name, r.stdout)
@@ -120,7 +139,7 @@ func TestBoxCommandsHelp(t *testing.T) {
 		}
 	}
 	r := ok(t, root, "--help")
-	for _, name := range []string{"daemon", "create", "fork", "exec", "ssh", "report"} {
+	for _, name := range []string{"daemon", "create", "fork", "pause", "unpause", "exec", "ssh", "report"} {
 		if !strings.Contains(r.stdout, "   "+name+" ") {
 			t.Errorf("boxd --help does not list %s", name)
 		}

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
@@ -45,6 +46,13 @@ type CreateRequest struct {
 	Memory int64    `json:"memory,omitempty"` // bytes
 	CPUs   int      `json:"cpus,omitempty"`
 	Keys   []string `json:"keys,omitempty"` // authorized_keys lines
+	// Runner is the runner the box asks for: auto (""), qemu or kvm (see
+	// box.ChooseRunner).
+	Runner string `json:"runner,omitempty"`
+	// From is a snapshot a box took to make the new box from (see
+	// box.Manager.CreateFrom); it excludes Image, Memory and CPUs, which
+	// come from the snapshot.
+	From string `json:"from,omitempty"`
 }
 
 // ForkRequest is the body of POST /v1/boxes/{name}/fork: the new boxes.
@@ -57,10 +65,16 @@ type SnapshotRequest struct {
 	Name string `json:"name,omitempty"` // the snapshot's name after box.NAME.; chosen when empty
 }
 
-// ExecRequest is the body of POST /v1/boxes/{name}/exec.
+// ExecRequest is the body of POST /v1/boxes/{name}/exec, collected (the
+// answer is an ExecResult) or streamed (see ExecProtocol).
 type ExecRequest struct {
 	Args  []string `json:"args"`
-	Stdin []byte   `json:"stdin,omitempty"` // base64 in JSON
+	Stdin []byte   `json:"stdin,omitempty"` // base64 in JSON; collected execs only
+	// TTY runs the command on a pseudo-terminal of Rows x Cols (24 x 80
+	// when zero); its stdout and stderr both arrive as stdout.
+	TTY  bool `json:"tty,omitempty"`
+	Rows int  `json:"rows,omitempty"`
+	Cols int  `json:"cols,omitempty"`
 }
 
 // ExecResult is what POST /v1/boxes/{name}/exec answers once the command
@@ -128,6 +142,7 @@ var categories = []struct {
 	{"unavailable", errdefs.ErrUnavailable, http.StatusServiceUnavailable},
 	{"data_loss", errdefs.ErrDataLoss, http.StatusInternalServerError},
 	{"resource_exhausted", errdefs.ErrResourceExhausted, http.StatusInternalServerError},
+	{"not_supported", runner.ErrNotSupported, http.StatusNotImplemented},
 }
 
 const categoryUnknown = "unknown"
@@ -171,6 +186,8 @@ func remoteError(status int, b errorBody) *Error {
 			e.Category = "failed_precondition"
 		case http.StatusServiceUnavailable:
 			e.Category = "unavailable"
+		case http.StatusNotImplemented:
+			e.Category = "not_supported"
 		default:
 			e.Category = categoryUnknown
 		}

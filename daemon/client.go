@@ -1,8 +1,10 @@
 package daemon
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"net/url"
 	"syscall"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
@@ -76,16 +79,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return &NotRunningError{Root: c.root, Err: err}
-		}
-		if errors.Is(err, syscall.EACCES) {
-			return fmt.Errorf("cannot reach the boxd daemon at %s: permission denied (its socket is root's alone)", c.socket)
-		}
-		return fmt.Errorf("boxd daemon at %s: %w", c.socket, err)
+		return c.connError(ctx, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(resp.Body)
@@ -104,6 +98,21 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return fmt.Errorf("boxd daemon at %s: decoding the answer: %w", c.socket, err)
 	}
 	return nil
+}
+
+// connError is the error of a failure to reach the daemon, or to hear
+// from it, under ctx.
+func (c *Client) connError(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+		return &NotRunningError{Root: c.root, Err: err}
+	}
+	if errors.Is(err, syscall.EACCES) {
+		return fmt.Errorf("cannot reach the boxd daemon at %s: permission denied (its socket is root's alone)", c.socket)
+	}
+	return fmt.Errorf("boxd daemon at %s: %w", c.socket, err)
 }
 
 func boxPath(name string, rest ...string) string {
@@ -159,6 +168,16 @@ func (c *Client) Stop(ctx context.Context, name string) (box.Box, error) {
 	return c.lifecycle(ctx, name, "stop")
 }
 
+// Pause stops a running box's vCPUs; its memory stays where it is.
+func (c *Client) Pause(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "pause")
+}
+
+// Unpause lets a paused box run on.
+func (c *Client) Unpause(ctx context.Context, name string) (box.Box, error) {
+	return c.lifecycle(ctx, name, "unpause")
+}
+
 // Hibernate snapshots a running box and stops its machine.
 func (c *Client) Hibernate(ctx context.Context, name string) (box.Box, error) {
 	return c.lifecycle(ctx, name, "hibernate")
@@ -188,10 +207,156 @@ func (c *Client) AllSnapshots(ctx context.Context) ([]BoxSnapshots, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/snapshots", nil, &out)
 }
 
-// Exec runs args in box name with stdin and returns once it has exited.
+// Exec runs args in box name with stdin and returns once it has exited,
+// with its output collected. ExecStream streams instead.
 func (c *Client) Exec(ctx context.Context, name string, args []string, stdin []byte) (ExecResult, error) {
 	var out ExecResult
 	return out, c.do(ctx, http.MethodPost, boxPath(name, "exec"), ExecRequest{Args: args, Stdin: stdin}, &out)
+}
+
+// ExecOptions are a streaming exec's command, terminal and streams.
+type ExecOptions struct {
+	Args []string
+	// Stdin is read to its end and passed on as the command's input; nil
+	// means empty input.
+	Stdin io.Reader
+	// Stdout and Stderr get the command's output as it is written; nil
+	// discards it.
+	Stdout, Stderr io.Writer
+	// TTY runs the command on a pseudo-terminal of Rows x Cols (24 x 80
+	// when zero); its stdout and stderr both arrive on Stdout.
+	TTY        bool
+	Rows, Cols int
+	// Resize, when not nil, carries window size changes to the pty.
+	Resize <-chan agent.WindowSize
+}
+
+// ExecStream runs opts.Args in box name, streaming its input and output
+// (see ExecProtocol), and returns its exit status once it has exited (as
+// agent.Client.Run reports it). err is for failures to run it at all: an
+// unknown box, a box that did not come up, a lost connection, or ctx
+// ending, which ends the command. It does not wait for a read of
+// opts.Stdin in progress when the command exits.
+func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) (int, error) {
+	body, err := json.Marshal(ExecRequest{Args: opts.Args, TTY: opts.TTY, Rows: opts.Rows, Cols: opts.Cols})
+	if err != nil {
+		return -1, err
+	}
+	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return -1, c.connError(ctx, err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	defer stop()
+	fail := func(err error) (int, error) {
+		if ctx.Err() != nil {
+			return -1, ctx.Err()
+		}
+		return -1, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, "http://boxd"+boxPath(name, "exec"), bytes.NewReader(body))
+	if err != nil {
+		return -1, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", ExecProtocol)
+	if err := req.Write(conn); err != nil {
+		return fail(c.connError(ctx, err))
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		return fail(fmt.Errorf("boxd daemon at %s: reading the answer: %w", c.socket, err))
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxRequestBody))
+		resp.Body.Close()
+		var eb errorBody
+		_ = json.Unmarshal(data, &eb)
+		return fail(remoteError(resp.StatusCode, eb))
+	}
+
+	out := &frameWriter{w: conn}
+	done := make(chan struct{})
+	defer close(done)
+	if opts.Stdin == nil {
+		if err := out.frame(frameCloseStdin, nil); err != nil {
+			return fail(c.streamLost(err))
+		}
+	} else {
+		go sendInput(opts.Stdin, out)
+	}
+	if opts.Resize != nil {
+		go func() {
+			for {
+				select {
+				case <-done:
+					return
+				case ws, ok := <-opts.Resize:
+					if !ok {
+						return
+					}
+					if out.frame(frameResize, resizeFrame(ws)) != nil {
+						return
+					}
+				}
+			}
+		}()
+	}
+	var buf []byte
+	for {
+		kind, p, err := readFrame(br, &buf)
+		if err != nil {
+			return fail(c.streamLost(err))
+		}
+		var w io.Writer
+		switch kind {
+		case frameStdout:
+			w = opts.Stdout
+		case frameStderr:
+			w = opts.Stderr
+		case frameExit:
+			if len(p) != 4 {
+				return fail(fmt.Errorf("boxd daemon at %s: an exit frame of %d bytes", c.socket, len(p)))
+			}
+			return int(int32(binary.BigEndian.Uint32(p))), nil
+		case frameError:
+			return fail(streamError(p))
+		default:
+			return fail(fmt.Errorf("boxd daemon at %s: unknown frame kind %d on the exec stream", c.socket, kind))
+		}
+		if w != nil {
+			if _, err := w.Write(p); err != nil {
+				return fail(fmt.Errorf("writing the command's output: %w", err))
+			}
+		}
+	}
+}
+
+// sendInput sends in on an exec stream, then its end.
+func sendInput(in io.Reader, out *frameWriter) {
+	buf := make([]byte, MaxFrame)
+	for {
+		n, err := in.Read(buf)
+		if n > 0 {
+			if out.frame(frameStdin, buf[:n]) != nil {
+				return
+			}
+		}
+		if err != nil {
+			_ = out.frame(frameCloseStdin, nil)
+			return
+		}
+	}
+}
+
+// streamLost is the error of an exec stream that broke before the
+// command's exit status came.
+func (c *Client) streamLost(err error) error {
+	return fmt.Errorf("boxd daemon at %s: the exec stream ended before the command's exit status (%w): %w", c.socket, err, errdefs.ErrUnavailable)
 }
 
 // Remove deletes box name.

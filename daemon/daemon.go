@@ -126,6 +126,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		stopOps()
 		_ = hs.Close()
 	}
+	// Streaming execs, which Shutdown does not see, get what is left of
+	// the grace too.
+	_ = api.WaitStreams(sctx)
 	cancel()
 	stopOps()
 	<-idleDone

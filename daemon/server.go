@@ -3,9 +3,11 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"slices"
@@ -25,10 +27,17 @@ type Manager interface {
 	List() ([]box.Box, error)
 	Get(name string) (box.Box, error)
 	Create(ctx context.Context, opts box.CreateOptions) (box.Box, error)
+	CreateFrom(ctx context.Context, opts box.FromOptions) (box.Box, error)
 	Fork(ctx context.Context, src string, names []string) ([]box.Box, error)
 	Start(ctx context.Context, name string) (box.Box, error)
 	Stop(ctx context.Context, name string) (box.Box, error)
+	Pause(ctx context.Context, name string) (box.Box, error)
+	Unpause(ctx context.Context, name string) (box.Box, error)
 	Hibernate(ctx context.Context, name string) (box.Box, error)
+	// HibernateIfIdle hibernates box name if it is running and idle,
+	// asked under the lock that every use of the box takes first, says it
+	// is idle; it reports whether it did (see box.Manager.HibernateIfIdle).
+	HibernateIfIdle(ctx context.Context, name string, idle func() bool) (box.Box, bool, error)
 	Resume(ctx context.Context, name string) (box.Box, error)
 	Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error)
 	Remove(ctx context.Context, name string) error
@@ -69,6 +78,10 @@ type Server struct {
 	lastUse map[string]time.Time
 	// active counts each box's execs and SSH connections in progress.
 	active map[string]int
+
+	// streams counts the exec streams in progress, which the HTTP server
+	// no longer tracks once they are hijacked.
+	streams sync.WaitGroup
 }
 
 // Options configure a Server.
@@ -110,6 +123,8 @@ func (s *Server) Handler() http.Handler {
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,
+		"pause":     s.mgr.Pause,
+		"unpause":   s.mgr.Unpause,
 		"hibernate": s.mgr.Hibernate,
 		"resume":    s.mgr.Resume,
 	} {
@@ -216,9 +231,23 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if _, err := box.ChooseRunner(req.Runner); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if req.From != "" && (req.Image != "" || req.Memory != 0 || req.CPUs != 0) {
+		s.fail(w, r, fmt.Errorf("a box made from snapshot %s has the snapshot's image, memory and vCPUs; give none of them: %w", req.From, errdefs.ErrInvalidArgument))
+		return
+	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
-	bx, err := s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys})
+	var bx box.Box
+	var err error
+	if req.From != "" {
+		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys})
+	} else {
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys})
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -286,7 +315,7 @@ func (s *Server) lifecycle(w http.ResponseWriter, r *http.Request, action string
 		s.fail(w, r, err)
 		return
 	}
-	if action == "start" || action == "resume" {
+	if action == "start" || action == "resume" || action == "unpause" {
 		s.touch(name)
 	}
 	s.reply(w, bx)
@@ -332,13 +361,21 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 }
 
 func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
+	if up := r.Header.Get("Upgrade"); up != "" {
+		if !strings.EqualFold(up, ExecProtocol) {
+			s.fail(w, r, fmt.Errorf("exec: unknown protocol %q to upgrade to; want %s: %w", up, ExecProtocol, errdefs.ErrInvalidArgument))
+			return
+		}
+		s.execStream(w, r)
+		return
+	}
 	name, err := boxName(r)
 	var req ExecRequest
 	if err == nil {
 		err = decode(w, r, maxExecBody, &req)
 	}
-	if err == nil && len(req.Args) == 0 {
-		err = fmt.Errorf("exec: no command: %w", errdefs.ErrInvalidArgument)
+	if err == nil {
+		err = checkExec(req)
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -347,7 +384,10 @@ func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
 	stdout, stderr := &limitedBuffer{max: MaxExecOutput}, &limitedBuffer{max: MaxExecOutput}
 	done := s.begin(name)
 	// The command runs under the request: a client that goes away ends it.
-	code, err := s.mgr.Exec(r.Context(), name, agent.Command{Args: req.Args, Stdin: bytes.NewReader(req.Stdin), Stdout: stdout, Stderr: stderr})
+	code, err := s.mgr.Exec(r.Context(), name, agent.Command{
+		Args: req.Args, Stdin: bytes.NewReader(req.Stdin), Stdout: stdout, Stderr: stderr,
+		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols,
+	})
 	done()
 	if err != nil {
 		s.fail(w, r, err)
@@ -356,10 +396,151 @@ func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, ExecResult{ExitCode: code, Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Truncated: stdout.truncated || stderr.truncated})
 }
 
+// checkExec checks an exec's command and terminal.
+func checkExec(req ExecRequest) error {
+	if len(req.Args) == 0 {
+		return fmt.Errorf("exec: no command: %w", errdefs.ErrInvalidArgument)
+	}
+	if req.Rows < 0 || req.Cols < 0 || req.Rows > 0xffff || req.Cols > 0xffff {
+		return fmt.Errorf("exec: a terminal of %d x %d: want 0 to 65535 rows and columns: %w", req.Rows, req.Cols, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// execStream runs a command whose streams travel on the request's
+// connection, taken over from the HTTP server (see ExecProtocol).
+func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	var req ExecRequest
+	if err == nil {
+		err = decode(w, r, maxRequestBody, &req)
+	}
+	if err == nil {
+		err = checkExec(req)
+	}
+	if err == nil && len(req.Stdin) > 0 {
+		err = fmt.Errorf("exec: a streaming exec's input comes on the stream, not in the request: %w", errdefs.ErrInvalidArgument)
+	}
+	if err == nil {
+		// An unknown box is refused as an answer, not on the stream.
+		_, err = s.mgr.Get(name)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		s.fail(w, r, fmt.Errorf("exec: this connection cannot be taken over for streaming: %w", errdefs.ErrInvalidArgument))
+		return
+	}
+	// Counted before the connection is taken over, so that a daemon that
+	// stops meanwhile waits for it.
+	s.streams.Add(1)
+	defer s.streams.Done()
+	conn, rw, err := hj.Hijack()
+	if err != nil {
+		s.log.Warn("exec stream", "box", name, "err", err)
+		return
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Time{})
+	if _, err := rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + ExecProtocol + "\r\n\r\n"); err != nil {
+		return
+	}
+	if err := rw.Flush(); err != nil {
+		return
+	}
+
+	// The command ends when the daemon stops or the client goes away.
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	out := &frameWriter{w: conn}
+	stdin, stdinW := io.Pipe()
+	defer stdin.Close()
+	resize := make(chan agent.WindowSize)
+	go func() {
+		err := readClientFrames(ctx, rw.Reader, stdinW, resize)
+		if ctx.Err() == nil && err != nil {
+			s.log.Debug("exec stream: the client went away", "box", name, "err", err)
+		}
+		cancel()
+	}()
+
+	done := s.begin(name)
+	code, err := s.mgr.Exec(ctx, name, agent.Command{
+		Args: req.Args, Stdin: stdin, Stdout: out.stream(frameStdout), Stderr: out.stream(frameStderr),
+		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, Resize: resize,
+	})
+	done()
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Debug("exec stream", "box", name, "err", err)
+		}
+		_ = out.frame(frameError, errorFrame(err))
+		return
+	}
+	_ = out.frame(frameExit, exitFrame(code))
+}
+
+// readClientFrames passes the client's frames of an exec stream on: input
+// to stdin, window sizes to resize, until the client goes away (an error)
+// or ctx ends.
+func readClientFrames(ctx context.Context, r io.Reader, stdin *io.PipeWriter, resize chan<- agent.WindowSize) error {
+	var buf []byte
+	for {
+		kind, p, err := readFrame(r, &buf)
+		if err != nil {
+			_ = stdin.CloseWithError(err)
+			return err
+		}
+		switch kind {
+		case frameStdin:
+			// Blocks until the command reads it. Input the command no
+			// longer reads (it closed its stdin, or it is over) is dropped.
+			_, _ = stdin.Write(p)
+		case frameCloseStdin:
+			_ = stdin.Close()
+		case frameResize:
+			if len(p) != 4 {
+				err := fmt.Errorf("exec stream: a resize frame of %d bytes", len(p))
+				_ = stdin.CloseWithError(err)
+				return err
+			}
+			ws := agent.WindowSize{Rows: int(binary.BigEndian.Uint16(p)), Cols: int(binary.BigEndian.Uint16(p[2:]))}
+			select {
+			case resize <- ws:
+			case <-ctx.Done():
+				return nil
+			}
+		default:
+			err := fmt.Errorf("exec stream: unknown frame kind %d", kind)
+			_ = stdin.CloseWithError(err)
+			return err
+		}
+	}
+}
+
+// WaitStreams waits until the exec streams in progress have ended, or ctx
+// ends. The HTTP server's Shutdown does not wait for them.
+func (s *Server) WaitStreams(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		s.streams.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // isBoxSnapshot reports whether snapshot sn belongs to box name: labelled
 // for it by the box manager, or named after it.
 func isBoxSnapshot(sn snapshotter.Snapshot, name string) bool {
-	return sn.Labels["boxd.box"] == name || strings.HasPrefix(sn.Name, "box."+name+".")
+	return sn.Labels[box.LabelBox] == name || strings.HasPrefix(sn.Name, "box."+name+".")
 }
 
 // snapshotTree arranges the snapshots of bx (from all, parents first) as a
@@ -524,7 +705,8 @@ func (s *Server) forget(name string) {
 }
 
 // begin records that box name is in use until the returned function is
-// called (once; later calls do nothing).
+// called (once; later calls do nothing). Call it before the use reaches
+// the box (the manager's Client or Exec): HibernateIdle relies on it.
 func (s *Server) begin(name string) func() {
 	s.mu.Lock()
 	s.active[name]++
@@ -565,6 +747,13 @@ func (s *Server) idleFor(name string) time.Duration {
 // and no SSH connection through the front door) for at least idle, and
 // returns their names. A failure to hibernate one box is logged, not
 // returned; the box keeps running and is tried again on the next call.
+//
+// Whether a box is idle is decided again under the box's lock, which
+// every use takes before it reaches the box, and the box is hibernated
+// under the same hold (box.Manager.HibernateIfIdle). Uses are counted
+// (begin) before they take the box, so one that arrives after the first
+// look is either seen there and keeps the box running, or waits for the
+// lock and resumes the box: it is never cut off by the hibernation.
 func (s *Server) HibernateIdle(ctx context.Context, idle time.Duration) ([]string, error) {
 	boxes, err := s.mgr.List()
 	if err != nil {
@@ -575,19 +764,26 @@ func (s *Server) HibernateIdle(ctx context.Context, idle time.Duration) ([]strin
 		if ctx.Err() != nil {
 			return done, ctx.Err()
 		}
-		if bx.State != box.StateRunning {
+		// A first look without the box's lock, so that boxes in use (or
+		// busy booting) do not hold the loop up.
+		if bx.State != box.StateRunning || s.idleFor(bx.Name) < idle {
 			continue
 		}
-		d := s.idleFor(bx.Name)
-		if d < idle {
-			continue
-		}
-		s.log.Info("hibernating idle box", "box", bx.Name, "idle", d.Round(time.Second))
-		if _, err := s.mgr.Hibernate(ctx, bx.Name); err != nil {
+		_, ok, err := s.mgr.HibernateIfIdle(ctx, bx.Name, func() bool {
+			d := s.idleFor(bx.Name)
+			if d < idle {
+				return false
+			}
+			s.log.Info("hibernating idle box", "box", bx.Name, "idle", d.Round(time.Second))
+			return true
+		})
+		if err != nil {
 			s.log.Warn("hibernating idle box", "box", bx.Name, "err", err)
 			continue
 		}
-		done = append(done, bx.Name)
+		if ok {
+			done = append(done, bx.Name)
+		}
 	}
 	return done, nil
 }

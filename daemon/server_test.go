@@ -19,6 +19,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
@@ -40,6 +41,15 @@ type fakeManager struct {
 	// waits for execRelease.
 	execStarted chan struct{}
 	execRelease chan struct{}
+	// beforeIdleCheck, when not nil, runs in HibernateIfIdle before it
+	// takes the box's lock; whileHibernating, when not nil, runs once it
+	// has decided to hibernate, with the lock held.
+	beforeIdleCheck  func(name string)
+	whileHibernating func(name string)
+
+	// boxLocks are the boxes' locks, which HibernateIfIdle holds and Exec
+	// takes before it reaches the box, as box.Manager's do.
+	boxLocks sync.Map // name → *sync.Mutex
 }
 
 func newFakeManager(boxes ...box.Box) *fakeManager {
@@ -55,6 +65,13 @@ func (m *fakeManager) record(format string, args ...any) error {
 	defer m.mu.Unlock()
 	m.calls = append(m.calls, fmt.Sprintf(format, args...))
 	return m.err
+}
+
+// lockBox takes box name's lock and returns its release.
+func (m *fakeManager) lockBox(name string) func() {
+	l, _ := m.boxLocks.LoadOrStore(name, &sync.Mutex{})
+	l.(*sync.Mutex).Lock()
+	return l.(*sync.Mutex).Unlock
 }
 
 func (m *fakeManager) lookup(name string) (box.Box, error) {
@@ -114,6 +131,24 @@ func (m *fakeManager) Create(_ context.Context, o box.CreateOptions) (box.Box, e
 	return b, nil
 }
 
+func (m *fakeManager) CreateFrom(_ context.Context, o box.FromOptions) (box.Box, error) {
+	if err := m.record("create %s from=%s keys=%d", o.Name, o.Snapshot, len(o.Keys)); err != nil {
+		return box.Box{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.boxes[o.Name]; ok {
+		return box.Box{}, fmt.Errorf("%q: %w", o.Name, box.ErrExists)
+	}
+	parent, _, ok := strings.Cut(strings.TrimPrefix(o.Snapshot, "box."), ".")
+	if !ok || !strings.HasPrefix(o.Snapshot, "box.") {
+		return box.Box{}, fmt.Errorf("no snapshot %q: %w", o.Snapshot, errdefs.ErrNotFound)
+	}
+	b := box.Box{Name: o.Name, State: box.StateRunning, Keys: o.Keys, Parent: parent, Snapshot: o.Snapshot}
+	m.boxes[o.Name] = b
+	return b, nil
+}
+
 func (m *fakeManager) Fork(_ context.Context, src string, names []string) ([]box.Box, error) {
 	if err := m.record("fork %s %s", src, strings.Join(names, ",")); err != nil {
 		return nil, err
@@ -144,6 +179,40 @@ func (m *fakeManager) Stop(_ context.Context, name string) (box.Box, error) {
 		return box.Box{}, err
 	}
 	return m.setState(name, box.StateStopped)
+}
+
+func (m *fakeManager) Pause(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("pause %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StatePaused)
+}
+
+func (m *fakeManager) Unpause(_ context.Context, name string) (box.Box, error) {
+	if err := m.record("unpause %s", name); err != nil {
+		return box.Box{}, err
+	}
+	return m.setState(name, box.StateRunning)
+}
+
+func (m *fakeManager) HibernateIfIdle(_ context.Context, name string, idle func() bool) (box.Box, bool, error) {
+	if err := m.record("hibernate-if-idle %s", name); err != nil {
+		return box.Box{}, false, err
+	}
+	if m.beforeIdleCheck != nil {
+		m.beforeIdleCheck(name)
+	}
+	unlock := m.lockBox(name)
+	defer unlock()
+	b, err := m.lookup(name)
+	if err != nil || b.State != box.StateRunning || !idle() {
+		return b, false, err
+	}
+	if m.whileHibernating != nil {
+		m.whileHibernating(name)
+	}
+	b, err = m.setState(name, box.StateHibernated)
+	return b, err == nil, err
 }
 
 func (m *fakeManager) Hibernate(_ context.Context, name string) (box.Box, error) {
@@ -188,7 +257,14 @@ func (m *fakeManager) Exec(_ context.Context, name string, cmd agent.Command) (i
 	if err := m.record("exec %s %s stdin=%q", name, strings.Join(cmd.Args, " "), stdin); err != nil {
 		return 0, err
 	}
-	if _, err := m.lookup(name); err != nil {
+	// Reaching the box takes its lock, and resumes a hibernated box.
+	unlock := m.lockBox(name)
+	b, err := m.lookup(name)
+	if err == nil && b.State == box.StateHibernated {
+		_, err = m.setState(name, box.StateRunning)
+	}
+	unlock()
+	if err != nil {
 		return 0, err
 	}
 	if m.execStarted != nil {
@@ -272,6 +348,14 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/boxes", `{"name":"new","keys":["not a key"]}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes", `{"name":"new","colour":"red"}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes", `{"name":`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"qemu"}`, 200, "", "create new image= memory=0 cpus=0 keys=0"},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"auto"}`, 200, "", "create new image= memory=0 cpus=0 keys=0"},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"kvm"}`, 501, "not_supported", ""},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"xen"}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":"new","from":"box.dev.s1","keys":["` + testKey + `"]}`, 200, "", "create new from=box.dev.s1 keys=1"},
+		{"POST", "/v1/boxes", `{"name":"new","from":"image.x"}`, 404, "not_found", "create new from=image.x keys=0"},
+		{"POST", "/v1/boxes", `{"name":"new","from":"box.dev.s1","image":"debian-bookworm"}`, 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes", `{"name":"new","from":"box.dev.s1","memory":134217728}`, 400, "invalid_argument", ""},
 		{"GET", "/v1/boxes/dev", "", 200, "", "get dev"},
 		{"GET", "/v1/boxes/nope", "", 404, "not_found", "get nope"},
 		{"GET", "/v1/boxes/-x-", "", 400, "invalid_argument", ""},
@@ -285,6 +369,9 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/boxes/dev/resume", `{}`, 200, "", "resume dev"},
 		{"POST", "/v1/boxes/dev/start", ``, 200, "", "start dev"},
 		{"POST", "/v1/boxes/dev/stop", `{}`, 200, "", "stop dev"},
+		{"POST", "/v1/boxes/dev/pause", `{}`, 200, "", "pause dev"},
+		{"POST", "/v1/boxes/nope/pause", `{}`, 404, "not_found", "pause nope"},
+		{"POST", "/v1/boxes/dev/unpause", `{}`, 200, "", "unpause dev"},
 		{"POST", "/v1/boxes/nope/stop", `{}`, 404, "not_found", "stop nope"},
 		{"POST", "/v1/boxes/dev/snapshot", `{"name":"s1"}`, 200, "", "snapshot dev s1"},
 		{"POST", "/v1/boxes/dev/snapshot", `{}`, 200, "", "snapshot dev "},
@@ -295,6 +382,7 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/boxes/dev/exec", `{"args":["echo","hi"],"stdin":"aW4="}`, 200, "", `exec dev echo hi stdin="in"`},
 		{"POST", "/v1/boxes/dev/exec", `{"args":[]}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes/nope/exec", `{"args":["true"]}`, 404, "not_found", `exec nope true stdin=""`},
+		{"POST", "/v1/boxes/dev/exec", `{"args":["true"],"rows":-1}`, 400, "invalid_argument", ""},
 		{"GET", "/v1/report", "", 200, "", "list"},
 		{"GET", "/v1/report?box=dev", "", 200, "", "get dev"},
 		{"GET", "/v1/report?box=nope", "", 404, "not_found", "get nope"},
@@ -349,6 +437,7 @@ func TestCategoryStatus(t *testing.T) {
 		{fmt.Errorf("busy: %w", errdefs.ErrUnavailable), "unavailable", 503},
 		{fmt.Errorf("hash: %w", errdefs.ErrDataLoss), "data_loss", 500},
 		{fmt.Errorf("full: %w", errdefs.ErrResourceExhausted), "resource_exhausted", 500},
+		{fmt.Errorf("no kvm: %w", runner.ErrNotSupported), "not_supported", 501},
 		{errors.New("qemu died"), "unknown", 500},
 	} {
 		cat, status := Category(tc.err)
@@ -373,12 +462,14 @@ func TestRemoteError(t *testing.T) {
 		{500, errorBody{"damaged", "data_loss"}, errdefs.ErrDataLoss, "data_loss"},
 		{500, errorBody{"full", "resource_exhausted"}, errdefs.ErrResourceExhausted, "resource_exhausted"},
 		{500, errorBody{"boom", "unknown"}, nil, "unknown"},
+		{501, errorBody{"no kvm", "not_supported"}, runner.ErrNotSupported, "not_supported"},
 		// Without a category (not the API's JSON), the status decides.
 		{404, errorBody{}, errdefs.ErrNotFound, "not_found"},
 		{400, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
 		{405, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
 		{409, errorBody{}, errdefs.ErrFailedPrecondition, "failed_precondition"},
 		{503, errorBody{}, errdefs.ErrUnavailable, "unavailable"},
+		{501, errorBody{}, runner.ErrNotSupported, "not_supported"},
 		{502, errorBody{}, nil, "unknown"},
 	} {
 		e := remoteError(tc.status, tc.body)
@@ -403,7 +494,7 @@ func TestRemoteError(t *testing.T) {
 // TestClientErrors checks that every category the manager returns comes
 // out of the client as the same category with the same message.
 func TestClientErrors(t *testing.T) {
-	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted} {
+	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, runner.ErrNotSupported} {
 		m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
 		m.err = fmt.Errorf("box dev went wrong: %w", cat)
 		c := serve(t, newTestServer(m, &fakeStore{}))
@@ -644,6 +735,88 @@ func TestHibernateIdle(t *testing.T) {
 	slices.Sort(got)
 	if !reflect.DeepEqual(got, []string{"exec", "ssh"}) {
 		t.Errorf("hibernated %v, want [exec ssh]", got)
+	}
+}
+
+// TestHibernateIdleRace checks that a use of a box that arrives while the
+// idle loop hibernates it is never lost, at either moment it can arrive:
+// after the loop's first look found the box idle, or once the loop has
+// decided, under the box's lock, to hibernate it.
+func TestHibernateIdleRace(t *testing.T) {
+	ctx := context.Background()
+	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
+	m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
+	m.execOut, m.execCode = "done", 7
+	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	c := serve(t, srv)
+	const idle = 5 * time.Minute
+	if got, err := srv.HibernateIdle(ctx, idle); err != nil || len(got) != 0 {
+		t.Fatalf("first pass hibernated %v, %v", got, err)
+	}
+	execDone := make(chan execOutcome, 1)
+	var out strings.Builder
+	startExec := func() {
+		go func() {
+			code, err := c.ExecStream(ctx, "dev", ExecOptions{Args: []string{"true"}, Stdout: &out})
+			execDone <- execOutcome{code, err}
+		}()
+	}
+	checkExec := func(what string) {
+		t.Helper()
+		if r := <-execDone; r.err != nil || r.code != 7 || out.String() != "done" {
+			t.Fatalf("%s: the exec got exit %d, %v, %q", what, r.code, r.err, out.String())
+		}
+		out.Reset()
+	}
+
+	// 1. An exec arrives after the first look found the box idle and
+	// reaches the box before the decision is made again: it keeps the box.
+	clock.Advance(idle)
+	m.execStarted, m.execRelease = make(chan struct{}), make(chan struct{})
+	m.beforeIdleCheck = func(string) {
+		startExec()
+		<-m.execStarted // the exec is in the box
+	}
+	got, err := srv.HibernateIdle(ctx, idle)
+	if err != nil || len(got) != 0 {
+		t.Fatalf("hibernated %v (%v) under a running exec", got, err)
+	}
+	if bx, _ := m.lookup("dev"); bx.State != box.StateRunning {
+		t.Fatalf("the box is %s under a running exec", bx.State)
+	}
+	close(m.execRelease)
+	checkExec("an exec that came after the first look")
+	m.beforeIdleCheck, m.execStarted, m.execRelease = nil, nil, nil
+
+	// 2. An exec arrives once the hibernation is decided: it waits for the
+	// box's lock, then finds the box hibernated and resumes it.
+	clock.Advance(idle)
+	m.whileHibernating = func(string) {
+		startExec()
+		// Counted as a use before it asks for the box; it cannot have the
+		// box while the lock is held.
+		for srv.activeCount("dev") == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	got, err = srv.HibernateIdle(ctx, idle)
+	if err != nil || !reflect.DeepEqual(got, []string{"dev"}) {
+		t.Fatalf("hibernated %v, %v; want [dev]", got, err)
+	}
+	checkExec("an exec that came during the hibernation")
+	if bx, _ := m.lookup("dev"); bx.State != box.StateRunning {
+		t.Errorf("the box is %s after the exec that came during its hibernation", bx.State)
+	}
+	m.whileHibernating = nil
+
+	// The exec's end is a use: the box is idle again only idle later.
+	clock.Advance(idle - time.Second)
+	if got, _ := srv.HibernateIdle(ctx, idle); len(got) != 0 {
+		t.Errorf("hibernated %v a second early", got)
+	}
+	clock.Advance(time.Second)
+	if got, _ := srv.HibernateIdle(ctx, idle); !reflect.DeepEqual(got, []string{"dev"}) {
+		t.Errorf("hibernated %v, want [dev]", got)
 	}
 }
 

@@ -1,0 +1,197 @@
+package box_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/guest"
+)
+
+const (
+	keyA = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a"
+	keyB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl b"
+)
+
+// counter starts a process that appends a growing number to /tmp/count
+// five times a second, and waits (a while) for its first.
+const counter = `setsid sh -c 'i=0; while :; do echo $i >> /tmp/count; i=$((i+1)); sleep 0.2; done' >/dev/null 2>&1 &
+i=0; while [ ! -s /tmp/count ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done`
+
+// run runs a shell line in box name and returns its stdout, failing t
+// unless it exits 0.
+func run(ctx context.Context, t *testing.T, mgr *box.Manager, name, line string) string {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code, err := mgr.Exec(ctx, name, agent.Command{Shell: line, Stdout: &out, Stderr: &errb})
+	if err != nil || code != 0 {
+		t.Fatalf("%s: %q: exit %d, %v: %s", name, line, code, err, errb.String())
+	}
+	return out.String()
+}
+
+// lastCount is the last number in box name's /tmp/count.
+func lastCount(ctx context.Context, t *testing.T, mgr *box.Manager, name string) int {
+	t.Helper()
+	s := strings.TrimSpace(run(ctx, t, mgr, name, "tail -n 1 /tmp/count"))
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatalf("%s: /tmp/count ends with %q", name, s)
+	}
+	return n
+}
+
+// countsOn checks that box name's counter goes on, from at least from.
+func countsOn(ctx context.Context, t *testing.T, mgr *box.Manager, name string, from int) {
+	t.Helper()
+	first := lastCount(ctx, t, mgr, name)
+	time.Sleep(time.Second)
+	if then := lastCount(ctx, t, mgr, name); first < from || then <= first {
+		t.Fatalf("%s: the counter went %d then %d; want from %d on, growing", name, first, then, from)
+	}
+}
+
+// TestBoxes boots a box under QEMU and makes boxes from its snapshot, and
+// checks that an idle hibernation loses no use that comes while it is
+// decided.
+func TestBoxes(t *testing.T) {
+	mgr, _ := boxtest.NewManager(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if _, err := mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}}); err != nil {
+		t.Fatal(err)
+	}
+	run(ctx, t, mgr, "dev", "echo parent > /root/parent.txt; "+counter)
+	devID := strings.TrimSpace(run(ctx, t, mgr, "dev", "cat /etc/machine-id"))
+
+	t.Run("CreateFrom", func(t *testing.T) {
+		sn, err := mgr.Snapshot(ctx, "dev", "s1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		atSnapshot := lastCount(ctx, t, mgr, "dev")
+		var entropy []string
+		for _, name := range []string{"copy", "copy2"} {
+			start := time.Now()
+			bx, err := mgr.CreateFrom(ctx, box.FromOptions{Name: name, Snapshot: sn.Name, Keys: []string{keyB}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s made from %s in %v", name, sn.Name, time.Since(start).Round(time.Millisecond))
+			want := box.Box{
+				Name: name, State: box.StateRunning, Image: boxtest.Image, Memory: 256 << 20, CPUs: 1,
+				Keys: []string{keyB}, Snapshot: sn.Name, Parent: "dev",
+			}
+			if bx.Name != want.Name || bx.State != want.State || bx.Image != want.Image || bx.Memory != want.Memory ||
+				bx.CPUs != want.CPUs || strings.Join(bx.Keys, ",") != keyB || bx.Snapshot != want.Snapshot || bx.Parent != want.Parent || bx.Note != "" {
+				t.Errorf("box %+v, want %+v", bx, want)
+			}
+			if got, err := mgr.Get(name); err != nil || got.State != box.StateRunning || got.Parent != "dev" {
+				t.Errorf("recorded as %+v, %v", got, err)
+			}
+			before := time.Now().Unix()
+			lines := strings.Split(strings.TrimSpace(run(ctx, t, mgr, name,
+				"hostname; cat /etc/machine-id; cat /root/parent.txt; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")), "\n")
+			after := time.Now().Unix()
+			if len(lines) != 5 {
+				t.Fatalf("%s: %q", name, lines)
+			}
+			if lines[0] != name || lines[1] == devID || len(lines[1]) != 32 || lines[2] != "parent" {
+				t.Errorf("%s: hostname %q, machine-id %q (the parent's %q), /root/parent.txt %q", name, lines[0], lines[1], devID, lines[2])
+			}
+			if clock, _ := strconv.ParseInt(lines[3], 10, 64); clock < before-1 || clock > after+1 {
+				t.Errorf("%s: guest clock %s, host %d to %d", name, lines[3], before, after)
+			}
+			entropy = append(entropy, lines[4])
+			countsOn(ctx, t, mgr, name, atSnapshot)
+		}
+		if entropy[0] == entropy[1] || len(entropy[0]) != 32 {
+			t.Errorf("boxes from one snapshot read the same /dev/urandom: %q", entropy)
+		}
+		countsOn(ctx, t, mgr, "dev", atSnapshot)
+		if _, err := mgr.Stop(ctx, "copy2"); err != nil {
+			t.Fatal(err)
+		}
+
+		for _, tc := range []struct {
+			name, snap string
+			want       error
+			says       string
+		}{
+			{"copy", sn.Name, cas.ErrAlreadyExists, `"copy"`},
+			{"other", "box.dev.nope", cas.ErrNotFound, `no snapshot "box.dev.nope"`},
+			{"other", guest.SnapshotName(boxtest.Image), cas.ErrInvalidArgument, "was not taken by a box"},
+			{"other", "a/b", cas.ErrInvalidArgument, `"a/b"`},
+			{"other", "", cas.ErrInvalidArgument, "no snapshot named"},
+			{"Other", sn.Name, cas.ErrInvalidArgument, `box name "Other"`},
+		} {
+			_, err := mgr.CreateFrom(ctx, box.FromOptions{Name: tc.name, Snapshot: tc.snap})
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("%s from %q: %v; want %v saying %s", tc.name, tc.snap, err, tc.want, tc.says)
+			}
+		}
+		if _, err := mgr.Get("other"); !errors.Is(err, cas.ErrNotFound) {
+			t.Errorf("a refused box was recorded: %v", err)
+		}
+	})
+
+	t.Run("HibernateIfIdle", func(t *testing.T) {
+		before, err := mgr.Get("dev")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// In use: left alone.
+		if bx, ok, err := mgr.HibernateIfIdle(ctx, "dev", func() bool { return false }); ok || err != nil || bx.State != box.StateRunning {
+			t.Fatalf("a box in use: %+v, %v, %v", bx, ok, err)
+		}
+		if bx, _ := mgr.Get("dev"); bx.State != box.StateRunning || bx.Snaps != before.Snaps {
+			t.Fatalf("a box in use was touched: %+v", bx)
+		}
+		// Not running: left alone, without asking.
+		asked := func() bool { t.Error("asked whether a stopped box is idle"); return true }
+		if _, ok, err := mgr.HibernateIfIdle(ctx, "copy2", asked); ok || err != nil {
+			t.Fatalf("a stopped box: %v, %v", ok, err)
+		}
+		if _, _, err := mgr.HibernateIfIdle(ctx, "nope", asked); !errors.Is(err, cas.ErrNotFound) {
+			t.Fatalf("an unknown box: %v", err)
+		}
+
+		// Idle, and a use comes while it is decided: the use waits for the
+		// hibernation and resumes the box; it is not lost.
+		atDecision := lastCount(ctx, t, mgr, "dev")
+		type outcome struct {
+			out  string
+			code int
+			err  error
+		}
+		used := make(chan outcome, 1)
+		bx, ok, err := mgr.HibernateIfIdle(ctx, "dev", func() bool {
+			go func() {
+				var out bytes.Buffer
+				code, err := mgr.Exec(ctx, "dev", agent.Command{Shell: "tail -n 1 /tmp/count", Stdout: &out})
+				used <- outcome{out.String(), code, err}
+			}()
+			return true
+		})
+		if !ok || err != nil || bx.State != box.StateHibernated || !strings.HasSuffix(bx.Snapshot, "-hibernate") {
+			t.Fatalf("an idle box: %+v, %v, %v", bx, ok, err)
+		}
+		u := <-used
+		n, _ := strconv.Atoi(strings.TrimSpace(u.out))
+		if u.err != nil || u.code != 0 || n < atDecision {
+			t.Fatalf("the use that came during the hibernation: %+v (count %d at the decision)", u, atDecision)
+		}
+		if bx, _ := mgr.Get("dev"); bx.State != box.StateRunning {
+			t.Errorf("after the use: %+v", bx)
+		}
+		countsOn(ctx, t, mgr, "dev", n)
+	})
+}

@@ -1,0 +1,128 @@
+package box
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+	bolt "go.etcd.io/bbolt"
+)
+
+// LabelBox is the label the box manager puts on the snapshots a box takes
+// (snapshot, hibernate, fork): the box's name.
+const LabelBox = "boxd.box"
+
+// FromOptions describe a box made from a box's snapshot.
+type FromOptions struct {
+	Name string
+	// Snapshot is a snapshot a box took: box.NAME.SNAP, as boxd snapshots
+	// lists them.
+	Snapshot string
+	Keys     []string
+}
+
+// CreateFrom makes box opts.Name from snapshot opts.Snapshot, which a box
+// took, and starts it: like a fork's child, it carries on from the
+// snapshot's memory, disk and processes, with its own hostname and
+// machine-id, fresh entropy and the host's clock. Its parent is the box
+// that took the snapshot; its image, memory and vCPUs are the snapshot's.
+//
+// An unknown snapshot is cas.ErrNotFound; one no box took (an image, a
+// snapshot made with boxd store) is cas.ErrInvalidArgument. If the box
+// does not come up, nothing of it is kept.
+func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error) {
+	if err := ValidateName(opts.Name); err != nil {
+		return Box{}, err
+	}
+	sn, err := m.boxSnapshot(opts.Snapshot)
+	if err != nil {
+		return Box{}, err
+	}
+	var spec runner.Spec
+	if err := json.Unmarshal([]byte(sn.Labels[qemu.LabelSpec]), &spec); err != nil {
+		return Box{}, fmt.Errorf("snapshot %s: its machine spec: %w: %w", sn.Name, err, cas.ErrCorrupt)
+	}
+	parent := sn.Labels[LabelBox]
+	unique, err := agent.NewUnique(opts.Name)
+	if err != nil {
+		return Box{}, err
+	}
+
+	unlock := m.lock(opts.Name)
+	defer unlock()
+	if _, err := m.Get(opts.Name); err == nil {
+		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
+	}
+	bx := Box{
+		Name: opts.Name, State: StateStopped, Image: m.imageOf(spec, parent), Memory: spec.MemSize, CPUs: spec.CPUs,
+		Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
+		Note: "being made from snapshot " + sn.Name,
+	}
+	if err := m.put(bx); err != nil {
+		return Box{}, err
+	}
+	if err := m.restore(ctx, bx.Name, sn.Name, bx.Disk, unique); err != nil {
+		// A box left hibernated on the snapshot would resume as its
+		// parent's twin (a resume keeps the hostname and machine-id), so
+		// nothing is kept.
+		m.discard(bx)
+		return Box{}, fmt.Errorf("box %s from snapshot %s: %w", bx.Name, sn.Name, err)
+	}
+	bx.State, bx.Snapshot, bx.Note = StateRunning, sn.Name, ""
+	return bx, m.put(bx)
+}
+
+// boxSnapshot returns snapshot name if a box took it on the QEMU runner.
+func (m *Manager) boxSnapshot(name string) (snapshotter.Snapshot, error) {
+	if name == "" {
+		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot named to make the box from: %w", cas.ErrInvalidArgument)
+	}
+	if err := snapshotter.ValidateName(name); err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot: %w", err)
+	}
+	sn, err := m.cfg.Graph.Get(name)
+	if errors.Is(err, cas.ErrNotFound) {
+		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot %q (boxd snapshots lists the boxes' snapshots): %w", name, cas.ErrNotFound)
+	}
+	if err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	if sn.Labels[LabelBox] == "" || sn.Labels[qemu.LabelRunner] != RunnerQEMU {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q was not taken by a box (boxd snapshots lists those; an image is made into a box with --image): %w", name, cas.ErrInvalidArgument)
+	}
+	return sn, nil
+}
+
+// imageOf names the image a box made from a snapshot of box parent was
+// made from: parent's, or, with parent gone, the image whose disk the
+// snapshot's machine is based on.
+func (m *Manager) imageOf(spec runner.Spec, parent string) string {
+	if p, err := m.Get(parent); err == nil {
+		return p.Image
+	}
+	if base := spec.Options[qemu.OptionBase]; base != "" {
+		if s, err := m.cfg.Graph.Get(base); err == nil {
+			return s.Labels[guest.LabelImage]
+		}
+	}
+	return ""
+}
+
+// discard deletes what there is of bx, a box that never came up: its
+// record, its disk's top and its folder.
+func (m *Manager) discard(bx Box) {
+	m.stopMachine(context.Background(), bx.Name)
+	if err := m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(bx.Name)) }); err != nil {
+		m.log.Error("box: forgetting a box that did not come up", "box", bx.Name, "err", err)
+	}
+	_ = os.Remove(bx.Disk)
+	_ = os.RemoveAll(m.boxDir(bx.Name))
+}

@@ -1,0 +1,56 @@
+package box
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/runner"
+)
+
+// Runners a box may ask for.
+const (
+	RunnerAuto = "auto" // the runner boxd picks: QEMU, the only one that boots Linux boxes today
+	RunnerKVM  = "kvm"  // boxd's own VMM on /dev/kvm
+	RunnerQEMU = "qemu" // QEMU, with KVM where the CPU has vmx or svm, else TCG
+)
+
+// ChooseRunner returns the runner a box that asks for want runs on ("" means
+// RunnerAuto): RunnerQEMU for auto and qemu. The kvm runner cannot boot
+// Linux boxes yet, so asking for it is refused with runner.ErrNotSupported,
+// saying why on this host; any other name is cas.ErrInvalidArgument.
+func ChooseRunner(want string) (string, error) {
+	return chooseRunner(want, func() ([]byte, error) { return os.ReadFile("/proc/cpuinfo") })
+}
+
+// chooseRunner is ChooseRunner reading the host's cpuinfo with cpuinfo.
+func chooseRunner(want string, cpuinfo func() ([]byte, error)) (string, error) {
+	switch want {
+	case "", RunnerAuto, RunnerQEMU:
+		return RunnerQEMU, nil
+	case RunnerKVM:
+		if info, err := cpuinfo(); err != nil || !hasVirtFlag(info) {
+			return "", fmt.Errorf("the kvm runner cannot boot Linux guests on this host because its CPU lacks hardware virtualisation (no vmx or svm flag in /proc/cpuinfo); use --runner qemu: %w", runner.ErrNotSupported)
+		}
+		return "", fmt.Errorf("booting Linux boxes on the kvm runner is not supported yet (it runs only boxd's own test guest); use --runner qemu: %w", runner.ErrNotSupported)
+	}
+	return "", fmt.Errorf("runner %q: want %s, %s or %s: %w", want, RunnerAuto, RunnerKVM, RunnerQEMU, cas.ErrInvalidArgument)
+}
+
+// hasVirtFlag says whether a cpuinfo text lists vmx or svm among its flags
+// (as runner/qemu decides between KVM and TCG).
+func hasVirtFlag(cpuinfo []byte) bool {
+	for line := range bytes.Lines(cpuinfo) {
+		key, val, ok := bytes.Cut(line, []byte(":"))
+		if !ok || string(bytes.TrimSpace(key)) != "flags" {
+			continue
+		}
+		for _, f := range bytes.Fields(val) {
+			if string(f) == "vmx" || string(f) == "svm" {
+				return true
+			}
+		}
+	}
+	return false
+}
