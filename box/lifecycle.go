@@ -188,9 +188,12 @@ func (m *Manager) restoreWith(ctx context.Context, name, snap, disk string, u ag
 
 // Fork makes boxes names from running (or hibernated) box src: each carries
 // on from src's memory, disk and processes, with its own hostname,
-// machine-id, fresh entropy and the host's clock. A running src is
-// snapshotted with its memory file frozen; src and every fork map that file
-// copy-on-write, so pages they only read are in host memory once.
+// machine-id, fresh entropy and the host's clock. A running src stops for
+// as long as it takes to copy its memory into a frozen file of the fork's
+// snapshot (the one its spares wait on), then goes on; the forks map that
+// file copy-on-write, so pages they only read are in host memory once, and
+// start on src's spares when it has them. The snapshot reaches the store
+// while they start.
 func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, error) {
 	if len(names) == 0 {
 		return nil, fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
@@ -222,13 +225,15 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 			return nil, err
 		}
 		snap = snapName(&parent, "fork")
-		if _, err := mach.Freeze(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": src}}); err != nil {
+		if _, err := mach.Fork(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": src}}); err != nil {
 			return nil, fmt.Errorf("fork of %s: %w", src, err)
 		}
-		top := mach.Disk()
-		m.detach(src)
-		_ = os.Remove(top)
-		parent.Snapshot = snap
+		parent.Snapshot, parent.Disk = snap, mach.Disk()
+		if err := m.put(parent); err != nil {
+			return nil, err
+		}
+		// Spares for its next fork.
+		m.warm(src, mach)
 	case StateHibernated:
 		snap = parent.Snapshot
 	default:
@@ -241,15 +246,6 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		unique agent.Unique
 	}
 	var jobs []job
-	if parent.State == StateRunning {
-		u, err := agent.NewUnique("")
-		if err != nil {
-			return nil, err
-		}
-		u.MachineID = ""
-		parent.Disk = m.newDiskPath(src)
-		jobs = append(jobs, job{parent, u})
-	}
 	for _, n := range names {
 		u, err := agent.NewUnique(n)
 		if err != nil {
@@ -264,21 +260,13 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	errs := make([]error, len(jobs))
 	var wg sync.WaitGroup
 	for i, j := range jobs {
-		if j.bx.Name != src {
-			if err := m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
-				CPUs: j.bx.CPUs, Keys: j.bx.Keys, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created, Note: "being forked"}); err != nil {
-				return nil, err
-			}
+		if err := m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
+			CPUs: j.bx.CPUs, Keys: j.bx.Keys, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created, Note: "being forked"}); err != nil {
+			return nil, err
 		}
 		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
 	}
 	wg.Wait()
-	// The parent, likely to fork again, gets spares again (over a copy of
-	// the frozen memory, which its next freeze completes); its forks do
-	// when they first fork.
-	if mach, _, ok := m.machine(src); ok && parent.State == StateRunning {
-		m.warm(src, mach)
-	}
 	var out []Box
 	var failed []string
 	for i, j := range jobs {
@@ -291,9 +279,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		if err := m.put(bx); err != nil {
 			return out, err
 		}
-		if bx.Name != src {
-			out = append(out, bx)
-		}
+		out = append(out, bx)
 	}
 	if len(failed) > 0 {
 		return out, fmt.Errorf("fork of %s: %s", src, strings.Join(failed, "; "))

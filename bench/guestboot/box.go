@@ -335,16 +335,13 @@ type snapshotted struct {
 	snap   snapshotter.Snapshot
 }
 
-// snapshot takes snapshot name of m (freezing it if freeze) and measures
-// the time and the store's growth.
-func (b *bench) snapshot(ctx context.Context, m *qemu.Machine, name string, freeze bool, opts runner.SnapshotOptions) (snapshotted, error) {
+// snapshot takes snapshot name with take (a machine's Snapshot or Fork)
+// and measures the time and the store's growth; later says the snapshot may
+// reach the store after take returns (a Fork).
+func (b *bench) snapshot(ctx context.Context, take func(context.Context, string, runner.SnapshotOptions) (snapshotter.Snapshot, error), name string, later bool, opts runner.SnapshotOptions) (snapshotted, error) {
 	before, err := b.g.Store().Stats()
 	if err != nil {
 		return snapshotted{}, err
-	}
-	take := m.Snapshot
-	if freeze {
-		take = m.Freeze
 	}
 	start := time.Now()
 	s, err := take(ctx, name, opts)
@@ -353,9 +350,8 @@ func (b *bench) snapshot(ctx context.Context, m *qemu.Machine, name string, free
 		return snapshotted{}, fmt.Errorf("snapshot %s: %w", name, err)
 	}
 	res := snapshotted{took: took, snap: s, before: before.PackBytes}
-	if freeze {
-		// A freeze may write the snapshot after it returns: its bytes
-		// are counted by stored, once the forks run.
+	if later {
+		// Its bytes are counted by stored, once the forks run.
 		return res, nil
 	}
 	return res, b.stored(ctx, &res)

@@ -81,7 +81,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err != nil {
 			return rep, err
 		}
-		snap, err := b.snapshot(ctx, m, snapName(i), false, runner.SnapshotOptions{})
+		snap, err := b.snapshot(ctx, m.Snapshot, snapName(i), false, runner.SnapshotOptions{})
 		if err != nil {
 			return rep, err
 		}
@@ -141,55 +141,32 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	rep.add(durRow("resume: running", "s", pick(resumes, restored.runningAt), qmp, baseQMP))
 	rep.add(durRow("resume: agent answering", "s", pick(resumes, restored.readyAt), ready, baseBoot))
 
-	// Forks of a resumed box: freeze it, restore it twice at once (the
-	// parent carrying on and a child); the parent forks again in the next
-	// round. Its memory is a frozen file mapped copy-on-write (share=off):
-	// QEMU's save of its device state carries every page of guest RAM,
-	// which the runner drops, and a freeze does not adopt the file, so the
-	// forks' memory is rebuilt from the store.
-	parent := resumes[len(resumes)-1].m
-	var resumed []forked
-	for i := range *reps {
-		f, kids, err := b.forkRound(ctx, parent, fmt.Sprintf("%sfork-resumed-%d", snapPrefix, i+1), true)
-		if err != nil {
-			return rep, err
-		}
-		progress("fork of a resumed box %d/%d: %s", i+1, *reps, f)
-		resumed = append(resumed, f)
-		rep.Snapshots = append(rep.Snapshots, snapInfo(f.snap, f.frozenFile))
-		if err := kids[1].m.Stop(ctx); err != nil {
-			return rep, err
-		}
-		parent = kids[0].m
-	}
-	if err := parent.Stop(ctx); err != nil {
-		return rep, err
-	}
-
-	// Forks of a box booted cold: its first snapshot is the freeze, and
-	// its memory file becomes the snapshot's, which the forks map; the
-	// snapshot goes to the store while they start. Without spares each
-	// restore starts QEMU; with two spares (qemu.Machine.Warm), started
-	// before the fork and waiting paused on the box's memory file, none
-	// does.
-	bootedFork := func(spares int) ([]forked, error) {
+	// Forks, as boxd's box manager forks: Fork snapshots the box into a
+	// frozen memory file of the snapshot's own while the box is stopped,
+	// the box goes on, and two children restore from it at once, mapping
+	// the file copy-on-write; the snapshot goes to the store meanwhile.
+	// Without spares each restore starts QEMU; with two (Warm, before each
+	// fork: QEMUs started ahead, paused, on the file Fork fills), none does.
+	//
+	// Of a booted box: its memory is a file of its own, which Fork copies.
+	// Of a resumed box, restored copy-on-write from a frozen file as a
+	// fork's boxes are: Fork adds the pages it wrote to a copy of that file
+	// (made by Warm, else by Fork), and QEMU's save of its device state
+	// carries every page of guest RAM, which the runner drops. The same
+	// box forks again in the next round.
+	series := func(of string, spares int, parent *qemu.Machine, incremental bool) ([]forked, error) {
 		var fs []forked
 		for i := range *reps {
-			m, c, _, err := b.bootBox(ctx, fmt.Sprintf("%sparent-%d-%d", snapPrefix, spares, i+1))
-			if err != nil {
-				return nil, err
-			}
-			_ = c.Close()
 			if spares > 0 {
-				if err := m.Warm(ctx, spares); err != nil {
+				if err := parent.Warm(ctx, spares); err != nil {
 					return nil, err
 				}
 			}
-			f, kids, err := b.forkRound(ctx, m, fmt.Sprintf("%sfork-booted-%d-%d", snapPrefix, spares, i+1), false)
+			f, kids, err := b.forkRound(ctx, parent, fmt.Sprintf("%sfork-%s-%d-%d", snapPrefix, of, spares, i+1), incremental)
 			if err != nil {
 				return nil, err
 			}
-			progress("fork of a booted box, %d spares, %d/%d: %s", spares, i+1, *reps, f)
+			progress("fork of a %s box, %d spares, %d/%d: %s", of, spares, i+1, *reps, f)
 			fs = append(fs, f)
 			rep.Snapshots = append(rep.Snapshots, snapInfo(f.snap, f.frozenFile))
 			for _, k := range kids {
@@ -200,37 +177,70 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		}
 		return fs, nil
 	}
-	booted, err := bootedFork(0)
-	if err != nil {
-		return rep, err
+	type run struct {
+		of     string
+		spares int
+		fs     []forked
 	}
-	warm, err := bootedFork(2)
-	if err != nil {
-		return rep, err
+	var runs []run
+	for _, spares := range []int{0, 2} {
+		m, c, _, err := b.bootBox(ctx, fmt.Sprintf("%sparent-%d", snapPrefix, spares))
+		if err != nil {
+			return rep, err
+		}
+		_ = c.Close()
+		fs, err := series("booted", spares, m, false)
+		if err != nil {
+			return rep, err
+		}
+		if err := m.Stop(ctx); err != nil {
+			return rep, err
+		}
+		runs = append(runs, run{"booted", spares, fs})
+	}
+	for _, spares := range []int{0, 2} {
+		parent := resumes[len(resumes)-1].m
+		if spares > 0 {
+			u, err := sameBox()
+			if err != nil {
+				return rep, err
+			}
+			again, err := b.restore(ctx, snapName(*reps-1), filepath.Join(b.work, "resume-again.qcow2"), u, time.Now())
+			if err != nil {
+				return rep, err
+			}
+			_ = again.c.Close()
+			parent = again.m
+		}
+		fs, err := series("resumed", spares, parent, true)
+		if err != nil {
+			return rep, err
+		}
+		if err := parent.Stop(ctx); err != nil {
+			return rep, err
+		}
+		runs = append(runs, run{"resumed", spares, fs})
 	}
 
-	for _, series := range []struct {
-		of string
-		fs []forked
-	}{{"booted", booted}, {"booted, 2 spares waiting,", warm}, {"resumed", resumed}} {
-		freezeIs := "full snapshot, stored after it returns"
-		if series.of == "resumed" {
-			freezeIs = "incremental snapshot, stored before it returns"
-		}
+	for _, r := range runs {
 		var took []time.Duration
 		var added, files []int64
 		var both []restored
-		for _, f := range series.fs {
+		for _, f := range r.fs {
 			took, added, both = append(took, f.snap.took), append(added, f.snap.added), append(both, f.both)
 			if f.files > 0 {
 				files = append(files, f.files)
 			}
 		}
-		what := "fork of a " + series.of + " box: "
-		rep.add(durRow(what+"freeze ("+freezeIs+")", "s", took, nil, ""))
-		rep.add(byteRow(what+"bytes added by the freeze", added, files, baseFiles))
-		rep.add(durRow(what+"both boxes running", "s", pick(both, restored.runningAt), qmp, baseQMP))
-		rep.add(durRow(what+"both agents answering", "s", pick(both, restored.readyAt), ready, baseBoot))
+		what := fmt.Sprintf("fork of a %s box, %d spares: ", r.of, r.spares)
+		snapIs := "full"
+		if r.of == "resumed" {
+			snapIs = "incremental"
+		}
+		rep.add(durRow(what+"the box stopped ("+snapIs+" snapshot, memory copied)", "s", took, nil, ""))
+		rep.add(byteRow(what+"bytes added by the snapshot", added, files, baseFiles))
+		rep.add(durRow(what+"both forks running", "s", pick(both, restored.runningAt), qmp, baseQMP))
+		rep.add(durRow(what+"both forks' agents answering", "s", pick(both, restored.readyAt), ready, baseBoot))
 	}
 
 	rep.Seconds = time.Since(began).Seconds()
@@ -259,8 +269,8 @@ func pick(rs []restored, f func(restored) time.Duration) []time.Duration {
 	return out
 }
 
-// forked is one fork's figures: the freeze, and the later of the two
-// restores' times, from the freeze's start.
+// forked is one fork's figures: the snapshot, and the later of the two
+// restores' times, from the snapshot's start.
 type forked struct {
 	snap       snapshotted
 	frozenFile bool  // the freeze left a frozen memory file for the restores to map
@@ -273,13 +283,13 @@ func (f forked) String() string {
 	if f.frozenFile {
 		mem = "frozen memory file mapped"
 	}
-	return fmt.Sprintf("freeze %s (store +%s: %s; %s), both running %s, both agents answering %s, both with their identity %s",
+	return fmt.Sprintf("box stopped %s (store +%s: %s; %s), both forks running %s, both agents answering %s, both with their identity %s",
 		ms(f.snap.took), size(f.snap.added), mapsAdded(f.snap.snap), mem, ms(f.both.running), ms(f.both.ready), ms(f.both.unique))
 }
 
-// forkRound freezes parent as snapshot name (incremental or not) and
-// restores it twice at once, checks that both boxes run commands, and
-// returns the figures and the two boxes.
+// forkRound forks parent as snapshot name (incremental or not), which
+// goes on, and restores the snapshot twice at once, checks that both forks
+// run commands, and returns the figures and the two forks.
 func (b *bench) forkRound(ctx context.Context, parent *qemu.Machine, name string, incremental bool) (forked, [2]restored, error) {
 	var f forked
 	var kids [2]restored
@@ -297,7 +307,7 @@ func (b *bench) forkRound(ctx context.Context, parent *qemu.Machine, name string
 	frozen := len(b.r.FrozenFiles())
 	start := time.Now()
 	var err error
-	if f.snap, err = b.snapshot(ctx, parent, name, true, runner.SnapshotOptions{Incremental: incremental}); err != nil {
+	if f.snap, err = b.snapshot(ctx, parent.Fork, name, true, runner.SnapshotOptions{Incremental: incremental}); err != nil {
 		return f, kids, err
 	}
 	f.frozenFile = len(b.r.FrozenFiles()) > frozen
@@ -317,18 +327,14 @@ func (b *bench) forkRound(ctx context.Context, parent *qemu.Machine, name string
 	return f, kids, nil
 }
 
-// fork restores snapshot name twice at once: the parent carrying on (same
-// machine-id and hostname, fresh entropy) and a child with an identity of
-// its own, as boxd's fork does.
+// fork restores snapshot name twice at once, each fork with an identity
+// of its own (hostname, machine-id, entropy, clock), as boxd's fork does.
 func (b *bench) fork(ctx context.Context, name string, start time.Time) ([2]restored, error) {
 	var kids [2]restored
 	var errs [2]error
 	var wg sync.WaitGroup
 	for i := range kids {
-		u, err := sameBox()
-		if i == 1 {
-			u, err = agent.NewUnique(name + "-child")
-		}
+		u, err := agent.NewUnique(fmt.Sprintf("%s-%d", name, i+1))
 		if err != nil {
 			return kids, err
 		}

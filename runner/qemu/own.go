@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/boxd-dev/boxd/memstore"
+	"golang.org/x/sys/unix"
 )
 
 // OptionMemory is the restore option that says where the machine's memory
@@ -92,14 +93,20 @@ func copySparse(from string, out *os.File, size int64) error {
 		}
 		end = min(end, size)
 		for p := start; p < end; {
-			n := min(int64(len(buf)), end-p)
-			if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
-				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+			// In the kernel (copy_file_range), else through buf.
+			roff, woff := p, p
+			n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(end-p), 0)
+			if err != nil || n <= 0 {
+				n64 := min(int64(len(buf)), end-p)
+				if _, err := in.ReadAt(buf[:n64], p); err != nil && err != io.EOF {
+					return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+				}
+				if _, err := out.WriteAt(buf[:n64], p); err != nil {
+					return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+				}
+				n = int(n64)
 			}
-			if _, err := out.WriteAt(buf[:n], p); err != nil {
-				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
-			}
-			p += n
+			p += int64(n)
 		}
 		off = end
 	}

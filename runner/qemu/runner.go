@@ -465,9 +465,9 @@ type Machine struct {
 	released atomic.Bool // and gave it back
 
 	prepMu       sync.Mutex
-	prepared     string // a private machine's copy of its frozen file, for spares (Warm)
-	prepDone     bool   // a freeze took it, or the machine ended: no other is made
-	prepFrozenAt string // the copy a freeze took
+	prepared     string          // the memory file the next Fork fills, which spares map (Warm)
+	prepEnded    bool            // the machine ended: no other is made
+	prepTakenSet map[string]bool // prepared files forks took
 	cmd          *exec.Cmd
 	frozen       atomic.Bool // memFile became a frozen snapshot's (Freeze)
 

@@ -41,8 +41,28 @@ const (
 // written since. The machine is stopped for it and goes on after, unless
 // it was paused.
 func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
-	return m.snapshot(ctx, name, opts, false)
+	return m.snapshot(ctx, name, opts, modeSnapshot)
 }
+
+// Fork is Snapshot for forks: the snapshot gets a frozen memory file of
+// its own, the one Warm prepared (else one made now), filled with the
+// machine's memory while it is stopped; restores of the snapshot map it
+// copy-on-write at once, and take the spares that Warm started on it. The
+// machine goes on, on its own memory. The snapshot goes to the store after
+// Fork returns (Committed waits for it); a machine whose disk is raw
+// stores it first, and its restores rebuild memory from the store.
+func (m *Machine) Fork(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
+	return m.snapshot(ctx, name, opts, modeFork)
+}
+
+// snapMode says what happens to a machine around its snapshot.
+type snapMode int
+
+const (
+	modeSnapshot snapMode = iota // it goes on
+	modeFreeze                   // QEMU ends; a memory file of its own becomes the snapshot's
+	modeFork                     // it goes on; a new frozen file holds the snapshot's memory
+)
 
 // Freeze is Snapshot, after which QEMU ends and its memory file becomes
 // the snapshot's frozen memory: restores of the snapshot map it
@@ -51,10 +71,11 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 // goes when the last machine mapping it stops (or DropFrozen, if none
 // ever does).
 func (m *Machine) Freeze(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
-	return m.snapshot(ctx, name, opts, true)
+	return m.snapshot(ctx, name, opts, modeFreeze)
 }
 
-func (m *Machine) snapshot(ctx context.Context, name string, opts runner.SnapshotOptions, freeze bool) (snapshotter.Snapshot, error) {
+func (m *Machine) snapshot(ctx context.Context, name string, opts runner.SnapshotOptions, mode snapMode) (snapshotter.Snapshot, error) {
+	freeze := mode == modeFreeze
 	g := m.r.Graph
 	if g == nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("qemu: snapshots need Runner.Graph: %w", runner.ErrNotSupported)
@@ -92,6 +113,30 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	wasRunning := st == "running"
 	ph := startPhases()
+	var prep string
+	if mode == modeFork && m.disk != "" && !qcow2 {
+		mode = modeSnapshot // a raw disk: its restores rebuild memory from the store
+	}
+	if mode == modeFork {
+		// The memory file of the fork's snapshot, copied while the guest
+		// still runs.
+		if prep, err = m.takePrepared(); err == nil {
+			if err = m.precopy(prep); err != nil {
+				m.r.stopSpares(prep)
+				_ = os.Remove(prep)
+			}
+		}
+		if err != nil {
+			return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+		}
+		defer func() {
+			if prep != "" { // the fork failed: nothing maps it
+				m.r.stopSpares(prep)
+				_ = os.Remove(prep)
+			}
+		}()
+		ph.mark("precopy")
+	}
 	if err := m.command(ctx, "stop"); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
@@ -138,31 +183,20 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		job.frozenDisks = append(m.unstoredDisks, frozenDisk)
 		m.unstoredDisks = job.frozenDisks
 	}
-	if freeze && m.private && job.rawDisk == "" {
-		// A fork with a prepared copy of its frozen file (Warm): its own
-		// pages go into the copy, which then holds its memory and becomes
-		// the snapshot's frozen file, as a machine's own file does below.
-		if prep := m.takePrepared(); prep != "" {
-			if err := m.writePrivate(prep); err != nil {
-				m.r.logger().Warn("qemu: completing a prepared memory file; the freeze stores the snapshot first", "id", m.id, "err", err)
-				m.r.stopSpares(prep)
-				_ = os.Remove(prep)
-			} else {
-				ph.mark("memory")
-				job.memFile, job.pid = prep, 0
-				m.r.adoptPending(job)
-				m.last = name
-				top := m.disk
-				go func() {
-					_ = m.Stop(context.WithoutCancel(ctx))
-					if qcow2 {
-						_ = os.Remove(top)
-					}
-				}()
-				m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name, "capture", "after")...)
-				return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
-			}
+	if mode == modeFork {
+		if err := m.fillPrepared(prep); err != nil {
+			resume()
+			return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 		}
+		ph.mark("memory")
+		job.memFile, job.pid = prep, 0
+		m.r.adoptPending(job)
+		prep = "" // the snapshot's now
+		m.last, m.unstoredDisks = name, nil
+		resume()
+		ph.mark("cont")
+		m.r.logger().Debug("qemu: fork", ph.log("id", m.id, "name", name, "capture", "after")...)
+		return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
 	}
 	if freeze && !m.private && job.rawDisk == "" {
 		// The memory file and the frozen disk no longer change: they go

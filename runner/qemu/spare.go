@@ -15,32 +15,26 @@ import (
 	"github.com/boxd-dev/boxd/runner"
 )
 
-// Warm starts n spares for forks of m, which must run on a memory file of
-// its own. A spare is QEMU started ahead of time with m's machine, less its
-// disk: it maps m's memory file copy-on-write and waits, paused, for device
-// state (-incoming defer). Until m is frozen it reads nothing of the file,
-// so it sees m's memory as it will be at the freeze. A Restore of the
-// snapshot that m's Freeze takes then uses a spare instead of starting
-// QEMU: it attaches the restore's disk and console and loads the device
-// state, which takes process start off a fork's critical path.
+// Warm starts n spares for forks of m. A spare is QEMU started ahead of
+// time with m's machine, less its disk, paused and waiting for device
+// state (-incoming defer), with a memory file mapped copy-on-write that m
+// prepares for its next Fork: an empty file for a machine on its own
+// memory file, a copy of the frozen file it maps for a fork. Fork fills
+// the file with m's memory, and the restores of its snapshot take the
+// spares instead of starting QEMU: they attach their disk and console and
+// load the device state, which takes process start off a fork's critical
+// path. A spare reads nothing of the file before it runs, so it sees what
+// Fork wrote.
 //
-// Spares of m are stopped when m ends other than by Freeze, and spares of
-// a frozen file when the file is dropped.
-//
-// A machine that maps a frozen file copy-on-write (a fork) has no file of
-// its own for spares to map: Warm first copies the frozen file to a new
-// one, which the spares map, and the machine's Freeze writes the pages it
-// holds privately into that copy, which becomes the snapshot's frozen file.
+// Spares go when m ends, and spares of a fork's snapshot when its frozen
+// file is dropped.
 func (m *Machine) Warm(ctx context.Context, n int) error {
 	if m.stopped() {
 		return m.exit
 	}
-	file := m.memFile
-	if m.private {
-		var err error
-		if file, err = m.prepare(); err != nil || file == "" {
-			return err
-		}
+	file, err := m.prepare()
+	if err != nil || file == "" {
+		return err
 	}
 	spec := m.specLabel()
 	for range n {
@@ -55,7 +49,7 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 		m.r.spares[file] = append(m.r.spares[file], sp)
 		m.r.spareMu.Unlock()
 		switch {
-		case m.frozen.Load() || m.prepFrozen(file):
+		case m.prepTaken(file):
 			// A freeze while the spare started: it maps the frozen file,
 			// and goes with it; if the file went already, it goes now.
 			if !m.r.isFrozenFile(file) {
@@ -70,9 +64,8 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 	return nil
 }
 
-// prepare makes the copy of a private machine's frozen file that its
-// spares map and its Freeze completes, or returns the one it has; "" if
-// the machine ended or froze meanwhile.
+// prepare makes the file m's spares map and its next Fork fills (see
+// Warm), or returns the one waiting; "" if the machine ended meanwhile.
 func (m *Machine) prepare() (string, error) {
 	m.prepMu.Lock()
 	if m.prepared != "" {
@@ -80,13 +73,30 @@ func (m *Machine) prepare() (string, error) {
 		return m.prepared, nil
 	}
 	m.prepMu.Unlock()
-	path := filepath.Join(m.r.memDir(), fmt.Sprintf("prep-%d-%d.mem", os.Getpid(), m.r.ids.Add(1)))
+	path, err := m.newPrepared()
+	if err != nil {
+		return "", err
+	}
+	m.prepMu.Lock()
+	defer m.prepMu.Unlock()
+	if m.prepared != "" || m.prepEnded {
+		_ = os.Remove(path) // another Warm's, or too late
+		return m.prepared, nil
+	}
+	m.prepared = path
+	return path, nil
+}
+
+// newPrepared makes a file for a fork's memory: empty for a machine on
+// its own memory file, a copy of the frozen file it maps for a fork.
+func (m *Machine) newPrepared() (string, error) {
+	path := filepath.Join(m.r.memDir(), fmt.Sprintf("fork-%d-%d.mem", os.Getpid(), m.r.ids.Add(1)))
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return "", fmt.Errorf("qemu: memory file: %w", err)
 	}
 	err = out.Truncate(m.spec.MemSize)
-	if err == nil {
+	if err == nil && m.private {
 		err = copySparse(m.memFile, out, m.spec.MemSize)
 	}
 	if cerr := out.Close(); err == nil {
@@ -96,46 +106,75 @@ func (m *Machine) prepare() (string, error) {
 		_ = os.Remove(path)
 		return "", err
 	}
-	m.prepMu.Lock()
-	defer m.prepMu.Unlock()
-	if m.prepared != "" || m.prepDone || m.stopped() {
-		_ = os.Remove(path) // another Warm's, or too late
-		return m.prepared, nil
-	}
-	m.prepared = path
 	return path, nil
 }
 
-// takePrepared hands the machine's prepared copy to a freeze: "" if there
-// is none. After it, a Warm prepares no other.
-func (m *Machine) takePrepared() string {
+// takePrepared hands the prepared file to a fork, or makes one now.
+func (m *Machine) takePrepared() (string, error) {
 	m.prepMu.Lock()
-	defer m.prepMu.Unlock()
 	p := m.prepared
-	m.prepared, m.prepDone = "", true
+	m.prepared = ""
 	if p != "" {
-		m.prepFrozenAt = p
+		if m.prepTakenSet == nil {
+			m.prepTakenSet = map[string]bool{}
+		}
+		m.prepTakenSet[p] = true
 	}
-	return p
+	m.prepMu.Unlock()
+	if p != "" {
+		return p, nil
+	}
+	return m.newPrepared()
 }
 
-// prepFrozen says whether file is the prepared copy a freeze took.
-func (m *Machine) prepFrozen(file string) bool {
+// prepTaken says whether file is a prepared file a fork took.
+func (m *Machine) prepTaken(file string) bool {
 	m.prepMu.Lock()
 	defer m.prepMu.Unlock()
-	return m.prepFrozenAt == file
+	return m.prepTakenSet[file]
 }
 
-// dropPrepared removes a prepared copy no freeze took, and its spares.
+// dropPrepared removes a prepared file no fork took, and its spares; a
+// machine that ended prepares no other.
 func (m *Machine) dropPrepared() {
 	m.prepMu.Lock()
 	p := m.prepared
-	m.prepared, m.prepDone = "", true
+	m.prepared, m.prepEnded = "", true
 	m.prepMu.Unlock()
 	if p != "" {
 		m.r.stopSpares(p)
 		_ = os.Remove(p)
 	}
+}
+
+// precopy copies a machine's own memory file into file, made by
+// newPrepared, while the guest runs: fillPrepared, with the guest stopped,
+// then writes only the pages that changed meanwhile. A fork (private)
+// has nothing to copy ahead.
+func (m *Machine) precopy(file string) error {
+	if m.private {
+		return nil
+	}
+	out, err := os.OpenFile(file, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("qemu: memory file: %w", err)
+	}
+	err = copySparse(m.memFile, out, m.spec.MemSize)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// fillPrepared writes the stopped machine's memory into file, which
+// precopy filled: the pages of its own memory file that changed since, or
+// the pages a fork holds privately over the frozen file's copy.
+func (m *Machine) fillPrepared(file string) error {
+	if !m.private {
+		_, err := catchUp(m.memFile, file, m.spec.MemSize)
+		return err
+	}
+	return m.writePrivate(file)
 }
 
 // writePrivate writes the pages the stopped machine holds privately into
@@ -191,11 +230,22 @@ func (r *Runner) isFrozenFile(path string) bool {
 	return r.byPath[path] != nil
 }
 
-// Spares is how many spares wait on m's memory file.
+// Spares is how many spares wait on the memory files m prepared for its
+// forks (Warm).
 func (m *Machine) Spares() int {
+	m.prepMu.Lock()
+	files := []string{m.prepared}
+	for f := range m.prepTakenSet {
+		files = append(files, f)
+	}
+	m.prepMu.Unlock()
 	m.r.spareMu.Lock()
 	defer m.r.spareMu.Unlock()
-	return len(m.r.spares[m.memFile])
+	n := 0
+	for _, f := range files {
+		n += len(m.r.spares[f])
+	}
+	return n
 }
 
 // takeSpare returns a spare waiting on memFile for a machine like spec,

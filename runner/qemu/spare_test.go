@@ -55,10 +55,10 @@ func diskStep(ctx context.Context, t *testing.T, m *qemu.Machine, after int) (in
 	}
 }
 
-// TestWarmFork forks a machine onto spares started before the fork: each
-// carries on from the frozen memory with its own disk and console, spares
-// left over go with the frozen file, and spares of a machine that stops
-// without a freeze stop with it.
+// TestWarmFork forks a machine onto spares started before the fork: the
+// machine goes on, each fork carries on from the snapshot's memory with
+// its own disk and console, spares left over go with the frozen file, and
+// spares of a machine that stops stop with it.
 func TestWarmFork(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Linux guests under QEMU; skipped with -short")
@@ -81,15 +81,14 @@ func TestWarmFork(t *testing.T) {
 	if n := parent.Spares(); n != 2 {
 		t.Fatalf("Spares = %d after Warm(2)", n)
 	}
-	// The spares must not see what the parent writes before the freeze
-	// as anything but the parent's memory: let it run on a while.
+	// Let it run on a while after the spares started.
 	before, _ = diskStep(ctx, t, parent, before+3)
 
 	start := time.Now()
-	if _, err := parent.Freeze(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
-		t.Fatalf("Freeze: %v", err)
+	if _, err := parent.Fork(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
+		t.Fatalf("Fork: %v", err)
 	}
-	t.Logf("freeze: %v", time.Since(start))
+	t.Logf("fork: %v", time.Since(start))
 	frozeAt := lastStep(parent.Console())
 	if frozeAt < before {
 		t.Fatalf("the parent's console ends at step %d, before %d", frozeAt, before)
@@ -129,8 +128,12 @@ func TestWarmFork(t *testing.T) {
 			t.Errorf("fork %d's console file: %v, %q", i, err, c)
 		}
 	}
-	// The freeze returned before its snapshot was in the store; it gets
-	// there, and a fork's own snapshot builds on it.
+	// The parent goes on.
+	if n, got := diskStep(ctx, t, parent, frozeAt+2); got != "boxd-disk!" {
+		t.Fatalf("the parent after the fork: step %d reading %q", n, got)
+	}
+	// Fork returned before its snapshot was in the store; it gets there,
+	// and a fork's own snapshot builds on it.
 	snap, err := r.Committed(ctx, "warm-fork")
 	if err != nil {
 		t.Fatalf("Committed: %v", err)
@@ -150,8 +153,9 @@ func TestWarmFork(t *testing.T) {
 	if left := r.FrozenFiles(); len(left) != 0 {
 		t.Errorf("frozen files left after every fork stopped: %v", left)
 	}
+	_ = parent.Stop(ctx)
 
-	// Spares of a machine that stops without a freeze stop too.
+	// Spares of a machine that stops stop too.
 	other, err := r.StartMachine(ctx, spec)
 	if err != nil {
 		t.Fatal(err)
@@ -318,7 +322,7 @@ func TestOwnMemory(t *testing.T) {
 		t.Fatalf("Warm of a machine with its own memory: %v", err)
 	}
 	before, _ := diskStep(ctx, t, a, 0)
-	if _, err := a.Freeze(ctx, "own-3", runner.SnapshotOptions{Incremental: true}); err != nil {
+	if _, err := a.Fork(ctx, "own-3", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
 	b, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "b.qcow2")}})
@@ -334,6 +338,7 @@ func TestOwnMemory(t *testing.T) {
 	}
 	// Rebuilt from the store, once the frozen file is gone.
 	_ = b.Stop(ctx)
+	_ = a.Stop(ctx)
 	if _, err := r.Committed(ctx, "own-3"); err != nil {
 		t.Fatal(err)
 	}
@@ -350,8 +355,9 @@ func TestOwnMemory(t *testing.T) {
 }
 
 // TestWarmForkOfFork forks a fork, which maps its parent's frozen file
-// copy-on-write, onto spares: Warm copies the frozen file, the freeze adds
-// the fork's own pages to the copy, and the restores take the spares.
+// copy-on-write, onto spares: Warm copies the frozen file, Fork adds the
+// fork's own pages to the copy, the restores take the spares, and the fork
+// goes on.
 func TestWarmForkOfFork(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Linux guests under QEMU; skipped with -short")
@@ -376,14 +382,14 @@ func TestWarmForkOfFork(t *testing.T) {
 	if err := fork.Warm(ctx, 2); err != nil {
 		t.Fatalf("Warm of a fork: %v", err)
 	}
-	if fork.Spares() != 0 {
-		t.Fatal("a fork's spares count as mapping its frozen file")
+	if n := fork.Spares(); n != 2 {
+		t.Fatalf("Spares = %d after Warm(2) of a fork", n)
 	}
 	// The fork runs on, writing pages of its own, then freezes.
 	before, _ := diskStep(ctx, t, fork, 0)
 	before, _ = diskStep(ctx, t, fork, before+3)
 	start := time.Now()
-	if _, err := fork.Freeze(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
+	if _, err := fork.Fork(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
 	frozeAt := lastStep(fork.Console())
@@ -396,7 +402,13 @@ func TestWarmForkOfFork(t *testing.T) {
 		t.Cleanup(func() { _ = k.Stop(context.Background()) })
 		kids = append(kids, k)
 	}
-	t.Logf("freeze of a fork and two restores: %v", time.Since(start))
+	t.Logf("fork of a fork and two restores: %v", time.Since(start))
+	if fork.Spares() != 0 {
+		t.Error("the restores did not take the spares")
+	}
+	if n, _ := diskStep(ctx, t, fork, frozeAt+2); n <= frozeAt {
+		t.Fatal("the fork did not go on")
+	}
 	for i, k := range kids {
 		n, got := diskStep(ctx, t, k, frozeAt)
 		if got != "boxd-disk!" || n > frozeAt+10 {
