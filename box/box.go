@@ -194,6 +194,7 @@ func (m *Manager) Close(ctx context.Context) error {
 	if err := m.runner.Flush(ctx); err != nil {
 		m.log.Error("box: writing frozen snapshots at exit", "err", err)
 	}
+	_ = os.Remove(m.cfg.MemDir) // empty once every machine and frozen file is gone
 	return m.db.Close()
 }
 

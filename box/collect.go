@@ -44,7 +44,7 @@ func (m *Manager) collect(ctx context.Context) {
 			return
 		}
 		for _, s := range snaps {
-			owner := s.Labels["boxd.box"]
+			owner := s.Labels[LabelBox]
 			if owner == "" || exists[owner] || !strings.HasPrefix(s.Name, "box."+owner+".") || standOn[s.Name] {
 				continue
 			}

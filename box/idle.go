@@ -1,13 +1,6 @@
 package box
 
-import (
-	"context"
-	"fmt"
-	"os"
-
-	"github.com/boxd-dev/boxd/runner"
-	"github.com/boxd-dev/boxd/runner/qemu"
-)
+import "context"
 
 // HibernateIfIdle hibernates box name if it is running and idle says it is
 // idle, and reports whether it did. idle is asked while the box's lock is
@@ -34,26 +27,4 @@ func (m *Manager) HibernateIfIdle(ctx context.Context, name string, idle func() 
 	}
 	bx, err = m.hibernateLocked(ctx, bx)
 	return bx, err == nil, err
-}
-
-// hibernateLocked is Hibernate of bx with its lock held.
-//
-// It repeats the body of Hibernate in lifecycle.go, which takes the lock
-// itself; the two should become one (Hibernate calling this) once
-// lifecycle.go can be changed.
-func (m *Manager) hibernateLocked(ctx context.Context, bx Box) (Box, error) {
-	mach, err := m.running(bx)
-	if err != nil {
-		return Box{}, err
-	}
-	snap := snapName(&bx, "hibernate")
-	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": bx.Name}})
-	if err != nil {
-		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
-	}
-	top := mach.Disk()
-	m.stopMachine(ctx, bx.Name)
-	_ = os.Remove(top) // the empty overlay after the snapshot; resume makes a new one
-	bx.State, bx.Snapshot, bx.Disk = StateHibernated, snap, s.Labels[qemu.LabelDisk]
-	return bx, m.put(bx)
 }

@@ -81,7 +81,7 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.
 			return snapshotter.Snapshot{}, err
 		}
 	}
-	s, err := mach.Snapshot(ctx, full, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": bx.Name}})
+	s, err := mach.Snapshot(ctx, full, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: bx.Name}})
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
@@ -99,17 +99,22 @@ func (m *Manager) Hibernate(ctx context.Context, name string) (Box, error) {
 	if err != nil {
 		return Box{}, err
 	}
+	return m.hibernateLocked(ctx, bx)
+}
+
+// hibernateLocked is Hibernate of bx with its lock held.
+func (m *Manager) hibernateLocked(ctx context.Context, bx Box) (Box, error) {
 	mach, err := m.running(bx)
 	if err != nil {
 		return Box{}, err
 	}
 	snap := snapName(&bx, "hibernate")
-	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": bx.Name}})
+	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: bx.Name}})
 	if err != nil {
-		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", name, err)
+		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
 	}
 	top := mach.Disk()
-	m.stopMachine(ctx, name)
+	m.stopMachine(ctx, bx.Name)
 	_ = os.Remove(top) // the empty overlay after the snapshot; resume makes a new one
 	bx.State, bx.Snapshot, bx.Disk = StateHibernated, snap, s.Labels[qemu.LabelDisk]
 	return bx, m.put(bx)
@@ -225,7 +230,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 			return nil, err
 		}
 		snap = snapName(&parent, "fork")
-		if _, err := mach.Fork(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{"boxd.box": src}}); err != nil {
+		if _, err := mach.Fork(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: src}}); err != nil {
 			return nil, fmt.Errorf("fork of %s: %w", src, err)
 		}
 		parent.Snapshot, parent.Disk = snap, mach.Disk()

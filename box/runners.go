@@ -1,12 +1,12 @@
 package box
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
 // Runners a box may ask for.
@@ -30,27 +30,10 @@ func chooseRunner(want string, cpuinfo func() ([]byte, error)) (string, error) {
 	case "", RunnerAuto, RunnerQEMU:
 		return RunnerQEMU, nil
 	case RunnerKVM:
-		if info, err := cpuinfo(); err != nil || !hasVirtFlag(info) {
+		if info, err := cpuinfo(); err != nil || !qemu.HasVirtFlag(info) {
 			return "", fmt.Errorf("the kvm runner cannot boot Linux guests on this host because its CPU lacks hardware virtualisation (no vmx or svm flag in /proc/cpuinfo); use --runner qemu: %w", runner.ErrNotSupported)
 		}
 		return "", fmt.Errorf("booting Linux boxes on the kvm runner is not supported yet (it runs only boxd's own test guest); use --runner qemu: %w", runner.ErrNotSupported)
 	}
 	return "", fmt.Errorf("runner %q: want %s, %s or %s: %w", want, RunnerAuto, RunnerKVM, RunnerQEMU, cas.ErrInvalidArgument)
-}
-
-// hasVirtFlag says whether a cpuinfo text lists vmx or svm among its flags
-// (as runner/qemu decides between KVM and TCG).
-func hasVirtFlag(cpuinfo []byte) bool {
-	for line := range bytes.Lines(cpuinfo) {
-		key, val, ok := bytes.Cut(line, []byte(":"))
-		if !ok || string(bytes.TrimSpace(key)) != "flags" {
-			continue
-		}
-		for _, f := range bytes.Fields(val) {
-			if string(f) == "vmx" || string(f) == "svm" {
-				return true
-			}
-		}
-	}
-	return false
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
 func TestChooseRunner(t *testing.T) {
@@ -67,7 +68,7 @@ func TestChooseRunnerHost(t *testing.T) {
 	}
 	info, _ := os.ReadFile("/proc/cpuinfo")
 	want := "not supported yet"
-	if !hasVirtFlag(info) {
+	if !qemu.HasVirtFlag(info) {
 		want = "because its CPU lacks hardware virtualisation"
 	}
 	if !strings.Contains(err.Error(), want) || strings.Count(err.Error(), ".") > 0 {

@@ -67,6 +67,8 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{3, []string{"ssh key file", "/nonexistent.pub"}, []string{"create", "dev", "--ssh-key", "/nonexistent.pub"}},
 		{2, []string{badKey, "line 1"}, []string{"create", "dev", "--ssh-key", goodKey, "--ssh-key", badKey}},
 		{2, []string{privKey, "private key"}, []string{"create", "dev", "--ssh-key", privKey}},
+		{2, []string{"--warm-forks -1", "want 0 to 16"}, []string{"daemon", "--warm-forks=-1"}},
+		{2, []string{"--warm-forks 17", "want 0 to 16"}, []string{"daemon", "--warm-forks", "17"}},
 		{2, []string{"usage: boxd fork SRC NEW"}, []string{"fork", "dev"}},
 		{2, []string{`box name "Dev"`}, []string{"fork", "Dev", "new"}},
 		{2, []string{`box name "new_1"`}, []string{"fork", "dev", "new_1"}},

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"path/filepath"
 
+	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/urfave/cli/v2"
 )
@@ -22,6 +23,7 @@ func daemonCommand() *cli.Command {
 			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
 			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
+			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultWarmForks, Usage: "spare QEMUs kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
 		Action: runDaemon,
@@ -58,6 +60,13 @@ func runDaemon(c *cli.Context) error {
 	if c.Duration("idle-hibernate") < 0 {
 		return usageError("--idle-hibernate %s is negative", c.Duration("idle-hibernate"))
 	}
+	warm := c.Int("warm-forks")
+	switch {
+	case warm < 0 || warm > 16:
+		return usageError("--warm-forks %d: want 0 to 16", warm)
+	case warm == 0:
+		warm = -1 // none
+	}
 	level := slog.LevelInfo
 	if c.Bool("debug") {
 		level = slog.LevelDebug
@@ -68,6 +77,7 @@ func runDaemon(c *cli.Context) error {
 		SSHListen:     c.String("ssh-listen"),
 		IdleHibernate: c.Duration("idle-hibernate"),
 		Kernel:        c.String("kernel"),
+		WarmForks:     warm,
 		Logger:        log,
 		Ready: func(i daemon.Info) {
 			fmt.Fprintf(c.App.Writer, "boxd daemon on %s: API on %s, SSH on %s\n", i.Root, i.Socket, i.SSHAddr)

@@ -40,7 +40,10 @@ type Config struct {
 	SSHListen     string        // host:port of the SSH front door
 	IdleHibernate time.Duration // 0 disables idle hibernation
 	Kernel        string        // a kernel to boot instead of Debian's cloud kernel
-	Logger        *slog.Logger
+	// WarmForks is how many spare QEMUs wait for a fork of each box (see
+	// box.Config.WarmForks): 0 means box.DefaultWarmForks, negative none.
+	WarmForks int
+	Logger    *slog.Logger
 	// Ready, when not nil, is called once the daemon serves.
 	Ready func(Info)
 }
@@ -64,7 +67,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			err = cerr
 		}
 	}()
-	mgr, err := box.Open(box.Config{Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log})
+	mgr, err := box.Open(box.Config{Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log, WarmForks: cfg.WarmForks})
 	if err != nil {
 		return err
 	}

@@ -13,8 +13,8 @@ func TestHasVirtFlag(t *testing.T) {
 		{"vmx flags\t: ept\nflags\t\t: fpu\n", false}, // "vmx flags" names EPT features, not the vmx flag
 		{"", false},
 	} {
-		if got := hasVirtFlag([]byte(c.info)); got != c.want {
-			t.Errorf("hasVirtFlag(%q) = %v, want %v", c.info, got, c.want)
+		if got := HasVirtFlag([]byte(c.info)); got != c.want {
+			t.Errorf("HasVirtFlag(%q) = %v, want %v", c.info, got, c.want)
 		}
 	}
 }

@@ -128,7 +128,7 @@ func (r *Runner) Accel() string {
 
 func detectAccel() string {
 	info, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil || !hasVirtFlag(info) {
+	if err != nil || !HasVirtFlag(info) {
 		return AccelTCG
 	}
 	if _, err := os.Stat("/dev/kvm"); err != nil {
@@ -137,8 +137,9 @@ func detectAccel() string {
 	return AccelKVM
 }
 
-// hasVirtFlag says whether a cpuinfo text lists vmx or svm among its flags.
-func hasVirtFlag(cpuinfo []byte) bool {
+// HasVirtFlag says whether a cpuinfo text (/proc/cpuinfo) lists vmx or svm
+// among its flags: hardware virtualisation.
+func HasVirtFlag(cpuinfo []byte) bool {
 	for line := range bytes.Lines(cpuinfo) {
 		key, val, ok := bytes.Cut(line, []byte(":"))
 		if !ok || string(bytes.TrimSpace(key)) != "flags" {
