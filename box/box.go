@@ -413,7 +413,38 @@ func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) e
 	m.mu.Lock()
 	m.machines[name], m.clients[name] = mach, c
 	m.mu.Unlock()
+	go m.watch(name, mach)
 	return nil
+}
+
+// watch marks box name stopped, saying why, when its machine exits
+// other than on boxd's request (QEMU killed or crashed, the guest powered
+// off): the box is reported as it is, not left running on paper. Its
+// disk is kept; the next use boots it.
+func (m *Manager) watch(name string, mach *qemu.Machine) {
+	<-mach.Done()
+	if errors.Is(mach.Err(), qemu.ErrStopped) {
+		return
+	}
+	unlock := m.lock(name)
+	defer unlock()
+	m.mu.Lock()
+	current := m.machines[name] == mach
+	m.mu.Unlock()
+	if !current {
+		return // an operation replaced or detached it meanwhile
+	}
+	m.detach(name)
+	bx, err := m.Get(name)
+	if err != nil || (bx.State != StateRunning && bx.State != StatePaused) {
+		return
+	}
+	bx.State, bx.Note = StateStopped, "its machine exited: "+mach.Err().Error()+"; its disk is kept, the next use boots it"
+	if err := m.put(bx); err != nil {
+		m.log.Error("box: recording a machine that exited", "box", name, "err", err)
+		return
+	}
+	m.log.Warn("box: machine exited", "box", name, "err", mach.Err())
 }
 
 // tail returns the last n lines of b.

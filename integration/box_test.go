@@ -311,8 +311,24 @@ func TestBoxForkHibernate(t *testing.T) {
 	if _, err := e.g.Get(prev); err != nil {
 		t.Fatalf("the snapshot before the kill: %v", err)
 	}
-	if _, err := e.mgr.Resume(ctx, "b"); err == nil {
-		t.Log("b resumed")
+	// The box whose QEMU died is reported stopped, saying so.
+	for {
+		bx, err := e.mgr.Get("b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bx.State == box.StateStopped && strings.Contains(bx.Note, "exited") {
+			t.Logf("b after its QEMU was killed: %s (%s)", bx.State, bx.Note)
+			break
+		}
+		if bx.State == box.StateRunning && ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		t.Fatalf("b after its QEMU was killed: %s (%s)", bx.State, bx.Note)
 	}
 
 	// A hibernated box whose snapshot lost data does not resume, says why,

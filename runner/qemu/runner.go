@@ -380,7 +380,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	if err := m.connect(ctx); err != nil {
 		m.kill()
 		<-m.done
-		return nil, fmt.Errorf("qemu: %s (%s): %w; QEMU said: %s", id, m.accel, err, bytes.TrimSpace(m.output.Bytes()))
+		return nil, fmt.Errorf("qemu: %s (%s): %w; QEMU said: %s", id, m.accel, err, m.said())
 	}
 	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{
 		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
@@ -438,6 +438,18 @@ func (l *lockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
+}
+
+// said is what QEMU printed, less the lines it prints for every disk
+// snapshot ("Formatting '...'"): its error messages.
+func (m *Machine) said() string {
+	var keep [][]byte
+	for line := range bytes.Lines(m.output.Bytes()) {
+		if !bytes.HasPrefix(line, []byte("Formatting '")) {
+			keep = append(keep, bytes.TrimRight(line, "\r\n"))
+		}
+	}
+	return string(bytes.TrimSpace(bytes.Join(keep, []byte("; "))))
 }
 
 func (l *lockedBuffer) Bytes() []byte {
@@ -503,7 +515,7 @@ func (m *Machine) wait() {
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
 	default:
-		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, bytes.TrimSpace(m.output.Bytes()))
+		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, m.said())
 	}
 	m.final, _ = os.ReadFile(m.consolePath())
 	if d := m.ownDisk.Load(); d != nil {

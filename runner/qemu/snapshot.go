@@ -473,7 +473,7 @@ func (m *Machine) loadDevices(ctx context.Context, state []byte) error {
 		return fmt.Errorf("qemu: %s: loading device state: %w", m.id, err)
 	}
 	if err := m.waitMigration(ctx); err != nil {
-		return fmt.Errorf("qemu: %s: loading device state: %w; QEMU said: %s", m.id, err, bytes.TrimSpace(m.output.Bytes()))
+		return fmt.Errorf("qemu: %s: loading device state: %w; QEMU said: %s", m.id, err, m.said())
 	}
 	return nil
 }
