@@ -16,6 +16,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -76,8 +78,8 @@ type Config struct {
 	WarmForks int
 }
 
-// DefaultWarmForks is the spares each box has by default: a fork into one
-// box restores two machines, the parent and the child.
+// DefaultWarmForks is the spares each box has by default: enough for a
+// fork into two boxes (the parent goes on in its own machine).
 const DefaultWarmForks = 2
 
 // Manager owns the boxes of one root.
@@ -472,6 +474,36 @@ func (m *Manager) stopMachine(ctx context.Context, name string) {
 	if mach := m.detach(name); mach != nil {
 		_ = mach.Stop(ctx)
 	}
+}
+
+// CPUTime is the CPU time (user and system) box name's machine has used
+// so far, if it runs.
+func (m *Manager) CPUTime(name string) (time.Duration, bool) {
+	mach, _, ok := m.machine(name)
+	if !ok {
+		return 0, false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", mach.PID()))
+	if err != nil {
+		return 0, false
+	}
+	// The fields after the command name, which is in parentheses and may
+	// hold spaces: state is the first; utime and stime are the 12th and
+	// 13th, in clock ticks (USER_HZ, 100 on Linux).
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 13 {
+		return 0, false
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	return time.Duration(ut+st) * (time.Second / 100), true
 }
 
 // machine returns box name's running machine, noticing one that died.

@@ -12,7 +12,7 @@ import (
 
 // diskName matches the disk files of a box: NAME-XXXXXXXX.qcow2, and the
 // overlays its snapshots froze, NAME-XXXXXXXX@SNAPSHOT.qcow2.
-var diskName = regexp.MustCompile(`^(.+)-[0-9a-f]{8}(@.*)?\.qcow2$`)
+var diskName = regexp.MustCompile(`^([a-z0-9-]+)-[0-9a-f]{8}(@.*)?\.qcow2$`)
 
 // collect removes what removed boxes left behind that nothing needs any
 // more: their snapshots that no other snapshot builds on and no box stands
@@ -26,6 +26,13 @@ func (m *Manager) collect(ctx context.Context) {
 		m.log.Warn("box: collecting removed boxes' snapshots", "err", err)
 	}
 	g := m.cfg.Graph
+	// The disk files first, then the boxes: a box's record is written
+	// before its disk (Create, Fork, CreateFrom), so a file listed here
+	// that belongs to a box is in the list below.
+	files, err := os.ReadDir(disksDir(m.cfg.Root))
+	if err != nil {
+		return
+	}
 	boxes, err := m.List()
 	if err != nil {
 		return
@@ -35,6 +42,11 @@ func (m *Manager) collect(ctx context.Context) {
 	for _, b := range boxes {
 		exists[b.Name] = true
 		standOn[b.Snapshot] = true
+	}
+	// Snapshots on their way to the store (a fork that began after the
+	// Flush) and the parents they build on.
+	for _, s := range m.runner.Pending() {
+		standOn[s] = true
 	}
 	exports := filepath.Join(m.cfg.Root, "run", "disks")
 	for removed := true; removed; {
@@ -78,7 +90,6 @@ func (m *Manager) collect(ctx context.Context) {
 			}
 		}
 	}
-	files, _ := os.ReadDir(disksDir(m.cfg.Root))
 	for _, f := range files {
 		path := filepath.Join(disksDir(m.cfg.Root), f.Name())
 		if d := diskName.FindStringSubmatch(f.Name()); d != nil && !exists[d[1]] && !keep[path] {

@@ -64,7 +64,8 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 	bx := Box{
 		Name: opts.Name, State: StateStopped, Image: m.imageOf(spec, parent), Memory: spec.MemSize, CPUs: spec.CPUs,
 		Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
-		Note: "being made from snapshot " + sn.Name,
+		Snapshot: sn.Name, // it stands on it already: removing other boxes keeps it
+		Note:     "being made from snapshot " + sn.Name,
 	}
 	if err := m.put(bx); err != nil {
 		return Box{}, err

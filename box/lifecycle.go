@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -212,12 +213,18 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 			return nil, fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
 		}
 		seen[n] = true
+	}
+	// src and the new names, locked in one order (no other operation holds
+	// two boxes' locks).
+	for _, n := range slices.Sorted(slices.Values(append([]string{src}, names...))) {
+		unlock := m.lock(n)
+		defer unlock()
+	}
+	for _, n := range names {
 		if _, err := m.Get(n); err == nil {
 			return nil, fmt.Errorf("%q: %w", n, ErrExists)
 		}
 	}
-	unlock := m.lock(src)
-	defer unlock()
 	parent, err := m.Get(src)
 	if err != nil {
 		return nil, err
@@ -265,9 +272,12 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	errs := make([]error, len(jobs))
 	var wg sync.WaitGroup
 	for i, j := range jobs {
-		if err := m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
-			CPUs: j.bx.CPUs, Keys: j.bx.Keys, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created, Note: "being forked"}); err != nil {
-			return nil, err
+		// The record first (with the snapshot it stands on): collect
+		// keeps what a box's record names.
+		if errs[i] = m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
+			CPUs: j.bx.CPUs, Keys: j.bx.Keys, Snapshot: snap, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created,
+			Note: "being forked"}); errs[i] != nil {
+			continue
 		}
 		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
 	}

@@ -42,6 +42,9 @@ type Manager interface {
 	Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error)
 	Remove(ctx context.Context, name string) error
 	Exec(ctx context.Context, name string, cmd agent.Command) (int, error)
+	// CPUTime is the CPU time box name's machine has used so far, if it
+	// runs.
+	CPUTime(name string) (time.Duration, bool)
 }
 
 // Store is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -78,6 +81,9 @@ type Server struct {
 	lastUse map[string]time.Time
 	// active counts each box's execs and SSH connections in progress.
 	active map[string]int
+	// cpu is each running box's CPU time when HibernateIdle last looked.
+	cpu     map[string]cpuSample
+	busyCPU float64
 
 	// streams counts the exec streams in progress, which the HTTP server
 	// no longer tracks once they are hijacked.
@@ -91,6 +97,21 @@ type Options struct {
 	Info    Info
 	Logger  *slog.Logger     // nil logs nothing
 	Now     func() time.Time // nil means time.Now
+	// BusyCPU is the share of one CPU above which a box counts as in use
+	// for idle hibernation, measured between two looks (0 means
+	// DefaultBusyCPU).
+	BusyCPU float64
+}
+
+// DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
+// connection is still busy: a quarter of one CPU. An idle Linux guest
+// under TCG uses a few per cent.
+const DefaultBusyCPU = 0.25
+
+// cpuSample is a box's CPU time at a moment.
+type cpuSample struct {
+	used time.Duration
+	at   time.Time
 }
 
 // NewServer returns a server of the API. Box operations it starts are
@@ -98,7 +119,10 @@ type Options struct {
 func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, store: opts.Store, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
-		lastUse: map[string]time.Time{}, active: map[string]int{},
+		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
+	}
+	if s.busyCPU <= 0 {
+		s.busyCPU = DefaultBusyCPU
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -743,9 +767,9 @@ func (s *Server) idleFor(name string) time.Duration {
 	return now.Sub(last)
 }
 
-// HibernateIdle hibernates every running box that has been idle (no exec
-// and no SSH connection through the front door) for at least idle, and
-// returns their names. A failure to hibernate one box is logged, not
+// HibernateIdle hibernates every running box that has been idle (no exec,
+// no SSH connection through the front door, and no more than BusyCPU of a
+// CPU used between two calls) for at least idle, and returns their names. A failure to hibernate one box is logged, not
 // returned; the box keeps running and is tried again on the next call.
 //
 // Whether a box is idle is decided again under the box's lock, which
@@ -763,6 +787,11 @@ func (s *Server) HibernateIdle(ctx context.Context, idle time.Duration) ([]strin
 	for _, bx := range boxes {
 		if ctx.Err() != nil {
 			return done, ctx.Err()
+		}
+		// A box working on its own (a build, a job it runs) is in use,
+		// though nobody is connected.
+		if bx.State == box.StateRunning {
+			s.noteCPU(bx.Name)
 		}
 		// A first look without the box's lock, so that boxes in use (or
 		// busy booting) do not hold the loop up.
@@ -786,6 +815,27 @@ func (s *Server) HibernateIdle(ctx context.Context, idle time.Duration) ([]strin
 		}
 	}
 	return done, nil
+}
+
+// noteCPU samples box name's CPU time and, if it used more than busyCPU
+// of one CPU since the last sample, counts the box as used now.
+func (s *Server) noteCPU(name string) {
+	used, ok := s.mgr.CPUTime(name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !ok {
+		delete(s.cpu, name)
+		return
+	}
+	now := s.now()
+	prev, seen := s.cpu[name]
+	s.cpu[name] = cpuSample{used: used, at: now}
+	if !seen || !now.After(prev.at) || used < prev.used {
+		return // a first look, or a machine that started again
+	}
+	if share := float64(used-prev.used) / float64(now.Sub(prev.at)); share > s.busyCPU {
+		s.lastUse[name] = now
+	}
 }
 
 // IdleLoop calls HibernateIdle every interval until ctx ends. idle <= 0

@@ -50,6 +50,25 @@ type fakeManager struct {
 	// boxLocks are the boxes' locks, which HibernateIfIdle holds and Exec
 	// takes before it reaches the box, as box.Manager's do.
 	boxLocks sync.Map // name → *sync.Mutex
+
+	// cpu is each box's CPU time, as CPUTime reports it.
+	cpu map[string]time.Duration
+}
+
+func (m *fakeManager) CPUTime(name string) (time.Duration, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, ok := m.cpu[name]
+	return d, ok
+}
+
+func (m *fakeManager) setCPU(name string, d time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cpu == nil {
+		m.cpu = map[string]time.Duration{}
+	}
+	m.cpu[name] = d
 }
 
 func newFakeManager(boxes ...box.Box) *fakeManager {
@@ -742,6 +761,52 @@ func TestHibernateIdle(t *testing.T) {
 // idle loop hibernates it is never lost, at either moment it can arrive:
 // after the loop's first look found the box idle, or once the loop has
 // decided, under the box's lock, to hibernate it.
+// TestHibernateIdleBusyCPU keeps a box that works on its own (more than a
+// quarter of a CPU between two looks) running, though nobody uses it, and
+// hibernates it once it quiets down.
+func TestHibernateIdleBusyCPU(t *testing.T) {
+	ctx := context.Background()
+	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
+	m := newFakeManager(box.Box{Name: "busy", State: box.StateRunning}, box.Box{Name: "quiet", State: box.StateRunning})
+	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	const idle = 5 * time.Minute
+	used := map[string]time.Duration{}
+	pass := func(step time.Duration, share map[string]float64) []string {
+		t.Helper()
+		clock.Advance(step)
+		for n, f := range share {
+			used[n] += time.Duration(f * float64(step))
+			m.setCPU(n, used[n])
+		}
+		got, err := srv.HibernateIdle(ctx, idle)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	pass(0, map[string]float64{"busy": 0, "quiet": 0}) // first sight
+	for i := range 12 {                                // 6 minutes: busy at 90%, quiet at 2%
+		if got := pass(30*time.Second, map[string]float64{"busy": 0.9, "quiet": 0.02}); len(got) != 0 {
+			if i < 9 || len(got) != 1 || got[0] != "quiet" {
+				t.Fatalf("pass %d hibernated %v", i, got)
+			}
+		}
+	}
+	if bx, _ := m.Get("quiet"); bx.State != box.StateHibernated {
+		t.Fatalf("the quiet box is %s after 6 idle minutes", bx.State)
+	}
+	if bx, _ := m.Get("busy"); bx.State != box.StateRunning {
+		t.Fatalf("the busy box is %s: its CPU use did not count", bx.State)
+	}
+	// It quiets down: idle time counts from its last busy look.
+	for range 11 {
+		pass(30*time.Second, map[string]float64{"busy": 0.01})
+	}
+	if bx, _ := m.Get("busy"); bx.State != box.StateHibernated {
+		t.Fatalf("the busy box is %s after it quieted down for 5.5 minutes", bx.State)
+	}
+}
+
 func TestHibernateIdleRace(t *testing.T) {
 	ctx := context.Background()
 	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}

@@ -157,6 +157,29 @@ func TestBoxLinux(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.run(ctx, t, "dev", "true", 0)
+
+	// The CPU time a box's machine uses, which idle hibernation reads,
+	// grows with the work the guest does: two seconds idle against two
+	// seconds of a busy loop.
+	t0, ok := e.mgr.CPUTime("dev")
+	if !ok || t0 <= 0 {
+		t.Fatalf("CPUTime of a running box: %v, %v", t0, ok)
+	}
+	time.Sleep(2 * time.Second)
+	t1, _ := e.mgr.CPUTime("dev")
+	e.run(ctx, t, "dev", "end=$(($(date +%s)+2)); while [ $(date +%s) -lt $end ]; do :; done", 0)
+	t2, _ := e.mgr.CPUTime("dev")
+	idle, busy := t1-t0, t2-t1
+	t.Logf("CPU time of the box's QEMU: %v in two idle seconds, %v in a two-second busy loop", idle, busy)
+	if busy < 250*time.Millisecond || busy < 3*idle {
+		t.Fatalf("a two-second busy loop in the guest added %v of CPU time; two idle seconds %v", busy, idle)
+	}
+	if _, err := e.mgr.Stop(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := e.mgr.CPUTime("dev"); ok {
+		t.Fatal("CPUTime of a stopped box")
+	}
 }
 
 // counter is a process that appends a growing count to a file in /tmp

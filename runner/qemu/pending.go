@@ -8,11 +8,13 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// pendingSnap is a frozen machine's snapshot on its way to the store. A
-// Freeze of a machine on its own memory file returns once QEMU's device
-// state is saved and the disk frozen; the memory file and the frozen disk
-// overlay no longer change, so forks run from them at once while the
-// snapshot is written.
+// pendingSnap is a snapshot on its way to the store. Fork (and Freeze of a
+// machine on its own memory file) return once QEMU's device state is saved,
+// the disk frozen and the snapshot's frozen memory file filled; that file
+// and the frozen disk overlay no longer change, so forks run from them at
+// once while the snapshot is written. Until it is, the file stays; if
+// writing fails, the snapshot stays pending and the next snapshot that
+// needs it (or Committed, or Flush) tries again.
 type pendingSnap struct {
 	job  *captureJob
 	done chan struct{} // closed when the first attempt ends
@@ -48,11 +50,6 @@ func (r *Runner) adoptPending(j *captureJob) {
 			r.logger().Error("qemu: writing a frozen snapshot to the store; the next snapshot that needs it tries again", "snapshot", j.name, "err", err)
 		}
 		close(p.done)
-		r.frozenMu.Lock()
-		defer r.frozenMu.Unlock()
-		if f := r.frozen[j.name]; f != nil && f.dropped && f.refs <= 0 {
-			r.drop(f)
-		}
 	}()
 }
 
@@ -80,6 +77,7 @@ func (r *Runner) setPendingErr(p *pendingSnap, err error) {
 	}
 	if f := r.frozen[p.job.name]; f != nil && f.pending == p {
 		f.pending = nil
+		r.maybeDrop(f)
 	}
 }
 
@@ -118,7 +116,7 @@ func (r *Runner) committed(ctx context.Context, name string) error {
 	p.job.retryMu.Lock()
 	defer p.job.retryMu.Unlock()
 	if r.pendingOf(name) != p {
-		return nil // written meanwhile
+		return nil // written meanwhile (a pending snapshot goes from the list only once written)
 	}
 	if _, err := r.write(ctx, p); err != nil {
 		return fmt.Errorf("qemu: snapshot %q is not in the store: %w", name, err)
@@ -148,4 +146,17 @@ func (r *Runner) Flush(ctx context.Context) error {
 		errs = append(errs, r.committed(ctx, n))
 	}
 	return errors.Join(errs...)
+}
+
+// Pending lists the snapshots on their way to the store and the parents
+// they are deltas against: what must stay in the store until they are
+// written.
+func (r *Runner) Pending() []string {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	var out []string
+	for name, p := range r.pending {
+		out = append(out, name, p.job.parent)
+	}
+	return out
 }

@@ -23,9 +23,10 @@ import (
 //	memory   MemoryOwn: a memory file of the machine's own (see OptionMemory)
 //
 // Memory is the snapshot's frozen memory file, mapped copy-on-write: the
-// one Freeze left, or one rebuilt from the store (only the pages that hold
-// data are written; a missing or damaged chunk fails the restore before
-// QEMU starts).
+// one Fork or Freeze left (a spare waiting on it is taken), or one rebuilt
+// from the store (only the pages that hold data are written; a missing or
+// damaged chunk fails the restore before QEMU starts). With memory=own it
+// is a file of the machine's own, mapped shared.
 func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
 	m, err := r.RestoreMachine(ctx, snap, opts)
 	if err != nil {
@@ -231,10 +232,13 @@ type frozenFile struct {
 	snap string
 	path string
 	refs int // machines mapping it
-	// pending is the snapshot's capture while it is being written to the
-	// store: the file must stay until it is. dropped says it goes then.
+	// pending is the snapshot's capture until it is in the store: the file
+	// stays until then (also when writing it failed, for the next try).
 	pending *pendingSnap
-	dropped bool
+	// done says nobody will start a machine on the file unasked: the last
+	// machine mapping it stopped, or DropFrozen was called. The file goes
+	// once it is done, unmapped and written.
+	done bool
 }
 
 // acquire returns the frozen memory file of snap, rebuilding it from the
@@ -285,7 +289,7 @@ func (r *Runner) register(f *frozenFile) {
 }
 
 // release counts one machine fewer mapping the frozen file at path and
-// removes the file when none is left: its content is in the store.
+// removes the file when none is left and its snapshot is in the store.
 func (r *Runner) release(path string) {
 	r.frozenMu.Lock()
 	defer r.frozenMu.Unlock()
@@ -294,18 +298,16 @@ func (r *Runner) release(path string) {
 		return
 	}
 	if f.refs--; f.refs <= 0 {
-		r.drop(f)
+		f.done = true
+		r.maybeDrop(f)
 	}
 }
 
-func (r *Runner) drop(f *frozenFile) {
-	if p := f.pending; p != nil && !p.finished() {
-		f.dropped = true // when the capture is done
+// maybeDrop removes f if nothing needs it any more: no machine maps it, no
+// restore is to come unasked, and its snapshot is in the store.
+func (r *Runner) maybeDrop(f *frozenFile) {
+	if f.refs > 0 || !f.done || f.pending != nil {
 		return
-	}
-	if f.pending != nil { // its capture failed: the snapshot is lost
-		delete(r.pending, f.snap)
-		r.logger().Warn("qemu: snapshot dropped unwritten", "snapshot", f.snap, "err", f.pending.err)
 	}
 	delete(r.frozen, f.snap)
 	delete(r.byPath, f.path)
@@ -326,12 +328,15 @@ func (r *Runner) reacquire(path string) bool {
 	return true
 }
 
-// DropFrozen removes the frozen memory file of snap if no machine maps it.
+// DropFrozen removes the frozen memory file of snap once no machine maps it
+// and the snapshot is in the store (a snapshot whose write failed keeps its
+// file for the next try).
 func (r *Runner) DropFrozen(snap string) {
 	r.frozenMu.Lock()
 	defer r.frozenMu.Unlock()
-	if f := r.frozen[snap]; f != nil && f.refs <= 0 {
-		r.drop(f)
+	if f := r.frozen[snap]; f != nil {
+		f.done = true
+		r.maybeDrop(f)
 	}
 }
 

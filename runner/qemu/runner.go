@@ -4,11 +4,14 @@
 // elsewhere.
 //
 // A snapshot saves device state (migration with x-ignore-shared, guest RAM
-// left out), the guest memory pages written since the previous snapshot
-// (soft-dirty bits of QEMU's mapping) and the disk blocks written since
-// (the frozen top of a qcow2 overlay chain). A restore maps a frozen memory
-// file of the snapshot copy-on-write (share=off), so that forks share every
-// page they only read, and loads the device state with -incoming.
+// left out), the guest memory pages changed since the previous snapshot
+// (found by page hashes) and the disk blocks written since (the frozen top
+// of a qcow2 overlay chain). A restore maps a frozen memory file of the
+// snapshot copy-on-write (share=off), so that forks share every page they
+// only read, and loads the device state with -incoming. Machine.Fork gives
+// its snapshot such a file while the machine goes on, and writes the
+// snapshot to the store in the background; Machine.Warm starts spare QEMUs
+// that restores of that snapshot take instead of starting one.
 //
 // Spec.Boot is the kernel image. Spec.Options:
 //
@@ -344,6 +347,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		done:    make(chan struct{}),
 	}
 	share := "on"
+	m.released.Store(true) // until launch succeeds
 	switch {
 	case lo.memFile != "":
 		m.memFile, m.private, share = lo.memFile, true, "off"
@@ -396,6 +400,12 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		m.kill()
 		<-m.done
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
+	}
+	// From here the machine gives back the caller's reference on its
+	// memory file when it ends; on the failures above the caller does.
+	m.released.Store(false)
+	if m.stopped() && m.acquired.Load() && m.released.CompareAndSwap(false, true) {
+		r.release(m.memFile) // it ended before its exit could see that
 	}
 	return m, nil
 }
@@ -477,12 +487,12 @@ type Machine struct {
 	acquired atomic.Bool // the machine holds a reference on memFile
 	released atomic.Bool // and gave it back
 
-	prepMu       sync.Mutex
-	prepared     string          // the memory file the next Fork fills, which spares map (Warm)
-	prepEnded    bool            // the machine ended: no other is made
-	prepTakenSet map[string]bool // prepared files forks took
-	cmd          *exec.Cmd
-	frozen       atomic.Bool // memFile became a frozen snapshot's (Freeze)
+	prepMu    sync.Mutex
+	prepared  string         // the memory file the next Fork fills, which spares map (Warm)
+	prepEnded bool           // the machine ended: no other is made
+	prepState map[string]int // prepared files forks took: prepForking, prepAdopted, prepFailed
+	cmd       *exec.Cmd
+	frozen    atomic.Bool // memFile became a frozen snapshot's (Freeze)
 
 	snapMu sync.Mutex // one snapshot at a time
 	last   string     // the machine's previous snapshot
@@ -515,7 +525,10 @@ func (m *Machine) wait() {
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
 	default:
-		err = fmt.Errorf("qemu: QEMU exited: %w: %s", err, m.said())
+		err = fmt.Errorf("qemu: QEMU exited: %w", err)
+		if said := m.said(); said != "" {
+			err = fmt.Errorf("%w: %s", err, said)
+		}
 	}
 	m.final, _ = os.ReadFile(m.consolePath())
 	if d := m.ownDisk.Load(); d != nil {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -64,12 +65,13 @@ const (
 	modeFork                     // it goes on; a new frozen file holds the snapshot's memory
 )
 
-// Freeze is Snapshot, after which QEMU ends and its memory file becomes
-// the snapshot's frozen memory: restores of the snapshot map it
-// copy-on-write at once, instead of rebuilding it from the store. A fork is
-// Freeze and then one Restore for the parent and one per child. The file
-// goes when the last machine mapping it stops (or DropFrozen, if none
-// ever does).
+// Freeze is Snapshot, after which QEMU ends. The memory file of a machine
+// on its own becomes the snapshot's frozen memory, which restores of the
+// snapshot map copy-on-write at once, and the snapshot goes to the store
+// after Freeze returns; a fork (private memory) stores it first. The file
+// goes once its snapshot is in the store and, after DropFrozen or the last
+// machine mapping it stopping, nothing maps it. Spares wait for Fork, not
+// Freeze.
 func (m *Machine) Freeze(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
 	return m.snapshot(ctx, name, opts, modeFreeze)
 }
@@ -122,8 +124,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		// still runs.
 		if prep, err = m.takePrepared(); err == nil {
 			if err = m.precopy(prep); err != nil {
-				m.r.stopSpares(prep)
-				_ = os.Remove(prep)
+				m.forkDone(prep, false)
 			}
 		}
 		if err != nil {
@@ -131,8 +132,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		}
 		defer func() {
 			if prep != "" { // the fork failed: nothing maps it
-				m.r.stopSpares(prep)
-				_ = os.Remove(prep)
+				m.forkDone(prep, false)
 			}
 		}()
 		ph.mark("precopy")
@@ -142,8 +142,11 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	ph.mark("stop")
 	resume := func() {
-		if wasRunning { // a failed freeze goes on too
-			_ = m.command(context.WithoutCancel(ctx), "cont")
+		if !wasRunning {
+			return
+		}
+		if err := m.command(context.WithoutCancel(ctx), "cont"); err != nil { // a failed freeze goes on too
+			m.r.logger().Error("qemu: the machine stays stopped after its snapshot", "id", m.id, "err", err)
 		}
 	}
 
@@ -162,6 +165,10 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 			// The snapshot holds it now; the new top is the machine's.
 			m.ownDisk.Store(&top)
 		}
+		// Until a snapshot stores its blocks (this one, or the next if
+		// this one fails), oldest first: the store must hold every block
+		// since the parent.
+		m.unstoredDisks = append(m.unstoredDisks, frozenDisk)
 	}
 
 	ph.mark("disk")
@@ -178,10 +185,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		return snapshotter.Snapshot{}, err
 	}
 	if qcow2 {
-		// Overlays frozen by snapshots that failed are stored with this
-		// one, oldest first: the store must hold every block since parent.
-		job.frozenDisks = append(m.unstoredDisks, frozenDisk)
-		m.unstoredDisks = job.frozenDisks
+		job.frozenDisks = slices.Clone(m.unstoredDisks)
 	}
 	if mode == modeFork {
 		if err := m.fillPrepared(prep); err != nil {
@@ -191,6 +195,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		ph.mark("memory")
 		job.memFile, job.pid = prep, 0
 		m.r.adoptPending(job)
+		m.forkDone(prep, true)
 		prep = "" // the snapshot's now
 		m.last, m.unstoredDisks = name, nil
 		resume()
@@ -433,6 +438,7 @@ func (m *Machine) saveDevices(ctx context.Context) ([]byte, error) {
 	}
 	if err := m.waitMigration(ctx); err != nil {
 		_ = l.Close()
+		m.cancelMigration()
 		return nil, fmt.Errorf("qemu: %s: saving device state: %w", m.id, err)
 	}
 	select {
@@ -476,6 +482,32 @@ func (m *Machine) loadDevices(ctx context.Context, state []byte) error {
 		return fmt.Errorf("qemu: %s: loading device state: %w; QEMU said: %s", m.id, err, m.said())
 	}
 	return nil
+}
+
+// cancelMigration cancels a migration that was given up on and waits
+// (a few seconds at most) until it has ended, so that a cont after it
+// lets the guest run rather than being undone by the migration finishing.
+func (m *Machine) cancelMigration() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, _ = m.qmp.execute(ctx, "migrate_cancel", nil)
+	for ctx.Err() == nil && !m.stopped() {
+		raw, err := m.qmp.execute(ctx, "query-migrate", nil)
+		if err != nil {
+			return
+		}
+		var st struct {
+			Status string `json:"status"`
+		}
+		if json.Unmarshal(raw, &st) != nil {
+			return
+		}
+		switch st.Status {
+		case "completed", "failed", "cancelled", "none", "":
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // waitMigration polls query-migrate until the migration completes.

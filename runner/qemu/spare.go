@@ -48,17 +48,23 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 		}
 		m.r.spares[file] = append(m.r.spares[file], sp)
 		m.r.spareMu.Unlock()
+		// What became of the file while the spare started decides whether
+		// it stays: a fork in progress adopts its spares or stops them; an
+		// adopted file keeps them until it goes; otherwise they go.
+		m.prepMu.Lock()
+		st, taken := m.prepState[file]
+		ended := m.prepEnded
+		m.prepMu.Unlock()
 		switch {
-		case m.prepTaken(file):
-			// A freeze while the spare started: it maps the frozen file,
-			// and goes with it; if the file went already, it goes now.
+		case taken && st == prepForking:
+		case taken && st == prepAdopted:
 			if !m.r.isFrozenFile(file) {
 				m.r.stopSpares(file)
 				return nil
 			}
-		case m.stopped(): // m ended while the spare started
+		case taken || ended:
 			m.r.stopSpares(file)
-			return m.exit
+			return nil
 		}
 	}
 	return nil
@@ -109,16 +115,23 @@ func (m *Machine) newPrepared() (string, error) {
 	return path, nil
 }
 
+// What became of a prepared file a fork took.
+const (
+	prepForking = iota + 1 // the fork is under way
+	prepAdopted            // it is the fork snapshot's frozen file
+	prepFailed             // the fork failed; the file is gone
+)
+
 // takePrepared hands the prepared file to a fork, or makes one now.
 func (m *Machine) takePrepared() (string, error) {
 	m.prepMu.Lock()
 	p := m.prepared
 	m.prepared = ""
 	if p != "" {
-		if m.prepTakenSet == nil {
-			m.prepTakenSet = map[string]bool{}
+		if m.prepState == nil {
+			m.prepState = map[string]int{}
 		}
-		m.prepTakenSet[p] = true
+		m.prepState[p] = prepForking
 	}
 	m.prepMu.Unlock()
 	if p != "" {
@@ -127,11 +140,24 @@ func (m *Machine) takePrepared() (string, error) {
 	return m.newPrepared()
 }
 
-// prepTaken says whether file is a prepared file a fork took.
-func (m *Machine) prepTaken(file string) bool {
+// forkDone records what became of the prepared file a fork took: adopted
+// as its snapshot's frozen file, or, when the fork failed, removed with
+// its spares.
+func (m *Machine) forkDone(file string, adopted bool) {
 	m.prepMu.Lock()
-	defer m.prepMu.Unlock()
-	return m.prepTakenSet[file]
+	if m.prepState == nil {
+		m.prepState = map[string]int{}
+	}
+	if adopted {
+		m.prepState[file] = prepAdopted
+	} else {
+		m.prepState[file] = prepFailed
+	}
+	m.prepMu.Unlock()
+	if !adopted {
+		m.r.stopSpares(file)
+		_ = os.Remove(file)
+	}
 }
 
 // dropPrepared removes a prepared file no fork took, and its spares; a
@@ -235,7 +261,7 @@ func (r *Runner) isFrozenFile(path string) bool {
 func (m *Machine) Spares() int {
 	m.prepMu.Lock()
 	files := []string{m.prepared}
-	for f := range m.prepTakenSet {
+	for f := range m.prepState {
 		files = append(files, f)
 	}
 	m.prepMu.Unlock()
@@ -259,10 +285,11 @@ func (r *Runner) takeSpare(ctx context.Context, memFile string, spec runner.Spec
 		}
 		sp.acquired.Store(true)
 		if sp.stopped() {
-			// It ended before it was taken: if its exit did not give the
-			// reference back, give it back here, and try the next.
-			if sp.released.CompareAndSwap(false, true) {
-				r.release(memFile)
+			// It ended before it was taken. The caller's reference stays
+			// the caller's: if the spare's exit gave it back, take it
+			// again. Then try the next.
+			if !sp.released.CompareAndSwap(false, true) && !r.reacquire(memFile) {
+				return nil, fmt.Errorf("qemu: memory file %s is gone: %w", memFile, sp.Err())
 			}
 			continue
 		}

@@ -302,8 +302,14 @@ func TestOwnMemory(t *testing.T) {
 	if n, got := diskStep(ctx, t, a, frozeAt); got != "boxd-disk!" || n > frozeAt+10 {
 		t.Fatalf("own restore: step %d reading %q; the parent froze at %d", n, got, frozeAt)
 	}
+	// The frozen file goes once its snapshot is in the store: nothing maps
+	// it, and nothing is to (DropFrozen, as a fork says once its forks run).
+	r.DropFrozen("own-1")
+	if _, err := r.Committed(ctx, "own-1"); err != nil {
+		t.Fatal(err)
+	}
 	if left := r.FrozenFiles(); len(left) != 0 {
-		t.Errorf("the frozen file stays after its only restore copied it: %v", left)
+		t.Errorf("the frozen file stays after its only restore copied it and its snapshot is stored: %v", left)
 	}
 	// Its first snapshot is a small delta: its page sums were taken at the
 	// restore.
