@@ -15,7 +15,7 @@ func daemonCommand() *cli.Command {
 		Name:  "daemon",
 		Usage: "serve the boxes of the root: the API the box commands use, and the SSH front door (ssh NAME@host), until SIGINT or SIGTERM",
 		Description: "The API is HTTP/JSON on the unix socket ROOT/" + daemon.SocketName + " (root only). The SSH front door's host key\n" +
-			"is ROOT/" + daemon.HostKeyName + ". A running box nobody has used (no SSH connection, no exec) for\n" +
+			"is ROOT/" + daemon.HostKeyName + ". A running box nobody has used (no SSH connection, no exec, under a quarter of a CPU) for\n" +
 			"--idle-hibernate is hibernated; the next SSH connection resumes it. On SIGINT or SIGTERM every\n" +
 			"running box is hibernated before the daemon exits, so a restart loses nothing.",
 		Flags: []cli.Flag{
