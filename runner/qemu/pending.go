@@ -21,15 +21,6 @@ type pendingSnap struct {
 	err  error         // its error (frozenMu), nil once written
 }
 
-func (p *pendingSnap) finished() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
 // adoptPending makes j's memory file the frozen memory of snapshot j.name
 // and writes the snapshot in the background.
 func (r *Runner) adoptPending(j *captureJob) {

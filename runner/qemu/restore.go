@@ -92,7 +92,9 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	// undo gives back what a failed restore took.
 	undo := func() {
 		if own {
-			<-filled
+			if err := <-filled; err != nil { // moot: the restore failed anyway
+				r.logger().Debug("qemu: filling the memory of a failed restore", "snapshot", snap, "err", err)
+			}
 			_ = os.Remove(memFile)
 		} else {
 			r.release(memFile)
