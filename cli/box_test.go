@@ -17,6 +17,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
@@ -214,6 +215,15 @@ func TestDaemon(t *testing.T) {
 	fails(t, 3, root, []string{`"nope"`, "no such box"}, "ssh", "nope")
 	fails(t, 3, root, []string{"image", "no-such-image"}, "create", "dev", "--image", "no-such-image", "--ssh-key", filepath.Join(writeKey(t)))
 	fails(t, 8, root, []string{"in use"}, "daemon", "--ssh-listen", "127.0.0.1:0")
+	// The store's gc goes through the daemon that owns the store; other
+	// store commands say it is in use.
+	if r := ok(t, root, "store", "gc"); !strings.HasPrefix(r.stdout, "gc: freed ") {
+		t.Errorf("store gc with the daemon running: %q", r.stdout)
+	}
+	var gc map[string]any
+	decodeJSON(t, ok(t, root, "store", "gc", "--json").stdout, &gc)
+	keys(t, "store gc --json", gc, "bytes_freed", "packs_after")
+	fails(t, 8, root, []string{"in use"}, "store", "ls")
 
 	if err := d.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -280,6 +290,7 @@ func (noStore) List() ([]snapshotter.Snapshot, error) { return nil, nil }
 func (noStore) Report(context.Context, ...string) (snapshotter.Report, error) {
 	return snapshotter.Report{}, nil
 }
+func (noStore) GC(context.Context, cas.GCOptions) (cas.GCStats, error) { return cas.GCStats{}, nil }
 
 // serveFake serves the API of an execManager on root's socket.
 func serveFake(t *testing.T, root string) {

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/urfave/cli/v2"
 )
@@ -67,6 +69,21 @@ func storeCommand() *cli.Command {
 			{Name: "verify", Usage: "re-hash every stored chunk and check every snapshot; exit 6 on damage", Flags: []cli.Flag{jsonFlag}, Action: storeVerify},
 		},
 	}
+}
+
+// runningDaemon returns a client of the daemon serving --root, or nil when
+// none answers.
+func runningDaemon(c *cli.Context) *daemon.Client {
+	dc, _, err := daemonClient(c)
+	if err != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(c.Context, 2*time.Second)
+	defer cancel()
+	if _, err := dc.Info(ctx); err != nil {
+		return nil
+	}
+	return dc
 }
 
 // openGraph opens the graph under --root.
@@ -368,14 +385,22 @@ func storeGC(c *cli.Context) error {
 	if th <= 0 || th > 1 {
 		return usageError("--threshold %g is outside (0, 1]", th)
 	}
-	g, err := openGraph(c)
-	if err != nil {
-		return err
-	}
-	defer g.Close()
-	st, err := g.GC(c.Context, cas.GCOptions{Threshold: th})
-	if err != nil {
-		return err
+	var st cas.GCStats
+	if dc := runningDaemon(c); dc != nil {
+		// The daemon owns the store while it runs: it collects.
+		var err error
+		if st, err = dc.GC(c.Context, th); err != nil {
+			return err
+		}
+	} else {
+		g, err := openGraph(c)
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		if st, err = g.GC(c.Context, cas.GCOptions{Threshold: th}); err != nil {
+			return err
+		}
 	}
 	if wantJSON(c) {
 		return printJSON(c, st)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
@@ -362,6 +363,13 @@ func (c *Client) streamLost(err error) error {
 // Remove deletes box name.
 func (c *Client) Remove(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, boxPath(name), nil, nil)
+}
+
+// GC collects the store's garbage through the daemon (threshold 0 means
+// the store's default).
+func (c *Client) GC(ctx context.Context, threshold float64) (cas.GCStats, error) {
+	var out cas.GCStats
+	return out, c.do(ctx, http.MethodPost, "/v1/gc", GCRequest{Threshold: threshold}, &out)
 }
 
 // Report returns the dedup report of the boxes named (all when none).

@@ -17,6 +17,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/boxd-dev/boxd/sshproxy"
 	"github.com/containerd/errdefs"
@@ -51,6 +52,10 @@ type Manager interface {
 type Store interface {
 	List() ([]snapshotter.Snapshot, error)
 	Report(ctx context.Context, names ...string) (snapshotter.Report, error)
+	// GC removes the chunks no snapshot references; it waits for
+	// snapshots being written (the store's write lock) and is safe while
+	// boxes run.
+	GC(ctx context.Context, opts cas.GCOptions) (cas.GCStats, error)
 }
 
 // Body limits: a request's JSON, and what one exec keeps of each of its
@@ -157,6 +162,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/boxes/{name}/snapshots", s.boxSnapshots)
 	mux.HandleFunc("GET /v1/snapshots", s.allSnapshots)
 	mux.HandleFunc("GET /v1/report", s.report)
+	mux.HandleFunc("POST /v1/gc", s.gc)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Also what a known path with the wrong method gets: the
 		// catch-all matches every method.
@@ -632,6 +638,34 @@ func (s *Server) allSnapshots(w http.ResponseWriter, r *http.Request) {
 		out = append(out, BoxSnapshots{Box: bx.Name, Snapshots: snapshotTree(all, bx)})
 	}
 	s.reply(w, out)
+}
+
+// GCRequest is the body of POST /v1/gc.
+type GCRequest struct {
+	// Threshold is the share of a pack's bytes that must be garbage before
+	// the pack is rewritten (0 means the store's default).
+	Threshold float64 `json:"threshold,omitempty"`
+}
+
+// gc collects the store's garbage: what removed boxes and snapshots left.
+func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
+	var req GCRequest
+	if err := decode(w, r, maxRequestBody, &req); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if req.Threshold < 0 || req.Threshold > 1 {
+		s.fail(w, r, fmt.Errorf("gc threshold %g is outside (0, 1]: %w", req.Threshold, errdefs.ErrInvalidArgument))
+		return
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	st, err := s.store.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 // report answers the dedup report of the boxes named by ?box= (all boxes

@@ -19,6 +19,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
@@ -310,9 +311,17 @@ type fakeStore struct {
 	mu      sync.Mutex
 	snaps   []snapshotter.Snapshot
 	reports [][]string
+	gcs     []float64 // the thresholds GC was called with
 }
 
 func (s *fakeStore) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
+
+func (s *fakeStore) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.gcs = append(s.gcs, opts.Threshold)
+	return cas.GCStats{BytesFreed: 4096, PacksDeleted: 1}, nil
+}
 
 func (s *fakeStore) Report(_ context.Context, names ...string) (snapshotter.Report, error) {
 	s.mu.Lock()
@@ -605,6 +614,18 @@ func TestClientRoundTrip(t *testing.T) {
 	}
 	if _, err := c.Get(ctx, "new"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("get after remove: %v", err)
+	}
+
+	// The store's gc, through the daemon that owns it.
+	gc, err := c.GC(ctx, 0.25)
+	if err != nil || gc.BytesFreed != 4096 || gc.PacksDeleted != 1 {
+		t.Fatalf("gc: %+v, %v", gc, err)
+	}
+	if _, err := c.GC(ctx, 1.5); !errors.Is(err, errdefs.ErrInvalidArgument) {
+		t.Errorf("gc with threshold 1.5: %v", err)
+	}
+	if !reflect.DeepEqual(st.gcs, []float64{0.25}) {
+		t.Errorf("gc thresholds %v, want [0.25]", st.gcs)
 	}
 }
 
