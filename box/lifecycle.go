@@ -282,6 +282,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
 	}
 	wg.Wait()
+	m.runner.DropSpares(snap) // spares the forks did not take
 	var out []Box
 	var failed []string
 	for i, j := range jobs {

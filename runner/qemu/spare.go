@@ -384,6 +384,17 @@ func (m *Machine) takeOver(ctx context.Context, spec runner.Spec) error {
 	return nil
 }
 
+// DropSpares stops the spares still waiting on the frozen memory file of
+// snapshot snap: a fork restored what it wanted.
+func (r *Runner) DropSpares(snap string) {
+	r.frozenMu.Lock()
+	f := r.frozen[snap]
+	r.frozenMu.Unlock()
+	if f != nil {
+		r.stopSpares(f.path)
+	}
+}
+
 // stopSpares stops the spares waiting on memFile, in the background.
 func (r *Runner) stopSpares(memFile string) {
 	r.spareMu.Lock()

@@ -421,6 +421,24 @@ func TestWarmForkOfFork(t *testing.T) {
 			t.Fatalf("fork %d of the fork: step %d reading %q; it froze at %d", i, n, got, frozeAt)
 		}
 	}
+	// Spares a fork did not take go with DropSpares.
+	if err := fork.Warm(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fork.Fork(ctx, "fof-3", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n := fork.Spares(); n != 1 {
+		t.Fatalf("Spares = %d after a fork nobody restored, want 1", n)
+	}
+	r.DropSpares("fof-3")
+	r.DropFrozen("fof-3")
+	if n := fork.Spares(); n != 0 {
+		t.Fatalf("Spares = %d after DropSpares", n)
+	}
+	if _, err := r.Committed(ctx, "fof-3"); err != nil {
+		t.Fatal(err)
+	}
 	// The snapshot in the store is whole: a restore from it, with the
 	// frozen files gone, carries on too.
 	if _, err := r.Committed(ctx, "fof-2"); err != nil {
