@@ -36,15 +36,9 @@
 # error or ^C too.
 set -euo pipefail
 
-REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO_ROOT"
-
-case "${1:-}" in
--h | --help)
-	sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
-	exit 0
-	;;
-esac
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+help_if_asked "$@"
 
 if [ "$(id -u)" != 0 ]; then
 	echo "frontdoor.sh: needs root (the daemon runs QEMU with guest memory in /dev/shm; the baseline sshd logs in as root)" >&2
@@ -57,18 +51,10 @@ command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v pgrep >/dev/null || need+=(procps)
-if [ ${#need[@]} -gt 0 ]; then
-	echo "installing Debian's ${need[*]}" >&2
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
-		apt-get update -q >/dev/null
-		apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-	fi
-fi
+install_debs "${need[@]}"
 
-make --no-print-directory build >&2
+build_boxd
 export BOXD=${BOXD:-$REPO_ROOT/bin/boxd}
-export BOXD_AGENT=${BOXD_AGENT:-$REPO_ROOT/bin/boxd-agent}
 
 # The folder the program works in, for the check below.
 dir=${BOXD_BENCH_FRONTDOOR_DIR:-/var/tmp/boxd-bench-frontdoor}

@@ -26,33 +26,19 @@
 # about 45 seconds on 2 cores under TCG.
 set -euo pipefail
 
-REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO_ROOT"
-
-case "${1:-}" in
--h | --help)
-	sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
-	exit 0
-	;;
-esac
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+help_if_asked "$@"
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ -x /bin/busybox ] && ! file -L /bin/busybox 2>/dev/null | grep -q 'dynamically linked' || need+=(busybox-static)
-if [ ${#need[@]} -gt 0 ]; then
-	if [ "$(id -u)" != 0 ]; then
-		echo "guest.sh: ${need[*]} missing and only root can install them" >&2
-		exit 1
-	fi
-	echo "installing Debian's ${need[*]}" >&2
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
-		apt-get update -q >/dev/null
-		apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-	fi
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" != 0 ]; then
+	echo "guest.sh: ${need[*]} missing and only root can install them" >&2
+	exit 1
 fi
+install_debs "${need[@]}"
 
-make --no-print-directory build >&2
-export BOXD_AGENT=${BOXD_AGENT:-$REPO_ROOT/bin/boxd-agent}
+build_boxd
 exec go run ./bench/guestboot "$@"

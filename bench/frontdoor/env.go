@@ -19,8 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/guest"
-	"golang.org/x/sys/unix"
 )
 
 // bench is one run: the daemon of the kept root, the private sshd, the
@@ -96,7 +96,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	if err := os.WriteFile(b.daemonLog(), nil, 0o600); err != nil {
 		return b, err
 	}
-	progress("root %s (kept: store, image, kernel), daemon log %s, this run's files in %s", b.root, b.daemonLog(), b.work)
+	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s, this run's files in %s", b.root, b.daemonLog(), b.work)
 
 	if err := b.ensureImage(ctx); err != nil {
 		return b, err
@@ -123,7 +123,7 @@ func setUp(ctx context.Context) (*bench, error) {
 		return b, fmt.Errorf("removing an earlier run's boxes: %w", err)
 	}
 	if n > 0 || len(left) > 0 {
-		progress("an earlier run left %d boxes and %d box snapshots: removed", n, len(left))
+		benchkit.Progress("an earlier run left %d boxes and %d box snapshots: removed", n, len(left))
 	}
 	if len(left) > 0 {
 		if err := b.stopDaemon(); err != nil {
@@ -160,44 +160,20 @@ func (b *bench) ensureImage(ctx context.Context) error {
 		return nil
 	}
 	args := []string{"image", "build"}
-	tree := filepath.Join(*treeCache, "debootstrap-bookworm")
-	if _, err := os.Stat(tree + ".complete"); err == nil {
-		unlock, err := lockTree(tree)
-		if err != nil {
-			return err
-		}
-		defer unlock()
+	tree, unlock, err := benchkit.CachedTree(*treeCache, guest.DefaultImage)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if tree != "" {
 		args = append(args, "--tree", tree)
-		progress("building image %s from %s (first run only)", guest.DefaultImage, tree)
-	} else {
-		progress("building image %s with debootstrap (first run only; %s has no complete tree)", guest.DefaultImage, tree)
 	}
 	took, _, err := b.cli(ctx, args...)
 	if err != nil {
 		return err
 	}
-	progress("image built in %s", secs(took))
+	benchkit.Progress("image built in %s", secs(took))
 	return nil
-}
-
-// lockTree takes the lock the tests and benchmarks hold while they read
-// or write the cached debootstrap tree.
-func lockTree(tree string) (unlock func(), err error) {
-	f, err := os.OpenFile(tree+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
-		progress("waiting for %s (another process holds the Debian tree)", tree+".lock")
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-			f.Close()
-			return nil, err
-		}
-	} else if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { f.Close() }, nil // closing the file releases the lock
 }
 
 // timed runs a command and returns its wall time, from just before it
@@ -349,7 +325,7 @@ func (b *bench) startDaemon(ctx context.Context) error {
 	if err := waitUp(ctx, done, b.port, filepath.Join(b.root, "boxd.sock")); err != nil {
 		return fmt.Errorf("boxd daemon: %w (its log: %s)", err, b.daemonLog())
 	}
-	progress("boxd daemon up (pid %d): SSH front door on 127.0.0.1:%s", cmd.Process.Pid, b.port)
+	benchkit.Progress("boxd daemon up (pid %d): SSH front door on 127.0.0.1:%s", cmd.Process.Pid, b.port)
 	return nil
 }
 
@@ -496,7 +472,7 @@ func (b *bench) startSSHD(ctx context.Context) error {
 		out, _ := os.ReadFile(log.Name())
 		return fmt.Errorf("the baseline sshd: %w: %s", err, bytes.TrimSpace(out))
 	}
-	progress("baseline sshd up (pid %d, %s) on 127.0.0.1:%s, key authentication only", cmd.Process.Pid, sshd, b.sshdPort)
+	benchkit.Progress("baseline sshd up (pid %d, %s) on 127.0.0.1:%s, key authentication only", cmd.Process.Pid, sshd, b.sshdPort)
 	return nil
 }
 
@@ -650,8 +626,8 @@ func (b *bench) tearDown() error {
 			errs = append(errs, err)
 		}
 	}
-	progress("cleaned up: %d boxes removed; boxd had kept %d of their snapshots and %d overlay files in %s (dropped, gc freed %s); QEMUs or daemons of the root left: %d",
-		b.cleanup.BoxesRemoved, b.cleanup.SnapshotsRemoved, b.cleanup.DisksRemoved, filepath.Join(b.root, "disks"), size(b.cleanup.GCFreedBytes), len(lines))
+	benchkit.Progress("cleaned up: %d boxes removed; boxd had kept %d of their snapshots and %d overlay files in %s (dropped, gc freed %s); QEMUs or daemons of the root left: %d",
+		b.cleanup.BoxesRemoved, b.cleanup.SnapshotsRemoved, b.cleanup.DisksRemoved, filepath.Join(b.root, "disks"), benchkit.Size(b.cleanup.GCFreedBytes), len(lines))
 	return errors.Join(errs...)
 }
 

@@ -22,15 +22,11 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
-	"os/signal"
-	"strings"
-	"syscall"
-	"time"
+
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 )
 
 var (
@@ -43,46 +39,24 @@ var (
 	batch     = flag.Int("batch", 10, "forks made at once for the big ls; each batch is hibernated before the next")
 	memory    = flag.String("mem", "512M", "memory of the measured box and the cold creates (boxd's default)")
 	manyMem   = flag.String("many-mem", "128M", "memory of the seed box the many are forked from")
-	dir       = flag.String("dir", envOr("BOXD_BENCH_FRONTDOOR_DIR", "/var/tmp/boxd-bench-frontdoor"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
-	treeCache = flag.String("cache", envOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
-	boxdBin   = flag.String("boxd", envOr("BOXD", "bin/boxd"), "the boxd binary")
+	dir       = flag.String("dir", benchkit.EnvOr("BOXD_BENCH_FRONTDOOR_DIR", "/var/tmp/boxd-bench-frontdoor"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
+	treeCache = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
+	boxdBin   = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
 )
 
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
-
 func main() {
-	flag.Parse()
-	if flag.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "frontdoor: unexpected arguments: %s\n", strings.Join(flag.Args(), " "))
-		os.Exit(2)
-	}
-	if *reps < 1 || *wakeReps < 1 || *forkReps < 1 || *lsReps < 1 || *boxes < 3 || *batch < 1 {
-		fmt.Fprintln(os.Stderr, "frontdoor: -reps, -wake-reps, -fork-reps, -ls-reps and -batch must be at least 1, -boxes at least 3")
-		os.Exit(2)
-	}
-	os.Exit(run())
+	benchkit.Main("frontdoor", badFlags, "boxd's daemon runs QEMU with guest memory in /dev/shm, and the baseline sshd logs in as root", run)
 }
 
-func run() int {
-	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "frontdoor: %v\n", err)
-		return 1
+// badFlags says what is wrong with the flags' values ("" for nothing).
+func badFlags() string {
+	if *reps < 1 || *wakeReps < 1 || *forkReps < 1 || *lsReps < 1 || *boxes < 3 || *batch < 1 {
+		return "-reps, -wake-reps, -fork-reps, -ls-reps and -batch must be at least 1, -boxes at least 3"
 	}
-	if os.Geteuid() != 0 {
-		return fail(errors.New("needs root: boxd's daemon runs QEMU with guest memory in /dev/shm, and the baseline sshd logs in as root"))
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	return ""
+}
 
+func run(ctx context.Context) error {
 	b, err := setUp(ctx)
 	if b != nil {
 		// Runs on every path (a second call does nothing): the boxes go,
@@ -95,26 +69,17 @@ func run() int {
 	}
 	if err != nil {
 		b.showDaemonLog()
-		return fail(err)
+		return err
 	}
 	rep, err := b.measure(ctx)
 	if err != nil {
 		b.showDaemonLog()
-		return fail(err)
+		return err
 	}
 	// Clean up before printing, so that the table can say what was left.
 	if err := b.tearDown(); err != nil {
-		return fail(fmt.Errorf("cleaning up: %w", err))
+		return fmt.Errorf("cleaning up: %w", err)
 	}
 	rep.Cleanup = b.cleanup
-	if *jsonOut {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
-			return fail(err)
-		}
-	} else {
-		printTable(os.Stdout, rep)
-	}
-	return 0
+	return benchkit.Print(os.Stdout, *jsonOut, rep, printTable)
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 )
 
 // What rows are compared with.
@@ -36,7 +38,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
-	progress("created box %s (%s) in %s (untimed: a root's first create fetches the kernel)", door, *memory, secs(took))
+	benchkit.Progress("created box %s (%s) in %s (untimed: a root's first create fetches the kernel)", door, *memory, secs(took))
 	var creates []time.Duration
 	for i := range *forkReps {
 		name := fmt.Sprintf("cold-%d", i+1)
@@ -48,7 +50,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if _, _, err := b.cli(ctx, "rm", name); err != nil {
 			return rep, err
 		}
-		progress("cold create %d/%d: %s", i+1, *forkReps, secs(took))
+		benchkit.Progress("cold create %d/%d: %s", i+1, *forkReps, secs(took))
 	}
 
 	// ssh to the running box, to sshd, and boxd exec, interleaved; and to
@@ -61,7 +63,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		return rep, err
 	}
 	sameKex := rep.Kex.Boxd == rep.Kex.SSHD
-	progress("key exchange: boxd's front door %s, sshd %s", rep.Kex.Boxd, rep.Kex.SSHD)
+	benchkit.Progress("key exchange: boxd's front door %s, sshd %s", rep.Kex.Boxd, rep.Kex.SSHD)
 	var viaBoxd, viaSSHD, viaSSHDKex, viaExec []time.Duration
 	for i := range warmUps + *reps {
 		s, err := b.sshTrue(ctx, b.sshdPort, "root")
@@ -89,19 +91,19 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			}
 		}
 	}
-	progress("ssh true to running box %s: p50 %s, p95 %s; sshd p50 %s, p95 %s; boxd exec p50 %s (%d each)",
-		door, ms(percentile(viaBoxd, 50)), ms(percentile(viaBoxd, 95)), ms(percentile(viaSSHD, 50)), ms(percentile(viaSSHD, 95)),
-		ms(percentile(viaExec, 50)), *reps)
+	benchkit.Progress("ssh true to running box %s: p50 %s, p95 %s; sshd p50 %s, p95 %s; boxd exec p50 %s (%d each)",
+		door, benchkit.Ms(benchkit.Percentile(viaBoxd, 50)), benchkit.Ms(benchkit.Percentile(viaBoxd, 95)), benchkit.Ms(benchkit.Percentile(viaSSHD, 50)), benchkit.Ms(benchkit.Percentile(viaSSHD, 95)),
+		benchkit.Ms(benchkit.Percentile(viaExec, 50)), *reps)
 	for _, p := range []int{50, 95} {
-		rep.add(pctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaSSHD, fmt.Sprintf(baseSSHD, rep.Kex.SSHD)))
+		rep.add(benchkit.PctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaSSHD, fmt.Sprintf(baseSSHD, rep.Kex.SSHD)))
 	}
 	if !sameKex {
 		for _, p := range []int{50, 95} {
-			rep.add(pctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaSSHDKex, fmt.Sprintf(baseSSHDKex, rep.Kex.Boxd)))
+			rep.add(benchkit.PctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaSSHDKex, fmt.Sprintf(baseSSHDKex, rep.Kex.Boxd)))
 		}
 	}
 	for _, p := range []int{50, 95} {
-		rep.add(pctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaExec, baseExec))
+		rep.add(benchkit.PctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaExec, baseExec))
 	}
 
 	// ls with the one box.
@@ -112,8 +114,8 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
-	progress("ls with 1 box: boxd ls p50 %s, --json %s, API %s; boxd --help %s",
-		ms(percentile(ls1.ls, 50)), ms(percentile(ls1.lsJSON, 50)), ms(percentile(ls1.api, 50)), ms(percentile(ls1.help, 50)))
+	benchkit.Progress("ls with 1 box: boxd ls p50 %s, --json %s, API %s; boxd --help %s",
+		benchkit.Ms(benchkit.Percentile(ls1.ls, 50)), benchkit.Ms(benchkit.Percentile(ls1.lsJSON, 50)), benchkit.Ms(benchkit.Percentile(ls1.api, 50)), benchkit.Ms(benchkit.Percentile(ls1.help, 50)))
 
 	// ssh to the hibernated box, which wakes it, beside resume then ssh.
 	var wake, resumeSSH, hibernates, resumes []time.Duration
@@ -143,13 +145,13 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		}
 		wake, resumeSSH = append(wake, w), append(resumeSSH, r+s)
 		hibernates, resumes = append(hibernates, h1, h2), append(resumes, r)
-		progress("wake %d/%d: ssh to hibernated box %s; hibernate %s, resume %s + ssh %s = %s",
-			i+1, *wakeReps, ms(w), ms(h1), ms(r), ms(s), ms(r+s))
+		benchkit.Progress("wake %d/%d: ssh to hibernated box %s; hibernate %s, resume %s + ssh %s = %s",
+			i+1, *wakeReps, benchkit.Ms(w), benchkit.Ms(h1), benchkit.Ms(r), benchkit.Ms(s), benchkit.Ms(r+s))
 	}
-	rep.add(pctRow("ssh `true`, hibernated box (wakes it): p50", 50, "ms", wake, resumeSSH, baseResume))
-	rep.add(pctRow("ssh `true`, hibernated box (wakes it): p50", 50, "ms", wake, viaSSHD, fmt.Sprintf(baseSSHD, rep.Kex.SSHD)))
-	rep.add(pctRow(fmt.Sprintf("boxd hibernate, %s box: p50", *memory), 50, "ms", hibernates, nil, ""))
-	rep.add(pctRow(fmt.Sprintf("boxd resume, %s box: p50", *memory), 50, "ms", resumes, nil, ""))
+	rep.add(benchkit.PctRow("ssh `true`, hibernated box (wakes it): p50", 50, "ms", wake, resumeSSH, baseResume))
+	rep.add(benchkit.PctRow("ssh `true`, hibernated box (wakes it): p50", 50, "ms", wake, viaSSHD, fmt.Sprintf(baseSSHD, rep.Kex.SSHD)))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd hibernate, %s box: p50", *memory), 50, "ms", hibernates, nil, ""))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd resume, %s box: p50", *memory), 50, "ms", resumes, nil, ""))
 
 	// Forks of the running box, the children removed after each.
 	var forks, pairs, rmRunning []time.Duration
@@ -177,11 +179,11 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			rmRunning = append(rmRunning, r)
 		}
 		forks, pairs, rmRunning = append(forks, f), append(pairs, p), append(rmRunning, r)
-		progress("fork %d/%d of running box %s: one child %s, --count 2 %s", i+1, *forkReps, door, secs(f), secs(p))
+		benchkit.Progress("fork %d/%d of running box %s: one child %s, --count 2 %s", i+1, *forkReps, door, secs(f), secs(p))
 	}
-	rep.add(pctRow("boxd fork SRC NEW (SRC running): p50", 50, "s", forks, creates, baseCreate))
-	rep.add(pctRow("boxd fork SRC NEW --count 2: p50", 50, "s", pairs, creates, baseCreate))
-	rep.add(pctRow("boxd rm of a running fork: p50", 50, "ms", rmRunning, nil, ""))
+	rep.add(benchkit.PctRow("boxd fork SRC NEW (SRC running): p50", 50, "s", forks, creates, baseCreate))
+	rep.add(benchkit.PctRow("boxd fork SRC NEW --count 2: p50", 50, "s", pairs, creates, baseCreate))
+	rep.add(benchkit.PctRow("boxd rm of a running fork: p50", 50, "ms", rmRunning, nil, ""))
 
 	// The many boxes, then ls again.
 	many, err := b.makeMany(ctx)
@@ -196,17 +198,17 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
-	progress("ls with %d boxes: boxd ls p50 %s, --json %s, API %s",
-		*boxes, ms(percentile(lsN.ls, 50)), ms(percentile(lsN.lsJSON, 50)), ms(percentile(lsN.api, 50)))
+	benchkit.Progress("ls with %d boxes: boxd ls p50 %s, --json %s, API %s",
+		*boxes, benchkit.Ms(benchkit.Percentile(lsN.ls, 50)), benchkit.Ms(benchkit.Percentile(lsN.lsJSON, 50)), benchkit.Ms(benchkit.Percentile(lsN.api, 50)))
 
-	rep.add(pctRow("boxd ls, 1 box: p50", 50, "ms", ls1.ls, ls1.help, baseHelp))
-	rep.add(pctRow("boxd ls --json, 1 box: p50", 50, "ms", ls1.lsJSON, ls1.help, baseHelp))
-	rep.add(pctRow("API GET /v1/boxes, 1 box: p50", 50, "ms", ls1.api, nil, ""))
-	rep.add(pctRow(fmt.Sprintf("boxd ls, %d boxes: p50", *boxes), 50, "ms", lsN.ls, ls1.ls, baseLs1))
-	rep.add(pctRow(fmt.Sprintf("boxd ls --json, %d boxes: p50", *boxes), 50, "ms", lsN.lsJSON, ls1.lsJSON, baseLsJSON1))
-	rep.add(pctRow(fmt.Sprintf("API GET /v1/boxes, %d boxes: p50", *boxes), 50, "ms", lsN.api, ls1.api, baseAPI1))
-	rep.add(pctRow(fmt.Sprintf("boxd fork --count %d of the hibernated %s seed: p50", *batch, *manyMem), 50, "s", many.forks, many.seedCreate, baseSeed))
-	rep.add(pctRow(fmt.Sprintf("boxd hibernate of a %s fork: p50", *manyMem), 50, "ms", many.hibernates, nil, ""))
+	rep.add(benchkit.PctRow("boxd ls, 1 box: p50", 50, "ms", ls1.ls, ls1.help, baseHelp))
+	rep.add(benchkit.PctRow("boxd ls --json, 1 box: p50", 50, "ms", ls1.lsJSON, ls1.help, baseHelp))
+	rep.add(benchkit.PctRow("API GET /v1/boxes, 1 box: p50", 50, "ms", ls1.api, nil, ""))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd ls, %d boxes: p50", *boxes), 50, "ms", lsN.ls, ls1.ls, baseLs1))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd ls --json, %d boxes: p50", *boxes), 50, "ms", lsN.lsJSON, ls1.lsJSON, baseLsJSON1))
+	rep.add(benchkit.PctRow(fmt.Sprintf("API GET /v1/boxes, %d boxes: p50", *boxes), 50, "ms", lsN.api, ls1.api, baseAPI1))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd fork --count %d of the hibernated %s seed: p50", *batch, *manyMem), 50, "s", many.forks, many.seedCreate, baseSeed))
+	rep.add(benchkit.PctRow(fmt.Sprintf("boxd hibernate of a %s fork: p50", *manyMem), 50, "ms", many.hibernates, nil, ""))
 
 	// Remove them all but the measured box, timing each rm.
 	bs, err := b.listBoxes(ctx)
@@ -226,8 +228,8 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			rmHibernated = append(rmHibernated, r)
 		}
 	}
-	progress("removed %d boxes", len(bs)-1)
-	rep.add(pctRow("boxd rm of a hibernated box: p50", 50, "ms", rmHibernated, nil, ""))
+	benchkit.Progress("removed %d boxes", len(bs)-1)
+	rep.add(benchkit.PctRow("boxd rm of a hibernated box: p50", 50, "ms", rmHibernated, nil, ""))
 
 	rep.Host.LoadAfter = loadAvg()
 	rep.Seconds = time.Since(began).Seconds()
@@ -293,7 +295,7 @@ func (b *bench) makeMany(ctx context.Context) (many, error) {
 	if _, _, err := b.cli(ctx, "hibernate", seed); err != nil {
 		return m, err
 	}
-	progress("seed box %s (%s): created in %s and hibernated", seed, *manyMem, secs(took))
+	benchkit.Progress("seed box %s (%s): created in %s and hibernated", seed, *manyMem, secs(took))
 	want := *boxes - 2 // the measured box and the seed are two
 	batches := 0
 	for made := 0; made < want; {
@@ -315,7 +317,7 @@ func (b *bench) makeMany(ctx context.Context) (many, error) {
 			hib += h
 		}
 		made += n
-		progress("boxes %d/%d: fork %s --count %d in %s, then each hibernated (%s in all)", made+2, *boxes, prefix, n, secs(took), secs(hib))
+		benchkit.Progress("boxes %d/%d: fork %s --count %d in %s, then each hibernated (%s in all)", made+2, *boxes, prefix, n, secs(took), secs(hib))
 	}
 	m.how = fmt.Sprintf("%d boxes: %s (%s, running) + %s (%s, made with boxd create, then hibernated) + %d forks of the hibernated %s, "+
 		"made %d at a time with `boxd fork %s mNNN --count %d` (%d batches), each batch hibernated with `boxd hibernate`, one box at a time, "+

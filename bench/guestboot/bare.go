@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/internal/initramfs"
-	"golang.org/x/sys/unix"
 )
 
 // busybox is where Debian's busybox-static installs its static busybox.
@@ -166,26 +165,4 @@ func tail(b []byte, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return string(bytes.Join(lines, []byte("\n")))
-}
-
-// lockTree takes the lock boxd's integration tests hold while they make or
-// read the debootstrap tree (flock on TREE.lock), so the tree does not
-// change while the image is built from it.
-func lockTree(tree string) (unlock func(), err error) {
-	f, err := os.OpenFile(tree+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
-		progress("waiting for %s (another process holds the Debian tree)", tree+".lock")
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-	} else if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { f.Close() }, nil // closing the file releases the lock
 }

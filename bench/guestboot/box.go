@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
@@ -78,17 +79,17 @@ func (b *bench) stopAll() {
 func (b *bench) tearDown() {
 	b.stopAll()
 	if err := b.clearSnapshots(context.Background()); err != nil {
-		progress("cleanup: %v", err)
+		benchkit.Progress("cleanup: %v", err)
 	}
 	for _, dir := range []string{b.work, b.memDir} {
 		if dir != "" {
 			if err := os.RemoveAll(dir); err != nil {
-				progress("cleanup: %v", err)
+				benchkit.Progress("cleanup: %v", err)
 			}
 		}
 	}
 	if err := b.g.Close(); err != nil {
-		progress("cleanup: %v", err)
+		benchkit.Progress("cleanup: %v", err)
 	}
 }
 
@@ -124,7 +125,7 @@ func (b *bench) clearSnapshots(ctx context.Context) error {
 	if err != nil {
 		errs = append(errs, err)
 	} else {
-		progress("removed snapshots %s; gc freed %s", strings.Join(ours, ", "), size(st.BytesFreed))
+		benchkit.Progress("removed snapshots %s; gc freed %s", strings.Join(ours, ", "), benchkit.Size(st.BytesFreed))
 	}
 	return errors.Join(errs...)
 }

@@ -26,17 +26,14 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
-	"os/signal"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"time"
 
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner/qemu"
@@ -49,8 +46,8 @@ var (
 	execs      = flag.Int("execs", 50, "exec round trips of `true` through the agent, and host execs of `true`")
 	memMiB     = flag.Int64("mem", 512, "guest memory in MiB (boxes and the bare boot alike)")
 	cpus       = flag.Int("cpus", 1, "vCPUs (boxes and the bare boot alike)")
-	rootDir    = flag.String("root", envOr("BOXD_BENCH_GUEST_ROOT", "/var/tmp/boxd-bench-guest"), "boxd root kept between runs: the store with the image, the kernel, the initramfs and base file caches")
-	treeCache  = flag.String("cache", envOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is there (else guest.BuildImage runs debootstrap itself)")
+	rootDir    = flag.String("root", benchkit.EnvOr("BOXD_BENCH_GUEST_ROOT", "/var/tmp/boxd-bench-guest"), "boxd root kept between runs: the store with the image, the kernel, the initramfs and base file caches")
+	treeCache  = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is there (else guest.BuildImage runs debootstrap itself)")
 	agentPath  = flag.String("agent", "", "the boxd-agent binary (default: $BOXD_AGENT, else beside this program, else in PATH)")
 	kernelPath = flag.String("kernel", "", "a kernel with the virtio drivers built in (default: Debian's cloud kernel, fetched into the root)")
 	timeout    = flag.Duration("ready-timeout", 3*time.Minute, "how long one box may take to answer")
@@ -60,63 +57,32 @@ var (
 // can find what an earlier one left.
 const snapPrefix = "bench-"
 
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
-
 func main() {
-	flag.Parse()
-	if flag.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "guestboot: unexpected arguments: %s\n", strings.Join(flag.Args(), " "))
-		os.Exit(2)
-	}
-	if *reps < 1 || *execs < 1 || *memMiB < 64 || *cpus < 1 {
-		fmt.Fprintln(os.Stderr, "guestboot: -reps and -execs must be at least 1, -mem at least 64, -cpus at least 1")
-		os.Exit(2)
-	}
-	os.Exit(run())
+	benchkit.Main("guestboot", badFlags, "guest memory goes to /dev/shm and boxes read their snapshots' frozen files", run)
 }
 
-func run() int {
-	fail := func(err error) int {
-		fmt.Fprintf(os.Stderr, "guestboot: %v\n", err)
-		return 1
+// badFlags says what is wrong with the flags' values ("" for nothing).
+func badFlags() string {
+	if *reps < 1 || *execs < 1 || *memMiB < 64 || *cpus < 1 {
+		return "-reps and -execs must be at least 1, -mem at least 64, -cpus at least 1"
 	}
-	if os.Geteuid() != 0 {
-		return fail(errors.New("needs root: guest memory goes to /dev/shm and boxes read their snapshots' frozen files"))
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	return ""
+}
 
+func run(ctx context.Context) error {
 	b, err := setUp(ctx)
 	if b != nil {
 		// Runs on every path: the machines stop before the snapshots go.
 		defer b.tearDown()
 	}
 	if err != nil {
-		return fail(err)
+		return err
 	}
 	rep, err := b.measure(ctx)
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	if *jsonOut {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
-			return fail(err)
-		}
-	} else {
-		printTable(os.Stdout, rep)
-	}
-	return 0
+	return benchkit.Print(os.Stdout, *jsonOut, rep, printTable)
 }
 
 // setUp opens the root, clears what an earlier run left, and makes or
@@ -149,7 +115,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	if err := os.MkdirAll(b.r.Dir, 0o700); err != nil {
 		return b, err
 	}
-	progress("root %s (kept), this run's files in %s and %s", root, b.work, b.memDir)
+	benchkit.Progress("root %s (kept), this run's files in %s and %s", root, b.work, b.memDir)
 
 	t := time.Now()
 	if b.kernel, b.modules, err = guest.Kernel(ctx, root, *kernelPath); err != nil {
@@ -164,7 +130,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	if b.initrd, err = guest.Initramfs(ctx, root, b.modules, agentBin); err != nil {
 		return b, err
 	}
-	progress("kernel %s, initramfs %s (%.1fs)", b.kernel, b.initrd, time.Since(t).Seconds())
+	benchkit.Progress("kernel %s, initramfs %s (%.1fs)", b.kernel, b.initrd, time.Since(t).Seconds())
 
 	t = time.Now()
 	if b.img, err = ensureImage(ctx, g, *treeCache); err != nil {
@@ -173,7 +139,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	if b.base, err = guest.BaseFile(ctx, g, b.img.Name, guest.BaseDir(root)); err != nil {
 		return b, err
 	}
-	progress("image %s (snapshot %s, %s), base file %s (%.1fs)", b.img.Name, b.img.Snapshot, size(b.img.Size), b.base, time.Since(t).Seconds())
+	benchkit.Progress("image %s (snapshot %s, %s), base file %s (%.1fs)", b.img.Name, b.img.Snapshot, benchkit.Size(b.img.Size), b.base, time.Since(t).Seconds())
 
 	if b.bareInitrd, err = writeBareInitramfs(filepath.Join(b.work, "bare-initrd.gz")); err != nil {
 		return b, fmt.Errorf("the bare boot's initramfs: %w", err)
@@ -191,18 +157,12 @@ func ensureImage(ctx context.Context, g *snapshotter.Graph, cache string) (guest
 		return guest.Image{}, err
 	}
 	opts := guest.BuildOptions{Name: guest.DefaultImage, Progress: buildProgress()}
-	tree := filepath.Join(cache, "debootstrap-bookworm")
-	if _, err := os.Stat(tree + ".complete"); err == nil {
-		unlock, err := lockTree(tree)
-		if err != nil {
-			return guest.Image{}, err
-		}
-		defer unlock()
-		opts.Tree = tree
-		progress("building image %s from %s (first run only)", guest.DefaultImage, tree)
-	} else {
-		progress("building image %s with debootstrap (first run only; %s has no complete tree)", guest.DefaultImage, tree)
+	tree, unlock, err := benchkit.CachedTree(cache, guest.DefaultImage)
+	if err != nil {
+		return guest.Image{}, err
 	}
+	defer unlock()
+	opts.Tree = tree
 	return guest.BuildImage(ctx, g, opts)
 }
 
@@ -212,7 +172,7 @@ func buildProgress() func(stage string, done, total int64) {
 	return func(stage string, _, _ int64) {
 		if stage != last {
 			last = stage
-			progress("  image build: %s", stage)
+			benchkit.Progress("  image build: %s", stage)
 		}
 	}
 }

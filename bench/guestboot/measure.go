@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -43,7 +44,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err != nil {
 			return rep, err
 		}
-		progress("bare boot %d/%d: firmware done %s, /init's line %s, powered off %s", i+1, *reps, ms(f.kernel), ms(f.initLine), ms(f.exit))
+		benchkit.Progress("bare boot %d/%d: firmware done %s, /init's line %s, powered off %s", i+1, *reps, benchkit.Ms(f.kernel), benchkit.Ms(f.initLine), benchkit.Ms(f.exit))
 		bareKernel, bareInit, bareExit = append(bareKernel, f.kernel), append(bareInit, f.initLine), append(bareExit, f.exit)
 	}
 
@@ -58,7 +59,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err != nil {
 			return rep, err
 		}
-		progress("box %s: QMP %s, firmware done %s, agent's ready line %s, agent answering %s", name, ms(f.qmp), ms(f.kernel), ms(f.agentLine), ms(f.ready))
+		benchkit.Progress("box %s: QMP %s, firmware done %s, agent's ready line %s, agent answering %s", name, benchkit.Ms(f.qmp), benchkit.Ms(f.kernel), benchkit.Ms(f.agentLine), benchkit.Ms(f.ready))
 		qmp, ready = append(qmp, f.qmp), append(ready, f.ready)
 		kernel, agentLine = appendSeen(kernel, f.kernel), appendSeen(agentLine, f.agentLine)
 
@@ -69,7 +70,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			if onHost, err = execHost(*execs); err != nil {
 				return rep, fmt.Errorf("exec on the host: %w", err)
 			}
-			progress("exec of true: agent p50 %s, host p50 %s", ms(percentile(inGuest, 50)), ms(percentile(onHost, 50)))
+			benchkit.Progress("exec of true: agent p50 %s, host p50 %s", benchkit.Ms(benchkit.Percentile(inGuest, 50)), benchkit.Ms(benchkit.Percentile(onHost, 50)))
 		}
 
 		_ = c.Close() // the box is idle, as one is when boxd hibernates it
@@ -85,29 +86,29 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err != nil {
 			return rep, err
 		}
-		progress("snapshot %s: %s, store +%s (%s); the box's files: memory %s, disk overlay %s",
-			snapName(i), ms(snap.took), size(snap.added), mapsAdded(snap.snap), size(memBytes), size(diskBytes))
+		benchkit.Progress("snapshot %s: %s, store +%s (%s); the box's files: memory %s, disk overlay %s",
+			snapName(i), benchkit.Ms(snap.took), benchkit.Size(snap.added), mapsAdded(snap.snap), benchkit.Size(memBytes), benchkit.Size(diskBytes))
 		snapTook, added, files = append(snapTook, snap.took), append(added, snap.added), append(files, memBytes+diskBytes)
 		rep.Snapshots = append(rep.Snapshots, snapInfo(snap, false))
 		if err := m.Stop(ctx); err != nil {
 			return rep, err
 		}
 	}
-	rep.add(durRow("boot: QEMU up, QMP answering", "s", qmp, nil, ""))
-	rep.add(durRow("boot: firmware hands over to the kernel", "s", kernel, bareKernel, baseBareKern))
-	rep.add(durRow("boot: agent's ready line (bare: /init's line)", "s", agentLine, bareInit, baseBareInit))
-	rep.add(durRow("boot: agent answering (bare: powered off)", "s", ready, bareExit, baseBare))
+	rep.add(benchkit.PctRow("boot: QEMU up, QMP answering", 50, "s", qmp, nil, ""))
+	rep.add(benchkit.PctRow("boot: firmware hands over to the kernel", 50, "s", kernel, bareKernel, baseBareKern))
+	rep.add(benchkit.PctRow("boot: agent's ready line (bare: /init's line)", 50, "s", agentLine, bareInit, baseBareInit))
+	rep.add(benchkit.PctRow("boot: agent answering (bare: powered off)", 50, "s", ready, bareExit, baseBare))
 	for _, st := range []struct {
 		name string
 		f    func([]time.Duration) time.Duration
 	}{
-		{"p50", func(d []time.Duration) time.Duration { return percentile(d, 50) }},
-		{"p95", func(d []time.Duration) time.Duration { return percentile(d, 95) }},
+		{"p50", func(d []time.Duration) time.Duration { return benchkit.Percentile(d, 50) }},
+		{"p95", func(d []time.Duration) time.Duration { return benchkit.Percentile(d, 95) }},
 		{"mean", mean},
 	} {
 		rep.add(statRow(fmt.Sprintf("exec `true`: %s of %d", st.name, *execs), st.f, inGuest, onHost, baseHost))
 	}
-	rep.add(durRow("snapshot (full): time", "s", snapTook, nil, ""))
+	rep.add(benchkit.PctRow("snapshot (full): time", 50, "s", snapTook, nil, ""))
 	rep.add(byteRow("snapshot (full), first box: bytes added", added[:1], files[:1], baseFiles))
 	if len(added) > 1 {
 		rep.add(byteRow("snapshot (full), later boxes: bytes added", added[1:], files[1:], baseFiles))
@@ -129,7 +130,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err := check(ctx, res.c); err != nil {
 			return rep, fmt.Errorf("resumed box: %w", err)
 		}
-		progress("resume %d/%d: running %s, agent answering %s, fresh entropy taken %s", i+1, *reps, ms(res.running), ms(res.ready), ms(res.unique))
+		benchkit.Progress("resume %d/%d: running %s, agent answering %s, fresh entropy taken %s", i+1, *reps, benchkit.Ms(res.running), benchkit.Ms(res.ready), benchkit.Ms(res.unique))
 		resumes = append(resumes, res)
 		_ = res.c.Close()
 		if i < *reps-1 {
@@ -138,8 +139,8 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			}
 		}
 	}
-	rep.add(durRow("resume: running", "s", pick(resumes, restored.runningAt), qmp, baseQMP))
-	rep.add(durRow("resume: agent answering", "s", pick(resumes, restored.readyAt), ready, baseBoot))
+	rep.add(benchkit.PctRow("resume: running", 50, "s", pick(resumes, restored.runningAt), qmp, baseQMP))
+	rep.add(benchkit.PctRow("resume: agent answering", 50, "s", pick(resumes, restored.readyAt), ready, baseBoot))
 
 	// Forks, as boxd's box manager forks: Fork snapshots the box into a
 	// frozen memory file of the snapshot's own while the box is stopped,
@@ -166,7 +167,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 			if err != nil {
 				return nil, err
 			}
-			progress("fork of a %s box, %d spares, %d/%d: %s", of, spares, i+1, *reps, f)
+			benchkit.Progress("fork of a %s box, %d spares, %d/%d: %s", of, spares, i+1, *reps, f)
 			fs = append(fs, f)
 			rep.Snapshots = append(rep.Snapshots, snapInfo(f.snap, f.frozenFile))
 			for _, k := range kids {
@@ -237,10 +238,10 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if r.of == "resumed" {
 			snapIs = "incremental"
 		}
-		rep.add(durRow(what+"the box stopped ("+snapIs+" snapshot, memory copied)", "s", took, nil, ""))
+		rep.add(benchkit.PctRow(what+"the box stopped ("+snapIs+" snapshot, memory copied)", 50, "s", took, nil, ""))
 		rep.add(byteRow(what+"bytes added by the snapshot", added, files, baseFiles))
-		rep.add(durRow(what+"both forks running", "s", pick(both, restored.runningAt), qmp, baseQMP))
-		rep.add(durRow(what+"both forks' agents answering", "s", pick(both, restored.readyAt), ready, baseBoot))
+		rep.add(benchkit.PctRow(what+"both forks running", 50, "s", pick(both, restored.runningAt), qmp, baseQMP))
+		rep.add(benchkit.PctRow(what+"both forks' agents answering", 50, "s", pick(both, restored.readyAt), ready, baseBoot))
 	}
 
 	rep.Seconds = time.Since(began).Seconds()
@@ -284,7 +285,7 @@ func (f forked) String() string {
 		mem = "frozen memory file mapped"
 	}
 	return fmt.Sprintf("box stopped %s (store +%s: %s; %s), both forks running %s, both agents answering %s, both with their identity %s",
-		ms(f.snap.took), size(f.snap.added), mapsAdded(f.snap.snap), mem, ms(f.both.running), ms(f.both.ready), ms(f.both.unique))
+		benchkit.Ms(f.snap.took), benchkit.Size(f.snap.added), mapsAdded(f.snap.snap), mem, benchkit.Ms(f.both.running), benchkit.Ms(f.both.ready), benchkit.Ms(f.both.unique))
 }
 
 // forkRound forks parent as snapshot name (incremental or not), which
@@ -363,7 +364,7 @@ func check(ctx context.Context, c *agent.Client) error {
 func mapsAdded(s snapshotter.Snapshot) string {
 	var parts []string
 	for _, m := range s.Maps {
-		parts = append(parts, fmt.Sprintf("%s %s", m.Name, size(m.NewStored)))
+		parts = append(parts, fmt.Sprintf("%s %s", m.Name, benchkit.Size(m.NewStored)))
 	}
 	return strings.Join(parts, ", ")
 }

@@ -17,7 +17,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -30,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
@@ -38,31 +38,16 @@ const images = 5
 
 var (
 	jsonOut   = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
-	cacheDir  = flag.String("cache", envOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder holding debootstrap-bookworm, the Debian root filesystem (made there if missing)")
-	mirror    = flag.String("mirror", envOr("BOXD_DEBIAN_MIRROR", "http://deb.debian.org/debian"), "Debian mirror for debootstrap (first run only)")
+	cacheDir  = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder holding debootstrap-bookworm, the Debian root filesystem (made there if missing)")
+	mirror    = flag.String("mirror", benchkit.EnvOr("BOXD_DEBIAN_MIRROR", "http://deb.debian.org/debian"), "Debian mirror for debootstrap (first run only)")
 	imageSize = flag.Int64("image-size", 1<<30, "size in bytes of an image without a parent: boxd's default size and blockfile's scratch image")
 	workDir   = flag.String("dir", "", "folder to work in (default: a new folder under $TMPDIR, removed at the end)")
 	only      = flag.String("snapshotters", strings.Join(allKinds, ","), "the snapshotters to measure, comma-separated, in order")
 	cpuprof   = flag.String("cpuprofile", "", "write a CPU profile (runtime/pprof) of boxd's one-layer unpack to this file")
 )
 
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-func progress(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
-
 func main() {
-	flag.Parse()
-	if flag.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "snapshotter: unexpected arguments: %s\n", strings.Join(flag.Args(), " "))
-		os.Exit(2)
-	}
+	benchkit.ParseFlags("snapshotter")
 	code := run()
 	if c := interrupted.Load(); c != 0 {
 		code = int(c)
@@ -112,7 +97,7 @@ func run() int {
 			code = 143
 		}
 		interrupted.Store(code)
-		progress("%v: stopping after the current step, then cleaning up (again to clean up at once)", sig)
+		benchkit.Progress("%v: stopping after the current step, then cleaning up (again to clean up at once)", sig)
 		cancel()
 		select {
 		case <-done:
@@ -120,15 +105,15 @@ func run() int {
 		case <-sigs:
 		case <-time.After(2 * time.Minute):
 		}
-		progress("cleaning up at once")
+		benchkit.Progress("cleaning up at once")
 		if err := cl.run(false); err != nil {
-			progress("cleanup: %v", err)
+			benchkit.Progress("cleanup: %v", err)
 		}
 		os.Exit(int(code))
 	}()
 	defer func() {
 		if err := cl.run(true); err != nil {
-			progress("cleanup: %v", err)
+			benchkit.Progress("cleanup: %v", err)
 		}
 	}()
 
@@ -151,7 +136,7 @@ func run() int {
 	cl.mu.Lock()
 	cl.work = work
 	cl.mu.Unlock()
-	progress("working in %s", work)
+	benchkit.Progress("working in %s", work)
 
 	rootfs, unlock, err := ensureRootfs(ctx, *cacheDir, *mirror, cl)
 	if err != nil {
@@ -163,7 +148,7 @@ func run() int {
 	if err != nil {
 		return fail(err)
 	}
-	progress("layers built from %s in %.1fs: the root filesystem %s (%d entries, %s in regular files); as two layers %s + %s (/etc, %d entries); top layers %s each",
+	benchkit.Progress("layers built from %s in %.1fs: the root filesystem %s (%d entries, %s in regular files); as two layers %s + %s (/etc, %d entries); top layers %s each",
 		rootfs, since(t), mib(int64(len(l.full))), l.entries, mib(l.contentBytes), mib(int64(len(l.lower))), mib(int64(len(l.upper))), l.upperEntries, mib(int64(len(l.tops[0]))))
 
 	b := &bench{work: work, imageSize: *imageSize, layers: l, rootfs: rootfs, cpuprof: *cpuprof, cl: cl}
@@ -194,7 +179,7 @@ func run() int {
 		}
 		res := b.run(ctx, k)
 		if res.Error != "" && interrupted.Load() == 0 {
-			progress("%s: FAILED: %s", k, res.Error)
+			benchkit.Progress("%s: FAILED: %s", k, res.Error)
 			rep.Failures = append(rep.Failures, k+": "+res.Error)
 		}
 		rep.Results = append(rep.Results, res)
@@ -204,14 +189,8 @@ func run() int {
 	}
 	rep.Goals = goals(rep.Results)
 
-	if *jsonOut {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
-			return fail(err)
-		}
-	} else {
-		printTable(os.Stdout, rep)
+	if err := benchkit.Print(os.Stdout, *jsonOut, rep, printTable); err != nil {
+		return fail(err)
 	}
 	if len(rep.Failures) > 0 {
 		return 1
@@ -252,17 +231,13 @@ type Machine struct {
 }
 
 func machine(work string) Machine {
-	m := Machine{CPUs: runtime.NumCPU(), GOMAXPROCS: runtime.GOMAXPROCS(0), Go: runtime.Version()}
+	m := Machine{CPUs: runtime.NumCPU(), GOMAXPROCS: runtime.GOMAXPROCS(0), Kernel: benchkit.KernelRelease(), Go: runtime.Version()}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, d := range bi.Deps {
 			if d.Path == "github.com/containerd/containerd/v2" {
 				m.Containerd = d.Version
 			}
 		}
-	}
-	var u unix.Utsname
-	if unix.Uname(&u) == nil {
-		m.Kernel = unix.ByteSliceToString(u.Release[:])
 	}
 	var st unix.Statfs_t
 	if unix.Statfs(work, &st) == nil {

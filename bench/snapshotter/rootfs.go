@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"golang.org/x/sys/unix"
 )
@@ -35,7 +36,7 @@ func ensureRootfs(ctx context.Context, cache, mirror string, cl *cleaner) (dir s
 	}
 	unlock = func() { lock.Close() } // closing the file releases the lock
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
-		progress("waiting for %s (another process is building the Debian root filesystem)", dir+".lock")
+		benchkit.Progress("waiting for %s (another process is building the Debian root filesystem)", dir+".lock")
 		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX)
 		if err != nil {
 			unlock()
@@ -50,7 +51,7 @@ func ensureRootfs(ctx context.Context, cache, mirror string, cl *cleaner) (dir s
 			unlock()
 			return "", nil, fmt.Errorf("%s exists but holds no Debian root filesystem (no usr/bin/dpkg); remove it to have it rebuilt", dir)
 		}
-		progress("Debian root filesystem: cached in %s", dir)
+		benchkit.Progress("Debian root filesystem: cached in %s", dir)
 		return dir, unlock, nil
 	}
 	if err := buildRootfs(ctx, dir, mirror, cl); err != nil {
@@ -76,7 +77,7 @@ func buildRootfs(ctx context.Context, dir, mirror string, cl *cleaner) error {
 	if err := os.RemoveAll(partial); err != nil {
 		return err
 	}
-	progress("Debian root filesystem: debootstrap --variant=minbase bookworm from %s into %s (first run only; a few minutes)", mirror, partial)
+	benchkit.Progress("Debian root filesystem: debootstrap --variant=minbase bookworm from %s into %s (first run only; a few minutes)", mirror, partial)
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, deb, "--variant=minbase", "bookworm", partial, mirror)
 	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
@@ -95,7 +96,7 @@ func buildRootfs(ctx context.Context, dir, mirror string, cl *cleaner) error {
 	if err := os.WriteFile(dir+".complete", nil, 0o644); err != nil {
 		return err
 	}
-	progress("Debian root filesystem: debootstrap took %v", time.Since(start).Round(time.Second))
+	benchkit.Progress("Debian root filesystem: debootstrap took %v", time.Since(start).Round(time.Second))
 	return nil
 }
 
@@ -114,7 +115,7 @@ func findDebootstrap(ctx context.Context) (string, error) {
 	if p, err := look(); err == nil {
 		return p, nil
 	}
-	progress("installing Debian's debootstrap")
+	benchkit.Progress("installing Debian's debootstrap")
 	apt := func(args ...string) error {
 		// Another apt-get may hold dpkg's lock: wait for it.
 		cmd := exec.CommandContext(ctx, "apt-get", append([]string{"-o", "DPkg::Lock::Timeout=600", "-y", "-q"}, args...)...)

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/snapshotter"
 	ctdsnap "github.com/boxd-dev/boxd/snapshotter/containerd"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -196,7 +197,7 @@ func (b *bench) unpack(ctx context.Context, in *instance, name, parent string, l
 	defer func() {
 		if !committed {
 			if rerr := in.sn.Remove(ctx, key); rerr != nil {
-				progress("%s: removing active snapshot %s after a failure: %v", in.kind, key, rerr)
+				benchkit.Progress("%s: removing active snapshot %s after a failure: %v", in.kind, key, rerr)
 			}
 		}
 	}()
@@ -357,7 +358,7 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 	}
 	defer b.dropRoot(in)
 
-	progress("%s: unpacking the root filesystem as one layer (%s)", kind, mib(int64(len(b.layers.full))))
+	benchkit.Progress("%s: unpacking the root filesystem as one layer (%s)", kind, mib(int64(len(b.layers.full))))
 	var prof *os.File
 	if kind == kindBoxd && b.cpuprof != "" {
 		if prof, err = os.Create(b.cpuprof); err != nil {
@@ -374,13 +375,13 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 		if cerr := prof.Close(); err == nil {
 			err = cerr
 		}
-		progress("%s: CPU profile of the one-layer unpack written to %s", kind, b.cpuprof)
+		benchkit.Progress("%s: CPU profile of the one-layer unpack written to %s", kind, b.cpuprof)
 	}
 	if err != nil {
 		return fmt.Errorf("unpacking the base: %w", err)
 	}
 	res.OneLayer = &st
-	progress("%s: %.2fs (prepare %.2f, mount %.2f, apply %.2f, unmount %.2f, commit %.2f; sync after %.2f)",
+	benchkit.Progress("%s: %.2fs (prepare %.2f, mount %.2f, apply %.2f, unmount %.2f, commit %.2f; sync after %.2f)",
 		kind, st.Total, st.Prepare, st.Mount, st.Apply, st.Unmount, st.Commit, st.Sync)
 
 	for i, top := range b.layers.tops {
@@ -390,7 +391,7 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 		}
 		res.Tops = append(res.Tops, st)
 	}
-	progress("%s: %d images' top layers unpacked on the base, median %.3fs", kind, len(b.layers.tops), median(res.Tops, func(s Steps) float64 { return s.Total }))
+	benchkit.Progress("%s: %d images' top layers unpacked on the base, median %.3fs", kind, len(b.layers.tops), median(res.Tops, func(s Steps) float64 { return s.Total }))
 
 	var mnts []string
 	var keys []string
@@ -398,12 +399,12 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 		// On a failure: the containers go too.
 		for _, m := range mnts {
 			if err := unmount(m); err != nil {
-				progress("%s: %v", kind, err)
+				benchkit.Progress("%s: %v", kind, err)
 			}
 		}
 		for _, k := range keys {
 			if err := in.sn.Remove(ctx, k); err != nil {
-				progress("%s: removing %s: %v", kind, k, err)
+				benchkit.Progress("%s: removing %s: %v", kind, k, err)
 			}
 		}
 	}()
@@ -434,11 +435,11 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 			return fmt.Errorf("container %s does not show its image's file: %w", key, err)
 		}
 	}
-	progress("%s: %d containers prepared and mounted, median %.3fs", kind, len(res.Containers), median(res.Containers, func(c Container) float64 { return c.Total }))
+	benchkit.Progress("%s: %d containers prepared and mounted, median %.3fs", kind, len(res.Containers), median(res.Containers, func(c Container) float64 { return c.Total }))
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	progress("%s: checking container-1's tree against the root filesystem (not timed)", kind)
+	benchkit.Progress("%s: checking container-1's tree against the root filesystem (not timed)", kind)
 	if res.Verified, err = verifyTree(b.rootfs, mnts[0], modifiedFiles[0], 1); err != nil {
 		return fmt.Errorf("container-1 does not hold image-1: %w", err)
 	}
@@ -493,7 +494,7 @@ func (b *bench) runMain(ctx context.Context, kind string, res *Result) error {
 			return err
 		}
 	}
-	progress("%s: 5 images take %s (du -sb), %s allocated", kind, mib(res.Disk.DuBytes), mib(res.Disk.AllocatedBytes))
+	benchkit.Progress("%s: 5 images take %s (du -sb), %s allocated", kind, mib(res.Disk.DuBytes), mib(res.Disk.AllocatedBytes))
 	return nil
 }
 
@@ -504,7 +505,7 @@ func (b *bench) runTwoLayers(ctx context.Context, kind string, res *Result) erro
 		return fmt.Errorf("opening: %w", err)
 	}
 	defer b.dropRoot(in)
-	progress("%s: unpacking the root filesystem as two layers (%s + %s) in a fresh root", kind, mib(int64(len(b.layers.lower))), mib(int64(len(b.layers.upper))))
+	benchkit.Progress("%s: unpacking the root filesystem as two layers (%s + %s) in a fresh root", kind, mib(int64(len(b.layers.lower))), mib(int64(len(b.layers.upper))))
 	st, err := b.unpack(ctx, in, "layer-1", "", b.layers.lower)
 	if err != nil {
 		return fmt.Errorf("unpacking layer 1 of 2: %w", err)
@@ -515,7 +516,7 @@ func (b *bench) runTwoLayers(ctx context.Context, kind string, res *Result) erro
 	}
 	res.TwoLayers = append(res.TwoLayers, st)
 	res.TwoLayersTotal = res.TwoLayers[0].Total + res.TwoLayers[1].Total
-	progress("%s: %.2fs (%.2f + %.2f)", kind, res.TwoLayersTotal, res.TwoLayers[0].Total, res.TwoLayers[1].Total)
+	benchkit.Progress("%s: %.2fs (%.2f + %.2f)", kind, res.TwoLayersTotal, res.TwoLayers[0].Total, res.TwoLayers[1].Total)
 	return nil
 }
 
@@ -523,16 +524,16 @@ func (b *bench) runTwoLayers(ctx context.Context, kind string, res *Result) erro
 // one has the disk to itself.
 func (b *bench) dropRoot(in *instance) {
 	if err := in.close(); err != nil {
-		progress("%s: closing: %v", in.kind, err)
+		benchkit.Progress("%s: closing: %v", in.kind, err)
 	}
 	if err := unmountUnder(filepath.Join(b.work, "mnt")); err != nil {
-		progress("%s: %v", in.kind, err)
+		benchkit.Progress("%s: %v", in.kind, err)
 	}
 	if err := detachLoopsUnder(in.root); err != nil {
-		progress("%s: %v", in.kind, err)
+		benchkit.Progress("%s: %v", in.kind, err)
 	}
 	if err := os.RemoveAll(in.root); err != nil {
-		progress("%s: removing its root: %v", in.kind, err)
+		benchkit.Progress("%s: removing its root: %v", in.kind, err)
 	}
 }
 
