@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -100,20 +101,32 @@ const (
 	ext4IncompatRecover = 0x4
 )
 
+// unmountSettle is how long checkUnmounted waits for a filesystem just
+// unmounted to reach its image: the loop device it was mounted through
+// writes the final superblock to the file after umount returns, and is
+// torn down asynchronously.
+const unmountSettle = 2 * time.Second
+
 // checkUnmounted refuses an image whose filesystem is mounted or was not
 // unmounted cleanly: its blocks are not a consistent filesystem.
 func checkUnmounted(f *os.File) error {
-	var sb [ext4IncompatOffset + 4]byte
-	if _, err := f.ReadAt(sb[:], ext4SuperOffset); err != nil {
-		return fmt.Errorf("reading the image's superblock: %w", err)
+	deadline := time.Now().Add(unmountSettle)
+	for {
+		var sb [ext4IncompatOffset + 4]byte
+		if _, err := f.ReadAt(sb[:], ext4SuperOffset); err != nil {
+			return fmt.Errorf("reading the image's superblock: %w", err)
+		}
+		if binary.LittleEndian.Uint16(sb[ext4MagicOffset:]) != ext4Magic {
+			return fmt.Errorf("the image holds no ext4 filesystem: %w", errdefs.ErrFailedPrecondition)
+		}
+		if binary.LittleEndian.Uint32(sb[ext4IncompatOffset:])&ext4IncompatRecover == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the image's filesystem is mounted or was not unmounted cleanly; unmount it first: %w", errdefs.ErrFailedPrecondition)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	if binary.LittleEndian.Uint16(sb[ext4MagicOffset:]) != ext4Magic {
-		return fmt.Errorf("the image holds no ext4 filesystem: %w", errdefs.ErrFailedPrecondition)
-	}
-	if binary.LittleEndian.Uint32(sb[ext4IncompatOffset:])&ext4IncompatRecover != 0 {
-		return fmt.Errorf("the image's filesystem is mounted or was not unmounted cleanly; unmount it first: %w", errdefs.ErrFailedPrecondition)
-	}
-	return nil
 }
 
 // openImage opens the image of an active snapshot.
