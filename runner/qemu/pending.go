@@ -31,6 +31,7 @@ func (r *Runner) adoptPending(j *captureJob) {
 	}
 	r.pending[j.name] = p
 	r.register(&frozenFile{snap: j.name, path: j.memFile, pending: p})
+	delete(r.prepFiles, j.memFile) // a fork's prepared file: frozen now
 	r.frozenMu.Unlock()
 	go func() {
 		ph := startPhases()

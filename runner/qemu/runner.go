@@ -112,6 +112,9 @@ type Runner struct {
 	frozen   map[string]*frozenFile // by snapshot name
 	byPath   map[string]*frozenFile
 	pending  map[string]*pendingSnap // snapshots on their way to the store, by name
+	// prepFiles are the memory files machines prepared for their forks
+	// (Warm) that no fork has adopted or dropped yet.
+	prepFiles map[string]bool
 
 	spareMu sync.Mutex
 	spares  map[string][]*Machine // by the memory file they map
@@ -538,8 +541,12 @@ func (m *Machine) wait() {
 	switch {
 	case m.private:
 		m.r.forgetSpare(m)
-		if m.acquired.Load() && m.released.CompareAndSwap(false, true) {
-			m.r.release(m.memFile)
+		if m.acquired.Load() {
+			if m.released.CompareAndSwap(false, true) {
+				m.r.release(m.memFile)
+			}
+		} else {
+			m.r.removeUnused(m.memFile)
 		}
 	case !m.frozen.Load():
 		// Spares of a machine that ends without a freeze have nothing to

@@ -86,7 +86,7 @@ func (m *Machine) prepare() (string, error) {
 	m.prepMu.Lock()
 	defer m.prepMu.Unlock()
 	if m.prepared != "" || m.prepEnded {
-		_ = os.Remove(path) // another Warm's, or too late
+		m.r.setPrepared(path, false) // another Warm's, or too late
 		return m.prepared, nil
 	}
 	m.prepared = path
@@ -112,7 +112,35 @@ func (m *Machine) newPrepared() (string, error) {
 		_ = os.Remove(path)
 		return "", err
 	}
+	m.r.setPrepared(path, true)
 	return path, nil
+}
+
+// setPrepared records that path is a prepared memory file (in use until
+// a fork adopts or drops it) or, with false, removes it.
+func (r *Runner) setPrepared(path string, prepared bool) {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	if prepared {
+		if r.prepFiles == nil {
+			r.prepFiles = map[string]bool{}
+		}
+		r.prepFiles[path] = true
+		return
+	}
+	delete(r.prepFiles, path)
+	_ = os.Remove(path)
+}
+
+// removeUnused removes the memory file of a spare that ended untaken if
+// nothing uses it: neither a frozen file nor a prepared one. A spare
+// whose file went before its QEMU opened it made it anew.
+func (r *Runner) removeUnused(path string) {
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	if r.byPath[path] == nil && !r.prepFiles[path] {
+		_ = os.Remove(path)
+	}
 }
 
 // What became of a prepared file a fork took.
@@ -156,7 +184,7 @@ func (m *Machine) forkDone(file string, adopted bool) {
 	m.prepMu.Unlock()
 	if !adopted {
 		m.r.stopSpares(file)
-		_ = os.Remove(file)
+		m.r.setPrepared(file, false)
 	}
 }
 
@@ -169,7 +197,7 @@ func (m *Machine) dropPrepared() {
 	m.prepMu.Unlock()
 	if p != "" {
 		m.r.stopSpares(p)
-		_ = os.Remove(p)
+		m.r.setPrepared(p, false)
 	}
 }
 

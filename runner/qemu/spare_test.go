@@ -171,6 +171,13 @@ func TestWarmFork(t *testing.T) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+	// Every memory file goes: frozen, prepared, and the machines' own.
+	if left := memFiles(t, r.MemDir); len(left) != 0 {
+		time.Sleep(2 * time.Second) // spares stopped in the background
+		if left = memFiles(t, r.MemDir); len(left) != 0 {
+			t.Errorf("memory files left: %v", left)
+		}
+	}
 	// Every machine's folder goes when its QEMU ends (disks/ is the
 	// runner's, for disks exported from the store).
 	if left := machineDirs(t, r.Dir); len(left) != 0 {
@@ -179,6 +186,19 @@ func TestWarmFork(t *testing.T) {
 			t.Errorf("machine folders left: %v", left)
 		}
 	}
+}
+
+func memFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		out = append(out, e.Name())
+	}
+	return out
 }
 
 func machineDirs(t *testing.T, dir string) []string {
