@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 
 	"github.com/boxd-dev/boxd/memstore"
-	"golang.org/x/sys/unix"
 )
 
 // OptionMemory is the restore option that says where the machine's memory
@@ -93,20 +92,14 @@ func copySparse(from string, out *os.File, size int64) error {
 		}
 		end = min(end, size)
 		for p := start; p < end; {
-			// In the kernel (copy_file_range), else through buf.
-			roff, woff := p, p
-			n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(end-p), 0)
-			if err != nil || n <= 0 {
-				n64 := min(int64(len(buf)), end-p)
-				if _, err := in.ReadAt(buf[:n64], p); err != nil && err != io.EOF {
-					return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
-				}
-				if _, err := out.WriteAt(buf[:n64], p); err != nil {
-					return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
-				}
-				n = int(n64)
+			n := min(int64(len(buf)), end-p)
+			if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
+				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
 			}
-			p += int64(n)
+			if _, err := out.WriteAt(buf[:n], p); err != nil {
+				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+			}
+			p += n
 		}
 		off = end
 	}
