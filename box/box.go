@@ -1,6 +1,7 @@
 // Package box is the box manager behind the daemon: each box's lifecycle
 // (running, hibernated, stopped) kept in bbolt under boxd's root, booted,
-// forked, hibernated and resumed through the QEMU runner, and reached
+// forked, hibernated and resumed through the runner backends it is given
+// (package runner's interfaces and optional capabilities), and reached
 // through its agent.
 package box
 
@@ -16,8 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +24,6 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
-	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
 	bolt "go.etcd.io/bbolt"
 )
@@ -44,8 +42,8 @@ const (
 	DefaultCPUs   = 1
 )
 
-// ReadyTimeout bounds how long a box may take from QEMU's start to its
-// agent answering (TCG boots take seconds).
+// ReadyTimeout bounds how long a box may take from its machine's start to
+// its agent answering (TCG boots take seconds).
 var ReadyTimeout = 90 * time.Second
 
 // Box is what the manager knows of one box.
@@ -55,6 +53,7 @@ type Box struct {
 	Image    string    `json:"image"`
 	Memory   int64     `json:"memory"`
 	CPUs     int       `json:"cpus"`
+	Runner   string    `json:"runner,omitempty"`   // the runner it runs on ("" in records older than the field: Config.DefaultRunner)
 	Keys     []string  `json:"keys,omitempty"`     // authorized public keys, authorized_keys lines
 	Snapshot string    `json:"snapshot,omitempty"` // the last snapshot, which a hibernated box resumes from
 	Parent   string    `json:"parent,omitempty"`   // the box it was forked from
@@ -70,28 +69,32 @@ type Config struct {
 	Graph  *snapshotter.Graph // the store under Root
 	Kernel string             // a kernel to boot instead of Debian's cloud kernel
 	Logger *slog.Logger
-	// MemDir holds guest memory files; "" means a folder in /dev/shm.
-	MemDir string
-	// WarmForks is how many spare QEMUs wait, paused, for a fork of a box
-	// (one booted, resumed, or just forked from): a fork then starts no
-	// process. 0 means DefaultWarmForks; negative, none.
-	WarmForks int
+	// Runners are the backends boxes may run on, each on Graph; a box
+	// names its runner (Runner.Name).
+	Runners []runner.Runner
+	// DefaultRunner names the runner of RunnerAuto and of boxes recorded
+	// before boxes named theirs; "" means the first of Runners.
+	DefaultRunner string
+	// Spares is how many machines wait, paused, for a fork of a box (one
+	// booted, resumed, or just forked from) on a runner.Forker: a fork then
+	// starts no process. 0 means DefaultSpares; negative, none.
+	Spares int
 }
 
-// DefaultWarmForks is the spares each box has by default: enough for a
+// DefaultSpares is the spares each box has by default: enough for a
 // fork into two boxes (the parent goes on in its own machine).
-const DefaultWarmForks = 2
+const DefaultSpares = 2
 
 // Manager owns the boxes of one root.
 type Manager struct {
-	cfg    Config
-	db     *bolt.DB
-	runner *qemu.Runner
-	log    *slog.Logger
+	cfg     Config
+	db      *bolt.DB
+	runners map[string]runner.Runner
+	log     *slog.Logger
 
 	mu       sync.Mutex
 	locks    map[string]*sync.Mutex // one operation per box at a time
-	machines map[string]*qemu.Machine
+	machines map[string]runner.Machine
 	clients  map[string]*agent.Client
 }
 
@@ -122,10 +125,20 @@ func Open(cfg Config) (*Manager, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if cfg.MemDir == "" {
-		cfg.MemDir = filepath.Join("/dev/shm", "boxd-"+shortHash(cfg.Root))
+	runners := map[string]runner.Runner{}
+	for _, r := range cfg.Runners {
+		runners[r.Name()] = r
 	}
-	for _, d := range []string{filepath.Join(cfg.Root, "run"), disksDir(cfg.Root), filepath.Join(cfg.Root, "boxes")} {
+	if len(cfg.Runners) == 0 {
+		return nil, fmt.Errorf("box: no runners given: %w", cas.ErrInvalidArgument)
+	}
+	if cfg.DefaultRunner == "" {
+		cfg.DefaultRunner = cfg.Runners[0].Name()
+	}
+	if runners[cfg.DefaultRunner] == nil {
+		return nil, fmt.Errorf("box: default runner %q is not among the runners: %w", cfg.DefaultRunner, cas.ErrInvalidArgument)
+	}
+	for _, d := range []string{disksDir(cfg.Root), filepath.Join(cfg.Root, "boxes")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("box: %w", err)
 		}
@@ -135,10 +148,9 @@ func Open(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("box: opening boxes.db (is another boxd daemon running on %s?): %w", cfg.Root, err)
 	}
 	m := &Manager{
-		cfg: cfg, db: db, log: cfg.Logger,
-		runner:   &qemu.Runner{Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger},
+		cfg: cfg, db: db, log: cfg.Logger, runners: runners,
 		locks:    map[string]*sync.Mutex{},
-		machines: map[string]*qemu.Machine{},
+		machines: map[string]runner.Machine{},
 		clients:  map[string]*agent.Client{},
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
@@ -166,19 +178,10 @@ func Open(cfg Config) (*Manager, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("box: reading boxes.db: %w", err)
 	}
-	_ = os.RemoveAll(cfg.MemDir) // memory files of a boxd that is gone
 	return m, nil
 }
 
 func disksDir(root string) string { return filepath.Join(root, "disks") }
-
-func shortHash(s string) string {
-	h := cas.Sum([]byte(s))
-	return hex.EncodeToString(h[:6])
-}
-
-// Runner is the QEMU runner the manager drives.
-func (m *Manager) Runner() *qemu.Runner { return m.runner }
 
 // Close hibernates every running box (so that nothing is lost) and
 // closes the database.
@@ -192,11 +195,10 @@ func (m *Manager) Close(ctx context.Context) error {
 			}
 		}
 	}
-	// Snapshots that forks froze go to the store before boxd ends.
-	if err := m.runner.Flush(ctx); err != nil {
-		m.log.Error("box: writing frozen snapshots at exit", "err", err)
+	// Snapshots written in the background go to the store before boxd ends.
+	if err := m.Flush(ctx); err != nil {
+		m.log.Error("box: writing snapshots at exit", "err", err)
 	}
-	_ = os.Remove(m.cfg.MemDir) // empty once every machine and frozen file is gone
 	return m.db.Close()
 }
 
@@ -222,7 +224,16 @@ func (m *Manager) Get(name string) (Box, error) {
 		}
 		return json.Unmarshal(v, &bx)
 	})
+	m.fill(&bx)
 	return bx, err
+}
+
+// fill completes a record written before boxes named their runner: such a
+// box runs on the default runner.
+func (m *Manager) fill(bx *Box) {
+	if bx.Runner == "" && bx.Name != "" {
+		bx.Runner = m.cfg.DefaultRunner
+	}
 }
 
 // List returns every box, by name.
@@ -234,6 +245,7 @@ func (m *Manager) List() ([]Box, error) {
 			if err := json.Unmarshal(v, &bx); err != nil {
 				return err
 			}
+			m.fill(&bx)
 			out = append(out, bx)
 			return nil
 		})
@@ -256,6 +268,8 @@ type CreateOptions struct {
 	Memory int64  // bytes, default DefaultMemory
 	CPUs   int
 	Keys   []string
+	// Runner names the runner: RunnerAuto ("" too) or a runner's name.
+	Runner string
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
@@ -279,6 +293,10 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if opts.CPUs < 1 || opts.CPUs > 64 {
 		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, cas.ErrInvalidArgument)
 	}
+	r, err := m.ChooseRunner(opts.Runner)
+	if err != nil {
+		return Box{}, err
+	}
 	unlock := m.lock(opts.Name)
 	defer unlock()
 	if _, err := m.Get(opts.Name); err == nil {
@@ -293,7 +311,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	}
 	bx := Box{
 		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
-		Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
+		Runner: r.Name(), Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
 	}
 	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
 		return Box{}, fmt.Errorf("box: %w", err)
@@ -302,7 +320,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err := m.put(bx); err != nil {
 		return Box{}, err
 	}
-	if err := qemu.CreateOverlay(ctx, bx.Disk, base); err != nil {
+	if err := r.(runner.DiskFiles).CreateDisk(ctx, bx.Disk, base); err != nil {
 		_ = m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(bx.Name)) })
 		return Box{}, err
 	}
@@ -324,10 +342,15 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 
 func (m *Manager) boxDir(name string) string { return filepath.Join(m.cfg.Root, "boxes", name) }
 
+// consolePath is the file box name's console is appended to.
+func (m *Manager) consolePath(name string) string {
+	return filepath.Join(m.boxDir(name), "console.log")
+}
+
 func (m *Manager) newDiskPath(name string) string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
-	return filepath.Join(disksDir(m.cfg.Root), fmt.Sprintf("%s-%s.qcow2", name, hex.EncodeToString(b[:])))
+	return filepath.Join(disksDir(m.cfg.Root), fmt.Sprintf("%s-%s.disk", name, hex.EncodeToString(b[:])))
 }
 
 // spec is the machine a cold boot of bx starts.
@@ -346,46 +369,48 @@ func (m *Manager) spec(ctx context.Context, bx Box) (runner.Spec, error) {
 		return runner.Spec{}, err
 	}
 	return runner.Spec{
-		MemSize: bx.Memory, CPUs: bx.CPUs, Boot: kernel,
-		Options: map[string]string{
-			qemu.OptionInitrd:  initrd,
-			qemu.OptionCmdline: guest.Cmdline(bx.Name),
-			qemu.OptionDisk:    bx.Disk,
-			qemu.OptionBase:    guest.SnapshotName(bx.Image),
-			qemu.OptionConsole: filepath.Join(m.boxDir(bx.Name), "console.log"),
-		},
+		MemSize: bx.Memory, CPUs: bx.CPUs, Kernel: kernel, Initrd: initrd,
+		Cmdline: guest.Cmdline(bx.Name),
+		Console: m.consolePath(bx.Name),
+		Disk:    &runner.Disk{Path: bx.Disk, Base: guest.SnapshotName(bx.Image)},
 	}, nil
 }
 
 // boot cold-boots bx from its disk and waits for its agent.
 func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
+	r, err := m.runnerOf(bx)
+	if err != nil {
+		return bx, err
+	}
 	spec, err := m.spec(ctx, bx)
 	if err != nil {
 		return bx, err
 	}
-	mach, err := m.runner.StartMachine(ctx, spec)
+	mach, err := r.Start(ctx, spec)
 	if err != nil {
 		return bx, err
 	}
 	if err := m.attach(ctx, bx.Name, mach); err != nil {
 		return bx, err
 	}
-	m.warm(bx.Name, mach)
+	m.startSpares(bx.Name, mach)
 	bx.State, bx.Note = StateRunning, ""
 	return bx, m.put(bx)
 }
 
-// warm starts spares for forks of box name's machine, in the background.
-func (m *Manager) warm(name string, mach *qemu.Machine) {
-	n := m.cfg.WarmForks
+// startSpares starts spares for forks of box name's machine, in the
+// background, where its runner has them (runner.Forker).
+func (m *Manager) startSpares(name string, mach runner.Machine) {
+	f, ok := mach.(runner.Forker)
+	n := m.cfg.Spares
 	if n == 0 {
-		n = DefaultWarmForks
+		n = DefaultSpares
 	}
-	if n < 0 {
+	if n < 0 || !ok {
 		return
 	}
 	go func() {
-		if err := mach.Warm(context.Background(), n); err != nil && mach.Err() == nil {
+		if err := f.StartSpares(context.Background(), n); err != nil && mach.Err() == nil {
 			m.log.Warn("box: no spares for forks", "box", name, "err", err)
 		}
 	}()
@@ -393,7 +418,12 @@ func (m *Manager) warm(name string, mach *qemu.Machine) {
 
 // attach waits for the agent of mach and makes it box name's machine. On
 // failure the machine is stopped and the error carries the console's end.
-func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) error {
+func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) error {
+	ah, ok := mach.(runner.AgentHost)
+	if !ok { // ChooseRunner refuses such runners; a backend that changed its mind
+		_ = mach.Stop(context.WithoutCancel(ctx))
+		return fmt.Errorf("box %s: its machine has no agent to reach: %w", name, runner.ErrNotSupported)
+	}
 	dctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
 	defer cancel()
 	go func() { // a guest that dies ends the wait at once
@@ -403,11 +433,11 @@ func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) e
 		case <-dctx.Done():
 		}
 	}()
-	c, err := agent.Dial(dctx, mach.AgentSocket())
+	c, err := agent.Dial(dctx, ah.AgentSocket())
 	if err != nil {
 		_ = mach.Stop(context.WithoutCancel(ctx))
 		why := "its agent did not answer within " + ReadyTimeout.String()
-		if mach.Err() != nil && !errors.Is(mach.Err(), qemu.ErrStopped) {
+		if mach.Err() != nil && !errors.Is(mach.Err(), runner.ErrStopped) {
 			why = "the machine stopped: " + mach.Err().Error()
 		}
 		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), cas.ErrUnavailable)
@@ -423,9 +453,9 @@ func (m *Manager) attach(ctx context.Context, name string, mach *qemu.Machine) e
 // other than on boxd's request (QEMU killed or crashed, the guest powered
 // off): the box is reported as it is, not left running on paper. Its
 // disk is kept; the next use boots it.
-func (m *Manager) watch(name string, mach *qemu.Machine) {
+func (m *Manager) watch(name string, mach runner.Machine) {
 	<-mach.Done()
-	if errors.Is(mach.Err(), qemu.ErrStopped) {
+	if errors.Is(mach.Err(), runner.ErrStopped) {
 		return
 	}
 	unlock := m.lock(name)
@@ -458,7 +488,7 @@ func tail(b []byte, n int) string {
 	return string(bytes.Join(lines, []byte("\n")))
 }
 
-func (m *Manager) detach(name string) *qemu.Machine {
+func (m *Manager) detach(name string) runner.Machine {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	mach := m.machines[name]
@@ -477,37 +507,22 @@ func (m *Manager) stopMachine(ctx context.Context, name string) {
 }
 
 // CPUTime is the CPU time (user and system) box name's machine has used
-// so far, if it runs.
+// so far, if it runs on a runner that measures it (runner.CPUMeter).
 func (m *Manager) CPUTime(name string) (time.Duration, bool) {
 	mach, _, ok := m.machine(name)
 	if !ok {
 		return 0, false
 	}
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", mach.PID()))
-	if err != nil {
+	cm, ok := mach.(runner.CPUMeter)
+	if !ok {
 		return 0, false
 	}
-	// The fields after the command name, which is in parentheses and may
-	// hold spaces: state is the first; utime and stime are the 12th and
-	// 13th, in clock ticks (USER_HZ, 100 on Linux).
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return 0, false
-	}
-	f := strings.Fields(string(stat[i+1:]))
-	if len(f) < 13 {
-		return 0, false
-	}
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, false
-	}
-	return time.Duration(ut+st) * (time.Second / 100), true
+	d, err := cm.CPUTime()
+	return d, err == nil
 }
 
 // machine returns box name's running machine, noticing one that died.
-func (m *Manager) machine(name string) (*qemu.Machine, *agent.Client, bool) {
+func (m *Manager) machine(name string) (runner.Machine, *agent.Client, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	mach := m.machines[name]

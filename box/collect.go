@@ -6,13 +6,27 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-
-	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
-// diskName matches the disk files of a box: NAME-XXXXXXXX.qcow2, and the
-// overlays its snapshots froze, NAME-XXXXXXXX@SNAPSHOT.qcow2.
-var diskName = regexp.MustCompile(`^([a-z0-9-]+)-[0-9a-f]{8}(@.*)?\.qcow2$`)
+// diskName matches the disk files the manager names (newDiskPath):
+// NAME-XXXXXXXX.EXT. Files a runner derived from one (the layers its
+// snapshots froze) are traced back to it with runner.DiskFiles.DiskOrigin.
+var diskName = regexp.MustCompile(`^([a-z0-9-]+)-[0-9a-f]{8}\.[a-z0-9]+$`)
+
+// diskOwner is the box whose disk file path is, or was made from; "" for
+// a file that is no box's.
+func (m *Manager) diskOwner(path string) string {
+	for _, df := range m.diskFiles() {
+		if o := df.DiskOrigin(path); o != "" {
+			path = o
+			break
+		}
+	}
+	if d := diskName.FindStringSubmatch(filepath.Base(path)); d != nil {
+		return d[1]
+	}
+	return ""
+}
 
 // collect removes what removed boxes left behind that nothing needs any
 // more: their snapshots that no other snapshot builds on and no box stands
@@ -22,7 +36,7 @@ var diskName = regexp.MustCompile(`^([a-z0-9-]+)-[0-9a-f]{8}(@.*)?\.qcow2$`)
 // are removed too. The chunks stay in the store until `boxd store gc`.
 func (m *Manager) collect(ctx context.Context) {
 	// A snapshot still on its way to the store may build on one of them.
-	if err := m.runner.Flush(ctx); err != nil {
+	if err := m.Flush(ctx); err != nil {
 		m.log.Warn("box: collecting removed boxes' snapshots", "err", err)
 	}
 	g := m.cfg.Graph
@@ -45,10 +59,9 @@ func (m *Manager) collect(ctx context.Context) {
 	}
 	// Snapshots on their way to the store (a fork that began after the
 	// Flush) and the parents they build on.
-	for _, s := range m.runner.Pending() {
+	for _, s := range m.pending() {
 		standOn[s] = true
 	}
-	exports := filepath.Join(m.cfg.Root, "run", "disks")
 	for removed := true; removed; {
 		removed = false
 		snaps, err := g.List()
@@ -67,15 +80,14 @@ func (m *Manager) collect(ctx context.Context) {
 				m.log.Warn("box: removing a removed box's snapshot", "snapshot", s.Name, "err", err)
 				continue
 			}
-			m.runner.DropFrozen(s.Name)
-			_ = os.Remove(filepath.Join(exports, "snap-"+s.Name+".raw"))
+			m.removed(s.Name)
 			removed = true
 		}
 	}
 
 	keep := map[string]bool{}
 	for _, b := range boxes {
-		for _, f := range qemu.BackingChain(b.Disk) {
+		for _, f := range m.diskChain(b.Disk) {
 			keep[f] = true
 		}
 	}
@@ -84,15 +96,15 @@ func (m *Manager) collect(ctx context.Context) {
 		return
 	}
 	for _, s := range snaps {
-		if d := s.Labels[qemu.LabelDisk]; d != "" {
-			for _, f := range qemu.BackingChain(d) {
+		if d := m.snapshotDisk(s); d != "" {
+			for _, f := range m.diskChain(d) {
 				keep[f] = true
 			}
 		}
 	}
 	for _, f := range files {
 		path := filepath.Join(disksDir(m.cfg.Root), f.Name())
-		if d := diskName.FindStringSubmatch(f.Name()); d != nil && !exists[d[1]] && !keep[path] {
+		if owner := m.diskOwner(path); owner != "" && !exists[owner] && !keep[path] {
 			_ = os.Remove(path)
 		}
 	}

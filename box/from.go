@@ -2,7 +2,6 @@ package box
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -11,7 +10,6 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
-	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
 	bolt "go.etcd.io/bbolt"
 )
@@ -46,9 +44,9 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 	if err != nil {
 		return Box{}, err
 	}
-	var spec runner.Spec
-	if err := json.Unmarshal([]byte(sn.Labels[qemu.LabelSpec]), &spec); err != nil {
-		return Box{}, fmt.Errorf("snapshot %s: its machine spec: %w: %w", sn.Name, err, cas.ErrCorrupt)
+	r, spec, err := m.snapshotMachine(sn)
+	if err != nil {
+		return Box{}, err
 	}
 	parent := sn.Labels[LabelBox]
 	unique, err := agent.NewUnique(opts.Name)
@@ -62,15 +60,15 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
 	}
 	bx := Box{
-		Name: opts.Name, State: StateStopped, Image: m.imageOf(spec, parent), Memory: spec.MemSize, CPUs: spec.CPUs,
-		Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
+		Name: opts.Name, State: StateStopped, Image: m.imageOf(sn, parent), Memory: spec.MemSize, CPUs: spec.CPUs,
+		Runner: r.Name(), Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
 		Snapshot: sn.Name, // it stands on it already: removing other boxes keeps it
 		Note:     "being made from snapshot " + sn.Name,
 	}
 	if err := m.put(bx); err != nil {
 		return Box{}, err
 	}
-	if err := m.restore(ctx, bx.Name, sn.Name, bx.Disk, unique); err != nil {
+	if err := m.restore(ctx, bx, sn.Name, bx.Disk, unique); err != nil {
 		// A box left hibernated on the snapshot would resume as its
 		// parent's twin (a resume keeps the hostname and machine-id), so
 		// nothing is kept.
@@ -81,7 +79,7 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 	return bx, m.put(bx)
 }
 
-// boxSnapshot returns snapshot name if a box took it on the QEMU runner.
+// boxSnapshot returns snapshot name if a box took it.
 func (m *Manager) boxSnapshot(name string) (snapshotter.Snapshot, error) {
 	if name == "" {
 		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot named to make the box from: %w", cas.ErrInvalidArgument)
@@ -96,23 +94,50 @@ func (m *Manager) boxSnapshot(name string) (snapshotter.Snapshot, error) {
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	if sn.Labels[LabelBox] == "" || sn.Labels[qemu.LabelRunner] != RunnerQEMU {
+	if sn.Labels[LabelBox] == "" {
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q was not taken by a box (boxd snapshots lists those; an image is made into a box with --image): %w", name, cas.ErrInvalidArgument)
 	}
 	return sn, nil
 }
 
-// imageOf names the image a box made from a snapshot of box parent was
-// made from: parent's, or, with parent gone, the image whose disk the
-// snapshot's machine is based on.
-func (m *Manager) imageOf(spec runner.Spec, parent string) string {
+// snapshotMachine is the runner that took snapshot sn and the machine sn
+// restores as (runner.SpecReader).
+func (m *Manager) snapshotMachine(sn snapshotter.Snapshot) (runner.Runner, runner.Spec, error) {
+	name := sn.Labels[runner.LabelRunner]
+	r := m.runners[name]
+	if r == nil {
+		return nil, runner.Spec{}, fmt.Errorf("snapshot %s was taken on the %q runner, which this boxd does not have: %w", sn.Name, name, runner.ErrNotSupported)
+	}
+	sr, ok := r.(runner.SpecReader)
+	if !ok {
+		return nil, runner.Spec{}, fmt.Errorf("the %s runner cannot say what machine snapshot %s is, to make a box of it: %w", name, sn.Name, runner.ErrNotSupported)
+	}
+	spec, err := sr.SnapshotSpec(sn)
+	if err != nil {
+		return nil, runner.Spec{}, fmt.Errorf("snapshot %s: %w", sn.Name, err)
+	}
+	return r, spec, nil
+}
+
+// imageOf names the image a box made from snapshot sn of box parent was
+// made from: parent's, or, with parent gone, the image the snapshot's
+// chain of parents starts from.
+func (m *Manager) imageOf(sn snapshotter.Snapshot, parent string) string {
 	if p, err := m.Get(parent); err == nil {
 		return p.Image
 	}
-	if base := spec.Options[qemu.OptionBase]; base != "" {
-		if s, err := m.cfg.Graph.Get(base); err == nil {
-			return s.Labels[guest.LabelImage]
+	for range 100000 { // a chain is finite; the bound guards a damaged one
+		if img := sn.Labels[guest.LabelImage]; img != "" {
+			return img
 		}
+		if sn.Parent == "" {
+			return ""
+		}
+		next, err := m.cfg.Graph.Get(sn.Parent)
+		if err != nil {
+			return ""
+		}
+		sn = next
 	}
 	return ""
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -13,7 +12,6 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
-	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
@@ -45,7 +43,7 @@ func (m *Manager) setPausedLocked(ctx context.Context, bx Box, pause bool) (Box,
 	if pause {
 		err, bx.State = mach.Pause(ctx), StatePaused
 	} else {
-		err, bx.State = mach.Resume(ctx), StateRunning
+		err, bx.State = mach.Continue(ctx), StateRunning
 	}
 	if err != nil {
 		return bx, err
@@ -54,7 +52,7 @@ func (m *Manager) setPausedLocked(ctx context.Context, bx Box, pause bool) (Box,
 }
 
 // running returns bx's machine, or an error saying why there is none.
-func (m *Manager) running(bx Box) (*qemu.Machine, error) {
+func (m *Manager) running(bx Box) (runner.Machine, error) {
 	mach, _, ok := m.machine(bx.Name)
 	if (bx.State != StateRunning && bx.State != StatePaused) || !ok {
 		return nil, fmt.Errorf("box %s is %s: %w", bx.Name, bx.State, ErrInvalidState)
@@ -86,7 +84,7 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	bx.Snapshot, bx.Disk = full, mach.Disk()
+	bx.Snapshot, bx.Disk = full, currentDisk(mach, bx.Disk)
 	return s, m.put(bx)
 }
 
@@ -114,10 +112,18 @@ func (m *Manager) hibernateLocked(ctx context.Context, bx Box) (Box, error) {
 	if err != nil {
 		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
 	}
-	top := mach.Disk()
+	top := currentDisk(mach, bx.Disk)
 	m.stopMachine(ctx, bx.Name)
-	_ = os.Remove(top) // the empty overlay after the snapshot; resume makes a new one
-	bx.State, bx.Snapshot, bx.Disk = StateHibernated, snap, s.Labels[qemu.LabelDisk]
+	bx.State, bx.Snapshot = StateHibernated, snap
+	if frozen := m.snapshotDisk(s); frozen != "" && frozen != top {
+		// The snapshot froze the disk into a layer of its own: the top
+		// holds only what the machine wrote since, nothing the box needs
+		// (the resume makes a new top over the snapshot's).
+		_ = os.Remove(top)
+		bx.Disk = frozen
+	} else {
+		bx.Disk = top
+	}
 	return bx, m.put(bx)
 }
 
@@ -143,76 +149,68 @@ func (m *Manager) resume(ctx context.Context, bx Box) (Box, error) {
 	}
 	unique.MachineID = "" // the same box: only entropy and the clock are new
 	disk := m.newDiskPath(bx.Name)
-	if err := m.restoreWith(ctx, bx.Name, bx.Snapshot, disk, unique, true); err != nil {
+	if err := m.restoreWith(ctx, bx, bx.Snapshot, disk, unique, true); err != nil {
 		return bx, fmt.Errorf("resuming box %s: %w", bx.Name, err)
 	}
 	bx.State, bx.Disk, bx.Note = StateRunning, disk, ""
 	return bx, m.put(bx)
 }
 
-// restore starts box name's machine from snap on a new overlay at disk,
-// mapping the snapshot's frozen memory copy-on-write, waits for its agent
-// and gives the guest u.
-func (m *Manager) restore(ctx context.Context, name, snap, disk string, u agent.Unique) error {
-	return m.restoreWith(ctx, name, snap, disk, u, false)
+// restore starts bx's machine from snap on a new disk at disk, waits for
+// its agent and gives the guest u.
+func (m *Manager) restore(ctx context.Context, bx Box, snap, disk string, u agent.Unique) error {
+	return m.restoreWith(ctx, bx, snap, disk, u, false)
 }
 
-// restoreWith is restore; with own, the machine gets a memory file of its
-// own (qemu.MemoryOwn) and spares for forks.
-func (m *Manager) restoreWith(ctx context.Context, name, snap, disk string, u agent.Unique, own bool) error {
-	if err := os.MkdirAll(m.boxDir(name), 0o700); err != nil {
+// restoreWith is restore; longLived says the machine is bx resumed (not a
+// fork, which may share the snapshot's memory with its siblings): it gets
+// spares for forks.
+func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u agent.Unique, longLived bool) error {
+	r, err := m.runnerOf(bx)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
 		return fmt.Errorf("box: %w", err)
 	}
-	opts := map[string]string{
-		qemu.OptionDisk:    disk,
-		qemu.OptionConsole: filepath.Join(m.boxDir(name), "console.log"),
-	}
-	if own {
-		opts[qemu.OptionMemory] = qemu.MemoryOwn
-	}
-	mach, err := m.runner.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: opts})
+	mach, err := r.Restore(ctx, snap, runner.RestoreOptions{
+		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived,
+	})
 	if err != nil {
 		_ = os.Remove(disk)
 		return err
 	}
-	if err := m.attach(ctx, name, mach); err != nil {
+	if err := m.attach(ctx, bx.Name, mach); err != nil {
 		return err
 	}
-	_, c, _ := m.machine(name)
+	_, c, _ := m.machine(bx.Name)
 	if u.TimeUnixNano != 0 {
 		u.TimeUnixNano = time.Now().UnixNano() // the clock as it is now, not when u was made
 	}
 	if err := c.Unique(ctx, u); err != nil {
-		m.stopMachine(ctx, name)
-		return fmt.Errorf("making box %s unique: %w", name, err)
+		m.stopMachine(ctx, bx.Name)
+		return fmt.Errorf("making box %s unique: %w", bx.Name, err)
 	}
-	if own {
-		m.warm(name, mach)
+	if longLived {
+		m.startSpares(bx.Name, mach)
 	}
 	return nil
 }
 
 // Fork makes boxes names from running (or hibernated) box src: each carries
 // on from src's memory, disk and processes, with its own hostname,
-// machine-id, fresh entropy and the host's clock. A running src stops for
-// as long as it takes to copy its memory into a frozen file of the fork's
-// snapshot (the one its spares wait on), then goes on; the forks map that
-// file copy-on-write, so pages they only read are in host memory once, and
-// start on src's spares when it has them. The snapshot reaches the store
-// while they start.
+// machine-id, fresh entropy and the host's clock. It goes in four phases:
+// the snapshot the children start from (forkSnapshot), their records
+// (forkRecords), their machines (startForks) and their final records
+// (recordForks).
+//
+// On a runner.Forker, a running src stops only for as long as it takes to
+// give the snapshot its memory, then goes on; the children start on src's
+// spares when it has them, and the snapshot reaches the store while they
+// start. Elsewhere the fork is a snapshot of src and one restore per child.
 func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, error) {
-	if len(names) == 0 {
-		return nil, fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
-	}
-	seen := map[string]bool{}
-	for _, n := range names {
-		if err := ValidateName(n); err != nil {
-			return nil, err
-		}
-		if seen[n] || n == src {
-			return nil, fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
-		}
-		seen[n] = true
+	if err := checkForkNames(src, names); err != nil {
+		return nil, err
 	}
 	// src and the new names, locked in one order (no other operation holds
 	// two boxes' locks).
@@ -229,66 +227,113 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	if err != nil {
 		return nil, err
 	}
-	var snap string
+	snap, err := m.forkSnapshot(ctx, &parent)
+	if err != nil {
+		return nil, err
+	}
+	defer m.release(snap) // what restores of it no longer need
+	children, err := m.forkRecords(parent, snap, names)
+	if err != nil {
+		return nil, err
+	}
+	errs := m.startForks(ctx, children, snap)
+	return m.recordForks(src, children, snap, errs)
+}
+
+// checkForkNames refuses bad, repeated or clashing names for src's forks.
+func checkForkNames(src string, names []string) error {
+	if len(names) == 0 {
+		return fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
+	}
+	seen := map[string]bool{}
+	for _, n := range names {
+		if err := ValidateName(n); err != nil {
+			return err
+		}
+		if seen[n] || n == src {
+			return fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
+		}
+		seen[n] = true
+	}
+	return nil
+}
+
+// forkSnapshot is the snapshot parent's forks start from: a new one of a
+// running parent, which goes on (and gets spares for its next fork), or
+// the one a hibernated parent sleeps in.
+func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (string, error) {
 	switch parent.State {
 	case StateRunning:
-		mach, err := m.running(parent)
-		if err != nil {
-			return nil, err
-		}
-		snap = snapName(&parent, "fork")
-		if _, err := mach.Fork(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: src}}); err != nil {
-			return nil, fmt.Errorf("fork of %s: %w", src, err)
-		}
-		parent.Snapshot, parent.Disk = snap, mach.Disk()
-		if err := m.put(parent); err != nil {
-			return nil, err
-		}
-		// Spares for its next fork.
-		m.warm(src, mach)
 	case StateHibernated:
-		snap = parent.Snapshot
+		return parent.Snapshot, nil
 	default:
-		return nil, fmt.Errorf("box %s is %s; start it before forking: %w", src, parent.State, ErrInvalidState)
+		return "", fmt.Errorf("box %s is %s; start it before forking: %w", parent.Name, parent.State, ErrInvalidState)
 	}
-	defer m.runner.DropFrozen(snap) // if nothing ever maps it
+	mach, err := m.running(*parent)
+	if err != nil {
+		return "", err
+	}
+	snap := snapName(parent, "fork")
+	opts := runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: parent.Name}}
+	take := mach.Snapshot
+	if f, ok := mach.(runner.Forker); ok {
+		take = f.SnapshotForFork
+	}
+	if _, err := take(ctx, snap, opts); err != nil {
+		return "", fmt.Errorf("fork of %s: %w", parent.Name, err)
+	}
+	parent.Snapshot, parent.Disk = snap, currentDisk(mach, parent.Disk)
+	if err := m.put(*parent); err != nil {
+		return "", err
+	}
+	m.startSpares(parent.Name, mach)
+	return snap, nil
+}
 
-	type job struct {
-		bx     Box
-		unique agent.Unique
-	}
-	var jobs []job
+// forkRecords makes and records the boxes names, forks of parent standing
+// on snap: the record first, so that collect keeps what it names.
+func (m *Manager) forkRecords(parent Box, snap string, names []string) ([]Box, error) {
+	var children []Box
 	for _, n := range names {
-		u, err := agent.NewUnique(n)
-		if err != nil {
+		child := Box{
+			Name: n, State: StateStopped, Image: parent.Image, Memory: parent.Memory, CPUs: parent.CPUs,
+			Runner: parent.Runner, Keys: parent.Keys, Snapshot: snap, Parent: parent.Name,
+			Disk: m.newDiskPath(n), Created: nowUTC(), Note: "being forked",
+		}
+		if err := m.put(child); err != nil {
 			return nil, err
 		}
-		child := Box{
-			Name: n, State: StateRunning, Image: parent.Image, Memory: parent.Memory, CPUs: parent.CPUs,
-			Keys: parent.Keys, Snapshot: snap, Parent: src, Disk: m.newDiskPath(n), Created: nowUTC(),
-		}
-		jobs = append(jobs, job{child, u})
+		children = append(children, child)
 	}
-	errs := make([]error, len(jobs))
+	return children, nil
+}
+
+// startForks restores every child from snap at once, each with its own
+// hostname, machine-id, entropy and clock; errs[i] says why child i did
+// not start.
+func (m *Manager) startForks(ctx context.Context, children []Box, snap string) []error {
+	errs := make([]error, len(children))
 	var wg sync.WaitGroup
-	for i, j := range jobs {
-		// The record first (with the snapshot it stands on): collect
-		// keeps what a box's record names.
-		if errs[i] = m.put(Box{Name: j.bx.Name, State: StateStopped, Image: j.bx.Image, Memory: j.bx.Memory,
-			CPUs: j.bx.CPUs, Keys: j.bx.Keys, Snapshot: snap, Parent: src, Disk: j.bx.Disk, Created: j.bx.Created,
-			Note: "being forked"}); errs[i] != nil {
+	for i, c := range children {
+		u, err := agent.NewUnique(c.Name)
+		if err != nil {
+			errs[i] = err
 			continue
 		}
-		wg.Go(func() { errs[i] = m.restore(ctx, j.bx.Name, snap, j.bx.Disk, j.unique) })
+		wg.Go(func() { errs[i] = m.restore(ctx, c, snap, c.Disk, u) })
 	}
 	wg.Wait()
-	m.runner.DropSpares(snap) // spares the forks did not take
+	return errs
+}
+
+// recordForks records each child as running, or as hibernated in snap when
+// it did not start (the snapshot holds it all: it can resume from it).
+func (m *Manager) recordForks(src string, children []Box, snap string, errs []error) ([]Box, error) {
 	var out []Box
 	var failed []string
-	for i, j := range jobs {
-		bx := j.bx
+	for i, bx := range children {
+		bx.State, bx.Note = StateRunning, ""
 		if errs[i] != nil {
-			// The snapshot holds it all: the box can resume from it.
 			bx.State, bx.Snapshot, bx.Note = StateHibernated, snap, "fork failed to start: "+errs[i].Error()
 			failed = append(failed, fmt.Sprintf("%s: %v", bx.Name, errs[i]))
 		}

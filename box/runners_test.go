@@ -1,77 +1,91 @@
-package box
+package box_test
 
 import (
+	"context"
 	"errors"
-	"os"
 	"strings"
 	"testing"
 
+	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
-	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
+// stubRunner is a runner that only answers Name and Capabilities.
+type stubRunner struct {
+	name string
+	caps runner.Capabilities
+}
+
+func (s stubRunner) Name() string                      { return s.name }
+func (s stubRunner) Capabilities() runner.Capabilities { return s.caps }
+func (s stubRunner) Start(context.Context, runner.Spec) (runner.Machine, error) {
+	return nil, errors.New("stub")
+}
+func (s stubRunner) Restore(context.Context, string, runner.RestoreOptions) (runner.Machine, error) {
+	return nil, errors.New("stub")
+}
+
+// diskStub is a stubRunner with runner.DiskFiles.
+type diskStub struct {
+	stubRunner
+	runner.DiskFiles
+}
+
+func (d diskStub) Name() string { return d.stubRunner.Name() }
+
 func TestChooseRunner(t *testing.T) {
-	cpus := map[string]string{
-		"no-virt":   "processor\t: 0\nflags\t\t: fpu sse2 lm hypervisor\n",
-		"vmx":       "processor\t: 0\nflags\t\t: fpu vmx sse2 lm\n",
-		"svm":       "flags\t\t: fpu svm\n",
-		"empty":     "",
-		"vmx-flags": "vmx flags\t: ept\nflags\t\t: fpu\n", // EPT features, not the vmx flag
+	linux := runner.Capabilities{Linux: true}
+	runners := []runner.Runner{
+		diskStub{stubRunner: stubRunner{"qemu", linux}},
+		stubRunner{"kvm", runner.Capabilities{NoLinux: "the CPU lacks hardware virtualisation"}},
+		stubRunner{"nodisk", linux},
+		diskStub{stubRunner: stubRunner{"mute", runner.Capabilities{}}},
 	}
 	for _, tc := range []struct {
-		want, cpu string
-		got       string // the runner chosen; "" when refused
-		err       error  // the refusal's category
-		says      string // part of the refusal
+		want string
+		got  string // the runner chosen; "" when refused
+		err  error  // the refusal's category
+		says string // part of the refusal
 	}{
-		{"", "no-virt", RunnerQEMU, nil, ""},
-		{"auto", "no-virt", RunnerQEMU, nil, ""},
-		{"auto", "vmx", RunnerQEMU, nil, ""},
-		{"qemu", "no-virt", RunnerQEMU, nil, ""},
-		{"qemu", "svm", RunnerQEMU, nil, ""},
-		{"kvm", "no-virt", "", runner.ErrNotSupported, "the kvm runner cannot boot Linux guests on this host because its CPU lacks hardware virtualisation (no vmx or svm"},
-		{"kvm", "empty", "", runner.ErrNotSupported, "CPU lacks hardware virtualisation"},
-		{"kvm", "vmx-flags", "", runner.ErrNotSupported, "CPU lacks hardware virtualisation"},
-		{"kvm", "vmx", "", runner.ErrNotSupported, "booting Linux boxes on the kvm runner is not supported yet"},
-		{"kvm", "svm", "", runner.ErrNotSupported, "not supported yet"},
-		{"xen", "vmx", "", cas.ErrInvalidArgument, `runner "xen": want auto, kvm or qemu`},
-		{"KVM", "vmx", "", cas.ErrInvalidArgument, `runner "KVM"`},
+		{"", "qemu", nil, ""},
+		{"auto", "qemu", nil, ""},
+		{"qemu", "qemu", nil, ""},
+		{"kvm", "", runner.ErrNotSupported, "the kvm runner cannot boot Linux boxes here: the CPU lacks hardware virtualisation; use --runner qemu"},
+		{"nodisk", "", runner.ErrNotSupported, "cannot keep a box's disk"},
+		{"mute", "", runner.ErrNotSupported, "it does not boot Linux guests"},
+		{"xen", "", cas.ErrInvalidArgument, `runner "xen": want auto, kvm, mute, nodisk or qemu`},
+		{"QEMU", "", cas.ErrInvalidArgument, `runner "QEMU"`},
 	} {
-		t.Run(tc.want+" on "+tc.cpu, func(t *testing.T) {
-			got, err := chooseRunner(tc.want, func() ([]byte, error) { return []byte(cpus[tc.cpu]), nil })
-			if got != tc.got {
-				t.Errorf("chose %q, want %q", got, tc.got)
+		r, err := box.ChooseRunner(runners, "qemu", tc.want)
+		if tc.err == nil {
+			if err != nil || r.Name() != tc.got {
+				t.Errorf("ChooseRunner(%q) = %v, %v; want %s", tc.want, r, err, tc.got)
 			}
-			if tc.err == nil {
-				if err != nil {
-					t.Errorf("refused: %v", err)
-				}
-				return
-			}
-			if !errors.Is(err, tc.err) || err == nil || !strings.Contains(err.Error(), tc.says) {
-				t.Errorf("error %v, want %v saying %q", err, tc.err, tc.says)
-			}
-		})
-	}
-	if _, err := chooseRunner("kvm", func() ([]byte, error) { return nil, os.ErrNotExist }); !errors.Is(err, runner.ErrNotSupported) {
-		t.Errorf("kvm without /proc/cpuinfo: %v", err)
+			continue
+		}
+		if !errors.Is(err, tc.err) || !strings.Contains(err.Error(), tc.says) {
+			t.Errorf("ChooseRunner(%q): %v; want %v saying %q", tc.want, err, tc.err, tc.says)
+		}
 	}
 }
 
-// TestChooseRunnerHost checks the refusal of kvm on this host, whatever
-// its CPU.
-func TestChooseRunnerHost(t *testing.T) {
-	got, err := ChooseRunner(RunnerKVM)
-	if got != "" || !errors.Is(err, runner.ErrNotSupported) {
-		t.Fatalf("kvm: %q, %v", got, err)
+// A box asking for a runner that cannot run it is refused before anything
+// is made; one that names no runner gets the default and records it.
+func TestCreateRunnerChoice(t *testing.T) {
+	e := newFakeEnv(t, false)
+	ctx := context.Background()
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage, Runner: "kvm"}); !errors.Is(err, cas.ErrInvalidArgument) {
+		t.Fatalf("create on an unknown runner: %v, want ErrInvalidArgument", err)
 	}
-	info, _ := os.ReadFile("/proc/cpuinfo")
-	want := "not supported yet"
-	if !qemu.HasVirtFlag(info) {
-		want = "because its CPU lacks hardware virtualisation"
+	if _, err := e.mgr.Get("dev"); !errors.Is(err, box.ErrNotFound) {
+		t.Fatalf("a refused box was recorded: %v", err)
 	}
-	if !strings.Contains(err.Error(), want) || strings.Count(err.Error(), ".") > 0 {
-		t.Errorf("kvm here: %q, want one sentence saying %q", err, want)
+	bx, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage, Runner: box.RunnerAuto})
+	if err != nil || bx.Runner != "fake" {
+		t.Fatalf("create with runner auto: %+v, %v", bx, err)
+	}
+	if boxes, _ := e.mgr.List(); len(boxes) != 1 || boxes[0].Runner != "fake" {
+		t.Fatalf("List: %+v", boxes)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/guest"
@@ -56,7 +57,7 @@ func boxCommands() []*cli.Command {
 				&cli.StringFlag{Name: "from", Usage: "a box's snapshot to make the box from, e.g. box.dev.s1 (instead of --image)"},
 				&cli.StringFlag{Name: "memory", Value: "512M", Usage: "the box's memory, in bytes or with K, M, G"},
 				&cli.IntFlag{Name: "cpus", Value: box.DefaultCPUs, Usage: "the box's vCPUs"},
-				&cli.StringFlag{Name: "runner", Value: box.RunnerAuto, Usage: "the runner: auto or qemu (QEMU), or kvm (boxd's own VMM: not for Linux boxes yet)"},
+				&cli.StringFlag{Name: "runner", Value: box.RunnerAuto, Usage: "the runner: auto or qemu (QEMU), or kvm (boxd's own VMM: refused where it cannot boot Linux boxes)"},
 				&cli.StringSliceFlag{Name: "ssh-key", Usage: "a file of public keys (authorized_keys format, a .pub file) to admit; may be repeated"},
 				jsonFlag,
 			},
@@ -272,7 +273,7 @@ func boxCreate(c *cli.Context) error {
 	if err := box.ValidateName(name); err != nil {
 		return err
 	}
-	if _, err := box.ChooseRunner(c.String("runner")); err != nil {
+	if _, err := box.ChooseRunner(backends.Offline(), backends.Default, c.String("runner")); err != nil {
 		return fmt.Errorf("--runner: %w", err)
 	}
 	from := c.String("from")
@@ -371,13 +372,13 @@ func boxList(c *cli.Context) error {
 		}
 		return printJSON(c, boxes)
 	}
-	rows := [][]string{{"NAME", "STATE", "IMAGE", "MEMORY", "CPUS", "FORKED FROM", "CREATED"}}
+	rows := [][]string{{"NAME", "STATE", "RUNNER", "IMAGE", "MEMORY", "CPUS", "FORKED FROM", "CREATED"}}
 	for _, b := range boxes {
 		parent := b.Parent
 		if parent == "" {
 			parent = "-"
 		}
-		rows = append(rows, []string{b.Name, b.State, b.Image, size2(b.Memory), strconv.Itoa(b.CPUs), parent, b.Created.Local().Format(time.DateTime)})
+		rows = append(rows, []string{b.Name, b.State, b.Runner, b.Image, size2(b.Memory), strconv.Itoa(b.CPUs), parent, b.Created.Local().Format(time.DateTime)})
 	}
 	table(c.App.Writer, rows)
 	return nil

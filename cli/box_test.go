@@ -190,7 +190,7 @@ func TestDaemon(t *testing.T) {
 	if st, err := os.Stat(filepath.Join(root, "ssh_host_ed25519_key")); err != nil || st.Mode().Perm() != 0o600 {
 		t.Errorf("host key: %v, %v", st, err)
 	}
-	if r := ok(t, root, "ls"); strings.TrimSpace(r.stdout) != "NAME  STATE  IMAGE  MEMORY  CPUS  FORKED FROM  CREATED" {
+	if r := ok(t, root, "ls"); strings.TrimSpace(r.stdout) != "NAME  STATE  RUNNER  IMAGE  MEMORY  CPUS  FORKED FROM  CREATED" {
 		t.Errorf("ls: %q", r.stdout)
 	}
 	var boxes []map[string]any

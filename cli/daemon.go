@@ -23,7 +23,7 @@ func daemonCommand() *cli.Command {
 			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
 			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
-			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultWarmForks, Usage: "spare QEMUs kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
+			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
 		Action: runDaemon,
@@ -77,7 +77,7 @@ func runDaemon(c *cli.Context) error {
 		SSHListen:     c.String("ssh-listen"),
 		IdleHibernate: c.Duration("idle-hibernate"),
 		Kernel:        c.String("kernel"),
-		WarmForks:     warm,
+		Spares:        warm,
 		Logger:        log,
 		Ready: func(i daemon.Info) {
 			fmt.Fprintf(c.App.Writer, "boxd daemon on %s: API on %s, SSH on %s\n", i.Root, i.Socket, i.SSHAddr)

@@ -46,7 +46,8 @@ type CreateRequest struct {
 	Memory int64    `json:"memory,omitempty"` // bytes
 	CPUs   int      `json:"cpus,omitempty"`
 	Keys   []string `json:"keys,omitempty"` // authorized_keys lines
-	// Runner is the runner the box asks for: auto (""), qemu or kvm (see
+	// Runner is the runner the box asks for: auto (""), qemu or kvm; the
+	// box manager refuses one that cannot run a box here (see
 	// box.ChooseRunner).
 	Runner string `json:"runner,omitempty"`
 	// From is a snapshot a box took to make the new box from (see

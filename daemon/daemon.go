@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/boxd-dev/boxd/sshproxy"
@@ -40,12 +41,21 @@ type Config struct {
 	SSHListen     string        // host:port of the SSH front door
 	IdleHibernate time.Duration // 0 disables idle hibernation
 	Kernel        string        // a kernel to boot instead of Debian's cloud kernel
-	// WarmForks is how many spare QEMUs wait for a fork of each box (see
-	// box.Config.WarmForks): 0 means box.DefaultWarmForks, negative none.
-	WarmForks int
-	Logger    *slog.Logger
+	// Spares is how many spare machines wait for a fork of each box (see
+	// box.Config.Spares): 0 means box.DefaultSpares, negative none.
+	Spares int
+	Logger *slog.Logger
 	// Ready, when not nil, is called once the daemon serves.
 	Ready func(Info)
+}
+
+// vmmCommand starts the kvm runner's VMM: this binary's hidden vmm command.
+func vmmCommand() []string {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil
+	}
+	return []string{exe, "vmm"}
 }
 
 // Run serves root's boxes until ctx ends: the API on ROOT/boxd.sock and the
@@ -67,14 +77,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			err = cerr
 		}
 	}()
-	mgr, err := box.Open(box.Config{Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log, WarmForks: cfg.WarmForks})
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand()})
+	mgr, err := box.Open(box.Config{
+		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,
+		Runners: bk.Runners, DefaultRunner: backends.Default, Spares: cfg.Spares,
+	})
 	if err != nil {
 		return err
 	}
 	closeMgr := func() error {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		defer cancel()
-		return mgr.Close(cctx)
+		return errors.Join(mgr.Close(cctx), bk.Close(cctx))
 	}
 	hostKey, err := sshproxy.LoadOrCreateHostKey(filepath.Join(cfg.Root, HostKeyName))
 	if err != nil {

@@ -261,10 +261,6 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if _, err := box.ChooseRunner(req.Runner); err != nil {
-		s.fail(w, r, err)
-		return
-	}
 	if req.From != "" && (req.Image != "" || req.Memory != 0 || req.CPUs != 0) {
 		s.fail(w, r, fmt.Errorf("a box made from snapshot %s has the snapshot's image, memory and vCPUs; give none of them: %w", req.From, errdefs.ErrInvalidArgument))
 		return
@@ -276,7 +272,7 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 	if req.From != "" {
 		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner})
 	}
 	if err != nil {
 		s.fail(w, r, err)

@@ -138,7 +138,11 @@ func (m *fakeManager) Get(name string) (box.Box, error) {
 }
 
 func (m *fakeManager) Create(_ context.Context, o box.CreateOptions) (box.Box, error) {
-	if err := m.record("create %s image=%s memory=%d cpus=%d keys=%d", o.Name, o.Image, o.Memory, o.CPUs, len(o.Keys)); err != nil {
+	runnerNote := ""
+	if o.Runner != "" {
+		runnerNote = " runner=" + o.Runner
+	}
+	if err := m.record("create %s image=%s memory=%d cpus=%d keys=%d%s", o.Name, o.Image, o.Memory, o.CPUs, len(o.Keys), runnerNote); err != nil {
 		return box.Box{}, err
 	}
 	m.mu.Lock()
@@ -376,10 +380,10 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/boxes", `{"name":"new","keys":["not a key"]}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes", `{"name":"new","colour":"red"}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes", `{"name":`, 400, "invalid_argument", ""},
-		{"POST", "/v1/boxes", `{"name":"new","runner":"qemu"}`, 200, "", "create new image= memory=0 cpus=0 keys=0"},
-		{"POST", "/v1/boxes", `{"name":"new","runner":"auto"}`, 200, "", "create new image= memory=0 cpus=0 keys=0"},
-		{"POST", "/v1/boxes", `{"name":"new","runner":"kvm"}`, 501, "not_supported", ""},
-		{"POST", "/v1/boxes", `{"name":"new","runner":"xen"}`, 400, "invalid_argument", ""},
+		// The manager chooses the runner (box.ChooseRunner); the API passes it on.
+		{"POST", "/v1/boxes", `{"name":"new","runner":"qemu"}`, 200, "", "create new image= memory=0 cpus=0 keys=0 runner=qemu"},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"auto"}`, 200, "", "create new image= memory=0 cpus=0 keys=0 runner=auto"},
+		{"POST", "/v1/boxes", `{"name":"new","runner":"kvm"}`, 200, "", "create new image= memory=0 cpus=0 keys=0 runner=kvm"},
 		{"POST", "/v1/boxes", `{"name":"new","from":"box.dev.s1","keys":["` + testKey + `"]}`, 200, "", "create new from=box.dev.s1 keys=1"},
 		{"POST", "/v1/boxes", `{"name":"new","from":"image.x"}`, 404, "not_found", "create new from=image.x keys=0"},
 		{"POST", "/v1/boxes", `{"name":"new","from":"box.dev.s1","image":"debian-bookworm"}`, 400, "invalid_argument", ""},

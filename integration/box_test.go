@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
@@ -29,6 +30,7 @@ type boxEnv struct {
 	root string
 	g    *snapshotter.Graph
 	mgr  *box.Manager
+	bk   *backends.Set
 }
 
 func newBoxEnv(ctx context.Context, t *testing.T) *boxEnv {
@@ -66,7 +68,8 @@ func newBoxEnvOn(ctx context.Context, t *testing.T, prepare func(root string)) *
 		t.Fatalf("building the default image: %v", err)
 	}
 	t.Logf("default image built from the cached tree in %v", time.Since(start).Round(time.Millisecond))
-	mgr, err := box.Open(box.Config{Root: root, Graph: g})
+	bk := backends.New(backends.Config{Root: root, Graph: g})
+	mgr, err := box.Open(box.Config{Root: root, Graph: g, Runners: bk.Runners, DefaultRunner: backends.Default})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,8 +79,9 @@ func newBoxEnvOn(ctx context.Context, t *testing.T, prepare func(root string)) *
 			_, _ = mgr.Stop(context.Background(), b.Name)
 		}
 		_ = mgr.Close(context.Background())
+		_ = bk.Close(context.Background())
 	})
-	return &boxEnv{root: root, g: g, mgr: mgr}
+	return &boxEnv{root: root, g: g, mgr: mgr, bk: bk}
 }
 
 // run runs a shell line in box name and returns its stdout, failing the
@@ -224,7 +228,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	}
 	took := time.Since(start).Round(time.Millisecond)
 	// The fork's snapshot goes to the store after the fork returns.
-	if err := e.mgr.Runner().Flush(ctx); err != nil {
+	if err := e.mgr.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("fork of dev into a and b, agents answering: %v; store grew %d KiB", took, (e.storeBytes(ctx, t)-storeBefore)>>10)
@@ -281,7 +285,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	if _, err := e.mgr.Fork(ctx, "a", []string{"a2"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.mgr.Runner().Flush(ctx); err != nil {
+	if err := e.mgr.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
 	grew := e.storeBytes(ctx, t) - storeBefore
@@ -357,7 +361,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	// A hibernated box whose snapshot lost data does not resume, says why,
 	// and stays hibernated; other boxes are unaffected.
 	e.run(ctx, t, "a2", "head -c 8000000 /dev/urandom > /tmp/noise", 0)
-	if err := e.mgr.Runner().Flush(ctx); err != nil { // nothing else lands in the newest pack
+	if err := e.mgr.Flush(ctx); err != nil { // nothing else lands in the newest pack
 		t.Fatal(err)
 	}
 	if _, err := e.mgr.Hibernate(ctx, "a2"); err != nil {
@@ -422,7 +426,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(e.root, "disks", "*")); len(left) != 0 {
 		t.Errorf("disk files outlived their boxes: %v", left)
 	}
-	if left := e.mgr.Runner().FrozenFiles(); len(left) != 0 {
+	if left := e.bk.QEMU.FrozenFiles(); len(left) != 0 {
 		t.Errorf("frozen memory outlived its boxes: %v", left)
 	}
 }

@@ -1,7 +1,12 @@
 // Package runner defines the interface every VM backend implements: start a
-// machine fresh or from a snapshot, pause, resume, snapshot, stop. The
-// interface is the spec; runnertest holds the conformance suite every
+// machine fresh or from a snapshot, pause, continue, snapshot, stop. The
+// interfaces are the spec; runnertest holds the conformance suite every
 // backend runs against itself.
+//
+// Beyond the base Runner and Machine, a backend may offer optional
+// capabilities, each a small interface in capabilities.go that a caller
+// discovers with a type assertion. Each says what the box manager does
+// where a backend lacks it.
 package runner
 
 import (
@@ -13,6 +18,11 @@ import (
 
 // ErrNotSupported says the host or backend lacks a feature; the error names it.
 var ErrNotSupported = errors.New("not supported")
+
+// LabelRunner is the snapshot label that names the backend (Runner.Name)
+// that took a snapshot. Every backend sets it; Restore refuses another
+// backend's snapshot.
+const LabelRunner = "boxd.runner"
 
 // Runner starts machines of one backend.
 type Runner interface {
@@ -44,30 +54,70 @@ type Capabilities struct {
 	// IncrementalSnapshots: a snapshot stores only what changed since the
 	// machine's previous one.
 	IncrementalSnapshots bool `json:"incremental_snapshots"`
-	// Linux: the backend can boot a Linux guest on this host.
+	// Linux: the backend can boot a Linux guest (Spec.Kernel a Linux
+	// kernel) on this host.
 	Linux bool `json:"linux"`
+	// NoLinux says why Linux is false, in words that can follow "cannot
+	// boot Linux guests here: ".
+	NoLinux string `json:"no_linux,omitempty"`
 }
 
-// Spec describes a fresh machine.
+// Spec describes a fresh machine. A backend refuses a setting it does not
+// support (cas.ErrInvalidArgument) rather than ignoring it.
 type Spec struct {
 	MemSize int64 // bytes of guest RAM
 	CPUs    int   // vCPUs (0 means 1)
-	// Boot is what to run: the guest binary (kvm) or kernel (qemu).
-	Boot string
-	// Options are backend-specific settings, documented by each backend.
-	Options map[string]string
+	// Kernel is what to boot: a Linux kernel image, or a backend's own
+	// test guest (documented by the backend).
+	Kernel  string
+	Initrd  string // an initramfs, optional
+	Cmdline string // the kernel command line, optional
+	// Console is a file the serial console is appended to; "" keeps it in
+	// the backend's own folder for the machine's life (Machine.Console
+	// returns it either way).
+	Console string
+	// Disk is the machine's disk, as virtio-blk; nil for none.
+	Disk *Disk
+	// Network is NetworkUser ("" too) or NetworkNone.
+	Network string
+}
+
+// Networks a machine may have.
+const (
+	// NetworkUser is outbound access through the backend's user-mode
+	// network: the guest at 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
+	NetworkUser = "user"
+	NetworkNone = "none"
+)
+
+// Disk is a machine's writable disk.
+type Disk struct {
+	// Path is the file the machine writes (with DiskFiles, one that
+	// CreateDisk made).
+	Path string
+	// Base names the snapshot in the store whose disk the file starts
+	// from (an image): a machine's first snapshot stores its disk as a
+	// delta against it. "" for a disk that stands on nothing stored.
+	Base string
 }
 
 // RestoreOptions tune Restore.
 type RestoreOptions struct {
-	// Paused leaves the machine paused, for the caller to Resume.
+	// Paused leaves the machine paused, for the caller to Continue.
 	Paused bool
 	// Unique gives the machine fresh entropy on its first step, so that
 	// forks of one snapshot do not share random state.
 	Unique bool
-	// Options are backend-specific settings for the new machine (its disk,
-	// its console file), documented by each backend.
-	Options map[string]string
+	// Disk is where the machine's writable disk goes, over the snapshot's
+	// disk; "" lets the backend choose a place that goes with the machine.
+	Disk string
+	// Console is as Spec.Console.
+	Console string
+	// LongLived says the machine will outlive the snapshot's other
+	// restores (a box woken from hibernation, not a fork): a backend that
+	// shares memory between restores of one snapshot gives this one memory
+	// of its own. Others ignore it.
+	LongLived bool
 }
 
 // SnapshotOptions tune Machine.Snapshot.
@@ -91,18 +141,18 @@ type Machine interface {
 	// paused machine does nothing; a stopped machine returns why it stopped.
 	Pause(ctx context.Context) error
 
-	// Resume lets a paused machine run on.
-	Resume(ctx context.Context) error
+	// Continue lets a paused machine run on; a running one runs on.
+	Continue(ctx context.Context) error
 
 	// Snapshot saves the machine into the store as a new snapshot called
 	// name (a parent-linked chain: its parent is the machine's previous
-	// snapshot). A running machine is paused for it and resumed after; a
-	// paused one stays paused. An existing name is cas.ErrAlreadyExists and
-	// changes nothing.
+	// snapshot), labelled LabelRunner. A running machine is paused for it
+	// and continues after; a paused one stays paused. An existing name is
+	// cas.ErrAlreadyExists and changes nothing.
 	Snapshot(ctx context.Context, name string, opts SnapshotOptions) (snapshotter.Snapshot, error)
 
 	// Stop ends the machine and frees what it holds. It may be called more
-	// than once.
+	// than once. Err is then ErrStopped.
 	Stop(ctx context.Context) error
 
 	// Done is closed when the machine has stopped, by Stop or on its own
@@ -114,11 +164,14 @@ type Machine interface {
 	Console() []byte
 }
 
+// ErrStopped is the Err of a machine that Stop ended (errors.Is matches it).
+var ErrStopped = errors.New("machine stopped")
+
 // Observer is how the conformance suite sees inside a backend's test guest.
 type Observer interface {
 	// Next returns the guest's observation at its next step: a checksum
 	// of its memory and a counter that grows as it runs. A paused machine
-	// is resumed to take that step (and keeps running).
+	// is continued to take that step (and keeps running).
 	Next(ctx context.Context, m Machine) (Observation, error)
 }
 

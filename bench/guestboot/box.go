@@ -103,7 +103,7 @@ func (b *bench) clearSnapshots(ctx context.Context) error {
 	}
 	var ours []string
 	for _, s := range all {
-		if strings.HasPrefix(s.Name, snapPrefix) && s.Labels[qemu.LabelRunner] == "qemu" {
+		if strings.HasPrefix(s.Name, snapPrefix) && s.Labels[runner.LabelRunner] == "qemu" {
 			ours = append(ours, s.Name)
 		}
 	}
@@ -136,14 +136,11 @@ func (b *bench) spec(name, disk, console string) runner.Spec {
 	return runner.Spec{
 		MemSize: b.mem,
 		CPUs:    *cpus,
-		Boot:    b.kernel,
-		Options: map[string]string{
-			qemu.OptionInitrd:  b.initrd,
-			qemu.OptionCmdline: guest.Cmdline(name),
-			qemu.OptionDisk:    disk,
-			qemu.OptionBase:    b.img.Snapshot,
-			qemu.OptionConsole: console,
-		},
+		Kernel:  b.kernel,
+		Initrd:  b.initrd,
+		Cmdline: guest.Cmdline(name),
+		Console: console,
+		Disk:    &runner.Disk{Path: disk, Base: b.img.Snapshot},
 	}
 }
 
@@ -401,7 +398,7 @@ type restored struct {
 // it and names it (qemu.LabelDisk), so every restore of that snapshot
 // would first export the whole disk from the store.
 func (b *bench) restore(ctx context.Context, snap, disk string, u agent.Unique, start time.Time) (restored, error) {
-	m, err := b.r.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: map[string]string{qemu.OptionDisk: disk}})
+	m, err := b.r.RestoreMachine(ctx, snap, runner.RestoreOptions{Disk: disk})
 	if err != nil {
 		return restored{}, fmt.Errorf("restoring %s: %w", snap, err)
 	}

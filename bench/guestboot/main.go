@@ -14,7 +14,7 @@
 //     cold boot;
 //   - fork: Freeze of a running box and two restores of it, until both run
 //     and both agents answer, beside the cold boot: of a booted box without
-//     spares and with two (QEMUs started ahead, qemu.Machine.Warm), and of
+//     spares and with two (QEMUs started ahead, qemu.Machine.StartSpares), and of
 //     a resumed box (a machine on a private mapping of a frozen file).
 //
 // The store, the image, the kernel and the caches are kept in a root folder

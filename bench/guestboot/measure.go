@@ -146,20 +146,20 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	// frozen memory file of the snapshot's own while the box is stopped,
 	// the box goes on, and two children restore from it at once, mapping
 	// the file copy-on-write; the snapshot goes to the store meanwhile.
-	// Without spares each restore starts QEMU; with two (Warm, before each
+	// Without spares each restore starts QEMU; with two (StartSpares, before each
 	// fork: QEMUs started ahead, paused, on the file Fork fills), none does.
 	//
 	// Of a booted box: its memory is a file of its own, which Fork copies.
 	// Of a resumed box, restored copy-on-write from a frozen file as a
 	// fork's boxes are: Fork adds the pages it wrote to a copy of that file
-	// (made by Warm, else by Fork), and QEMU's save of its device state
+	// (made by StartSpares, else by SnapshotForFork), and QEMU's save of its device state
 	// carries every page of guest RAM, which the runner drops. The same
 	// box forks again in the next round.
 	series := func(of string, spares int, parent *qemu.Machine, incremental bool) ([]forked, error) {
 		var fs []forked
 		for i := range *reps {
 			if spares > 0 {
-				if err := parent.Warm(ctx, spares); err != nil {
+				if err := parent.StartSpares(ctx, spares); err != nil {
 					return nil, err
 				}
 			}
@@ -308,7 +308,7 @@ func (b *bench) forkRound(ctx context.Context, parent *qemu.Machine, name string
 	frozen := len(b.r.FrozenFiles())
 	start := time.Now()
 	var err error
-	if f.snap, err = b.snapshot(ctx, parent.Fork, name, true, runner.SnapshotOptions{Incremental: incremental}); err != nil {
+	if f.snap, err = b.snapshot(ctx, parent.SnapshotForFork, name, true, runner.SnapshotOptions{Incremental: incremental}); err != nil {
 		return f, kids, err
 	}
 	f.frozenFile = len(b.r.FrozenFiles()) > frozen

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/guestkernel"
@@ -170,7 +171,8 @@ func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(memDir) })
-	mgr, err := box.Open(box.Config{Root: root, Graph: g, MemDir: memDir})
+	bk := backends.New(backends.Config{Root: root, Graph: g, MemDir: memDir})
+	mgr, err := box.Open(box.Config{Root: root, Graph: g, Runners: bk.Runners, DefaultRunner: backends.Default})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,6 +183,7 @@ func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 			_, _ = mgr.Stop(ctx, b.Name)
 		}
 		_ = mgr.Close(ctx)
+		_ = bk.Close(ctx)
 	})
 	return mgr, g
 }

@@ -70,7 +70,7 @@ func (s *steps) note(name string) { s.at[name] = monotonic() }
 // console, at most 1000 ticks a second so that an idle guest leaves the
 // host's CPUs to the work measured.
 func benchSpec(mem int64) runner.Spec {
-	return runner.Spec{MemSize: mem, Boot: guestPath, Options: map[string]string{"pages_per_tick": "0", "print_every": "0", "tick_rate": "1000"}}
+	return runner.Spec{MemSize: mem, Kernel: guestPath, Cmdline: "pages_per_tick=0 print_every=0 tick_rate=1000"}
 }
 
 // dataPages is how many pages the guest's fill and report cover.
@@ -154,7 +154,7 @@ func TestBenchInstruments(t *testing.T) {
 	r, _ := newRunner(t)
 	ctx := context.Background()
 	mem := int64(16 * mib)
-	pm, err := r.Start(ctx, runner.Spec{MemSize: mem, Boot: guestPath, Options: map[string]string{"pages_per_tick": "0", "print_every": "0"}})
+	pm, err := r.Start(ctx, runner.Spec{MemSize: mem, Kernel: guestPath, Cmdline: "pages_per_tick=0 print_every=0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestBenchInstruments(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := monotonic()
-	if err := m.Resume(ctx); err != nil {
+	if err := m.Continue(ctx); err != nil {
 		t.Fatal(err)
 	}
 	at, err := m.firstExit()
@@ -236,7 +236,7 @@ func BenchmarkFork(b *testing.B) {
 func benchFork(b *testing.B, mem, dirty int64, warm int) {
 	ctx := context.Background()
 	r, st := benchRunner(b)
-	r.Warm = warm
+	r.Pool = warm
 	b.Cleanup(func() { r.Close() })
 	parent := boot(b, r, mem)
 	if err := parent.Pause(ctx); err != nil {
@@ -245,7 +245,7 @@ func benchFork(b *testing.B, mem, dirty int64, warm int) {
 	if _, err := parent.Snapshot(ctx, "base", runner.SnapshotOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	if err := parent.Resume(ctx); err != nil {
+	if err := parent.Continue(ctx); err != nil {
 		b.Fatal(err)
 	}
 	pages := uint32(dirty / memstore.PageSize)
@@ -255,7 +255,7 @@ func benchFork(b *testing.B, mem, dirty int64, warm int) {
 	for b.Loop() {
 		i++
 		fill(b, parent, 0, pages)
-		waitWarm(r)
+		waitPool(r)
 		if err := parent.Pause(ctx); err != nil {
 			b.Fatal(err)
 		}
@@ -291,7 +291,7 @@ func benchFork(b *testing.B, mem, dirty int64, warm int) {
 		if err := child.Stop(ctx); err != nil {
 			b.Fatal(err)
 		}
-		if err := parent.Resume(ctx); err != nil {
+		if err := parent.Continue(ctx); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -369,14 +369,14 @@ func BenchmarkResume(b *testing.B) {
 	}
 }
 
-// waitWarm waits, outside the timed part, until the runner's pool is full.
-func waitWarm(r *Runner) {
+// waitPool waits, outside the timed part, until the runner's pool is full.
+func waitPool(r *Runner) {
 	for {
 		r.refill()
 		r.poolMu.Lock()
 		n := len(r.pool)
 		r.poolMu.Unlock()
-		if n >= r.Warm {
+		if n >= r.Pool {
 			return
 		}
 		time.Sleep(time.Millisecond)
@@ -386,7 +386,7 @@ func waitWarm(r *Runner) {
 func benchResume(b *testing.B, mem int64, warm int) {
 	ctx := context.Background()
 	r, st := benchRunner(b)
-	r.Warm = warm
+	r.Pool = warm
 	b.Cleanup(func() { r.Close() })
 	m := boot(b, r, mem)
 	fill(b, m, 0, 16*mib/memstore.PageSize)
@@ -399,7 +399,7 @@ func benchResume(b *testing.B, mem int64, warm int) {
 	t := newTimings()
 	for b.Loop() {
 		b.StopTimer()
-		waitWarm(r)
+		waitPool(r)
 		b.StartTimer()
 		start := monotonic()
 		m, err := r.Restore(ctx, "hib", runner.RestoreOptions{})

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	ikvm "github.com/boxd-dev/boxd/internal/kvm"
+	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
 	"golang.org/x/sys/unix"
 )
@@ -414,7 +415,7 @@ func (m *machine) loop() {
 var ErrHalted = errors.New("guest halted")
 
 // errStopped is the exit of a machine stopped on request.
-var errStopped = errors.New("machine stopped")
+var errStopped = runner.ErrStopped
 
 func (m *machine) stop(err error) {
 	m.mu.Lock()

@@ -47,9 +47,9 @@ type Runner struct {
 	// Memory tunes lazy restores (fault-around, prefetch batch).
 	Memory memstore.Options
 
-	// Warm is how many VMM processes the runner keeps started and waiting,
+	// Pool is how many VMM processes the runner keeps started and waiting,
 	// so that Start and Restore skip process start-up (0: none).
-	Warm int
+	Pool int
 
 	ids atomic.Int64
 	// poolMu protects the warm pool.
@@ -81,10 +81,17 @@ func (r *Runner) tell(step string) {
 // Name implements runner.Runner.
 func (r *Runner) Name() string { return "kvm" }
 
-// Capabilities implements runner.Runner. Linux guests need hardware
-// virtualisation, which this host may lack.
+// Capabilities implements runner.Runner. The runner boots only its own
+// test guest: Linux guests need hardware virtualisation and a boot path
+// the runner does not have yet.
 func (r *Runner) Capabilities() runner.Capabilities {
-	return runner.Capabilities{LazyMemory: true, IncrementalSnapshots: true, Linux: HasHardwareVirt()}
+	c := runner.Capabilities{LazyMemory: true, IncrementalSnapshots: true}
+	if HasHardwareVirt() {
+		c.NoLinux = "the kvm runner boots only its own test guest so far"
+	} else {
+		c.NoLinux = "the CPU lacks hardware virtualisation (no vmx or svm flag in /proc/cpuinfo)"
+	}
+	return c
 }
 
 // HasHardwareVirt reports whether the CPU shows vmx or svm.
@@ -110,14 +117,22 @@ func containsWord(b, w []byte) bool {
 	return false
 }
 
-// Options of a Spec this backend reads: pages_per_tick, seed, print_every,
-// tick_rate (see Params).
+// paramsOf reads the test guest's settings from spec.Cmdline, a
+// space-separated list of key=number: pages_per_tick, seed, print_every,
+// tick_rate (see Params). Initrd, disks and networks are refused.
 func paramsOf(spec runner.Spec) (Params, error) {
 	p := Params{MemSize: spec.MemSize, PagesPerTick: 16, Seed: 1, PrintEvery: 10000}
-	for k, v := range spec.Options {
+	if spec.Initrd != "" || spec.Disk != nil || (spec.Network != "" && spec.Network != runner.NetworkNone) {
+		return p, fmt.Errorf("the kvm runner's guest takes no initrd, disk or network: %w", cas.ErrInvalidArgument)
+	}
+	for _, kv := range strings.Fields(spec.Cmdline) {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return p, fmt.Errorf("command line %q: want key=number: %w", kv, cas.ErrInvalidArgument)
+		}
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
-			return p, fmt.Errorf("option %s=%q: want a number: %w", k, v, cas.ErrInvalidArgument)
+			return p, fmt.Errorf("setting %s=%q: want a number: %w", k, v, cas.ErrInvalidArgument)
 		}
 		switch k {
 		case "pages_per_tick":
@@ -129,7 +144,7 @@ func paramsOf(spec runner.Spec) (Params, error) {
 		case "tick_rate":
 			p.TickRate = int(n)
 		default:
-			return p, fmt.Errorf("unknown option %q: %w", k, cas.ErrInvalidArgument)
+			return p, fmt.Errorf("unknown setting %q: %w", k, cas.ErrInvalidArgument)
 		}
 	}
 	if spec.CPUs > 1 {
@@ -141,7 +156,7 @@ func paramsOf(spec runner.Spec) (Params, error) {
 	return p, nil
 }
 
-// Start implements runner.Runner: it boots spec.Boot, a conformance-guest
+// Start implements runner.Runner: it boots spec.Kernel, a conformance-guest
 // binary, in a new VMM process.
 func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, error) {
 	p, err := paramsOf(spec)
@@ -151,7 +166,7 @@ func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, e
 	if err := checkKVM(); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(spec.Boot); err != nil {
+	if _, err := os.Stat(spec.Kernel); err != nil {
 		return nil, fmt.Errorf("guest binary: %w", err)
 	}
 	m, err := r.spawn(p)
@@ -159,7 +174,7 @@ func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, e
 		return nil, err
 	}
 	var resp response
-	if err := m.call(request{Op: "boot", Params: &p, Guest: spec.Boot, Console: m.consolePath}, &resp); err != nil {
+	if err := m.call(request{Op: "boot", Params: &p, Guest: spec.Kernel, Console: m.consolePath}, &resp); err != nil {
 		m.kill(err)
 		return nil, err
 	}
@@ -228,7 +243,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 		}
 	}
 	if !opts.Paused {
-		if err := m.Resume(ctx); err != nil {
+		if err := m.Continue(ctx); err != nil {
 			m.kill(err)
 			return nil, err
 		}
@@ -240,22 +255,22 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 // spawn returns a VMM process for a machine with params p: a warm one if
 // the pool has one, else a new one.
 func (r *Runner) spawn(p Params) (*Machine, error) {
-	m := r.takeWarm()
+	m := r.takePooled()
 	if m == nil {
 		var err error
 		if m, err = r.startVMM(); err != nil {
 			return nil, err
 		}
 	}
-	if r.Warm > 0 {
+	if r.Pool > 0 {
 		go r.refill()
 	}
 	m.params = p
 	return m, nil
 }
 
-// takeWarm returns a live process from the warm pool, or nil.
-func (r *Runner) takeWarm() *Machine {
+// takePooled returns a live process from the warm pool, or nil.
+func (r *Runner) takePooled() *Machine {
 	r.poolMu.Lock()
 	defer r.poolMu.Unlock()
 	for len(r.pool) > 0 {
@@ -270,7 +285,7 @@ func (r *Runner) takeWarm() *Machine {
 	return nil
 }
 
-// refill starts VMM processes until the pool holds Warm of them.
+// refill starts VMM processes until the pool holds Pool of them.
 func (r *Runner) refill() {
 	r.poolMu.Lock()
 	if r.refilling {
@@ -286,7 +301,7 @@ func (r *Runner) refill() {
 	}()
 	for {
 		r.poolMu.Lock()
-		full := r.closed || len(r.pool) >= r.Warm
+		full := r.closed || len(r.pool) >= r.Pool
 		r.poolMu.Unlock()
 		if full {
 			return
@@ -307,7 +322,7 @@ func (r *Runner) refill() {
 }
 
 // Close stops the warm VMM processes. Machines already started are not
-// affected; a Runner with Warm set should be closed when done with.
+// affected; a Runner with Pool set should be closed when done with.
 func (r *Runner) Close() error {
 	r.poolMu.Lock()
 	r.closed = true
@@ -488,8 +503,8 @@ func (m *Machine) Pause(ctx context.Context) error {
 	return nil
 }
 
-// Resume implements runner.Machine.
-func (m *Machine) Resume(ctx context.Context) error {
+// Continue implements runner.Machine.
+func (m *Machine) Continue(ctx context.Context) error {
 	if err := m.call(request{Op: "resume"}, nil); err != nil {
 		return err
 	}
@@ -529,7 +544,7 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	labels := map[string]string{"boxd.runner": "kvm"}
+	labels := map[string]string{runner.LabelRunner: m.r.Name()}
 	maps.Copy(labels, opts.Labels)
 	copts := memstore.CaptureOptions{Name: name, Parent: parent, Labels: labels, Blobs: map[string][]byte{StateMap: blob}}
 	if opts.Incremental && parent != "" {
@@ -544,7 +559,7 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	m.last = name
 	m.mu.Unlock()
 	if wasRunning {
-		if err := m.Resume(ctx); err != nil {
+		if err := m.Continue(ctx); err != nil {
 			return snap, err
 		}
 	}
@@ -561,7 +576,7 @@ func (m *Machine) Report(ctx context.Context) (Report, error) {
 	running := m.running
 	m.mu.Unlock()
 	if !running {
-		if err := m.Resume(ctx); err != nil {
+		if err := m.Continue(ctx); err != nil {
 			return Report{}, err
 		}
 	}
@@ -594,6 +609,11 @@ func (m *Machine) firstExit() (time.Duration, error) {
 // kept as its snapshot's working set, for the next restore to prefetch.
 func (m *Machine) Stop(ctx context.Context) error {
 	m.stopOnce.Do(func() {
+		m.mu.Lock()
+		if m.err == nil {
+			m.err = runner.ErrStopped
+		}
+		m.mu.Unlock()
 		_ = m.call(request{Op: "stop"}, nil)
 		select {
 		case <-m.done:

@@ -58,7 +58,7 @@ func newRunner(t *testing.T) (*Runner, *snapshotter.Graph) {
 }
 
 func spec(mem int64) runner.Spec {
-	return runner.Spec{MemSize: mem, Boot: guestPath, Options: map[string]string{"pages_per_tick": "4", "print_every": "1000"}}
+	return runner.Spec{MemSize: mem, Kernel: guestPath, Cmdline: "pages_per_tick=4 print_every=1000"}
 }
 
 // observer sees the conformance guest through its report port.
@@ -236,16 +236,16 @@ func TestBadInput(t *testing.T) {
 		name string
 		spec runner.Spec
 	}{
-		{"memory not a multiple of 2 MiB", runner.Spec{MemSize: 3 << 20, Boot: guestPath}},
-		{"memory over 1 GiB", runner.Spec{MemSize: 2 << 30, Boot: guestPath}},
-		{"unknown option", runner.Spec{MemSize: 16 << 20, Boot: guestPath, Options: map[string]string{"colour": "1"}}},
-		{"two vCPUs", runner.Spec{MemSize: 16 << 20, CPUs: 2, Boot: guestPath}},
+		{"memory not a multiple of 2 MiB", runner.Spec{MemSize: 3 << 20, Kernel: guestPath}},
+		{"memory over 1 GiB", runner.Spec{MemSize: 2 << 30, Kernel: guestPath}},
+		{"unknown option", runner.Spec{MemSize: 16 << 20, Kernel: guestPath, Cmdline: "colour=1"}},
+		{"two vCPUs", runner.Spec{MemSize: 16 << 20, CPUs: 2, Kernel: guestPath}},
 	} {
 		if _, err := r.Start(ctx, tc.spec); !errors.Is(err, cas.ErrInvalidArgument) {
 			t.Errorf("%s: %v, want ErrInvalidArgument", tc.name, err)
 		}
 	}
-	if _, err := r.Start(ctx, runner.Spec{MemSize: 16 << 20, Boot: filepath.Join(t.TempDir(), "none")}); !errors.Is(err, os.ErrNotExist) {
+	if _, err := r.Start(ctx, runner.Spec{MemSize: 16 << 20, Kernel: filepath.Join(t.TempDir(), "none")}); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing guest: %v", err)
 	}
 }
@@ -258,7 +258,7 @@ func TestGuestCrash(t *testing.T) {
 	if err := os.WriteFile(bad, []byte{0x0f, 0x0b}, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	m, err := r.Start(context.Background(), runner.Spec{MemSize: 16 << 20, Boot: bad})
+	m, err := r.Start(context.Background(), runner.Spec{MemSize: 16 << 20, Kernel: bad})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +283,7 @@ func TestGuestCrash(t *testing.T) {
 // Close.
 func TestWarmPool(t *testing.T) {
 	r, _ := newRunner(t)
-	r.Warm = 2
+	r.Pool = 2
 	ctx := context.Background()
 	m, err := r.Start(ctx, spec(16<<20))
 	if err != nil {
@@ -292,7 +292,7 @@ func TestWarmPool(t *testing.T) {
 	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitWarm(r)
+	waitPool(r)
 	r.poolMu.Lock()
 	spares := append([]*Machine(nil), r.pool...)
 	r.poolMu.Unlock()
@@ -308,7 +308,7 @@ func TestWarmPool(t *testing.T) {
 	}
 	c.Stop(ctx)
 	m.Stop(ctx)
-	waitWarm(r)
+	waitPool(r)
 	r.poolMu.Lock()
 	spares = append([]*Machine(nil), r.pool...)
 	r.poolMu.Unlock()

@@ -67,7 +67,7 @@ func (o *observer) Next(ctx context.Context, rm runner.Machine) (runner.Observat
 	if st != "running" {
 		// Nothing is printed while paused: the next step is after here.
 		from = len(m.Console())
-		if err := m.Resume(ctx); err != nil {
+		if err := m.Continue(ctx); err != nil {
 			return runner.Observation{}, err
 		}
 	}
@@ -136,8 +136,10 @@ func TestConformance(t *testing.T) {
 		},
 		Spec: runner.Spec{
 			MemSize: 128 << 20,
-			Boot:    kernel,
-			Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none"},
+			Kernel:  kernel,
+			Initrd:  initrd,
+			Cmdline: "console=ttyS0 panic=-1 quiet",
+			Network: runner.NetworkNone,
 		},
 		Observer: &observer{seen: map[runner.Machine]int{}},
 	})

@@ -10,18 +10,6 @@ import (
 	"github.com/boxd-dev/boxd/memstore"
 )
 
-// OptionMemory is the restore option that says where the machine's memory
-// comes from; MemoryOwn gives it a memory file of its own, mapped shared:
-// the snapshot's memory copied from its frozen file or rebuilt from the
-// store. Such a machine can have spares (Warm), and its Freeze writes the
-// snapshot after it returns; the cost is that its memory is in host memory
-// apart from that of other restores of the snapshot. By default a restore
-// maps the snapshot's frozen file copy-on-write.
-const (
-	OptionMemory = "memory"
-	MemoryOwn    = "own"
-)
-
 // ownMemory makes a new memory file of snapshot snap's size (size bytes)
 // for one machine and returns it with fill, which writes the snapshot's
 // memory into it: a copy of the snapshot's frozen file when there is one,

@@ -8,7 +8,7 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// pendingSnap is a snapshot on its way to the store. Fork (and Freeze of a
+// pendingSnap is a snapshot on its way to the store. SnapshotForFork (and Freeze of a
 // machine on its own memory file) return once QEMU's device state is saved,
 // the disk frozen and the snapshot's frozen memory file filled; that file
 // and the frozen disk overlay no longer change, so forks run from them at

@@ -46,8 +46,9 @@ func TestStartPauseResumeStop(t *testing.T) {
 	t.Logf("accelerator: %s", r.Accel())
 	spec := runner.Spec{
 		MemSize: 256 << 20,
-		Boot:    kernel,
-		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet"},
+		Kernel:  kernel,
+		Initrd:  initrd,
+		Cmdline: "console=ttyS0 panic=-1 quiet",
 	}
 	m, err := r.StartMachine(ctx, spec)
 	if err != nil {
@@ -77,7 +78,7 @@ func TestStartPauseResumeStop(t *testing.T) {
 	}
 	paused := lastTick(m.Console())
 
-	if err := m.Resume(ctx); err != nil {
+	if err := m.Continue(ctx); err != nil {
 		t.Fatalf("Resume: %v", err)
 	}
 	if st, err := m.Status(ctx); err != nil || st != "running" {
@@ -94,7 +95,7 @@ func TestStartPauseResumeStop(t *testing.T) {
 	default:
 		t.Fatal("Done not closed after Stop returned")
 	}
-	if !errors.Is(m.Err(), qemu.ErrStopped) {
+	if !errors.Is(m.Err(), runner.ErrStopped) {
 		t.Fatalf("Err after Stop = %v, want ErrStopped", m.Err())
 	}
 	if err := m.Stop(ctx); err != nil {
@@ -103,7 +104,7 @@ func TestStartPauseResumeStop(t *testing.T) {
 	if lastTick(m.Console()) < after {
 		t.Fatalf("console after Stop lost ticks: last %d, want >= %d", lastTick(m.Console()), after)
 	}
-	if err := m.Pause(ctx); !errors.Is(err, qemu.ErrStopped) {
+	if err := m.Pause(ctx); !errors.Is(err, runner.ErrStopped) {
 		t.Fatalf("Pause of a stopped machine = %v, want ErrStopped", err)
 	}
 	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, runner.ErrNotSupported) {
@@ -163,16 +164,15 @@ func TestStartRejectsBadSpec(t *testing.T) {
 		spec runner.Spec
 		want error
 	}{
-		{"zero memory", runner.Spec{Boot: kernel}, cas.ErrInvalidArgument},
-		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Boot: kernel}, cas.ErrInvalidArgument},
-		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Boot: kernel}, cas.ErrInvalidArgument},
+		{"zero memory", runner.Spec{Kernel: kernel}, cas.ErrInvalidArgument},
+		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Kernel: kernel}, cas.ErrInvalidArgument},
+		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Kernel: kernel}, cas.ErrInvalidArgument},
 		{"no kernel", runner.Spec{MemSize: 64 << 20}, cas.ErrInvalidArgument},
-		{"missing kernel", runner.Spec{MemSize: 64 << 20, Boot: missing}, cas.ErrNotFound},
-		{"missing initrd", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"initrd": missing}}, cas.ErrNotFound},
-		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"floppy": "x"}}, cas.ErrInvalidArgument},
-		{"missing disk", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": missing}}, cas.ErrNotFound},
-		{"unknown network", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"net": "bridge"}}, cas.ErrInvalidArgument},
-		{"no QEMU", runner.Spec{MemSize: 64 << 20, Boot: kernel}, runner.ErrNotSupported},
+		{"missing kernel", runner.Spec{MemSize: 64 << 20, Kernel: missing}, cas.ErrNotFound},
+		{"missing initrd", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Initrd: missing}, cas.ErrNotFound},
+		{"missing disk", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Disk: &runner.Disk{Path: missing}}, cas.ErrNotFound},
+		{"unknown network", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Network: "bridge"}, cas.ErrInvalidArgument},
+		{"no QEMU", runner.Spec{MemSize: 64 << 20, Kernel: kernel}, runner.ErrNotSupported},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			m, err := r.Start(context.Background(), c.spec)
@@ -185,7 +185,7 @@ func TestStartRejectsBadSpec(t *testing.T) {
 			t.Log(err)
 		})
 	}
-	if c := "missing kernel"; !errors.Is(mustErr(r.Start(context.Background(), runner.Spec{MemSize: 64 << 20, Boot: missing})), os.ErrNotExist) {
+	if c := "missing kernel"; !errors.Is(mustErr(r.Start(context.Background(), runner.Spec{MemSize: 64 << 20, Kernel: missing})), os.ErrNotExist) {
 		t.Fatalf("%s: error does not wrap os.ErrNotExist", c)
 	}
 }

@@ -2,31 +2,27 @@ package qemu
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"os"
 	"path/filepath"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// Restore starts a machine from a QEMU snapshot. RestoreOptions.Options:
-//
-//	disk     where to create the machine's disk, a qcow2 overlay over the
-//	         snapshot's (default: in the machine's folder, gone at exit)
-//	console  as for Start
-//	memory   MemoryOwn: a memory file of the machine's own (see OptionMemory)
+// Restore starts a machine from a QEMU snapshot. RestoreOptions.Disk is
+// where to create the machine's disk, a qcow2 overlay over the snapshot's
+// ("" puts it in the machine's folder, gone at exit); Console is as for
+// Start.
 //
 // Memory is the snapshot's frozen memory file, mapped copy-on-write: the
-// one Fork or Freeze left (a spare waiting on it is taken), or one rebuilt
-// from the store (only the pages that hold data are written; a missing or
-// damaged chunk fails the restore before QEMU starts). With memory=own it
-// is a file of the machine's own, mapped shared.
+// one SnapshotForFork or Freeze left (a spare waiting on it is taken), or
+// one rebuilt from the store (only the pages that hold data are written; a
+// missing or damaged chunk fails the restore before QEMU starts). With
+// RestoreOptions.LongLived it is a memory file of the machine's own,
+// mapped shared (see memfile.go).
 func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
 	m, err := r.RestoreMachine(ctx, snap, opts)
 	if err != nil {
@@ -40,37 +36,16 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if r.Graph == nil {
 		return nil, fmt.Errorf("qemu: restores need Runner.Graph: %w", runner.ErrNotSupported)
 	}
-	own := false
-	switch opts.Options[OptionMemory] {
-	case "":
-	case MemoryOwn:
-		own = true
-	default:
-		return nil, fmt.Errorf("qemu: restore option %s=%q: want %q or nothing: %w", OptionMemory, opts.Options[OptionMemory], MemoryOwn, cas.ErrInvalidArgument)
-	}
-	for k := range opts.Options {
-		if k != OptionDisk && k != OptionConsole && k != OptionMemory {
-			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, cas.ErrInvalidArgument)
-		}
-	}
+	own := opts.LongLived
 	s, devices, err := r.snapshotForRestore(snap)
 	if err != nil {
 		return nil, err
 	}
-	if s.Labels[LabelRunner] != "qemu" {
-		return nil, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", snap, cas.ErrInvalidArgument)
+	spec, err := r.SnapshotSpec(s)
+	if err != nil {
+		return nil, err
 	}
-	var spec runner.Spec
-	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &spec); err != nil {
-		return nil, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", snap, err, cas.ErrCorrupt)
-	}
-	spec.Options = maps.Clone(spec.Options)
-	if spec.Options == nil {
-		spec.Options = map[string]string{}
-	}
-	if c := opts.Options[OptionConsole]; c != "" {
-		spec.Options[OptionConsole] = c
-	}
+	spec.Console = opts.Console
 
 	ph := startPhases()
 	var memFile string
@@ -102,7 +77,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	}
 	var ownDisk string
 	if _, ok := s.Map(DiskMap); ok || s.Labels[LabelDisk] != "" {
-		disk := opts.Options[OptionDisk]
+		disk := opts.Disk
 		if disk == "" {
 			disk = filepath.Join(r.diskDir(), fmt.Sprintf("restore-%d-%d.qcow2", os.Getpid(), r.ids.Add(1)))
 			ownDisk = disk
@@ -111,7 +86,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 			undo()
 			return nil, err
 		}
-		spec.Options[OptionDisk] = disk
+		spec.Disk = &runner.Disk{Path: disk}
 	}
 	ph.mark("disk")
 	var m *Machine
@@ -164,7 +139,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if opts.Paused {
 		return m, nil
 	}
-	if err := m.Resume(ctx); err != nil {
+	if err := m.Continue(ctx); err != nil {
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err
 	}
@@ -197,6 +172,12 @@ func (r *Runner) diskDir() string {
 	return d
 }
 
+// exportedDisk is where a restore exports the disk of snapshot snap when
+// the overlay it froze is gone.
+func (r *Runner) exportedDisk(snap string) string {
+	return filepath.Join(r.diskDir(), "snap-"+snap+".raw")
+}
+
 // overlayFor creates disk, a qcow2 overlay holding the disk of snapshot s:
 // over the frozen overlay the snapshot was taken from when it is still
 // there, else over the disk exported from the store.
@@ -206,7 +187,7 @@ func (r *Runner) overlayFor(ctx context.Context, s snapshotter.Snapshot, disk st
 	}
 	backing := s.Labels[LabelDisk]
 	if backing == "" || !exists(backing) {
-		backing = filepath.Join(r.diskDir(), "snap-"+s.Name+".raw")
+		backing = r.exportedDisk(s.Name)
 		if !exists(backing) {
 			mr, err := r.Graph.OpenMap(s.Name, DiskMap)
 			if err != nil {

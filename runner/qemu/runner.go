@@ -8,26 +8,21 @@
 // (found by page hashes) and the disk blocks written since (the frozen top
 // of a qcow2 overlay chain). A restore maps a frozen memory file of the
 // snapshot copy-on-write (share=off), so that forks share every page they
-// only read, and loads the device state with -incoming. Machine.Fork gives
+// only read, and loads the device state with -incoming. Machine.SnapshotForFork gives
 // its snapshot such a file while the machine goes on, and writes the
-// snapshot to the store in the background; Machine.Warm starts spare QEMUs
+// snapshot to the store in the background; Machine.StartSpares starts spare QEMUs
 // that restores of that snapshot take instead of starting one.
 //
-// Spec.Boot is the kernel image. Spec.Options:
-//
-//	initrd   the initramfs (optional)
-//	cmdline  the kernel command line (optional)
-//	disk     the machine's disk, a qcow2 or raw file, as virtio-blk /dev/vda (optional)
-//	net      "user" (the default: QEMU user-mode networking, outbound access,
-//	         the guest at 10.0.2.15 with the gateway 10.0.2.2) or "none"
-//	console  a file the serial console is appended to (optional; by default
-//	         it lives in the machine's folder and is kept in memory at exit)
+// Spec.Kernel is the kernel image; Initrd, Cmdline, Console, Disk and
+// Network are as runner.Spec says (Disk a qcow2 or raw file, as virtio-blk
+// /dev/vda; Network user-mode networking by default). The runner has every
+// optional capability of package runner.
 //
 // Spec.MemSize must be a positive multiple of 1 MiB. Guest memory is a file
 // (memory-backend-file, share=on) in Runner.MemDir, a tmpfs, so that a
-// snapshot can read it and forks can map it. Every machine has a
-// virtio-serial port named AgentPort on a unix socket (Machine.AgentSocket)
-// for the in-guest agent.
+// snapshot can read it and forks can map it (see memfile.go for the life
+// of those files). Every machine has a virtio-serial port named AgentPort
+// on a unix socket (Machine.AgentSocket) for the in-guest agent.
 package qemu
 
 import (
@@ -53,21 +48,6 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// Option names in Spec.Options.
-const (
-	OptionInitrd  = "initrd"
-	OptionCmdline = "cmdline"
-	OptionDisk    = "disk"
-	OptionNet     = "net"
-	OptionConsole = "console"
-)
-
-// Network modes for OptionNet.
-const (
-	NetUser = "user"
-	NetNone = "none"
-)
-
 // AgentPort is the name of the virtio-serial port the guest agent serves on.
 const AgentPort = "org.boxd.agent"
 
@@ -78,9 +58,6 @@ const (
 )
 
 const mib = 1 << 20
-
-// ErrStopped is the Err of a machine stopped on request.
-var ErrStopped = errors.New("qemu: machine stopped")
 
 // Runner starts QEMU machines.
 type Runner struct {
@@ -113,14 +90,26 @@ type Runner struct {
 	byPath   map[string]*frozenFile
 	pending  map[string]*pendingSnap // snapshots on their way to the store, by name
 	// prepFiles are the memory files machines prepared for their forks
-	// (Warm) that no fork has adopted or dropped yet.
+	// (StartSpares) that no fork has adopted or dropped yet.
 	prepFiles map[string]bool
 
 	spareMu sync.Mutex
 	spares  map[string][]*Machine // by the memory file they map
 }
 
-var _ runner.Runner = (*Runner)(nil)
+// The runner and its machines have every optional capability.
+var (
+	_ runner.Runner           = (*Runner)(nil)
+	_ runner.DiskFiles        = (*Runner)(nil)
+	_ runner.BackgroundWriter = (*Runner)(nil)
+	_ runner.SnapshotReleaser = (*Runner)(nil)
+	_ runner.SpecReader       = (*Runner)(nil)
+	_ runner.Machine          = (*Machine)(nil)
+	_ runner.AgentHost        = (*Machine)(nil)
+	_ runner.CPUMeter         = (*Machine)(nil)
+	_ runner.DiskMachine      = (*Machine)(nil)
+	_ runner.Forker           = (*Machine)(nil)
+)
 
 // Name is "qemu".
 func (r *Runner) Name() string { return "qemu" }
@@ -181,17 +170,10 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	if spec.CPUs < 0 {
 		return nil, fmt.Errorf("qemu: %d vCPUs: %w", spec.CPUs, cas.ErrInvalidArgument)
 	}
-	if spec.Boot == "" {
-		return nil, fmt.Errorf("qemu: no kernel (Spec.Boot): %w", cas.ErrInvalidArgument)
+	if spec.Kernel == "" {
+		return nil, fmt.Errorf("qemu: no kernel (Spec.Kernel): %w", cas.ErrInvalidArgument)
 	}
-	for k := range spec.Options {
-		switch k {
-		case OptionInitrd, OptionCmdline, OptionDisk, OptionNet, OptionConsole, OptionBase:
-		default:
-			return nil, fmt.Errorf("qemu: unknown option %q: %w", k, cas.ErrInvalidArgument)
-		}
-	}
-	if err := checkFile("kernel", spec.Boot); err != nil {
+	if err := checkFile("kernel", spec.Kernel); err != nil {
 		return nil, err
 	}
 	cpus := max(spec.CPUs, 1)
@@ -200,18 +182,19 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		"-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
 		"-m", strconv.FormatInt(spec.MemSize/mib, 10) + "M",
 		"-smp", strconv.Itoa(cpus),
-		"-kernel", spec.Boot,
+		"-kernel", spec.Kernel,
 	}
-	if initrd := spec.Options[OptionInitrd]; initrd != "" {
-		if err := checkFile("initrd", initrd); err != nil {
+	if spec.Initrd != "" {
+		if err := checkFile("initrd", spec.Initrd); err != nil {
 			return nil, err
 		}
-		args = append(args, "-initrd", initrd)
+		args = append(args, "-initrd", spec.Initrd)
 	}
-	if cmdline := spec.Options[OptionCmdline]; cmdline != "" {
-		args = append(args, "-append", cmdline)
+	if spec.Cmdline != "" {
+		args = append(args, "-append", spec.Cmdline)
 	}
-	if disk := spec.Options[OptionDisk]; disk != "" {
+	if spec.Disk != nil && spec.Disk.Path != "" {
+		disk := spec.Disk.Path
 		if err := checkFile("disk", disk); err != nil {
 			return nil, err
 		}
@@ -223,19 +206,19 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 			"-drive", driveOpts(disk, format),
 			"-device", "virtio-blk-pci,drive=disk0,addr="+slotDisk)
 	}
-	switch spec.Options[OptionNet] {
-	case "", NetUser:
+	switch spec.Network {
+	case "", runner.NetworkUser:
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,addr="+slotNet)
-	case NetNone:
+	case runner.NetworkNone:
 	default:
-		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Options[OptionNet], NetUser, NetNone, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, cas.ErrInvalidArgument)
 	}
 	return args, nil
 }
 
 // PCI slots of the devices. They are fixed, not left to the order of the
 // arguments, because device state is matched by PCI address and a spare
-// (see Warm) starts without the disk it gets later.
+// (see StartSpares) starts without the disk it gets later.
 const (
 	slotDisk   = "0x2"
 	slotNet    = "0x3"
@@ -346,7 +329,8 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		socket:  filepath.Join(dir, "qmp.sock"),
 		agent:   filepath.Join(dir, "agent.sock"),
 		memFile: filepath.Join(memDir, filepath.Base(dir)+".mem"),
-		disk:    spec.Options[OptionDisk],
+		disk:    diskPath(spec),
+		base:    diskBase(spec),
 		done:    make(chan struct{}),
 	}
 	share := "on"
@@ -358,8 +342,8 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	case lo.ownFile != "":
 		m.memFile = lo.ownFile
 	}
-	if c := spec.Options[OptionConsole]; c != "" {
-		m.console = c
+	if spec.Console != "" {
+		m.console = spec.Console
 	}
 	args = append(args,
 		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", spec.MemSize/mib, escapeOpt(m.memFile), share),
@@ -378,7 +362,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	// QEMU dies with the process that started it: no machine outlives boxd.
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
-	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Boot, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
+	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Kernel, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
 	if err := m.cmd.Start(); err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
@@ -411,6 +395,22 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		r.release(m.memFile) // it ended before its exit could see that
 	}
 	return m, nil
+}
+
+// diskPath is the file of spec's disk, "" for none.
+func diskPath(spec runner.Spec) string {
+	if spec.Disk == nil {
+		return ""
+	}
+	return spec.Disk.Path
+}
+
+// diskBase is the snapshot spec's disk starts from, "" for none.
+func diskBase(spec runner.Spec) string {
+	if spec.Disk == nil {
+		return ""
+	}
+	return spec.Disk.Base
 }
 
 func (r *Runner) memDir() string {
@@ -484,6 +484,7 @@ type Machine struct {
 	memFile string
 	private bool // memFile is a frozen snapshot's, mapped copy-on-write
 	disk    string
+	base    string // the snapshot the disk starts from (Spec.Disk.Base)
 
 	consoleMu sync.Mutex // guards console, which a spare's takeover changes
 
@@ -491,7 +492,7 @@ type Machine struct {
 	released atomic.Bool // and gave it back
 
 	prepMu    sync.Mutex
-	prepared  string         // the memory file the next Fork fills, which spares map (Warm)
+	prepared  string         // the memory file the next SnapshotForFork fills, which spares map (StartSpares)
 	prepEnded bool           // the machine ended: no other is made
 	prepState map[string]int // prepared files forks took: prepForking, prepAdopted, prepFailed
 	cmd       *exec.Cmd
@@ -524,7 +525,7 @@ func (m *Machine) wait() {
 	err := m.cmd.Wait()
 	switch {
 	case m.stopping.Load():
-		err = ErrStopped
+		err = runner.ErrStopped
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
 	default:
@@ -587,6 +588,14 @@ func (m *Machine) MemoryFile() string { return m.memFile }
 // PID is the QEMU process's.
 func (m *Machine) PID() int { return m.cmd.Process.Pid }
 
+// CPUTime is the CPU time (user and system) QEMU has used so far.
+func (m *Machine) CPUTime() (time.Duration, error) {
+	if m.stopped() {
+		return 0, m.exit
+	}
+	return procCPUTime(m.PID())
+}
+
 func (m *Machine) stopped() bool {
 	select {
 	case <-m.done:
@@ -612,9 +621,9 @@ func (m *Machine) command(ctx context.Context, name string) error {
 // Pause stops the vCPUs (QMP stop).
 func (m *Machine) Pause(ctx context.Context) error { return m.command(ctx, "stop") }
 
-// Resume lets them run on (QMP cont). A machine restored with
-// RestoreOptions.Unique is reseeded (Runner.Unique) on its first Resume.
-func (m *Machine) Resume(ctx context.Context) error {
+// Continue lets them run on (QMP cont). A machine restored with
+// RestoreOptions.Unique is reseeded (Runner.Unique) on its first Continue.
+func (m *Machine) Continue(ctx context.Context) error {
 	if err := m.command(ctx, "cont"); err != nil {
 		return err
 	}
@@ -688,7 +697,7 @@ func (m *Machine) consolePath() string {
 // Done is closed when QEMU has exited.
 func (m *Machine) Done() <-chan struct{} { return m.done }
 
-// Err says why QEMU exited (nil while it runs): ErrStopped after Stop.
+// Err says why QEMU exited (nil while it runs): runner.ErrStopped after Stop.
 func (m *Machine) Err() error {
 	if !m.stopped() {
 		return nil

@@ -22,17 +22,11 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
-// OptionBase is the Spec.Options key naming the snapshot whose disk map the disk
-// starts from (the image a box's overlay is made over); a machine's first
-// snapshot is a delta against it.
-const OptionBase = "base"
-
 // Labels and maps of a QEMU snapshot.
 const (
-	LabelRunner = "boxd.runner"
-	LabelSpec   = "boxd.qemu.spec"
-	LabelDisk   = "boxd.qemu.disk" // the frozen qcow2 overlay that holds the disk as it was
-	DevicesMap  = "devices"        // QEMU's device state, guest RAM left out
+	LabelSpec  = "boxd.qemu.spec"
+	LabelDisk  = "boxd.qemu.disk" // the frozen qcow2 overlay that holds the disk as it was
+	DevicesMap = "devices"        // QEMU's device state, guest RAM left out
 )
 
 // Snapshot saves the machine into Runner.Graph as snapshot name, a delta
@@ -45,14 +39,14 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	return m.snapshot(ctx, name, opts, modeSnapshot)
 }
 
-// Fork is Snapshot for forks: the snapshot gets a frozen memory file of
-// its own, the one Warm prepared (else one made now), filled with the
+// SnapshotForFork is Snapshot for forks: the snapshot gets a frozen memory file of
+// its own, the one StartSpares prepared (else one made now), filled with the
 // machine's memory while it is stopped; restores of the snapshot map it
-// copy-on-write at once, and take the spares that Warm started on it. The
+// copy-on-write at once, and take the spares that StartSpares started on it. The
 // machine goes on, on its own memory. The snapshot goes to the store after
-// Fork returns (Committed waits for it); a machine whose disk is raw
+// SnapshotForFork returns (Committed waits for it); a machine whose disk is raw
 // stores it first, and its restores rebuild memory from the store.
-func (m *Machine) Fork(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
+func (m *Machine) SnapshotForFork(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
 	return m.snapshot(ctx, name, opts, modeFork)
 }
 
@@ -70,7 +64,7 @@ const (
 // snapshot map copy-on-write at once, and the snapshot goes to the store
 // after Freeze returns; a fork (private memory) stores it first. The file
 // goes once its snapshot is in the store and, after DropFrozen or the last
-// machine mapping it stopping, nothing maps it. Spares wait for Fork, not
+// machine mapping it stopping, nothing maps it. Spares wait for SnapshotForFork, not
 // Freeze.
 func (m *Machine) Freeze(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
 	return m.snapshot(ctx, name, opts, modeFreeze)
@@ -92,7 +86,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	parent := m.last
 	if parent == "" {
-		parent = m.spec.Options[OptionBase]
+		parent = m.base
 	}
 	// A delta needs its parent in the store.
 	if err := m.r.committed(ctx, parent); err != nil {
@@ -106,7 +100,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		}
 		qcow2 = format == "qcow2"
 		if qcow2 && parent == "" {
-			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (option %q): %w", OptionBase, cas.ErrInvalidArgument)
+			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (Spec.Disk.Base): %w", cas.ErrInvalidArgument)
 		}
 	}
 	st, err := m.Status(ctx)
@@ -248,16 +242,18 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 }
 
 // nextOverlay names the overlay that takes the disk's writes after
-// snapshot name: beside the current top.
+// snapshot name: beside the current top, as ORIGIN@NAME.qcow2, where
+// ORIGIN is the file name of the disk the machine was given (see
+// Runner.DiskOrigin).
 func (m *Machine) nextOverlay(name string) string {
-	base := strings.TrimSuffix(filepath.Base(m.disk), ".qcow2")
-	if i := strings.Index(base, "@"); i >= 0 {
-		base = base[:i]
+	origin := filepath.Base(m.disk)
+	if i := strings.Index(origin, "@"); i >= 0 {
+		origin = origin[:i]
 	}
-	next := filepath.Join(filepath.Dir(m.disk), base+"@"+name+".qcow2")
+	next := filepath.Join(filepath.Dir(m.disk), origin+"@"+name+".qcow2")
 	// A snapshot that failed may have left its overlay under the name.
 	for i := 2; next == m.disk || exists(next); i++ {
-		next = filepath.Join(filepath.Dir(m.disk), fmt.Sprintf("%s@%s.%d.qcow2", base, name, i))
+		next = filepath.Join(filepath.Dir(m.disk), fmt.Sprintf("%s@%s.%d.qcow2", origin, name, i))
 	}
 	return next
 }
@@ -280,11 +276,11 @@ type captureJob struct {
 
 // captureJob describes snapshot name of the stopped machine.
 func (m *Machine) captureJob(name, parent string, opts runner.SnapshotOptions, devices []byte, frozenDisk string) (*captureJob, error) {
-	spec, err := json.Marshal(m.specLabel())
+	spec, err := json.Marshal(toStored(m.specLabel()))
 	if err != nil {
 		return nil, err
 	}
-	labels := map[string]string{LabelRunner: "qemu", LabelSpec: string(spec)}
+	labels := map[string]string{runner.LabelRunner: m.r.Name(), LabelSpec: string(spec)}
 	if frozenDisk != "" {
 		labels[LabelDisk] = frozenDisk
 	}
@@ -390,10 +386,8 @@ func (r *Runner) capture(ctx context.Context, j *captureJob) (snapshotter.Snapsh
 // the per-machine disk and console.
 func (m *Machine) specLabel() runner.Spec {
 	s := m.spec
-	s.Options = maps.Clone(s.Options)
-	delete(s.Options, OptionConsole)
-	delete(s.Options, OptionDisk) // a restore has a disk when the snapshot has a disk map
-	delete(s.Options, OptionBase)
+	s.Console = ""
+	s.Disk = nil // a restore has a disk when the snapshot has a disk map
 	return s
 }
 

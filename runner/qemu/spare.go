@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,20 +14,20 @@ import (
 	"github.com/boxd-dev/boxd/runner"
 )
 
-// Warm starts n spares for forks of m. A spare is QEMU started ahead of
+// StartSpares starts n spares for forks of m. A spare is QEMU started ahead of
 // time with m's machine, less its disk, paused and waiting for device
 // state (-incoming defer), with a memory file mapped copy-on-write that m
-// prepares for its next Fork: an empty file for a machine on its own
-// memory file, a copy of the frozen file it maps for a fork. Fork fills
+// prepares for its next SnapshotForFork: an empty file for a machine on its own
+// memory file, a copy of the frozen file it maps for a fork. SnapshotForFork fills
 // the file with m's memory, and the restores of its snapshot take the
 // spares instead of starting QEMU: they attach their disk and console and
 // load the device state, which takes process start off a fork's critical
 // path. A spare reads nothing of the file before it runs, so it sees what
-// Fork wrote.
+// SnapshotForFork wrote.
 //
 // Spares go when m ends, and spares of a fork's snapshot when its frozen
 // file is dropped.
-func (m *Machine) Warm(ctx context.Context, n int) error {
+func (m *Machine) StartSpares(ctx context.Context, n int) error {
 	if m.stopped() {
 		return m.exit
 	}
@@ -70,8 +69,8 @@ func (m *Machine) Warm(ctx context.Context, n int) error {
 	return nil
 }
 
-// prepare makes the file m's spares map and its next Fork fills (see
-// Warm), or returns the one waiting; "" if the machine ended meanwhile.
+// prepare makes the file m's spares map and its next SnapshotForFork fills (see
+// StartSpares), or returns the one waiting; "" if the machine ended meanwhile.
 func (m *Machine) prepare() (string, error) {
 	m.prepMu.Lock()
 	if m.prepared != "" {
@@ -86,7 +85,7 @@ func (m *Machine) prepare() (string, error) {
 	m.prepMu.Lock()
 	defer m.prepMu.Unlock()
 	if m.prepared != "" || m.prepEnded {
-		m.r.setPrepared(path, false) // another Warm's, or too late
+		m.r.setPrepared(path, false) // another StartSpares's, or too late
 		return m.prepared, nil
 	}
 	m.prepared = path
@@ -285,7 +284,7 @@ func (r *Runner) isFrozenFile(path string) bool {
 }
 
 // Spares is how many spares wait on the memory files m prepared for its
-// forks (Warm).
+// forks (StartSpares).
 func (m *Machine) Spares() int {
 	m.prepMu.Lock()
 	files := []string{m.prepared}
@@ -352,27 +351,21 @@ func (r *Runner) popSpare(memFile string, spec runner.Spec) *Machine {
 // sameMachine says whether a spare started with spare can take over a
 // machine of spec: all but the disk and console are the same.
 func sameMachine(spare, spec runner.Spec) bool {
-	if spare.Boot != spec.Boot || spare.MemSize != spec.MemSize || max(spare.CPUs, 1) != max(spec.CPUs, 1) {
-		return false
-	}
-	strip := func(o map[string]string) map[string]string {
-		o = maps.Clone(o)
-		delete(o, OptionDisk)
-		delete(o, OptionConsole)
-		delete(o, OptionBase)
-		if o[OptionNet] == "" {
-			o[OptionNet] = NetUser
+	net := func(s runner.Spec) string {
+		if s.Network == "" {
+			return runner.NetworkUser
 		}
-		return o
+		return s.Network
 	}
-	return maps.Equal(strip(spare.Options), strip(spec.Options))
+	return spare.Kernel == spec.Kernel && spare.MemSize == spec.MemSize && max(spare.CPUs, 1) == max(spec.CPUs, 1) &&
+		spare.Initrd == spec.Initrd && spare.Cmdline == spec.Cmdline && net(spare) == net(spec)
 }
 
 // takeOver makes a spare the machine of spec: the console goes to spec's
 // console file and spec's disk is plugged in where a machine started with
 // it has it.
 func (m *Machine) takeOver(ctx context.Context, spec runner.Spec) error {
-	if c := spec.Options[OptionConsole]; c != "" {
+	if c := spec.Console; c != "" {
 		if _, err := m.qmp.execute(ctx, "chardev-change", map[string]any{
 			"id":      "console",
 			"backend": map[string]any{"type": "file", "data": map[string]any{"out": c, "append": true}},
@@ -383,7 +376,7 @@ func (m *Machine) takeOver(ctx context.Context, spec runner.Spec) error {
 		m.console = c
 		m.consoleMu.Unlock()
 	}
-	if disk := spec.Options[OptionDisk]; disk != "" {
+	if disk := diskPath(spec); disk != "" {
 		format, err := diskFormat(disk)
 		if err != nil {
 			return err

@@ -76,7 +76,7 @@ func TestWarmFork(t *testing.T) {
 	if got != "boxd-disk!" {
 		t.Fatalf("the parent reads %q from its disk, want boxd-disk!", got)
 	}
-	if err := parent.Warm(ctx, 2); err != nil {
+	if err := parent.StartSpares(ctx, 2); err != nil {
 		t.Fatalf("Warm: %v", err)
 	}
 	if n := parent.Spares(); n != 2 {
@@ -86,7 +86,7 @@ func TestWarmFork(t *testing.T) {
 	before, _ = diskStep(ctx, t, parent, before+3)
 
 	start := time.Now()
-	if _, err := parent.Fork(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
+	if _, err := parent.SnapshotForFork(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
 		t.Fatalf("Fork: %v", err)
 	}
 	t.Logf("fork: %v", time.Since(start))
@@ -97,9 +97,9 @@ func TestWarmFork(t *testing.T) {
 	var kids []*qemu.Machine
 	for i := range 3 {
 		console := filepath.Join(work, "console-"+strconv.Itoa(i))
-		k, err := r.RestoreMachine(ctx, "warm-fork", runner.RestoreOptions{Options: map[string]string{
-			"disk": filepath.Join(work, "kid-"+strconv.Itoa(i)+".qcow2"), "console": console,
-		}})
+		k, err := r.RestoreMachine(ctx, "warm-fork", runner.RestoreOptions{
+			Disk: filepath.Join(work, "kid-"+strconv.Itoa(i)+".qcow2"), Console: console,
+		})
 		if err != nil {
 			t.Fatalf("restore %d: %v", i, err)
 		}
@@ -161,7 +161,7 @@ func TestWarmFork(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := other.Warm(ctx, 1); err != nil {
+	if err := other.StartSpares(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
 	_ = other.Stop(ctx)
@@ -262,8 +262,11 @@ func diskMachine(ctx context.Context, t *testing.T) (*qemu.Runner, *snapshotter.
 	}
 	spec := runner.Spec{
 		MemSize: 128 << 20,
-		Boot:    kernel,
-		Options: map[string]string{"initrd": initrd, "cmdline": "console=ttyS0 panic=-1 quiet", "net": "none", "disk": overlay, "base": "warm-image"},
+		Kernel:  kernel,
+		Initrd:  initrd,
+		Cmdline: "console=ttyS0 panic=-1 quiet",
+		Network: runner.NetworkNone,
+		Disk:    &runner.Disk{Path: overlay, Base: "warm-image"},
 	}
 	return r, g, spec, work
 }
@@ -313,9 +316,9 @@ func TestOwnMemory(t *testing.T) {
 
 	restore := func(snap, name string) *qemu.Machine {
 		t.Helper()
-		m, err := r.RestoreMachine(ctx, snap, runner.RestoreOptions{Options: map[string]string{
-			"disk": filepath.Join(work, name+".qcow2"), "memory": "own",
-		}})
+		m, err := r.RestoreMachine(ctx, snap, runner.RestoreOptions{
+			Disk: filepath.Join(work, name+".qcow2"), LongLived: true,
+		})
 		if err != nil {
 			t.Fatalf("restore of %s with its own memory: %v", snap, err)
 		}
@@ -352,14 +355,14 @@ func TestOwnMemory(t *testing.T) {
 		t.Errorf("the first snapshot after an own restore stored %d bytes of memory, the full one %d: the guest cannot have changed that much", mem.NewStored, full.NewStored)
 	}
 	// It has spares, and its freeze forks onto them.
-	if err := a.Warm(ctx, 1); err != nil {
+	if err := a.StartSpares(ctx, 1); err != nil {
 		t.Fatalf("Warm of a machine with its own memory: %v", err)
 	}
 	before, _ := diskStep(ctx, t, a, 0)
-	if _, err := a.Fork(ctx, "own-3", runner.SnapshotOptions{Incremental: true}); err != nil {
+	if _, err := a.SnapshotForFork(ctx, "own-3", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
-	b, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "b.qcow2")}})
+	b, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Disk: filepath.Join(work, "b.qcow2")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -383,9 +386,6 @@ func TestOwnMemory(t *testing.T) {
 	if n, got := diskStep(ctx, t, c, before); got != "boxd-disk!" {
 		t.Fatalf("own restore from the store: step %d reading %q", n, got)
 	}
-	if _, err := r.RestoreMachine(ctx, "own-3", runner.RestoreOptions{Options: map[string]string{"memory": "mine"}}); err == nil {
-		t.Error("a restore with memory=mine was accepted")
-	}
 }
 
 // TestWarmForkOfFork forks a fork, which maps its parent's frozen file
@@ -400,12 +400,12 @@ func TestWarmForkOfFork(t *testing.T) {
 	defer cancel()
 	r, g, spec, work := diskMachine(ctx, t)
 	frozenMachine(ctx, t, r, spec, "fof-1")
-	fork, err := r.RestoreMachine(ctx, "fof-1", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "fork.qcow2")}})
+	fork, err := r.RestoreMachine(ctx, "fof-1", runner.RestoreOptions{Disk: filepath.Join(work, "fork.qcow2")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = fork.Stop(context.Background()) })
-	if err := fork.Warm(ctx, 2); err != nil {
+	if err := fork.StartSpares(ctx, 2); err != nil {
 		t.Fatalf("Warm of a fork: %v", err)
 	}
 	if n := fork.Spares(); n != 2 {
@@ -415,13 +415,13 @@ func TestWarmForkOfFork(t *testing.T) {
 	before, _ := diskStep(ctx, t, fork, 0)
 	before, _ = diskStep(ctx, t, fork, before+3)
 	start := time.Now()
-	if _, err := fork.Fork(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
+	if _, err := fork.SnapshotForFork(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
 	frozeAt := lastStep(fork.Console())
 	var kids []*qemu.Machine
 	for i := range 2 {
-		k, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, fmt.Sprintf("kid-%d.qcow2", i))}})
+		k, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Disk: filepath.Join(work, fmt.Sprintf("kid-%d.qcow2", i))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -442,10 +442,10 @@ func TestWarmForkOfFork(t *testing.T) {
 		}
 	}
 	// Spares a fork did not take go with DropSpares.
-	if err := fork.Warm(ctx, 1); err != nil {
+	if err := fork.StartSpares(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := fork.Fork(ctx, "fof-3", runner.SnapshotOptions{Incremental: true}); err != nil {
+	if _, err := fork.SnapshotForFork(ctx, "fof-3", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
 	if n := fork.Spares(); n != 1 {
@@ -474,7 +474,7 @@ func TestWarmForkOfFork(t *testing.T) {
 	if _, err := g.Get("fof-2"); err != nil {
 		t.Fatal(err)
 	}
-	c, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Options: map[string]string{"disk": filepath.Join(work, "c.qcow2")}})
+	c, err := r.RestoreMachine(ctx, "fof-2", runner.RestoreOptions{Disk: filepath.Join(work, "c.qcow2")})
 	if err != nil {
 		t.Fatal(err)
 	}

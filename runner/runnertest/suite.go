@@ -37,6 +37,15 @@ func Suite(t *testing.T, b Backend) {
 		{"RestoreUnknown", checkRestoreUnknown},
 		{"SnapshotNameTaken", checkSnapshotNameTaken},
 		{"StopTwice", checkStopTwice},
+		// The optional capabilities (capabilities.go): each check skips,
+		// saying so, where the backend lacks the capability.
+		{"AgentHost", checkAgentHost},
+		{"CPUMeter", checkCPUMeter},
+		{"DiskFiles", checkDiskFiles},
+		{"Forker", checkForker},
+		{"BackgroundWriter", checkBackgroundWriter},
+		{"SnapshotReleaser", checkSnapshotReleaser},
+		{"SpecReader", checkSpecReader},
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, b) })
@@ -98,8 +107,8 @@ func checkPauseResume(t *testing.T, b Backend) {
 		}
 	}
 	o1 := next(t, b, m) // resumes
-	if err := m.Resume(ctx(t)); err != nil {
-		t.Fatalf("Resume of a running machine: %v", err)
+	if err := m.Continue(ctx(t)); err != nil {
+		t.Fatalf("Continue of a running machine: %v", err)
 	}
 	o2 := next(t, b, m)
 	if o2.Counter <= o1.Counter {
@@ -116,8 +125,12 @@ func checkSnapshotRestore(t *testing.T, b Backend) {
 	if err := m.Pause(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Snapshot(ctx(t), "s", runner.SnapshotOptions{}); err != nil {
+	s, err := m.Snapshot(ctx(t), "s", runner.SnapshotOptions{})
+	if err != nil {
 		t.Fatalf("Snapshot: %v", err)
+	}
+	if got := s.Labels[runner.LabelRunner]; got != r.Name() {
+		t.Errorf("snapshot label %s = %q, want the runner's name %q", runner.LabelRunner, got, r.Name())
 	}
 	c := restore(t, r, "s", runner.RestoreOptions{Paused: true})
 	want := next(t, b, m)
@@ -214,5 +227,8 @@ func checkStopTwice(t *testing.T, b Backend) {
 	}
 	if err := m.Pause(ctx(t)); err == nil {
 		t.Fatal("Pause of a stopped machine succeeded")
+	}
+	if !errors.Is(m.Err(), runner.ErrStopped) {
+		t.Fatalf("Err after Stop: %v, want runner.ErrStopped", m.Err())
 	}
 }

@@ -1,0 +1,133 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// CreateDisk makes path a new, empty qcow2 overlay over base (runner.DiskFiles).
+func (r *Runner) CreateDisk(ctx context.Context, path, base string) error {
+	return CreateOverlay(ctx, path, base)
+}
+
+// DiskChain lists the qcow2 chain of the disk at path, top first (runner.DiskFiles).
+func (r *Runner) DiskChain(path string) []string { return BackingChain(path) }
+
+// SnapshotDisk is the overlay snapshot s froze, "" if s has none (runner.DiskFiles).
+func (r *Runner) SnapshotDisk(s snapshotter.Snapshot) string { return s.Labels[LabelDisk] }
+
+// DiskOrigin is the disk a frozen overlay was made from (runner.DiskFiles):
+// a snapshot freezes the top of DIR/ORIGIN (or of an overlay that took
+// over from it) as DIR/ORIGIN@SNAPSHOT.qcow2 (see Machine.nextOverlay).
+// Overlays of disks named NAME.qcow2 were once called NAME@SNAPSHOT.qcow2.
+func (r *Runner) DiskOrigin(file string) string {
+	base := filepath.Base(file)
+	i := strings.Index(base, "@")
+	if i <= 0 || !strings.HasSuffix(base, ".qcow2") {
+		return ""
+	}
+	origin := base[:i]
+	if filepath.Ext(origin) == "" {
+		origin += ".qcow2"
+	}
+	return filepath.Join(filepath.Dir(file), origin)
+}
+
+// ReleaseSnapshot stops the spares still waiting for restores of snap and
+// removes its frozen memory file once no machine maps it and it is in the
+// store (runner.SnapshotReleaser).
+func (r *Runner) ReleaseSnapshot(snap string) {
+	r.DropSpares(snap)
+	r.DropFrozen(snap)
+}
+
+// SnapshotRemoved removes the disk of snap exported for restores, and its
+// frozen memory file if one is left (runner.SnapshotReleaser).
+func (r *Runner) SnapshotRemoved(snap string) {
+	r.DropFrozen(snap)
+	_ = os.Remove(r.exportedDisk(snap))
+}
+
+// SnapshotSpec is the machine a QEMU snapshot restores as (runner.SpecReader).
+func (r *Runner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
+	if s.Labels[runner.LabelRunner] != r.Name() {
+		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", s.Name, cas.ErrInvalidArgument)
+	}
+	var st storedSpec
+	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &st); err != nil {
+		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", s.Name, err, cas.ErrCorrupt)
+	}
+	return st.spec(), nil
+}
+
+// storedSpec is a machine's spec as a snapshot's LabelSpec keeps it: the
+// kernel and a map of settings. It is the form boxd has always written, so
+// every snapshot ever taken restores.
+type storedSpec struct {
+	MemSize int64
+	CPUs    int
+	Boot    string
+	Options map[string]string `json:",omitempty"`
+}
+
+// Keys of storedSpec.Options.
+const (
+	storedInitrd  = "initrd"
+	storedCmdline = "cmdline"
+	storedNet     = "net"
+)
+
+func toStored(s runner.Spec) storedSpec {
+	st := storedSpec{MemSize: s.MemSize, CPUs: s.CPUs, Boot: s.Kernel, Options: map[string]string{}}
+	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: s.Network} {
+		if v != "" {
+			st.Options[k] = v
+		}
+	}
+	return st
+}
+
+// spec is the Spec st keeps, without disk or console (a snapshot's label
+// never held them).
+func (st storedSpec) spec() runner.Spec {
+	return runner.Spec{
+		MemSize: st.MemSize, CPUs: st.CPUs, Kernel: st.Boot,
+		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: st.Options[storedNet],
+	}
+}
+
+// procCPUTime is the CPU time (user and system) process pid has used.
+func procCPUTime(pid int) (time.Duration, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("qemu: CPU time: %w", err)
+	}
+	// The fields after the command name, which is in parentheses and may
+	// hold spaces: state is the first; utime and stime are the 12th and
+	// 13th, in clock ticks (USER_HZ, 100 on Linux).
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat unreadable", pid)
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat has %d fields", pid, len(f))
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat: bad utime or stime", pid)
+	}
+	return time.Duration(ut+st) * (time.Second / 100), nil
+}

@@ -1,0 +1,312 @@
+package runnertest
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// skipWithout skips a check of capability name, saying that the backend
+// lacks it.
+func skipWithout(t *testing.T, r runner.Runner, name string) {
+	t.Helper()
+	t.Skipf("the %s backend does not have runner.%s", r.Name(), name)
+}
+
+// The agent's socket exists and takes connections while the machine runs.
+func checkAgentHost(t *testing.T, b Backend) {
+	r, _ := b.New(t)
+	m := start(t, r, b.Spec)
+	ah, ok := m.(runner.AgentHost)
+	if !ok {
+		skipWithout(t, r, "AgentHost")
+	}
+	next(t, b, m)
+	fi, err := os.Stat(ah.AgentSocket())
+	if err != nil || fi.Mode().Type() != os.ModeSocket {
+		t.Fatalf("agent socket %s: %v (mode %v), want a unix socket", ah.AgentSocket(), err, fi)
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx(t), "unix", ah.AgentSocket())
+	if err != nil {
+		t.Fatalf("connecting to the agent socket: %v", err)
+	}
+	_ = conn.Close()
+}
+
+// CPU time grows while the guest runs and is an error once it stopped.
+func checkCPUMeter(t *testing.T, b Backend) {
+	r, _ := b.New(t)
+	m := start(t, r, b.Spec)
+	cm, ok := m.(runner.CPUMeter)
+	if !ok {
+		skipWithout(t, r, "CPUMeter")
+	}
+	next(t, b, m)
+	t1, err := cm.CPUTime()
+	if err != nil {
+		t.Fatalf("CPUTime: %v", err)
+	}
+	next(t, b, m)
+	next(t, b, m)
+	t2, err := cm.CPUTime()
+	if err != nil {
+		t.Fatalf("CPUTime: %v", err)
+	}
+	if t2 <= 0 || t2 < t1 {
+		t.Fatalf("CPU time %v then %v: want positive and growing", t1, t2)
+	}
+	if err := m.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cm.CPUTime(); err == nil {
+		t.Fatal("CPUTime of a stopped machine succeeded")
+	}
+}
+
+// A disk made over a raw base stands on it; a snapshot freezes a layer
+// that names the disk as its origin and stands on the base too; the
+// machine goes on on a new top, and a restore's disk stands on the layer.
+func checkDiskFiles(t *testing.T, b Backend) {
+	r, g := b.New(t)
+	df, ok := r.(runner.DiskFiles)
+	if !ok {
+		skipWithout(t, r, "DiskFiles")
+	}
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	content := bytes.Repeat([]byte("boxd-disk-base!\n"), 1<<16) // 1 MiB
+	if err := os.WriteFile(base, content, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Ingest(ctx(t), bytes.NewReader(content), snapshotter.IngestOptions{Name: "disk-base"}); err != nil {
+		t.Fatal(err)
+	}
+	top := filepath.Join(dir, "top.disk")
+	if err := df.CreateDisk(ctx(t), top, base); err != nil {
+		t.Fatalf("CreateDisk: %v", err)
+	}
+	if chain := df.DiskChain(top); !slices.Equal(chain, []string{top, base}) {
+		t.Fatalf("DiskChain of a new disk: %v, want [%s %s]", chain, top, base)
+	}
+	if got := df.DiskOrigin(filepath.Join(dir, "stranger.disk")); got != "" {
+		t.Fatalf("DiskOrigin of a file the backend did not make: %q, want none", got)
+	}
+	spec := b.Spec
+	spec.Disk = &runner.Disk{Path: top, Base: "disk-base"}
+	m := start(t, r, spec)
+	next(t, b, m)
+	s, err := m.Snapshot(ctx(t), "d1", runner.SnapshotOptions{})
+	if err != nil {
+		t.Fatalf("Snapshot of a machine with a disk: %v", err)
+	}
+	frozen := df.SnapshotDisk(s)
+	if frozen == "" {
+		t.Fatal("SnapshotDisk of the snapshot: none")
+	}
+	if chain := df.DiskChain(frozen); chain[len(chain)-1] != base {
+		t.Fatalf("DiskChain of the snapshot's disk: %v, want it to end at %s", chain, base)
+	}
+	// Every layer the backend makes of the disk names it as its origin.
+	if frozen != top {
+		if got := df.DiskOrigin(frozen); got != top {
+			t.Fatalf("DiskOrigin of the layer %s: %q, want %s", frozen, got, top)
+		}
+	}
+	if dm, ok := m.(runner.DiskMachine); ok {
+		now := dm.Disk()
+		if chain := df.DiskChain(now); !slices.Contains(chain, frozen) || chain[len(chain)-1] != base {
+			t.Fatalf("the machine's disk after the snapshot, %s, has chain %v: want it over %s and %s", now, chain, frozen, base)
+		}
+		if now != top {
+			if got := df.DiskOrigin(now); got != top {
+				t.Fatalf("DiskOrigin of the machine's new layer %s: %q, want %s", now, got, top)
+			}
+		}
+	}
+	next(t, b, m)
+	s2, err := m.Snapshot(ctx(t), "d2", runner.SnapshotOptions{Incremental: true})
+	if err != nil {
+		t.Fatalf("second snapshot of a machine with a disk: %v", err)
+	}
+	if f2 := df.SnapshotDisk(s2); f2 != top && df.DiskOrigin(f2) != top {
+		t.Fatalf("DiskOrigin of the second snapshot's layer %s: %q, want %s", f2, df.DiskOrigin(f2), top)
+	}
+	next(t, b, m) // it runs on
+	rdisk := filepath.Join(dir, "restored.disk")
+	c := restore(t, r, "d1", runner.RestoreOptions{Disk: rdisk})
+	next(t, b, c)
+	if chain := df.DiskChain(rdisk); len(chain) < 2 || chain[0] != rdisk {
+		t.Fatalf("DiskChain of a restore's disk: %v, want it to start at %s and stand on the snapshot's disk", chain, rdisk)
+	}
+}
+
+// A fork snapshot's restores start (on spares) and diverge; the machine
+// runs on; the snapshot restores again once in the store.
+func checkForker(t *testing.T, b Backend) {
+	r, g := b.New(t)
+	m := start(t, r, b.Spec)
+	f, ok := m.(runner.Forker)
+	if !ok {
+		skipWithout(t, r, "Forker")
+	}
+	next(t, b, m)
+	if err := f.StartSpares(ctx(t), 2); err != nil {
+		t.Fatalf("StartSpares: %v", err)
+	}
+	if _, err := f.SnapshotForFork(ctx(t), "f", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatalf("SnapshotForFork: %v", err)
+	}
+	o1 := next(t, b, m)
+	a := restore(t, r, "f", runner.RestoreOptions{Unique: true})
+	c := restore(t, r, "f", runner.RestoreOptions{Unique: true})
+	var oa, oc runner.Observation
+	for range 3 {
+		oa, oc = next(t, b, a), next(t, b, c)
+	}
+	if oa.Checksum == oc.Checksum {
+		t.Fatalf("two unique forks have the same memory after running: %+v", oa)
+	}
+	if o2 := next(t, b, m); o2.Counter <= o1.Counter {
+		t.Fatal("the machine stopped running after SnapshotForFork")
+	}
+	if bw, ok := r.(runner.BackgroundWriter); ok {
+		if err := bw.Flush(ctx(t)); err != nil {
+			t.Fatalf("Flush: %v", err)
+		}
+	}
+	if _, err := g.Get("f"); err != nil {
+		t.Fatalf("the fork's snapshot is not in the store after Flush: %v", err)
+	}
+	// A fork of a fork.
+	if cf, ok := a.(runner.Forker); ok {
+		if _, err := cf.SnapshotForFork(ctx(t), "ff", runner.SnapshotOptions{Incremental: true}); err != nil {
+			t.Fatalf("SnapshotForFork of a fork: %v", err)
+		}
+		next(t, b, restore(t, r, "ff", runner.RestoreOptions{Unique: true}))
+	}
+}
+
+// Flush puts every snapshot taken in the store and leaves none pending.
+func checkBackgroundWriter(t *testing.T, b Backend) {
+	r, g := b.New(t)
+	bw, ok := r.(runner.BackgroundWriter)
+	if !ok {
+		skipWithout(t, r, "BackgroundWriter")
+	}
+	m := start(t, r, b.Spec)
+	next(t, b, m)
+	snap := m.Snapshot
+	if f, ok := m.(runner.Forker); ok {
+		snap = f.SnapshotForFork // the kind that writes in the background
+	}
+	if _, err := snap(ctx(t), "b1", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	next(t, b, m)
+	if _, err := snap(ctx(t), "b2", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	if p := bw.Pending(); len(p) > 0 && !slices.Contains(p, "b2") {
+		t.Fatalf("Pending %v lists snapshots but not the newest, b2", p)
+	}
+	if err := bw.Flush(ctx(t)); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	if p := bw.Pending(); len(p) != 0 {
+		t.Fatalf("Pending after Flush: %v, want none", p)
+	}
+	if rel, ok := r.(runner.SnapshotReleaser); ok { // no restores are due
+		rel.ReleaseSnapshot("b1")
+		rel.ReleaseSnapshot("b2")
+	}
+	for _, n := range []string{"b1", "b2"} {
+		s, err := g.Get(n)
+		if err != nil {
+			t.Fatalf("snapshot %s after Flush: %v", n, err)
+		}
+		if n == "b2" && s.Parent != "b1" {
+			t.Fatalf("b2's parent %q, want b1", s.Parent)
+		}
+	}
+}
+
+// A released snapshot restores again, from the store.
+func checkSnapshotReleaser(t *testing.T, b Backend) {
+	r, _ := b.New(t)
+	rel, ok := r.(runner.SnapshotReleaser)
+	if !ok {
+		skipWithout(t, r, "SnapshotReleaser")
+	}
+	m := start(t, r, b.Spec)
+	next(t, b, m)
+	snap := m.Snapshot
+	if f, ok := m.(runner.Forker); ok {
+		if err := f.StartSpares(ctx(t), 1); err != nil {
+			t.Fatal(err)
+		}
+		snap = f.SnapshotForFork
+	}
+	if _, err := snap(ctx(t), "r1", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c := restore(t, r, "r1", runner.RestoreOptions{})
+	next(t, b, c)
+	if bw, ok := r.(runner.BackgroundWriter); ok {
+		if err := bw.Flush(ctx(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rel.ReleaseSnapshot("r1") // c still uses it
+	next(t, b, c)
+	if err := c.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	rel.ReleaseSnapshot("r1")
+	next(t, b, restore(t, r, "r1", runner.RestoreOptions{}))
+	rel.ReleaseSnapshot("no-such-snapshot") // nothing to release
+}
+
+// A snapshot says what machine it restores as; another backend's does not.
+func checkSpecReader(t *testing.T, b Backend) {
+	r, g := b.New(t)
+	sr, ok := r.(runner.SpecReader)
+	if !ok {
+		skipWithout(t, r, "SpecReader")
+	}
+	m := start(t, r, b.Spec)
+	next(t, b, m)
+	if _, err := m.Snapshot(ctx(t), "sp", runner.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if bw, ok := r.(runner.BackgroundWriter); ok {
+		if err := bw.Flush(ctx(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := g.Get("sp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := sr.SnapshotSpec(s)
+	if err != nil {
+		t.Fatalf("SnapshotSpec: %v", err)
+	}
+	want := b.Spec
+	if got.MemSize != want.MemSize || max(got.CPUs, 1) != max(want.CPUs, 1) || got.Kernel != want.Kernel ||
+		got.Initrd != want.Initrd || got.Cmdline != want.Cmdline {
+		t.Fatalf("SnapshotSpec: %+v, want the machine's %+v", got, want)
+	}
+	other := snapshotter.Snapshot{Name: "other", Labels: map[string]string{runner.LabelRunner: r.Name() + "-other"}}
+	if _, err := sr.SnapshotSpec(other); !errors.Is(err, cas.ErrInvalidArgument) {
+		t.Fatalf("SnapshotSpec of another backend's snapshot: %v, want ErrInvalidArgument", err)
+	}
+}
