@@ -50,8 +50,8 @@ type Manager interface {
 	CPUTime(name string) (time.Duration, bool)
 }
 
-// Store is what the API needs of the snapshot graph (*snapshotter.Graph).
-type Store interface {
+// Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
+type Graph interface {
 	List() ([]snapshotter.Snapshot, error)
 	Report(ctx context.Context, names ...string) (snapshotter.Report, error)
 	// GC removes the chunks no snapshot references; it waits for
@@ -72,7 +72,7 @@ const (
 // Create it with NewServer.
 type Server struct {
 	mgr   Manager
-	store Store
+	graph Graph
 	info  Info
 	log   *slog.Logger
 	now   func() time.Time
@@ -100,7 +100,7 @@ type Server struct {
 // Options configure a Server.
 type Options struct {
 	Manager Manager
-	Store   Store
+	Graph   Graph
 	Info    Info
 	Logger  *slog.Logger     // nil logs nothing
 	Now     func() time.Time // nil means time.Now
@@ -125,7 +125,7 @@ type cpuSample struct {
 // cancelled when ctx ends.
 func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
-		mgr: opts.Manager, store: opts.Store, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
+		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
 	}
 	if s.busyCPU <= 0 {
@@ -663,7 +663,7 @@ func (s *Server) boxSnapshots(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -676,7 +676,7 @@ func (s *Server) allSnapshots(w http.ResponseWriter, r *http.Request) {
 	boxes, err := s.mgr.List()
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -709,7 +709,7 @@ func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
-	st, err := s.store.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
+	st, err := s.graph.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -737,7 +737,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -755,7 +755,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 		// Report of no names reports everything: a box without
 		// snapshots keeps the empty report.
 		if len(br.Snapshots) > 0 {
-			if br.Report, err = s.store.Report(r.Context(), br.Snapshots...); err != nil {
+			if br.Report, err = s.graph.Report(r.Context(), br.Snapshots...); err != nil {
 				s.fail(w, r, err)
 				return
 			}
@@ -769,7 +769,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 		out.Boxes = append(out.Boxes, br)
 	}
 	if len(union) > 0 {
-		if out.Total, err = s.store.Report(r.Context(), union...); err != nil {
+		if out.Total, err = s.graph.Report(r.Context(), union...); err != nil {
 			s.fail(w, r, err)
 			return
 		}
