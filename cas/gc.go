@@ -109,58 +109,90 @@ func (w *Writer) GC(ctx context.Context, live func(ID) bool, opts GCOptions) (GC
 	if opts.Threshold <= 0 || opts.Threshold > 1 {
 		opts.Threshold = 0.5
 	}
-	s := w.s
-	var st GCStats
-	use, err := s.Usage(live)
+	use, err := w.s.Usage(live)
 	if err != nil {
+		return GCStats{}, err
+	}
+	st := statsBefore(use)
+	victims := pickVictims(use, opts.Threshold)
+	if len(victims) == 0 {
+		return statsUnchanged(st, use), nil
+	}
+	run := &gcRun{s: w.s, live: live, victims: victims}
+	defer run.abortUnsealed()
+	// The write order of the package doc: new packs, index, old packs.
+	if err := run.copyLive(ctx); err != nil {
 		return st, err
 	}
-	victims := map[uint32]bool{}
-	for n, u := range use {
+	if err := run.switchIndex(); err != nil {
+		return st, err
+	}
+	if err := run.removeVictims(); err != nil {
+		return st, err
+	}
+	if err := run.forgetVictims(); err != nil {
+		return st, err
+	}
+	return run.statsAfter(st, use), nil
+}
+
+// statsBefore counts the packs and bytes a collection starts from.
+func statsBefore(use map[uint32]*PackUsage) GCStats {
+	var st GCStats
+	for _, u := range use {
 		st.PacksBefore++
 		st.BytesBefore += u.Size
-		if u.LiveChunks == 0 || float64(u.Garbage()) >= opts.Threshold*float64(u.ChunkBytes) {
+	}
+	return st
+}
+
+// pickVictims chooses the packs worth collecting: those with no live chunk,
+// and those whose garbage reaches threshold of their chunk bytes.
+func pickVictims(use map[uint32]*PackUsage, threshold float64) map[uint32]bool {
+	victims := map[uint32]bool{}
+	for n, u := range use {
+		if u.LiveChunks == 0 || float64(u.Garbage()) >= threshold*float64(u.ChunkBytes) {
 			victims[n] = true
 		}
 	}
-	if len(victims) == 0 {
-		st.PacksAfter = st.PacksBefore
-		st.BytesAfter = st.BytesBefore
-		for _, u := range use {
-			st.GarbageRemaining += u.Garbage()
-		}
-		return st, nil
-	}
+	return victims
+}
 
-	// Copy live chunks out of the victims. The stored bytes move as they
-	// are, after a check of their hash, so damage is never copied.
-	type moved struct {
-		id  ID
-		loc Location
+// statsUnchanged completes st for a collection that had no pack to collect.
+func statsUnchanged(st GCStats, use map[uint32]*PackUsage) GCStats {
+	st.PacksAfter = st.PacksBefore
+	st.BytesAfter = st.BytesBefore
+	for _, u := range use {
+		st.GarbageRemaining += u.Garbage()
 	}
-	var moves []moved
-	var dead [][]byte
-	var sealed []*packWriter
-	var sizes []int64
-	var cur *packWriter
-	sealCur := func() error {
-		if cur == nil {
-			return nil
-		}
-		_, size, err := cur.seal()
-		if err != nil {
-			return err
-		}
-		sealed, sizes = append(sealed, cur), append(sizes, size)
-		cur = nil
-		return nil
-	}
-	defer func() {
-		if cur != nil {
-			cur.abort()
-		}
-	}()
-	err = s.db.View(func(tx *bolt.Tx) error {
+	return st
+}
+
+// movedChunk is a live chunk's new location in a pack GC wrote.
+type movedChunk struct {
+	id  ID
+	loc Location
+}
+
+// gcRun is one collection's work, handed from phase to phase.
+type gcRun struct {
+	s       *Store
+	live    func(ID) bool
+	victims map[uint32]bool // packs being collected
+
+	moves  []movedChunk  // live chunks copied out of the victims
+	dead   [][]byte      // index keys of the victims' garbage chunks
+	sealed []*packWriter // new packs, sealed
+	sizes  []int64       // file sizes of sealed
+	cur    *packWriter   // the new pack being written, if any
+}
+
+// copyLive copies the victims' live chunks into new packs and seals them,
+// so that they are durable before the index names them. The stored bytes
+// move as they are, after a check of their hash, so damage is never
+// copied. Garbage chunks are only noted.
+func (r *gcRun) copyLive(ctx context.Context) error {
+	err := r.s.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketChunks).Cursor()
 		buf := make([]byte, ChunkSize)
 		for k, v := c.First(); k != nil; k, v = c.Next() {
@@ -171,73 +203,110 @@ func (w *Writer) GC(ctx context.Context, live func(ID) bool, opts GCOptions) (GC
 			if err != nil {
 				return err
 			}
-			if !victims[loc.Pack] {
+			if !r.victims[loc.Pack] {
 				continue
 			}
 			id := ID(k)
-			if !live(id) {
-				dead = append(dead, append([]byte(nil), k...))
+			if !r.live(id) {
+				r.dead = append(r.dead, append([]byte(nil), k...))
 				continue
 			}
-			if _, err := s.read(id, loc, buf); err != nil {
-				return fmt.Errorf("moving live chunk: %w", err)
-			}
-			stored := make([]byte, loc.Stored)
-			f, err := s.file(loc.Pack)
-			if err != nil {
+			if err := r.moveChunk(id, loc, buf); err != nil {
 				return err
-			}
-			if _, err := f.ReadAt(stored, int64(loc.Offset)); err != nil {
-				return err
-			}
-			if cur == nil {
-				s.filesMu.Lock()
-				num := s.nextPack
-				s.nextPack++
-				s.filesMu.Unlock()
-				if cur, err = newPackWriter(s.packsDir, num); err != nil {
-					return err
-				}
-			}
-			e, err := cur.add(id, stored, loc.Codec)
-			if err != nil {
-				return err
-			}
-			moves = append(moves, moved{id, Location{Pack: cur.num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec}})
-			if cur.size() >= PackTarget {
-				if err := sealCur(); err != nil {
-					return err
-				}
 			}
 		}
 		return nil
 	})
 	if err == nil {
-		err = sealCur()
+		err = r.sealCurrent()
 	}
 	if err != nil {
-		return st, fmt.Errorf("gc: %w", err)
+		return fmt.Errorf("gc: %w", err)
 	}
+	return nil
+}
 
-	err = s.db.Update(func(tx *bolt.Tx) error {
+// moveChunk checks live chunk id at loc (buf is scratch for the check) and
+// appends its stored bytes to the current new pack, sealing the pack once
+// it reaches PackTarget.
+func (r *gcRun) moveChunk(id ID, loc Location, buf []byte) error {
+	s := r.s
+	if _, err := s.read(id, loc, buf); err != nil {
+		return fmt.Errorf("moving live chunk: %w", err)
+	}
+	stored := make([]byte, loc.Stored)
+	f, err := s.file(loc.Pack)
+	if err != nil {
+		return err
+	}
+	if _, err := f.ReadAt(stored, int64(loc.Offset)); err != nil {
+		return err
+	}
+	if r.cur == nil {
+		s.filesMu.Lock()
+		num := s.nextPack
+		s.nextPack++
+		s.filesMu.Unlock()
+		if r.cur, err = newPackWriter(s.packsDir, num); err != nil {
+			return err
+		}
+	}
+	e, err := r.cur.add(id, stored, loc.Codec)
+	if err != nil {
+		return err
+	}
+	r.moves = append(r.moves, movedChunk{id, Location{Pack: r.cur.num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec}})
+	if r.cur.size() >= PackTarget {
+		return r.sealCurrent()
+	}
+	return nil
+}
+
+// sealCurrent seals the new pack being written, if any.
+func (r *gcRun) sealCurrent() error {
+	if r.cur == nil {
+		return nil
+	}
+	_, size, err := r.cur.seal()
+	if err != nil {
+		return err
+	}
+	r.sealed, r.sizes = append(r.sealed, r.cur), append(r.sizes, size)
+	r.cur = nil
+	return nil
+}
+
+// abortUnsealed drops the new pack a failed collection left unsealed.
+func (r *gcRun) abortUnsealed() {
+	if r.cur != nil {
+		r.cur.abort()
+	}
+}
+
+// switchIndex moves the index to the new packs in one transaction: it
+// records them, points the live chunks at them, deletes the garbage
+// chunks and marks the victims for deletion.
+func (r *gcRun) switchIndex() error {
+	s := r.s
+	err := s.db.Update(func(tx *bolt.Tx) error {
 		chunks, packs := tx.Bucket(bucketChunks), tx.Bucket(bucketPacks)
-		for i, p := range sealed {
-			rec := packRecord{State: packLive, Chunks: uint32(len(p.entries)), Size: uint64(sizes[i])}
+		for i, p := range r.sealed {
+			rec := packRecord{State: packLive, Chunks: uint32(len(p.entries)), Size: uint64(r.sizes[i])}
 			if err := packs.Put(packKey(p.num), rec.marshal()); err != nil {
 				return err
 			}
 		}
-		for _, m := range moves {
+		for _, m := range r.moves {
 			if err := chunks.Put(m.id[:], m.loc.marshal()); err != nil {
 				return err
 			}
 		}
-		for _, k := range dead {
+		for _, k := range r.dead {
 			if err := chunks.Delete(k); err != nil {
 				return err
 			}
 		}
-		for n := range victims {
+		for n := range r.victims {
 			rec := packRecord{State: packDeleting}
 			if err := packs.Put(packKey(n), rec.marshal()); err != nil {
 				return err
@@ -246,23 +315,35 @@ func (w *Writer) GC(ctx context.Context, live func(ID) bool, opts GCOptions) (GC
 		return tx.Bucket(bucketMeta).Put(keyNextPack, packKey(s.nextPack))
 	})
 	if err != nil {
-		return st, wrapIO("gc: switching index", err)
+		return wrapIO("gc: switching index", err)
 	}
-	for n := range victims {
+	return nil
+}
+
+// removeVictims deletes the victims' files, which the index no longer
+// names, and makes the deletions durable.
+func (r *gcRun) removeVictims() error {
+	s := r.s
+	for n := range r.victims {
 		// Remove, then forget: a reader holding the old location may
 		// open the file until it is gone, and forget then closes it, so
 		// no descriptor keeps a deleted pack's space.
 		err := os.Remove(s.packPath(n))
 		s.forget(n)
 		if err != nil && !os.IsNotExist(err) {
-			return st, fmt.Errorf("gc: removing %s: %w", packName(n), err)
+			return fmt.Errorf("gc: removing %s: %w", packName(n), err)
 		}
 	}
 	if err := syncDir(s.packsDir); err != nil {
-		return st, fmt.Errorf("gc: %w", err)
+		return fmt.Errorf("gc: %w", err)
 	}
-	err = s.db.Update(func(tx *bolt.Tx) error {
-		for n := range victims {
+	return nil
+}
+
+// forgetVictims deletes the records of the removed packs from the index.
+func (r *gcRun) forgetVictims() error {
+	err := r.s.db.Update(func(tx *bolt.Tx) error {
+		for n := range r.victims {
 			if err := tx.Bucket(bucketPacks).Delete(packKey(n)); err != nil {
 				return err
 			}
@@ -270,13 +351,17 @@ func (w *Writer) GC(ctx context.Context, live func(ID) bool, opts GCOptions) (GC
 		return nil
 	})
 	if err != nil {
-		return st, wrapIO("gc: forgetting removed packs", err)
+		return wrapIO("gc: forgetting removed packs", err)
 	}
+	return nil
+}
 
-	st.ChunksDeleted = int64(len(dead))
-	st.ChunksMoved = int64(len(moves))
+// statsAfter completes st with what the collection did.
+func (r *gcRun) statsAfter(st GCStats, use map[uint32]*PackUsage) GCStats {
+	st.ChunksDeleted = int64(len(r.dead))
+	st.ChunksMoved = int64(len(r.moves))
 	for n, u := range use {
-		if victims[n] {
+		if r.victims[n] {
 			if u.LiveChunks == 0 {
 				st.PacksDeleted++
 			} else {
@@ -288,10 +373,10 @@ func (w *Writer) GC(ctx context.Context, live func(ID) bool, opts GCOptions) (GC
 		st.BytesAfter += u.Size
 		st.GarbageRemaining += u.Garbage()
 	}
-	st.PacksAfter += len(sealed)
-	for _, sz := range sizes {
+	st.PacksAfter += len(r.sealed)
+	for _, sz := range r.sizes {
 		st.BytesAfter += sz
 	}
 	st.BytesFreed = st.BytesBefore - st.BytesAfter
-	return st, nil
+	return st
 }

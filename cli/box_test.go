@@ -284,13 +284,13 @@ func (execManager) Exec(_ context.Context, name string, cmd agent.Command) (int,
 	return 0, nil
 }
 
-type noStore struct{}
+type noGraph struct{}
 
-func (noStore) List() ([]snapshotter.Snapshot, error) { return nil, nil }
-func (noStore) Report(context.Context, ...string) (snapshotter.Report, error) {
+func (noGraph) List() ([]snapshotter.Snapshot, error) { return nil, nil }
+func (noGraph) Report(context.Context, ...string) (snapshotter.Report, error) {
 	return snapshotter.Report{}, nil
 }
-func (noStore) GC(context.Context, cas.GCOptions) (cas.GCStats, error) { return cas.GCStats{}, nil }
+func (noGraph) GC(context.Context, cas.GCOptions) (cas.GCStats, error) { return cas.GCStats{}, nil }
 
 // serveFake serves the API of an execManager on root's socket.
 func serveFake(t *testing.T, root string) {
@@ -300,7 +300,7 @@ func serveFake(t *testing.T, root string) {
 		t.Fatal(err)
 	}
 	srv := daemon.NewServer(context.Background(), daemon.Options{
-		Manager: execManager{}, Store: noStore{},
+		Manager: execManager{}, Graph: noGraph{},
 		Info: daemon.Info{Root: root, SSHAddr: "0.0.0.0:2299"},
 	})
 	hs := &http.Server{Handler: srv.Handler()}

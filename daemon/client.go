@@ -257,61 +257,96 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 		return -1, err
 	}
 
+	in, err := c.upgradeExec(ctx, conn, name, body)
+	if err != nil {
+		return fail(err)
+	}
+	out := &frameWriter{w: conn}
+	done := make(chan struct{})
+	defer close(done)
+	if err := sendClientFrames(out, opts, done); err != nil {
+		return fail(c.streamLost(err))
+	}
+	code, err := c.receiveOutput(in, opts)
+	if err != nil {
+		return fail(err)
+	}
+	return code, nil
+}
+
+// upgradeExec sends the exec request body for box name on conn, asking to
+// upgrade to ExecProtocol, and returns the reader of the daemon's frames
+// once it agreed; a refusal is the API's error.
+func (c *Client) upgradeExec(ctx context.Context, conn net.Conn, name string, body []byte) (*bufio.Reader, error) {
 	req, err := http.NewRequest(http.MethodPost, "http://boxd"+boxPath(name, "exec"), bytes.NewReader(body))
 	if err != nil {
-		return -1, err
+		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Connection", "Upgrade")
 	req.Header.Set("Upgrade", ExecProtocol)
 	if err := req.Write(conn); err != nil {
-		return fail(c.connError(ctx, err))
+		return nil, c.connError(ctx, err)
 	}
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
-		return fail(fmt.Errorf("boxd daemon at %s: reading the answer: %w", c.socket, err))
+		return nil, fmt.Errorf("boxd daemon at %s: reading the answer: %w", c.socket, err)
 	}
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxRequestBody))
 		resp.Body.Close()
 		var eb errorBody
 		_ = json.Unmarshal(data, &eb)
-		return fail(remoteError(resp.StatusCode, eb))
+		return nil, remoteError(resp.StatusCode, eb)
 	}
+	return br, nil
+}
 
-	out := &frameWriter{w: conn}
-	done := make(chan struct{})
-	defer close(done)
+// sendClientFrames starts sending the command's input and window sizes of
+// opts on out, in the background until done is closed; no input at all is
+// one close-stdin frame, sent at once.
+func sendClientFrames(out *frameWriter, opts ExecOptions, done <-chan struct{}) error {
 	if opts.Stdin == nil {
 		if err := out.frame(frameCloseStdin, nil); err != nil {
-			return fail(c.streamLost(err))
+			return err
 		}
 	} else {
 		go sendInput(opts.Stdin, out)
 	}
 	if opts.Resize != nil {
-		go func() {
-			for {
-				select {
-				case <-done:
-					return
-				case ws, ok := <-opts.Resize:
-					if !ok {
-						return
-					}
-					if out.frame(frameResize, resizeFrame(ws)) != nil {
-						return
-					}
-				}
-			}
-		}()
+		go sendResizes(opts.Resize, out, done)
 	}
+	return nil
+}
+
+// sendResizes sends the window sizes from resize on an exec stream until
+// done is closed, resize is, or the stream breaks.
+func sendResizes(resize <-chan agent.WindowSize, out *frameWriter, done <-chan struct{}) {
+	for {
+		select {
+		case <-done:
+			return
+		case ws, ok := <-resize:
+			if !ok {
+				return
+			}
+			if out.frame(frameResize, resizeFrame(ws)) != nil {
+				return
+			}
+		}
+	}
+}
+
+// receiveOutput passes the daemon's frames from in on to opts.Stdout and
+// opts.Stderr until the last frame, and returns the command's exit status
+// or the error that frame carries.
+func (c *Client) receiveOutput(in io.Reader, opts ExecOptions) (int, error) {
 	var buf []byte
 	for {
-		kind, p, err := readFrame(br, &buf)
+		kind, p, err := readFrame(in, &buf)
 		if err != nil {
-			return fail(c.streamLost(err))
+			return -1, c.streamLost(err)
 		}
 		var w io.Writer
 		switch kind {
@@ -321,17 +356,17 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 			w = opts.Stderr
 		case frameExit:
 			if len(p) != 4 {
-				return fail(fmt.Errorf("boxd daemon at %s: an exit frame of %d bytes", c.socket, len(p)))
+				return -1, fmt.Errorf("boxd daemon at %s: an exit frame of %d bytes", c.socket, len(p))
 			}
 			return int(int32(binary.BigEndian.Uint32(p))), nil
 		case frameError:
-			return fail(streamError(p))
+			return -1, streamError(p)
 		default:
-			return fail(fmt.Errorf("boxd daemon at %s: unknown frame kind %d on the exec stream", c.socket, kind))
+			return -1, fmt.Errorf("boxd daemon at %s: unknown frame kind %d on the exec stream", c.socket, kind)
 		}
 		if w != nil {
 			if _, err := w.Write(p); err != nil {
-				return fail(fmt.Errorf("writing the command's output: %w", err))
+				return -1, fmt.Errorf("writing the command's output: %w", err)
 			}
 		}
 	}

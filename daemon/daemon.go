@@ -111,7 +111,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Root: cfg.Root, Socket: SocketPath(cfg.Root), SSHAddr: sshL.Addr().String(),
 		IdleHibernate: cfg.IdleHibernate.String(), PID: os.Getpid(),
 	}
-	api := NewServer(srvCtx, Options{Manager: mgr, Store: g, Info: info, Logger: log})
+	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log})
 	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
 	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 

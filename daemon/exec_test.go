@@ -275,7 +275,7 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 // host.
 func TestExecStream(t *testing.T) {
 	m := newHostAgent(t)
-	srv := newTestServer(m, &fakeStore{})
+	srv := newTestServer(m, &fakeGraph{})
 	checkExecStream(t, srv, serve(t, srv), "dev")
 }
 

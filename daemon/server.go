@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -48,8 +50,8 @@ type Manager interface {
 	CPUTime(name string) (time.Duration, bool)
 }
 
-// Store is what the API needs of the snapshot graph (*snapshotter.Graph).
-type Store interface {
+// Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
+type Graph interface {
 	List() ([]snapshotter.Snapshot, error)
 	Report(ctx context.Context, names ...string) (snapshotter.Report, error)
 	// GC removes the chunks no snapshot references; it waits for
@@ -70,7 +72,7 @@ const (
 // Create it with NewServer.
 type Server struct {
 	mgr   Manager
-	store Store
+	graph Graph
 	info  Info
 	log   *slog.Logger
 	now   func() time.Time
@@ -98,7 +100,7 @@ type Server struct {
 // Options configure a Server.
 type Options struct {
 	Manager Manager
-	Store   Store
+	Graph   Graph
 	Info    Info
 	Logger  *slog.Logger     // nil logs nothing
 	Now     func() time.Time // nil means time.Now
@@ -123,7 +125,7 @@ type cpuSample struct {
 // cancelled when ctx ends.
 func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
-		mgr: opts.Manager, store: opts.Store, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
+		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
 	}
 	if s.busyCPU <= 0 {
@@ -386,6 +388,9 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// execBox runs a command in a box: on the request's connection when the
+// client asks to upgrade to ExecProtocol, else with its input and output
+// in the JSON of the request and the answer.
 func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
 	if up := r.Header.Get("Upgrade"); up != "" {
 		if !strings.EqualFold(up, ExecProtocol) {
@@ -395,31 +400,48 @@ func (s *Server) execBox(w http.ResponseWriter, r *http.Request) {
 		s.execStream(w, r)
 		return
 	}
-	name, err := boxName(r)
-	var req ExecRequest
-	if err == nil {
-		err = decode(w, r, maxExecBody, &req)
-	}
-	if err == nil {
-		err = checkExec(req)
-	}
+	name, req, err := readExecRequest(w, r, maxExecBody)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	res, err := s.execCollected(r.Context(), name, req)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.reply(w, res)
+}
+
+// readExecRequest reads and checks the box name and the ExecRequest (of at
+// most limit bytes) of an exec.
+func readExecRequest(w http.ResponseWriter, r *http.Request, limit int64) (string, ExecRequest, error) {
+	name, err := boxName(r)
+	var req ExecRequest
+	if err == nil {
+		err = decode(w, r, limit, &req)
+	}
+	if err == nil {
+		err = checkExec(req)
+	}
+	return name, req, err
+}
+
+// execCollected runs req in box name under ctx and collects its output, up
+// to MaxExecOutput bytes of each stream.
+func (s *Server) execCollected(ctx context.Context, name string, req ExecRequest) (ExecResult, error) {
 	stdout, stderr := &limitedBuffer{max: MaxExecOutput}, &limitedBuffer{max: MaxExecOutput}
 	done := s.begin(name)
 	// The command runs under the request: a client that goes away ends it.
-	code, err := s.mgr.Exec(r.Context(), name, agent.Command{
+	code, err := s.mgr.Exec(ctx, name, agent.Command{
 		Args: req.Args, Stdin: bytes.NewReader(req.Stdin), Stdout: stdout, Stderr: stderr,
 		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols,
 	})
 	done()
 	if err != nil {
-		s.fail(w, r, err)
-		return
+		return ExecResult{}, err
 	}
-	s.reply(w, ExecResult{ExitCode: code, Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Truncated: stdout.truncated || stderr.truncated})
+	return ExecResult{ExitCode: code, Stdout: stdout.Bytes(), Stderr: stderr.Bytes(), Truncated: stdout.truncated || stderr.truncated}, nil
 }
 
 // checkExec checks an exec's command and terminal.
@@ -436,21 +458,7 @@ func checkExec(req ExecRequest) error {
 // execStream runs a command whose streams travel on the request's
 // connection, taken over from the HTTP server (see ExecProtocol).
 func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
-	name, err := boxName(r)
-	var req ExecRequest
-	if err == nil {
-		err = decode(w, r, maxRequestBody, &req)
-	}
-	if err == nil {
-		err = checkExec(req)
-	}
-	if err == nil && len(req.Stdin) > 0 {
-		err = fmt.Errorf("exec: a streaming exec's input comes on the stream, not in the request: %w", errdefs.ErrInvalidArgument)
-	}
-	if err == nil {
-		// An unknown box is refused as an answer, not on the stream.
-		_, err = s.mgr.Get(name)
-	}
+	name, req, err := s.readStreamRequest(w, r)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -464,34 +472,59 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 	// stops meanwhile waits for it.
 	s.streams.Add(1)
 	defer s.streams.Done()
-	conn, rw, err := hj.Hijack()
-	if err != nil {
-		s.log.Warn("exec stream", "box", name, "err", err)
+	conn, in, ok := s.switchProtocols(hj, name)
+	if !ok {
 		return
 	}
 	defer conn.Close()
+	s.runStream(conn, in, name, req)
+}
+
+// readStreamRequest reads and checks a streaming exec's request, before the
+// connection is taken over, so that a refusal is an ordinary answer: a
+// stream's input comes on the stream, and an unknown box is refused.
+func (s *Server) readStreamRequest(w http.ResponseWriter, r *http.Request) (string, ExecRequest, error) {
+	name, req, err := readExecRequest(w, r, maxRequestBody)
+	if err == nil && len(req.Stdin) > 0 {
+		err = fmt.Errorf("exec: a streaming exec's input comes on the stream, not in the request: %w", errdefs.ErrInvalidArgument)
+	}
+	if err == nil {
+		// An unknown box is refused as an answer, not on the stream.
+		_, err = s.mgr.Get(name)
+	}
+	return name, req, err
+}
+
+// switchProtocols takes the connection over from the HTTP server and
+// answers 101 Switching Protocols on it; it reports whether the stream can
+// begin.
+func (s *Server) switchProtocols(hj http.Hijacker, name string) (net.Conn, *bufio.Reader, bool) {
+	conn, rw, err := hj.Hijack()
+	if err != nil {
+		s.log.Warn("exec stream", "box", name, "err", err)
+		return nil, nil, false
+	}
 	_ = conn.SetDeadline(time.Time{})
 	if _, err := rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: " + ExecProtocol + "\r\n\r\n"); err != nil {
-		return
+		conn.Close()
+		return nil, nil, false
 	}
 	if err := rw.Flush(); err != nil {
-		return
+		conn.Close()
+		return nil, nil, false
 	}
+	return conn, rw.Reader, true
+}
 
+// runStream runs req in box name with its streams on conn (in reads the
+// client's frames), and sends its exit status or error as the last frame.
+func (s *Server) runStream(conn net.Conn, in *bufio.Reader, name string, req ExecRequest) {
 	// The command ends when the daemon stops or the client goes away.
 	ctx, cancel := context.WithCancel(s.ctx)
 	defer cancel()
 	out := &frameWriter{w: conn}
-	stdin, stdinW := io.Pipe()
+	stdin, resize := s.followClient(ctx, cancel, in, name)
 	defer stdin.Close()
-	resize := make(chan agent.WindowSize)
-	go func() {
-		err := readClientFrames(ctx, rw.Reader, stdinW, resize)
-		if ctx.Err() == nil && err != nil {
-			s.log.Debug("exec stream: the client went away", "box", name, "err", err)
-		}
-		cancel()
-	}()
 
 	done := s.begin(name)
 	code, err := s.mgr.Exec(ctx, name, agent.Command{
@@ -507,6 +540,22 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	_ = out.frame(frameExit, exitFrame(code))
+}
+
+// followClient passes the client's frames from in on, in the background,
+// as the command's stdin and window sizes; it calls cancel when the client
+// goes away.
+func (s *Server) followClient(ctx context.Context, cancel context.CancelFunc, in io.Reader, name string) (*io.PipeReader, <-chan agent.WindowSize) {
+	stdin, stdinW := io.Pipe()
+	resize := make(chan agent.WindowSize)
+	go func() {
+		err := readClientFrames(ctx, in, stdinW, resize)
+		if ctx.Err() == nil && err != nil {
+			s.log.Debug("exec stream: the client went away", "box", name, "err", err)
+		}
+		cancel()
+	}()
+	return stdin, resize
 }
 
 // readClientFrames passes the client's frames of an exec stream on: input
@@ -610,7 +659,7 @@ func (s *Server) boxSnapshots(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -623,7 +672,7 @@ func (s *Server) allSnapshots(w http.ResponseWriter, r *http.Request) {
 	boxes, err := s.mgr.List()
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -656,7 +705,7 @@ func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
-	st, err := s.store.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
+	st, err := s.graph.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -684,7 +733,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []snapshotter.Snapshot
 	if err == nil {
-		all, err = s.store.List()
+		all, err = s.graph.List()
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -702,7 +751,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 		// Report of no names reports everything: a box without
 		// snapshots keeps the empty report.
 		if len(br.Snapshots) > 0 {
-			if br.Report, err = s.store.Report(r.Context(), br.Snapshots...); err != nil {
+			if br.Report, err = s.graph.Report(r.Context(), br.Snapshots...); err != nil {
 				s.fail(w, r, err)
 				return
 			}
@@ -716,7 +765,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 		out.Boxes = append(out.Boxes, br)
 	}
 	if len(union) > 0 {
-		if out.Total, err = s.store.Report(r.Context(), union...); err != nil {
+		if out.Total, err = s.graph.Report(r.Context(), union...); err != nil {
 			s.fail(w, r, err)
 			return
 		}

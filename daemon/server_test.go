@@ -309,25 +309,25 @@ func (m *fakeManager) lastCall() string {
 	return m.calls[len(m.calls)-1]
 }
 
-// fakeStore is the test double of the snapshot graph: a fixed list, and
+// fakeGraph is the test double of the snapshot graph: a fixed list, and
 // the names each Report was asked for.
-type fakeStore struct {
+type fakeGraph struct {
 	mu      sync.Mutex
 	snaps   []snapshotter.Snapshot
 	reports [][]string
 	gcs     []float64 // the thresholds GC was called with
 }
 
-func (s *fakeStore) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
+func (s *fakeGraph) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
 
-func (s *fakeStore) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, error) {
+func (s *fakeGraph) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.gcs = append(s.gcs, opts.Threshold)
 	return cas.GCStats{BytesFreed: 4096, PacksDeleted: 1}, nil
 }
 
-func (s *fakeStore) Report(_ context.Context, names ...string) (snapshotter.Report, error) {
+func (s *fakeGraph) Report(_ context.Context, names ...string) (snapshotter.Report, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reports = append(s.reports, names)
@@ -361,8 +361,8 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-func newTestServer(m Manager, s Store) *Server {
-	return NewServer(context.Background(), Options{Manager: m, Store: s, Info: Info{SSHAddr: "127.0.0.1:2222"}})
+func newTestServer(m Manager, g Graph) *Server {
+	return NewServer(context.Background(), Options{Manager: m, Graph: g, Info: Info{SSHAddr: "127.0.0.1:2222"}})
 }
 
 func TestRoutes(t *testing.T) {
@@ -424,7 +424,7 @@ func TestRoutes(t *testing.T) {
 	} {
 		t.Run(tc.method+" "+tc.path+" "+tc.body, func(t *testing.T) {
 			m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
-			c := serve(t, newTestServer(m, &fakeStore{}))
+			c := serve(t, newTestServer(m, &fakeGraph{}))
 			req, err := http.NewRequest(tc.method, "http://boxd"+tc.path, strings.NewReader(tc.body))
 			if err != nil {
 				t.Fatal(err)
@@ -529,7 +529,7 @@ func TestClientErrors(t *testing.T) {
 	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, runner.ErrNotSupported} {
 		m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
 		m.err = fmt.Errorf("box dev went wrong: %w", cat)
-		c := serve(t, newTestServer(m, &fakeStore{}))
+		c := serve(t, newTestServer(m, &fakeGraph{}))
 		_, err := c.Hibernate(context.Background(), "dev")
 		if !errors.Is(err, cat) {
 			t.Errorf("%v: client error %v does not match", cat, err)
@@ -544,7 +544,7 @@ func TestClientRoundTrip(t *testing.T) {
 	ctx := context.Background()
 	m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning, Snapshot: "box.dev.2-snap"})
 	m.execOut, m.execCode = "out\x00bytes", 3
-	st := &fakeStore{snaps: []snapshotter.Snapshot{
+	st := &fakeGraph{snaps: []snapshotter.Snapshot{
 		{Name: "image.debian"},
 		{Name: "box.dev.1-hibernate", Parent: "image.debian", Labels: map[string]string{"boxd.box": "dev"}},
 		{Name: "box.dev.2-snap", Parent: "box.dev.1-hibernate"},
@@ -725,7 +725,7 @@ func TestHibernateIdle(t *testing.T) {
 		box.Box{Name: "paused", State: box.StatePaused},
 		box.Box{Name: "stopped", State: box.StateStopped},
 	)
-	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	srv := NewServer(ctx, Options{Manager: m, Graph: &fakeGraph{}, Now: clock.Now})
 	const idle = 5 * time.Minute
 
 	// First sight: every box counts as used now.
@@ -793,7 +793,7 @@ func TestHibernateIdleBusyCPU(t *testing.T) {
 	ctx := context.Background()
 	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
 	m := newFakeManager(box.Box{Name: "busy", State: box.StateRunning}, box.Box{Name: "quiet", State: box.StateRunning})
-	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	srv := NewServer(ctx, Options{Manager: m, Graph: &fakeGraph{}, Now: clock.Now})
 	const idle = 5 * time.Minute
 	used := map[string]time.Duration{}
 	pass := func(step time.Duration, share map[string]float64) []string {
@@ -837,7 +837,7 @@ func TestHibernateIdleRace(t *testing.T) {
 	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
 	m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
 	m.execOut, m.execCode = "done", 7
-	srv := NewServer(ctx, Options{Manager: m, Store: &fakeStore{}, Now: clock.Now})
+	srv := NewServer(ctx, Options{Manager: m, Graph: &fakeGraph{}, Now: clock.Now})
 	c := serve(t, srv)
 	const idle = 5 * time.Minute
 	if got, err := srv.HibernateIdle(ctx, idle); err != nil || len(got) != 0 {
@@ -916,7 +916,7 @@ func TestBackendAuthorizedKeys(t *testing.T) {
 		box.Box{Name: "dev", Keys: []string{testKey}},
 		box.Box{Name: "bad", Keys: []string{"nonsense"}},
 	)
-	b := &backend{mgr: clientsOf(m), srv: newTestServer(m, &fakeStore{})}
+	b := &backend{mgr: clientsOf(m), srv: newTestServer(m, &fakeGraph{})}
 	keys, err := b.AuthorizedKeys(ctx, "dev")
 	if err != nil || len(keys) != 1 || keys[0].Type() != "ssh-ed25519" {
 		t.Errorf("keys of dev: %v, %v", keys, err)

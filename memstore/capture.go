@@ -32,7 +32,7 @@ type CaptureOptions struct {
 	// More, when set, writes further maps into the snapshot before it is
 	// committed: a machine's disk changes, so that one snapshot holds the
 	// whole machine.
-	More func(ctx context.Context, img *snapshotter.Image) error
+	More func(ctx context.Context, draft *snapshotter.Draft) error
 }
 
 // ReadBlob returns the state blob called name of snapshot snap.
@@ -63,34 +63,34 @@ func Capture(ctx context.Context, g *snapshotter.Graph, src io.ReaderAt, size in
 	if opts.Dirty != nil && opts.Parent == "" {
 		return snapshotter.Snapshot{}, fmt.Errorf("a dirty bitmap needs a parent snapshot to inherit the clean pages from: %w", cas.ErrInvalidArgument)
 	}
-	img, err := g.NewImage(opts.Parent)
+	draft, err := g.NewDraft(opts.Parent)
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	defer img.Abort()
+	defer draft.Abort()
 	if opts.Dirty == nil {
-		_, err = img.WriteMap(ctx, opts.Map, snapshotter.KindMemory, io.NewSectionReader(src, 0, size), nil)
+		_, err = draft.WriteMap(ctx, opts.Map, snapshotter.KindMemory, io.NewSectionReader(src, 0, size), nil)
 	} else {
 		pages := opts.Dirty.Pages(int(size / PageSize))
-		_, err = img.WriteBlocks(ctx, opts.Map, snapshotter.KindMemory, pages, &pageReader{src: src, pages: pages})
+		_, err = draft.WriteBlocks(ctx, opts.Map, snapshotter.KindMemory, pages, &pageReader{src: src, pages: pages})
 		if err == nil {
-			err = img.SetSize(opts.Map, snapshotter.KindMemory, size)
+			err = draft.SetSize(opts.Map, snapshotter.KindMemory, size)
 		}
 	}
 	if err != nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("capturing memory: %w", err)
 	}
 	for name, b := range opts.Blobs {
-		if _, err := img.WriteMap(ctx, name, snapshotter.KindState, bytes.NewReader(b), nil); err != nil {
+		if _, err := draft.WriteMap(ctx, name, snapshotter.KindState, bytes.NewReader(b), nil); err != nil {
 			return snapshotter.Snapshot{}, fmt.Errorf("storing %s: %w", name, err)
 		}
 	}
 	if opts.More != nil {
-		if err := opts.More(ctx, img); err != nil {
+		if err := opts.More(ctx, draft); err != nil {
 			return snapshotter.Snapshot{}, err
 		}
 	}
-	return img.Commit(opts.Name, opts.Labels)
+	return draft.Commit(opts.Name, opts.Labels)
 }
 
 // pageReader reads the listed pages of src back to back, and nothing else.

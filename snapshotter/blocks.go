@@ -13,26 +13,26 @@ import (
 // contents back to back (ChunkSize bytes each, in the order listed). Blocks
 // not listed keep what the parent had: this is how an incremental capture
 // writes only what changed. The map grows to cover the blocks if needed.
-func (img *Image) WriteBlocks(ctx context.Context, name string, kind Kind, blocks []uint64, r io.Reader) (MapInfo, error) {
+func (d *Draft) WriteBlocks(ctx context.Context, name string, kind Kind, blocks []uint64, r io.Reader) (MapInfo, error) {
 	for _, b := range blocks {
 		if b >= math.MaxInt64/cas.ChunkSize {
 			return MapInfo{}, fmt.Errorf("block %d is beyond the largest image: %w", b, cas.ErrInvalidArgument)
 		}
 	}
-	m, err := img.mapFor(name, kind)
+	m, err := d.mapFor(name, kind)
 	if err != nil {
 		return MapInfo{}, err
 	}
 	if m.info.Size%cas.ChunkSize != 0 {
 		// The map may grow past its last, partial block: its tail must
 		// read zero then, as WriteBlock ensures.
-		if err := img.cutTail(m, m.info.Size); err != nil {
+		if err := d.cutTail(m, m.info.Size); err != nil {
 			return MapInfo{}, err
 		}
 	}
-	before := img.w.Stats()
+	before := d.w.Stats()
 	var last uint64
-	n, err := img.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
+	n, err := d.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
 		if i >= int64(len(blocks)) {
 			return fmt.Errorf("input holds more than the %d blocks listed: %w", len(blocks), cas.ErrInvalidArgument)
 		}
@@ -51,6 +51,6 @@ func (img *Image) WriteBlocks(ctx context.Context, name string, kind Kind, block
 			m.info.Size = end
 		}
 	}
-	m.count(before, img.w.Stats())
+	m.count(before, d.w.Stats())
 	return m.info, nil
 }

@@ -20,16 +20,16 @@ func TestWriteBlocks(t *testing.T) {
 	if _, err := g.Ingest(context.Background(), bytes.NewReader(base), IngestOptions{Name: "p", Kind: KindMemory}); err != nil {
 		t.Fatal(err)
 	}
-	img, err := g.NewImage("p")
+	draft, err := g.NewDraft("p")
 	if err != nil {
 		t.Fatal(err)
 	}
 	one := bytes.Repeat([]byte{1}, cas.ChunkSize)
 	six := bytes.Repeat([]byte{6}, cas.ChunkSize)
-	if _, err := img.WriteBlocks(context.Background(), "memory", KindMemory, []uint64{1, 6}, bytes.NewReader(append(one, six...))); err != nil {
+	if _, err := draft.WriteBlocks(context.Background(), "memory", KindMemory, []uint64{1, 6}, bytes.NewReader(append(one, six...))); err != nil {
 		t.Fatal(err)
 	}
-	snap, err := img.Commit("c", nil)
+	snap, err := draft.Commit("c", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,12 +63,12 @@ func TestWriteBlocks(t *testing.T) {
 	}
 	for _, tc := range bad {
 		t.Run(tc.name, func(t *testing.T) {
-			img, err := g.NewImage("p")
+			draft, err := g.NewDraft("p")
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer img.Abort()
-			if _, err := img.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, cas.ErrInvalidArgument) {
+			defer draft.Abort()
+			if _, err := draft.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, cas.ErrInvalidArgument) {
 				t.Errorf("got %v, want ErrInvalidArgument", err)
 			}
 		})

@@ -11,7 +11,7 @@
 //     with cas.ZeroID; zero blocks of a snapshot without a parent take no room.
 //   - Snapshot: a name, a parent, labels, creation time and its block maps.
 //     Snapshots never change; removing one that has children is refused.
-//   - Image: a writable snapshot in the making. Blocks are written to it (the
+//   - Draft: a writable snapshot in the making. Blocks are written to it (the
 //     chunks go to the store at once), then Commit makes it a snapshot.
 //
 // Metadata lives in a bbolt database, meta.db, beside the chunk store (cas/

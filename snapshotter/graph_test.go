@@ -289,14 +289,14 @@ func TestNames(t *testing.T) {
 		if !errors.Is(err, cas.ErrInvalidArgument) {
 			t.Errorf("Ingest named %q = %v, want ErrInvalidArgument", n, err)
 		}
-		img, err := g.NewImage("")
+		draft, err := g.NewDraft("")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := img.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+		if err := draft.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
 			t.Errorf("WriteBlock to map %q = %v, want ErrInvalidArgument", n, err)
 		}
-		if _, err := img.Commit(n, nil); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := draft.Commit(n, nil); !errors.Is(err, cas.ErrInvalidArgument) {
 			t.Errorf("Commit named %q = %v, want ErrInvalidArgument", n, err)
 		}
 	}
@@ -326,8 +326,8 @@ func TestBadInput(t *testing.T) {
 	if !errors.Is(err, cas.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("Ingest over an unknown parent: %v, want ErrNotFound naming it", err)
 	}
-	if _, err := g.NewImage("nope"); !errors.Is(err, cas.ErrNotFound) {
-		t.Errorf("NewImage over an unknown parent: %v, want ErrNotFound", err)
+	if _, err := g.NewDraft("nope"); !errors.Is(err, cas.ErrNotFound) {
+		t.Errorf("NewDraft over an unknown parent: %v, want ErrNotFound", err)
 	}
 	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, cas.ErrNotFound) {
 		t.Errorf("OpenMap of an unknown snapshot: %v", err)
@@ -351,29 +351,29 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("Ingest with a cancelled context: %v", err)
 	}
 
-	img, err := g.NewImage("base")
+	draft, err := g.NewDraft("base")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := img.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of more than a chunk: %v", err)
 	}
-	if err := img.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Errorf("WriteBlock at the largest block number: %v", err)
 	}
-	if err := img.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of the wrong kind: %v", err)
 	}
-	if err := img.SetSize("disk", KindDisk, -1); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.SetSize("disk", KindDisk, -1); !errors.Is(err, cas.ErrInvalidArgument) {
 		t.Errorf("SetSize(-1): %v", err)
 	}
-	if _, err := img.Commit("base", nil); !errors.Is(err, cas.ErrAlreadyExists) {
+	if _, err := draft.Commit("base", nil); !errors.Is(err, cas.ErrAlreadyExists) {
 		t.Errorf("Commit to an existing name: %v", err)
 	}
-	if _, err := img.Commit("again", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
-		t.Errorf("second Commit of one image: %v", err)
+	if _, err := draft.Commit("again", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+		t.Errorf("second Commit of one draft: %v", err)
 	}
-	img.Abort() // harmless after Commit
+	draft.Abort() // harmless after Commit
 
 	list, err := g.List()
 	if err != nil || len(list) != 1 || list[0].Name != "base" {
@@ -629,22 +629,22 @@ func TestNameReused(t *testing.T) {
 	ingest(t, g, "x", "", second)
 	checkExport(t, g, "x", "disk", second)
 
-	// An image over a parent that is removed and made again before the
-	// image commits must not become the new parent's child: its delta is
+	// A draft over a parent that is removed and made again before the
+	// draft commits must not become the new parent's child: its delta is
 	// against the old one.
 	ingest(t, g, "p", "", first)
-	img, err := g.NewImage("p")
+	draft, err := g.NewDraft("p")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer img.Abort()
-	if err := img.WriteBlock("disk", KindDisk, 0, []byte("child")); err != nil {
+	defer draft.Abort()
+	if err := draft.WriteBlock("disk", KindDisk, 0, []byte("child")); err != nil {
 		t.Fatal(err)
 	}
 	if err := g.Remove("p"); err != nil {
 		t.Fatal(err)
 	}
-	// The new p (img holds the store's write lock, so its record and
+	// The new p (draft holds the store's write lock, so its record and
 	// delta are written as Commit would write them).
 	renewed := old
 	renewed.Name, renewed.Created = "p", old.Created.Add(time.Hour)
@@ -658,7 +658,7 @@ func TestNameReused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := img.Commit("c", nil); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := draft.Commit("c", nil); !errors.Is(err, cas.ErrNotFound) {
 		t.Fatalf("Commit over a parent made again: %v, want ErrNotFound", err)
 	}
 }

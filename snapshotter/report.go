@@ -87,10 +87,44 @@ func (g *Graph) Report(ctx context.Context, names ...string) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
+	selected, err := g.selectSnapshots(all, names)
+	if err != nil {
+		return rep, err
+	}
+	refs, err := g.countRefs(ctx, all)
+	if err != nil {
+		return rep, err
+	}
+	st, err := g.store.Stats()
+	if err != nil {
+		return rep, err
+	}
+	stored, err := g.storedSizes(refs.blocks)
+	if err != nil {
+		return rep, err
+	}
+	union, err := g.reportSnapshots(&rep, all, selected, refs, stored)
+	if err != nil {
+		return rep, err
+	}
+	rep.addTotals(union, stored)
+	rep.Histogram = refHistogram(refs.blocks, stored)
+	store, err := g.storeReport(st)
+	if err != nil {
+		return rep, err
+	}
+	rep.Store = store
+	return rep, nil
+}
+
+// selectSnapshots returns the names of the snapshots the report covers:
+// names, each checked to exist, or every snapshot of all when there are
+// none.
+func (g *Graph) selectSnapshots(all []Snapshot, names []string) (map[string]bool, error) {
 	selected := map[string]bool{}
 	for _, n := range names {
 		if _, err := g.Get(n); err != nil {
-			return rep, err
+			return nil, err
 		}
 		selected[n] = true
 	}
@@ -99,98 +133,137 @@ func (g *Graph) Report(ctx context.Context, names ...string) (Report, error) {
 			selected[s.Name] = true
 		}
 	}
+	return selected, nil
+}
 
-	// Pass 1: reference counts by block and by snapshot.
-	blockRefs := map[cas.ID]int64{}
-	snapRefs := map[cas.ID]int32{}
+// refCounts are the references to each chunk over every snapshot.
+type refCounts struct {
+	blocks map[cas.ID]int64 // blocks that hold the chunk
+	snaps  map[cas.ID]int32 // snapshots that hold the chunk
+}
+
+// countRefs counts, over every snapshot, the blocks and the snapshots that
+// reference each chunk: what the histogram and exclusivity need.
+func (g *Graph) countRefs(ctx context.Context, all []Snapshot) (refCounts, error) {
+	refs := refCounts{blocks: map[cas.ID]int64{}, snaps: map[cas.ID]int32{}}
 	for _, s := range all {
 		if err := ctx.Err(); err != nil {
-			return rep, err
+			return refs, err
 		}
 		seen := map[cas.ID]struct{}{}
 		err := g.eachBlock(s, func(_ MapInfo, _ uint64, id cas.ID) {
-			blockRefs[id]++
+			refs.blocks[id]++
 			if _, ok := seen[id]; !ok {
 				seen[id] = struct{}{}
-				snapRefs[id]++
+				refs.snaps[id]++
 			}
 		})
 		if err != nil {
-			return rep, err
+			return refs, err
 		}
 	}
-	stored := make(map[cas.ID]uint32, len(blockRefs))
-	st, err := g.store.Stats()
-	if err != nil {
-		return rep, err
-	}
-	err = g.store.ForEach(func(id cas.ID, loc cas.Location) error {
-		if _, ok := blockRefs[id]; ok {
+	return refs, nil
+}
+
+// storedSizes returns the stored (compressed) size of each referenced
+// chunk the store holds.
+func (g *Graph) storedSizes(referenced map[cas.ID]int64) (map[cas.ID]uint32, error) {
+	stored := make(map[cas.ID]uint32, len(referenced))
+	err := g.store.ForEach(func(id cas.ID, loc cas.Location) error {
+		if _, ok := referenced[id]; ok {
 			stored[id] = loc.Stored
 		}
 		return nil
 	})
 	if err != nil {
-		return rep, err
+		return nil, err
 	}
+	return stored, nil
+}
 
-	// Pass 2: the selected snapshots.
+// reportSnapshots adds a row for each selected snapshot to rep, and its
+// logical and zero bytes to rep's totals. It returns the distinct chunks
+// the selected snapshots reference.
+func (g *Graph) reportSnapshots(rep *Report, all []Snapshot, selected map[string]bool, refs refCounts, stored map[cas.ID]uint32) (map[cas.ID]struct{}, error) {
 	union := map[cas.ID]struct{}{}
 	for _, s := range all {
 		if !selected[s.Name] {
 			continue
 		}
-		sr := SnapshotReport{Name: s.Name, Parent: s.Parent}
-		var parent *Snapshot
-		if s.Parent != "" {
-			p, err := g.Get(s.Parent)
-			if err != nil {
-				return rep, err
-			}
-			parent = &p
-		}
-		var ref int64
-		seen := map[cas.ID]struct{}{}
-		var parents = map[string]*table{}
-		if parent != nil {
-			for _, m := range parent.Maps {
-				t, err := g.resolve(*parent, m.Name)
-				if err != nil {
-					return rep, err
-				}
-				parents[m.Name] = t
-			}
-		}
-		err := g.eachBlock(s, func(m MapInfo, n uint64, id cas.ID) {
-			b := min(int64(cas.ChunkSize), m.Size-int64(n)*cas.ChunkSize)
-			ref += b
-			if pt := parents[m.Name]; pt != nil && pt.get(n) == id {
-				sr.ReusedBytes += b
-			} else {
-				sr.NewBytes += b
-			}
-			union[id] = struct{}{}
-			if _, ok := seen[id]; !ok {
-				seen[id] = struct{}{}
-				if snapRefs[id] == 1 {
-					sr.ExclusiveChunks++
-					sr.ExclusiveBytes += int64(stored[id])
-				}
-			}
-		})
+		sr, err := g.snapshotReport(s, refs, stored, union)
 		if err != nil {
-			return rep, err
-		}
-		sr.LogicalBytes = s.Size()
-		sr.ZeroBytes = sr.LogicalBytes - ref
-		for _, m := range s.Maps {
-			sr.WrittenStoredBytes += m.NewStored
+			return nil, err
 		}
 		rep.Snapshots++
 		rep.LogicalBytes += sr.LogicalBytes
 		rep.ZeroBytes += sr.ZeroBytes
 		rep.PerSnap = append(rep.PerSnap, sr)
 	}
+	return union, nil
+}
+
+// snapshotReport describes snapshot s against its parent, adding the
+// chunks it references to union.
+func (g *Graph) snapshotReport(s Snapshot, refs refCounts, stored map[cas.ID]uint32, union map[cas.ID]struct{}) (SnapshotReport, error) {
+	sr := SnapshotReport{Name: s.Name, Parent: s.Parent}
+	parents, err := g.parentTables(s)
+	if err != nil {
+		return sr, err
+	}
+	var ref int64
+	seen := map[cas.ID]struct{}{}
+	err = g.eachBlock(s, func(m MapInfo, n uint64, id cas.ID) {
+		b := min(int64(cas.ChunkSize), m.Size-int64(n)*cas.ChunkSize)
+		ref += b
+		if pt := parents[m.Name]; pt != nil && pt.get(n) == id {
+			sr.ReusedBytes += b
+		} else {
+			sr.NewBytes += b
+		}
+		union[id] = struct{}{}
+		if _, ok := seen[id]; !ok {
+			seen[id] = struct{}{}
+			if refs.snaps[id] == 1 {
+				sr.ExclusiveChunks++
+				sr.ExclusiveBytes += int64(stored[id])
+			}
+		}
+	})
+	if err != nil {
+		return sr, err
+	}
+	sr.LogicalBytes = s.Size()
+	sr.ZeroBytes = sr.LogicalBytes - ref
+	for _, m := range s.Maps {
+		sr.WrittenStoredBytes += m.NewStored
+	}
+	return sr, nil
+}
+
+// parentTables returns the block tables of s's parent's maps, by map name
+// (none when s has no parent), to tell s's new blocks from reused ones.
+func (g *Graph) parentTables(s Snapshot) (map[string]*table, error) {
+	parents := map[string]*table{}
+	if s.Parent == "" {
+		return parents, nil
+	}
+	parent, err := g.Get(s.Parent)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range parent.Maps {
+		t, err := g.resolve(parent, m.Name)
+		if err != nil {
+			return nil, err
+		}
+		parents[m.Name] = t
+	}
+	return parents, nil
+}
+
+// addTotals completes rep's totals and ratios from the distinct chunks
+// union the selected snapshots reference.
+func (rep *Report) addTotals(union map[cas.ID]struct{}, stored map[cas.ID]uint32) {
 	rep.ReferencedBytes = rep.LogicalBytes - rep.ZeroBytes
 	rep.UniqueChunks = int64(len(union))
 	rep.UniqueBytes = rep.UniqueChunks * cas.ChunkSize
@@ -200,8 +273,11 @@ func (g *Graph) Report(ctx context.Context, names ...string) (Report, error) {
 	rep.DedupRatio = ratio(rep.ReferencedBytes, rep.UniqueBytes)
 	rep.CompressionRatio = ratio(rep.UniqueBytes, rep.StoredBytes)
 	rep.CombinedRatio = ratio(rep.ReferencedBytes, rep.StoredBytes)
+}
 
-	// Histogram over every snapshot, in power-of-two buckets.
+// refHistogram sorts every referenced chunk into power-of-two buckets of
+// its block reference count, leaving out the empty buckets.
+func refHistogram(blockRefs map[cas.ID]int64, stored map[cas.ID]uint32) []RefBucket {
 	var hist []RefBucket
 	for id, refs := range blockRefs {
 		i := bits.Len64(uint64(refs - 1)) // 1 → 0, 2 → 1, 3-4 → 2, 5-8 → 3
@@ -217,34 +293,40 @@ func (g *Graph) Report(ctx context.Context, names ...string) (Report, error) {
 		hist[i].StoredBytes += int64(stored[id])
 		hist[i].ReferencedBytes += refs * cas.ChunkSize
 	}
+	var out []RefBucket
 	for _, b := range hist {
 		if b.Chunks > 0 {
-			rep.Histogram = append(rep.Histogram, b)
+			out = append(out, b)
 		}
 	}
+	return out
+}
 
+// storeReport describes the store's files from st, and its garbage against
+// what every snapshot references.
+func (g *Graph) storeReport(st cas.StoreStats) (StoreReport, error) {
+	sr := StoreReport{Packs: st.Packs, PackBytes: st.PackBytes, IndexEntries: st.Chunks, IndexBytes: st.IndexBytes}
 	live, err := g.liveSet()
 	if err != nil {
-		return rep, err
+		return sr, err
 	}
 	use, err := g.store.Usage(func(id cas.ID) bool { _, ok := live[id]; return ok })
 	if err != nil {
-		return rep, err
+		return sr, err
 	}
-	rep.Store = StoreReport{Packs: st.Packs, PackBytes: st.PackBytes, IndexEntries: st.Chunks, IndexBytes: st.IndexBytes}
 	if fi, err := os.Stat(filepath.Join(g.store.Dir(), "index.db")); err == nil {
-		rep.Store.IndexBytes = fi.Size()
+		sr.IndexBytes = fi.Size()
 	}
 	for _, u := range use {
-		rep.Store.GarbageBytes += u.Garbage()
-		rep.Store.GarbageChunks += u.DeadChunks
+		sr.GarbageBytes += u.Garbage()
+		sr.GarbageChunks += u.DeadChunks
 		if u.LiveChunks == 0 {
-			rep.Store.ReclaimableBytes += u.Size
+			sr.ReclaimableBytes += u.Size
 		} else if 2*u.Garbage() >= u.ChunkBytes {
-			rep.Store.ReclaimableBytes += u.Garbage()
+			sr.ReclaimableBytes += u.Garbage()
 		}
 	}
-	return rep, nil
+	return sr, nil
 }
 
 func ratio(a, b int64) float64 {

@@ -1,4 +1,8 @@
-// Command boxd runs boxd: its store, and later its daemon and boxes.
+// Command boxd is boxd's one binary: `boxd daemon` serves a root's boxes
+// (the API on its unix socket and the SSH front door), the box commands
+// (create, exec, fork, hibernate, ...) drive them through that daemon, and
+// `boxd store`, `boxd image` and `boxd snapshotter` work on the root's store.
+// The command line itself is package cli.
 package main
 
 import (

@@ -1,7 +1,6 @@
 // Package containerd is containerd's snapshotter (core/snapshots.Snapshotter
-// of containerd v2) on boxd's snapshot graph and chunk store. It is a
-// library: `boxd snapshotter` serves it over containerd's snapshots gRPC API,
-// and boxd's daemon can embed it the same way.
+// of containerd v2) on boxd's snapshot graph and chunk store. `boxd
+// snapshotter` serves it over containerd's snapshots gRPC API.
 //
 // # Shape
 //
@@ -65,15 +64,15 @@
 //   - Remove commits the record's deletion first, then deletes the graph
 //     snapshot or the image.
 //
-// # For boxd's VM shim
+// # Mounts without a loop device
 //
-// A VM needs no loop device: Snapshotter.SnapshotForSource maps the Source
-// of a mount back to its snapshot (the image is <root>/images/<id>, and the
-// id is containerd's snapshot id in the MetaStore). It returns the image
-// path, which a VMM can attach as a raw disk, and Base, the graph snapshot
-// whose MapName map the image began as. A view's image never changes, so the
-// shim can hand the VM Base's block map directly (read lazily from the store,
-// as memstore does for memory) and not read the file at all; an active
-// image's writes are in the file, over Base. Nothing is passed through mount
-// options: ext4 rejects options it does not know.
+// Snapshotter.SnapshotForSource maps the Source of a mount back to its
+// snapshot (the image is <root>/images/<id>, and the id is containerd's
+// snapshot id in the MetaStore). It returns the image path, a raw disk image
+// a VMM can attach as it is, and Base, the graph snapshot whose MapName map
+// the image began as. A view's image never changes, so a view is Base's block
+// map byte for byte, which can be read from the store (as memstore does for
+// memory) instead of the file; an active image's writes are in the file, over
+// Base. Nothing is passed through mount options: ext4 rejects options it
+// does not know.
 package containerd

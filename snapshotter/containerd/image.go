@@ -161,12 +161,12 @@ func (s *Snapshotter) ingest(ctx context.Context, path, name, parent, ctrName st
 			return snapshots.Usage{}, fmt.Errorf("parent's image: %w", err)
 		}
 	}
-	img, err := s.g.NewImage(parent)
+	draft, err := s.g.NewDraft(parent)
 	if err != nil {
 		return snapshots.Usage{}, err
 	}
-	defer img.Abort()
-	if err := img.SetSize(MapName, snapshotter.KindDisk, size); err != nil {
+	defer draft.Abort()
+	if err := draft.SetSize(MapName, snapshotter.KindDisk, size); err != nil {
 		return snapshots.Usage{}, err
 	}
 	parentID := func(n uint64) cas.ID {
@@ -197,7 +197,7 @@ func (s *Snapshotter) ingest(ctx context.Context, path, name, parent, ctrName st
 		if len(nums) == 0 {
 			return nil
 		}
-		_, err := img.WriteBlocks(ctx, MapName, snapshotter.KindDisk, nums, bytes.NewReader(changed))
+		_, err := draft.WriteBlocks(ctx, MapName, snapshotter.KindDisk, nums, bytes.NewReader(changed))
 		return err
 	})
 	if err != nil {
@@ -218,7 +218,7 @@ func (s *Snapshotter) ingest(ctx context.Context, path, name, parent, ctrName st
 			if i < len(regions) && regions[i].first <= n {
 				return nil
 			}
-			return img.WriteBlock(MapName, snapshotter.KindDisk, n, zero[:min(cas.ChunkSize, size-int64(n)*cas.ChunkSize)])
+			return draft.WriteBlock(MapName, snapshotter.KindDisk, n, zero[:min(cas.ChunkSize, size-int64(n)*cas.ChunkSize)])
 		})
 		if err != nil {
 			return snapshots.Usage{}, err
@@ -226,11 +226,11 @@ func (s *Snapshotter) ingest(ctx context.Context, path, name, parent, ctrName st
 	}
 	if size%cas.ChunkSize != 0 {
 		// A short last block written whole grew the map to a block.
-		if err := img.SetSize(MapName, snapshotter.KindDisk, size); err != nil {
+		if err := draft.SetSize(MapName, snapshotter.KindDisk, size); err != nil {
 			return snapshots.Usage{}, err
 		}
 	}
-	if _, err := img.Commit(name, map[string]string{LabelName: ctrName}); err != nil {
+	if _, err := draft.Commit(name, map[string]string{LabelName: ctrName}); err != nil {
 		return snapshots.Usage{}, err
 	}
 	cr, err := s.g.OpenMap(name, MapName)

@@ -29,8 +29,8 @@ type Source struct {
 }
 
 // SnapshotForSource returns the snapshot behind source, the Source path of a
-// mount from Prepare, View or Mounts. boxd's VM shim uses it to hand a VM the
-// image, or for a view Base's block map, without a loop device.
+// mount from Prepare, View or Mounts: what a VMM needs to attach the image,
+// or for a view Base's block map, without a loop device.
 func (s *Snapshotter) SnapshotForSource(ctx context.Context, source string) (Source, error) {
 	path, err := filepath.Abs(source)
 	if err != nil {

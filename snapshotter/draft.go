@@ -14,19 +14,19 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Image is a writable snapshot in the making: it starts as a copy of its
+// Draft is a writable snapshot in the making: it starts as a copy of its
 // parent's maps (or empty), takes block writes, and becomes a snapshot on
-// Commit. An Image holds the store's write lock until Commit or Abort, so
+// Commit. A Draft holds the store's write lock until Commit or Abort, so
 // only one exists at a time.
-type Image struct {
+type Draft struct {
 	g      *Graph
 	w      *cas.Writer
 	parent *Snapshot
-	maps   map[string]*imageMap
+	maps   map[string]*draftMap
 	order  []string
 }
 
-type imageMap struct {
+type draftMap struct {
 	info MapInfo
 	base *table // the parent's resolved map (frozen), truncated by SetSize, or nil
 	// parent is the parent's resolved map as it is, which the delta is
@@ -35,42 +35,42 @@ type imageMap struct {
 	changes map[uint64]cas.ID
 }
 
-// NewImage starts an image over parent ("" for none). It waits for the
+// NewDraft starts a draft over parent ("" for none). It waits for the
 // store's write lock.
-func (g *Graph) NewImage(parent string) (*Image, error) {
-	img := &Image{g: g, maps: map[string]*imageMap{}}
+func (g *Graph) NewDraft(parent string) (*Draft, error) {
+	d := &Draft{g: g, maps: map[string]*draftMap{}}
 	if parent != "" {
 		p, err := g.Get(parent)
 		if err != nil {
 			return nil, fmt.Errorf("parent: %w", err)
 		}
-		img.parent = &p
+		d.parent = &p
 		for _, m := range p.Maps {
 			base, err := g.resolve(p, m.Name)
 			if err != nil {
 				return nil, err
 			}
-			img.maps[m.Name] = &imageMap{info: MapInfo{Name: m.Name, Kind: m.Kind, Size: m.Size}, base: base, parent: base, changes: map[uint64]cas.ID{}}
-			img.order = append(img.order, m.Name)
+			d.maps[m.Name] = &draftMap{info: MapInfo{Name: m.Name, Kind: m.Kind, Size: m.Size}, base: base, parent: base, changes: map[uint64]cas.ID{}}
+			d.order = append(d.order, m.Name)
 		}
 	}
-	img.w = g.store.NewWriter()
-	return img, nil
+	d.w = g.store.NewWriter()
+	return d, nil
 }
 
-// mapFor returns the image's map called name, creating it empty.
-func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
-	if img.w == nil {
+// mapFor returns the draft's map called name, creating it empty.
+func (d *Draft) mapFor(name string, kind Kind) (*draftMap, error) {
+	if d.w == nil {
 		return nil, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
 	}
 	if err := ValidateName(name); err != nil {
 		return nil, fmt.Errorf("map: %w", err)
 	}
-	m := img.maps[name]
+	m := d.maps[name]
 	if m == nil {
-		m = &imageMap{info: MapInfo{Name: name, Kind: kind}, changes: map[uint64]cas.ID{}}
-		img.maps[name] = m
-		img.order = append(img.order, name)
+		m = &draftMap{info: MapInfo{Name: name, Kind: kind}, changes: map[uint64]cas.ID{}}
+		d.maps[name] = m
+		d.order = append(d.order, name)
 	}
 	if m.info.Kind != kind {
 		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, cas.ErrInvalidArgument)
@@ -80,21 +80,21 @@ func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
 
 // count adds what the store's writer did between two of its Stats to the
 // map's write statistics.
-func (m *imageMap) count(before, after cas.WriteStats) {
+func (m *draftMap) count(before, after cas.WriteStats) {
 	m.info.ZeroChunks += after.ZeroChunks - before.ZeroChunks
 	m.info.NewChunks += after.NewChunks - before.NewChunks
 	m.info.ReusedChunks += after.ReusedChunk - before.ReusedChunk
 	m.info.NewStored += after.NewStored - before.NewStored
 }
 
-func (m *imageMap) baseID(n uint64) cas.ID {
+func (m *draftMap) baseID(n uint64) cas.ID {
 	if m.base == nil {
 		return cas.ZeroID
 	}
 	return m.base.get(n)
 }
 
-func (m *imageMap) record(n uint64, id cas.ID) {
+func (m *draftMap) record(n uint64, id cas.ID) {
 	if id == m.baseID(n) {
 		delete(m.changes, n)
 		return
@@ -105,14 +105,14 @@ func (m *imageMap) record(n uint64, id cas.ID) {
 // WriteMap replaces the whole content of map name with what r holds; the
 // map's size becomes the number of bytes read. progress, when not nil, is
 // called with the bytes read so far.
-func (img *Image) WriteMap(ctx context.Context, name string, kind Kind, r io.Reader, progress func(int64)) (MapInfo, error) {
-	m, err := img.mapFor(name, kind)
+func (d *Draft) WriteMap(ctx context.Context, name string, kind Kind, r io.Reader, progress func(int64)) (MapInfo, error) {
+	m, err := d.mapFor(name, kind)
 	if err != nil {
 		return MapInfo{}, err
 	}
-	before := img.w.Stats()
+	before := d.w.Stats()
 	clear(m.changes)
-	n, err := img.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
+	n, err := d.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
 		m.record(uint64(i), id)
 		if progress != nil && i%256 == 255 {
 			progress((i + 1) * cas.ChunkSize)
@@ -125,30 +125,30 @@ func (img *Image) WriteMap(ctx context.Context, name string, kind Kind, r io.Rea
 	if progress != nil {
 		progress(n)
 	}
-	img.setSize(m, n)
-	m.count(before, img.w.Stats())
+	d.setSize(m, n)
+	m.count(before, d.w.Stats())
 	return m.info, nil
 }
 
 // WriteBlock sets block n of map name to data (zero-padded to a chunk).
 // The map grows to cover the block if it is shorter.
-func (img *Image) WriteBlock(name string, kind Kind, n uint64, data []byte) error {
+func (d *Draft) WriteBlock(name string, kind Kind, n uint64, data []byte) error {
 	if len(data) > cas.ChunkSize {
 		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), cas.ErrInvalidArgument)
 	}
 	if n >= math.MaxInt64/cas.ChunkSize {
 		return fmt.Errorf("block %d is beyond the largest image: %w", n, cas.ErrInvalidArgument)
 	}
-	m, err := img.mapFor(name, kind)
+	m, err := d.mapFor(name, kind)
 	if err != nil {
 		return err
 	}
 	if end := int64(n+1) * cas.ChunkSize; end > m.info.Size && n != uint64(m.info.Size/cas.ChunkSize) {
-		if err := img.cutTail(m, m.info.Size); err != nil {
+		if err := d.cutTail(m, m.info.Size); err != nil {
 			return err
 		}
 	}
-	id, err := img.put(m, data)
+	id, err := d.put(m, data)
 	if err != nil {
 		return err
 	}
@@ -160,37 +160,37 @@ func (img *Image) WriteBlock(name string, kind Kind, n uint64, data []byte) erro
 }
 
 // SetSize sets the logical size of map name, truncating or extending it.
-func (img *Image) SetSize(name string, kind Kind, size int64) error {
+func (d *Draft) SetSize(name string, kind Kind, size int64) error {
 	if size < 0 {
 		return fmt.Errorf("negative size %d: %w", size, cas.ErrInvalidArgument)
 	}
-	m, err := img.mapFor(name, kind)
+	m, err := d.mapFor(name, kind)
 	if err != nil {
 		return err
 	}
-	if err := img.cutTail(m, min(size, m.info.Size)); err != nil {
+	if err := d.cutTail(m, min(size, m.info.Size)); err != nil {
 		return err
 	}
-	img.setSize(m, size)
+	d.setSize(m, size)
 	return nil
 }
 
 // put stores one block for map m, counting it in the map's statistics.
-func (img *Image) put(m *imageMap, data []byte) (cas.ID, error) {
-	before := img.w.Stats()
-	id, err := img.w.Put(data)
+func (d *Draft) put(m *draftMap, data []byte) (cas.ID, error) {
+	before := d.w.Stats()
+	id, err := d.w.Put(data)
 	if err != nil {
 		return id, err
 	}
-	m.count(before, img.w.Stats())
+	m.count(before, d.w.Stats())
 	return id, nil
 }
 
 // cutTail zeroes the bytes at and past size in the block that holds size,
 // so that they read zero once the map is longer, as blocks past the end do.
-// A block written by this image is not readable until Commit; it keeps its
+// A block written by this draft is not readable until Commit; it keeps its
 // bytes (a limit of the store's Writer).
-func (img *Image) cutTail(m *imageMap, size int64) error {
+func (d *Draft) cutTail(m *draftMap, size int64) error {
 	if size%cas.ChunkSize == 0 {
 		return nil
 	}
@@ -202,7 +202,7 @@ func (img *Image) cutTail(m *imageMap, size int64) error {
 	if id == cas.ZeroID {
 		return nil
 	}
-	buf, err := img.g.store.Get(id, nil)
+	buf, err := d.g.store.Get(id, nil)
 	if errors.Is(err, cas.ErrNotFound) {
 		return nil
 	}
@@ -214,7 +214,7 @@ func (img *Image) cutTail(m *imageMap, size int64) error {
 		return nil
 	}
 	clear(tail)
-	id, err = img.put(m, buf)
+	id, err = d.put(m, buf)
 	if err != nil {
 		return err
 	}
@@ -222,7 +222,7 @@ func (img *Image) cutTail(m *imageMap, size int64) error {
 	return nil
 }
 
-func (img *Image) setSize(m *imageMap, size int64) {
+func (d *Draft) setSize(m *draftMap, size int64) {
 	m.info.Size = size
 	limit := blocksOf(size)
 	for n := range m.changes {
@@ -242,7 +242,7 @@ func (img *Image) setSize(m *imageMap, size int64) {
 // delta returns the blocks below the map's size that differ from the
 // parent's map: the written ones, and those a shrink cut off (they read
 // zero now, so a map that grew again must not show the parent's blocks).
-func (m *imageMap) delta() []change {
+func (m *draftMap) delta() []change {
 	parentID := func(n uint64) cas.ID {
 		if m.parent == nil {
 			return cas.ZeroID
@@ -269,36 +269,36 @@ func (m *imageMap) delta() []change {
 	return changes
 }
 
-// Abort drops the image. Chunks it already stored are reclaimed by GC.
-func (img *Image) Abort() {
-	if img.w != nil {
-		img.w.Abort()
-		img.w = nil
+// Abort drops the draft. Chunks it already stored are reclaimed by GC.
+func (d *Draft) Abort() {
+	if d.w != nil {
+		d.w.Abort()
+		d.w = nil
 	}
 }
 
-// Commit makes the image a snapshot called name. The chunks are made durable
+// Commit makes the draft a snapshot called name. The chunks are made durable
 // first, then the snapshot's record and deltas are written in one
 // transaction: a crash leaves the whole snapshot or none of it.
-func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error) {
-	if img.w == nil {
+func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) {
+	if d.w == nil {
 		return Snapshot{}, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
 	}
-	defer img.Abort()
+	defer d.Abort()
 	if err := ValidateName(name); err != nil {
 		return Snapshot{}, err
 	}
-	g := img.g
+	g := d.g
 	if _, err := g.Get(name); err == nil {
 		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
 	}
 	snap := Snapshot{Name: name, Created: time.Now().UTC(), Labels: labels}
-	if img.parent != nil {
-		snap.Parent = img.parent.Name
+	if d.parent != nil {
+		snap.Parent = d.parent.Name
 	}
 	deltas := map[string][]byte{}
-	for _, mn := range img.order {
-		m := img.maps[mn]
+	for _, mn := range d.order {
+		m := d.maps[mn]
 		changes := m.delta()
 		m.info.Changed = int64(len(changes))
 		deltas[mn] = encodeDelta(changes)
@@ -308,14 +308,14 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 	if err != nil {
 		return Snapshot{}, err
 	}
-	// Lock order: the store's write lock (held by img.w), then g.mu.
+	// Lock order: the store's write lock (held by d.w), then g.mu.
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if err := img.w.Commit(); err != nil {
-		img.w = nil
+	if err := d.w.Commit(); err != nil {
+		d.w = nil
 		return Snapshot{}, fmt.Errorf("storing chunks: %w", err)
 	}
-	img.w = nil
+	d.w = nil
 	err = g.db.Update(func(tx *bolt.Tx) error {
 		snaps := tx.Bucket(bucketSnapshots)
 		if snaps.Get([]byte(name)) != nil {
@@ -324,15 +324,15 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 		if snap.Parent != "" {
 			// The parent the deltas are against, not another of its name.
 			p, err := getSnapshot(tx, snap.Parent)
-			if errors.Is(err, cas.ErrNotFound) || err == nil && !p.Created.Equal(img.parent.Created) {
+			if errors.Is(err, cas.ErrNotFound) || err == nil && !p.Created.Equal(d.parent.Created) {
 				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, cas.ErrNotFound)
 			}
 			if err != nil {
 				return err
 			}
 		}
-		for mn, d := range deltas {
-			if err := tx.Bucket(bucketDeltas).Put(deltaKey(name, mn), d); err != nil {
+		for mn, delta := range deltas {
+			if err := tx.Bucket(bucketDeltas).Put(deltaKey(name, mn), delta); err != nil {
 				return err
 			}
 		}
@@ -370,13 +370,13 @@ func (g *Graph) Ingest(ctx context.Context, r io.Reader, opts IngestOptions) (Sn
 	if opts.MapName == "" {
 		opts.MapName = string(opts.Kind)
 	}
-	img, err := g.NewImage(opts.Parent)
+	d, err := g.NewDraft(opts.Parent)
 	if err != nil {
 		return Snapshot{}, err
 	}
-	defer img.Abort()
-	if _, err := img.WriteMap(ctx, opts.MapName, opts.Kind, r, opts.Progress); err != nil {
+	defer d.Abort()
+	if _, err := d.WriteMap(ctx, opts.MapName, opts.Kind, r, opts.Progress); err != nil {
 		return Snapshot{}, err
 	}
-	return img.Commit(opts.Name, opts.Labels)
+	return d.Commit(opts.Name, opts.Labels)
 }

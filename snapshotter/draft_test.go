@@ -10,19 +10,19 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 )
 
-// imageState is what a test expects of the maps of one snapshot.
-type imageState map[string][]byte
+// mapsState is what a test expects of the maps of one snapshot.
+type mapsState map[string][]byte
 
-func (s imageState) clone() imageState {
-	out := imageState{}
+func (s mapsState) clone() mapsState {
+	out := mapsState{}
 	for k, v := range s {
 		out[k] = slices.Clone(v)
 	}
 	return out
 }
 
-// writeBlock mirrors Image.WriteBlock on the expected bytes.
-func (s imageState) writeBlock(m string, n int, data []byte) {
+// writeBlock mirrors Draft.WriteBlock on the expected bytes.
+func (s mapsState) writeBlock(m string, n int, data []byte) {
 	b := s[m]
 	if end := (n + 1) * bs; len(b) < end {
 		b = append(b, make([]byte, end-len(b))...)
@@ -32,8 +32,8 @@ func (s imageState) writeBlock(m string, n int, data []byte) {
 	s[m] = b
 }
 
-// setSize mirrors Image.SetSize.
-func (s imageState) setSize(m string, size int) {
+// setSize mirrors Draft.SetSize.
+func (s mapsState) setSize(m string, size int) {
 	b := s[m]
 	if size <= len(b) {
 		s[m] = b[:size:size]
@@ -42,7 +42,7 @@ func (s imageState) setSize(m string, size int) {
 	s[m] = append(b, make([]byte, size-len(b))...)
 }
 
-func checkState(t *testing.T, g *Graph, name string, want imageState) {
+func checkState(t *testing.T, g *Graph, name string, want mapsState) {
 	t.Helper()
 	s, err := g.Get(name)
 	if err != nil {
@@ -65,34 +65,34 @@ func checkState(t *testing.T, g *Graph, name string, want imageState) {
 	}
 }
 
-func TestImageTwoMaps(t *testing.T) {
+func TestDraftTwoMaps(t *testing.T) {
 	g := openGraph(t, t.TempDir())
 	r := newRand(10)
-	want := imageState{}
+	want := mapsState{}
 
-	img, err := g.NewImage("")
+	draft, err := g.NewDraft("")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for n := range 12 {
 		d := randomBytes(r, bs)
-		if err := img.WriteBlock("disk", KindDisk, uint64(n), d); err != nil {
+		if err := draft.WriteBlock("disk", KindDisk, uint64(n), d); err != nil {
 			t.Fatal(err)
 		}
 		want.writeBlock("disk", n, d)
 	}
 	for _, n := range []int{0, 1, 7, 1500} { // memory is sparse
 		d := randomBytes(r, 100+n)
-		if err := img.WriteBlock("memory", KindMemory, uint64(n), d); err != nil {
+		if err := draft.WriteBlock("memory", KindMemory, uint64(n), d); err != nil {
 			t.Fatal(err)
 		}
 		want.writeBlock("memory", n, d)
 	}
-	if err := img.SetSize("disk", KindDisk, 12*bs-300); err != nil {
+	if err := draft.SetSize("disk", KindDisk, 12*bs-300); err != nil {
 		t.Fatal(err)
 	}
 	want.setSize("disk", 12*bs-300)
-	s, err := img.Commit("vm-1", map[string]string{"state": "running"})
+	s, err := draft.Commit("vm-1", map[string]string{"state": "running"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,24 +108,24 @@ func TestImageTwoMaps(t *testing.T) {
 	checkState(t, g, "vm-1", want)
 
 	// The child writes only memory: it inherits disk unchanged.
-	img, err = g.NewImage("vm-1")
+	draft, err = g.NewDraft("vm-1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	child := want.clone()
 	d := randomBytes(r, bs)
-	if err := img.WriteBlock("memory", KindMemory, 1, d); err != nil {
+	if err := draft.WriteBlock("memory", KindMemory, 1, d); err != nil {
 		t.Fatal(err)
 	}
 	child.writeBlock("memory", 1, d)
-	if err := img.WriteBlock("memory", KindMemory, 7, nil); err != nil { // zeroed
+	if err := draft.WriteBlock("memory", KindMemory, 7, nil); err != nil { // zeroed
 		t.Fatal(err)
 	}
 	child.writeBlock("memory", 7, nil)
-	if err := img.WriteBlock("memory", KindMemory, 0, want["memory"][:bs]); err != nil { // unchanged
+	if err := draft.WriteBlock("memory", KindMemory, 0, want["memory"][:bs]); err != nil { // unchanged
 		t.Fatal(err)
 	}
-	s, err = img.Commit("vm-1.1", nil)
+	s, err = draft.Commit("vm-1.1", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,14 +139,14 @@ func TestImageTwoMaps(t *testing.T) {
 	checkState(t, g, "vm-1", want)
 
 	// The grandchild replaces disk with a stream and adds a third map.
-	img, err = g.NewImage("vm-1.1")
+	draft, err = g.NewDraft("vm-1.1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	grand := child.clone()
 	stream := slices.Clone(child["disk"][:5*bs])
 	fillBlock(r, stream, 2)
-	info, err := img.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader(stream), nil)
+	info, err := draft.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader(stream), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,52 +154,52 @@ func TestImageTwoMaps(t *testing.T) {
 		t.Errorf("WriteMap: %+v", info)
 	}
 	grand["disk"] = stream
-	if err := img.WriteBlock("extra", KindDisk, 3, []byte("third")); err != nil {
+	if err := draft.WriteBlock("extra", KindDisk, 3, []byte("third")); err != nil {
 		t.Fatal(err)
 	}
 	grand.writeBlock("extra", 3, []byte("third"))
-	if _, err := img.Commit("vm-1.1.1", nil); err != nil {
+	if _, err := draft.Commit("vm-1.1.1", nil); err != nil {
 		t.Fatal(err)
 	}
 	checkState(t, g, "vm-1.1.1", grand)
 	checkState(t, g, "vm-1.1", child)
 
-	// An aborted image leaves nothing behind, and frees the write lock.
-	img, err = g.NewImage("vm-1")
+	// An aborted draft leaves nothing behind, and frees the write lock.
+	draft, err = g.NewDraft("vm-1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := img.WriteBlock("disk", KindDisk, 0, []byte("gone")); err != nil {
+	if err := draft.WriteBlock("disk", KindDisk, 0, []byte("gone")); err != nil {
 		t.Fatal(err)
 	}
-	img.Abort()
-	if _, err := img.Commit("aborted", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+	draft.Abort()
+	if _, err := draft.Commit("aborted", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
 		t.Fatalf("Commit after Abort: %v", err)
 	}
 	if _, err := g.Get("aborted"); !errors.Is(err, cas.ErrNotFound) {
-		t.Fatalf("aborted image became a snapshot: %v", err)
+		t.Fatalf("aborted draft became a snapshot: %v", err)
 	}
 	verifyOK(t, g)
 }
 
-// TestImageResize shrinks and grows inherited maps within one image: blocks
+// TestDraftResize shrinks and grows inherited maps within one draft: blocks
 // cut off by a shrink must read zero when the map grows again.
-func TestImageResize(t *testing.T) {
+func TestDraftResize(t *testing.T) {
 	g := openGraph(t, t.TempDir())
 	r := newRand(11)
-	parent := imageState{"disk": randomBytes(r, 2*pageLen*bs+5*bs)}
-	img, err := g.NewImage("")
+	parent := mapsState{"disk": randomBytes(r, 2*pageLen*bs+5*bs)}
+	draft, err := g.NewDraft("")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := img.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader(parent["disk"]), nil); err != nil {
+	if _, err := draft.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader(parent["disk"]), nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := img.Commit("p", nil); err != nil {
+	if _, err := draft.Commit("p", nil); err != nil {
 		t.Fatal(err)
 	}
 	full := len(parent["disk"])
-	states := map[string]imageState{"p": parent}
+	states := map[string]mapsState{"p": parent}
 	type step struct {
 		size  int // SetSize when >= 0
 		block int // else WriteBlock at block
@@ -220,13 +220,13 @@ func TestImageResize(t *testing.T) {
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			want := parent.clone()
-			img, err := g.NewImage("p")
+			draft, err := g.NewDraft("p")
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, st := range tc.steps {
 				if st.size >= 0 {
-					if err := img.SetSize("disk", KindDisk, int64(st.size)); err != nil {
+					if err := draft.SetSize("disk", KindDisk, int64(st.size)); err != nil {
 						t.Fatal(err)
 					}
 					want.setSize("disk", st.size)
@@ -236,13 +236,13 @@ func TestImageResize(t *testing.T) {
 				if st.block != 5 {
 					d = randomBytes(r, bs)
 				}
-				if err := img.WriteBlock("disk", KindDisk, uint64(st.block), d); err != nil {
+				if err := draft.WriteBlock("disk", KindDisk, uint64(st.block), d); err != nil {
 					t.Fatal(err)
 				}
 				want.writeBlock("disk", st.block, d)
 			}
 			name := "c" + string(rune('a'+i))
-			s, err := img.Commit(name, nil)
+			s, err := draft.Commit(name, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -266,25 +266,25 @@ func TestImageResize(t *testing.T) {
 	verifyOK(t, g)
 }
 
-// TestImageTailAcrossSnapshots cuts a map mid-block in one snapshot and
+// TestDraftTailAcrossSnapshots cuts a map mid-block in one snapshot and
 // grows it in the next: the bytes that were cut read zero.
-func TestImageTailAcrossSnapshots(t *testing.T) {
+func TestDraftTailAcrossSnapshots(t *testing.T) {
 	g := openGraph(t, t.TempDir())
 	r := newRand(12)
-	parent := imageState{"disk": randomBytes(r, 8*bs)}
+	parent := mapsState{"disk": randomBytes(r, 8*bs)}
 	ingest(t, g, "p", "", parent["disk"])
-	type op func(img *Image, s imageState) error
+	type op func(draft *Draft, s mapsState) error
 	setSize := func(size int) op {
-		return func(img *Image, s imageState) error {
+		return func(draft *Draft, s mapsState) error {
 			s.setSize("disk", size)
-			return img.SetSize("disk", KindDisk, int64(size))
+			return draft.SetSize("disk", KindDisk, int64(size))
 		}
 	}
 	writeBlock := func(n int) op {
-		return func(img *Image, s imageState) error {
+		return func(draft *Draft, s mapsState) error {
 			d := randomBytes(r, bs)
 			s.writeBlock("disk", n, d)
-			return img.WriteBlock("disk", KindDisk, uint64(n), d)
+			return draft.WriteBlock("disk", KindDisk, uint64(n), d)
 		}
 	}
 	tests := []struct {
@@ -306,16 +306,16 @@ func TestImageTailAcrossSnapshots(t *testing.T) {
 				if gen == 1 {
 					from, name = c, gc
 				}
-				img, err := g.NewImage(from)
+				draft, err := g.NewDraft(from)
 				if err != nil {
 					t.Fatal(err)
 				}
 				for _, o := range ops {
-					if err := o(img, want); err != nil {
+					if err := o(draft, want); err != nil {
 						t.Fatal(err)
 					}
 				}
-				if _, err := img.Commit(name, nil); err != nil {
+				if _, err := draft.Commit(name, nil); err != nil {
 					t.Fatal(err)
 				}
 				checkState(t, g, name, want)
@@ -325,38 +325,38 @@ func TestImageTailAcrossSnapshots(t *testing.T) {
 	verifyOK(t, g)
 }
 
-func TestImageAfterCommit(t *testing.T) {
+func TestDraftAfterCommit(t *testing.T) {
 	g := openGraph(t, t.TempDir())
 	for _, finish := range []string{"commit", "abort"} {
-		img, err := g.NewImage("")
+		draft, err := g.NewDraft("")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := img.WriteBlock("disk", KindDisk, 0, []byte("x")); err != nil {
+		if err := draft.WriteBlock("disk", KindDisk, 0, []byte("x")); err != nil {
 			t.Fatal(err)
 		}
 		if finish == "commit" {
-			if _, err := img.Commit("done", nil); err != nil {
+			if _, err := draft.Commit("done", nil); err != nil {
 				t.Fatal(err)
 			}
 		} else {
-			img.Abort()
+			draft.Abort()
 		}
-		if err := img.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := draft.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, cas.ErrFailedPrecondition) {
 			t.Errorf("WriteBlock after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if err := img.SetSize("disk", KindDisk, 1); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := draft.SetSize("disk", KindDisk, 1); !errors.Is(err, cas.ErrFailedPrecondition) {
 			t.Errorf("SetSize after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if _, err := img.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if _, err := draft.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, cas.ErrFailedPrecondition) {
 			t.Errorf("WriteMap after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
 	}
-	// The store's write lock was released: another image can start.
-	img, err := g.NewImage("done")
+	// The store's write lock was released: another draft can start.
+	draft, err := g.NewDraft("done")
 	if err != nil {
 		t.Fatal(err)
 	}
-	img.Abort()
+	draft.Abort()
 	checkExport(t, g, "done", "disk", append([]byte("x"), make([]byte, bs-1)...))
 }
