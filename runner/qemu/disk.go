@@ -81,7 +81,7 @@ func overlayChanges(ctx context.Context, file string) ([]extent, int64, error) {
 
 // writeOverlay writes the blocks a frozen qcow2 overlay holds into the
 // disk map of img, over what img inherited from its parent.
-func writeOverlay(ctx context.Context, img *snapshotter.Image, file string) (blocks int64, err error) {
+func writeOverlay(ctx context.Context, img *snapshotter.Draft, file string) (blocks int64, err error) {
 	changes, size, err := overlayChanges(ctx, file)
 	if err != nil {
 		return 0, err

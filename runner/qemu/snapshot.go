@@ -355,7 +355,7 @@ func (r *Runner) capture(ctx context.Context, j *captureJob) (snapshotter.Snapsh
 	}
 	switch {
 	case len(j.frozenDisks) > 0:
-		copts.More = func(ctx context.Context, img *snapshotter.Image) error {
+		copts.More = func(ctx context.Context, img *snapshotter.Draft) error {
 			for _, d := range j.frozenDisks {
 				if _, err := writeOverlay(ctx, img, d); err != nil {
 					return err
@@ -364,7 +364,7 @@ func (r *Runner) capture(ctx context.Context, j *captureJob) (snapshotter.Snapsh
 			return nil
 		}
 	case j.rawDisk != "": // all of it
-		copts.More = func(ctx context.Context, img *snapshotter.Image) error {
+		copts.More = func(ctx context.Context, img *snapshotter.Draft) error {
 			d, err := os.Open(j.rawDisk)
 			if err != nil {
 				return fmt.Errorf("qemu: disk: %w", err)
