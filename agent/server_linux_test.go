@@ -18,27 +18,19 @@ import (
 	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 // socketPair returns the two ends of a connected unix socket pair: a byte stream with buffers, like the host's
 // socket to QEMU and the guest's port together.
 func socketPair(t *testing.T) (client, server net.Conn) {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	client, server, err := testutil.SocketPair()
 	if err != nil {
 		t.Fatal(err)
 	}
-	conns := make([]net.Conn, 2)
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		c, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		conns[i] = c
-	}
-	return conns[0], conns[1]
+	return client, server
 }
 
 // fakeSystem records what a Unique request asked of the machine.
@@ -231,35 +223,6 @@ func TestOutput(t *testing.T) {
 	}
 }
 
-// lineWatcher is a Stdout that tells when a marker has appeared.
-type lineWatcher struct {
-	mu     sync.Mutex
-	buf    bytes.Buffer
-	marker string
-	seen   chan struct{}
-	once   sync.Once
-}
-
-func newLineWatcher(marker string) *lineWatcher {
-	return &lineWatcher{marker: marker, seen: make(chan struct{})}
-}
-
-func (w *lineWatcher) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	if strings.Contains(w.buf.String(), w.marker) {
-		w.once.Do(func() { close(w.seen) })
-	}
-	return len(p), nil
-}
-
-func (w *lineWatcher) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
-
 func TestPTY(t *testing.T) {
 	c := serve(t, nil)
 	tests := []struct {
@@ -289,13 +252,13 @@ func TestPTY(t *testing.T) {
 	}
 
 	t.Run("window change", func(t *testing.T) {
-		out := newLineWatcher("ready")
+		out := &testutil.LockedBuffer{}
 		resize := make(chan WindowSize, 1)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
 			select {
-			case <-out.seen:
+			case <-out.Seen("ready"):
 				resize <- WindowSize{Rows: 50, Cols: 132}
 			case <-time.After(20 * time.Second):
 			}

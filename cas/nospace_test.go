@@ -1,32 +1,11 @@
 package cas
 
 import (
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
-)
 
-// mountTmpfs mounts a tmpfs of the given size (as mount(8) spells it) on a
-// new folder and unmounts it at cleanup. It skips the test when mounting is
-// not allowed.
-func mountTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		if os.Geteuid() != 0 {
-			t.Skipf("mounting a tmpfs needs root (running as uid %d): %v: %s", os.Geteuid(), err, out)
-		}
-		t.Fatalf("mount tmpfs on %s: %v: %s", dir, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
+	"github.com/boxd-dev/boxd/internal/testutil"
+)
 
 func TestFullDisk(t *testing.T) {
 	g := newGen(50)
@@ -40,7 +19,8 @@ func TestFullDisk(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := mountTmpfs(t, "4m")
+			dir := t.TempDir()
+			testutil.MountTmpfs(t, dir, "size=4m")
 			s, err := Open(dir, Options{})
 			if err != nil {
 				t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/cli"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
@@ -132,26 +132,12 @@ func TestUnwritableRoot(t *testing.T) {
 	if err := os.Mkdir(ro, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	mountTmpfs(t, ro, "ro")
+	testutil.MountTmpfs(t, ro, "ro")
 	for _, root := range []string{ro, filepath.Join(ro, "sub")} {
 		for _, args := range [][]string{{"store", "ls"}, {"store", "ingest", "--name", "x", file}, {"store", "gc"}} {
 			fails(t, cli.ExitFailure, root, []string{"read-only file system"}, args...)
 		}
 	}
-}
-
-// mountTmpfs mounts a tmpfs with opts on dir until the test ends. It skips
-// the test where mounting is not allowed.
-func mountTmpfs(t *testing.T, dir, opts string) {
-	t.Helper()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", opts, "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a tmpfs (needs root): %v: %s", err, bytes.TrimSpace(out))
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
 }
 
 func TestRootBusy(t *testing.T) {
@@ -230,7 +216,7 @@ func TestDiskFull(t *testing.T) {
 	if err := os.Mkdir(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	mountTmpfs(t, root, "size=8m")
+	testutil.MountTmpfs(t, root, "size=8m")
 	big := randomFile(t, filepath.Join(dir, "big.img"), 32<<20)
 	fails(t, cli.ExitNoSpace, root, []string{"no space left"}, "store", "ingest", "--name", "big", big)
 	if snaps := list(t, root); len(snaps) != 0 {

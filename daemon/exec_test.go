@@ -5,18 +5,15 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
-	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 )
 
 // hostAgent is the fake manager with a box dev whose commands run through
@@ -36,25 +33,16 @@ func (h hostAgent) Exec(ctx context.Context, name string, cmd agent.Command) (in
 
 func newHostAgent(t *testing.T) hostAgent {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	host, guest, err := testutil.SocketPair()
 	if err != nil {
 		t.Fatal(err)
 	}
-	conns := make([]net.Conn, 2)
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		conns[i], err = net.FileConn(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- agent.Serve(ctx, conns[1], nil) }()
+	go func() { served <- agent.Serve(ctx, guest, nil) }()
 	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
 	defer hcancel()
-	c, err := agent.NewClient(hctx, conns[0])
+	c, err := agent.NewClient(hctx, host)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -65,46 +53,6 @@ func newHostAgent(t *testing.T) hostAgent {
 		<-served
 	})
 	return hostAgent{newFakeManager(box.Box{Name: "dev", State: box.StateRunning}), c}
-}
-
-// signalWriter collects what is written to it and says when it first
-// holds want.
-type signalWriter struct {
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	want string
-	seen chan struct{}
-}
-
-func newSignalWriter(want string) *signalWriter {
-	return &signalWriter{want: want, seen: make(chan struct{})}
-}
-
-func (w *signalWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	had := strings.Contains(w.buf.String(), w.want)
-	w.buf.Write(p)
-	if !had && strings.Contains(w.buf.String(), w.want) {
-		close(w.seen)
-	}
-	return len(p), nil
-}
-
-func (w *signalWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
-
-// wait waits until w holds its text, failing t after a while.
-func (w *signalWriter) wait(t *testing.T, what string) {
-	t.Helper()
-	select {
-	case <-w.seen:
-	case <-time.After(time.Minute):
-		t.Fatalf("%s: %q has not come within a minute; got %q", what, w.want, w.String())
-	}
 }
 
 type execOutcome struct {
@@ -123,7 +71,7 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 		// The command cannot end before its input does, and its input
 		// is given only once its first line has arrived.
 		inR, inW := io.Pipe()
-		stdout, stderr := newSignalWriter("first\n"), newSignalWriter("")
+		stdout, stderr := &testutil.LockedBuffer{}, &testutil.LockedBuffer{}
 		res := make(chan execOutcome, 1)
 		go func() {
 			code, err := c.ExecStream(ctx, name, ExecOptions{
@@ -133,7 +81,7 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 			})
 			res <- execOutcome{code, err}
 		}()
-		stdout.wait(t, "the first line")
+		stdout.WaitFor(t, "first\n", time.Minute)
 		if n := srv.activeCount(name); n != 1 {
 			t.Errorf("box %s has %d uses in progress during the exec, want 1", name, n)
 		}
@@ -214,7 +162,7 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 
 	t.Run("window size changes", func(t *testing.T) {
 		resize := make(chan agent.WindowSize, 1)
-		out := newSignalWriter("ready")
+		out := &testutil.LockedBuffer{}
 		res := make(chan execOutcome, 1)
 		go func() {
 			code, err := c.ExecStream(ctx, name, ExecOptions{
@@ -223,7 +171,7 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 			})
 			res <- execOutcome{code, err}
 		}()
-		out.wait(t, "the shell")
+		out.WaitFor(t, "ready", time.Minute)
 		resize <- agent.WindowSize{Rows: 50, Cols: 132}
 		r := <-res
 		if r.err != nil || r.code != 4 || !strings.Contains(out.String(), "50 132") {
@@ -233,13 +181,13 @@ func checkExecStream(t *testing.T, srv *Server, c *Client, name string) {
 
 	t.Run("cancelled", func(t *testing.T) {
 		cctx, ccancel := context.WithCancel(ctx)
-		out := newSignalWriter("sleeping")
+		out := &testutil.LockedBuffer{}
 		res := make(chan execOutcome, 1)
 		go func() {
 			code, err := c.ExecStream(cctx, name, ExecOptions{Args: []string{"sh", "-c", "echo sleeping; exec sleep 1000"}, Stdout: out})
 			res <- execOutcome{code, err}
 		}()
-		out.wait(t, "sleep")
+		out.WaitFor(t, "sleeping", time.Minute)
 		ccancel()
 		if r := <-res; !errors.Is(r.err, context.Canceled) {
 			t.Fatalf("cancelled exec: exit %d, %v", r.code, r.err)

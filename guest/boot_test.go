@@ -16,6 +16,7 @@ import (
 	"github.com/boxd-dev/boxd/internal/guestkernel"
 	"github.com/boxd-dev/boxd/internal/initramfs"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/snapshotter"
 )
 
 // virtioDeps mirrors the depends= of the Debian cloud kernel's virtio
@@ -367,7 +368,7 @@ func TestBootFakeAgent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86"})
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	vmlinuz, modules := cloudKernel(t, ctx, g.Root())
 
 	agent := filepath.Join(t.TempDir(), "fakeinit")

@@ -19,18 +19,11 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
 const testSize = 32 << 20
-
-func openGraph(t *testing.T) *snapshotter.Graph {
-	t.Helper()
-	g, err := snapshotter.Open(t.TempDir())
-	must(t, err)
-	t.Cleanup(func() { g.Close() })
-	return g
-}
 
 // needTools skips a test on a machine without the e2fsprogs it drives.
 func needTools(t *testing.T) {
@@ -135,7 +128,7 @@ func TestConfigureTree(t *testing.T) {
 func TestImageFromTree(t *testing.T) {
 	needTools(t)
 	ctx := context.Background()
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	tree := tinyTree(t)
 	var stages []string
 	progress := func(stage string, done, total int64) {
@@ -228,7 +221,7 @@ func TestImageFromTree(t *testing.T) {
 func TestImageFromTreeRefuses(t *testing.T) {
 	needTools(t)
 	ctx := context.Background()
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	tree := tinyTree(t)
 	must(t, os.WriteFile(filepath.Join(tree, "usr/bin/huge"), bytes.Repeat([]byte{1}, 40<<20), 0o644))
 	tests := []struct {
@@ -262,7 +255,7 @@ func TestImageFromTreeRefuses(t *testing.T) {
 func TestBaseFile(t *testing.T) {
 	needTools(t)
 	ctx := context.Background()
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	disk := filepath.Join(t.TempDir(), "disk.ext4")
 	must(t, makeFS(ctx, tinyTree(t), disk, testSize))
 	_, err := storeDisk(ctx, g, SnapshotName("tiny"), disk, map[string]string{LabelImage: "tiny"}, false, nil)
@@ -381,7 +374,7 @@ func TestBuildImageFetches(t *testing.T) {
 	}
 	log := fakeDebootstrap(t)
 	ctx := context.Background()
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	cache := filepath.Join(g.Root(), "cache", "rootfs", "debian-bookworm")
 	opts := BuildOptions{Size: testSize, Mirror: "http://mirror.example/debian"}
 
@@ -470,7 +463,7 @@ func TestBuildImageFetches(t *testing.T) {
 }
 
 func TestBuildImageRefuses(t *testing.T) {
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	tests := []struct {
 		name string
 		opts BuildOptions
@@ -547,7 +540,7 @@ func TestBuildImageDebian(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	before := treeDigest(t, tree)
-	g := openGraph(t)
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	var mu sync.Mutex
 	var stage string
 	stageStart := time.Now()
@@ -625,9 +618,8 @@ func TestBuildImageRefusesMountedTree(t *testing.T) {
 	tree := tinyTree(t)
 	proc := filepath.Join(tree, "proc")
 	must(t, os.Mkdir(proc, 0o755))
-	must(t, syscall.Mount("tmpfs", proc, "tmpfs", 0, "size=1m"))
-	t.Cleanup(func() { syscall.Unmount(proc, 0) })
-	_, err := BuildImage(context.Background(), openGraph(t), BuildOptions{Tree: tree, Size: testSize})
+	testutil.MountTmpfs(t, proc, "size=1m")
+	_, err := BuildImage(context.Background(), testutil.OpenGraph(t, t.TempDir(), snapshotter.Open), BuildOptions{Tree: tree, Size: testSize})
 	if !errors.Is(err, cas.ErrFailedPrecondition) || !strings.Contains(err.Error(), proc) {
 		t.Fatalf("a tree with a mount in it: want a refusal naming %s, got %v", proc, err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
@@ -58,11 +59,7 @@ func newBoxEnvOn(ctx context.Context, t *testing.T, prepare func(root string)) *
 	if prepare != nil {
 		prepare(root)
 	}
-	g, err := snapshotter.Open(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = g.Close() })
+	g := testutil.OpenGraph(t, root, snapshotter.Open)
 	start := time.Now()
 	if _, err := guest.BuildImage(ctx, g, guest.BuildOptions{Tree: tree, Size: 2 << 30}); err != nil {
 		t.Fatalf("building the default image: %v", err)
@@ -446,10 +443,7 @@ func TestBoxHibernateDiskFull(t *testing.T) {
 		if err := os.MkdirAll(casDir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=640m", "boxd-full", casDir).CombinedOutput(); err != nil {
-			t.Fatalf("mounting a small tmpfs for the store: %v: %s", err, out)
-		}
-		t.Cleanup(func() { _ = exec.Command("umount", "-l", casDir).Run() })
+		testutil.MountTmpfs(t, casDir, "size=640m")
 	})
 	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "full", Memory: 256 << 20}); err != nil {
 		t.Fatal(err)

@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/snapshotter"
 )
 
 // TestMain doubles as the page-fault handler process of TestHandoff: with
@@ -81,7 +83,7 @@ func TestHandoff(t *testing.T) {
 	const pages = 1024
 	src := image(10, pages)
 	root := t.TempDir()
-	g := openGraph(t, root)
+	g := testutil.OpenGraph(t, root, snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	g.Close() // one process holds a root at a time: the handler's now
 
@@ -113,7 +115,7 @@ func TestHandoffDamaged(t *testing.T) {
 	const pages = 64
 	src := image(11, pages)
 	root := t.TempDir()
-	g := openGraph(t, root)
+	g := testutil.OpenGraph(t, root, snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	loc, err := g.Store().Lookup(cas.Sum(src[5*PageSize : 6*PageSize]))
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"golang.org/x/sys/unix"
 )
@@ -38,16 +39,6 @@ func image(seed uint64, pages int) []byte {
 		}
 	}
 	return b
-}
-
-func openGraph(t testing.TB, root string) *snapshotter.Graph {
-	t.Helper()
-	g, err := snapshotter.Open(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.Close() })
-	return g
 }
 
 // anon maps private anonymous memory, unmapped at the end of the test.
@@ -108,7 +99,7 @@ func start(t testing.TB, g *snapshotter.Graph, snap string, region []byte, opts 
 func TestRestoreRoundTrip(t *testing.T) {
 	const pages = 2048 // 8 MiB
 	src := image(1, pages)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	order := allPages(pages)
 	rand.New(rand.NewPCG(9, 9)).Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
@@ -158,7 +149,7 @@ func TestRestoreRoundTrip(t *testing.T) {
 
 func TestRestoresDiverge(t *testing.T) {
 	src := image(2, 256)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	a, b := anon(t, len(src)), anon(t, len(src))
 	ra := start(t, g, "m", a, Options{Prefetch: []uint64{}})
@@ -208,7 +199,7 @@ func (c *countingReader) ReadAt(p []byte, off int64) (int, error) {
 func TestIncrementalCapture(t *testing.T) {
 	const pages = 4096 // 16 MiB
 	src := image(3, pages)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	parent := capture(t, g, src, CaptureOptions{Name: "base"})
 	if m, _ := parent.Map(DefaultMap); m.Size != int64(len(src)) || m.ZeroChunks != pages/4 {
 		t.Fatalf("full capture: size %d, %d zero pages; want %d, %d", m.Size, m.ZeroChunks, len(src), pages/4)
@@ -264,7 +255,7 @@ func TestIncrementalCapture(t *testing.T) {
 func TestWorkingSetPrefetch(t *testing.T) {
 	const pages = 4096
 	src := image(5, pages)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	// The consumer touches 10% of the pages, scattered.
 	r := rand.New(rand.NewPCG(6, 6))
@@ -314,7 +305,7 @@ func TestDamagedChunk(t *testing.T) {
 	const pages = 64
 	src := image(7, pages)
 	root := t.TempDir()
-	g := openGraph(t, root)
+	g := testutil.OpenGraph(t, root, snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	const victim = 33 // a random page (33 % 4 == 1)
 	loc, err := g.Store().Lookup(cas.Sum(src[victim*PageSize : (victim+1)*PageSize]))
@@ -358,7 +349,7 @@ func TestDamagedChunk(t *testing.T) {
 }
 
 func TestMissingSnapshotOrChunk(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	region := anon(t, 16*PageSize)
 	if _, err := Start(context.Background(), g, "nope", "", region, Options{}); !errors.Is(err, cas.ErrNotFound) {
 		t.Errorf("unknown snapshot: %v, want ErrNotFound", err)
@@ -371,14 +362,14 @@ func TestMissingSnapshotOrChunk(t *testing.T) {
 	// A snapshot whose chunks are gone from the store (its pack deleted):
 	// the restore refuses to start rather than serve zeros.
 	root := t.TempDir()
-	g2 := openGraph(t, root)
+	g2 := testutil.OpenGraph(t, root, snapshotter.Open)
 	capture(t, g2, src, CaptureOptions{Name: "m"})
 	g2.Close()
 	packs, _ := filepath.Glob(filepath.Join(root, "cas", "packs", "*.pack"))
 	for _, p := range packs {
 		os.Remove(p)
 	}
-	g3 := openGraph(t, root)
+	g3 := testutil.OpenGraph(t, root, snapshotter.Open)
 	if _, err := Start(context.Background(), g3, "m", "", anon(t, 16*PageSize), Options{}); !errors.Is(err, cas.ErrNotFound) {
 		t.Errorf("snapshot with missing chunks: %v, want ErrNotFound", err)
 	}
@@ -389,7 +380,7 @@ func openGraphForHandler(root string) (*snapshotter.Graph, error) { return snaps
 func TestWorkingSetRecordsWindows(t *testing.T) {
 	const pages = 512
 	src := image(12, pages)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	capture(t, g, src, CaptureOptions{Name: "m"})
 	region := anon(t, len(src))
 	r := start(t, g, "m", region, Options{FaultAround: 8, Prefetch: []uint64{}})

@@ -8,14 +8,11 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 func TestWriteBlocks(t *testing.T) {
-	g, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	base := bytes.Repeat([]byte("base block "), 4*cas.ChunkSize/11+1)[:4*cas.ChunkSize]
 	if _, err := g.Ingest(context.Background(), bytes.NewReader(base), IngestOptions{Name: "p", Kind: KindMemory}); err != nil {
 		t.Fatal(err)

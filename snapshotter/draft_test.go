@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 // mapsState is what a test expects of the maps of one snapshot.
@@ -66,7 +67,7 @@ func checkState(t *testing.T, g *Graph, name string, want mapsState) {
 }
 
 func TestDraftTwoMaps(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(10)
 	want := mapsState{}
 
@@ -185,7 +186,7 @@ func TestDraftTwoMaps(t *testing.T) {
 // TestDraftResize shrinks and grows inherited maps within one draft: blocks
 // cut off by a shrink must read zero when the map grows again.
 func TestDraftResize(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(11)
 	parent := mapsState{"disk": randomBytes(r, 2*pageLen*bs+5*bs)}
 	draft, err := g.NewDraft("")
@@ -259,7 +260,7 @@ func TestDraftResize(t *testing.T) {
 	if err := g.Close(); err != nil {
 		t.Fatal(err)
 	}
-	g = openGraph(t, root)
+	g = testutil.OpenGraph(t, root, Open)
 	for name, want := range states {
 		checkState(t, g, name, want)
 	}
@@ -269,7 +270,7 @@ func TestDraftResize(t *testing.T) {
 // TestDraftTailAcrossSnapshots cuts a map mid-block in one snapshot and
 // grows it in the next: the bytes that were cut read zero.
 func TestDraftTailAcrossSnapshots(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(12)
 	parent := mapsState{"disk": randomBytes(r, 8*bs)}
 	ingest(t, g, "p", "", parent["disk"])
@@ -326,7 +327,7 @@ func TestDraftTailAcrossSnapshots(t *testing.T) {
 }
 
 func TestDraftAfterCommit(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	for _, finish := range []string{"commit", "abort"} {
 		draft, err := g.NewDraft("")
 		if err != nil {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -48,7 +49,7 @@ func TestIngestExportRoundTrip(t *testing.T) {
 		{"tail only", tailOnly, true},
 		{"compressible", bytes.Repeat([]byte("boxd keeps snapshots. "), 20000), false},
 	}
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			name := "snap-" + string(rune('a'+i))
@@ -142,7 +143,7 @@ func TestParentChain(t *testing.T) {
 	const depth = 128
 	const blocks = 96
 	r := newRand(2)
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	levels := make([][]byte, depth)
 	levels[0] = randomBytes(r, blocks*bs-100)
 	clear(levels[0][10*bs : 20*bs])
@@ -199,7 +200,7 @@ func TestParentChain(t *testing.T) {
 	if err := g.Close(); err != nil {
 		t.Fatal(err)
 	}
-	g2 := openGraph(t, root)
+	g2 := testutil.OpenGraph(t, root, Open)
 	r.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
 	check(g2, append([]int{depth - 1}, all...))
 	list, err := g2.List()
@@ -246,7 +247,7 @@ func TestChildSizes(t *testing.T) {
 		{"empty parent", nil, base},
 		{"zero parent", make([]byte, page+bs), base},
 	}
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			p, c := "p"+string(rune('a'+i)), "c"+string(rune('a'+i))
@@ -280,7 +281,7 @@ func TestNames(t *testing.T) {
 			t.Errorf("ValidateName(%q) = %v, want nil", n, err)
 		}
 	}
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	for _, n := range invalid {
 		if err := ValidateName(n); !errors.Is(err, cas.ErrInvalidArgument) {
 			t.Errorf("ValidateName(%q) = %v, want ErrInvalidArgument", n, err)
@@ -312,7 +313,7 @@ func TestNames(t *testing.T) {
 }
 
 func TestBadInput(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(4)
 	data := randomBytes(r, 20*bs)
 	ingest(t, g, "base", "", data)
@@ -388,7 +389,7 @@ type iotestErr struct{}
 func (iotestErr) Read([]byte) (int, error) { return 0, errors.New("disk went away") }
 
 func TestRemoveAndGC(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(5)
 	ctx := context.Background()
 	base := randomBytes(r, 64*bs)
@@ -533,7 +534,7 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	g = openGraph(t, root)
+	g = testutil.OpenGraph(t, root, Open)
 	got, err := g.List()
 	if err != nil {
 		t.Fatal(err)
@@ -559,7 +560,7 @@ func TestRestart(t *testing.T) {
 // TestConcurrentReaders reads one snapshot from many goroutines while
 // another snapshot is being written.
 func TestConcurrentReaders(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(7)
 	data := randomBytes(r, 200*bs+5)
 	ingest(t, g, "a", "", data)
@@ -608,7 +609,7 @@ func TestConcurrentReaders(t *testing.T) {
 // TestNameReused removes a snapshot and makes another of the same name: no
 // table resolved for the first may serve the second.
 func TestNameReused(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(8)
 	first, second := randomBytes(r, 9*bs), randomBytes(r, 7*bs+1)
 	ingest(t, g, "x", "", first)

@@ -13,17 +13,6 @@ import (
 
 const bs = cas.ChunkSize
 
-// openGraph opens (or creates) a graph under root and closes it at cleanup.
-func openGraph(t testing.TB, root string) *Graph {
-	t.Helper()
-	g, err := Open(root)
-	if err != nil {
-		t.Fatalf("Open(%s): %v", root, err)
-	}
-	t.Cleanup(func() { _ = g.Close() })
-	return g
-}
-
 // newRand returns a deterministic source for seed.
 func newRand(seed uint64) *rand.Rand {
 	return rand.New(rand.NewPCG(seed, 0x626f7864))

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 func TestReport(t *testing.T) {
@@ -20,7 +21,7 @@ func TestReport(t *testing.T) {
 
 func testReport(t *testing.T, withParent bool) {
 	ctx := context.Background()
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	r := newRand(20)
 	const blocks = 100
 	const tail = bs - 1000 // bytes in the last, partial block
@@ -176,7 +177,7 @@ func testReport(t *testing.T, withParent bool) {
 }
 
 func TestReportEmpty(t *testing.T) {
-	g := openGraph(t, t.TempDir())
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	rep, err := g.Report(context.Background())
 	if err != nil {
 		t.Fatal(err)

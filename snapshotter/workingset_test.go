@@ -8,14 +8,11 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 func TestWorkingSet(t *testing.T) {
-	g, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	data := bytes.Repeat([]byte("x"), 8*cas.ChunkSize)
 	for _, s := range []struct{ name, parent string }{{"a", ""}, {"b", "a"}, {"c", "b"}} {
 		if _, err := g.Ingest(context.Background(), bytes.NewReader(data), IngestOptions{Name: s.name, Parent: s.parent, Kind: KindMemory}); err != nil {

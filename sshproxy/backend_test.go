@@ -4,12 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
 	"sync"
-	"syscall"
 	"testing"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/containerd/errdefs"
 	"golang.org/x/crypto/ssh"
 )
@@ -75,7 +74,7 @@ func (b *testBackend) Connect(ctx context.Context, box string) (*ssh.Client, err
 	if _, ok := b.keys[box]; !ok {
 		return nil, fmt.Errorf("box %q: %w", box, errdefs.ErrNotFound)
 	}
-	host, guest, err := socketPair()
+	host, guest, err := testutil.SocketPair()
 	if err != nil {
 		return nil, err
 	}
@@ -99,31 +98,6 @@ func (b *testBackend) Connect(ctx context.Context, box string) (*ssh.Client, err
 		<-served
 	})
 	return c.SSH(), nil
-}
-
-// socketPair returns the two ends of a stream socket pair. (net.Pipe would
-// deadlock: both SSH ends write their version line first, and its writes
-// wait for a reader.)
-func socketPair() (net.Conn, net.Conn, error) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, fmt.Errorf("socketpair: %w", err)
-	}
-	var conns [2]net.Conn
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "agent channel")
-		conns[i], err = net.FileConn(f) // dups fd
-		f.Close()
-		if err != nil {
-			if i == 1 {
-				conns[0].Close()
-			} else {
-				syscall.Close(fds[1])
-			}
-			return nil, nil, fmt.Errorf("socketpair: %w", err)
-		}
-	}
-	return conns[0], conns[1], nil
 }
 
 // cut ends box's agent channel, as a crashed box would. The next Connect

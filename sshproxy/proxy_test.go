@@ -24,10 +24,10 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"golang.org/x/crypto/ssh"
 )
 
@@ -36,7 +36,7 @@ type testEnv struct {
 	backend *testBackend
 	server  *Server
 	port    int
-	logs    *syncBuffer
+	logs    *testutil.LockedBuffer
 	served  chan error // Serve's result
 }
 
@@ -58,7 +58,7 @@ func newTestEnv(t *testing.T) *testEnv {
 	e := &testEnv{
 		backend: newTestBackend(t),
 		port:    l.Addr().(*net.TCPAddr).Port,
-		logs:    &syncBuffer{},
+		logs:    &testutil.LockedBuffer{},
 		served:  make(chan error, 1),
 	}
 	e.server = &Server{
@@ -281,7 +281,7 @@ func TestSecondKeyDecides(t *testing.T) {
 	if got != (result{stdout: "in\n"}) {
 		t.Fatalf("got %+v", got)
 	}
-	connects := e.logs.records(t, "ssh connect")
+	connects := records(t, e.logs, "ssh connect")
 	if len(connects) != 1 {
 		t.Fatalf("%d connect records, want 1", len(connects))
 	}
@@ -406,7 +406,7 @@ func TestForwarding(t *testing.T) {
 		args := append(e.opts(owner), "-p", strconv.Itoa(e.port), "-N", "-o", "ExitOnForwardFailure=yes",
 			"-L", fmt.Sprintf("%d:%s", lport, webAddr), "dev@127.0.0.1")
 		cmd := exec.CommandContext(ctx, "ssh", args...)
-		var stderr syncBuffer
+		var stderr testutil.LockedBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -458,7 +458,7 @@ func (e *testEnv) startWaiter(t *testing.T, key testKey) (wait func() result) {
 	args := append(e.opts(key), "-p", strconv.Itoa(e.port), "dev@127.0.0.1", "echo started; read line")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	cmd := exec.CommandContext(ctx, "ssh", args...)
-	var stderr syncBuffer
+	var stderr testutil.LockedBuffer
 	cmd.Stderr = &stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -623,26 +623,8 @@ func (e *testEnv) dial(t *testing.T, user string, key testKey) *ssh.Client {
 	return c
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// records returns the JSON log records with message msg.
-func (b *syncBuffer) records(t *testing.T, msg string) []map[string]any {
+// records returns the JSON log records in b with message msg.
+func records(t *testing.T, b *testutil.LockedBuffer, msg string) []map[string]any {
 	t.Helper()
 	var out []map[string]any
 	for line := range strings.Lines(b.String()) {

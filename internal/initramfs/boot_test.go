@@ -1,7 +1,6 @@
 package initramfs_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -67,7 +65,7 @@ func TestBootCloudKernel(t *testing.T) {
 	defer qcancel()
 	cmd := exec.CommandContext(qctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
 		"-kernel", kernel.Vmlinuz, "-initrd", initrd, "-append", "console=ttyS0 panic=-1 quiet")
-	var console syncBuffer
+	var console testutil.LockedBuffer
 	cmd.Stdout, cmd.Stderr = &console, &console
 	cmd.WaitDelay = 5 * time.Second
 	err = cmd.Run() // CommandContext kills QEMU when qctx expires
@@ -130,22 +128,4 @@ func buildInitramfs(t *testing.T, path string, order []initramfs.Module) {
 	if fi, err := os.Stat(path); err == nil {
 		t.Logf("initramfs %d bytes", fi.Size())
 	}
-}
-
-// syncBuffer is a bytes.Buffer that QEMU's stdout and stderr copiers may write to at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -2,10 +2,11 @@ package mountinfo
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 func TestUnescape(t *testing.T) {
@@ -28,10 +29,7 @@ func TestUnder(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, mp := range []string{filepath.Join(dir, "a b"), inner} {
-		if out, err := exec.Command("mount", "-t", "tmpfs", "tmpfs", mp).CombinedOutput(); err != nil {
-			t.Skipf("needs root to mount tmpfs: %v: %s", err, out)
-		}
-		t.Cleanup(func() { _ = exec.Command("umount", "-l", mp).Run() })
+		testutil.MountTmpfs(t, mp, "")
 		if err := os.MkdirAll(inner, 0o755); err != nil {
 			t.Fatal(err)
 		}

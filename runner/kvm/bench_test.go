@@ -29,6 +29,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
@@ -46,11 +47,7 @@ const mib = 1 << 20
 func benchRunner(b *testing.B) (*Runner, *steps) {
 	b.Helper()
 	requireKVM(b)
-	g, err := snapshotter.Open(b.TempDir())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { g.Close() })
+	g := testutil.OpenGraph(b, b.TempDir(), snapshotter.Open)
 	st := &steps{at: map[string]time.Duration{}}
 	r := &Runner{Graph: g, Command: []string{os.Args[0]}, Env: []string{"BOXD_TEST_VMM=1"}, Dir: b.TempDir(), step: st.note}
 	if vmm := os.Getenv("BOXD_BENCH_VMM"); vmm != "" {

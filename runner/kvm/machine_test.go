@@ -1,53 +1,13 @@
 package kvm
 
 import (
-	"bytes"
 	"os"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
 )
-
-// syncBuffer is a console that tests can read while the vCPU writes.
-type syncBuffer struct {
-	mu      sync.Mutex
-	b       bytes.Buffer
-	changed chan struct{}
-}
-
-func newSyncBuffer() *syncBuffer { return &syncBuffer{changed: make(chan struct{}, 1)} }
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	select {
-	case s.changed <- struct{}{}:
-	default:
-	}
-	return s.b.Write(p)
-}
-
-// waitFor waits until the console holds text.
-func (s *syncBuffer) waitFor(t testing.TB, text string, timeout time.Duration) {
-	t.Helper()
-	deadline := time.After(timeout)
-	for !strings.Contains(s.String(), text) {
-		select {
-		case <-s.changed:
-		case <-deadline:
-			t.Fatalf("console never showed %q; it holds %q", text, s.String())
-		}
-	}
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func guestCode(t testing.TB) []byte {
 	t.Helper()
@@ -66,7 +26,7 @@ func TestMachineRunsAndRestores(t *testing.T) {
 	requireKVM(t)
 	code := guestCode(t)
 	p := Params{MemSize: 16 << 20, PagesPerTick: 4, Seed: 42, PrintEvery: 1000}
-	console := newSyncBuffer()
+	console := &testutil.LockedBuffer{}
 	m, err := newMachine(p, console)
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +48,7 @@ func TestMachineRunsAndRestores(t *testing.T) {
 	if r2.Tick <= r1.Tick || r1.Checksum == r2.Checksum {
 		t.Fatalf("guest does not tick: %+v then %+v", r1, r2)
 	}
-	console.waitFor(t, "tick 00000000000003e8\n", 10*time.Second) // tick 1000
+	console.WaitFor(t, "tick 00000000000003e8\n", 10*time.Second) // tick 1000
 
 	// Pause, save, copy memory into a second machine, restore, and ask
 	// both for a report at their next tick: the same state gives the same

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
 	"github.com/boxd-dev/boxd/runner/runnertest"
@@ -49,11 +50,7 @@ func TestMain(m *testing.M) {
 func newRunner(t *testing.T) (*Runner, *snapshotter.Graph) {
 	t.Helper()
 	requireKVM(t)
-	g, err := snapshotter.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.Close() })
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	return &Runner{Graph: g, Command: []string{os.Args[0]}, Env: []string{"BOXD_TEST_VMM=1"}, Dir: t.TempDir()}, g
 }
 

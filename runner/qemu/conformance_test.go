@@ -121,11 +121,7 @@ func TestConformance(t *testing.T) {
 	kernel, initrd := observerGuest(ctx, t)
 	runnertest.Suite(t, runnertest.Backend{
 		New: func(t *testing.T) (runner.Runner, *snapshotter.Graph) {
-			g, err := snapshotter.Open(t.TempDir())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = g.Close() })
+			g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 			r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Unique: seedGuest}
 			t.Cleanup(func() {
 				if left := r.FrozenFiles(); len(left) != 0 {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -238,11 +239,7 @@ func frozenMachine(ctx context.Context, t *testing.T, r *qemu.Runner, spec runne
 func diskMachine(ctx context.Context, t *testing.T) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
 	t.Helper()
 	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
-	g, err := snapshotter.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = g.Close() })
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
 	work := t.TempDir()
 	disk := filepath.Join(work, "disk.raw")
