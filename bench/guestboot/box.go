@@ -115,7 +115,7 @@ func (b *bench) clearSnapshots(ctx context.Context) error {
 	var errs []error
 	for _, name := range ours {
 		if b.r != nil {
-			b.r.DropFrozen(name)
+			b.r.SnapshotRemoved(name)
 		}
 		if err := b.g.Remove(name); err != nil && !errors.Is(err, cas.ErrNotFound) {
 			errs = append(errs, err)

@@ -48,14 +48,14 @@ func (r *Runner) DiskOrigin(file string) string {
 // removes its frozen memory file once no machine maps it and it is in the
 // store (runner.SnapshotReleaser).
 func (r *Runner) ReleaseSnapshot(snap string) {
-	r.DropSpares(snap)
-	r.DropFrozen(snap)
+	r.dropSpares(snap)
+	r.dropFrozen(snap)
 }
 
 // SnapshotRemoved removes the disk of snap exported for restores, and its
 // frozen memory file if one is left (runner.SnapshotReleaser).
 func (r *Runner) SnapshotRemoved(snap string) {
-	r.DropFrozen(snap)
+	r.dropFrozen(snap)
 	_ = os.Remove(r.exportedDisk(snap))
 }
 

@@ -210,20 +210,6 @@ func exists(path string) bool {
 	return err == nil
 }
 
-// frozenFile is a snapshot's memory file that no process writes again.
-type frozenFile struct {
-	snap string
-	path string
-	refs int // machines mapping it
-	// pending is the snapshot's capture until it is in the store: the file
-	// stays until then (also when writing it failed, for the next try).
-	pending *pendingSnap
-	// done says nobody will start a machine on the file unasked: the last
-	// machine mapping it stopped, or DropFrozen was called. The file goes
-	// once it is done, unmapped and written.
-	done bool
-}
-
 // acquire returns the frozen memory file of snap, rebuilding it from the
 // store when there is none, and counts one more machine mapping it.
 func (r *Runner) acquire(ctx context.Context, snap string) (string, error) {
@@ -311,10 +297,10 @@ func (r *Runner) reacquire(path string) bool {
 	return true
 }
 
-// DropFrozen removes the frozen memory file of snap once no machine maps it
+// dropFrozen removes the frozen memory file of snap once no machine maps it
 // and the snapshot is in the store (a snapshot whose write failed keeps its
 // file for the next try).
-func (r *Runner) DropFrozen(snap string) {
+func (r *Runner) dropFrozen(snap string) {
 	r.frozenMu.Lock()
 	defer r.frozenMu.Unlock()
 	if f := r.frozen[snap]; f != nil {

@@ -63,7 +63,7 @@ const (
 // on its own becomes the snapshot's frozen memory, which restores of the
 // snapshot map copy-on-write at once, and the snapshot goes to the store
 // after Freeze returns; a fork (private memory) stores it first. The file
-// goes once its snapshot is in the store and, after DropFrozen or the last
+// goes once its snapshot is in the store and, after dropFrozen or the last
 // machine mapping it stopping, nothing maps it. Spares wait for SnapshotForFork, not
 // Freeze.
 func (m *Machine) Freeze(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {

@@ -405,9 +405,9 @@ func (m *Machine) takeOver(ctx context.Context, spec runner.Spec) error {
 	return nil
 }
 
-// DropSpares stops the spares still waiting on the frozen memory file of
+// dropSpares stops the spares still waiting on the frozen memory file of
 // snapshot snap: a fork restored what it wanted.
-func (r *Runner) DropSpares(snap string) {
+func (r *Runner) dropSpares(snap string) {
 	r.frozenMu.Lock()
 	f := r.frozen[snap]
 	r.frozenMu.Unlock()

@@ -331,8 +331,8 @@ func TestOwnMemory(t *testing.T) {
 		t.Fatalf("own restore: step %d reading %q; the parent froze at %d", n, got, frozeAt)
 	}
 	// The frozen file goes once its snapshot is in the store: nothing maps
-	// it, and nothing is to (DropFrozen, as a fork says once its forks run).
-	r.DropFrozen("own-1")
+	// it, and nothing is to (ReleaseSnapshot, as a fork says once its forks run).
+	r.ReleaseSnapshot("own-1")
 	if _, err := r.Committed(ctx, "own-1"); err != nil {
 		t.Fatal(err)
 	}
@@ -438,7 +438,7 @@ func TestWarmForkOfFork(t *testing.T) {
 			t.Fatalf("fork %d of the fork: step %d reading %q; it froze at %d", i, n, got, frozeAt)
 		}
 	}
-	// Spares a fork did not take go with DropSpares.
+	// Spares a fork did not take go with ReleaseSnapshot.
 	if err := fork.StartSpares(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -448,10 +448,9 @@ func TestWarmForkOfFork(t *testing.T) {
 	if n := fork.Spares(); n != 1 {
 		t.Fatalf("Spares = %d after a fork nobody restored, want 1", n)
 	}
-	r.DropSpares("fof-3")
-	r.DropFrozen("fof-3")
+	r.ReleaseSnapshot("fof-3")
 	if n := fork.Spares(); n != 0 {
-		t.Fatalf("Spares = %d after DropSpares", n)
+		t.Fatalf("Spares = %d after ReleaseSnapshot", n)
 	}
 	if _, err := r.Committed(ctx, "fof-3"); err != nil {
 		t.Fatal(err)
