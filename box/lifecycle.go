@@ -11,10 +11,10 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Pause stops box name's vCPUs; its memory stays where it is.
@@ -202,7 +202,7 @@ func (m *Manager) restoreWith(ctx context.Context, name, snap, disk string, u ag
 // while they start.
 func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, error) {
 	if len(names) == 0 {
-		return nil, fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("fork of %s: no names: %w", src, errdefs.ErrInvalidArgument)
 	}
 	seen := map[string]bool{}
 	for _, n := range names {
@@ -210,7 +210,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 			return nil, err
 		}
 		if seen[n] || n == src {
-			return nil, fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
+			return nil, fmt.Errorf("fork of %s: name %q given twice: %w", src, n, errdefs.ErrInvalidArgument)
 		}
 		seen[n] = true
 	}

@@ -6,9 +6,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/boxd-dev/boxd/cas"
-	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/containerd/errdefs"
 )
 
 func TestChooseRunner(t *testing.T) {
@@ -30,13 +29,13 @@ func TestChooseRunner(t *testing.T) {
 		{"auto", "vmx", RunnerQEMU, nil, ""},
 		{"qemu", "no-virt", RunnerQEMU, nil, ""},
 		{"qemu", "svm", RunnerQEMU, nil, ""},
-		{"kvm", "no-virt", "", runner.ErrNotSupported, "the kvm runner cannot boot Linux guests on this host because its CPU lacks hardware virtualisation (no vmx or svm"},
-		{"kvm", "empty", "", runner.ErrNotSupported, "CPU lacks hardware virtualisation"},
-		{"kvm", "vmx-flags", "", runner.ErrNotSupported, "CPU lacks hardware virtualisation"},
-		{"kvm", "vmx", "", runner.ErrNotSupported, "booting Linux boxes on the kvm runner is not supported yet"},
-		{"kvm", "svm", "", runner.ErrNotSupported, "not supported yet"},
-		{"xen", "vmx", "", cas.ErrInvalidArgument, `runner "xen": want auto, kvm or qemu`},
-		{"KVM", "vmx", "", cas.ErrInvalidArgument, `runner "KVM"`},
+		{"kvm", "no-virt", "", errdefs.ErrNotImplemented, "the kvm runner cannot boot Linux guests on this host because its CPU lacks hardware virtualisation (no vmx or svm"},
+		{"kvm", "empty", "", errdefs.ErrNotImplemented, "CPU lacks hardware virtualisation"},
+		{"kvm", "vmx-flags", "", errdefs.ErrNotImplemented, "CPU lacks hardware virtualisation"},
+		{"kvm", "vmx", "", errdefs.ErrNotImplemented, "booting Linux boxes on the kvm runner is not supported yet"},
+		{"kvm", "svm", "", errdefs.ErrNotImplemented, "not supported yet"},
+		{"xen", "vmx", "", errdefs.ErrInvalidArgument, `runner "xen": want auto, kvm or qemu`},
+		{"KVM", "vmx", "", errdefs.ErrInvalidArgument, `runner "KVM"`},
 	} {
 		t.Run(tc.want+" on "+tc.cpu, func(t *testing.T) {
 			got, err := chooseRunner(tc.want, func() ([]byte, error) { return []byte(cpus[tc.cpu]), nil })
@@ -54,7 +53,7 @@ func TestChooseRunner(t *testing.T) {
 			}
 		})
 	}
-	if _, err := chooseRunner("kvm", func() ([]byte, error) { return nil, os.ErrNotExist }); !errors.Is(err, runner.ErrNotSupported) {
+	if _, err := chooseRunner("kvm", func() ([]byte, error) { return nil, os.ErrNotExist }); !errors.Is(err, errdefs.ErrNotImplemented) {
 		t.Errorf("kvm without /proc/cpuinfo: %v", err)
 	}
 }
@@ -63,7 +62,7 @@ func TestChooseRunner(t *testing.T) {
 // its CPU.
 func TestChooseRunnerHost(t *testing.T) {
 	got, err := ChooseRunner(RunnerKVM)
-	if got != "" || !errors.Is(err, runner.ErrNotSupported) {
+	if got != "" || !errors.Is(err, errdefs.ErrNotImplemented) {
 		t.Fatalf("kvm: %q, %v", got, err)
 	}
 	info, _ := os.ReadFile("/proc/cpuinfo")

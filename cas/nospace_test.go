@@ -5,6 +5,8 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 // mountTmpfs mounts a tmpfs of the given size (as mount(8) spells it) on a
@@ -68,7 +70,7 @@ func TestFullDisk(t *testing.T) {
 				}
 				w.Abort()
 			}
-			wantErrIs(t, err, ErrNoSpace)
+			wantErrIs(t, err, errdefs.ErrResourceExhausted)
 			if !strings.Contains(err.Error(), "no space") {
 				t.Errorf("error %q does not say the disk is full", err)
 			}

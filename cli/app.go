@@ -9,7 +9,7 @@ import (
 	"io/fs"
 	"os"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 	"github.com/urfave/cli/v2"
 )
 
@@ -33,19 +33,19 @@ func ExitCode(err error) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, cas.ErrInvalidArgument):
+	case errors.Is(err, errdefs.ErrInvalidArgument):
 		return ExitInvalid
-	case errors.Is(err, cas.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+	case errors.Is(err, errdefs.ErrNotFound), errors.Is(err, fs.ErrNotExist):
 		return ExitNotFound
-	case errors.Is(err, cas.ErrAlreadyExists):
+	case errors.Is(err, errdefs.ErrAlreadyExists):
 		return ExitExists
-	case errors.Is(err, cas.ErrFailedPrecondition):
+	case errors.Is(err, errdefs.ErrFailedPrecondition):
 		return ExitPrecondition
-	case errors.Is(err, cas.ErrCorrupt):
+	case errors.Is(err, errdefs.ErrDataLoss):
 		return ExitCorrupt
-	case errors.Is(err, cas.ErrNoSpace):
+	case errors.Is(err, errdefs.ErrResourceExhausted):
 		return ExitNoSpace
-	case errors.Is(err, cas.ErrUnavailable):
+	case errors.Is(err, errdefs.ErrUnavailable):
 		return ExitBusy
 	}
 	return ExitFailure
@@ -53,7 +53,7 @@ func ExitCode(err error) int {
 
 // usageError marks a mistake in how a command was called.
 func usageError(format string, args ...any) error {
-	return fmt.Errorf(format+": %w", append(args, cas.ErrInvalidArgument)...)
+	return fmt.Errorf(format+": %w", append(args, errdefs.ErrInvalidArgument)...)
 }
 
 var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print machine-readable JSON on stdout"}

@@ -13,7 +13,9 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/cli"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // newStore returns a root holding base, child (over base) and vm (over
@@ -324,14 +326,14 @@ func TestExitCode(t *testing.T) {
 	}{
 		{nil, 0},
 		{errors.New("boom"), cli.ExitFailure},
-		{cas.ErrInvalidArgument, cli.ExitInvalid},
-		{cas.ErrNotFound, cli.ExitNotFound},
+		{errdefs.ErrInvalidArgument, cli.ExitInvalid},
+		{errdefs.ErrNotFound, cli.ExitNotFound},
 		{os.ErrNotExist, cli.ExitNotFound},
-		{cas.ErrAlreadyExists, cli.ExitExists},
-		{cas.ErrFailedPrecondition, cli.ExitPrecondition},
-		{cas.ErrCorrupt, cli.ExitCorrupt},
-		{cas.WithCategory(errors.New("write: no space"), cas.ErrNoSpace), cli.ExitNoSpace},
-		{cas.ErrUnavailable, cli.ExitBusy},
+		{errdefs.ErrAlreadyExists, cli.ExitExists},
+		{errdefs.ErrFailedPrecondition, cli.ExitPrecondition},
+		{errdefs.ErrDataLoss, cli.ExitCorrupt},
+		{errcat.With(errors.New("write: no space"), errdefs.ErrResourceExhausted), cli.ExitNoSpace},
+		{errdefs.ErrUnavailable, cli.ExitBusy},
 	}
 	for _, tc := range tests {
 		if got := cli.ExitCode(tc.err); got != tc.code {

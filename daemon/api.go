@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
@@ -142,7 +141,7 @@ var categories = []struct {
 	{"unavailable", errdefs.ErrUnavailable, http.StatusServiceUnavailable},
 	{"data_loss", errdefs.ErrDataLoss, http.StatusInternalServerError},
 	{"resource_exhausted", errdefs.ErrResourceExhausted, http.StatusInternalServerError},
-	{"not_supported", runner.ErrNotSupported, http.StatusNotImplemented},
+	{"not_supported", errdefs.ErrNotImplemented, http.StatusNotImplemented},
 }
 
 const categoryUnknown = "unknown"

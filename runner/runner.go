@@ -6,13 +6,9 @@ package runner
 
 import (
 	"context"
-	"errors"
 
 	"github.com/boxd-dev/boxd/snapshotter"
 )
-
-// ErrNotSupported says the host or backend lacks a feature; the error names it.
-var ErrNotSupported = errors.New("not supported")
 
 // Runner starts machines of one backend.
 type Runner interface {
@@ -23,16 +19,16 @@ type Runner interface {
 	Capabilities() Capabilities
 
 	// Start boots a fresh machine from spec and leaves it running. It
-	// refuses a spec it cannot run (cas.ErrInvalidArgument) and a host that
-	// lacks what it needs (ErrNotSupported, naming it: "/dev/kvm", "vmx").
+	// refuses a spec it cannot run (errdefs.ErrInvalidArgument) and a host that
+	// lacks what it needs (errdefs.ErrNotImplemented, naming it: "/dev/kvm", "vmx").
 	Start(ctx context.Context, spec Spec) (Machine, error)
 
 	// Restore starts a machine from a snapshot this backend took: memory,
 	// registers and devices as they were. With Capabilities.LazyMemory the
 	// memory is served as the guest touches it, the recorded working set
-	// first. An unknown snapshot is cas.ErrNotFound; a snapshot whose
+	// first. An unknown snapshot is errdefs.ErrNotFound; a snapshot whose
 	// chunks are missing fails before the machine runs, and a damaged chunk
-	// stops the machine with cas.ErrCorrupt when it is needed: never a
+	// stops the machine with errdefs.ErrDataLoss when it is needed: never a
 	// wrong page. The snapshot and any machine it came from are unaffected.
 	Restore(ctx context.Context, snapshot string, opts RestoreOptions) (Machine, error)
 }
@@ -97,7 +93,7 @@ type Machine interface {
 	// Snapshot saves the machine into the store as a new snapshot called
 	// name (a parent-linked chain: its parent is the machine's previous
 	// snapshot). A running machine is paused for it and resumed after; a
-	// paused one stays paused. An existing name is cas.ErrAlreadyExists and
+	// paused one stays paused. An existing name is errdefs.ErrAlreadyExists and
 	// changes nothing.
 	Snapshot(ctx context.Context, name string, opts SnapshotOptions) (snapshotter.Snapshot, error)
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 func TestWriteBlocks(t *testing.T) {
@@ -68,7 +69,7 @@ func TestWriteBlocks(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer img.Abort()
-			if _, err := img.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, cas.ErrInvalidArgument) {
+			if _, err := img.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 				t.Errorf("got %v, want ErrInvalidArgument", err)
 			}
 		})

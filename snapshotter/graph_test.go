@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -129,7 +130,7 @@ func checkReadAt(t *testing.T, mr *MapReader, data []byte, r interface{ IntN(int
 			t.Fatalf("ReadAt(%d bytes at %d) differs from the source", sp.n, sp.off)
 		}
 	}
-	if _, err := mr.ReadAt(make([]byte, 1), -1); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := mr.ReadAt(make([]byte, 1), -1); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("ReadAt at -1: %v, want ErrInvalidArgument", err)
 	}
 	got, err := io.ReadAll(io.NewSectionReader(mr, 0, mr.Size()))
@@ -282,26 +283,26 @@ func TestNames(t *testing.T) {
 	}
 	g := openGraph(t, t.TempDir())
 	for _, n := range invalid {
-		if err := ValidateName(n); !errors.Is(err, cas.ErrInvalidArgument) {
+		if err := ValidateName(n); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("ValidateName(%q) = %v, want ErrInvalidArgument", n, err)
 		}
 		_, err := g.Ingest(context.Background(), bytes.NewReader([]byte("x")), IngestOptions{Name: n})
-		if !errors.Is(err, cas.ErrInvalidArgument) {
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("Ingest named %q = %v, want ErrInvalidArgument", n, err)
 		}
 		img, err := g.NewImage("")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := img.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+		if err := img.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("WriteBlock to map %q = %v, want ErrInvalidArgument", n, err)
 		}
-		if _, err := img.Commit(n, nil); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := img.Commit(n, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("Commit named %q = %v, want ErrInvalidArgument", n, err)
 		}
 	}
 	for _, k := range []string{"", "Disk", "mem", "disk "} {
-		if _, err := ParseKind(k); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := ParseKind(k); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("ParseKind(%q) = %v, want ErrInvalidArgument", k, err)
 		}
 	}
@@ -319,26 +320,26 @@ func TestBadInput(t *testing.T) {
 	ctx := context.Background()
 
 	_, err := g.Ingest(ctx, bytes.NewReader(data), IngestOptions{Name: "base"})
-	if !errors.Is(err, cas.ErrAlreadyExists) {
+	if !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Ingest of an existing name: %v, want ErrAlreadyExists", err)
 	}
 	_, err = g.Ingest(ctx, bytes.NewReader(data), IngestOptions{Name: "orphan", Parent: "nope"})
-	if !errors.Is(err, cas.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
+	if !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("Ingest over an unknown parent: %v, want ErrNotFound naming it", err)
 	}
-	if _, err := g.NewImage("nope"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.NewImage("nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("NewImage over an unknown parent: %v, want ErrNotFound", err)
 	}
-	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("OpenMap of an unknown snapshot: %v", err)
 	}
-	if _, err := g.OpenMap("base", "memory"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("base", "memory"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("OpenMap of an unknown map: %v", err)
 	}
-	if err := g.Remove("nope"); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.Remove("nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Remove of an unknown snapshot: %v", err)
 	}
-	if _, err := g.Report(ctx, "nope"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Report(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Report of an unknown snapshot: %v", err)
 	}
 	failing := io.MultiReader(bytes.NewReader(data[:5*bs]), iotestErr{})
@@ -355,22 +356,22 @@ func TestBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := img.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := img.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of more than a chunk: %v", err)
 	}
-	if err := img.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := img.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock at the largest block number: %v", err)
 	}
-	if err := img.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := img.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of the wrong kind: %v", err)
 	}
-	if err := img.SetSize("disk", KindDisk, -1); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := img.SetSize("disk", KindDisk, -1); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("SetSize(-1): %v", err)
 	}
-	if _, err := img.Commit("base", nil); !errors.Is(err, cas.ErrAlreadyExists) {
+	if _, err := img.Commit("base", nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Commit to an existing name: %v", err)
 	}
-	if _, err := img.Commit("again", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+	if _, err := img.Commit("again", nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Errorf("second Commit of one image: %v", err)
 	}
 	img.Abort() // harmless after Commit
@@ -407,7 +408,7 @@ func TestRemoveAndGC(t *testing.T) {
 
 	for _, name := range []string{"base", "child"} {
 		err := g.Remove(name)
-		if !errors.Is(err, cas.ErrFailedPrecondition) {
+		if !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Fatalf("Remove(%s) with children: %v, want ErrFailedPrecondition", name, err)
 		}
 		kids, _ := g.Children(name)
@@ -437,13 +438,13 @@ func TestRemoveAndGC(t *testing.T) {
 	if err := g.Remove("grandchild"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.Get("grandchild"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Get("grandchild"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Get after Remove: %v", err)
 	}
-	if _, err := g.OpenMap("grandchild", "disk"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("grandchild", "disk"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("OpenMap after Remove: %v", err)
 	}
-	if err := g.Remove("grandchild"); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.Remove("grandchild"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("second Remove: %v", err)
 	}
 	before, err := g.Store().Stats()
@@ -526,7 +527,7 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The root is held while open.
-	if _, err := Open(root); !errors.Is(err, cas.ErrUnavailable) {
+	if _, err := Open(root); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("second Open of a root in use: %v, want ErrUnavailable", err)
 	}
 	if err := g.Close(); err != nil {
@@ -658,7 +659,7 @@ func TestNameReused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := img.Commit("c", nil); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := img.Commit("c", nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Commit over a parent made again: %v, want ErrNotFound", err)
 	}
 }

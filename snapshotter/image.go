@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -61,7 +62,7 @@ func (g *Graph) NewImage(parent string) (*Image, error) {
 // mapFor returns the image's map called name, creating it empty.
 func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
 	if img.w == nil {
-		return nil, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
+		return nil, fmt.Errorf("image already committed or aborted: %w", errdefs.ErrFailedPrecondition)
 	}
 	if err := ValidateName(name); err != nil {
 		return nil, fmt.Errorf("map: %w", err)
@@ -73,7 +74,7 @@ func (img *Image) mapFor(name string, kind Kind) (*imageMap, error) {
 		img.order = append(img.order, name)
 	}
 	if m.info.Kind != kind {
-		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, errdefs.ErrInvalidArgument)
 	}
 	return m, nil
 }
@@ -134,10 +135,10 @@ func (img *Image) WriteMap(ctx context.Context, name string, kind Kind, r io.Rea
 // The map grows to cover the block if it is shorter.
 func (img *Image) WriteBlock(name string, kind Kind, n uint64, data []byte) error {
 	if len(data) > cas.ChunkSize {
-		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), cas.ErrInvalidArgument)
+		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), errdefs.ErrInvalidArgument)
 	}
 	if n >= math.MaxInt64/cas.ChunkSize {
-		return fmt.Errorf("block %d is beyond the largest image: %w", n, cas.ErrInvalidArgument)
+		return fmt.Errorf("block %d is beyond the largest image: %w", n, errdefs.ErrInvalidArgument)
 	}
 	m, err := img.mapFor(name, kind)
 	if err != nil {
@@ -162,7 +163,7 @@ func (img *Image) WriteBlock(name string, kind Kind, n uint64, data []byte) erro
 // SetSize sets the logical size of map name, truncating or extending it.
 func (img *Image) SetSize(name string, kind Kind, size int64) error {
 	if size < 0 {
-		return fmt.Errorf("negative size %d: %w", size, cas.ErrInvalidArgument)
+		return fmt.Errorf("negative size %d: %w", size, errdefs.ErrInvalidArgument)
 	}
 	m, err := img.mapFor(name, kind)
 	if err != nil {
@@ -203,7 +204,7 @@ func (img *Image) cutTail(m *imageMap, size int64) error {
 		return nil
 	}
 	buf, err := img.g.store.Get(id, nil)
-	if errors.Is(err, cas.ErrNotFound) {
+	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
@@ -282,7 +283,7 @@ func (img *Image) Abort() {
 // transaction: a crash leaves the whole snapshot or none of it.
 func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error) {
 	if img.w == nil {
-		return Snapshot{}, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
+		return Snapshot{}, fmt.Errorf("image already committed or aborted: %w", errdefs.ErrFailedPrecondition)
 	}
 	defer img.Abort()
 	if err := ValidateName(name); err != nil {
@@ -290,7 +291,7 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 	}
 	g := img.g
 	if _, err := g.Get(name); err == nil {
-		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
 	snap := Snapshot{Name: name, Created: time.Now().UTC(), Labels: labels}
 	if img.parent != nil {
@@ -319,13 +320,13 @@ func (img *Image) Commit(name string, labels map[string]string) (Snapshot, error
 	err = g.db.Update(func(tx *bolt.Tx) error {
 		snaps := tx.Bucket(bucketSnapshots)
 		if snaps.Get([]byte(name)) != nil {
-			return fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+			return fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 		}
 		if snap.Parent != "" {
 			// The parent the deltas are against, not another of its name.
 			p, err := getSnapshot(tx, snap.Parent)
-			if errors.Is(err, cas.ErrNotFound) || err == nil && !p.Created.Equal(img.parent.Created) {
-				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, cas.ErrNotFound)
+			if errors.Is(err, errdefs.ErrNotFound) || err == nil && !p.Created.Equal(img.parent.Created) {
+				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, errdefs.ErrNotFound)
 			}
 			if err != nil {
 				return err
@@ -362,7 +363,7 @@ func (g *Graph) Ingest(ctx context.Context, r io.Reader, opts IngestOptions) (Sn
 		return Snapshot{}, err
 	}
 	if _, err := g.Get(opts.Name); err == nil {
-		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", opts.Name, cas.ErrAlreadyExists)
+		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", opts.Name, errdefs.ErrAlreadyExists)
 	}
 	if opts.Kind == "" {
 		opts.Kind = KindDisk

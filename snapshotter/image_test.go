@@ -7,7 +7,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // imageState is what a test expects of the maps of one snapshot.
@@ -173,10 +173,10 @@ func TestImageTwoMaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	img.Abort()
-	if _, err := img.Commit("aborted", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+	if _, err := img.Commit("aborted", nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("Commit after Abort: %v", err)
 	}
-	if _, err := g.Get("aborted"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Get("aborted"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("aborted image became a snapshot: %v", err)
 	}
 	verifyOK(t, g)
@@ -342,13 +342,13 @@ func TestImageAfterCommit(t *testing.T) {
 		} else {
 			img.Abort()
 		}
-		if err := img.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := img.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("WriteBlock after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if err := img.SetSize("disk", KindDisk, 1); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := img.SetSize("disk", KindDisk, 1); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("SetSize after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if _, err := img.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if _, err := img.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("WriteMap after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 func TestWorkingSet(t *testing.T) {
@@ -41,7 +42,7 @@ func TestWorkingSet(t *testing.T) {
 	if ws, from, _ := g.WorkingSet("c", "memory"); from != "b" || !slices.Equal(ws, []uint64{5}) {
 		t.Errorf("c inherits %v from %q, want [5] from b", ws, from)
 	}
-	if err := g.SetWorkingSet("nope", "memory", nil); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.SetWorkingSet("nope", "memory", nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("working set of an unknown snapshot: %v", err)
 	}
 	if err := g.Remove("c"); err != nil {

@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/containerd/errdefs"
 )
 
 const busyboxPath = testutil.BusyboxPath
@@ -106,8 +106,8 @@ func TestStartPauseResumeStop(t *testing.T) {
 	if err := m.Pause(ctx); !errors.Is(err, qemu.ErrStopped) {
 		t.Fatalf("Pause of a stopped machine = %v, want ErrStopped", err)
 	}
-	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, runner.ErrNotSupported) {
-		t.Fatalf("Snapshot = %v, want ErrNotSupported", err)
+	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Fatalf("Snapshot = %v, want errdefs.ErrNotImplemented", err)
 	}
 	for _, dir := range []string{r.Dir, r.MemDir} {
 		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
@@ -139,8 +139,8 @@ func waitTick(ctx context.Context, t *testing.T, m *qemu.Machine, want int) int 
 func TestRestoreNeedsGraph(t *testing.T) {
 	r := &qemu.Runner{}
 	_, err := r.Restore(context.Background(), "any", runner.RestoreOptions{})
-	if !errors.Is(err, runner.ErrNotSupported) {
-		t.Fatalf("Restore = %v, want ErrNotSupported", err)
+	if !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Fatalf("Restore = %v, want errdefs.ErrNotImplemented", err)
 	}
 	t.Log(err)
 	if c := r.Capabilities(); !c.Linux || c.LazyMemory || !c.IncrementalSnapshots {
@@ -163,16 +163,16 @@ func TestStartRejectsBadSpec(t *testing.T) {
 		spec runner.Spec
 		want error
 	}{
-		{"zero memory", runner.Spec{Boot: kernel}, cas.ErrInvalidArgument},
-		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Boot: kernel}, cas.ErrInvalidArgument},
-		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Boot: kernel}, cas.ErrInvalidArgument},
-		{"no kernel", runner.Spec{MemSize: 64 << 20}, cas.ErrInvalidArgument},
-		{"missing kernel", runner.Spec{MemSize: 64 << 20, Boot: missing}, cas.ErrNotFound},
-		{"missing initrd", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"initrd": missing}}, cas.ErrNotFound},
-		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"floppy": "x"}}, cas.ErrInvalidArgument},
-		{"missing disk", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": missing}}, cas.ErrNotFound},
-		{"unknown network", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"net": "bridge"}}, cas.ErrInvalidArgument},
-		{"no QEMU", runner.Spec{MemSize: 64 << 20, Boot: kernel}, runner.ErrNotSupported},
+		{"zero memory", runner.Spec{Boot: kernel}, errdefs.ErrInvalidArgument},
+		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Boot: kernel}, errdefs.ErrInvalidArgument},
+		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Boot: kernel}, errdefs.ErrInvalidArgument},
+		{"no kernel", runner.Spec{MemSize: 64 << 20}, errdefs.ErrInvalidArgument},
+		{"missing kernel", runner.Spec{MemSize: 64 << 20, Boot: missing}, errdefs.ErrNotFound},
+		{"missing initrd", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"initrd": missing}}, errdefs.ErrNotFound},
+		{"unknown option", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"floppy": "x"}}, errdefs.ErrInvalidArgument},
+		{"missing disk", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"disk": missing}}, errdefs.ErrNotFound},
+		{"unknown network", runner.Spec{MemSize: 64 << 20, Boot: kernel, Options: map[string]string{"net": "bridge"}}, errdefs.ErrInvalidArgument},
+		{"no QEMU", runner.Spec{MemSize: 64 << 20, Boot: kernel}, errdefs.ErrNotImplemented},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			m, err := r.Start(context.Background(), c.spec)

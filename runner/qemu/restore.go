@@ -9,10 +9,11 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Restore starts a machine from a QEMU snapshot. RestoreOptions.Options:
@@ -38,7 +39,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 // RestoreMachine is Restore returning the concrete *Machine.
 func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.RestoreOptions) (*Machine, error) {
 	if r.Graph == nil {
-		return nil, fmt.Errorf("qemu: restores need Runner.Graph: %w", runner.ErrNotSupported)
+		return nil, errcat.NotSupported("qemu: restores need Runner.Graph")
 	}
 	own := false
 	switch opts.Options[OptionMemory] {
@@ -46,11 +47,11 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	case MemoryOwn:
 		own = true
 	default:
-		return nil, fmt.Errorf("qemu: restore option %s=%q: want %q or nothing: %w", OptionMemory, opts.Options[OptionMemory], MemoryOwn, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: restore option %s=%q: want %q or nothing: %w", OptionMemory, opts.Options[OptionMemory], MemoryOwn, errdefs.ErrInvalidArgument)
 	}
 	for k := range opts.Options {
 		if k != OptionDisk && k != OptionConsole && k != OptionMemory {
-			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, cas.ErrInvalidArgument)
+			return nil, fmt.Errorf("qemu: unknown restore option %q: %w", k, errdefs.ErrInvalidArgument)
 		}
 	}
 	s, devices, err := r.snapshotForRestore(snap)
@@ -58,11 +59,11 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		return nil, err
 	}
 	if s.Labels[LabelRunner] != "qemu" {
-		return nil, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", snap, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", snap, errdefs.ErrInvalidArgument)
 	}
 	var spec runner.Spec
 	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &spec); err != nil {
-		return nil, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", snap, err, cas.ErrCorrupt)
+		return nil, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", snap, err, errdefs.ErrDataLoss)
 	}
 	spec.Options = maps.Clone(spec.Options)
 	if spec.Options == nil {

@@ -16,10 +16,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // OptionBase is the Spec.Options key naming the snapshot whose disk map the disk
@@ -80,7 +81,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	freeze := mode == modeFreeze
 	g := m.r.Graph
 	if g == nil {
-		return snapshotter.Snapshot{}, fmt.Errorf("qemu: snapshots need Runner.Graph: %w", runner.ErrNotSupported)
+		return snapshotter.Snapshot{}, errcat.NotSupported("qemu: snapshots need Runner.Graph")
 	}
 	if err := snapshotter.ValidateName(name); err != nil {
 		return snapshotter.Snapshot{}, err
@@ -88,7 +89,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
 	if _, err := g.Get(name); err == nil || m.r.isPending(name) {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
 	parent := m.last
 	if parent == "" {
@@ -106,7 +107,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		}
 		qcow2 = format == "qcow2"
 		if qcow2 && parent == "" {
-			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (option %q): %w", OptionBase, cas.ErrInvalidArgument)
+			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (option %q): %w", OptionBase, errdefs.ErrInvalidArgument)
 		}
 	}
 	st, err := m.Status(ctx)
