@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -466,6 +467,9 @@ func TestCategoryStatus(t *testing.T) {
 		{fmt.Errorf("hash: %w", errdefs.ErrDataLoss), "data_loss", 500},
 		{fmt.Errorf("full: %w", errdefs.ErrResourceExhausted), "resource_exhausted", 500},
 		{errcat.NotSupported("no kvm"), "not_supported", 501},
+		{fmt.Errorf("no access: %w", errdefs.ErrPermissionDenied), "permission_denied", 403},
+		{fmt.Errorf("open disk: %w", fs.ErrNotExist), "not_found", 404},
+		{fmt.Errorf("open /dev/kvm: %w", fs.ErrPermission), "permission_denied", 403},
 		{errors.New("qemu died"), "unknown", 500},
 	} {
 		cat, status := Category(tc.err)
@@ -498,6 +502,10 @@ func TestRemoteError(t *testing.T) {
 		{409, errorBody{}, errdefs.ErrFailedPrecondition, "failed_precondition"},
 		{503, errorBody{}, errdefs.ErrUnavailable, "unavailable"},
 		{501, errorBody{}, errdefs.ErrNotImplemented, "not_supported"},
+		{403, errorBody{"no access", "permission_denied"}, errdefs.ErrPermissionDenied, "permission_denied"},
+		{403, errorBody{}, errdefs.ErrPermissionDenied, "permission_denied"},
+		{500, errorBody{}, nil, "unknown"},
+		{404, errorBody{"gone", "a_future_category"}, errdefs.ErrNotFound, "not_found"},
 		{502, errorBody{}, nil, "unknown"},
 	} {
 		e := remoteError(tc.status, tc.body)
@@ -522,7 +530,7 @@ func TestRemoteError(t *testing.T) {
 // TestClientErrors checks that every category the manager returns comes
 // out of the client as the same category with the same message.
 func TestClientErrors(t *testing.T) {
-	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, errdefs.ErrNotImplemented} {
+	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, errdefs.ErrNotImplemented, errdefs.ErrPermissionDenied} {
 		m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
 		m.err = fmt.Errorf("box dev went wrong: %w", cat)
 		c := serve(t, newTestServer(m, &fakeStore{}))
