@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/containerd/errdefs"
 	"golang.org/x/crypto/ssh"
 )
@@ -63,7 +64,7 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 		}
 		select {
 		case <-ctx.Done():
-			return nil, withCategory(fmt.Errorf("agent: no agent answered on %s: %w (last attempt: %w)",
+			return nil, errcat.With(fmt.Errorf("agent: no agent answered on %s: %w (last attempt: %w)",
 				socketPath, ctx.Err(), lastErr), errdefs.ErrUnavailable)
 		case <-time.After(pause):
 		}
@@ -103,11 +104,11 @@ func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
 			sc.Close()
 		}
 		conn.Close()
-		return nil, withCategory(fmt.Errorf("agent: handshake: %w", context.Cause(ctx)), errdefs.ErrUnavailable)
+		return nil, errcat.With(fmt.Errorf("agent: handshake: %w", context.Cause(ctx)), errdefs.ErrUnavailable)
 	}
 	if err != nil {
 		conn.Close()
-		return nil, withCategory(fmt.Errorf("agent: handshake: %w", err), errdefs.ErrUnavailable)
+		return nil, errcat.With(fmt.Errorf("agent: handshake: %w", err), errdefs.ErrUnavailable)
 	}
 	if err := conn.SetDeadline(time.Time{}); err != nil {
 		sc.Close()

@@ -25,6 +25,7 @@ import (
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -102,9 +103,9 @@ var bucket = []byte("boxes")
 
 // Errors a box operation may return.
 var (
-	ErrNotFound     = fmt.Errorf("no such box: %w", cas.ErrNotFound)
-	ErrExists       = fmt.Errorf("box already exists: %w", cas.ErrAlreadyExists)
-	ErrInvalidState = fmt.Errorf("box is not in a state for this: %w", cas.ErrFailedPrecondition)
+	ErrNotFound     = fmt.Errorf("no such box: %w", errdefs.ErrNotFound)
+	ErrExists       = fmt.Errorf("box already exists: %w", errdefs.ErrAlreadyExists)
+	ErrInvalidState = fmt.Errorf("box is not in a state for this: %w", errdefs.ErrFailedPrecondition)
 )
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -113,7 +114,7 @@ var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 // starting or ending with '-' (box names become hostnames).
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("box name %q: use 1 to 63 lowercase letters, digits and '-', not at either end: %w", name, cas.ErrInvalidArgument)
+		return fmt.Errorf("box name %q: use 1 to 63 lowercase letters, digits and '-', not at either end: %w", name, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
@@ -285,13 +286,13 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 		opts.Memory = DefaultMemory
 	}
 	if opts.Memory < 128<<20 || opts.Memory%(1<<20) != 0 {
-		return Box{}, fmt.Errorf("memory %d: want a whole number of MiB, at least 128 MiB: %w", opts.Memory, cas.ErrInvalidArgument)
+		return Box{}, fmt.Errorf("memory %d: want a whole number of MiB, at least 128 MiB: %w", opts.Memory, errdefs.ErrInvalidArgument)
 	}
 	if opts.CPUs == 0 {
 		opts.CPUs = DefaultCPUs
 	}
 	if opts.CPUs < 1 || opts.CPUs > 64 {
-		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, cas.ErrInvalidArgument)
+		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, errdefs.ErrInvalidArgument)
 	}
 	r, err := m.ChooseRunner(opts.Runner)
 	if err != nil {
@@ -440,7 +441,7 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 		if mach.Err() != nil && !errors.Is(mach.Err(), runner.ErrStopped) {
 			why = "the machine stopped: " + mach.Err().Error()
 		}
-		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), cas.ErrUnavailable)
+		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), errdefs.ErrUnavailable)
 	}
 	m.mu.Lock()
 	m.machines[name], m.clients[name] = mach, c

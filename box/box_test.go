@@ -12,8 +12,8 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
+	"github.com/containerd/errdefs"
 )
 
 const (
@@ -126,19 +126,19 @@ func TestBoxes(t *testing.T) {
 			want       error
 			says       string
 		}{
-			{"copy", sn.Name, cas.ErrAlreadyExists, `"copy"`},
-			{"other", "box.dev.nope", cas.ErrNotFound, `no snapshot "box.dev.nope"`},
-			{"other", guest.SnapshotName(boxtest.Image), cas.ErrInvalidArgument, "was not taken by a box"},
-			{"other", "a/b", cas.ErrInvalidArgument, `"a/b"`},
-			{"other", "", cas.ErrInvalidArgument, "no snapshot named"},
-			{"Other", sn.Name, cas.ErrInvalidArgument, `box name "Other"`},
+			{"copy", sn.Name, errdefs.ErrAlreadyExists, `"copy"`},
+			{"other", "box.dev.nope", errdefs.ErrNotFound, `no snapshot "box.dev.nope"`},
+			{"other", guest.SnapshotName(boxtest.Image), errdefs.ErrInvalidArgument, "was not taken by a box"},
+			{"other", "a/b", errdefs.ErrInvalidArgument, `"a/b"`},
+			{"other", "", errdefs.ErrInvalidArgument, "no snapshot named"},
+			{"Other", sn.Name, errdefs.ErrInvalidArgument, `box name "Other"`},
 		} {
 			_, err := mgr.CreateFrom(ctx, box.FromOptions{Name: tc.name, Snapshot: tc.snap})
 			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.says) {
 				t.Errorf("%s from %q: %v; want %v saying %s", tc.name, tc.snap, err, tc.want, tc.says)
 			}
 		}
-		if _, err := mgr.Get("other"); !errors.Is(err, cas.ErrNotFound) {
+		if _, err := mgr.Get("other"); !errors.Is(err, errdefs.ErrNotFound) {
 			t.Errorf("a refused box was recorded: %v", err)
 		}
 	})
@@ -160,7 +160,7 @@ func TestBoxes(t *testing.T) {
 		if _, ok, err := mgr.HibernateIfIdle(ctx, "copy2", asked); ok || err != nil {
 			t.Fatalf("a stopped box: %v, %v", ok, err)
 		}
-		if _, _, err := mgr.HibernateIfIdle(ctx, "nope", asked); !errors.Is(err, cas.ErrNotFound) {
+		if _, _, err := mgr.HibernateIfIdle(ctx, "nope", asked); !errors.Is(err, errdefs.ErrNotFound) {
 			t.Fatalf("an unknown box: %v", err)
 		}
 

@@ -7,10 +7,10 @@ import (
 	"os"
 
 	"github.com/boxd-dev/boxd/agent"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -33,8 +33,8 @@ type FromOptions struct {
 // machine-id, fresh entropy and the host's clock. Its parent is the box
 // that took the snapshot; its image, memory and vCPUs are the snapshot's.
 //
-// An unknown snapshot is cas.ErrNotFound; one no box took (an image, a
-// snapshot made with boxd store) is cas.ErrInvalidArgument. If the box
+// An unknown snapshot is errdefs.ErrNotFound; one no box took (an image, a
+// snapshot made with boxd store) is errdefs.ErrInvalidArgument. If the box
 // does not come up, nothing of it is kept.
 func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error) {
 	if err := ValidateName(opts.Name); err != nil {
@@ -82,14 +82,14 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 // boxSnapshot returns snapshot name if a box took it.
 func (m *Manager) boxSnapshot(name string) (snapshotter.Snapshot, error) {
 	if name == "" {
-		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot named to make the box from: %w", cas.ErrInvalidArgument)
+		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot named to make the box from: %w", errdefs.ErrInvalidArgument)
 	}
 	if err := snapshotter.ValidateName(name); err != nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot: %w", err)
 	}
 	sn, err := m.cfg.Graph.Get(name)
-	if errors.Is(err, cas.ErrNotFound) {
-		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot %q (boxd snapshots lists the boxes' snapshots): %w", name, cas.ErrNotFound)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return snapshotter.Snapshot{}, fmt.Errorf("no snapshot %q (boxd snapshots lists the boxes' snapshots): %w", name, errdefs.ErrNotFound)
 	}
 	if err != nil {
 		return snapshotter.Snapshot{}, err

@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Pause stops box name's vCPUs; its memory stays where it is.

@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 // smallPack returns the bytes of a sealed pack of a few raw and s2 chunks.
@@ -66,7 +68,7 @@ func TestDecodeFooter(t *testing.T) {
 				if err == nil {
 					t.Fatalf("accepted %d entries", len(entries))
 				}
-				wantErrIs(t, err, ErrCorrupt)
+				wantErrIs(t, err, errdefs.ErrDataLoss)
 				return
 			}
 			if err != nil {

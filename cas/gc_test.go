@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -138,11 +139,11 @@ func TestGC(t *testing.T) {
 				}
 				if tt.bGone {
 					for id := range setB {
-						if _, err := s.Lookup(id); !errors.Is(err, ErrNotFound) {
-							t.Fatalf("Lookup(dead %s) = %v, want ErrNotFound", id.Short(), err)
+						if _, err := s.Lookup(id); !errors.Is(err, errdefs.ErrNotFound) {
+							t.Fatalf("Lookup(dead %s) = %v, want errdefs.ErrNotFound", id.Short(), err)
 						}
-						if _, err := s.Get(id, nil); !errors.Is(err, ErrNotFound) {
-							t.Fatalf("Get(dead %s) = %v, want ErrNotFound", id.Short(), err)
+						if _, err := s.Get(id, nil); !errors.Is(err, errdefs.ErrNotFound) {
+							t.Fatalf("Get(dead %s) = %v, want errdefs.ErrNotFound", id.Short(), err)
 						}
 					}
 				} else {
@@ -264,8 +265,8 @@ func TestDeletingPackRemovedOnOpen(t *testing.T) {
 				t.Errorf("%s still on disk: %v", path, err)
 			}
 			for _, id := range idsB {
-				if _, err := s.Lookup(id); !errors.Is(err, ErrNotFound) {
-					t.Fatalf("chunk of a deleted pack: %v, want ErrNotFound", err)
+				if _, err := s.Lookup(id); !errors.Is(err, errdefs.ErrNotFound) {
+					t.Fatalf("chunk of a deleted pack: %v, want errdefs.ErrNotFound", err)
 				}
 			}
 			ss, err := s.Stats()

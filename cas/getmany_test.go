@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 func TestGetMany(t *testing.T) {
@@ -53,11 +55,11 @@ func TestGetMany(t *testing.T) {
 
 	t.Run("short buffer", func(t *testing.T) {
 		err := s.GetMany(ids[:2], make([]byte, ChunkSize))
-		wantErrIs(t, err, ErrInvalidArgument)
+		wantErrIs(t, err, errdefs.ErrInvalidArgument)
 	})
 	t.Run("unknown chunk", func(t *testing.T) {
 		err := s.GetMany([]ID{ids[1], Sum([]byte("not stored"))}, make([]byte, 2*ChunkSize))
-		wantErrIs(t, err, ErrNotFound)
+		wantErrIs(t, err, errdefs.ErrNotFound)
 	})
 	t.Run("damaged chunk in a run", func(t *testing.T) {
 		loc, err := s.Lookup(ids[7])
@@ -66,8 +68,8 @@ func TestGetMany(t *testing.T) {
 		}
 		flipByte(t, s.packPath(loc.Pack), int64(loc.Offset)+int64(loc.Stored)/2)
 		err = s.GetMany(ids[5:10], make([]byte, 5*ChunkSize))
-		if !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("GetMany over a damaged chunk: %v, want ErrCorrupt", err)
+		if !errors.Is(err, errdefs.ErrDataLoss) {
+			t.Fatalf("GetMany over a damaged chunk: %v, want errdefs.ErrDataLoss", err)
 		}
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -59,10 +60,10 @@ func ParseID(s string) (ID, error) {
 	var id ID
 	hexPart := strings.TrimPrefix(s, "sha256:")
 	if len(hexPart) != 2*len(id) {
-		return id, fmt.Errorf("chunk id %q: want sha256:<64 hex digits>: %w", s, ErrInvalidArgument)
+		return id, fmt.Errorf("chunk id %q: want sha256:<64 hex digits>: %w", s, errdefs.ErrInvalidArgument)
 	}
 	if _, err := hex.Decode(id[:], []byte(hexPart)); err != nil {
-		return id, fmt.Errorf("chunk id %q: %w: %w", s, err, ErrInvalidArgument)
+		return id, fmt.Errorf("chunk id %q: %w: %w", s, err, errdefs.ErrInvalidArgument)
 	}
 	return id, nil
 }

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 func TestID(t *testing.T) {
@@ -85,12 +87,12 @@ func TestParseIDRejects(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			id, err := ParseID(tt.in)
-			wantErrIs(t, err, ErrInvalidArgument)
+			wantErrIs(t, err, errdefs.ErrInvalidArgument)
 			if id != (ID{}) {
 				t.Errorf("ParseID returned %s with its error", id)
 			}
 			var u ID
-			wantErrIs(t, u.UnmarshalText([]byte(tt.in)), ErrInvalidArgument)
+			wantErrIs(t, u.UnmarshalText([]byte(tt.in)), errdefs.ErrInvalidArgument)
 			if u != (ID{}) {
 				t.Error("UnmarshalText changed the id on error")
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -48,7 +49,7 @@ func (l Location) marshal() []byte {
 // DecodeLocation parses an index value.
 func DecodeLocation(b []byte) (Location, error) {
 	if len(b) != locationSize {
-		return Location{}, fmt.Errorf("index entry is %d bytes, want %d: %w", len(b), locationSize, ErrCorrupt)
+		return Location{}, fmt.Errorf("index entry is %d bytes, want %d: %w", len(b), locationSize, errdefs.ErrDataLoss)
 	}
 	l := Location{
 		Pack:   binary.BigEndian.Uint32(b[0:]),
@@ -88,7 +89,7 @@ func (r packRecord) marshal() []byte {
 
 func decodePackRecord(b []byte) (packRecord, error) {
 	if len(b) != 13 || b[0] > byte(packDeleting) {
-		return packRecord{}, fmt.Errorf("pack record of %d bytes: %w", len(b), ErrCorrupt)
+		return packRecord{}, fmt.Errorf("pack record of %d bytes: %w", len(b), errdefs.ErrDataLoss)
 	}
 	return packRecord{State: packState(b[0]), Chunks: binary.BigEndian.Uint32(b[1:]), Size: binary.BigEndian.Uint64(b[5:])}, nil
 }
@@ -112,7 +113,7 @@ func initIndex(tx *bolt.Tx) error {
 		return meta.Put(keyVersion, binary.BigEndian.AppendUint32(nil, indexVersion))
 	}
 	if len(v) != 4 || binary.BigEndian.Uint32(v) != indexVersion {
-		return fmt.Errorf("index version %x not supported: %w", v, ErrCorrupt)
+		return fmt.Errorf("index version %x not supported: %w", v, errdefs.ErrDataLoss)
 	}
 	return nil
 }

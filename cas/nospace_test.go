@@ -48,7 +48,7 @@ func TestFullDisk(t *testing.T) {
 				}
 				w.Abort()
 			}
-			wantErrIs(t, err, ErrNoSpace)
+			wantErrIs(t, err, errdefs.ErrResourceExhausted)
 			if !strings.Contains(err.Error(), "no space") {
 				t.Errorf("error %q does not say the disk is full", err)
 			}

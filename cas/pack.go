@@ -10,6 +10,9 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"github.com/boxd-dev/boxd/errcat"
+	"github.com/containerd/errdefs"
 )
 
 // Pack file format, version 1 (all integers little-endian):
@@ -84,33 +87,33 @@ func (e Entry) marshal(b []byte) {
 // checksums and that every entry lies inside the chunk area.
 func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 	if len(tail) < trailerSize || size < packHeaderSize+trailerSize {
-		return nil, fmt.Errorf("pack too short for a trailer: %w", ErrCorrupt)
+		return nil, fmt.Errorf("pack too short for a trailer: %w", errdefs.ErrDataLoss)
 	}
 	tr := tail[len(tail)-trailerSize:]
 	if [8]byte(tr[24:32]) != trailerMagic {
-		return nil, fmt.Errorf("pack trailer magic missing: %w", ErrCorrupt)
+		return nil, fmt.Errorf("pack trailer magic missing: %w", errdefs.ErrDataLoss)
 	}
 	if crc32.Checksum(tr[:20], castagnoli) != binary.LittleEndian.Uint32(tr[20:]) {
-		return nil, fmt.Errorf("pack trailer checksum mismatch: %w", ErrCorrupt)
+		return nil, fmt.Errorf("pack trailer checksum mismatch: %w", errdefs.ErrDataLoss)
 	}
 	footerOff := binary.LittleEndian.Uint64(tr[0:])
 	count := uint64(binary.LittleEndian.Uint32(tr[8:]))
 	footerCRC := binary.LittleEndian.Uint32(tr[12:])
 	if v := binary.LittleEndian.Uint32(tr[16:]); v != packVersion {
-		return nil, fmt.Errorf("pack version %d not supported: %w", v, ErrCorrupt)
+		return nil, fmt.Errorf("pack version %d not supported: %w", v, errdefs.ErrDataLoss)
 	}
 	// Compare without wrapping: a huge footerOff plus the footer's size
 	// must not overflow to the pack's size.
 	need := count*entrySize + trailerSize
 	if footerOff < packHeaderSize || need > uint64(size) || footerOff != uint64(size)-need {
-		return nil, fmt.Errorf("pack footer offset %d with %d entries does not fit a %d-byte pack: %w", footerOff, count, size, ErrCorrupt)
+		return nil, fmt.Errorf("pack footer offset %d with %d entries does not fit a %d-byte pack: %w", footerOff, count, size, errdefs.ErrDataLoss)
 	}
 	if uint64(len(tail)) < need {
-		return nil, fmt.Errorf("pack footer needs %d bytes, have %d: %w", need, len(tail), ErrCorrupt)
+		return nil, fmt.Errorf("pack footer needs %d bytes, have %d: %w", need, len(tail), errdefs.ErrDataLoss)
 	}
 	footer := tail[uint64(len(tail))-need : uint64(len(tail))-trailerSize]
 	if crc32.Checksum(footer, castagnoli) != footerCRC {
-		return nil, fmt.Errorf("pack footer checksum mismatch: %w", ErrCorrupt)
+		return nil, fmt.Errorf("pack footer checksum mismatch: %w", errdefs.ErrDataLoss)
 	}
 	entries := make([]Entry, count)
 	for i := range entries {
@@ -134,13 +137,13 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 func (e Entry) check(chunkEnd uint64) error {
 	switch {
 	case e.Codec != CodecRaw && e.Codec != CodecS2:
-		return fmt.Errorf("unknown codec %d: %w", e.Codec, ErrCorrupt)
+		return fmt.Errorf("unknown codec %d: %w", e.Codec, errdefs.ErrDataLoss)
 	case e.Raw == 0 || e.Raw > ChunkSize:
-		return fmt.Errorf("raw length %d out of range: %w", e.Raw, ErrCorrupt)
+		return fmt.Errorf("raw length %d out of range: %w", e.Raw, errdefs.ErrDataLoss)
 	case e.Stored == 0 || e.Stored > e.Raw || (e.Codec == CodecRaw && e.Stored != e.Raw):
-		return fmt.Errorf("stored length %d does not fit raw length %d: %w", e.Stored, e.Raw, ErrCorrupt)
+		return fmt.Errorf("stored length %d does not fit raw length %d: %w", e.Stored, e.Raw, errdefs.ErrDataLoss)
 	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
-		return fmt.Errorf("chunk at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, ErrCorrupt)
+		return fmt.Errorf("chunk at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, errdefs.ErrDataLoss)
 	}
 	return nil
 }
@@ -153,7 +156,7 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 	}
 	size := fi.Size()
 	if size < packHeaderSize+trailerSize {
-		return nil, size, fmt.Errorf("pack is %d bytes, too short: %w", size, ErrCorrupt)
+		return nil, size, fmt.Errorf("pack is %d bytes, too short: %w", size, errdefs.ErrDataLoss)
 	}
 	var tr [trailerSize]byte
 	if _, err := f.ReadAt(tr[:], size-trailerSize); err != nil {
@@ -165,7 +168,7 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 		// Let DecodeFooter name the damage.
 		_, err := DecodeFooter(tr[:], size)
 		if err == nil {
-			err = fmt.Errorf("pack footer larger than the pack: %w", ErrCorrupt)
+			err = fmt.Errorf("pack footer larger than the pack: %w", errdefs.ErrDataLoss)
 		}
 		return nil, size, err
 	}
@@ -178,7 +181,7 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 		return nil, size, err
 	}
 	if [8]byte(hdr[:8]) != packMagic {
-		return nil, size, fmt.Errorf("pack header magic missing: %w", ErrCorrupt)
+		return nil, size, fmt.Errorf("pack header magic missing: %w", errdefs.ErrDataLoss)
 	}
 	entries, err := DecodeFooter(tail, size)
 	return entries, size, err
@@ -293,7 +296,7 @@ func syncDir(dir string) error {
 // wrapIO adds context to an I/O error and categorises a full disk.
 func wrapIO(what string, err error) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return fmt.Errorf("%s: %w", what, WithCategory(err, ErrNoSpace))
+		return fmt.Errorf("%s: %w", what, errcat.With(err, errdefs.ErrResourceExhausted))
 	}
 	if errors.Is(err, io.ErrShortWrite) {
 		return fmt.Errorf("%s: short write: %w", what, err)

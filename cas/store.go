@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/s2"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
@@ -64,7 +65,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
 	switch {
 	case errors.Is(err, bolterrors.ErrTimeout):
-		return nil, fmt.Errorf("store %s is in use by another process: %w", dir, ErrUnavailable)
+		return nil, fmt.Errorf("store %s is in use by another process: %w", dir, errdefs.ErrUnavailable)
 	case err != nil && isAccessError(err):
 		// Not damage: the index is fine, we may not open it.
 		return nil, fmt.Errorf("opening index: %w", err)
@@ -79,7 +80,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	s.db = db
 	if err := db.Update(initIndex); err != nil {
-		if !errors.Is(err, ErrCorrupt) {
+		if !errors.Is(err, errdefs.ErrDataLoss) {
 			db.Close()
 			return nil, wrapIO("initialising index", err)
 		}
@@ -185,13 +186,13 @@ func (s *Store) reconcile(indexMissing bool) error {
 		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
 			rec, err := decodePackRecord(v)
 			if err != nil || len(k) != 4 {
-				return fmt.Errorf("pack record %x: %w", k, ErrCorrupt)
+				return fmt.Errorf("pack record %x: %w", k, errdefs.ErrDataLoss)
 			}
 			known[beUint32(k)] = rec
 			return nil
 		})
 	})
-	if errors.Is(err, ErrCorrupt) {
+	if errors.Is(err, errdefs.ErrDataLoss) {
 		if err := s.resetIndex(); err != nil {
 			return err
 		}
@@ -225,7 +226,7 @@ func (s *Store) reconcile(indexMissing bool) error {
 			continue
 		}
 		if err := s.indexPackFile(n); err != nil {
-			if errors.Is(err, ErrCorrupt) {
+			if errors.Is(err, errdefs.ErrDataLoss) {
 				s.Damaged = append(s.Damaged, fmt.Sprintf("%s: %v", packName(n), err))
 				continue
 			}
@@ -292,7 +293,7 @@ func (s *Store) Lookup(id ID) (Location, error) {
 	err := s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketChunks).Get(id[:])
 		if v == nil {
-			return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
+			return fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
 		}
 		var err error
 		loc, err = DecodeLocation(v)
@@ -327,7 +328,7 @@ func (s *Store) LookupMany(ids []ID) ([]Location, error) {
 			}
 			key, v := seekNear(c, id[:], k > 0)
 			if key == nil || !bytes.Equal(key, id[:]) {
-				return fmt.Errorf("chunk %s: %w", id, ErrNotFound)
+				return fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
 			}
 			var err error
 			if loc, err = DecodeLocation(v); err != nil {
@@ -403,7 +404,7 @@ func (s *Store) forget(num uint32) {
 }
 
 // Get returns the chunk id, read into dst (which must hold ChunkSize bytes,
-// or be nil). The bytes are re-hashed: a damaged chunk is an ErrCorrupt error
+// or be nil). The bytes are re-hashed: a damaged chunk is an errdefs.ErrDataLoss error
 // naming the chunk and its pack, never wrong data.
 func (s *Store) Get(id ID, dst []byte) ([]byte, error) {
 	if cap(dst) < ChunkSize {
@@ -465,7 +466,7 @@ func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
 		err = errors.New("content does not match its id")
 	}
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, ErrCorrupt)
+		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, errdefs.ErrDataLoss)
 	}
 	return out, nil
 }
@@ -475,7 +476,7 @@ func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
 // system call, which makes reading a freshly written image sequential.
 func (s *Store) GetMany(ids []ID, dst []byte) error {
 	if len(dst) < len(ids)*ChunkSize {
-		return fmt.Errorf("GetMany: %d chunks need %d bytes, have %d: %w", len(ids), len(ids)*ChunkSize, len(dst), ErrInvalidArgument)
+		return fmt.Errorf("GetMany: %d chunks need %d bytes, have %d: %w", len(ids), len(ids)*ChunkSize, len(dst), errdefs.ErrInvalidArgument)
 	}
 	locs, err := s.LookupMany(ids)
 	if err != nil {
@@ -489,7 +490,7 @@ func (s *Store) GetMany(ids []ID, dst []byte) error {
 // that GC moved since is looked up again.
 func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 	if len(locs) != len(ids) || len(dst) < len(ids)*ChunkSize {
-		return fmt.Errorf("GetLocated: %d ids, %d locations, %d bytes: %w", len(ids), len(locs), len(dst), ErrInvalidArgument)
+		return fmt.Errorf("GetLocated: %d ids, %d locations, %d bytes: %w", len(ids), len(locs), len(dst), errdefs.ErrInvalidArgument)
 	}
 	var run []byte
 	for i := 0; i < len(ids); {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -101,8 +102,8 @@ func TestRoundTrip(t *testing.T) {
 				if ss.StoredBytes != got.NewStored {
 					t.Errorf("Stats().StoredBytes = %d, writer stored %d", ss.StoredBytes, got.NewStored)
 				}
-				if _, err := s.Lookup(ZeroID); !errors.Is(err, ErrNotFound) {
-					t.Errorf("Lookup(ZeroID) = %v, want ErrNotFound: the zero chunk is never stored", err)
+				if _, err := s.Lookup(ZeroID); !errors.Is(err, errdefs.ErrNotFound) {
+					t.Errorf("Lookup(ZeroID) = %v, want errdefs.ErrNotFound: the zero chunk is never stored", err)
 				}
 				if !s.Has(ZeroID) {
 					t.Error("Has(ZeroID) = false")
@@ -399,7 +400,7 @@ func TestCorruptChunk(t *testing.T) {
 			flipByte(t, s.packPath(loc.Pack), int64(loc.Offset)+tt.at(loc.Stored))
 
 			_, err = s.Get(ids[victim], nil)
-			wantErrIs(t, err, ErrCorrupt)
+			wantErrIs(t, err, errdefs.ErrDataLoss)
 			if msg := err.Error(); !strings.Contains(msg, ids[victim].String()) || !strings.Contains(msg, pack) {
 				t.Errorf("error %q does not name chunk %s and pack %s", msg, ids[victim], pack)
 			}
@@ -487,8 +488,8 @@ func TestCorruptFooter(t *testing.T) {
 			if len(s.Damaged) != 1 || !strings.HasPrefix(s.Damaged[0], packName(loc.Pack)) {
 				t.Errorf("Open reported damage %q, want %s", s.Damaged, packName(loc.Pack))
 			}
-			if _, err := s.Get(ids[0], nil); !errors.Is(err, ErrNotFound) {
-				t.Errorf("Get from an unindexable pack: %v, want ErrNotFound", err)
+			if _, err := s.Get(ids[0], nil); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Errorf("Get from an unindexable pack: %v, want errdefs.ErrNotFound", err)
 			}
 			check(s)
 		})
@@ -672,8 +673,8 @@ func TestReconcile(t *testing.T) {
 		s = openStore(t, dir)
 		checkReadable(t, s, idsA, chunksOf(dataA))
 		for _, id := range idsB {
-			if _, err := s.Lookup(id); !errors.Is(err, ErrNotFound) {
-				t.Fatalf("chunk of a vanished pack: %v, want ErrNotFound", err)
+			if _, err := s.Lookup(id); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Fatalf("chunk of a vanished pack: %v, want errdefs.ErrNotFound", err)
 			}
 		}
 		checkVerify(t, s)
@@ -716,7 +717,7 @@ func TestSecondOpenUnavailable(t *testing.T) {
 		s2.Close()
 		t.Fatal("second Open succeeded")
 	}
-	wantErrIs(t, err, ErrUnavailable)
+	wantErrIs(t, err, errdefs.ErrUnavailable)
 	if _, err := os.Stat(filepath.Join(dir, "index.db.damaged")); err == nil {
 		t.Error("a locked index was set aside as damaged")
 	}

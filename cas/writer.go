@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"sync"
 
+	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/s2"
 	bolt "go.etcd.io/bbolt"
 )
@@ -375,7 +376,7 @@ func (s *Store) sealAndIndex(p *packWriter) error {
 // usable says why the Writer can take no more chunks, if it cannot.
 func (w *Writer) usable() error {
 	if w.done {
-		return fmt.Errorf("writer already committed or aborted: %w", ErrFailedPrecondition)
+		return fmt.Errorf("writer already committed or aborted: %w", errdefs.ErrFailedPrecondition)
 	}
 	return w.broken
 }

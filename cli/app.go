@@ -6,54 +6,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
+	"github.com/containerd/errdefs"
 	"github.com/urfave/cli/v2"
 )
 
 // DefaultRoot is where boxd keeps its state unless told otherwise.
 const DefaultRoot = "/var/lib/boxd"
 
-// Exit codes, one per error category, so scripts can tell them apart.
-const (
-	ExitFailure      = 1 // anything not listed below
-	ExitInvalid      = 2 // bad arguments or names
-	ExitNotFound     = 3 // an unknown snapshot, a missing file
-	ExitExists       = 4 // a name already taken
-	ExitPrecondition = 5 // e.g. removing a snapshot that has children
-	ExitCorrupt      = 6 // damaged data (verify found damage, a read failed its hash)
-	ExitNoSpace      = 7 // the disk is full
-	ExitBusy         = 8 // the root is in use by another boxd process
-)
-
-// ExitCode maps an error to the exit code of its category.
-func ExitCode(err error) int {
-	switch {
-	case err == nil:
-		return 0
-	case errors.Is(err, cas.ErrInvalidArgument):
-		return ExitInvalid
-	case errors.Is(err, cas.ErrNotFound), errors.Is(err, fs.ErrNotExist):
-		return ExitNotFound
-	case errors.Is(err, cas.ErrAlreadyExists):
-		return ExitExists
-	case errors.Is(err, cas.ErrFailedPrecondition):
-		return ExitPrecondition
-	case errors.Is(err, cas.ErrCorrupt):
-		return ExitCorrupt
-	case errors.Is(err, cas.ErrNoSpace):
-		return ExitNoSpace
-	case errors.Is(err, cas.ErrUnavailable):
-		return ExitBusy
-	}
-	return ExitFailure
-}
-
 // usageError marks a mistake in how a command was called.
 func usageError(format string, args ...any) error {
-	return fmt.Errorf(format+": %w", append(args, cas.ErrInvalidArgument)...)
+	return fmt.Errorf(format+": %w", append(args, errdefs.ErrInvalidArgument)...)
 }
 
 var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print machine-readable JSON on stdout"}
@@ -105,7 +70,7 @@ func Main(ctx context.Context, args []string) int {
 			err = usageError("%v", err)
 		}
 		fmt.Fprintf(os.Stderr, "boxd: %v\n", err)
-		return ExitCode(err)
+		return errcat.ExitCode(err)
 	}
 	return 0
 }

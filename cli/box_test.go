@@ -97,7 +97,7 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{2, []string{"--from box.dev.s1 and --cpus together"}, []string{"create", "dev", "--cpus", "2", "--from", "box.dev.s1"}},
 		{2, []string{`--from: invalid name "a/b"`}, []string{"create", "dev", "--from", "a/b"}},
 		{2, []string{`--runner: runner "xen": want auto, kvm or qemu`}, []string{"create", "dev", "--runner", "xen"}},
-		{1, []string{"--runner: ", "kvm runner", "use --runner qemu"}, []string{"create", "dev", "--runner", "kvm", "--ssh-key", goodKey}},
+		{9, []string{"--runner: ", "kvm runner", "use --runner qemu"}, []string{"create", "dev", "--runner", "kvm", "--ssh-key", goodKey}},
 		{2, []string{"usage: boxd ssh NAME"}, []string{"ssh"}},
 		{2, []string{`box name "x_y"`}, []string{"report", "x_y"}},
 		{2, []string{"flag provided but not defined"}, []string{"ls", "--colour"}},

@@ -11,11 +11,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
 	ctdsnap "github.com/boxd-dev/boxd/snapshotter/containerd"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/errdefs"
 	"github.com/urfave/cli/v2"
 	"google.golang.org/grpc"
 )
@@ -116,7 +116,7 @@ func listenUnix(addr string) (net.Listener, error) {
 		cancel()
 		if derr == nil {
 			conn.Close()
-			return nil, fmt.Errorf("%s is in use by another server: %w", addr, cas.ErrUnavailable)
+			return nil, fmt.Errorf("%s is in use by another server: %w", addr, errdefs.ErrUnavailable)
 		}
 		if err := os.Remove(addr); err != nil {
 			return nil, err

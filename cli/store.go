@@ -13,6 +13,7 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"github.com/urfave/cli/v2"
 )
 
@@ -450,7 +451,7 @@ func storeVerify(c *cli.Context) error {
 		}
 	}
 	if !res.OK() {
-		return fmt.Errorf("verify found %d damaged chunks or packs and %d snapshot problems: %w", len(res.Damaged), len(res.Problems), cas.ErrCorrupt)
+		return fmt.Errorf("verify found %d damaged chunks or packs and %d snapshot problems: %w", len(res.Damaged), len(res.Problems), errdefs.ErrDataLoss)
 	}
 	return nil
 }

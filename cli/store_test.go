@@ -14,6 +14,18 @@ import (
 	"github.com/boxd-dev/boxd/cli"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
+)
+
+// The exit codes of the categories, from errcat's table.
+var (
+	exitInvalid      = errcat.ExitCode(errdefs.ErrInvalidArgument)
+	exitNotFound     = errcat.ExitCode(errdefs.ErrNotFound)
+	exitExists       = errcat.ExitCode(errdefs.ErrAlreadyExists)
+	exitPrecondition = errcat.ExitCode(errdefs.ErrFailedPrecondition)
+	exitCorrupt      = errcat.ExitCode(errdefs.ErrDataLoss)
+	exitNoSpace      = errcat.ExitCode(errdefs.ErrResourceExhausted)
+	exitBusy         = errcat.ExitCode(errdefs.ErrUnavailable)
 )
 
 // newStore returns a root holding base, child (over base) and vm (over
@@ -41,40 +53,40 @@ func TestBadInput(t *testing.T) {
 		want []string // words stderr must contain
 		args []string
 	}{
-		{"missing file", cli.ExitNotFound, []string{"nope.img"}, []string{"store", "ingest", "--name", "x", filepath.Join(dir, "nope.img")}},
-		{"existing name", cli.ExitExists, []string{"base", "already exists"}, []string{"store", "ingest", "--name", "base", file}},
-		{"unknown parent", cli.ExitNotFound, []string{"ghost"}, []string{"store", "ingest", "--name", "x", "--parent", "ghost", file}},
-		{"empty name", cli.ExitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", "", file}},
-		{"long name", cli.ExitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", strings.Repeat("n", 129), file}},
-		{"name with slash", cli.ExitInvalid, []string{"a/b"}, []string{"store", "ingest", "--name", "a/b", file}},
-		{"dot dot", cli.ExitInvalid, []string{`".."`}, []string{"store", "ingest", "--name", "..", file}},
-		{"name with space", cli.ExitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", "a b", file}},
-		{"missing name", cli.ExitInvalid, []string{"--name"}, []string{"store", "ingest", file}},
-		{"unknown kind", cli.ExitInvalid, []string{"swap"}, []string{"store", "ingest", "--name", "x", "--kind", "swap", file}},
-		{"ingest a folder", cli.ExitInvalid, []string{"folder"}, []string{"store", "ingest", "--name", "x", dir}},
-		{"ingest without file", cli.ExitInvalid, []string{"usage"}, []string{"store", "ingest", "--name", "x"}},
-		{"ingest two files", cli.ExitInvalid, []string{"usage"}, []string{"store", "ingest", "--name", "x", file, file}},
-		{"export one arg", cli.ExitInvalid, []string{"usage"}, []string{"store", "export", "base"}},
-		{"export three args", cli.ExitInvalid, []string{"usage"}, []string{"store", "export", "base", out, out}},
-		{"rm no args", cli.ExitInvalid, []string{"usage"}, []string{"store", "rm"}},
-		{"rm two args", cli.ExitInvalid, []string{"usage"}, []string{"store", "rm", "child", "vm"}},
-		{"ls with args", cli.ExitInvalid, []string{"usage"}, []string{"store", "ls", "base"}},
-		{"gc with args", cli.ExitInvalid, []string{"usage"}, []string{"store", "gc", "now"}},
-		{"verify with args", cli.ExitInvalid, []string{"usage"}, []string{"store", "verify", "all"}},
-		{"gc threshold zero", cli.ExitInvalid, []string{"threshold"}, []string{"store", "gc", "--threshold", "0"}},
-		{"gc threshold above one", cli.ExitInvalid, []string{"threshold"}, []string{"store", "gc", "--threshold", "1.5"}},
-		{"unknown flag", cli.ExitInvalid, []string{"-frobnicate"}, []string{"store", "ls", "--frobnicate"}},
-		{"unknown global flag", cli.ExitInvalid, []string{"-frobnicate"}, []string{"--frobnicate", "store", "ls"}},
-		{"unknown command", cli.ExitInvalid, []string{"frob"}, []string{"store", "frob"}},
-		{"rm with children", cli.ExitPrecondition, []string{"base", "child", "vm"}, []string{"store", "rm", "base"}},
-		{"rm unknown", cli.ExitNotFound, []string{"ghost"}, []string{"store", "rm", "ghost"}},
-		{"export unknown", cli.ExitNotFound, []string{"ghost"}, []string{"store", "export", "ghost", out}},
-		{"export to a folder", cli.ExitInvalid, []string{"folder"}, []string{"store", "export", "base", dir}},
-		{"export into a missing folder", cli.ExitNotFound, []string{"output folder"}, []string{"store", "export", "base", filepath.Join(dir, "no", "out.img")}},
-		{"export of two maps", cli.ExitInvalid, []string{"--map", "disk", "memory"}, []string{"store", "export", "vm", out}},
-		{"export unknown map", cli.ExitNotFound, []string{"swap"}, []string{"store", "export", "--map", "swap", "vm", out}},
-		{"report unknown", cli.ExitNotFound, []string{"ghost"}, []string{"store", "report", "base", "ghost"}},
-		{"empty root", cli.ExitInvalid, []string{"--root"}, []string{"--root", "", "store", "ls"}},
+		{"missing file", exitNotFound, []string{"nope.img"}, []string{"store", "ingest", "--name", "x", filepath.Join(dir, "nope.img")}},
+		{"existing name", exitExists, []string{"base", "already exists"}, []string{"store", "ingest", "--name", "base", file}},
+		{"unknown parent", exitNotFound, []string{"ghost"}, []string{"store", "ingest", "--name", "x", "--parent", "ghost", file}},
+		{"empty name", exitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", "", file}},
+		{"long name", exitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", strings.Repeat("n", 129), file}},
+		{"name with slash", exitInvalid, []string{"a/b"}, []string{"store", "ingest", "--name", "a/b", file}},
+		{"dot dot", exitInvalid, []string{`".."`}, []string{"store", "ingest", "--name", "..", file}},
+		{"name with space", exitInvalid, []string{"invalid name"}, []string{"store", "ingest", "--name", "a b", file}},
+		{"missing name", exitInvalid, []string{"--name"}, []string{"store", "ingest", file}},
+		{"unknown kind", exitInvalid, []string{"swap"}, []string{"store", "ingest", "--name", "x", "--kind", "swap", file}},
+		{"ingest a folder", exitInvalid, []string{"folder"}, []string{"store", "ingest", "--name", "x", dir}},
+		{"ingest without file", exitInvalid, []string{"usage"}, []string{"store", "ingest", "--name", "x"}},
+		{"ingest two files", exitInvalid, []string{"usage"}, []string{"store", "ingest", "--name", "x", file, file}},
+		{"export one arg", exitInvalid, []string{"usage"}, []string{"store", "export", "base"}},
+		{"export three args", exitInvalid, []string{"usage"}, []string{"store", "export", "base", out, out}},
+		{"rm no args", exitInvalid, []string{"usage"}, []string{"store", "rm"}},
+		{"rm two args", exitInvalid, []string{"usage"}, []string{"store", "rm", "child", "vm"}},
+		{"ls with args", exitInvalid, []string{"usage"}, []string{"store", "ls", "base"}},
+		{"gc with args", exitInvalid, []string{"usage"}, []string{"store", "gc", "now"}},
+		{"verify with args", exitInvalid, []string{"usage"}, []string{"store", "verify", "all"}},
+		{"gc threshold zero", exitInvalid, []string{"threshold"}, []string{"store", "gc", "--threshold", "0"}},
+		{"gc threshold above one", exitInvalid, []string{"threshold"}, []string{"store", "gc", "--threshold", "1.5"}},
+		{"unknown flag", exitInvalid, []string{"-frobnicate"}, []string{"store", "ls", "--frobnicate"}},
+		{"unknown global flag", exitInvalid, []string{"-frobnicate"}, []string{"--frobnicate", "store", "ls"}},
+		{"unknown command", exitInvalid, []string{"frob"}, []string{"store", "frob"}},
+		{"rm with children", exitPrecondition, []string{"base", "child", "vm"}, []string{"store", "rm", "base"}},
+		{"rm unknown", exitNotFound, []string{"ghost"}, []string{"store", "rm", "ghost"}},
+		{"export unknown", exitNotFound, []string{"ghost"}, []string{"store", "export", "ghost", out}},
+		{"export to a folder", exitInvalid, []string{"folder"}, []string{"store", "export", "base", dir}},
+		{"export into a missing folder", exitNotFound, []string{"output folder"}, []string{"store", "export", "base", filepath.Join(dir, "no", "out.img")}},
+		{"export of two maps", exitInvalid, []string{"--map", "disk", "memory"}, []string{"store", "export", "vm", out}},
+		{"export unknown map", exitNotFound, []string{"swap"}, []string{"store", "export", "--map", "swap", "vm", out}},
+		{"report unknown", exitNotFound, []string{"ghost"}, []string{"store", "report", "base", "ghost"}},
+		{"empty root", exitInvalid, []string{"--root"}, []string{"--root", "", "store", "ls"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -125,7 +137,7 @@ func TestUnwritableRoot(t *testing.T) {
 	dir := t.TempDir()
 	file := randomFile(t, filepath.Join(dir, "f"), 5000)
 	for _, args := range [][]string{{"store", "ls"}, {"store", "ingest", "--name", "x", file}, {"store", "verify"}} {
-		fails(t, cli.ExitFailure, filepath.Join(file, "root"), []string{"not a directory"}, args...)
+		fails(t, errcat.ExitFailure, filepath.Join(file, "root"), []string{"not a directory"}, args...)
 	}
 
 	ro := filepath.Join(dir, "ro")
@@ -135,7 +147,7 @@ func TestUnwritableRoot(t *testing.T) {
 	testutil.MountTmpfs(t, ro, "ro")
 	for _, root := range []string{ro, filepath.Join(ro, "sub")} {
 		for _, args := range [][]string{{"store", "ls"}, {"store", "ingest", "--name", "x", file}, {"store", "gc"}} {
-			fails(t, cli.ExitFailure, root, []string{"read-only file system"}, args...)
+			fails(t, errcat.ExitFailure, root, []string{"read-only file system"}, args...)
 		}
 	}
 }
@@ -147,7 +159,7 @@ func TestRootBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	fails(t, cli.ExitBusy, root, []string{"in use"}, "store", "ls")
+	fails(t, exitBusy, root, []string{"in use"}, "store", "ls")
 }
 
 func TestVerifyCorrupt(t *testing.T) {
@@ -179,7 +191,7 @@ func TestVerifyCorrupt(t *testing.T) {
 	}
 
 	r := run(t, root, "store", "verify")
-	if r.code != cli.ExitCorrupt {
+	if r.code != exitCorrupt {
 		t.Fatalf("verify of a damaged pack: %v", r)
 	}
 	checkErrLine(t, r.stderr, "verify found 1 damaged")
@@ -187,7 +199,7 @@ func TestVerifyCorrupt(t *testing.T) {
 		t.Errorf("verify does not name the damaged chunk on stdout: %q", r.stdout)
 	}
 	r = run(t, root, "--json", "store", "verify")
-	if r.code != cli.ExitCorrupt {
+	if r.code != exitCorrupt {
 		t.Fatalf("verify --json of a damaged pack: %v", r)
 	}
 	var res struct {
@@ -204,7 +216,7 @@ func TestVerifyCorrupt(t *testing.T) {
 	}
 	// Reading the damaged block fails its hash: no wrong bytes are written.
 	out := filepath.Join(dir, "out.img")
-	fails(t, cli.ExitCorrupt, root, []string{"damaged"}, "store", "export", "a", out)
+	fails(t, exitCorrupt, root, []string{"damaged"}, "store", "export", "a", out)
 	if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a failed export left %s behind", out)
 	}
@@ -218,7 +230,7 @@ func TestDiskFull(t *testing.T) {
 	}
 	testutil.MountTmpfs(t, root, "size=8m")
 	big := randomFile(t, filepath.Join(dir, "big.img"), 32<<20)
-	fails(t, cli.ExitNoSpace, root, []string{"no space left"}, "store", "ingest", "--name", "big", big)
+	fails(t, exitNoSpace, root, []string{"no space left"}, "store", "ingest", "--name", "big", big)
 	if snaps := list(t, root); len(snaps) != 0 {
 		t.Fatalf("a failed ingest left snapshots: %v", names(snaps))
 	}
@@ -234,7 +246,7 @@ func TestDiskFull(t *testing.T) {
 	twice := filepath.Join(dir, "twice.img")
 	concat(t, twice, small, small, small)
 	filler := fill(t, filepath.Join(root, "filler"))
-	fails(t, cli.ExitNoSpace, root, []string{"no space left"}, "store", "ingest", "--name", "twice", twice)
+	fails(t, exitNoSpace, root, []string{"no space left"}, "store", "ingest", "--name", "twice", twice)
 	if got := names(list(t, root)); !slices.Equal(got, []string{"small"}) {
 		t.Fatalf("after a failed commit the store holds %v", got)
 	}
@@ -301,27 +313,4 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatalf("after removing everything and gc: %+v", rep)
 	}
 	ok(t, root, "store", "verify")
-}
-
-func TestExitCode(t *testing.T) {
-	tests := []struct {
-		err  error
-		code int
-	}{
-		{nil, 0},
-		{errors.New("boom"), cli.ExitFailure},
-		{cas.ErrInvalidArgument, cli.ExitInvalid},
-		{cas.ErrNotFound, cli.ExitNotFound},
-		{os.ErrNotExist, cli.ExitNotFound},
-		{cas.ErrAlreadyExists, cli.ExitExists},
-		{cas.ErrFailedPrecondition, cli.ExitPrecondition},
-		{cas.ErrCorrupt, cli.ExitCorrupt},
-		{cas.WithCategory(errors.New("write: no space"), cas.ErrNoSpace), cli.ExitNoSpace},
-		{cas.ErrUnavailable, cli.ExitBusy},
-	}
-	for _, tc := range tests {
-		if got := cli.ExitCode(tc.err); got != tc.code {
-			t.Errorf("ExitCode(%v) = %d, want %d", tc.err, got, tc.code)
-		}
-	}
 }

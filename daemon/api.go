@@ -9,14 +9,12 @@
 package daemon
 
 import (
-	"errors"
 	"net/http"
 	"path/filepath"
 	"time"
 
-	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
-	"github.com/containerd/errdefs"
 )
 
 // SocketName is the API socket's name under boxd's root.
@@ -128,32 +126,13 @@ type errorBody struct {
 	Category string `json:"category"`
 }
 
-// categories are the errdefs categories the API carries, in the order an
-// error is tested against them, with their names on the wire and their HTTP
-// statuses.
-var categories = []struct {
-	name   string
-	err    error
-	status int
-}{
-	{"invalid_argument", errdefs.ErrInvalidArgument, http.StatusBadRequest},
-	{"not_found", errdefs.ErrNotFound, http.StatusNotFound},
-	{"already_exists", errdefs.ErrAlreadyExists, http.StatusConflict},
-	{"failed_precondition", errdefs.ErrFailedPrecondition, http.StatusConflict},
-	{"unavailable", errdefs.ErrUnavailable, http.StatusServiceUnavailable},
-	{"data_loss", errdefs.ErrDataLoss, http.StatusInternalServerError},
-	{"resource_exhausted", errdefs.ErrResourceExhausted, http.StatusInternalServerError},
-	{"not_supported", runner.ErrNotSupported, http.StatusNotImplemented},
-}
-
 const categoryUnknown = "unknown"
 
-// Category returns the wire name of err's category and its HTTP status.
+// Category returns the wire name of err's category and its HTTP status,
+// from errcat's table; "unknown" and 500 for an error of no category.
 func Category(err error) (name string, status int) {
-	for _, c := range categories {
-		if errors.Is(err, c.err) {
-			return c.name, c.status
-		}
+	if r, ok := errcat.Of(err); ok {
+		return r.Wire, r.HTTP
 	}
 	return categoryUnknown, http.StatusInternalServerError
 }
@@ -174,38 +153,25 @@ func (e *Error) Unwrap() error { return e.cat }
 
 // remoteError rebuilds the error of an answer with status and body b. The
 // category named in the body wins; without one (a body that is not the
-// API's JSON), the status decides.
+// API's JSON), the status decides, as errcat.FromHTTP reads it.
 func remoteError(status int, b errorBody) *Error {
-	e := &Error{Message: b.Error, Category: b.Category, Status: status}
-	if e.cat = categoryErr(b.Category); e.cat == nil {
-		switch status {
-		case http.StatusBadRequest, http.StatusMethodNotAllowed:
-			e.Category = "invalid_argument"
-		case http.StatusNotFound:
-			e.Category = "not_found"
-		case http.StatusConflict:
-			e.Category = "failed_precondition"
-		case http.StatusServiceUnavailable:
-			e.Category = "unavailable"
-		case http.StatusNotImplemented:
-			e.Category = "not_supported"
-		default:
-			e.Category = categoryUnknown
-		}
-		e.cat = categoryErr(e.Category)
+	msg := b.Error
+	if msg == "" {
+		msg = "boxd daemon: " + http.StatusText(status)
 	}
-	if e.Message == "" {
-		e.Message = "boxd daemon: " + http.StatusText(status)
+	e := &Error{Message: msg, Category: categoryUnknown, Status: status}
+	r, ok := errcat.Named(b.Category)
+	if !ok {
+		st := status
+		if st == http.StatusMethodNotAllowed {
+			// A route the daemon serves with other methods: the request
+			// was wrong.
+			st = http.StatusBadRequest
+		}
+		r, ok = errcat.Of(errcat.FromHTTP(st, msg))
+	}
+	if ok {
+		e.Category, e.cat = r.Wire, r.Category
 	}
 	return e
-}
-
-// categoryErr returns the errdefs error of the category named name, or nil.
-func categoryErr(name string) error {
-	for _, c := range categories {
-		if c.name == name {
-			return c.err
-		}
-	}
-	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -20,7 +21,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
-	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
@@ -469,7 +470,10 @@ func TestCategoryStatus(t *testing.T) {
 		{fmt.Errorf("busy: %w", errdefs.ErrUnavailable), "unavailable", 503},
 		{fmt.Errorf("hash: %w", errdefs.ErrDataLoss), "data_loss", 500},
 		{fmt.Errorf("full: %w", errdefs.ErrResourceExhausted), "resource_exhausted", 500},
-		{fmt.Errorf("no kvm: %w", runner.ErrNotSupported), "not_supported", 501},
+		{errcat.NotSupported("no kvm"), "not_supported", 501},
+		{fmt.Errorf("no access: %w", errdefs.ErrPermissionDenied), "permission_denied", 403},
+		{fmt.Errorf("open disk: %w", fs.ErrNotExist), "not_found", 404},
+		{fmt.Errorf("open /dev/kvm: %w", fs.ErrPermission), "permission_denied", 403},
 		{errors.New("qemu died"), "unknown", 500},
 	} {
 		cat, status := Category(tc.err)
@@ -494,14 +498,18 @@ func TestRemoteError(t *testing.T) {
 		{500, errorBody{"damaged", "data_loss"}, errdefs.ErrDataLoss, "data_loss"},
 		{500, errorBody{"full", "resource_exhausted"}, errdefs.ErrResourceExhausted, "resource_exhausted"},
 		{500, errorBody{"boom", "unknown"}, nil, "unknown"},
-		{501, errorBody{"no kvm", "not_supported"}, runner.ErrNotSupported, "not_supported"},
+		{501, errorBody{"no kvm", "not_supported"}, errdefs.ErrNotImplemented, "not_supported"},
 		// Without a category (not the API's JSON), the status decides.
 		{404, errorBody{}, errdefs.ErrNotFound, "not_found"},
 		{400, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
 		{405, errorBody{}, errdefs.ErrInvalidArgument, "invalid_argument"},
 		{409, errorBody{}, errdefs.ErrFailedPrecondition, "failed_precondition"},
 		{503, errorBody{}, errdefs.ErrUnavailable, "unavailable"},
-		{501, errorBody{}, runner.ErrNotSupported, "not_supported"},
+		{501, errorBody{}, errdefs.ErrNotImplemented, "not_supported"},
+		{403, errorBody{"no access", "permission_denied"}, errdefs.ErrPermissionDenied, "permission_denied"},
+		{403, errorBody{}, errdefs.ErrPermissionDenied, "permission_denied"},
+		{500, errorBody{}, nil, "unknown"},
+		{404, errorBody{"gone", "a_future_category"}, errdefs.ErrNotFound, "not_found"},
 		{502, errorBody{}, nil, "unknown"},
 	} {
 		e := remoteError(tc.status, tc.body)
@@ -526,7 +534,7 @@ func TestRemoteError(t *testing.T) {
 // TestClientErrors checks that every category the manager returns comes
 // out of the client as the same category with the same message.
 func TestClientErrors(t *testing.T) {
-	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, runner.ErrNotSupported} {
+	for _, cat := range []error{errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument, errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrDataLoss, errdefs.ErrResourceExhausted, errdefs.ErrNotImplemented, errdefs.ErrPermissionDenied} {
 		m := newFakeManager(box.Box{Name: "dev", State: box.StateRunning})
 		m.err = fmt.Errorf("box dev went wrong: %w", cat)
 		c := serve(t, newTestServer(m, &fakeGraph{}))

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/errcat"
 )
 
 // ExecProtocol is the Upgrade token of a streaming exec.
@@ -145,15 +146,9 @@ func streamError(p []byte) error {
 	if err := json.Unmarshal(p, &eb); err != nil || eb.Error == "" {
 		eb = errorBody{Error: "boxd daemon: the command could not be run", Category: categoryUnknown}
 	}
-	return remoteError(categoryStatus(eb.Category), eb)
-}
-
-// categoryStatus returns the HTTP status of the category named name.
-func categoryStatus(name string) int {
-	for _, c := range categories {
-		if c.name == name {
-			return c.status
-		}
+	status := http.StatusInternalServerError
+	if r, ok := errcat.Named(eb.Category); ok {
+		status = r.HTTP
 	}
-	return http.StatusInternalServerError
+	return remoteError(status, eb)
 }

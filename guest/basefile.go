@@ -12,6 +12,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // BaseDir is where boxd keeps base files under root.
@@ -40,7 +41,7 @@ func BaseFile(ctx context.Context, g *snapshotter.Graph, image, dir string) (str
 	path := filepath.Join(dir, img.Snapshot+"-"+key.Short()+".raw")
 	if fi, err := os.Stat(path); err == nil {
 		if !fi.Mode().IsRegular() || fi.Size() != r.Size() {
-			return "", fmt.Errorf("base file %s is not the %d-byte image it should be; remove it: %w", path, r.Size(), cas.ErrCorrupt)
+			return "", fmt.Errorf("base file %s is not the %d-byte image it should be; remove it: %w", path, r.Size(), errdefs.ErrDataLoss)
 		}
 		return path, nil
 	} else if !errors.Is(err, fs.ErrNotExist) {

@@ -14,9 +14,9 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/guestkernel"
 	"github.com/boxd-dev/boxd/internal/initramfs"
+	"github.com/containerd/errdefs"
 )
 
 // Kernel returns the kernel boxes boot and the folder of its modules:
@@ -30,7 +30,7 @@ func Kernel(ctx context.Context, root, kernelFlag string) (path, modulesDir stri
 			return "", "", fmt.Errorf("kernel: %w", err)
 		}
 		if !fi.Mode().IsRegular() {
-			return "", "", fmt.Errorf("kernel %s is not a file: %w", kernelFlag, cas.ErrInvalidArgument)
+			return "", "", fmt.Errorf("kernel %s is not a file: %w", kernelFlag, errdefs.ErrInvalidArgument)
 		}
 		abs, err := filepath.Abs(kernelFlag)
 		return abs, "", err
@@ -189,12 +189,12 @@ func Initramfs(ctx context.Context, root, modulesDir, agentPath string) (string,
 func checkStatic(path string) error {
 	f, err := elf.Open(path)
 	if err != nil {
-		return fmt.Errorf("agent %s is not an executable (%w): %w", path, err, cas.ErrInvalidArgument)
+		return fmt.Errorf("agent %s is not an executable (%w): %w", path, err, errdefs.ErrInvalidArgument)
 	}
 	defer f.Close()
 	for _, p := range f.Progs {
 		if p.Type == elf.PT_INTERP {
-			return fmt.Errorf("agent %s is linked dynamically; build it static (CGO_ENABLED=0, as make build does): %w", path, cas.ErrInvalidArgument)
+			return fmt.Errorf("agent %s is linked dynamically; build it static (CGO_ENABLED=0, as make build does): %w", path, errdefs.ErrInvalidArgument)
 		}
 	}
 	return nil
@@ -217,7 +217,7 @@ func findAgent(getenv func(string) string, exe string, lookPath func(string) (st
 	const name = "boxd-agent"
 	if p := getenv(AgentEnv); p != "" {
 		if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() {
-			return "", fmt.Errorf("%s=%s names no agent binary: %w", AgentEnv, p, cas.ErrNotFound)
+			return "", fmt.Errorf("%s=%s names no agent binary: %w", AgentEnv, p, errdefs.ErrNotFound)
 		}
 		return filepath.Abs(p)
 	}
@@ -233,7 +233,7 @@ func findAgent(getenv func(string) string, exe string, lookPath func(string) (st
 		return filepath.Abs(p)
 	}
 	looked = append(looked, "in PATH")
-	return "", fmt.Errorf("%s not found (%s): run make build, or set %s: %w", name, strings.Join(looked, ", "), AgentEnv, cas.ErrNotFound)
+	return "", fmt.Errorf("%s not found (%s): run make build, or set %s: %w", name, strings.Join(looked, ", "), AgentEnv, errdefs.ErrNotFound)
 }
 
 // Cmdline returns the kernel command line of a box called hostname. The

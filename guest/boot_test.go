@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/guestkernel"
 	"github.com/boxd-dev/boxd/internal/initramfs"
 	"github.com/boxd-dev/boxd/internal/testutil"
@@ -78,7 +77,7 @@ func TestModuleOrderMissing(t *testing.T) {
 	}
 	fakeModules(t, dir, deps)
 	_, err := boxModuleOrder(dir)
-	if !errors.Is(err, cas.ErrNotFound) || !strings.Contains(err.Error(), "failover") {
+	if !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "failover") {
 		t.Fatalf("want a not-found error naming failover, got %v", err)
 	}
 }
@@ -192,7 +191,7 @@ func TestInitramfsRefusesDynamicAgent(t *testing.T) {
 	sh, err := exec.LookPath("sh")
 	must(t, err)
 	_, err = Initramfs(context.Background(), t.TempDir(), "", sh)
-	if !errors.Is(err, cas.ErrInvalidArgument) || !strings.Contains(err.Error(), "dynamically") {
+	if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "dynamically") {
 		t.Fatalf("want a refusal of a dynamically linked agent, got %v", err)
 	}
 	_, err = Initramfs(context.Background(), t.TempDir(), "", filepath.Join(t.TempDir(), "none"))
@@ -237,7 +236,7 @@ func TestFindAgent(t *testing.T) {
 			}
 			got, err := findAgent(getenv, tt.exe, tt.lookPath)
 			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !errors.Is(err, cas.ErrNotFound) {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !errors.Is(err, errdefs.ErrNotFound) {
 					t.Fatalf("want a not-found error with %q, got %q, %v", tt.wantErr, got, err)
 				}
 				return
@@ -276,7 +275,7 @@ func TestKernelFlag(t *testing.T) {
 	if _, _, err := Kernel(context.Background(), t.TempDir(), filepath.Join(dir, "none")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing --kernel: want not-exist, got %v", err)
 	}
-	if _, _, err := Kernel(context.Background(), t.TempDir(), dir); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, _, err := Kernel(context.Background(), t.TempDir(), dir); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("--kernel a folder: want invalid argument, got %v", err)
 	}
 }

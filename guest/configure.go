@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // DefaultHostname is the host name an image carries; the agent sets each
@@ -79,7 +79,7 @@ func looksLikeRoot(dir string) error {
 	for _, sub := range []string{"etc", "usr"} {
 		fi, err := os.Stat(filepath.Join(dir, sub))
 		if err != nil || !fi.IsDir() {
-			return fmt.Errorf("%s is not a root filesystem tree (no %s/ folder): %w", dir, sub, cas.ErrInvalidArgument)
+			return fmt.Errorf("%s is not a root filesystem tree (no %s/ folder): %w", dir, sub, errdefs.ErrInvalidArgument)
 		}
 	}
 	return nil

@@ -16,8 +16,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/mountinfo"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -39,7 +39,7 @@ var imageNameRE = regexp.MustCompile(`^debian-([a-z]+)$`)
 func suiteOf(name string) (string, error) {
 	m := imageNameRE.FindStringSubmatch(name)
 	if m == nil {
-		return "", fmt.Errorf("boxd builds images named debian-SUITE (such as %s), not %q: %w", DefaultImage, name, cas.ErrInvalidArgument)
+		return "", fmt.Errorf("boxd builds images named debian-SUITE (such as %s), not %q: %w", DefaultImage, name, errdefs.ErrInvalidArgument)
 	}
 	return m[1], nil
 }
@@ -47,7 +47,7 @@ func suiteOf(name string) (string, error) {
 // missingTool says which Debian package provides a command that is not
 // installed.
 func missingTool(command, pkg string) error {
-	return fmt.Errorf("%s is not installed: install the Debian package %s (or run scripts/deps.sh): %w", command, pkg, cas.ErrNotFound)
+	return fmt.Errorf("%s is not installed: install the Debian package %s (or run scripts/deps.sh): %w", command, pkg, errdefs.ErrNotFound)
 }
 
 // fetchOptions describe one debootstrap run.
@@ -90,10 +90,10 @@ func fetchTree(ctx context.Context, o fetchOptions) (tree, source string, err er
 		return "", "", missingTool("debootstrap", "debootstrap")
 	}
 	if _, err := os.Stat(filepath.Join(debootstrapScripts, o.suite)); err != nil {
-		return "", "", fmt.Errorf("debootstrap does not know the suite %q (no %s/%s): %w", o.suite, debootstrapScripts, o.suite, cas.ErrInvalidArgument)
+		return "", "", fmt.Errorf("debootstrap does not know the suite %q (no %s/%s): %w", o.suite, debootstrapScripts, o.suite, errdefs.ErrInvalidArgument)
 	}
 	if os.Geteuid() != 0 {
-		return "", "", fmt.Errorf("fetching an image runs debootstrap, which needs root: %w", cas.ErrFailedPrecondition)
+		return "", "", fmt.Errorf("fetching an image runs debootstrap, which needs root: %w", errdefs.ErrFailedPrecondition)
 	}
 
 	partial := dir + ".partial"

@@ -16,9 +16,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/mountinfo"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Stages of a build, as BuildOptions.Progress and TreeOptions.Progress
@@ -126,7 +126,7 @@ func BuildImage(ctx context.Context, g *snapshotter.Graph, opts BuildOptions) (I
 		if err := replaceable(g, img.Snapshot); err != nil {
 			return Image{}, err
 		}
-	case !errors.Is(err, cas.ErrNotFound):
+	case !errors.Is(err, errdefs.ErrNotFound):
 		return Image{}, err
 	}
 
@@ -142,7 +142,7 @@ func BuildImage(ctx context.Context, g *snapshotter.Graph, opts BuildOptions) (I
 		// A staged copy would take in whatever is mounted there.
 		if mps, err := mountinfo.Under(tree); err != nil || len(mps) > 0 {
 			return Image{}, fmt.Errorf("the tree %s has file systems mounted in it (%s); unmount them first: %w",
-				tree, strings.Join(mps, ", "), errors.Join(err, cas.ErrFailedPrecondition))
+				tree, strings.Join(mps, ", "), errors.Join(err, errdefs.ErrFailedPrecondition))
 		}
 		labels[LabelSource] = "tree " + tree
 	} else {
@@ -151,7 +151,7 @@ func BuildImage(ctx context.Context, g *snapshotter.Graph, opts BuildOptions) (I
 			mirror = Mirror(suite)
 		}
 		if !fetchable(mirror) {
-			return Image{}, fmt.Errorf("mirror %q is not an http, https, ftp or file URL: %w", mirror, cas.ErrInvalidArgument)
+			return Image{}, fmt.Errorf("mirror %q is not an http, https, ftp or file URL: %w", mirror, errdefs.ErrInvalidArgument)
 		}
 		var source string
 		tree, source, err = fetchTree(ctx, fetchOptions{
@@ -232,10 +232,10 @@ func imageFromTree(ctx context.Context, g *snapshotter.Graph, name, tree, work s
 	}
 	if s, err := g.Get(snap); err == nil {
 		if !opts.Replace {
-			return Image{}, fmt.Errorf("image %q already exists (snapshot %s): %w", name, snap, cas.ErrAlreadyExists)
+			return Image{}, fmt.Errorf("image %q already exists (snapshot %s): %w", name, snap, errdefs.ErrAlreadyExists)
 		}
 		if s.Labels[LabelImage] != name {
-			return Image{}, fmt.Errorf("snapshot %s exists and is not image %q; boxd does not replace it: %w", snap, name, cas.ErrAlreadyExists)
+			return Image{}, fmt.Errorf("snapshot %s exists and is not image %q; boxd does not replace it: %w", snap, name, errdefs.ErrAlreadyExists)
 		}
 		if err := replaceable(g, snap); err != nil {
 			return Image{}, err
@@ -244,7 +244,7 @@ func imageFromTree(ctx context.Context, g *snapshotter.Graph, name, tree, work s
 	if fi, err := os.Stat(tree); err != nil {
 		return Image{}, fmt.Errorf("image %q: %w", name, err)
 	} else if !fi.IsDir() {
-		return Image{}, fmt.Errorf("image %q: %s is not a folder: %w", name, tree, cas.ErrInvalidArgument)
+		return Image{}, fmt.Errorf("image %q: %s is not a folder: %w", name, tree, errdefs.ErrInvalidArgument)
 	}
 	if err := checkFits(tree, size); err != nil {
 		return Image{}, err
@@ -289,7 +289,7 @@ func storeDisk(ctx context.Context, g *snapshotter.Graph, snap, disk string, lab
 		return snapshotter.Snapshot{}, err
 	}
 	if replace {
-		if err := g.Remove(snap); err != nil && !errors.Is(err, cas.ErrNotFound) {
+		if err := g.Remove(snap); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			return snapshotter.Snapshot{}, fmt.Errorf("replacing image: %w", err)
 		}
 	}
@@ -308,14 +308,14 @@ func storeDisk(ctx context.Context, g *snapshotter.Graph, snap, disk string, lab
 // GetImage returns the image called name.
 func GetImage(g *snapshotter.Graph, name string) (Image, error) {
 	s, err := g.Get(SnapshotName(name))
-	if errors.Is(err, cas.ErrNotFound) {
-		return Image{}, fmt.Errorf("no image %q: build it with boxd image build --name %s: %w", name, name, cas.ErrNotFound)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return Image{}, fmt.Errorf("no image %q: build it with boxd image build --name %s: %w", name, name, errdefs.ErrNotFound)
 	}
 	if err != nil {
 		return Image{}, err
 	}
 	if s.Labels[LabelImage] != name {
-		return Image{}, fmt.Errorf("snapshot %s is not an image (no %s=%s label): %w", s.Name, LabelImage, name, cas.ErrNotFound)
+		return Image{}, fmt.Errorf("snapshot %s is not an image (no %s=%s label): %w", s.Name, LabelImage, name, errdefs.ErrNotFound)
 	}
 	return imageOf(s), nil
 }
@@ -356,7 +356,7 @@ func replaceable(g *snapshotter.Graph, snap string) error {
 	}
 	if len(kids) > 0 {
 		return fmt.Errorf("cannot rebuild the image in snapshot %s: snapshots %s are based on it; remove them first: %w",
-			snap, strings.Join(kids, ", "), cas.ErrFailedPrecondition)
+			snap, strings.Join(kids, ", "), errdefs.ErrFailedPrecondition)
 	}
 	return nil
 }
@@ -368,7 +368,7 @@ func checkSize(size int64) (int64, error) {
 	}
 	const mib = 1 << 20
 	if size < 0 || size > 1<<50 || (size+mib-1)&^(mib-1) < MinSize {
-		return 0, fmt.Errorf("an image of %d bytes is outside the sizes boxd makes (%d MiB to 1 PiB): %w", size, MinSize/mib, cas.ErrInvalidArgument)
+		return 0, fmt.Errorf("an image of %d bytes is outside the sizes boxd makes (%d MiB to 1 PiB): %w", size, MinSize/mib, errdefs.ErrInvalidArgument)
 	}
 	return (size + mib - 1) &^ (mib - 1), nil
 }
@@ -385,7 +385,7 @@ func checkFits(tree string, size int64) error {
 	if avail := size - size/20; avail < need {
 		least := (need*20/19 + 1<<20 - 1) >> 20
 		return fmt.Errorf("the tree %s takes %d MiB; a disk of %d MiB is too small for it: choose at least %d MiB: %w",
-			tree, used>>20, size>>20, least, cas.ErrInvalidArgument)
+			tree, used>>20, size>>20, least, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }

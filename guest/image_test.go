@@ -21,6 +21,7 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 const testSize = 32 << 20
@@ -120,7 +121,7 @@ func TestConfigureTree(t *testing.T) {
 	if leftovers, _ := filepath.Glob(filepath.Join(tree, "etc/.*")); len(leftovers) > 0 {
 		t.Errorf("temporary files left: %v", leftovers)
 	}
-	if err := ConfigureTree(t.TempDir()); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := ConfigureTree(t.TempDir()); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("an empty folder: want invalid argument, got %v", err)
 	}
 }
@@ -175,7 +176,7 @@ func TestImageFromTree(t *testing.T) {
 		t.Errorf("the root folder is not owned by root:\n%s", st)
 	}
 
-	if _, err := ImageFromTree(ctx, g, "tiny", tree, TreeOptions{Size: testSize}); !errors.Is(err, cas.ErrAlreadyExists) {
+	if _, err := ImageFromTree(ctx, g, "tiny", tree, TreeOptions{Size: testSize}); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("a second image of the name: want already exists, got %v", err)
 	}
 	// Replace, then refuse to replace one that others are based on.
@@ -199,7 +200,7 @@ func TestImageFromTree(t *testing.T) {
 	_, err = g.Ingest(ctx, strings.NewReader("changed"), snapshotter.IngestOptions{Name: "box1", Parent: "image.tiny"})
 	must(t, err)
 	_, err = ImageFromTree(ctx, g, "tiny", tree, TreeOptions{Size: testSize, Replace: true})
-	if !errors.Is(err, cas.ErrFailedPrecondition) || !strings.Contains(err.Error(), "box1") {
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "box1") {
 		t.Errorf("replacing an image a snapshot is based on: want a refusal naming box1, got %v", err)
 	}
 
@@ -207,7 +208,7 @@ func TestImageFromTree(t *testing.T) {
 	_, err = g.Ingest(ctx, strings.NewReader("mine"), snapshotter.IngestOptions{Name: SnapshotName("mine")})
 	must(t, err)
 	_, err = ImageFromTree(ctx, g, "mine", tree, TreeOptions{Size: testSize, Replace: true})
-	if !errors.Is(err, cas.ErrAlreadyExists) || !strings.Contains(err.Error(), "not image") {
+	if !errors.Is(err, errdefs.ErrAlreadyExists) || !strings.Contains(err.Error(), "not image") {
 		t.Errorf("replacing a snapshot that is not an image: want a refusal, got %v", err)
 	}
 
@@ -230,12 +231,12 @@ func TestImageFromTreeRefuses(t *testing.T) {
 		want              error
 		says              string
 	}{
-		{"tree too big", "big", tree, testSize, cas.ErrInvalidArgument, "choose at least"},
-		{"size too small", "small", tree, 1 << 20, cas.ErrInvalidArgument, "outside the sizes"},
-		{"bad name", "no/slash", tree, testSize, cas.ErrInvalidArgument, "invalid name"},
-		{"name too long", strings.Repeat("a", 125), tree, testSize, cas.ErrInvalidArgument, "invalid name"},
+		{"tree too big", "big", tree, testSize, errdefs.ErrInvalidArgument, "choose at least"},
+		{"size too small", "small", tree, 1 << 20, errdefs.ErrInvalidArgument, "outside the sizes"},
+		{"bad name", "no/slash", tree, testSize, errdefs.ErrInvalidArgument, "invalid name"},
+		{"name too long", strings.Repeat("a", 125), tree, testSize, errdefs.ErrInvalidArgument, "invalid name"},
 		{"no tree", "none", filepath.Join(tree, "none"), testSize, fs.ErrNotExist, ""},
-		{"a file", "file", filepath.Join(tree, "etc/hostname"), testSize, cas.ErrInvalidArgument, "not a folder"},
+		{"a file", "file", filepath.Join(tree, "etc/hostname"), testSize, errdefs.ErrInvalidArgument, "not a folder"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -301,12 +302,12 @@ func TestBaseFile(t *testing.T) {
 		t.Errorf("same disk, base file %s, %v; want %s", same, err, base)
 	}
 
-	if _, err := BaseFile(ctx, g, "none", dir); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := BaseFile(ctx, g, "none", dir); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("unknown image: want not found, got %v", err)
 	}
 	_, err = g.Ingest(ctx, strings.NewReader("x"), snapshotter.IngestOptions{Name: SnapshotName("plain")})
 	must(t, err)
-	if _, err := BaseFile(ctx, g, "plain", dir); !errors.Is(err, cas.ErrNotFound) || !strings.Contains(err.Error(), "not an image") {
+	if _, err := BaseFile(ctx, g, "plain", dir); !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "not an image") {
 		t.Errorf("a snapshot without the image label: want not found, got %v", err)
 	}
 }
@@ -478,7 +479,7 @@ func TestBuildImageRefuses(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := BuildImage(context.Background(), g, tt.opts)
-			if !errors.Is(err, cas.ErrInvalidArgument) || !strings.Contains(err.Error(), tt.says) {
+			if !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), tt.says) {
 				t.Fatalf("want invalid argument saying %q, got %v", tt.says, err)
 			}
 		})

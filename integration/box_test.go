@@ -20,10 +20,10 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // boxEnv is a manager over a fresh root with the default image built.
@@ -365,8 +365,8 @@ func TestBoxForkHibernate(t *testing.T) {
 		t.Fatal(err)
 	}
 	damageNewestPack(t, e.root)
-	if _, err := e.mgr.Resume(ctx, "a2"); !errors.Is(err, cas.ErrCorrupt) {
-		t.Fatalf("resume from a damaged snapshot: %v, want ErrCorrupt", err)
+	if _, err := e.mgr.Resume(ctx, "a2"); !errors.Is(err, errdefs.ErrDataLoss) {
+		t.Fatalf("resume from a damaged snapshot: %v, want errdefs.ErrDataLoss", err)
 	} else {
 		t.Logf("resume from a damaged snapshot: %v", err)
 	}
@@ -376,7 +376,7 @@ func TestBoxForkHibernate(t *testing.T) {
 	e.run(ctx, t, "dev", "cat /root/parent.txt", 0)
 
 	// Bad input.
-	if _, err := e.mgr.Fork(ctx, "nope", []string{"x"}); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := e.mgr.Fork(ctx, "nope", []string{"x"}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("fork of a missing box: %v", err)
 	}
 	if _, err := e.mgr.Stop(ctx, "a"); err != nil {
@@ -385,10 +385,10 @@ func TestBoxForkHibernate(t *testing.T) {
 	if _, err := e.mgr.Fork(ctx, "a", []string{"y"}); !errors.Is(err, box.ErrInvalidState) {
 		t.Fatalf("fork of a stopped box: %v", err)
 	}
-	if _, err := e.mgr.Hibernate(ctx, "nope"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := e.mgr.Hibernate(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("hibernate of a missing box: %v", err)
 	}
-	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := e.mgr.Fork(ctx, "dev", []string{"Bad_Name"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("fork to a bad name: %v", err)
 	}
 
@@ -455,8 +455,8 @@ func TestBoxHibernateDiskFull(t *testing.T) {
 	filler := filepath.Join(casDir, "filler")
 	fill(t, filler)
 	_, err := e.mgr.Hibernate(ctx, "full")
-	if !errors.Is(err, cas.ErrNoSpace) {
-		t.Fatalf("hibernate with the store's disk full: %v, want ErrNoSpace", err)
+	if !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("hibernate with the store's disk full: %v, want errdefs.ErrResourceExhausted", err)
 	}
 	t.Logf("hibernate with the disk full: %v", err)
 	if bx, _ := e.mgr.Get("full"); bx.State != box.StateRunning {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // PageSize is the guest page size memstore works in: one chunk.
@@ -58,10 +59,10 @@ func Capture(ctx context.Context, g *snapshotter.Graph, src io.ReaderAt, size in
 		opts.Map = DefaultMap
 	}
 	if size%PageSize != 0 {
-		return snapshotter.Snapshot{}, fmt.Errorf("memory region of %d bytes is not a whole number of pages: %w", size, cas.ErrInvalidArgument)
+		return snapshotter.Snapshot{}, fmt.Errorf("memory region of %d bytes is not a whole number of pages: %w", size, errdefs.ErrInvalidArgument)
 	}
 	if opts.Dirty != nil && opts.Parent == "" {
-		return snapshotter.Snapshot{}, fmt.Errorf("a dirty bitmap needs a parent snapshot to inherit the clean pages from: %w", cas.ErrInvalidArgument)
+		return snapshotter.Snapshot{}, fmt.Errorf("a dirty bitmap needs a parent snapshot to inherit the clean pages from: %w", errdefs.ErrInvalidArgument)
 	}
 	draft, err := g.NewDraft(opts.Parent)
 	if err != nil {

@@ -8,9 +8,9 @@ import (
 	"net"
 	"os"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/uffd"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -42,7 +42,7 @@ const maxHandoff = 1 << 16
 // faulting threads would see zero pages.
 func Register(region []byte) (*uffd.FD, error) {
 	if len(region) == 0 || len(region)%PageSize != 0 || uffd.Addr(region)%PageSize != 0 {
-		return nil, fmt.Errorf("region must be page-aligned and a non-empty whole number of pages: %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("region must be page-aligned and a non-empty whole number of pages: %w", errdefs.ErrInvalidArgument)
 	}
 	fd, err := uffd.New()
 	if err != nil {
@@ -67,7 +67,7 @@ func SendHandoff(conn *net.UnixConn, fd *uffd.FD, h Handoff) error {
 		return err
 	}
 	if len(msg) > maxHandoff {
-		return fmt.Errorf("handoff of %d bytes is too large: %w", len(msg), cas.ErrInvalidArgument)
+		return fmt.Errorf("handoff of %d bytes is too large: %w", len(msg), errdefs.ErrInvalidArgument)
 	}
 	oob := unix.UnixRights(fd.Fd())
 	n, oobn, err := conn.WriteMsgUnix(msg, oob, nil)
@@ -91,20 +91,20 @@ func ReceiveHandoff(conn *net.UnixConn) (*uffd.FD, Handoff, error) {
 	}
 	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
 	if err != nil || len(msgs) != 1 {
-		return nil, h, fmt.Errorf("receiving userfaultfd: no descriptor attached: %w", cas.ErrInvalidArgument)
+		return nil, h, fmt.Errorf("receiving userfaultfd: no descriptor attached: %w", errdefs.ErrInvalidArgument)
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
 	if err != nil || len(fds) != 1 {
-		return nil, h, fmt.Errorf("receiving userfaultfd: want one descriptor: %w", cas.ErrInvalidArgument)
+		return nil, h, fmt.Errorf("receiving userfaultfd: want one descriptor: %w", errdefs.ErrInvalidArgument)
 	}
 	f := os.NewFile(uintptr(fds[0]), "userfaultfd")
 	defer f.Close()
 	if err := json.Unmarshal(buf[:n], &h); err != nil {
-		return nil, h, fmt.Errorf("handoff: %w: %w", err, cas.ErrInvalidArgument)
+		return nil, h, fmt.Errorf("handoff: %w: %w", err, errdefs.ErrInvalidArgument)
 	}
 	for i, r := range h.Regions {
 		if r.PageSize != PageSize || r.Size == 0 || r.Size%PageSize != 0 || r.Base%PageSize != 0 || r.Offset%PageSize != 0 {
-			return nil, h, fmt.Errorf("handoff region %d: want page-aligned %d-byte pages: %w", i, PageSize, cas.ErrInvalidArgument)
+			return nil, h, fmt.Errorf("handoff region %d: want page-aligned %d-byte pages: %w", i, PageSize, errdefs.ErrInvalidArgument)
 		}
 	}
 	fd, err := uffd.FromFile(f)
@@ -169,7 +169,7 @@ func HandlerError(conn *net.UnixConn) error {
 	if err := dec.Decode(&msg); err != nil {
 		return nil
 	}
-	return fmt.Errorf("page-fault handler: %s: %w", msg.Error, cas.ErrCorrupt)
+	return fmt.Errorf("page-fault handler: %s: %w", msg.Error, errdefs.ErrDataLoss)
 }
 
 // FailRegion makes region inaccessible and wakes the threads waiting on its

@@ -149,7 +149,7 @@ func TestHandoffDamaged(t *testing.T) {
 		sink.Add(int64(region[5*PageSize+1]))
 	}()
 	herr := HandlerError(conn)
-	if !errors.Is(herr, cas.ErrCorrupt) {
+	if !errors.Is(herr, errdefs.ErrDataLoss) {
 		t.Fatalf("handler report %v, want a corruption error", herr)
 	}
 	if err := FailRegion(fd, region); err != nil {
@@ -171,7 +171,7 @@ func TestReceiveHandoffRejects(t *testing.T) {
 	if _, err := a.Write([]byte(`{"snapshot":"m"}`)); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := ReceiveHandoff(b); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, _, err := ReceiveHandoff(b); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("handoff without a descriptor: %v, want ErrInvalidArgument", err)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -242,11 +243,11 @@ func TestIncrementalCapture(t *testing.T) {
 
 	t.Run("bad input", func(t *testing.T) {
 		_, err := Capture(context.Background(), g, bytes.NewReader(next), int64(len(next)), CaptureOptions{Name: "x", Dirty: dirty})
-		if !errors.Is(err, cas.ErrInvalidArgument) {
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("dirty bitmap without parent: %v, want ErrInvalidArgument", err)
 		}
 		_, err = Capture(context.Background(), g, bytes.NewReader(next), 100, CaptureOptions{Name: "y"})
-		if !errors.Is(err, cas.ErrInvalidArgument) {
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("size not a whole number of pages: %v, want ErrInvalidArgument", err)
 		}
 	})
@@ -325,7 +326,7 @@ func TestDamagedChunk(t *testing.T) {
 	b[0] ^= 0x40
 	f.WriteAt(b[:], int64(loc.Offset)+10)
 	f.Close()
-	if _, err := g.Store().Get(cas.Sum(src[victim*PageSize:(victim+1)*PageSize]), nil); !errors.Is(err, cas.ErrCorrupt) {
+	if _, err := g.Store().Get(cas.Sum(src[victim*PageSize:(victim+1)*PageSize]), nil); !errors.Is(err, errdefs.ErrDataLoss) {
 		t.Fatalf("Get of the damaged chunk: %v", err)
 	}
 
@@ -343,20 +344,20 @@ func TestDamagedChunk(t *testing.T) {
 	}
 	<-rs.Failed()
 	err = rs.Close()
-	if !errors.Is(err, cas.ErrCorrupt) {
-		t.Fatalf("restore error %v, want ErrCorrupt", err)
+	if !errors.Is(err, errdefs.ErrDataLoss) {
+		t.Fatalf("restore error %v, want errdefs.ErrDataLoss", err)
 	}
 }
 
 func TestMissingSnapshotOrChunk(t *testing.T) {
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	region := anon(t, 16*PageSize)
-	if _, err := Start(context.Background(), g, "nope", "", region, Options{}); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := Start(context.Background(), g, "nope", "", region, Options{}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("unknown snapshot: %v, want ErrNotFound", err)
 	}
 	src := image(8, 16)
 	capture(t, g, src, CaptureOptions{Name: "m"})
-	if _, err := Start(context.Background(), g, "m", "", anon(t, 32*PageSize), Options{}); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := Start(context.Background(), g, "m", "", anon(t, 32*PageSize), Options{}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("region larger than the snapshot: %v, want ErrInvalidArgument", err)
 	}
 	// A snapshot whose chunks are gone from the store (its pack deleted):

@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"sync"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/uffd"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,7 +48,7 @@ func Start(ctx context.Context, g *snapshotter.Graph, snap, m string, region []b
 		m = DefaultMap
 	}
 	if len(region) == 0 || len(region)%PageSize != 0 || uffd.Addr(region)%PageSize != 0 {
-		return nil, fmt.Errorf("region must be page-aligned and a non-empty whole number of pages: %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("region must be page-aligned and a non-empty whole number of pages: %w", errdefs.ErrInvalidArgument)
 	}
 	r, err := g.OpenMap(snap, m)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/uffd"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -124,7 +125,7 @@ func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store,
 	s := &Server{fd: fd, store: store, opts: opts, onFail: onFail, failed: make(chan struct{}), prefetchDone: make(chan struct{})}
 	for _, sp := range spans {
 		if uint64(sp.pages)+sp.first > r.Blocks() {
-			return nil, fmt.Errorf("region of %d pages at page %d is larger than the snapshot's %d pages: %w", sp.pages, sp.first, r.Blocks(), cas.ErrInvalidArgument)
+			return nil, fmt.Errorf("region of %d pages at page %d is larger than the snapshot's %d pages: %w", sp.pages, sp.first, r.Blocks(), errdefs.ErrInvalidArgument)
 		}
 		tab, err := newPageTable(store, r, sp.first, sp.pages)
 		if err != nil {

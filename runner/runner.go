@@ -11,7 +11,6 @@ package runner
 
 import (
 	"context"
-	"errors"
 
 	"github.com/boxd-dev/boxd/snapshotter"
 )
@@ -33,16 +32,16 @@ type Runner interface {
 	Capabilities() Capabilities
 
 	// Start boots a fresh machine from spec and leaves it running. It
-	// refuses a spec it cannot run (cas.ErrInvalidArgument) and a host that
-	// lacks what it needs (ErrNotSupported, naming it: "/dev/kvm", "vmx").
+	// refuses a spec it cannot run (errdefs.ErrInvalidArgument) and a host that
+	// lacks what it needs (errdefs.ErrNotImplemented, naming it: "/dev/kvm", "vmx").
 	Start(ctx context.Context, spec Spec) (Machine, error)
 
 	// Restore starts a machine from a snapshot this backend took: memory,
 	// registers and devices as they were. With Capabilities.LazyMemory the
 	// memory is served as the guest touches it, the recorded working set
-	// first. An unknown snapshot is cas.ErrNotFound; a snapshot whose
+	// first. An unknown snapshot is errdefs.ErrNotFound; a snapshot whose
 	// chunks are missing fails before the machine runs, and a damaged chunk
-	// stops the machine with cas.ErrCorrupt when it is needed: never a
+	// stops the machine with errdefs.ErrDataLoss when it is needed: never a
 	// wrong page. The snapshot and any machine it came from are unaffected.
 	Restore(ctx context.Context, snapshot string, opts RestoreOptions) (Machine, error)
 }

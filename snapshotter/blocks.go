@@ -7,6 +7,7 @@ import (
 	"math"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // WriteBlocks sets the listed blocks of map name from r, which holds their
@@ -16,7 +17,7 @@ import (
 func (d *Draft) WriteBlocks(ctx context.Context, name string, kind Kind, blocks []uint64, r io.Reader) (MapInfo, error) {
 	for _, b := range blocks {
 		if b >= math.MaxInt64/cas.ChunkSize {
-			return MapInfo{}, fmt.Errorf("block %d is beyond the largest image: %w", b, cas.ErrInvalidArgument)
+			return MapInfo{}, fmt.Errorf("block %d is beyond the largest image: %w", b, errdefs.ErrInvalidArgument)
 		}
 	}
 	m, err := d.mapFor(name, kind)
@@ -34,7 +35,7 @@ func (d *Draft) WriteBlocks(ctx context.Context, name string, kind Kind, blocks 
 	var last uint64
 	n, err := d.w.WriteStream(ctx, r, func(i int64, id cas.ID) error {
 		if i >= int64(len(blocks)) {
-			return fmt.Errorf("input holds more than the %d blocks listed: %w", len(blocks), cas.ErrInvalidArgument)
+			return fmt.Errorf("input holds more than the %d blocks listed: %w", len(blocks), errdefs.ErrInvalidArgument)
 		}
 		last = max(last, blocks[i])
 		m.record(blocks[i], id)
@@ -44,7 +45,7 @@ func (d *Draft) WriteBlocks(ctx context.Context, name string, kind Kind, blocks 
 		return MapInfo{}, err
 	}
 	if n != int64(len(blocks))*cas.ChunkSize {
-		return MapInfo{}, fmt.Errorf("input holds %d bytes, want %d for %d blocks: %w", n, int64(len(blocks))*cas.ChunkSize, len(blocks), cas.ErrInvalidArgument)
+		return MapInfo{}, fmt.Errorf("input holds %d bytes, want %d for %d blocks: %w", n, int64(len(blocks))*cas.ChunkSize, len(blocks), errdefs.ErrInvalidArgument)
 	}
 	if len(blocks) > 0 {
 		if end := int64(last+1) * cas.ChunkSize; end > m.info.Size {

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // Delta encoding, version 1:
@@ -53,16 +54,16 @@ func encodeDelta(changes []change) []byte {
 // decodeDelta parses a delta, checking its checksum and order.
 func decodeDelta(b []byte) ([]change, error) {
 	if len(b) < len(deltaMagic)+1+4 || string(b[:len(deltaMagic)]) != string(deltaMagic) {
-		return nil, fmt.Errorf("block map delta: bad header: %w", cas.ErrCorrupt)
+		return nil, fmt.Errorf("block map delta: bad header: %w", errdefs.ErrDataLoss)
 	}
 	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
 	if crc32.Checksum(body, castagnoli) != sum {
-		return nil, fmt.Errorf("block map delta: checksum mismatch: %w", cas.ErrCorrupt)
+		return nil, fmt.Errorf("block map delta: checksum mismatch: %w", errdefs.ErrDataLoss)
 	}
 	p := body[len(deltaMagic):]
 	count, n := uvarint(p)
 	if n <= 0 || count > uint64(len(p))/33 {
-		return nil, fmt.Errorf("block map delta: bad count: %w", cas.ErrCorrupt)
+		return nil, fmt.Errorf("block map delta: bad count: %w", errdefs.ErrDataLoss)
 	}
 	p = p[n:]
 	changes := make([]change, 0, count)
@@ -70,18 +71,18 @@ func decodeDelta(b []byte) ([]change, error) {
 	for range count {
 		gap, n := uvarint(p)
 		if n <= 0 || len(p) < n+32 {
-			return nil, fmt.Errorf("block map delta: truncated entry: %w", cas.ErrCorrupt)
+			return nil, fmt.Errorf("block map delta: truncated entry: %w", errdefs.ErrDataLoss)
 		}
 		block := next + gap
 		if block < next || block == math.MaxUint64 {
-			return nil, fmt.Errorf("block map delta: block number overflows: %w", cas.ErrCorrupt)
+			return nil, fmt.Errorf("block map delta: block number overflows: %w", errdefs.ErrDataLoss)
 		}
 		changes = append(changes, change{Block: block, ID: cas.ID(p[n : n+32])})
 		p = p[n+32:]
 		next = block + 1
 	}
 	if len(p) != 0 {
-		return nil, fmt.Errorf("block map delta: %d trailing bytes: %w", len(p), cas.ErrCorrupt)
+		return nil, fmt.Errorf("block map delta: %d trailing bytes: %w", len(p), errdefs.ErrDataLoss)
 	}
 	return changes, nil
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // seal appends the checksum to a delta body.
@@ -76,8 +77,8 @@ func TestDecodeDeltaRejects(t *testing.T) {
 		{"count varint too long", seal([]byte("BXD1\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"))},
 	}
 	for _, tc := range tests {
-		if got, err := decodeDelta(tc.b); !errors.Is(err, cas.ErrCorrupt) {
-			t.Errorf("%s: decoded %v, %v; want ErrCorrupt", tc.name, got, err)
+		if got, err := decodeDelta(tc.b); !errors.Is(err, errdefs.ErrDataLoss) {
+			t.Errorf("%s: decoded %v, %v; want errdefs.ErrDataLoss", tc.name, got, err)
 		}
 	}
 }
@@ -92,8 +93,8 @@ func FuzzDecodeDelta(f *testing.F) {
 		check := func(b []byte) {
 			changes, err := decodeDelta(b)
 			if err != nil {
-				if !errors.Is(err, cas.ErrCorrupt) {
-					t.Fatalf("error %v is not ErrCorrupt", err)
+				if !errors.Is(err, errdefs.ErrDataLoss) {
+					t.Fatalf("error %v is not errdefs.ErrDataLoss", err)
 				}
 				return
 			}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -73,7 +74,7 @@ func (d *Draft) mapFor(name string, kind Kind) (*draftMap, error) {
 		d.order = append(d.order, name)
 	}
 	if m.info.Kind != kind {
-		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, errdefs.ErrInvalidArgument)
 	}
 	return m, nil
 }
@@ -134,10 +135,10 @@ func (d *Draft) WriteMap(ctx context.Context, name string, kind Kind, r io.Reade
 // The map grows to cover the block if it is shorter.
 func (d *Draft) WriteBlock(name string, kind Kind, n uint64, data []byte) error {
 	if len(data) > cas.ChunkSize {
-		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), cas.ErrInvalidArgument)
+		return fmt.Errorf("block of %d bytes is larger than a chunk: %w", len(data), errdefs.ErrInvalidArgument)
 	}
 	if n >= math.MaxInt64/cas.ChunkSize {
-		return fmt.Errorf("block %d is beyond the largest image: %w", n, cas.ErrInvalidArgument)
+		return fmt.Errorf("block %d is beyond the largest image: %w", n, errdefs.ErrInvalidArgument)
 	}
 	m, err := d.mapFor(name, kind)
 	if err != nil {
@@ -162,7 +163,7 @@ func (d *Draft) WriteBlock(name string, kind Kind, n uint64, data []byte) error 
 // SetSize sets the logical size of map name, truncating or extending it.
 func (d *Draft) SetSize(name string, kind Kind, size int64) error {
 	if size < 0 {
-		return fmt.Errorf("negative size %d: %w", size, cas.ErrInvalidArgument)
+		return fmt.Errorf("negative size %d: %w", size, errdefs.ErrInvalidArgument)
 	}
 	m, err := d.mapFor(name, kind)
 	if err != nil {
@@ -290,7 +291,7 @@ func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) 
 	}
 	g := d.g
 	if _, err := g.Get(name); err == nil {
-		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
 	snap := Snapshot{Name: name, Created: time.Now().UTC(), Labels: labels}
 	if d.parent != nil {
@@ -319,7 +320,7 @@ func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) 
 	err = g.db.Update(func(tx *bolt.Tx) error {
 		snaps := tx.Bucket(bucketSnapshots)
 		if snaps.Get([]byte(name)) != nil {
-			return fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+			return fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 		}
 		if snap.Parent != "" {
 			// The parent the deltas are against, not another of its name.
@@ -362,7 +363,7 @@ func (g *Graph) Ingest(ctx context.Context, r io.Reader, opts IngestOptions) (Sn
 		return Snapshot{}, err
 	}
 	if _, err := g.Get(opts.Name); err == nil {
-		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", opts.Name, cas.ErrAlreadyExists)
+		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", opts.Name, errdefs.ErrAlreadyExists)
 	}
 	if opts.Kind == "" {
 		opts.Kind = KindDisk

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/sys/unix"
@@ -37,7 +39,7 @@ func ParseKind(s string) (Kind, error) {
 	case KindDisk, KindMemory:
 		return k, nil
 	}
-	return "", fmt.Errorf("unknown kind %q: want disk or memory: %w", s, cas.ErrInvalidArgument)
+	return "", fmt.Errorf("unknown kind %q: want disk or memory: %w", s, errdefs.ErrInvalidArgument)
 }
 
 // MapInfo describes one block map of a snapshot.
@@ -89,7 +91,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
 // and not "." or "..".
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) || name == "." || name == ".." {
-		return fmt.Errorf("invalid name %q: use 1 to 128 characters from A-Z a-z 0-9 . _ -: %w", name, cas.ErrInvalidArgument)
+		return fmt.Errorf("invalid name %q: use 1 to 128 characters from A-Z a-z 0-9 . _ -: %w", name, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
@@ -126,7 +128,7 @@ func Open(root string) (*Graph, error) {
 	}
 	db, err := bolt.Open(filepath.Join(root, "meta.db"), 0o600, &bolt.Options{Timeout: time.Second})
 	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, fmt.Errorf("root %s is in use by another boxd process: %w", root, cas.ErrUnavailable)
+		return nil, fmt.Errorf("root %s is in use by another boxd process: %w", root, errdefs.ErrUnavailable)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("opening snapshot metadata: %w", dbErr(err))
@@ -177,10 +179,10 @@ func getSnapshot(tx *bolt.Tx, name string) (Snapshot, error) {
 	var s Snapshot
 	v := tx.Bucket(bucketSnapshots).Get([]byte(name))
 	if v == nil {
-		return s, fmt.Errorf("snapshot %q: %w", name, cas.ErrNotFound)
+		return s, fmt.Errorf("snapshot %q: %w", name, errdefs.ErrNotFound)
 	}
 	if err := json.Unmarshal(v, &s); err != nil {
-		return s, fmt.Errorf("snapshot %q: record unreadable: %w: %w", name, err, cas.ErrCorrupt)
+		return s, fmt.Errorf("snapshot %q: record unreadable: %w: %w", name, err, errdefs.ErrDataLoss)
 	}
 	return s, nil
 }
@@ -192,7 +194,7 @@ func (g *Graph) List() ([]Snapshot, error) {
 		return tx.Bucket(bucketSnapshots).ForEach(func(k, v []byte) error {
 			var s Snapshot
 			if err := json.Unmarshal(v, &s); err != nil {
-				return fmt.Errorf("snapshot %q: record unreadable: %w: %w", k, err, cas.ErrCorrupt)
+				return fmt.Errorf("snapshot %q: record unreadable: %w: %w", k, err, errdefs.ErrDataLoss)
 			}
 			all = append(all, s)
 			return nil
@@ -254,7 +256,7 @@ func (g *Graph) Remove(name string) error {
 		return err
 	}
 	if len(kids) > 0 {
-		return fmt.Errorf("snapshot %q has children (%s); remove them first: %w", name, strings.Join(kids, ", "), cas.ErrFailedPrecondition)
+		return fmt.Errorf("snapshot %q has children (%s); remove them first: %w", name, strings.Join(kids, ", "), errdefs.ErrFailedPrecondition)
 	}
 	err = g.db.Update(func(tx *bolt.Tx) error {
 		s, err := getSnapshot(tx, name)
@@ -278,11 +280,11 @@ func (g *Graph) Remove(name string) error {
 	return dbErr(err)
 }
 
-// dbErr marks a metadata write that ran out of disk as cas.ErrNoSpace, as
+// dbErr marks a metadata write that ran out of disk as errdefs.ErrResourceExhausted, as
 // the store marks its own.
 func dbErr(err error) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return cas.WithCategory(err, cas.ErrNoSpace)
+		return errcat.With(err, errdefs.ErrResourceExhausted)
 	}
 	return err
 }
@@ -293,7 +295,7 @@ func (g *Graph) delta(snap, m string) ([]change, error) {
 	err := g.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketDeltas).Get(deltaKey(snap, m))
 		if v == nil {
-			return fmt.Errorf("snapshot %q map %q: delta missing: %w", snap, m, cas.ErrCorrupt)
+			return fmt.Errorf("snapshot %q map %q: delta missing: %w", snap, m, errdefs.ErrDataLoss)
 		}
 		var err error
 		changes, err = decodeDelta(v)
@@ -312,7 +314,7 @@ func (g *Graph) resolve(snap Snapshot, m string) (*table, error) {
 		return t, nil
 	}
 	if _, ok := snap.Map(m); !ok {
-		return nil, fmt.Errorf("snapshot %q has no %q map: %w", snap.Name, m, cas.ErrNotFound)
+		return nil, fmt.Errorf("snapshot %q has no %q map: %w", snap.Name, m, errdefs.ErrNotFound)
 	}
 	// Walk up to the nearest ancestor whose table is cached (or the root),
 	// then apply the deltas downwards.

@@ -130,7 +130,7 @@ func checkReadAt(t *testing.T, mr *MapReader, data []byte, r interface{ IntN(int
 			t.Fatalf("ReadAt(%d bytes at %d) differs from the source", sp.n, sp.off)
 		}
 	}
-	if _, err := mr.ReadAt(make([]byte, 1), -1); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := mr.ReadAt(make([]byte, 1), -1); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("ReadAt at -1: %v, want ErrInvalidArgument", err)
 	}
 	got, err := io.ReadAll(io.NewSectionReader(mr, 0, mr.Size()))
@@ -283,11 +283,11 @@ func TestNames(t *testing.T) {
 	}
 	g := testutil.OpenGraph(t, t.TempDir(), Open)
 	for _, n := range invalid {
-		if err := ValidateName(n); !errors.Is(err, cas.ErrInvalidArgument) {
+		if err := ValidateName(n); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("ValidateName(%q) = %v, want ErrInvalidArgument", n, err)
 		}
 		_, err := g.Ingest(context.Background(), bytes.NewReader([]byte("x")), IngestOptions{Name: n})
-		if !errors.Is(err, cas.ErrInvalidArgument) {
+		if !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("Ingest named %q = %v, want ErrInvalidArgument", n, err)
 		}
 		draft, err := g.NewDraft("")
@@ -302,7 +302,7 @@ func TestNames(t *testing.T) {
 		}
 	}
 	for _, k := range []string{"", "Disk", "mem", "disk "} {
-		if _, err := ParseKind(k); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := ParseKind(k); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("ParseKind(%q) = %v, want ErrInvalidArgument", k, err)
 		}
 	}
@@ -320,26 +320,26 @@ func TestBadInput(t *testing.T) {
 	ctx := context.Background()
 
 	_, err := g.Ingest(ctx, bytes.NewReader(data), IngestOptions{Name: "base"})
-	if !errors.Is(err, cas.ErrAlreadyExists) {
+	if !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Ingest of an existing name: %v, want ErrAlreadyExists", err)
 	}
 	_, err = g.Ingest(ctx, bytes.NewReader(data), IngestOptions{Name: "orphan", Parent: "nope"})
-	if !errors.Is(err, cas.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
+	if !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("Ingest over an unknown parent: %v, want ErrNotFound naming it", err)
 	}
 	if _, err := g.NewDraft("nope"); !errors.Is(err, cas.ErrNotFound) {
 		t.Errorf("NewDraft over an unknown parent: %v, want ErrNotFound", err)
 	}
-	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("OpenMap of an unknown snapshot: %v", err)
 	}
-	if _, err := g.OpenMap("base", "memory"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("base", "memory"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("OpenMap of an unknown map: %v", err)
 	}
-	if err := g.Remove("nope"); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.Remove("nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Remove of an unknown snapshot: %v", err)
 	}
-	if _, err := g.Report(ctx, "nope"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Report(ctx, "nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Report of an unknown snapshot: %v", err)
 	}
 	failing := io.MultiReader(bytes.NewReader(data[:5*bs]), iotestErr{})
@@ -408,7 +408,7 @@ func TestRemoveAndGC(t *testing.T) {
 
 	for _, name := range []string{"base", "child"} {
 		err := g.Remove(name)
-		if !errors.Is(err, cas.ErrFailedPrecondition) {
+		if !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Fatalf("Remove(%s) with children: %v, want ErrFailedPrecondition", name, err)
 		}
 		kids, _ := g.Children(name)
@@ -438,13 +438,13 @@ func TestRemoveAndGC(t *testing.T) {
 	if err := g.Remove("grandchild"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.Get("grandchild"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Get("grandchild"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Get after Remove: %v", err)
 	}
-	if _, err := g.OpenMap("grandchild", "disk"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.OpenMap("grandchild", "disk"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("OpenMap after Remove: %v", err)
 	}
-	if err := g.Remove("grandchild"); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.Remove("grandchild"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("second Remove: %v", err)
 	}
 	before, err := g.Store().Stats()
@@ -527,7 +527,7 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The root is held while open.
-	if _, err := Open(root); !errors.Is(err, cas.ErrUnavailable) {
+	if _, err := Open(root); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("second Open of a root in use: %v, want ErrUnavailable", err)
 	}
 	if err := g.Close(); err != nil {

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // MapReader reads one block map of a snapshot. It is safe for concurrent use.
@@ -28,7 +29,7 @@ func (g *Graph) OpenMap(snap, m string) (*MapReader, error) {
 	}
 	info, ok := s.Map(m)
 	if !ok {
-		return nil, fmt.Errorf("snapshot %q has no %q map: %w", snap, m, cas.ErrNotFound)
+		return nil, fmt.Errorf("snapshot %q has no %q map: %w", snap, m, errdefs.ErrNotFound)
 	}
 	t, err := g.resolve(s, m)
 	if err != nil {
@@ -60,7 +61,7 @@ func (r *MapReader) Each(fn func(n uint64, id cas.ID) error) error { return r.t.
 // ReadAt implements io.ReaderAt over the image.
 func (r *MapReader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
-		return 0, fmt.Errorf("negative offset: %w", cas.ErrInvalidArgument)
+		return 0, fmt.Errorf("negative offset: %w", errdefs.ErrInvalidArgument)
 	}
 	var buf [cas.ChunkSize]byte
 	n := 0
@@ -123,7 +124,7 @@ func (r *MapReader) ExportInto(ctx context.Context, f *os.File, progress func(do
 		return fmt.Errorf("exporting into %s: %w", f.Name(), err)
 	}
 	if fi.Size() != r.info.Size {
-		return fmt.Errorf("exporting %d bytes into %s, of %d bytes: %w", r.info.Size, f.Name(), fi.Size(), cas.ErrInvalidArgument)
+		return fmt.Errorf("exporting %d bytes into %s, of %d bytes: %w", r.info.Size, f.Name(), fi.Size(), errdefs.ErrInvalidArgument)
 	}
 	return r.writeBlocks(ctx, f, progress)
 }

@@ -4,7 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -27,7 +27,7 @@ func (g *Graph) SetWorkingSet(snap, m string, pages []uint64) error {
 	}
 	return g.db.Update(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketSnapshots).Get([]byte(snap)) == nil {
-			return fmt.Errorf("snapshot %q: %w", snap, cas.ErrNotFound)
+			return fmt.Errorf("snapshot %q: %w", snap, errdefs.ErrNotFound)
 		}
 		b, err := tx.CreateBucketIfNotExists(bucketWorkingSets)
 		if err != nil {
@@ -71,7 +71,7 @@ func (g *Graph) WorkingSet(snap, m string) ([]uint64, string, error) {
 func decodeWorkingSet(b []byte) ([]uint64, error) {
 	count, n := binary.Uvarint(b)
 	if n <= 0 || count > uint64(len(b)) {
-		return nil, fmt.Errorf("bad count: %w", cas.ErrCorrupt)
+		return nil, fmt.Errorf("bad count: %w", errdefs.ErrDataLoss)
 	}
 	b = b[n:]
 	pages := make([]uint64, 0, count)
@@ -79,17 +79,17 @@ func decodeWorkingSet(b []byte) ([]uint64, error) {
 	for range count {
 		d, n := binary.Varint(b)
 		if n <= 0 {
-			return nil, fmt.Errorf("truncated: %w", cas.ErrCorrupt)
+			return nil, fmt.Errorf("truncated: %w", errdefs.ErrDataLoss)
 		}
 		prev += d
 		if prev < 0 {
-			return nil, fmt.Errorf("negative page: %w", cas.ErrCorrupt)
+			return nil, fmt.Errorf("negative page: %w", errdefs.ErrDataLoss)
 		}
 		pages = append(pages, uint64(prev))
 		b = b[n:]
 	}
 	if len(b) != 0 {
-		return nil, fmt.Errorf("%d trailing bytes: %w", len(b), cas.ErrCorrupt)
+		return nil, fmt.Errorf("%d trailing bytes: %w", len(b), errdefs.ErrDataLoss)
 	}
 	return pages, nil
 }

@@ -38,7 +38,7 @@ func TestWorkingSet(t *testing.T) {
 	if ws, from, _ := g.WorkingSet("c", "memory"); from != "b" || !slices.Equal(ws, []uint64{5}) {
 		t.Errorf("c inherits %v from %q, want [5] from b", ws, from)
 	}
-	if err := g.SetWorkingSet("nope", "memory", nil); !errors.Is(err, cas.ErrNotFound) {
+	if err := g.SetWorkingSet("nope", "memory", nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("working set of an unknown snapshot: %v", err)
 	}
 	if err := g.Remove("c"); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/containerd/errdefs"
 	"golang.org/x/crypto/ssh"
 )
@@ -50,5 +51,5 @@ func ParseAuthorizedKeys(data []byte) ([]ssh.PublicKey, error) {
 }
 
 func invalid(format string, args ...any) error {
-	return withCategory(fmt.Errorf(format, args...), errdefs.ErrInvalidArgument)
+	return errcat.With(fmt.Errorf(format, args...), errdefs.ErrInvalidArgument)
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/containerd/errdefs"
 	"golang.org/x/crypto/ssh"
 )
@@ -43,10 +44,10 @@ func loadHostKey(path string) (ssh.Signer, error) {
 		return nil, fsCategory(fmt.Errorf("stat host key: %w", err))
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, withCategory(fmt.Errorf("host key %s is not a regular file", path), errdefs.ErrInvalidArgument)
+		return nil, errcat.With(fmt.Errorf("host key %s is not a regular file", path), errdefs.ErrInvalidArgument)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, withCategory(fmt.Errorf("host key %s is accessible by others (mode %04o); make it 0600", path, perm),
+		return nil, errcat.With(fmt.Errorf("host key %s is accessible by others (mode %04o); make it 0600", path, perm),
 			errdefs.ErrFailedPrecondition)
 	}
 	// A host key is a few hundred bytes; a large file is the wrong file.
@@ -58,10 +59,10 @@ func loadHostKey(path string) (ssh.Signer, error) {
 	if err != nil {
 		var missing *ssh.PassphraseMissingError
 		if errors.As(err, &missing) {
-			return nil, withCategory(fmt.Errorf("host key %s is encrypted with a passphrase, which boxd cannot use", path),
+			return nil, errcat.With(fmt.Errorf("host key %s is encrypted with a passphrase, which boxd cannot use", path),
 				errdefs.ErrInvalidArgument)
 		}
-		return nil, withCategory(fmt.Errorf("host key %s is not an SSH private key: %w", path, err), errdefs.ErrInvalidArgument)
+		return nil, errcat.With(fmt.Errorf("host key %s is not an SSH private key: %w", path, err), errdefs.ErrInvalidArgument)
 	}
 	return signer, nil
 }

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/containerd/errdefs"
 	"golang.org/x/crypto/ssh"
 )
@@ -97,7 +98,7 @@ func (s *Server) logger() *slog.Logger {
 // listeners; Close closes them all.
 func (s *Server) Serve(l net.Listener) error {
 	if s.HostKey == nil || s.Backend == nil {
-		return withCategory(errors.New("ssh proxy needs a host key and a backend"), errdefs.ErrInvalidArgument)
+		return errcat.With(errors.New("ssh proxy needs a host key and a backend"), errdefs.ErrInvalidArgument)
 	}
 	s.init()
 	s.mu.Lock()

@@ -21,6 +21,7 @@ import (
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // bench holds what the measurements share.
@@ -117,7 +118,7 @@ func (b *bench) clearSnapshots(ctx context.Context) error {
 		if b.r != nil {
 			b.r.SnapshotRemoved(name)
 		}
-		if err := b.g.Remove(name); err != nil && !errors.Is(err, cas.ErrNotFound) {
+		if err := b.g.Remove(name); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			errs = append(errs, err)
 		}
 	}

@@ -34,10 +34,10 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/bench/internal/benchkit"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 var (
@@ -153,7 +153,7 @@ func setUp(ctx context.Context) (*bench, error) {
 func ensureImage(ctx context.Context, g *snapshotter.Graph, cache string) (guest.Image, error) {
 	if img, err := guest.GetImage(g, guest.DefaultImage); err == nil {
 		return img, nil
-	} else if !errors.Is(err, cas.ErrNotFound) {
+	} else if !errors.Is(err, errdefs.ErrNotFound) {
 		return guest.Image{}, err
 	}
 	opts := guest.BuildOptions{Name: guest.DefaultImage, Progress: buildProgress()}

@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/boxd-dev/boxd/cli"
+	"github.com/boxd-dev/boxd/errcat"
 )
 
 func main() { os.Exit(run()) }
@@ -24,7 +25,7 @@ func run() int {
 		f, err := os.Create(path)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "boxd: cpu profile: %v\n", err)
-			return cli.ExitFailure
+			return errcat.ExitFailure
 		}
 		if err := pprof.StartCPUProfile(f); err == nil {
 			defer pprof.StopCPUProfile()

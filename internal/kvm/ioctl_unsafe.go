@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"unsafe"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"golang.org/x/sys/unix"
 )
 
@@ -55,7 +56,7 @@ func getSupportedCPUID(fd int) ([]CPUIDEntry, error) {
 		entries := unsafe.Slice((*CPUIDEntry)(unsafe.Pointer(&buf[8])), got)
 		return append([]CPUIDEntry(nil), entries...), nil
 	}
-	return nil, fmt.Errorf("KVM_GET_SUPPORTED_CPUID: too many entries: %w", ErrNotSupported)
+	return nil, errcat.NotSupported("KVM_GET_SUPPORTED_CPUID: too many entries")
 }
 
 func getMSRIndexList(fd int) ([]uint32, error) {
@@ -71,7 +72,7 @@ func getMSRIndexList(fd int) ([]uint32, error) {
 		}
 		return append([]uint32(nil), buf[1:1+buf[0]]...), nil
 	}
-	return nil, fmt.Errorf("KVM_GET_MSR_INDEX_LIST: too many entries: %w", ErrNotSupported)
+	return nil, errcat.NotSupported("KVM_GET_MSR_INDEX_LIST: too many entries")
 }
 
 // SetCPUID sets the vCPU's CPUID table.
@@ -189,7 +190,7 @@ func (c *VCPU) SetMSR(m MSR) error {
 		return fmt.Errorf("KVM_SET_MSRS %#x: %w", m.Index, err)
 	}
 	if n != 1 {
-		return fmt.Errorf("KVM_SET_MSRS %#x: refused: %w", m.Index, ErrNotSupported)
+		return errcat.NotSupported("KVM_SET_MSRS %#x: refused", m.Index)
 	}
 	return nil
 }

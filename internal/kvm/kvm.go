@@ -9,11 +9,9 @@ import (
 	"os"
 	"sync"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"golang.org/x/sys/unix"
 )
-
-// ErrNotSupported says KVM, or a feature of it, is missing.
-var ErrNotSupported = errors.New("not supported")
 
 // Device is the KVM device.
 const Device = "/dev/kvm"
@@ -29,7 +27,7 @@ func Open() (*System, error) {
 	fd, err := unix.Open(Device, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
-			return nil, fmt.Errorf("%s is missing (no KVM on this host): %w", Device, ErrNotSupported)
+			return nil, errcat.NotSupported("%s is missing (no KVM on this host)", Device)
 		}
 		return nil, fmt.Errorf("opening %s: %w", Device, err)
 	}
@@ -40,7 +38,7 @@ func Open() (*System, error) {
 	}
 	if v != 12 {
 		unix.Close(fd)
-		return nil, fmt.Errorf("%s: API version %d, want 12: %w", Device, v, ErrNotSupported)
+		return nil, errcat.NotSupported("%s: API version %d, want 12", Device, v)
 	}
 	return &System{fd: fd}, nil
 }
@@ -209,7 +207,7 @@ func (r ExitReason) String() string {
 // IsSupported reports whether /dev/kvm exists and opens.
 func IsSupported() error {
 	if _, err := os.Stat(Device); err != nil {
-		return fmt.Errorf("%s is missing: %w", Device, ErrNotSupported)
+		return errcat.NotSupported("%s is missing", Device)
 	}
 	s, err := Open()
 	if err != nil {

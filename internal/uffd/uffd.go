@@ -12,11 +12,9 @@ import (
 	"os"
 	"sync"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"golang.org/x/sys/unix"
 )
-
-// ErrNotSupported says the kernel or its settings refuse userfaultfd.
-var ErrNotSupported = errors.New("userfaultfd not supported")
 
 // FD is an owned userfaultfd descriptor. It closes itself once.
 type FD struct {
@@ -36,7 +34,7 @@ func New() (*FD, error) {
 		var serr error
 		fd, serr = newBySyscall()
 		if serr != nil {
-			return nil, fmt.Errorf("%w: /dev/userfaultfd: %w; syscall: %w", ErrNotSupported, err, serr)
+			return nil, errcat.NotSupported("userfaultfd not supported: /dev/userfaultfd: %w; syscall: %w", err, serr)
 		}
 	}
 	u := &FD{fd: fd}

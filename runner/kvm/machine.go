@@ -13,6 +13,7 @@ import (
 	ikvm "github.com/boxd-dev/boxd/internal/kvm"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -265,7 +266,7 @@ func (m *machine) restoreState(st State) error {
 		{"debugregs", func() error { return m.cpu.SetDebugRegs(v.Debug) }},
 		{"msrs", func() error {
 			for _, msr := range v.MSRs {
-				if err := m.cpu.SetMSR(msr); err != nil && !errors.Is(err, ikvm.ErrNotSupported) {
+				if err := m.cpu.SetMSR(msr); err != nil && !errors.Is(err, errdefs.ErrNotImplemented) {
 					return err
 				}
 			}

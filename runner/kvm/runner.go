@@ -21,11 +21,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/internal/uffd"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -148,10 +149,10 @@ func paramsOf(spec runner.Spec) (Params, error) {
 		}
 	}
 	if spec.CPUs > 1 {
-		return p, fmt.Errorf("%d vCPUs: this backend runs one: %w", spec.CPUs, cas.ErrInvalidArgument)
+		return p, fmt.Errorf("%d vCPUs: this backend runs one: %w", spec.CPUs, errdefs.ErrInvalidArgument)
 	}
 	if err := p.check(); err != nil {
-		return p, fmt.Errorf("%w: %w", err, cas.ErrInvalidArgument)
+		return p, fmt.Errorf("%w: %w", err, errdefs.ErrInvalidArgument)
 	}
 	return p, nil
 }
@@ -187,7 +188,7 @@ func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, e
 func checkKVM() error {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
-		return fmt.Errorf("/dev/kvm: %w: %w", err, runner.ErrNotSupported)
+		return errcat.NotSupported("/dev/kvm: %w", err)
 	}
 	return f.Close()
 }
@@ -200,7 +201,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	}
 	var st State
 	if err := json.Unmarshal(blob, &st); err != nil {
-		return nil, fmt.Errorf("restoring %s: machine state unreadable: %w: %w", snap, err, cas.ErrCorrupt)
+		return nil, fmt.Errorf("restoring %s: machine state unreadable: %w: %w", snap, err, errdefs.ErrDataLoss)
 	}
 	if err := checkKVM(); err != nil {
 		return nil, err
@@ -338,7 +339,7 @@ func (r *Runner) Close() error {
 // startVMM starts a VMM process connected by a socket pair.
 func (r *Runner) startVMM() (*Machine, error) {
 	if len(r.Command) == 0 {
-		return nil, fmt.Errorf("kvm runner: no VMM command: %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("kvm runner: no VMM command: %w", errdefs.ErrInvalidArgument)
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -522,7 +523,7 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 		return snapshotter.Snapshot{}, err
 	}
 	if _, err := m.r.Graph.Get(name); err == nil {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
 	m.mu.Lock()
 	wasRunning, parent := m.running, m.last

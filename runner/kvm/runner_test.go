@@ -18,6 +18,7 @@ import (
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
 	"github.com/boxd-dev/boxd/runner/runnertest"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // guestPath is the conformance guest, built once for the package's tests.
@@ -238,7 +239,7 @@ func TestBadInput(t *testing.T) {
 		{"unknown option", runner.Spec{MemSize: 16 << 20, Kernel: guestPath, Cmdline: "colour=1"}},
 		{"two vCPUs", runner.Spec{MemSize: 16 << 20, CPUs: 2, Kernel: guestPath}},
 	} {
-		if _, err := r.Start(ctx, tc.spec); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := r.Start(ctx, tc.spec); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("%s: %v, want ErrInvalidArgument", tc.name, err)
 		}
 	}

@@ -9,8 +9,9 @@ import (
 	"os/exec"
 
 	"github.com/boxd-dev/boxd/cas"
-	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // DiskMap is the name of a snapshot's disk map.
@@ -20,7 +21,7 @@ const DiskMap = "disk"
 func qemuImg(ctx context.Context, args ...string) ([]byte, error) {
 	path, err := exec.LookPath("qemu-img")
 	if err != nil {
-		return nil, fmt.Errorf("qemu: qemu-img is missing (install the Debian package qemu-utils): %w", runner.ErrNotSupported)
+		return nil, errcat.NotSupported("qemu: qemu-img is missing (install the Debian package qemu-utils)")
 	}
 	var stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, path, args...)
@@ -95,7 +96,7 @@ func writeOverlay(ctx context.Context, img *snapshotter.Draft, file string) (blo
 	buf := make([]byte, cas.ChunkSize)
 	for _, e := range changes {
 		if e.Start%cas.ChunkSize != 0 || e.Length%cas.ChunkSize != 0 {
-			return blocks, fmt.Errorf("qemu: overlay %s: extent %d+%d is not in whole blocks: %w", file, e.Start, e.Length, cas.ErrInvalidArgument)
+			return blocks, fmt.Errorf("qemu: overlay %s: extent %d+%d is not in whole blocks: %w", file, e.Start, e.Length, errdefs.ErrInvalidArgument)
 		}
 		for off := int64(0); off < e.Length; off += cas.ChunkSize {
 			if err := ctx.Err(); err != nil {
@@ -104,7 +105,7 @@ func writeOverlay(ctx context.Context, img *snapshotter.Draft, file string) (blo
 			data := zero
 			if e.Data {
 				if e.Offset == nil {
-					return blocks, fmt.Errorf("qemu: overlay %s: extent at %d has no file offset (compressed?): %w", file, e.Start, runner.ErrNotSupported)
+					return blocks, errcat.NotSupported("qemu: overlay %s: extent at %d has no file offset (compressed?)", file, e.Start)
 				}
 				if _, err := f.ReadAt(buf, *e.Offset+off); err != nil {
 					return blocks, fmt.Errorf("qemu: reading overlay %s: %w", file, err)

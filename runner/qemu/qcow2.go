@@ -9,7 +9,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // The layout of a new, empty qcow2 (version 3) overlay, as qemu-img
@@ -30,12 +30,12 @@ const (
 // takes tens of milliseconds, on the path of every restore).
 func createOverlayFile(path, backing, backingFormat string, size int64) error {
 	if size <= 0 {
-		return fmt.Errorf("qemu: overlay over %s: virtual size %d: %w", backing, size, cas.ErrInvalidArgument)
+		return fmt.Errorf("qemu: overlay over %s: virtual size %d: %w", backing, size, errdefs.ErrInvalidArgument)
 	}
 	// Each L2 table maps cluster/8 clusters.
 	l1Size := (size + qcow2Cluster*(qcow2Cluster/8) - 1) / (qcow2Cluster * (qcow2Cluster / 8))
 	if l1Size*8 > qcow2Cluster {
-		return fmt.Errorf("qemu: overlay over %s: %d bytes is too big for one L1 cluster: %w", backing, size, cas.ErrInvalidArgument)
+		return fmt.Errorf("qemu: overlay over %s: %d bytes is too big for one L1 cluster: %w", backing, size, errdefs.ErrInvalidArgument)
 	}
 	hdr := make([]byte, qcow2Cluster)
 	be := binary.BigEndian
@@ -59,7 +59,7 @@ func createOverlayFile(path, backing, backingFormat string, size int64) error {
 	ext(qcow2ExtBackingFmt, []byte(backingFormat))
 	ext(qcow2ExtEnd, nil)
 	if off+len(backing) > qcow2Cluster {
-		return fmt.Errorf("qemu: overlay over %s: backing file name too long: %w", backing, cas.ErrInvalidArgument)
+		return fmt.Errorf("qemu: overlay over %s: backing file name too long: %w", backing, errdefs.ErrInvalidArgument)
 	}
 	be.PutUint64(hdr[8:], uint64(off))
 	be.PutUint32(hdr[16:], uint32(len(backing)))
@@ -114,7 +114,7 @@ func virtualSize(path, format string) (int64, error) {
 	var b [8]byte
 	if _, err := f.ReadAt(b[:], 24); err != nil {
 		if errors.Is(err, io.EOF) {
-			err = fmt.Errorf("short header: %w", cas.ErrCorrupt)
+			err = fmt.Errorf("short header: %w", errdefs.ErrDataLoss)
 		}
 		return 0, fmt.Errorf("qemu: disk %s: qcow2 header: %w", path, err)
 	}
@@ -161,7 +161,7 @@ func backingFile(path string) (string, error) {
 		return "", nil
 	}
 	if size > 4096 {
-		return "", fmt.Errorf("qemu: %s: backing file name of %d bytes: %w", path, size, cas.ErrCorrupt)
+		return "", fmt.Errorf("qemu: %s: backing file name of %d bytes: %w", path, size, errdefs.ErrDataLoss)
 	}
 	name := make([]byte, size)
 	if _, err := f.ReadAt(name, int64(off)); err != nil {

@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/containerd/errdefs"
 )
 
 const busyboxPath = testutil.BusyboxPath
@@ -107,8 +107,8 @@ func TestStartPauseResumeStop(t *testing.T) {
 	if err := m.Pause(ctx); !errors.Is(err, runner.ErrStopped) {
 		t.Fatalf("Pause of a stopped machine = %v, want ErrStopped", err)
 	}
-	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, runner.ErrNotSupported) {
-		t.Fatalf("Snapshot = %v, want ErrNotSupported", err)
+	if _, err := m.Snapshot(ctx, "s", runner.SnapshotOptions{}); !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Fatalf("Snapshot = %v, want errdefs.ErrNotImplemented", err)
 	}
 	for _, dir := range []string{r.Dir, r.MemDir} {
 		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
@@ -140,8 +140,8 @@ func waitTick(ctx context.Context, t *testing.T, m *qemu.Machine, want int) int 
 func TestRestoreNeedsGraph(t *testing.T) {
 	r := &qemu.Runner{}
 	_, err := r.Restore(context.Background(), "any", runner.RestoreOptions{})
-	if !errors.Is(err, runner.ErrNotSupported) {
-		t.Fatalf("Restore = %v, want ErrNotSupported", err)
+	if !errors.Is(err, errdefs.ErrNotImplemented) {
+		t.Fatalf("Restore = %v, want errdefs.ErrNotImplemented", err)
 	}
 	t.Log(err)
 	if c := r.Capabilities(); !c.Linux || c.LazyMemory || !c.IncrementalSnapshots {

@@ -10,6 +10,7 @@ import (
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Restore starts a machine from a QEMU snapshot. RestoreOptions.Disk is
@@ -34,7 +35,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 // RestoreMachine is Restore returning the concrete *Machine.
 func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.RestoreOptions) (*Machine, error) {
 	if r.Graph == nil {
-		return nil, fmt.Errorf("qemu: restores need Runner.Graph: %w", runner.ErrNotSupported)
+		return nil, errcat.NotSupported("qemu: restores need Runner.Graph")
 	}
 	own := opts.LongLived
 	s, devices, err := r.snapshotForRestore(snap)

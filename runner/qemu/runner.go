@@ -43,9 +43,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // AgentPort is the name of the virtio-serial port the guest agent serves on.
@@ -165,10 +166,10 @@ func (r *Runner) logger() *slog.Logger {
 // args checks spec and returns QEMU's arguments, less the per-machine paths.
 func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	if spec.MemSize <= 0 || spec.MemSize%mib != 0 {
-		return nil, fmt.Errorf("qemu: memory size %d: want a positive multiple of 1 MiB: %w", spec.MemSize, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: memory size %d: want a positive multiple of 1 MiB: %w", spec.MemSize, errdefs.ErrInvalidArgument)
 	}
 	if spec.CPUs < 0 {
-		return nil, fmt.Errorf("qemu: %d vCPUs: %w", spec.CPUs, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: %d vCPUs: %w", spec.CPUs, errdefs.ErrInvalidArgument)
 	}
 	if spec.Kernel == "" {
 		return nil, fmt.Errorf("qemu: no kernel (Spec.Kernel): %w", cas.ErrInvalidArgument)
@@ -253,13 +254,13 @@ func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 func checkFile(what, path string) error {
 	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("qemu: %s: %w: %w", what, err, cas.ErrNotFound)
+		return fmt.Errorf("qemu: %s: %w: %w", what, err, errdefs.ErrNotFound)
 	}
 	if err != nil {
 		return fmt.Errorf("qemu: %s: %w", what, err)
 	}
 	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("qemu: %s %s is not a regular file: %w", what, path, cas.ErrInvalidArgument)
+		return fmt.Errorf("qemu: %s %s is not a regular file: %w", what, path, errdefs.ErrInvalidArgument)
 	}
 	return nil
 }
@@ -307,7 +308,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	}
 	path, err := exec.LookPath(bin)
 	if err != nil {
-		return nil, fmt.Errorf("qemu: %s is missing (install the Debian package qemu-system-x86): %w: %w", bin, err, runner.ErrNotSupported)
+		return nil, errcat.NotSupported("qemu: %s is missing (install the Debian package qemu-system-x86): %w", bin, err)
 	}
 	id := fmt.Sprintf("qemu-%d-%d", os.Getpid(), r.ids.Add(1))
 	dir, err := os.MkdirTemp(r.Dir, id+"-")

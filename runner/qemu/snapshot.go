@@ -16,10 +16,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Labels and maps of a QEMU snapshot.
@@ -74,7 +75,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	freeze := mode == modeFreeze
 	g := m.r.Graph
 	if g == nil {
-		return snapshotter.Snapshot{}, fmt.Errorf("qemu: snapshots need Runner.Graph: %w", runner.ErrNotSupported)
+		return snapshotter.Snapshot{}, errcat.NotSupported("qemu: snapshots need Runner.Graph")
 	}
 	if err := snapshotter.ValidateName(name); err != nil {
 		return snapshotter.Snapshot{}, err
@@ -82,7 +83,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
 	if _, err := g.Get(name); err == nil || m.r.isPending(name) {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, cas.ErrAlreadyExists)
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
 	parent := m.last
 	if parent == "" {

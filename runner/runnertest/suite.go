@@ -8,9 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Backend is what the suite needs from a backend under test.
@@ -195,7 +195,7 @@ func checkIncrementalChain(t *testing.T, b Backend) {
 
 func checkRestoreUnknown(t *testing.T, b Backend) {
 	r, _ := b.New(t)
-	if _, err := r.Restore(ctx(t), "no-such-snapshot", runner.RestoreOptions{}); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := r.Restore(ctx(t), "no-such-snapshot", runner.RestoreOptions{}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Restore of an unknown snapshot: %v, want ErrNotFound", err)
 	}
 }
@@ -206,7 +206,7 @@ func checkSnapshotNameTaken(t *testing.T, b Backend) {
 	if _, err := m.Snapshot(ctx(t), "s", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Snapshot(ctx(t), "s", runner.SnapshotOptions{}); !errors.Is(err, cas.ErrAlreadyExists) {
+	if _, err := m.Snapshot(ctx(t), "s", runner.SnapshotOptions{}); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("second snapshot called s: %v, want ErrAlreadyExists", err)
 	}
 	next(t, b, m) // still running

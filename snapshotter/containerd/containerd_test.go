@@ -13,7 +13,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -542,7 +541,7 @@ func TestCleanup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.Get(s.graphName("999")); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Get(s.graphName("999")); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("an unreferenced graph snapshot survived Cleanup: %v", err)
 	}
 	if _, err := g.Get(s.graphName("997")); err != nil {

@@ -77,7 +77,7 @@ func (s *Snapshotter) makeImage(ctx context.Context, path string, size int64) er
 // committed snapshot parent) to path, zero blocks as holes.
 func (s *Snapshotter) exportImage(ctx context.Context, gname, parent, path string) error {
 	r, err := s.g.OpenMap(gname, MapName)
-	if errors.Is(err, cas.ErrNotFound) {
+	if errors.Is(err, errdefs.ErrNotFound) {
 		return fmt.Errorf("the store has no image %s/%s of committed snapshot %q: %w", gname, MapName, parent, errdefs.ErrDataLoss)
 	}
 	if err != nil {

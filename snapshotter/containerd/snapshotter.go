@@ -139,7 +139,7 @@ func NewSnapshotter(root string, g *snapshotter.Graph, opts ...Opt) (snapshots.S
 	if err := ms.WithTransaction(context.Background(), false, func(context.Context) error { return nil }); err != nil {
 		ms.Close()
 		if errors.Is(err, bolterrors.ErrTimeout) {
-			return nil, fmt.Errorf("snapshotter root %s is in use by another process: %w", root, cas.ErrUnavailable)
+			return nil, fmt.Errorf("snapshotter root %s is in use by another process: %w", root, errdefs.ErrUnavailable)
 		}
 		return nil, fmt.Errorf("opening snapshotter metadata: %w", err)
 	}
@@ -419,7 +419,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // committed left it.
 func (s *Snapshotter) dropStale(gname string) error {
 	err := s.g.Remove(gname)
-	if err == nil || errors.Is(err, cas.ErrNotFound) {
+	if err == nil || errors.Is(err, errdefs.ErrNotFound) {
 		return nil
 	}
 	return fmt.Errorf("removing graph snapshot %s left by an earlier attempt: %w", gname, err)
@@ -445,8 +445,8 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		gname := s.graphName(id)
 		err := s.g.Remove(gname)
 		switch {
-		case err == nil, errors.Is(err, cas.ErrNotFound):
-		case errors.Is(err, cas.ErrFailedPrecondition):
+		case err == nil, errors.Is(err, errdefs.ErrNotFound):
+		case errors.Is(err, errdefs.ErrFailedPrecondition):
 			log.G(ctx).WithError(err).WithField("snapshot", gname).Info("keeping the graph snapshot of a removed snapshot: other graph snapshots are built on it")
 		default:
 			log.G(ctx).WithError(err).WithField("snapshot", gname).Warn("removing a graph snapshot; Cleanup will")
@@ -501,8 +501,8 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			}
 			err := s.g.Remove(name)
 			switch {
-			case err == nil, errors.Is(err, cas.ErrNotFound):
-			case errors.Is(err, cas.ErrFailedPrecondition):
+			case err == nil, errors.Is(err, errdefs.ErrNotFound):
+			case errors.Is(err, errdefs.ErrFailedPrecondition):
 				// Another user of the graph built on it; it stays
 				// while they need it.
 				log.G(ctx).WithError(err).WithField("snapshot", name).Info("keeping an unreferenced graph snapshot that has children")
