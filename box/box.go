@@ -21,7 +21,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -131,13 +131,13 @@ func Open(cfg Config) (*Manager, error) {
 		runners[r.Name()] = r
 	}
 	if len(cfg.Runners) == 0 {
-		return nil, fmt.Errorf("box: no runners given: %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("box: no runners given: %w", errdefs.ErrInvalidArgument)
 	}
 	if cfg.DefaultRunner == "" {
 		cfg.DefaultRunner = cfg.Runners[0].Name()
 	}
 	if runners[cfg.DefaultRunner] == nil {
-		return nil, fmt.Errorf("box: default runner %q is not among the runners: %w", cfg.DefaultRunner, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("box: default runner %q is not among the runners: %w", cfg.DefaultRunner, errdefs.ErrInvalidArgument)
 	}
 	for _, d := range []string{disksDir(cfg.Root), filepath.Join(cfg.Root, "boxes")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -423,7 +423,7 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 	ah, ok := mach.(runner.AgentHost)
 	if !ok { // ChooseRunner refuses such runners; a backend that changed its mind
 		_ = mach.Stop(context.WithoutCancel(ctx))
-		return fmt.Errorf("box %s: its machine has no agent to reach: %w", name, runner.ErrNotSupported)
+		return errcat.NotSupported("box %s: its machine has no agent to reach", name)
 	}
 	dctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
 	defer cancel()

@@ -16,9 +16,9 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // fakeRunner is a runner backend for the box manager's fast tests: no VM.
@@ -70,7 +70,7 @@ const fakeDiskLabel = "boxd.fake.disk"
 
 func (r *fakeRunner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, error) {
 	if spec.Kernel == "" || spec.Disk == nil {
-		return nil, fmt.Errorf("fake: a kernel and a disk, please: %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("fake: a kernel and a disk, please: %w", errdefs.ErrInvalidArgument)
 	}
 	if _, err := os.Stat(spec.Disk.Path); err != nil {
 		return nil, fmt.Errorf("fake: disk: %w", err)
@@ -218,7 +218,7 @@ func (r *fakeRunner) SnapshotRemoved(name string) {
 
 func (r *fakeRunner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
 	if s.Labels[runner.LabelRunner] != r.name {
-		return runner.Spec{}, fmt.Errorf("fake: not mine: %w", cas.ErrInvalidArgument)
+		return runner.Spec{}, fmt.Errorf("fake: not mine: %w", errdefs.ErrInvalidArgument)
 	}
 	var spec runner.Spec
 	err := json.Unmarshal([]byte(s.Labels[fakeSpecLabel]), &spec)

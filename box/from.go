@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -95,7 +96,7 @@ func (m *Manager) boxSnapshot(name string) (snapshotter.Snapshot, error) {
 		return snapshotter.Snapshot{}, err
 	}
 	if sn.Labels[LabelBox] == "" {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q was not taken by a box (boxd snapshots lists those; an image is made into a box with --image): %w", name, cas.ErrInvalidArgument)
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q was not taken by a box (boxd snapshots lists those; an image is made into a box with --image): %w", name, errdefs.ErrInvalidArgument)
 	}
 	return sn, nil
 }
@@ -106,11 +107,11 @@ func (m *Manager) snapshotMachine(sn snapshotter.Snapshot) (runner.Runner, runne
 	name := sn.Labels[runner.LabelRunner]
 	r := m.runners[name]
 	if r == nil {
-		return nil, runner.Spec{}, fmt.Errorf("snapshot %s was taken on the %q runner, which this boxd does not have: %w", sn.Name, name, runner.ErrNotSupported)
+		return nil, runner.Spec{}, errcat.NotSupported("snapshot %s was taken on the %q runner, which this boxd does not have", sn.Name, name)
 	}
 	sr, ok := r.(runner.SpecReader)
 	if !ok {
-		return nil, runner.Spec{}, fmt.Errorf("the %s runner cannot say what machine snapshot %s is, to make a box of it: %w", name, sn.Name, runner.ErrNotSupported)
+		return nil, runner.Spec{}, errcat.NotSupported("the %s runner cannot say what machine snapshot %s is, to make a box of it", name, sn.Name)
 	}
 	spec, err := sr.SnapshotSpec(sn)
 	if err != nil {

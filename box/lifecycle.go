@@ -243,7 +243,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 // checkForkNames refuses bad, repeated or clashing names for src's forks.
 func checkForkNames(src string, names []string) error {
 	if len(names) == 0 {
-		return fmt.Errorf("fork of %s: no names: %w", src, cas.ErrInvalidArgument)
+		return fmt.Errorf("fork of %s: no names: %w", src, errdefs.ErrInvalidArgument)
 	}
 	seen := map[string]bool{}
 	for _, n := range names {
@@ -251,7 +251,7 @@ func checkForkNames(src string, names []string) error {
 			return err
 		}
 		if seen[n] || n == src {
-			return fmt.Errorf("fork of %s: name %q given twice: %w", src, n, cas.ErrInvalidArgument)
+			return fmt.Errorf("fork of %s: name %q given twice: %w", src, n, errdefs.ErrInvalidArgument)
 		}
 		seen[n] = true
 	}

@@ -13,11 +13,11 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // The box manager on the fake runner (fake_test.go): every lifecycle step,
@@ -115,7 +115,7 @@ func TestFakeCreateExecStopStart(t *testing.T) {
 	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage}); !errors.Is(err, box.ErrExists) {
 		t.Fatalf("second create of dev: %v, want ErrExists", err)
 	}
-	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "x", Image: fakeImage, Runner: "qemu"}); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "x", Image: fakeImage, Runner: "qemu"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("create on a runner the manager lacks: %v, want ErrInvalidArgument", err)
 	}
 	if bx, err := e.mgr.Stop(ctx, "dev"); err != nil || bx.State != box.StateStopped {
@@ -259,9 +259,9 @@ func TestFakeHibernateDiskFull(t *testing.T) {
 	e := newFakeEnv(t, false)
 	ctx := context.Background()
 	e.create(t, "dev")
-	e.r.setSnapErr(cas.ErrNoSpace)
-	if _, err := e.mgr.Hibernate(ctx, "dev"); !errors.Is(err, cas.ErrNoSpace) {
-		t.Fatalf("Hibernate on a full disk: %v, want ErrNoSpace", err)
+	e.r.setSnapErr(errdefs.ErrResourceExhausted)
+	if _, err := e.mgr.Hibernate(ctx, "dev"); !errors.Is(err, errdefs.ErrResourceExhausted) {
+		t.Fatalf("Hibernate on a full disk: %v, want errdefs.ErrResourceExhausted", err)
 	}
 	if got := e.state(t, "dev").State; got != box.StateRunning {
 		t.Fatalf("after a failed hibernation the box is %s, want running", got)
@@ -384,7 +384,7 @@ func TestFakeCreateFrom(t *testing.T) {
 	if h, _, _ := e.machine(t, "copy").sys.get(); h != "copy" {
 		t.Fatalf("hostname %q", h)
 	}
-	if _, err := e.mgr.CreateFrom(ctx, box.FromOptions{Name: "img", Snapshot: guest.SnapshotName(fakeImage)}); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := e.mgr.CreateFrom(ctx, box.FromOptions{Name: "img", Snapshot: guest.SnapshotName(fakeImage)}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("CreateFrom an image: %v, want ErrInvalidArgument", err)
 	}
 }

@@ -7,9 +7,10 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // RunnerAuto asks for the runner boxd picks: Config.DefaultRunner.
@@ -17,10 +18,10 @@ const RunnerAuto = "auto"
 
 // ChooseRunner returns the runner of runners that a box asking for want
 // runs on: def for RunnerAuto and "", else the runner of that name. A
-// runner that cannot run a box here is refused with runner.ErrNotSupported
+// runner that cannot run a box here is refused with errdefs.ErrNotImplemented
 // and the reason, judged by its capabilities: it must boot Linux guests
 // (Capabilities.Linux) and keep disks in files (runner.DiskFiles). Any
-// other name is cas.ErrInvalidArgument.
+// other name is errdefs.ErrInvalidArgument.
 func ChooseRunner(runners []runner.Runner, def, want string) (runner.Runner, error) {
 	if want == "" || want == RunnerAuto {
 		want = def
@@ -36,16 +37,16 @@ func ChooseRunner(runners []runner.Runner, def, want string) (runner.Runner, err
 			if why == "" {
 				why = "it does not boot Linux guests"
 			}
-			return nil, fmt.Errorf("the %s runner cannot boot Linux boxes here: %s; use --runner %s: %w", want, why, def, runner.ErrNotSupported)
+			return nil, errcat.NotSupported("the %s runner cannot boot Linux boxes here: %s; use --runner %s", want, why, def)
 		}
 		if _, ok := r.(runner.DiskFiles); !ok {
-			return nil, fmt.Errorf("the %s runner cannot keep a box's disk (it has no disk files); use --runner %s: %w", want, def, runner.ErrNotSupported)
+			return nil, errcat.NotSupported("the %s runner cannot keep a box's disk (it has no disk files); use --runner %s", want, def)
 		}
 		return r, nil
 	}
 	names = append(names, RunnerAuto)
 	slices.Sort(names)
-	return nil, fmt.Errorf("runner %q: want %s or %s: %w", want, strings.Join(names[:len(names)-1], ", "), names[len(names)-1], cas.ErrInvalidArgument)
+	return nil, fmt.Errorf("runner %q: want %s or %s: %w", want, strings.Join(names[:len(names)-1], ", "), names[len(names)-1], errdefs.ErrInvalidArgument)
 }
 
 // ChooseRunner is the package's ChooseRunner over the manager's runners.
@@ -61,7 +62,7 @@ func (m *Manager) runnerOf(bx Box) (runner.Runner, error) {
 	}
 	r := m.runners[name]
 	if r == nil {
-		return nil, fmt.Errorf("box %s runs on the %s runner, which this boxd does not have: %w", bx.Name, name, runner.ErrNotSupported)
+		return nil, errcat.NotSupported("box %s runs on the %s runner, which this boxd does not have", bx.Name, name)
 	}
 	return r, nil
 }

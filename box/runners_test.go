@@ -7,8 +7,8 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/box"
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
+	"github.com/containerd/errdefs"
 )
 
 // stubRunner is a runner that only answers Name and Capabilities.
@@ -51,11 +51,11 @@ func TestChooseRunner(t *testing.T) {
 		{"", "qemu", nil, ""},
 		{"auto", "qemu", nil, ""},
 		{"qemu", "qemu", nil, ""},
-		{"kvm", "", runner.ErrNotSupported, "the kvm runner cannot boot Linux boxes here: the CPU lacks hardware virtualisation; use --runner qemu"},
-		{"nodisk", "", runner.ErrNotSupported, "cannot keep a box's disk"},
-		{"mute", "", runner.ErrNotSupported, "it does not boot Linux guests"},
-		{"xen", "", cas.ErrInvalidArgument, `runner "xen": want auto, kvm, mute, nodisk or qemu`},
-		{"QEMU", "", cas.ErrInvalidArgument, `runner "QEMU"`},
+		{"kvm", "", errdefs.ErrNotImplemented, "the kvm runner cannot boot Linux boxes here: the CPU lacks hardware virtualisation; use --runner qemu"},
+		{"nodisk", "", errdefs.ErrNotImplemented, "cannot keep a box's disk"},
+		{"mute", "", errdefs.ErrNotImplemented, "it does not boot Linux guests"},
+		{"xen", "", errdefs.ErrInvalidArgument, `runner "xen": want auto, kvm, mute, nodisk or qemu`},
+		{"QEMU", "", errdefs.ErrInvalidArgument, `runner "QEMU"`},
 	} {
 		r, err := box.ChooseRunner(runners, "qemu", tc.want)
 		if tc.err == nil {
@@ -75,7 +75,7 @@ func TestChooseRunner(t *testing.T) {
 func TestCreateRunnerChoice(t *testing.T) {
 	e := newFakeEnv(t, false)
 	ctx := context.Background()
-	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage, Runner: "kvm"}); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage, Runner: "kvm"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("create on an unknown runner: %v, want ErrInvalidArgument", err)
 	}
 	if _, err := e.mgr.Get("dev"); !errors.Is(err, box.ErrNotFound) {

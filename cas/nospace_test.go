@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 )
 
 func TestFullDisk(t *testing.T) {

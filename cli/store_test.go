@@ -11,7 +11,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/cas"
-	"github.com/boxd-dev/boxd/cli"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"

@@ -16,6 +16,7 @@ import (
 	"github.com/boxd-dev/boxd/internal/initramfs"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // virtioDeps mirrors the depends= of the Debian cloud kernel's virtio

@@ -2,13 +2,14 @@ package guest
 
 import (
 	"compress/gzip"
-	"github.com/boxd-dev/boxd/internal/testutil"
 	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 // fakeModules writes a module tree under dir: one NAME.ko per entry of

@@ -621,7 +621,7 @@ func TestBuildImageRefusesMountedTree(t *testing.T) {
 	must(t, os.Mkdir(proc, 0o755))
 	testutil.MountTmpfs(t, proc, "size=1m")
 	_, err := BuildImage(context.Background(), testutil.OpenGraph(t, t.TempDir(), snapshotter.Open), BuildOptions{Tree: tree, Size: testSize})
-	if !errors.Is(err, cas.ErrFailedPrecondition) || !strings.Contains(err.Error(), proc) {
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), proc) {
 		t.Fatalf("a tree with a mount in it: want a refusal naming %s, got %v", proc, err)
 	}
 }

@@ -371,7 +371,7 @@ func TestMissingSnapshotOrChunk(t *testing.T) {
 		os.Remove(p)
 	}
 	g3 := testutil.OpenGraph(t, root, snapshotter.Open)
-	if _, err := Start(context.Background(), g3, "m", "", anon(t, 16*PageSize), Options{}); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := Start(context.Background(), g3, "m", "", anon(t, 16*PageSize), Options{}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("snapshot with missing chunks: %v, want ErrNotFound", err)
 	}
 }

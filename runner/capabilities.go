@@ -115,6 +115,6 @@ type SnapshotReleaser interface {
 type SpecReader interface {
 	// SnapshotSpec is the Spec of the machine snapshot s was taken of,
 	// less its disk and console. A snapshot another backend took is
-	// cas.ErrInvalidArgument.
+	// errdefs.ErrInvalidArgument.
 	SnapshotSpec(s snapshotter.Snapshot) (Spec, error)
 }

@@ -11,12 +11,10 @@ package runner
 
 import (
 	"context"
+	"errors"
 
 	"github.com/boxd-dev/boxd/snapshotter"
 )
-
-// ErrNotSupported says the host or backend lacks a feature; the error names it.
-var ErrNotSupported = errors.New("not supported")
 
 // LabelRunner is the snapshot label that names the backend (Runner.Name)
 // that took a snapshot. Every backend sets it; Restore refuses another
@@ -62,7 +60,7 @@ type Capabilities struct {
 }
 
 // Spec describes a fresh machine. A backend refuses a setting it does not
-// support (cas.ErrInvalidArgument) rather than ignoring it.
+// support (errdefs.ErrInvalidArgument) rather than ignoring it.
 type Spec struct {
 	MemSize int64 // bytes of guest RAM
 	CPUs    int   // vCPUs (0 means 1)
@@ -147,7 +145,7 @@ type Machine interface {
 	// name (a parent-linked chain: its parent is the machine's previous
 	// snapshot), labelled LabelRunner. A running machine is paused for it
 	// and continues after; a paused one stays paused. An existing name is
-	// cas.ErrAlreadyExists and changes nothing.
+	// errdefs.ErrAlreadyExists and changes nothing.
 	Snapshot(ctx context.Context, name string, opts SnapshotOptions) (snapshotter.Snapshot, error)
 
 	// Stop ends the machine and frees what it holds. It may be called more

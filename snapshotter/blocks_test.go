@@ -9,6 +9,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 )
 
 func TestWriteBlocks(t *testing.T) {
@@ -65,7 +66,7 @@ func TestWriteBlocks(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer draft.Abort()
-			if _, err := draft.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, cas.ErrInvalidArgument) {
+			if _, err := draft.WriteBlocks(context.Background(), "memory", KindMemory, tc.blocks, bytes.NewReader(tc.data)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 				t.Errorf("got %v, want ErrInvalidArgument", err)
 			}
 		})

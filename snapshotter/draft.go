@@ -62,7 +62,7 @@ func (g *Graph) NewDraft(parent string) (*Draft, error) {
 // mapFor returns the draft's map called name, creating it empty.
 func (d *Draft) mapFor(name string, kind Kind) (*draftMap, error) {
 	if d.w == nil {
-		return nil, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
+		return nil, fmt.Errorf("image already committed or aborted: %w", errdefs.ErrFailedPrecondition)
 	}
 	if err := ValidateName(name); err != nil {
 		return nil, fmt.Errorf("map: %w", err)
@@ -204,7 +204,7 @@ func (d *Draft) cutTail(m *draftMap, size int64) error {
 		return nil
 	}
 	buf, err := d.g.store.Get(id, nil)
-	if errors.Is(err, cas.ErrNotFound) {
+	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
@@ -283,7 +283,7 @@ func (d *Draft) Abort() {
 // transaction: a crash leaves the whole snapshot or none of it.
 func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) {
 	if d.w == nil {
-		return Snapshot{}, fmt.Errorf("image already committed or aborted: %w", cas.ErrFailedPrecondition)
+		return Snapshot{}, fmt.Errorf("image already committed or aborted: %w", errdefs.ErrFailedPrecondition)
 	}
 	defer d.Abort()
 	if err := ValidateName(name); err != nil {
@@ -325,8 +325,8 @@ func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) 
 		if snap.Parent != "" {
 			// The parent the deltas are against, not another of its name.
 			p, err := getSnapshot(tx, snap.Parent)
-			if errors.Is(err, cas.ErrNotFound) || err == nil && !p.Created.Equal(d.parent.Created) {
-				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, cas.ErrNotFound)
+			if errors.Is(err, errdefs.ErrNotFound) || err == nil && !p.Created.Equal(d.parent.Created) {
+				return fmt.Errorf("parent snapshot %q was removed: %w", snap.Parent, errdefs.ErrNotFound)
 			}
 			if err != nil {
 				return err

@@ -7,8 +7,8 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 )
 
 // mapsState is what a test expects of the maps of one snapshot.
@@ -174,10 +174,10 @@ func TestDraftTwoMaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	draft.Abort()
-	if _, err := draft.Commit("aborted", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+	if _, err := draft.Commit("aborted", nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("Commit after Abort: %v", err)
 	}
-	if _, err := g.Get("aborted"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.Get("aborted"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("aborted draft became a snapshot: %v", err)
 	}
 	verifyOK(t, g)
@@ -343,13 +343,13 @@ func TestDraftAfterCommit(t *testing.T) {
 		} else {
 			draft.Abort()
 		}
-		if err := draft.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := draft.WriteBlock("disk", KindDisk, 1, []byte("y")); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("WriteBlock after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if err := draft.SetSize("disk", KindDisk, 1); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if err := draft.SetSize("disk", KindDisk, 1); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("SetSize after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
-		if _, err := draft.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+		if _, err := draft.WriteMap(context.Background(), "disk", KindDisk, bytes.NewReader([]byte("z")), nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 			t.Errorf("WriteMap after %s: %v, want ErrFailedPrecondition", finish, err)
 		}
 	}

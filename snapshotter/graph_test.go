@@ -16,6 +16,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -294,10 +295,10 @@ func TestNames(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := draft.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+		if err := draft.WriteBlock(n, KindDisk, 0, []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("WriteBlock to map %q = %v, want ErrInvalidArgument", n, err)
 		}
-		if _, err := draft.Commit(n, nil); !errors.Is(err, cas.ErrInvalidArgument) {
+		if _, err := draft.Commit(n, nil); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("Commit named %q = %v, want ErrInvalidArgument", n, err)
 		}
 	}
@@ -327,7 +328,7 @@ func TestBadInput(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("Ingest over an unknown parent: %v, want ErrNotFound naming it", err)
 	}
-	if _, err := g.NewDraft("nope"); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := g.NewDraft("nope"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("NewDraft over an unknown parent: %v, want ErrNotFound", err)
 	}
 	if _, err := g.OpenMap("nope", "disk"); !errors.Is(err, errdefs.ErrNotFound) {
@@ -356,22 +357,22 @@ func TestBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := draft.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindDisk, 0, make([]byte, bs+1)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of more than a chunk: %v", err)
 	}
-	if err := draft.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindDisk, ^uint64(0), []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock at the largest block number: %v", err)
 	}
-	if err := draft.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.WriteBlock("disk", KindMemory, 0, []byte("x")); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("WriteBlock of the wrong kind: %v", err)
 	}
-	if err := draft.SetSize("disk", KindDisk, -1); !errors.Is(err, cas.ErrInvalidArgument) {
+	if err := draft.SetSize("disk", KindDisk, -1); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Errorf("SetSize(-1): %v", err)
 	}
-	if _, err := draft.Commit("base", nil); !errors.Is(err, cas.ErrAlreadyExists) {
+	if _, err := draft.Commit("base", nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Commit to an existing name: %v", err)
 	}
-	if _, err := draft.Commit("again", nil); !errors.Is(err, cas.ErrFailedPrecondition) {
+	if _, err := draft.Commit("again", nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Errorf("second Commit of one draft: %v", err)
 	}
 	draft.Abort() // harmless after Commit
@@ -659,7 +660,7 @@ func TestNameReused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := draft.Commit("c", nil); !errors.Is(err, cas.ErrNotFound) {
+	if _, err := draft.Commit("c", nil); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Commit over a parent made again: %v, want ErrNotFound", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 )
 
 func TestWorkingSet(t *testing.T) {

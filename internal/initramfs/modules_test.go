@@ -2,11 +2,12 @@ package initramfs
 
 import (
 	"errors"
-	"github.com/boxd-dev/boxd/internal/testutil"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
 
 	"github.com/containerd/errdefs"
 )

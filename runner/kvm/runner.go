@@ -124,16 +124,16 @@ func containsWord(b, w []byte) bool {
 func paramsOf(spec runner.Spec) (Params, error) {
 	p := Params{MemSize: spec.MemSize, PagesPerTick: 16, Seed: 1, PrintEvery: 10000}
 	if spec.Initrd != "" || spec.Disk != nil || (spec.Network != "" && spec.Network != runner.NetworkNone) {
-		return p, fmt.Errorf("the kvm runner's guest takes no initrd, disk or network: %w", cas.ErrInvalidArgument)
+		return p, fmt.Errorf("the kvm runner's guest takes no initrd, disk or network: %w", errdefs.ErrInvalidArgument)
 	}
 	for _, kv := range strings.Fields(spec.Cmdline) {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok {
-			return p, fmt.Errorf("command line %q: want key=number: %w", kv, cas.ErrInvalidArgument)
+			return p, fmt.Errorf("command line %q: want key=number: %w", kv, errdefs.ErrInvalidArgument)
 		}
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
-			return p, fmt.Errorf("setting %s=%q: want a number: %w", k, v, cas.ErrInvalidArgument)
+			return p, fmt.Errorf("setting %s=%q: want a number: %w", k, v, errdefs.ErrInvalidArgument)
 		}
 		switch k {
 		case "pages_per_tick":
@@ -145,7 +145,7 @@ func paramsOf(spec runner.Spec) (Params, error) {
 		case "tick_rate":
 			p.TickRate = int(n)
 		default:
-			return p, fmt.Errorf("unknown setting %q: %w", k, cas.ErrInvalidArgument)
+			return p, fmt.Errorf("unknown setting %q: %w", k, errdefs.ErrInvalidArgument)
 		}
 	}
 	if spec.CPUs > 1 {

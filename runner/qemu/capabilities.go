@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // CreateDisk makes path a new, empty qcow2 overlay over base (runner.DiskFiles).
@@ -62,11 +62,11 @@ func (r *Runner) SnapshotRemoved(snap string) {
 // SnapshotSpec is the machine a QEMU snapshot restores as (runner.SpecReader).
 func (r *Runner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
 	if s.Labels[runner.LabelRunner] != r.Name() {
-		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", s.Name, cas.ErrInvalidArgument)
+		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", s.Name, errdefs.ErrInvalidArgument)
 	}
 	var st storedSpec
 	if err := json.Unmarshal([]byte(s.Labels[LabelSpec]), &st); err != nil {
-		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", s.Name, err, cas.ErrCorrupt)
+		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q: machine spec: %w: %w", s.Name, err, errdefs.ErrDataLoss)
 	}
 	return st.spec(), nil
 }

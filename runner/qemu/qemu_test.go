@@ -164,15 +164,15 @@ func TestStartRejectsBadSpec(t *testing.T) {
 		spec runner.Spec
 		want error
 	}{
-		{"zero memory", runner.Spec{Kernel: kernel}, cas.ErrInvalidArgument},
-		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Kernel: kernel}, cas.ErrInvalidArgument},
-		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Kernel: kernel}, cas.ErrInvalidArgument},
-		{"no kernel", runner.Spec{MemSize: 64 << 20}, cas.ErrInvalidArgument},
-		{"missing kernel", runner.Spec{MemSize: 64 << 20, Kernel: missing}, cas.ErrNotFound},
-		{"missing initrd", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Initrd: missing}, cas.ErrNotFound},
-		{"missing disk", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Disk: &runner.Disk{Path: missing}}, cas.ErrNotFound},
-		{"unknown network", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Network: "bridge"}, cas.ErrInvalidArgument},
-		{"no QEMU", runner.Spec{MemSize: 64 << 20, Kernel: kernel}, runner.ErrNotSupported},
+		{"zero memory", runner.Spec{Kernel: kernel}, errdefs.ErrInvalidArgument},
+		{"odd memory", runner.Spec{MemSize: 1<<20 + 1, Kernel: kernel}, errdefs.ErrInvalidArgument},
+		{"negative CPUs", runner.Spec{MemSize: 64 << 20, CPUs: -1, Kernel: kernel}, errdefs.ErrInvalidArgument},
+		{"no kernel", runner.Spec{MemSize: 64 << 20}, errdefs.ErrInvalidArgument},
+		{"missing kernel", runner.Spec{MemSize: 64 << 20, Kernel: missing}, errdefs.ErrNotFound},
+		{"missing initrd", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Initrd: missing}, errdefs.ErrNotFound},
+		{"missing disk", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Disk: &runner.Disk{Path: missing}}, errdefs.ErrNotFound},
+		{"unknown network", runner.Spec{MemSize: 64 << 20, Kernel: kernel, Network: "bridge"}, errdefs.ErrInvalidArgument},
+		{"no QEMU", runner.Spec{MemSize: 64 << 20, Kernel: kernel}, errdefs.ErrNotImplemented},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			m, err := r.Start(context.Background(), c.spec)

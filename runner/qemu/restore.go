@@ -7,10 +7,10 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
-	"github.com/containerd/errdefs"
 )
 
 // Restore starts a machine from a QEMU snapshot. RestoreOptions.Disk is

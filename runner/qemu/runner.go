@@ -172,7 +172,7 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		return nil, fmt.Errorf("qemu: %d vCPUs: %w", spec.CPUs, errdefs.ErrInvalidArgument)
 	}
 	if spec.Kernel == "" {
-		return nil, fmt.Errorf("qemu: no kernel (Spec.Kernel): %w", cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: no kernel (Spec.Kernel): %w", errdefs.ErrInvalidArgument)
 	}
 	if err := checkFile("kernel", spec.Kernel); err != nil {
 		return nil, err
@@ -212,7 +212,7 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,addr="+slotNet)
 	case runner.NetworkNone:
 	default:
-		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, cas.ErrInvalidArgument)
+		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, errdefs.ErrInvalidArgument)
 	}
 	return args, nil
 }
@@ -311,6 +311,11 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		return nil, errcat.NotSupported("qemu: %s is missing (install the Debian package qemu-system-x86): %w", bin, err)
 	}
 	id := fmt.Sprintf("qemu-%d-%d", os.Getpid(), r.ids.Add(1))
+	if r.Dir != "" {
+		if err := os.MkdirAll(r.Dir, 0o700); err != nil {
+			return nil, fmt.Errorf("qemu: %w", err)
+		}
+	}
 	dir, err := os.MkdirTemp(r.Dir, id+"-")
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)

@@ -101,7 +101,7 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		}
 		qcow2 = format == "qcow2"
 		if qcow2 && parent == "" {
-			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (Spec.Disk.Base): %w", cas.ErrInvalidArgument)
+			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (Spec.Disk.Base): %w", errdefs.ErrInvalidArgument)
 		}
 	}
 	st, err := m.Status(ctx)

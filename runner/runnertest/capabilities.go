@@ -9,9 +9,9 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // skipWithout skips a check of capability name, saying that the backend
@@ -306,7 +306,7 @@ func checkSpecReader(t *testing.T, b Backend) {
 		t.Fatalf("SnapshotSpec: %+v, want the machine's %+v", got, want)
 	}
 	other := snapshotter.Snapshot{Name: "other", Labels: map[string]string{runner.LabelRunner: r.Name() + "-other"}}
-	if _, err := sr.SnapshotSpec(other); !errors.Is(err, cas.ErrInvalidArgument) {
+	if _, err := sr.SnapshotSpec(other); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("SnapshotSpec of another backend's snapshot: %v, want ErrInvalidArgument", err)
 	}
 }
