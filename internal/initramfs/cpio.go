@@ -1,9 +1,9 @@
 // Package initramfs writes Linux initramfs images: newc cpio archives, gzip-compressed, with kernel modules in
 // dependency order.
 //
-// A boxd guest boots the Debian cloud kernel with an initramfs that boxd builds itself: busybox, an /init
-// script and the virtio drivers, which that kernel ships as modules. Writer produces the archive; LoadOrder
-// says in which order the modules must be loaded.
+// A boxd guest boots the Debian cloud kernel with an initramfs that boxd builds itself (guest.Initramfs): the
+// static boxd-agent as /init and the virtio drivers, which that kernel ships as modules. Writer produces the
+// archive; LoadOrder says in which order the modules must be loaded.
 package initramfs
 
 import (
