@@ -32,12 +32,16 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	return m, nil
 }
 
-// RestoreMachine is Restore returning the concrete *Machine.
+// RestoreMachine is Restore returning the concrete *Machine. It goes in
+// phases: restoreMemory (the snapshot's frozen file, or a file of the
+// machine's own filled while QEMU starts), restoreDisk (an overlay over the
+// snapshot's disk), startMachine (a spare taken, else QEMU launched),
+// loadState (memory filled, device state loaded) and, unless Paused, the
+// guest continues.
 func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.RestoreOptions) (*Machine, error) {
 	if r.Graph == nil {
 		return nil, errcat.NotSupported("qemu: restores need Runner.Graph")
 	}
-	own := opts.LongLived
 	s, devices, err := r.snapshotForRestore(snap)
 	if err != nil {
 		return nil, err
@@ -47,96 +51,26 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		return nil, err
 	}
 	spec.Console = opts.Console
-
-	ph := startPhases()
-	var memFile string
-	filled := make(chan error, 1)
-	if own {
-		var fill func(context.Context) error
-		if memFile, fill, err = r.ownMemory(snap, spec.MemSize); err == nil {
-			// While QEMU starts.
-			go func() { filled <- fill(ctx) }()
-		}
-	} else {
-		memFile, err = r.acquire(ctx, snap)
-		filled <- nil
+	rs := &restoreRun{r: r, ctx: ctx, snap: s, own: opts.LongLived, filled: make(chan error, 1), ph: startPhases()}
+	if err := rs.restoreMemory(spec.MemSize); err != nil {
+		return nil, err
 	}
+	if err := rs.restoreDisk(&spec, opts.Disk); err != nil {
+		rs.undo()
+		return nil, err
+	}
+	m, err := rs.startMachine(spec)
 	if err != nil {
+		rs.undo()
 		return nil, err
 	}
-	ph.mark("memory")
-	// undo gives back what a failed restore took.
-	undo := func() {
-		if own {
-			if err := <-filled; err != nil { // moot: the restore failed anyway
-				r.logger().Debug("qemu: filling the memory of a failed restore", "snapshot", snap, "err", err)
-			}
-			_ = os.Remove(memFile)
-		} else {
-			r.release(memFile)
-		}
-	}
-	var ownDisk string
-	if _, ok := s.Map(DiskMap); ok || s.Labels[LabelDisk] != "" {
-		disk := opts.Disk
-		if disk == "" {
-			disk = filepath.Join(r.diskDir(), fmt.Sprintf("restore-%d-%d.qcow2", os.Getpid(), r.ids.Add(1)))
-			ownDisk = disk
-		}
-		if err := r.overlayFor(ctx, s, disk); err != nil {
-			undo()
-			return nil, err
-		}
-		spec.Disk = &runner.Disk{Path: disk}
-	}
-	ph.mark("disk")
-	var m *Machine
-	if own {
-		m, err = r.launch(ctx, spec, launchOptions{ownFile: memFile, incoming: true})
-		ph.mark("launch")
-	} else {
-		m, err = r.takeSpare(ctx, memFile, spec)
-		ph.mark("spare")
-		if m == nil && err == nil {
-			m, err = r.launch(ctx, spec, launchOptions{memFile: memFile, incoming: true, acquired: true})
-			ph.mark("launch")
-		}
-	}
-	if err != nil {
-		undo()
-		if ownDisk != "" {
-			_ = os.Remove(ownDisk)
-		}
+	if err := rs.loadState(m, devices); err != nil {
+		_ = m.Stop(context.WithoutCancel(ctx)) // its exit removes what it holds
 		return nil, err
 	}
-	if err := <-filled; err != nil {
-		_ = m.Stop(context.WithoutCancel(ctx)) // its exit removes the memory file
-		return nil, err
-	}
-	ph.mark("filled")
-	seeded := make(chan error, 1)
-	if own {
-		// While the device state loads: QEMU does not touch the memory
-		// of a shared file (x-ignore-shared) until the guest runs.
-		go func() { seeded <- m.seedSums() }()
-	} else {
-		seeded <- nil
-	}
-	if ownDisk != "" {
-		m.ownDisk.Store(&ownDisk)
-	}
-	err = m.loadDevices(ctx, devices)
-	if serr := <-seeded; err == nil {
-		err = serr
-	}
-	if err != nil {
-		_ = m.Stop(context.WithoutCancel(ctx))
-		return nil, err
-	}
-	ph.mark("devices")
 	m.last = snap
 	m.pendingUnique = opts.Unique
-	defer func() { r.logger().Debug("qemu: restore", ph.log("id", m.id, "snapshot", snap)...) }()
+	defer func() { r.logger().Debug("qemu: restore", rs.ph.log("id", m.id, "snapshot", snap)...) }()
 	if opts.Paused {
 		return m, nil
 	}
@@ -144,8 +78,120 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		_ = m.Stop(context.WithoutCancel(ctx))
 		return nil, err
 	}
-	ph.mark("cont")
+	rs.ph.mark("cont")
 	return m, nil
+}
+
+// restoreRun is one restore on its way through RestoreMachine's phases.
+type restoreRun struct {
+	r       *Runner
+	ctx     context.Context
+	snap    snapshotter.Snapshot
+	own     bool       // a memory file of the machine's own (LongLived)
+	memFile string     // the machine's memory file
+	filled  chan error // the own file's filling, done (nil at once for a frozen file)
+	ownDisk string     // a disk the runner made for the machine, gone with it
+	ph      *phases
+}
+
+// restoreMemory gets the machine's memory file: a file of its own, filled
+// in the background while QEMU starts, or the snapshot's frozen file, one
+// more machine mapping it.
+func (rs *restoreRun) restoreMemory(size int64) error {
+	var err error
+	if rs.own {
+		var fill func(context.Context) error
+		if rs.memFile, fill, err = rs.r.ownMemory(rs.snap.Name, size); err == nil {
+			go func() { rs.filled <- fill(rs.ctx) }()
+		}
+	} else {
+		rs.memFile, err = rs.r.acquire(rs.ctx, rs.snap.Name)
+		rs.filled <- nil
+	}
+	if err != nil {
+		return err
+	}
+	rs.ph.mark("memory")
+	return nil
+}
+
+// undo gives back what a restore that failed before its machine started
+// took: the memory file and a disk the runner made.
+func (rs *restoreRun) undo() {
+	if rs.own {
+		if err := <-rs.filled; err != nil { // moot: the restore failed anyway
+			rs.r.logger().Debug("qemu: filling the memory of a failed restore", "snapshot", rs.snap.Name, "err", err)
+		}
+		_ = os.Remove(rs.memFile)
+	} else {
+		rs.r.release(rs.memFile)
+	}
+	if rs.ownDisk != "" {
+		_ = os.Remove(rs.ownDisk)
+	}
+}
+
+// restoreDisk makes the machine's disk, an overlay at disk ("" for one in
+// the runner's folder) over the snapshot's, when the snapshot has one.
+func (rs *restoreRun) restoreDisk(spec *runner.Spec, disk string) error {
+	if _, ok := rs.snap.Map(DiskMap); ok || rs.snap.Labels[LabelDisk] != "" {
+		if disk == "" {
+			disk = filepath.Join(rs.r.diskDir(), fmt.Sprintf("restore-%d-%d.qcow2", os.Getpid(), rs.r.ids.Add(1)))
+			rs.ownDisk = disk
+		}
+		if err := rs.r.overlayFor(rs.ctx, rs.snap, disk); err != nil {
+			return err
+		}
+		spec.Disk = &runner.Disk{Path: disk}
+	}
+	rs.ph.mark("disk")
+	return nil
+}
+
+// startMachine takes a spare waiting on the frozen file, or starts QEMU
+// paused, waiting for the device state.
+func (rs *restoreRun) startMachine(spec runner.Spec) (*Machine, error) {
+	r := rs.r
+	if rs.own {
+		m, err := r.launch(rs.ctx, spec, launchOptions{ownFile: rs.memFile, incoming: true})
+		rs.ph.mark("launch")
+		return m, err
+	}
+	m, err := r.takeSpare(rs.ctx, rs.memFile, spec)
+	rs.ph.mark("spare")
+	if m == nil && err == nil {
+		m, err = r.launch(rs.ctx, spec, launchOptions{memFile: rs.memFile, incoming: true, acquired: true})
+		rs.ph.mark("launch")
+	}
+	return m, err
+}
+
+// loadState waits for the own file's filling, then loads the device
+// state; an own file's page sums are seeded meanwhile (QEMU does not touch
+// the memory of a shared file, x-ignore-shared, until the guest runs).
+func (rs *restoreRun) loadState(m *Machine, devices []byte) error {
+	if rs.ownDisk != "" {
+		m.ownDisk.Store(&rs.ownDisk) // from here it goes with the machine
+	}
+	if err := <-rs.filled; err != nil {
+		return err
+	}
+	rs.ph.mark("filled")
+	seeded := make(chan error, 1)
+	if rs.own {
+		go func() { seeded <- m.seedSums() }()
+	} else {
+		seeded <- nil
+	}
+	err := m.loadDevices(rs.ctx, devices)
+	if serr := <-seeded; err == nil {
+		err = serr
+	}
+	if err != nil {
+		return err
+	}
+	rs.ph.mark("devices")
+	return nil
 }
 
 // snapshotForRestore returns snapshot snap and its device state: from

@@ -71,10 +71,17 @@ func (m *Machine) Freeze(ctx context.Context, name string, opts runner.SnapshotO
 	return m.snapshot(ctx, name, opts, modeFreeze)
 }
 
+// snapshot takes snapshot name in mode, in phases: beginSnapshot (checks,
+// the parent, the disk's format), for a fork precopy (the memory copied
+// while the guest runs), the stop, freezeDisk (the qcow2 top frozen under a
+// new one), saveState (device state, the capture job), and one of three
+// ends: finishFork (the prepared file caught up and adopted; the store
+// write goes on in the background), finishFreezeLater (QEMU ends and its
+// memory file becomes the snapshot's, written in the background), or
+// captureNow followed by continuing (a snapshot) or finishFreeze (a freeze
+// stored before it returns).
 func (m *Machine) snapshot(ctx context.Context, name string, opts runner.SnapshotOptions, mode snapMode) (snapshotter.Snapshot, error) {
-	freeze := mode == modeFreeze
-	g := m.r.Graph
-	if g == nil {
+	if m.r.Graph == nil {
 		return snapshotter.Snapshot{}, errcat.NotSupported("qemu: snapshots need Runner.Graph")
 	}
 	if err := snapshotter.ValidateName(name); err != nil {
@@ -82,164 +89,257 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
-	if _, err := g.Get(name); err == nil || m.r.isPending(name) {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
-	}
-	parent := m.last
-	if parent == "" {
-		parent = m.base
-	}
-	// A delta needs its parent in the store.
-	if err := m.r.committed(ctx, parent); err != nil {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
-	}
-	qcow2 := false
-	if m.disk != "" {
-		format, err := diskFormat(m.disk)
-		if err != nil {
-			return snapshotter.Snapshot{}, err
-		}
-		qcow2 = format == "qcow2"
-		if qcow2 && parent == "" {
-			return snapshotter.Snapshot{}, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (Spec.Disk.Base): %w", errdefs.ErrInvalidArgument)
-		}
-	}
-	st, err := m.Status(ctx)
+	s, err := m.beginSnapshot(ctx, name, opts, mode)
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	wasRunning := st == "running"
-	ph := startPhases()
-	var prep string
-	if mode == modeFork && m.disk != "" && !qcow2 {
-		mode = modeSnapshot // a raw disk: its restores rebuild memory from the store
-	}
-	if mode == modeFork {
-		// The memory file of the fork's snapshot, copied while the guest
-		// still runs.
-		if prep, err = m.takePrepared(); err == nil {
-			if err = m.precopy(prep); err != nil {
-				m.forkDone(prep, false)
-			}
+	if s.mode == modeFork {
+		if err := s.precopy(); err != nil {
+			return snapshotter.Snapshot{}, err
 		}
-		if err != nil {
-			return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
-		}
-		defer func() {
-			if prep != "" { // the fork failed: nothing maps it
-				m.forkDone(prep, false)
-			}
-		}()
-		ph.mark("precopy")
+		defer s.dropPrepared()
 	}
 	if err := m.command(ctx, "stop"); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	ph.mark("stop")
-	resume := func() {
-		if !wasRunning {
-			return
-		}
-		if err := m.command(context.WithoutCancel(ctx), "cont"); err != nil { // a failed freeze goes on too
-			m.r.logger().Error("qemu: the machine stays stopped after its snapshot", "id", m.id, "err", err)
-		}
-	}
-
-	// The disk: freeze the top of the overlay chain under a new one.
-	frozenDisk := ""
-	if qcow2 {
-		top := m.nextOverlay(name)
-		if _, err := m.qmp.execute(ctx, "blockdev-snapshot-sync", map[string]any{
-			"device": "disk0", "snapshot-file": top, "format": "qcow2", "mode": "absolute-paths",
-		}); err != nil {
-			resume()
-			return snapshotter.Snapshot{}, fmt.Errorf("qemu: %s: freezing the disk: %w", m.id, err)
-		}
-		frozenDisk, m.disk = m.disk, top
-		if d := m.ownDisk.Load(); d != nil && *d == frozenDisk {
-			// The snapshot holds it now; the new top is the machine's.
-			m.ownDisk.Store(&top)
-		}
-		// Until a snapshot stores its blocks (this one, or the next if
-		// this one fails), oldest first: the store must hold every block
-		// since the parent.
-		m.unstoredDisks = append(m.unstoredDisks, frozenDisk)
-	}
-
-	ph.mark("disk")
-	devices, err := m.saveDevices(ctx)
-	if err != nil {
-		resume()
+	s.ph.mark("stop")
+	if err := s.freezeDisk(); err != nil {
+		s.resume()
 		return snapshotter.Snapshot{}, err
 	}
-	ph.mark("devices")
-
-	job, err := m.captureJob(name, parent, opts, devices, frozenDisk)
-	if err != nil {
-		resume()
+	if err := s.saveState(); err != nil {
+		s.resume()
 		return snapshotter.Snapshot{}, err
 	}
-	if qcow2 {
+	switch {
+	case s.mode == modeFork:
+		return s.finishFork()
+	case s.mode == modeFreeze && !m.private && s.job.rawDisk == "":
+		return s.finishFreezeLater(), nil
+	}
+	snap, err := s.captureNow()
+	if err != nil {
+		s.resume()
+		return snapshotter.Snapshot{}, err
+	}
+	if s.mode == modeFreeze {
+		return s.finishFreeze(snap), nil
+	}
+	s.resume()
+	s.ph.mark("cont")
+	m.r.logger().Debug("qemu: snapshot", s.ph.log("id", m.id, "name", name)...)
+	return snap, nil
+}
+
+// snapRun is one snapshot of a machine on its way through the phases of
+// Machine.snapshot, which holds the machine's snapMu throughout.
+type snapRun struct {
+	m            *Machine
+	ctx          context.Context
+	name, parent string
+	opts         runner.SnapshotOptions
+	mode         snapMode
+	qcow2        bool // the machine's disk is a qcow2 overlay chain
+	wasRunning   bool
+	prep         string // a fork's prepared memory file, until the snapshot owns it
+	frozenDisk   string // the overlay this snapshot froze
+	job          *captureJob
+	ph           *phases
+}
+
+// beginSnapshot checks that name is free and the parent (the machine's
+// previous snapshot, or the one its disk starts from) is in the store, and
+// finds the disk's format and whether the guest runs. A fork of a machine
+// on a raw disk becomes a plain snapshot: its restores rebuild memory from
+// the store.
+func (m *Machine) beginSnapshot(ctx context.Context, name string, opts runner.SnapshotOptions, mode snapMode) (*snapRun, error) {
+	if _, err := m.r.Graph.Get(name); err == nil || m.r.isPending(name) {
+		return nil, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
+	}
+	s := &snapRun{m: m, ctx: ctx, name: name, parent: m.last, opts: opts, mode: mode}
+	if s.parent == "" {
+		s.parent = m.base
+	}
+	// A delta needs its parent in the store.
+	if err := m.r.committed(ctx, s.parent); err != nil {
+		return nil, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	if m.disk != "" {
+		format, err := diskFormat(m.disk)
+		if err != nil {
+			return nil, err
+		}
+		s.qcow2 = format == "qcow2"
+		if s.qcow2 && s.parent == "" {
+			return nil, fmt.Errorf("qemu: a snapshot of a qcow2 disk needs the snapshot it starts from (Spec.Disk.Base): %w", errdefs.ErrInvalidArgument)
+		}
+	}
+	st, err := m.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.wasRunning = st == "running"
+	s.ph = startPhases()
+	if s.mode == modeFork && m.disk != "" && !s.qcow2 {
+		s.mode = modeSnapshot
+	}
+	return s, nil
+}
+
+// precopy takes the memory file of the fork's snapshot (the one
+// StartSpares prepared, or a new one) and copies the machine's memory
+// into it while the guest still runs.
+func (s *snapRun) precopy() error {
+	m := s.m
+	prep, err := m.takePrepared()
+	if err == nil {
+		if err = m.precopy(prep); err != nil {
+			m.forkDone(prep, false)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	s.prep = prep
+	s.ph.mark("precopy")
+	return nil
+}
+
+// dropPrepared gives back the prepared file of a fork that failed:
+// nothing maps it.
+func (s *snapRun) dropPrepared() {
+	if s.prep != "" {
+		s.m.forkDone(s.prep, false)
+	}
+}
+
+// resume lets a machine that ran before the snapshot run on; a failed
+// snapshot or freeze goes on too.
+func (s *snapRun) resume() {
+	if !s.wasRunning {
+		return
+	}
+	if err := s.m.command(context.WithoutCancel(s.ctx), "cont"); err != nil {
+		s.m.r.logger().Error("qemu: the machine stays stopped after its snapshot", "id", s.m.id, "err", err)
+	}
+}
+
+// freezeDisk freezes the top of a qcow2 disk's overlay chain under a new
+// one, which takes the machine's writes from now on.
+func (s *snapRun) freezeDisk() error {
+	m := s.m
+	if !s.qcow2 {
+		s.ph.mark("disk")
+		return nil
+	}
+	top := m.nextOverlay(s.name)
+	if _, err := m.qmp.execute(s.ctx, "blockdev-snapshot-sync", map[string]any{
+		"device": "disk0", "snapshot-file": top, "format": "qcow2", "mode": "absolute-paths",
+	}); err != nil {
+		return fmt.Errorf("qemu: %s: freezing the disk: %w", m.id, err)
+	}
+	s.frozenDisk, m.disk = m.disk, top
+	if d := m.ownDisk.Load(); d != nil && *d == s.frozenDisk {
+		// The snapshot holds it now; the new top is the machine's.
+		m.ownDisk.Store(&top)
+	}
+	// Until a snapshot stores its blocks (this one, or the next if this
+	// one fails), oldest first: the store must hold every block since the
+	// parent.
+	m.unstoredDisks = append(m.unstoredDisks, s.frozenDisk)
+	s.ph.mark("disk")
+	return nil
+}
+
+// saveState saves the device state and describes what the snapshot
+// stores: the capture job.
+func (s *snapRun) saveState() error {
+	m := s.m
+	devices, err := m.saveDevices(s.ctx)
+	if err != nil {
+		return err
+	}
+	s.ph.mark("devices")
+	job, err := m.captureJob(s.name, s.parent, s.opts, devices, s.frozenDisk)
+	if err != nil {
+		return err
+	}
+	if s.qcow2 {
 		job.frozenDisks = slices.Clone(m.unstoredDisks)
 	}
-	if mode == modeFork {
-		if err := m.fillPrepared(prep); err != nil {
-			resume()
-			return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	s.job = job
+	return nil
+}
+
+// finishFork catches the prepared file up with the stopped guest's
+// memory, makes it the snapshot's frozen file (written to the store in
+// the background) and lets the machine run on.
+func (s *snapRun) finishFork() (snapshotter.Snapshot, error) {
+	m := s.m
+	if err := m.fillPrepared(s.prep); err != nil {
+		s.resume()
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	s.ph.mark("memory")
+	s.job.memFile, s.job.pid = s.prep, 0
+	m.r.adoptPending(s.job)
+	m.forkDone(s.prep, true)
+	s.prep = "" // the snapshot's now
+	m.last, m.unstoredDisks = s.name, nil
+	s.resume()
+	s.ph.mark("cont")
+	m.r.logger().Debug("qemu: fork", s.ph.log("id", m.id, "name", s.name, "capture", "after")...)
+	return snapshotter.Snapshot{Name: s.name, Parent: s.parent, Labels: s.job.labels}, nil
+}
+
+// finishFreezeLater ends a machine on its own memory file: the file and
+// the frozen disk no longer change, so they go to the store after the
+// freeze returns, while forks run; QEMU, stopped, quits in the background
+// too.
+func (s *snapRun) finishFreezeLater() snapshotter.Snapshot {
+	m := s.m
+	m.frozen.Store(true)
+	m.r.adoptPending(s.job)
+	m.last = s.name
+	top, qcow2 := m.disk, s.qcow2
+	go func() {
+		_ = m.Stop(context.WithoutCancel(s.ctx))
+		if qcow2 {
+			_ = os.Remove(top) // the empty overlay nobody will write
 		}
-		ph.mark("memory")
-		job.memFile, job.pid = prep, 0
-		m.r.adoptPending(job)
-		m.forkDone(prep, true)
-		prep = "" // the snapshot's now
-		m.last, m.unstoredDisks = name, nil
-		resume()
-		ph.mark("cont")
-		m.r.logger().Debug("qemu: fork", ph.log("id", m.id, "name", name, "capture", "after")...)
-		return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
-	}
-	if freeze && !m.private && job.rawDisk == "" {
-		// The memory file and the frozen disk no longer change: they go
-		// to the store after the freeze returns, while forks run.
-		// QEMU, stopped, quits in the background too.
-		m.frozen.Store(true)
-		m.r.adoptPending(job)
-		m.last = name
-		top := m.disk
-		go func() {
-			_ = m.Stop(context.WithoutCancel(ctx))
-			if qcow2 {
-				_ = os.Remove(top) // the empty overlay nobody will write
-			}
-		}()
-		m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name, "capture", "after")...)
-		return snapshotter.Snapshot{Name: name, Parent: parent, Labels: job.labels}, nil
-	}
-	snap, err := m.r.capture(ctx, job)
+	}()
+	m.r.logger().Debug("qemu: freeze", s.ph.log("id", m.id, "name", s.name, "capture", "after")...)
+	return snapshotter.Snapshot{Name: s.name, Parent: s.parent, Labels: s.job.labels}
+}
+
+// captureNow writes the snapshot to the store before it returns.
+func (s *snapRun) captureNow() (snapshotter.Snapshot, error) {
+	m := s.m
+	snap, err := m.r.capture(s.ctx, s.job)
 	if err != nil {
-		resume()
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
 	m.unstoredDisks = nil
-	ph.mark("capture")
-	m.last = name
-	if !freeze {
-		resume()
-		ph.mark("cont")
-		m.r.logger().Debug("qemu: snapshot", ph.log("id", m.id, "name", name)...)
-		return snap, nil
-	}
+	s.ph.mark("capture")
+	m.last = s.name
+	return snap, nil
+}
+
+// finishFreeze ends the machine after a freeze stored in the store; a
+// machine on its own memory file leaves it as the snapshot's frozen file.
+func (s *snapRun) finishFreeze(snap snapshotter.Snapshot) snapshotter.Snapshot {
+	m := s.m
 	if !m.private {
 		m.frozen.Store(true)
-		m.r.adopt(name, m.memFile)
+		m.r.adopt(s.name, m.memFile)
 	}
-	_ = m.Stop(context.WithoutCancel(ctx))
-	ph.mark("quit")
-	if qcow2 {
+	_ = m.Stop(context.WithoutCancel(s.ctx))
+	s.ph.mark("quit")
+	if s.qcow2 {
 		_ = os.Remove(m.disk) // the empty overlay nobody will write
 	}
-	m.r.logger().Debug("qemu: freeze", ph.log("id", m.id, "name", name)...)
-	return snap, nil
+	m.r.logger().Debug("qemu: freeze", s.ph.log("id", m.id, "name", s.name)...)
+	return snap
 }
 
 // nextOverlay names the overlay that takes the disk's writes after

@@ -2,6 +2,7 @@ package runnertest
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"net"
 	"os"
@@ -13,6 +14,25 @@ import (
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 )
+
+// forkSnapshot is m's SnapshotForFork where it is a runner.Forker, else
+// its Snapshot.
+func forkSnapshot(m runner.Machine) func(context.Context, string, runner.SnapshotOptions) (snapshotter.Snapshot, error) {
+	if f, ok := m.(runner.Forker); ok {
+		return f.SnapshotForFork
+	}
+	return m.Snapshot
+}
+
+// flush waits for r's background writes, where it has them.
+func flush(t *testing.T, r runner.Runner) {
+	t.Helper()
+	if bw, ok := r.(runner.BackgroundWriter); ok {
+		if err := bw.Flush(ctx(t)); err != nil {
+			t.Fatalf("Flush: %v", err)
+		}
+	}
+}
 
 // skipWithout skips a check of capability name, saying that the backend
 // lacks it.
@@ -178,11 +198,7 @@ func checkForker(t *testing.T, b Backend) {
 	if o2 := next(t, b, m); o2.Counter <= o1.Counter {
 		t.Fatal("the machine stopped running after SnapshotForFork")
 	}
-	if bw, ok := r.(runner.BackgroundWriter); ok {
-		if err := bw.Flush(ctx(t)); err != nil {
-			t.Fatalf("Flush: %v", err)
-		}
-	}
+	flush(t, r)
 	if _, err := g.Get("f"); err != nil {
 		t.Fatalf("the fork's snapshot is not in the store after Flush: %v", err)
 	}
@@ -204,10 +220,7 @@ func checkBackgroundWriter(t *testing.T, b Backend) {
 	}
 	m := start(t, r, b.Spec)
 	next(t, b, m)
-	snap := m.Snapshot
-	if f, ok := m.(runner.Forker); ok {
-		snap = f.SnapshotForFork // the kind that writes in the background
-	}
+	snap := forkSnapshot(m) // the kind that writes in the background
 	if _, err := snap(ctx(t), "b1", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -248,23 +261,18 @@ func checkSnapshotReleaser(t *testing.T, b Backend) {
 	}
 	m := start(t, r, b.Spec)
 	next(t, b, m)
-	snap := m.Snapshot
 	if f, ok := m.(runner.Forker); ok {
 		if err := f.StartSpares(ctx(t), 1); err != nil {
 			t.Fatal(err)
 		}
-		snap = f.SnapshotForFork
 	}
+	snap := forkSnapshot(m)
 	if _, err := snap(ctx(t), "r1", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	c := restore(t, r, "r1", runner.RestoreOptions{})
 	next(t, b, c)
-	if bw, ok := r.(runner.BackgroundWriter); ok {
-		if err := bw.Flush(ctx(t)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	flush(t, r)
 	rel.ReleaseSnapshot("r1") // c still uses it
 	next(t, b, c)
 	if err := c.Stop(ctx(t)); err != nil {
@@ -287,11 +295,7 @@ func checkSpecReader(t *testing.T, b Backend) {
 	if _, err := m.Snapshot(ctx(t), "sp", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if bw, ok := r.(runner.BackgroundWriter); ok {
-		if err := bw.Flush(ctx(t)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	flush(t, r)
 	s, err := g.Get("sp")
 	if err != nil {
 		t.Fatal(err)
