@@ -79,7 +79,7 @@ func VMMMain(conn *net.UnixConn) error {
 type vmm struct {
 	busy    sync.Mutex
 	conn    *net.UnixConn
-	m       *machine
+	m       *localVM
 	console *os.File
 	fd      *uffd.FD
 }
@@ -228,7 +228,7 @@ func (v *vmm) open(req request) error {
 	if v.console != nil {
 		console = v.console
 	}
-	m, err := newMachine(*req.Params, console)
+	m, err := newLocalVM(*req.Params, console)
 	if err != nil {
 		return err
 	}

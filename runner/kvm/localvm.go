@@ -61,9 +61,10 @@ type Report struct {
 	Tick     uint64 `json:"tick"`
 }
 
-// machine is one VM with one vCPU, run by this process: the heart of the
-// VMM process. Its vCPU runs on a goroutine locked to its OS thread.
-type machine struct {
+// localVM is the one VM, with one vCPU, that a VMM process runs: the heart
+// of the VMM process (Machine is the runner's handle on such a process).
+// Its vCPU runs on a goroutine locked to its OS thread.
+type localVM struct {
 	sys     *ikvm.System
 	vm      *ikvm.VM
 	cpu     *ikvm.VCPU
@@ -111,10 +112,10 @@ const (
 	stateStopped
 )
 
-// newMachine creates the VM, its memory (private anonymous) and its vCPU,
+// newLocalVM creates the VM, its memory (private anonymous) and its vCPU,
 // with dirty logging on. mem is returned for the caller to fill or register
 // before the vCPU first runs.
-func newMachine(p Params, console io.Writer) (*machine, error) {
+func newLocalVM(p Params, console io.Writer) (*localVM, error) {
 	if err := p.check(); err != nil {
 		return nil, err
 	}
@@ -122,7 +123,7 @@ func newMachine(p Params, console io.Writer) (*machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &machine{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1), stopped: make(chan struct{}), firstExit: make(chan struct{})}
+	m := &localVM{sys: sys, params: p, console: console, want: statePaused, is: statePaused, reports: make(chan Report, 1), stopped: make(chan struct{}), firstExit: make(chan struct{})}
 	m.cond = sync.NewCond(&m.mu)
 	ok := false
 	defer func() {
@@ -153,11 +154,11 @@ func newMachine(p Params, console io.Writer) (*machine, error) {
 
 // mapMemory hands guest memory to KVM. It comes after any userfaultfd
 // registration, so that KVM's first touch of a page is served.
-func (m *machine) mapMemory() error {
+func (m *localVM) mapMemory() error {
 	return m.vm.SetMemory(0, 0, m.mem, ikvm.MemFlagLogDirty)
 }
 
-func (m *machine) close() {
+func (m *localVM) close() {
 	if m.cpu != nil {
 		m.cpu.Close()
 	}
@@ -172,7 +173,7 @@ func (m *machine) close() {
 
 // boot writes the guest, its page tables, GDT and parameters into memory
 // and puts the vCPU in 64-bit long mode at the guest's entry.
-func (m *machine) boot(code []byte) error {
+func (m *localVM) boot(code []byte) error {
 	if len(code) > guest.StackTop-guest.Load-0x10000 {
 		return fmt.Errorf("guest of %d bytes is too large", len(code))
 	}
@@ -220,7 +221,7 @@ func (m *machine) boot(code []byte) error {
 }
 
 // saveState reads the vCPU's state. Precondition: paused.
-func (m *machine) saveState() (State, error) {
+func (m *localVM) saveState() (State, error) {
 	st := State{Params: m.params}
 	v := &st.VCPU
 	var err error
@@ -253,7 +254,7 @@ func (m *machine) saveState() (State, error) {
 
 // restoreState sets the vCPU's state, in Firecracker's restore order.
 // MSRs KVM refuses (it refuses some it lists) are skipped.
-func (m *machine) restoreState(st State) error {
+func (m *localVM) restoreState(st State) error {
 	v := st.VCPU
 	steps := []struct {
 		name string
@@ -283,7 +284,7 @@ func (m *machine) restoreState(st State) error {
 }
 
 // start runs the vCPU loop on its own locked thread.
-func (m *machine) start() {
+func (m *localVM) start() {
 	m.mu.Lock()
 	m.want = stateRunning
 	m.started = true
@@ -294,7 +295,7 @@ func (m *machine) start() {
 
 // watchFirstExitLocked arms firstExit for the next run. Precondition: m.mu
 // is held.
-func (m *machine) watchFirstExitLocked() {
+func (m *localVM) watchFirstExitLocked() {
 	if !m.awaitExit.Load() {
 		m.firstExit = make(chan struct{})
 		m.firstExitAt = 0
@@ -303,7 +304,7 @@ func (m *machine) watchFirstExitLocked() {
 }
 
 // noteExit records the vCPU's first exit since it was armed.
-func (m *machine) noteExit() {
+func (m *localVM) noteExit() {
 	now := monotonic()
 	m.mu.Lock()
 	if m.awaitExit.Load() {
@@ -323,7 +324,7 @@ func monotonic() time.Duration {
 
 // waitFirstExit waits until the vCPU has left KVM_RUN once since the latest
 // start or resume, and says when it did (CLOCK_MONOTONIC).
-func (m *machine) waitFirstExit(timeout time.Duration) (time.Duration, error) {
+func (m *localVM) waitFirstExit(timeout time.Duration) (time.Duration, error) {
 	m.mu.Lock()
 	ch := m.firstExit
 	m.mu.Unlock()
@@ -343,14 +344,14 @@ func (m *machine) waitFirstExit(timeout time.Duration) (time.Duration, error) {
 
 // kick interrupts KVM_RUN on the vCPU thread (a guest that never exits on
 // its own still comes back). Precondition: m.mu is held.
-func (m *machine) kick() {
+func (m *localVM) kick() {
 	if m.tid != 0 && m.is == stateRunning {
 		_ = unix.Tgkill(unix.Getpid(), m.tid, unix.SIGURG)
 	}
 }
 
 // loop is the vCPU thread: KVM_RUN and the exits, until stopped.
-func (m *machine) loop() {
+func (m *localVM) loop() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	m.mu.Lock()
@@ -418,13 +419,13 @@ var ErrHalted = errors.New("guest halted")
 // errStopped is the exit of a machine stopped on request.
 var errStopped = runner.ErrStopped
 
-func (m *machine) stop(err error) {
+func (m *localVM) stop(err error) {
 	m.mu.Lock()
 	m.stopLocked(err)
 	m.mu.Unlock()
 }
 
-func (m *machine) stopLocked(err error) {
+func (m *localVM) stopLocked(err error) {
 	m.is, m.want = stateStopped, stateStopped
 	if m.exit == nil {
 		if err == nil {
@@ -437,7 +438,7 @@ func (m *machine) stopLocked(err error) {
 }
 
 // io handles one port I/O exit.
-func (m *machine) io(next *time.Time) error {
+func (m *localVM) io(next *time.Time) error {
 	io := m.cpu.IO()
 	switch {
 	case !io.In && io.Port == guest.PortSerial:
@@ -495,7 +496,7 @@ func (m *machine) io(next *time.Time) error {
 }
 
 // pause stops the vCPU at its next exit and waits until it has.
-func (m *machine) pause() error {
+func (m *localVM) pause() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.is == stateStopped {
@@ -514,7 +515,7 @@ func (m *machine) pause() error {
 }
 
 // resume lets a paused vCPU run on.
-func (m *machine) resume() error {
+func (m *localVM) resume() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.is == stateStopped {
@@ -527,7 +528,7 @@ func (m *machine) resume() error {
 }
 
 // shutdown stops the vCPU loop for good and waits for it to end.
-func (m *machine) shutdown() {
+func (m *localVM) shutdown() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.want = stateStopped
@@ -540,7 +541,7 @@ func (m *machine) shutdown() {
 
 // report asks the guest for its checksum and tick, which it gives at its
 // next tick (after resume, if paused now), and waits for them.
-func (m *machine) report(timeout time.Duration) (Report, error) {
+func (m *localVM) report(timeout time.Duration) (Report, error) {
 	m.mu.Lock()
 	if m.is == stateStopped {
 		err := m.exit
@@ -553,7 +554,7 @@ func (m *machine) report(timeout time.Duration) (Report, error) {
 }
 
 // reseed has the guest mix seed into its random state at its next tick.
-func (m *machine) reseed(seed uint64) {
+func (m *localVM) reseed(seed uint64) {
 	m.mu.Lock()
 	m.cmds = append(m.cmds, guest.CmdReseed)
 	m.args = append(m.args, uint32(seed), uint32(seed>>32))
@@ -563,7 +564,7 @@ func (m *machine) reseed(seed uint64) {
 // fill has the guest fill count data pages from first with fresh data
 // (CmdFill) and waits until it has: until it asks for its next command.
 // The machine must be running, or be resumed by someone else, to get there.
-func (m *machine) fill(first, count uint32, timeout time.Duration) error {
+func (m *localVM) fill(first, count uint32, timeout time.Duration) error {
 	m.mu.Lock()
 	if m.is == stateStopped {
 		err := m.exit
@@ -591,7 +592,7 @@ func (m *machine) fill(first, count uint32, timeout time.Duration) error {
 
 // wakeWaitersLocked wakes the waiters whose control read has come.
 // Precondition: m.mu is held.
-func (m *machine) wakeWaitersLocked() {
+func (m *localVM) wakeWaitersLocked() {
 	kept := m.waiters[:0]
 	for _, w := range m.waiters {
 		if m.ctrlReads >= w.reads {
@@ -604,13 +605,13 @@ func (m *machine) wakeWaitersLocked() {
 }
 
 // requestReport sets the next control answer to CmdReport.
-func (m *machine) requestReport() {
+func (m *localVM) requestReport() {
 	m.mu.Lock()
 	m.cmds = append(m.cmds, guest.CmdReport)
 	m.mu.Unlock()
 }
 
-func (m *machine) waitReport(timeout time.Duration) (Report, error) {
+func (m *localVM) waitReport(timeout time.Duration) (Report, error) {
 	select {
 	case r := <-m.reports:
 		return r, nil

@@ -22,12 +22,12 @@ func guestCode(t testing.TB) []byte {
 	return code
 }
 
-func TestMachineRunsAndRestores(t *testing.T) {
+func TestLocalVMRunsAndRestores(t *testing.T) {
 	requireKVM(t)
 	code := guestCode(t)
 	p := Params{MemSize: 16 << 20, PagesPerTick: 4, Seed: 42, PrintEvery: 1000}
 	console := &testutil.LockedBuffer{}
-	m, err := newMachine(p, console)
+	m, err := newLocalVM(p, console)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestMachineRunsAndRestores(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := newMachine(p, nil)
+	c, err := newLocalVM(p, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
