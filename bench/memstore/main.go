@@ -3,7 +3,7 @@
 //
 //  1. Fault service: a restore of a 64 MiB snapshot with one page per fault
 //     and no prefetch, touched page by page by one thread, against the C
-//     userfaultfd baseline (shared/bench/uffd_baseline.c), with the faulting
+//     userfaultfd baseline (bench/baseline/uffd_baseline.c), with the faulting
 //     thread and the handler on the same CPU and on different CPUs.
 //  2. Scattered restore: a 256 MiB snapshot whose consumer touches 8192
 //     scattered pages (32 MiB), with no help, with fault-around, and with the
@@ -44,7 +44,7 @@ const (
 var (
 	jsonOut  = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
 	reps     = flag.Int("reps", 3, "repetitions of each measurement; the median is reported")
-	baseline = flag.String("baseline", "../shared/bench/uffd_baseline.c", "C baseline source; a relative path is taken from the repository root")
+	baseline = flag.String("baseline", "bench/baseline/uffd_baseline.c", "C baseline source; a relative path is taken from the repository root")
 )
 
 func main() {
