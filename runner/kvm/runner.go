@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/errcat"
+	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/internal/uffd"
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
@@ -408,6 +409,20 @@ type Machine struct {
 
 // ID implements runner.Machine.
 func (m *Machine) ID() string { return m.id }
+
+// The kvm runner's machines have one optional capability.
+var _ runner.CPUMeter = (*Machine)(nil)
+
+// CPUTime is the CPU time the machine's VMM process has used
+// (runner.CPUMeter).
+func (m *Machine) CPUTime() (time.Duration, error) {
+	select {
+	case <-m.done:
+		return 0, fmt.Errorf("kvm: %s has stopped: %w", m.id, errdefs.ErrFailedPrecondition)
+	default:
+	}
+	return procstat.CPUTime(m.pid)
+}
 
 // PID is the VMM process.
 func (m *Machine) PID() int { return m.pid }

@@ -1,15 +1,12 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"time"
 
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -105,29 +102,4 @@ func (st storedSpec) spec() runner.Spec {
 		MemSize: st.MemSize, CPUs: st.CPUs, Kernel: st.Boot,
 		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: st.Options[storedNet],
 	}
-}
-
-// procCPUTime is the CPU time (user and system) process pid has used.
-func procCPUTime(pid int) (time.Duration, error) {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, fmt.Errorf("qemu: CPU time: %w", err)
-	}
-	// The fields after the command name, which is in parentheses and may
-	// hold spaces: state is the first; utime and stime are the 12th and
-	// 13th, in clock ticks (USER_HZ, 100 on Linux).
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat unreadable", pid)
-	}
-	f := strings.Fields(string(stat[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat has %d fields", pid, len(f))
-	}
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("qemu: CPU time: /proc/%d/stat: bad utime or stime", pid)
-	}
-	return time.Duration(ut+st) * (time.Second / 100), nil
 }

@@ -44,6 +44,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/errcat"
+	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
@@ -599,7 +600,7 @@ func (m *Machine) CPUTime() (time.Duration, error) {
 	if m.stopped() {
 		return 0, m.exit
 	}
-	return procCPUTime(m.PID())
+	return procstat.CPUTime(m.PID())
 }
 
 func (m *Machine) stopped() bool {
