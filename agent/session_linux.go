@@ -202,9 +202,11 @@ func loginShell() string {
 	return "/bin/sh"
 }
 
-// workDir is root's home, or / without one.
+// workDir is root's home, or / without one (or one the agent cannot enter).
 func workDir() string {
-	if fi, err := os.Stat("/root"); err == nil && fi.IsDir() {
+	// X_OK: a folder the agent cannot enter (an agent run as another user,
+	// as the box manager's tests do) would fail every command.
+	if fi, err := os.Stat("/root"); err == nil && fi.IsDir() && syscall.Access("/root", 1) == nil {
 		return "/root"
 	}
 	return "/"
