@@ -97,7 +97,7 @@ func TestCodes(t *testing.T) {
 			if tc.wire == "" {
 				return
 			}
-			if n, ok := errcat.Named(tc.wire); !ok || n.Category != r.Category {
+			if n, ok := errcat.Named(tc.wire); !ok || !errors.Is(n.Category, r.Category) {
 				t.Errorf("Named(%q) = %v, %v", tc.wire, n.Category, ok)
 			}
 		})
@@ -142,7 +142,7 @@ func TestFromHTTP(t *testing.T) {
 	// Every row's status reads back to a category of that status.
 	for _, r := range errcat.Rows() {
 		back, ok := errcat.Of(errcat.FromHTTP(r.HTTP, "x"))
-		if r.FromStatus && (!ok || back.Category != r.Category) {
+		if r.FromStatus && (!ok || !errors.Is(back.Category, r.Category)) {
 			t.Errorf("%s: HTTP %d reads back as %v", r.Name, r.HTTP, back.Category)
 		}
 		if ok && back.HTTP != r.HTTP {

@@ -25,7 +25,7 @@ func buildBaseline(dir string) (string, error) {
 	bin := filepath.Join(dir, "uffd_baseline")
 	benchkit.Progress("== building the C baseline: gcc -O2 -pthread -o %s %s", bin, src)
 	if out, err := exec.Command("gcc", "-O2", "-pthread", "-o", bin, src).CombinedOutput(); err != nil {
-		return "", fmt.Errorf("building the C baseline: %v\n%s", err, out)
+		return "", fmt.Errorf("building the C baseline: %w\n%s", err, out)
 	}
 	return bin, nil
 }

@@ -85,8 +85,8 @@ func TestMountTmpfs(t *testing.T) {
 		if err := unix.Statfs(dir, &st); err != nil {
 			t.Fatal(err)
 		}
-		if st.Type != unix.TMPFS_MAGIC || uint64(st.Blocks)*uint64(st.Bsize) != 1<<20 {
-			t.Fatalf("%s: file system %#x of %d bytes, want a 1 MiB tmpfs", dir, st.Type, uint64(st.Blocks)*uint64(st.Bsize))
+		if st.Type != unix.TMPFS_MAGIC || st.Blocks*uint64(st.Bsize) != 1<<20 {
+			t.Fatalf("%s: file system %#x of %d bytes, want a 1 MiB tmpfs", dir, st.Type, st.Blocks*uint64(st.Bsize))
 		}
 		if err := os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644); err != nil {
 			t.Fatal(err)
