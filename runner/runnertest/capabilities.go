@@ -209,6 +209,12 @@ func checkForker(t *testing.T, b Backend) {
 		}
 		next(t, b, restore(t, r, "ff", runner.RestoreOptions{Unique: true}))
 	}
+	// As the box manager does once a fork's children run.
+	flush(t, r)
+	if rel, ok := r.(runner.SnapshotReleaser); ok {
+		rel.ReleaseSnapshot("f")
+		rel.ReleaseSnapshot("ff")
+	}
 }
 
 // Flush puts every snapshot taken in the store and leaves none pending.
