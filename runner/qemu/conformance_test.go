@@ -103,12 +103,17 @@ func seedGuest(ctx context.Context, m *qemu.Machine) error {
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
 	seed := make([]byte, 32)
 	_, _ = rand.Read(seed)
 	_, err = fmt.Fprintf(conn, "seed %s\n", hex.EncodeToString(seed))
-	// The guest reads the line while the host is connected.
-	time.Sleep(300 * time.Millisecond)
+	// The guest reads the line while the host is connected, and it opens
+	// the port only between its reads: QEMU passes the line on once it
+	// does. A busy host may take a while, so the connection stays open
+	// for a few seconds, without holding the caller up.
+	go func() {
+		time.Sleep(3 * time.Second)
+		_ = conn.Close()
+	}()
 	return err
 }
 

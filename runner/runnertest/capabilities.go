@@ -41,10 +41,43 @@ func skipWithout(t *testing.T, r runner.Runner, name string) {
 	t.Skipf("the %s backend does not have runner.%s", r.Name(), name)
 }
 
+// checkCapabilities checks, one subtest each, the capabilities a machine
+// of b.Spec may have, on one machine that they share (a boot is what takes
+// time): each subtest takes snapshots of its own names.
+func checkCapabilities(t *testing.T, b Backend) {
+	r, g := b.New(t)
+	spec := b.Spec
+	var disk *testDisk
+	if df, ok := r.(runner.DiskFiles); ok {
+		disk = newTestDisk(t, g, df)
+		spec.Disk = &runner.Disk{Path: disk.top, Base: testDiskBase}
+	}
+	m := start(t, r, spec)
+	next(t, b, m)
+	for _, c := range []struct {
+		name string
+		fn   func(t *testing.T, b Backend, r runner.Runner, g *snapshotter.Graph, m runner.Machine)
+	}{
+		// First: its checks expect the machine's first snapshot.
+		{"DiskFiles", func(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Graph, m runner.Machine) {
+			if disk == nil {
+				skipWithout(t, r, "DiskFiles")
+			}
+			checkDiskFiles(t, b, r, m, disk)
+		}},
+		{"AgentHost", checkAgentHost},
+		{"CPUMeter", checkCPUMeter},
+		{"SpecReader", checkSpecReader},
+		{"Forker", checkForker},
+		{"BackgroundWriter", checkBackgroundWriter},
+		{"SnapshotReleaser", checkSnapshotReleaser},
+	} {
+		t.Run(c.name, func(t *testing.T) { c.fn(t, b, r, g, m) })
+	}
+}
+
 // The agent's socket exists and takes connections while the machine runs.
-func checkAgentHost(t *testing.T, b Backend) {
-	r, _ := b.New(t)
-	m := start(t, r, b.Spec)
+func checkAgentHost(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Graph, m runner.Machine) {
 	ah, ok := m.(runner.AgentHost)
 	if !ok {
 		skipWithout(t, r, "AgentHost")
@@ -63,14 +96,11 @@ func checkAgentHost(t *testing.T, b Backend) {
 }
 
 // CPU time grows while the guest runs and is an error once it stopped.
-func checkCPUMeter(t *testing.T, b Backend) {
-	r, _ := b.New(t)
-	m := start(t, r, b.Spec)
+func checkCPUMeter(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Graph, m runner.Machine) {
 	cm, ok := m.(runner.CPUMeter)
 	if !ok {
 		skipWithout(t, r, "CPUMeter")
 	}
-	next(t, b, m)
 	t1, err := cm.CPUTime()
 	if err != nil {
 		t.Fatalf("CPUTime: %v", err)
@@ -84,46 +114,60 @@ func checkCPUMeter(t *testing.T, b Backend) {
 	if t2 <= 0 || t2 < t1 {
 		t.Fatalf("CPU time %v then %v: want positive and growing", t1, t2)
 	}
-	if err := m.Stop(ctx(t)); err != nil {
+	// A stopped machine's: a restore of m, stopped.
+	if _, err := m.Snapshot(ctx(t), "cpu", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cm.CPUTime(); err == nil {
+	c := restore(t, r, "cpu", runner.RestoreOptions{})
+	if err := c.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.(runner.CPUMeter).CPUTime(); err == nil {
 		t.Fatal("CPUTime of a stopped machine succeeded")
 	}
 }
 
-// A disk made over a raw base stands on it; a snapshot freezes a layer
-// that names the disk as its origin and stands on the base too; the
-// machine goes on on a new top, and a restore's disk stands on the layer.
-func checkDiskFiles(t *testing.T, b Backend) {
-	r, g := b.New(t)
-	df, ok := r.(runner.DiskFiles)
-	if !ok {
-		skipWithout(t, r, "DiskFiles")
-	}
-	dir := t.TempDir()
-	base := filepath.Join(dir, "base.raw")
-	content := bytes.Repeat([]byte("boxd-disk-base!\n"), 1<<16) // 1 MiB
-	if err := os.WriteFile(base, content, 0o444); err != nil {
+// testDiskBase names the snapshot a test disk starts from.
+const testDiskBase = "disk-base"
+
+// testDisk is a disk made with DiskFiles.CreateDisk over a raw base that
+// is also in the store.
+type testDisk struct {
+	df        runner.DiskFiles
+	dir       string
+	base, top string
+}
+
+// newTestDisk makes a disk over a 1 MiB raw base and checks that it
+// stands on it, and that the backend claims no stranger file.
+func newTestDisk(t *testing.T, g *snapshotter.Graph, df runner.DiskFiles) *testDisk {
+	d := &testDisk{df: df, dir: t.TempDir()}
+	d.base = filepath.Join(d.dir, "base.raw")
+	content := bytes.Repeat([]byte("boxd-disk-base!\n"), 1<<16)
+	if err := os.WriteFile(d.base, content, 0o444); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.Ingest(ctx(t), bytes.NewReader(content), snapshotter.IngestOptions{Name: "disk-base"}); err != nil {
+	if _, err := g.Ingest(ctx(t), bytes.NewReader(content), snapshotter.IngestOptions{Name: testDiskBase}); err != nil {
 		t.Fatal(err)
 	}
-	top := filepath.Join(dir, "top.disk")
-	if err := df.CreateDisk(ctx(t), top, base); err != nil {
+	d.top = filepath.Join(d.dir, "top.disk")
+	if err := df.CreateDisk(ctx(t), d.top, d.base); err != nil {
 		t.Fatalf("CreateDisk: %v", err)
 	}
-	if chain := df.DiskChain(top); !slices.Equal(chain, []string{top, base}) {
-		t.Fatalf("DiskChain of a new disk: %v, want [%s %s]", chain, top, base)
+	if chain := df.DiskChain(d.top); !slices.Equal(chain, []string{d.top, d.base}) {
+		t.Fatalf("DiskChain of a new disk: %v, want [%s %s]", chain, d.top, d.base)
 	}
-	if got := df.DiskOrigin(filepath.Join(dir, "stranger.disk")); got != "" {
+	if got := df.DiskOrigin(filepath.Join(d.dir, "stranger.disk")); got != "" {
 		t.Fatalf("DiskOrigin of a file the backend did not make: %q, want none", got)
 	}
-	spec := b.Spec
-	spec.Disk = &runner.Disk{Path: top, Base: "disk-base"}
-	m := start(t, r, spec)
-	next(t, b, m)
+	return d
+}
+
+// A snapshot of m, which runs on disk d, freezes a layer that stands on
+// d's base and names d as its origin; m goes on on a new top, and a
+// restore's disk stands on the layer.
+func checkDiskFiles(t *testing.T, b Backend, r runner.Runner, m runner.Machine, d *testDisk) {
+	df, base, top, dir := d.df, d.base, d.top, d.dir
 	s, err := m.Snapshot(ctx(t), "d1", runner.SnapshotOptions{})
 	if err != nil {
 		t.Fatalf("Snapshot of a machine with a disk: %v", err)
@@ -171,9 +215,7 @@ func checkDiskFiles(t *testing.T, b Backend) {
 
 // A fork snapshot's restores start (on spares) and diverge; the machine
 // runs on; the snapshot restores again once in the store.
-func checkForker(t *testing.T, b Backend) {
-	r, g := b.New(t)
-	m := start(t, r, b.Spec)
+func checkForker(t *testing.T, b Backend, r runner.Runner, g *snapshotter.Graph, m runner.Machine) {
 	f, ok := m.(runner.Forker)
 	if !ok {
 		skipWithout(t, r, "Forker")
@@ -188,10 +230,7 @@ func checkForker(t *testing.T, b Backend) {
 	o1 := next(t, b, m)
 	a := restore(t, r, "f", runner.RestoreOptions{Unique: true})
 	c := restore(t, r, "f", runner.RestoreOptions{Unique: true})
-	var oa, oc runner.Observation
-	for range 3 {
-		oa, oc = next(t, b, a), next(t, b, c)
-	}
+	oa, oc := divergence(t, b, a, c)
 	if oa.Checksum == oc.Checksum {
 		t.Fatalf("two unique forks have the same memory after running: %+v", oa)
 	}
@@ -218,13 +257,11 @@ func checkForker(t *testing.T, b Backend) {
 }
 
 // Flush puts every snapshot taken in the store and leaves none pending.
-func checkBackgroundWriter(t *testing.T, b Backend) {
-	r, g := b.New(t)
+func checkBackgroundWriter(t *testing.T, b Backend, r runner.Runner, g *snapshotter.Graph, m runner.Machine) {
 	bw, ok := r.(runner.BackgroundWriter)
 	if !ok {
 		skipWithout(t, r, "BackgroundWriter")
 	}
-	m := start(t, r, b.Spec)
 	next(t, b, m)
 	snap := forkSnapshot(m) // the kind that writes in the background
 	if _, err := snap(ctx(t), "b1", runner.SnapshotOptions{}); err != nil {
@@ -259,13 +296,11 @@ func checkBackgroundWriter(t *testing.T, b Backend) {
 }
 
 // A released snapshot restores again, from the store.
-func checkSnapshotReleaser(t *testing.T, b Backend) {
-	r, _ := b.New(t)
+func checkSnapshotReleaser(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Graph, m runner.Machine) {
 	rel, ok := r.(runner.SnapshotReleaser)
 	if !ok {
 		skipWithout(t, r, "SnapshotReleaser")
 	}
-	m := start(t, r, b.Spec)
 	next(t, b, m)
 	if f, ok := m.(runner.Forker); ok {
 		if err := f.StartSpares(ctx(t), 1); err != nil {
@@ -290,13 +325,11 @@ func checkSnapshotReleaser(t *testing.T, b Backend) {
 }
 
 // A snapshot says what machine it restores as; another backend's does not.
-func checkSpecReader(t *testing.T, b Backend) {
-	r, g := b.New(t)
+func checkSpecReader(t *testing.T, b Backend, r runner.Runner, g *snapshotter.Graph, m runner.Machine) {
 	sr, ok := r.(runner.SpecReader)
 	if !ok {
 		skipWithout(t, r, "SpecReader")
 	}
-	m := start(t, r, b.Spec)
 	next(t, b, m)
 	if _, err := m.Snapshot(ctx(t), "sp", runner.SnapshotOptions{}); err != nil {
 		t.Fatal(err)
