@@ -21,6 +21,14 @@ import (
 // the one that boots Linux boxes on every host.
 const Default = "qemu"
 
+// OOM-killer scores (oom_score_adj): when the host runs out of memory the
+// kernel kills a box's QEMU before the daemon, which keeps every other box
+// and notes why that one stopped.
+const (
+	DaemonOOMScoreAdj  = -500
+	MachineOOMScoreAdj = 300
+)
+
 // Config says where the backends keep their files.
 type Config struct {
 	Root   string             // boxd's root: machines' folders go under ROOT/run
@@ -51,7 +59,10 @@ func New(cfg Config) *Set {
 		cfg.MemDir = filepath.Join("/dev/shm", "boxd-"+shortHash(cfg.Root))
 	}
 	_ = os.RemoveAll(cfg.MemDir)
-	q := &qemu.Runner{Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger}
+	q := &qemu.Runner{
+		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
+		OOMScoreAdj: MachineOOMScoreAdj,
+	}
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
 	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
@@ -287,6 +288,9 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	}
 	if opts.Memory < 128<<20 || opts.Memory%(1<<20) != 0 {
 		return Box{}, fmt.Errorf("memory %d: want a whole number of MiB, at least 128 MiB: %w", opts.Memory, errdefs.ErrInvalidArgument)
+	}
+	if total, err := procstat.MemTotal(); err == nil && opts.Memory > total {
+		return Box{}, fmt.Errorf("memory %d MiB: more than this host's %d MiB of RAM: %w", opts.Memory>>20, total>>20, errdefs.ErrInvalidArgument)
 	}
 	if opts.CPUs == 0 {
 		opts.CPUs = DefaultCPUs

@@ -115,6 +115,13 @@ func TestFakeCreateExecStopStart(t *testing.T) {
 	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage}); !errors.Is(err, box.ErrExists) {
 		t.Fatalf("second create of dev: %v, want ErrExists", err)
 	}
+	// More memory than the host has is refused up front, and nothing is kept.
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "huge", Image: fakeImage, Memory: 5 << 40}); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "more than this host's") {
+		t.Fatalf("create of a 5 TiB box: %v, want ErrInvalidArgument naming the host's RAM", err)
+	}
+	if _, err := e.mgr.Get("huge"); !errors.Is(err, box.ErrNotFound) {
+		t.Fatalf("a refused box was recorded: %v", err)
+	}
 	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "x", Image: fakeImage, Runner: "qemu"}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 		t.Fatalf("create on a runner the manager lacks: %v, want ErrInvalidArgument", err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/boxd-dev/boxd/sshproxy"
 	"golang.org/x/crypto/ssh"
@@ -77,6 +78,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			err = cerr
 		}
 	}()
+	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
+		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
+	}
 	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand()})
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,

@@ -1,4 +1,5 @@
-// Package procstat reads what Linux says of a process in /proc/PID/stat.
+// Package procstat reads what Linux says of a process (/proc/PID/stat) and
+// of the host (/proc/meminfo), and sets a process's OOM-killer score.
 package procstat
 
 import (
@@ -37,4 +38,45 @@ func parseCPUTime(stat []byte) (time.Duration, error) {
 		return 0, fmt.Errorf("CPU time: utime %q or stime %q is not a number", f[11], f[12])
 	}
 	return time.Duration(ut+st) * (time.Second / 100), nil
+}
+
+// MemTotal is the host's RAM in bytes (MemTotal in /proc/meminfo).
+func MemTotal() (int64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, fmt.Errorf("host memory: %w", err)
+	}
+	return parseMemTotal(b)
+}
+
+func parseMemTotal(meminfo []byte) (int64, error) {
+	for line := range bytes.Lines(meminfo) {
+		rest, ok := bytes.CutPrefix(line, []byte("MemTotal:"))
+		if !ok {
+			continue
+		}
+		f := strings.Fields(string(rest))
+		if len(f) != 2 || f[1] != "kB" {
+			break
+		}
+		kb, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			break
+		}
+		return kb << 10, nil
+	}
+	return 0, fmt.Errorf("host memory: no MemTotal line in kB in /proc/meminfo")
+}
+
+// SetOOMScoreAdj sets process pid's oom_score_adj (-1000 to 1000): how much
+// more (or less) the kernel's OOM killer favours killing it. Lowering it
+// needs CAP_SYS_RESOURCE.
+func SetOOMScoreAdj(pid, adj int) error {
+	if adj < -1000 || adj > 1000 {
+		return fmt.Errorf("oom_score_adj %d: want -1000 to 1000", adj)
+	}
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte(strconv.Itoa(adj)), 0); err != nil {
+		return fmt.Errorf("oom_score_adj of process %d: %w", pid, err)
+	}
+	return nil
 }

@@ -1,7 +1,10 @@
 package procstat
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 )
@@ -37,5 +40,47 @@ func TestCPUTimeOfSelf(t *testing.T) {
 	}
 	if _, err := CPUTime(-1); err == nil {
 		t.Fatal("CPUTime of no process succeeded")
+	}
+}
+
+func TestParseMemTotal(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		bad  bool
+	}{
+		{"MemTotal:       24562972 kB\nMemFree:  1 kB\n", 24562972 << 10, false},
+		{"MemFree:  1 kB\nMemTotal: 2048 kB\n", 2 << 20, false},
+		{"MemFree:  1 kB\n", 0, true},
+		{"MemTotal: 12 MB\n", 0, true},
+		{"MemTotal: x kB\n", 0, true},
+	} {
+		got, err := parseMemTotal([]byte(tc.in))
+		if tc.bad != (err != nil) || got != tc.want {
+			t.Errorf("%q: %d, %v; want %d (error %v)", tc.in, got, err, tc.want, tc.bad)
+		}
+	}
+	if n, err := MemTotal(); err != nil || n < 64<<20 {
+		t.Fatalf("MemTotal of this host: %d, %v", n, err)
+	}
+}
+
+func TestSetOOMScoreAdj(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	if err := SetOOMScoreAdj(cmd.Process.Pid, 123); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", cmd.Process.Pid))
+	if err != nil || strings.TrimSpace(string(got)) != "123" {
+		t.Fatalf("oom_score_adj after setting 123: %q, %v", got, err)
+	}
+	for _, bad := range []int{-1001, 1001} {
+		if err := SetOOMScoreAdj(cmd.Process.Pid, bad); err == nil {
+			t.Errorf("oom_score_adj %d accepted", bad)
+		}
 	}
 }

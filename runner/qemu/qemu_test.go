@@ -3,10 +3,12 @@ package qemu_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -42,7 +44,7 @@ func TestStartPauseResumeStop(t *testing.T) {
 	defer cancel()
 	kernel, initrd := guest(ctx, t)
 
-	r := &qemu.Runner{Dir: t.TempDir(), MemDir: t.TempDir()}
+	r := &qemu.Runner{Dir: t.TempDir(), MemDir: t.TempDir(), OOMScoreAdj: 300}
 	t.Logf("accelerator: %s", r.Accel())
 	spec := runner.Spec{
 		MemSize: 256 << 20,
@@ -61,6 +63,10 @@ func TestStartPauseResumeStop(t *testing.T) {
 	})
 	t.Logf("machine %s (QEMU pid %d)", m.ID(), m.PID())
 
+	// The kernel's OOM killer picks a machine before boxd (Runner.OOMScoreAdj).
+	if adj, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", m.PID())); err != nil || strings.TrimSpace(string(adj)) != "300" {
+		t.Fatalf("QEMU's oom_score_adj: %q, %v; want 300", adj, err)
+	}
 	if fi, err := os.Stat(m.MemoryFile()); err != nil || fi.Size() != spec.MemSize {
 		t.Fatalf("memory file %s: %v, want %d bytes", m.MemoryFile(), err, spec.MemSize)
 	}

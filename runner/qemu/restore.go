@@ -260,13 +260,59 @@ func exists(path string) bool {
 // acquire returns the frozen memory file of snap, rebuilding it from the
 // store when there is none, and counts one more machine mapping it.
 func (r *Runner) acquire(ctx context.Context, snap string) (string, error) {
-	r.frozenMu.Lock()
-	if f := r.frozen[snap]; f != nil {
-		f.refs++
+	for {
+		r.frozenMu.Lock()
+		if f := r.frozen[snap]; f != nil {
+			f.refs++
+			r.frozenMu.Unlock()
+			return f.path, nil
+		}
+		b := r.building[snap]
+		if b == nil {
+			break // with frozenMu held: this restore builds it
+		}
 		r.frozenMu.Unlock()
-		return f.path, nil
+		// One restore builds a snapshot's file; the others wait for it
+		// and map the same file, however many start at once.
+		select {
+		case <-b.done:
+		case <-ctx.Done():
+			return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, ctx.Err())
+		}
+		if b.err != nil {
+			return "", b.err
+		}
 	}
+	b := &build{done: make(chan struct{})}
+	if r.building == nil {
+		r.building = map[string]*build{}
+	}
+	r.building[snap] = b
 	r.frozenMu.Unlock()
+	path, err := r.buildFrozen(ctx, snap)
+	r.frozenMu.Lock()
+	defer r.frozenMu.Unlock()
+	delete(r.building, snap)
+	b.err = err
+	close(b.done)
+	if err != nil {
+		return "", err
+	}
+	r.register(&frozenFile{snap: snap, path: path, refs: 1})
+	return path, nil
+}
+
+// build is one snapshot's frozen file being rebuilt from the store; err is
+// set before done closes.
+type build struct {
+	done chan struct{}
+	err  error
+}
+
+// buildFrozen rebuilds snapshot snap's memory file from the store, holes
+// where pages are zero.
+func (r *Runner) buildFrozen(ctx context.Context, snap string) (string, error) {
+	r.builds.Add(1)
 	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
 	if err != nil {
 		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
@@ -278,14 +324,6 @@ func (r *Runner) acquire(ctx context.Context, snap string) (string, error) {
 	if err := mr.Export(ctx, path, nil); err != nil {
 		return "", fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
 	}
-	r.frozenMu.Lock()
-	defer r.frozenMu.Unlock()
-	if f := r.frozen[snap]; f != nil { // built meanwhile by another restore
-		_ = os.Remove(path)
-		f.refs++
-		return f.path, nil
-	}
-	r.register(&frozenFile{snap: snap, path: path, refs: 1})
 	return path, nil
 }
 

@@ -75,6 +75,12 @@ type Runner struct {
 	// slog.Default()).
 	Logger *slog.Logger
 
+	// OOMScoreAdj is the oom_score_adj (-1000 to 1000) each QEMU gets, so
+	// that the kernel's OOM killer takes a machine before the process that
+	// runs them (which may protect itself with a lower one); 0 leaves QEMU
+	// with what it inherits.
+	OOMScoreAdj int
+
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
 	// Unique, when set, is called for a machine restored with
@@ -91,6 +97,10 @@ type Runner struct {
 	frozen   map[string]*frozenFile // by snapshot name
 	byPath   map[string]*frozenFile
 	pending  map[string]*pendingSnap // snapshots on their way to the store, by name
+	// building are the frozen files being rebuilt from the store, by
+	// snapshot name: one restore builds, the others wait (acquire).
+	building map[string]*build
+	builds   atomic.Int64 // frozen files rebuilt from the store, for tests
 	// prepFiles are the memory files machines prepared for their forks
 	// (StartSpares) that no fork has adopted or dropped yet.
 	prepFiles map[string]bool
@@ -375,6 +385,11 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
 	}
 	go m.wait()
+	if r.OOMScoreAdj != 0 {
+		if err := procstat.SetOOMScoreAdj(m.cmd.Process.Pid, r.OOMScoreAdj); err != nil {
+			r.logger().Warn("qemu: the OOM killer may pick boxd before this machine", "id", id, "err", err)
+		}
+	}
 	if err := m.connect(ctx); err != nil {
 		m.kill()
 		<-m.done
