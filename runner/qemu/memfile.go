@@ -32,7 +32,8 @@ package qemu
 //     its spares go with it. It comes from SnapshotForFork (the prepared
 //     file, adopted), from Freeze of a machine on an own file (that file,
 //     adopted) and from Restore when the snapshot has none (acquire: rebuilt
-//     from the store, zero pages left as holes).
+//     from the store, zero pages left as holes; restores that start together
+//     wait for one rebuild and share it).
 //   - pending: a frozen file whose snapshot is not in the store yet
 //     (pendingSnap). SnapshotForFork, and Freeze of a machine on an own
 //     file whose disk is not raw, return before the snapshot is written;
