@@ -6,9 +6,14 @@ package backends
 import (
 	"context"
 	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/runner"
@@ -52,13 +57,28 @@ type Set struct {
 	memDir  string
 }
 
-// New builds the backends of cfg.Root. Memory files a boxd that is gone
-// left in the memory folder are removed.
+// New builds the backends of cfg.Root. The caller holds the root (its
+// store is open), so memory files in the root's memory folder are a dead
+// boxd's and are removed; so are the memory folders in /dev/shm of other
+// roots whose daemon is gone. What was reclaimed is logged.
 func New(cfg Config) *Set {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
 	if cfg.MemDir == "" {
-		cfg.MemDir = filepath.Join("/dev/shm", "boxd-"+shortHash(cfg.Root))
+		cfg.MemDir = filepath.Join(shmDir, memDirPrefix+shortHash(cfg.Root))
+		if freed, n := reclaimMemDirs(shmDir, cfg.MemDir); n > 0 {
+			log.Info("backends: removed the memory folders of boxd daemons that are gone", "folders", n, "mib", freed>>20)
+		}
+	}
+	if freed := treeSize(cfg.MemDir); freed > 0 {
+		log.Info("backends: removed the memory files a previous boxd left on this root", "folder", cfg.MemDir, "mib", freed>>20)
 	}
 	_ = os.RemoveAll(cfg.MemDir)
+	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
+		_ = os.WriteFile(filepath.Join(cfg.MemDir, ownerFile), fmt.Appendf(nil, "%d %s\n", os.Getpid(), cfg.Root), 0o600)
+	}
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj,
@@ -73,7 +93,9 @@ func New(cfg Config) *Set {
 func (s *Set) Close(ctx context.Context) error {
 	err := s.QEMU.Flush(ctx)
 	_ = s.KVM.Close()
-	_ = os.Remove(s.memDir)
+	if entries, rerr := os.ReadDir(s.memDir); rerr == nil && len(entries) == 1 && entries[0].Name() == ownerFile {
+		_ = os.RemoveAll(s.memDir) // only the owner file is left: every machine has stopped
+	}
 	return err
 }
 
@@ -81,6 +103,69 @@ func (s *Set) Close(ctx context.Context) error {
 // (capabilities) before asking a daemon for a box.
 func Offline() []runner.Runner {
 	return []runner.Runner{&qemu.Runner{}, &kvm.Runner{}}
+}
+
+// Memory folders: /dev/shm/boxd-HASH, HASH from the root, each with an
+// owner file that names the daemon's pid and root.
+const (
+	shmDir       = "/dev/shm"
+	memDirPrefix = "boxd-"
+	ownerFile    = "owner"
+)
+
+// reclaimMemDirs removes the memory folders in parent (but keep) whose
+// owner file names a process that no longer exists, and returns the bytes
+// and folders it freed. A folder without an owner file, or whose owner
+// lives, is left alone.
+func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
+	entries, err := os.ReadDir(parent)
+	if err != nil {
+		return 0, 0
+	}
+	for _, e := range entries {
+		dir := filepath.Join(parent, e.Name())
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), memDirPrefix) || dir == keep {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, ownerFile))
+		if err != nil {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(string(b), "%d", &pid); err != nil || pid <= 0 || alive(pid) {
+			continue
+		}
+		size := treeSize(dir)
+		if os.RemoveAll(dir) == nil {
+			freed += size
+			folders++
+		}
+	}
+	return freed, folders
+}
+
+// alive says whether process pid exists.
+func alive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// treeSize is the bytes the files under dir take (their blocks: memory
+// files are sparse).
+func treeSize(dir string) int64 {
+	var n int64
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				n += st.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
 }
 
 func shortHash(s string) string {
