@@ -77,6 +77,13 @@ type Config struct {
 	// DefaultRunner names the runner of RunnerAuto and of boxes recorded
 	// before boxes named theirs; "" means the first of Runners.
 	DefaultRunner string
+	// Reserve is the host memory boxd keeps free: an operation that would
+	// leave less is refused. 0 means 1 GiB or a twentieth of the host's
+	// RAM, whichever is more; negative, none.
+	Reserve int64
+	// HostMemory says how much memory the host can give now; nil reads
+	// MemAvailable from /proc/meminfo.
+	HostMemory func() (int64, error)
 	// Spares is how many machines wait, paused, for a fork of a box (one
 	// booted, resumed, or just forked from) on a runner.Forker: a fork then
 	// starts no process. 0 means DefaultSpares; negative, none.
@@ -302,6 +309,9 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err != nil {
 		return Box{}, err
 	}
+	if err := m.admit("box "+opts.Name, bootNeed(opts.Memory)); err != nil {
+		return Box{}, err
+	}
 	unlock := m.lock(opts.Name)
 	defer unlock()
 	if _, err := m.Get(opts.Name); err == nil {
@@ -385,6 +395,9 @@ func (m *Manager) spec(ctx context.Context, bx Box) (runner.Spec, error) {
 func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
 	r, err := m.runnerOf(bx)
 	if err != nil {
+		return bx, err
+	}
+	if err := m.admit("booting box "+bx.Name, bootNeed(bx.Memory)); err != nil {
 		return bx, err
 	}
 	spec, err := m.spec(ctx, bx)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/guest"
+	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/containerd/errdefs"
 )
 
@@ -193,5 +195,31 @@ func TestBoxes(t *testing.T) {
 			t.Errorf("after the use: %+v", bx)
 		}
 		countsOn(ctx, t, mgr, "dev", n)
+	})
+
+	// A fork this host's memory cannot hold (each machine costs
+	// box.MachineOverhead at least) is refused before anything starts.
+	t.Run("ForkBeyondHostMemory", func(t *testing.T) {
+		total, err := procstat.MemTotal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := int(total/box.MachineOverhead) + 1
+		names := make([]string, n)
+		for i := range names {
+			names[i] = "many-" + strconv.Itoa(i)
+		}
+		before, _ := mgr.List()
+		beforeDev, _ := mgr.Get("dev")
+		_, err = mgr.Fork(ctx, "dev", names)
+		if !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), fmt.Sprintf("a fork of dev into %d boxes needs about", n)) {
+			t.Fatalf("fork of dev into %d boxes: %v, want ErrResourceExhausted saying what it needs", n, err)
+		}
+		after, _ := mgr.List()
+		afterDev, _ := mgr.Get("dev")
+		if len(after) != len(before) || afterDev.Snapshot != beforeDev.Snapshot || afterDev.State != box.StateRunning {
+			t.Fatalf("a refused fork changed things: %d boxes then %d; dev %+v then %+v", len(before), len(after), beforeDev, afterDev)
+		}
+		run(ctx, t, mgr, "dev", "true")
 	})
 }

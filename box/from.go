@@ -49,6 +49,9 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 	if err != nil {
 		return Box{}, err
 	}
+	if err := m.admit("box "+opts.Name, forkNeed(spec.MemSize, 1)); err != nil {
+		return Box{}, err
+	}
 	parent := sn.Labels[LabelBox]
 	unique, err := agent.NewUnique(opts.Name)
 	if err != nil {

@@ -143,6 +143,9 @@ func (m *Manager) Resume(ctx context.Context, name string) (Box, error) {
 
 // resume restores bx from its snapshot onto a fresh disk overlay.
 func (m *Manager) resume(ctx context.Context, bx Box) (Box, error) {
+	if err := m.admit("resuming box "+bx.Name, bootNeed(bx.Memory)); err != nil {
+		return bx, err
+	}
 	unique, err := agent.NewUnique("")
 	if err != nil {
 		return bx, err
@@ -225,6 +228,9 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	}
 	parent, err := m.Get(src)
 	if err != nil {
+		return nil, err
+	}
+	if err := m.admit(fmt.Sprintf("a fork of %s into %d boxes", src, len(names)), forkNeed(parent.Memory, len(names))); err != nil {
 		return nil, err
 	}
 	snap, err := m.forkSnapshot(ctx, &parent)

@@ -37,6 +37,12 @@ type fakeEnv struct {
 // with an image and a kernel file, so that boxes can be created.
 func newFakeEnv(t *testing.T, forker bool) *fakeEnv {
 	t.Helper()
+	return newFakeEnvWith(t, forker, nil)
+}
+
+// newFakeEnvWith is newFakeEnv with the manager's Config adjusted by adjust.
+func newFakeEnvWith(t *testing.T, forker bool, adjust func(*box.Config)) *fakeEnv {
+	t.Helper()
 	root := t.TempDir()
 	g, err := snapshotter.Open(root)
 	if err != nil {
@@ -57,7 +63,11 @@ func newFakeEnv(t *testing.T, forker bool) *fakeEnv {
 	testutil.WriteELF(t, agentBin) // static: it is only put in an initramfs
 	t.Setenv(guest.AgentEnv, agentBin)
 	r := newFakeRunner(t, g, forker)
-	mgr, err := box.Open(box.Config{Root: root, Graph: g, Kernel: kernel, Runners: []runner.Runner{r}})
+	cfg := box.Config{Root: root, Graph: g, Kernel: kernel, Runners: []runner.Runner{r}}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	mgr, err := box.Open(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -397,3 +407,52 @@ func TestFakeCreateFrom(t *testing.T) {
 }
 
 var _ = agent.Command{}
+
+// What does not fit the host's memory, less the reserve, is refused before
+// anything is made; what fits goes ahead. Forks count one shared image.
+func TestFakeAdmission(t *testing.T) {
+	e := newFakeEnvWith(t, false, func(c *box.Config) {
+		c.HostMemory = func() (int64, error) { return 4 << 30, nil }
+		c.Reserve = 1 << 30
+	})
+	ctx := context.Background()
+	e.create(t, "dev") // 512 MiB
+	for _, tc := range []struct {
+		what string
+		do   func() error
+	}{
+		{"a 3 GiB box", func() error {
+			_, err := e.mgr.Create(ctx, box.CreateOptions{Name: "big", Image: fakeImage, Memory: 3 << 30})
+			return err
+		}},
+		{"24 forks", func() error {
+			names := make([]string, 24)
+			for i := range names {
+				names[i] = "kid-" + strings.Repeat("x", i+1)
+			}
+			_, err := e.mgr.Fork(ctx, "dev", names)
+			return err
+		}},
+	} {
+		snapsBefore, _ := e.g.List()
+		machinesBefore := len(e.r.machines)
+		err := tc.do()
+		if !errors.Is(err, errdefs.ErrResourceExhausted) || !strings.Contains(err.Error(), "GiB available; boxd keeps 1.0 GiB in reserve") {
+			t.Fatalf("%s on a host with 4 GiB free: %v, want ErrResourceExhausted saying what is available", tc.what, err)
+		}
+		boxes, _ := e.mgr.List()
+		snapsAfter, _ := e.g.List()
+		if len(boxes) != 1 || len(snapsAfter) != len(snapsBefore) || len(e.r.machines) != machinesBefore {
+			t.Fatalf("%s was refused but changed things: boxes %d, snapshots %d -> %d, machines %d -> %d",
+				tc.what, len(boxes), len(snapsBefore), len(snapsAfter), machinesBefore, len(e.r.machines))
+		}
+	}
+	// 512 MiB shared and 10 machines of 128 MiB fit in 3 GiB.
+	names := make([]string, 10)
+	for i := range names {
+		names[i] = "ok-" + strings.Repeat("y", i+1)
+	}
+	if _, err := e.mgr.Fork(ctx, "dev", names); err != nil {
+		t.Fatalf("a fork that fits: %v", err)
+	}
+}

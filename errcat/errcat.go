@@ -58,7 +58,7 @@ var table = []Row{
 		Meaning: "damaged data: `verify` found damage, or a read failed its hash"},
 	{Category: errdefs.ErrResourceExhausted, Name: "resource exhausted", Wire: "resource_exhausted",
 		HTTP: http.StatusInternalServerError, Exit: 7,
-		Meaning: "the disk is full"},
+		Meaning: "out of room: the disk is full, or the host lacks the memory an operation needs"},
 	{Category: errdefs.ErrUnavailable, Name: "unavailable", Wire: "unavailable",
 		HTTP: http.StatusServiceUnavailable, FromStatus: true, Exit: 8,
 		Meaning: "unavailable: the root is in use by another boxd process, the daemon is not running, or a box did not come up"},

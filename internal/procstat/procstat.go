@@ -41,17 +41,24 @@ func parseCPUTime(stat []byte) (time.Duration, error) {
 }
 
 // MemTotal is the host's RAM in bytes (MemTotal in /proc/meminfo).
-func MemTotal() (int64, error) {
+func MemTotal() (int64, error) { return meminfo("MemTotal") }
+
+// MemAvailable is the memory the host can give without swapping, in bytes
+// (MemAvailable in /proc/meminfo).
+func MemAvailable() (int64, error) { return meminfo("MemAvailable") }
+
+func meminfo(key string) (int64, error) {
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
 		return 0, fmt.Errorf("host memory: %w", err)
 	}
-	return parseMemTotal(b)
+	return parseMeminfo(b, key)
 }
 
-func parseMemTotal(meminfo []byte) (int64, error) {
+// parseMeminfo reads the line key from a /proc/meminfo text, in bytes.
+func parseMeminfo(meminfo []byte, key string) (int64, error) {
 	for line := range bytes.Lines(meminfo) {
-		rest, ok := bytes.CutPrefix(line, []byte("MemTotal:"))
+		rest, ok := bytes.CutPrefix(line, []byte(key+":"))
 		if !ok {
 			continue
 		}
@@ -65,7 +72,7 @@ func parseMemTotal(meminfo []byte) (int64, error) {
 		}
 		return kb << 10, nil
 	}
-	return 0, fmt.Errorf("host memory: no MemTotal line in kB in /proc/meminfo")
+	return 0, fmt.Errorf("host memory: no %s line in kB in /proc/meminfo", key)
 }
 
 // SetOOMScoreAdj sets process pid's oom_score_adj (-1000 to 1000): how much

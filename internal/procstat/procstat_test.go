@@ -55,13 +55,16 @@ func TestParseMemTotal(t *testing.T) {
 		{"MemTotal: 12 MB\n", 0, true},
 		{"MemTotal: x kB\n", 0, true},
 	} {
-		got, err := parseMemTotal([]byte(tc.in))
+		got, err := parseMeminfo([]byte(tc.in), "MemTotal")
 		if tc.bad != (err != nil) || got != tc.want {
 			t.Errorf("%q: %d, %v; want %d (error %v)", tc.in, got, err, tc.want, tc.bad)
 		}
 	}
 	if n, err := MemTotal(); err != nil || n < 64<<20 {
 		t.Fatalf("MemTotal of this host: %d, %v", n, err)
+	}
+	if n, err := MemAvailable(); err != nil || n <= 0 {
+		t.Fatalf("MemAvailable of this host: %d, %v", n, err)
 	}
 }
 
