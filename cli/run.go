@@ -198,7 +198,8 @@ func validEnvName(k string) bool {
 		return false
 	}
 	for _, r := range k {
-		if !(r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+		ok := r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
+		if !ok {
 			return false
 		}
 	}
@@ -257,10 +258,12 @@ func boxRun(c *cli.Context) error {
 			}
 		}
 	}()
+	stopTimer := func() bool { return false }
 	if o.timeout > 0 {
 		t := time.AfterFunc(o.timeout, func() { cancel(&runInterrupt{what: "--timeout " + o.timeout.String(), code: exitTimeout}) })
-		defer t.Stop()
+		stopTimer = t.Stop
 	}
+	defer stopTimer()
 
 	res := runResult{ForkOf: o.warm, Forks: make([]runFork, len(o.names))}
 	start := time.Now()
@@ -275,6 +278,7 @@ func boxRun(c *cli.Context) error {
 	if forkErr == nil && ctx.Err() == nil {
 		runForks(ctx, c, d, o, res.Forks)
 	}
+	stopTimer() // the commands are done: the rest is not timed out
 
 	// Interrupted runs record why; the exit status follows from it.
 	var intr *runInterrupt
@@ -299,7 +303,7 @@ func boxRun(c *cli.Context) error {
 			res.Forks[0].Kept = true // it is WARM now
 		}
 	}
-	rmErr := removeForks(ctx, c, d, o, res.Forks, forkErr != nil, intr != nil)
+	rmErr := removeForks(ctx, c, d, o, res.Forks, forkErr, start, intr != nil)
 	res.Seconds = time.Since(start).Seconds()
 
 	if forkErr != nil {
@@ -367,7 +371,7 @@ func runForks(ctx context.Context, c *cli.Context, d *daemon.Client, o runOption
 	for i := range forks {
 		f := &forks[i]
 		wg.Go(func() {
-			var out, errOut io.Writer = stdout, stderr
+			out, errOut := stdout, stderr
 			var flush func()
 			switch {
 			case o.logs != "":
@@ -435,18 +439,21 @@ func runOne(ctx context.Context, d *daemon.Client, o runOptions, f *runFork, out
 
 // removeForks removes the run's forks but those kept (and a promoted
 // one), with a context of its own: the run's may have ended. After a
-// failed fork, every name that became a box is removed.
-func removeForks(ctx context.Context, c *cli.Context, d *daemon.Client, o runOptions, forks []runFork, forkFailed, interrupted bool) error {
+// failed fork (forkErr), the names that became forks of WARM since the
+// run's start are removed; none when a name was taken, which the fork
+// refuses before it makes any.
+func removeForks(ctx context.Context, c *cli.Context, d *daemon.Client, o runOptions, forks []runFork, forkErr error, start time.Time, interrupted bool) error {
 	rmCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), removeTimeout)
 	defer cancel()
+	forkFailed := forkErr != nil
 	exists := map[string]bool{}
-	if forkFailed {
+	if forkFailed && !errors.Is(forkErr, errdefs.ErrAlreadyExists) {
 		boxes, err := d.List(rmCtx)
 		if err != nil {
 			return fmt.Errorf("listing boxes to remove the forks: %w", err)
 		}
 		for _, b := range boxes {
-			exists[b.Name] = true
+			exists[b.Name] = b.Parent == o.warm && !b.Created.Before(start.Add(-time.Second))
 		}
 	}
 	var wg sync.WaitGroup

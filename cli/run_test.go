@@ -236,6 +236,17 @@ func TestRunQEMU(t *testing.T) {
 		nothingLeft(t, "warm")
 	})
 
+	t.Run("name taken", func(t *testing.T) {
+		ok(t, root, "fork", "warm", "taken-1")
+		fails(t, 4, root, []string{`"taken-1"`, "already exists"}, "run", "--fork-of", "warm", "--name-prefix", "taken", "--", "true")
+		if got := boxNames(t, root); !slices.Equal(got, []string{"taken-1", "warm"}) {
+			t.Errorf("boxes: %v: a run whose fork was refused removed a box it did not make", got)
+		}
+		ok(t, root, "rm", "taken-1")
+		fails(t, 3, root, []string{"--fork-of", `"nope"`}, "run", "--fork-of", "nope", "--", "true")
+		nothingLeft(t, "warm")
+	})
+
 	t.Run("promote", func(t *testing.T) {
 		r := run(t, root, "run", "--fork-of", "warm", "--name-prefix", "up", "--promote", "--", "sh", "-c", "echo updated > /root/proj/state")
 		if r.code != 0 || !strings.Contains(r.stderr, "warm is now fork up-1's state; its previous state is snapshot box.warm.") {
