@@ -103,11 +103,16 @@ func (m *Manager) Hibernate(ctx context.Context, name string) (Box, error) {
 
 // hibernateLocked is Hibernate of bx with its lock held.
 func (m *Manager) hibernateLocked(ctx context.Context, bx Box) (Box, error) {
+	return m.hibernateAs(ctx, bx, "hibernate")
+}
+
+// hibernateAs is hibernateLocked into a snapshot named for what.
+func (m *Manager) hibernateAs(ctx context.Context, bx Box, what string) (Box, error) {
 	mach, err := m.running(bx)
 	if err != nil {
 		return Box{}, err
 	}
-	snap := snapName(&bx, "hibernate")
+	snap := snapName(&bx, what)
 	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: bx.Name}})
 	if err != nil {
 		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)

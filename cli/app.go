@@ -36,8 +36,10 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
-		ExitErrHandler:  func(*cli.Context, error) {},
-		OnUsageError:    onUsageError,
+		// A repeated flag's values may hold commas (--env K=a,b).
+		DisableSliceFlagSeparator: true,
+		ExitErrHandler:            func(*cli.Context, error) {},
+		OnUsageError:              onUsageError,
 	}
 	var setUsage func([]*cli.Command)
 	setUsage = func(cmds []*cli.Command) {

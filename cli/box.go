@@ -117,6 +117,7 @@ func boxCommands() []*cli.Command {
 			Description: "Runs ssh -p PORT [-i ROOT/ssh/id_ed25519] -o UserKnownHostsFile=ROOT/ssh/known_hosts\n-o StrictHostKeyChecking=accept-new NAME@127.0.0.1 [SSH ARGS...].",
 			Action:      boxSSH,
 		},
+		runCommand(),
 		{Name: "rm", Usage: "stop a box and delete it (snapshots other boxes came from stay)", ArgsUsage: "NAME", Flags: []cli.Flag{jsonFlag}, Action: boxRemove},
 		{Name: "report", Usage: "the store's dedup report of each box's snapshots (all boxes, or those named)", ArgsUsage: "[NAME...]", Flags: []cli.Flag{jsonFlag}, Action: boxReport},
 	}
@@ -793,10 +794,10 @@ func boxReport(c *cli.Context) error {
 	return nil
 }
 
-// passthrough names the commands whose arguments after NAME belong to
-// another program (the command to run, ssh's arguments): flags are looked
-// for only before them.
-var passthrough = map[string]bool{"exec": true, "ssh": true}
+// passthrough names the commands whose arguments after their first n
+// positional ones (NAME, or none for run) belong to another program (the
+// command to run, ssh's arguments): flags are looked for only before them.
+var passthrough = map[string]int{"exec": 1, "ssh": 1, "run": 0}
 
 // flagsFirst lets the flags of the daemon and box commands follow their
 // positional arguments, as their usage shows them (boxd create dev --memory
@@ -845,11 +846,12 @@ func flagsFirst(app *cli.App, args []string) []string {
 		return args
 	}
 	var flags, pos []string
+	skip, isPassthrough := passthrough[cmd.Name]
 	rest := args[i+1:]
 	for j := 0; j < len(rest); j++ {
 		t := rest[j]
 		switch {
-		case t == "--" || (passthrough[cmd.Name] && len(pos) > 0 && !strings.HasPrefix(t, "-")):
+		case t == "--" || (isPassthrough && len(pos) >= skip && !strings.HasPrefix(t, "-")):
 			pos = append(pos, rest[j:]...)
 			j = len(rest)
 		case strings.HasPrefix(t, "-") && t != "-":

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
@@ -59,6 +60,19 @@ type ForkRequest struct {
 	Names []string `json:"names"`
 }
 
+// PromoteRequest is the body of POST /v1/boxes/{name}/promote: the fork of
+// box name that becomes name.
+type PromoteRequest struct {
+	Fork string `json:"fork"`
+}
+
+// PromoteResult is what POST /v1/boxes/{name}/promote answers: the box
+// name now is, and the snapshot that keeps its state before.
+type PromoteResult struct {
+	Box  box.Box `json:"box"`
+	Kept string  `json:"kept"`
+}
+
 // SnapshotRequest is the body of POST /v1/boxes/{name}/snapshot.
 type SnapshotRequest struct {
 	Name string `json:"name,omitempty"` // the snapshot's name after box.NAME.; chosen when empty
@@ -74,6 +88,8 @@ type ExecRequest struct {
 	TTY  bool `json:"tty,omitempty"`
 	Rows int  `json:"rows,omitempty"`
 	Cols int  `json:"cols,omitempty"`
+	// Env adds to (or replaces in) the command's environment.
+	Env map[string]string `json:"env,omitempty"`
 }
 
 // ExecResult is what POST /v1/boxes/{name}/exec answers once the command

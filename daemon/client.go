@@ -154,6 +154,13 @@ func (c *Client) Fork(ctx context.Context, src string, names []string) ([]box.Bo
 	return out, c.do(ctx, http.MethodPost, boxPath(src, "fork"), ForkRequest{Names: names}, &out)
 }
 
+// Promote makes fork, a fork of box name, the new name; the answer names
+// the snapshot that keeps name's state before.
+func (c *Client) Promote(ctx context.Context, name, fork string) (PromoteResult, error) {
+	var out PromoteResult
+	return out, c.do(ctx, http.MethodPost, boxPath(name, "promote"), PromoteRequest{Fork: fork}, &out)
+}
+
 func (c *Client) lifecycle(ctx context.Context, name, action string) (box.Box, error) {
 	var out box.Box
 	return out, c.do(ctx, http.MethodPost, boxPath(name, action), struct{}{}, &out)
@@ -230,6 +237,8 @@ type ExecOptions struct {
 	Rows, Cols int
 	// Resize, when not nil, carries window size changes to the pty.
 	Resize <-chan agent.WindowSize
+	// Env adds to (or replaces in) the command's environment.
+	Env map[string]string
 }
 
 // ExecStream runs opts.Args in box name, streaming its input and output
@@ -239,7 +248,7 @@ type ExecOptions struct {
 // ending, which ends the command. It does not wait for a read of
 // opts.Stdin in progress when the command exits.
 func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) (int, error) {
-	body, err := json.Marshal(ExecRequest{Args: opts.Args, TTY: opts.TTY, Rows: opts.Rows, Cols: opts.Cols})
+	body, err := json.Marshal(ExecRequest{Args: opts.Args, TTY: opts.TTY, Rows: opts.Rows, Cols: opts.Cols, Env: opts.Env})
 	if err != nil {
 		return -1, err
 	}

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -44,6 +45,10 @@ type Manager interface {
 	Resume(ctx context.Context, name string) (box.Box, error)
 	Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error)
 	Remove(ctx context.Context, name string) error
+	// Promote makes fork, a fork of box name, the new name, keeping
+	// name's state before as a snapshot it returns (see
+	// box.Manager.Promote).
+	Promote(ctx context.Context, name, fork string) (box.Box, string, error)
 	Exec(ctx context.Context, name string, cmd agent.Command) (int, error)
 	// CPUTime is the CPU time box name's machine has used so far, if it
 	// runs.
@@ -151,6 +156,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/fork", s.forkBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/snapshot", s.snapshotBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
+	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,
@@ -299,6 +305,31 @@ func (s *Server) removeBox(w http.ResponseWriter, r *http.Request) {
 	s.reply(w, map[string]string{"removed": name})
 }
 
+func (s *Server) promoteBox(w http.ResponseWriter, r *http.Request) {
+	name, err := boxName(r)
+	var req PromoteRequest
+	if err == nil {
+		err = decode(w, r, maxRequestBody, &req)
+	}
+	if err == nil {
+		err = box.ValidateName(req.Fork)
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	bx, kept, err := s.mgr.Promote(ctx, name, req.Fork)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.forget(req.Fork)
+	s.touch(name)
+	s.reply(w, PromoteResult{Box: bx, Kept: kept})
+}
+
 func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
 	src, err := boxName(r)
 	var req ForkRequest
@@ -435,7 +466,7 @@ func (s *Server) execCollected(ctx context.Context, name string, req ExecRequest
 	// The command runs under the request: a client that goes away ends it.
 	code, err := s.mgr.Exec(ctx, name, agent.Command{
 		Args: req.Args, Stdin: bytes.NewReader(req.Stdin), Stdout: stdout, Stderr: stderr,
-		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols,
+		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, Env: req.Env,
 	})
 	done()
 	if err != nil {
@@ -452,8 +483,16 @@ func checkExec(req ExecRequest) error {
 	if req.Rows < 0 || req.Cols < 0 || req.Rows > 0xffff || req.Cols > 0xffff {
 		return fmt.Errorf("exec: a terminal of %d x %d: want 0 to 65535 rows and columns: %w", req.Rows, req.Cols, errdefs.ErrInvalidArgument)
 	}
+	for k := range req.Env {
+		if !envName.MatchString(k) {
+			return fmt.Errorf("exec: environment variable name %q: want letters, digits and '_', not starting with a digit: %w", k, errdefs.ErrInvalidArgument)
+		}
+	}
 	return nil
 }
+
+// envName matches the environment variable names an exec may set.
+var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // execStream runs a command whose streams travel on the request's
 // connection, taken over from the HTTP server (see ExecProtocol).
@@ -529,7 +568,7 @@ func (s *Server) runStream(conn net.Conn, in *bufio.Reader, name string, req Exe
 	done := s.begin(name)
 	code, err := s.mgr.Exec(ctx, name, agent.Command{
 		Args: req.Args, Stdin: stdin, Stdout: out.stream(frameStdout), Stderr: out.stream(frameStderr),
-		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, Resize: resize,
+		TTY: req.TTY, Rows: req.Rows, Cols: req.Cols, Resize: resize, Env: req.Env,
 	})
 	done()
 	if err != nil {

@@ -264,6 +264,25 @@ func (m *fakeManager) Snapshot(_ context.Context, name, snap string) (snapshotte
 	return snapshotter.Snapshot{Name: "box." + name + "." + snap}, nil
 }
 
+func (m *fakeManager) Promote(_ context.Context, name, fork string) (box.Box, string, error) {
+	if err := m.record("promote %s %s", name, fork); err != nil {
+		return box.Box{}, "", err
+	}
+	if _, err := m.lookup(name); err != nil {
+		return box.Box{}, "", err
+	}
+	f, err := m.lookup(fork)
+	if err != nil {
+		return box.Box{}, "", err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.boxes, fork)
+	f.Name = name
+	m.boxes[name] = f
+	return f, "box." + name + ".1-promoted", nil
+}
+
 func (m *fakeManager) Remove(_ context.Context, name string) error {
 	if err := m.record("remove %s", name); err != nil {
 		return err
