@@ -282,7 +282,8 @@ type CreateOptions struct {
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
-// the box's agent answers.
+// the box's agent answers. If the box does not come up, nothing of it is
+// kept.
 func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err := ValidateName(opts.Name); err != nil {
 		return Box{}, err
@@ -340,17 +341,18 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 		return Box{}, err
 	}
 	bx, err = m.boot(ctx, bx)
-	if err != nil {
-		return bx, err
-	}
-	// Its own machine-id (the image has none), entropy and clock.
-	u, err := agent.NewUnique(bx.Name)
 	if err == nil {
-		_, c, _ := m.machine(bx.Name)
-		err = c.Unique(ctx, u)
+		// Its own machine-id (the image has none), entropy and clock.
+		var u agent.Unique
+		if u, err = agent.NewUnique(bx.Name); err == nil {
+			_, c, _ := m.machine(bx.Name)
+			err = c.Unique(ctx, u)
+		}
 	}
 	if err != nil {
-		return bx, fmt.Errorf("box %s: %w", bx.Name, err)
+		// A box that never came up is not kept: no record, disk or machine.
+		m.discard(bx)
+		return Box{}, fmt.Errorf("box %s: %w", bx.Name, err)
 	}
 	return bx, nil
 }

@@ -37,6 +37,7 @@ type fakeRunner struct {
 	mu       sync.Mutex
 	ids      int
 	snapErr  error           // every Snapshot fails with it while set
+	startErr error           // every Start and Restore fails with it while set
 	restores []fakeRestore   // every Restore, in order
 	released []string        // ReleaseSnapshot calls
 	removed  []string        // SnapshotRemoved calls
@@ -69,6 +70,9 @@ const fakeSpecLabel = "boxd.fake.spec"
 const fakeDiskLabel = "boxd.fake.disk"
 
 func (r *fakeRunner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, error) {
+	if err := r.failure(); err != nil {
+		return nil, err
+	}
 	if spec.Kernel == "" || spec.Disk == nil {
 		return nil, fmt.Errorf("fake: a kernel and a disk, please: %w", errdefs.ErrInvalidArgument)
 	}
@@ -91,6 +95,9 @@ func (r *fakeRunner) wrap(m *fakeMachine) runner.Machine {
 }
 
 func (r *fakeRunner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
+	if err := r.failure(); err != nil {
+		return nil, err
+	}
 	s, err := r.g.Get(snap)
 	if err != nil {
 		return nil, err
@@ -223,6 +230,19 @@ func (r *fakeRunner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
 	var spec runner.Spec
 	err := json.Unmarshal([]byte(s.Labels[fakeSpecLabel]), &spec)
 	return spec, err
+}
+
+// failure is startErr.
+func (r *fakeRunner) failure() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.startErr
+}
+
+func (r *fakeRunner) setStartErr(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.startErr = err
 }
 
 func (r *fakeRunner) setSnapErr(err error) {

@@ -189,6 +189,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		return err
 	}
 	if err := m.attach(ctx, bx.Name, mach); err != nil {
+		_ = os.Remove(disk) // its machine has stopped
 		return err
 	}
 	_, c, _ := m.machine(bx.Name)
@@ -197,6 +198,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 	}
 	if err := c.Unique(ctx, u); err != nil {
 		m.stopMachine(ctx, bx.Name)
+		_ = os.Remove(disk)
 		return fmt.Errorf("making box %s unique: %w", bx.Name, err)
 	}
 	if longLived {
@@ -248,7 +250,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		return nil, err
 	}
 	errs := m.startForks(ctx, children, snap)
-	return m.recordForks(src, children, snap, errs)
+	return m.recordForks(src, children, errs)
 }
 
 // checkForkNames refuses bad, repeated or clashing names for src's forks.
@@ -337,16 +339,17 @@ func (m *Manager) startForks(ctx context.Context, children []Box, snap string) [
 	return errs
 }
 
-// recordForks records each child as running, or as hibernated in snap when
-// it did not start (the snapshot holds it all: it can resume from it).
-func (m *Manager) recordForks(src string, children []Box, snap string, errs []error) ([]Box, error) {
+// recordForks records each child that started as running; one that did
+// not is not kept (no record, disk or machine), and the error names it.
+func (m *Manager) recordForks(src string, children []Box, errs []error) ([]Box, error) {
 	var out []Box
 	var failed []string
 	for i, bx := range children {
 		bx.State, bx.Note = StateRunning, ""
 		if errs[i] != nil {
-			bx.State, bx.Snapshot, bx.Note = StateHibernated, snap, "fork failed to start: "+errs[i].Error()
+			m.discard(bx)
 			failed = append(failed, fmt.Sprintf("%s: %v", bx.Name, errs[i]))
+			continue
 		}
 		if err := m.put(bx); err != nil {
 			return out, err

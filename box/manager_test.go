@@ -456,3 +456,53 @@ func TestFakeAdmission(t *testing.T) {
 		t.Fatalf("a fork that fits: %v", err)
 	}
 }
+
+// A create or fork whose machines do not start leaves no record and no
+// disk file behind; a resume that fails leaves the box hibernated.
+func TestFakeFailuresLeaveNothing(t *testing.T) {
+	e := newFakeEnv(t, false)
+	ctx := context.Background()
+	disks := func() []string {
+		entries, _ := os.ReadDir(filepath.Join(e.root, "disks"))
+		var out []string
+		for _, d := range entries {
+			out = append(out, d.Name())
+		}
+		return out
+	}
+	e.r.setStartErr(errors.New("fake: no machine today"))
+	if _, err := e.mgr.Create(ctx, box.CreateOptions{Name: "dev", Image: fakeImage}); err == nil || !strings.Contains(err.Error(), "no machine today") {
+		t.Fatalf("create whose machine fails: %v", err)
+	}
+	if boxes, _ := e.mgr.List(); len(boxes) != 0 || len(disks()) != 0 {
+		t.Fatalf("a failed create left boxes %+v and disks %v", boxes, disks())
+	}
+	e.r.setStartErr(nil)
+	e.create(t, "dev")
+	before := disks()
+	e.r.setStartErr(errors.New("fake: no machine today"))
+	if _, err := e.mgr.Fork(ctx, "dev", []string{"a", "b"}); err == nil || !strings.Contains(err.Error(), "a: ") || !strings.Contains(err.Error(), "b: ") {
+		t.Fatalf("fork whose machines fail: %v, want it to name both", err)
+	}
+	if boxes, _ := e.mgr.List(); len(boxes) != 1 {
+		t.Fatalf("a failed fork left boxes: %+v", boxes)
+	}
+	for _, d := range disks() {
+		if strings.HasPrefix(d, "a-") || strings.HasPrefix(d, "b-") {
+			t.Fatalf("a failed fork left disk %s (before: %v)", d, before)
+		}
+	}
+	e.r.setStartErr(nil)
+	if _, err := e.mgr.Hibernate(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	e.r.setStartErr(errors.New("fake: no machine today"))
+	if _, err := e.mgr.Resume(ctx, "dev"); err == nil {
+		t.Fatal("a resume whose machine fails succeeded")
+	}
+	if bx := e.state(t, "dev"); bx.State != box.StateHibernated {
+		t.Fatalf("after a failed resume: %+v, want it hibernated", bx)
+	}
+	e.r.setStartErr(nil)
+	run(ctx, t, e.mgr, "dev", "true")
+}

@@ -31,8 +31,9 @@ import (
 	"golang.org/x/term"
 )
 
-// maxForks bounds boxd fork --count.
-const maxForks = 256
+// maxForks bounds boxd fork --count as a sanity check on the number; what
+// the host can hold is the box manager's to judge (admission control).
+const maxForks = 4096
 
 // boxCommands are the commands that work on boxes through the daemon.
 func boxCommands() []*cli.Command {
@@ -69,7 +70,7 @@ func boxCommands() []*cli.Command {
 			Usage:     "clone a running or hibernated box, memory, disk and processes, into new boxes",
 			ArgsUsage: "SRC NEW",
 			Flags: []cli.Flag{
-				&cli.IntFlag{Name: "count", Value: 1, Usage: fmt.Sprintf("make NEW-1 .. NEW-N instead of NEW (1 to %d)", maxForks)},
+				&cli.IntFlag{Name: "count", Value: 1, Usage: fmt.Sprintf("make NEW-1 .. NEW-N instead of NEW (1 to %d; refused when this host's memory cannot hold them)", maxForks)},
 				jsonFlag,
 			},
 			Action: boxFork,

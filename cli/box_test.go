@@ -74,7 +74,7 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{2, []string{`box name "Dev"`}, []string{"fork", "Dev", "new"}},
 		{2, []string{`box name "new_1"`}, []string{"fork", "dev", "new_1"}},
 		{2, []string{"--count 0"}, []string{"fork", "dev", "new", "--count", "0"}},
-		{2, []string{"--count 257"}, []string{"fork", "dev", "new", "--count", "257"}},
+		{2, []string{"--count 4097"}, []string{"fork", "dev", "new", "--count", "4097"}},
 		{2, []string{"-count"}, []string{"fork", "dev", "new", "--count", "many"}},
 		{2, []string{`box name "` + strings.Repeat("a", 61) + `-10"`}, []string{"fork", "dev", strings.Repeat("a", 61), "--count", "10"}},
 		{2, []string{"usage: boxd hibernate NAME"}, []string{"hibernate"}},

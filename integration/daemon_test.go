@@ -6,6 +6,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -230,10 +231,66 @@ func TestDaemonSSH(t *testing.T) {
 	if out, _, _ := d.ssh(t, d.key, "f1", "cat /root/fork.txt; head -n 1 /tmp/count"); out != fmt.Sprintf("fork\n%d", 0) {
 		t.Fatalf("f1 after a daemon restart: %q", out)
 	}
+	// kill -9 of the daemon: its QEMUs die with it and leave their memory
+	// files; the next daemon on the root reclaims every one of them, and
+	// the boxes come back stopped, their disks kept.
+	mem := memFolder(t, d.root)
+	if files := memFiles(t, mem); len(files) == 0 {
+		t.Fatalf("no memory files in %s while boxes run", mem)
+	}
+	_ = d.cmd.Process.Kill()
+	_ = d.cmd.Wait()
+	d.cmd = nil
+	d.start(t)
+	if files := memFiles(t, mem); len(files) != 0 {
+		t.Fatalf("memory files of the killed daemon left in %s: %v", mem, files)
+	}
+	var boxes []struct{ Name, State, Note string }
+	if err := json.Unmarshal([]byte(d.cli(t, "ls", "--json")), &boxes); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range boxes {
+		if b.State != "stopped" || !strings.Contains(b.Note, "boxd stopped while the box ran") {
+			t.Fatalf("box %s after the daemon was killed: %s (%s), want stopped with the reason", b.Name, b.State, b.Note)
+		}
+	}
+	if out, _, _ := d.ssh(t, d.key, "f1", "hostname"); out != "f1" {
+		t.Fatalf("f1 after a kill -9 of the daemon and a cold boot: %q", out)
+	}
 	d.cli(t, "rm", "f1")
 	if ls := d.cli(t, "ls"); strings.Contains(ls, "f1") {
 		t.Fatalf("f1 still listed after rm:\n%s", ls)
 	}
+}
+
+// memFolder is the memory folder in /dev/shm whose owner file names root.
+func memFolder(t *testing.T, root string) string {
+	t.Helper()
+	owners, _ := filepath.Glob("/dev/shm/boxd-*/owner")
+	for _, o := range owners {
+		b, err := os.ReadFile(o)
+		if f := strings.Fields(string(b)); err == nil && len(f) == 2 && f[1] == root {
+			return filepath.Dir(o)
+		}
+	}
+	t.Fatalf("no memory folder in /dev/shm names root %s", root)
+	return ""
+}
+
+// memFiles lists the files in the memory folder mem but its owner file.
+func memFiles(t *testing.T, mem string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if e.Name() != "owner" {
+			out = append(out, e.Name())
+		}
+	}
+	return out
 }
 
 func mustAtoi(t *testing.T, s string) int {
