@@ -238,6 +238,13 @@ func TestDaemonSSH(t *testing.T) {
 	if files := memFiles(t, mem); len(files) == 0 {
 		t.Fatalf("no memory files in %s while boxes run", mem)
 	}
+	states := map[string]string{}
+	for _, b := range d.boxes(t) {
+		states[b.Name] = b.State
+	}
+	if states["f1"] != "running" {
+		t.Fatalf("f1 before the daemon is killed: %s, want running", states["f1"])
+	}
 	_ = d.cmd.Process.Kill()
 	_ = d.cmd.Wait()
 	d.cmd = nil
@@ -245,13 +252,16 @@ func TestDaemonSSH(t *testing.T) {
 	if files := memFiles(t, mem); len(files) != 0 {
 		t.Fatalf("memory files of the killed daemon left in %s: %v", mem, files)
 	}
-	var boxes []struct{ Name, State, Note string }
-	if err := json.Unmarshal([]byte(d.cli(t, "ls", "--json")), &boxes); err != nil {
-		t.Fatal(err)
-	}
-	for _, b := range boxes {
-		if b.State != "stopped" || !strings.Contains(b.Note, "boxd stopped while the box ran") {
-			t.Fatalf("box %s after the daemon was killed: %s (%s), want stopped with the reason", b.Name, b.State, b.Note)
+	for _, b := range d.boxes(t) {
+		want := states[b.Name]
+		if want == "running" {
+			want = "stopped"
+			if !strings.Contains(b.Note, "boxd stopped while the box ran") {
+				t.Errorf("box %s after the daemon was killed: no reason in its note %q", b.Name, b.Note)
+			}
+		}
+		if b.State != want {
+			t.Fatalf("box %s after the daemon was killed: %s, want %s (it was %s)", b.Name, b.State, want, states[b.Name])
 		}
 	}
 	if out, _, _ := d.ssh(t, d.key, "f1", "hostname"); out != "f1" {
@@ -261,6 +271,16 @@ func TestDaemonSSH(t *testing.T) {
 	if ls := d.cli(t, "ls"); strings.Contains(ls, "f1") {
 		t.Fatalf("f1 still listed after rm:\n%s", ls)
 	}
+}
+
+// boxes lists the daemon's boxes (boxd ls --json).
+func (d *daemonEnv) boxes(t *testing.T) []struct{ Name, State, Note string } {
+	t.Helper()
+	var boxes []struct{ Name, State, Note string }
+	if err := json.Unmarshal([]byte(d.cli(t, "ls", "--json")), &boxes); err != nil {
+		t.Fatal(err)
+	}
+	return boxes
 }
 
 // memFolder is the memory folder in /dev/shm whose owner file names root.
