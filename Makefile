@@ -35,7 +35,8 @@ lint: $(LINT)
 # memstore (the userfaultfd handler vs the C baseline), the kvm runner (fork,
 # hibernate, resume vs QEMU's device-state figures), the containerd
 # snapshotter (vs native, overlayfs, blockfile), Linux boxes under QEMU (vs a
-# bare boot), the front door (ssh, fork, ls vs sshd, boxd exec, cold create);
+# bare boot), the front door (ssh, fork, ls vs sshd, boxd exec, cold create), CI
+# jobs on forks (boxd run vs cold boxes);
 # then the Go benchmarks of the other packages.
 bench: deps build
 	./bench/store.sh
@@ -44,6 +45,7 @@ bench: deps build
 	./bench/snapshotter.sh
 	./bench/guest.sh
 	./bench/frontdoor.sh
+	./bench/run.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.
