@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -222,4 +225,61 @@ func TestBoxes(t *testing.T) {
 		}
 		run(ctx, t, mgr, "dev", "true")
 	})
+}
+
+// TestBoxOOMKilled: a box whose QEMU the kernel's OOM killer ends is marked
+// stopped, saying so, and the next use boots it. The QEMU is put in a
+// memory cgroup (v1) too small for what it touches next, so that the kernel
+// kills it as it would on a host out of memory.
+func TestBoxOOMKilled(t *testing.T) {
+	const memcg = "/sys/fs/cgroup/memory"
+	if _, err := os.Stat(filepath.Join(memcg, "cgroup.procs")); err != nil {
+		t.Skipf("needs the cgroup v1 memory controller at %s: %v", memcg, err)
+	}
+	mgr, _ := boxtest.NewManager(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	bx, err := mgr.Create(ctx, box.CreateOptions{Name: "hog", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids, _ := exec.Command("pgrep", "-f", "file="+bx.Disk).Output()
+	f := strings.Fields(string(pids))
+	if len(f) != 1 {
+		t.Fatalf("QEMU of box hog (disk %s): pids %q", bx.Disk, pids)
+	}
+	cg, err := os.MkdirTemp(memcg, "boxd-test-oom-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(cg) })
+	if err := os.WriteFile(filepath.Join(cg, "memory.limit_in_bytes"), []byte(strconv.Itoa(24<<20)), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte(f[0]), 0); err != nil {
+		t.Fatalf("moving QEMU into %s: %v", cg, err)
+	}
+	// What the guest touches from now on is charged to the cgroup: 100 MB
+	// of file pages in the guest's memory.
+	go func() { _, _ = mgr.Exec(ctx, "hog", agent.Command{Shell: "head -c 100000000 /dev/zero > /root/fill"}) }()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		b, err := mgr.Get("hog")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.State == box.StateStopped {
+			if !strings.Contains(b.Note, "OOM killer") {
+				t.Fatalf("a box the OOM killer ended: note %q, want it to say so", b.Note)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("box hog still %s a minute after its QEMU went into a 24 MiB memory cgroup", b.State)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := run(ctx, t, mgr, "hog", "echo back"); got != "back\n" {
+		t.Fatalf("after a cold boot: %q", got)
+	}
 }

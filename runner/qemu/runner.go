@@ -550,6 +550,8 @@ func (m *Machine) wait() {
 		err = runner.ErrStopped
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
+	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid):
+		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU (the host ran out of memory): %w", err)
 	default:
 		err = fmt.Errorf("qemu: QEMU exited: %w", err)
 		if said := m.said(); said != "" {
