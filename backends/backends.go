@@ -76,6 +76,9 @@ func New(cfg Config) *Set {
 		log.Info("backends: removed the memory files a previous boxd left on this root", "folder", cfg.MemDir, "mib", freed>>20)
 	}
 	_ = os.RemoveAll(cfg.MemDir)
+	if n := removeMachineDirs(filepath.Join(cfg.Root, "run")); n > 0 {
+		log.Info("backends: removed the machine folders a previous boxd left on this root", "folders", n)
+	}
 	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
 		_ = os.WriteFile(filepath.Join(cfg.MemDir, ownerFile), fmt.Appendf(nil, "%d %s\n", os.Getpid(), cfg.Root), 0o600)
 	}
@@ -142,6 +145,24 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		}
 	}
 	return freed, folders
+}
+
+// removeMachineDirs removes the QEMU machine folders (qemu-PID-N-*: QMP and
+// agent sockets, consoles) in dir, which a boxd that is gone left: the
+// caller holds the root. Exported disks beside them stay: disks stand on
+// them.
+func removeMachineDirs(dir string) int {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		if e.IsDir() && strings.HasPrefix(e.Name(), "qemu-") && os.RemoveAll(filepath.Join(dir, e.Name())) == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // alive says whether process pid exists.

@@ -61,7 +61,19 @@ func TestNewTakesMemDir(t *testing.T) {
 	if err := os.WriteFile(left, []byte("left by a killed boxd"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := New(Config{Root: t.TempDir(), MemDir: mem})
+	root := t.TempDir()
+	for _, d := range []string{"run/qemu-77-1-abc", "run/disks"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := New(Config{Root: root, MemDir: mem})
+	if _, err := os.Stat(filepath.Join(root, "run/qemu-77-1-abc")); !os.IsNotExist(err) {
+		t.Fatalf("a dead boxd's machine folder is still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "run/disks")); err != nil {
+		t.Fatalf("the exported disks went: %v", err)
+	}
 	if _, err := os.Stat(left); !os.IsNotExist(err) {
 		t.Fatalf("a dead boxd's memory file is still there: %v", err)
 	}

@@ -245,12 +245,19 @@ func TestDaemonSSH(t *testing.T) {
 	if states["f1"] != "running" {
 		t.Fatalf("f1 before the daemon is killed: %s, want running", states["f1"])
 	}
+	killedPID := d.cmd.Process.Pid
+	if dirs, _ := filepath.Glob(filepath.Join(d.root, "run", fmt.Sprintf("qemu-%d-*", killedPID))); len(dirs) == 0 {
+		t.Fatalf("no machine folders of the daemon (pid %d) in %s/run while boxes run", killedPID, d.root)
+	}
 	_ = d.cmd.Process.Kill()
 	_ = d.cmd.Wait()
 	d.cmd = nil
 	d.start(t)
 	if files := memFiles(t, mem); len(files) != 0 {
 		t.Fatalf("memory files of the killed daemon left in %s: %v", mem, files)
+	}
+	if stale, _ := filepath.Glob(filepath.Join(d.root, "run", fmt.Sprintf("qemu-%d-*", killedPID))); len(stale) != 0 {
+		t.Fatalf("machine folders of the killed daemon left: %v", stale)
 	}
 	for _, b := range d.boxes(t) {
 		want := states[b.Name]
