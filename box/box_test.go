@@ -18,6 +18,7 @@ import (
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/procstat"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/containerd/errdefs"
 )
 
@@ -282,4 +283,42 @@ func TestBoxOOMKilled(t *testing.T) {
 	if got := run(ctx, t, mgr, "hog", "echo back"); got != "back\n" {
 		t.Fatalf("after a cold boot: %q", got)
 	}
+}
+
+// TestBoxCreateFailsLeavesNothing: a box whose guest never brings its
+// agent up (here its /init is not an executable, so the kernel panics and
+// QEMU exits) is not kept: no record, no disk, no memory file, no QEMU.
+func TestBoxCreateFailsLeavesNothing(t *testing.T) {
+	mgr, g := boxtest.NewManager(t)
+	root := g.Root()
+	notAgent := filepath.Join(t.TempDir(), "not-an-agent")
+	testutil.WriteELF(t, notAgent) // a relocatable object: no init the kernel can run
+	t.Setenv(guest.AgentEnv, notAgent)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	_, err := mgr.Create(ctx, box.CreateOptions{Name: "broken", Image: boxtest.Image, Memory: 128 << 20})
+	if err == nil || !strings.Contains(err.Error(), "did not come up") {
+		t.Fatalf("create of a box that cannot boot: %v, want it not to come up", err)
+	}
+	if boxes, _ := mgr.List(); len(boxes) != 0 {
+		t.Fatalf("a box that never came up is listed: %+v", boxes)
+	}
+	if disks, _ := os.ReadDir(filepath.Join(root, "disks")); len(disks) != 0 {
+		t.Fatalf("disk files left: %v", disks)
+	}
+	if procs, _ := exec.Command("pgrep", "-f", "qemu-system.*"+root).Output(); len(bytes.TrimSpace(procs)) != 0 {
+		t.Fatalf("QEMU processes of the root left: %s", procs)
+	}
+	owners, _ := filepath.Glob("/dev/shm/boxd-*/owner")
+	for _, o := range owners {
+		b, _ := os.ReadFile(o)
+		if f := strings.Fields(string(b)); len(f) == 2 && f[1] == root {
+			left, _ := os.ReadDir(filepath.Dir(o))
+			if len(left) != 1 {
+				t.Fatalf("memory folder %s holds %d entries, want only its owner file", filepath.Dir(o), len(left))
+			}
+			return
+		}
+	}
+	t.Fatalf("no memory folder names root %s", root)
 }
