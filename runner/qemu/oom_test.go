@@ -3,6 +3,7 @@ package qemu
 import (
 	"syscall"
 	"testing"
+	"time"
 )
 
 // kmsg gives one record per Read, as /dev/kmsg does, then errEnd.
@@ -38,9 +39,24 @@ func TestKmsgNamesOOMVictim(t *testing.T) {
 		{"killed, not for memory", []string{"6,2,20,-;Killed process 4242 (qemu-system-x86)"}, false},
 		{"overwritten records first", []string{"EPIPE", "3,9,20,-;Out of memory: Killed process 4242 (qemu)"}, true},
 		{"empty log", nil, false},
+		{"before the process started: another of that pid", []string{"3,2,10,-;Out of memory: Killed process 4242 (qemu)"}, false},
 	} {
-		if got := kmsgNamesOOMVictim(&kmsg{records: tc.records, errEnd: syscall.EAGAIN}, 4242); got != tc.want {
+		if got := kmsgNamesOOMVictim(&kmsg{records: tc.records, errEnd: syscall.EAGAIN}, 4242, 15*time.Microsecond); got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// The real kernel log is read to its end without waiting for more.
+func TestOOMKilledReturns(t *testing.T) {
+	done := make(chan bool, 1)
+	go func() { done <- oomKilled(1<<30, 0) }() // no such process was ever killed
+	select {
+	case got := <-done:
+		if got {
+			t.Fatal("a process that never existed reads as OOM-killed")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("reading the kernel log did not return at its end")
 	}
 }

@@ -384,6 +384,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
 	}
+	m.started = monotonicNow()
 	go m.wait()
 	if r.OOMScoreAdj != 0 {
 		if err := procstat.SetOOMScoreAdj(m.cmd.Process.Pid, r.OOMScoreAdj); err != nil {
@@ -506,7 +507,8 @@ type Machine struct {
 	memFile string
 	private bool // memFile is a frozen snapshot's, mapped copy-on-write
 	disk    string
-	base    string // the snapshot the disk starts from (Spec.Disk.Base)
+	base    string        // the snapshot the disk starts from (Spec.Disk.Base)
+	started time.Duration // CLOCK_MONOTONIC when QEMU started
 
 	consoleMu sync.Mutex // guards console, which a spare's takeover changes
 
@@ -550,7 +552,7 @@ func (m *Machine) wait() {
 		err = runner.ErrStopped
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
-	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid):
+	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid, m.started):
 		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU (the host ran out of memory): %w", err)
 	default:
 		err = fmt.Errorf("qemu: QEMU exited: %w", err)
