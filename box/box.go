@@ -399,9 +399,6 @@ func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
 	if err != nil {
 		return bx, err
 	}
-	if err := m.admit("booting box "+bx.Name, bootNeed(bx.Memory)); err != nil {
-		return bx, err
-	}
 	spec, err := m.spec(ctx, bx)
 	if err != nil {
 		return bx, err
@@ -583,7 +580,9 @@ func (m *Manager) Client(ctx context.Context, name string) (*agent.Client, error
 		if mach := m.detach(name); mach != nil && mach.Err() != nil {
 			bx.Note = "its machine stopped: " + mach.Err().Error()
 		}
-		bx, err = m.boot(ctx, bx)
+		if err = m.admit("booting box "+bx.Name, bootNeed(bx.Memory)); err == nil {
+			bx, err = m.boot(ctx, bx)
+		}
 	}
 	if err != nil {
 		return nil, err

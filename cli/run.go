@@ -169,7 +169,7 @@ func parseRun(c *cli.Context) (runOptions, error) {
 	}
 	for _, kv := range c.StringSlice("env") {
 		k, v, ok := strings.Cut(kv, "=")
-		if !ok || !validEnvName(k) {
+		if !ok || !daemon.ValidEnvName(k) {
 			return o, usageError("--env %q: want K=V, K of letters, digits and '_', not starting with a digit", kv)
 		}
 		if o.env == nil {
@@ -191,19 +191,6 @@ func parseRun(c *cli.Context) (runOptions, error) {
 		o.copies = append(o.copies, copySpec{box: bp, host: hp})
 	}
 	return o, nil
-}
-
-func validEnvName(k string) bool {
-	if k == "" || (k[0] >= '0' && k[0] <= '9') {
-		return false
-	}
-	for _, r := range k {
-		ok := r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
-		if !ok {
-			return false
-		}
-	}
-	return true
 }
 
 // defaultRunPrefix is WARM-run-XXXX, WARM shortened so that the forks'

@@ -484,7 +484,7 @@ func checkExec(req ExecRequest) error {
 		return fmt.Errorf("exec: a terminal of %d x %d: want 0 to 65535 rows and columns: %w", req.Rows, req.Cols, errdefs.ErrInvalidArgument)
 	}
 	for k := range req.Env {
-		if !envName.MatchString(k) {
+		if !ValidEnvName(k) {
 			return fmt.Errorf("exec: environment variable name %q: want letters, digits and '_', not starting with a digit: %w", k, errdefs.ErrInvalidArgument)
 		}
 	}
@@ -493,6 +493,10 @@ func checkExec(req ExecRequest) error {
 
 // envName matches the environment variable names an exec may set.
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// ValidEnvName says whether k is a name an exec may set in the command's
+// environment: letters, digits and '_', not starting with a digit.
+func ValidEnvName(k string) bool { return envName.MatchString(k) }
 
 // execStream runs a command whose streams travel on the request's
 // connection, taken over from the HTTP server (see ExecProtocol).

@@ -1,4 +1,8 @@
-// Package errcat is boxd's one table of error categories: every error a person or a script can act on wraps one of containerd's errdefs sentinels (errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrNotImplemented, ...), so callers decide with errors.Is and translate once, at the edge, to an HTTP status in the daemon or an exit code in the CLI.
+// Package errcat is boxd's one table of error categories: every error a
+// person or a script can act on wraps one of containerd's errdefs sentinels
+// (errdefs.ErrNotFound, errdefs.ErrDataLoss, errdefs.ErrNotImplemented, ...),
+// so callers decide with errors.Is and translate once, at the edge, to an
+// HTTP status in the daemon or an exit code in the CLI.
 package errcat
 
 import (
