@@ -138,8 +138,11 @@ func TestRestoreRoundTrip(t *testing.T) {
 			if st.Copied+st.Zeroed+st.Prefetched != pages {
 				t.Errorf("filled %d+%d+%d pages, want %d", st.Copied, st.Zeroed, st.Prefetched, pages)
 			}
-			if tc.faultAround == 1 && len(tc.prefetch) == 0 && st.Faults != pages {
-				t.Errorf("%d faults with one page per fault, want %d", st.Faults, pages)
+			// A thread that a signal (Go's preemption) interrupts in a fault
+			// faults again, and that message finds the page present: count
+			// only the faults that filled a page.
+			if filled := st.Faults - st.Repeats; tc.faultAround == 1 && len(tc.prefetch) == 0 && filled != pages {
+				t.Errorf("%d faults (%d repeated) with one page per fault, want %d that fill a page", st.Faults, st.Repeats, pages)
 			}
 			if tc.faultAround > 1 && st.Faults >= pages {
 				t.Errorf("%d faults with fault-around %d: no window was used", st.Faults, tc.faultAround)

@@ -38,7 +38,12 @@ func (o *Options) defaults() {
 
 // Stats counts what a restore did.
 type Stats struct {
-	Faults     int64 `json:"faults"`     // faults served
+	Faults int64 `json:"faults"` // fault messages served
+	// Repeats counts the fault messages for a page that was already
+	// present: the prefetcher filled it after the fault was queued, or a
+	// thread interrupted by a signal faulted on the page again before the
+	// first message was answered. Faults-Repeats faults filled pages.
+	Repeats    int64 `json:"repeats"`
 	Copied     int64 `json:"copied"`     // pages filled with UFFDIO_COPY on a fault
 	Zeroed     int64 `json:"zeroed"`     // pages filled with UFFDIO_ZEROPAGE on a fault
 	Prefetched int64 `json:"prefetched"` // pages filled by the prefetcher
@@ -86,7 +91,7 @@ type Server struct {
 	traceMu sync.Mutex
 	trace   []uint64 // pages (of the map) served on faults, in order
 
-	faults, copied, zeroed, prefetched atomic.Int64
+	faults, repeats, copied, zeroed, prefetched atomic.Int64
 
 	// prefetchDone is closed when the prefetcher has finished (at once
 	// when there is nothing to prefetch).
@@ -162,7 +167,7 @@ func (s *Server) Failed() <-chan struct{} { return s.failed }
 
 // Stats returns the counts so far.
 func (s *Server) Stats() Stats {
-	return Stats{Faults: s.faults.Load(), Copied: s.copied.Load(), Zeroed: s.zeroed.Load(), Prefetched: s.prefetched.Load()}
+	return Stats{Faults: s.faults.Load(), Repeats: s.repeats.Load(), Copied: s.copied.Load(), Zeroed: s.zeroed.Load(), Prefetched: s.prefetched.Load()}
 }
 
 // WorkingSet returns the map pages served on faults so far, in the order of
@@ -263,8 +268,10 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	}
 	s.faults.Add(1)
 	if r.isPresent(p) {
-		// Filled by the prefetcher after the fault was queued; that copy
-		// woke the thread already, but make sure.
+		// Filled after the fault was queued (by the prefetcher, or for an
+		// earlier message from a thread that a signal made fault again);
+		// that copy woke the thread already, but make sure.
+		s.repeats.Add(1)
 		s.record(r, p, 1)
 		return s.fd.Wake(r.base+uintptr(p)*PageSize, PageSize)
 	}
