@@ -22,6 +22,7 @@ import (
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/errcat"
+	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/runner"
@@ -88,6 +89,9 @@ type Config struct {
 	// booted, resumed, or just forked from) on a runner.Forker: a fork then
 	// starts no process. 0 means DefaultSpares; negative, none.
 	Spares int
+	// Events takes an event for each change of a box's state (nil: none
+	// are told).
+	Events *events.Exchange
 }
 
 // DefaultSpares is the spares each box has by default: enough for a
@@ -198,7 +202,7 @@ func (m *Manager) Close(ctx context.Context) error {
 	boxes, _ := m.List()
 	for _, b := range boxes {
 		if b.State == StateRunning || b.State == StatePaused {
-			if _, err := m.Hibernate(ctx, b.Name); err != nil {
+			if _, err := m.hibernate(ctx, b.Name, events.ReasonShutdown); err != nil {
 				m.log.Error("box: hibernating at exit", "box", b.Name, "err", err)
 				m.stopMachine(ctx, b.Name)
 			}
@@ -285,6 +289,7 @@ type CreateOptions struct {
 // the box's agent answers. If the box does not come up, nothing of it is
 // kept.
 func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
+	began := time.Now()
 	if err := ValidateName(opts.Name); err != nil {
 		return Box{}, err
 	}
@@ -354,8 +359,12 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 		m.discard(bx)
 		return Box{}, fmt.Errorf("box %s: %w", bx.Name, err)
 	}
+	m.emit(events.Event{Type: events.Created, Box: bx.Name, Took: time.Since(began)})
 	return bx, nil
 }
+
+// emit publishes e to Config.Events.
+func (m *Manager) emit(e events.Event) { m.cfg.Events.Publish(e) }
 
 func (m *Manager) boxDir(name string) string { return filepath.Join(m.cfg.Root, "boxes", name) }
 
@@ -493,6 +502,7 @@ func (m *Manager) watch(name string, mach runner.Machine) {
 		m.log.Error("box: recording a machine that exited", "box", name, "err", err)
 		return
 	}
+	m.emit(events.Event{Type: events.Stopped, Box: name, Reason: "its machine exited: " + mach.Err().Error()})
 	m.log.Warn("box: machine exited", "box", name, "err", mach.Err())
 }
 
@@ -557,6 +567,12 @@ func (m *Manager) machine(name string) (runner.Machine, *agent.Client, bool) {
 // Client returns an agent client of box name, resuming a hibernated box
 // or starting a stopped one first. The client belongs to the manager.
 func (m *Manager) Client(ctx context.Context, name string) (*agent.Client, error) {
+	return m.client(ctx, name, events.ReasonUsed)
+}
+
+// client is Client; the events of a box it wakes give why.
+func (m *Manager) client(ctx context.Context, name, why string) (*agent.Client, error) {
+	began := time.Now()
 	unlock := m.lock(name)
 	defer unlock()
 	bx, err := m.Get(name)
@@ -570,11 +586,14 @@ func (m *Manager) Client(ctx context.Context, name string) (*agent.Client, error
 		if _, err := m.setPausedLocked(ctx, bx, false); err != nil {
 			return nil, err
 		}
+		m.emit(events.Event{Type: events.Unpaused, Box: name, Reason: why})
 		_, c, _ := m.machine(name)
 		return c, nil
 	}
+	ev := events.Event{Type: events.Started, Box: name, Reason: why}
 	switch bx.State {
 	case StateHibernated:
+		ev.Type, ev.Snapshot = events.Resumed, bx.Snapshot
 		bx, err = m.resume(ctx, bx)
 	default:
 		if mach := m.detach(name); mach != nil && mach.Err() != nil {
@@ -587,6 +606,8 @@ func (m *Manager) Client(ctx context.Context, name string) (*agent.Client, error
 	if err != nil {
 		return nil, err
 	}
+	ev.Took = time.Since(began)
+	m.emit(ev)
 	_, c, _ := m.machine(bx.Name)
 	return c, nil
 }
@@ -602,7 +623,7 @@ func (m *Manager) Exec(ctx context.Context, name string, cmd agent.Command) (int
 
 // Start boots a stopped box (or resumes a hibernated one).
 func (m *Manager) Start(ctx context.Context, name string) (Box, error) {
-	if _, err := m.Client(ctx, name); err != nil {
+	if _, err := m.client(ctx, name, events.ReasonRequested); err != nil {
 		return Box{}, err
 	}
 	return m.Get(name)
@@ -619,9 +640,16 @@ func (m *Manager) Stop(ctx context.Context, name string) (Box, error) {
 	if bx.State == StateHibernated {
 		return bx, fmt.Errorf("box %s is hibernated; resume it first or remove it: %w", name, ErrInvalidState)
 	}
+	was := bx.State
 	m.stopMachine(ctx, name)
 	bx.State = StateStopped
-	return bx, m.put(bx)
+	if err := m.put(bx); err != nil {
+		return bx, err
+	}
+	if was != StateStopped {
+		m.emit(events.Event{Type: events.Stopped, Box: name, Reason: events.ReasonRequested})
+	}
+	return bx, nil
 }
 
 // Remove stops box name and deletes it: its record, its console, and its
@@ -638,6 +666,7 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 		return err
 	}
 	_ = os.RemoveAll(m.boxDir(name))
+	m.emit(events.Event{Type: events.Removed, Box: name})
 	m.collect(ctx)
 	return nil
 }

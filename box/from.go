@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/errcat"
+	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -38,6 +40,7 @@ type FromOptions struct {
 // snapshot made with boxd store) is errdefs.ErrInvalidArgument. If the box
 // does not come up, nothing of it is kept.
 func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error) {
+	began := time.Now()
 	if err := ValidateName(opts.Name); err != nil {
 		return Box{}, err
 	}
@@ -80,7 +83,11 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 		return Box{}, fmt.Errorf("box %s from snapshot %s: %w", bx.Name, sn.Name, err)
 	}
 	bx.State, bx.Snapshot, bx.Note = StateRunning, sn.Name, ""
-	return bx, m.put(bx)
+	if err := m.put(bx); err != nil {
+		return bx, err
+	}
+	m.emit(events.Event{Type: events.Created, Box: bx.Name, From: sn.Name, Took: time.Since(began)})
+	return bx, nil
 }
 
 // boxSnapshot returns snapshot name if a box took it.

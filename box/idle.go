@@ -1,6 +1,10 @@
 package box
 
-import "context"
+import (
+	"context"
+
+	"github.com/boxd-dev/boxd/events"
+)
 
 // HibernateIfIdle hibernates box name if it is running and idle says it is
 // idle, and reports whether it did. idle is asked while the box's lock is
@@ -25,6 +29,6 @@ func (m *Manager) HibernateIfIdle(ctx context.Context, name string, idle func() 
 	if bx.State != StateRunning || !idle() {
 		return bx, false, nil
 	}
-	bx, err = m.hibernateLocked(ctx, bx)
+	bx, err = m.hibernateLocked(ctx, bx, events.ReasonIdle)
 	return bx, err == nil, err
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
@@ -32,7 +33,16 @@ func (m *Manager) setPaused(ctx context.Context, name string, pause bool) (Box, 
 	if err != nil {
 		return Box{}, err
 	}
-	return m.setPausedLocked(ctx, bx, pause)
+	was := bx.State
+	if bx, err = m.setPausedLocked(ctx, bx, pause); err != nil || bx.State == was {
+		return bx, err
+	}
+	ev := events.Event{Type: events.Unpaused, Box: name, Reason: events.ReasonRequested}
+	if pause {
+		ev.Type = events.Paused
+	}
+	m.emit(ev)
+	return bx, nil
 }
 
 func (m *Manager) setPausedLocked(ctx context.Context, bx Box, pause bool) (Box, error) {
@@ -63,6 +73,7 @@ func (m *Manager) running(bx Box) (runner.Machine, error) {
 // Snapshot saves running box name as snapshot box.NAME.SNAP (SNAP chosen
 // when empty), a delta against its previous one; the box goes on.
 func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error) {
+	began := time.Now()
 	unlock := m.lock(name)
 	defer unlock()
 	bx, err := m.Get(name)
@@ -85,25 +96,39 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.
 		return snapshotter.Snapshot{}, err
 	}
 	bx.Snapshot, bx.Disk = full, currentDisk(mach, bx.Disk)
-	return s, m.put(bx)
+	if err := m.put(bx); err != nil {
+		return s, err
+	}
+	m.emit(events.Event{Type: events.Snapshot, Box: name, Snapshot: full, Took: time.Since(began)})
+	return s, nil
 }
 
 // Hibernate snapshots running box name into the store and stops its
 // machine, freeing its memory. If the snapshot fails (a full disk), the box
 // keeps running.
 func (m *Manager) Hibernate(ctx context.Context, name string) (Box, error) {
+	return m.hibernate(ctx, name, events.ReasonRequested)
+}
+
+// hibernate is Hibernate; its event gives why.
+func (m *Manager) hibernate(ctx context.Context, name, why string) (Box, error) {
 	unlock := m.lock(name)
 	defer unlock()
 	bx, err := m.Get(name)
 	if err != nil {
 		return Box{}, err
 	}
-	return m.hibernateLocked(ctx, bx)
+	return m.hibernateLocked(ctx, bx, why)
 }
 
-// hibernateLocked is Hibernate of bx with its lock held.
-func (m *Manager) hibernateLocked(ctx context.Context, bx Box) (Box, error) {
-	return m.hibernateAs(ctx, bx, "hibernate")
+// hibernateLocked is hibernate of bx with its lock held.
+func (m *Manager) hibernateLocked(ctx context.Context, bx Box, why string) (Box, error) {
+	began := time.Now()
+	bx, err := m.hibernateAs(ctx, bx, "hibernate")
+	if err == nil {
+		m.emit(events.Event{Type: events.Hibernated, Box: bx.Name, Snapshot: bx.Snapshot, Reason: why, Took: time.Since(began)})
+	}
+	return bx, err
 }
 
 // hibernateAs is hibernateLocked into a snapshot named for what.
@@ -134,6 +159,7 @@ func (m *Manager) hibernateAs(ctx context.Context, bx Box, what string) (Box, er
 
 // Resume brings hibernated box name back from its snapshot.
 func (m *Manager) Resume(ctx context.Context, name string) (Box, error) {
+	began := time.Now()
 	unlock := m.lock(name)
 	defer unlock()
 	bx, err := m.Get(name)
@@ -143,7 +169,12 @@ func (m *Manager) Resume(ctx context.Context, name string) (Box, error) {
 	if bx.State != StateHibernated {
 		return bx, fmt.Errorf("box %s is %s, not hibernated: %w", name, bx.State, ErrInvalidState)
 	}
-	return m.resume(ctx, bx)
+	snap := bx.Snapshot
+	if bx, err = m.resume(ctx, bx); err != nil {
+		return bx, err
+	}
+	m.emit(events.Event{Type: events.Resumed, Box: name, Snapshot: snap, Reason: events.ReasonRequested, Took: time.Since(began)})
+	return bx, nil
 }
 
 // resume restores bx from its snapshot onto a fresh disk overlay.
@@ -219,6 +250,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 // spares when it has them, and the snapshot reaches the store while they
 // start. Elsewhere the fork is a snapshot of src and one restore per child.
 func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, error) {
+	began := time.Now()
 	if err := checkForkNames(src, names); err != nil {
 		return nil, err
 	}
@@ -250,7 +282,12 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		return nil, err
 	}
 	errs := m.startForks(ctx, children, snap)
-	return m.recordForks(src, children, errs)
+	made, err := m.recordForks(src, children, errs)
+	took := time.Since(began)
+	for _, bx := range made {
+		m.emit(events.Event{Type: events.Forked, Box: bx.Name, From: src, Snapshot: snap, Took: took})
+	}
+	return made, err
 }
 
 // checkForkNames refuses bad, repeated or clashing names for src's forks.

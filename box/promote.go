@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/events"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -93,5 +94,9 @@ func (m *Manager) Promote(ctx context.Context, name, fork string) (Box, string, 
 		return nb, kept, fmt.Errorf("promoted %s to %s, which stays hibernated: resuming it: %w", fork, name, err)
 	}
 	nb.State, nb.Disk = StateRunning, disk
-	return nb, kept, m.put(nb)
+	if err := m.put(nb); err != nil {
+		return nb, kept, err
+	}
+	m.emit(events.Event{Type: events.Promoted, Box: name, From: fork, Snapshot: kept})
+	return nb, kept, nil
 }

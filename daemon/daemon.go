@@ -15,6 +15,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/internal/procstat"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/boxd-dev/boxd/sshproxy"
@@ -82,9 +83,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
 	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand()})
+	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,
 		Runners: bk.Runners, DefaultRunner: backends.Default, Spares: cfg.Spares,
+		Events: exchange,
 	})
 	if err != nil {
 		return err
@@ -115,9 +118,10 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Root: cfg.Root, Socket: SocketPath(cfg.Root), SSHAddr: sshL.Addr().String(),
 		IdleHibernate: cfg.IdleHibernate.String(), PID: os.Getpid(),
 	}
-	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log})
+	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange})
 	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
 	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	hs.RegisterOnShutdown(api.EndStreams)
 
 	served := make(chan error, 2)
 	go func() { served <- fmt.Errorf("ssh front door: %w", proxy.Serve(sshL)) }()

@@ -21,6 +21,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/boxd-dev/boxd/sshproxy"
 	"github.com/containerd/errdefs"
@@ -100,6 +101,10 @@ type Server struct {
 	// streams counts the exec streams in progress, which the HTTP server
 	// no longer tracks once they are hijacked.
 	streams sync.WaitGroup
+
+	events       *events.Exchange
+	shutdown     chan struct{} // closed by EndStreams
+	shutdownOnce sync.Once
 }
 
 // Options configure a Server.
@@ -113,6 +118,9 @@ type Options struct {
 	// for idle hibernation, measured between two looks (0 means
 	// DefaultBusyCPU).
 	BusyCPU float64
+	// Events is where the box manager tells what happens: GET /v1/events
+	// streams it, and a gc is told there.
+	Events *events.Exchange
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -132,6 +140,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
+		events: opts.Events, shutdown: make(chan struct{}),
 	}
 	if s.busyCPU <= 0 {
 		s.busyCPU = DefaultBusyCPU
@@ -171,6 +180,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/snapshots", s.allSnapshots)
 	mux.HandleFunc("GET /v1/report", s.report)
 	mux.HandleFunc("POST /v1/gc", s.gc)
+	mux.HandleFunc("GET /v1/events", s.streamEvents)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Also what a known path with the wrong method gets: the
 		// catch-all matches every method.
@@ -748,11 +758,13 @@ func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
+	began := time.Now()
 	st, err := s.graph.GC(ctx, cas.GCOptions{Threshold: req.Threshold})
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	s.events.Publish(events.Event{Type: events.GC, Bytes: st.BytesFreed, Took: time.Since(began)})
 	writeJSON(w, http.StatusOK, st)
 }
 

@@ -125,6 +125,7 @@ func TestRestoreRoundTrip(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			region := anon(t, len(src))
+			faulted0, prefetched0 := Totals()
 			r := start(t, g, "m", region, Options{FaultAround: tc.faultAround, Prefetch: tc.prefetch})
 			touch(region, order, tc.workers)
 			<-r.PrefetchDone()
@@ -137,6 +138,10 @@ func TestRestoreRoundTrip(t *testing.T) {
 			st := r.Stats() // after Close: the handler counts after it wakes the thread
 			if st.Copied+st.Zeroed+st.Prefetched != pages {
 				t.Errorf("filled %d+%d+%d pages, want %d", st.Copied, st.Zeroed, st.Prefetched, pages)
+			}
+			// No other restore runs in this process meanwhile.
+			if faulted, prefetched := Totals(); faulted-faulted0 != st.Copied+st.Zeroed || prefetched-prefetched0 != st.Prefetched {
+				t.Errorf("totals grew by %d faulted, %d prefetched; this restore filled %d and %d", faulted-faulted0, prefetched-prefetched0, st.Copied+st.Zeroed, st.Prefetched)
 			}
 			// A thread that a signal (Go's preemption) interrupts in a fault
 			// faults again, and that message finds the page present: count

@@ -49,6 +49,16 @@ type Stats struct {
 	Prefetched int64 `json:"prefetched"` // pages filled by the prefetcher
 }
 
+// totals counts the pages every restore of this process filled, on a
+// fault and by prefetching.
+var totals struct{ faulted, prefetched atomic.Int64 }
+
+// Totals returns the pages every restore in this process has filled so
+// far: on a fault (lazily, as the guest touched them) and by prefetching.
+func Totals() (faulted, prefetched int64) {
+	return totals.faulted.Load(), totals.prefetched.Load()
+}
+
 // pageTable is a memory map resolved once: page → chunk and location.
 type pageTable struct {
 	ids  []cas.ID
@@ -284,7 +294,7 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	// and recording only the faulting page would leave a prefetched
 	// restore to fault on all the others.
 	s.record(r, p, n)
-	return s.fill(r, p, n, buf, &s.copied, &s.zeroed)
+	return s.fill(r, p, n, buf, &s.copied, &s.zeroed, &totals.faulted)
 }
 
 // record appends pages [p, p+n) of r to the working set.
@@ -296,8 +306,9 @@ func (s *Server) record(r *region, p, n int) {
 	s.traceMu.Unlock()
 }
 
-// fill populates pages [p, p+n) of r from its table.
-func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed *atomic.Int64) error {
+// fill populates pages [p, p+n) of r from its table, counting them in
+// copied or zeroed, and in total.
+func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *atomic.Int64) error {
 	allZero := true
 	for i := p; i < p+n; i++ {
 		if r.tab.ids[i] != cas.ZeroID {
@@ -314,6 +325,7 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed *atomic.In
 		}
 		r.markPresent(p, n)
 		zeroed.Add(int64(done / PageSize))
+		total.Add(int64(done / PageSize))
 		return nil
 	}
 	if err := s.store.GetLocated(r.tab.ids[p:p+n], r.tab.locs[p:p+n], buf[:n*PageSize]); err != nil {
@@ -325,6 +337,7 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed *atomic.In
 	}
 	r.markPresent(p, n)
 	copied.Add(int64(done / PageSize))
+	total.Add(int64(done / PageSize))
 	return nil
 }
 
@@ -357,7 +370,7 @@ func (s *Server) prefetch(ctx context.Context, pages []uint64) {
 					for i+n < len(batch) && n < maxRun && p+n < r.pages && batch[i+n] == batch[i]+uint64(n) && !r.isPresent(p+n) {
 						n++
 					}
-					if err := s.fill(r, p, n, buf, &s.prefetched, &s.prefetched); err != nil {
+					if err := s.fill(r, p, n, buf, &s.prefetched, &s.prefetched, &totals.prefetched); err != nil {
 						s.fail(err)
 						return
 					}

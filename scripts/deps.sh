@@ -11,6 +11,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v ssh >/dev/null || need+=(openssh-client)
+# The operators' view test scrapes the daemon with a real Prometheus server.
+command -v prometheus >/dev/null || need+=(prometheus)
 # The busybox package's binary is dynamic; an initramfs needs the static one.
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 if [ "${#need[@]}" -gt 0 ]; then

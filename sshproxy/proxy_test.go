@@ -24,6 +24,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,6 +39,38 @@ type testEnv struct {
 	port    int
 	logs    *testutil.LockedBuffer
 	served  chan error // Serve's result
+
+	mu       sync.Mutex
+	outcomes map[Outcome]int // what Server.Observe was told
+}
+
+// outcome is how often Server.Observe was told o; a connection's last
+// outcome may come a moment after its client exits.
+func (e *testEnv) outcome(o Outcome) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.outcomes[o]
+}
+
+// waitOutcomes waits until Server.Observe was told want.
+func (e *testEnv) waitOutcomes(t *testing.T, want map[Outcome]int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		same := true
+		for _, o := range []Outcome{Refused, Failed, Connected, Unreachable, Disconnected} {
+			same = same && e.outcome(o) == want[o]
+		}
+		if same {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			t.Fatalf("outcomes %v, want %v", e.outcomes, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func newTestEnv(t *testing.T) *testEnv {
@@ -60,11 +93,18 @@ func newTestEnv(t *testing.T) *testEnv {
 		port:    l.Addr().(*net.TCPAddr).Port,
 		logs:    &testutil.LockedBuffer{},
 		served:  make(chan error, 1),
+
+		outcomes: map[Outcome]int{},
 	}
 	e.server = &Server{
 		HostKey: hostKey,
 		Backend: e.backend,
 		Logger:  slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Observe: func(o Outcome) {
+			e.mu.Lock()
+			e.outcomes[o]++
+			e.mu.Unlock()
+		},
 	}
 	go func() { e.served <- e.server.Serve(l) }()
 	t.Cleanup(func() {
@@ -231,6 +271,7 @@ func TestSSH(t *testing.T) {
 	if n := len(e.backend.clients); n != 1 {
 		t.Errorf("%d agent clients, want 1 shared", n)
 	}
+	e.waitOutcomes(t, map[Outcome]int{Connected: len(tests), Disconnected: len(tests)})
 }
 
 // TestRefusals checks that a wrong key and an unknown box are refused in
@@ -267,6 +308,7 @@ func TestRefusals(t *testing.T) {
 	if n := e.backend.connectCount("dev") + e.backend.connectCount("nosuch") + e.backend.connectCount("empty"); n != 0 {
 		t.Errorf("Connect called %d times for refused connections", n)
 	}
+	e.waitOutcomes(t, map[Outcome]int{Refused: 3})
 }
 
 // TestSecondKeyDecides checks that when the client offers a wrong key first,
@@ -515,6 +557,7 @@ func TestConnectFails(t *testing.T) {
 	if got.code != 255 || !strings.Contains(got.stderr, "boxd: cannot reach box dev: resume failed: snapshot is missing") {
 		t.Errorf("got %+v", got)
 	}
+	e.waitOutcomes(t, map[Outcome]int{Connected: 1, Unreachable: 1, Disconnected: 1})
 }
 
 func TestCloseEndsSessions(t *testing.T) {

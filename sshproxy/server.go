@@ -42,6 +42,11 @@ type Server struct {
 	// HandshakeTimeout bounds the SSH handshake and authentication; zero
 	// means 30 seconds. It does not bound Backend.Connect.
 	HandshakeTimeout time.Duration
+	// Observe, when set, is told what becomes of each connection: once
+	// Refused, Failed or Connected; after Connected, Unreachable if its box
+	// could not be reached, and Disconnected when it ends. It must be
+	// quick.
+	Observe func(Outcome)
 
 	initOnce sync.Once
 	ctx      context.Context // ends at Close
@@ -55,6 +60,24 @@ type Server struct {
 	conns     map[net.Conn]struct{}
 	watches   map[*ssh.Client]chan struct{}
 	handlers  sync.WaitGroup // one per accepted connection; Add under mu while !closed
+}
+
+// Outcome is what became of an SSH connection (see Server.Observe).
+type Outcome string
+
+// Outcomes of a connection.
+const (
+	Refused      Outcome = "refused"      // no key it offered opens the box it named (or no such box)
+	Failed       Outcome = "failed"       // the handshake failed otherwise (a timeout, a protocol error)
+	Connected    Outcome = "connected"    // authenticated for its box
+	Unreachable  Outcome = "unreachable"  // authenticated, but its box could not be resumed or booted
+	Disconnected Outcome = "disconnected" // a Connected connection ended
+)
+
+func (s *Server) observe(o Outcome) {
+	if s.Observe != nil {
+		s.Observe(o)
+	}
 }
 
 // Permissions.Extensions keys set at authentication and read after it.
@@ -291,6 +314,11 @@ func (s *Server) serveConn(nc net.Conn) {
 	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(ctx))
 	if err != nil {
 		log.Info("ssh handshake failed", "err", err)
+		if ae := (*ssh.ServerAuthError)(nil); errors.As(err, &ae) {
+			s.observe(Refused)
+		} else {
+			s.observe(Failed)
+		}
 		return
 	}
 	_ = nc.SetDeadline(time.Time{})
@@ -308,6 +336,8 @@ func (s *Server) serveConn(nc net.Conn) {
 	log = log.With("box", box, "key", fp)
 	start := time.Now()
 	log.Info("ssh connect")
+	s.observe(Connected)
+	defer s.observe(Disconnected)
 
 	// Answer the person's global requests (keepalives) at once, also while
 	// the box resumes, and end ctx, cancelling Connect, when they leave.
@@ -330,6 +360,7 @@ func (s *Server) serveConn(nc net.Conn) {
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Warn("ssh connect to box failed", "err", err)
+			s.observe(Unreachable)
 			refuse(chans, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
 		}
 		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
