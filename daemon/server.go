@@ -53,6 +53,9 @@ type Manager interface {
 	// CPUTime is the CPU time box name's machine has used so far, if it
 	// runs.
 	CPUTime(name string) (time.Duration, bool)
+	// ConsolePath is the file box name's console is appended to; it
+	// exists once the box has run (see box.Manager.ConsolePath).
+	ConsolePath(name string) (string, error)
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -85,6 +88,10 @@ type Server struct {
 	// rather than under their request, so a command interrupted while a
 	// box boots does not leave the box half made.
 	ctx context.Context
+	// follows ends when the daemon stops serving (EndFollows), or with
+	// ctx: the follows of box logs end with it.
+	follows    context.Context
+	endFollows context.CancelFunc
 
 	// mu protects the fields below.
 	mu sync.Mutex
@@ -133,6 +140,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
 	}
+	s.follows, s.endFollows = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
 		s.busyCPU = DefaultBusyCPU
 	}
@@ -157,6 +165,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/snapshot", s.snapshotBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
+	mux.HandleFunc("GET /v1/boxes/{name}/logs", s.boxLogs)
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,
