@@ -118,7 +118,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log})
 	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
 	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	hs.RegisterOnShutdown(api.EndFollows)
+	hs.RegisterOnShutdown(api.EndLogFollows)
 
 	served := make(chan error, 2)
 	go func() { served <- fmt.Errorf("ssh front door: %w", proxy.Serve(sshL)) }()

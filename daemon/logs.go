@@ -16,22 +16,6 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// A box's logs are its serial console, which QEMU appends to a file
-// (box.Manager.ConsolePath) across the box's boots, restores and
-// hibernations. GET /v1/boxes/{name}/logs answers the file's bytes as
-// they are, as text/plain:
-//
-//   - ?tail=N: only its last N lines (0 or more; a last line without its
-//     newline counts); all of it when absent.
-//   - ?follow=1: then what is appended to it, as it comes, until the
-//     client goes away, the box is removed or the daemon stops serving;
-//     the answer then ends as usual.
-//
-// An unknown box and a bad query are the API's usual JSON errors; a box
-// that has not run yet has no file, and empty logs. A follow holds no box
-// lock and does not count as a use of the box: a box followed may still
-// be hibernated when idle.
-
 // consolePoll is how often a follow looks for what was appended to a
 // console, and whether its box is gone.
 const consolePoll = 150 * time.Millisecond
@@ -39,17 +23,28 @@ const consolePoll = 150 * time.Millisecond
 // consoleBuf is what one read of a console takes, and one write of it.
 const consoleBuf = 32 << 10
 
-// LogsOptions say what of a box's console Client.Logs writes.
+// LogsOptions say what of a box's logs Client.Logs writes.
+//
+// A box's logs are its serial console, which QEMU appends to a file
+// (box.Manager.ConsolePath) across the box's boots, restores and
+// hibernations. GET /v1/boxes/{name}/logs answers the file's bytes as
+// they are, as text/plain. Its query holds the options: ?tail=N (absent:
+// all of the file) and ?follow=1. An unknown box and a bad query are the
+// API's usual JSON errors; a box that has not run yet has no file, and
+// empty logs. A follow holds no box lock and does not count as a use of
+// the box: a box followed may still be hibernated when idle.
 type LogsOptions struct {
-	// Tail is how many of the console's last lines to write; negative
-	// means all of it.
+	// Tail is how many of the console's last lines to write (a last line
+	// without its newline counts); negative means all of it.
 	Tail int
-	// Follow goes on writing what the box writes to its console, until
-	// the box is removed, the daemon stops or the call's context ends.
+	// Follow goes on writing what is appended to the console, as it
+	// comes, until the client goes away, the box is removed (what it
+	// wrote last comes first) or the daemon stops serving; the answer
+	// then ends as usual.
 	Follow bool
 }
 
-// Logs writes box name's console to w (see the API's logs above). It
+// Logs writes box name's console to w (see LogsOptions). It
 // returns nil when the console's end is written or, with opts.Follow,
 // when the box was removed or the daemon stopped; ctx's error when ctx
 // ended first.
@@ -100,13 +95,13 @@ func (c *Client) Logs(ctx context.Context, name string, opts LogsOptions, w io.W
 	}
 }
 
-// EndFollows ends the follows of box logs in progress, and any begun
+// EndLogFollows ends the follows of box logs in progress, and any begun
 // later at once. The daemon calls it when it stops serving: the HTTP
 // server's Shutdown waits for the requests in progress, and a follow does
 // not end by itself.
-func (s *Server) EndFollows() { s.endFollows() }
+func (s *Server) EndLogFollows() { s.endLogFollows() }
 
-// boxLogs answers box name's console (see the API's logs above).
+// boxLogs answers box name's console (see LogsOptions).
 func (s *Server) boxLogs(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
 	var cs consoleStream
@@ -127,7 +122,7 @@ func (s *Server) boxLogs(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	defer context.AfterFunc(s.follows, cancel)()
+	defer context.AfterFunc(s.logFollows, cancel)()
 
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("X-Content-Type-Options", "nosniff")

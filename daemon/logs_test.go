@@ -361,7 +361,7 @@ func TestLogs(t *testing.T) {
 	t.Run("the daemon stops", func(t *testing.T) {
 		out, done := follow(ctx, "dev")
 		out.WaitFor(t, "<3>hello\n", 10*time.Second)
-		srv.EndFollows()
+		srv.EndLogFollows()
 		if err := ended(done, "when the daemon stopped"); err != nil {
 			t.Errorf("a follow the daemon ended: %v", err)
 		}

@@ -88,10 +88,10 @@ type Server struct {
 	// rather than under their request, so a command interrupted while a
 	// box boots does not leave the box half made.
 	ctx context.Context
-	// follows ends when the daemon stops serving (EndFollows), or with
-	// ctx: the follows of box logs end with it.
-	follows    context.Context
-	endFollows context.CancelFunc
+	// logFollows ends when the daemon stops serving (EndLogFollows), or
+	// with ctx: the follows of box logs in progress end with it.
+	logFollows    context.Context
+	endLogFollows context.CancelFunc
 
 	// mu protects the fields below.
 	mu sync.Mutex
@@ -140,7 +140,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
 	}
-	s.follows, s.endFollows = context.WithCancel(ctx)
+	s.logFollows, s.endLogFollows = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
 		s.busyCPU = DefaultBusyCPU
 	}
