@@ -373,6 +373,17 @@ func (m *Manager) consolePath(name string) string {
 	return filepath.Join(m.boxDir(name), "console.log")
 }
 
+// ConsolePath returns the file box name's console is appended to, across
+// boots, restores and hibernations; it exists once the box has run. It
+// takes no box lock: the machine only appends to the file, and Remove
+// deletes it.
+func (m *Manager) ConsolePath(name string) (string, error) {
+	if _, err := m.Get(name); err != nil {
+		return "", err
+	}
+	return m.consolePath(name), nil
+}
+
 func (m *Manager) newDiskPath(name string) string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])

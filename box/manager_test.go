@@ -506,3 +506,21 @@ func TestFakeFailuresLeaveNothing(t *testing.T) {
 	e.r.setStartErr(nil)
 	run(ctx, t, e.mgr, "dev", "true")
 }
+
+func TestFakeConsolePath(t *testing.T) {
+	e := newFakeEnv(t, false)
+	e.create(t, "dev")
+	got, err := e.mgr.ConsolePath("dev")
+	if want := filepath.Join(e.root, "boxes", "dev", "console.log"); err != nil || got != want {
+		t.Fatalf("ConsolePath of dev: %q, %v; want %q", got, err, want)
+	}
+	if _, err := e.mgr.ConsolePath("nope"); !errors.Is(err, box.ErrNotFound) {
+		t.Fatalf("ConsolePath of an unknown box: %v, want ErrNotFound", err)
+	}
+	if err := e.mgr.Remove(context.Background(), "dev"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.ConsolePath("dev"); !errors.Is(err, box.ErrNotFound) {
+		t.Fatalf("ConsolePath of a removed box: %v, want ErrNotFound", err)
+	}
+}

@@ -118,6 +118,7 @@ func boxCommands() []*cli.Command {
 			Description: "Runs ssh -p PORT [-i ROOT/ssh/id_ed25519] -o UserKnownHostsFile=ROOT/ssh/known_hosts\n-o StrictHostKeyChecking=accept-new NAME@127.0.0.1 [SSH ARGS...].",
 			Action:      boxSSH,
 		},
+		logsCommand(),
 		runCommand(),
 		{Name: "rm", Usage: "stop a box and delete it (snapshots other boxes came from stay)", ArgsUsage: "NAME", Flags: []cli.Flag{jsonFlag}, Action: boxRemove},
 		{Name: "report", Usage: "the store's dedup report of each box's snapshots (all boxes, or those named)", ArgsUsage: "[NAME...]", Flags: []cli.Flag{jsonFlag}, Action: boxReport},

@@ -101,6 +101,14 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{2, []string{"usage: boxd ssh NAME"}, []string{"ssh"}},
 		{2, []string{`box name "x_y"`}, []string{"report", "x_y"}},
 		{2, []string{"flag provided but not defined"}, []string{"ls", "--colour"}},
+		{2, []string{"usage: boxd logs NAME [-f] [--tail N]"}, []string{"logs"}},
+		{2, []string{"usage: boxd logs NAME [-f] [--tail N]"}, []string{"logs", "a", "b"}},
+		{2, []string{`box name "Dev"`}, []string{"logs", "Dev"}},
+		{2, []string{"--tail -1: want a number of lines, 0 or more"}, []string{"logs", "dev", "--tail", "-1"}},
+		{2, []string{"--tail -5"}, []string{"logs", "-f", "dev", "-n", "-5"}},
+		{2, []string{"-tail"}, []string{"logs", "dev", "--tail", "many"}},
+		{2, []string{"boxd logs", "no --json"}, []string{"--json", "logs", "dev"}},
+		{2, []string{"flag provided but not defined: -json"}, []string{"logs", "dev", "--json"}},
 		// Valid input reaches the daemon, which is not running.
 		{8, []string{notRunning}, []string{"ls"}},
 		{8, []string{notRunning}, []string{"create", "dev", "--memory", "1G", "--cpus", "2", "--ssh-key", goodKey}},
@@ -119,6 +127,9 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 		{8, []string{notRunning}, []string{"snapshots"}},
 		{8, []string{notRunning}, []string{"report"}},
 		{8, []string{notRunning}, []string{"rm", "dev", "--json"}},
+		{8, []string{notRunning}, []string{"logs", "dev"}},
+		{8, []string{notRunning}, []string{"logs", "dev", "-f", "--tail", "0"}},
+		{8, []string{notRunning}, []string{"logs", "-fn", "3", "dev"}},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			fails(t, tc.code, root, tc.want, tc.args...)
@@ -132,7 +143,7 @@ func TestBoxCommandsRefuseBadInput(t *testing.T) {
 
 func TestBoxCommandsHelp(t *testing.T) {
 	root := shortRoot(t)
-	for _, name := range []string{"daemon", "create", "ls", "fork", "hibernate", "resume", "start", "stop", "pause", "unpause", "snapshot", "snapshots", "exec", "ssh", "rm", "report"} {
+	for _, name := range []string{"daemon", "create", "ls", "fork", "hibernate", "resume", "start", "stop", "pause", "unpause", "snapshot", "snapshots", "exec", "ssh", "rm", "report", "logs"} {
 		r := ok(t, root, name, "--help")
 		if !strings.Contains(r.stdout, "boxd "+name+" - ") || !strings.Contains(r.stdout, "USAGE:") {
 			t.Errorf("boxd %s --help:\n%s", name, r.stdout)
@@ -142,7 +153,7 @@ func TestBoxCommandsHelp(t *testing.T) {
 		}
 	}
 	r := ok(t, root, "--help")
-	for _, name := range []string{"daemon", "create", "fork", "pause", "unpause", "exec", "ssh", "report"} {
+	for _, name := range []string{"daemon", "create", "fork", "pause", "unpause", "exec", "ssh", "report", "logs"} {
 		if !strings.Contains(r.stdout, "   "+name+" ") {
 			t.Errorf("boxd --help does not list %s", name)
 		}
@@ -213,6 +224,8 @@ func TestDaemon(t *testing.T) {
 	fails(t, 3, root, []string{`"nope"`, "no such box"}, "snapshots", "nope")
 	fails(t, 3, root, []string{`"nope"`, "no such box"}, "rm", "nope")
 	fails(t, 3, root, []string{`"nope"`, "no such box"}, "ssh", "nope")
+	fails(t, 3, root, []string{`"nope"`, "no such box"}, "logs", "nope")
+	fails(t, 3, root, []string{`"nope"`, "no such box"}, "logs", "-f", "nope")
 	fails(t, 3, root, []string{"image", "no-such-image"}, "create", "dev", "--image", "no-such-image", "--ssh-key", filepath.Join(writeKey(t)))
 	fails(t, 8, root, []string{"in use"}, "daemon", "--ssh-listen", "127.0.0.1:0")
 	// The store's gc goes through the daemon that owns the store; other

@@ -3,7 +3,11 @@ package cli_test
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -11,13 +15,15 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 )
 
 // TestBoxCommandsQEMU runs the box commands against the real daemon, whose
 // boxes boot under QEMU: exec streaming its input and output, exit
-// statuses and a pty; pause and unpause; a box made from a snapshot.
+// statuses and a pty; a box's console, tailed and followed; pause and
+// unpause; a box made from a snapshot.
 func TestBoxCommandsQEMU(t *testing.T) {
 	root := shortRoot(t)
 	boxtest.PrepareRoot(t, root)
@@ -185,6 +191,72 @@ func TestBoxCommandsQEMU(t *testing.T) {
 		}
 	})
 
+	t.Run("logs", func(t *testing.T) {
+		all := ok(t, root, "logs", "dev").stdout
+		if !strings.Contains(all, "boxd-agent: ready") {
+			t.Errorf("logs of a booted box: %q, want the agent's ready line", all)
+		}
+		lines := strings.SplitAfter(all, "\n")
+		if lines[len(lines)-1] == "" {
+			lines = lines[:len(lines)-1]
+		}
+		for _, n := range []int{0, 1, 3, 100000} {
+			got := ok(t, root, "logs", "dev", "--tail", strconv.Itoa(n)).stdout
+			if want := strings.Join(lines[len(lines)-min(n, len(lines)):], ""); got != want {
+				t.Errorf("logs --tail %d: %q, want %q", n, got, want)
+			}
+		}
+
+		// On a terminal, the firmware's screen resets are left out.
+		ptmx, tty, err := pty.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ptmx.Close()
+		screen := newScreen(ptmx)
+		onTerm := command(root, "logs", "dev")
+		onTerm.Stdout, onTerm.Stderr = tty, tty
+		if err := onTerm.Run(); err != nil {
+			t.Fatalf("logs on a terminal: %v", err)
+		}
+		tty.Close()
+		screen.wait(t, "boxd-agent: ready")
+		if got := screen.String(); strings.Contains(got, "\x1bc") || strings.Contains(got, "\x1b[2J") || strings.Contains(got, "\x1b[?7l") {
+			t.Errorf("logs on a terminal passed on sequences that change it: %q", got)
+		}
+
+		// A follow prints what the box writes later: kernel messages of
+		// level err pass the kernel's "quiet", and /dev/console always.
+		cmd := command(root, "logs", "-f", "dev")
+		out := &testutil.LockedBuffer{}
+		var stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = out, &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = cmd.Process.Kill() }()
+		out.WaitFor(t, "boxd-agent: ready", time.Minute)
+		ok(t, root, "exec", "dev", "--", "sh", "-c", "echo '<3>logs-test: to kmsg' > /dev/kmsg; echo 'logs-test: to the console' > /dev/console")
+		out.WaitFor(t, "logs-test: to kmsg", time.Minute)
+		out.WaitFor(t, "logs-test: to the console", time.Minute)
+		if n := followers(t, d.Process.Pid); n != 1 {
+			t.Errorf("the daemon has %d consoles open for one follow", n)
+		}
+		// ^C ends it, as a shell reports it, and the daemon lets go.
+		if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+			t.Fatal(err)
+		}
+		_ = cmd.Wait()
+		if code := cmd.ProcessState.ExitCode(); code != 130 || stderr.String() != "" {
+			t.Errorf("logs -f after ^C: exit %d, stderr %q", code, stderr.String())
+		}
+		waitFollowers(t, d.Process.Pid, 0)
+		if got := ok(t, root, "logs", "dev", "-n", "2").stdout; !strings.Contains(got, "logs-test: to kmsg") || !strings.Contains(got, "logs-test: to the console") {
+			t.Errorf("logs -n 2 after the follow: %q", got)
+		}
+		fails(t, 3, root, []string{`"nope"`, "no such box"}, "logs", "nope")
+	})
+
 	t.Run("pause", func(t *testing.T) {
 		if r := ok(t, root, "pause", "dev"); !strings.HasPrefix(r.stdout, "box dev is paused") {
 			t.Errorf("pause: %q", r.stdout)
@@ -239,6 +311,62 @@ func TestBoxCommandsQEMU(t *testing.T) {
 		fails(t, 2, root, []string{`snapshot "image.` + boxtest.Image + `" was not taken by a box`}, "create", "other", "--from", "image."+boxtest.Image, "--ssh-key", key)
 		fails(t, 4, root, []string{`"copy"`, "already exists"}, "create", "copy", "--from", "box.dev.s1", "--ssh-key", key)
 	})
+
+	t.Run("logs -f of a box removed", func(t *testing.T) {
+		cmd := command(root, "logs", "-f", "copy")
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			_ = cmd.Wait()
+			close(done)
+		}()
+		defer func() { _ = cmd.Process.Kill() }()
+		waitFollowers(t, d.Process.Pid, 1)
+		ok(t, root, "rm", "copy")
+		select {
+		case <-done:
+		case <-time.After(time.Minute):
+			t.Fatal("logs -f goes on after its box was removed")
+		}
+		if code := cmd.ProcessState.ExitCode(); code != 0 || stderr.String() != "" {
+			t.Errorf("logs -f of a removed box: exit %d, stderr %q", code, stderr.String())
+		}
+		waitFollowers(t, d.Process.Pid, 0)
+	})
+}
+
+// followers counts the box consoles process pid has open: for the daemon,
+// the follows in progress (QEMU, not the daemon, writes them).
+func followers(t *testing.T, pid int) int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink(filepath.Join(dir, fd.Name())); err == nil && strings.HasSuffix(target, "/console.log") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitFollowers waits until process pid has n box consoles open.
+func waitFollowers(t *testing.T, pid, n int) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for followers(t, pid) != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the daemon has %d consoles open, want %d", followers(t, pid), n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // screen collects what a program writes on a terminal, from its master

@@ -86,17 +86,17 @@ func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request) {
 			}
 		case <-r.Context().Done():
 			return
-		case <-s.shutdown:
+		case <-s.streaming.Done():
 			return
 		}
 	}
 }
 
-// EndStreams ends the event streams in progress: the daemon is stopping
-// (http.Server.Shutdown does not wait for them, it would wait forever).
-func (s *Server) EndStreams() {
-	s.shutdownOnce.Do(func() { close(s.shutdown) })
-}
+// EndStreams ends the event streams and follows of box logs in
+// progress, and any begun later at once. The daemon calls it when it stops
+// serving: the HTTP server's Shutdown waits for the requests in progress,
+// and these do not end by themselves.
+func (s *Server) EndStreams() { s.endStreaming() }
 
 // Events calls fn with each event the daemon tells: those kept since
 // since (none for a zero since), then each new one, until ctx ends (nil),

@@ -54,6 +54,9 @@ type Manager interface {
 	// CPUTime is the CPU time box name's machine has used so far, if it
 	// runs.
 	CPUTime(name string) (time.Duration, bool)
+	// ConsolePath is the file box name's console is appended to; it
+	// exists once the box has run (see box.Manager.ConsolePath).
+	ConsolePath(name string) (string, error)
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -86,6 +89,11 @@ type Server struct {
 	// rather than under their request, so a command interrupted while a
 	// box boots does not leave the box half made.
 	ctx context.Context
+	// streaming ends when the daemon stops serving (EndStreams), or with
+	// ctx: the event streams and follows of box logs in progress end with
+	// it.
+	streaming    context.Context
+	endStreaming context.CancelFunc
 
 	// mu protects the fields below.
 	mu sync.Mutex
@@ -102,9 +110,7 @@ type Server struct {
 	// no longer tracks once they are hijacked.
 	streams sync.WaitGroup
 
-	events       *events.Exchange
-	shutdown     chan struct{} // closed by EndStreams
-	shutdownOnce sync.Once
+	events *events.Exchange
 }
 
 // Options configure a Server.
@@ -140,8 +146,9 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
-		events: opts.Events, shutdown: make(chan struct{}),
+		events: opts.Events,
 	}
+	s.streaming, s.endStreaming = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
 		s.busyCPU = DefaultBusyCPU
 	}
@@ -166,6 +173,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/snapshot", s.snapshotBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
+	mux.HandleFunc("GET /v1/boxes/{name}/logs", s.boxLogs)
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,

@@ -55,6 +55,9 @@ type fakeManager struct {
 
 	// cpu is each box's CPU time, as CPUTime reports it.
 	cpu map[string]time.Duration
+
+	// consoleDir is where ConsolePath puts each box's console, NAME.log.
+	consoleDir string
 }
 
 func (m *fakeManager) CPUTime(name string) (time.Duration, bool) {
@@ -435,6 +438,13 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/boxes/dev/exec", `{"args":[]}`, 400, "invalid_argument", ""},
 		{"POST", "/v1/boxes/nope/exec", `{"args":["true"]}`, 404, "not_found", `exec nope true stdin=""`},
 		{"POST", "/v1/boxes/dev/exec", `{"args":["true"],"rows":-1}`, 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/nope/logs", "", 404, "not_found", "console nope"},
+		{"GET", "/v1/boxes/nope/logs?follow=1&tail=3", "", 404, "not_found", "console nope"},
+		{"GET", "/v1/boxes/-x-/logs", "", 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/dev/logs?tail=-1", "", 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/dev/logs?tail=all", "", 400, "invalid_argument", ""},
+		{"GET", "/v1/boxes/dev/logs?follow=maybe", "", 400, "invalid_argument", ""},
+		{"POST", "/v1/boxes/dev/logs", "", 404, "not_found", ""},
 		{"GET", "/v1/report", "", 200, "", "list"},
 		{"GET", "/v1/report?box=dev", "", 200, "", "get dev"},
 		{"GET", "/v1/report?box=nope", "", 404, "not_found", "get nope"},
