@@ -24,6 +24,8 @@ func daemonCommand() *cli.Command {
 			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on this host:port (/metrics), e.g. 127.0.0.1:9464 (default: none)"},
+			&cli.BoolFlag{Name: "metrics-allow-remote", Usage: "let --metrics-listen be an address other hosts can reach"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
 		Action: runDaemon,
@@ -60,6 +62,11 @@ func runDaemon(c *cli.Context) error {
 	if c.Duration("idle-hibernate") < 0 {
 		return usageError("--idle-hibernate %s is negative", c.Duration("idle-hibernate"))
 	}
+	if c.String("metrics-listen") != "" {
+		if err := daemon.CheckMetricsAddr(c.String("metrics-listen"), c.Bool("metrics-allow-remote")); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+	}
 	warm := c.Int("warm-forks")
 	switch {
 	case warm < 0 || warm > 16:
@@ -79,8 +86,15 @@ func runDaemon(c *cli.Context) error {
 		Kernel:        c.String("kernel"),
 		Spares:        warm,
 		Logger:        log,
+
+		MetricsListen:      c.String("metrics-listen"),
+		MetricsAllowRemote: c.Bool("metrics-allow-remote"),
 		Ready: func(i daemon.Info) {
-			fmt.Fprintf(c.App.Writer, "boxd daemon on %s: API on %s, SSH on %s\n", i.Root, i.Socket, i.SSHAddr)
+			metrics := ""
+			if i.MetricsAddr != "" {
+				metrics = ", metrics on http://" + i.MetricsAddr + "/metrics"
+			}
+			fmt.Fprintf(c.App.Writer, "boxd daemon on %s: API on %s, SSH on %s%s\n", i.Root, i.Socket, i.SSHAddr, metrics)
 		},
 	})
 }

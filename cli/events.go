@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -59,7 +61,7 @@ func boxEvents(c *cli.Context) error {
 	}
 	asJSON := wantJSON(c)
 	enc := json.NewEncoder(c.App.Writer)
-	return d.Events(c.Context, since, func(e events.Event) error {
+	err = d.Events(c.Context, since, func(e events.Event) error {
 		if len(only) > 0 && !only[e.Box] {
 			return nil
 		}
@@ -69,6 +71,11 @@ func boxEvents(c *cli.Context) error {
 		_, err := fmt.Fprintln(c.App.Writer, eventText(e))
 		return err
 	})
+	// ^C ends the stream, as a shell reports it.
+	if errors.Is(err, context.Canceled) && c.Err() != nil {
+		return commandExit(130)
+	}
+	return err
 }
 
 // eventText is an event as one line for people.

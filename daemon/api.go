@@ -36,6 +36,9 @@ type Info struct {
 	// (Go duration syntax); "0s" means never.
 	IdleHibernate string `json:"idle_hibernate"`
 	PID           int    `json:"pid"`
+	// MetricsAddr is host:port of the Prometheus metrics (/metrics), when
+	// served.
+	MetricsAddr string `json:"metrics_addr,omitempty"`
 }
 
 // CreateRequest is the body of POST /v1/boxes.

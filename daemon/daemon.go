@@ -46,7 +46,11 @@ type Config struct {
 	// Spares is how many spare machines wait for a fork of each box (see
 	// box.Config.Spares): 0 means box.DefaultSpares, negative none.
 	Spares int
-	Logger *slog.Logger
+	// MetricsListen, when set, is the host:port Prometheus metrics are
+	// served on (/metrics); it must be loopback unless MetricsAllowRemote.
+	MetricsListen      string
+	MetricsAllowRemote bool
+	Logger             *slog.Logger
 	// Ready, when not nil, is called once the daemon serves.
 	Ready func(Info)
 }
@@ -69,6 +73,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MetricsListen != "" {
+		if err := CheckMetricsAddr(cfg.MetricsListen, cfg.MetricsAllowRemote); err != nil {
+			return err
+		}
 	}
 	g, err := snapshotter.Open(cfg.Root)
 	if err != nil {
@@ -111,6 +120,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return errors.Join(err, closeMgr())
 	}
 	defer os.Remove(SocketPath(cfg.Root))
+	var metricsL net.Listener
+	if cfg.MetricsListen != "" {
+		if metricsL, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			sshL.Close()
+			apiL.Close()
+			return errors.Join(fmt.Errorf("metrics: %w", err), closeMgr())
+		}
+	}
 
 	srvCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopOps()
@@ -118,20 +135,37 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Root: cfg.Root, Socket: SocketPath(cfg.Root), SSHAddr: sshL.Addr().String(),
 		IdleHibernate: cfg.IdleHibernate.String(), PID: os.Getpid(),
 	}
+	if metricsL != nil {
+		info.MetricsAddr = metricsL.Addr().String()
+	}
 	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange})
 	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
+	var ms *http.Server
+	if metricsL != nil {
+		metrics := NewMetrics(mgr, g, exchange, log)
+		proxy.Observe = metrics.SSH
+		ms = &http.Server{Handler: metrics.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	}
 	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	hs.RegisterOnShutdown(api.EndStreams)
 
 	served := make(chan error, 2)
 	go func() { served <- fmt.Errorf("ssh front door: %w", proxy.Serve(sshL)) }()
 	go func() { served <- fmt.Errorf("api: %w", hs.Serve(apiL)) }()
+	if ms != nil {
+		go func() {
+			if err := ms.Serve(metricsL); !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics: serving stopped", "err", err)
+			}
+		}()
+		defer ms.Close()
+	}
 	idleDone := make(chan struct{})
 	go func() {
 		defer close(idleDone)
 		api.IdleLoop(srvCtx, IdleInterval, cfg.IdleHibernate)
 	}()
-	log.Info("boxd daemon serving", "root", cfg.Root, "api", info.Socket, "ssh", info.SSHAddr, "idle_hibernate", info.IdleHibernate)
+	log.Info("boxd daemon serving", "root", cfg.Root, "api", info.Socket, "ssh", info.SSHAddr, "idle_hibernate", info.IdleHibernate, "metrics", info.MetricsAddr)
 	if cfg.Ready != nil {
 		cfg.Ready(info)
 	}

@@ -99,8 +99,9 @@ func (s *Server) streamEvents(w http.ResponseWriter, r *http.Request) {
 func (s *Server) EndStreams() { s.endStreaming() }
 
 // Events calls fn with each event the daemon tells: those kept since
-// since (none for a zero since), then each new one, until ctx ends (nil),
-// the daemon stops (nil), fn fails (its error) or the stream breaks.
+// since (none for a zero since), then each new one, until ctx ends (its
+// error), the daemon stops (nil), fn fails (its error) or the stream
+// breaks.
 func (c *Client) Events(ctx context.Context, since time.Time, fn func(events.Event) error) error {
 	path := "/v1/events"
 	if !since.IsZero() {
@@ -124,7 +125,10 @@ func (c *Client) Events(ctx context.Context, since time.Time, fn func(events.Eve
 	for {
 		var l eventLine
 		if err := dec.Decode(&l); err != nil {
-			if ctx.Err() != nil || errors.Is(err, io.EOF) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, io.EOF) {
 				return nil
 			}
 			return fmt.Errorf("boxd daemon at %s: the event stream broke: %w", c.socket, err)
