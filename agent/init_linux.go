@@ -51,6 +51,7 @@ func Init() {
 		{name: "set the hostname", run: b.setHostname, soft: true},
 		{name: "configure the network", run: b.configureNetwork, soft: true},
 		{name: "write /etc/resolv.conf", run: b.writeResolvConf, soft: true},
+		{name: "install the box command", run: installBoxCommand, soft: true},
 	}
 	for _, s := range steps {
 		if err := s.run(); err != nil {
@@ -78,7 +79,12 @@ func Init() {
 	}
 	var ready sync.Once
 	next := NextPortConn(port, func() { ready.Do(func() { b.logf("ready") }) })
-	cfg := &ServerConfig{HostKey: key, System: OS{}, Reaper: reaper, Logf: b.logf}
+	go func() {
+		if err := ServeBox(ctx, BoxSocket, b.logf); err != nil {
+			b.logf("the box command is not served: %v", err)
+		}
+	}()
+	cfg := &ServerConfig{HostKey: key, System: OS{}, Reaper: reaper, Logf: b.logf, ForkFile: ForkFile}
 	err = ServeSerial(ctx, next, cfg)
 	b.fail("serve the host", fmt.Errorf("agent: serving ended: %w", err))
 }
@@ -415,4 +421,24 @@ func (b *boot) shutdown(cmd int) {
 	if err := unix.Reboot(cmd); err != nil {
 		b.logf("reboot: %v", err)
 	}
+}
+
+// BoxCommandPath is where the box command is found in a box: a link to
+// the agent's own binary, which runs as the box command under that name.
+const BoxCommandPath = "/usr/local/bin/box"
+
+// installBoxCommand links BoxCommandPath to the agent's binary (which the
+// initramfs held: only /proc/1/exe still reaches it).
+func installBoxCommand() error {
+	if target, err := os.Readlink(BoxCommandPath); err == nil && target == "/proc/1/exe" {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(BoxCommandPath), 0o755); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	_ = os.Remove(BoxCommandPath)
+	if err := os.Symlink("/proc/1/exe", BoxCommandPath); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	return nil
 }

@@ -36,6 +36,9 @@ type Unique struct {
 	TimeUnixNano int64  `json:"time_unix_nano,omitempty"` // the wall clock the guest steps to
 	Hostname     string `json:"hostname,omitempty"`       // the guest's new hostname (and /etc/hostname)
 	MachineID    string `json:"machine_id,omitempty"`     // the guest's new /etc/machine-id: 32 lower-case hex digits
+	// Fork tells a fork's child which it is: a box fork waiting in the
+	// guest returns with it, and the agent writes ForkFile.
+	Fork *ForkInfo `json:"fork,omitempty"`
 }
 
 // seedSize is the entropy NewUnique draws: enough to reseed the kernel's ChaCha20 RNG (32 bytes) twice over.
@@ -76,6 +79,16 @@ func (u Unique) Validate() error {
 	}
 	if u.MachineID != "" && !isMachineID(u.MachineID) {
 		return invalid("machine-id %q is not 32 lower-case hex digits", u.MachineID)
+	}
+	if f := u.Fork; f != nil {
+		if f.Count < 1 || f.Index < 1 || f.Index > f.Count {
+			return invalid("fork child %d of %d", f.Index, f.Count)
+		}
+		for _, n := range []string{f.Parent, f.Name} {
+			if err := ValidateHostname(n); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -33,6 +33,9 @@ type ServerConfig struct {
 	Reaper *Reaper
 	// HandshakeTimeout bounds the SSH handshake; zero is DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// ForkFile, when set, is where a fork's child's ForkInfo is written
+	// (the agent's is agent.ForkFile).
+	ForkFile string
 	// Logf, when not nil, receives one line per notable event (a session that failed to start, a failed
 	// handshake).
 	Logf func(format string, args ...any)
@@ -114,6 +117,8 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 		return fmt.Errorf("agent: serve: handshake: %w", err)
 	}
 	_ = nc.SetDeadline(time.Time{})
+	links.set(sc)
+	defer links.clear(sc)
 
 	s := &server{cfg: cfg}
 	var wg sync.WaitGroup
@@ -217,6 +222,9 @@ func (s *server) unique(payload []byte) error {
 		if err := sys.SetMachineID(u.MachineID); err != nil {
 			return fmt.Errorf("agent: unique: machine-id: %w", err)
 		}
+	}
+	if u.Fork != nil {
+		links.noteFork(*u.Fork, s.cfg.ForkFile)
 	}
 	return nil
 }

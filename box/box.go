@@ -64,6 +64,12 @@ type Box struct {
 	Created  time.Time `json:"created"`
 	Snaps    int       `json:"snaps"` // snapshots taken, for names
 	Note     string    `json:"note,omitempty"`
+	// Inside says the box command inside it may fork it and act on its
+	// forks (see serveInside); forks inherit it, and MaxForks.
+	Inside bool `json:"inside,omitempty"`
+	// MaxForks bounds the live forks (forks of forks counted) the box
+	// command inside it may make.
+	MaxForks int `json:"max_forks,omitempty"`
 }
 
 // Config configures a Manager.
@@ -283,6 +289,12 @@ type CreateOptions struct {
 	Keys   []string
 	// Runner names the runner: RunnerAuto ("" too) or a runner's name.
 	Runner string
+	// NoInside keeps the box command inside the box from forking it or
+	// acting on its forks (see Box.Inside).
+	NoInside bool
+	// MaxForks bounds the forks the box command inside may make; 0 means
+	// DefaultMaxForks.
+	MaxForks int
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
@@ -307,6 +319,9 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	}
 	if opts.CPUs == 0 {
 		opts.CPUs = DefaultCPUs
+	}
+	if opts.MaxForks < 0 || opts.MaxForks > MaxMaxForks {
+		return Box{}, fmt.Errorf("max forks %d: want 1 to %d: %w", opts.MaxForks, MaxMaxForks, errdefs.ErrInvalidArgument)
 	}
 	if opts.CPUs < 1 || opts.CPUs > 64 {
 		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, errdefs.ErrInvalidArgument)
@@ -333,6 +348,10 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	bx := Box{
 		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
 		Runner: r.Name(), Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
+		Inside: !opts.NoInside, MaxForks: opts.MaxForks,
+	}
+	if bx.MaxForks == 0 {
+		bx.MaxForks = DefaultMaxForks
 	}
 	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
 		return Box{}, fmt.Errorf("box: %w", err)
@@ -482,6 +501,7 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 	m.mu.Lock()
 	m.machines[name], m.clients[name] = mach, c
 	m.mu.Unlock()
+	c.ServeHost(m.serveInside(name))
 	go m.watch(name, mach)
 	return nil
 }

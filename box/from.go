@@ -28,6 +28,9 @@ type FromOptions struct {
 	// lists them.
 	Snapshot string
 	Keys     []string
+	// NoInside and MaxForks are as in CreateOptions.
+	NoInside bool
+	MaxForks int
 }
 
 // CreateFrom makes box opts.Name from snapshot opts.Snapshot, which a box
@@ -71,6 +74,10 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 		Runner: r.Name(), Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
 		Snapshot: sn.Name, // it stands on it already: removing other boxes keeps it
 		Note:     "being made from snapshot " + sn.Name,
+		Inside:   !opts.NoInside, MaxForks: opts.MaxForks,
+	}
+	if bx.MaxForks == 0 {
+		bx.MaxForks = DefaultMaxForks
 	}
 	if err := m.put(bx); err != nil {
 		return Box{}, err

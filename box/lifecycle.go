@@ -349,6 +349,7 @@ func (m *Manager) forkRecords(parent Box, snap string, names []string) ([]Box, e
 			Name: n, State: StateStopped, Image: parent.Image, Memory: parent.Memory, CPUs: parent.CPUs,
 			Runner: parent.Runner, Keys: parent.Keys, Snapshot: snap, Parent: parent.Name,
 			Disk: m.newDiskPath(n), Created: nowUTC(), Note: "being forked",
+			Inside: parent.Inside, MaxForks: parent.MaxForks,
 		}
 		if err := m.put(child); err != nil {
 			return nil, err
@@ -370,6 +371,8 @@ func (m *Manager) startForks(ctx context.Context, children []Box, snap string) [
 			errs[i] = err
 			continue
 		}
+		// A box fork waiting in the guest returns in the child with it.
+		u.Fork = &agent.ForkInfo{Index: i + 1, Count: len(children), Parent: c.Parent, Name: c.Name}
 		wg.Go(func() { errs[i] = m.restore(ctx, c, snap, c.Disk, u) })
 	}
 	wg.Wait()

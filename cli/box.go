@@ -60,6 +60,8 @@ func boxCommands() []*cli.Command {
 				&cli.IntFlag{Name: "cpus", Value: box.DefaultCPUs, Usage: "the box's vCPUs"},
 				&cli.StringFlag{Name: "runner", Value: box.RunnerAuto, Usage: "the runner: auto or qemu (QEMU), or kvm (boxd's own VMM: refused where it cannot boot Linux boxes)"},
 				&cli.StringSliceFlag{Name: "ssh-key", Usage: "a file of public keys (authorized_keys format, a .pub file) to admit; may be repeated"},
+				&cli.BoolFlag{Name: "allow-fork-from-inside", Value: true, Usage: "let the box command inside the box fork it and act on its forks (box fork, box exec, ...); forks inherit it"},
+				&cli.IntFlag{Name: "max-forks", Value: box.DefaultMaxForks, Usage: "the live forks (forks of forks counted) the box command inside may make"},
 				jsonFlag,
 			},
 			Action: boxCreate,
@@ -300,6 +302,9 @@ func boxCreate(c *cli.Context) error {
 	if cpus := c.Int("cpus"); cpus < 1 || cpus > 64 {
 		return usageError("--cpus %d: want 1 to 64", cpus)
 	}
+	if n := c.Int("max-forks"); n < 1 || n > box.MaxMaxForks {
+		return usageError("--max-forks %d: want 1 to %d", n, box.MaxMaxForks)
+	}
 	var keys []string
 	for _, path := range c.StringSlice("ssh-key") {
 		k, err := readKeyFile(path)
@@ -333,7 +338,10 @@ func boxCreate(c *cli.Context) error {
 		}
 		keys = []string{k}
 	}
-	req := daemon.CreateRequest{Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys, Runner: c.String("runner")}
+	req := daemon.CreateRequest{
+		Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys, Runner: c.String("runner"),
+		NoInside: !c.Bool("allow-fork-from-inside"), MaxForks: c.Int("max-forks"),
+	}
 	if from != "" {
 		req.Image, req.Memory, req.CPUs, req.From = "", 0, 0, from
 		say(c, "starting box %s from snapshot %s…", name, from)

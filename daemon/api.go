@@ -56,6 +56,11 @@ type CreateRequest struct {
 	// box.Manager.CreateFrom); it excludes Image, Memory and CPUs, which
 	// come from the snapshot.
 	From string `json:"from,omitempty"`
+	// NoInside keeps the box command inside the box from forking it (see
+	// box.Box.Inside); MaxForks bounds its forks from inside (0: the
+	// default, box.DefaultMaxForks).
+	NoInside bool `json:"no_inside,omitempty"`
+	MaxForks int  `json:"max_forks,omitempty"`
 }
 
 // ForkRequest is the body of POST /v1/boxes/{name}/fork: the new boxes.

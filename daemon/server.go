@@ -287,6 +287,10 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if req.MaxForks < 0 || req.MaxForks > box.MaxMaxForks {
+		s.fail(w, r, fmt.Errorf("max forks %d: want 1 to %d: %w", req.MaxForks, box.MaxMaxForks, errdefs.ErrInvalidArgument))
+		return
+	}
 	if req.From != "" && (req.Image != "" || req.Memory != 0 || req.CPUs != 0) {
 		s.fail(w, r, fmt.Errorf("a box made from snapshot %s has the snapshot's image, memory and vCPUs; give none of them: %w", req.From, errdefs.ErrInvalidArgument))
 		return
@@ -296,9 +300,9 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 	var bx box.Box
 	var err error
 	if req.From != "" {
-		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys})
+		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks})
 	}
 	if err != nil {
 		s.fail(w, r, err)

@@ -1,7 +1,8 @@
 //go:build linux
 
-// Command boxd-agent is boxd's in-guest agent: the /init of a box's initramfs (see package agent). Run as
-// anything but PID 1 it serves connections for manual testing:
+// Command boxd-agent is boxd's in-guest agent: the /init of a box's initramfs (see package agent). Run under the
+// name box (/usr/local/bin/box in every box links to it) it is the box command, which asks boxd on the host for
+// forks of the box and more (box --help). Run as anything else but PID 1 it serves connections for manual testing:
 //
 //	boxd-agent serve --socket PATH   # a unix socket; each connection is one SSH connection to the agent
 //	boxd-agent serve --port NAME     # a virtio-serial port, in a guest with an init of its own
@@ -16,6 +17,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/boxd-dev/boxd/agent"
@@ -26,6 +28,9 @@ const usage = "usage: boxd-agent serve (--socket PATH | --port NAME) [--system] 
 func main() {
 	if os.Getpid() == 1 {
 		agent.Init() // never returns
+	}
+	if filepath.Base(os.Args[0]) == "box" {
+		os.Exit(boxMain(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "boxd-agent:", err)
