@@ -68,10 +68,11 @@ func boxStats(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	ctx := c.Context
 	opts := daemon.StatsOptions{Boxes: names, All: c.Bool("all")}
 	stream := !c.Bool("no-stream")
 	// The first measurement is only where CPU shares start from.
-	prev, err := d.Stats(c.Context, opts)
+	prev, err := d.Stats(ctx, opts)
 	if err != nil {
 		return err
 	}
@@ -81,16 +82,16 @@ func boxStats(c *cli.Context) error {
 	defer tick.Stop()
 	for {
 		select {
-		case <-c.Context.Done():
+		case <-ctx.Done():
 			if stream {
 				return nil
 			}
-			return c.Context.Err()
+			return ctx.Err()
 		case <-tick.C:
 		}
-		cur, err := d.Stats(c.Context, opts)
+		cur, err := d.Stats(ctx, opts)
 		if err != nil {
-			if stream && c.Context.Err() != nil {
+			if stream && ctx.Err() != nil {
 				return nil
 			}
 			return err
