@@ -157,11 +157,9 @@ func (m *Manager) Usage(ctx context.Context, names []string, opts UsageOptions) 
 // machineUsage measures bx's machine, where it has one, and its disk.
 func (m *Manager) machineUsage(bx Box) Usage {
 	u := Usage{Name: bx.Name, State: bx.State, Runner: bx.Runner, CPUs: bx.CPUs, GuestMemory: bx.Memory}
-	disk := bx.Disk
 	mach, _, ok := m.machine(bx.Name)
 	u.At = time.Now()
 	if ok {
-		disk = currentDisk(mach, disk)
 		u.Started = m.usage.startOf(bx.Name, mach)
 		if cm, ok := mach.(runner.CPUMeter); ok {
 			if d, err := cm.CPUTime(); err == nil {
@@ -175,8 +173,11 @@ func (m *Manager) machineUsage(bx Box) Usage {
 			}
 		}
 	}
-	if fi, err := os.Stat(disk); err == nil {
-		d := &DiskUse{Path: disk, Size: fi.Size()}
+	// The record's disk, not the machine's (runner.DiskMachine): that
+	// waits for a snapshot in progress, and every snapshot of a running
+	// box records the disk its machine goes on writing.
+	if fi, err := os.Stat(bx.Disk); err == nil {
+		d := &DiskUse{Path: bx.Disk, Size: fi.Size()}
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			d.Allocated = st.Blocks * 512
 		}
@@ -189,29 +190,42 @@ func (m *Manager) machineUsage(bx Box) Usage {
 // name, measured again only when the set of snapshots has changed
 // (snapshots are immutable).
 func (m *Manager) storeUsage(ctx context.Context) (map[string]snapshotter.Exclusive, error) {
-	g := m.cfg.Graph
-	all, err := g.List()
+	u := &m.usage
+	u.storeMu.Lock()
+	defer u.storeMu.Unlock()
+	for try := 1; ; try++ {
+		key, err := m.snapshotSet()
+		if err != nil {
+			return nil, err
+		}
+		if u.byBox != nil && u.storeKey == key {
+			return u.byBox, nil
+		}
+		byBox, err := m.cfg.Graph.ExclusiveByGroup(ctx, snapshotBox)
+		if err == nil {
+			u.storeKey, u.byBox = key, byBox
+			return byBox, nil
+		}
+		// A snapshot removed while they were measured (a box removed)
+		// fails the measurement: measure again what is there now.
+		if now, e := m.snapshotSet(); e != nil || now == key || try == 3 {
+			return nil, err
+		}
+	}
+}
+
+// snapshotSet names the set of snapshots in the store now.
+func (m *Manager) snapshotSet() ([sha256.Size]byte, error) {
+	all, err := m.cfg.Graph.List()
 	if err != nil {
-		return nil, err
+		return [sha256.Size]byte{}, err
 	}
 	h := sha256.New()
 	for _, s := range all {
 		h.Write([]byte(s.Name))
 		h.Write(binary.BigEndian.AppendUint64([]byte{0}, uint64(s.Created.UnixNano())))
 	}
-	key := [sha256.Size]byte(h.Sum(nil))
-	u := &m.usage
-	u.storeMu.Lock()
-	defer u.storeMu.Unlock()
-	if u.byBox != nil && u.storeKey == key {
-		return u.byBox, nil
-	}
-	byBox, err := g.ExclusiveByGroup(ctx, snapshotBox)
-	if err != nil {
-		return nil, err
-	}
-	u.storeKey, u.byBox = key, byBox
-	return byBox, nil
+	return [sha256.Size]byte(h.Sum(nil)), nil
 }
 
 // snapshotBox is the box a snapshot belongs to: the one it is labelled
