@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -32,7 +34,7 @@ func statsCommand() *cli.Command {
 			"hold in the store, compressed: what removing the box, then boxd store gc, would free; the daemon\n" +
 			"measures it again only when snapshots have changed. UPTIME counts from the machine's start or resume.\n" +
 			"On a terminal the table is redrawn in place, elsewhere printed anew each time; --json prints one JSON\n" +
-			"array a line each time, or one array with --no-stream. The stream ends on ^C.",
+			"array a line each time, or one array with --no-stream. ^C exits 130.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "all", Aliases: []string{"a"}, Usage: "every box, also stopped and hibernated ones (without NAMEs)"},
 			&cli.BoolFlag{Name: "store", Usage: "add what each box's snapshots alone hold in the store"},
@@ -72,9 +74,16 @@ func boxStats(c *cli.Context) error {
 	opts := daemon.StatsOptions{Boxes: names, All: c.Bool("all")}
 	stream := !c.Bool("no-stream")
 	// The first measurement is only where CPU shares start from.
+	// ^C ends the stream, as a shell reports it.
+	interrupted := func(err error) error {
+		if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+			return commandExit(130)
+		}
+		return err
+	}
 	prev, err := d.Stats(ctx, opts)
 	if err != nil {
-		return err
+		return interrupted(err)
 	}
 	opts.Store = c.Bool("store")
 	show := statsPrinter(c, stream)
@@ -83,18 +92,12 @@ func boxStats(c *cli.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			if stream {
-				return nil
-			}
-			return ctx.Err()
+			return interrupted(ctx.Err())
 		case <-tick.C:
 		}
 		cur, err := d.Stats(ctx, opts)
 		if err != nil {
-			if stream && ctx.Err() != nil {
-				return nil
-			}
-			return err
+			return interrupted(err)
 		}
 		if err := show(statsRows(prev, cur)); err != nil {
 			return err
