@@ -115,6 +115,8 @@ type Manager struct {
 	locks    map[string]*sync.Mutex // one operation per box at a time
 	machines map[string]runner.Machine
 	clients  map[string]*agent.Client
+
+	usage usageState // what Usage keeps (usage.go)
 }
 
 var bucket = []byte("boxes")
@@ -475,6 +477,7 @@ func (m *Manager) startSpares(name string, mach runner.Machine) {
 // attach waits for the agent of mach and makes it box name's machine. On
 // failure the machine is stopped and the error carries the console's end.
 func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) error {
+	m.usage.noteStart(name, mach, time.Now())
 	ah, ok := mach.(runner.AgentHost)
 	if !ok { // ChooseRunner refuses such runners; a backend that changed its mind
 		_ = mach.Stop(context.WithoutCancel(ctx))

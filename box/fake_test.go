@@ -383,6 +383,16 @@ func (m *fakeMachine) CPUTime() (time.Duration, error) {
 	return time.Duration(m.cpu.Add(int64(time.Millisecond))), nil
 }
 
+// fakeMemory is what every fake machine holds of the host.
+var fakeMemory = runner.MemoryUse{RSS: 3 << 20, PSS: 2 << 20}
+
+func (m *fakeMachine) Memory() (runner.MemoryUse, error) {
+	if err := m.Err(); err != nil {
+		return runner.MemoryUse{}, err
+	}
+	return fakeMemory, nil
+}
+
 func (m *fakeMachine) Disk() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()

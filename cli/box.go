@@ -124,6 +124,7 @@ func boxCommands() []*cli.Command {
 		runCommand(),
 		{Name: "rm", Usage: "stop a box and delete it (snapshots other boxes came from stay)", ArgsUsage: "NAME", Flags: []cli.Flag{jsonFlag}, Action: boxRemove},
 		{Name: "report", Usage: "the store's dedup report of each box's snapshots (all boxes, or those named)", ArgsUsage: "[NAME...]", Flags: []cli.Flag{jsonFlag}, Action: boxReport},
+		statsCommand(),
 	}
 }
 

@@ -57,6 +57,9 @@ type Manager interface {
 	// ConsolePath is the file box name's console is appended to; it
 	// exists once the box has run (see box.Manager.ConsolePath).
 	ConsolePath(name string) (string, error)
+	// Usage measures what the boxes named (every box with none) use of
+	// the host (see box.Manager.Usage).
+	Usage(ctx context.Context, names []string, opts box.UsageOptions) ([]box.Usage, error)
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -187,6 +190,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/boxes/{name}/snapshots", s.boxSnapshots)
 	mux.HandleFunc("GET /v1/snapshots", s.allSnapshots)
 	mux.HandleFunc("GET /v1/report", s.report)
+	mux.HandleFunc("GET /v1/stats", s.stats)
 	mux.HandleFunc("POST /v1/gc", s.gc)
 	mux.HandleFunc("GET /v1/events", s.streamEvents)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

@@ -29,6 +29,29 @@ type CPUMeter interface {
 	CPUTime() (time.Duration, error)
 }
 
+// MemoryMeter is a machine that says how much host memory it holds.
+// Without it the manager reports no memory figure for the box.
+type MemoryMeter interface {
+	// Memory is the host memory the machine's process holds now. A
+	// stopped machine's is an error.
+	Memory() (MemoryUse, error)
+}
+
+// MemoryUse is the resident host memory of a machine, in bytes.
+//
+// Pages the machine's process has not mapped are not counted, even where
+// they are the machine's: in a memory file that a restore filled, pages
+// the guest has not touched since.
+type MemoryUse struct {
+	// RSS counts every resident page the machine maps in full, also the
+	// pages it shares with other machines (a snapshot's frozen memory,
+	// which restores map copy-on-write).
+	RSS int64 `json:"rss"`
+	// PSS counts a page that n processes map as 1/n of it: the PSS of
+	// machines sharing memory adds up to that memory once.
+	PSS int64 `json:"pss"`
+}
+
 // DiskFiles is a backend whose machines' disks are files on the host,
 // layered copy-on-write: a snapshot freezes the layer the machine wrote
 // and the machine goes on on a new one. Without it the manager refuses the

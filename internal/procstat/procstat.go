@@ -1,5 +1,6 @@
-// Package procstat reads what Linux says of a process (/proc/PID/stat) and
-// of the host (/proc/meminfo), and sets a process's OOM-killer score.
+// Package procstat reads what Linux says of a process (/proc/PID/stat,
+// /proc/PID/smaps_rollup) and of the host (/proc/meminfo), and sets a
+// process's OOM-killer score.
 package procstat
 
 import (

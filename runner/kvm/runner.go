@@ -410,8 +410,11 @@ type Machine struct {
 // ID implements runner.Machine.
 func (m *Machine) ID() string { return m.id }
 
-// The kvm runner's machines have one optional capability.
-var _ runner.CPUMeter = (*Machine)(nil)
+// The kvm runner's machines have two optional capabilities.
+var (
+	_ runner.CPUMeter    = (*Machine)(nil)
+	_ runner.MemoryMeter = (*Machine)(nil)
+)
 
 // CPUTime is the CPU time the machine's VMM process has used
 // (runner.CPUMeter).
@@ -422,6 +425,21 @@ func (m *Machine) CPUTime() (time.Duration, error) {
 	default:
 	}
 	return procstat.CPUTime(m.pid)
+}
+
+// Memory is the host memory the machine's VMM process holds
+// (runner.MemoryMeter).
+func (m *Machine) Memory() (runner.MemoryUse, error) {
+	select {
+	case <-m.done:
+		return runner.MemoryUse{}, fmt.Errorf("kvm: %s has stopped: %w", m.id, errdefs.ErrFailedPrecondition)
+	default:
+	}
+	r, err := procstat.MemoryRollup(m.pid)
+	if err != nil {
+		return runner.MemoryUse{}, err
+	}
+	return runner.MemoryUse{RSS: r.RSS, PSS: r.PSS}, nil
 }
 
 // PID is the VMM process.

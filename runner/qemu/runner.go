@@ -119,6 +119,7 @@ var (
 	_ runner.Machine          = (*Machine)(nil)
 	_ runner.AgentHost        = (*Machine)(nil)
 	_ runner.CPUMeter         = (*Machine)(nil)
+	_ runner.MemoryMeter      = (*Machine)(nil)
 	_ runner.DiskMachine      = (*Machine)(nil)
 	_ runner.Forker           = (*Machine)(nil)
 )
@@ -620,6 +621,18 @@ func (m *Machine) CPUTime() (time.Duration, error) {
 		return 0, m.exit
 	}
 	return procstat.CPUTime(m.PID())
+}
+
+// Memory is the host memory QEMU holds now (runner.MemoryMeter).
+func (m *Machine) Memory() (runner.MemoryUse, error) {
+	if m.stopped() {
+		return runner.MemoryUse{}, m.exit
+	}
+	r, err := procstat.MemoryRollup(m.PID())
+	if err != nil {
+		return runner.MemoryUse{}, err
+	}
+	return runner.MemoryUse{RSS: r.RSS, PSS: r.PSS}, nil
 }
 
 func (m *Machine) stopped() bool {

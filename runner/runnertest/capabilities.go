@@ -67,6 +67,7 @@ func checkCapabilities(t *testing.T, b Backend) {
 		}},
 		{"AgentHost", checkAgentHost},
 		{"CPUMeter", checkCPUMeter},
+		{"MemoryMeter", checkMemoryMeter},
 		{"SpecReader", checkSpecReader},
 		{"Forker", checkForker},
 		{"BackgroundWriter", checkBackgroundWriter},
@@ -124,6 +125,37 @@ func checkCPUMeter(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Grap
 	}
 	if _, err := c.(runner.CPUMeter).CPUTime(); err == nil {
 		t.Fatal("CPUTime of a stopped machine succeeded")
+	}
+}
+
+// A running machine holds some memory, PSS no more than RSS, and its
+// memory is an error once it stopped.
+func checkMemoryMeter(t *testing.T, b Backend, r runner.Runner, _ *snapshotter.Graph, m runner.Machine) {
+	mm, ok := m.(runner.MemoryMeter)
+	if !ok {
+		skipWithout(t, r, "MemoryMeter")
+	}
+	next(t, b, m)
+	u, err := mm.Memory()
+	if err != nil {
+		t.Fatalf("Memory: %v", err)
+	}
+	if u.RSS <= 0 || u.PSS <= 0 || u.PSS > u.RSS {
+		t.Fatalf("Memory of a running machine: %+v, want RSS and PSS positive, PSS no more than RSS", u)
+	}
+	// A stopped machine's: a restore of m, stopped.
+	if _, err := m.Snapshot(ctx(t), "mem", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	c := restore(t, r, "mem", runner.RestoreOptions{})
+	if _, err := c.(runner.MemoryMeter).Memory(); err != nil {
+		t.Fatalf("Memory of a restored machine: %v", err)
+	}
+	if err := c.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if u, err := c.(runner.MemoryMeter).Memory(); err == nil {
+		t.Fatalf("Memory of a stopped machine: %+v, no error", u)
 	}
 }
 
