@@ -124,8 +124,9 @@ func descends(all map[string]Box, b, ancestor string) bool {
 }
 
 // mayReach refuses target unless it is self (when selfToo) or one of
-// self's forks (or theirs). An unrelated box is refused as unknown, so that
-// a box learns nothing of the others.
+// self's forks (or theirs). A box other than self's parent (which box ls
+// shows) is refused as unknown, so that a box learns nothing of the
+// others.
 func (m *Manager) mayReach(self Box, target string, selfToo bool) error {
 	if err := ValidateName(target); err != nil {
 		return err
@@ -140,11 +141,11 @@ func (m *Manager) mayReach(self Box, target string, selfToo bool) error {
 	if err != nil {
 		return err
 	}
-	if _, ok := all[target]; !ok {
+	switch {
+	case target == self.Parent:
+		return fmt.Errorf("box %s may act only on itself and its own forks, not on its parent %s: %w", self.Name, target, ErrNotAllowed)
+	case !descends(all, target, self.Name):
 		return fmt.Errorf("%q: %w", target, ErrNotFound)
-	}
-	if !descends(all, target, self.Name) {
-		return fmt.Errorf("box %s may act only on itself and its own forks, not on %s: %w", self.Name, target, ErrNotAllowed)
 	}
 	return nil
 }

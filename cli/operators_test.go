@@ -74,6 +74,8 @@ func TestOperatorsView(t *testing.T) {
 	ok(t, root, "exec", "kid", "true") // wakes it
 	prom.waitFor(t, `boxd_box_wakeups_total`, 1)
 	prom.waitFor(t, `boxd_boxes{state="running"}`, 2)
+	prom.waitFor(t, `count(boxd_box_memory_pss_bytes > 0)`, 2)
+	prom.waitFor(t, `count(boxd_box_cpu_seconds_total{box=~"dev|kid"} > 0)`, 2)
 	ok(t, root, "rm", "kid")
 	ok(t, root, "rm", "dev")
 	prom.waitFor(t, `boxd_boxes{state="running"}`, 0)

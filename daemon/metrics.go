@@ -54,6 +54,10 @@ type Metrics struct {
 var (
 	descBoxes      = prometheus.NewDesc("boxd_boxes", "Boxes by state.", []string{"state"}, nil)
 	descBoxCPU     = prometheus.NewDesc("boxd_box_cpu_seconds_total", "Host CPU time (user and system) of a running box's machine since it started.", []string{"box"}, nil)
+	descBoxPSS     = prometheus.NewDesc("boxd_box_memory_pss_bytes", "Host memory a running box's machine holds, a page shared by n processes counted as 1/n (PSS).", []string{"box"}, nil)
+	descBoxRSS     = prometheus.NewDesc("boxd_box_memory_rss_bytes", "Host memory a running box's machine maps resident, shared pages counted in full (RSS).", []string{"box"}, nil)
+	descBoxDisk    = prometheus.NewDesc("boxd_box_disk_bytes", "Host disk the writable top of a box's disk takes.", []string{"box"}, nil)
+	descBoxStarted = prometheus.NewDesc("boxd_box_started_timestamp_seconds", "When a running box's machine started (booted, resumed or restored as a fork), Unix time.", []string{"box"}, nil)
 	descMemFilled  = prometheus.NewDesc("boxd_memory_pages_filled_total", "Guest memory pages restores served from the store over userfaultfd: on the guest's fault (lazily) or by prefetching. Boxes under QEMU restore from a memory image file and are not counted.", []string{"how"}, nil)
 	descStoreBytes = prometheus.NewDesc("boxd_store_bytes", "The store's bytes: logical (every snapshot's size), referenced (less zero blocks), unique (distinct chunks), stored (compressed in packs), garbage (in packs, referenced by no snapshot).", []string{"kind"}, nil)
 	descStorePacks = prometheus.NewDesc("boxd_store_packs", "Pack files in the store.", nil, nil)
@@ -152,7 +156,7 @@ func (m *Metrics) Handler() http.Handler {
 
 // Describe sends the descriptions of the figures read at each scrape.
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBoxes, descBoxCPU, descMemFilled, descStoreBytes, descStorePacks, descStoreSnaps, descStoreAge} {
+	for _, d := range []*prometheus.Desc{descBoxes, descBoxCPU, descBoxPSS, descBoxRSS, descBoxDisk, descBoxStarted, descMemFilled, descStoreBytes, descStorePacks, descStoreSnaps, descStoreAge} {
 		ch <- d
 	}
 }
@@ -160,18 +164,30 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 // Collect reads the boxes, their CPU time, the memory restores filled and
 // the store's figures (StoreReportEvery old at most).
 func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
-	boxes, err := m.mgr.List()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	usage, err := m.mgr.Usage(ctx, nil, box.UsageOptions{})
 	if err != nil {
-		m.log.Warn("metrics: listing boxes", "err", err)
+		m.log.Warn("metrics: the boxes' usage", "err", err)
 	}
 	states := map[string]int{box.StateRunning: 0, box.StatePaused: 0, box.StateHibernated: 0, box.StateStopped: 0}
-	for _, b := range boxes {
-		states[b.State]++
-		if b.State != box.StateRunning && b.State != box.StatePaused {
+	for _, u := range usage {
+		states[u.State]++
+		if d := u.Disk; d != nil {
+			ch <- prometheus.MustNewConstMetric(descBoxDisk, prometheus.GaugeValue, float64(d.Allocated), u.Name)
+		}
+		if u.State != box.StateRunning && u.State != box.StatePaused {
 			continue
 		}
-		if cpu, ok := m.mgr.CPUTime(b.Name); ok {
-			ch <- prometheus.MustNewConstMetric(descBoxCPU, prometheus.CounterValue, cpu.Seconds(), b.Name)
+		if u.CPUSeconds != nil {
+			ch <- prometheus.MustNewConstMetric(descBoxCPU, prometheus.CounterValue, *u.CPUSeconds, u.Name)
+		}
+		if hm := u.HostMemory; hm != nil {
+			ch <- prometheus.MustNewConstMetric(descBoxPSS, prometheus.GaugeValue, float64(hm.PSS), u.Name)
+			ch <- prometheus.MustNewConstMetric(descBoxRSS, prometheus.GaugeValue, float64(hm.RSS), u.Name)
+		}
+		if !u.Started.IsZero() {
+			ch <- prometheus.MustNewConstMetric(descBoxStarted, prometheus.GaugeValue, float64(u.Started.UnixNano())/1e9, u.Name)
 		}
 	}
 	for s, n := range states {
