@@ -58,7 +58,7 @@ func boxRun(args []string, stdout, stderr io.Writer) (int, error) {
 	}
 	conn, err := net.Dial("unix", agent.BoxSocket)
 	if err != nil {
-		return 8, fmt.Errorf("the agent does not serve the box command here (%v): is this a box?", err)
+		return 8, fmt.Errorf("the agent does not serve the box command here (is this a box?): %w", err)
 	}
 	defer conn.Close()
 	line, err := json.Marshal(req)
