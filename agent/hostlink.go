@@ -73,7 +73,8 @@ type ForkInfo struct {
 
 // HostHandler answers one HostRequest from a box's guest: it writes the
 // output of what it runs to stdout and stderr and returns the answer, or an
-// error.
+// error. Its ctx ends when the guest's end of the channel closes (the box
+// command was interrupted, or the guest's connection ended).
 type HostHandler func(ctx context.Context, req HostRequest, stdout, stderr io.Writer) (HostAnswer, error)
 
 // HostAnswer is a HostHandler's answer.
@@ -129,6 +130,14 @@ func serveHostChannel(nch ssh.NewChannel, h HostHandler) {
 		_ = send(HostFrame{Error: fmt.Sprintf("boxd: a bad request from the box: %v", err), Category: "invalid_argument", Done: true})
 		return
 	}
+	// The guest sends nothing after its request: its end closing (the box
+	// command gone, or the guest's connection with it) ends the request.
+	closed := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, ch)
+		cancel()
+		close(closed)
+	}()
 	stdout := frameWriter(func(p []byte) error { return send(HostFrame{Stdout: p}) })
 	stderr := frameWriter(func(p []byte) error { return send(HostFrame{Stderr: p}) })
 	ans, err := h(ctx, req, stdout, stderr)
@@ -143,13 +152,8 @@ func serveHostChannel(nch ssh.NewChannel, h HostHandler) {
 	_ = send(last)
 	_ = ch.CloseWrite()
 	if ans.After != nil && last.Error == "" {
-		read := make(chan struct{})
-		go func() {
-			_, _ = io.Copy(io.Discard, ch)
-			close(read)
-		}()
 		select {
-		case <-read:
+		case <-closed:
 		case <-time.After(afterWait):
 		}
 		go ans.After()

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,15 +35,17 @@ type Metrics struct {
 	log   *slog.Logger
 	reg   *prometheus.Registry
 
-	ops      *prometheus.HistogramVec
-	events   *prometheus.CounterVec
-	wakeups  prometheus.Counter
-	exits    prometheus.Counter
-	gcRuns   prometheus.Counter
-	gcFreed  prometheus.Counter
-	ssh      *prometheus.CounterVec
-	sshOpen  prometheus.Gauge
-	lastFork string // the snapshot of the fork last observed: one observation per fork, not per child
+	ops     *prometheus.HistogramVec
+	events  *prometheus.CounterVec
+	wakeups prometheus.Counter
+	exits   prometheus.Counter
+	gcRuns  prometheus.Counter
+	gcFreed prometheus.Counter
+	ssh     *prometheus.CounterVec
+	sshOpen prometheus.Gauge
+	// forks are the snapshots of the last forks observed: one observation
+	// per fork, not per child.
+	forks []string
 
 	storeMu    sync.Mutex
 	store      snapshotter.Report
@@ -115,12 +118,15 @@ func NewMetrics(mgr Manager, graph Graph, x *events.Exchange, log *slog.Logger) 
 func (m *Metrics) observe(e events.Event) {
 	m.events.WithLabelValues(e.Type).Inc()
 	if op, ok := operationOf[e.Type]; ok && e.Took > 0 {
-		if e.Type != events.Forked || e.Snapshot != m.lastFork {
-			m.ops.WithLabelValues(op).Observe(e.Took.Seconds())
-		}
 		if e.Type == events.Forked {
-			m.lastFork = e.Snapshot
+			if slices.Contains(m.forks, e.Snapshot) {
+				return // another child of a fork observed already
+			}
+			if m.forks = append(m.forks, e.Snapshot); len(m.forks) > 64 {
+				m.forks = m.forks[1:]
+			}
 		}
+		m.ops.WithLabelValues(op).Observe(e.Took.Seconds())
 	}
 	switch {
 	case e.Reason == events.ReasonUsed:
