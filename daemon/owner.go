@@ -103,6 +103,16 @@ func (s *Server) lookup(r *http.Request, name string) (box.Box, error) {
 	return bx, err
 }
 
+// checkOwned refuses, as lookup does, a box that request r may not act on;
+// the host's requests are not looked at.
+func (s *Server) checkOwned(r *http.Request, name string) error {
+	if ownerOf(r) == "" {
+		return nil
+	}
+	_, err := s.lookup(r, name)
+	return err
+}
+
 // checkNewName checks the name of a box to be made: a valid name, and not
 // the front door's user for boxd's commands (sshproxy.CommandUser).
 func checkNewName(name string) error {

@@ -332,7 +332,7 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 func (s *Server) removeBox(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
 	if err == nil {
-		_, err = s.lookup(r, name)
+		err = s.checkOwned(r, name)
 	}
 	if err == nil {
 		ctx, cancel := s.opContext(r)
@@ -387,7 +387,7 @@ func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if err == nil {
-		_, err = s.lookup(r, src)
+		err = s.checkOwned(r, src)
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -409,7 +409,7 @@ func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
 func (s *Server) lifecycle(w http.ResponseWriter, r *http.Request, action string, op func(context.Context, string) (box.Box, error)) {
 	name, err := boxName(r)
 	if err == nil {
-		_, err = s.lookup(r, name)
+		err = s.checkOwned(r, name)
 	}
 	if err != nil {
 		s.fail(w, r, err)

@@ -28,6 +28,11 @@ type sshCommand struct {
 	what  string // for help
 }
 
+// synopsis is the command's usage line, named name.
+func (sc sshCommand) synopsis(name string) string {
+	return strings.Join(strings.Fields(name+" "+sc.usage+" [--json]"), " ")
+}
+
 // sshCommands are the commands a registered key may run, by name. Each is
 // boxd's command of the name, run for the key (OwnerEnv): it sees and acts
 // on the key's boxes alone. Flags that would reach beyond them (--ssh-key
@@ -79,7 +84,7 @@ func ParseSSHCommand(line string) ([]string, error) {
 		return nil, sshUsage("%q is not one of the commands boxd runs over SSH: %s (ssh boxd@host help)", name, strings.Join(sshCommandNames, ", "))
 	}
 	usage := func() error {
-		return sshUsage("usage: %s", strings.TrimSpace(name+" "+sc.usage+" [--json]"))
+		return sshUsage("usage: %s", sc.synopsis(name))
 	}
 	args := []string{name}
 	var pos []string
@@ -95,12 +100,12 @@ func ParseSSHCommand(line string) ([]string, error) {
 			allowed = true
 		}
 		if !allowed || w == "--" || strings.HasPrefix(w, "---") {
-			return nil, sshUsage("%s: %s is not a flag boxd takes over SSH; usage: %s", name, w, strings.TrimSpace(name+" "+sc.usage+" [--json]"))
+			return nil, sshUsage("%s: %s is not a flag boxd takes over SSH; usage: %s", name, w, sc.synopsis(name))
 		}
 		switch {
 		case takesValue && !hasValue:
 			if i+1 >= len(words) {
-				return nil, sshUsage("%s: --%s needs a value; usage: %s", name, flag, strings.TrimSpace(name+" "+sc.usage+" [--json]"))
+				return nil, sshUsage("%s: --%s needs a value; usage: %s", name, flag, sc.synopsis(name))
 			}
 			i++
 			value, hasValue = words[i], true

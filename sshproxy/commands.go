@@ -1,6 +1,7 @@
 package sshproxy
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -75,11 +76,18 @@ func (s *Server) commandSession(ctx context.Context, ch ssh.Channel, reqs <-chan
 	go func() { _, _ = io.Copy(io.Discard, ch) }()
 
 	start := make(chan string, 1)
+	var pty bool // set before start is sent, read after it is received
 	go func() {
 		started := false
 		for r := range reqs {
 			ok := false
 			switch r.Type {
+			case "pty-req":
+				// OpenSSH's -t asks for one: the output is then written
+				// as a terminal would show it.
+				if !started {
+					pty, ok = true, true
+				}
 			case "exec", "shell":
 				if started {
 					break
@@ -109,10 +117,32 @@ func (s *Server) commandSession(ctx context.Context, ch ssh.Channel, reqs <-chan
 	case <-ctx.Done():
 		return
 	}
-	cmd.Line, cmd.Stdout, cmd.Stderr = line, ch, ch.Stderr()
+	cmd.Line, cmd.Stdout, cmd.Stderr = line, io.Writer(ch), ch.Stderr()
+	if pty {
+		// A terminal's one stream, with its newlines as CR LF.
+		out := &terminalWriter{w: ch}
+		cmd.Stdout, cmd.Stderr = out, out
+	}
 	log.Info("ssh command", "command", line)
 	code := s.Commands.RunCommand(ctx, cmd)
 	log.Info("ssh command done", "command", line, "exit", code)
 	_, _ = ch.SendRequest("exit-status", false, ssh.Marshal(struct{ Status uint32 }{uint32(code)}))
 	_ = ch.CloseWrite()
+}
+
+// terminalWriter writes what a command writes as a terminal (a pty with
+// onlcr) passes it on: each LF as CR LF. Writes of stdout and stderr
+// share it.
+type terminalWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (t *terminalWriter) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, err := t.w.Write(bytes.ReplaceAll(p, []byte("\n"), []byte("\r\n"))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
