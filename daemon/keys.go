@@ -274,12 +274,12 @@ func (s *Server) ownerCreate(owner string, req *CreateRequest) error {
 	return nil
 }
 
-// noKeys is the error of the keys routes on a server without a registry.
-var noKeys = fmt.Errorf("this daemon keeps no registered keys: %w", errdefs.ErrNotImplemented)
+// errNoKeys is the error of the keys routes on a server without a registry.
+var errNoKeys = fmt.Errorf("this daemon keeps no registered keys: %w", errdefs.ErrNotImplemented)
 
 func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
 	if s.keys == nil {
-		s.fail(w, r, noKeys)
+		s.fail(w, r, errNoKeys)
 		return
 	}
 	boxes, err := s.mgr.List()
@@ -302,7 +302,7 @@ func (s *Server) addKeys(w http.ResponseWriter, r *http.Request) {
 	var req KeysRequest
 	err := decode(w, r, maxRequestBody, &req)
 	if err == nil && s.keys == nil {
-		err = noKeys
+		err = errNoKeys
 	}
 	var added []RegisteredKey
 	if err == nil {
@@ -317,7 +317,7 @@ func (s *Server) addKeys(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) removeKey(w http.ResponseWriter, r *http.Request) {
 	if s.keys == nil {
-		s.fail(w, r, noKeys)
+		s.fail(w, r, errNoKeys)
 		return
 	}
 	k, err := s.keys.Remove(r.PathValue("fingerprint"))
