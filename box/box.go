@@ -70,6 +70,10 @@ type Box struct {
 	// MaxForks bounds the live forks (forks of forks counted) the box
 	// command inside it may make.
 	MaxForks int `json:"max_forks,omitempty"`
+	// Owner is the SHA256 fingerprint of the registered key that made the
+	// box over SSH (ssh boxd@host create), which alone sees and acts on it
+	// there; its forks have the same owner. "" for a box made on the host.
+	Owner string `json:"owner,omitempty"`
 }
 
 // Config configures a Manager.
@@ -297,6 +301,8 @@ type CreateOptions struct {
 	// MaxForks bounds the forks the box command inside may make; 0 means
 	// DefaultMaxForks.
 	MaxForks int
+	// Owner is the new box's Owner.
+	Owner string
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
@@ -350,7 +356,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	bx := Box{
 		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
 		Runner: r.Name(), Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
-		Inside: !opts.NoInside, MaxForks: opts.MaxForks,
+		Inside: !opts.NoInside, MaxForks: opts.MaxForks, Owner: opts.Owner,
 	}
 	if bx.MaxForks == 0 {
 		bx.MaxForks = DefaultMaxForks

@@ -351,6 +351,7 @@ func (m *Manager) forkRecords(parent Box, snap string, names []string) ([]Box, e
 			Disk: m.newDiskPath(n), Created: nowUTC(), Note: "being forked",
 			Inside: parent.Inside, MaxForks: parent.MaxForks,
 		}
+		child.Owner = parent.Owner
 		if err := m.put(child); err != nil {
 			return nil, err
 		}

@@ -32,7 +32,7 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 			&cli.StringFlag{Name: "root", Value: DefaultRoot, EnvVars: []string{"BOXD_ROOT"}, Usage: "folder holding boxd's store and metadata"},
 			jsonFlag,
 		},
-		Commands:        append([]*cli.Command{daemonCommand()}, append(boxCommands(), eventsCommand(), storeCommand(), imageCommand(), snapshotterCommand(), vmmCommand())...),
+		Commands:        append([]*cli.Command{daemonCommand()}, append(boxCommands(), eventsCommand(), keysCommand(), storeCommand(), imageCommand(), snapshotterCommand(), vmmCommand())...),
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,

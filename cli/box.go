@@ -136,13 +136,19 @@ func boxArgs(c *cli.Context, lo, hi int, usage string) error {
 	return nil
 }
 
-// daemonClient returns a client of the daemon of the root.
+// daemonClient returns a client of the daemon of the root; it acts for the
+// registered key that daemon.OwnerEnv names, if any (the front door's
+// commands for user boxd).
 func daemonClient(c *cli.Context) (*daemon.Client, string, error) {
 	root, err := rootDir(c)
 	if err != nil {
 		return nil, "", err
 	}
-	return daemon.NewClient(root), root, nil
+	d := daemon.NewClient(root)
+	if owner := os.Getenv(daemon.OwnerEnv); owner != "" {
+		d = d.ForOwner(owner)
+	}
+	return d, root, nil
 }
 
 // say writes a line of progress on stderr when it is a terminal and JSON
@@ -306,6 +312,11 @@ func boxCreate(c *cli.Context) error {
 	if n := c.Int("max-forks"); n < 1 || n > box.MaxMaxForks {
 		return usageError("--max-forks %d: want 1 to %d", n, box.MaxMaxForks)
 	}
+	// A box made for a registered key admits that key; the daemon sets it.
+	owned := os.Getenv(daemon.OwnerEnv) != ""
+	if owned && c.IsSet("ssh-key") {
+		return usageError("--ssh-key: a box made over SSH admits the key that made it")
+	}
 	var keys []string
 	for _, path := range c.StringSlice("ssh-key") {
 		k, err := readKeyFile(path)
@@ -322,7 +333,7 @@ func boxCreate(c *cli.Context) error {
 	if _, err := d.Info(c.Context); err != nil {
 		return err
 	}
-	if len(keys) == 0 {
+	if len(keys) == 0 && !owned {
 		if home, err := os.UserHomeDir(); err == nil {
 			own := filepath.Join(home, ".ssh", "id_ed25519.pub")
 			if _, err := os.Stat(own); err == nil {
@@ -332,7 +343,7 @@ func boxCreate(c *cli.Context) error {
 			}
 		}
 	}
-	if len(keys) == 0 {
+	if len(keys) == 0 && !owned {
 		k, err := boxdKey(root)
 		if err != nil {
 			return err
@@ -361,9 +372,20 @@ func boxCreate(c *cli.Context) error {
 	if from != "" {
 		what = "from " + from
 	}
-	fmt.Fprintf(c.App.Writer, "box %s is %s (%s, %s, %d vCPU) in %s; log in with: boxd ssh %s\n",
-		bx.Name, bx.State, what, size2(bx.Memory), bx.CPUs, time.Since(start).Round(100*time.Millisecond), bx.Name)
+	fmt.Fprintf(c.App.Writer, "box %s is %s (%s, %s, %d vCPU) in %s; log in with: %s\n",
+		bx.Name, bx.State, what, size2(bx.Memory), bx.CPUs, time.Since(start).Round(100*time.Millisecond), loginHint(bx.Name))
 	return nil
+}
+
+// loginHint is how to log in to box name: boxd ssh on the host, ssh
+// through the front door the person reached for the front door's
+// commands.
+func loginHint(name string) string {
+	host, port, err := net.SplitHostPort(os.Getenv(daemon.FrontDoorEnv))
+	if err != nil {
+		return "boxd ssh " + name
+	}
+	return fmt.Sprintf("ssh -p %s %s@%s", port, name, host)
 }
 
 func boxList(c *cli.Context) error {

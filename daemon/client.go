@@ -28,6 +28,7 @@ type Client struct {
 	root   string
 	socket string
 	hc     *http.Client
+	owner  string // sent as OwnerHeader when not ""
 }
 
 // NewClient returns a client of the daemon serving root. It connects on
@@ -44,6 +45,27 @@ func NewClient(root string) *Client {
 			MaxIdleConns: 4,
 		}},
 	}
+}
+
+// ForOwner returns a client whose requests act for the registered key of
+// fingerprint fp (OwnerHeader): they see and act on that key's boxes alone.
+func (c *Client) ForOwner(fp string) *Client {
+	cc := *c
+	cc.owner = fp
+	return &cc
+}
+
+// newRequest is every request of the client: to the daemon, with
+// OwnerHeader when the client acts for a registered key.
+func (c *Client) newRequest(ctx context.Context, method, path string, body io.Reader) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://boxd"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if c.owner != "" {
+		req.Header.Set(OwnerHeader, c.owner)
+	}
+	return req, nil
 }
 
 // NotRunningError is the error of a call when no daemon serves the root.
@@ -71,7 +93,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://boxd"+path, body)
+	req, err := c.newRequest(ctx, method, path, body)
 	if err != nil {
 		return err
 	}
@@ -287,7 +309,7 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 // upgrade to ExecProtocol, and returns the reader of the daemon's frames
 // once it agreed; a refusal is the API's error.
 func (c *Client) upgradeExec(ctx context.Context, conn net.Conn, name string, body []byte) (*bufio.Reader, error) {
-	req, err := http.NewRequest(http.MethodPost, "http://boxd"+boxPath(name, "exec"), bytes.NewReader(body))
+	req, err := c.newRequest(ctx, http.MethodPost, boxPath(name, "exec"), bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}

@@ -57,11 +57,21 @@ type Config struct {
 
 // vmmCommand starts the kvm runner's VMM: this binary's hidden vmm command.
 func vmmCommand() []string {
-	exe, err := os.Executable()
-	if err != nil {
+	exe := boxdBinary()
+	if exe == "" {
 		return nil
 	}
 	return []string{exe, "vmm"}
+}
+
+// boxdBinary is this binary, which runs the kvm runner's VMM and the
+// commands of the front door's user boxd; "" when it cannot be found.
+func boxdBinary() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	return exe
 }
 
 // Run serves root's boxes until ctx ends: the API on ROOT/boxd.sock and the
@@ -110,6 +120,10 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return errors.Join(err, closeMgr())
 	}
+	keys, err := OpenKeyRegistry(filepath.Join(cfg.Root, KeysName))
+	if err != nil {
+		return errors.Join(err, closeMgr())
+	}
 	sshL, err := net.Listen("tcp", cfg.SSHListen)
 	if err != nil {
 		return errors.Join(fmt.Errorf("ssh front door: %w", err), closeMgr())
@@ -138,8 +152,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if metricsL != nil {
 		info.MetricsAddr = metricsL.Addr().String()
 	}
-	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange})
-	proxy := &sshproxy.Server{HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log}
+	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys})
+	proxy := &sshproxy.Server{
+		HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log,
+		Commands: &commandRunner{root: cfg.Root, exe: boxdBinary(), keys: keys},
+	}
 	var ms *http.Server
 	if metricsL != nil {
 		metrics := NewMetrics(mgr, g, exchange, log)

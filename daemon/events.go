@@ -107,7 +107,7 @@ func (c *Client) Events(ctx context.Context, since time.Time, fn func(events.Eve
 	if !since.IsZero() {
 		path += "?since=" + url.QueryEscape(since.UTC().Format(time.RFC3339Nano))
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://boxd"+path, nil)
+	req, err := c.newRequest(ctx, http.MethodGet, path, nil)
 	if err != nil {
 		return err
 	}

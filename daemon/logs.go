@@ -60,7 +60,7 @@ func (c *Client) Logs(ctx context.Context, name string, opts LogsOptions, w io.W
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://boxd"+path, nil)
+	req, err := c.newRequest(ctx, http.MethodGet, path, nil)
 	if err != nil {
 		return err
 	}

@@ -114,6 +114,8 @@ type Server struct {
 	streams sync.WaitGroup
 
 	events *events.Exchange
+	// keys are the registered keys: nil, none.
+	keys *KeyRegistry
 }
 
 // Options configure a Server.
@@ -130,6 +132,10 @@ type Options struct {
 	// Events is where the box manager tells what happens: GET /v1/events
 	// streams it, and a gc is told there.
 	Events *events.Exchange
+	// Keys are the keys registered for boxd's commands over SSH, served
+	// on /v1/keys; requests for one of them (OwnerHeader) see its boxes
+	// alone. nil: none, and such requests are refused.
+	Keys *KeyRegistry
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -149,7 +155,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
-		events: opts.Events,
+		events: opts.Events, keys: opts.Keys,
 	}
 	s.streaming, s.endStreaming = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
@@ -193,12 +199,15 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/stats", s.stats)
 	mux.HandleFunc("POST /v1/gc", s.gc)
 	mux.HandleFunc("GET /v1/events", s.streamEvents)
+	mux.HandleFunc("GET /v1/keys", s.listKeys)
+	mux.HandleFunc("POST /v1/keys", s.addKeys)
+	mux.HandleFunc("DELETE /v1/keys/{fingerprint}", s.removeKey)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Also what a known path with the wrong method gets: the
 		// catch-all matches every method.
 		s.fail(w, r, fmt.Errorf("the boxd daemon has no %s %s: %w", r.Method, r.URL.Path, errdefs.ErrNotFound))
 	})
-	return mux
+	return s.scoped(mux)
 }
 
 // opContext is the context of a box operation that request r started: it
@@ -257,17 +266,14 @@ func (s *Server) listBoxes(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	if boxes == nil {
-		boxes = []box.Box{}
-	}
-	s.reply(w, boxes)
+	s.reply(w, visibleBoxes(r, boxes))
 }
 
 func (s *Server) getBox(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
 	if err == nil {
 		var bx box.Box
-		if bx, err = s.mgr.Get(name); err == nil {
+		if bx, err = s.lookup(r, name); err == nil {
 			s.reply(w, bx)
 			return
 		}
@@ -281,9 +287,16 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	if err := box.ValidateName(req.Name); err != nil {
+	if err := checkNewName(req.Name); err != nil {
 		s.fail(w, r, err)
 		return
+	}
+	owner := ownerOf(r)
+	if owner != "" {
+		if err := s.ownerCreate(owner, &req); err != nil {
+			s.fail(w, r, err)
+			return
+		}
 	}
 	if len(req.Keys) > 0 {
 		if _, err := sshproxy.ParseAuthorizedKeys([]byte(strings.Join(req.Keys, "\n"))); err != nil {
@@ -306,7 +319,7 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 	if req.From != "" {
 		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner})
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -318,6 +331,9 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) removeBox(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
+	if err == nil {
+		err = s.checkOwned(r, name)
+	}
 	if err == nil {
 		ctx, cancel := s.opContext(r)
 		err = s.mgr.Remove(ctx, name)
@@ -367,8 +383,11 @@ func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
 	}
 	for _, n := range req.Names {
 		if err == nil {
-			err = box.ValidateName(n)
+			err = checkNewName(n)
 		}
+	}
+	if err == nil {
+		err = s.checkOwned(r, src)
 	}
 	if err != nil {
 		s.fail(w, r, err)
@@ -389,6 +408,9 @@ func (s *Server) forkBox(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) lifecycle(w http.ResponseWriter, r *http.Request, action string, op func(context.Context, string) (box.Box, error)) {
 	name, err := boxName(r)
+	if err == nil {
+		err = s.checkOwned(r, name)
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -724,7 +746,7 @@ func (s *Server) boxSnapshots(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
 	var bx box.Box
 	if err == nil {
-		bx, err = s.mgr.Get(name)
+		bx, err = s.lookup(r, name)
 	}
 	var all []snapshotter.Snapshot
 	if err == nil {
@@ -748,7 +770,7 @@ func (s *Server) allSnapshots(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	out := []BoxSnapshots{}
-	for _, bx := range boxes {
+	for _, bx := range visibleBoxes(r, boxes) {
 		out = append(out, BoxSnapshots{Box: bx.Name, Snapshots: snapshotTree(all, bx)})
 	}
 	s.reply(w, out)
@@ -791,13 +813,15 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 	var boxes []box.Box
 	var err error
 	if len(names) == 0 {
-		boxes, err = s.mgr.List()
+		if boxes, err = s.mgr.List(); err == nil {
+			boxes = visibleBoxes(r, boxes)
+		}
 	}
 	for _, n := range names {
 		var bx box.Box
 		if err == nil {
 			if err = box.ValidateName(n); err == nil {
-				bx, err = s.mgr.Get(n)
+				bx, err = s.lookup(r, n)
 			}
 		}
 		boxes = append(boxes, bx)

@@ -154,7 +154,7 @@ func (m *fakeManager) Create(_ context.Context, o box.CreateOptions) (box.Box, e
 	if _, ok := m.boxes[o.Name]; ok {
 		return box.Box{}, fmt.Errorf("%q: %w", o.Name, box.ErrExists)
 	}
-	b := box.Box{Name: o.Name, State: box.StateRunning, Image: o.Image, Memory: o.Memory, CPUs: o.CPUs, Keys: o.Keys}
+	b := box.Box{Name: o.Name, State: box.StateRunning, Image: o.Image, Memory: o.Memory, CPUs: o.CPUs, Keys: o.Keys, Owner: o.Owner}
 	m.boxes[o.Name] = b
 	return b, nil
 }
@@ -181,14 +181,15 @@ func (m *fakeManager) Fork(_ context.Context, src string, names []string) ([]box
 	if err := m.record("fork %s %s", src, strings.Join(names, ",")); err != nil {
 		return nil, err
 	}
-	if _, err := m.lookup(src); err != nil {
+	parent, err := m.lookup(src)
+	if err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []box.Box
 	for _, n := range names {
-		b := box.Box{Name: n, State: box.StateRunning, Parent: src}
+		b := box.Box{Name: n, State: box.StateRunning, Parent: src, Owner: parent.Owner}
 		m.boxes[n] = b
 		out = append(out, b)
 	}

@@ -8,6 +8,10 @@
 //   - Authorized keys: the public keys the box's owner registered
 //     ([Backend.AuthorizedKeys]). Only public-key authentication is offered.
 //     An unknown box and a wrong key are refused in exactly the same way.
+//   - Command user: CommandUser ("boxd"), which reaches no box: with
+//     [Server.Commands] set, ssh boxd@host COMMAND runs one of boxd's
+//     commands for a key [Commands.CommandKeys] names, each session one
+//     command, its output and exit status the session's.
 //   - Backend client: the *ssh.Client that boxd holds on the box's agent
 //     ([Backend.Connect]). It belongs to the backend and may be shared by
 //     every connection to the box; the proxy opens channels on it and closes

@@ -75,6 +75,13 @@ func (e *testEnv) waitOutcomes(t *testing.T, want map[Outcome]int) {
 
 func newTestEnv(t *testing.T) *testEnv {
 	t.Helper()
+	return newTestEnvWith(t, nil)
+}
+
+// newTestEnvWith is newTestEnv with the server adjusted by adjust before
+// it serves.
+func newTestEnvWith(t *testing.T, adjust func(*Server)) *testEnv {
+	t.Helper()
 	for _, tool := range []string{"ssh", "scp", "sftp"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("the OpenSSH client %s is not installed", tool)
@@ -105,6 +112,9 @@ func newTestEnv(t *testing.T) *testEnv {
 			e.outcomes[o]++
 			e.mu.Unlock()
 		},
+	}
+	if adjust != nil {
+		adjust(e.server)
 	}
 	go func() { e.served <- e.server.Serve(l) }()
 	t.Cleanup(func() {

@@ -37,6 +37,9 @@ type Server struct {
 	HostKey ssh.Signer
 	// Backend reaches the boxes. Required.
 	Backend Backend
+	// Commands, when set, runs boxd's commands for user CommandUser
+	// (ssh boxd@host COMMAND) with the keys it names.
+	Commands Commands
 	// Logger receives connects, disconnects and refusals; nil logs nothing.
 	Logger *slog.Logger
 	// HandshakeTimeout bounds the SSH handshake and authentication; zero
@@ -251,7 +254,13 @@ func (s *Server) watch(client *ssh.Client) <-chan struct{} {
 func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
 	box := meta.User()
 	fp := ssh.FingerprintSHA256(key)
-	keys, err := s.Backend.AuthorizedKeys(ctx, box)
+	var keys []ssh.PublicKey
+	var err error
+	if s.commands(box) {
+		keys, err = s.Commands.CommandKeys(ctx)
+	} else {
+		keys, err = s.Backend.AuthorizedKeys(ctx, box)
+	}
 	if err != nil {
 		keys = nil
 	}
@@ -269,6 +278,10 @@ func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.P
 	}
 	return &ssh.Permissions{Extensions: map[string]string{extBox: box, extKey: fp}}, nil
 }
+
+// commands reports whether user runs boxd's commands rather than reaching
+// a box.
+func (s *Server) commands(user string) bool { return s.Commands != nil && user == CommandUser }
 
 // keyIn reports whether key is one of keys. It compares against every key,
 // in constant time each, and against a decoy when there are none, so an
@@ -352,6 +365,12 @@ func (s *Server) serveConn(nc net.Conn) {
 		_ = sconn.Wait()
 		cancel()
 	}()
+
+	if s.commands(box) {
+		s.serveCommands(ctx, sconn, chans, fp, log)
+		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
+		return
+	}
 
 	client, err := s.Backend.Connect(ctx, box)
 	if err == nil && client == nil {
