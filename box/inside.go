@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/events"
@@ -17,6 +18,10 @@ import (
 // DefaultMaxForks is how many live forks (theirs counted) a box may make
 // from inside by default.
 const DefaultMaxForks = 16
+
+// hibernateGrace is how long box hibernate waits, after the guest read its
+// answer, before the box hibernates.
+const hibernateGrace = time.Second
 
 // MaxMaxForks bounds Box.MaxForks, as a sanity check on the number (the
 // host's memory bounds forks first).
@@ -87,6 +92,10 @@ func (m *Manager) serveInside(name string) agent.HostHandler {
 			return agent.HostAnswer{Result: map[string]string{"removed": req.Box}}, m.Remove(ctx, req.Box)
 		case agent.OpHibernate:
 			return agent.HostAnswer{After: func() {
+				// The box command has its answer; the session that ran it
+				// (an exec, an SSH command) gets a moment to report its
+				// exit before the machine stops.
+				time.Sleep(hibernateGrace)
 				if _, err := m.hibernate(context.Background(), name, events.ReasonRequested); err != nil {
 					m.log.Warn("box: hibernating from inside", "box", name, "err", err)
 				}

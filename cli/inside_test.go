@@ -4,6 +4,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/boxd-dev/boxd/box/boxtest"
 )
@@ -85,9 +86,42 @@ func TestInsideForkQEMU(t *testing.T) {
 	if got := ok(t, root, "exec", "dev-2", "--", "cat", "/run/box/fork").stdout; !strings.Contains(got, "BOX_FORK_INDEX=2\nBOX_FORK_COUNT=3\nBOX_PARENT=dev\nBOX_NAME=dev-2\n") {
 		t.Errorf("/run/box/fork in dev-2: %q", got)
 	}
+	// box hibernate answers, then hibernates the box it runs in; a use
+	// resumes it.
+	if got := ok(t, root, "exec", "dev-2", "--", "box", "hibernate").stdout; !strings.Contains(got, "hibernating") {
+		t.Errorf("box hibernate said %q", got)
+	}
+	waitState(t, root, "dev-2", "hibernated")
+	if got := ok(t, root, "exec", "dev-2", "--", "cat", "/root/result").stdout; got != "4\n" {
+		t.Errorf("dev-2's result after hibernation: %q", got)
+	}
 	// A box created without the allowance may not ask at all.
 	r = run(t, root, "exec", "other", "--", "box", "ls")
 	if r.code != 10 || !strings.Contains(r.stderr, "may not ask boxd") {
 		t.Errorf("box ls in other: %v", r)
+	}
+}
+
+// waitState waits until box name is in state.
+func waitState(t *testing.T, root, name, state string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var bx struct{ State string }
+		r := ok(t, root, "ls", "--json")
+		var boxes []struct{ Name, State string }
+		decodeJSON(t, r.stdout, &boxes)
+		for _, b := range boxes {
+			if b.Name == name {
+				bx.State = b.State
+			}
+		}
+		if bx.State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("box %s is %s, want %s", name, bx.State, state)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }

@@ -28,7 +28,8 @@ const boxUsage = `usage: box COMMAND   (inside a box: asks boxd on the host, thr
                                   exits with its status
   box cp NAME:PATH DEST           copy file PATH of NAME (this box or a fork of it) to DEST (- for stdout)
   box rm NAME                     remove NAME, a fork of this box or of its forks
-  box hibernate                   hibernate this box (the next SSH connection resumes it)`
+  box hibernate                   hibernate this box a second after answering (the next SSH connection
+                                  or exec resumes it)`
 
 // boxMain runs the box command and returns its exit code.
 func boxMain(args []string, stdout, stderr io.Writer) int {
