@@ -30,8 +30,9 @@
 # Debian's qemu-system-x86, qemu-utils and procps if they are missing. The
 # first run builds the image (seconds from a cached debootstrap tree) and
 # fetches the kernel; a run with the defaults takes about ten minutes on 2
-# cores under TCG. The box is removed, the daemon stopped, and no QEMU of
-# the root is left, on an error or ^C too.
+# cores under TCG, more when other work shares the machine. The box is
+# removed, the daemon stopped, and no QEMU of the root is left, on an error
+# or ^C too.
 set -euo pipefail
 
 # shellcheck source=bench/lib.sh
