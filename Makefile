@@ -36,7 +36,8 @@ lint: $(LINT)
 # hibernate, resume vs QEMU's device-state figures), the containerd
 # snapshotter (vs native, overlayfs, blockfile), Linux boxes under QEMU (vs a
 # bare boot), the front door (ssh, fork, ls vs sshd, boxd exec, cold create), CI
-# jobs on forks (boxd run vs cold boxes);
+# jobs on forks (boxd run vs cold boxes), fork and resume under a daemon whose
+# metrics are scraped (vs one serving none);
 # then the Go benchmarks of the other packages.
 bench: deps build
 	./bench/store.sh
@@ -46,6 +47,7 @@ bench: deps build
 	./bench/guest.sh
 	./bench/frontdoor.sh
 	./bench/run.sh
+	./bench/metrics.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.

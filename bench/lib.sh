@@ -1,5 +1,5 @@
-# bench/lib.sh - sourced by bench/guest.sh and bench/frontdoor.sh, not run:
-# goes to the repository root (REPO_ROOT) and defines what both do before
+# bench/lib.sh - sourced by the bench scripts (guest.sh, frontdoor.sh, run.sh, metrics.sh), not run:
+# goes to the repository root (REPO_ROOT) and defines what they do before
 # they start their program.
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
