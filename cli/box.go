@@ -333,6 +333,13 @@ func boxCreate(c *cli.Context) error {
 	if _, err := d.Info(c.Context); err != nil {
 		return err
 	}
+	// A registered key's create (over SSH) builds no image: building is
+	// the host's operator's to decide.
+	if from == "" && !c.IsSet("image") && !owned {
+		if err := firstUse(c, d); err != nil {
+			return err
+		}
+	}
 	if len(keys) == 0 && !owned {
 		if home, err := os.UserHomeDir(); err == nil {
 			own := filepath.Join(home, ".ssh", "id_ed25519.pub")
