@@ -37,7 +37,8 @@ func imageCommand() *cli.Command {
 				Usage: "build an image (Debian by debootstrap, as an ext4 disk) into the store, unless it is built already",
 				Description: "debian-SUITE images are debootstrap's minbase variant plus " + strings.Join(guest.DefaultPackages, ", ") + ",\n" +
 					"configured for a box. The debootstrap tree is cached in ROOT/cache/rootfs, so a rebuild fetches nothing\n" +
-					"unless --refetch. The disk is stored as the snapshot image.NAME.",
+					"unless --refetch. The disk is stored as the snapshot image.NAME. While the daemon runs, it owns the store\n" +
+					"and builds the image; a build of an image it is building joins that build, and ^C here leaves the build to it.",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "name", Value: guest.DefaultImage, Usage: "the image: debian-SUITE"},
 					&cli.StringFlag{Name: "size", Value: "4G", Usage: "the disk's size (sparse: free space costs nothing), in bytes or with K, M, G, T"},
@@ -49,7 +50,7 @@ func imageCommand() *cli.Command {
 				},
 				Action: imageBuild,
 			},
-			{Name: "ls", Usage: "list the images in the store", Flags: []cli.Flag{jsonFlag}, Action: imageList},
+			{Name: "ls", Usage: "list the images in the store (through the daemon while it runs)", Flags: []cli.Flag{jsonFlag}, Action: imageList},
 		},
 	}
 }

@@ -16,9 +16,8 @@ import (
 // fakeImages builds images in memory. A build reports its stages, then
 // waits for gate (or its context) before it stores the image.
 type fakeImages struct {
-	gate chan struct{}
-
 	mu     sync.Mutex
+	gate   chan struct{}
 	images map[string]guest.Image
 	builds []guest.BuildOptions
 	// began is told each build's name once it has reported its stages.
@@ -61,8 +60,11 @@ func (f *fakeImages) Build(ctx context.Context, opts guest.BuildOptions) (guest.
 	opts.Progress(guest.StageStore, 0, 100)
 	opts.Progress(guest.StageStore, 40, 100)
 	f.began <- opts.Name
+	f.mu.Lock()
+	gate := f.gate
+	f.mu.Unlock()
 	select {
-	case <-f.gate:
+	case <-gate:
 	case <-ctx.Done():
 		return guest.Image{}, ctx.Err()
 	}
@@ -72,6 +74,15 @@ func (f *fakeImages) Build(ctx context.Context, opts guest.BuildOptions) (guest.
 	f.images[opts.Name] = img
 	f.mu.Unlock()
 	return img, nil
+}
+
+// open lets the builds waiting store their images; later builds wait
+// again for the next open.
+func (f *fakeImages) open() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	close(f.gate)
+	f.gate = make(chan struct{})
 }
 
 func (f *fakeImages) buildCount() int {
@@ -177,7 +188,7 @@ func TestImageBuilds(t *testing.T) {
 	for !strings.Contains(joined.String(), "store 40/100") && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	close(imgs.gate)
+	imgs.open()
 	ra, rb := wait(a), wait(b)
 	if ra.err != nil || rb.err != nil {
 		t.Fatalf("builds: %v, %v", ra.err, rb.err)
@@ -205,6 +216,24 @@ func TestImageBuilds(t *testing.T) {
 	}
 	if got, err := c.Images(ctx); err != nil || len(got) != 1 || got[0] != ra.res.Image {
 		t.Errorf("images: %+v, %v", got, err)
+	}
+
+	// A build whose only client goes away goes on to the end.
+	leaving, leave := context.WithCancel(ctx)
+	l := build(leaving, ImageBuildRequest{Name: "debian-z"}, nil)
+	began("debian-z")
+	leave()
+	if la := wait(l); !errors.Is(la.err, context.Canceled) {
+		t.Fatalf("a client that went away: %v, want context.Canceled", la.err)
+	}
+	imgs.open()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := imgs.Get("debian-z"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the build of debian-z ended with its client")
+		}
 	}
 
 	// A failed build's error keeps its category; a relative tree is
