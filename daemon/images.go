@@ -105,9 +105,10 @@ type imageBuilds struct {
 	log    *slog.Logger
 	wg     sync.WaitGroup // the builds running
 
-	// mu protects running.
+	// mu protects the fields below.
 	mu      sync.Mutex
 	running map[string]*imageBuild
+	closed  bool // WaitBuilds was called: no build starts
 }
 
 // imageBuild is one build in progress, or done.
@@ -163,7 +164,7 @@ func (ib *imageBuilds) start(name string, opts guest.BuildOptions) (b *imageBuil
 		ib.log.Info("joining the build of image in progress", "image", name)
 		return b, true, nil
 	}
-	if ib.ctx.Err() != nil {
+	if ib.closed || ib.ctx.Err() != nil {
 		return nil, false, fmt.Errorf("the daemon is stopping; image %s is not built: %w", name, errdefs.ErrUnavailable)
 	}
 	b = &imageBuild{name: name, began: time.Now(), done: make(chan struct{})}
@@ -193,10 +194,15 @@ func (ib *imageBuilds) run(b *imageBuild, opts guest.BuildOptions) {
 	close(b.done)
 }
 
-// WaitBuilds waits for the image builds in progress to end. The daemon
-// calls it once it has cancelled its operations, before it closes the
-// store.
-func (s *Server) WaitBuilds() { s.images.wg.Wait() }
+// WaitBuilds waits for the image builds in progress to end, and starts
+// no more. The daemon calls it once it has cancelled its operations,
+// before it closes the store.
+func (s *Server) WaitBuilds() {
+	s.images.mu.Lock()
+	s.images.closed = true
+	s.images.mu.Unlock()
+	s.images.wg.Wait()
+}
 
 // listImages answers GET /v1/images: the images in the store, by name.
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
