@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/creack/pty"
@@ -93,6 +94,23 @@ func TestImagesThroughDaemon(t *testing.T) {
 		_ = d.Wait()
 	})
 	key := writeKey(t)
+
+	// A registered key's create (the front door's box commands) builds no
+	// image.
+	ok(t, root, "keys", "add", key)
+	var registered []struct {
+		Fingerprint string `json:"fingerprint"`
+	}
+	decodeJSON(t, ok(t, root, "keys", "ls", "--json").stdout, &registered)
+	if len(registered) != 1 {
+		t.Fatalf("keys ls: %+v", registered)
+	}
+	owned := command(root, "create", "mine")
+	owned.Env = append(owned.Env, daemon.OwnerEnv+"="+registered[0].Fingerprint)
+	out, err := owned.CombinedOutput()
+	if owned.ProcessState.ExitCode() != 3 || !strings.Contains(string(out), `no image "`+guest.DefaultImage+`"`) {
+		t.Errorf("create for a registered key without the default image: %v: %s", err, out)
+	}
 
 	// The default image is built on its first use, with progress on a
 	// terminal.

@@ -116,6 +116,7 @@ type Server struct {
 	events *events.Exchange
 	// keys are the registered keys: nil, none.
 	keys *KeyRegistry
+
 	images *imageBuilds
 }
 
