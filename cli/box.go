@@ -54,7 +54,7 @@ func boxCommands() []*cli.Command {
 				"all, like a fork: with its own hostname and machine-id, fresh entropy and the host's clock, and the\n" +
 				"snapshot's image, memory and vCPUs.",
 			Flags: []cli.Flag{
-				&cli.StringFlag{Name: "image", Value: guest.DefaultImage, Usage: "the image to make the box from (see boxd image ls)"},
+				&cli.StringFlag{Name: "image", Value: guest.DefaultImage, Usage: "the image to make the box from (see boxd image ls); left out, the default image, which the daemon builds first if the store lacks it"},
 				&cli.StringFlag{Name: "from", Usage: "a box's snapshot to make the box from, e.g. box.dev.s1 (instead of --image)"},
 				&cli.StringFlag{Name: "memory", Value: "512M", Usage: "the box's memory, in bytes or with K, M, G"},
 				&cli.IntFlag{Name: "cpus", Value: box.DefaultCPUs, Usage: "the box's vCPUs"},
@@ -332,6 +332,13 @@ func boxCreate(c *cli.Context) error {
 	// Ask the daemon first, so that a command without one makes no key.
 	if _, err := d.Info(c.Context); err != nil {
 		return err
+	}
+	// A registered key's create (over SSH) builds no image: building is
+	// the host's operator's to decide.
+	if from == "" && !c.IsSet("image") && !owned {
+		if err := firstUse(c, d); err != nil {
+			return err
+		}
 	}
 	if len(keys) == 0 && !owned {
 		if home, err := os.UserHomeDir(); err == nil {

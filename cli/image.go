@@ -1,14 +1,19 @@
 package cli
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/guest"
+	"github.com/containerd/errdefs"
 	"github.com/schollz/progressbar/v3"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
@@ -32,7 +37,8 @@ func imageCommand() *cli.Command {
 				Usage: "build an image (Debian by debootstrap, as an ext4 disk) into the store, unless it is built already",
 				Description: "debian-SUITE images are debootstrap's minbase variant plus " + strings.Join(guest.DefaultPackages, ", ") + ",\n" +
 					"configured for a box. The debootstrap tree is cached in ROOT/cache/rootfs, so a rebuild fetches nothing\n" +
-					"unless --refetch. The disk is stored as the snapshot image.NAME.",
+					"unless --refetch. The disk is stored as the snapshot image.NAME. While the daemon runs, it owns the store\n" +
+					"and builds the image; a build of an image it is building joins that build, and ^C here leaves the build to it.",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "name", Value: guest.DefaultImage, Usage: "the image: debian-SUITE"},
 					&cli.StringFlag{Name: "size", Value: "4G", Usage: "the disk's size (sparse: free space costs nothing), in bytes or with K, M, G, T"},
@@ -44,7 +50,7 @@ func imageCommand() *cli.Command {
 				},
 				Action: imageBuild,
 			},
-			{Name: "ls", Usage: "list the images in the store", Flags: []cli.Flag{jsonFlag}, Action: imageList},
+			{Name: "ls", Usage: "list the images in the store (through the daemon while it runs)", Flags: []cli.Flag{jsonFlag}, Action: imageList},
 		},
 	}
 }
@@ -65,30 +71,25 @@ func imageBuild(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	g, err := openGraph(c)
-	if err != nil {
-		return err
+	req := daemon.ImageBuildRequest{
+		Name:    c.String("name"),
+		Size:    size,
+		Mirror:  c.String("mirror"),
+		Rebuild: c.Bool("rebuild"),
+		Refetch: c.Bool("refetch"),
+		Tree:    c.String("tree"),
 	}
-	defer g.Close()
-	rebuild := c.Bool("rebuild") || c.Bool("refetch")
-	existed := false
-	if !rebuild {
-		_, err := guest.GetImage(g, c.String("name"))
-		existed = err == nil
-	}
-	show, finish := buildProgress(c)
 	start := time.Now()
-	img, err := guest.BuildImage(c.Context, g, guest.BuildOptions{
-		Name:     c.String("name"),
-		Size:     size,
-		Mirror:   c.String("mirror"),
-		Rebuild:  c.Bool("rebuild"),
-		Refetch:  c.Bool("refetch"),
-		Tree:     c.String("tree"),
-		Progress: show,
-	})
-	finish()
-	if err != nil {
+	var img guest.Image
+	var existed bool
+	if dc := runningDaemon(c); dc != nil {
+		// The daemon owns the store while it runs: it builds.
+		var res daemon.ImageBuildResult
+		if res, err = daemonBuild(c, dc, req); err != nil {
+			return err
+		}
+		img, existed = res.Image, res.Existed
+	} else if img, existed, err = directBuild(c, req); err != nil {
 		return err
 	}
 	if wantJSON(c) {
@@ -105,18 +106,110 @@ func imageBuild(c *cli.Context) error {
 	return nil
 }
 
+// directBuild builds the image req names in the store under --root, which
+// this process opens; it says whether the image existed already.
+func directBuild(c *cli.Context, req daemon.ImageBuildRequest) (guest.Image, bool, error) {
+	g, err := openGraph(c)
+	if err != nil {
+		return guest.Image{}, false, err
+	}
+	defer g.Close()
+	existed := false
+	if !req.Rebuild && !req.Refetch {
+		_, err := guest.GetImage(g, req.Name)
+		existed = err == nil
+	}
+	show, finish := buildProgress(c)
+	img, err := guest.BuildImage(c.Context, g, guest.BuildOptions{
+		Name:     req.Name,
+		Size:     req.Size,
+		Mirror:   req.Mirror,
+		Rebuild:  req.Rebuild,
+		Refetch:  req.Refetch,
+		Tree:     req.Tree,
+		Progress: show,
+	})
+	finish()
+	return img, existed, err
+}
+
+// daemonBuild has the daemon build the image req names, showing its
+// progress as directBuild does. The tree and the mirror are resolved here,
+// as this process would build: a tree relative to this folder, the mirror
+// of this environment. Interrupted, it says that the daemon goes on.
+func daemonBuild(c *cli.Context, dc *daemon.Client, req daemon.ImageBuildRequest) (daemon.ImageBuildResult, error) {
+	if req.Tree != "" {
+		abs, err := filepath.Abs(req.Tree)
+		if err != nil {
+			return daemon.ImageBuildResult{}, err
+		}
+		req.Tree = abs
+	}
+	if req.Mirror == "" {
+		req.Mirror = os.Getenv(guest.MirrorEnv)
+	}
+	if req.Name == "" {
+		req.Name = guest.DefaultImage
+	}
+	show, finish := buildProgress(c)
+	res, err := dc.BuildImage(c.Context, req, show)
+	finish()
+	if errors.Is(err, context.Canceled) && c.Err() != nil {
+		fmt.Fprintf(c.App.ErrWriter, "boxd: interrupted; the daemon goes on building image %s (boxd image ls lists it once built)\n", req.Name)
+		return res, commandExit(130)
+	}
+	return res, err
+}
+
+// firstUse builds the default image through the daemon d unless its store
+// holds it, showing progress, so that a box made from the default image
+// can be made on a new root. An image named on the command line is not
+// built: creating a box of it fails if it is missing.
+func firstUse(c *cli.Context, d *daemon.Client) error {
+	imgs, err := d.Images(c.Context)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		// A daemon older than the image routes: create says what is
+		// missing.
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, img := range imgs {
+		if img.Name == guest.DefaultImage {
+			return nil
+		}
+	}
+	say(c, "building image %s (first use)…", guest.DefaultImage)
+	if _, err := daemonBuild(c, d, daemon.ImageBuildRequest{Name: guest.DefaultImage}); err != nil {
+		var exit commandExit
+		if errors.As(err, &exit) {
+			return err
+		}
+		return fmt.Errorf("building image %s for its first use: %w", guest.DefaultImage, err)
+	}
+	return nil
+}
+
 func imageList(c *cli.Context) error {
 	if err := imageArgs(c); err != nil {
 		return err
 	}
-	g, err := openGraph(c)
-	if err != nil {
-		return err
-	}
-	defer g.Close()
-	imgs, err := guest.ListImages(g)
-	if err != nil {
-		return err
+	var imgs []guest.Image
+	if dc := runningDaemon(c); dc != nil {
+		var err error
+		if imgs, err = dc.Images(c.Context); err != nil {
+			return err
+		}
+	} else {
+		g, err := openGraph(c)
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		if imgs, err = guest.ListImages(g); err != nil {
+			return err
+		}
 	}
 	if wantJSON(c) {
 		if imgs == nil {

@@ -152,7 +152,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if metricsL != nil {
 		info.MetricsAddr = metricsL.Addr().String()
 	}
-	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys})
+	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys, Images: GraphImages{Graph: g}})
 	proxy := &sshproxy.Server{
 		HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log,
 		Commands: &commandRunner{root: cfg.Root, exe: boxdBinary(), keys: keys},
@@ -207,6 +207,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	_ = api.WaitStreams(sctx)
 	cancel()
 	stopOps()
+	api.WaitBuilds()
 	<-idleDone
 	return errors.Join(failed, closeMgr())
 }

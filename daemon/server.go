@@ -116,6 +116,8 @@ type Server struct {
 	events *events.Exchange
 	// keys are the registered keys: nil, none.
 	keys *KeyRegistry
+
+	images *imageBuilds
 }
 
 // Options configure a Server.
@@ -136,6 +138,9 @@ type Options struct {
 	// on /v1/keys; requests for one of them (OwnerHeader) see its boxes
 	// alone. nil: none, and such requests are refused.
 	Keys *KeyRegistry
+	// Images lists and builds images (GET and POST /v1/images); nil
+	// refuses them.
+	Images Images
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -167,6 +172,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	if s.now == nil {
 		s.now = time.Now
 	}
+	s.images = newImageBuilds(ctx, opts.Images, s.log)
 	return s
 }
 
@@ -202,6 +208,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/keys", s.listKeys)
 	mux.HandleFunc("POST /v1/keys", s.addKeys)
 	mux.HandleFunc("DELETE /v1/keys/{fingerprint}", s.removeKey)
+	mux.HandleFunc("GET /v1/images", s.listImages)
+	mux.HandleFunc("POST /v1/images", s.buildImage)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		// Also what a known path with the wrong method gets: the
 		// catch-all matches every method.

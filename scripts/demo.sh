@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The box demo: build the default image, start the daemon, create a box and
-# SSH into it. Runs on boxd's defaults in its own root; the daemon stops
-# (hibernating the box) when the demo ends.
+# The box demo: start the daemon, build the default image through it, create
+# a box and SSH into it. Runs on boxd's defaults in its own root; the daemon
+# stops (hibernating the box) when the demo ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 boxd=${BOXD:-$PWD/bin/boxd}
@@ -11,15 +11,15 @@ export BOXD_AGENT=$PWD/bin/boxd-agent
 mkdir -p "$root"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "building the default image (debootstrap once, then cached under $root)"
-"$boxd" --root "$root" image build
-"$boxd" --root "$root" image ls
-
 step "starting boxd daemon (SSH front door on 127.0.0.1:$port; log in $root/daemon.log)"
 "$boxd" --root "$root" daemon --ssh-listen "127.0.0.1:$port" >"$root/daemon.log" 2>&1 &
 daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -S "$root/boxd.sock" ] && break; sleep 0.1; done
+
+step "building the default image through the daemon (debootstrap once, then cached under $root)"
+"$boxd" --root "$root" image build
+"$boxd" --root "$root" image ls
 
 if ! "$boxd" --root "$root" ls | grep -q '^demo '; then
 	step "creating box 'demo' (boots Linux under QEMU; TCG without vmx/svm takes a few seconds)"

@@ -107,6 +107,15 @@ func PrepareRoot(t *testing.T, root string) {
 	}
 }
 
+// Tree returns a new root filesystem tree of busybox, the one Image is made
+// of, for tests that build images of their own that boot in seconds.
+func Tree(t *testing.T) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	return busyboxTree(t, testutil.StaticBusybox(ctx, t))
+}
+
 // busyboxTree returns a root filesystem of busybox and its applets.
 func busyboxTree(t *testing.T, busybox string) string {
 	t.Helper()
