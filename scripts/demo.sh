@@ -15,7 +15,12 @@ step "starting boxd daemon (SSH front door on 127.0.0.1:$port; log in $root/daem
 "$boxd" --root "$root" daemon --ssh-listen "127.0.0.1:$port" >"$root/daemon.log" 2>&1 &
 daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -S "$root/boxd.sock" ] && break; sleep 0.1; done
+# Until it answers (a socket a killed daemon left may be there already).
+for _ in $(seq 300); do
+	"$boxd" --root "$root" ls >/dev/null 2>&1 && break
+	kill -0 $daemon 2>/dev/null || { echo "boxd daemon exited; its log:" >&2; cat "$root/daemon.log" >&2; exit 1; }
+	sleep 0.1
+done
 
 step "building the default image through the daemon (debootstrap once, then cached under $root)"
 "$boxd" --root "$root" image build
