@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,8 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,35 +23,20 @@ import (
 // bench is one run: the daemon of the kept root, the private sshd, the
 // client's key, and what the clean-up found.
 type bench struct {
-	boxd string // the boxd binary
-	dir  string // the kept folder
-	root string // dir/root, the daemon's root
-	work string // this run's folder under dir (keys, sshd's files); removed at the end
-	key  string // the client's private key; key+".pub" is authorized by the boxes and sshd
+	boxd benchkit.Boxd // the boxd binary on DIR/root, the daemon's root
+	dir  string        // the kept folder
+	work string        // this run's folder under dir (keys, sshd's files); removed at the end
+	key  string        // the client's private key; key+".pub" is authorized by the boxes and sshd
 
 	port     string // the daemon's SSH front door
 	sshdPort string
 
-	daemon     *exec.Cmd
-	daemonDone chan struct{} // closed once the daemon has exited
-	sshd       *exec.Cmd
-	sshdDone   chan struct{}
+	daemon   *benchkit.Daemon
+	sshd     *exec.Cmd
+	sshdDone chan struct{}
 
 	tornDown bool
-	cleanup  Cleanup
-}
-
-// Cleanup is what the end of the run removed and found.
-type Cleanup struct {
-	BoxesRemoved int `json:"boxes_removed"`
-	// SnapshotsRemoved and DisksRemoved are what boxd kept of removed boxes:
-	// their snapshots (box.*) in the store and overlay files in ROOT/disks.
-	SnapshotsRemoved int   `json:"box_snapshots_removed"`
-	DisksRemoved     int   `json:"disk_files_removed"`
-	GCFreedBytes     int64 `json:"gc_freed_bytes"`
-	// ProcessesLeft are pgrep's lines for QEMU or a daemon of this root
-	// once the daemon had stopped (killed then); none is the goal.
-	ProcessesLeft []string `json:"processes_left"`
+	cleanup  benchkit.Cleanup
 }
 
 // Names of the boxes the run makes.
@@ -86,8 +68,8 @@ func setUp(ctx context.Context) (*bench, error) {
 	if _, err := sshdPath(); err != nil {
 		return nil, err
 	}
-	b := &bench{boxd: bin, dir: d, root: filepath.Join(d, "root")}
-	if err := os.MkdirAll(b.root, 0o700); err != nil {
+	b := &bench{boxd: benchkit.Boxd{Bin: bin, Root: filepath.Join(d, "root")}, dir: d}
+	if err := os.MkdirAll(b.boxd.Root, 0o700); err != nil {
 		return nil, err
 	}
 	if b.work, err = os.MkdirTemp(d, "run-"); err != nil {
@@ -96,10 +78,14 @@ func setUp(ctx context.Context) (*bench, error) {
 	if err := os.WriteFile(b.daemonLog(), nil, 0o600); err != nil {
 		return b, err
 	}
-	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s, this run's files in %s", b.root, b.daemonLog(), b.work)
+	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s, this run's files in %s", b.boxd.Root, b.daemonLog(), b.work)
 
-	if err := b.ensureImage(ctx); err != nil {
+	took, err := b.boxd.EnsureImage(ctx, guest.DefaultImage, *treeCache)
+	if err != nil {
 		return b, err
+	}
+	if took > 0 {
+		benchkit.Progress("image built in %s", secs(took))
 	}
 	b.key = filepath.Join(b.work, "id_ed25519")
 	if err := keygen(ctx, b.key); err != nil {
@@ -111,14 +97,14 @@ func setUp(ctx context.Context) (*bench, error) {
 
 	// A run cut short leaves boxes, and the snapshots boxd keeps of them,
 	// which only a stopped daemon's store can drop.
-	left, err := b.boxSnapshots(ctx)
+	left, err := b.boxd.BoxSnapshots(ctx)
 	if err != nil {
 		return b, err
 	}
 	if err := b.startDaemon(ctx); err != nil {
 		return b, err
 	}
-	n, err := b.removeBoxes(ctx)
+	n, err := b.boxd.RemoveBoxes(ctx)
 	if err != nil {
 		return b, fmt.Errorf("removing an earlier run's boxes: %w", err)
 	}
@@ -129,7 +115,7 @@ func setUp(ctx context.Context) (*bench, error) {
 		if err := b.stopDaemon(); err != nil {
 			return b, err
 		}
-		if _, err := b.clearStore(ctx); err != nil {
+		if _, err := b.boxd.ClearStore(ctx); err != nil {
 			return b, err
 		}
 		if err := b.startDaemon(ctx); err != nil {
@@ -144,60 +130,6 @@ func setUp(ctx context.Context) (*bench, error) {
 
 func (b *bench) daemonLog() string { return filepath.Join(b.dir, "daemon.log") }
 
-// ensureImage builds the default image unless the root has it: from the
-// debootstrap tree under -cache when that is complete (holding its lock
-// while it is read), else with debootstrap (cached in ROOT/cache/rootfs).
-func (b *bench) ensureImage(ctx context.Context) error {
-	_, out, err := b.cli(ctx, "image", "ls", "--json")
-	if err != nil {
-		return err
-	}
-	var imgs []named
-	if err := json.Unmarshal(out, &imgs); err != nil {
-		return fmt.Errorf("boxd image ls --json: %w", err)
-	}
-	if slices.Contains(imgs, named{guest.DefaultImage}) {
-		return nil
-	}
-	args := []string{"image", "build"}
-	tree, unlock, err := benchkit.CachedTree(*treeCache, guest.DefaultImage)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if tree != "" {
-		args = append(args, "--tree", tree)
-	}
-	took, _, err := b.cli(ctx, args...)
-	if err != nil {
-		return err
-	}
-	benchkit.Progress("image built in %s", secs(took))
-	return nil
-}
-
-// timed runs a command and returns its wall time, from just before it
-// starts to its exit, and its stdout; a non-zero exit is an error that
-// carries its stderr.
-func timed(ctx context.Context, name string, args ...string) (time.Duration, []byte, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	cmd.WaitDelay = 5 * time.Second
-	start := time.Now()
-	err := cmd.Run()
-	took := time.Since(start)
-	if err != nil {
-		return took, out.Bytes(), fmt.Errorf("%s %s: %w: %s", filepath.Base(name), strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return took, out.Bytes(), nil
-}
-
-// cli runs boxd on the root.
-func (b *bench) cli(ctx context.Context, args ...string) (time.Duration, []byte, error) {
-	return timed(ctx, b.boxd, append([]string{"--root", b.root}, args...)...)
-}
-
 // sshOpts are the OpenSSH client's options for every connection: no
 // configuration file, a fresh connection, the run's key only.
 func (b *bench) sshOpts() []string {
@@ -211,7 +143,7 @@ func (b *bench) sshOpts() []string {
 func (b *bench) sshTrue(ctx context.Context, port, user string, extra ...string) (time.Duration, error) {
 	args := append(b.sshOpts(), "-o", "LogLevel=ERROR")
 	args = append(append(args, extra...), "-p", port, user+"@127.0.0.1", "true")
-	took, _, err := timed(ctx, "ssh", args...)
+	took, _, err := benchkit.Timed(ctx, "ssh", args...)
 	return took, err
 }
 
@@ -231,33 +163,10 @@ func (b *bench) kex(ctx context.Context, port, user string) (string, error) {
 	return "", fmt.Errorf("ssh -v to port %s named no kex algorithm", port)
 }
 
-// listBoxes is `boxd ls --json`: each box's name and state.
-func (b *bench) listBoxes(ctx context.Context) ([]boxInfo, error) {
-	_, out, err := b.cli(ctx, "ls", "--json")
-	if err != nil {
-		return nil, err
-	}
-	var bs []boxInfo
-	if err := json.Unmarshal(out, &bs); err != nil {
-		return nil, fmt.Errorf("boxd ls --json: %w", err)
-	}
-	return bs, nil
-}
-
-// named is the name field of what boxd lists in JSON.
-type named struct {
-	Name string `json:"name"`
-}
-
-type boxInfo struct {
-	Name  string `json:"name"`
-	State string `json:"state"`
-}
-
 // apiList is the daemon's list of boxes over its API socket, on a fresh
 // connection: what `boxd ls` asks, without starting a process.
 func (b *bench) apiList(ctx context.Context) (time.Duration, error) {
-	socket := filepath.Join(b.root, "boxd.sock")
+	socket := filepath.Join(b.boxd.Root, "boxd.sock")
 	c := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
@@ -284,71 +193,24 @@ func (b *bench) apiList(ctx context.Context) (time.Duration, error) {
 	return took, nil
 }
 
-// removeBoxes removes every box of the root and returns how many.
-func (b *bench) removeBoxes(ctx context.Context) (int, error) {
-	bs, err := b.listBoxes(ctx)
-	if err != nil {
-		return 0, err
-	}
-	var errs []error
-	n := 0
-	for _, bx := range bs {
-		if _, _, err := b.cli(ctx, "rm", bx.Name); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		n++
-	}
-	return n, errors.Join(errs...)
-}
-
-// startDaemon starts boxd daemon on the root, in its own process group
-// (a ^C reaches the bench, which removes the boxes first) and killed should
-// the bench die (its QEMUs die with it), and waits for its API socket and
-// SSH port.
+// startDaemon starts boxd daemon on the root (benchkit.Boxd.StartDaemon)
+// with the SSH front door on b.port.
 func (b *bench) startDaemon(ctx context.Context) error {
-	log, err := os.OpenFile(b.daemonLog(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	d, err := b.boxd.StartDaemon(ctx, b.daemonLog(), "--ssh-listen", "127.0.0.1:"+b.port, "--idle-hibernate", "0")
 	if err != nil {
 		return err
 	}
-	defer log.Close()
-	_ = os.Remove(filepath.Join(b.root, "boxd.sock")) // a killed daemon's; the new one makes its own
-	cmd := exec.Command(b.boxd, "--root", b.root, "daemon", "--ssh-listen", "127.0.0.1:"+b.port, "--idle-hibernate", "0")
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("starting boxd daemon: %w", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	b.daemon, b.daemonDone = cmd, done
-	if err := waitUp(ctx, done, b.port, filepath.Join(b.root, "boxd.sock")); err != nil {
-		return fmt.Errorf("boxd daemon: %w (its log: %s)", err, b.daemonLog())
-	}
-	benchkit.Progress("boxd daemon up (pid %d): SSH front door on 127.0.0.1:%s", cmd.Process.Pid, b.port)
+	b.daemon = d
+	benchkit.Progress("boxd daemon up (pid %d): SSH front door on 127.0.0.1:%s", d.Pid(), b.port)
 	return nil
 }
 
 // stopDaemon stops the daemon with SIGTERM (it hibernates running boxes
 // first), killing it after two minutes.
 func (b *bench) stopDaemon() error {
-	if b.daemon == nil {
-		return nil
-	}
-	cmd, done := b.daemon, b.daemonDone
+	err := b.daemon.Stop()
 	b.daemon = nil
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-done:
-	case <-time.After(2 * time.Minute):
-		_ = cmd.Process.Kill()
-		<-done
-		return errors.New("boxd daemon did not stop on SIGTERM within 2 minutes: killed")
-	}
-	if st := cmd.ProcessState; st != nil && !st.Success() {
-		return fmt.Errorf("boxd daemon exited: %s (its log: %s)", st, b.daemonLog())
-	}
-	return nil
+	return err
 }
 
 // waitUp waits until the TCP port on 127.0.0.1 answers and the socket, if
@@ -451,7 +313,7 @@ func (b *bench) startSSHD(ctx context.Context) error {
 	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
 		return err
 	}
-	if _, _, err := timed(ctx, sshd, "-t", "-f", config); err != nil {
+	if _, _, err := benchkit.Timed(ctx, sshd, "-t", "-f", config); err != nil {
 		return fmt.Errorf("the baseline sshd's configuration: %w", err)
 	}
 	log, err := os.Create(filepath.Join(sd, "sshd.log"))
@@ -491,7 +353,7 @@ func (b *bench) stopSSHD() {
 }
 
 func keygen(ctx context.Context, path string) error {
-	_, _, err := timed(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boxd-bench-frontdoor", "-f", path)
+	_, _, err := benchkit.Timed(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boxd-bench-frontdoor", "-f", path)
 	return err
 }
 
@@ -504,145 +366,33 @@ func freePort() (string, error) {
 	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port), nil
 }
 
-// boxSnapshots names the store's box snapshots (box.NAME.SNAP), parents
-// first. The daemon must not be running: it owns the store.
-func (b *bench) boxSnapshots(ctx context.Context) ([]string, error) {
-	_, out, err := b.cli(ctx, "store", "ls", "--json")
-	if err != nil {
-		return nil, err
-	}
-	var snaps []named
-	if err := json.Unmarshal(out, &snaps); err != nil {
-		return nil, fmt.Errorf("boxd store ls --json: %w", err)
-	}
-	var names []string
-	for _, s := range snaps {
-		if strings.HasPrefix(s.Name, "box.") {
-			names = append(names, s.Name)
-		}
-	}
-	return names, nil
-}
-
-// clearStore drops what boxd keeps of removed boxes: their snapshots
-// (children first), the store's garbage, and the overlay files left in
-// ROOT/disks. Only for a root with no boxes and no daemon running.
-func (b *bench) clearStore(ctx context.Context) (Cleanup, error) {
-	var c Cleanup
-	snaps, err := b.boxSnapshots(ctx)
-	if err != nil {
-		return c, err
-	}
-	for i := len(snaps) - 1; i >= 0; i-- {
-		if _, _, err := b.cli(ctx, "store", "rm", snaps[i]); err != nil {
-			return c, err
-		}
-		c.SnapshotsRemoved++
-	}
-	_, out, err := b.cli(ctx, "store", "gc", "--json")
-	if err != nil {
-		return c, err
-	}
-	var gc struct {
-		Freed int64 `json:"bytes_freed"`
-	}
-	if err := json.Unmarshal(out, &gc); err != nil {
-		return c, fmt.Errorf("boxd store gc --json: %w", err)
-	}
-	c.GCFreedBytes = gc.Freed
-	disks, _ := filepath.Glob(filepath.Join(b.root, "disks", "*"))
-	for _, f := range disks {
-		if err := os.Remove(f); err != nil {
-			return c, err
-		}
-		c.DisksRemoved++
-	}
-	return c, nil
-}
-
-// leftProcesses lists (pgrep -a) the QEMUs and daemons of the root.
-func (b *bench) leftProcesses(ctx context.Context) ([]string, []int) {
-	var lines []string
-	var pids []int
-	for _, pat := range []string{
-		`qemu-system-x86_64 .*` + regexp.QuoteMeta(b.root+"/"),
-		regexp.QuoteMeta("--root " + b.root + " daemon"),
-	} {
-		out, _ := exec.CommandContext(ctx, "pgrep", "-a", "-f", "--", pat).Output() // exit 1: none
-		for l := range strings.Lines(string(out)) {
-			l = strings.TrimSpace(l)
-			pid, _, _ := strings.Cut(l, " ")
-			if n, err := strconv.Atoi(pid); err == nil && !slices.Contains(pids, n) {
-				pids = append(pids, n)
-				lines = append(lines, l)
-			}
-		}
-	}
-	return lines, pids
-}
-
 // tearDown removes every box, stops the daemon and sshd, checks that no
 // QEMU of the root is left (killing any), drops what boxd kept of the
-// boxes, and removes the run's folder. A second call does nothing.
+// boxes (benchkit.Boxd.Clean), and removes the run's folder. A second call
+// does nothing.
 func (b *bench) tearDown() error {
 	if b == nil || b.tornDown {
 		return nil
 	}
 	b.tornDown = true
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
 	var errs []error
-	boxesGone := false
-	if b.daemon != nil {
-		n, err := b.removeBoxes(ctx)
-		b.cleanup.BoxesRemoved = n
-		if err != nil {
-			errs = append(errs, fmt.Errorf("removing boxes: %w", err))
-		} else {
-			boxesGone = true
-		}
-		if err := b.stopDaemon(); err != nil {
-			errs = append(errs, err)
-		}
+	c, err := b.boxd.Clean(b.daemon)
+	b.daemon, b.cleanup = nil, c
+	if err != nil {
+		errs = append(errs, err)
 	}
 	b.stopSSHD()
-	lines, pids := b.leftProcesses(ctx)
-	b.cleanup.ProcessesLeft = lines
-	if len(lines) > 0 {
-		errs = append(errs, fmt.Errorf("left running after the daemon stopped (killed now): %s", strings.Join(lines, "; ")))
-		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	if boxesGone {
-		c, err := b.clearStore(ctx)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("dropping the removed boxes' snapshots: %w", err))
-		}
-		b.cleanup.SnapshotsRemoved, b.cleanup.DisksRemoved, b.cleanup.GCFreedBytes = c.SnapshotsRemoved, c.DisksRemoved, c.GCFreedBytes
-	}
 	if b.work != "" {
 		if err := os.RemoveAll(b.work); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	benchkit.Progress("cleaned up: %d boxes removed; boxd had kept %d of their snapshots and %d overlay files in %s (dropped, gc freed %s); QEMUs or daemons of the root left: %d",
-		b.cleanup.BoxesRemoved, b.cleanup.SnapshotsRemoved, b.cleanup.DisksRemoved, filepath.Join(b.root, "disks"), benchkit.Size(b.cleanup.GCFreedBytes), len(lines))
 	return errors.Join(errs...)
 }
 
 // showDaemonLog prints the end of the daemon's log on stderr.
 func (b *bench) showDaemonLog() {
-	if b == nil {
-		return
-	}
-	data, err := os.ReadFile(b.daemonLog())
-	if err != nil || len(data) == 0 {
-		return
-	}
-	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-	fmt.Fprintf(os.Stderr, "the end of %s:\n", b.daemonLog())
-	for _, l := range lines[max(0, len(lines)-20):] {
-		fmt.Fprintf(os.Stderr, "  %s\n", l)
+	if b != nil {
+		benchkit.ShowTail(b.daemonLog(), 20)
 	}
 }

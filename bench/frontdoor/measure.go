@@ -34,7 +34,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 
 	// The measured box, then cold creates for the fork rows' baseline (the
 	// first create of a root fetches the kernel, so it is not one of them).
-	took, _, err := b.cli(ctx, "create", door, "--ssh-key", key, "--memory", *memory)
+	took, _, err := b.boxd.CLI(ctx, "create", door, "--ssh-key", key, "--memory", *memory)
 	if err != nil {
 		return rep, err
 	}
@@ -42,12 +42,12 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	var creates []time.Duration
 	for i := range *forkReps {
 		name := fmt.Sprintf("cold-%d", i+1)
-		took, _, err := b.cli(ctx, "create", name, "--ssh-key", key, "--memory", *memory)
+		took, _, err := b.boxd.CLI(ctx, "create", name, "--ssh-key", key, "--memory", *memory)
 		if err != nil {
 			return rep, err
 		}
 		creates = append(creates, took)
-		if _, _, err := b.cli(ctx, "rm", name); err != nil {
+		if _, _, err := b.boxd.CLI(ctx, "rm", name); err != nil {
 			return rep, err
 		}
 		benchkit.Progress("cold create %d/%d: %s", i+1, *forkReps, secs(took))
@@ -80,7 +80,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err != nil {
 			return rep, fmt.Errorf("boxd's front door: %w", err)
 		}
-		e, _, err := b.cli(ctx, "exec", "--no-stdin", door, "--", "true")
+		e, _, err := b.boxd.CLI(ctx, "exec", "--no-stdin", door, "--", "true")
 		if err != nil {
 			return rep, err
 		}
@@ -120,7 +120,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	// ssh to the hibernated box, which wakes it, beside resume then ssh.
 	var wake, resumeSSH, hibernates, resumes []time.Duration
 	for i := range *wakeReps {
-		h1, _, err := b.cli(ctx, "hibernate", door)
+		h1, _, err := b.boxd.CLI(ctx, "hibernate", door)
 		if err != nil {
 			return rep, err
 		}
@@ -131,11 +131,11 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if err := b.expectState(ctx, door, "running"); err != nil {
 			return rep, err
 		}
-		h2, _, err := b.cli(ctx, "hibernate", door)
+		h2, _, err := b.boxd.CLI(ctx, "hibernate", door)
 		if err != nil {
 			return rep, err
 		}
-		r, _, err := b.cli(ctx, "resume", door)
+		r, _, err := b.boxd.CLI(ctx, "resume", door)
 		if err != nil {
 			return rep, err
 		}
@@ -156,23 +156,23 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	// Forks of the running box, the children removed after each.
 	var forks, pairs, rmRunning []time.Duration
 	for i := range *forkReps {
-		f, _, err := b.cli(ctx, "fork", door, "child")
+		f, _, err := b.boxd.CLI(ctx, "fork", door, "child")
 		if err != nil {
 			return rep, err
 		}
 		if _, err := b.sshTrue(ctx, b.port, "child"); err != nil {
 			return rep, fmt.Errorf("the fork: %w", err)
 		}
-		r, _, err := b.cli(ctx, "rm", "child")
+		r, _, err := b.boxd.CLI(ctx, "rm", "child")
 		if err != nil {
 			return rep, err
 		}
-		p, _, err := b.cli(ctx, "fork", door, "pair", "--count", "2")
+		p, _, err := b.boxd.CLI(ctx, "fork", door, "pair", "--count", "2")
 		if err != nil {
 			return rep, err
 		}
 		for _, n := range []string{"pair-1", "pair-2"} {
-			r, _, err := b.cli(ctx, "rm", n)
+			r, _, err := b.boxd.CLI(ctx, "rm", n)
 			if err != nil {
 				return rep, err
 			}
@@ -211,7 +211,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	rep.add(benchkit.PctRow(fmt.Sprintf("boxd hibernate of a %s fork: p50", *manyMem), 50, "ms", many.hibernates, nil, ""))
 
 	// Remove them all but the measured box, timing each rm.
-	bs, err := b.listBoxes(ctx)
+	bs, err := b.boxd.Boxes(ctx)
 	if err != nil {
 		return rep, err
 	}
@@ -220,7 +220,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		if bx.Name == door {
 			continue
 		}
-		r, _, err := b.cli(ctx, "rm", bx.Name)
+		r, _, err := b.boxd.CLI(ctx, "rm", bx.Name)
 		if err != nil {
 			return rep, err
 		}
@@ -231,7 +231,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	benchkit.Progress("removed %d boxes", len(bs)-1)
 	rep.add(benchkit.PctRow("boxd rm of a hibernated box: p50", 50, "ms", rmHibernated, nil, ""))
 
-	rep.Host.LoadAfter = loadAvg()
+	rep.Host.LoadAfter = benchkit.LoadAvg()
 	rep.Seconds = time.Since(began).Seconds()
 	return rep, nil
 }
@@ -245,11 +245,11 @@ type lsTimes struct{ ls, lsJSON, api, help []time.Duration }
 func (b *bench) lsSeries(ctx context.Context, help bool) (lsTimes, error) {
 	var t lsTimes
 	for i := range 1 + *lsReps {
-		l, _, err := b.cli(ctx, "ls")
+		l, _, err := b.boxd.CLI(ctx, "ls")
 		if err != nil {
 			return t, err
 		}
-		j, _, err := b.cli(ctx, "ls", "--json")
+		j, _, err := b.boxd.CLI(ctx, "ls", "--json")
 		if err != nil {
 			return t, err
 		}
@@ -259,7 +259,7 @@ func (b *bench) lsSeries(ctx context.Context, help bool) (lsTimes, error) {
 		}
 		var h time.Duration
 		if help {
-			if h, _, err = timed(ctx, b.boxd, "--help"); err != nil {
+			if h, _, err = benchkit.Timed(ctx, b.boxd.Bin, "--help"); err != nil {
 				return t, err
 			}
 		}
@@ -287,12 +287,12 @@ type many struct {
 // the next, so that at most -batch forks (and the measured box) run.
 func (b *bench) makeMany(ctx context.Context) (many, error) {
 	var m many
-	took, _, err := b.cli(ctx, "create", seed, "--ssh-key", b.key+".pub", "--memory", *manyMem)
+	took, _, err := b.boxd.CLI(ctx, "create", seed, "--ssh-key", b.key+".pub", "--memory", *manyMem)
 	if err != nil {
 		return m, err
 	}
 	m.seedCreate = []time.Duration{took}
-	if _, _, err := b.cli(ctx, "hibernate", seed); err != nil {
+	if _, _, err := b.boxd.CLI(ctx, "hibernate", seed); err != nil {
 		return m, err
 	}
 	benchkit.Progress("seed box %s (%s): created in %s and hibernated", seed, *manyMem, secs(took))
@@ -302,14 +302,14 @@ func (b *bench) makeMany(ctx context.Context) (many, error) {
 		batches++
 		n := min(*batch, want-made)
 		prefix := fmt.Sprintf("m%03d", batches)
-		took, _, err := b.cli(ctx, "fork", seed, prefix, "--count", fmt.Sprint(n))
+		took, _, err := b.boxd.CLI(ctx, "fork", seed, prefix, "--count", fmt.Sprint(n))
 		if err != nil {
 			return m, err
 		}
 		m.forks = append(m.forks, took)
 		var hib time.Duration
 		for j := 1; j <= n; j++ {
-			h, _, err := b.cli(ctx, "hibernate", fmt.Sprintf("%s-%d", prefix, j))
+			h, _, err := b.boxd.CLI(ctx, "hibernate", fmt.Sprintf("%s-%d", prefix, j))
 			if err != nil {
 				return m, err
 			}
@@ -328,7 +328,7 @@ func (b *bench) makeMany(ctx context.Context) (many, error) {
 
 // expectBoxes checks that the root has n boxes.
 func (b *bench) expectBoxes(ctx context.Context, n int) error {
-	bs, err := b.listBoxes(ctx)
+	bs, err := b.boxd.Boxes(ctx)
 	if err != nil {
 		return err
 	}
@@ -340,7 +340,7 @@ func (b *bench) expectBoxes(ctx context.Context, n int) error {
 
 // expectState checks box name's state.
 func (b *bench) expectState(ctx context.Context, name, state string) error {
-	bs, err := b.listBoxes(ctx)
+	bs, err := b.boxd.Boxes(ctx)
 	if err != nil {
 		return err
 	}

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"runtime"
 	"strings"
@@ -14,13 +13,13 @@ import (
 
 // Report is the JSON output.
 type Report struct {
-	Host    Host           `json:"host"`
-	Setup   Setup          `json:"setup"`
-	Kex     Kex            `json:"kex"`
-	Rows    []benchkit.Row `json:"rows"`
-	Many    string         `json:"many_boxes"` // how the boxes for the big ls were made
-	Cleanup Cleanup        `json:"cleanup"`
-	Seconds float64        `json:"measure_seconds"` // the measurements, set-up and clean-up left out
+	Host    Host             `json:"host"`
+	Setup   Setup            `json:"setup"`
+	Kex     Kex              `json:"kex"`
+	Rows    []benchkit.Row   `json:"rows"`
+	Many    string           `json:"many_boxes"` // how the boxes for the big ls were made
+	Cleanup benchkit.Cleanup `json:"cleanup"`
+	Seconds float64          `json:"measure_seconds"` // the measurements, set-up and clean-up left out
 }
 
 // Host says where the run happened.
@@ -60,7 +59,7 @@ func secs(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }
 
 // host describes this machine.
 func host() Host {
-	load := loadAvg() // first, before this runs anything
+	load := benchkit.LoadAvg() // first, before this runs anything
 	model, virt := benchkit.CPU()
 	h := Host{CPUs: runtime.NumCPU(), CPUModel: model, Accel: "tcg", QEMU: benchkit.QEMUVersion(), Kernel: benchkit.KernelRelease(), Go: runtime.Version(), LoadBefore: load}
 	if virt {
@@ -70,16 +69,6 @@ func host() Host {
 		h.OpenSSH = firstLine(string(out))
 	}
 	return h
-}
-
-// loadAvg is the first three fields of /proc/loadavg.
-func loadAvg() string {
-	data, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return ""
-	}
-	f := strings.Fields(string(data))
-	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func firstLine(s string) string {
