@@ -45,6 +45,7 @@ bench: deps build
 	./bench/snapshotter.sh
 	./bench/guest.sh
 	./bench/frontdoor.sh
+	./bench/inside.sh
 	./bench/run.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
