@@ -46,6 +46,7 @@ bench: deps build
 	./bench/snapshotter.sh
 	./bench/guest.sh
 	./bench/frontdoor.sh
+	./bench/inside.sh
 	./bench/run.sh
 	./bench/metrics.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/

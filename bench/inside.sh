@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# bench/inside.sh - a fork of a box made from inside it (`box fork`, in a
+# script boxd exec runs) beside one made from the host (`boxd fork`), on
+# the same box in the same run, printed side by side.
+#
+# Usage: bench/inside.sh [-json] [-reps N] [-warm-ups N] [-mem SIZE]
+#                        [-dir DIR] [-cache DIR]
+#
+#   -json        the results as one JSON object on stdout (progress on
+#                stderr)
+#   -reps N      forks of each kind timed, alternating (default 5)
+#   -warm-ups N  untimed forks of each kind first (default 1)
+#   -mem SIZE    the box's memory (default 256M)
+#   -dir DIR     kept folder: the boxd root and the daemon's log (default
+#                /var/tmp/boxd-bench-inside, BOXD_BENCH_INSIDE_DIR)
+#   -cache DIR   where the debootstrap-bookworm tree is (default
+#                /var/cache/boxd-test, BOXD_TEST_CACHE)
+#
+# Builds bin/boxd and bin/boxd-agent (make build) and the program in
+# bench/inside/, and runs it; see bench/README.md. Needs root; installs
+# Debian's qemu-system-x86, qemu-utils and procps if they are missing. The
+# first run builds the image (seconds from a cached debootstrap tree) and
+# fetches the kernel; a run with the defaults takes about a minute on 2
+# cores under TCG. The boxes are removed, the daemon stopped, and no QEMU
+# of the root is left, on an error or ^C too.
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+help_if_asked "$@"
+
+if [ "$(id -u)" != 0 ]; then
+	echo "inside.sh: needs root (the daemon runs QEMU with guest memory in /dev/shm)" >&2
+	exit 1
+fi
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v pgrep >/dev/null || need+=(procps)
+install_debs "${need[@]}"
+
+build_boxd
+export BOXD=${BOXD:-$REPO_ROOT/bin/boxd}
+
+# The folder the program works in, for the check below.
+dir=${BOXD_BENCH_INSIDE_DIR:-/var/tmp/boxd-bench-inside}
+args=("$@")
+for i in "${!args[@]}"; do
+	case "${args[$i]}" in
+	-dir | --dir) dir=${args[$((i + 1))]:-$dir} ;;
+	-dir=* | --dir=*) dir=${args[$i]#*=} ;;
+	esac
+done
+dir=$(realpath -m "$dir")
+
+tmp=$(mktemp -d)
+child=
+# The program removes its boxes and stops the daemon itself, on errors and
+# signals too; this is the backstop should it die: every QEMU of the root,
+# and its daemon, by pid.
+cleanup() {
+	rc=$?
+	if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+		kill -TERM "$child" 2>/dev/null || true
+		wait "$child" 2>/dev/null || true
+	fi
+	left=$(pgrep -f -- "qemu-system-x86_64 .*$dir/root/|--root $dir/root daemon" || true)
+	if [ -n "$left" ]; then
+		echo "inside.sh: left running, killing: ${left//$'\n'/ }" >&2
+		for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+		rc=1
+	fi
+	rm -rf "$tmp"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+go build -o "$tmp/inside" ./bench/inside
+"$tmp/inside" "$@" &
+child=$!
+wait "$child"
