@@ -465,5 +465,12 @@ func (s *fakeSystem) get() (hostname, machineID string, entropy int) {
 	return s.hostname, s.machineID, s.entropy
 }
 
+// clockSet is the clock the last Unique stepped the guest to.
+func (s *fakeSystem) clockSet() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.clock
+}
+
 var _ = errors.Is
 var _ runner.Forker = (*fakeForkMachine)(nil)

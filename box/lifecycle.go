@@ -99,6 +99,7 @@ func (m *Manager) Snapshot(ctx context.Context, name, snap string) (snapshotter.
 	if err := m.put(bx); err != nil {
 		return s, err
 	}
+	m.setClock(ctx, bx.Name)
 	m.emit(events.Event{Type: events.Snapshot, Box: name, Snapshot: full, Took: time.Since(began)})
 	return s, nil
 }
@@ -336,6 +337,7 @@ func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (string, error)
 	if err := m.put(*parent); err != nil {
 		return "", err
 	}
+	m.setClock(ctx, parent.Name)
 	m.startSpares(parent.Name, mach)
 	return snap, nil
 }
@@ -401,4 +403,19 @@ func (m *Manager) recordForks(src string, children []Box, errs []error) ([]Box, 
 		return out, fmt.Errorf("fork of %s: %s", src, strings.Join(failed, "; "))
 	}
 	return out, nil
+}
+
+// setClock steps box name's guest clock to the host's: a snapshot pauses
+// the guest, and its clock stands still meanwhile (a fork's children and a
+// resumed box get the clock with their Unique; a box that goes on after a
+// snapshot needs it too). A guest that does not take it is logged, not
+// failed: the snapshot is made.
+func (m *Manager) setClock(ctx context.Context, name string) {
+	_, c, ok := m.machine(name)
+	if !ok || c == nil {
+		return
+	}
+	if err := c.Unique(ctx, agent.Unique{TimeUnixNano: time.Now().UnixNano()}); err != nil {
+		m.log.Warn("box: setting the clock after a snapshot", "box", name, "err", err)
+	}
 }

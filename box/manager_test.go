@@ -167,6 +167,7 @@ func TestFakeFork(t *testing.T) {
 			e := newFakeEnv(t, forker)
 			ctx := context.Background()
 			e.create(t, "dev")
+			before := time.Now()
 			kids, err := e.mgr.Fork(ctx, "dev", []string{"a", "b"})
 			if err != nil {
 				t.Fatalf("Fork: %v", err)
@@ -174,6 +175,10 @@ func TestFakeFork(t *testing.T) {
 			parent := e.state(t, "dev")
 			if parent.State != box.StateRunning || !strings.HasPrefix(parent.Snapshot, "box.dev.") {
 				t.Fatalf("parent after fork: %+v", parent)
+			}
+			// The snapshot paused the parent: its clock is set again.
+			if c := e.machine(t, "dev").sys.clockSet(); c.Before(before) {
+				t.Fatalf("the parent's clock was last set at %v, before the fork", c)
 			}
 			ids := map[string]bool{}
 			for _, k := range kids {
