@@ -46,7 +46,16 @@ type Config struct {
 	// hidden vmm command. Nil leaves the kvm runner unable to start
 	// machines (it still answers Capabilities).
 	VMM []string
+	// MemoryHeadroom bounds each QEMU's host memory to its guest's memory
+	// plus this much (qemu.Runner.MemoryHeadroom); 0 means
+	// DefaultMemoryHeadroom, negative no bound.
+	MemoryHeadroom int64
 }
+
+// DefaultMemoryHeadroom is the host memory a QEMU may use beyond its
+// guest's: its code, TCG's translation cache, device and migration
+// buffers. A booted 512 MiB box under TCG holds about 240 MiB in all.
+const DefaultMemoryHeadroom = 256 << 20
 
 // Set is the backends of one root.
 type Set struct {
@@ -82,9 +91,20 @@ func New(cfg Config) *Set {
 	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
 		_ = os.WriteFile(filepath.Join(cfg.MemDir, ownerFile), fmt.Appendf(nil, "%d %s\n", os.Getpid(), cfg.Root), 0o600)
 	}
+	headroom := cfg.MemoryHeadroom
+	switch {
+	case headroom == 0:
+		headroom = DefaultMemoryHeadroom
+	case headroom < 0:
+		headroom = 0
+	}
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
-		OOMScoreAdj: MachineOOMScoreAdj,
+		OOMScoreAdj: MachineOOMScoreAdj, MemoryHeadroom: headroom,
+		MemoryGroups: memDirPrefix + shortHash(cfg.Root),
+	}
+	if n := q.RemoveEmptyMemoryGroups(); n > 0 {
+		log.Info("backends: removed the memory cgroups of machines a previous boxd left", "cgroups", n)
 	}
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
 	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir}

@@ -10,10 +10,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/guest"
@@ -282,6 +284,93 @@ func TestBoxOOMKilled(t *testing.T) {
 	}
 	if got := run(ctx, t, mgr, "hog", "echo back"); got != "back\n" {
 		t.Fatalf("after a cold boot: %q", got)
+	}
+}
+
+// TestBoxMemoryBound: a box's QEMU lives in a memory cgroup bounded to its
+// guest's memory and the backends' headroom; a guest that touches all its
+// memory, with little headroom, ends its QEMU, not the host, and the box
+// says why and boots again on the next use.
+func TestBoxMemoryBound(t *testing.T) {
+	const headroom = 24 << 20
+	mgr, _ := boxtest.NewManagerWith(t, func(c *backends.Config) { c.MemoryHeadroom = headroom })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	bx, err := mgr.Create(ctx, box.CreateOptions{Name: "hog", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}})
+	if err != nil {
+		if strings.Contains(err.Error(), "OOM killer") {
+			t.Fatalf("a box with %d MiB of headroom did not even boot: %v", headroom>>20, err)
+		}
+		t.Fatal(err)
+	}
+	pids, _ := exec.Command("pgrep", "-f", "file="+bx.Disk).Output()
+	f := strings.Fields(string(pids))
+	if len(f) != 1 {
+		t.Fatalf("QEMU of box hog (disk %s): pids %q", bx.Disk, pids)
+	}
+	cg, err := os.ReadFile("/proc/" + f[0] + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(cg), "/qemu-") {
+		t.Fatalf("QEMU is in no machine cgroup of its own:\n%s", cg)
+	}
+	// A 200 MB buffer in the guest: guest memory QEMU had not touched yet.
+	// (Past the bound the kernel first takes back the machine's page
+	// cache, so a guest writing files alone may stay under it.)
+	go func() {
+		_, _ = mgr.Exec(ctx, "hog", agent.Command{Shell: "dd if=/dev/zero of=/dev/null bs=200M count=5 2>/dev/null"})
+	}()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		b, err := mgr.Get("hog")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.State == box.StateStopped {
+			if !strings.Contains(b.Note, "memory cgroup was full") || !strings.Contains(b.Note, fmt.Sprintf("%d MiB of host memory", (256<<20+headroom)>>20)) {
+				t.Fatalf("a box its bound ended: note %q, want it to say so", b.Note)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("box hog still %s two minutes after its guest began filling its memory", b.State)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := run(ctx, t, mgr, "hog", "echo back"); got != "back\n" {
+		t.Fatalf("after a cold boot: %q", got)
+	}
+}
+
+// TestBoxDiskBound: a box's disk is its image's size; writing past it
+// fails inside the box, which runs on, and the disk's top on the host
+// stays within that size (and qcow2's tables).
+func TestBoxDiskBound(t *testing.T) {
+	mgr, _ := boxtest.NewManager(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	bx, err := mgr.Create(ctx, box.CreateOptions{Name: "filler", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, errOut bytes.Buffer
+	code, err := mgr.Exec(ctx, "filler", agent.Command{Shell: "dd if=/dev/urandom of=/root/fill bs=1M count=" + strconv.Itoa(2*boxtest.ImageSize>>20) + " && sync", Stdout: &out, Stderr: &errOut})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code == 0 || !strings.Contains(errOut.String(), "No space left on device") {
+		t.Fatalf("writing twice the disk's size in the box: exit %d, %q; want no space left", code, errOut.String())
+	}
+	if got := run(ctx, t, mgr, "filler", "rm /root/fill; echo still here"); got != "still here\n" {
+		t.Fatalf("after the disk filled: %q", got)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(bx.Disk, &st); err != nil {
+		t.Fatal(err)
+	}
+	if used, bound := st.Blocks*512, int64(boxtest.ImageSize)+8<<20; used > bound {
+		t.Fatalf("the disk's top takes %d MiB on the host, over the %d MiB image and 8 MiB for qcow2's tables", used>>20, boxtest.ImageSize>>20)
 	}
 }
 

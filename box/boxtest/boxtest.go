@@ -24,8 +24,8 @@ import (
 // under TCG in seconds, where Debian takes much longer.
 const Image = "busybox"
 
-// imageSize is the image's disk: busybox needs little room.
-const imageSize = 64 << 20
+// ImageSize is the image's disk: busybox needs little room.
+const ImageSize = 64 << 20
 
 // Skip skips t unless it may boot boxes: not with -short, and only as root
 // (QEMU's memory on /dev/shm, loop-free ext4 images, packages installed).
@@ -102,7 +102,7 @@ func PrepareRoot(t *testing.T, root string) {
 			t.Error(err)
 		}
 	}()
-	if _, err := guest.ImageFromTree(ctx, g, Image, busyboxTree(t, busybox), guest.TreeOptions{Size: imageSize}); err != nil {
+	if _, err := guest.ImageFromTree(ctx, g, Image, busyboxTree(t, busybox), guest.TreeOptions{Size: ImageSize}); err != nil {
 		t.Fatalf("image %s: %v", Image, err)
 	}
 }
@@ -168,6 +168,13 @@ func busyboxTree(t *testing.T, busybox string) string {
 // and its store. Every box is stopped and the manager closed when t ends.
 func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 	t.Helper()
+	return NewManagerWith(t, nil)
+}
+
+// NewManagerWith is NewManager with the backends' Config adjusted by
+// adjust (nil: as it is).
+func NewManagerWith(t *testing.T, adjust func(*backends.Config)) (*box.Manager, *snapshotter.Graph) {
+	t.Helper()
 	root := ShortDir(t)
 	PrepareRoot(t, root)
 	g, err := snapshotter.Open(root)
@@ -180,7 +187,11 @@ func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(memDir) })
-	bk := backends.New(backends.Config{Root: root, Graph: g, MemDir: memDir})
+	cfg := backends.Config{Root: root, Graph: g, MemDir: memDir}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	bk := backends.New(cfg)
 	mgr, err := box.Open(box.Config{Root: root, Graph: g, Runners: bk.Runners, DefaultRunner: backends.Default})
 	if err != nil {
 		t.Fatal(err)

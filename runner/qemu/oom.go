@@ -12,16 +12,25 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// oomKill is what the kernel log says of a process's end.
+type oomKill int
+
+const (
+	oomNone   oomKill = iota // not an OOM kill, or the log cannot tell
+	oomHost                  // the host ran out of memory
+	oomCgroup                // the process's memory cgroup reached its limit
+)
+
 // oomKilled says whether the kernel log names process pid as the OOM
 // killer's victim since since (CLOCK_MONOTONIC, as the log's time stamps;
 // an older record is another process of that pid), reading /dev/kmsg (root
-// only); false where it cannot tell.
-func oomKilled(pid int, since time.Duration) bool {
+// only), and for which lack of memory; oomNone where it cannot tell.
+func oomKilled(pid int, since time.Duration) oomKill {
 	// A raw non-blocking descriptor: read returns EAGAIN at the log's end
 	// (an *os.File would wait in the poller for more records).
 	fd, err := syscall.Open("/dev/kmsg", syscall.O_RDONLY|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
 	if err != nil {
-		return false
+		return oomNone
 	}
 	defer syscall.Close(fd)
 	return kmsgNamesOOMVictim(rawReader(fd), pid, since)
@@ -42,21 +51,24 @@ func (r rawReader) Read(p []byte) (int, error) {
 // /dev/kmsg gives them, "PRIO,SEQ,TIME,FLAGS;MESSAGE", TIME in
 // microseconds) until it ends and says whether one stamped at since or
 // later reports pid killed for lack of memory: "Out of memory: Killed
-// process PID (...)" or "Memory cgroup out of memory: Killed process PID
-// (...)".
-func kmsgNamesOOMVictim(r io.Reader, pid int, since time.Duration) bool {
+// process PID (...)" (oomHost) or "Memory cgroup out of memory: Killed
+// process PID (...)" (oomCgroup).
+func kmsgNamesOOMVictim(r io.Reader, pid int, since time.Duration) oomKill {
 	want := []byte("killed process " + strconv.Itoa(pid) + " (")
 	buf := make([]byte, 8192)
 	for {
 		n, err := r.Read(buf)
 		if rec := bytes.ToLower(buf[:n]); bytes.Contains(rec, []byte("out of memory")) && bytes.Contains(rec, want) && stampedSince(rec, since) {
-			return true
+			if bytes.Contains(rec, []byte("memory cgroup out of memory")) {
+				return oomCgroup
+			}
+			return oomHost
 		}
 		if errors.Is(err, syscall.EPIPE) { // records overwritten while reading: read on
 			continue
 		}
 		if err != nil || n == 0 {
-			return false
+			return oomNone
 		}
 	}
 }

@@ -28,18 +28,18 @@ func TestKmsgNamesOOMVictim(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		records []string
-		want    bool
+		want    oomKill
 	}{
 		{"global OOM", []string{
 			"6,1,10,-;boxd: something",
 			"3,2,20,-;Out of memory: Killed process 4242 (qemu-system-x86) total-vm:1000kB, anon-rss:10kB",
-		}, true},
-		{"memory cgroup", []string{"3,5,20,-;Memory cgroup out of memory: Killed process 4242 (qemu-system-x86)"}, true},
-		{"another process", []string{"3,2,20,-;Out of memory: Killed process 42421 (other)"}, false},
-		{"killed, not for memory", []string{"6,2,20,-;Killed process 4242 (qemu-system-x86)"}, false},
-		{"overwritten records first", []string{"EPIPE", "3,9,20,-;Out of memory: Killed process 4242 (qemu)"}, true},
-		{"empty log", nil, false},
-		{"before the process started: another of that pid", []string{"3,2,10,-;Out of memory: Killed process 4242 (qemu)"}, false},
+		}, oomHost},
+		{"memory cgroup", []string{"3,5,20,-;Memory cgroup out of memory: Killed process 4242 (qemu-system-x86)"}, oomCgroup},
+		{"another process", []string{"3,2,20,-;Out of memory: Killed process 42421 (other)"}, oomNone},
+		{"killed, not for memory", []string{"6,2,20,-;Killed process 4242 (qemu-system-x86)"}, oomNone},
+		{"overwritten records first", []string{"EPIPE", "3,9,20,-;Out of memory: Killed process 4242 (qemu)"}, oomHost},
+		{"empty log", nil, oomNone},
+		{"before the process started: another of that pid", []string{"3,2,10,-;Out of memory: Killed process 4242 (qemu)"}, oomNone},
 	} {
 		if got := kmsgNamesOOMVictim(&kmsg{records: tc.records, errEnd: syscall.EAGAIN}, 4242, 15*time.Microsecond); got != tc.want {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
@@ -49,11 +49,11 @@ func TestKmsgNamesOOMVictim(t *testing.T) {
 
 // The real kernel log is read to its end without waiting for more.
 func TestOOMKilledReturns(t *testing.T) {
-	done := make(chan bool, 1)
+	done := make(chan oomKill, 1)
 	go func() { done <- oomKilled(1<<30, 0) }() // no such process was ever killed
 	select {
 	case got := <-done:
-		if got {
+		if got != oomNone {
 			t.Fatal("a process that never existed reads as OOM-killed")
 		}
 	case <-time.After(10 * time.Second):

@@ -81,6 +81,17 @@ type Runner struct {
 	// with what it inherits.
 	OOMScoreAdj int
 
+	// MemoryHeadroom, when positive, bounds each QEMU's host memory to its
+	// guest's memory plus this much (QEMU's own code, translation cache
+	// and buffers), in a memory cgroup of its own named after the machine
+	// under MemoryGroups: past it the kernel reclaims the machine's page
+	// cache, then ends QEMU. Where no memory cgroup can be made, machines
+	// run unbounded and the Logger says so. 0 sets no bound.
+	MemoryHeadroom int64
+	// MemoryGroups is the folder of the machines' memory cgroups ("" means
+	// "boxd").
+	MemoryGroups string
+
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
 	// Unique, when set, is called for a machine restored with
@@ -392,6 +403,15 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 			r.logger().Warn("qemu: the OOM killer may pick boxd before this machine", "id", id, "err", err)
 		}
 	}
+	if r.MemoryHeadroom > 0 {
+		limit := spec.MemSize + r.MemoryHeadroom
+		if dir, err := r.memoryGroups().Bound(id, m.cmd.Process.Pid, limit); err != nil {
+			r.logger().Warn("qemu: this machine's host memory is not bounded", "id", id, "err", err)
+		} else {
+			m.memcg.Store(&dir)
+			m.memLimit = limit
+		}
+	}
 	if err := m.connect(ctx); err != nil {
 		m.kill()
 		<-m.done
@@ -497,19 +517,23 @@ func (l *lockedBuffer) Bytes() []byte {
 
 // Machine is one QEMU process.
 type Machine struct {
-	r       *Runner
-	spec    runner.Spec
-	id      string
-	accel   string
-	dir     string
-	console string
-	socket  string
-	agent   string
-	memFile string
-	private bool // memFile is a frozen snapshot's, mapped copy-on-write
-	disk    string
-	base    string        // the snapshot the disk starts from (Spec.Disk.Base)
-	started time.Duration // CLOCK_MONOTONIC when QEMU started
+	r    *Runner
+	spec runner.Spec
+	// memcg is the memory cgroup that bounds QEMU (see
+	// Runner.MemoryHeadroom), memLimit its limit.
+	memcg    atomic.Pointer[string]
+	memLimit int64
+	id       string
+	accel    string
+	dir      string
+	console  string
+	socket   string
+	agent    string
+	memFile  string
+	private  bool // memFile is a frozen snapshot's, mapped copy-on-write
+	disk     string
+	base     string        // the snapshot the disk starts from (Spec.Disk.Base)
+	started  time.Duration // CLOCK_MONOTONIC when QEMU started
 
 	consoleMu sync.Mutex // guards console, which a spare's takeover changes
 
@@ -553,7 +577,9 @@ func (m *Machine) wait() {
 		err = runner.ErrStopped
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
-	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid, m.started):
+	case killedBySignal(err) && m.memcg.Load() != nil && oomKilled(m.cmd.Process.Pid, m.started) == oomCgroup:
+		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU: its memory cgroup was full (boxd bounds a machine to %d MiB of host memory: its guest's memory and %d MiB for QEMU): %w", m.memLimit>>20, (m.memLimit-m.spec.MemSize)>>20, err)
+	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid, m.started) != oomNone:
 		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU (the host ran out of memory): %w", err)
 	default:
 		err = fmt.Errorf("qemu: QEMU exited: %w", err)
@@ -588,9 +614,24 @@ func (m *Machine) wait() {
 	}
 	m.qmpMu.Unlock()
 	_ = os.RemoveAll(m.dir)
+	if dir := m.memcg.Load(); dir != nil {
+		_ = procstat.Remove(*dir)
+	}
 	m.exit = err
 	close(m.done)
 }
+
+// memoryGroups is where the machines' memory cgroups go.
+func (r *Runner) memoryGroups() procstat.MemoryGroups {
+	if r.MemoryGroups == "" {
+		return procstat.MemoryGroups{Parent: "boxd"}
+	}
+	return procstat.MemoryGroups{Parent: r.MemoryGroups}
+}
+
+// RemoveEmptyMemoryGroups removes the machines' memory cgroups that no
+// process is left in (a killed boxd's), and says how many.
+func (r *Runner) RemoveEmptyMemoryGroups() int { return r.memoryGroups().RemoveEmpty() }
 
 // ID names the machine.
 func (m *Machine) ID() string { return m.id }
