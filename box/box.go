@@ -400,6 +400,46 @@ func (m *Manager) consolePath(name string) string {
 	return filepath.Join(m.boxDir(name), "console.log")
 }
 
+// Console files are trimmed to their last ConsoleKeep bytes (at a line
+// start) when a machine of the box starts and the file is over ConsoleMax:
+// a console kept across every boot and resume does not grow without end.
+const (
+	ConsoleMax  = 4 << 20
+	ConsoleKeep = 1 << 20
+)
+
+// trimConsole trims box name's console file (no machine writes it now).
+func (m *Manager) trimConsole(name string) {
+	path := m.consolePath(name)
+	st, err := os.Stat(path)
+	if err != nil || st.Size() <= ConsoleMax {
+		return
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	tail := make([]byte, ConsoleKeep)
+	n, err := f.ReadAt(tail, st.Size()-ConsoleKeep)
+	f.Close()
+	if err != nil && n != len(tail) {
+		return
+	}
+	if i := bytes.IndexByte(tail, '\n'); i >= 0 {
+		tail = tail[i+1:]
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, tail, 0o600); err != nil {
+		_ = os.Remove(tmp)
+		return
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return
+	}
+	m.log.Info("box: console trimmed", "box", name, "from_mib", st.Size()>>20, "kept_kib", len(tail)>>10)
+}
+
 // ConsolePath returns the file box name's console is appended to, across
 // boots, restores and hibernations; it exists once the box has run. It
 // takes no box lock: the machine only appends to the file, and Remove
@@ -450,6 +490,7 @@ func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
 	if err != nil {
 		return bx, err
 	}
+	m.trimConsole(bx.Name)
 	mach, err := r.Start(ctx, spec)
 	if err != nil {
 		return bx, err

@@ -213,6 +213,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 	if err := os.MkdirAll(m.boxDir(bx.Name), 0o700); err != nil {
 		return fmt.Errorf("box: %w", err)
 	}
+	m.trimConsole(bx.Name)
 	mach, err := r.Restore(ctx, snap, runner.RestoreOptions{
 		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived,
 	})

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -527,5 +528,34 @@ func TestFakeConsolePath(t *testing.T) {
 	}
 	if _, err := e.mgr.ConsolePath("dev"); !errors.Is(err, box.ErrNotFound) {
 		t.Fatalf("ConsolePath of a removed box: %v, want ErrNotFound", err)
+	}
+}
+
+// A console over ConsoleMax is trimmed to its last ConsoleKeep bytes, from a
+// line's start, when a machine of the box starts.
+func TestFakeConsoleTrimmed(t *testing.T) {
+	e := newFakeEnv(t, false)
+	ctx := context.Background()
+	e.create(t, "dev")
+	if _, err := e.mgr.Stop(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(e.root, "boxes", "dev", "console.log")
+	var b strings.Builder
+	for i := 0; b.Len() <= box.ConsoleMax; i++ {
+		fmt.Fprintf(&b, "console line %d\n", i)
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Start(ctx, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) > box.ConsoleKeep || len(got) < box.ConsoleKeep-100 || !strings.HasPrefix(string(got), "console line ") || !strings.HasSuffix(b.String(), string(got)) {
+		t.Fatalf("console after a start: %d bytes starting %q; want the last %d bytes of the old one, from a line's start", len(got), got[:min(len(got), 40)], box.ConsoleKeep)
 	}
 }
