@@ -55,12 +55,14 @@ type Set struct {
 	QEMU    *qemu.Runner
 	KVM     *kvm.Runner
 	memDir  string
+	log     *slog.Logger
 }
 
-// New builds the backends of cfg.Root. The caller holds the root (its
-// store is open), so memory files in the root's memory folder are a dead
-// boxd's and are removed; so are the memory folders in /dev/shm of other
-// roots whose daemon is gone. What was reclaimed is logged.
+// New builds the backends of cfg.Root and removes the memory folders in
+// /dev/shm of other roots whose daemon is gone. The caller holds the root
+// (its store is open): what a previous boxd on it left (machines that may
+// still run, their memory files and folders) is its to adopt (the box
+// manager does, runner.Adopter) and then to Reclaim.
 func New(cfg Config) *Set {
 	log := cfg.Logger
 	if log == nil {
@@ -72,13 +74,6 @@ func New(cfg Config) *Set {
 			log.Info("backends: removed the memory folders of boxd daemons that are gone", "folders", n, "mib", freed>>20)
 		}
 	}
-	if freed := treeSize(cfg.MemDir); freed > 0 {
-		log.Info("backends: removed the memory files a previous boxd left on this root", "folder", cfg.MemDir, "mib", freed>>20)
-	}
-	_ = os.RemoveAll(cfg.MemDir)
-	if n := removeMachineDirs(filepath.Join(cfg.Root, "run")); n > 0 {
-		log.Info("backends: removed the machine folders a previous boxd left on this root", "folders", n)
-	}
 	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
 		_ = os.WriteFile(filepath.Join(cfg.MemDir, ownerFile), fmt.Appendf(nil, "%d %s\n", os.Getpid(), cfg.Root), 0o600)
 	}
@@ -87,7 +82,19 @@ func New(cfg Config) *Set {
 		OOMScoreAdj: MachineOOMScoreAdj,
 	}
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
-	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir}
+	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir, log: log}
+}
+
+// Reclaim stops and removes what a previous boxd on the root left that was
+// not adopted since New: its machines (spares, machines no box claimed),
+// their folders under ROOT/run and memory files nothing maps. Exported
+// disks beside the folders stay: disks stand on them. What was reclaimed
+// is logged.
+func (s *Set) Reclaim() {
+	folders, freed := s.QEMU.Reclaim()
+	if folders > 0 || freed > 0 {
+		s.log.Info("backends: removed the machines and memory files a previous boxd left on this root", "folders", folders, "mib", freed>>20)
+	}
 }
 
 // Close waits for the snapshots written in the background, stops the kvm
@@ -145,24 +152,6 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		}
 	}
 	return freed, folders
-}
-
-// removeMachineDirs removes the QEMU machine folders (qemu-PID-N-*: QMP and
-// agent sockets, consoles) in dir, which a boxd that is gone left: the
-// caller holds the root. Exported disks beside them stay: disks stand on
-// them.
-func removeMachineDirs(dir string) int {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return 0
-	}
-	n := 0
-	for _, e := range entries {
-		if e.IsDir() && strings.HasPrefix(e.Name(), "qemu-") && os.RemoveAll(filepath.Join(dir, e.Name())) == nil {
-			n++
-		}
-	}
-	return n
 }
 
 // alive says whether process pid exists.

@@ -50,8 +50,8 @@ func TestReclaimMemDirs(t *testing.T) {
 	}
 }
 
-// New takes the root's memory folder, says whose it is, and reclaims a
-// dead predecessor's files in it.
+// New takes the root's memory folder and says whose it is; Reclaim then
+// removes a dead predecessor's files that were not adopted.
 func TestNewTakesMemDir(t *testing.T) {
 	mem := filepath.Join(t.TempDir(), "mem")
 	if err := os.MkdirAll(mem, 0o700); err != nil {
@@ -68,6 +68,10 @@ func TestNewTakesMemDir(t *testing.T) {
 		}
 	}
 	s := New(Config{Root: root, MemDir: mem})
+	if _, err := os.Stat(left); err != nil {
+		t.Fatalf("a memory file went before the machines were adopted: %v", err)
+	}
+	s.Reclaim()
 	if _, err := os.Stat(filepath.Join(root, "run/qemu-77-1-abc")); !os.IsNotExist(err) {
 		t.Fatalf("a dead boxd's machine folder is still there: %v", err)
 	}

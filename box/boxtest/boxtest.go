@@ -185,6 +185,7 @@ func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	bk.Reclaim()
 	t.Cleanup(func() {
 		ctx := context.Background()
 		boxes, _ := mgr.List()
