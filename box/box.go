@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
@@ -122,6 +123,10 @@ type Manager struct {
 	clients  map[string]*agent.Client
 
 	usage usageState // what Usage keeps (usage.go)
+
+	// left says LeaveRunning closed the manager: machines that end from
+	// then on are the next manager's to notice.
+	left atomic.Bool
 }
 
 var bucket = []byte("boxes")
@@ -271,6 +276,7 @@ func (m *Manager) LeaveRunning(ctx context.Context) error {
 	if err := m.Flush(ctx); err != nil {
 		m.log.Error("box: writing snapshots at exit", "err", err)
 	}
+	m.left.Store(true)
 	m.mu.Lock()
 	for name, c := range m.clients {
 		_ = c.Close()
@@ -598,8 +604,8 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 // disk is kept; the next use boots it.
 func (m *Manager) watch(name string, mach runner.Machine) {
 	<-mach.Done()
-	if errors.Is(mach.Err(), runner.ErrStopped) {
-		return
+	if errors.Is(mach.Err(), runner.ErrStopped) || m.left.Load() {
+		return // the next manager on the root sees that the machine ended
 	}
 	unlock := m.lock(name)
 	defer unlock()
