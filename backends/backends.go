@@ -42,6 +42,10 @@ type Config struct {
 	// MemDir holds guest memory files; "" means a folder in /dev/shm
 	// named for Root.
 	MemDir string
+	// Detached makes QEMU machines outlive the process (qemu.Runner's
+	// Detached): the daemon's boxes run on when it is killed, for the
+	// next daemon to adopt. Without it they die with the process.
+	Detached bool
 	// VMM starts the kvm runner's VMM process: the boxd binary and its
 	// hidden vmm command. Nil leaves the kvm runner unable to start
 	// machines (it still answers Capabilities).
@@ -79,7 +83,7 @@ func New(cfg Config) *Set {
 	}
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
-		OOMScoreAdj: MachineOOMScoreAdj,
+		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached,
 	}
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
 	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir, log: log}

@@ -1,7 +1,8 @@
 package qemu
 
-// A machine outlives the boxd that started it. QEMU runs in a session of
-// its own, with no parent-death signal, and its folder (Runner.Dir/qemu-*)
+// A machine of a Runner with Detached set outlives the process that
+// started it (boxd). QEMU runs in a session of its own, with no
+// parent-death signal, and its folder (Runner.Dir/qemu-*)
 // holds, beside its QMP and agent sockets, a state file (state.json) that
 // says what a later runner on the same folders needs to take it over:
 // the process (pid and start time, which together name it even after the
@@ -286,13 +287,7 @@ func (r *Runner) Reclaim() (folders int, freed int64) {
 			if !e.IsDir() || !strings.HasPrefix(e.Name(), "qemu-") || keep[dir] || ours(e.Name()) {
 				continue
 			}
-			if b, err := os.ReadFile(filepath.Join(dir, stateFile)); err == nil {
-				var st machineState
-				if json.Unmarshal(b, &st) == nil && st.PID > 0 {
-					killProcess(st.PID, st.StartTicks)
-				}
-			}
-			if os.RemoveAll(dir) == nil {
+			if removeMachine(dir) {
 				folders++
 			}
 		}
@@ -310,6 +305,36 @@ func (r *Runner) Reclaim() (folders int, freed int64) {
 		}
 	}
 	return folders, freed
+}
+
+// KillMachines kills the QEMUs of the machine folders in dir (a
+// Runner.Dir) and removes the folders; it returns how many it removed. It
+// is for a process that holds the folders' root while no runner uses
+// them: a test cleaning up after the daemon it killed.
+func KillMachines(dir string) int {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		if e.IsDir() && strings.HasPrefix(e.Name(), "qemu-") && removeMachine(filepath.Join(dir, e.Name())) {
+			n++
+		}
+	}
+	return n
+}
+
+// removeMachine kills the QEMU its state file in machine folder dir names,
+// if it still runs, and removes the folder.
+func removeMachine(dir string) bool {
+	if b, err := os.ReadFile(filepath.Join(dir, stateFile)); err == nil {
+		var st machineState
+		if json.Unmarshal(b, &st) == nil && st.PID > 0 {
+			killProcess(st.PID, st.StartTicks)
+		}
+	}
+	return os.RemoveAll(dir) == nil
 }
 
 // killProcess kills process pid if it is the one that started at

@@ -28,7 +28,7 @@ const (
 // environment, prints "ID PID" for each and waits to be killed.
 func adoptHelper(t *testing.T, env string) {
 	f := strings.Fields(env)
-	r := &qemu.Runner{Dir: f[2], MemDir: f[3]}
+	r := &qemu.Runner{Dir: f[2], MemDir: f[3], Detached: true}
 	for i := range 3 {
 		m, err := r.StartMachine(context.Background(), runner.Spec{
 			MemSize: 128 << 20, Kernel: f[0], Initrd: f[1], Cmdline: "console=ttyS0 panic=-1 quiet",

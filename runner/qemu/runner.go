@@ -82,6 +82,13 @@ type Runner struct {
 	// with what it inherits.
 	OOMScoreAdj int
 
+	// Detached makes machines outlive the process that starts them, for
+	// a later process to Adopt (boxd's daemon: its boxes survive its
+	// crash or upgrade): QEMU runs in a session of its own, away from the
+	// process's terminal and signals. Without it QEMU is killed when that
+	// process ends (tests, tools), so nothing is left behind.
+	Detached bool
+
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
 	// Unique, when set, is called for a machine restored with
@@ -386,17 +393,18 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	if lo.incoming {
 		args = append(args, "-S", "-incoming", "defer")
 	}
-	// QEMU outlives the process that started it (see adopt.go): it runs
-	// in a session of its own, away from boxd's terminal and signals, and
-	// writes what it says to a file in its folder, not to a pipe that
-	// would break when boxd goes.
+	// QEMU writes what it says to a file in its folder, not to a pipe
+	// that would break if it outlives this process (Detached, adopt.go).
 	out, err := os.OpenFile(m.outputPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
 	m.cmd = exec.Command(path, args...)
-	m.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if r.Detached {
+		m.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
 	m.cmd.Stdout, m.cmd.Stderr = out, out
 	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Kernel, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
 	err = m.cmd.Start()
