@@ -293,14 +293,29 @@ func TestDaemonSSH(t *testing.T) {
 	d.stop(t) // without --leave-running: the boxes hibernate
 	d.args = []string{"--leave-running"}
 	d.start(t)
-	if out, _, _ := d.ssh(t, d.key, "f1", "hostname"); out != "f1" {
-		t.Fatalf("f1 woken: %q", out)
+	for _, n := range []string{"f1", "dev"} {
+		if out, _, _ := d.ssh(t, d.key, n, "hostname"); out != n {
+			t.Fatalf("%s woken: %q", n, out)
+		}
 	}
-	d.stop(t) // SIGTERM: f1 runs on
+	d.ssh(t, d.key, "dev", "echo kept > /root/kept.txt")
+	d.stop(t) // SIGTERM: f1 and dev run on
 	d.args = nil
 	d.checkRunsAlone(t, "f1")
 	d.start(t)
 	d.checkAdopted(t, "f1", time.Now())
+
+	// dev, adopted on a memory file of its own (it booted), forks and
+	// hibernates too.
+	d.cli(t, "fork", "dev", "f3")
+	if out, _, _ := d.ssh(t, d.key, "f3", "cat /root/kept.txt"); out != "kept" {
+		t.Fatalf("f3, a fork of an adopted box: %q", out)
+	}
+	d.cli(t, "rm", "f3")
+	d.cli(t, "hibernate", "dev")
+	if out, _, _ := d.ssh(t, d.key, "dev", "cat /root/kept.txt"); out != "kept" {
+		t.Fatalf("dev, adopted, hibernated and woken: %q", out)
+	}
 
 	// rm leaves no QEMU, memory file, socket or machine folder.
 	d.cli(t, "rm", "f1")
