@@ -155,8 +155,12 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 	if !st.Ready {
 		return nil, fmt.Errorf("qemu: %s never finished starting: %w", id, errdefs.ErrFailedPrecondition)
 	}
+	started := time.Duration(st.StartTicks) * (time.Second / 100) // clock ticks (USER_HZ) since boot
 	pidfd, err := openProcess(st.PID, st.StartTicks)
 	if err != nil {
+		if oomKilled(st.PID, started) {
+			err = fmt.Errorf("the kernel's OOM killer ended QEMU (the host ran out of memory): %w", err)
+		}
 		return nil, fmt.Errorf("%s (pid %d): %w", id, st.PID, err)
 	}
 	m := &Machine{
@@ -167,7 +171,7 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 		memFile: st.MemFile, private: st.Private,
 		disk: st.Disk, base: st.Base, last: st.Last, unstoredDisks: st.UnstoredDisks,
 		pid: st.PID, startTicks: st.StartTicks, pidfd: pidfd, ready: true,
-		started: time.Duration(st.StartTicks) * (time.Second / 100),
+		started: started,
 		done:    make(chan struct{}),
 	}
 	if st.OwnDisk != "" {
