@@ -129,8 +129,9 @@ const (
 
 // reclaimMemDirs removes the memory folders in parent (but keep) whose
 // owner file names a process that no longer exists, and returns the bytes
-// and folders it freed. A folder without an owner file, or whose owner
-// lives, is left alone.
+// and folders it freed. A folder without an owner file, whose owner
+// lives, or whose root has machines that still run (a killed daemon's,
+// for the next daemon on that root to adopt) is left alone.
 func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 	entries, err := os.ReadDir(parent)
 	if err != nil {
@@ -147,6 +148,9 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		}
 		var pid int
 		if _, err := fmt.Sscanf(string(b), "%d", &pid); err != nil || pid <= 0 || alive(pid) {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) == 2 && qemu.LiveMachines(filepath.Join(f[1], "run")) > 0 {
 			continue
 		}
 		size := treeSize(dir)

@@ -329,6 +329,31 @@ func KillMachines(dir string) int {
 	return n
 }
 
+// LiveMachines counts the machine folders in dir (a Runner.Dir) whose QEMU
+// still runs: machines a process that is gone left for the next to adopt.
+func LiveMachines(dir string) int {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), "qemu-") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), stateFile))
+		var st machineState
+		if err != nil || json.Unmarshal(b, &st) != nil || st.PID <= 0 {
+			continue
+		}
+		if fd, err := openProcess(st.PID, st.StartTicks); err == nil {
+			_ = unix.Close(fd)
+			n++
+		}
+	}
+	return n
+}
+
 // removeMachine kills the QEMU its state file in machine folder dir names,
 // if it still runs, and removes the folder.
 func removeMachine(dir string) bool {
