@@ -42,6 +42,10 @@ type Config struct {
 	// MemDir holds guest memory files; "" means a folder in /dev/shm
 	// named for Root.
 	MemDir string
+	// Detached makes QEMU machines outlive the process (qemu.Runner's
+	// Detached): the daemon's boxes run on when it is killed, for the
+	// next daemon to adopt. Without it they die with the process.
+	Detached bool
 	// VMM starts the kvm runner's VMM process: the boxd binary and its
 	// hidden vmm command. Nil leaves the kvm runner unable to start
 	// machines (it still answers Capabilities).
@@ -64,12 +68,14 @@ type Set struct {
 	QEMU    *qemu.Runner
 	KVM     *kvm.Runner
 	memDir  string
+	log     *slog.Logger
 }
 
-// New builds the backends of cfg.Root. The caller holds the root (its
-// store is open), so memory files in the root's memory folder are a dead
-// boxd's and are removed; so are the memory folders in /dev/shm of other
-// roots whose daemon is gone. What was reclaimed is logged.
+// New builds the backends of cfg.Root and removes the memory folders in
+// /dev/shm of other roots whose daemon is gone. The caller holds the root
+// (its store is open): what a previous boxd on it left (machines that may
+// still run, their memory files and folders) is its to adopt (the box
+// manager does, runner.Adopter) and then to Reclaim.
 func New(cfg Config) *Set {
 	log := cfg.Logger
 	if log == nil {
@@ -80,13 +86,6 @@ func New(cfg Config) *Set {
 		if freed, n := reclaimMemDirs(shmDir, cfg.MemDir); n > 0 {
 			log.Info("backends: removed the memory folders of boxd daemons that are gone", "folders", n, "mib", freed>>20)
 		}
-	}
-	if freed := treeSize(cfg.MemDir); freed > 0 {
-		log.Info("backends: removed the memory files a previous boxd left on this root", "folder", cfg.MemDir, "mib", freed>>20)
-	}
-	_ = os.RemoveAll(cfg.MemDir)
-	if n := removeMachineDirs(filepath.Join(cfg.Root, "run")); n > 0 {
-		log.Info("backends: removed the machine folders a previous boxd left on this root", "folders", n)
 	}
 	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
 		_ = os.WriteFile(filepath.Join(cfg.MemDir, ownerFile), fmt.Appendf(nil, "%d %s\n", os.Getpid(), cfg.Root), 0o600)
@@ -100,14 +99,27 @@ func New(cfg Config) *Set {
 	}
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
-		OOMScoreAdj: MachineOOMScoreAdj, MemoryHeadroom: headroom,
+		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
 		MemoryGroups: memDirPrefix + shortHash(cfg.Root),
 	}
-	if n := q.RemoveEmptyMemoryGroups(); n > 0 {
-		log.Info("backends: removed the memory cgroups of machines a previous boxd left", "cgroups", n)
-	}
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
-	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir}
+	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir, log: log}
+}
+
+// Reclaim stops and removes what a previous boxd on the root left that was
+// not adopted since New: its machines (spares, machines no box claimed),
+// their folders under ROOT/run and memory files nothing maps. Exported
+// disks beside the folders stay: disks stand on them. What was reclaimed
+// is logged.
+func (s *Set) Reclaim() {
+	folders, freed := s.QEMU.Reclaim()
+	if folders > 0 || freed > 0 {
+		s.log.Info("backends: removed the machines and memory files a previous boxd left on this root", "folders", folders, "mib", freed>>20)
+	}
+	// Adopted machines keep theirs: a cgroup with a process stays.
+	if n := s.QEMU.RemoveEmptyMemoryGroups(); n > 0 {
+		s.log.Info("backends: removed the memory cgroups of machines a previous boxd left", "cgroups", n)
+	}
 }
 
 // Close waits for the snapshots written in the background, stops the kvm
@@ -138,8 +150,9 @@ const (
 
 // reclaimMemDirs removes the memory folders in parent (but keep) whose
 // owner file names a process that no longer exists, and returns the bytes
-// and folders it freed. A folder without an owner file, or whose owner
-// lives, is left alone.
+// and folders it freed. A folder without an owner file, whose owner
+// lives, or whose root has machines that still run (a killed daemon's,
+// for the next daemon on that root to adopt) is left alone.
 func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 	entries, err := os.ReadDir(parent)
 	if err != nil {
@@ -158,6 +171,9 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		if _, err := fmt.Sscanf(string(b), "%d", &pid); err != nil || pid <= 0 || alive(pid) {
 			continue
 		}
+		if f := strings.Fields(string(b)); len(f) == 2 && qemu.LiveMachines(filepath.Join(f[1], "run")) > 0 {
+			continue
+		}
 		size := treeSize(dir)
 		if os.RemoveAll(dir) == nil {
 			freed += size
@@ -165,24 +181,6 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		}
 	}
 	return freed, folders
-}
-
-// removeMachineDirs removes the QEMU machine folders (qemu-PID-N-*: QMP and
-// agent sockets, consoles) in dir, which a boxd that is gone left: the
-// caller holds the root. Exported disks beside them stay: disks stand on
-// them.
-func removeMachineDirs(dir string) int {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return 0
-	}
-	n := 0
-	for _, e := range entries {
-		if e.IsDir() && strings.HasPrefix(e.Name(), "qemu-") && os.RemoveAll(filepath.Join(dir, e.Name())) == nil {
-			n++
-		}
-	}
-	return n
 }
 
 // alive says whether process pid exists.

@@ -6,6 +6,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/boxd-dev/boxd/internal/procstat"
 )
 
 // Memory folders of daemons that are gone are reclaimed; those of live
@@ -23,6 +25,7 @@ func TestReclaimMemDirs(t *testing.T) {
 		"boxd-mine":     fmt.Sprintf("%d /var/lib/c\n", dead.Process.Pid),
 		"other-dead":    fmt.Sprintf("%d /var/lib/d\n", dead.Process.Pid),
 		"boxd-badowner": "not a pid\n",
+		"boxd-running":  fmt.Sprintf("%d %s\n", dead.Process.Pid, runningRoot(t)),
 	}
 	for name, owner := range folders {
 		dir := filepath.Join(parent, name)
@@ -50,8 +53,8 @@ func TestReclaimMemDirs(t *testing.T) {
 	}
 }
 
-// New takes the root's memory folder, says whose it is, and reclaims a
-// dead predecessor's files in it.
+// New takes the root's memory folder and says whose it is; Reclaim then
+// removes a dead predecessor's files that were not adopted.
 func TestNewTakesMemDir(t *testing.T) {
 	mem := filepath.Join(t.TempDir(), "mem")
 	if err := os.MkdirAll(mem, 0o700); err != nil {
@@ -68,6 +71,10 @@ func TestNewTakesMemDir(t *testing.T) {
 		}
 	}
 	s := New(Config{Root: root, MemDir: mem})
+	if _, err := os.Stat(left); err != nil {
+		t.Fatalf("a memory file went before the machines were adopted: %v", err)
+	}
+	s.Reclaim()
 	if _, err := os.Stat(filepath.Join(root, "run/qemu-77-1-abc")); !os.IsNotExist(err) {
 		t.Fatalf("a dead boxd's machine folder is still there: %v", err)
 	}
@@ -90,4 +97,23 @@ func TestNewTakesMemDir(t *testing.T) {
 	if _, err := os.Stat(mem); !os.IsNotExist(err) {
 		t.Fatalf("the memory folder outlived Close with no machine left: %v", err)
 	}
+}
+
+// runningRoot is a root whose daemon is gone but whose machine runs on:
+// this process stands for its QEMU.
+func runningRoot(t *testing.T) string {
+	root := t.TempDir()
+	dir := filepath.Join(root, "run", "qemu-1-1-x")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ticks, err := procstat.StartTime(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := fmt.Sprintf(`{"pid": %d, "start_ticks": %d, "ready": true}`, os.Getpid(), ticks)
+	if err := os.WriteFile(filepath.Join(dir, "state.json"), []byte(state), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return root
 }

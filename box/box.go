@@ -17,7 +17,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
@@ -121,6 +123,10 @@ type Manager struct {
 	clients  map[string]*agent.Client
 
 	usage usageState // what Usage keeps (usage.go)
+
+	// left says LeaveRunning closed the manager: machines that end from
+	// then on are the next manager's to notice.
+	left atomic.Bool
 }
 
 var bucket = []byte("boxes")
@@ -143,9 +149,12 @@ func ValidateName(name string) error {
 	return nil
 }
 
-// Open opens the manager of cfg.Root. Boxes recorded as running whose
-// machines are gone (boxd stopped without hibernating them) are marked
-// stopped, with a note; their disks are kept.
+// Open opens the manager of cfg.Root. Boxes recorded as running or paused
+// are a previous boxd's that left them running (it was killed, or closed
+// with LeaveRunning): their machines are adopted where their runner can
+// (runner.Adopter), their agents dialled again. A box whose machine is
+// gone, or whose runner cannot adopt it, is marked stopped with the
+// reason in its note; its disk is kept and the next use boots it.
 func Open(cfg Config) (*Manager, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -179,34 +188,103 @@ func Open(cfg Config) (*Manager, error) {
 		clients:  map[string]*agent.Client{},
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		b, err := tx.CreateBucketIfNotExists(bucket)
-		if err != nil {
-			return err
-		}
-		return b.ForEach(func(k, v []byte) error {
-			var bx Box
-			if err := json.Unmarshal(v, &bx); err != nil {
-				return err
-			}
-			if bx.State != StateRunning && bx.State != StatePaused {
-				return nil
-			}
-			bx.State, bx.Note = StateStopped, "boxd stopped while the box ran; its disk is kept, start it again"
-			nv, err := json.Marshal(bx)
-			if err != nil {
-				return err
-			}
-			return b.Put(k, nv)
-		})
+		_, err := tx.CreateBucketIfNotExists(bucket)
+		return err
 	})
+	var boxes []Box
+	if err == nil {
+		boxes, err = m.List()
+	}
 	if err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("box: reading boxes.db: %w", err)
 	}
+	for _, bx := range boxes {
+		if bx.State != StateRunning && bx.State != StatePaused {
+			continue
+		}
+		if err := m.adopt(context.Background(), bx); err != nil {
+			m.log.Warn("box: a box left running is stopped", "box", bx.Name, "err", err)
+			bx.State, bx.Note = StateStopped, "boxd stopped while the box ran, and "+err.Error()+"; its disk is kept, the next use boots it"
+			if err := m.put(bx); err != nil {
+				_ = db.Close()
+				return nil, fmt.Errorf("box: %w", err)
+			}
+		}
+	}
 	return m, nil
 }
 
+// machineFile names the file that says which machine (its Machine.ID on
+// the box's runner) box name runs in, for the next boxd to adopt it.
+func (m *Manager) machineFile(name string) string { return filepath.Join(m.boxDir(name), "machine") }
+
+// adopt takes over the machine a previous boxd left bx running in, dials
+// its agent again and starts its spares. Processes in the box run on;
+// sessions served over the old agent connection (an SSH session, an exec)
+// are gone.
+func (m *Manager) adopt(ctx context.Context, bx Box) error {
+	b, err := os.ReadFile(m.machineFile(bx.Name))
+	if err != nil {
+		return errors.New("no machine of it is known")
+	}
+	id := strings.TrimSpace(string(b))
+	r, err := m.runnerOf(bx)
+	if err != nil {
+		return err
+	}
+	ad, ok := r.(runner.Adopter)
+	if !ok {
+		return fmt.Errorf("the %s runner cannot adopt its machine", r.Name())
+	}
+	mach, err := ad.Adopt(ctx, id)
+	if err != nil {
+		_ = os.Remove(m.machineFile(bx.Name))
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("its machine ended meanwhile (%w)", err)
+		}
+		return fmt.Errorf("its machine could not be adopted (%w)", err)
+	}
+	// The old boxd may have left it stopped half-way through a snapshot;
+	// the agent answers only while the guest runs.
+	if err := mach.Continue(ctx); err != nil {
+		_ = mach.Stop(ctx)
+		return fmt.Errorf("its adopted machine does not run (%w)", err)
+	}
+	if err := m.attach(ctx, bx.Name, mach); err != nil {
+		return fmt.Errorf("its adopted machine did not answer (%w)", err)
+	}
+	if bx.State == StatePaused {
+		if err := mach.Pause(ctx); err != nil {
+			m.stopMachine(ctx, bx.Name)
+			return fmt.Errorf("its adopted machine did not pause (%w)", err)
+		}
+	}
+	m.startSpares(bx.Name, mach)
+	m.log.Info("box: adopted a box left running", "box", bx.Name, "machine", id)
+	m.emit(events.Event{Type: events.Adopted, Box: bx.Name})
+	return nil
+}
+
 func disksDir(root string) string { return filepath.Join(root, "disks") }
+
+// LeaveRunning closes the manager and leaves its running and paused boxes
+// as they are, for the next boxd on the root to adopt (see Open): an
+// upgrade of boxd that no box notices but for its SSH sessions and execs,
+// which end. Snapshots written in the background go to the store first.
+func (m *Manager) LeaveRunning(ctx context.Context) error {
+	if err := m.Flush(ctx); err != nil {
+		m.log.Error("box: writing snapshots at exit", "err", err)
+	}
+	m.left.Store(true)
+	m.mu.Lock()
+	for name, c := range m.clients {
+		_ = c.Close()
+		delete(m.clients, name)
+	}
+	m.mu.Unlock()
+	return m.db.Close()
+}
 
 // Close hibernates every running box (so that nothing is lost) and
 // closes the database.
@@ -551,6 +629,11 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 	m.mu.Lock()
 	m.machines[name], m.clients[name] = mach, c
 	m.mu.Unlock()
+	// A boxd killed from here on leaves the machine running; the next one
+	// adopts it by this file.
+	if err := os.WriteFile(m.machineFile(name), []byte(mach.ID()+"\n"), 0o600); err != nil {
+		m.log.Warn("box: a later boxd cannot adopt this box's machine", "box", name, "err", err)
+	}
 	c.ServeHost(m.serveInside(name))
 	go m.watch(name, mach)
 	return nil
@@ -562,8 +645,8 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 // disk is kept; the next use boots it.
 func (m *Manager) watch(name string, mach runner.Machine) {
 	<-mach.Done()
-	if errors.Is(mach.Err(), runner.ErrStopped) {
-		return
+	if errors.Is(mach.Err(), runner.ErrStopped) || m.left.Load() {
+		return // the next manager on the root sees that the machine ended
 	}
 	unlock := m.lock(name)
 	defer unlock()
@@ -602,6 +685,9 @@ func (m *Manager) detach(name string) runner.Machine {
 	mach := m.machines[name]
 	if c := m.clients[name]; c != nil {
 		_ = c.Close()
+	}
+	if mach != nil {
+		_ = os.Remove(m.machineFile(name))
 	}
 	delete(m.machines, name)
 	delete(m.clients, name)

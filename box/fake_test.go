@@ -474,3 +474,16 @@ func (s *fakeSystem) clockSet() time.Time {
 
 var _ = errors.Is
 var _ runner.Forker = (*fakeForkMachine)(nil)
+
+// Adopt takes over a machine of this runner that still runs, as a new
+// manager on the same root does after the last one left it running.
+func (r *fakeRunner) Adopt(_ context.Context, id string) (runner.Machine, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range r.machines {
+		if m.id == id && m.Err() == nil {
+			return r.wrap(m), nil
+		}
+	}
+	return nil, fmt.Errorf("fake: machine %s is gone: %w", id, errdefs.ErrNotFound)
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/daemon"
+	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
 )
 
@@ -181,6 +182,7 @@ func startDaemon(t *testing.T, root string) *exec.Cmd {
 		if cmd.ProcessState == nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
+			qemu.KillMachines(filepath.Join(root, "run")) // they outlive the daemon
 		}
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')

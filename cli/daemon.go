@@ -17,7 +17,9 @@ func daemonCommand() *cli.Command {
 		Description: "The API is HTTP/JSON on the unix socket ROOT/" + daemon.SocketName + " (root only). The SSH front door's host key\n" +
 			"is ROOT/" + daemon.HostKeyName + ". A running box nobody has used (no SSH connection, no exec, under a quarter of a CPU) for\n" +
 			"--idle-hibernate is hibernated; the next SSH connection resumes it. On SIGINT or SIGTERM every\n" +
-			"running box is hibernated before the daemon exits, so a restart loses nothing.",
+			"running box is hibernated before the daemon exits, so a restart loses nothing; with --leave-running\n" +
+			"running boxes are left running instead, for the next daemon on the root to adopt (an upgrade). A\n" +
+			"daemon that is killed or crashes leaves them running too: the next one adopts them the same way.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "root", Usage: "folder holding boxd's store and metadata (default: the global --root)"},
 			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
@@ -26,6 +28,7 @@ func daemonCommand() *cli.Command {
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on this host:port (/metrics), e.g. 127.0.0.1:9464 (default: none)"},
 			&cli.BoolFlag{Name: "metrics-allow-remote", Usage: "let --metrics-listen be an address other hosts can reach"},
+			&cli.BoolFlag{Name: "leave-running", Usage: "on SIGINT or SIGTERM leave running boxes running for the next daemon to adopt, instead of hibernating them"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
 		Action: runDaemon,
@@ -85,6 +88,7 @@ func runDaemon(c *cli.Context) error {
 		IdleHibernate: c.Duration("idle-hibernate"),
 		Kernel:        c.String("kernel"),
 		Spares:        warm,
+		LeaveRunning:  c.Bool("leave-running"),
 		Logger:        log,
 
 		MetricsListen:      c.String("metrics-listen"),

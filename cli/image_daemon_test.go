@@ -15,6 +15,7 @@ import (
 	"github.com/boxd-dev/boxd/daemon"
 	"github.com/boxd-dev/boxd/guest"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 )
@@ -36,6 +37,7 @@ func startDaemonLog(t *testing.T, root string) (*exec.Cmd, *testutil.LockedBuffe
 		if cmd.ProcessState == nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
+			qemu.KillMachines(filepath.Join(root, "run")) // they outlive the daemon
 		}
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')

@@ -21,6 +21,7 @@ import (
 
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/events"
+	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
 // TestOperatorsView runs a real daemon with its metrics endpoint, scraped
@@ -129,6 +130,7 @@ func startDaemonArgs(t *testing.T, root string, args ...string) (*exec.Cmd, stri
 		if cmd.ProcessState == nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
+			qemu.KillMachines(filepath.Join(root, "run")) // they outlive the daemon
 		}
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
 // sshKey is a key pair made by OpenSSH's ssh-keygen.
@@ -72,6 +73,7 @@ func startDaemonSSH(t *testing.T, root string) (*exec.Cmd, frontDoor) {
 		if cmd.ProcessState == nil {
 			_ = cmd.Process.Kill()
 			_ = cmd.Wait()
+			qemu.KillMachines(filepath.Join(root, "run")) // they outlive the daemon
 		}
 	})
 	line, err := bufio.NewReader(out).ReadString('\n')

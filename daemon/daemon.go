@@ -51,6 +51,10 @@ type Config struct {
 	MetricsListen      string
 	MetricsAllowRemote bool
 	Logger             *slog.Logger
+	// LeaveRunning makes the daemon leave running boxes running when it
+	// stops, for the next daemon on the root to adopt (an upgrade),
+	// instead of hibernating them.
+	LeaveRunning bool
 	// Ready, when not nil, is called once the daemon serves.
 	Ready func(Info)
 }
@@ -101,7 +105,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
-	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand()})
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true})
 	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,
@@ -111,9 +115,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	// The boxes a previous daemon left running are adopted: what else it
+	// left goes.
+	bk.Reclaim()
 	closeMgr := func() error {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		defer cancel()
+		if cfg.LeaveRunning {
+			return errors.Join(mgr.LeaveRunning(cctx), bk.Close(cctx))
+		}
 		return errors.Join(mgr.Close(cctx), bk.Close(cctx))
 	}
 	hostKey, err := sshproxy.LoadOrCreateHostKey(filepath.Join(cfg.Root, HostKeyName))
@@ -192,10 +202,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	case <-ctx.Done():
 	case failed = <-served:
 	}
-	log.Info("boxd daemon stopping: hibernating running boxes")
+	if cfg.LeaveRunning {
+		log.Info("boxd daemon stopping: leaving running boxes running for the next daemon")
+	} else {
+		log.Info("boxd daemon stopping: hibernating running boxes")
+	}
 	// Stop accepting: SSH connections end now (their boxes are about to
-	// hibernate); API requests in flight may finish for a while, then the
-	// operations they started are cancelled.
+	// hibernate, or to be adopted); API requests in flight may finish for
+	// a while, then the operations they started are cancelled.
 	_ = proxy.Close()
 	sctx, cancel := context.WithTimeout(context.Background(), requestGrace)
 	if err := hs.Shutdown(sctx); err != nil {

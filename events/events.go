@@ -21,6 +21,7 @@ const (
 	Snapshot   = "snapshot"   // Snapshot of a running box was committed
 	Promoted   = "promoted"   // fork From took Box's place; Snapshot keeps Box's state before
 	Removed    = "removed"    // a box was deleted
+	Adopted    = "adopted"    // a box a previous daemon left running was taken over, running on
 	GC         = "gc"         // the store's garbage was collected; Bytes were freed
 )
 

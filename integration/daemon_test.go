@@ -22,6 +22,7 @@ import (
 
 type daemonEnv struct {
 	root, boxd, port string
+	args             []string // more flags of boxd daemon
 	cmd              *exec.Cmd
 	env              []string
 	key, wrongKey    string
@@ -29,7 +30,8 @@ type daemonEnv struct {
 
 func (d *daemonEnv) start(t *testing.T) {
 	t.Helper()
-	cmd := exec.Command(d.boxd, "--root", d.root, "daemon", "--ssh-listen", "127.0.0.1:"+d.port, "--idle-hibernate", "0")
+	args := append([]string{"--root", d.root, "daemon", "--ssh-listen", "127.0.0.1:" + d.port, "--idle-hibernate", "0"}, d.args...)
+	cmd := exec.Command(d.boxd, args...)
 	cmd.Env = d.env
 	log, err := os.OpenFile(filepath.Join(d.root, "daemon.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -151,7 +153,20 @@ func TestDaemonSSH(t *testing.T) {
 	sshKeygen(t, d.key)
 	sshKeygen(t, d.wrongKey)
 	d.start(t)
-	t.Cleanup(func() { d.stop(t) })
+	t.Cleanup(func() {
+		d.stop(t)
+		// Boxes outlive the daemon: a test that failed while none ran
+		// leaves no QEMU behind.
+		if owners, _ := filepath.Glob("/dev/shm/boxd-*/owner"); len(owners) > 0 {
+			for _, o := range owners {
+				if b, _ := os.ReadFile(o); strings.HasSuffix(strings.TrimSpace(string(b)), " "+d.root) {
+					for _, pid := range qemusOf(filepath.Dir(o)) {
+						_ = syscall.Kill(pid, syscall.SIGKILL)
+					}
+				}
+			}
+		}
+	})
 
 	d.cli(t, "create", "dev", "--ssh-key", d.key+".pub")
 	if out, _, code := d.ssh(t, d.key, "dev", "echo", "hello"); out != "hello" || code != 0 {
@@ -231,13 +246,100 @@ func TestDaemonSSH(t *testing.T) {
 	if out, _, _ := d.ssh(t, d.key, "f1", "cat /root/fork.txt; head -n 1 /tmp/count"); out != fmt.Sprintf("fork\n%d", 0) {
 		t.Fatalf("f1 after a daemon restart: %q", out)
 	}
-	// kill -9 of the daemon: its QEMUs die with it and leave their memory
-	// files; the next daemon on the root reclaims every one of them, and
-	// the boxes come back stopped, their disks kept.
-	mem := memFolder(t, d.root)
-	if files := memFiles(t, mem); len(files) == 0 {
-		t.Fatalf("no memory files in %s while boxes run", mem)
+	// kill -9 of the daemon: its boxes run on, and the next daemon on the
+	// root adopts them, their processes and files intact.
+	d.killAndRestart(t)
+
+	// A box whose QEMU was killed while no daemon ran is marked stopped,
+	// saying why, and boots on its next use.
+	if out, _, _ := d.ssh(t, d.key, "dev", "hostname"); out != "dev" { // the SIGTERM above hibernated it
+		t.Fatalf("dev woken: %q", out)
 	}
+	killed := d.kill(t)
+	pid := machinePID(t, d.root, "dev")
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, pid)
+	d.start(t)
+	d.noMachinesOf(t, killed)
+	for _, b := range d.boxes(t) {
+		switch {
+		case b.Name == "dev" && (b.State != "stopped" || !strings.Contains(b.Note, "its machine ended meanwhile")):
+			t.Fatalf("dev, whose QEMU was killed while no daemon ran: %s (%q), want stopped with the reason", b.State, b.Note)
+		case b.Name == "f1" && b.State != "running":
+			t.Fatalf("f1 after the second restart: %s (%q), want running", b.State, b.Note)
+		}
+	}
+	if out, _, _ := d.ssh(t, d.key, "dev", "hostname"); out != "dev" {
+		t.Fatalf("dev after a cold boot: %q", out)
+	}
+
+	// An adopted box forks (its spares are new) and hibernates.
+	d.cli(t, "fork", "f1", "f2")
+	if out, _, _ := d.ssh(t, d.key, "f2", "cat /root/fork.txt"); out != "fork" {
+		t.Fatalf("f2, a fork of an adopted box: %q", out)
+	}
+	d.cli(t, "rm", "f2")
+	d.cli(t, "hibernate", "f1")
+	woken, _, _ := d.ssh(t, d.key, "f1", "wc -l < /root/count")
+	time.Sleep(time.Second)
+	if later, _, _ := d.ssh(t, d.key, "f1", "wc -l < /root/count"); mustAtoi(t, later) <= mustAtoi(t, woken) {
+		t.Fatalf("f1's counter after it was adopted, hibernated and woken: %s then %s", woken, later)
+	}
+
+	// SIGTERM with --leave-running leaves the boxes running for the next
+	// daemon, which adopts them.
+	d.stop(t) // without --leave-running: the boxes hibernate
+	d.args = []string{"--leave-running"}
+	d.start(t)
+	for _, n := range []string{"f1", "dev"} {
+		if out, _, _ := d.ssh(t, d.key, n, "hostname"); out != n {
+			t.Fatalf("%s woken: %q", n, out)
+		}
+	}
+	d.ssh(t, d.key, "dev", "echo kept > /root/kept.txt")
+	d.stop(t) // SIGTERM: f1 and dev run on
+	d.args = nil
+	d.checkRunsAlone(t, "f1")
+	d.start(t)
+	d.checkAdopted(t, "f1", time.Now())
+
+	// dev, adopted on a memory file of its own (it booted), forks and
+	// hibernates too.
+	d.cli(t, "fork", "dev", "f3")
+	if out, _, _ := d.ssh(t, d.key, "f3", "cat /root/kept.txt"); out != "kept" {
+		t.Fatalf("f3, a fork of an adopted box: %q", out)
+	}
+	d.cli(t, "rm", "f3")
+	d.cli(t, "hibernate", "dev")
+	if out, _, _ := d.ssh(t, d.key, "dev", "cat /root/kept.txt"); out != "kept" {
+		t.Fatalf("dev, adopted, hibernated and woken: %q", out)
+	}
+
+	// rm leaves no QEMU, memory file, socket or machine folder.
+	d.cli(t, "rm", "f1")
+	d.cli(t, "rm", "dev")
+	mem := memFolder(t, d.root)
+	if files := memFiles(t, mem); len(files) != 0 {
+		t.Fatalf("memory files left after rm of every box: %v", files)
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(d.root, "run", "qemu-*")); len(dirs) != 0 {
+		t.Fatalf("machine folders left after rm of every box: %v", dirs)
+	}
+	if pids := qemusOf(mem); len(pids) != 0 {
+		t.Fatalf("QEMUs of the root left after rm of every box: %v", pids)
+	}
+}
+
+// killAndRestart kills the daemon with -9 while box f1 counts in a loop,
+// checks that f1's QEMU runs on without it, starts a new daemon and checks
+// that it adopted f1: listed running, exec works, the counter has no gap
+// and grows.
+func (d *daemonEnv) killAndRestart(t *testing.T) {
+	t.Helper()
+	d.ssh(t, d.key, "f1", `nohup sh -c 'while :; do date +%s%N >> /root/count; sleep 0.2; done' >/dev/null 2>&1 &`)
+	time.Sleep(time.Second)
 	states := map[string]string{}
 	for _, b := range d.boxes(t) {
 		states[b.Name] = b.State
@@ -245,39 +347,173 @@ func TestDaemonSSH(t *testing.T) {
 	if states["f1"] != "running" {
 		t.Fatalf("f1 before the daemon is killed: %s, want running", states["f1"])
 	}
-	killedPID := d.cmd.Process.Pid
-	if dirs, _ := filepath.Glob(filepath.Join(d.root, "run", fmt.Sprintf("qemu-%d-*", killedPID))); len(dirs) == 0 {
-		t.Fatalf("no machine folders of the daemon (pid %d) in %s/run while boxes run", killedPID, d.root)
+	killed := d.kill(t)
+	d.checkRunsAlone(t, "f1")
+	restarted := time.Now()
+	d.start(t)
+	d.noMachinesOf(t, killed)
+	for _, b := range d.boxes(t) {
+		if b.State != states[b.Name] {
+			t.Fatalf("box %s after the daemon was killed: %s (%q), want %s", b.Name, b.State, b.Note, states[b.Name])
+		}
 	}
+	d.checkAdopted(t, "f1", restarted)
+}
+
+// kill ends the daemon with SIGKILL and returns its pid.
+func (d *daemonEnv) kill(t *testing.T) int {
+	t.Helper()
+	pid := d.cmd.Process.Pid
 	_ = d.cmd.Process.Kill()
 	_ = d.cmd.Wait()
 	d.cmd = nil
-	d.start(t)
-	if files := memFiles(t, mem); len(files) != 0 {
-		t.Fatalf("memory files of the killed daemon left in %s: %v", mem, files)
+	return pid
+}
+
+// checkRunsAlone checks that box name's QEMU runs, and uses CPU, while no
+// daemon does.
+func (d *daemonEnv) checkRunsAlone(t *testing.T, name string) {
+	t.Helper()
+	pid := machinePID(t, d.root, name)
+	cpu := func() int {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatalf("%s's QEMU (pid %d) is gone without the daemon: %v", name, pid, err)
+		}
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		return mustAtoi(t, f[11]) + mustAtoi(t, f[12])
 	}
-	if stale, _ := filepath.Glob(filepath.Join(d.root, "run", fmt.Sprintf("qemu-%d-*", killedPID))); len(stale) != 0 {
-		t.Fatalf("machine folders of the killed daemon left: %v", stale)
+	before := cpu()
+	time.Sleep(2 * time.Second)
+	if after := cpu(); after <= before {
+		t.Fatalf("%s's QEMU (pid %d) used no CPU in 2s without the daemon", name, pid)
 	}
+}
+
+// checkAdopted checks that the daemon adopted box name, which counts into
+// /root/count: it is running, its counter shows no gap of more than the
+// loop's pace would explain and went on past restarted, and it grows.
+func (d *daemonEnv) checkAdopted(t *testing.T, name string, restarted time.Time) {
+	t.Helper()
 	for _, b := range d.boxes(t) {
-		want := states[b.Name]
-		if want == "running" {
-			want = "stopped"
-			if !strings.Contains(b.Note, "boxd stopped while the box ran") {
-				t.Errorf("box %s after the daemon was killed: no reason in its note %q", b.Name, b.Note)
-			}
-		}
-		if b.State != want {
-			t.Fatalf("box %s after the daemon was killed: %s, want %s (it was %s)", b.Name, b.State, want, states[b.Name])
+		if b.Name == name && (b.State != "running" || b.Note != "") {
+			t.Fatalf("%s after a restart: %s (%q), want running", name, b.State, b.Note)
 		}
 	}
-	if out, _, _ := d.ssh(t, d.key, "f1", "hostname"); out != "f1" {
-		t.Fatalf("f1 after a kill -9 of the daemon and a cold boot: %q", out)
+	if out := d.cli(t, "exec", name, "--", "hostname"); strings.TrimSpace(out) != name {
+		t.Fatalf("boxd exec %s hostname: %q", name, out)
 	}
-	d.cli(t, "rm", "f1")
-	if ls := d.cli(t, "ls"); strings.Contains(ls, "f1") {
-		t.Fatalf("f1 still listed after rm:\n%s", ls)
+	out, _, code := d.ssh(t, d.key, name, "date +%s%N; cat /root/count")
+	lines := strings.Fields(out)
+	if code != 0 || len(lines) < 10 {
+		t.Fatalf("%s's counter after a restart: %q (exit %d)", name, out, code)
 	}
+	// On the guest's clock, not the host's: the counter ran from before
+	// the restart began up to now with no gap.
+	now, stamps := time.Duration(mustAtoi(t, lines[0])), lines[1:]
+	from := now - time.Since(restarted) - 2*time.Second
+	prev, first := time.Duration(0), time.Duration(0)
+	for _, s := range stamps {
+		st := time.Duration(mustAtoi(t, s))
+		if st < from {
+			prev = st
+			continue
+		}
+		if first == 0 {
+			first = prev
+		}
+		if gap := st - prev; prev != 0 && gap > 3*time.Second {
+			t.Fatalf("%s's counter has a gap of %s, %s before now", name, gap, now-st)
+		}
+		prev = st
+	}
+	if first == 0 {
+		t.Fatalf("%s's counter did not run before the restart began (%s ago)", name, time.Since(restarted))
+	}
+	if ran := now - prev; ran > 3*time.Second {
+		t.Fatalf("%s's counter stopped %s before now", name, ran)
+	}
+	time.Sleep(time.Second)
+	if after, _, _ := d.ssh(t, d.key, name, "wc -l < /root/count"); mustAtoi(t, after) <= len(stamps) {
+		t.Fatalf("%s's counter does not grow after the restart: %d then %s lines", name, len(stamps), after)
+	}
+}
+
+// noMachinesOf checks that nothing of the killed daemon's is left but the
+// machines the new one adopted: every machine folder under ROOT/run is a
+// live QEMU's, and every QEMU on the root's memory folder has one.
+func (d *daemonEnv) noMachinesOf(t *testing.T, killed int) {
+	t.Helper()
+	live := map[int]bool{}
+	dirs, _ := filepath.Glob(filepath.Join(d.root, "run", "qemu-*"))
+	for _, dir := range dirs {
+		pid := statePID(t, dir)
+		if syscall.Kill(pid, 0) != nil {
+			t.Fatalf("machine folder %s of a QEMU (pid %d) that is gone", dir, pid)
+		}
+		live[pid] = true
+	}
+	for _, pid := range qemusOf(memFolder(t, d.root)) {
+		if !live[pid] {
+			t.Fatalf("QEMU pid %d on the root's memory folder has no machine folder: the killed daemon's (pid %d) spare?", pid, killed)
+		}
+	}
+}
+
+// machinePID is the pid of box name's QEMU, from the box's machine file
+// and the machine's state file.
+func machinePID(t *testing.T, root, name string) int {
+	t.Helper()
+	id, err := os.ReadFile(filepath.Join(root, "boxes", name, "machine"))
+	if err != nil {
+		t.Fatalf("box %s names no machine: %v", name, err)
+	}
+	dirs, _ := filepath.Glob(filepath.Join(root, "run", strings.TrimSpace(string(id))+"-*"))
+	if len(dirs) != 1 {
+		t.Fatalf("box %s's machine %s has folders %v", name, id, dirs)
+	}
+	return statePID(t, dirs[0])
+}
+
+func statePID(t *testing.T, dir string) int {
+	t.Helper()
+	var st struct{ PID int }
+	b, err := os.ReadFile(filepath.Join(dir, "state.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &st)
+	}
+	if err != nil || st.PID <= 0 {
+		t.Fatalf("machine folder %s: no state: %v", dir, err)
+	}
+	return st.PID
+}
+
+// waitGone waits until process pid is no more (its parent reaped it).
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; syscall.Kill(pid, 0) == nil; i++ {
+		if i > 500 {
+			t.Fatalf("process %d still there", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// qemusOf lists the processes whose command line names the memory folder
+// mem: the root's QEMUs.
+func qemusOf(mem string) []int {
+	var out []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !bytes.Contains(b, []byte("mem-path="+mem+"/")) {
+			continue
+		}
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+			out = append(out, pid)
+		}
+	}
+	return out
 }
 
 // boxes lists the daemon's boxes (boxd ls --json).

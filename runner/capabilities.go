@@ -141,3 +141,16 @@ type SpecReader interface {
 	// errdefs.ErrInvalidArgument.
 	SnapshotSpec(s snapshotter.Snapshot) (Spec, error)
 }
+
+// Adopter is a backend whose machines outlive the process that started
+// them, which a later process on the same folders takes over: a daemon
+// that was killed leaves its boxes running, and the next one adopts them.
+// Without it the manager marks the boxes a gone daemon left running
+// stopped, and the next use boots them from their disks.
+type Adopter interface {
+	// Adopt takes over machine id (Machine.ID) as it runs or is paused.
+	// The machine's agent socket (AgentHost) takes a fresh connection;
+	// whatever was served over the old one is gone. A machine whose
+	// process is gone is errdefs.ErrNotFound, the reason in the error.
+	Adopt(ctx context.Context, id string) (Machine, error)
+}

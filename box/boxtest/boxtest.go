@@ -196,6 +196,7 @@ func NewManagerWith(t *testing.T, adjust func(*backends.Config)) (*box.Manager, 
 	if err != nil {
 		t.Fatal(err)
 	}
+	bk.Reclaim()
 	t.Cleanup(func() {
 		ctx := context.Background()
 		boxes, _ := mgr.List()

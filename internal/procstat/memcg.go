@@ -112,6 +112,15 @@ func (g MemoryGroups) Bound(name string, pid int, limit int64) (string, error) {
 	return dir, nil
 }
 
+// Path is the folder of the group called name (which may not exist).
+func (g MemoryGroups) Path(name string) (string, error) {
+	parent, err := g.parentDir()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(parent, name), nil
+}
+
 // Remove removes a cgroup Bound made, once its process has ended (an
 // occupied cgroup stays).
 func Remove(dir string) error { return os.Remove(dir) }

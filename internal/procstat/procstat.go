@@ -88,3 +88,26 @@ func SetOOMScoreAdj(pid, adj int) error {
 	}
 	return nil
 }
+
+// StartTime is when process pid started, in clock ticks since boot
+// (field 22 of /proc/PID/stat): with the pid it names one process, even
+// after the pid is reused.
+func StartTime(pid int) (uint64, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseStartTime(stat)
+}
+
+func parseStartTime(stat []byte) (uint64, error) {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("start time: no command name in %q", stat)
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("start time: %d fields after the command name, want at least 20", len(f))
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}

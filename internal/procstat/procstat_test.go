@@ -87,3 +87,17 @@ func TestSetOOMScoreAdj(t *testing.T) {
 		}
 	}
 }
+
+func TestParseStartTime(t *testing.T) {
+	got, err := parseStartTime([]byte("42 (q (x) emu) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 123456 99 7"))
+	if err != nil || got != 123456 {
+		t.Fatalf("%d, %v; want 123456", got, err)
+	}
+	if _, err := parseStartTime([]byte("7 (x) R 1 2 3")); err == nil {
+		t.Fatal("a short line parsed")
+	}
+	self, err := StartTime(os.Getpid())
+	if err != nil || self == 0 {
+		t.Fatalf("this process's start time: %d, %v", self, err)
+	}
+}

@@ -148,6 +148,11 @@ func TestConformance(t *testing.T) {
 			Network: runner.NetworkNone,
 		},
 		Observer: &observer{seen: map[runner.Machine]int{}},
+		Successor: func(t *testing.T, r runner.Runner, m runner.Machine) runner.Runner {
+			qr := r.(*qemu.Runner)
+			qemu.DropQMP(m.(*qemu.Machine))
+			return &qemu.Runner{Dir: qr.Dir, MemDir: qr.MemDir, Graph: qr.Graph, Unique: seedGuest}
+		},
 	})
 }
 

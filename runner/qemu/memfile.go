@@ -86,7 +86,11 @@ package qemu
 //	                  a restored machine on the frozen file (one reference)
 //
 // Restore maps a frozen file, pending or not, copy-on-write and counts one
-// more reference; that machine's Stop gives it back. Freeze here means a
+// more reference; that machine's Stop gives it back. Adopt (adopt.go) of
+// machines that a process now gone restored counts their references on
+// its frozen file anew (holdFrozen): the file is done from the start and
+// goes when the last of them stops. Own files of adopted machines stay
+// own files; the gone process's prepared files and spares are reclaimed. Freeze here means a
 // machine on an own file whose disk is qcow2, or that has none; Freeze of
 // a machine on a frozen file stores the snapshot before it returns and
 // adopts no file.

@@ -72,6 +72,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	m.pendingUnique = opts.Unique
 	defer func() { r.logger().Debug("qemu: restore", rs.ph.log("id", m.id, "snapshot", snap)...) }()
 	if opts.Paused {
+		m.markReady()
 		return m, nil
 	}
 	if err := m.Continue(ctx); err != nil {
@@ -79,6 +80,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		return nil, err
 	}
 	rs.ph.mark("cont")
+	m.markReady()
 	return m, nil
 }
 

@@ -48,6 +48,7 @@ import (
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // AgentPort is the name of the virtio-serial port the guest agent serves on.
@@ -91,6 +92,12 @@ type Runner struct {
 	// MemoryGroups is the folder of the machines' memory cgroups ("" means
 	// "boxd").
 	MemoryGroups string
+	// Detached makes machines outlive the process that starts them, for
+	// a later process to Adopt (boxd's daemon: its boxes survive its
+	// crash or upgrade): QEMU runs in a session of its own, away from the
+	// process's terminal and signals. Without it QEMU is killed when that
+	// process ends (tests, tools), so nothing is left behind.
+	Detached bool
 
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
@@ -118,6 +125,9 @@ type Runner struct {
 
 	spareMu sync.Mutex
 	spares  map[string][]*Machine // by the memory file they map
+
+	liveMu sync.Mutex
+	live   map[string]*Machine // the machines that run, by folder (adopt.go)
 }
 
 // The runner and its machines have every optional capability.
@@ -301,7 +311,12 @@ func (r *Runner) Start(ctx context.Context, spec runner.Spec) (runner.Machine, e
 
 // StartMachine is Start returning the concrete *Machine.
 func (r *Runner) StartMachine(ctx context.Context, spec runner.Spec) (*Machine, error) {
-	return r.launch(ctx, spec, launchOptions{})
+	m, err := r.launch(ctx, spec, launchOptions{})
+	if err != nil {
+		return nil, err
+	}
+	m.markReady()
+	return m, nil
 }
 
 // launchOptions say how a machine's QEMU starts beyond its spec.
@@ -339,7 +354,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 			return nil, fmt.Errorf("qemu: %w", err)
 		}
 	}
-	dir, err := os.MkdirTemp(r.Dir, id+"-")
+	dir, err := os.MkdirTemp(r.dirOrTemp(), id+"-")
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
@@ -361,6 +376,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		disk:    diskPath(spec),
 		base:    diskBase(spec),
 		done:    make(chan struct{}),
+		pidfd:   -1,
 	}
 	share := "on"
 	m.released.Store(true) // until launch succeeds
@@ -387,16 +403,33 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	if lo.incoming {
 		args = append(args, "-S", "-incoming", "defer")
 	}
+	// QEMU writes what it says to a file in its folder, not to a pipe
+	// that would break if it outlives this process (Detached, adopt.go).
+	out, err := os.OpenFile(m.outputPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
 	m.cmd = exec.Command(path, args...)
-	// QEMU dies with the process that started it: no machine outlives boxd.
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
+	if r.Detached {
+		m.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	}
+	m.cmd.Stdout, m.cmd.Stderr = out, out
 	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Kernel, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
-	if err := m.cmd.Start(); err != nil {
+	err = m.cmd.Start()
+	_ = out.Close()
+	if err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
 	}
+	m.pid = m.cmd.Process.Pid
 	m.started = monotonicNow()
+	m.startTicks, _ = procstat.StartTime(m.pid)
+	r.track(m)
+	if err := m.saveState(); err != nil {
+		r.logger().Warn("qemu: a later boxd cannot adopt this machine", "id", id, "err", err)
+	}
 	go m.wait()
 	if r.OOMScoreAdj != 0 {
 		if err := procstat.SetOOMScoreAdj(m.cmd.Process.Pid, r.OOMScoreAdj); err != nil {
@@ -485,34 +518,23 @@ func (m *Machine) connect(ctx context.Context) error {
 	}
 }
 
-// lockedBuffer collects QEMU's own output (its error messages).
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
+// outputPath is the file QEMU's own output (its error messages) goes to.
+func (m *Machine) outputPath() string { return filepath.Join(m.dir, "output") }
 
 // said is what QEMU printed, less the lines it prints for every disk
 // snapshot ("Formatting '...'"): its error messages.
 func (m *Machine) said() string {
+	out := m.finalOutput
+	if !m.stopped() {
+		out, _ = os.ReadFile(m.outputPath())
+	}
 	var keep [][]byte
-	for line := range bytes.Lines(m.output.Bytes()) {
+	for line := range bytes.Lines(out) {
 		if !bytes.HasPrefix(line, []byte("Formatting '")) {
 			keep = append(keep, bytes.TrimRight(line, "\r\n"))
 		}
 	}
 	return string(bytes.TrimSpace(bytes.Join(keep, []byte("; "))))
-}
-
-func (l *lockedBuffer) Bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
 }
 
 // Machine is one QEMU process.
@@ -557,9 +579,18 @@ type Machine struct {
 	ownDisk       atomic.Pointer[string] // a restore's disk overlay, removed at exit
 	pendingUnique bool                   // reseed the guest when it next runs
 
-	output lockedBuffer
-	qmpMu  sync.Mutex // guards qmp's writing (connect) against wait's closing
-	qmp    *qmp       // set before Start returns
+	pid        int
+	startTicks uint64 // when the process started (procstat.StartTime), 0 if unknown
+	// pidfd tells an adopted machine's exit (its QEMU is not boxd's
+	// child); -1 for a machine this runner started.
+	pidfd int
+	// ready says the machine was handed to its caller (not a spare, not a
+	// restore half-way): only such a machine is adopted.
+	ready bool
+
+	finalOutput []byte     // QEMU's output at exit, set before done closes
+	qmpMu       sync.Mutex // guards qmp's writing (connect) against wait's closing
+	qmp         *qmp       // set before Start returns
 
 	stopping atomic.Bool
 	done     chan struct{}
@@ -577,9 +608,9 @@ func (m *Machine) wait() {
 		err = runner.ErrStopped
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
-	case killedBySignal(err) && m.memcg.Load() != nil && oomKilled(m.cmd.Process.Pid, m.started) == oomCgroup:
+	case killedBySignal(err) && m.memcg.Load() != nil && oomKilled(m.pid, m.started) == oomCgroup:
 		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU: its memory cgroup was full (boxd bounds a machine to %d MiB of host memory: its guest's memory and %d MiB for QEMU): %w", m.memLimit>>20, (m.memLimit-m.spec.MemSize)>>20, err)
-	case killedBySignal(err) && oomKilled(m.cmd.Process.Pid, m.started) != oomNone:
+	case killedBySignal(err) && oomKilled(m.pid, m.started) != oomNone:
 		err = fmt.Errorf("qemu: the kernel's OOM killer ended QEMU (the host ran out of memory): %w", err)
 	default:
 		err = fmt.Errorf("qemu: QEMU exited: %w", err)
@@ -587,6 +618,13 @@ func (m *Machine) wait() {
 			err = fmt.Errorf("%w: %s", err, said)
 		}
 	}
+	m.exited(err)
+}
+
+// exited frees what the machine held once its QEMU is gone, err saying
+// why it went.
+func (m *Machine) exited(err error) {
+	m.finalOutput, _ = os.ReadFile(m.outputPath())
 	m.final, _ = os.ReadFile(m.consolePath())
 	if d := m.ownDisk.Load(); d != nil {
 		_ = os.Remove(*d)
@@ -617,6 +655,7 @@ func (m *Machine) wait() {
 	if dir := m.memcg.Load(); dir != nil {
 		_ = procstat.Remove(*dir)
 	}
+	m.r.untrack(m)
 	m.exit = err
 	close(m.done)
 }
@@ -654,7 +693,7 @@ func (m *Machine) Disk() string {
 func (m *Machine) MemoryFile() string { return m.memFile }
 
 // PID is the QEMU process's.
-func (m *Machine) PID() int { return m.cmd.Process.Pid }
+func (m *Machine) PID() int { return m.pid }
 
 // CPUTime is the CPU time (user and system) QEMU has used so far.
 func (m *Machine) CPUTime() (time.Duration, error) {
@@ -763,8 +802,11 @@ func (m *Machine) Stop(ctx context.Context) error {
 }
 
 func (m *Machine) kill() {
-	if m.cmd.Process != nil {
+	switch {
+	case m.cmd != nil && m.cmd.Process != nil:
 		_ = m.cmd.Process.Kill()
+	case m.pidfd >= 0:
+		_ = unix.PidfdSendSignal(m.pidfd, unix.SIGKILL, nil, 0)
 	}
 }
 

@@ -89,6 +89,9 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
+	// The disk's top and the previous snapshot change: a later boxd
+	// adopting the machine must see them (adopt.go).
+	defer func() { _ = m.saveState() }()
 	s, err := m.beginSnapshot(ctx, name, opts, mode)
 	if err != nil {
 		return snapshotter.Snapshot{}, err

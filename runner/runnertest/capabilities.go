@@ -385,3 +385,55 @@ func checkSpecReader(t *testing.T, b Backend, r runner.Runner, g *snapshotter.Gr
 		t.Fatalf("SnapshotSpec of another backend's snapshot: %v, want ErrInvalidArgument", err)
 	}
 }
+
+// A runner after the one that started a machine adopts it: the machine
+// goes on, snapshots as a delta of its previous snapshot (which its
+// restore takes the same next step from), and stops. An unknown machine
+// is errdefs.ErrNotFound.
+func checkAdopter(t *testing.T, b Backend) {
+	r, _ := b.New(t)
+	if _, ok := r.(runner.Adopter); !ok {
+		skipWithout(t, r, "Adopter")
+	}
+	if b.Successor == nil {
+		t.Skip("the suite was given no Successor for the Adopter check")
+	}
+	m := start(t, r, b.Spec)
+	next(t, b, m)
+	if _, err := m.Snapshot(ctx(t), "before", runner.SnapshotOptions{}); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	r2 := b.Successor(t, r, m)
+	am, err := r2.(runner.Adopter).Adopt(ctx(t), m.ID())
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	t.Cleanup(func() { _ = am.Stop(context.Background()) })
+	if am.ID() != m.ID() {
+		t.Errorf("adopted machine's ID %q, want %q", am.ID(), m.ID())
+	}
+	next(t, b, am)
+	if err := am.Pause(ctx(t)); err != nil {
+		t.Fatalf("Pause of the adopted machine: %v", err)
+	}
+	s, err := am.Snapshot(ctx(t), "adopted", runner.SnapshotOptions{Incremental: true})
+	if err != nil {
+		t.Fatalf("Snapshot of the adopted machine: %v", err)
+	}
+	if s.Parent != "before" {
+		t.Errorf("the adopted machine's snapshot has parent %q, want its previous snapshot", s.Parent)
+	}
+	c := restore(t, r2, "adopted", runner.RestoreOptions{Paused: true})
+	if want, got := next(t, b, am), next(t, b, c); got != want {
+		t.Fatalf("restored machine's next step %+v, the adopted one's %+v", got, want)
+	}
+	if _, err := r2.(runner.Adopter).Adopt(ctx(t), "no-such-machine"); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Adopt of an unknown machine = %v, want errdefs.ErrNotFound", err)
+	}
+	if err := am.Stop(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(am.Err(), runner.ErrStopped) {
+		t.Errorf("Err after Stop = %v, want runner.ErrStopped", am.Err())
+	}
+}

@@ -21,6 +21,11 @@ type Backend struct {
 	// Observer can see into.
 	Spec     runner.Spec
 	Observer runner.Observer
+	// Successor, for a backend that is a runner.Adopter, makes r let go of
+	// machine m as r's process ending would, and returns a runner on r's
+	// folders and store, as the next process would make. Nil skips the
+	// Adopter check.
+	Successor func(t *testing.T, r runner.Runner, m runner.Machine) runner.Runner
 }
 
 // Suite runs every check against b.
@@ -40,6 +45,7 @@ func Suite(t *testing.T, b Backend) {
 		// The optional capabilities (capabilities.go): each check skips,
 		// saying so, where the backend lacks the capability.
 		{"Capabilities", checkCapabilities},
+		{"Adopter", checkAdopter},
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, b) })
