@@ -295,6 +295,9 @@ func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.P
 		// Every refusal waits alike, whatever its reason, so the wait
 		// tells the person nothing more than the refusal does.
 		d := s.Throttle.Delay(meta.RemoteAddr())
+		if dl, ok := ctx.Deadline(); ok {
+			d = min(d, max(time.Until(dl), 0)) // the connection ends there
+		}
 		log.Debug("ssh key refused: "+reason, "delay", d)
 		att.refused(fp, reason)
 		if d > 0 {
@@ -380,11 +383,17 @@ func (s *Server) serveConn(nc net.Conn) {
 	if timeout <= 0 {
 		timeout = defaultHandshakeTimeout
 	}
-	_ = nc.SetDeadline(time.Now().Add(timeout))
+	deadline := time.Now().Add(timeout)
+	_ = nc.SetDeadline(deadline)
+	// Reading keys and waiting out refusals end with the handshake too.
+	hctx, hcancel := context.WithDeadline(ctx, deadline)
 	var att loginAttempt
-	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(ctx, &att))
+	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(hctx, &att))
+	hcancel()
 	if err != nil {
-		if ae := (*ssh.ServerAuthError)(nil); errors.As(err, &ae) {
+		// A connection that ran out of time after keys were refused was
+		// refused too: the throttle's own waits may take it there.
+		if ae := (*ssh.ServerAuthError)(nil); errors.As(err, &ae) || len(att.keys) > 0 {
 			failures := s.Throttle.Fail(nc.RemoteAddr())
 			log.Warn("ssh login refused", "box", att.user, "keys", att.keys, "reasons", att.reasons,
 				"delay", att.delay.Round(time.Millisecond), "recent_failures", math.Round(failures*10)/10)

@@ -155,3 +155,24 @@ func TestRefusalLoggedAndSlowed(t *testing.T) {
 		t.Errorf("the right key from 127.0.0.1: %+v", got)
 	}
 }
+
+// TestRefusalPastTimeout checks that a login whose refusal waits past the
+// handshake timeout still counts, and is logged, as refused.
+func TestRefusalPastTimeout(t *testing.T) {
+	e := newTestEnvWith(t, func(s *Server) {
+		s.HandshakeTimeout = time.Second
+		s.Throttle = &Throttle{Base: time.Minute, HalfLife: time.Hour}
+	})
+	owner, stranger := newTestKey(t), newTestKey(t)
+	e.backend.addBox("dev", owner.pub)
+	for range 2 {
+		if got := e.ssh(t, nil, []testKey{stranger}, nil, "dev", "echo in"); got.code != 255 {
+			t.Fatalf("got %+v, want a refusal", got)
+		}
+	}
+	e.waitOutcomes(t, map[Outcome]int{Refused: 2})
+	refused := records(t, e.logs, "ssh login refused")
+	if len(refused) != 2 || refused[1]["recent_failures"] != 2.0 {
+		t.Errorf("refusal records %v, want 2, the second with 2 recent failures", refused)
+	}
+}
