@@ -46,7 +46,12 @@ func directTCPIP(ctx context.Context, nch ssh.NewChannel, logf func(string, ...a
 		return
 	}
 	go ssh.DiscardRequests(reqs)
+	pipe(conn, ch, "direct-tcpip "+addr, logf)
+}
 
+// pipe copies between conn and ch until both directions end, passing each direction's end of file on, and closes
+// both. name says what it carries, for the log.
+func pipe(conn net.Conn, ch ssh.Channel, name string, logf func(string, ...any)) {
 	var wg sync.WaitGroup
 	var once sync.Once
 	abort := func() { once.Do(func() { conn.Close(); ch.Close() }) }
@@ -64,7 +69,9 @@ func directTCPIP(ctx context.Context, nch ssh.NewChannel, logf func(string, ...a
 	go func() {
 		defer wg.Done()
 		if _, err := io.Copy(ch, conn); err != nil && !errors.Is(err, net.ErrClosed) {
-			logf("direct-tcpip %s: %v", addr, err)
+			if logf != nil {
+				logf("%s: %v", name, err)
+			}
 			abort()
 			return
 		}

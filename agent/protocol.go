@@ -18,6 +18,60 @@ const (
 	RequestUnique = "boxd-unique@boxd.dev"
 )
 
+// The channels the agent opens back towards the person behind the host's SSH front door, and the requests that
+// ask for them (RFC 4254 section 7.1, OpenSSH's PROTOCOL file). The front door relays many people's connections
+// over the host's one connection to the agent, so each such request may carry a tag after its standard fields
+// (for auth-agent-req@openssh.com, whose standard payload is empty, the tag is the whole payload), and the agent
+// puts the same tag after the standard fields of every channel it opens because of that request: the front door
+// routes the channel to the connection the tag names. The tag is opaque to the agent; a request without one gets
+// channels without one, as from OpenSSH's sshd.
+const (
+	// RequestTCPIPForward asks the agent to listen in the guest and open a ChannelForwardedTCPIP for each
+	// connection (ssh -R). Payload: ForwardRequest.
+	RequestTCPIPForward = "tcpip-forward"
+	// RequestCancelTCPIPForward closes the listener of an earlier RequestTCPIPForward with the same address,
+	// port and tag.
+	RequestCancelTCPIPForward = "cancel-tcpip-forward"
+	// ChannelForwardedTCPIP carries one connection to a forwarded port. Extra data: ForwardedTCPIP.
+	ChannelForwardedTCPIP = "forwarded-tcpip"
+	// RequestAuthAgent, on a session before its command starts, makes the agent serve an SSH agent socket in
+	// the guest for that session (ssh -A): SSH_AUTH_SOCK names it in the command's environment, and each
+	// connection to it opens a ChannelAuthAgent. The socket goes when the session ends.
+	RequestAuthAgent = "auth-agent-req@openssh.com"
+	// ChannelAuthAgent carries one connection to a session's agent socket. Extra data: the tag.
+	ChannelAuthAgent = "auth-agent@openssh.com"
+)
+
+// maxTag bounds a request's tag.
+const maxTag = 256
+
+// ForwardRequest is the payload of RequestTCPIPForward and RequestCancelTCPIPForward.
+//
+// Addr says where the agent listens in the guest: "localhost" (what OpenSSH sends for ssh -R PORT:...) means the
+// loopback addresses 127.0.0.1 and ::1; "" and "*" mean every address; anything else (an IP address, a host
+// name the guest resolves) is used as given. Port 0 asks for a free port, which the reply carries
+// (ForwardReply).
+type ForwardRequest struct {
+	Addr string
+	Port uint32
+	Tag  []byte `ssh:"rest"`
+}
+
+// ForwardReply is the reply to a RequestTCPIPForward for port 0: the port the agent listens on.
+type ForwardReply struct {
+	Port uint32
+}
+
+// ForwardedTCPIP is the extra data of a ChannelForwardedTCPIP: the address and port as the request named them
+// (the port the agent chose for port 0), who connected, and the request's tag.
+type ForwardedTCPIP struct {
+	Addr     string
+	Port     uint32
+	OrigAddr string
+	OrigPort uint32
+	Tag      []byte `ssh:"rest"`
+}
+
 // DefaultPortName is the name of the virtio-serial port the agent serves (QEMU's virtserialport name=).
 const DefaultPortName = "org.boxd.agent"
 

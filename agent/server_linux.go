@@ -120,7 +120,8 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 	links.set(sc)
 	defer links.clear(sc)
 
-	s := &server{cfg: cfg}
+	s := &server{cfg: cfg, conn: sc, forwards: newRemoteForwards(sc, cfg.logf)}
+	defer s.forwards.closeAll()
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -157,7 +158,9 @@ func cleanEnd(err error) bool {
 
 // server is the state of one connection.
 type server struct {
-	cfg *ServerConfig
+	cfg      *ServerConfig
+	conn     ssh.Conn        // to the host, for the channels the agent opens
+	forwards *remoteForwards // the listeners of ssh -R
 }
 
 func (s *server) globalRequests(reqs <-chan *ssh.Request) {
@@ -182,8 +185,13 @@ func (s *server) globalRequests(reqs <-chan *ssh.Request) {
 				continue
 			}
 			_ = req.Reply(true, nil)
+		case RequestTCPIPForward:
+			ok, reply := s.forwards.add(req.Payload)
+			_ = req.Reply(ok, reply)
+		case RequestCancelTCPIPForward:
+			_ = req.Reply(s.forwards.cancel(req.Payload), nil)
 		default:
-			// keepalive@openssh.com, tcpip-forward and the rest: "not supported" is the answer OpenSSH
+			// keepalive@openssh.com and the rest: "not supported" is the answer OpenSSH
 			// clients expect.
 			_ = req.Reply(false, nil)
 		}

@@ -59,8 +59,9 @@ type session struct {
 	master, tty *os.File
 	term        string
 
-	// started is set by the request loop alone.
-	started bool
+	// started and authAgent are set by the request loop alone.
+	started   bool
+	authAgent *authAgentSocket // the session's agent socket after an auth-agent-req@openssh.com
 
 	// mu protects the fields below, shared with the goroutine that waits for the command.
 	mu     sync.Mutex
@@ -83,9 +84,13 @@ func (s *server) session(nch ssh.NewChannel) {
 			then()
 		}
 	}
-	// The channel is closed. A command that runs on gets end of file on stdin and a broken pipe on output.
+	// The channel is closed. A command that runs on gets end of file on stdin and a broken pipe on output, and
+	// loses the session's agent socket.
 	if !ss.started {
 		ss.closePTY()
+	}
+	if ss.authAgent != nil {
+		ss.authAgent.Close()
 	}
 }
 
@@ -141,8 +146,19 @@ func (ss *session) handle(req *ssh.Request) (ok bool, then func()) {
 		}
 		n, ok := signalNumbers[r.Signal]
 		return ok && ss.signal(syscall.Signal(n)), nil
+	case RequestAuthAgent:
+		if ss.started || ss.authAgent != nil {
+			return false, nil
+		}
+		a, err := listenAuthAgent(ss.srv.conn, req.Payload, ss.srv.cfg.logf)
+		if err != nil {
+			ss.srv.cfg.logf("%v", err)
+			return false, nil
+		}
+		ss.authAgent = a
+		return true, nil
 	default:
-		// x11-req, auth-agent-req@openssh.com and the like.
+		// x11-req and the like.
 		return false, nil
 	}
 }
@@ -212,7 +228,8 @@ func workDir() string {
 	return "/"
 }
 
-// environ is a command's environment: root's basics, TERM on a pty, then what the client asked for.
+// environ is a command's environment: root's basics, TERM on a pty, what the client asked for, then
+// SSH_AUTH_SOCK when the session forwards an agent.
 func (ss *session) environ(shell string) []string {
 	env := map[string]string{
 		"HOME": "/root", "PATH": DefaultPath, "USER": "root", "LOGNAME": "root", "SHELL": shell,
@@ -225,6 +242,9 @@ func (ss *session) environ(shell string) []string {
 	}
 	for k, v := range ss.env {
 		env[k] = v
+	}
+	if ss.authAgent != nil {
+		env["SSH_AUTH_SOCK"] = ss.authAgent.path
 	}
 	out := make([]string, 0, len(env))
 	for k, v := range env {

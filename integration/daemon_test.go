@@ -133,9 +133,10 @@ func sshKeygen(t *testing.T, path string) {
 	}
 }
 
-func TestDaemonSSH(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
+// newDaemonEnv builds boxd, the agent and the default image in a fresh
+// root, makes two keys and starts the daemon, which the test's end stops.
+func newDaemonEnv(ctx context.Context, t *testing.T) *daemonEnv {
+	t.Helper()
 	e := newBoxEnv(ctx, t) // builds the agent and the image; its manager is closed below
 	ensurePackages(t, "openssh-client")
 	if err := e.mgr.Close(ctx); err != nil {
@@ -167,6 +168,13 @@ func TestDaemonSSH(t *testing.T) {
 			}
 		}
 	})
+	return d
+}
+
+func TestDaemonSSH(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	d := newDaemonEnv(ctx, t)
 
 	d.cli(t, "create", "dev", "--ssh-key", d.key+".pub")
 	if out, _, code := d.ssh(t, d.key, "dev", "echo", "hello"); out != "hello" || code != 0 {
@@ -177,7 +185,7 @@ func TestDaemonSSH(t *testing.T) {
 	}
 
 	// scp in and back.
-	local := filepath.Join(e.root, "local.bin")
+	local := filepath.Join(d.root, "local.bin")
 	data := bytes.Repeat([]byte("boxd scp\n"), 20000)
 	if err := os.WriteFile(local, data, 0o644); err != nil {
 		t.Fatal(err)

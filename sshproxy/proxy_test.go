@@ -591,7 +591,8 @@ func TestCloseEndsSessions(t *testing.T) {
 }
 
 // TestRequestsRefused checks what the proxy answers itself: channel types
-// it does not relay and global requests.
+// it does not relay, global requests it does not know or cannot parse, and
+// X11 forwarding.
 func TestRequestsRefused(t *testing.T) {
 	e := newTestEnv(t)
 	owner := newTestKey(t)
@@ -615,8 +616,12 @@ func TestRequestsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if ok, err := s.SendRequest("auth-agent-req@openssh.com", true, nil); ok || err != nil {
-		t.Errorf("agent forwarding: %v, %v, want false", ok, err)
+	if ok, err := s.SendRequest("x11-req", true, ssh.Marshal(struct {
+		Single         bool
+		Protocol, Auth string
+		Screen         uint32
+	}{false, "MIT-MAGIC-COOKIE-1", "00", 0})); ok || err != nil {
+		t.Errorf("X11 forwarding: %v, %v, want false", ok, err)
 	}
 	out, err := s.Output("echo still works")
 	if err != nil || string(out) != "still works\n" {

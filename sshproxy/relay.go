@@ -11,26 +11,30 @@ import (
 	"golang.org/x/crypto/ssh"
 )
 
-// proxyConn relays one person's channels to one box.
+// proxyConn relays one person's channels to one box, and the channels the
+// box opens back for them.
 type proxyConn struct {
 	name    string
 	box     *ssh.Client
 	boxDone <-chan struct{} // closed when the box's connection ends
+	person  ssh.Conn
+	tag     string // names the connection to the box (see boxLink)
 	log     *slog.Logger
 
-	// mu protects sessions: one channel per session relay, closed once the
-	// relay has told the person everything it will tell them.
-	mu       sync.Mutex
+	// mu protects the fields below.
+	mu sync.Mutex
+	// sessions: one channel per session relay, closed once the relay has
+	// told the person everything it will tell them.
 	sessions map[chan struct{}]struct{}
+	// forwards are the remote forwards the box holds for the person.
+	forwards map[forwardKey]struct{}
+	// agent is set once a session of the person's forwards their agent.
+	agent bool
 }
 
-// refusedRequests are session requests answered "no" here: each would make
-// the box open channels back towards the person, which the proxy does not
-// relay.
-var refusedRequests = map[string]bool{
-	"x11-req":                    true,
-	"auth-agent-req@openssh.com": true,
-}
+// refusedRequests are session requests answered "no" here: X11 forwarding
+// is not relayed.
+var refusedRequests = map[string]bool{"x11-req": true}
 
 // startRequests begin a session's program; the person's data waits for
 // the box to have one, so the box sees data and EOF after it, as sent.
@@ -74,7 +78,9 @@ func (c *proxyConn) handleChannel(nch ssh.NewChannel) {
 
 // relay copies one channel pair until both ends are closed. The box's side
 // decides the end: once the box has sent all its data and closed, the
-// person gets EOF, then exit-status, then the close. A person who closes
+// person gets EOF, then exit-status, then the close (a forwarded
+// connection, not a session, passes the box's EOF on at once: it may be
+// half closed). A person who closes
 // first closes the box's channel; a box that does not confirm within
 // closeGrace is left behind (its goroutines end with the box's connection),
 // so a hung box cannot hold up the proxy's Close.
@@ -105,6 +111,13 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 				_ = r.Reply(false, nil)
 				continue
 			}
+			if session && r.Type == reqAuthAgent {
+				ok := c.agentRequest(bch)
+				if r.WantReply {
+					_ = r.Reply(ok, nil)
+				}
+				continue
+			}
 			ok, err := bch.SendRequest(r.Type, r.WantReply, r.Payload)
 			if r.WantReply {
 				_ = r.Reply(ok && err == nil, nil)
@@ -129,6 +142,11 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 		dataDone := make(chan struct{})
 		go func() {
 			copyBoth(cch, bch)
+			if !session {
+				// A forwarded connection may be half closed: the
+				// person learns of the box's end of file at once.
+				_ = cch.CloseWrite()
+			}
 			close(dataDone)
 		}()
 		exited := false
@@ -146,7 +164,9 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 		if session && !exited && c.boxLost() {
 			_, _ = fmt.Fprintf(cch.Stderr(), "boxd: lost the connection to box %s\r\n", c.name)
 		}
-		_ = cch.CloseWrite()
+		if session {
+			_ = cch.CloseWrite()
+		}
 		_ = cch.Close()
 	}()
 

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"syscall"
@@ -45,6 +46,9 @@ type Server struct {
 	// HandshakeTimeout bounds the SSH handshake and authentication; zero
 	// means 30 seconds. It does not bound Backend.Connect.
 	HandshakeTimeout time.Duration
+	// Throttle slows down the refusals for a source address that keeps
+	// failing to log in; nil means a Throttle with its defaults.
+	Throttle *Throttle
 	// Observe, when set, is told what becomes of each connection: once
 	// Refused, Failed or Connected; after Connected, Unreachable if its box
 	// could not be reached, and Disconnected when it ends. It must be
@@ -61,7 +65,7 @@ type Server struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
-	watches   map[*ssh.Client]chan struct{}
+	links     map[*ssh.Client]*boxLink
 	handlers  sync.WaitGroup // one per accepted connection; Add under mu while !closed
 }
 
@@ -101,7 +105,10 @@ func (s *Server) init() {
 		s.ctx, s.cancel = context.WithCancel(context.Background())
 		s.listeners = map[net.Listener]struct{}{}
 		s.conns = map[net.Conn]struct{}{}
-		s.watches = map[*ssh.Client]chan struct{}{}
+		s.links = map[*ssh.Client]*boxLink{}
+		if s.Throttle == nil {
+			s.Throttle = &Throttle{}
+		}
 		pub, _, err := ed25519.GenerateKey(nil)
 		if err == nil {
 			s.decoy, err = ssh.NewPublicKey(pub)
@@ -226,32 +233,41 @@ func (s *Server) Close() error {
 	return errors.Join(errs...)
 }
 
-// watch returns a channel closed when client's connection ends. One
-// goroutine watches each client however many connections share it, and it
-// ends with the client.
-func (s *Server) watch(client *ssh.Client) <-chan struct{} {
+// link returns the boxLink of client, made at its first connection: one
+// goroutine watches each client however many connections share it, one
+// routes each type of channel the box opens back, and they end with the
+// client.
+func (s *Server) link(client *ssh.Client) *boxLink {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if done, ok := s.watches[client]; ok {
-		return done
+	if l, ok := s.links[client]; ok {
+		return l
 	}
-	done := make(chan struct{})
-	s.watches[client] = done
+	l := &boxLink{done: make(chan struct{}), routes: map[string]*proxyConn{}}
+	s.links[client] = l
+	for _, typ := range []string{chanForwardedTCPIP, chanAuthAgent} {
+		chans := client.HandleChannelOpen(typ)
+		if chans == nil {
+			s.logger().Warn("ssh: the box's client already handles a channel type; not relaying it", "type", typ)
+			continue
+		}
+		go l.route(typ, chans)
+	}
 	go func() {
 		_ = client.Wait()
 		s.mu.Lock()
-		delete(s.watches, client)
+		delete(s.links, client)
 		s.mu.Unlock()
-		close(done)
+		close(l.done)
 	}()
-	return done
+	return l
 }
 
 // authorize is the PublicKeyCallback. It decides from this key and this
 // user name only, and what it decides travels in the returned Permissions:
 // after the handshake the proxy reads the permissions of the key that
 // actually signed, never a key that was merely offered.
-func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
+func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.PublicKey, att *loginAttempt) (*ssh.Permissions, error) {
 	box := meta.User()
 	fp := ssh.FingerprintSHA256(key)
 	var keys []ssh.PublicKey
@@ -266,13 +282,32 @@ func (s *Server) authorize(ctx context.Context, meta ssh.ConnMetadata, key ssh.P
 	}
 	if !s.keyIn(key, keys) {
 		log := s.logger().With("box", box, "remote", meta.RemoteAddr().String(), "key", fp)
+		var reason string
 		switch {
 		case err == nil:
-			log.Debug("ssh key refused: not authorized for the box")
+			reason = "not authorized for the box"
 		case errdefs.IsNotFound(err):
-			log.Debug("ssh key refused: no such box")
+			reason = "no such box"
 		default:
+			reason = "cannot read the box's keys"
 			log.Warn("ssh key refused: cannot read the box's keys", "err", err)
+		}
+		// Every refusal waits alike, whatever its reason, so the wait
+		// tells the person nothing more than the refusal does.
+		d := s.Throttle.Delay(meta.RemoteAddr())
+		if dl, ok := ctx.Deadline(); ok {
+			d = min(d, max(time.Until(dl), 0)) // the connection ends there
+		}
+		log.Debug("ssh key refused: "+reason, "delay", d)
+		att.refused(fp, reason)
+		if d > 0 {
+			att.delayed(d)
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+			}
 		}
 		return nil, errRefused
 	}
@@ -299,11 +334,36 @@ func (s *Server) keyIn(key ssh.PublicKey, keys []ssh.PublicKey) bool {
 	return found == 1 && len(keys) > 0
 }
 
-func (s *Server) config(ctx context.Context) *ssh.ServerConfig {
+// loginAttempt is what one connection tried before it was let in or
+// refused, for the log of a refusal.
+type loginAttempt struct {
+	user    string
+	keys    []string // fingerprints of the keys refused, at most maxLoggedKeys
+	reasons []string // why, for each
+	delay   time.Duration
+}
+
+// maxLoggedKeys bounds the refused keys a refusal's log names.
+const maxLoggedKeys = 8
+
+func (a *loginAttempt) refused(fp, reason string) {
+	if len(a.keys) < maxLoggedKeys {
+		a.keys = append(a.keys, fp)
+		a.reasons = append(a.reasons, reason)
+	}
+}
+
+func (a *loginAttempt) delayed(d time.Duration) { a.delay += d }
+
+// config is the server config of one connection; att learns what it tries.
+func (s *Server) config(ctx context.Context, att *loginAttempt) *ssh.ServerConfig {
 	cfg := &ssh.ServerConfig{
 		ServerVersion: "SSH-2.0-boxd",
 		PublicKeyCallback: func(meta ssh.ConnMetadata, key ssh.PublicKey) (*ssh.Permissions, error) {
-			return s.authorize(ctx, meta, key)
+			return s.authorize(ctx, meta, key, att)
+		},
+		AuthLogCallback: func(meta ssh.ConnMetadata, _ string, _ error) {
+			att.user = meta.User()
 		},
 	}
 	cfg.AddHostKey(s.HostKey)
@@ -323,13 +383,23 @@ func (s *Server) serveConn(nc net.Conn) {
 	if timeout <= 0 {
 		timeout = defaultHandshakeTimeout
 	}
-	_ = nc.SetDeadline(time.Now().Add(timeout))
-	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(ctx))
+	deadline := time.Now().Add(timeout)
+	_ = nc.SetDeadline(deadline)
+	// Reading keys and waiting out refusals end with the handshake too.
+	hctx, hcancel := context.WithDeadline(ctx, deadline)
+	var att loginAttempt
+	sconn, chans, reqs, err := ssh.NewServerConn(nc, s.config(hctx, &att))
+	hcancel()
 	if err != nil {
-		log.Info("ssh handshake failed", "err", err)
-		if ae := (*ssh.ServerAuthError)(nil); errors.As(err, &ae) {
+		// A connection that ran out of time after keys were refused was
+		// refused too: the throttle's own waits may take it there.
+		if ae := (*ssh.ServerAuthError)(nil); errors.As(err, &ae) || len(att.keys) > 0 {
+			failures := s.Throttle.Fail(nc.RemoteAddr())
+			log.Warn("ssh login refused", "box", att.user, "keys", att.keys, "reasons", att.reasons,
+				"delay", att.delay.Round(time.Millisecond), "recent_failures", math.Round(failures*10)/10)
 			s.observe(Refused)
 		} else {
+			log.Info("ssh handshake failed", "err", err)
 			s.observe(Failed)
 		}
 		return
@@ -352,25 +422,25 @@ func (s *Server) serveConn(nc net.Conn) {
 	s.observe(Connected)
 	defer s.observe(Disconnected)
 
-	// Answer the person's global requests (keepalives) at once, also while
-	// the box resumes, and end ctx, cancelling Connect, when they leave.
-	go func() {
-		for r := range reqs {
-			if r.WantReply {
-				_ = r.Reply(false, nil)
-			}
-		}
-	}()
+	// End ctx, cancelling Connect, when the person leaves.
 	go func() {
 		_ = sconn.Wait()
 		cancel()
 	}()
 
 	if s.commands(box) {
+		// Answer the person's global requests (keepalives): nothing to
+		// forward without a box.
+		go ssh.DiscardRequests(reqs)
 		s.serveCommands(ctx, sconn, chans, fp, log)
 		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
 		return
 	}
+
+	// Keepalives are answered at once, also while the box resumes; forward
+	// requests and channels wait for the box, in order.
+	items := make(chan intakeItem, 64)
+	go intake(ctx.Done(), reqs, chans, items)
 
 	client, err := s.Backend.Connect(ctx, box)
 	if err == nil && client == nil {
@@ -380,19 +450,26 @@ func (s *Server) serveConn(nc net.Conn) {
 		if ctx.Err() == nil {
 			log.Warn("ssh connect to box failed", "err", err)
 			s.observe(Unreachable)
-			refuse(chans, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
+			refuseItems(items, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
 		}
 		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
 		return
 	}
 
+	link := s.link(client)
 	c := &proxyConn{
 		name:     box,
 		box:      client,
-		boxDone:  s.watch(client),
+		boxDone:  link.done,
+		person:   sconn,
+		tag:      newTag(),
 		log:      log,
 		sessions: map[chan struct{}]struct{}{},
+		forwards: map[forwardKey]struct{}{},
 	}
+	link.add(c)
+	defer link.remove(c)
+	defer func() { go c.dropForwards() }()
 	go func() {
 		select {
 		case <-c.boxDone:
@@ -403,23 +480,13 @@ func (s *Server) serveConn(nc net.Conn) {
 		}
 	}()
 	var channels sync.WaitGroup
-	for nch := range chans {
-		channels.Go(func() { c.handleChannel(nch) })
+	for it := range items {
+		if it.req != nil {
+			c.forwardRequest(it.req)
+			continue
+		}
+		channels.Go(func() { c.handleChannel(it.nch) })
 	}
 	channels.Wait()
 	log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
-}
-
-// refuse rejects the first channel the person opens with msg (the OpenSSH
-// client prints it), or gives up waiting after timeout.
-func refuse(chans <-chan ssh.NewChannel, msg string, timeout time.Duration) {
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case nch, ok := <-chans:
-		if ok {
-			_ = nch.Reject(ssh.ConnectionFailed, msg)
-		}
-	case <-t.C:
-	}
 }
