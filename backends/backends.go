@@ -14,8 +14,10 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/internal/netguard"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm"
 	"github.com/boxd-dev/boxd/runner/qemu"
@@ -55,6 +57,7 @@ type Set struct {
 	QEMU    *qemu.Runner
 	KVM     *kvm.Runner
 	memDir  string
+	table   string // the root's firewall table, "" when none was installed
 }
 
 // New builds the backends of cfg.Root. The caller holds the root (its
@@ -66,10 +69,11 @@ func New(cfg Config) *Set {
 	if log == nil {
 		log = slog.Default()
 	}
+	hash := shortHash(cfg.Root)
 	if cfg.MemDir == "" {
-		cfg.MemDir = filepath.Join(shmDir, memDirPrefix+shortHash(cfg.Root))
+		cfg.MemDir = filepath.Join(shmDir, memDirPrefix+hash)
 		if freed, n := reclaimMemDirs(shmDir, cfg.MemDir); n > 0 {
-			log.Info("backends: removed the memory folders of boxd daemons that are gone", "folders", n, "mib", freed>>20)
+			log.Info("backends: removed the memory folders and firewall tables of boxd daemons that are gone", "folders", n, "mib", freed>>20)
 		}
 	}
 	if freed := treeSize(cfg.MemDir); freed > 0 {
@@ -86,8 +90,51 @@ func New(cfg Config) *Set {
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj,
 	}
+	set := &Set{QEMU: q, memDir: cfg.MemDir}
+	set.guard(cfg.Root, hash, log)
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
-	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir}
+	set.Runners, set.KVM = []runner.Runner{q, k}, k
+	return set
+}
+
+// Boxes' networks: each root's machines run their network helper (passt)
+// as a uid of the root's own range, which the root's firewall table
+// (boxd_HASH, family inet) keeps off the host. Ranges and tables are per
+// root so that daemons on different roots neither share nor remove each
+// other's rules.
+const (
+	tablePrefix = "boxd_"
+	netUIDBase  = 1 << 30 // the ranges lie above every uid a system hands out
+	netUIDs     = 256     // uids per root
+)
+
+// netUIDRange is the first and last uid of the range of the root whose
+// short hash is hash.
+func netUIDRange(hash string) (first, last uint32) {
+	b, _ := hex.DecodeString(hash)
+	first = netUIDBase | uint32(b[0])<<16 | uint32(b[1])<<8
+	return first, first + netUIDs - 1
+}
+
+// guardTimeout bounds each nft run.
+const guardTimeout = 10 * time.Second
+
+// guard installs the root's firewall table and tells the QEMU runner the
+// uid its network helpers run as. Without the table, machines get no
+// network: the runner refuses one with the reason.
+func (s *Set) guard(root, hash string, log *slog.Logger) {
+	first, last := netUIDRange(hash)
+	s.QEMU.NetUID = first
+	conf, _ := os.ReadFile("/etc/resolv.conf")
+	ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+	defer cancel()
+	rules := netguard.Rules{Table: tablePrefix + hash, FirstUID: first, LastUID: last, DNS: netguard.Resolvers(conf)}
+	if err := netguard.Install(ctx, rules); err != nil {
+		s.QEMU.NetErr = fmt.Errorf("the firewall that keeps boxes off the host is missing: %w", err)
+		log.Error("backends: boxes will have no network", "root", root, "err", err)
+		return
+	}
+	s.table = rules.Table
 }
 
 // Close waits for the snapshots written in the background, stops the kvm
@@ -98,6 +145,11 @@ func (s *Set) Close(ctx context.Context) error {
 	_ = s.KVM.Close()
 	if entries, rerr := os.ReadDir(s.memDir); rerr == nil && len(entries) == 1 && entries[0].Name() == ownerFile {
 		_ = os.RemoveAll(s.memDir) // only the owner file is left: every machine has stopped
+		if s.table != "" {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), guardTimeout)
+			defer cancel()
+			err = errors.Join(err, netguard.Remove(rctx, s.table))
+		}
 	}
 	return err
 }
@@ -142,6 +194,9 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		if os.RemoveAll(dir) == nil {
 			freed += size
 			folders++
+			ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+			_ = netguard.Remove(ctx, tablePrefix+strings.TrimPrefix(e.Name(), memDirPrefix))
+			cancel()
 		}
 	}
 	return freed, folders
