@@ -4,6 +4,7 @@
 package backends
 
 import (
+	"cmp"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -12,16 +13,20 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/internal/netguard"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Default is the runner boxes run on unless they ask for another: QEMU,
@@ -57,7 +62,12 @@ type Set struct {
 	QEMU    *qemu.Runner
 	KVM     *kvm.Runner
 	memDir  string
+	log     *slog.Logger
 	table   string // the root's firewall table, "" when none was installed
+
+	// guardMu guards rules, whose Allow are the machines with host ports.
+	guardMu sync.Mutex
+	rules   netguard.Rules
 }
 
 // New builds the backends of cfg.Root. The caller holds the root (its
@@ -90,7 +100,7 @@ func New(cfg Config) *Set {
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj,
 	}
-	set := &Set{QEMU: q, memDir: cfg.MemDir}
+	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
 	set.guard(cfg.Root, hash, log)
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
 	set.Runners, set.KVM = []runner.Runner{q, k}, k
@@ -134,7 +144,48 @@ func (s *Set) guard(root, hash string, log *slog.Logger) {
 		log.Error("backends: boxes will have no network", "root", root, "err", err)
 		return
 	}
-	s.table = rules.Table
+	s.table, s.rules = rules.Table, rules
+	s.QEMU.Expose = s.expose
+}
+
+// expose gives a machine with host ports a uid of the root's range of its
+// own, and lets it reach ports on the host's loopback: the table is
+// replaced with one that has the exception, and again without it on
+// release.
+func (s *Set) expose(ctx context.Context, ports []uint16) (uint32, func(), error) {
+	s.guardMu.Lock()
+	defer s.guardMu.Unlock()
+	uid := s.rules.FirstUID + 1 // the first is every other machine's
+	for _, a := range s.rules.Allow {
+		if a.UID == uid {
+			uid++
+		}
+	}
+	if uid > s.rules.LastUID {
+		return 0, nil, errcat.With(fmt.Errorf("%d machines with host ports already run on this root", netUIDs-1), errdefs.ErrResourceExhausted)
+	}
+	next := s.rules
+	next.Allow = append(slices.Clone(s.rules.Allow), netguard.Allowance{UID: uid, Ports: slices.Clone(ports)})
+	slices.SortFunc(next.Allow, func(a, b netguard.Allowance) int { return cmp.Compare(a.UID, b.UID) })
+	if err := netguard.Install(ctx, next); err != nil {
+		return 0, nil, err
+	}
+	s.rules = next
+	release := func() {
+		s.guardMu.Lock()
+		defer s.guardMu.Unlock()
+		next := s.rules
+		next.Allow = slices.DeleteFunc(slices.Clone(s.rules.Allow), func(a netguard.Allowance) bool { return a.UID == uid })
+		ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+		defer cancel()
+		if err := netguard.Install(ctx, next); err != nil {
+			// The uid stays taken: no other machine gets its ports.
+			s.log.Error("backends: closing a machine's host ports", "uid", uid, "err", err)
+			return
+		}
+		s.rules = next
+	}
+	return uid, release, nil
 }
 
 // Close waits for the snapshots written in the background, stops the kvm

@@ -214,7 +214,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		return fmt.Errorf("box: %w", err)
 	}
 	mach, err := r.Restore(ctx, snap, runner.RestoreOptions{
-		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived,
+		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived, HostPorts: bx.HostPorts,
 	})
 	if err != nil {
 		_ = os.Remove(disk)

@@ -3,6 +3,7 @@ package box_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/containerd/errdefs"
 )
 
 // TestBoxNetwork checks that a box reaches an address outside the host (a
@@ -70,6 +72,36 @@ func TestBoxNetwork(t *testing.T) {
 		}
 	})
 
+	t.Run("HostPorts", func(t *testing.T) {
+		open := serveHTTP(t, "127.0.0.1:0", "exposed")
+		_, openPort, _ := net.SplitHostPort(open)
+		var p uint16
+		_, _ = fmt.Sscan(openPort, &p)
+		bx, err := mgr.Create(ctx, box.CreateOptions{Name: "open", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}, HostPorts: []uint16{p, p}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(bx.HostPorts) != 1 || bx.HostPorts[0] != p {
+			t.Errorf("host ports %v, want [%d]", bx.HostPorts, p)
+		}
+		gw := func(port string) string { return net.JoinHostPort("10.0.2.2", port) }
+		if got := fetch(ctx, t, mgr, "open", gw(openPort)); got != "exposed" {
+			t.Errorf("box open, allowed host port %s: %q, want %q", openPort, got, "exposed")
+		}
+		if got := fetch(ctx, t, mgr, "open", gw(port)); got != "" {
+			t.Errorf("box open reached host port %s, which it was not allowed: %q", port, got)
+		}
+		if got := fetch(ctx, t, mgr, "net", gw(openPort)); got != "" {
+			t.Errorf("box net reached host port %s, which only box open may: %q", openPort, got)
+		}
+		if got := fetch(ctx, t, mgr, "open", outside); got != "outside" {
+			t.Errorf("box open, outside: %q", got)
+		}
+		if _, err := mgr.Create(ctx, box.CreateOptions{Name: "bad", Image: boxtest.Image, HostPorts: []uint16{0}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("host port 0: %v, want invalid argument", err)
+		}
+	})
+
 	t.Run("DNS", func(t *testing.T) {
 		const name = "deb.debian.org"
 		want, err := net.DefaultResolver.LookupHost(ctx, name)
@@ -92,12 +124,15 @@ func TestBoxNetwork(t *testing.T) {
 }
 
 // fetch is what an HTTP GET of addr from box name answered, "" when it
-// failed.
+// failed. It is bounded by timeout in the box: nc sometimes waits on after
+// the answer for a close that does not come, and what it received counts.
 func fetch(ctx context.Context, t *testing.T, mgr *box.Manager, name, addr string) string {
 	t.Helper()
 	var out, errb bytes.Buffer
 	host, port, _ := net.SplitHostPort(addr)
-	line := fmt.Sprintf(`printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 %s %s`, host, port)
+	line := fmt.Sprintf(`printf 'GET / HTTP/1.0\r\n\r\n' | timeout 10 nc -w 3 %s %s`, host, port)
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
 	code, err := mgr.Exec(ctx, name, agent.Command{Shell: line, Stdout: &out, Stderr: &errb})
 	if err != nil {
 		t.Fatalf("%s: %s: %v", name, line, err)

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -38,32 +39,62 @@ const (
 // (the first of exec.Cmd.ExtraFiles).
 const netFD = 3
 
+// A machine with host ports (runner.Spec.HostPorts) has its gateway mapped
+// to the host's loopback, and its passt runs as a uid of its own that
+// Runner.Expose lets reach those ports alone.
+
 // netHelper is a machine's passt process.
 type netHelper struct {
-	cmd  *exec.Cmd
-	qemu *os.File // QEMU's end of the stream, until QEMU has started
-	done chan struct{}
+	cmd     *exec.Cmd
+	qemu    *os.File // QEMU's end of the stream, until QEMU has started
+	done    chan struct{}
+	release func() // gives back the host ports' uid, once passt has exited
 }
 
-// passtArgs are passt's arguments for a stream on descriptor fd.
-func passtArgs(fd int) []string {
-	return []string{
+// passtArgs are passt's arguments for a stream on descriptor fd; mapGW maps
+// the gateway to the host's loopback.
+func passtArgs(fd int, mapGW bool) []string {
+	args := []string{
 		"--foreground", "--quiet", "--stderr",
 		"--ipv4-only",
 		"--address", guestAddr, "--netmask", guestPrefix, "--gateway", gatewayAddr,
-		"--no-map-gw",
 		// Queries the guest sends to 10.0.2.3 go to the host's resolver.
 		"--dns-forward", dnsAddr,
 		"--fd", fmt.Sprint(fd),
 	}
+	if !mapGW {
+		args = append(args, "--no-map-gw")
+	}
+	return args
 }
 
 // startNet starts a machine's passt. The caller gives h.qemu to QEMU and
 // then calls h.started.
-func (r *Runner) startNet(id string, out *lockedBuffer) (*netHelper, error) {
+func (r *Runner) startNet(ctx context.Context, id string, hostPorts []uint16, out *lockedBuffer) (*netHelper, error) {
 	if r.NetErr != nil {
 		return nil, fmt.Errorf("qemu: %s: no network: %w", id, r.NetErr)
 	}
+	uid, release := r.NetUID, func() {}
+	if len(hostPorts) > 0 {
+		if r.Expose == nil {
+			return nil, errcat.NotSupported("qemu: %s: host ports %v: this runner has no firewall to open them (Runner.Expose)", id, hostPorts)
+		}
+		var err error
+		if uid, release, err = r.Expose(ctx, hostPorts); err != nil {
+			return nil, fmt.Errorf("qemu: %s: host ports %v: %w", id, hostPorts, err)
+		}
+	}
+	h, err := r.startPasst(id, uid, len(hostPorts) > 0, out)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	h.release = release
+	return h, nil
+}
+
+// startPasst starts passt as uid (0: passt's choice).
+func (r *Runner) startPasst(id string, uid uint32, mapGW bool, out *lockedBuffer) (*netHelper, error) {
 	bin := r.Passt
 	if bin == "" {
 		bin = "passt"
@@ -78,11 +109,11 @@ func (r *Runner) startNet(id string, out *lockedBuffer) (*netHelper, error) {
 	}
 	passtEnd := os.NewFile(uintptr(fds[0]), "passt")
 	h := &netHelper{qemu: os.NewFile(uintptr(fds[1]), "qemu"), done: make(chan struct{})}
-	h.cmd = exec.Command(path, passtArgs(netFD)...)
+	h.cmd = exec.Command(path, passtArgs(netFD, mapGW)...)
 	h.cmd.ExtraFiles = []*os.File{passtEnd}
 	h.cmd.Stdout, h.cmd.Stderr = out, out
-	if r.NetUID != 0 {
-		h.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: r.NetUID, Gid: r.NetUID}}
+	if uid != 0 {
+		h.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
 	}
 	err = h.cmd.Start()
 	passtEnd.Close()
@@ -119,11 +150,14 @@ func (h *netHelper) stop() {
 	h.started()
 	select {
 	case <-h.done:
-		return
 	case <-time.After(netExitGrace):
+		_ = h.cmd.Process.Kill()
+		<-h.done
 	}
-	_ = h.cmd.Process.Kill()
-	<-h.done
+	if h.release != nil {
+		h.release()
+		h.release = nil
+	}
 }
 
 // netArgs are QEMU's network arguments for a machine whose passt has the

@@ -93,6 +93,11 @@ type Runner struct {
 	// firewall that keeps NetUID off the host is missing): a machine that
 	// asks for one is refused with it.
 	NetErr error
+	// Expose, when set, opens host ports to one machine: it returns the
+	// uid whose passt may reach those TCP ports on the host's loopback and
+	// a function that closes them again. Without it machines with
+	// Spec.HostPorts are refused.
+	Expose func(ctx context.Context, ports []uint16) (uid uint32, release func(), err error)
 
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
@@ -399,7 +404,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cmd.Stdout, m.cmd.Stderr = &m.output, &m.output
 	if hasNetwork(spec) {
-		if m.net, err = r.startNet(id, &m.output); err != nil {
+		if m.net, err = r.startNet(ctx, id, spec.HostPorts, &m.output); err != nil {
 			_ = os.RemoveAll(dir)
 			return nil, err
 		}
