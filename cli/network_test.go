@@ -1,0 +1,120 @@
+package cli_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/internal/testutil"
+)
+
+// TestFrontDoorForward checks that ssh -L through the front door reaches
+// only what the box itself reaches: not the host's loopback at the box's
+// gateway, unless the box was made with --expose-host-port for that port.
+func TestFrontDoorForward(t *testing.T) {
+	if _, err := exec.LookPath("ssh"); err != nil {
+		t.Fatalf("OpenSSH's ssh is missing (Debian package openssh-client): %v", err)
+	}
+	root := shortRoot(t)
+	boxtest.PrepareRoot(t, root)
+	t.Setenv("HOME", t.TempDir()) // boxd makes ROOT/ssh/id_ed25519 for the boxes
+	d := startDaemon(t, root)
+	t.Cleanup(func() {
+		for _, n := range []string{"shut", "open"} {
+			run(t, root, "rm", n)
+		}
+		_ = d.Process.Signal(syscall.SIGTERM)
+		_ = d.Wait()
+	})
+	secret, exposed := hostServer(t, "secret"), hostServer(t, "exposed")
+	ok(t, root, "create", "shut", "--image", boxtest.Image, "--memory", "256M")
+	ok(t, root, "create", "open", "--image", boxtest.Image, "--memory", "256M", "--expose-host-port", strconv.Itoa(exposed))
+	if r := run(t, root, "create", "bad", "--image", boxtest.Image, "--expose-host-port", "70000"); r.code != 2 {
+		t.Errorf("--expose-host-port 70000: %v, want exit 2", r)
+	}
+
+	for _, tc := range []struct {
+		box  string
+		port int
+		want string // "" for no answer
+	}{
+		{"shut", secret, ""},
+		{"shut", exposed, ""},
+		{"open", secret, ""},
+		{"open", exposed, "exposed"},
+	} {
+		if got := forward(t, root, tc.box, tc.port); got != tc.want {
+			t.Errorf("ssh -L to 10.0.2.2:%d in box %s answered %q, want %q", tc.port, tc.box, got, tc.want)
+		}
+	}
+}
+
+// hostServer serves body over HTTP on a new port of the host's loopback
+// until t ends, and returns the port.
+func hostServer(t *testing.T, body string) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, body)
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// forward runs boxd ssh NAME -- -N -L LPORT:10.0.2.2:PORT and returns what
+// an HTTP GET through the forward answered ("" for nothing).
+func forward(t *testing.T, root, name string, port int) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lport := l.Addr().(*net.TCPAddr).Port
+	l.Close() // ssh listens here instead
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, boxd, "--root", root, "ssh", name, "--",
+		"-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", "-L", fmt.Sprintf("%d:10.0.2.2:%d", lport, port))
+	cmd.Env = append(cmd.Environ(), "BOXD_ROOT=")
+	var stderr testutil.LockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}()
+	client := &http.Client{Timeout: 20 * time.Second}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(lport)))
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ssh -L for box %s did not listen: %s", name, stderr.String())
+		}
+	}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", lport))
+	if err != nil {
+		t.Logf("box %s, 10.0.2.2:%d: %v", name, port, err)
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return strings.TrimSpace(string(b))
+}
