@@ -97,6 +97,27 @@ func TestBoxNetwork(t *testing.T) {
 		if got := fetch(ctx, t, mgr, "open", outside); got != "outside" {
 			t.Errorf("box open, outside: %q", got)
 		}
+
+		// A fork is a box that was not made with the allowance; the box
+		// itself keeps it across hibernation.
+		if _, err := mgr.Fork(ctx, "open", []string{"open-child"}); err != nil {
+			t.Fatal(err)
+		}
+		if got := fetch(ctx, t, mgr, "open-child", gw(openPort)); got != "" {
+			t.Errorf("a fork of box open reached host port %s: %q", openPort, got)
+		}
+		if got := fetch(ctx, t, mgr, "open-child", outside); got != "outside" {
+			t.Errorf("a fork of box open, outside: %q", got)
+		}
+		if _, err := mgr.Hibernate(ctx, "open"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := mgr.Resume(ctx, "open"); err != nil {
+			t.Fatal(err)
+		}
+		if got := fetch(ctx, t, mgr, "open", gw(openPort)); got != "exposed" {
+			t.Errorf("box open after hibernation, allowed host port %s: %q, want %q", openPort, got, "exposed")
+		}
 		if _, err := mgr.Create(ctx, box.CreateOptions{Name: "bad", Image: boxtest.Image, HostPorts: []uint16{0}}); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("host port 0: %v, want invalid argument", err)
 		}
