@@ -1,12 +1,15 @@
 package cli_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,6 +18,7 @@ import (
 
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"golang.org/x/sys/unix"
 )
 
 // TestFrontDoorForward checks that ssh -L through the front door reaches
@@ -27,13 +31,18 @@ func TestFrontDoorForward(t *testing.T) {
 	root := shortRoot(t)
 	boxtest.PrepareRoot(t, root)
 	t.Setenv("HOME", t.TempDir()) // boxd makes ROOT/ssh/id_ed25519 for the boxes
-	d := startDaemon(t, root)
-	t.Cleanup(func() {
+	stop := func(d *exec.Cmd) {
 		for _, n := range []string{"shut", "open"} {
 			run(t, root, "rm", n)
 		}
 		_ = d.Process.Signal(syscall.SIGTERM)
 		_ = d.Wait()
+	}
+	d := startDaemon(t, root)
+	t.Cleanup(func() {
+		if d.ProcessState == nil {
+			stop(d)
+		}
 	})
 	secret, exposed := hostServer(t, "secret"), hostServer(t, "exposed")
 	ok(t, root, "create", "shut", "--image", boxtest.Image, "--memory", "256M")
@@ -56,6 +65,68 @@ func TestFrontDoorForward(t *testing.T) {
 			t.Errorf("ssh -L to 10.0.2.2:%d in box %s answered %q, want %q", tc.port, tc.box, got, tc.want)
 		}
 	}
+
+	// A killed daemon leaves no network helper behind: each ends with its
+	// QEMU. The next daemon replaces the root's table, and removes it when
+	// it stops.
+	helpers := children(t, d.Process.Pid, "passt")
+	if len(helpers) < 2 {
+		t.Fatalf("the daemon runs %d passt processes, want one per box at least", len(helpers))
+	}
+	// The test reaps what the killed daemon leaves (its QEMUs die with it),
+	// as init would.
+	orphans := append(children(t, d.Process.Pid, "qemu"), helpers...)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) }()
+	_ = d.Process.Kill()
+	_ = d.Wait()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		left := 0
+		for _, pid := range orphans {
+			var ws unix.WaitStatus
+			if n, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); n == 0 && err == nil {
+				left++ // still runs
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of the killed daemon's QEMU and passt processes %v still run", left, orphans)
+		}
+	}
+	d2 := startDaemon(t, root)
+	t.Cleanup(func() { stop(d2) }) // before startDaemon's own, which kills
+}
+
+// children are the pids of the processes whose name starts with comm (passt
+// may run as passt.avx2) and whose parent is pid.
+func children(t *testing.T, pid int, comm string) []int {
+	t.Helper()
+	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, st := range stats {
+		b, err := os.ReadFile(st)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+		if open < 0 || end < open || !strings.HasPrefix(string(b[open+1:end]), comm) {
+			continue
+		}
+		f := strings.Fields(string(b[end+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			n, _ := strconv.Atoi(strings.Fields(string(b))[0])
+			pids = append(pids, n)
+		}
+	}
+	return pids
 }
 
 // hostServer serves body over HTTP on a new port of the host's loopback
