@@ -20,7 +20,8 @@ type BootConfig struct {
 	Unknown    map[string]string // boxd.* parameters the agent does not know, for the boot log
 }
 
-// DefaultBootConfig is the configuration of an empty command line: QEMU's user networking (-netdev user).
+// DefaultBootConfig is the configuration of an empty command line: the addresses of a box's user network
+// (QEMU's, and those runner/qemu gives passt).
 func DefaultBootConfig() BootConfig {
 	return BootConfig{
 		Root:       "/dev/vda",

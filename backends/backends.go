@@ -4,6 +4,7 @@
 package backends
 
 import (
+	"cmp"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -12,14 +13,20 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/errcat"
+	"github.com/boxd-dev/boxd/internal/netguard"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm"
 	"github.com/boxd-dev/boxd/runner/qemu"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Default is the runner boxes run on unless they ask for another: QEMU,
@@ -69,6 +76,11 @@ type Set struct {
 	KVM     *kvm.Runner
 	memDir  string
 	log     *slog.Logger
+	table   string // the root's firewall table, "" when none was installed
+
+	// guardMu guards rules, whose Allow are the machines with host ports.
+	guardMu sync.Mutex
+	rules   netguard.Rules
 }
 
 // New builds the backends of cfg.Root and removes the memory folders in
@@ -81,10 +93,11 @@ func New(cfg Config) *Set {
 	if log == nil {
 		log = slog.Default()
 	}
+	hash := shortHash(cfg.Root)
 	if cfg.MemDir == "" {
-		cfg.MemDir = filepath.Join(shmDir, memDirPrefix+shortHash(cfg.Root))
+		cfg.MemDir = filepath.Join(shmDir, memDirPrefix+hash)
 		if freed, n := reclaimMemDirs(shmDir, cfg.MemDir); n > 0 {
-			log.Info("backends: removed the memory folders of boxd daemons that are gone", "folders", n, "mib", freed>>20)
+			log.Info("backends: removed the memory folders and firewall tables of boxd daemons that are gone", "folders", n, "mib", freed>>20)
 		}
 	}
 	if err := os.MkdirAll(cfg.MemDir, 0o700); err == nil {
@@ -102,8 +115,11 @@ func New(cfg Config) *Set {
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
 		MemoryGroups: memDirPrefix + shortHash(cfg.Root),
 	}
+	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
+	set.guard(cfg.Root, hash, log)
 	k := &kvm.Runner{Graph: cfg.Graph, Command: cfg.VMM}
-	return &Set{Runners: []runner.Runner{q, k}, QEMU: q, KVM: k, memDir: cfg.MemDir, log: log}
+	set.Runners, set.KVM = []runner.Runner{q, k}, k
+	return set
 }
 
 // Reclaim stops and removes what a previous boxd on the root left that was
@@ -122,6 +138,87 @@ func (s *Set) Reclaim() {
 	}
 }
 
+// Boxes' networks: each root's machines run their network helper (passt)
+// as a uid of the root's own range, which the root's firewall table
+// (boxd_HASH, family inet) keeps off the host. Ranges and tables are per
+// root so that daemons on different roots neither share nor remove each
+// other's rules.
+const (
+	tablePrefix = "boxd_"
+	netUIDBase  = 1 << 30 // the ranges lie above every uid a system hands out
+	netUIDs     = 256     // uids per root
+)
+
+// netUIDRange is the first and last uid of the range of the root whose
+// short hash is hash.
+func netUIDRange(hash string) (first, last uint32) {
+	b, _ := hex.DecodeString(hash)
+	first = netUIDBase | uint32(b[0])<<16 | uint32(b[1])<<8
+	return first, first + netUIDs - 1
+}
+
+// guardTimeout bounds each nft run.
+const guardTimeout = 10 * time.Second
+
+// guard installs the root's firewall table and tells the QEMU runner the
+// uid its network helpers run as. Without the table, machines get no
+// network: the runner refuses one with the reason.
+func (s *Set) guard(root, hash string, log *slog.Logger) {
+	first, last := netUIDRange(hash)
+	s.QEMU.NetUID = first
+	conf, _ := os.ReadFile("/etc/resolv.conf")
+	ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+	defer cancel()
+	rules := netguard.Rules{Table: tablePrefix + hash, FirstUID: first, LastUID: last, DNS: netguard.Resolvers(conf)}
+	if err := netguard.Install(ctx, rules); err != nil {
+		s.QEMU.NetErr = fmt.Errorf("the firewall that keeps boxes off the host is missing: %w", err)
+		log.Error("backends: boxes will have no network", "root", root, "err", err)
+		return
+	}
+	s.table, s.rules = rules.Table, rules
+	s.QEMU.Expose = s.expose
+}
+
+// expose gives a machine with host ports a uid of the root's range of its
+// own, and lets it reach ports on the host's loopback: the table is
+// replaced with one that has the exception, and again without it on
+// release.
+func (s *Set) expose(ctx context.Context, ports []uint16) (uint32, func(), error) {
+	s.guardMu.Lock()
+	defer s.guardMu.Unlock()
+	uid := s.rules.FirstUID + 1 // the first is every other machine's
+	for _, a := range s.rules.Allow {
+		if a.UID == uid {
+			uid++
+		}
+	}
+	if uid > s.rules.LastUID {
+		return 0, nil, errcat.With(fmt.Errorf("%d machines with host ports already run on this root", netUIDs-1), errdefs.ErrResourceExhausted)
+	}
+	next := s.rules
+	next.Allow = append(slices.Clone(s.rules.Allow), netguard.Allowance{UID: uid, Ports: slices.Clone(ports)})
+	slices.SortFunc(next.Allow, func(a, b netguard.Allowance) int { return cmp.Compare(a.UID, b.UID) })
+	if err := netguard.Install(ctx, next); err != nil {
+		return 0, nil, err
+	}
+	s.rules = next
+	release := func() {
+		s.guardMu.Lock()
+		defer s.guardMu.Unlock()
+		next := s.rules
+		next.Allow = slices.DeleteFunc(slices.Clone(s.rules.Allow), func(a netguard.Allowance) bool { return a.UID == uid })
+		ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+		defer cancel()
+		if err := netguard.Install(ctx, next); err != nil {
+			// The uid stays taken: no other machine gets its ports.
+			s.log.Error("backends: closing a machine's host ports", "uid", uid, "err", err)
+			return
+		}
+		s.rules = next
+	}
+	return uid, release, nil
+}
+
 // Close waits for the snapshots written in the background, stops the kvm
 // runner's waiting VMM processes and removes the memory folder once it is
 // empty (every machine has stopped).
@@ -130,6 +227,11 @@ func (s *Set) Close(ctx context.Context) error {
 	_ = s.KVM.Close()
 	if entries, rerr := os.ReadDir(s.memDir); rerr == nil && len(entries) == 1 && entries[0].Name() == ownerFile {
 		_ = os.RemoveAll(s.memDir) // only the owner file is left: every machine has stopped
+		if s.table != "" {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), guardTimeout)
+			defer cancel()
+			err = errors.Join(err, netguard.Remove(rctx, s.table))
+		}
 	}
 	return err
 }
@@ -178,6 +280,9 @@ func reclaimMemDirs(parent, keep string) (freed int64, folders int) {
 		if os.RemoveAll(dir) == nil {
 			freed += size
 			folders++
+			ctx, cancel := context.WithTimeout(context.Background(), guardTimeout)
+			_ = netguard.Remove(ctx, tablePrefix+strings.TrimPrefix(e.Name(), memDirPrefix))
+			cancel()
 		}
 	}
 	return freed, folders

@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -76,6 +77,11 @@ type Box struct {
 	// box over SSH (ssh boxd@host create), which alone sees and acts on it
 	// there; its forks have the same owner. "" for a box made on the host.
 	Owner string `json:"owner,omitempty"`
+	// HostPorts are TCP ports on the host's loopback that the box may reach
+	// at its gateway address, 10.0.2.2 (boxd create --expose-host-port).
+	// Without them the box reaches no address of the host's. Forks do not
+	// inherit them.
+	HostPorts []uint16 `json:"host_ports,omitempty"`
 }
 
 // Config configures a Manager.
@@ -381,6 +387,8 @@ type CreateOptions struct {
 	MaxForks int
 	// Owner is the new box's Owner.
 	Owner string
+	// HostPorts are the box's HostPorts.
+	HostPorts []uint16
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
@@ -412,6 +420,10 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if opts.CPUs < 1 || opts.CPUs > 64 {
 		return Box{}, fmt.Errorf("%d vCPUs: want 1 to 64: %w", opts.CPUs, errdefs.ErrInvalidArgument)
 	}
+	hostPorts, err := CheckHostPorts(opts.HostPorts)
+	if err != nil {
+		return Box{}, err
+	}
 	r, err := m.ChooseRunner(opts.Runner)
 	if err != nil {
 		return Box{}, err
@@ -434,7 +446,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	bx := Box{
 		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
 		Runner: r.Name(), Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
-		Inside: !opts.NoInside, MaxForks: opts.MaxForks, Owner: opts.Owner,
+		Inside: !opts.NoInside, MaxForks: opts.MaxForks, Owner: opts.Owner, HostPorts: hostPorts,
 	}
 	if bx.MaxForks == 0 {
 		bx.MaxForks = DefaultMaxForks
@@ -552,10 +564,26 @@ func (m *Manager) spec(ctx context.Context, bx Box) (runner.Spec, error) {
 	}
 	return runner.Spec{
 		MemSize: bx.Memory, CPUs: bx.CPUs, Kernel: kernel, Initrd: initrd,
-		Cmdline: guest.Cmdline(bx.Name),
-		Console: m.consolePath(bx.Name),
-		Disk:    &runner.Disk{Path: bx.Disk, Base: guest.SnapshotName(bx.Image)},
+		Cmdline:   guest.Cmdline(bx.Name),
+		Console:   m.consolePath(bx.Name),
+		Disk:      &runner.Disk{Path: bx.Disk, Base: guest.SnapshotName(bx.Image)},
+		HostPorts: bx.HostPorts,
 	}, nil
+}
+
+// CheckHostPorts returns ports sorted without repeats, or why they cannot be
+// a box's HostPorts.
+func CheckHostPorts(ports []uint16) ([]uint16, error) {
+	if len(ports) == 0 {
+		return nil, nil
+	}
+	out := slices.Clone(ports)
+	slices.Sort(out)
+	out = slices.Compact(out)
+	if out[0] == 0 {
+		return nil, fmt.Errorf("host port 0: want 1 to 65535: %w", errdefs.ErrInvalidArgument)
+	}
+	return out, nil
 }
 
 // boot cold-boots bx from its disk and waits for its agent.

@@ -28,9 +28,10 @@ type FromOptions struct {
 	// lists them.
 	Snapshot string
 	Keys     []string
-	// NoInside and MaxForks are as in CreateOptions.
-	NoInside bool
-	MaxForks int
+	// NoInside, MaxForks and HostPorts are as in CreateOptions.
+	NoInside  bool
+	MaxForks  int
+	HostPorts []uint16
 }
 
 // CreateFrom makes box opts.Name from snapshot opts.Snapshot, which a box
@@ -75,6 +76,9 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 		Snapshot: sn.Name, // it stands on it already: removing other boxes keeps it
 		Note:     "being made from snapshot " + sn.Name,
 		Inside:   !opts.NoInside, MaxForks: opts.MaxForks,
+	}
+	if bx.HostPorts, err = CheckHostPorts(opts.HostPorts); err != nil {
+		return Box{}, err
 	}
 	if bx.MaxForks == 0 {
 		bx.MaxForks = DefaultMaxForks

@@ -215,7 +215,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 	}
 	m.trimConsole(bx.Name)
 	mach, err := r.Restore(ctx, snap, runner.RestoreOptions{
-		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived,
+		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived, HostPorts: bx.HostPorts,
 	})
 	if err != nil {
 		_ = os.Remove(disk)

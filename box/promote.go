@@ -65,6 +65,7 @@ func (m *Manager) Promote(ctx context.Context, name, fork string) (Box, string, 
 
 	nb := f
 	nb.Name, nb.Parent, nb.Keys, nb.Created = name, warm.Parent, warm.Keys, warm.Created
+	nb.HostPorts = warm.HostPorts
 	nb.Snaps = warm.Snaps // the next snapshots are box.NAME.K+1-..., after the kept one
 	nb.Note = fmt.Sprintf("promoted from fork %s; the state before is snapshot %s", fork, kept)
 	v, err := json.Marshal(nb)

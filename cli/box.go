@@ -62,6 +62,7 @@ func boxCommands() []*cli.Command {
 				&cli.StringSliceFlag{Name: "ssh-key", Usage: "a file of public keys (authorized_keys format, a .pub file) to admit; may be repeated"},
 				&cli.BoolFlag{Name: "allow-fork-from-inside", Value: true, Usage: "let the box command inside the box fork it and act on its forks (box fork, box exec, ...); forks inherit it"},
 				&cli.IntFlag{Name: "max-forks", Value: box.DefaultMaxForks, Usage: "the live forks (forks of forks counted) the box command inside may make"},
+				&cli.StringSliceFlag{Name: "expose-host-port", Usage: "a TCP port on the host's loopback the box may reach at its gateway, 10.0.2.2 (a box reaches no host address otherwise; forks do not inherit it); may be repeated"},
 				jsonFlag,
 			},
 			Action: boxCreate,
@@ -312,6 +313,16 @@ func boxCreate(c *cli.Context) error {
 	if n := c.Int("max-forks"); n < 1 || n > box.MaxMaxForks {
 		return usageError("--max-forks %d: want 1 to %d", n, box.MaxMaxForks)
 	}
+	var hostPorts []uint16
+	for _, v := range c.StringSlice("expose-host-port") {
+		for p := range strings.SplitSeq(v, ",") {
+			n, err := strconv.ParseUint(strings.TrimSpace(p), 10, 16)
+			if err != nil || n == 0 {
+				return usageError("--expose-host-port %s: want a TCP port, 1 to 65535", p)
+			}
+			hostPorts = append(hostPorts, uint16(n))
+		}
+	}
 	// A box made for a registered key admits that key; the daemon sets it.
 	owned := os.Getenv(daemon.OwnerEnv) != ""
 	if owned && c.IsSet("ssh-key") {
@@ -359,7 +370,7 @@ func boxCreate(c *cli.Context) error {
 	}
 	req := daemon.CreateRequest{
 		Name: name, Image: c.String("image"), Memory: mem, CPUs: c.Int("cpus"), Keys: keys, Runner: c.String("runner"),
-		NoInside: !c.Bool("allow-fork-from-inside"), MaxForks: c.Int("max-forks"),
+		NoInside: !c.Bool("allow-fork-from-inside"), MaxForks: c.Int("max-forks"), HostPorts: hostPorts,
 	}
 	if from != "" {
 		req.Image, req.Memory, req.CPUs, req.From = "", 0, 0, from

@@ -61,6 +61,10 @@ type CreateRequest struct {
 	// default, box.DefaultMaxForks).
 	NoInside bool `json:"no_inside,omitempty"`
 	MaxForks int  `json:"max_forks,omitempty"`
+	// HostPorts are TCP ports on the host's loopback the box may reach at
+	// its gateway address (box.Box.HostPorts); a registered key's request
+	// may not ask for any.
+	HostPorts []uint16 `json:"host_ports,omitempty"`
 }
 
 // ForkRequest is the body of POST /v1/boxes/{name}/fork: the new boxes.

@@ -300,6 +300,10 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	owner := ownerOf(r)
+	if owner != "" && len(req.HostPorts) > 0 {
+		s.fail(w, r, fmt.Errorf("host ports: a box made over SSH reaches no host port: %w", errdefs.ErrPermissionDenied))
+		return
+	}
 	if owner != "" {
 		if err := s.ownerCreate(owner, &req); err != nil {
 			s.fail(w, r, err)
@@ -325,9 +329,9 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 	var bx box.Box
 	var err error
 	if req.From != "" {
-		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks})
+		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks, HostPorts: req.HostPorts})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner, HostPorts: req.HostPorts})
 	}
 	if err != nil {
 		s.fail(w, r, err)

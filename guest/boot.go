@@ -239,7 +239,7 @@ func findAgent(getenv func(string) string, exe string, lookPath func(string) (st
 // Cmdline returns the kernel command line of a box called hostname. The
 // agent, as /init, reads the boxd.* parameters: it mounts boxd.root itself
 // (so there is no root=) and defaults the rest (boxd.rootfstype, boxd.port,
-// boxd.ip, boxd.gw, boxd.dns) to suit QEMU's user networking. hostname must
+// boxd.ip, boxd.gw, boxd.dns) to suit a box's user network (QEMU's addresses). hostname must
 // be a host name (no spaces); "" leaves the image's.
 func Cmdline(hostname string) string {
 	s := "console=ttyS0 panic=-1 quiet boxd.root=/dev/vda"

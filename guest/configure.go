@@ -17,8 +17,8 @@ import (
 // box's own at boot (boxd.hostname).
 const DefaultHostname = "boxd"
 
-// DefaultDNS is the resolver of QEMU's user networking, which boxes use
-// unless told otherwise (boxd.dns).
+// DefaultDNS is the resolver address of a box's user network (passt forwards
+// it to the host's resolver), which boxes use unless told otherwise (boxd.dns).
 const DefaultDNS = "10.0.2.3"
 
 // configFiles are the files ConfigureTree writes, relative to the tree.

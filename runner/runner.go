@@ -77,12 +77,19 @@ type Spec struct {
 	Disk *Disk
 	// Network is NetworkUser ("" too) or NetworkNone.
 	Network string
+	// HostPorts are TCP ports on the host's loopback that the guest may
+	// reach at the gateway address (10.0.2.2). Without them a user network
+	// reaches no address of the host's. A snapshot does not keep them.
+	HostPorts []uint16
 }
 
 // Networks a machine may have.
 const (
 	// NetworkUser is outbound access through the backend's user-mode
 	// network: the guest at 10.0.2.15, the gateway 10.0.2.2, DNS 10.0.2.3.
+	// It reaches the internet and DNS, never the host's own addresses
+	// (its loopback included, but for Spec.HostPorts), link-local ones or
+	// other machines.
 	NetworkUser = "user"
 	NetworkNone = "none"
 )
@@ -115,6 +122,8 @@ type RestoreOptions struct {
 	// shares memory between restores of one snapshot gives this one memory
 	// of its own. Others ignore it.
 	LongLived bool
+	// HostPorts are as Spec.HostPorts.
+	HostPorts []uint16
 }
 
 // SnapshotOptions tune Machine.Snapshot.

@@ -13,6 +13,10 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v ssh >/dev/null || need+=(openssh-client)
 # The operators' view test scrapes the daemon with a real Prometheus server.
 command -v prometheus >/dev/null || need+=(prometheus)
+# Boxes' networks: a passt process per machine, kept off the host by an
+# nftables table.
+command -v passt >/dev/null || need+=(passt)
+command -v nft >/dev/null || need+=(nftables)
 # The busybox package's binary is dynamic; an initramfs needs the static one.
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 if [ "${#need[@]}" -gt 0 ]; then

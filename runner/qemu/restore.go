@@ -51,6 +51,7 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		return nil, err
 	}
 	spec.Console = opts.Console
+	spec.HostPorts = opts.HostPorts
 	rs := &restoreRun{r: r, ctx: ctx, snap: s, own: opts.LongLived, filled: make(chan error, 1), ph: startPhases()}
 	if err := rs.restoreMemory(spec.MemSize); err != nil {
 		return nil, err

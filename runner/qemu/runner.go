@@ -15,7 +15,8 @@
 //
 // Spec.Kernel is the kernel image; Initrd, Cmdline, Console, Disk and
 // Network are as runner.Spec says (Disk a qcow2 or raw file, as virtio-blk
-// /dev/vda; Network user-mode networking by default). The runner has every
+// /dev/vda; Network a passt process per machine, kept off the host, by
+// default: see net.go). The runner has every
 // optional capability of package runner.
 //
 // Spec.MemSize must be a positive multiple of 1 MiB. Guest memory is a file
@@ -98,6 +99,22 @@ type Runner struct {
 	// process's terminal and signals. Without it QEMU is killed when that
 	// process ends (tests, tools), so nothing is left behind.
 	Detached bool
+	// Passt is the network helper each machine's network runs on ("" means
+	// passt on PATH); see net.go.
+	Passt string
+	// NetUID is the uid (and gid) passt runs as; the host's firewall keeps
+	// it off the host's own addresses. 0 leaves it to passt, which drops
+	// to nobody when started by root.
+	NetUID uint32
+	// NetErr, when set, is why machines may have no network here (the
+	// firewall that keeps NetUID off the host is missing): a machine that
+	// asks for one is refused with it.
+	NetErr error
+	// Expose, when set, opens host ports to one machine: it returns the
+	// uid whose passt may reach those TCP ports on the host's loopback and
+	// a function that closes them again. Without it machines with
+	// Spec.HostPorts are refused.
+	Expose func(ctx context.Context, ports []uint16) (uid uint32, release func(), err error)
 
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
@@ -242,12 +259,17 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	}
 	switch spec.Network {
 	case "", runner.NetworkUser:
-		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,addr="+slotNet)
+		args = append(args, netArgs()...)
 	case runner.NetworkNone:
 	default:
 		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, errdefs.ErrInvalidArgument)
 	}
 	return args, nil
+}
+
+// hasNetwork says whether spec asks for a network.
+func hasNetwork(spec runner.Spec) bool {
+	return spec.Network == "" || spec.Network == runner.NetworkUser
 }
 
 // PCI slots of the devices. They are fixed, not left to the order of the
@@ -416,10 +438,20 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		m.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	}
 	m.cmd.Stdout, m.cmd.Stderr = out, out
+	if hasNetwork(spec) {
+		if m.net, err = r.startNet(ctx, id, spec.HostPorts, out); err != nil {
+			_ = out.Close()
+			_ = os.RemoveAll(dir)
+			return nil, err
+		}
+		m.cmd.ExtraFiles = []*os.File{m.net.qemu}
+	}
 	r.logger().Debug("qemu: starting machine", "id", id, "accel", m.accel, "kernel", spec.Kernel, "mem_mib", spec.MemSize/mib, "incoming", lo.incoming)
 	err = m.cmd.Start()
 	_ = out.Close()
+	m.net.started()
 	if err != nil {
+		m.net.stop()
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
 	}
@@ -567,6 +599,7 @@ type Machine struct {
 	prepEnded bool           // the machine ended: no other is made
 	prepState map[string]int // prepared files forks took: prepForking, prepAdopted, prepFailed
 	cmd       *exec.Cmd
+	net       *netHelper  // the machine's network; nil for none
 	frozen    atomic.Bool // memFile became a frozen snapshot's (Freeze)
 
 	snapMu sync.Mutex // one snapshot at a time
@@ -603,6 +636,7 @@ var _ runner.Machine = (*Machine)(nil)
 // wait reaps QEMU, keeps its console and frees its folder.
 func (m *Machine) wait() {
 	err := m.cmd.Wait()
+	m.net.stop()
 	switch {
 	case m.stopping.Load():
 		err = runner.ErrStopped

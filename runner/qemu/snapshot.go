@@ -492,6 +492,7 @@ func (m *Machine) specLabel() runner.Spec {
 	s := m.spec
 	s.Console = ""
 	s.Disk = nil // a restore has a disk when the snapshot has a disk map
+	s.HostPorts = nil
 	return s
 }
 

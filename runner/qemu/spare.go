@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/boxd-dev/boxd/memstore"
@@ -358,7 +359,8 @@ func sameMachine(spare, spec runner.Spec) bool {
 		return s.Network
 	}
 	return spare.Kernel == spec.Kernel && spare.MemSize == spec.MemSize && max(spare.CPUs, 1) == max(spec.CPUs, 1) &&
-		spare.Initrd == spec.Initrd && spare.Cmdline == spec.Cmdline && net(spare) == net(spec)
+		spare.Initrd == spec.Initrd && spare.Cmdline == spec.Cmdline && net(spare) == net(spec) &&
+		slices.Equal(spare.HostPorts, spec.HostPorts)
 }
 
 // takeOver makes a spare the machine of spec: the console goes to spec's

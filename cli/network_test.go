@@ -1,0 +1,191 @@
+package cli_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/boxd-dev/boxd/internal/testutil"
+	"golang.org/x/sys/unix"
+)
+
+// TestFrontDoorForward checks that ssh -L through the front door reaches
+// only what the box itself reaches: not the host's loopback at the box's
+// gateway, unless the box was made with --expose-host-port for that port.
+func TestFrontDoorForward(t *testing.T) {
+	if _, err := exec.LookPath("ssh"); err != nil {
+		t.Fatalf("OpenSSH's ssh is missing (Debian package openssh-client): %v", err)
+	}
+	root := shortRoot(t)
+	boxtest.PrepareRoot(t, root)
+	t.Setenv("HOME", t.TempDir()) // boxd makes ROOT/ssh/id_ed25519 for the boxes
+	stop := func(d *exec.Cmd) {
+		for _, n := range []string{"shut", "open"} {
+			run(t, root, "rm", n)
+		}
+		_ = d.Process.Signal(syscall.SIGTERM)
+		_ = d.Wait()
+	}
+	d := startDaemon(t, root)
+	t.Cleanup(func() {
+		if d.ProcessState == nil {
+			stop(d)
+		}
+	})
+	secret, exposed := hostServer(t, "secret"), hostServer(t, "exposed")
+	ok(t, root, "create", "shut", "--image", boxtest.Image, "--memory", "256M")
+	ok(t, root, "create", "open", "--image", boxtest.Image, "--memory", "256M", "--expose-host-port", strconv.Itoa(exposed))
+	if r := run(t, root, "create", "bad", "--image", boxtest.Image, "--expose-host-port", "70000"); r.code != 2 {
+		t.Errorf("--expose-host-port 70000: %v, want exit 2", r)
+	}
+
+	for _, tc := range []struct {
+		box  string
+		port int
+		want string // "" for no answer
+	}{
+		{"shut", secret, ""},
+		{"shut", exposed, ""},
+		{"open", secret, ""},
+		{"open", exposed, "exposed"},
+	} {
+		if got := forward(t, root, tc.box, tc.port); got != tc.want {
+			t.Errorf("ssh -L to 10.0.2.2:%d in box %s answered %q, want %q", tc.port, tc.box, got, tc.want)
+		}
+	}
+
+	// A killed daemon leaves no network helper behind: each ends with its
+	// QEMU. The next daemon replaces the root's table, and removes it when
+	// it stops.
+	helpers := children(t, d.Process.Pid, "passt")
+	if len(helpers) < 2 {
+		t.Fatalf("the daemon runs %d passt processes, want one per box at least", len(helpers))
+	}
+	// The test reaps what the killed daemon leaves (its QEMUs die with it),
+	// as init would.
+	orphans := append(children(t, d.Process.Pid, "qemu"), helpers...)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) }()
+	_ = d.Process.Kill()
+	_ = d.Wait()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		left := 0
+		for _, pid := range orphans {
+			var ws unix.WaitStatus
+			if n, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); n == 0 && err == nil {
+				left++ // still runs
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of the killed daemon's QEMU and passt processes %v still run", left, orphans)
+		}
+	}
+	d2 := startDaemon(t, root)
+	t.Cleanup(func() { stop(d2) }) // before startDaemon's own, which kills
+}
+
+// children are the pids of the processes whose name starts with comm (passt
+// may run as passt.avx2) and whose parent is pid.
+func children(t *testing.T, pid int, comm string) []int {
+	t.Helper()
+	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, st := range stats {
+		b, err := os.ReadFile(st)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+		if open < 0 || end < open || !strings.HasPrefix(string(b[open+1:end]), comm) {
+			continue
+		}
+		f := strings.Fields(string(b[end+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			n, _ := strconv.Atoi(strings.Fields(string(b))[0])
+			pids = append(pids, n)
+		}
+	}
+	return pids
+}
+
+// hostServer serves body over HTTP on a new port of the host's loopback
+// until t ends, and returns the port.
+func hostServer(t *testing.T, body string) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, body)
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// forward runs boxd ssh NAME -- -N -L LPORT:10.0.2.2:PORT and returns what
+// an HTTP GET through the forward answered ("" for nothing).
+func forward(t *testing.T, root, name string, port int) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lport := l.Addr().(*net.TCPAddr).Port
+	l.Close() // ssh listens here instead
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, boxd, "--root", root, "ssh", name, "--",
+		"-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", "-L", fmt.Sprintf("%d:10.0.2.2:%d", lport, port))
+	cmd.Env = append(cmd.Environ(), "BOXD_ROOT=")
+	var stderr testutil.LockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}()
+	client := &http.Client{Timeout: 20 * time.Second}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(lport)))
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ssh -L for box %s did not listen: %s", name, stderr.String())
+		}
+	}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", lport))
+	if err != nil {
+		t.Logf("box %s, 10.0.2.2:%d: %v", name, port, err)
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return strings.TrimSpace(string(b))
+}
