@@ -172,8 +172,8 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 		disk: st.Disk, base: st.Base, last: st.Last, unstoredDisks: st.UnstoredDisks,
 		pid: st.PID, startTicks: st.StartTicks, pidfd: pidfd, ready: true,
 		memLimit: r.adoptedMemoryGroup(id),
-		started: started,
-		done:    make(chan struct{}),
+		started:  started,
+		done:     make(chan struct{}),
 	}
 	if st.OwnDisk != "" {
 		m.ownDisk.Store(&st.OwnDisk)
