@@ -66,39 +66,66 @@ func TestFrontDoorForward(t *testing.T) {
 		}
 	}
 
-	// A killed daemon leaves no network helper behind: each ends with its
-	// QEMU. The next daemon replaces the root's table, and removes it when
-	// it stops.
+	// Boxes outlive a killed daemon, their network helpers with them; the
+	// next daemon adopts the boxes and replaces the root's table, and once
+	// the boxes are removed no QEMU or passt of theirs is left.
 	helpers := children(t, d.Process.Pid, "passt")
 	if len(helpers) < 2 {
 		t.Fatalf("the daemon runs %d passt processes, want one per box at least", len(helpers))
 	}
-	// The test reaps what the killed daemon leaves (its QEMUs die with it),
-	// as init would.
-	orphans := append(children(t, d.Process.Pid, "qemu"), helpers...)
+	boxProcs := append(qemusOfBoxes(t, root), helpers...)
+	// The test reaps what the killed daemon leaves, as init would.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { _ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) }()
 	_ = d.Process.Kill()
 	_ = d.Wait()
+	time.Sleep(time.Second)
+	for _, pid := range boxProcs {
+		if syscall.Kill(pid, 0) != nil {
+			t.Fatalf("process %d of a box (QEMU or passt) ended with the daemon", pid)
+		}
+	}
+	d2 := startDaemon(t, root)
+	if got := forward(t, root, "shut", secret); got != "" {
+		t.Errorf("ssh -L to the host's loopback from an adopted box answered %q", got)
+	}
+	stop(d2)
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		left := 0
-		for _, pid := range orphans {
+		for _, pid := range boxProcs {
 			var ws unix.WaitStatus
 			if n, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); n == 0 && err == nil {
 				left++ // still runs
+			} else if err != nil && syscall.Kill(pid, 0) == nil {
+				left++ // not ours to reap, and still there
 			}
 		}
 		if left == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d of the killed daemon's QEMU and passt processes %v still run", left, orphans)
+			t.Fatalf("%d of the removed boxes' QEMU and passt processes %v still run", left, boxProcs)
 		}
 	}
-	d2 := startDaemon(t, root)
-	t.Cleanup(func() { stop(d2) }) // before startDaemon's own, which kills
+}
+
+// qemusOfBoxes are the pids of the QEMUs whose machine folder is under
+// ROOT/run.
+func qemusOfBoxes(t *testing.T, root string) []int {
+	t.Helper()
+	out, _ := exec.Command("pgrep", "-f", "qemu-system.*"+filepath.Join(root, "run")).Output()
+	var pids []int
+	for _, f := range strings.Fields(string(out)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, n)
+		}
+	}
+	if len(pids) < 2 {
+		t.Fatalf("QEMUs of the boxes under %s: %q, want one per box at least", root, out)
+	}
+	return pids
 }
 
 // children are the pids of the processes whose name starts with comm (passt
