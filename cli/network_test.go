@@ -18,6 +18,7 @@ import (
 
 	"github.com/boxd-dev/boxd/box/boxtest"
 	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/runner/qemu"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,6 +39,8 @@ func TestFrontDoorForward(t *testing.T) {
 		_ = d.Process.Signal(syscall.SIGTERM)
 		_ = d.Wait()
 	}
+	// Boxes outlive a killed daemon: whatever happens, none is left.
+	t.Cleanup(func() { qemu.KillMachines(filepath.Join(root, "run")) })
 	d := startDaemon(t, root)
 	t.Cleanup(func() {
 		if d.ProcessState == nil {
