@@ -58,6 +58,16 @@ func (r *Runner) SnapshotRemoved(snap string) {
 
 // SnapshotSpec is the machine a QEMU snapshot restores as (runner.SpecReader).
 func (r *Runner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
+	spec, err := r.machineSpec(s)
+	if spec.Network == netSlirp {
+		spec.Network = runner.NetworkUser
+	}
+	return spec, err
+}
+
+// machineSpec is SnapshotSpec as Restore needs it: a snapshot taken on
+// QEMU's own user network restores onto it (netSlirp).
+func (r *Runner) machineSpec(s snapshotter.Snapshot) (runner.Spec, error) {
 	if s.Labels[runner.LabelRunner] != r.Name() {
 		return runner.Spec{}, fmt.Errorf("qemu: snapshot %q is not a QEMU machine's: %w", s.Name, errdefs.ErrInvalidArgument)
 	}
@@ -85,9 +95,18 @@ const (
 	storedNet     = "net"
 )
 
+// Values of Options[storedNet] besides the runner's networks: snapshots
+// since boxes run on passt say so; one without it (or with "user") was
+// taken on QEMU's own user network, netSlirp.
+const storedPasst = "passt"
+
 func toStored(s runner.Spec) storedSpec {
 	st := storedSpec{MemSize: s.MemSize, CPUs: s.CPUs, Boot: s.Kernel, Options: map[string]string{}}
-	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: s.Network} {
+	net := s.Network
+	if net == "" || net == runner.NetworkUser {
+		net = storedPasst
+	}
+	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: net} {
 		if v != "" {
 			st.Options[k] = v
 		}
@@ -98,8 +117,15 @@ func toStored(s runner.Spec) storedSpec {
 // spec is the Spec st keeps, without disk or console (a snapshot's label
 // never held them).
 func (st storedSpec) spec() runner.Spec {
+	net := st.Options[storedNet]
+	switch net {
+	case storedPasst:
+		net = ""
+	case "", runner.NetworkUser:
+		net = netSlirp
+	}
 	return runner.Spec{
 		MemSize: st.MemSize, CPUs: st.CPUs, Kernel: st.Boot,
-		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: st.Options[storedNet],
+		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: net,
 	}
 }

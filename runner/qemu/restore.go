@@ -46,12 +46,18 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if err != nil {
 		return nil, err
 	}
-	spec, err := r.SnapshotSpec(s)
+	spec, err := r.machineSpec(s)
 	if err != nil {
 		return nil, err
 	}
 	spec.Console = opts.Console
 	spec.HostPorts = opts.HostPorts
+	if spec.Network == netSlirp {
+		// Its device state is QEMU's user network's: it keeps it, with no
+		// isolation and no host ports, until the box boots again.
+		spec.HostPorts = nil
+		r.logger().Warn("qemu: a snapshot from before boxes ran on passt restores on QEMU's own user network, which reaches the host's loopback, until its box boots again", "snapshot", snap)
+	}
 	rs := &restoreRun{r: r, ctx: ctx, snap: s, own: opts.LongLived, filled: make(chan error, 1), ph: startPhases()}
 	if err := rs.restoreMemory(spec.MemSize); err != nil {
 		return nil, err

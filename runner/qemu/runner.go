@@ -260,6 +260,8 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	switch spec.Network {
 	case "", runner.NetworkUser:
 		args = append(args, netArgs()...)
+	case netSlirp:
+		args = append(args, slirpArgs()...)
 	case runner.NetworkNone:
 	default:
 		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, errdefs.ErrInvalidArgument)
@@ -267,7 +269,20 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	return args, nil
 }
 
-// hasNetwork says whether spec asks for a network.
+// netSlirp is the Network of a machine restored from a snapshot taken
+// before boxes ran on passt: its device state holds QEMU's own user network,
+// which it keeps (a restore onto another network backend fails) until the
+// box boots again. It never leaves this package: SnapshotSpec gives it only
+// back to Restore.
+const netSlirp = "slirp"
+
+// slirpArgs are QEMU's network arguments for QEMU's own user network
+// (slirp), which maps the gateway to the host's loopback: not isolated.
+func slirpArgs() []string {
+	return []string{"-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,addr=" + slotNet}
+}
+
+// hasNetwork says whether spec asks for a network on passt.
 func hasNetwork(spec runner.Spec) bool {
 	return spec.Network == "" || spec.Network == runner.NetworkUser
 }
