@@ -1,4 +1,4 @@
-# bench/lib.sh - sourced by the bench scripts (guest.sh, frontdoor.sh, run.sh, metrics.sh), not run:
+# bench/lib.sh - sourced by the bench scripts (guest.sh, frontdoor.sh, run.sh, metrics.sh, inside.sh), not run:
 # goes to the repository root (REPO_ROOT) and defines what they do before
 # they start their program.
 
@@ -34,4 +34,49 @@ install_debs() {
 build_boxd() {
 	make --no-print-directory build >&2
 	export BOXD_AGENT=${BOXD_AGENT:-$REPO_ROOT/bin/boxd-agent}
+}
+
+# run_box_program NAME DEFAULT_DIR ARG...: builds the Go program in
+# bench/NAME and runs it with ARG.... The program works in a kept folder
+# (its -dir flag, else DEFAULT_DIR) whose root's QEMUs and daemon it stops
+# itself, on errors and signals too; this is the backstop should it die:
+# every QEMU of DIR/root, and its daemon, are killed by pid, and the script
+# then fails. Exits with the program's status (130 on ^C, 143 on SIGTERM).
+run_box_program() {
+	prog=$1 dir=$2
+	shift 2
+	local args=("$@") i
+	for i in "${!args[@]}"; do
+		case "${args[$i]}" in
+		-dir | --dir) dir=${args[$((i + 1))]:-$dir} ;;
+		-dir=* | --dir=*) dir=${args[$i]#*=} ;;
+		esac
+	done
+	dir=$(realpath -m "$dir")
+	tmp=$(mktemp -d)
+	child=
+	trap box_program_cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	go build -o "$tmp/$prog" "./bench/$prog"
+	"$tmp/$prog" "$@" &
+	child=$!
+	wait "$child"
+}
+
+# box_program_cleanup is run_box_program's exit trap.
+box_program_cleanup() {
+	rc=$?
+	if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+		kill -TERM "$child" 2>/dev/null || true
+		wait "$child" 2>/dev/null || true
+	fi
+	left=$(pgrep -f -- "qemu-system-x86_64 .*$dir/root/|--root $dir/root daemon" || true)
+	if [ -n "$left" ]; then
+		echo "$prog.sh: left running, killing: ${left//$'\n'/ }" >&2
+		for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+		rc=1
+	fi
+	rm -rf "$tmp"
+	exit "$rc"
 }

@@ -53,42 +53,4 @@ install_debs "${need[@]}"
 build_boxd
 export BOXD=${BOXD:-$REPO_ROOT/bin/boxd}
 
-# The folder the program works in, for the check below.
-dir=${BOXD_BENCH_METRICS_DIR:-/var/tmp/boxd-bench-metrics}
-args=("$@")
-for i in "${!args[@]}"; do
-	case "${args[$i]}" in
-	-dir | --dir) dir=${args[$((i + 1))]:-$dir} ;;
-	-dir=* | --dir=*) dir=${args[$i]#*=} ;;
-	esac
-done
-dir=$(realpath -m "$dir")
-
-tmp=$(mktemp -d)
-child=
-# The program removes its box and stops the daemon itself, on errors and
-# signals too; this is the backstop should it die: every QEMU of the root,
-# and its daemon, by pid.
-cleanup() {
-	rc=$?
-	if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
-		kill -TERM "$child" 2>/dev/null || true
-		wait "$child" 2>/dev/null || true
-	fi
-	left=$(pgrep -f -- "qemu-system-x86_64 .*$dir/root/|--root $dir/root daemon" || true)
-	if [ -n "$left" ]; then
-		echo "metrics.sh: left running, killing: ${left//$'\n'/ }" >&2
-		for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
-		rc=1
-	fi
-	rm -rf "$tmp"
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-go build -o "$tmp/metrics" ./bench/metrics
-"$tmp/metrics" "$@" &
-child=$!
-wait "$child"
+run_box_program metrics "${BOXD_BENCH_METRICS_DIR:-/var/tmp/boxd-bench-metrics}" "$@"
