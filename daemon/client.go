@@ -82,37 +82,49 @@ func (e *NotRunningError) Error() string {
 // unwrap to Err: a missing socket is no missing file of the caller's.
 func (e *NotRunningError) Is(target error) bool { return target == errdefs.ErrUnavailable }
 
-// do sends a request with body in as JSON (none when nil) and decodes the
-// answer into out (discarded when nil).
-func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+// open sends a request with body in as JSON (none when nil) and returns
+// the answer, for the caller to read and close, when it is 200 OK; any
+// other answer is the error its body names.
+func (c *Client) open(ctx context.Context, method, path string, in any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := c.newRequest(ctx, method, path, body)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return c.connError(ctx, err)
+		return nil, c.connError(ctx, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		var eb errorBody
+		_ = json.NewDecoder(io.LimitReader(resp.Body, maxRequestBody)).Decode(&eb)
+		return nil, remoteError(resp.StatusCode, eb)
+	}
+	return resp, nil
+}
+
+// do sends a request with body in as JSON (none when nil) and decodes the
+// answer into out (discarded when nil).
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	resp, err := c.open(ctx, method, path, in)
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(resp.Body)
 	if err != nil {
 		return fmt.Errorf("boxd daemon at %s: reading the answer: %w", c.socket, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		var eb errorBody
-		_ = json.Unmarshal(data, &eb)
-		return remoteError(resp.StatusCode, eb)
 	}
 	if out == nil {
 		return nil

@@ -107,20 +107,11 @@ func (c *Client) Events(ctx context.Context, since time.Time, fn func(events.Eve
 	if !since.IsZero() {
 		path += "?since=" + url.QueryEscape(since.UTC().Format(time.RFC3339Nano))
 	}
-	req, err := c.newRequest(ctx, http.MethodGet, path, nil)
+	resp, err := c.open(ctx, http.MethodGet, path, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return c.connError(ctx, err)
-	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var eb errorBody
-		_ = json.NewDecoder(resp.Body).Decode(&eb)
-		return remoteError(resp.StatusCode, eb)
-	}
 	dec := json.NewDecoder(resp.Body)
 	for {
 		var l eventLine

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -340,25 +339,11 @@ func (c *Client) Images(ctx context.Context) ([]guest.Image, error) {
 // nil) with the build's progress as guest.BuildOptions.Progress is called.
 // If ctx ends first, the build goes on in the daemon.
 func (c *Client) BuildImage(ctx context.Context, req ImageBuildRequest, progress func(stage string, done, total int64)) (ImageBuildResult, error) {
-	body, err := json.Marshal(req)
+	resp, err := c.open(ctx, http.MethodPost, "/v1/images", req)
 	if err != nil {
 		return ImageBuildResult{}, err
-	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://boxd/v1/images", bytes.NewReader(body))
-	if err != nil {
-		return ImageBuildResult{}, err
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := c.hc.Do(hr)
-	if err != nil {
-		return ImageBuildResult{}, c.connError(ctx, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var eb errorBody
-		_ = json.NewDecoder(io.LimitReader(resp.Body, maxRequestBody)).Decode(&eb)
-		return ImageBuildResult{}, remoteError(resp.StatusCode, eb)
-	}
 	dec := json.NewDecoder(resp.Body)
 	for {
 		var l imageLine

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -60,21 +59,11 @@ func (c *Client) Logs(ctx context.Context, name string, opts LogsOptions, w io.W
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
-	req, err := c.newRequest(ctx, http.MethodGet, path, nil)
+	resp, err := c.open(ctx, http.MethodGet, path, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return c.connError(ctx, err)
-	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxRequestBody))
-		var eb errorBody
-		_ = json.Unmarshal(data, &eb)
-		return remoteError(resp.StatusCode, eb)
-	}
 	buf := make([]byte, consoleBuf)
 	for {
 		n, rerr := resp.Body.Read(buf)
