@@ -365,13 +365,38 @@ func LiveMachines(dir string) int {
 // removeMachine kills the QEMU its state file in machine folder dir names,
 // if it still runs, and removes the folder.
 func removeMachine(dir string) bool {
-	if b, err := os.ReadFile(filepath.Join(dir, stateFile)); err == nil {
-		var st machineState
-		if json.Unmarshal(b, &st) == nil && st.PID > 0 {
-			killProcess(st.PID, st.StartTicks)
-		}
+	var st machineState
+	if b, err := os.ReadFile(filepath.Join(dir, stateFile)); err == nil && json.Unmarshal(b, &st) == nil && st.PID > 0 {
+		killProcess(st.PID, st.StartTicks)
+	} else {
+		// A runner killed between starting QEMU and writing its state
+		// file left a QEMU that only its arguments name: its sockets are
+		// in dir.
+		killNaming(dir + "/")
 	}
 	return os.RemoveAll(dir) == nil
+}
+
+// killNaming kills every process whose arguments contain s, and waits a
+// while for each to go.
+func killNaming(s string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		start, err := procstat.StartTime(pid)
+		if err != nil {
+			continue
+		}
+		// The arguments are read after the start time: a process that
+		// took the pid since has another start time, and openProcess
+		// refuses it.
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), s) {
+			killProcess(pid, start)
+		}
+	}
 }
 
 // killProcess kills process pid if it is the one that started at

@@ -222,3 +222,44 @@ func waitConsoleTick(ctx context.Context, t *testing.T, path string, want int) i
 		}
 	}
 }
+
+// TestKillMachinesUnrecorded checks that a machine folder without a state
+// file (its runner was killed between starting QEMU and writing the file)
+// still has its process killed: the process's arguments name the folder.
+func TestKillMachinesUnrecorded(t *testing.T) {
+	dir := t.TempDir()
+	folder := filepath.Join(dir, "qemu-1-1-x")
+	if err := os.Mkdir(folder, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(folder, "qmp.sock")
+	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := exec.Command("tail", "-f", "/dev/null") // names no folder: left alone
+	orphan := exec.Command("tail", "-f", sock)
+	for _, c := range []*exec.Cmd{other, orphan} {
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- orphan.Wait() }()
+	t.Cleanup(func() { _ = other.Process.Kill(); _ = other.Wait() })
+
+	if n := qemu.KillMachines(dir); n != 1 {
+		t.Fatalf("KillMachines removed %d folders, want 1", n)
+	}
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		_ = orphan.Process.Kill()
+		t.Fatal("the process naming the folder still runs")
+	}
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatalf("a process naming no folder was killed: %v", err)
+	}
+	if _, err := os.Stat(folder); !os.IsNotExist(err) {
+		t.Fatalf("the folder is still there: %v", err)
+	}
+}
