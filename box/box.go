@@ -82,6 +82,9 @@ type Box struct {
 	// Without them the box reaches no address of the host's. Forks do not
 	// inherit them.
 	HostPorts []uint16 `json:"host_ports,omitempty"`
+	// Labels say what made the box and for what (the containerd shim's:
+	// its namespace and container id); forks do not inherit them.
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // Config configures a Manager.

@@ -65,6 +65,12 @@ type CreateRequest struct {
 	// its gateway address (box.Box.HostPorts); a registered key's request
 	// may not ask for any.
 	HostPorts []uint16 `json:"host_ports,omitempty"`
+	// Rootfs makes the box's disk from a root file system of the daemon's
+	// containerd snapshotter (boxd daemon --containerd-snapshotter): the
+	// Source of a mount it handed out. It excludes Image and From.
+	Rootfs string `json:"rootfs,omitempty"`
+	// Labels are the box's labels (box.Box.Labels).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // ForkRequest is the body of POST /v1/boxes/{name}/fork: the new boxes.
