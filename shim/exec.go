@@ -1,0 +1,111 @@
+package shim
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	eventsapi "github.com/containerd/containerd/api/events"
+	taskapi "github.com/containerd/containerd/api/runtime/task/v2"
+	"github.com/containerd/errdefs"
+	"google.golang.org/protobuf/types/known/emptypb"
+)
+
+// Exec records an exec of the running task; Start runs it in the box.
+func (s *Service) Exec(ctx context.Context, r *taskapi.ExecProcessRequest) (*emptypb.Empty, error) {
+	if r.ExecID == "" {
+		return nil, fmt.Errorf("an exec needs an id: %w", errdefs.ErrInvalidArgument)
+	}
+	if r.Spec == nil {
+		return nil, fmt.Errorf("exec %s has no process spec: %w", r.ExecID, errdefs.ErrInvalidArgument)
+	}
+	spec, err := execSpec(r.Spec.Value)
+	if err != nil {
+		return nil, fmt.Errorf("exec %s: %w", r.ExecID, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	init, err := s.process(r.ID, "")
+	if err != nil {
+		return nil, err
+	}
+	if init.state != stateRunning {
+		return nil, fmt.Errorf("task %s is not running: %w", r.ID, errdefs.ErrFailedPrecondition)
+	}
+	if _, ok := s.execs[r.ExecID]; ok {
+		return nil, fmt.Errorf("exec %s of task %s: %w", r.ExecID, r.ID, errdefs.ErrAlreadyExists)
+	}
+	s.execs[r.ExecID] = newProcess(r.ExecID, ExecPrefix+r.ExecID, spec,
+		stdio{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal})
+	s.cfg.Events.Publish(&eventsapi.TaskExecAdded{ContainerID: r.ID, ExecID: r.ExecID})
+	return &emptypb.Empty{}, nil
+}
+
+// ResizePty changes the process's terminal size; before its start, the
+// size it starts with.
+func (s *Service) ResizePty(ctx context.Context, r *taskapi.ResizePtyRequest) (*emptypb.Empty, error) {
+	s.mu.Lock()
+	p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	state := p.state
+	if state == stateCreated {
+		p.spec.Rows, p.spec.Cols = int(r.Height), int(r.Width)
+	}
+	s.mu.Unlock()
+	if state == stateRunning {
+		if err := s.boxes.ResizeProcess(ctx, s.box, p.agentID, int(r.Height), int(r.Width)); err != nil {
+			return nil, fmt.Errorf("resizing the terminal of process %s in box %s: %w", p.agentID, s.box, err)
+		}
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// CloseIO ends the process's standard input once what its client wrote
+// before closing it was passed on; before its start, at its start.
+func (s *Service) CloseIO(ctx context.Context, r *taskapi.CloseIORequest) (*emptypb.Empty, error) {
+	if !r.Stdin {
+		return &emptypb.Empty{}, nil
+	}
+	s.mu.Lock()
+	p, err := s.process(r.ID, r.ExecID)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	state := p.state
+	if state == stateCreated {
+		p.closeStdin = true
+	}
+	s.mu.Unlock()
+	if state == stateRunning {
+		s.closeStdin(ctx, p)
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// stdinDrainWait bounds how long closing a process's input waits for the
+// input's end to be read.
+const stdinDrainWait = 5 * time.Second
+
+// closeStdin ends running process p's standard input after its stream has
+// read the end of the fifo, so no byte written before is lost.
+func (s *Service) closeStdin(ctx context.Context, p *process) {
+	s.mu.Lock()
+	streams := p.streams
+	s.mu.Unlock()
+	if streams != nil && streams.stdin != nil {
+		select {
+		case <-streams.stdin.drained:
+		case <-p.exited:
+			return
+		case <-time.After(stdinDrainWait):
+			s.log.Warn("closing the process's input before its end was read", "process", p.agentID)
+		}
+	}
+	if err := s.boxes.CloseProcessStdin(ctx, s.box, p.agentID); err != nil {
+		s.log.Warn("closing the process's input", "process", p.agentID, "err", err)
+	}
+}
