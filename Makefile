@@ -9,9 +9,11 @@ TEST_TIMEOUT  ?= 60m
 
 all: build
 
+# bin/containerd-shim-boxd-v2 is containerd's runtime io.containerd.boxd.v2.
 # bin/boxd-agent is the in-guest agent, the /init of a box's initramfs: static, no cgo.
 build:
 	$(GO) build -o bin/boxd ./cmd/boxd
+	$(GO) build -o bin/containerd-shim-boxd-v2 ./cmd/containerd-shim-boxd-v2
 	CGO_ENABLED=0 $(GO) build -ldflags='-s -w' -o bin/boxd-agent ./cmd/boxd-agent
 
 # Debian packages the tests and demo use (e2fsprogs for mkfs.ext4).

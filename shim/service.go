@@ -250,6 +250,13 @@ func (s *Service) exit(p *process, status uint32) {
 		return
 	}
 	p.state, p.status, p.exitedAt = stateExited, status, time.Now()
+	id := s.cfg.ID
+	if p.execID != "" {
+		id = p.execID
+	}
+	// The event goes before Wait answers: containerd hears of the exit
+	// no later than its client.
+	s.cfg.Events.Publish(&eventsapi.TaskExit{ContainerID: s.cfg.ID, ID: id, Pid: p.pid, ExitStatus: status, ExitedAt: timestamppb.New(p.exitedAt)})
 	close(p.exited)
 	var orphans []string
 	if p.execID == "" {
@@ -259,11 +266,6 @@ func (s *Service) exit(p *process, status uint32) {
 			}
 		}
 	}
-	id := s.cfg.ID
-	if p.execID != "" {
-		id = p.execID
-	}
-	ev := &eventsapi.TaskExit{ContainerID: s.cfg.ID, ID: id, Pid: p.pid, ExitStatus: status, ExitedAt: timestamppb.New(p.exitedAt)}
 	s.mu.Unlock()
 	s.log.Info("process exited", "process", p.agentID, "status", status)
 	for _, a := range orphans {
@@ -271,7 +273,6 @@ func (s *Service) exit(p *process, status uint32) {
 			s.log.Warn("killing an exec after the task's exit", "process", a, "err", err)
 		}
 	}
-	s.cfg.Events.Publish(ev)
 }
 
 // Wait returns once the process exited, with its status.
@@ -460,4 +461,3 @@ func (s *Service) Stats(ctx context.Context, r *taskapi.StatsRequest) (*taskapi.
 func (s *Service) Update(ctx context.Context, r *taskapi.UpdateTaskRequest) (*emptypb.Empty, error) {
 	return nil, fmt.Errorf("updating a boxd task's resources: %w", errdefs.ErrNotImplemented)
 }
-
