@@ -223,10 +223,6 @@ func buildImages(t *testing.T, dir, rootfs string) (busybox, debian, extra, dcop
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	bb, err := busyboxLayer(filepath.Join(dir, "busybox.layer"), "/bin/busybox")
-	if err != nil {
-		t.Fatalf("busybox layer: %v", err)
-	}
 	base, err := writeLayer(filepath.Join(dir, "debian-base.layer"), true, func(tw *tar.Writer) error { return tarTree(tw, rootfs) })
 	if err != nil {
 		t.Fatalf("Debian base layer: %v", err)
@@ -255,16 +251,34 @@ func buildImages(t *testing.T, dir, rootfs string) (busybox, debian, extra, dcop
 	if err != nil {
 		t.Fatalf("Debian copy layer: %v", err)
 	}
-	mk := func(name string, layers ...layer) image {
-		im := image{ref: "docker.io/boxd/" + name + ":test", tar: filepath.Join(dir, name+".tar"), layers: layers}
-		if _, err := writeImage(im.tar, im.ref, layers); err != nil {
-			t.Fatalf("image %s: %v", im.ref, err)
-		}
-		return im
-	}
+	busybox = busyboxImage(t, dir)
 	t.Logf("layers: busybox %s, Debian base %s (%d MB gzip), extra %s, copy %s (%d MB)",
-		bb.diffID.Encoded()[:12], base.diffID.Encoded()[:12], base.size>>20, top.diffID.Encoded()[:12], cp.diffID.Encoded()[:12], cp.size>>20)
-	return mk("busybox", bb), mk("debian", base), mk("debian-extra", base, top), mk("debian-copy", cp)
+		busybox.layers[0].diffID.Encoded()[:12], base.diffID.Encoded()[:12], base.size>>20, top.diffID.Encoded()[:12], cp.diffID.Encoded()[:12], cp.size>>20)
+	return busybox, makeImage(t, dir, "debian", base), makeImage(t, dir, "debian-extra", base, top), makeImage(t, dir, "debian-copy", cp)
+}
+
+// busyboxImage writes the busybox image under dir: the host's static
+// busybox, one gzip layer.
+func busyboxImage(t *testing.T, dir string) image {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bb, err := busyboxLayer(filepath.Join(dir, "busybox.layer"), "/bin/busybox")
+	if err != nil {
+		t.Fatalf("busybox layer: %v", err)
+	}
+	return makeImage(t, dir, "busybox", bb)
+}
+
+// makeImage writes image docker.io/boxd/NAME:test of layers under dir.
+func makeImage(t *testing.T, dir, name string, layers ...layer) image {
+	t.Helper()
+	im := image{ref: "docker.io/boxd/" + name + ":test", tar: filepath.Join(dir, name+".tar"), layers: layers}
+	if _, err := writeImage(im.tar, im.ref, layers); err != nil {
+		t.Fatalf("image %s: %v", im.ref, err)
+	}
+	return im
 }
 
 // startSnapshotter starts `boxd snapshotter` and waits for its socket.

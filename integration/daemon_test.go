@@ -134,8 +134,9 @@ func sshKeygen(t *testing.T, path string) {
 }
 
 // newDaemonEnv builds boxd, the agent and the default image in a fresh
-// root, makes two keys and starts the daemon, which the test's end stops.
-func newDaemonEnv(ctx context.Context, t *testing.T) *daemonEnv {
+// root, makes two keys and starts the daemon (with more flags args), which
+// the test's end stops.
+func newDaemonEnv(ctx context.Context, t *testing.T, args ...string) *daemonEnv {
 	t.Helper()
 	e := newBoxEnv(ctx, t) // builds the agent and the image; its manager is closed below
 	ensurePackages(t, "openssh-client")
@@ -145,7 +146,7 @@ func newDaemonEnv(ctx context.Context, t *testing.T) *daemonEnv {
 	if err := e.g.Close(); err != nil { // the daemon owns the store from here
 		t.Fatal(err)
 	}
-	d := &daemonEnv{root: e.root, port: freePort(t), env: os.Environ()}
+	d := &daemonEnv{root: e.root, port: freePort(t), env: os.Environ(), args: args}
 	d.boxd = filepath.Join(e.root, "boxd")
 	if out, err := exec.CommandContext(ctx, "go", "build", "-o", d.boxd, "github.com/boxd-dev/boxd/cmd/boxd").CombinedOutput(); err != nil {
 		t.Fatalf("building boxd: %v\n%s", err, out)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -195,21 +196,30 @@ func waitSocket(t *testing.T, p *proc, path string, timeout time.Duration) {
 // run runs a command with a timeout and returns its stdout; a failure
 // includes stderr.
 func run(ctx context.Context, timeout time.Duration, bin string, args ...string) (string, error) {
+	stdout, _, _, err := runIn(ctx, timeout, nil, bin, args...)
+	return stdout, err
+}
+
+// runIn is run with stdin, which also returns stderr and the exit code
+// (an exit that is not 0 is an error too).
+func runIn(ctx context.Context, timeout time.Duration, stdin io.Reader, bin string, args ...string) (string, string, int, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Stdin = stdin
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
 	cmd.WaitDelay = 5 * time.Second
 	err := cmd.Run()
+	code := cmd.ProcessState.ExitCode()
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w (timed out after %v)", err, timeout)
 		}
-		return stdout.String(), fmt.Errorf("%s %s: %w\nstderr:\n%s", filepath.Base(bin), strings.Join(args, " "), err, tail(stderr.String(), 20))
+		err = fmt.Errorf("%s %s: %w\nstderr:\n%s", filepath.Base(bin), strings.Join(args, " "), err, tail(stderr.String(), 20))
 	}
-	return stdout.String(), nil
+	return stdout.String(), stderr.String(), code, err
 }
 
 // unmountAll unmounts everything at or under dir (lazily when busy) and

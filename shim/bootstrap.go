@@ -143,6 +143,8 @@ func start(o options) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("shim socket: %w", err)
 	}
+	// The serving shim listens on it: closing this copy must not unlink it.
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
 	defer l.Close()
 	f, err := l.(*net.UnixListener).File()
 	if err != nil {
