@@ -28,18 +28,24 @@ import (
 // runtimeName is boxd's runtime in containerd.
 const runtimeName = "io.containerd.boxd.v2"
 
-func TestShim(t *testing.T) {
+// shimTestSetup skips the test unless it may run containerd, installs
+// what it needs and returns its context and folder.
+func shimTestSetup(t *testing.T, timeout time.Duration) (context.Context, string) {
+	t.Helper()
 	if testing.Short() {
-		t.Skip("end-to-end test with containerd and Linux boxes: skipped with -short")
+		t.Skip("end-to-end test with containerd: skipped with -short")
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: it runs containerd and QEMU")
+		t.Skip("needs root: it runs containerd")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
 	ensurePackages(t, "containerd", "busybox-static", "e2fsprogs")
+	return ctx, t.TempDir()
+}
 
-	tmp := t.TempDir()
+func TestShim(t *testing.T) {
+	ctx, tmp := shimTestSetup(t, 20*time.Minute)
 	snapSock := filepath.Join(tmp, "snapshotter.sock")
 	dm := newDaemonEnv(ctx, t, "--containerd-snapshotter", snapSock)
 	waitFile(t, snapSock, time.Minute)
@@ -359,16 +365,7 @@ func shimPID(t *testing.T, id string) int {
 // snapshotter) of a root where no daemon runs: the shim's Create says so,
 // and nothing is left behind.
 func TestShimNoDaemon(t *testing.T) {
-	if testing.Short() {
-		t.Skip("end-to-end test with containerd: skipped with -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: it runs containerd")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	ensurePackages(t, "containerd", "busybox-static", "e2fsprogs")
-	tmp := t.TempDir()
+	ctx, tmp := shimTestSetup(t, 10*time.Minute)
 	t.Cleanup(func() {
 		if mounts, loops, err := unmountAll(tmp); len(mounts)+len(loops) > 0 || err != nil {
 			t.Logf("cleanup: unmounted %v, detached %v, %v", mounts, loops, err)

@@ -16,33 +16,35 @@ import (
 
 // Pause pauses the task's box: every process of the task stops at once.
 func (s *Service) Pause(ctx context.Context, r *taskapi.PauseRequest) (*emptypb.Empty, error) {
-	bx, err := s.running(r.ID)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := s.boxes.Pause(ctx, bx); err != nil {
-		return nil, fmt.Errorf("pausing box %s: %w", bx, err)
-	}
-	s.mu.Lock()
-	s.paused = true
-	s.mu.Unlock()
-	s.cfg.Events.Publish(&eventsapi.TaskPaused{ContainerID: r.ID})
-	return &emptypb.Empty{}, nil
+	return s.setPaused(ctx, r.ID, true)
 }
 
 // Resume unpauses the task's box.
 func (s *Service) Resume(ctx context.Context, r *taskapi.ResumeRequest) (*emptypb.Empty, error) {
-	bx, err := s.running(r.ID)
+	return s.setPaused(ctx, r.ID, false)
+}
+
+// setPaused pauses or unpauses task id's box and says so to containerd.
+func (s *Service) setPaused(ctx context.Context, id string, paused bool) (*emptypb.Empty, error) {
+	bx, err := s.running(id)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.boxes.Unpause(ctx, bx); err != nil {
-		return nil, fmt.Errorf("resuming box %s: %w", bx, err)
+	change, what := s.boxes.Unpause, "resuming"
+	if paused {
+		change, what = s.boxes.Pause, "pausing"
+	}
+	if _, err := change(ctx, bx); err != nil {
+		return nil, fmt.Errorf("%s box %s: %w", what, bx, err)
 	}
 	s.mu.Lock()
-	s.paused = false
+	s.paused = paused
 	s.mu.Unlock()
-	s.cfg.Events.Publish(&eventsapi.TaskResumed{ContainerID: r.ID})
+	if paused {
+		s.cfg.Events.Publish(&eventsapi.TaskPaused{ContainerID: id})
+	} else {
+		s.cfg.Events.Publish(&eventsapi.TaskResumed{ContainerID: id})
+	}
 	return &emptypb.Empty{}, nil
 }
 

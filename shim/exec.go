@@ -44,17 +44,10 @@ func (s *Service) Exec(ctx context.Context, r *taskapi.ExecProcessRequest) (*emp
 // ResizePty changes the process's terminal size; before its start, the
 // size it starts with.
 func (s *Service) ResizePty(ctx context.Context, r *taskapi.ResizePtyRequest) (*emptypb.Empty, error) {
-	s.mu.Lock()
-	p, err := s.process(r.ID, r.ExecID)
+	p, state, err := s.beforeStart(r.ID, r.ExecID, func(p *process) { p.spec.Rows, p.spec.Cols = int(r.Height), int(r.Width) })
 	if err != nil {
-		s.mu.Unlock()
 		return nil, err
 	}
-	state := p.state
-	if state == stateCreated {
-		p.spec.Rows, p.spec.Cols = int(r.Height), int(r.Width)
-	}
-	s.mu.Unlock()
 	if state == stateRunning {
 		if err := s.boxes.ResizeProcess(ctx, s.box, p.agentID, int(r.Height), int(r.Width)); err != nil {
 			return nil, fmt.Errorf("resizing the terminal of process %s in box %s: %w", p.agentID, s.box, err)
@@ -69,21 +62,29 @@ func (s *Service) CloseIO(ctx context.Context, r *taskapi.CloseIORequest) (*empt
 	if !r.Stdin {
 		return &emptypb.Empty{}, nil
 	}
-	s.mu.Lock()
-	p, err := s.process(r.ID, r.ExecID)
+	p, state, err := s.beforeStart(r.ID, r.ExecID, func(p *process) { p.closeStdin = true })
 	if err != nil {
-		s.mu.Unlock()
 		return nil, err
 	}
-	state := p.state
-	if state == stateCreated {
-		p.closeStdin = true
-	}
-	s.mu.Unlock()
 	if state == stateRunning {
 		s.closeStdin(ctx, p)
 	}
 	return &emptypb.Empty{}, nil
+}
+
+// beforeStart finds process execID of task id and returns its state; set
+// changes what it starts with when it has not started yet.
+func (s *Service) beforeStart(id, execID string, set func(p *process)) (*process, procState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, err := s.process(id, execID)
+	if err != nil {
+		return nil, 0, err
+	}
+	if p.state == stateCreated {
+		set(p)
+	}
+	return p, p.state, nil
 }
 
 // stdinDrainWait bounds how long closing a process's input waits for the
