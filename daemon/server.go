@@ -109,6 +109,8 @@ type Server struct {
 	cpu     map[string]cpuSample
 	busyCPU float64
 
+	rootfs func(ctx context.Context, source string) (string, error)
+
 	// streams counts the exec streams in progress, which the HTTP server
 	// no longer tracks once they are hijacked.
 	streams sync.WaitGroup
@@ -141,6 +143,10 @@ type Options struct {
 	// Images lists and builds images (GET and POST /v1/images); nil
 	// refuses them.
 	Images Images
+	// Rootfs maps the Source of a mount the daemon's containerd
+	// snapshotter handed out to the snapshot the root file system starts
+	// from (CreateRequest.Rootfs); nil refuses such requests.
+	Rootfs func(ctx context.Context, source string) (string, error)
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -160,7 +166,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
-		events: opts.Events, keys: opts.Keys,
+		events: opts.Events, keys: opts.Keys, rootfs: opts.Rootfs,
 	}
 	s.streaming, s.endStreaming = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
@@ -324,14 +330,30 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, fmt.Errorf("a box made from snapshot %s has the snapshot's image, memory and vCPUs; give none of them: %w", req.From, errdefs.ErrInvalidArgument))
 		return
 	}
+	if err := checkLabels(req.Labels); err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
+	var base string
+	if req.Rootfs != "" {
+		var err error
+		if base, err = s.rootfsBase(ctx, req, owner); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
 	var bx box.Box
 	var err error
 	if req.From != "" {
-		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks, HostPorts: req.HostPorts})
+		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks, HostPorts: req.HostPorts, Labels: req.Labels})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner, HostPorts: req.HostPorts})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{
+			Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner,
+			NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner, HostPorts: req.HostPorts,
+			BaseSnapshot: base, Labels: req.Labels,
+		})
 	}
 	if err != nil {
 		s.fail(w, r, err)
