@@ -123,6 +123,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// The boxes a previous daemon left running are adopted: what else it
 	// left goes.
 	bk.Reclaim()
+	if left, _ := filepath.Glob(filepath.Join(cfg.Root, rootfsTemp+"*")); len(left) > 0 {
+		for _, dir := range left {
+			_ = os.RemoveAll(dir)
+		}
+	}
 	closeMgr := func() error {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		defer cancel()
@@ -176,7 +181,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			return errors.Join(err, closeMgr())
 		}
 		defer sn.stop()
-		opts.Rootfs = sn.rootfsBase
+		opts.Rootfs = sn
 	}
 	api := NewServer(srvCtx, opts)
 	proxy := &sshproxy.Server{

@@ -60,6 +60,10 @@ type Manager interface {
 	// Usage measures what the boxes named (every box with none) use of
 	// the host (see box.Manager.Usage).
 	Usage(ctx context.Context, names []string, opts box.UsageOptions) ([]box.Usage, error)
+	// PutTree and RemoveTree put a host folder's tree in box name and
+	// take it away (see box.Manager.PutTree).
+	PutTree(ctx context.Context, name, hostDir, guestDir string) error
+	RemoveTree(ctx context.Context, name, guestDir string) error
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -109,7 +113,7 @@ type Server struct {
 	cpu     map[string]cpuSample
 	busyCPU float64
 
-	rootfs func(ctx context.Context, source string) (string, error)
+	rootfs Rootfs
 
 	// streams counts the exec streams in progress, which the HTTP server
 	// no longer tracks once they are hijacked.
@@ -143,10 +147,10 @@ type Options struct {
 	// Images lists and builds images (GET and POST /v1/images); nil
 	// refuses them.
 	Images Images
-	// Rootfs maps the Source of a mount the daemon's containerd
-	// snapshotter handed out to the snapshot the root file system starts
-	// from (CreateRequest.Rootfs); nil refuses such requests.
-	Rootfs func(ctx context.Context, source string) (string, error)
+	// Rootfs is the daemon's containerd snapshotter, whose root file
+	// systems boxes can start from (CreateRequest.Rootfs) or be given
+	// (POST /v1/boxes/{name}/rootfs); nil refuses both.
+	Rootfs Rootfs
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -195,6 +199,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
 	mux.HandleFunc("GET /v1/boxes/{name}/logs", s.boxLogs)
+	mux.HandleFunc("POST /v1/boxes/{name}/rootfs", s.addRootfs)
+	mux.HandleFunc("DELETE /v1/boxes/{name}/rootfs/{id}", s.removeRootfs)
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,

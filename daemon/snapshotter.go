@@ -70,12 +70,14 @@ func (cs *containerdSnapshotter) stop() {
 	_ = os.Remove(cs.socket)
 }
 
-// rootfsBase is the snapshot of the store the root file system at source
-// (a mount's Source) starts from: its committed parent. containerd writes
+var _ Rootfs = (*containerdSnapshotter)(nil)
+
+// Base is the snapshot of the store the root file system at source (a
+// mount's Source) starts from: its committed parent. containerd writes
 // nothing into a container's root file system before the task starts, so
-// the box's disk begins as that parent; a box never mounts the image on
-// the host.
-func (cs *containerdSnapshotter) rootfsBase(ctx context.Context, source string) (string, error) {
+// the box's disk begins as that parent; the image is never mounted on the
+// host.
+func (cs *containerdSnapshotter) Base(ctx context.Context, source string) (string, error) {
 	src, err := cs.sn.SnapshotForSource(ctx, source)
 	if err != nil {
 		return "", err
@@ -84,4 +86,9 @@ func (cs *containerdSnapshotter) rootfsBase(ctx context.Context, source string) 
 		return "", fmt.Errorf("%s (snapshot %s) stands on no committed layer: a box boots only an image with a root file system: %w", source, src.Key, errdefs.ErrInvalidArgument)
 	}
 	return src.Base, nil
+}
+
+// Extract writes the files of the root file system at source into dir.
+func (cs *containerdSnapshotter) Extract(ctx context.Context, source, dir string) error {
+	return cs.sn.ExtractSource(ctx, source, dir)
 }
