@@ -56,9 +56,13 @@ func (OS) SetMachineID(id string) error {
 	return writeFileAtomic("/etc/machine-id", []byte(id+"\n"), 0o444)
 }
 
-// writeFileAtomic replaces path with data: a reader sees the old file or the new one, never half of it.
+// writeFileAtomic replaces path with data: a reader sees the old file or the new one, never half of it. Its folder
+// is made if the root file system has none (a container's, which may hold a single binary).
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	dir, base := filepath.Split(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("agent: write %s: %w", path, err)
+	}
 	f, err := os.CreateTemp(dir, "."+base+".*")
 	if err != nil {
 		return fmt.Errorf("agent: write %s: %w", path, err)

@@ -85,6 +85,18 @@ type Box struct {
 	// Labels say what made the box and for what (the containerd shim's:
 	// its namespace and container id); forks do not inherit them.
 	Labels map[string]string `json:"labels,omitempty"`
+	// BaseSnapshot, for a box made from a root file system that is not an
+	// image (containerd's), is the snapshot its disk starts from; Image is
+	// then empty. Forks inherit it.
+	BaseSnapshot string `json:"base_snapshot,omitempty"`
+}
+
+// diskBase is the snapshot bx's disk starts from.
+func (bx Box) diskBase() string {
+	if bx.BaseSnapshot != "" {
+		return bx.BaseSnapshot
+	}
+	return guest.SnapshotName(bx.Image)
 }
 
 // Config configures a Manager.
@@ -392,6 +404,12 @@ type CreateOptions struct {
 	Owner string
 	// HostPorts are the box's HostPorts.
 	HostPorts []uint16
+	// BaseSnapshot makes the box's disk from a snapshot of the store with
+	// a disk map that is not an image (a root file system containerd's
+	// snapshotter committed); it excludes Image.
+	BaseSnapshot string
+	// Labels are the box's Labels.
+	Labels map[string]string
 }
 
 // Create makes box opts.Name from its image and boots it; it returns once
@@ -402,8 +420,11 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if err := ValidateName(opts.Name); err != nil {
 		return Box{}, err
 	}
-	if opts.Image == "" {
+	if opts.Image == "" && opts.BaseSnapshot == "" {
 		opts.Image = guest.DefaultImage
+	}
+	if opts.Image != "" && opts.BaseSnapshot != "" {
+		return Box{}, fmt.Errorf("a box starts from an image or from a snapshot's root file system, not both: %w", errdefs.ErrInvalidArgument)
 	}
 	if opts.Memory == 0 {
 		opts.Memory = DefaultMemory
@@ -439,10 +460,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	if _, err := m.Get(opts.Name); err == nil {
 		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
 	}
-	if _, err := guest.GetImage(m.cfg.Graph, opts.Image); err != nil {
-		return Box{}, err // it says how to build the image
-	}
-	base, err := guest.BaseFile(ctx, m.cfg.Graph, opts.Image, guest.BaseDir(m.cfg.Root))
+	base, err := m.baseFile(ctx, opts.Image, opts.BaseSnapshot)
 	if err != nil {
 		return Box{}, err
 	}
@@ -450,6 +468,7 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 		Name: opts.Name, State: StateStopped, Image: opts.Image, Memory: opts.Memory, CPUs: opts.CPUs,
 		Runner: r.Name(), Keys: opts.Keys, Disk: m.newDiskPath(opts.Name), Created: time.Now().UTC(),
 		Inside: !opts.NoInside, MaxForks: opts.MaxForks, Owner: opts.Owner, HostPorts: hostPorts,
+		BaseSnapshot: opts.BaseSnapshot, Labels: opts.Labels,
 	}
 	if bx.MaxForks == 0 {
 		bx.MaxForks = DefaultMaxForks
@@ -481,6 +500,22 @@ func (m *Manager) Create(ctx context.Context, opts CreateOptions) (Box, error) {
 	}
 	m.emit(events.Event{Type: events.Created, Box: bx.Name, Took: time.Since(began)})
 	return bx, nil
+}
+
+// baseFile is the raw file a new box's disk stands on: image's, or
+// snapshot's when image is empty.
+func (m *Manager) baseFile(ctx context.Context, image, snapshot string) (string, error) {
+	if image != "" {
+		return guest.BaseFile(ctx, m.cfg.Graph, image, guest.BaseDir(m.cfg.Root)) // it says how to build a missing image
+	}
+	if _, err := m.cfg.Graph.Get(snapshot); err != nil {
+		return "", fmt.Errorf("root file system %s: %w", snapshot, err)
+	}
+	path, err := guest.SnapshotBaseFile(ctx, m.cfg.Graph, snapshot, guest.BaseDir(m.cfg.Root))
+	if err != nil {
+		return "", fmt.Errorf("root file system %s: %w", snapshot, err)
+	}
+	return path, nil
 }
 
 // emit publishes e to Config.Events.
@@ -569,7 +604,7 @@ func (m *Manager) spec(ctx context.Context, bx Box) (runner.Spec, error) {
 		MemSize: bx.Memory, CPUs: bx.CPUs, Kernel: kernel, Initrd: initrd,
 		Cmdline:   guest.Cmdline(bx.Name),
 		Console:   m.consolePath(bx.Name),
-		Disk:      &runner.Disk{Path: bx.Disk, Base: guest.SnapshotName(bx.Image)},
+		Disk:      &runner.Disk{Path: bx.Disk, Base: bx.diskBase()},
 		HostPorts: bx.HostPorts,
 	}, nil
 }

@@ -32,6 +32,8 @@ type FromOptions struct {
 	NoInside  bool
 	MaxForks  int
 	HostPorts []uint16
+	// Labels are the box's Labels.
+	Labels map[string]string
 }
 
 // CreateFrom makes box opts.Name from snapshot opts.Snapshot, which a box
@@ -71,12 +73,13 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 		return Box{}, fmt.Errorf("%q: %w", opts.Name, ErrExists)
 	}
 	bx := Box{
-		Name: opts.Name, State: StateStopped, Image: m.imageOf(sn, parent), Memory: spec.MemSize, CPUs: spec.CPUs,
+		Name: opts.Name, State: StateStopped, Memory: spec.MemSize, CPUs: spec.CPUs,
 		Runner: r.Name(), Keys: opts.Keys, Parent: parent, Disk: m.newDiskPath(opts.Name), Created: nowUTC(),
 		Snapshot: sn.Name, // it stands on it already: removing other boxes keeps it
 		Note:     "being made from snapshot " + sn.Name,
-		Inside:   !opts.NoInside, MaxForks: opts.MaxForks,
+		Inside:   !opts.NoInside, MaxForks: opts.MaxForks, Labels: opts.Labels,
 	}
+	bx.Image, bx.BaseSnapshot = m.baseOf(sn, parent)
 	if bx.HostPorts, err = CheckHostPorts(opts.HostPorts); err != nil {
 		return Box{}, err
 	}
@@ -141,27 +144,31 @@ func (m *Manager) snapshotMachine(sn snapshotter.Snapshot) (runner.Runner, runne
 	return r, spec, nil
 }
 
-// imageOf names the image a box made from snapshot sn of box parent was
-// made from: parent's, or, with parent gone, the image the snapshot's
-// chain of parents starts from.
-func (m *Manager) imageOf(sn snapshotter.Snapshot, parent string) string {
+// baseOf names what a box made from snapshot sn of box parent starts
+// from: the image, or the base snapshot (Box.BaseSnapshot) when that is no
+// image. They are parent's, or, with parent gone, where the snapshot's
+// chain of parents starts: the first snapshot no box took.
+func (m *Manager) baseOf(sn snapshotter.Snapshot, parent string) (image, base string) {
 	if p, err := m.Get(parent); err == nil {
-		return p.Image
+		return p.Image, p.BaseSnapshot
 	}
 	for range 100000 { // a chain is finite; the bound guards a damaged one
 		if img := sn.Labels[guest.LabelImage]; img != "" {
-			return img
+			return img, ""
+		}
+		if sn.Labels[LabelBox] == "" {
+			return "", sn.Name
 		}
 		if sn.Parent == "" {
-			return ""
+			return "", ""
 		}
 		next, err := m.cfg.Graph.Get(sn.Parent)
 		if err != nil {
-			return ""
+			return "", ""
 		}
 		sn = next
 	}
-	return ""
+	return "", ""
 }
 
 // discard deletes what there is of bx, a box that never came up: its

@@ -352,7 +352,7 @@ func (m *Manager) forkRecords(parent Box, snap string, names []string) ([]Box, e
 			Name: n, State: StateStopped, Image: parent.Image, Memory: parent.Memory, CPUs: parent.CPUs,
 			Runner: parent.Runner, Keys: parent.Keys, Snapshot: snap, Parent: parent.Name,
 			Disk: m.newDiskPath(n), Created: nowUTC(), Note: "being forked",
-			Inside: parent.Inside, MaxForks: parent.MaxForks,
+			Inside: parent.Inside, MaxForks: parent.MaxForks, BaseSnapshot: parent.BaseSnapshot,
 		}
 		child.Owner = parent.Owner
 		if err := m.put(child); err != nil {

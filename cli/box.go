@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -424,16 +426,41 @@ func boxList(c *cli.Context) error {
 		}
 		return printJSON(c, boxes)
 	}
+	labelled := slices.ContainsFunc(boxes, func(b box.Box) bool { return len(b.Labels) > 0 })
 	rows := [][]string{{"NAME", "STATE", "RUNNER", "IMAGE", "MEMORY", "CPUS", "FORKED FROM", "CREATED"}}
+	if labelled {
+		rows[0] = append(rows[0], "LABELS")
+	}
 	for _, b := range boxes {
 		parent := b.Parent
 		if parent == "" {
 			parent = "-"
 		}
-		rows = append(rows, []string{b.Name, b.State, b.Runner, b.Image, size2(b.Memory), strconv.Itoa(b.CPUs), parent, b.Created.Local().Format(time.DateTime)})
+		image := b.Image
+		if image == "" {
+			image = b.BaseSnapshot // a root file system that is not an image
+		}
+		row := []string{b.Name, b.State, b.Runner, image, size2(b.Memory), strconv.Itoa(b.CPUs), parent, b.Created.Local().Format(time.DateTime)}
+		if labelled {
+			row = append(row, labelList(b.Labels))
+		}
+		rows = append(rows, row)
 	}
 	table(c.App.Writer, rows)
 	return nil
+}
+
+// labelList is labels as KEY=VALUE,... in the order of their keys ("-" for
+// none).
+func labelList(labels map[string]string) string {
+	if len(labels) == 0 {
+		return "-"
+	}
+	var out []string
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		out = append(out, k+"="+labels[k])
+	}
+	return strings.Join(out, ",")
 }
 
 // forkNames returns the names of the boxes boxd fork makes: NEW, or NEW-1

@@ -28,6 +28,7 @@ func daemonCommand() *cli.Command {
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on this host:port (/metrics), e.g. 127.0.0.1:9464 (default: none)"},
 			&cli.BoolFlag{Name: "metrics-allow-remote", Usage: "let --metrics-listen be an address other hosts can reach"},
+			&cli.StringFlag{Name: "containerd-snapshotter", Usage: "serve containerd's snapshots API (a proxy snapshotter named boxd in containerd's config) on this unix socket, so that containerd's containers run in boxes (runtime io.containerd.boxd.v2)"},
 			&cli.BoolFlag{Name: "leave-running", Usage: "on SIGINT or SIGTERM leave running boxes running for the next daemon to adopt, instead of hibernating them"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
@@ -83,13 +84,14 @@ func runDaemon(c *cli.Context) error {
 	}
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
 	return daemon.Run(c.Context, daemon.Config{
-		Root:          root,
-		SSHListen:     c.String("ssh-listen"),
-		IdleHibernate: c.Duration("idle-hibernate"),
-		Kernel:        c.String("kernel"),
-		Spares:        warm,
-		LeaveRunning:  c.Bool("leave-running"),
-		Logger:        log,
+		Root:                  root,
+		SSHListen:             c.String("ssh-listen"),
+		IdleHibernate:         c.Duration("idle-hibernate"),
+		Kernel:                c.String("kernel"),
+		Spares:                warm,
+		LeaveRunning:          c.Bool("leave-running"),
+		ContainerdSnapshotter: c.String("containerd-snapshotter"),
+		Logger:                log,
 
 		MetricsListen:      c.String("metrics-listen"),
 		MetricsAllowRemote: c.Bool("metrics-allow-remote"),

@@ -13,11 +13,8 @@ import (
 
 	"github.com/boxd-dev/boxd/snapshotter"
 	ctdsnap "github.com/boxd-dev/boxd/snapshotter/containerd"
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/errdefs"
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
 )
 
 // snapshotterStopTimeout is how long a stop waits for calls in flight
@@ -74,8 +71,7 @@ func runSnapshotter(c *cli.Context) error {
 	}
 	defer os.Remove(addr)
 
-	srv := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	srv := ctdsnap.NewServer(sn)
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	served := make(chan error, 1)

@@ -57,6 +57,11 @@ type Config struct {
 	LeaveRunning bool
 	// Ready, when not nil, is called once the daemon serves.
 	Ready func(Info)
+	// ContainerdSnapshotter, when set, is a unix socket the daemon serves
+	// containerd's snapshots API on, over its own store (a proxy
+	// snapshotter, as boxd snapshotter serves), so that containerd's
+	// containers can run in boxes (CreateRequest.Rootfs).
+	ContainerdSnapshotter string
 }
 
 // vmmCommand starts the kvm runner's VMM: this binary's hidden vmm command.
@@ -118,6 +123,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// The boxes a previous daemon left running are adopted: what else it
 	// left goes.
 	bk.Reclaim()
+	if left, _ := filepath.Glob(filepath.Join(cfg.Root, rootfsTemp+"*")); len(left) > 0 {
+		for _, dir := range left {
+			_ = os.RemoveAll(dir)
+		}
+	}
 	closeMgr := func() error {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		defer cancel()
@@ -162,7 +172,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if metricsL != nil {
 		info.MetricsAddr = metricsL.Addr().String()
 	}
-	api := NewServer(srvCtx, Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys, Images: GraphImages{Graph: g}})
+	opts := Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys, Images: GraphImages{Graph: g}}
+	if cfg.ContainerdSnapshotter != "" {
+		sn, err := serveSnapshotter(cfg.ContainerdSnapshotter, cfg.Root, g, log)
+		if err != nil {
+			sshL.Close()
+			apiL.Close()
+			return errors.Join(err, closeMgr())
+		}
+		defer sn.stop()
+		opts.Rootfs = sn
+	}
+	api := NewServer(srvCtx, opts)
 	proxy := &sshproxy.Server{
 		HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log,
 		Commands: &commandRunner{root: cfg.Root, exe: boxdBinary(), keys: keys},

@@ -60,6 +60,10 @@ type Manager interface {
 	// Usage measures what the boxes named (every box with none) use of
 	// the host (see box.Manager.Usage).
 	Usage(ctx context.Context, names []string, opts box.UsageOptions) ([]box.Usage, error)
+	// PutTree and RemoveTree put a host folder's tree in box name and
+	// take it away (see box.Manager.PutTree).
+	PutTree(ctx context.Context, name, hostDir, guestDir string) error
+	RemoveTree(ctx context.Context, name, guestDir string) error
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).
@@ -109,6 +113,8 @@ type Server struct {
 	cpu     map[string]cpuSample
 	busyCPU float64
 
+	rootfs Rootfs
+
 	// streams counts the exec streams in progress, which the HTTP server
 	// no longer tracks once they are hijacked.
 	streams sync.WaitGroup
@@ -141,6 +147,10 @@ type Options struct {
 	// Images lists and builds images (GET and POST /v1/images); nil
 	// refuses them.
 	Images Images
+	// Rootfs is the daemon's containerd snapshotter, whose root file
+	// systems boxes can start from (CreateRequest.Rootfs) or be given
+	// (POST /v1/boxes/{name}/rootfs); nil refuses both.
+	Rootfs Rootfs
 }
 
 // DefaultBusyCPU is the CPU use above which a box with no exec and no SSH
@@ -160,7 +170,7 @@ func NewServer(ctx context.Context, opts Options) *Server {
 	s := &Server{
 		mgr: opts.Manager, graph: opts.Graph, info: opts.Info, log: opts.Logger, now: opts.Now, ctx: ctx,
 		lastUse: map[string]time.Time{}, active: map[string]int{}, cpu: map[string]cpuSample{}, busyCPU: opts.BusyCPU,
-		events: opts.Events, keys: opts.Keys,
+		events: opts.Events, keys: opts.Keys, rootfs: opts.Rootfs,
 	}
 	s.streaming, s.endStreaming = context.WithCancel(ctx)
 	if s.busyCPU <= 0 {
@@ -189,6 +199,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
 	mux.HandleFunc("GET /v1/boxes/{name}/logs", s.boxLogs)
+	mux.HandleFunc("POST /v1/boxes/{name}/rootfs", s.addRootfs)
+	mux.HandleFunc("DELETE /v1/boxes/{name}/rootfs/{id}", s.removeRootfs)
 	for action, op := range map[string]func(context.Context, string) (box.Box, error){
 		"start":     s.mgr.Start,
 		"stop":      s.mgr.Stop,
@@ -324,14 +336,30 @@ func (s *Server) createBox(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, fmt.Errorf("a box made from snapshot %s has the snapshot's image, memory and vCPUs; give none of them: %w", req.From, errdefs.ErrInvalidArgument))
 		return
 	}
+	if err := checkLabels(req.Labels); err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
+	var base string
+	if req.Rootfs != "" {
+		var err error
+		if base, err = s.rootfsBase(ctx, req, owner); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
 	var bx box.Box
 	var err error
 	if req.From != "" {
-		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks, HostPorts: req.HostPorts})
+		bx, err = s.mgr.CreateFrom(ctx, box.FromOptions{Name: req.Name, Snapshot: req.From, Keys: req.Keys, NoInside: req.NoInside, MaxForks: req.MaxForks, HostPorts: req.HostPorts, Labels: req.Labels})
 	} else {
-		bx, err = s.mgr.Create(ctx, box.CreateOptions{Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner, NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner, HostPorts: req.HostPorts})
+		bx, err = s.mgr.Create(ctx, box.CreateOptions{
+			Name: req.Name, Image: req.Image, Memory: req.Memory, CPUs: req.CPUs, Keys: req.Keys, Runner: req.Runner,
+			NoInside: req.NoInside, MaxForks: req.MaxForks, Owner: owner, HostPorts: req.HostPorts,
+			BaseSnapshot: base, Labels: req.Labels,
+		})
 	}
 	if err != nil {
 		s.fail(w, r, err)

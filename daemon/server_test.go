@@ -146,6 +146,9 @@ func (m *fakeManager) Create(_ context.Context, o box.CreateOptions) (box.Box, e
 	if o.Runner != "" {
 		runnerNote = " runner=" + o.Runner
 	}
+	if o.BaseSnapshot != "" {
+		runnerNote += " base=" + o.BaseSnapshot
+	}
 	if err := m.record("create %s image=%s memory=%d cpus=%d keys=%d%s", o.Name, o.Image, o.Memory, o.CPUs, len(o.Keys), runnerNote); err != nil {
 		return box.Box{}, err
 	}
@@ -322,6 +325,31 @@ func (m *fakeManager) Exec(_ context.Context, name string, cmd agent.Command) (i
 	_, _ = io.WriteString(cmd.Stdout, m.execOut)
 	_, _ = io.WriteString(cmd.Stderr, "err")
 	return m.execCode, nil
+}
+
+// PutTree records the files of hostDir, which must exist while it runs.
+func (m *fakeManager) PutTree(_ context.Context, name, hostDir, guestDir string) error {
+	entries, err := os.ReadDir(hostDir)
+	if err != nil {
+		return err
+	}
+	var files []string
+	for _, e := range entries {
+		files = append(files, e.Name())
+	}
+	if err := m.record("put %s %s %s", name, strings.Join(files, ","), guestDir); err != nil {
+		return err
+	}
+	_, err = m.lookup(name)
+	return err
+}
+
+func (m *fakeManager) RemoveTree(_ context.Context, name, guestDir string) error {
+	if err := m.record("remove-tree %s %s", name, guestDir); err != nil {
+		return err
+	}
+	_, err := m.lookup(name)
+	return err
 }
 
 func (m *fakeManager) lastCall() string {

@@ -30,15 +30,26 @@ func BaseFile(ctx context.Context, g *snapshotter.Graph, image, dir string) (str
 	if err != nil {
 		return "", err
 	}
-	r, err := g.OpenMap(img.Snapshot, string(snapshotter.KindDisk))
+	path, err := SnapshotBaseFile(ctx, g, img.Snapshot, dir)
 	if err != nil {
 		return "", fmt.Errorf("image %q: %w", image, err)
+	}
+	return path, nil
+}
+
+// SnapshotBaseFile is BaseFile for any snapshot of g with a disk map (a
+// root file system containerd's snapshotter committed, say), named by the
+// snapshot.
+func SnapshotBaseFile(ctx context.Context, g *snapshotter.Graph, snap, dir string) (string, error) {
+	r, err := g.OpenMap(snap, string(snapshotter.KindDisk))
+	if err != nil {
+		return "", err
 	}
 	key, err := contentKey(r)
 	if err != nil {
-		return "", fmt.Errorf("image %q: %w", image, err)
+		return "", err
 	}
-	path := filepath.Join(dir, img.Snapshot+"-"+key.Short()+".raw")
+	path := filepath.Join(dir, snap+"-"+key.Short()+".raw")
 	if fi, err := os.Stat(path); err == nil {
 		if !fi.Mode().IsRegular() || fi.Size() != r.Size() {
 			return "", fmt.Errorf("base file %s is not the %d-byte image it should be; remove it: %w", path, r.Size(), errdefs.ErrDataLoss)
@@ -63,7 +74,7 @@ func BaseFile(ctx context.Context, g *snapshotter.Graph, image, dir string) (str
 		}
 	}()
 	if err := r.Export(ctx, tmp, nil); err != nil {
-		return "", fmt.Errorf("exporting image %q: %w", image, err)
+		return "", fmt.Errorf("exporting snapshot %s: %w", snap, err)
 	}
 	if err := syncFile(tmp, 0o444); err != nil {
 		return "", err

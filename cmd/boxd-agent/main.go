@@ -29,8 +29,11 @@ func main() {
 	if os.Getpid() == 1 {
 		agent.Init() // never returns
 	}
-	if filepath.Base(os.Args[0]) == "box" {
+	switch filepath.Base(os.Args[0]) {
+	case "box":
 		os.Exit(boxMain(os.Args[1:], os.Stdout, os.Stderr))
+	case agent.EnterName:
+		os.Exit(agent.Enter(os.Args[1:], os.Stderr))
 	}
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "boxd-agent:", err)

@@ -52,19 +52,8 @@ func (s *Snapshotter) makeImage(ctx context.Context, path string, size int64) er
 		return fmt.Errorf("formatting an image of %d bytes: %w: %s", size, err, strings.TrimSpace(string(out)))
 	}
 	// containerd expects a new snapshot's root to be empty.
-	out, err = exec.CommandContext(ctx, s.debugfs, "-w", "-R", "rmdir lost+found", tmp).CombinedOutput()
-	if err == nil {
-		// debugfs exits 0 when its command fails; anything but its banner
-		// is an error.
-		for line := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
-			if line != "" && !strings.HasPrefix(line, "debugfs ") {
-				err = errors.New(line)
-				break
-			}
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("removing lost+found from a new image: %w: %s", err, strings.TrimSpace(string(out)))
+	if err := s.runDebugfs(ctx, tmp, "rmdir lost+found", "-w"); err != nil {
+		return fmt.Errorf("removing lost+found from a new image: %w", err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("renaming a new image into place: %w", err)
@@ -359,3 +348,41 @@ func eachDataRun(ctx context.Context, f *os.File, size int64, region func(blockR
 var zeroBlock [cas.ChunkSize]byte
 
 func isZero(b []byte) bool { return bytes.Equal(b, zeroBlock[:len(b)]) }
+
+// runDebugfs runs debugfs's request on image, with extra flags first.
+func (s *Snapshotter) runDebugfs(ctx context.Context, image, request string, flags ...string) error {
+	args := append(slices.Clone(flags), "-R", request, image)
+	out, err := exec.CommandContext(ctx, s.debugfs, args...).CombinedOutput()
+	if err == nil {
+		// debugfs exits 0 when its request fails; anything but its banner
+		// is an error.
+		for line := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
+			if line != "" && !strings.HasPrefix(line, "debugfs ") {
+				err = errors.New(line)
+				break
+			}
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("debugfs %s: %w: %s", request, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// ExtractSource writes the files of the root file system at source (the
+// Source of a mount from Prepare, View or Mounts) into dir, an empty
+// folder, as they are in the image (modes, owners, links), reading the
+// image with debugfs: it is never mounted. Special files are skipped.
+func (s *Snapshotter) ExtractSource(ctx context.Context, source, dir string) error {
+	src, err := s.SnapshotForSource(ctx, source)
+	if err != nil {
+		return err
+	}
+	if strings.ContainsAny(dir, "\"\n") {
+		return fmt.Errorf("folder %q: %w", dir, errdefs.ErrInvalidArgument)
+	}
+	if err := s.runDebugfs(ctx, src.Image, fmt.Sprintf("rdump / %q", dir)); err != nil {
+		return fmt.Errorf("extracting %s: %w", source, err)
+	}
+	return nil
+}
