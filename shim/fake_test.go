@@ -25,6 +25,7 @@ import (
 //	sleep           runs until signalled (exits 128+signal)
 //	detach          breaks the link once, then writes "again" and exits 0
 //	crash           breaks the link and stops the box, as a guest panic does
+//	missing         does not start: there is no such program
 type fakeBoxes struct {
 	mu        sync.Mutex
 	boxes     map[string]*box.Box
@@ -163,6 +164,9 @@ func (f *fakeBoxes) ProcessStream(ctx context.Context, name string, spec agent.P
 			return 0, err
 		}
 	} else {
+		if spec.Args[0] == "missing" {
+			return 0, fmt.Errorf("starting %s: executable file not found in $PATH: %w", spec.Args[0], errdefs.ErrNotFound)
+		}
 		f.mu.Lock()
 		if _, err := f.get(name); err != nil {
 			f.mu.Unlock()

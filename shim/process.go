@@ -65,8 +65,9 @@ const (
 // stream runs p's kept process in the box (or attaches to it) until it
 // exits, and returns its exit status. A link that breaks is re-attached;
 // a box that stopped under the process (its guest crashed, its machine
-// was killed) ends it with status 255 and the reason in the log.
-func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec, io ProcessIO) uint32 {
+// was killed) ends it with status 255 and the reason in the log. A stream
+// that fails otherwise also ends it with 255, and *failed says why.
+func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec, io ProcessIO, failed *error) uint32 {
 	var lostSince time.Time
 	for {
 		code, err := s.boxes.ProcessStream(ctx, s.box, spec, io)
@@ -75,6 +76,7 @@ func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec
 		}
 		if !errors.Is(err, ErrDetached) {
 			s.log.Error("the process's stream failed", "process", p.agentID, "box", s.box, "err", err)
+			*failed = err
 			return 255
 		}
 		if lostSince.IsZero() {
@@ -117,9 +119,9 @@ func (s *Service) boxGone(ctx context.Context) string {
 }
 
 // findPid waits until p's kept process is listed in the box and returns
-// its pid there; ended says the stream ended before (the process could
-// not start).
-func (s *Service) findPid(ctx context.Context, p *process, ended <-chan struct{}) (uint32, error) {
+// its pid there; ended is closed when the stream ended, with *failed
+// saying why when it failed (the process could not start).
+func (s *Service) findPid(ctx context.Context, p *process, ended <-chan struct{}, failed *error) (uint32, error) {
 	ctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
 	for {
@@ -140,6 +142,9 @@ func (s *Service) findPid(ctx context.Context, p *process, ended <-chan struct{}
 			}
 		}
 		if endedBefore {
+			if *failed != nil {
+				return 0, fmt.Errorf("starting process %s in box %s: %w", p.agentID, s.box, *failed)
+			}
 			return 0, fmt.Errorf("process %s did not start in box %s (see the shim's log): %w", p.agentID, s.box, errdefs.ErrFailedPrecondition)
 		}
 		select {

@@ -207,14 +207,15 @@ func (s *Service) Start(ctx context.Context, r *taskapi.StartRequest) (*taskapi.
 	s.mu.Unlock()
 
 	ended := make(chan struct{})
+	var failed error // written before ended is closed
 	go func() {
-		status := s.stream(s.ctx, p, spec, streams.io)
+		status := s.stream(s.ctx, p, spec, streams.io, &failed)
 		close(ended)
 		streams.close()
 		<-p.startedOnce
 		s.exit(p, status)
 	}()
-	pid, err := s.findPid(ctx, p, ended)
+	pid, err := s.findPid(ctx, p, ended, &failed)
 	s.mu.Lock()
 	p.pid = pid
 	s.mu.Unlock()

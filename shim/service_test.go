@@ -286,6 +286,19 @@ func TestStreamBreaks(t *testing.T) {
 			t.Errorf("output %q", got)
 		}
 	})
+	t.Run("no such program", func(t *testing.T) {
+		h := newHarness(t)
+		if err := h.create(h.streams("init", false), "missing"); err != nil {
+			t.Fatal(err)
+		}
+		_, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID})
+		if !errors.Is(err, errdefs.ErrNotFound) || !strings.Contains(err.Error(), "executable file not found") {
+			t.Errorf("Start: %v, want the box's reason", err)
+		}
+		if status := h.wait(""); status != 255 {
+			t.Errorf("exit status %d, want 255", status)
+		}
+	})
 	t.Run("guest crash", func(t *testing.T) {
 		h := newHarness(t)
 		s := h.streams("init", false)
