@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/boxd-dev/boxd/snapshotter"
 	eventsapi "github.com/containerd/containerd/api/events"
 	taskapi "github.com/containerd/containerd/api/runtime/task/v2"
 	"github.com/containerd/errdefs"
@@ -84,9 +85,9 @@ func (s *Service) Checkpoint(ctx context.Context, r *taskapi.CheckpointTaskReque
 	if r.Path == "" {
 		return nil, fmt.Errorf("checkpoint of task %s: no folder: %w", r.ID, errdefs.ErrInvalidArgument)
 	}
-	snap, err := s.boxes.Snapshot(ctx, bx, fmt.Sprintf("checkpoint-%d", time.Now().UnixNano()))
+	snap, err := s.snapshot(ctx, bx)
 	if err != nil {
-		return nil, fmt.Errorf("snapshotting box %s: %w", bx, err)
+		return nil, err
 	}
 	s.mu.Lock()
 	s.checkpointed = true
@@ -104,6 +105,31 @@ func (s *Service) Checkpoint(ctx context.Context, r *taskapi.CheckpointTaskReque
 	s.log.Info("checkpointed the container's box", "box", bx, "snapshot", snap.Name)
 	s.cfg.Events.Publish(&eventsapi.TaskCheckpointed{ContainerID: r.ID, Checkpoint: r.Path})
 	return &emptypb.Empty{}, nil
+}
+
+// snapshot snapshots box bx for a checkpoint. containerd pauses the task
+// first, but the daemon snapshots running boxes (it talks to the agent
+// after the snapshot): a paused box is unpaused for the snapshot, which
+// stops its machine anyway, and paused again.
+func (s *Service) snapshot(ctx context.Context, bx string) (snapshotter.Snapshot, error) {
+	s.mu.Lock()
+	paused := s.paused
+	s.mu.Unlock()
+	if paused {
+		if _, err := s.boxes.Unpause(ctx, bx); err != nil {
+			return snapshotter.Snapshot{}, fmt.Errorf("unpausing box %s for its snapshot: %w", bx, err)
+		}
+		defer func() {
+			if _, err := s.boxes.Pause(ctx, bx); err != nil {
+				s.log.Error("pausing the box again after its snapshot", "box", bx, "err", err)
+			}
+		}()
+	}
+	snap, err := s.boxes.Snapshot(ctx, bx, fmt.Sprintf("checkpoint-%d", time.Now().UnixNano()))
+	if err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshotting box %s: %w", bx, err)
+	}
+	return snap, nil
 }
 
 // ReadCheckpoint reads the checkpoint in folder dir.

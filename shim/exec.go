@@ -67,6 +67,12 @@ func (s *Service) CloseIO(ctx context.Context, r *taskapi.CloseIORequest) (*empt
 		return nil, err
 	}
 	if state == stateRunning {
+		// A start in progress: the process may not be in the box yet.
+		select {
+		case <-p.startedOnce:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 		s.closeStdin(ctx, p)
 	}
 	return &emptypb.Empty{}, nil
@@ -87,23 +93,31 @@ func (s *Service) beforeStart(id, execID string, set func(p *process)) (*process
 	return p, p.state, nil
 }
 
-// stdinDrainWait bounds how long closing a process's input waits for the
-// input's end to be read.
+// stdinDrainWait bounds how long closing a process's input waits for
+// what came before to be passed on.
 const stdinDrainWait = 5 * time.Second
 
-// closeStdin ends running process p's standard input after its stream has
-// read the end of the fifo, so no byte written before is lost.
+// closeStdin ends running process p's standard input once its stream has
+// passed on every byte the client wrote to the fifo.
 func (s *Service) closeStdin(ctx context.Context, p *process) {
 	s.mu.Lock()
 	streams := p.streams
 	s.mu.Unlock()
 	if streams != nil && streams.stdin != nil {
-		select {
-		case <-streams.stdin.drained:
-		case <-p.exited:
-			return
-		case <-time.After(stdinDrainWait):
-			s.log.Warn("closing the process's input before its end was read", "process", p.agentID)
+		deadline := time.Now().Add(stdinDrainWait)
+		for in := streams.stdin; !in.passedOn(); {
+			if time.Now().After(deadline) {
+				s.log.Warn("closing the process's input before all of it was passed on", "process", p.agentID)
+				break
+			}
+			select {
+			case <-in.drained:
+			case <-p.exited:
+				return
+			case <-time.After(pollEvery):
+				continue
+			}
+			break
 		}
 	}
 	if err := s.boxes.CloseProcessStdin(ctx, s.box, p.agentID); err != nil {

@@ -133,8 +133,14 @@ func (f *fakeBoxes) Unpause(_ context.Context, name string) (box.Box, error) {
 func (f *fakeBoxes) Snapshot(_ context.Context, name, snap string) (snapshotter.Snapshot, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if _, err := f.get(name); err != nil {
+	bx, err := f.get(name)
+	if err != nil {
 		return snapshotter.Snapshot{}, err
+	}
+	if bx.State != box.StateRunning {
+		// The daemon's snapshot talks to the agent after: a paused box's
+		// would never answer.
+		return snapshotter.Snapshot{}, fmt.Errorf("box %s is %s: %w", name, bx.State, errdefs.ErrFailedPrecondition)
 	}
 	s := "box." + name + "." + snap
 	f.snaps = append(f.snaps, s)

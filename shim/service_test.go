@@ -67,29 +67,44 @@ func TestExitStatusPassesThrough(t *testing.T) {
 }
 
 func TestStdinThenCloseIO(t *testing.T) {
-	h := newHarness(t)
-	s := h.streams("init", true)
-	if err := h.create(s, "cat"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID}); err != nil {
-		t.Fatal(err)
-	}
-	input := strings.Repeat("line of input\n", 2000)
-	if _, err := s.in.Write([]byte(input)); err != nil {
-		t.Fatal(err)
-	}
-	_ = s.in.Close()
-	// containerd closes its end, then asks for the close: the input
-	// written before must all arrive.
-	if _, err := h.svc.CloseIO(h.ctx, &taskapi.CloseIORequest{ID: testID, Stdin: true}); err != nil {
-		t.Fatal(err)
-	}
-	if status := h.wait(""); status != 0 {
-		t.Errorf("exit status %d", status)
-	}
-	if got := s.out.text(t); got != input {
-		t.Errorf("cat gave %d bytes back of %d", len(got), len(input))
+	cases := []struct {
+		name string
+		// closeFirst closes the fifo before CloseIO; ctr asks for the
+		// close first, and closes its end once CloseIO answered.
+		closeFirst bool
+	}{{"fifo closed first", true}, {"CloseIO first", false}}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			h := newHarness(t)
+			s := h.streams("init", true)
+			if err := h.create(s, "cat"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID}); err != nil {
+				t.Fatal(err)
+			}
+			input := strings.Repeat("line of input\n", 2000)
+			if _, err := s.in.Write([]byte(input)); err != nil {
+				t.Fatal(err)
+			}
+			if c.closeFirst {
+				_ = s.in.Close()
+			}
+			began := time.Now()
+			if _, err := h.svc.CloseIO(h.ctx, &taskapi.CloseIORequest{ID: testID, Stdin: true}); err != nil {
+				t.Fatal(err)
+			}
+			if took := time.Since(began); took > stdinDrainWait/2 {
+				t.Errorf("CloseIO took %v", took)
+			}
+			_ = s.in.Close()
+			if status := h.wait(""); status != 0 {
+				t.Errorf("exit status %d", status)
+			}
+			if got := s.out.text(t); got != input {
+				t.Errorf("cat gave %d bytes back of %d", len(got), len(input))
+			}
+		})
 	}
 }
 
@@ -321,7 +336,17 @@ func TestCheckpointRestore(t *testing.T) {
 	}
 	old := h.svc.Box()
 	dir := filepath.Join(h.dir, "checkpoint")
+	// containerd pauses the task around a checkpoint.
+	if _, err := h.svc.Pause(h.ctx, &taskapi.PauseRequest{ID: testID}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := h.svc.Checkpoint(h.ctx, &taskapi.CheckpointTaskRequest{ID: testID, Path: dir}); err != nil {
+		t.Fatal(err)
+	}
+	if bx, _ := h.boxes.Get(h.ctx, old); bx.State != box.StatePaused {
+		t.Errorf("after the checkpoint of a paused task its box is %s", bx.State)
+	}
+	if _, err := h.svc.Resume(h.ctx, &taskapi.ResumeRequest{ID: testID}); err != nil {
 		t.Fatal(err)
 	}
 	ck, err := ReadCheckpoint(dir)

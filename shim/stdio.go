@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/containerd/fifo"
+	"golang.org/x/sys/unix"
 )
 
 // stdio is a process's fifos, as containerd names them ("" for a stream
@@ -92,22 +93,32 @@ func (l *lossyWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// stdinReader is standard input as the kept process's stream reads it;
+// stdinReader is standard input as the kept process's stream reads it.
 // drained is closed once it has read the end (the client closed its
-// writing end), so closing the process's input can wait for what came
-// before.
+// writing end); passedOn says when all the client wrote so far was handed
+// to the stream, so that closing the process's input loses none of it.
 type stdinReader struct {
 	r       io.Reader
+	conn    syscall.RawConn // the fifo's, for the bytes it still holds
 	once    sync.Once
 	drained chan struct{}
+
+	mu      sync.Mutex
+	waiting bool // a Read waits for input, what it read before was taken
 }
 
-func newStdinReader(r io.Reader) *stdinReader {
-	return &stdinReader{r: r, drained: make(chan struct{})}
+func newStdinReader(f io.Reader) *stdinReader {
+	s := &stdinReader{r: f, drained: make(chan struct{})}
+	if sc, ok := f.(syscall.Conn); ok {
+		s.conn, _ = sc.SyscallConn()
+	}
+	return s
 }
 
 func (s *stdinReader) Read(p []byte) (int, error) {
+	s.setWaiting(true)
 	n, err := s.r.Read(p)
+	s.setWaiting(false)
 	if err != nil {
 		s.once.Do(func() { close(s.drained) })
 		if !errors.Is(err, io.EOF) {
@@ -115,4 +126,27 @@ func (s *stdinReader) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+func (s *stdinReader) setWaiting(w bool) {
+	s.mu.Lock()
+	s.waiting = w
+	s.mu.Unlock()
+}
+
+// passedOn says that the fifo holds no byte and the stream waits for
+// more: every byte written before was passed on. A client may close its
+// input (CloseIO) before it closes its end of the fifo.
+func (s *stdinReader) passedOn() bool {
+	s.mu.Lock()
+	waiting := s.waiting
+	s.mu.Unlock()
+	if !waiting || s.conn == nil {
+		return false
+	}
+	held := -1
+	_ = s.conn.Control(func(fd uintptr) {
+		held, _ = unix.IoctlGetInt(int(fd), unix.TIOCINQ) // FIONREAD: the bytes a pipe holds
+	})
+	return held == 0
 }
