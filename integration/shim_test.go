@@ -78,6 +78,7 @@ func TestShim(t *testing.T) {
 	t.Run("checkpoint and restore", s.checkpointRestore)
 	t.Run("other snapshotter", s.otherSnapshotter)
 	t.Run("shim killed", s.shimKilled)
+	t.Run("guest crash", s.guestCrash)
 }
 
 // shimOnPath builds the shim into a folder of dir and puts it first on
@@ -346,6 +347,26 @@ func (s *shimTest) shimKilled(t *testing.T) {
 	if _, errOut, code := s.ctr(t, "", "container", "rm", id); code != 0 {
 		t.Errorf("ctr container rm: exit %d\n%s", code, errOut)
 	}
+}
+
+// guestCrash kills a container's machine under it: the task exits
+// non-zero, and the shim's log (in containerd's) says why.
+func (s *shimTest) guestCrash(t *testing.T) {
+	id := s.start(t)
+	boxes := s.containerBoxes(t, id)
+	if len(boxes) != 1 {
+		t.Fatalf("the container's boxes: %+v", boxes)
+	}
+	if err := syscall.Kill(machinePID(t, s.dm.root, boxes[0].Name), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	s.waitStatus(t, id, "STOPPED")
+	log, _ := os.ReadFile(filepath.Join(s.d.dir, "containerd.log"))
+	if !strings.Contains(string(log), "the container's box stopped under its process") || !strings.Contains(string(log), "process=init status=255") {
+		t.Errorf("containerd's log does not say that the box stopped and the task exited 255:\n%s", tail(string(log), 20))
+	}
+	s.ctr(t, "", "task", "rm", id)
+	s.ctr(t, "", "container", "rm", id)
 }
 
 // shimPID finds the serving shim of container id.

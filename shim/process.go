@@ -57,9 +57,10 @@ func newProcess(execID, agentID string, spec agent.ProcessSpec, io stdio) *proce
 // stream may be re-attached, and how long a start waits for the process
 // to appear in the box.
 const (
-	reattachFor  = 2 * time.Minute
-	startTimeout = time.Minute
-	pollEvery    = 20 * time.Millisecond
+	reattachFor   = 2 * time.Minute
+	reattachDelay = 500 * time.Millisecond
+	startTimeout  = time.Minute
+	pollEvery     = 20 * time.Millisecond
 )
 
 // stream runs p's kept process in the box (or attaches to it) until it
@@ -74,6 +75,11 @@ func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec
 		if err == nil {
 			return uint32(code)
 		}
+		if spec.Attach && errors.Is(err, errdefs.ErrNotFound) {
+			s.log.Error("the container's box lost its process: its machine was restarted", "process", p.agentID, "box", s.box, "err", err)
+			*failed = err
+			return 255
+		}
 		if !errors.Is(err, ErrDetached) {
 			s.log.Error("the process's stream failed", "process", p.agentID, "box", s.box, "err", err)
 			*failed = err
@@ -82,8 +88,16 @@ func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec
 		if lostSince.IsZero() {
 			lostSince = time.Now()
 		}
+		// A re-attach is a use of the box, which boots a stopped one: first
+		// give the daemon a moment to see a machine that exited.
+		select {
+		case <-ctx.Done():
+			return 255
+		case <-time.After(reattachDelay):
+		}
 		if reason := s.boxGone(ctx); reason != "" {
 			s.log.Error("the container's box stopped under its process", "process", p.agentID, "box", s.box, "reason", reason)
+			*failed = fmt.Errorf("box %s: %s: %w", s.box, reason, errdefs.ErrUnavailable)
 			return 255
 		}
 		if time.Since(lostSince) > reattachFor {
@@ -92,11 +106,6 @@ func (s *Service) stream(ctx context.Context, p *process, spec agent.ProcessSpec
 		}
 		s.log.Warn("re-attaching to the process", "process", p.agentID, "box", s.box, "err", err)
 		spec = agent.ProcessSpec{ID: p.agentID, Attach: true}
-		select {
-		case <-ctx.Done():
-			return 255
-		case <-time.After(200 * time.Millisecond):
-		}
 	}
 }
 
