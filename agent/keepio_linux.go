@@ -254,5 +254,3 @@ func (k *kept) forget() {
 		a.close()
 	}
 }
-
-
