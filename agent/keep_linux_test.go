@@ -168,7 +168,7 @@ func (w *cutWriter) String() string {
 
 func TestProcessReattach(t *testing.T) {
 	var want strings.Builder
-	for i := 1; i <= 100000; i++ {
+	for i := 1; i <= 1000000; i++ {
 		fmt.Fprintf(&want, "%d\n", i)
 	}
 	for _, how := range []string{"connection", "context"} {
@@ -181,12 +181,18 @@ func TestProcessReattach(t *testing.T) {
 			first := &cutWriter{limit: 64 << 10}
 			first.cut = func() {
 				if how == "connection" {
+					// Once the agent waits for the window (the client
+					// holds it all, unread), nothing is in flight: the
+					// bytes in the socket when a link breaks are lost.
+					time.Sleep(200 * time.Millisecond)
 					c1.Close()
 				} else {
+					// The channel's close: what the agent sent before
+					// it is still read.
 					cancel()
 				}
 			}
-			spec := ProcessSpec{ID: id, Args: []string{"seq", "1", "100000"}, Env: hostEnv}
+			spec := ProcessSpec{ID: id, Args: []string{"seq", "1", "1000000"}, Env: hostEnv}
 			_, err := c1.Process(ctx, spec, ProcessIO{Stdout: first})
 			if !errors.Is(err, ErrDetached) || !errors.Is(err, errdefs.ErrUnavailable) {
 				t.Fatalf("Process = %v, want detached", err)

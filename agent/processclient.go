@@ -64,10 +64,7 @@ func (c *Client) Process(ctx context.Context, spec ProcessSpec, stdio ProcessIO)
 	var outErr error
 	pass := func(w io.Writer, r io.Reader) {
 		defer wg.Done()
-		if w == nil {
-			w = io.Discard
-		}
-		if _, err := io.Copy(w, r); err != nil {
+		if err := passOutput(w, r); err != nil {
 			outMu.Lock()
 			outErr = err
 			outMu.Unlock()
@@ -100,6 +97,28 @@ func (c *Client) Process(ctx context.Context, spec ProcessSpec, stdio ProcessIO)
 		return -1, detached(what, errors.New("the channel ended"))
 	}
 	return code, nil
+}
+
+// passOutput copies what the agent sent on r to w (nil discards) until r
+// has no more, and returns w's error. A read that fails with bytes (the
+// window's adjustment failed: the connection is gone) is not the end: what
+// arrived before the link broke is passed on all the same.
+func passOutput(w io.Writer, r io.Reader) error {
+	if w == nil {
+		w = io.Discard
+	}
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err != nil && n == 0 {
+			return nil
+		}
+	}
 }
 
 // openProcess opens a ProcessChannel with extra data extra, or gives up
