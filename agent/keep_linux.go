@@ -52,12 +52,21 @@ type kept struct {
 }
 
 // lookup returns kept process id, or an error wrapping errdefs.ErrNotFound.
-func (t *keptTable) lookup(id string) (*kept, error) {
+func (t *keptTable) lookup(id string) (*kept, error) { return t.find(id, false) }
+
+// remove forgets kept process id and returns it.
+func (t *keptTable) remove(id string) (*kept, error) { return t.find(id, true) }
+
+// find returns kept process id, taken out of the table if remove.
+func (t *keptTable) find(id string, remove bool) (*kept, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	k, ok := t.byID[id]
 	if !ok {
 		return nil, fmt.Errorf("agent: no kept process %q: %w", id, errdefs.ErrNotFound)
+	}
+	if remove {
+		delete(t.byID, id)
 	}
 	return k, nil
 }
@@ -78,18 +87,6 @@ func (t *keptTable) list() []ProcessInfo {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
-}
-
-// remove forgets kept process id and returns it.
-func (t *keptTable) remove(id string) (*kept, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	k, ok := t.byID[id]
-	if !ok {
-		return nil, fmt.Errorf("agent: no kept process %q: %w", id, errdefs.ErrNotFound)
-	}
-	delete(t.byID, id)
-	return k, nil
 }
 
 // start starts spec as a kept process under cfg and adds it to the table;

@@ -14,10 +14,6 @@ import (
 // channel already carries to reach the process.
 const stdinWait = 2 * time.Second
 
-// keptPoll is how often, after a kept process exited, the agent looks
-// whether an output still open holds bytes (see drain).
-const keptPoll = 50 * time.Millisecond
-
 // eot is a terminal's end of file character (VEOF, ^D), which close-stdin
 // writes on a kept process's terminal.
 const eot = 0x04
@@ -115,7 +111,14 @@ func (k *kept) await(wait func() unix.WaitStatus) {
 	k.mu.Lock()
 	k.exited, k.status = true, exitCode(ws)
 	k.mu.Unlock()
-	k.drain()
+	// As a session's: output still open once outputGrace has passed with
+	// no bytes in it is closed (a background process holds it); bytes
+	// that wait for an attachment keep it open.
+	outs := make([]output, len(k.outs))
+	for i, o := range k.outs {
+		outs[i] = output{o.f, o.done}
+	}
+	drain(outs)
 	for _, o := range k.outs {
 		o.f.Close()
 	}
@@ -127,29 +130,6 @@ func (k *kept) await(wait func() unix.WaitStatus) {
 	k.mu.Unlock()
 	if a != nil {
 		k.sendExit(a)
-	}
-}
-
-// drain waits, after the process exited, for its outputs to be all sent;
-// one still open once outputGrace has passed with no bytes in it is closed
-// (a background process holds it). Bytes waiting for an attachment keep it
-// open.
-func (k *kept) drain() {
-	deadline := time.Now().Add(outputGrace)
-	tick := time.NewTicker(keptPoll)
-	defer tick.Stop()
-	for _, o := range k.outs {
-	wait:
-		for {
-			select {
-			case <-o.done:
-				break wait
-			case <-tick.C:
-				if time.Now().After(deadline) && pendingBytes(o.f) == 0 {
-					o.f.Close()
-				}
-			}
-		}
 	}
 }
 

@@ -313,9 +313,10 @@ func (c *Client) stream(ctx context.Context, path string, body []byte, opts Exec
 	out := &frameWriter{w: conn}
 	done := make(chan struct{})
 	defer close(done)
-	if err := sendClientFrames(out, opts, done); err != nil {
-		return fail(c.streamLost(err))
-	}
+	// A failure to send is not the end: the daemon may have sent its last
+	// frame (a refusal) and closed the connection first, and that frame
+	// is what the caller wants to know.
+	_ = sendClientFrames(out, opts, done)
 	code, err := c.receiveOutput(in, opts)
 	if err != nil {
 		return fail(err)
