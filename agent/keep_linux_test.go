@@ -383,3 +383,35 @@ func TestProcessForget(t *testing.T) {
 		t.Errorf("attach after forget = %v, want not found", err)
 	}
 }
+
+// TestProcessReaper runs kept processes through a Reaper, as the agent as
+// PID 1 does: each gets its own exit status, also one that exits while
+// nothing is attached, among orphans that the Reaper reaps.
+func TestProcessReaper(t *testing.T) {
+	c := serve(t, &ServerConfig{Reaper: subreaper(t)})
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("reaped-%d", i)
+			spec := ProcessSpec{ID: id, Args: []string{"sh", "-c", fmt.Sprintf("(exec sleep 0.05 >/dev/null 2>&1 &); sleep 0.1; exit %d", i%7)}, Env: hostEnv}
+			if i%2 == 1 {
+				// Detached at once: the status waits for the attach.
+				ctx, cancel := context.WithCancel(testCtx(t))
+				cancel()
+				if _, err := c.Process(ctx, spec, ProcessIO{}); !errors.Is(err, ErrDetached) {
+					t.Errorf("process %d: %v, want detached", i, err)
+					return
+				}
+				time.Sleep(300 * time.Millisecond)
+				spec = ProcessSpec{ID: id, Attach: true}
+			}
+			code, err := c.Process(testCtx(t), spec, ProcessIO{})
+			if err != nil || code != i%7 {
+				t.Errorf("process %d: code %d, err %v; want %d", i, code, err, i%7)
+			}
+		}()
+	}
+	wg.Wait()
+}
