@@ -75,25 +75,7 @@ func newKeepAgent(t *testing.T) *keepAgent {
 
 // relink closes the link to the agent, if any, and makes a new one.
 func (k *keepAgent) relink() {
-	host, guest, err := testutil.SocketPair()
-	if err != nil {
-		k.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- agent.Serve(ctx, guest, k.cfg) }()
-	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer hcancel()
-	c, err := agent.NewClient(hctx, host)
-	if err != nil {
-		cancel()
-		k.t.Fatal(err)
-	}
-	k.t.Cleanup(func() {
-		c.Close()
-		cancel()
-		<-served
-	})
+	c := serveAgent(k.t, k.cfg)
 	k.mu.Lock()
 	old := k.c
 	k.c = c
