@@ -164,23 +164,9 @@ func lookPath(name string, env []string) (string, error) {
 // startKept starts spec's program with its streams on pipes or a pty, and
 // the goroutine that waits for its end.
 func startKept(cfg *ServerConfig, spec ProcessSpec) (*kept, error) {
-	prog, err := lookPath(spec.Args[0], spec.Env)
+	prog, args, attr, err := keptCommand(spec)
 	if err != nil {
 		return nil, fmt.Errorf("agent: process %q: %w", spec.ID, err)
-	}
-	dir := spec.Cwd
-	if dir == "" {
-		dir = "/"
-	}
-	attr := &os.ProcAttr{
-		Dir: dir,
-		Env: append([]string{}, spec.Env...),
-		Sys: &syscall.SysProcAttr{
-			Setsid: true,
-			Credential: &syscall.Credential{
-				Uid: spec.UID, Gid: spec.GID, Groups: append([]uint32{}, spec.AdditionalGids...),
-			},
-		},
 	}
 	k := &kept{id: spec.ID, terminal: spec.Terminal, logf: cfg.logf}
 	k.cond = sync.NewCond(&k.mu)
@@ -217,7 +203,7 @@ func startKept(cfg *ServerConfig, spec ProcessSpec) (*kept, error) {
 		k.stdin = pipes[0][1]
 		k.outs = []*keptOutput{{f: pipes[1][0]}, {f: pipes[2][0], ext: true}}
 	}
-	proc, wait, err := startProcess(cfg.Reaper, prog, spec.Args, attr)
+	proc, wait, err := startProcess(cfg.Reaper, prog, args, attr)
 	for _, f := range closeAfterStart {
 		f.Close()
 	}
@@ -234,6 +220,61 @@ func startKept(cfg *ServerConfig, spec ProcessSpec) (*kept, error) {
 	}
 	go k.await(wait)
 	return k, nil
+}
+
+// keptCommand is the program, arguments and attributes that start spec's
+// process (its streams aside). A process in a root of its own is started
+// as EnterName, which takes the credentials itself once it is in the root.
+func keptCommand(spec ProcessSpec) (string, []string, *os.ProcAttr, error) {
+	dir := spec.Cwd
+	if dir == "" {
+		dir = "/"
+	}
+	attr := &os.ProcAttr{Dir: dir, Env: append([]string{}, spec.Env...), Sys: &syscall.SysProcAttr{Setsid: true}}
+	if spec.Root == "" || filepath.Clean(spec.Root) == "/" {
+		prog, err := lookPath(spec.Args[0], spec.Env)
+		if err != nil {
+			return "", nil, nil, err
+		}
+		attr.Sys.Credential = &syscall.Credential{Uid: spec.UID, Gid: spec.GID, Groups: append([]uint32{}, spec.AdditionalGids...)}
+		return prog, spec.Args, attr, nil
+	}
+	root := filepath.Clean(spec.Root)
+	if fi, err := os.Stat(root); err != nil || !fi.IsDir() {
+		return "", nil, nil, fmt.Errorf("agent: root file system %s is not a folder of the box: %w", root, errdefs.ErrNotFound)
+	}
+	if err := lookPathIn(root, spec.Args[0], spec.Env); err != nil {
+		return "", nil, nil, err
+	}
+	attr.Dir = "/"
+	attr.Sys.Unshareflags = syscall.CLONE_NEWNS
+	args := append([]string{EnterName}, EnterArgs(root, dir, spec.UID, spec.GID, spec.AdditionalGids, spec.Args)...)
+	return "/proc/self/exe", args, attr, nil
+}
+
+// lookPathIn checks that program name is in root, at its path or in a
+// directory of the spec's PATH (DefaultPath without one), so that a
+// missing program is refused as it is without a root; EnterName finds it
+// again from inside the root.
+func lookPathIn(root, name string, env []string) error {
+	if strings.Contains(name, "/") {
+		if _, err := os.Lstat(filepath.Join(root, name)); err != nil {
+			return fmt.Errorf("agent: %s is not in root file system %s: %w", name, root, errdefs.ErrNotFound)
+		}
+		return nil
+	}
+	path := DefaultPath
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			path = v
+		}
+	}
+	for _, dir := range filepath.SplitList(path) {
+		if _, err := os.Lstat(filepath.Join(root, dir, name)); err == nil {
+			return nil
+		}
+	}
+	return fmt.Errorf("agent: %q is not in PATH %s of root file system %s: %w", name, path, root, errdefs.ErrNotFound)
 }
 
 // startCategory categorises a failure to start a program.

@@ -78,6 +78,11 @@ type ProcessSpec struct {
 	Terminal bool `json:"terminal,omitempty"`
 	Rows     int  `json:"rows,omitempty"`
 	Cols     int  `json:"cols,omitempty"`
+	// Root, when set and not "/", is the folder of the box the process
+	// sees as /, a container's root file system: the box's /proc, /sys and
+	// /dev are bound into it for the process alone (see EnterName), and
+	// Args[0] and Cwd are looked up in it.
+	Root string `json:"root,omitempty"`
 	// Hostname, when set, becomes the box's hostname before the process
 	// starts.
 	Hostname string `json:"hostname,omitempty"`
