@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -90,15 +89,11 @@ func Enter(args []string, errOut io.Writer) int {
 	if err := errors.Join(syscall.Setgroups(groups), syscall.Setgid(int(gid)), syscall.Setuid(int(uid))); err != nil {
 		return fail(126, fmt.Errorf("credentials %d:%d: %w", uid, gid, err))
 	}
-	path := argv[0]
-	if !strings.Contains(path, "/") {
-		found, err := exec.LookPath(path)
-		if err != nil {
-			return fail(127, err)
-		}
-		path = found
+	path, err := lookPath(argv[0], os.Environ())
+	if err != nil {
+		return fail(127, err)
 	}
-	err := syscall.Exec(path, argv, os.Environ())
+	err = syscall.Exec(path, argv, os.Environ())
 	if errors.Is(err, syscall.ENOENT) {
 		return fail(127, fmt.Errorf("%s: %w", argv[0], err))
 	}

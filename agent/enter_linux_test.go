@@ -1,4 +1,4 @@
-package agent_test
+package agent
 
 import (
 	"bytes"
@@ -10,14 +10,14 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/boxd-dev/boxd/agent"
+	"github.com/containerd/errdefs"
 )
 
 // TestMain runs the test binary as the agent's EnterName when it is
 // started under that name, as the agent starts itself.
 func TestMain(m *testing.M) {
-	if filepath.Base(os.Args[0]) == agent.EnterName {
-		os.Exit(agent.Enter(os.Args[1:], os.Stderr))
+	if filepath.Base(os.Args[0]) == EnterName {
+		os.Exit(Enter(os.Args[1:], os.Stderr))
 	}
 	os.Exit(m.Run())
 }
@@ -55,7 +55,7 @@ func enterRoot(t *testing.T) string {
 func enter(t *testing.T, root, cwd string, uid, gid uint32, groups []uint32, env []string, args ...string) (string, string, int) {
 	t.Helper()
 	cmd := exec.Command("/proc/self/exe")
-	cmd.Args = append([]string{agent.EnterName}, agent.EnterArgs(root, cwd, uid, gid, groups, args)...)
+	cmd.Args = append([]string{EnterName}, EnterArgs(root, cwd, uid, gid, groups, args)...)
 	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	var out, errOut bytes.Buffer
@@ -107,5 +107,37 @@ func TestEnter(t *testing.T) {
 	}
 	if strings.Contains(string(mi), root) {
 		t.Fatalf("mounts under %s are left:\n%s", root, mi)
+	}
+}
+
+// A kept process in a root of its own: the program and folder are the
+// root's, a missing program is refused as without a root, and the
+// credentials are taken inside.
+func TestProcessRoot(t *testing.T) {
+	root := enterRoot(t)
+	c := serve(t, &ServerConfig{})
+	env := []string{"PATH=/bin"}
+	code, out, errOut, err := runKept(t, c, ProcessSpec{
+		ID: "in-root", Root: root, Cwd: "/work", UID: 1000, GID: 1000, Env: env,
+		Args: []string{"sh", "-c", "pwd; id -u; ls /bin/busybox; cat /proc/self/comm"},
+	}, nil)
+	if err != nil || code != 0 || out != "/work\n1000\n/bin/busybox\ncat\n" {
+		t.Fatalf("in the root: code %d, stdout %q, stderr %q, err %v", code, out, errOut, err)
+	}
+	code, out, _, err = runKept(t, c, ProcessSpec{ID: "tty-root", Root: root, Env: env, Terminal: true, Args: []string{"sh", "-c", "test -t 0 && echo tty"}}, nil)
+	if err != nil || code != 0 || out != "tty\r\n" {
+		t.Fatalf("a terminal in the root: code %d, stdout %q, err %v", code, out, err)
+	}
+	for _, tc := range []struct {
+		name string
+		spec ProcessSpec
+	}{
+		{"a program the root lacks", ProcessSpec{ID: "r1", Root: root, Env: env, Args: []string{"boxd-no-such-program"}}},
+		{"a path the root lacks", ProcessSpec{ID: "r2", Root: root, Args: []string{"/usr/bin/env"}}},
+		{"a root that is not there", ProcessSpec{ID: "r3", Root: root + "/nope", Args: []string{"sh"}}},
+	} {
+		if _, err := c.Process(testCtx(t), tc.spec, ProcessIO{}); !errors.Is(err, errdefs.ErrNotFound) {
+			t.Errorf("%s: %v, want not found", tc.name, err)
+		}
 	}
 }

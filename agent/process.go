@@ -18,10 +18,20 @@ package agent
 // standard error. Once the process has exited and every byte of its output
 // was sent, the agent sends an "exit-status" request (uint32, as a session
 // does; 128+n for a death by signal n) and closes the channel.
+//
+// A process that cannot be started (a bad spec, an ID in use, a program
+// not found or not executable, a working folder missing) rejects the
+// channel, as a session's exec that cannot start fails its request; so
+// does an attach to an unknown ID. The rejection's message is a failure
+// payload (see below). A new attach to a process that has one closes the
+// earlier channel.
 const ProcessChannel = "process@boxd.dev"
 
 // Global requests on a kept process, each with a JSON payload; the reply's
-// payload is empty or, on failure, a one-sentence error.
+// payload is empty or, on failure, a one-sentence error. A failure payload
+// starts with the error's category as errcat names it on the wire and ": "
+// ("not_found: agent: no kept process \"x\"") when it has one, so the
+// client's error has the same category (an unknown ID is not found).
 const (
 	// ProcessesRequest lists the kept processes; its reply's payload is a
 	// JSON []ProcessInfo. Its request payload is empty.
@@ -33,7 +43,11 @@ const (
 	// ProcessResize).
 	ResizeProcessRequest = "process-resize@boxd.dev"
 	// CloseStdinRequest ends a kept process's standard input (a
-	// ProcessRef).
+	// ProcessRef), once the input its attached channel carries reached it:
+	// the agent waits (at most 2 seconds) for that channel's end of file,
+	// which the client sends when its input ends. With a terminal, it
+	// writes the terminal's end of file character (^D) and drops later
+	// input.
 	CloseStdinRequest = "process-close-stdin@boxd.dev"
 	// ForgetProcessRequest kills a kept process if it runs (SIGKILL) and
 	// forgets it and its exit status (a ProcessRef).
@@ -64,6 +78,11 @@ type ProcessSpec struct {
 	Terminal bool `json:"terminal,omitempty"`
 	Rows     int  `json:"rows,omitempty"`
 	Cols     int  `json:"cols,omitempty"`
+	// Root, when set and not "/", is the folder of the box the process
+	// sees as /, a container's root file system: the box's /proc, /sys and
+	// /dev are bound into it for the process alone (see EnterName), and
+	// Args[0] and Cwd are looked up in it.
+	Root string `json:"root,omitempty"`
 	// Hostname, when set, becomes the box's hostname before the process
 	// starts.
 	Hostname string `json:"hostname,omitempty"`

@@ -16,23 +16,7 @@ import (
 // TestReaper runs commands through a Reaper while the test process stands in for PID 1 (a child subreaper, so
 // orphans come to it): every command still gets its own exit status, and orphans do not stay zombies.
 func TestReaper(t *testing.T) {
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		t.Skipf("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := NewReaper()
-	reaperDone := make(chan struct{})
-	go func() {
-		defer close(reaperDone)
-		r.Run(ctx)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-reaperDone
-		_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-	})
-
-	c := serve(t, &ServerConfig{Reaper: r})
+	c := serve(t, &ServerConfig{Reaper: subreaper(t)})
 
 	// An orphan comes to this process, and is reaped when it exits.
 	code, err := c.Run(testCtx(t), Command{Shell: "(exec sleep 1.001 >/dev/null 2>&1 &); exit 0"})
@@ -110,4 +94,26 @@ func children(t *testing.T, cmdline string) []string {
 		out = append(out, e.Name()+" "+f[0])
 	}
 	return out
+}
+
+// subreaper makes the test process a child subreaper, as PID 1 stands for
+// orphans, and runs a Reaper until t ends.
+func subreaper(t *testing.T) *Reaper {
+	t.Helper()
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Skipf("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := NewReaper()
+	reaperDone := make(chan struct{})
+	go func() {
+		defer close(reaperDone)
+		r.Run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-reaperDone
+		_ = unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	})
+	return r
 }

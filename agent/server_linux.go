@@ -36,6 +36,9 @@ type ServerConfig struct {
 	// ForkFile, when set, is where a fork's child's ForkInfo is written
 	// (the agent's is agent.ForkFile).
 	ForkFile string
+	// kept is the kept processes, which every connection served with this
+	// configuration shares (see process.go).
+	kept keptTable
 	// Logf, when not nil, receives one line per notable event (a session that failed to start, a failed
 	// handshake).
 	Logf func(format string, args ...any)
@@ -132,6 +135,8 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 		switch nch.ChannelType() {
 		case "session":
 			go s.session(nch)
+		case ProcessChannel:
+			go s.process(nch)
 		case "direct-tcpip":
 			go directTCPIP(ctx, nch, cfg.logf)
 		default:
@@ -185,6 +190,15 @@ func (s *server) globalRequests(reqs <-chan *ssh.Request) {
 				continue
 			}
 			_ = req.Reply(true, nil)
+		case ProcessesRequest, SignalProcessRequest, ResizeProcessRequest, CloseStdinRequest, ForgetProcessRequest:
+			// Answered in turn: SSH matches replies to global requests
+			// by their order.
+			payload, err := s.processRequest(req)
+			if err != nil {
+				_ = req.Reply(false, []byte(processFailure(err)))
+				continue
+			}
+			_ = req.Reply(true, payload)
 		case RequestTCPIPForward:
 			ok, reply := s.forwards.add(req.Payload)
 			_ = req.Reply(ok, reply)

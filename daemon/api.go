@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/errcat"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -178,9 +179,15 @@ type Error struct {
 	Category string // the wire name; "unknown" when none
 	Status   int    // the HTTP status
 	cat      error
+	// detached says the error ended a kept process's stream before its
+	// exit status, the process running on: it matches agent.ErrDetached.
+	detached bool
 }
 
 func (e *Error) Error() string { return e.Message }
+
+// Is matches agent.ErrDetached when the daemon said the process runs on.
+func (e *Error) Is(target error) bool { return e.detached && target == agent.ErrDetached }
 
 // Unwrap returns the errdefs category, or nil.
 func (e *Error) Unwrap() error { return e.cat }

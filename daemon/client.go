@@ -286,6 +286,12 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 	if err != nil {
 		return -1, err
 	}
+	return c.stream(ctx, boxPath(name, "exec"), body, opts)
+}
+
+// stream sends body to path, asking to upgrade to ExecProtocol, and runs
+// the stream with opts's streams until its last frame.
+func (c *Client) stream(ctx context.Context, path string, body []byte, opts ExecOptions) (int, error) {
 	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", c.socket)
 	if err != nil {
 		return -1, c.connError(ctx, err)
@@ -300,16 +306,17 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 		return -1, err
 	}
 
-	in, err := c.upgradeExec(ctx, conn, name, body)
+	in, err := c.upgradeExec(ctx, conn, path, body)
 	if err != nil {
 		return fail(err)
 	}
 	out := &frameWriter{w: conn}
 	done := make(chan struct{})
 	defer close(done)
-	if err := sendClientFrames(out, opts, done); err != nil {
-		return fail(c.streamLost(err))
-	}
+	// A failure to send is not the end: the daemon may have sent its last
+	// frame (a refusal) and closed the connection first, and that frame
+	// is what the caller wants to know.
+	_ = sendClientFrames(out, opts, done)
 	code, err := c.receiveOutput(in, opts)
 	if err != nil {
 		return fail(err)
@@ -317,11 +324,11 @@ func (c *Client) ExecStream(ctx context.Context, name string, opts ExecOptions) 
 	return code, nil
 }
 
-// upgradeExec sends the exec request body for box name on conn, asking to
-// upgrade to ExecProtocol, and returns the reader of the daemon's frames
-// once it agreed; a refusal is the API's error.
-func (c *Client) upgradeExec(ctx context.Context, conn net.Conn, name string, body []byte) (*bufio.Reader, error) {
-	req, err := c.newRequest(ctx, http.MethodPost, boxPath(name, "exec"), bytes.NewReader(body))
+// upgradeExec sends the request body to path on conn, asking to upgrade
+// to ExecProtocol, and returns the reader of the daemon's frames once it
+// agreed; a refusal is the API's error.
+func (c *Client) upgradeExec(ctx context.Context, conn net.Conn, path string, body []byte) (*bufio.Reader, error) {
+	req, err := c.newRequest(ctx, http.MethodPost, path, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
@@ -435,8 +442,11 @@ func sendInput(in io.Reader, out *frameWriter) {
 // streamLost is the error of an exec stream that broke before the
 // command's exit status came.
 func (c *Client) streamLost(err error) error {
-	return fmt.Errorf("boxd daemon at %s: the exec stream ended before the command's exit status (%w): %w", c.socket, err, errdefs.ErrUnavailable)
+	return fmt.Errorf("boxd daemon at %s: the exec stream ended before the command's exit status (%w): %w: %w", c.socket, err, errStreamLost, errdefs.ErrUnavailable)
 }
+
+// errStreamLost marks the error of a stream that broke.
+var errStreamLost = errors.New("stream lost")
 
 // Remove deletes box name.
 func (c *Client) Remove(ctx context.Context, name string) error {

@@ -33,13 +33,20 @@ func (h hostAgent) Exec(ctx context.Context, name string, cmd agent.Command) (in
 
 func newHostAgent(t *testing.T) hostAgent {
 	t.Helper()
+	return hostAgent{newFakeManager(box.Box{Name: "dev", State: box.StateRunning}), serveAgent(t, nil)}
+}
+
+// serveAgent runs a real agent (agent.Serve with cfg) on one end of a
+// socket pair and returns its client on the other; both end with t.
+func serveAgent(t *testing.T, cfg *agent.ServerConfig) *agent.Client {
+	t.Helper()
 	host, guest, err := testutil.SocketPair()
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- agent.Serve(ctx, guest, nil) }()
+	go func() { served <- agent.Serve(ctx, guest, cfg) }()
 	hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
 	defer hcancel()
 	c, err := agent.NewClient(hctx, host)
@@ -52,7 +59,7 @@ func newHostAgent(t *testing.T) hostAgent {
 		cancel()
 		<-served
 	})
-	return hostAgent{newFakeManager(box.Box{Name: "dev", State: box.StateRunning}), c}
+	return c
 }
 
 type execOutcome struct {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/events"
 	"github.com/boxd-dev/boxd/snapshotter"
@@ -128,6 +129,12 @@ func TestOwnerScope(t *testing.T) {
 	refused := map[string]error{}
 	_, refused["exec"] = c.Exec(ctx, "mine", []string{"true"}, nil)
 	_, refused["snapshot"] = c.Snapshot(ctx, "mine", "")
+	_, refused["process"] = c.ProcessStream(ctx, "mine", agent.ProcessSpec{ID: "p", Args: []string{"true"}}, agent.ProcessIO{})
+	_, refused["processes"] = c.Processes(ctx, "mine")
+	refused["process signal"] = c.SignalProcess(ctx, "mine", "p", 9)
+	refused["process resize"] = c.ResizeProcess(ctx, "mine", "p", 9, 9)
+	refused["process close-stdin"] = c.CloseProcessStdin(ctx, "mine", "p")
+	refused["process forget"] = c.ForgetProcess(ctx, "mine", "p")
 	_, refused["promote"] = c.Promote(ctx, "new", "new-1")
 	refused["logs"] = c.Logs(ctx, "mine", LogsOptions{Tail: -1}, io.Discard)
 	_, refused["gc"] = c.GC(ctx, 0)

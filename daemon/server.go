@@ -51,6 +51,14 @@ type Manager interface {
 	// box.Manager.Promote).
 	Promote(ctx context.Context, name, fork string) (box.Box, string, error)
 	Exec(ctx context.Context, name string, cmd agent.Command) (int, error)
+	// Process starts or attaches to a kept process in box name, and the
+	// methods after it act on them (see box.Manager.Process).
+	Process(ctx context.Context, name string, spec agent.ProcessSpec, stdio agent.ProcessIO) (int, error)
+	Processes(ctx context.Context, name string) ([]agent.ProcessInfo, error)
+	SignalProcess(ctx context.Context, name, id string, sig int) error
+	ResizeProcess(ctx context.Context, name, id string, rows, cols int) error
+	CloseProcessStdin(ctx context.Context, name, id string) error
+	ForgetProcess(ctx context.Context, name, id string) error
 	// CPUTime is the CPU time box name's machine has used so far, if it
 	// runs.
 	CPUTime(name string) (time.Duration, bool)
@@ -198,6 +206,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/boxes/{name}/snapshot", s.snapshotBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/exec", s.execBox)
 	mux.HandleFunc("POST /v1/boxes/{name}/promote", s.promoteBox)
+	s.processRoutes(mux)
 	mux.HandleFunc("GET /v1/boxes/{name}/logs", s.boxLogs)
 	mux.HandleFunc("POST /v1/boxes/{name}/rootfs", s.addRootfs)
 	mux.HandleFunc("DELETE /v1/boxes/{name}/rootfs/{id}", s.removeRootfs)
@@ -594,9 +603,15 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
+	s.takeOver(w, r, name, func(conn net.Conn, in *bufio.Reader) { s.runStream(conn, in, name, req) })
+}
+
+// takeOver takes request r's connection over from the HTTP server, answers
+// 101 Switching Protocols and runs the stream of box name on it with run.
+func (s *Server) takeOver(w http.ResponseWriter, r *http.Request, name string, run func(conn net.Conn, in *bufio.Reader)) {
 	hj, ok := w.(http.Hijacker)
 	if !ok {
-		s.fail(w, r, fmt.Errorf("exec: this connection cannot be taken over for streaming: %w", errdefs.ErrInvalidArgument))
+		s.fail(w, r, fmt.Errorf("this connection cannot be taken over for streaming: %w", errdefs.ErrInvalidArgument))
 		return
 	}
 	// Counted before the connection is taken over, so that a daemon that
@@ -608,7 +623,7 @@ func (s *Server) execStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer conn.Close()
-	s.runStream(conn, in, name, req)
+	run(conn, in)
 }
 
 // readStreamRequest reads and checks a streaming exec's request, before the

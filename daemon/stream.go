@@ -104,11 +104,19 @@ func exitFrame(code int) []byte {
 	return b[:]
 }
 
-// errorFrame is the payload of an error frame: err as the API's error
-// object.
+// streamErrorBody is the payload of an error frame: the API's error
+// object, and on a kept process's stream whether the daemon lost the
+// process's agent before its exit status (agent.ErrDetached: the process
+// runs on, and the client may attach again).
+type streamErrorBody struct {
+	errorBody
+	Detached bool `json:"detached,omitempty"`
+}
+
+// errorFrame is the payload of an error frame: err as a streamErrorBody.
 func errorFrame(err error) []byte {
 	cat, _ := Category(err)
-	b, _ := json.Marshal(errorBody{Error: err.Error(), Category: cat})
+	b, _ := json.Marshal(streamErrorBody{errorBody{Error: err.Error(), Category: cat}, errors.Is(err, agent.ErrDetached)})
 	return b
 }
 
@@ -142,13 +150,15 @@ func readFrame(r io.Reader, buf *[]byte) (byte, []byte, error) {
 
 // streamError rebuilds the error an error frame carries.
 func streamError(p []byte) error {
-	var eb errorBody
+	var eb streamErrorBody
 	if err := json.Unmarshal(p, &eb); err != nil || eb.Error == "" {
-		eb = errorBody{Error: "boxd daemon: the command could not be run", Category: categoryUnknown}
+		eb = streamErrorBody{errorBody: errorBody{Error: "boxd daemon: the command could not be run", Category: categoryUnknown}}
 	}
 	status := http.StatusInternalServerError
 	if r, ok := errcat.Named(eb.Category); ok {
 		status = r.HTTP
 	}
-	return remoteError(status, eb)
+	e := remoteError(status, eb.errorBody)
+	e.detached = eb.Detached
+	return e
 }
