@@ -2,8 +2,6 @@ package shim
 
 import (
 	"context"
-	"errors"
-	"io"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
@@ -41,13 +39,11 @@ type Boxes interface {
 	ForgetProcess(ctx context.Context, name, id string) error
 }
 
-// ProcessIO is a kept process's streams on the shim's side: nil ones are
-// not connected.
-type ProcessIO struct {
-	Stdin          io.Reader
-	Stdout, Stderr io.Writer
-}
+// ProcessIO is a kept process's streams on the shim's side.
+type ProcessIO = agent.ProcessIO
 
 // ErrDetached is what ProcessStream's error wraps when the link to the box
 // broke while the process ran on.
-var ErrDetached = errors.New("detached from the kept process")
+var ErrDetached = agent.ErrDetached
+
+var _ Boxes = (*daemon.Client)(nil)

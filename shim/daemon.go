@@ -25,4 +25,4 @@ func DaemonRoot() string {
 }
 
 // DaemonBoxes returns the client of the daemon of DaemonRoot.
-func DaemonBoxes() (Boxes, error) { return newDaemonBoxes(daemon.NewClient(DaemonRoot())), nil }
+func DaemonBoxes() (Boxes, error) { return daemon.NewClient(DaemonRoot()), nil }
