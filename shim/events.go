@@ -35,30 +35,25 @@ const (
 	TopicTaskCheckpointed = "/tasks/checkpointed"
 )
 
-// topic is the topic of an event the task sends.
-func topic(event proto.Message) string {
-	switch event.(type) {
-	case *eventsapi.TaskCreate:
-		return TopicTaskCreate
-	case *eventsapi.TaskStart:
-		return TopicTaskStart
-	case *eventsapi.TaskExit:
-		return TopicTaskExit
-	case *eventsapi.TaskDelete:
-		return TopicTaskDelete
-	case *eventsapi.TaskExecAdded:
-		return TopicTaskExecAdded
-	case *eventsapi.TaskExecStarted:
-		return TopicTaskExecStarted
-	case *eventsapi.TaskPaused:
-		return TopicTaskPaused
-	case *eventsapi.TaskResumed:
-		return TopicTaskResumed
-	case *eventsapi.TaskCheckpointed:
-		return TopicTaskCheckpointed
+// topics are the topics of the events the task sends, by their names.
+var topics = topicsByName()
+
+func topicsByName() map[string]string {
+	topics := map[string]string{}
+	for topic, ev := range map[string]proto.Message{
+		TopicTaskCreate: &eventsapi.TaskCreate{}, TopicTaskStart: &eventsapi.TaskStart{},
+		TopicTaskExit: &eventsapi.TaskExit{}, TopicTaskDelete: &eventsapi.TaskDelete{},
+		TopicTaskExecAdded: &eventsapi.TaskExecAdded{}, TopicTaskExecStarted: &eventsapi.TaskExecStarted{},
+		TopicTaskPaused: &eventsapi.TaskPaused{}, TopicTaskResumed: &eventsapi.TaskResumed{},
+		TopicTaskCheckpointed: &eventsapi.TaskCheckpointed{},
+	} {
+		topics[string(proto.MessageName(ev))] = topic
 	}
-	return ""
+	return topics
 }
+
+// topic is the topic of an event the task sends.
+func topic(event proto.Message) string { return topics[string(proto.MessageName(event))] }
 
 // Forwarder publishes events to containerd's ttrpc events service at an
 // address (the shim's TTRPC_ADDRESS), one at a time in a goroutine of its
