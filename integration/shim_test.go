@@ -277,6 +277,12 @@ func (s *shimTest) runningTask(t *testing.T) {
 	}
 	s.ctr(t, "", "task", "pause", id)
 	s.waitStatus(t, id, "PAUSED")
+	if out, _, code := s.ctr(t, "", "task", "ps", id); code != 0 || len(strings.Split(out, "\n")) < 2 {
+		t.Errorf("ctr task ps of the paused task: exit %d, %q", code, out)
+	}
+	if boxes := s.containerBoxes(t, id); len(boxes) != 1 || boxes[0].State != "paused" {
+		t.Errorf("boxd ls: the paused container's boxes are %+v, want one paused", boxes)
+	}
 	s.ctr(t, "", "task", "resume", id)
 	s.waitStatus(t, id, "RUNNING")
 	if _, errOut, code := s.ctr(t, "", "task", "kill", "--signal", "SIGTERM", id); code != 0 {

@@ -52,6 +52,7 @@ func (s *Service) ResizePty(ctx context.Context, r *taskapi.ResizePtyRequest) (*
 		if err := s.boxes.ResizeProcess(ctx, s.box, p.agentID, int(r.Height), int(r.Width)); err != nil {
 			return nil, fmt.Errorf("resizing the terminal of process %s in box %s: %w", p.agentID, s.box, err)
 		}
+		s.unpausedByUse()
 	}
 	return &emptypb.Empty{}, nil
 }
@@ -123,4 +124,5 @@ func (s *Service) closeStdin(ctx context.Context, p *process) {
 	if err := s.boxes.CloseProcessStdin(ctx, s.box, p.agentID); err != nil {
 		s.log.Warn("closing the process's input", "process", p.agentID, "err", err)
 	}
+	s.unpausedByUse()
 }

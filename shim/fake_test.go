@@ -152,9 +152,18 @@ func (f *fakeBoxes) Snapshot(_ context.Context, name, snap string) (snapshotter.
 	return snapshotter.Snapshot{Name: s}, nil
 }
 
+// use is a call to box name's agent: as the daemon does, it unpauses a
+// paused box. The caller holds mu.
+func (f *fakeBoxes) use(name string) {
+	if bx, ok := f.boxes[name]; ok && bx.State == box.StatePaused {
+		bx.State = box.StateRunning
+	}
+}
+
 func (f *fakeBoxes) proc(name, id string) (*fakeProc, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.use(name)
 	p, ok := f.procs[name+"/"+id]
 	if !ok {
 		return nil, fmt.Errorf("process %s in box %s: %w", id, name, errdefs.ErrNotFound)
@@ -261,6 +270,7 @@ func (f *fakeBoxes) program(name string, p *fakeProc, stdio ProcessIO) (int, err
 func (f *fakeBoxes) Processes(_ context.Context, name string) ([]agent.ProcessInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.use(name)
 	var out []agent.ProcessInfo
 	for k, p := range f.procs {
 		if strings.HasPrefix(k, name+"/") {

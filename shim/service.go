@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -216,6 +218,7 @@ func (s *Service) Start(ctx context.Context, r *taskapi.StartRequest) (*taskapi.
 		s.exit(p, status)
 	}()
 	pid, err := s.findPid(ctx, p, ended, &failed)
+	s.unpausedByUse()
 	s.mu.Lock()
 	p.pid = pid
 	s.mu.Unlock()
@@ -273,6 +276,20 @@ func (s *Service) exit(p *process, status uint32) {
 		if err := s.boxes.SignalProcess(s.ctx, s.box, a, sigKILL); err != nil {
 			s.log.Warn("killing an exec after the task's exit", "process", a, "err", err)
 		}
+	}
+}
+
+// unpausedByUse records that a call to a process in the box unpaused it:
+// the daemon takes any call to its agent for a use of the box, and a use
+// unpauses a paused box.
+func (s *Service) unpausedByUse() {
+	s.mu.Lock()
+	was := s.paused
+	s.paused = false
+	s.mu.Unlock()
+	if was {
+		s.log.Info("the box was unpaused to reach its process", "box", s.box)
+		s.cfg.Events.Publish(&eventsapi.TaskResumed{ContainerID: s.cfg.ID})
 	}
 }
 
@@ -355,6 +372,7 @@ func (s *Service) Kill(ctx context.Context, r *taskapi.KillRequest) (*emptypb.Em
 		s.exit(t, 128+r.Signal)
 	}
 	for _, a := range signal {
+		s.unpausedByUse() // before the process can exit
 		if err := s.boxes.SignalProcess(ctx, s.box, a, int(r.Signal)); err != nil {
 			return nil, fmt.Errorf("signalling process %s in box %s: %w", a, s.box, err)
 		}
@@ -409,10 +427,21 @@ func (s *Service) Delete(ctx context.Context, r *taskapi.DeleteRequest) (*taskap
 func (s *Service) Pids(ctx context.Context, r *taskapi.PidsRequest) (*taskapi.PidsResponse, error) {
 	s.mu.Lock()
 	_, err := s.process(r.ID, "")
-	bx := s.box
+	bx, paused := s.box, s.paused
+	var known []*task.ProcessInfo
+	for _, p := range append([]*process{s.init}, slices.Collect(maps.Values(s.execs))...) {
+		if p.state == stateRunning && p.pid != 0 {
+			known = append(known, &task.ProcessInfo{Pid: p.pid})
+		}
+	}
 	s.mu.Unlock()
 	if err != nil {
 		return nil, err
+	}
+	if paused {
+		// Asking the box would unpause it: the daemon takes any call to
+		// its agent for a use.
+		return &taskapi.PidsResponse{Processes: known}, nil
 	}
 	list, err := s.boxes.Processes(ctx, bx)
 	if err != nil {

@@ -126,8 +126,12 @@ func TestKillAndState(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.state("", task.Status_PAUSED)
+	// Pids of a paused task does not ask the box, which would unpause it.
+	if pids, err := h.svc.Pids(h.ctx, &taskapi.PidsRequest{ID: testID}); err != nil || len(pids.Processes) != 1 || pids.Processes[0].Pid != start.Pid {
+		t.Errorf("Pids of the paused task: %v, %v", pids, err)
+	}
 	if bx, _ := h.boxes.Get(h.ctx, h.svc.Box()); bx.State != box.StatePaused {
-		t.Errorf("box %s after Pause", bx.State)
+		t.Errorf("box %s after Pause and Pids", bx.State)
 	}
 	if _, err := h.svc.Resume(h.ctx, &taskapi.ResumeRequest{ID: testID}); err != nil {
 		t.Fatal(err)
@@ -415,5 +419,30 @@ func TestShutdownWaitsForDelete(t *testing.T) {
 	case <-exited:
 	case <-time.After(time.Second):
 		t.Fatal("Shutdown after Delete did not let the shim go")
+	}
+}
+
+// Killing a paused task reaches its process: the daemon unpauses the box
+// for the call, and the task says so.
+func TestKillPausedTask(t *testing.T) {
+	h := newHarness(t)
+	if err := h.create(h.streams("init", false), "sleep"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.svc.Pause(h.ctx, &taskapi.PauseRequest{ID: testID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.svc.Kill(h.ctx, &taskapi.KillRequest{ID: testID, Signal: 9}); err != nil {
+		t.Fatal(err)
+	}
+	if status := h.wait(""); status != 137 {
+		t.Errorf("exit status %d, want 137", status)
+	}
+	want := []string{TopicTaskCreate, TopicTaskStart, TopicTaskPaused, TopicTaskResumed, TopicTaskExit}
+	if got := h.ev.topics(); !slices.Equal(got, want) {
+		t.Errorf("events %v, want %v", got, want)
 	}
 }
