@@ -167,22 +167,36 @@ func (s *shimTest) stdin(t *testing.T) {
 }
 
 func (s *shimTest) terminal(t *testing.T) {
-	args := append(s.runArgs("--rm", "-t"), s.id(), "sh", "-c", "stty size; tty")
+	got := s.ctrTTY(t, 33, 101, append(s.runArgs("--rm", "-t"), s.id(), "sh", "-c", "stty size; tty")...)
+	if !strings.Contains(got, "33 101\n") || !strings.Contains(got, "/dev/pts/") {
+		t.Errorf("ctr run -t: stty size; tty gave %q, want 33 101 and a /dev/pts terminal", got)
+	}
+	id := s.start(t)
+	got = s.ctrTTY(t, 41, 120, "task", "exec", "-t", "--exec-id", "t1", id, "sh", "-c", "stty size; tty")
+	if !strings.Contains(got, "41 120\n") || !strings.Contains(got, "/dev/pts/") {
+		t.Errorf("ctr task exec -t: stty size; tty gave %q, want 41 120 and a /dev/pts terminal", got)
+	}
+	s.ctr(t, "", "task", "kill", "--signal", "SIGKILL", id)
+	s.waitStatus(t, id, "STOPPED")
+	s.remove(t, id)
+}
+
+// ctrTTY runs ctr on a terminal of rows x cols and returns what it wrote
+// there.
+func (s *shimTest) ctrTTY(t *testing.T, rows, cols uint16, args ...string) string {
+	t.Helper()
 	cmd := exec.CommandContext(s.ctx, "ctr", append([]string{"--address", s.d.ctrSock, "--namespace", ctrNamespace}, args...)...)
-	ptmx, err := pty.StartWithSize(cmd, &pty.Winsize{Rows: 33, Cols: 101})
+	ptmx, err := pty.StartWithSize(cmd, &pty.Winsize{Rows: rows, Cols: cols})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
-	_, _ = io.Copy(&out, ptmx) // until the pty's end (EIO)
+	_, _ = io.Copy(&out, ptmx) // until the terminal's end (EIO)
 	_ = ptmx.Close()
 	if err := cmd.Wait(); err != nil {
-		t.Fatalf("ctr run -t: %v\n%s", err, out.String())
+		t.Fatalf("ctr %s: %v\n%s", strings.Join(args, " "), err, out.String())
 	}
-	got := strings.ReplaceAll(out.String(), "\r", "")
-	if !strings.Contains(got, "33 101\n") || !strings.Contains(got, "/dev/pts/") {
-		t.Errorf("ctr run -t: stty size; tty gave %q, want 33 101 and a /dev/pts terminal", got)
-	}
+	return strings.ReplaceAll(out.String(), "\r", "")
 }
 
 // start runs a container that sleeps, detached, and returns its id.
