@@ -274,9 +274,15 @@ type listedBox struct {
 
 func (s *shimTest) runningTask(t *testing.T) {
 	id := s.start(t)
-	if boxes := s.containerBoxes(t, id); len(boxes) != 1 || boxes[0].State != "running" {
+	boxes := s.containerBoxes(t, id)
+	if len(boxes) != 1 || boxes[0].State != "running" {
 		t.Fatalf("boxd ls: the container's boxes are %+v, want one running", boxes)
 	}
+	// The container's box is an ordinary box: it snapshots and forks.
+	s.dm.cli(t, "snapshot", boxes[0].Name)
+	kid := fmt.Sprintf("kid-%d", os.Getpid())
+	s.dm.cli(t, "fork", boxes[0].Name, kid)
+	s.dm.cli(t, "rm", kid)
 	out, errOut, code := s.ctr(t, "", "task", "exec", "--exec-id", "e1", id, "sh", "-c", "echo in-exec; exit 4")
 	if code != 4 || out != "in-exec" {
 		t.Errorf("ctr task exec: %q, exit %d, want in-exec and 4\n%s", out, code, errOut)
