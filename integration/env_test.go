@@ -262,6 +262,18 @@ func unmountAll(dir string) (mounts, loops []string, err error) {
 // address (their command line names it) and returns their pids.
 func killShims(address string) []int {
 	var killed []int
+	for _, pid := range shimPIDs(address) {
+		if unix.Kill(pid, unix.SIGKILL) == nil {
+			killed = append(killed, pid)
+		}
+	}
+	return killed
+}
+
+// shimPIDs lists the containerd shims that serve the containerd at
+// address.
+func shimPIDs(address string) []int {
+	var pids []int
 	dirs, _ := filepath.Glob("/proc/[0-9]*")
 	for _, d := range dirs {
 		b, err := os.ReadFile(filepath.Join(d, "cmdline"))
@@ -272,15 +284,11 @@ func killShims(address string) []int {
 		if !strings.HasPrefix(filepath.Base(argv[0]), "containerd-shim") || !containsArg(argv, address) {
 			continue
 		}
-		pid, err := strconv.Atoi(filepath.Base(d))
-		if err != nil {
-			continue
-		}
-		if unix.Kill(pid, unix.SIGKILL) == nil {
-			killed = append(killed, pid)
+		if pid, err := strconv.Atoi(filepath.Base(d)); err == nil {
+			pids = append(pids, pid)
 		}
 	}
-	return killed
+	return pids
 }
 
 func containsArg(argv []string, s string) bool {

@@ -448,6 +448,12 @@ func TestShimNoDaemon(t *testing.T) {
 		t.Errorf("the container is left after its task could not be made: %s", out)
 	}
 	d.waitNoImages(time.Minute)
+	// The shim of a task that was never made goes once containerd shut it
+	// down.
+	deadline := time.Now().Add(10 * time.Second)
+	for len(shimPIDs(d.ctrSock)) > 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
 	d.stop()
 }
 

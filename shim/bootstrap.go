@@ -228,10 +228,12 @@ func serve(o options, newBoxes func() (Boxes, error)) error {
 	case sig := <-sigs:
 		log.Info("stopping", "signal", sig.String())
 	}
-	// Answer the Shutdown call before going.
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	// Answer the Shutdown call before going; containerd keeps its
+	// connection open, so do not wait for it to be idle.
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	_ = srv.Shutdown(ctx)
+	_ = srv.Close()
 	svc.Close()
 	events.Close()
 	_ = os.Remove(l.Addr().String())
