@@ -40,6 +40,8 @@ func (m *Manager) setPaused(ctx context.Context, name string, pause bool) (Box, 
 	ev := events.Event{Type: events.Unpaused, Box: name, Reason: events.ReasonRequested}
 	if pause {
 		ev.Type = events.Paused
+	} else {
+		m.setClock(ctx, name) // it stood still while the box was paused
 	}
 	m.emit(ev)
 	return bx, nil
@@ -409,14 +411,24 @@ func (m *Manager) recordForks(src string, children []Box, errs []error) ([]Box, 
 // setClock steps box name's guest clock to the host's: a snapshot pauses
 // the guest, and its clock stands still meanwhile (a fork's children and a
 // resumed box get the clock with their Unique; a box that goes on after a
-// snapshot needs it too). A guest that does not take it is logged, not
-// failed: the snapshot is made.
+// snapshot needs it too). A paused box's agent cannot answer: its clock
+// is stepped when it is unpaused. A guest that does not take it is
+// logged, not failed: the snapshot is made.
 func (m *Manager) setClock(ctx context.Context, name string) {
+	if bx, err := m.Get(name); err != nil || bx.State != StateRunning {
+		return
+	}
 	_, c, ok := m.machine(name)
 	if !ok || c == nil {
 		return
 	}
+	ctx, cancel := context.WithTimeout(ctx, clockTimeout)
+	defer cancel()
 	if err := c.Unique(ctx, agent.Unique{TimeUnixNano: time.Now().UnixNano()}); err != nil {
-		m.log.Warn("box: setting the clock after a snapshot", "box", name, "err", err)
+		m.log.Warn("box: setting the clock", "box", name, "err", err)
 	}
 }
+
+// clockTimeout bounds setClock: a guest that does not answer is left
+// with its clock as it is.
+const clockTimeout = 10 * time.Second

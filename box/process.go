@@ -2,13 +2,16 @@ package box
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/boxd-dev/boxd/agent"
+	"github.com/containerd/errdefs"
 )
 
-// withClient calls fn with the agent client of box name (see Client).
+// withClient calls fn with the agent client of box name, which holds kept
+// processes (see keptClient).
 func withClient[T any](ctx context.Context, m *Manager, name string, fn func(c *agent.Client) (T, error)) (T, error) {
-	c, err := m.Client(ctx, name)
+	c, err := m.keptClient(ctx, name)
 	if err != nil {
 		var zero T
 		return zero, err
@@ -23,7 +26,11 @@ func done(err error) (struct{}, error) { return struct{}{}, err }
 // agent.Client.Process): the process outlives this call, and an error
 // wrapping agent.ErrDetached says it runs on.
 func (m *Manager) Process(ctx context.Context, name string, spec agent.ProcessSpec, stdio agent.ProcessIO) (int, error) {
-	c, err := m.Client(ctx, name)
+	client := m.Client
+	if spec.Attach {
+		client = m.keptClient
+	}
+	c, err := client(ctx, name)
 	if err != nil {
 		return -1, err
 	}
@@ -58,4 +65,21 @@ func (m *Manager) CloseProcessStdin(ctx context.Context, name, id string) error 
 func (m *Manager) ForgetProcess(ctx context.Context, name, id string) error {
 	_, err := withClient(ctx, m, name, func(c *agent.Client) (struct{}, error) { return done(c.ForgetProcess(ctx, id)) })
 	return err
+}
+
+// keptClient is Client for a call about kept processes that already run:
+// a hibernated box is resumed (its processes are in its snapshot) and a
+// paused one unpaused, but a stopped box is not booted, since its
+// processes ended with its machine.
+func (m *Manager) keptClient(ctx context.Context, name string) (*agent.Client, error) {
+	bx, err := m.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	mach, _, ok := m.machine(name)
+	live := bx.State == StateHibernated || (ok && mach.Err() == nil)
+	if bx.State == StateStopped || !live {
+		return nil, fmt.Errorf("box %s is stopped: its kept processes ended with its machine: %w", name, errdefs.ErrNotFound)
+	}
+	return m.Client(ctx, name)
 }

@@ -130,6 +130,12 @@ func socketPath(o options) string {
 // in a session of its own (it outlives containerd) and returns the
 // address containerd dials.
 func start(o options) (string, error) {
+	if addr, ok, err := podShim(o); ok || err != nil {
+		if err == nil {
+			_ = os.WriteFile(filepath.Join(o.bundle, "address"), []byte(addr), 0o644)
+		}
+		return addr, err
+	}
 	path := socketPath(o)
 	if err := os.MkdirAll(socketDir, 0o711); err != nil {
 		return "", fmt.Errorf("shim socket folder: %w", err)
@@ -208,7 +214,7 @@ func serve(o options, newBoxes func() (Boxes, error)) error {
 	events := NewForwarder(os.Getenv("TTRPC_ADDRESS"), o.namespace, log)
 	done := make(chan struct{})
 	var exitOnce sync.Once
-	svc := New(Config{Namespace: o.namespace, ID: o.id, Boxes: boxes, Events: events, Log: log,
+	svc := NewRouter(Config{Namespace: o.namespace, ID: o.id, Boxes: boxes, Events: events, Log: log,
 		Exit: func() { exitOnce.Do(func() { close(done) }) }})
 	srv, err := ttrpc.NewServer(ttrpc.WithUnaryServerInterceptor(categorised))
 	if err != nil {
@@ -254,9 +260,13 @@ func categorised(ctx context.Context, unmarshal ttrpc.Unmarshaler, _ *ttrpc.Unar
 // is gone, to remove what it left. The container's box goes (its name is
 // in the bundle); its exit is reported as a SIGKILL.
 func cleanup(o options, newBoxes func() (Boxes, error)) int {
-	name := BoxName(o.namespace, o.id)
+	name, member := BoxName(o.namespace, o.id), false
 	if data, err := os.ReadFile(filepath.Join(o.bundle, BoxFile)); err == nil {
-		name = strings.TrimSpace(string(data))
+		lines := strings.Fields(string(data))
+		name, member = "", len(lines) > 1 && lines[1] == podMember
+		if len(lines) > 0 {
+			name = lines[0]
+		}
 	} else if errors.Is(err, os.ErrNotExist) {
 		name = "" // deleted by the serving shim, or never made
 	}
@@ -264,7 +274,11 @@ func cleanup(o options, newBoxes func() (Boxes, error)) int {
 		boxes, err := newBoxes()
 		if err == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			err = boxes.Remove(ctx, name)
+			if member {
+				err = leavePod(ctx, boxes, name, o.id) // the pod's box is its sandbox's to remove
+			} else {
+				err = boxes.Remove(ctx, name)
+			}
 			cancel()
 		}
 		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {

@@ -37,6 +37,12 @@ type Boxes interface {
 	CloseProcessStdin(ctx context.Context, name, id string) error
 	// ForgetProcess kills a kept process if it runs and forgets it.
 	ForgetProcess(ctx context.Context, name, id string) error
+
+	// AddRootfs puts the root file system at source (a mount of the
+	// daemon's containerd snapshotter) in box name for container id, and
+	// returns where it is in the box; RemoveRootfs takes it out.
+	AddRootfs(ctx context.Context, name, id, source string) (string, error)
+	RemoveRootfs(ctx context.Context, name, id string) error
 }
 
 // ProcessIO is a kept process's streams on the shim's side.

@@ -60,6 +60,10 @@ func (s *Service) running(id string) (string, error) {
 	if p.state != stateRunning {
 		return "", fmt.Errorf("task %s is not running: %w", id, errdefs.ErrFailedPrecondition)
 	}
+	if s.pod {
+		// Pausing or snapshotting the box would be the whole pod's.
+		return "", fmt.Errorf("task %s runs in its pod's box, which pauses and checkpoints with the pod alone: %w", id, errdefs.ErrNotImplemented)
+	}
 	return s.box, nil
 }
 
@@ -107,24 +111,9 @@ func (s *Service) Checkpoint(ctx context.Context, r *taskapi.CheckpointTaskReque
 	return &emptypb.Empty{}, nil
 }
 
-// snapshot snapshots box bx for a checkpoint. containerd pauses the task
-// first, but the daemon snapshots running boxes (it talks to the agent
-// after the snapshot): a paused box is unpaused for the snapshot, which
-// stops its machine anyway, and paused again.
+// snapshot snapshots box bx for a checkpoint; containerd pauses the task
+// first, and a paused box stays paused through its snapshot.
 func (s *Service) snapshot(ctx context.Context, bx string) (snapshotter.Snapshot, error) {
-	s.mu.Lock()
-	paused := s.paused
-	s.mu.Unlock()
-	if paused {
-		if _, err := s.boxes.Unpause(ctx, bx); err != nil {
-			return snapshotter.Snapshot{}, fmt.Errorf("unpausing box %s for its snapshot: %w", bx, err)
-		}
-		defer func() {
-			if _, err := s.boxes.Pause(ctx, bx); err != nil {
-				s.log.Error("pausing the box again after its snapshot", "box", bx, "err", err)
-			}
-		}()
-	}
 	snap, err := s.boxes.Snapshot(ctx, bx, fmt.Sprintf("checkpoint-%d", time.Now().UnixNano()))
 	if err != nil {
 		return snapshotter.Snapshot{}, fmt.Errorf("snapshotting box %s: %w", bx, err)

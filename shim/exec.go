@@ -35,7 +35,8 @@ func (s *Service) Exec(ctx context.Context, r *taskapi.ExecProcessRequest) (*emp
 	if _, ok := s.execs[r.ExecID]; ok {
 		return nil, fmt.Errorf("exec %s of task %s: %w", r.ExecID, r.ID, errdefs.ErrAlreadyExists)
 	}
-	s.execs[r.ExecID] = newProcess(r.ExecID, ExecPrefix+r.ExecID, spec,
+	spec.Root = s.root
+	s.execs[r.ExecID] = newProcess(r.ExecID, s.prefix+ExecPrefix+r.ExecID, spec,
 		stdio{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal})
 	s.cfg.Events.Publish(&eventsapi.TaskExecAdded{ContainerID: r.ID, ExecID: r.ExecID})
 	return &emptypb.Empty{}, nil

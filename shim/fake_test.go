@@ -35,6 +35,7 @@ type fakeBoxes struct {
 	held      map[string][]fakeHeld // snapshot -> the processes it holds
 	createErr error
 	nextPid   int
+	rootfs    map[string]string // box + "/" + container id -> source
 }
 
 // fakeHeld is a process a snapshot holds.
@@ -56,7 +57,7 @@ type fakeProc struct {
 }
 
 func newFakeBoxes() *fakeBoxes {
-	return &fakeBoxes{boxes: map[string]*box.Box{}, procs: map[string]*fakeProc{}, held: map[string][]fakeHeld{}, nextPid: 100}
+	return &fakeBoxes{boxes: map[string]*box.Box{}, procs: map[string]*fakeProc{}, held: map[string][]fakeHeld{}, nextPid: 100, rootfs: map[string]string{}}
 }
 
 func (f *fakeBoxes) Create(_ context.Context, req daemon.CreateRequest) (box.Box, error) {
@@ -137,9 +138,7 @@ func (f *fakeBoxes) Snapshot(_ context.Context, name, snap string) (snapshotter.
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
-	if bx.State != box.StateRunning {
-		// The daemon's snapshot talks to the agent after: a paused box's
-		// would never answer.
+	if bx.State != box.StateRunning && bx.State != box.StatePaused {
 		return snapshotter.Snapshot{}, fmt.Errorf("box %s is %s: %w", name, bx.State, errdefs.ErrFailedPrecondition)
 	}
 	s := "box." + name + "." + snap
@@ -340,4 +339,24 @@ func (r *recorder) topics() []string {
 		out = append(out, topic(ev))
 	}
 	return out
+}
+
+func (f *fakeBoxes) AddRootfs(_ context.Context, name, id, source string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, err := f.get(name); err != nil {
+		return "", err
+	}
+	f.rootfs[name+"/"+id] = source
+	return daemon.ContainerRoot(id), nil
+}
+
+func (f *fakeBoxes) RemoveRootfs(_ context.Context, name, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, err := f.get(name); err != nil {
+		return err
+	}
+	delete(f.rootfs, name+"/"+id)
+	return nil
 }

@@ -36,6 +36,9 @@ type Config struct {
 	// Exit is called once containerd asks the shim to go (Shutdown with no
 	// task left).
 	Exit func()
+	// Pods finds the boxes of the pods whose sandboxes the shim serves,
+	// for a pod's other containers; nil serves none.
+	Pods Pods
 }
 
 // Service is the task service of one container (containerd.task.v2.Task).
@@ -50,6 +53,9 @@ type Service struct {
 	mu           sync.Mutex
 	box          string // "" until Create made it
 	bundle       string
+	pod          bool   // the box is a pod's, which the container has a part of
+	root         string // with pod, the container's root file system in the box
+	prefix       string // begins the agent ids of its processes (agentPrefix)
 	init         *process
 	execs        map[string]*process
 	paused       bool
@@ -112,7 +118,15 @@ func (s *Service) Create(ctx context.Context, r *taskapi.CreateTaskRequest) (*ta
 	if err != nil {
 		return nil, err
 	}
+	oci, err := readSpec(r.Bundle)
+	if err != nil {
+		return nil, err
+	}
+	if sandbox := sandboxOf(oci, r.ID); sandbox != "" {
+		return s.createInPod(ctx, r, sandbox, spec)
+	}
 	req := daemon.CreateRequest{Labels: Labels(s.cfg.Namespace, r.ID)}
+	maps.Copy(req.Labels, podLabels(oci))
 	restore := r.Checkpoint != ""
 	if restore {
 		ck, err := ReadCheckpoint(r.Checkpoint)
@@ -139,6 +153,36 @@ func (s *Service) Create(ctx context.Context, r *taskapi.CreateTaskRequest) (*ta
 	s.log.Info("created the container's box", "box", bx, "restored", restore)
 	s.cfg.Events.Publish(&eventsapi.TaskCreate{
 		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Checkpoint: r.Checkpoint,
+		IO: &eventsapi.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+	})
+	return &taskapi.CreateTaskResponse{}, nil
+}
+
+// createInPod gives container r.ID, of the pod whose sandbox is sandbox, a
+// part of the pod's box: its root file system there, and its processes,
+// which run in it.
+func (s *Service) createInPod(ctx context.Context, r *taskapi.CreateTaskRequest, sandbox string, spec agent.ProcessSpec) (*taskapi.CreateTaskResponse, error) {
+	if r.Checkpoint != "" {
+		return nil, fmt.Errorf("container %s of pod %s: a pod's container is not restored from a checkpoint: %w", r.ID, sandbox, errdefs.ErrNotImplemented)
+	}
+	source, err := rootfsSource(r.Rootfs)
+	if err != nil {
+		return nil, err
+	}
+	bx, root, err := s.joinPod(ctx, r.ID, sandbox, source)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(r.Bundle, BoxFile), []byte(bx+"\n"+podMember+"\n"), 0o644); err != nil {
+		_ = leavePod(ctx, s.boxes, bx, r.ID)
+		return nil, fmt.Errorf("recording box %s in bundle %s: %w", bx, r.Bundle, err)
+	}
+	s.box, s.bundle, s.pod, s.root, s.prefix = bx, r.Bundle, true, root, agentPrefix(r.ID, true)
+	spec.Root, spec.Hostname = root, "" // the pod's hostname is the box's
+	s.init = newProcess("", s.prefix+InitProcess, spec, stdio{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal})
+	s.log.Info("created the container in its pod's box", "box", bx, "pod", sandbox, "root", root)
+	s.cfg.Events.Publish(&eventsapi.TaskCreate{
+		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs,
 		IO: &eventsapi.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
 	})
 	return &taskapi.CreateTaskResponse{}, nil
@@ -408,9 +452,14 @@ func (s *Service) Delete(ctx context.Context, r *taskapi.DeleteRequest) (*taskap
 		return resp, nil
 	}
 	s.deleted = true
-	bx, keep, bundle := s.box, s.checkpointed, s.bundle
+	bx, keep, bundle, pod := s.box, s.checkpointed, s.bundle, s.pod
 	s.mu.Unlock()
-	if keep {
+	if pod {
+		if err := leavePod(ctx, s.boxes, bx, r.ID); err != nil {
+			s.log.Warn("taking the container out of its pod's box", "box", bx, "err", err)
+		}
+		_ = os.Remove(filepath.Join(bundle, BoxFile))
+	} else if keep {
 		if _, err := s.boxes.Stop(ctx, bx); err != nil {
 			s.log.Warn("stopping the box that holds the container's checkpoints", "box", bx, "err", err)
 		}
@@ -427,7 +476,7 @@ func (s *Service) Delete(ctx context.Context, r *taskapi.DeleteRequest) (*taskap
 func (s *Service) Pids(ctx context.Context, r *taskapi.PidsRequest) (*taskapi.PidsResponse, error) {
 	s.mu.Lock()
 	_, err := s.process(r.ID, "")
-	bx, paused := s.box, s.paused
+	bx, paused, prefix := s.box, s.paused, s.prefix
 	var known []*task.ProcessInfo
 	for _, p := range append([]*process{s.init}, slices.Collect(maps.Values(s.execs))...) {
 		if p.state == stateRunning && p.pid != 0 {
@@ -449,7 +498,7 @@ func (s *Service) Pids(ctx context.Context, r *taskapi.PidsRequest) (*taskapi.Pi
 	}
 	resp := &taskapi.PidsResponse{}
 	for _, info := range list {
-		if info.Running {
+		if info.Running && ownProcess(info.ID, prefix) {
 			resp.Processes = append(resp.Processes, &task.ProcessInfo{Pid: uint32(info.Pid)})
 		}
 	}
@@ -467,12 +516,16 @@ func (s *Service) Connect(ctx context.Context, r *taskapi.ConnectRequest) (*task
 	return resp, nil
 }
 
+// busy says whether the container's task was made and not deleted.
+func (s *Service) busy() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.init != nil && !s.deleted
+}
+
 // Shutdown lets the shim go once its task was deleted (or never made).
 func (s *Service) Shutdown(ctx context.Context, r *taskapi.ShutdownRequest) (*emptypb.Empty, error) {
-	s.mu.Lock()
-	busy := s.init != nil && !s.deleted
-	s.mu.Unlock()
-	if busy && !r.Now {
+	if s.busy() && !r.Now {
 		return &emptypb.Empty{}, nil
 	}
 	s.cancel()
