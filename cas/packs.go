@@ -1,0 +1,93 @@
+package cas
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/containerd/errdefs"
+	bolt "go.etcd.io/bbolt"
+)
+
+// PackInfo describes one sealed pack of the store.
+type PackInfo struct {
+	Num    uint32
+	Size   int64
+	Chunks uint32
+}
+
+// Name is the pack's file name in the store's packs folder.
+func (p PackInfo) Name() string { return packName(p.Num) }
+
+// Pack returns the sealed, live pack num.
+func (s *Store) Pack(num uint32) (PackInfo, error) {
+	var p PackInfo
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketPacks).Get(packKey(num))
+		if v == nil {
+			return fmt.Errorf("%s: %w", packName(num), errdefs.ErrNotFound)
+		}
+		rec, err := decodePackRecord(v)
+		if err != nil {
+			return err
+		}
+		if rec.State != packLive {
+			return fmt.Errorf("%s is being removed: %w", packName(num), errdefs.ErrNotFound)
+		}
+		p = PackInfo{Num: num, Size: int64(rec.Size), Chunks: rec.Chunks}
+		return nil
+	})
+	return p, err
+}
+
+// OpenPack opens sealed pack num for reading, with its footer's entries.
+// The file stays readable after GC removes the pack, until it is closed.
+func (s *Store) OpenPack(num uint32) (*os.File, []Entry, error) {
+	f, err := os.Open(s.packPath(num))
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening %s: %w", packName(num), wrapIO("opening pack", err))
+	}
+	entries, _, err := readFooter(f)
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", packName(num), err)
+	}
+	return f, entries, nil
+}
+
+// PackTail returns the footer and trailer of a pack of size bytes, as
+// DecodeFooter takes them, read from the end of the pack file f.
+func PackTail(f *os.File, entries []Entry, size int64) ([]byte, error) {
+	n := int64(len(entries))*entrySize + trailerSize
+	if n > size {
+		return nil, fmt.Errorf("pack footer of %d bytes in a %d-byte pack: %w", n, size, errdefs.ErrDataLoss)
+	}
+	tail := make([]byte, n)
+	if _, err := f.ReadAt(tail, size-n); err != nil {
+		return nil, fmt.Errorf("reading pack footer: %w", err)
+	}
+	return tail, nil
+}
+
+// Unpack decodes the stored bytes of the chunk e describes into dst (which
+// must hold ChunkSize bytes, or be nil) and checks them against its id: a
+// chunk that does not match is an errdefs.ErrDataLoss error, never data.
+func Unpack(e Entry, stored, dst []byte) ([]byte, error) {
+	if cap(dst) < ChunkSize {
+		dst = make([]byte, ChunkSize)
+	}
+	if uint32(len(stored)) != e.Stored {
+		return nil, fmt.Errorf("chunk %s: %d stored bytes, want %d: %w", e.ID, len(stored), e.Stored, errdefs.ErrDataLoss)
+	}
+	if err := e.check(uint64(e.Offset) + uint64(e.Stored)); err != nil {
+		return nil, fmt.Errorf("chunk %s: %w", e.ID, err)
+	}
+	out, err := decode(e.Codec, stored, dst[:ChunkSize])
+	if err == nil && Sum(out) != e.ID {
+		err = errors.New("content does not match its id")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("chunk %s is damaged: %w: %w", e.ID, err, errdefs.ErrDataLoss)
+	}
+	return out, nil
+}
