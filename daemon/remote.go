@@ -1,0 +1,307 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/boxd-dev/boxd/backends"
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/remote"
+	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
+)
+
+// PushRetry is how often pushes that failed are tried again.
+var PushRetry = 10 * time.Second
+
+// receiver is what the remote manager needs of the box manager beyond
+// Manager: to wait for snapshots written in the background, and to record
+// a box that came from the bucket.
+type receiver interface {
+	Flush(ctx context.Context) error
+	Receive(ctx context.Context, bx box.Box) (box.Box, error)
+}
+
+// remoteManager is the box manager of a root that shares a bucket with
+// other hosts: a box's hibernation is pushed to the bucket and its lease
+// given up, and a resume takes the box's lease first and pulls the box
+// when the bucket holds a newer state of it than this root (or this root
+// has none).
+type remoteManager struct {
+	Manager
+	rcv receiver
+	r   *remote.Remote
+	log *slog.Logger
+
+	// pushMu serialises pushes, so a retry and a hibernation do not push
+	// the same box at once.
+	pushMu sync.Mutex
+	kick   chan struct{}
+}
+
+func newRemoteManager(mgr Manager, rcv receiver, r *remote.Remote, log *slog.Logger) *remoteManager {
+	return &remoteManager{Manager: mgr, rcv: rcv, r: r, log: log, kick: make(chan struct{}, 1)}
+}
+
+// Hibernate hibernates box name, then pushes it. A push that fails leaves
+// the box hibernated here and is tried again (retryLoop).
+func (m *remoteManager) Hibernate(ctx context.Context, name string) (box.Box, error) {
+	bx, err := m.Manager.Hibernate(ctx, name)
+	if err == nil {
+		m.pushOrQueue(ctx, name)
+	}
+	return bx, err
+}
+
+// HibernateIfIdle is Manager's, with a push after a hibernation.
+func (m *remoteManager) HibernateIfIdle(ctx context.Context, name string, idle func() bool) (box.Box, bool, error) {
+	bx, ok, err := m.Manager.HibernateIfIdle(ctx, name, idle)
+	if ok && err == nil {
+		m.pushOrQueue(ctx, name)
+	}
+	return bx, ok, err
+}
+
+func (m *remoteManager) pushOrQueue(ctx context.Context, name string) {
+	if err := m.PushBox(ctx, name); err != nil {
+		m.log.Warn("remote: push failed; the box stays hibernated here and the push is tried again", "box", name, "err", err)
+		if err := m.r.SetPending(name, true); err != nil {
+			m.log.Error("remote: recording a push to try again", "box", name, "err", err)
+		}
+		select {
+		case m.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// PushBox pushes hibernated box name: its snapshot chain, then its record,
+// then it gives up its lease, so that any host may resume it.
+func (m *remoteManager) PushBox(ctx context.Context, name string) error {
+	m.pushMu.Lock()
+	defer m.pushMu.Unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return err
+	}
+	if bx.State != box.StateHibernated {
+		return fmt.Errorf("box %s is %s: only a hibernated box is pushed: %w", name, bx.State, errdefs.ErrFailedPrecondition)
+	}
+	if err := m.rcv.Flush(ctx); err != nil {
+		return err
+	}
+	// The lease keeps another host from resuming the box while this one
+	// writes it, and refuses the push of a box another host owns now.
+	if err := m.r.TakeLease(ctx, name); err != nil {
+		return err
+	}
+	if _, err := m.r.Push(ctx, bx.Snapshot); err != nil {
+		return err
+	}
+	bx.Disk, bx.Note = "", "" // host paths and this host's notes stay here
+	rec, err := json.Marshal(bx)
+	if err != nil {
+		return err
+	}
+	if err := m.r.PutBox(ctx, remote.BoxObject{Name: name, Snapshot: bx.Snapshot, Record: rec}); err != nil {
+		return err
+	}
+	if err := m.r.ReleaseLease(ctx, name); err != nil {
+		return err
+	}
+	return m.r.SetPending(name, false)
+}
+
+// PullBox brings the bucket's state of box name to this root, when it is
+// newer than this root's, and records it hibernated. It returns whether it
+// pulled.
+func (m *remoteManager) PullBox(ctx context.Context, name string) (bool, error) {
+	obj, err := m.r.GetBox(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	if local, err := m.Get(name); err == nil && local.Snapshot == obj.Snapshot {
+		return false, nil
+	}
+	var bx box.Box
+	if err := json.Unmarshal(obj.Record, &bx); err != nil || bx.Name != name {
+		return false, fmt.Errorf("box object of %s: record unreadable: %w", name, errdefs.ErrDataLoss)
+	}
+	bx.Snapshot = obj.Snapshot
+	if _, err := m.r.Pull(ctx, obj.Snapshot); err != nil {
+		return false, err
+	}
+	if _, err := m.rcv.Receive(ctx, bx); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// Resume takes box name's lease (refused while another host owns the
+// box), brings the bucket's newer state of it here if there is one, and
+// resumes it. A resume that fails gives the lease up again.
+func (m *remoteManager) Resume(ctx context.Context, name string) (bx box.Box, err error) {
+	if err := box.ValidateName(name); err != nil {
+		return box.Box{}, err
+	}
+	if err := m.r.TakeLease(ctx, name); err != nil {
+		return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
+	}
+	defer func() {
+		if err != nil {
+			if rerr := m.r.ReleaseLease(context.WithoutCancel(ctx), name); rerr != nil {
+				m.log.Error("remote: giving up the lease of a box that did not resume", "box", name, "err", rerr)
+			}
+		}
+	}()
+	if _, err := m.PullBox(ctx, name); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
+	}
+	return m.Manager.Resume(ctx, name)
+}
+
+// retryLoop tries the pending pushes again every PushRetry, and at once
+// after a push failed, until ctx ends.
+func (m *remoteManager) retryLoop(ctx context.Context) {
+	t := time.NewTicker(PushRetry)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-m.kick:
+			select { // a failed push waits a round before its retry
+			case <-ctx.Done():
+				return
+			case <-time.After(PushRetry):
+			}
+		}
+		pending, err := m.r.Pending()
+		if err != nil {
+			m.log.Error("remote: reading the pushes to try again", "err", err)
+			continue
+		}
+		for _, name := range pending {
+			bx, err := m.Get(name)
+			if err != nil || bx.State != box.StateHibernated {
+				// Removed, or resumed here: its next hibernation pushes it.
+				_ = m.r.SetPending(name, false)
+				continue
+			}
+			if err := m.PushBox(ctx, name); err != nil {
+				m.log.Warn("remote: push failed again", "box", name, "err", err)
+				continue
+			}
+			m.log.Info("remote: pushed after a retry", "box", name)
+		}
+	}
+}
+
+// StorePushRequest names the box (or snapshot) to push or pull.
+type StorePushRequest struct {
+	Name string `json:"name"`
+}
+
+// StorePushResult says what a push or pull did.
+type StorePushResult struct {
+	Box      string            `json:"box,omitempty"`
+	Snapshot string            `json:"snapshot,omitempty"`
+	Push     *remote.PushStats `json:"push,omitempty"`
+	Pull     *remote.PullStats `json:"pull,omitempty"`
+}
+
+// handler serves the remote store's API beside next: POST
+// /v1/store/push and /v1/store/pull, GET /v1/store/remote. Requests for a
+// registered key's owner are refused: the bucket is the host's.
+func (m *remoteManager) handler(next http.Handler, log *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	s := &Server{log: log}
+	mux.HandleFunc("POST /v1/store/{op}", func(w http.ResponseWriter, r *http.Request) {
+		var req StorePushRequest
+		err := decode(w, r, maxRequestBody, &req)
+		if err == nil && r.Header.Get(OwnerHeader) != "" {
+			err = fmt.Errorf("the remote store is the host's: %w", errdefs.ErrPermissionDenied)
+		}
+		var res StorePushResult
+		if err == nil {
+			switch r.PathValue("op") {
+			case "push":
+				res, err = m.push(r.Context(), req.Name)
+			case "pull":
+				res, err = m.pull(r.Context(), req.Name)
+			default:
+				err = fmt.Errorf("no store operation %q: %w", r.PathValue("op"), errdefs.ErrNotFound)
+			}
+		}
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		s.reply(w, res)
+	})
+	mux.HandleFunc("GET /v1/store/remote", func(w http.ResponseWriter, r *http.Request) {
+		rep, err := m.r.Report(r.Context())
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		s.reply(w, rep)
+	})
+	mux.Handle("/", next)
+	return mux
+}
+
+// push pushes box name when there is one, else snapshot name.
+func (m *remoteManager) push(ctx context.Context, name string) (StorePushResult, error) {
+	if bx, err := m.Get(name); err == nil {
+		return StorePushResult{Box: name, Snapshot: bx.Snapshot}, m.PushBox(ctx, name)
+	}
+	st, err := m.r.Push(ctx, name)
+	return StorePushResult{Snapshot: name, Push: &st}, err
+}
+
+// pull pulls box name when the bucket has one, else snapshot name.
+func (m *remoteManager) pull(ctx context.Context, name string) (StorePushResult, error) {
+	if _, err := m.r.GetBox(ctx, name); err == nil {
+		_, err := m.PullBox(ctx, name)
+		bx, _ := m.Get(name)
+		return StorePushResult{Box: name, Snapshot: bx.Snapshot}, err
+	}
+	st, err := m.r.Pull(ctx, name)
+	return StorePushResult{Snapshot: name, Pull: &st}, err
+}
+
+// openRemote links root's graph to the bucket at url (s3://BUCKET/PREFIX)
+// and wraps mgr in a remoteManager.
+func openRemote(ctx context.Context, url string, cfg Config, g *snapshotter.Graph, mgr *box.Manager, log *slog.Logger) (*remoteManager, func() error, error) {
+	b, err := remote.OpenS3(ctx, url)
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := remote.Open(remote.Config{Bucket: b, Graph: g, Root: cfg.Root, DropLabels: backends.HostLabels, Logger: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	return newRemoteManager(mgr, mgr, r, log), r.Close, nil
+}
+
+// StoreTransfer asks the daemon to push or pull (op) box or snapshot name.
+func (c *Client) StoreTransfer(ctx context.Context, op, name string) (StorePushResult, error) {
+	var res StorePushResult
+	err := c.do(ctx, http.MethodPost, "/v1/store/"+op, StorePushRequest{Name: name}, &res)
+	return res, err
+}
+
+// RemoteReport asks the daemon what its bucket holds.
+func (c *Client) RemoteReport(ctx context.Context) (remote.Report, error) {
+	var rep remote.Report
+	err := c.do(ctx, http.MethodGet, "/v1/store/remote", nil, &rep)
+	return rep, err
+}
