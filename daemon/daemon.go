@@ -197,7 +197,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	api := NewServer(srvCtx, opts)
 	proxy := &sshproxy.Server{
-		HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log,
+		HostKey: hostKey, Backend: &backend{mgr: frontDoorBoxes(mgr, rm), srv: api}, Logger: log,
 		Commands: &commandRunner{root: cfg.Root, exe: boxdBinary(), keys: keys},
 	}
 	var ms *http.Server

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/backends"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/remote"
@@ -304,4 +305,53 @@ func (c *Client) RemoteReport(ctx context.Context) (remote.Report, error) {
 	var rep remote.Report
 	err := c.do(ctx, http.MethodGet, "/v1/store/remote", nil, &rep)
 	return rep, err
+}
+
+// remoteClients is the front door's view of the boxes of a root that
+// shares a bucket: a box the bucket holds and this root lacks is known by
+// its pushed record, and an SSH connection to a hibernated box resumes it
+// through the remote manager (its lease taken, its newer state pulled).
+type remoteClients struct {
+	boxClients
+	rm *remoteManager
+}
+
+// Get returns box name, from the bucket's record when this root has none.
+func (c remoteClients) Get(name string) (box.Box, error) {
+	bx, err := c.boxClients.Get(name)
+	if !errors.Is(err, errdefs.ErrNotFound) {
+		return bx, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	obj, rerr := c.rm.r.GetBox(ctx, name)
+	if rerr != nil {
+		return bx, err
+	}
+	if json.Unmarshal(obj.Record, &bx) != nil || bx.Name != name {
+		return box.Box{}, err
+	}
+	bx.State, bx.Snapshot = box.StateHibernated, obj.Snapshot
+	return bx, nil
+}
+
+// Client resumes box name through the remote manager when it is
+// hibernated here or only in the bucket, then returns its agent client.
+func (c remoteClients) Client(ctx context.Context, name string) (*agent.Client, error) {
+	bx, err := c.boxClients.Get(name)
+	if errors.Is(err, errdefs.ErrNotFound) || err == nil && bx.State == box.StateHibernated {
+		if _, err := c.rm.Resume(ctx, name); err != nil {
+			return nil, err
+		}
+	}
+	return c.boxClients.Client(ctx, name)
+}
+
+// frontDoorBoxes is mgr for the front door, through rm when the root shares a
+// bucket.
+func frontDoorBoxes(mgr boxClients, rm *remoteManager) boxClients {
+	if rm == nil {
+		return mgr
+	}
+	return remoteClients{boxClients: mgr, rm: rm}
 }

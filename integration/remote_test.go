@@ -190,7 +190,40 @@ func TestRemote(t *testing.T) {
 	if later, _, _ := w.ssh(t, w.key, "dev", "tail -n 1 /tmp/count"); mustAtoi(t, later) <= mustAtoi(t, first) {
 		t.Fatalf("the counter on the winner: %s then %s", first, later)
 	}
-	if out, err := []*daemonEnv{b, c}[1-winner].tryCLI("resume", "dev"); err == nil || !bytes.Contains([]byte(out), []byte("owned by host")) {
+	loser := []*daemonEnv{b, c}[1-winner]
+	if out, err := loser.tryCLI("resume", "dev"); err == nil || !bytes.Contains([]byte(out), []byte("owned by host")) {
 		t.Fatalf("a resume on the loser while the winner runs dev: %v %s", err, out)
+	}
+	if _, _, code := loser.ssh(t, loser.key, "dev", "true"); code == 0 {
+		t.Fatal("ssh to dev on the loser while the winner runs it succeeded")
+	}
+
+	// The store goes away while the winner hibernates dev: the box stays
+	// hibernated there, and its push is tried again until the store is
+	// back; then the loser resumes it by SSH alone.
+	last, _, _ := w.ssh(t, w.key, "dev", "tail -n 1 /tmp/count")
+	s3.Stop()
+	w.cli(t, "hibernate", "dev")
+	if ls := w.cli(t, "ls"); !strings.Contains(ls, "hibernated") {
+		t.Fatalf("the winner's boxes after a hibernate with the store down:\n%s", ls)
+	}
+	time.Sleep(2 * time.Second)
+	s3.Restart(t)
+	for i := 0; ; i++ {
+		if rep := w.remoteReport(t); len(rep.Pending) == 0 {
+			break
+		}
+		if i > 60 {
+			t.Fatal("the push that failed was not tried again within a minute")
+		}
+		time.Sleep(time.Second)
+	}
+	began = time.Now()
+	if got, _, code := loser.ssh(t, loser.key, "dev", "sha256sum < /root/known.bin"); got != sum || code != 0 {
+		t.Fatalf("the known file by ssh on the loser: %q (exit %d)", got, code)
+	}
+	t.Logf("ssh on the other host after the retried push (resume and pull of the new state included): %v", time.Since(began).Round(time.Millisecond))
+	if now, _, _ := loser.ssh(t, loser.key, "dev", "tail -n 1 /tmp/count"); mustAtoi(t, now) <= mustAtoi(t, last) {
+		t.Fatalf("the counter on the loser: %s, it was %s on the winner", now, last)
 	}
 }

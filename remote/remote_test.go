@@ -27,7 +27,7 @@ type host struct {
 	r    *remote.Remote
 }
 
-func newHost(ctx context.Context, t *testing.T, url string) *host {
+func newHost(ctx context.Context, t testing.TB, url string) *host {
 	t.Helper()
 	root := t.TempDir()
 	g := testutil.OpenGraph(t, root, snapshotter.Open)
@@ -43,7 +43,7 @@ func newHost(ctx context.Context, t *testing.T, url string) *host {
 	return &host{root: root, g: g, r: r}
 }
 
-func mustS3(ctx context.Context, t *testing.T, url string) *remote.S3 {
+func mustS3(ctx context.Context, t testing.TB, url string) *remote.S3 {
 	t.Helper()
 	b, err := remote.OpenS3(ctx, url)
 	if err != nil {
@@ -69,7 +69,7 @@ func data(seed uint64, n int) []byte {
 	return b
 }
 
-func export(t *testing.T, g *snapshotter.Graph, snap string) []byte {
+func export(t testing.TB, g *snapshotter.Graph, snap string) []byte {
 	t.Helper()
 	mr, err := g.OpenMap(snap, "disk")
 	if err != nil {
@@ -82,7 +82,7 @@ func export(t *testing.T, g *snapshotter.Graph, snap string) []byte {
 	return buf
 }
 
-func startS3(ctx context.Context, t *testing.T) (*testutil.S3Server, string) {
+func startS3(ctx context.Context, t testing.TB) (*testutil.S3Server, string) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("starts versitygw; skipped with -short")
