@@ -91,3 +91,24 @@ func Unpack(e Entry, stored, dst []byte) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// PutStored adds the chunk e describes with its stored bytes as they are,
+// without compressing it again: for a chunk that came from another store's
+// pack and that Unpack has checked. A chunk the store holds is skipped.
+func (w *Writer) PutStored(e Entry, stored []byte) error {
+	if err := w.usable(); err != nil {
+		return err
+	}
+	if uint32(len(stored)) != e.Stored || e.Raw != ChunkSize {
+		return fmt.Errorf("chunk %s: %d stored bytes of %d, raw %d: %w", e.ID, len(stored), e.Stored, e.Raw, errdefs.ErrInvalidArgument)
+	}
+	w.stats.Chunks++
+	if _, ok := w.pending[e.ID]; ok || w.s.Has(e.ID) {
+		w.stats.ReusedChunk++
+		return nil
+	}
+	if err := w.add(e.ID, stored, e.Codec); err != nil {
+		return w.fail(err)
+	}
+	return nil
+}

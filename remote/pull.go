@@ -210,9 +210,10 @@ func (r *Remote) fetch(ctx context.Context, want []chunkAt, st *PullStats) error
 		st.FetchedBytes += int64(len(g.data))
 		for _, e := range g.s.chunks {
 			at := int64(e.Offset) - g.s.off
-			raw, err := cas.Unpack(e, g.data[at:at+int64(e.Stored)], buf)
+			stored := g.data[at : at+int64(e.Stored)]
+			_, err := cas.Unpack(e, stored, buf)
 			if err == nil {
-				_, err = w.Put(raw)
+				err = w.PutStored(e, stored)
 			}
 			if err != nil {
 				first = fmt.Errorf("remote pack %s: %w", g.s.pack, err)
