@@ -116,6 +116,13 @@ func TestRemote(t *testing.T) {
 		t.Fatalf("bucket after A's hibernate: %+v, want box dev and no push pending", repA)
 	}
 	t.Logf("A: local packs %d bytes, bucket packs %d bytes", repA.LocalBytes, repA.PackBytes)
+	// Resume on A, for comparison with B: the lease, no pull.
+	began = time.Now()
+	a.cli(t, "resume", "dev")
+	t.Logf("resume on A (the host that hibernated it): %v", time.Since(began).Round(time.Millisecond))
+	began = time.Now()
+	a.cli(t, "hibernate", "dev")
+	t.Logf("second hibernate and push on A (a delta): %v; bucket packs now %d bytes", time.Since(began).Round(time.Millisecond), a.remoteReport(t).PackBytes)
 
 	// A goes: its daemon and QEMUs killed, its root deleted.
 	a.kill(t)
