@@ -180,7 +180,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			apiL.Close()
 			return errors.Join(err, closeMgr())
 		}
-		defer closeRemote()
+		defer func() {
+			if cerr := closeRemote(); err == nil {
+				err = cerr
+			}
+		}()
 		apiMgr = rm
 		go rm.retryLoop(srvCtx)
 	}

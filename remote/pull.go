@@ -89,20 +89,10 @@ func (r *Remote) Pull(ctx context.Context, name string) (PullStats, error) {
 // missing returns the manifests of name and its ancestors that the local
 // graph lacks, parents first.
 func (r *Remote) missing(ctx context.Context, name string) ([]snapshotter.Manifest, error) {
-	var chain []snapshotter.Manifest
-	for n := name; n != ""; {
-		if _, err := r.cfg.Graph.Get(n); err == nil {
-			break
-		}
-		m, err := r.manifest(ctx, n)
-		if err != nil {
-			return nil, err
-		}
-		chain = append(chain, m)
-		n = m.Snapshot.Parent
-	}
-	slices.Reverse(chain)
-	return chain, nil
+	return chain(name, func(n string) (bool, error) {
+		_, err := r.cfg.Graph.Get(n)
+		return err == nil, nil
+	}, func(n string) (snapshotter.Manifest, error) { return r.manifest(ctx, n) })
 }
 
 // manifest reads the manifest of snapshot name from the bucket.

@@ -89,24 +89,36 @@ func (r *Remote) Push(ctx context.Context, name string) (PushStats, error) {
 // bucket lacks, parents first. An ancestor of a pushed snapshot is pushed:
 // manifests go parents first.
 func (r *Remote) unpushed(ctx context.Context, name string) ([]snapshotter.Manifest, error) {
-	var chain []snapshotter.Manifest
-	for n := name; n != ""; {
+	return chain(name, func(n string) (bool, error) {
 		_, err := r.cfg.Bucket.Stat(ctx, snapshotKey(n))
-		if err == nil {
-			break
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return false, nil
 		}
-		if !errors.Is(err, errdefs.ErrNotFound) {
-			return nil, err
-		}
-		m, err := r.cfg.Graph.Manifest(n)
+		return err == nil, err
+	}, r.cfg.Graph.Manifest)
+}
+
+// chain returns the manifests of name and its ancestors, parents first,
+// down to the first that has says is there already.
+func chain(name string, has func(string) (bool, error), manifest func(string) (snapshotter.Manifest, error)) ([]snapshotter.Manifest, error) {
+	var out []snapshotter.Manifest
+	for n := name; n != ""; {
+		there, err := has(n)
 		if err != nil {
 			return nil, err
 		}
-		chain = append(chain, m)
+		if there {
+			break
+		}
+		m, err := manifest(n)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
 		n = m.Snapshot.Parent
 	}
-	slices.Reverse(chain)
-	return chain, nil
+	slices.Reverse(out)
+	return out, nil
 }
 
 // uploadPack uploads local pack num, then its index segment; it returns
@@ -128,15 +140,23 @@ func (r *Remote) uploadPack(ctx context.Context, num uint32) (int64, error) {
 	}
 	name := hex.EncodeToString(h.Sum(nil))
 	var sent int64
-	err = r.cfg.Bucket.Put(ctx, packKey(name), io.NewSectionReader(f, 0, info.Size), info.Size, true)
-	switch {
-	case err == nil:
-		sent = info.Size
-	case errors.Is(err, errdefs.ErrAlreadyExists):
-		// A push before this one sent it and was cut off before the
-		// segment: the same name is the same bytes.
-	default:
-		return 0, err
+	// A push before this one may have sent it and been cut off before the
+	// segment: the same name is the same bytes. Asked first, as a server
+	// may refuse a create by closing the connection mid-body, which looks
+	// like a failure.
+	there := func() bool {
+		n, err := r.cfg.Bucket.Stat(ctx, packKey(name))
+		return err == nil && n == info.Size
+	}
+	if !there() {
+		err = r.cfg.Bucket.Put(ctx, packKey(name), io.NewSectionReader(f, 0, info.Size), info.Size, true)
+		switch {
+		case err == nil:
+			sent = info.Size
+		case errors.Is(err, errdefs.ErrAlreadyExists) || there():
+		default:
+			return 0, err
+		}
 	}
 	tail, err := cas.PackTail(f, entries, info.Size)
 	if err != nil {

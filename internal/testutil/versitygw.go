@@ -2,7 +2,6 @@ package testutil
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -159,7 +158,7 @@ func (s *S3Server) start(t testing.TB, bin, meta, logPath string) {
 		}
 		if i > 100 {
 			b, _ := os.ReadFile(logPath)
-			t.Fatal(fmt.Sprintf("versitygw did not come up: %v\n%s", err, b))
+			t.Fatalf("versitygw did not come up: %v\n%s", err, b)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
