@@ -1,9 +1,13 @@
 package cas
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"sync/atomic"
+	"time"
 
 	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
@@ -111,4 +115,73 @@ func (w *Writer) PutStored(e Entry, stored []byte) error {
 		return w.fail(err)
 	}
 	return nil
+}
+
+// noteRead records that pack num is read now.
+func (s *Store) noteRead(num uint32) {
+	now := time.Now().UnixNano()
+	if v, ok := s.lastRead.Load(num); ok {
+		v.(*atomic.Int64).Store(now)
+		return
+	}
+	var t atomic.Int64
+	t.Store(now)
+	s.lastRead.Store(num, &t)
+}
+
+// PackUse is a sealed pack and when it was last read: by this process,
+// or else when its file last changed.
+type PackUse struct {
+	PackInfo
+	LastRead time.Time
+}
+
+// PackUses lists the live sealed packs, least recently read first.
+func (s *Store) PackUses() ([]PackUse, error) {
+	var out []PackUse
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
+			rec, err := decodePackRecord(v)
+			if err != nil || len(k) != 4 {
+				return fmt.Errorf("pack record %x: %w", k, errdefs.ErrDataLoss)
+			}
+			if rec.State == packLive {
+				out = append(out, PackUse{PackInfo: PackInfo{Num: beUint32(k), Size: int64(rec.Size), Chunks: rec.Chunks}})
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	for i := range out {
+		if v, ok := s.lastRead.Load(out[i].Num); ok {
+			out[i].LastRead = time.Unix(0, v.(*atomic.Int64).Load())
+		} else if fi, err := os.Stat(s.packPath(out[i].Num)); err == nil {
+			out[i].LastRead = fi.ModTime()
+		}
+	}
+	slices.SortFunc(out, func(a, b PackUse) int { return cmp.Or(a.LastRead.Compare(b.LastRead), cmp.Compare(a.Num, b.Num)) })
+	return out, nil
+}
+
+// Evict removes sealed packs whose chunks another copy of the store holds
+// (a bucket): their index entries go first, then their files. It waits for
+// the write lock, so no Writer deduplicates against them meanwhile. A
+// crash between the two leaves a file the next Open indexes again.
+func (s *Store) Evict(nums []uint32) error {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	if err := s.dropPacks(nums); err != nil {
+		return wrapIO("evicting packs", err)
+	}
+	for _, n := range nums {
+		err := os.Remove(s.packPath(n))
+		s.forget(n)
+		s.lastRead.Delete(n)
+		if err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("evicting %s: %w", packName(n), err)
+		}
+	}
+	return syncDir(s.packsDir)
 }

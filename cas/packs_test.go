@@ -79,3 +79,46 @@ func TestPackTransfer(t *testing.T) {
 	}
 	checkVerify(t, dst)
 }
+
+// TestEvict removes a pack: its chunks are gone from the index and its
+// file from the folder, the other pack's chunks stay readable, and a new
+// Open does not bring it back.
+func TestEvict(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	g := newGen(5)
+	first, second := g.random(16*ChunkSize), g.random(16*ChunkSize)
+	idsA, _ := ingest(t, s, first)
+	idsB, _ := ingest(t, s, second)
+	uses, err := s.PackUses()
+	if err != nil || len(uses) != 2 {
+		t.Fatalf("PackUses: %d %v, want 2", len(uses), err)
+	}
+	if _, err := s.Get(idsB[0], nil); err != nil {
+		t.Fatal(err)
+	}
+	if uses, _ = s.PackUses(); !uses[1].LastRead.After(uses[0].LastRead) {
+		t.Fatalf("the pack read last is not last: %+v", uses)
+	}
+	locA, err := s.Lookup(idsA[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Evict([]uint32{locA.Pack}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range idsA {
+		if s.Has(id) {
+			t.Fatalf("chunk %s of the evicted pack is still indexed", id)
+		}
+	}
+	checkReadable(t, s, idsB, chunksOf(second))
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir)
+	if s.Has(idsA[0]) {
+		t.Fatal("the evicted pack came back on Open")
+	}
+	checkReadable(t, s, idsB, chunksOf(second))
+}

@@ -66,6 +66,10 @@ type Config struct {
 	// shares with other hosts: hibernated boxes are pushed there, and a
 	// box another host pushed resumes here (see package remote).
 	Remote string
+	// RemoteCacheLimit, when positive, bounds the local store's packs that
+	// the bucket holds too: the least recently read go first (see
+	// remote.Remote.Evict).
+	RemoteCacheLimit int64
 }
 
 // vmmCommand starts the kvm runner's VMM: this binary's hidden vmm command.

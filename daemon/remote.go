@@ -40,6 +40,9 @@ type remoteManager struct {
 	r   *remote.Remote
 	log *slog.Logger
 
+	// limit bounds the local packs the bucket holds too (Evict); 0, none.
+	limit int64
+
 	// pushMu serialises pushes, so a retry and a hibernation do not push
 	// the same box at once.
 	pushMu sync.Mutex
@@ -116,7 +119,18 @@ func (m *remoteManager) PushBox(ctx context.Context, name string) error {
 	if err := m.r.ReleaseLease(ctx, name); err != nil {
 		return err
 	}
+	m.evict(ctx)
 	return m.r.SetPending(name, false)
+}
+
+// evict bounds the local store to the limit, when there is one.
+func (m *remoteManager) evict(ctx context.Context) {
+	if m.limit <= 0 {
+		return
+	}
+	if _, err := m.r.Evict(ctx, m.limit); err != nil {
+		m.log.Warn("remote: evicting local packs", "err", err)
+	}
 }
 
 // PullBox brings the bucket's state of box name to this root, when it is
@@ -164,7 +178,19 @@ func (m *remoteManager) Resume(ctx context.Context, name string) (bx box.Box, er
 	if _, err := m.PullBox(ctx, name); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
 	}
-	return m.Manager.Resume(ctx, name)
+	if m.limit > 0 {
+		// What an eviction took that the box stands on comes back first.
+		if local, err := m.Get(name); err == nil && local.State == box.StateHibernated {
+			if _, err := m.r.Fill(ctx, local.Snapshot); err != nil {
+				return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
+			}
+		}
+	}
+	if bx, err = m.Manager.Resume(ctx, name); err != nil {
+		return bx, err
+	}
+	m.evict(ctx)
+	return bx, nil
 }
 
 // retryLoop tries the pending pushes again every PushRetry, and at once
@@ -290,7 +316,9 @@ func openRemote(ctx context.Context, url string, cfg Config, g *snapshotter.Grap
 	if err != nil {
 		return nil, nil, err
 	}
-	return newRemoteManager(mgr, mgr, r, log), r.Close, nil
+	rm := newRemoteManager(mgr, mgr, r, log)
+	rm.limit = cfg.RemoteCacheLimit
+	return rm, r.Close, nil
 }
 
 // StoreTransfer asks the daemon to push or pull (op) box or snapshot name.

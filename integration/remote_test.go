@@ -61,11 +61,11 @@ func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
 }
 
 // newHost is a daemon on a fresh root sharing from's binary, agent, keys
-// and environment, with --remote url.
-func newHost(t *testing.T, from *daemonEnv, url string) *daemonEnv {
+// and environment, with --remote url and args.
+func newHost(t *testing.T, from *daemonEnv, url string, args ...string) *daemonEnv {
 	t.Helper()
 	d := &daemonEnv{root: t.TempDir(), port: freePort(t), env: from.env, boxd: from.boxd, key: from.key, wrongKey: from.wrongKey,
-		args: []string{"--remote", url}}
+		args: append([]string{"--remote", url}, args...)}
 	d.start(t)
 	t.Cleanup(func() {
 		d.stop(t)
@@ -159,7 +159,7 @@ func TestRemote(t *testing.T) {
 	// B hibernates it (pushing it); then a new host C and B resume it at
 	// once: one wins, the other is told who owns it.
 	b.cli(t, "hibernate", "dev")
-	c := newHost(t, a, url)
+	c := newHost(t, a, url, "--remote-cache-size", "16M")
 	type result struct {
 		out string
 		err error
@@ -232,5 +232,13 @@ func TestRemote(t *testing.T) {
 	t.Logf("ssh on the other host after the retried push (resume and pull of the new state included): %v", time.Since(began).Round(time.Millisecond))
 	if now, _, _ := loser.ssh(t, loser.key, "dev", "tail -n 1 /tmp/count"); mustAtoi(t, now) <= mustAtoi(t, last) {
 		t.Fatalf("the counter on the loser: %s, it was %s on the winner", now, last)
+	}
+
+	// C keeps at most 16 MiB of packs the bucket holds: what it pulled for
+	// its resume was evicted after it, the box running on.
+	repC := c.remoteReport(t)
+	t.Logf("C, with --remote-cache-size 16M: %d bytes of packs kept, the bucket holds %d", repC.LocalBytes, repC.PackBytes)
+	if repC.LocalBytes > 16<<20 {
+		t.Fatalf("C keeps %d bytes of packs, over its 16 MiB bound", repC.LocalBytes)
 	}
 }
