@@ -193,6 +193,33 @@ func (m *remoteManager) Resume(ctx context.Context, name string) (bx box.Box, er
 	return bx, nil
 }
 
+// Start resumes box name through Resume when it is hibernated here, or
+// only in the bucket; else it is Manager's Start.
+func (m *remoteManager) Start(ctx context.Context, name string) (box.Box, error) {
+	if m.resumes(name) {
+		return m.Resume(ctx, name)
+	}
+	return m.Manager.Start(ctx, name)
+}
+
+// Exec resumes box name through Resume first when it is hibernated here,
+// or only in the bucket.
+func (m *remoteManager) Exec(ctx context.Context, name string, cmd agent.Command) (int, error) {
+	if m.resumes(name) {
+		if _, err := m.Resume(ctx, name); err != nil {
+			return 0, err
+		}
+	}
+	return m.Manager.Exec(ctx, name, cmd)
+}
+
+// resumes reports whether a use of box name resumes it from a snapshot:
+// it is hibernated here, or this root has no box of the name.
+func (m *remoteManager) resumes(name string) bool {
+	bx, err := m.Get(name)
+	return errors.Is(err, errdefs.ErrNotFound) || err == nil && bx.State == box.StateHibernated
+}
+
 // retryLoop tries the pending pushes again every PushRetry, and at once
 // after a push failed, until ctx ends.
 func (m *remoteManager) retryLoop(ctx context.Context) {
@@ -366,8 +393,7 @@ func (c remoteClients) Get(name string) (box.Box, error) {
 // Client resumes box name through the remote manager when it is
 // hibernated here or only in the bucket, then returns its agent client.
 func (c remoteClients) Client(ctx context.Context, name string) (*agent.Client, error) {
-	bx, err := c.boxClients.Get(name)
-	if errors.Is(err, errdefs.ErrNotFound) || err == nil && bx.State == box.StateHibernated {
+	if c.rm.resumes(name) {
 		if _, err := c.rm.Resume(ctx, name); err != nil {
 			return nil, err
 		}
