@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/boxd-dev/boxd/cas"
-	"github.com/containerd/errdefs"
 )
 
 // EvictStats says what an eviction removed.
@@ -88,36 +86,9 @@ func (r *Remote) Fill(ctx context.Context, name string) (PullStats, error) {
 	if err != nil {
 		return st, err
 	}
-	store := r.cfg.Graph.Store()
-	var want []chunkAt
-	seen := map[cas.ID]bool{}
-	indexed := false
-	for _, m := range ms {
-		ids, err := m.Chunks()
-		if err != nil {
-			return st, err
-		}
-		for _, id := range ids {
-			if seen[id] {
-				continue
-			}
-			seen[id] = true
-			if store.Has(id) {
-				st.ChunksLocal++
-				continue
-			}
-			if !indexed {
-				if err := r.refreshIndex(ctx); err != nil {
-					return st, err
-				}
-				indexed = true
-			}
-			at, ok := r.lookup(id)
-			if !ok {
-				return st, fmt.Errorf("snapshot %q: chunk %s is neither here nor in the bucket: %w", name, id, errdefs.ErrDataLoss)
-			}
-			want = append(want, at)
-		}
+	want, err := r.wanted(ctx, ms, &st)
+	if err != nil {
+		return st, fmt.Errorf("filling snapshot %q: %w", name, err)
 	}
 	if err := r.fetch(ctx, want, &st); err != nil {
 		return st, fmt.Errorf("filling snapshot %q: %w", name, err)

@@ -45,32 +45,9 @@ func (r *Remote) Pull(ctx context.Context, name string) (PullStats, error) {
 	if err != nil || len(chain) == 0 {
 		return st, err
 	}
-	if err := r.refreshIndex(ctx); err != nil {
-		return st, err
-	}
-	store := r.cfg.Graph.Store()
-	var want []chunkAt
-	seen := map[cas.ID]bool{}
-	for _, m := range chain {
-		ids, err := m.Chunks()
-		if err != nil {
-			return st, err
-		}
-		for _, id := range ids {
-			if seen[id] {
-				continue
-			}
-			seen[id] = true
-			if store.Has(id) {
-				st.ChunksLocal++
-				continue
-			}
-			at, ok := r.lookup(id)
-			if !ok {
-				return st, fmt.Errorf("pulling snapshot %q: chunk %s is in no index segment of the bucket: %w", name, id, errdefs.ErrDataLoss)
-			}
-			want = append(want, at)
-		}
+	want, err := r.wanted(ctx, chain, &st)
+	if err != nil {
+		return st, fmt.Errorf("pulling snapshot %q: %w", name, err)
 	}
 	if err := r.fetch(ctx, want, &st); err != nil {
 		return st, fmt.Errorf("pulling snapshot %q: %w", name, err)
@@ -84,6 +61,43 @@ func (r *Remote) Pull(ctx context.Context, name string) (PullStats, error) {
 	st.Took = time.Since(began)
 	r.log.Info("remote: pulled", "snapshot", name, "manifests", st.Snapshots, "chunks", st.Chunks, "bytes", st.FetchedBytes, "requests", st.Requests, "took", st.Took)
 	return st, nil
+}
+
+// wanted returns where the chunks that ms name and the local store lacks
+// lie in the bucket, each once; st counts those it has.
+func (r *Remote) wanted(ctx context.Context, ms []snapshotter.Manifest, st *PullStats) ([]chunkAt, error) {
+	store := r.cfg.Graph.Store()
+	var want []chunkAt
+	seen := map[cas.ID]bool{}
+	indexed := false
+	for _, m := range ms {
+		ids, err := m.Chunks()
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range ids {
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			if store.Has(id) {
+				st.ChunksLocal++
+				continue
+			}
+			if !indexed {
+				if err := r.refreshIndex(ctx); err != nil {
+					return nil, err
+				}
+				indexed = true
+			}
+			at, ok := r.lookup(id)
+			if !ok {
+				return nil, fmt.Errorf("snapshot %q: chunk %s is neither here nor in the bucket's index: %w", m.Snapshot.Name, id, errdefs.ErrDataLoss)
+			}
+			want = append(want, at)
+		}
+	}
+	return want, nil
 }
 
 // missing returns the manifests of name and its ancestors that the local
