@@ -102,7 +102,7 @@ func (m *remoteManager) PushBox(ctx context.Context, name string) error {
 	}
 	// The lease keeps another host from resuming the box while this one
 	// writes it, and refuses the push of a box another host owns now.
-	if err := m.r.TakeLease(ctx, name); err != nil {
+	if _, err := m.r.TakeLease(ctx, name); err != nil {
 		return err
 	}
 	if _, err := m.r.Push(ctx, bx.Snapshot); err != nil {
@@ -160,16 +160,24 @@ func (m *remoteManager) PullBox(ctx context.Context, name string) (bool, error) 
 
 // Resume takes box name's lease (refused while another host owns the
 // box), brings the bucket's newer state of it here if there is one, and
-// resumes it. A resume that fails gives the lease up again.
+// resumes it. A resume that fails gives up the lease it took.
 func (m *remoteManager) Resume(ctx context.Context, name string) (bx box.Box, err error) {
 	if err := box.ValidateName(name); err != nil {
 		return box.Box{}, err
 	}
-	if err := m.r.TakeLease(ctx, name); err != nil {
+	if !m.resumes(name) {
+		// Running, paused or stopped here: this host has it, and the
+		// manager says what a resume of it does.
+		return m.Manager.Resume(ctx, name)
+	}
+	taken, err := m.r.TakeLease(ctx, name)
+	if err != nil {
 		return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
 	}
 	defer func() {
-		if err != nil {
+		// A lease held before (a push of the box waits to be tried
+		// again) is kept: another host must not resume an older state.
+		if err != nil && taken {
 			if rerr := m.r.ReleaseLease(context.WithoutCancel(ctx), name); rerr != nil {
 				m.log.Error("remote: giving up the lease of a box that did not resume", "box", name, "err", rerr)
 			}

@@ -65,35 +65,36 @@ var ErrLeased = fmt.Errorf("box is owned by another host: %w", errdefs.ErrFailed
 
 // TakeLease makes this host the owner of box name, with a create-only
 // write: of hosts taking it at once, one succeeds and the others get
-// ErrLeased, naming the owner. Taking a lease this host holds succeeds.
-func (r *Remote) TakeLease(ctx context.Context, name string) error {
+// ErrLeased, naming the owner. Taking a lease this host holds succeeds;
+// taken says whether this call took it (false: it was held already).
+func (r *Remote) TakeLease(ctx context.Context, name string) (taken bool, err error) {
 	for try := 1; ; try++ {
 		l := Lease{Box: name, Host: r.host, Taken: time.Now().UTC()}
 		data, err := json.Marshal(l)
 		if err != nil {
-			return err
+			return false, err
 		}
 		err = r.cfg.Bucket.Put(ctx, leaseKey(name), bytes.NewReader(data), int64(len(data)), true)
 		if !errors.Is(err, errdefs.ErrAlreadyExists) {
-			return err
+			return err == nil, err
 		}
 		held, err := r.LeaseOf(ctx, name)
 		switch {
 		case err == nil && held.Host == r.host:
-			return nil
+			return false, nil
 		case err == nil:
-			return fmt.Errorf("box %s is owned by host %s since %s (hibernate it there first): %w", name, held.Host, held.Taken.Format(time.RFC3339), ErrLeased)
+			return false, fmt.Errorf("box %s is owned by host %s since %s (hibernate it there first): %w", name, held.Host, held.Taken.Format(time.RFC3339), ErrLeased)
 		case !errors.Is(err, errdefs.ErrNotFound):
-			return err
+			return false, err
 		case try == leaseTries:
-			return fmt.Errorf("box %s: its lease was refused %d times with no owner to be seen: %w", name, try, errdefs.ErrUnavailable)
+			return false, fmt.Errorf("box %s: its lease was refused %d times with no owner to be seen: %w", name, try, errdefs.ErrUnavailable)
 		}
 		// The create was refused for a write of another host in
 		// progress (409), which then failed or is not visible yet: try
 		// again.
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-time.After(time.Duration(try) * 20 * time.Millisecond):
 		}
 	}

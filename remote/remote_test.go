@@ -279,7 +279,7 @@ func TestLease(t *testing.T) {
 		errs := make([]error, len(hosts))
 		var wg sync.WaitGroup
 		for i, h := range hosts {
-			wg.Go(func() { errs[i] = h.r.TakeLease(ctx, "dev") })
+			wg.Go(func() { _, errs[i] = h.r.TakeLease(ctx, "dev") })
 		}
 		wg.Wait()
 		winner := -1
@@ -296,8 +296,8 @@ func TestLease(t *testing.T) {
 		if winner < 0 {
 			t.Fatalf("round %d: nobody took the lease: %v", round, errs)
 		}
-		if err := hosts[winner].r.TakeLease(ctx, "dev"); err != nil {
-			t.Fatalf("the owner taking its lease again: %v", err)
+		if taken, err := hosts[winner].r.TakeLease(ctx, "dev"); err != nil || taken {
+			t.Fatalf("the owner taking its lease again: %v %v, want it held already", taken, err)
 		}
 		for _, h := range hosts {
 			if err := h.r.ReleaseLease(ctx, "dev"); err != nil {
