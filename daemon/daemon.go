@@ -268,6 +268,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	stopOps()
 	api.WaitBuilds()
 	<-idleDone
+	if rm != nil && !cfg.LeaveRunning {
+		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
+		rm.hibernateAll(hctx)
+		cancel()
+	}
 	return errors.Join(failed, closeMgr())
 }
 

@@ -231,6 +231,7 @@ func (m *remoteManager) resumes(name string) bool {
 // retryLoop tries the pending pushes again every PushRetry, and at once
 // after a push failed, until ctx ends.
 func (m *remoteManager) retryLoop(ctx context.Context) {
+	m.queueHeld(ctx)
 	t := time.NewTicker(PushRetry)
 	defer t.Stop()
 	for {
@@ -262,6 +263,44 @@ func (m *remoteManager) retryLoop(ctx context.Context) {
 				continue
 			}
 			m.log.Info("remote: pushed after a retry", "box", name)
+		}
+	}
+}
+
+// queueHeld queues the push of every box hibernated here whose lease
+// this host holds: a daemon killed between a hibernation and its push,
+// or stopped (its boxes hibernated on the way out), left them so.
+func (m *remoteManager) queueHeld(ctx context.Context) {
+	boxes, err := m.List()
+	if err != nil {
+		return
+	}
+	for _, bx := range boxes {
+		if bx.State != box.StateHibernated {
+			continue
+		}
+		if l, err := m.r.LeaseOf(ctx, bx.Name); err == nil && l.Host == m.r.Host() {
+			if err := m.r.SetPending(bx.Name, true); err == nil {
+				m.log.Info("remote: a box hibernated here still holds its lease; its push is queued", "box", bx.Name)
+			}
+		}
+	}
+}
+
+// hibernateAll hibernates, and so pushes, every box running here: a
+// stopping daemon hands its boxes to the other hosts. What fails is left
+// to the manager's close, which hibernates it without a push.
+func (m *remoteManager) hibernateAll(ctx context.Context) {
+	boxes, err := m.List()
+	if err != nil {
+		return
+	}
+	for _, bx := range boxes {
+		if bx.State != box.StateRunning && bx.State != box.StatePaused {
+			continue
+		}
+		if _, err := m.Hibernate(ctx, bx.Name); err != nil {
+			m.log.Warn("remote: hibernating a box on the way out", "box", bx.Name, "err", err)
 		}
 	}
 }

@@ -29,6 +29,9 @@ type remoteReport struct {
 	Boxes      []string `json:"boxes"`
 	LocalBytes int64    `json:"local_pack_bytes"`
 	Pending    []string `json:"pending_push"`
+	Leases     []struct {
+		Box, Host string
+	} `json:"leases"`
 }
 
 func (d *daemonEnv) remoteReport(t *testing.T) remoteReport {
@@ -240,5 +243,18 @@ func TestRemote(t *testing.T) {
 	t.Logf("C, with --remote-cache-size 16M: %d bytes of packs kept, the bucket holds %d", repC.LocalBytes, repC.PackBytes)
 	if repC.LocalBytes > 16<<20 {
 		t.Fatalf("C keeps %d bytes of packs, over its 16 MiB bound", repC.LocalBytes)
+	}
+
+	// A daemon that stops hands its boxes over: it hibernates and pushes
+	// them, and gives up their leases.
+	loser.stop(t)
+	if rep := w.remoteReport(t); len(rep.Leases) != 0 {
+		t.Fatalf("leases after the owner's daemon stopped: %+v, want none", rep.Leases)
+	}
+	if out, err := w.tryCLI("resume", "dev"); err != nil {
+		t.Fatalf("resume on the winner after the other host stopped: %v %s", err, out)
+	}
+	if got, _, _ := w.ssh(t, w.key, "dev", "sha256sum < /root/known.bin"); got != sum {
+		t.Fatalf("the known file after the hand-over on stop: %q", got)
 	}
 }
