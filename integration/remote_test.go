@@ -245,6 +245,15 @@ func TestRemote(t *testing.T) {
 		t.Fatalf("C keeps %d bytes of packs, over its 16 MiB bound", repC.LocalBytes)
 	}
 
+	for name, h := range map[string]*daemonEnv{"B": b, "C": c} {
+		logged, _ := os.ReadFile(filepath.Join(h.root, "daemon.log"))
+		for _, line := range strings.Split(string(logged), "\n") {
+			if strings.Contains(line, "remote: pulled") || strings.Contains(line, "remote: fetched evicted") || strings.Contains(line, "remote: evicted") {
+				t.Logf("%s: %s", name, line[strings.Index(line, "msg="):])
+			}
+		}
+	}
+
 	// A daemon that stops hands its boxes over: it hibernates and pushes
 	// them, and gives up their leases.
 	loser.stop(t)
