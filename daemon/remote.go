@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -134,15 +135,24 @@ func (m *remoteManager) evict(ctx context.Context) {
 }
 
 // PullBox brings the bucket's state of box name to this root, when it is
-// newer than this root's, and records it hibernated. It returns whether it
+// newer than this root's (another host pushed it, and no push of this
+// host's waits), and records it hibernated. It returns whether it
 // pulled.
 func (m *remoteManager) PullBox(ctx context.Context, name string) (bool, error) {
 	obj, err := m.r.GetBox(ctx, name)
 	if err != nil {
 		return false, err
 	}
-	if local, err := m.Get(name); err == nil && local.Snapshot == obj.Snapshot {
-		return false, nil
+	if local, err := m.Get(name); err == nil {
+		pending, err := m.r.Pending()
+		if err != nil {
+			return false, err
+		}
+		// This host's state is as new as the bucket's when it pushed
+		// the bucket's, and newer when its own push waits.
+		if local.Snapshot == obj.Snapshot || obj.Host == m.r.Host() || slices.Contains(pending, name) {
+			return false, nil
+		}
 	}
 	var bx box.Box
 	if err := json.Unmarshal(obj.Record, &bx); err != nil || bx.Name != name {
