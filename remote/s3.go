@@ -161,6 +161,7 @@ func (b *S3) err(what, key string, err error) error {
 	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
 		cat = errdefs.ErrUnavailable
 	case errors.As(err, &re):
+		_ = errors.As(err, &ae)
 		switch re.HTTPStatusCode() {
 		case 404:
 			cat = errdefs.ErrNotFound
@@ -184,6 +185,15 @@ func (b *S3) err(what, key string, err error) error {
 		}
 	default:
 		cat = errdefs.ErrUnavailable
+	}
+	if re != nil && re.HTTPStatusCode() != 0 {
+		// The server answered: its status and code say it all, without
+		// the request ids.
+		code := ""
+		if ae != nil {
+			code = " " + ae.ErrorCode()
+		}
+		return fmt.Errorf("remote %s %s: HTTP %d%s: %w", what, b.String()+"/"+key, re.HTTPStatusCode(), code, cat)
 	}
 	return fmt.Errorf("remote %s %s: %w", what, b.String()+"/"+key, errcat.With(err, cat))
 }
