@@ -43,6 +43,9 @@ type remoteManager struct {
 
 	// limit bounds the local packs the bucket holds too (Evict); 0, none.
 	limit int64
+	// restoring is held for reading by resumes while they read the store,
+	// and for writing by evictions, so no pack goes under a restore.
+	restoring sync.RWMutex
 
 	// pushMu serialises pushes, so a retry and a hibernation do not push
 	// the same box at once.
@@ -129,6 +132,8 @@ func (m *remoteManager) evict(ctx context.Context) {
 	if m.limit <= 0 {
 		return
 	}
+	m.restoring.Lock()
+	defer m.restoring.Unlock()
 	if _, err := m.r.Evict(ctx, m.limit); err != nil {
 		m.log.Warn("remote: evicting local packs", "err", err)
 	}
@@ -196,19 +201,26 @@ func (m *remoteManager) Resume(ctx context.Context, name string) (bx box.Box, er
 	if _, err := m.PullBox(ctx, name); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
 	}
+	if bx, err = m.restore(ctx, name); err != nil {
+		return bx, err
+	}
+	m.evict(ctx)
+	return bx, nil
+}
+
+// restore resumes box name from the local store, fetching back first what
+// an eviction took that it stands on; no eviction runs meanwhile.
+func (m *remoteManager) restore(ctx context.Context, name string) (box.Box, error) {
+	m.restoring.RLock()
+	defer m.restoring.RUnlock()
 	if m.limit > 0 {
-		// What an eviction took that the box stands on comes back first.
 		if local, err := m.Get(name); err == nil && local.State == box.StateHibernated {
 			if _, err := m.r.Fill(ctx, local.Snapshot); err != nil {
 				return box.Box{}, fmt.Errorf("resuming box %s: %w", name, err)
 			}
 		}
 	}
-	if bx, err = m.Manager.Resume(ctx, name); err != nil {
-		return bx, err
-	}
-	m.evict(ctx)
-	return bx, nil
+	return m.Manager.Resume(ctx, name)
 }
 
 // Start resumes box name through Resume when it is hibernated here, or
