@@ -28,7 +28,28 @@ func remoteCommands() []*cli.Command {
 			Flags:     []cli.Flag{jsonFlag},
 			Action:    func(c *cli.Context) error { return storeTransfer(c, "pull") },
 		},
+		{
+			Name:      "break-lease",
+			Usage:     "take box NAME from HOST, a host known to be gone (fenced): another host may then resume its last push",
+			ArgsUsage: "NAME HOST",
+			Action:    storeBreakLease,
+		},
 	}
+}
+
+func storeBreakLease(c *cli.Context) error {
+	if err := args(c, 2, "NAME HOST"); err != nil {
+		return err
+	}
+	dc, err := remoteDaemon(c)
+	if err != nil {
+		return err
+	}
+	if err := dc.BreakLease(c.Context, c.Args().Get(0), c.Args().Get(1)); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "box %s is no longer owned by %s\n", c.Args().Get(0), c.Args().Get(1))
+	return nil
 }
 
 // remoteDaemon is the daemon of --root, which must run.

@@ -19,6 +19,7 @@ func TestRemoteUsage(t *testing.T) {
 		{2, []string{"usage: boxd store push NAME"}, []string{"store", "push"}},
 		{2, []string{"usage: boxd store pull NAME"}, []string{"store", "pull", "a", "b"}},
 		{8, []string{"boxd store push works through the daemon"}, []string{"store", "push", "dev"}},
+		{2, []string{"usage: boxd store break-lease NAME HOST"}, []string{"store", "break-lease", "dev"}},
 	} {
 		fails(t, tc.code, root, tc.want, tc.args...)
 	}

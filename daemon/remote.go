@@ -327,9 +327,11 @@ func (m *remoteManager) hibernateAll(ctx context.Context) {
 	}
 }
 
-// StorePushRequest names the box (or snapshot) to push or pull.
+// StorePushRequest names the box (or snapshot) to push or pull, or the
+// box whose lease Host holds to break.
 type StorePushRequest struct {
 	Name string `json:"name"`
+	Host string `json:"host,omitempty"`
 }
 
 // StorePushResult says what a push or pull did.
@@ -359,6 +361,8 @@ func (m *remoteManager) handler(next http.Handler, log *slog.Logger) http.Handle
 				res, err = m.push(r.Context(), req.Name)
 			case "pull":
 				res, err = m.pull(r.Context(), req.Name)
+			case "break-lease":
+				res, err = StorePushResult{Box: req.Name}, m.r.BreakLease(r.Context(), req.Name, req.Host)
 			default:
 				err = fmt.Errorf("no store operation %q: %w", r.PathValue("op"), errdefs.ErrNotFound)
 			}
@@ -422,6 +426,12 @@ func (c *Client) StoreTransfer(ctx context.Context, op, name string) (StorePushR
 	var res StorePushResult
 	err := c.do(ctx, http.MethodPost, "/v1/store/"+op, StorePushRequest{Name: name}, &res)
 	return res, err
+}
+
+// BreakLease asks the daemon to break the lease of box name that host
+// holds (remote.Remote.BreakLease).
+func (c *Client) BreakLease(ctx context.Context, name, host string) error {
+	return c.do(ctx, http.MethodPost, "/v1/store/break-lease", StorePushRequest{Name: name, Host: host}, nil)
 }
 
 // RemoteReport asks the daemon what its bucket holds.

@@ -178,4 +178,13 @@ func TestRemoteManager(t *testing.T) {
 	if got, _ := a.m.lookup("dev"); got.Snapshot != "s2" || got.State != box.StateRunning {
 		t.Fatalf("dev on A after B's push: %+v, want s2 running", got)
 	}
+
+	// A is gone: its lease is broken from B, naming A; naming another
+	// host is refused.
+	if err := b.rm.r.BreakLease(ctx, "dev", "elsewhere"); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("breaking a lease naming the wrong host: %v, want failed precondition", err)
+	}
+	if err := b.rm.r.BreakLease(ctx, "dev", a.rm.r.Host()); err != nil || b.leaseHolder(ctx, t) != "" {
+		t.Fatalf("breaking A's lease: %v, lease %q", err, b.leaseHolder(ctx, t))
+	}
 }

@@ -133,6 +133,20 @@ func (r *Remote) ReleaseLease(ctx context.Context, name string) error {
 	return r.cfg.Bucket.Delete(ctx, leaseKey(name))
 }
 
+// BreakLease removes the lease of box name that host holds: for a host
+// known to be gone (fenced), so that another host may resume the box from
+// its last push. A lease another host holds is refused.
+func (r *Remote) BreakLease(ctx context.Context, name, host string) error {
+	l, err := r.LeaseOf(ctx, name)
+	if err != nil {
+		return fmt.Errorf("box %s: %w", name, err)
+	}
+	if l.Host != host {
+		return fmt.Errorf("box %s is owned by host %s, not %s: %w", name, l.Host, host, errdefs.ErrFailedPrecondition)
+	}
+	return r.cfg.Bucket.Delete(ctx, leaseKey(name))
+}
+
 // SetPending records that box name's push failed, so that it is tried
 // again; done clears it.
 func (r *Remote) SetPending(name string, pending bool) error {
