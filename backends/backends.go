@@ -33,6 +33,10 @@ import (
 // the one that boots Linux boxes on every host.
 const Default = "qemu"
 
+// HostLabels are the snapshot labels that name files of one host only (a
+// frozen disk overlay): a snapshot read on another host goes without them.
+var HostLabels = []string{qemu.LabelDisk}
+
 // OOM-killer scores (oom_score_adj): when the host runs out of memory the
 // kernel kills a box's QEMU before the daemon, which keeps every other box
 // and notes why that one stopped.

@@ -35,6 +35,10 @@ type Store struct {
 	files    map[uint32]*os.File
 	nextPack uint32
 
+	// lastRead maps a pack number to when it was last read
+	// (*atomic.Int64, Unix nanoseconds), for eviction (PackUses).
+	lastRead sync.Map
+
 	// Rebuilt reports whether Open rebuilt the index from the pack footers.
 	Rebuilt bool
 	// Damaged lists packs whose footers could not be read when the index was
@@ -372,8 +376,9 @@ func (s *Store) Has(id ID) bool {
 	return err == nil
 }
 
-// file returns the open pack file num.
+// file returns the open pack file num, and notes that it was read now.
 func (s *Store) file(num uint32) (*os.File, error) {
+	s.noteRead(num)
 	s.filesMu.RLock()
 	f := s.files[num]
 	s.filesMu.RUnlock()

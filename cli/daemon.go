@@ -7,6 +7,7 @@ import (
 
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
+	"github.com/boxd-dev/boxd/remote"
 	"github.com/urfave/cli/v2"
 )
 
@@ -30,6 +31,8 @@ func daemonCommand() *cli.Command {
 			&cli.BoolFlag{Name: "metrics-allow-remote", Usage: "let --metrics-listen be an address other hosts can reach"},
 			&cli.StringFlag{Name: "containerd-snapshotter", Usage: "serve containerd's snapshots API (a proxy snapshotter named boxd in containerd's config) on this unix socket, so that containerd's containers run in boxes (runtime io.containerd.boxd.v2)"},
 			&cli.BoolFlag{Name: "leave-running", Usage: "on SIGINT or SIGTERM leave running boxes running for the next daemon to adopt, instead of hibernating them"},
+			&cli.StringFlag{Name: "remote", Usage: "share boxes with other hosts through this S3 bucket, s3://BUCKET/PREFIX (endpoint and credentials: the AWS_* environment or the shared AWS files): a hibernation is pushed there, a resume of a box another host pushed pulls it"},
+			&cli.StringFlag{Name: "remote-cache-size", Usage: "with --remote: keep at most this much of the local store's packs that the bucket holds too (such as 20G), evicting the least recently read first; packs not pushed yet are never evicted (default: no bound)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every API error and SSH refusal"},
 		},
 		Action: runDaemon,
@@ -71,6 +74,22 @@ func runDaemon(c *cli.Context) error {
 			return fmt.Errorf("--metrics-listen: %w", err)
 		}
 	}
+	if r := c.String("remote"); r != "" {
+		if _, _, err := remote.ParseURL(r); err != nil {
+			return usageError("--remote: %v", err)
+		}
+	}
+	var cacheLimit int64
+	if v := c.String("remote-cache-size"); v != "" {
+		if c.String("remote") == "" {
+			return usageError("--remote-cache-size needs --remote")
+		}
+		n, err := parseSize(v)
+		if err != nil {
+			return fmt.Errorf("--remote-cache-size: %w", err)
+		}
+		cacheLimit = n
+	}
 	warm := c.Int("warm-forks")
 	switch {
 	case warm < 0 || warm > 16:
@@ -91,6 +110,8 @@ func runDaemon(c *cli.Context) error {
 		Spares:                warm,
 		LeaveRunning:          c.Bool("leave-running"),
 		ContainerdSnapshotter: c.String("containerd-snapshotter"),
+		Remote:                c.String("remote"),
+		RemoteCacheLimit:      cacheLimit,
 		Logger:                log,
 
 		MetricsListen:      c.String("metrics-listen"),

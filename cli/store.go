@@ -32,7 +32,7 @@ func storeCommand() *cli.Command {
 			}
 			return nil
 		},
-		Subcommands: []*cli.Command{
+		Subcommands: append([]*cli.Command{
 			{
 				Name:      "ingest",
 				Usage:     "store a file (a disk or memory image) as a new snapshot",
@@ -68,7 +68,7 @@ func storeCommand() *cli.Command {
 				Action: storeGC,
 			},
 			{Name: "verify", Usage: "re-hash every stored chunk and check every snapshot; exit 6 on damage", Flags: []cli.Flag{jsonFlag}, Action: storeVerify},
-		},
+		}, remoteCommands()...),
 	}
 }
 
@@ -284,6 +284,11 @@ func storeList(c *cli.Context) error {
 }
 
 func storeReport(c *cli.Context) error {
+	if c.NArg() == 0 {
+		if done, err := remoteReport(c); done {
+			return err
+		}
+	}
 	g, err := openGraph(c)
 	if err != nil {
 		return err

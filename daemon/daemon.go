@@ -62,6 +62,14 @@ type Config struct {
 	// snapshotter, as boxd snapshotter serves), so that containerd's
 	// containers can run in boxes (CreateRequest.Rootfs).
 	ContainerdSnapshotter string
+	// Remote, when set, is the bucket (s3://BUCKET/PREFIX) this root
+	// shares with other hosts: hibernated boxes are pushed there, and a
+	// box another host pushed resumes here (see package remote).
+	Remote string
+	// RemoteCacheLimit, when positive, bounds the local store's packs that
+	// the bucket holds too: the least recently read go first (see
+	// remote.Remote.Evict).
+	RemoteCacheLimit int64
 }
 
 // vmmCommand starts the kvm runner's VMM: this binary's hidden vmm command.
@@ -172,7 +180,24 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if metricsL != nil {
 		info.MetricsAddr = metricsL.Addr().String()
 	}
-	opts := Options{Manager: mgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys, Images: GraphImages{Graph: g}}
+	var apiMgr Manager = mgr
+	var rm *remoteManager
+	if cfg.Remote != "" {
+		var closeRemote func() error
+		if rm, closeRemote, err = openRemote(ctx, cfg.Remote, cfg, g, mgr, log); err != nil {
+			sshL.Close()
+			apiL.Close()
+			return errors.Join(err, closeMgr())
+		}
+		defer func() {
+			if cerr := closeRemote(); err == nil {
+				err = cerr
+			}
+		}()
+		apiMgr = rm
+		go rm.retryLoop(srvCtx)
+	}
+	opts := Options{Manager: apiMgr, Graph: g, Info: info, Logger: log, Events: exchange, Keys: keys, Images: GraphImages{Graph: g}}
 	if cfg.ContainerdSnapshotter != "" {
 		sn, err := serveSnapshotter(cfg.ContainerdSnapshotter, cfg.Root, g, log)
 		if err != nil {
@@ -185,7 +210,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	api := NewServer(srvCtx, opts)
 	proxy := &sshproxy.Server{
-		HostKey: hostKey, Backend: &backend{mgr: mgr, srv: api}, Logger: log,
+		HostKey: hostKey, Backend: &backend{mgr: frontDoorBoxes(mgr, rm), srv: api}, Logger: log,
 		Commands: &commandRunner{root: cfg.Root, exe: boxdBinary(), keys: keys},
 	}
 	var ms *http.Server
@@ -194,7 +219,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		proxy.Observe = metrics.SSH
 		ms = &http.Server{Handler: metrics.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	}
-	hs := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	handler := api.Handler()
+	if rm != nil {
+		handler = rm.handler(handler, log)
+	}
+	hs := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	hs.RegisterOnShutdown(api.EndStreams)
 
 	served := make(chan error, 2)
@@ -244,6 +273,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	stopOps()
 	api.WaitBuilds()
 	<-idleDone
+	if rm != nil && !cfg.LeaveRunning {
+		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
+		rm.hibernateAll(hctx)
+		cancel()
+	}
 	return errors.Join(failed, closeMgr())
 }
 
