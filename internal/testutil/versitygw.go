@@ -15,54 +15,14 @@ import (
 // VersityGWVersion is the S3 server the remote store's tests run against.
 const VersityGWVersion = "v1.8.0"
 
-// VersityGWCache is where its binary is kept between runs
-// ($BOXD_TOOLS_CACHE overrides the folder).
-func VersityGWCache() string {
-	dir := os.Getenv("BOXD_TOOLS_CACHE")
-	if dir == "" {
-		dir = "/var/cache/boxd-test/tools"
-	}
-	return filepath.Join(dir, "versitygw-"+VersityGWVersion)
-}
+// versityGW builds versitygw (minutes on two cores) into the tools cache.
+var versityGW = GoTool{Name: "versitygw", Version: VersityGWVersion, Pkgs: []string{"github.com/versity/versitygw/cmd/versitygw"}}
 
-// VersityGW returns the versitygw binary, building it into the cache
-// once (go install, minutes on two cores) under a lock, so concurrent
-// tests build it once and a half-built binary is never taken.
+// VersityGW returns the versitygw binary, building it into the tools cache
+// once (see GoTool).
 func VersityGW(ctx context.Context, t testing.TB) string {
 	t.Helper()
-	bin := VersityGWCache()
-	if _, err := os.Stat(bin); err == nil {
-		return bin
-	}
-	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	lock, err := os.OpenFile(bin+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(bin); err == nil {
-		return bin // another test built it meanwhile
-	}
-	tmp, err := os.MkdirTemp(filepath.Dir(bin), ".versitygw-*")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(tmp)
-	t.Logf("building versitygw %s into %s (once)", VersityGWVersion, bin)
-	cmd := exec.CommandContext(ctx, "go", "install", "github.com/versity/versitygw/cmd/versitygw@"+VersityGWVersion)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOBIN="+tmp, "GOFLAGS=-mod=mod")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building versitygw: %v\n%s", err, out)
-	}
-	if err := os.Rename(filepath.Join(tmp, "versitygw"), bin); err != nil {
-		t.Fatal(err)
-	}
-	return bin
+	return filepath.Join(versityGW.Build(ctx, t), "versitygw")
 }
 
 // S3Server is a versitygw serving a posix folder on 127.0.0.1.
@@ -132,7 +92,7 @@ func StartS3(ctx context.Context, t testing.TB, dir, bucket string) *S3Server {
 func (s *S3Server) Restart(t testing.TB) {
 	t.Helper()
 	dir := filepath.Dir(s.Data)
-	s.start(t, VersityGWCache(), filepath.Join(dir, "meta"), filepath.Join(dir, "versitygw.log"))
+	s.start(t, VersityGW(context.Background(), t), filepath.Join(dir, "meta"), filepath.Join(dir, "versitygw.log"))
 }
 
 func (s *S3Server) start(t testing.TB, bin, meta, logPath string) {
