@@ -51,6 +51,7 @@ bench: deps build
 	./bench/inside.sh
 	./bench/run.sh
 	./bench/metrics.sh
+	./bench/containerd.sh
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./cas/ ./snapshotter/ ./memstore/
 
 # Sets up and runs the box demo on embedded defaults: image, daemon, a box, ssh.

@@ -208,3 +208,11 @@ func signalName(n int) string {
 	}
 	return ""
 }
+
+// ExactSFTP is a subsystem the agent serves as the sftp one, but with no
+// working folder: a relative path stays as it is. SFTP's servers join a
+// symbolic link's relative target to their working folder, which would
+// turn a link to "busybox" into one to "/root/busybox"; boxd copies trees
+// into boxes with it (box.Manager.PutTree), links and all. Absolute paths
+// only: other relative ones are the agent's own folder's.
+const ExactSFTP = "sftp-exact@boxd.dev"

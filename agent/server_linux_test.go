@@ -648,3 +648,40 @@ func TestDial(t *testing.T) {
 		t.Errorf("Dial of a socket nobody serves = %v, want unavailable", err)
 	}
 }
+
+// TestExactSFTP checks that the ExactSFTP subsystem makes a symbolic link
+// with a relative target as it is asked (the sftp one joins the target to
+// its working folder, as SFTP servers do).
+func TestExactSFTP(t *testing.T) {
+	c := serve(t, nil)
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		subsystem, want string
+	}{
+		{ExactSFTP, "busybox"},
+		{ExactSFTP, "../bin/busybox"},
+	} {
+		sess, err := c.SSH().NewSession()
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, _ := sess.StdinPipe()
+		r, _ := sess.StdoutPipe()
+		if err := sess.RequestSubsystem(tc.subsystem); err != nil {
+			t.Fatal(err)
+		}
+		sc, err := sftp.NewClientPipe(r, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		link := filepath.Join(dir, "sh-"+strings.ReplaceAll(tc.want, "/", "-"))
+		if err := sc.Symlink(tc.want, link); err != nil {
+			t.Fatal(err)
+		}
+		sc.Close()
+		sess.Close()
+		if got, err := os.Readlink(link); err != nil || got != tc.want {
+			t.Errorf("%s: the link points to %q (%v), want %q", tc.subsystem, got, err, tc.want)
+		}
+	}
+}

@@ -134,11 +134,11 @@ func (ss *session) handle(req *ssh.Request) (ok bool, then func()) {
 		return ss.run([]string{loginShell(), "-l"})
 	case "subsystem":
 		var r subsystemReq
-		if ss.started || ssh.Unmarshal(req.Payload, &r) != nil || r.Name != "sftp" {
+		if ss.started || ssh.Unmarshal(req.Payload, &r) != nil || (r.Name != "sftp" && r.Name != ExactSFTP) {
 			return false, nil
 		}
 		ss.started = true
-		return true, func() { go ss.sftp() }
+		return true, func() { go ss.sftp(r.Name == ExactSFTP) }
 	case "signal":
 		var r signalRequest
 		if ssh.Unmarshal(req.Payload, &r) != nil {
@@ -399,12 +399,17 @@ type keepOpen struct{ ssh.Channel }
 
 func (keepOpen) Close() error { return nil }
 
-// sftp serves the sftp subsystem on the channel, in the agent's process, rooted at / and starting in root's home.
-func (ss *session) sftp() {
+// sftp serves the sftp subsystem on the channel, in the agent's process, rooted at / and starting in root's home;
+// exact, the ExactSFTP subsystem, with no working folder.
+func (ss *session) sftp(exact bool) {
 	status := uint32(0)
+	var opts []sftp.ServerOption
+	if !exact {
+		opts = append(opts, sftp.WithServerWorkingDirectory(workDir()))
+	}
 	// The server closes what it is given when it ends; the channel must
 	// stay open for the exit status.
-	srv, err := sftp.NewServer(keepOpen{ss.ch}, sftp.WithServerWorkingDirectory(workDir()))
+	srv, err := sftp.NewServer(keepOpen{ss.ch}, opts...)
 	if err == nil {
 		err = srv.Serve()
 		srv.Close()

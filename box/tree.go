@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/boxd-dev/boxd/agent"
 	"github.com/containerd/errdefs"
 	"github.com/pkg/sftp"
 )
@@ -120,8 +121,19 @@ func (m *Manager) sftp(ctx context.Context, name string) (*sftp.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	sc, err := sftp.NewClient(c.SSH(), sftp.UseConcurrentWrites(true))
+	sess, err := c.SSH().NewSession()
 	if err != nil {
+		return nil, fmt.Errorf("box %s: sftp: %w", name, err)
+	}
+	w, err1 := sess.StdinPipe()
+	r, err2 := sess.StdoutPipe()
+	if err := errors.Join(err1, err2, sess.RequestSubsystem(agent.ExactSFTP)); err != nil {
+		sess.Close()
+		return nil, fmt.Errorf("box %s: sftp: %w", name, err)
+	}
+	sc, err := sftp.NewClientPipe(r, w, sftp.UseConcurrentWrites(true))
+	if err != nil {
+		sess.Close()
 		return nil, fmt.Errorf("box %s: sftp: %w", name, err)
 	}
 	return sc, nil

@@ -64,6 +64,18 @@ type daemons struct {
 	ctrSock    string
 	snap, ctrd *proc
 	containers []string
+	// ns is the containerd namespace the test works in ("" for
+	// ctrNamespace); cri, when set, enables containerd's CRI with this
+	// configuration of its plugin's.
+	ns, cri string
+}
+
+// namespace is the containerd namespace the test works in.
+func (d *daemons) namespace() string {
+	if d.ns != "" {
+		return d.ns
+	}
+	return ctrNamespace
 }
 
 func TestContainerd(t *testing.T) {
@@ -296,10 +308,14 @@ func (d *daemons) startSnapshotter(boxd string) {
 func (d *daemons) startContainerd() {
 	t := d.t
 	t.Helper()
+	disabled := `disabled_plugins = ["io.containerd.grpc.v1.cri"]`
+	if d.cri != "" {
+		disabled = ""
+	}
 	cfg := fmt.Sprintf(`version = 2
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+%s
 
 [grpc]
   address = %q
@@ -310,8 +326,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.%s]
   type = "snapshot"
   address = %q
-`, filepath.Join(d.dir, "containerd", "root"), filepath.Join(d.dir, "containerd", "state"),
-		d.ctrSock, d.ctrSock+".ttrpc", snapshotterName, d.boxdSock)
+`, filepath.Join(d.dir, "containerd", "root"), filepath.Join(d.dir, "containerd", "state"), disabled,
+		d.ctrSock, d.ctrSock+".ttrpc", snapshotterName, d.boxdSock) + d.cri
 	cfgPath := filepath.Join(d.dir, "containerd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -360,7 +376,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 // returns its output; a failure fails the test.
 func (d *daemons) ctr(timeout time.Duration, args ...string) string {
 	d.t.Helper()
-	out, err := run(context.Background(), timeout, "ctr", append([]string{"--address", d.ctrSock, "--namespace", ctrNamespace}, args...)...)
+	out, err := run(context.Background(), timeout, "ctr", append([]string{"--address", d.ctrSock, "--namespace", d.namespace()}, args...)...)
 	if err != nil {
 		d.t.Fatalf("%v\nstdout:\n%s", err, tail(out, 20))
 	}
@@ -470,7 +486,7 @@ func (d *daemons) removeContainers() {
 		return
 	}
 	ctr := func(args ...string) (string, error) {
-		return run(context.Background(), 30*time.Second, "ctr", append([]string{"--address", d.ctrSock, "--namespace", ctrNamespace}, args...)...)
+		return run(context.Background(), 30*time.Second, "ctr", append([]string{"--address", d.ctrSock, "--namespace", d.namespace()}, args...)...)
 	}
 	out, err := ctr("containers", "ls", "-q")
 	if err != nil {

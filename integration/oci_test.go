@@ -187,7 +187,7 @@ func busyboxLayer(path, busybox string) (layer, error) {
 		if err := tarFile(tw, "bin/busybox", 0o755, tar.TypeReg, body, ""); err != nil {
 			return err
 		}
-		for _, applet := range []string{"cat", "echo", "ls", "mkdir", "rm", "sh", "sleep", "stty", "test", "true", "tty", "uname"} {
+		for _, applet := range []string{"cat", "echo", "ls", "mkdir", "rm", "hostname", "sh", "sleep", "stty", "test", "true", "tty", "uname"} {
 			if err := tarFile(tw, "bin/"+applet, 0o777, tar.TypeSymlink, nil, "busybox"); err != nil {
 				return err
 			}
@@ -200,6 +200,11 @@ func busyboxLayer(path, busybox string) (layer, error) {
 // machine's architecture) made of layers, as a tar at path. ref is the
 // image's name, in the org.opencontainers.image.ref.name annotation.
 func writeImage(path, ref string, layers []layer) (ocispec.Descriptor, error) {
+	return writeImageCmd(path, ref, []string{"/bin/sh"}, layers)
+}
+
+// writeImageCmd is writeImage of an image whose command is cmd.
+func writeImageCmd(path, ref string, cmd []string, layers []layer) (ocispec.Descriptor, error) {
 	created := time.Unix(1700000000, 0).UTC()
 	platform := ocispec.Platform{Architecture: runtime.GOARCH, OS: "linux"}
 	img := ocispec.Image{
@@ -207,7 +212,7 @@ func writeImage(path, ref string, layers []layer) (ocispec.Descriptor, error) {
 		Platform: platform,
 		Config: ocispec.ImageConfig{
 			Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-			Cmd: []string{"/bin/sh"},
+			Cmd: cmd,
 		},
 		RootFS: ocispec.RootFS{Type: "layers"},
 	}

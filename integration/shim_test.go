@@ -46,19 +46,7 @@ func shimTestSetup(t *testing.T, timeout time.Duration) (context.Context, string
 
 func TestShim(t *testing.T) {
 	ctx, tmp := shimTestSetup(t, 20*time.Minute)
-	snapSock := filepath.Join(tmp, "snapshotter.sock")
-	dm := newDaemonEnv(ctx, t, "--containerd-snapshotter", snapSock)
-	t.Cleanup(func() {
-		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(dm.root, "daemon.log"))
-			t.Logf("last lines of the daemon's log:\n%s", tail(string(b), 40))
-		}
-	})
-	waitFile(t, snapSock, time.Minute)
-
-	// The shim on containerd's PATH, the daemon's root in its environment.
-	shimOnPath(ctx, t, tmp)
-	t.Setenv("BOXD_ROOT", dm.root)
+	dm, snapSock := startShimDaemon(ctx, t, tmp)
 
 	d := &daemons{t: t, dir: filepath.Join(tmp, "ctr"), boxdRoot: dm.root, boxdSock: snapSock,
 		ctrSock: filepath.Join(tmp, "ctr", "containerd.sock")}
@@ -79,6 +67,26 @@ func TestShim(t *testing.T) {
 	t.Run("other snapshotter", s.otherSnapshotter)
 	t.Run("shim killed", s.shimKilled)
 	t.Run("guest crash", s.guestCrash)
+	t.Run("ctr run against runc", s.againstRunc)
+}
+
+// startShimDaemon starts a boxd daemon that serves containerd its
+// snapshotter on a socket in dir, which it returns, and puts the shim on
+// containerd's PATH with the daemon's root in its environment.
+func startShimDaemon(ctx context.Context, t *testing.T, dir string) (*daemonEnv, string) {
+	t.Helper()
+	snapSock := filepath.Join(dir, "snapshotter.sock")
+	dm := newDaemonEnv(ctx, t, "--containerd-snapshotter", snapSock)
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(dm.root, "daemon.log"))
+			t.Logf("last lines of the daemon's log:\n%s", tail(string(b), 40))
+		}
+	})
+	waitFile(t, snapSock, time.Minute)
+	shimOnPath(ctx, t, dir)
+	t.Setenv("BOXD_ROOT", dm.root)
+	return dm, snapSock
 }
 
 // shimOnPath builds the shim into a folder of dir and puts it first on
