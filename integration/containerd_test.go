@@ -68,6 +68,24 @@ type daemons struct {
 	// ctrNamespace); cri, when set, enables containerd's CRI with this
 	// configuration of its plugin's.
 	ns, cri string
+	// bin is the folder of the containerd and ctr to run, "" for the
+	// system's (Debian's containerd 1.6).
+	bin string
+}
+
+// tool is the path of containerd's program name (containerd, ctr) the
+// test runs.
+func (d *daemons) tool(name string) string {
+	if d.bin != "" {
+		return filepath.Join(d.bin, name)
+	}
+	return name
+}
+
+// ctrArgs are ctr's arguments for the test's containerd and namespace,
+// then args.
+func (d *daemons) ctrArgs(args ...string) []string {
+	return append([]string{"--address", d.ctrSock, "--namespace", d.namespace()}, args...)
 }
 
 // namespace is the containerd namespace the test works in.
@@ -339,7 +357,7 @@ state = %q
 			t.Logf("cleanup: killed containerd shims %v", pids)
 		}
 	})
-	d.ctrd = startProc(t, "containerd", filepath.Join(d.dir, "containerd.log"), "containerd", "--config", cfgPath)
+	d.ctrd = startProc(t, "containerd", filepath.Join(d.dir, "containerd.log"), d.tool("containerd"), "--config", cfgPath)
 	// Before containerd stops, remove what is left of the containers (only
 	// when the test failed half-way).
 	t.Cleanup(d.removeContainers)
@@ -349,7 +367,7 @@ state = %q
 		if d.ctrd.exited() {
 			t.Fatalf("containerd exited (%v):\n%s", d.ctrd.err, d.ctrd.tail(30))
 		}
-		_, err := run(context.Background(), 10*time.Second, "ctr", "--address", d.ctrSock, "version")
+		_, err := run(context.Background(), 10*time.Second, d.tool("ctr"), "--address", d.ctrSock, "version")
 		if err == nil {
 			break
 		}
@@ -376,7 +394,7 @@ state = %q
 // returns its output; a failure fails the test.
 func (d *daemons) ctr(timeout time.Duration, args ...string) string {
 	d.t.Helper()
-	out, err := run(context.Background(), timeout, "ctr", append([]string{"--address", d.ctrSock, "--namespace", d.namespace()}, args...)...)
+	out, err := run(context.Background(), timeout, d.tool("ctr"), d.ctrArgs(args...)...)
 	if err != nil {
 		d.t.Fatalf("%v\nstdout:\n%s", err, tail(out, 20))
 	}
@@ -486,7 +504,7 @@ func (d *daemons) removeContainers() {
 		return
 	}
 	ctr := func(args ...string) (string, error) {
-		return run(context.Background(), 30*time.Second, "ctr", append([]string{"--address", d.ctrSock, "--namespace", d.namespace()}, args...)...)
+		return run(context.Background(), 30*time.Second, d.tool("ctr"), d.ctrArgs(args...)...)
 	}
 	out, err := ctr("containers", "ls", "-q")
 	if err != nil {

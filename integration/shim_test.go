@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/boxd-dev/boxd/shim"
 	"github.com/creack/pty"
 )
@@ -46,10 +47,24 @@ func shimTestSetup(t *testing.T, timeout time.Duration) (context.Context, string
 
 func TestShim(t *testing.T) {
 	ctx, tmp := shimTestSetup(t, 20*time.Minute)
+	runShimTests(ctx, t, tmp, "")
+}
+
+// TestShimContainerd2 runs TestShim's steps under containerd 2.x (built
+// from the Go module proxy into the tools cache), which reads the shim's
+// start reply as a plain address too and bridges task API v2.
+func TestShimContainerd2(t *testing.T) {
+	ctx, tmp := shimTestSetup(t, 25*time.Minute)
+	runShimTests(ctx, t, tmp, testutil.Containerd2.Build(ctx, t))
+}
+
+// runShimTests runs the shim's steps with the containerd and ctr in bin
+// ("" for the system's).
+func runShimTests(ctx context.Context, t *testing.T, tmp, bin string) {
 	dm, snapSock := startShimDaemon(ctx, t, tmp)
 
 	d := &daemons{t: t, dir: filepath.Join(tmp, "ctr"), boxdRoot: dm.root, boxdSock: snapSock,
-		ctrSock: filepath.Join(tmp, "ctr", "containerd.sock")}
+		ctrSock: filepath.Join(tmp, "ctr", "containerd.sock"), bin: bin}
 	if err := os.MkdirAll(d.dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +141,7 @@ func (s *shimTest) ctr(t *testing.T, stdin string, args ...string) (string, stri
 	if stdin != "" {
 		in = strings.NewReader(stdin)
 	}
-	out, errOut, code, err := runIn(s.ctx, 3*time.Minute, in, "ctr", append([]string{"--address", s.d.ctrSock, "--namespace", ctrNamespace}, args...)...)
+	out, errOut, code, err := runIn(s.ctx, 3*time.Minute, in, s.d.tool("ctr"), s.d.ctrArgs(args...)...)
 	if code < 0 {
 		t.Fatal(err)
 	}
@@ -193,7 +208,7 @@ func (s *shimTest) terminal(t *testing.T) {
 // there.
 func (s *shimTest) ctrTTY(t *testing.T, rows, cols uint16, args ...string) string {
 	t.Helper()
-	cmd := exec.CommandContext(s.ctx, "ctr", append([]string{"--address", s.d.ctrSock, "--namespace", ctrNamespace}, args...)...)
+	cmd := exec.CommandContext(s.ctx, s.d.tool("ctr"), s.d.ctrArgs(args...)...)
 	ptmx, err := pty.StartWithSize(cmd, &pty.Winsize{Rows: rows, Cols: cols})
 	if err != nil {
 		t.Fatal(err)
@@ -445,8 +460,8 @@ func TestShimNoDaemon(t *testing.T) {
 	d.importImage(im)
 	id := fmt.Sprintf("boxd-test-%d-nodaemon", os.Getpid())
 	d.containers = append(d.containers, id)
-	_, errOut, code, _ := runIn(ctx, 3*time.Minute, nil, "ctr", "--address", d.ctrSock, "--namespace", ctrNamespace,
-		"run", "--rm", "--runtime", runtimeName, "--snapshotter", snapshotterName, im.ref, id, "true")
+	_, errOut, code, _ := runIn(ctx, 3*time.Minute, nil, d.tool("ctr"), d.ctrArgs(
+		"run", "--rm", "--runtime", runtimeName, "--snapshotter", snapshotterName, im.ref, id, "true")...)
 	want := "boxd daemon is not running: nothing answers on " + filepath.Join(root, "boxd.sock")
 	if code == 0 || !strings.Contains(errOut, want) {
 		t.Errorf("ctr run with no daemon: exit %d, stderr %q; want %q", code, errOut, want)

@@ -53,8 +53,7 @@ func (s *shimTest) againstRunc(t *testing.T) {
 // firstOutput times ctr run --rm of echo until its output arrives.
 func (s *shimTest) firstOutput(t *testing.T, runtimeFlag string) time.Duration {
 	t.Helper()
-	cmd := exec.CommandContext(s.ctx, "ctr", "--address", s.d.ctrSock, "--namespace", ctrNamespace,
-		"run", "--rm", runtimeFlag, "--snapshotter", snapshotterName, s.im.ref, s.id(), "echo", "first")
+	cmd := exec.CommandContext(s.ctx, s.d.tool("ctr"), s.d.ctrArgs("run", "--rm", runtimeFlag, "--snapshotter", snapshotterName, s.im.ref, s.id(), "echo", "first")...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
