@@ -911,3 +911,23 @@ func snapName(bx *Box, what string) string {
 }
 
 func nowUTC() time.Time { return time.Now().UTC() }
+
+// SetLabel sets label key of box name to value, or removes it when value
+// is empty.
+func (m *Manager) SetLabel(name, key, value string) error {
+	unlock := m.lock(name)
+	defer unlock()
+	bx, err := m.Get(name)
+	if err != nil {
+		return err
+	}
+	if value == "" {
+		delete(bx.Labels, key)
+	} else {
+		if bx.Labels == nil {
+			bx.Labels = map[string]string{}
+		}
+		bx.Labels[key] = value
+	}
+	return m.put(bx)
+}

@@ -66,6 +66,9 @@ type Rootfs interface {
 type RootfsRequest struct {
 	ID     string `json:"id"`
 	Rootfs string `json:"rootfs"` // the Source of a mount the snapshotter handed out
+	// Label, when set, is a label the box gets while it holds the root
+	// file system (Box.Labels): {"KEY": "VALUE"}, at most one.
+	Label map[string]string `json:"label,omitempty"`
 }
 
 // RootfsResult is what POST /v1/boxes/{name}/rootfs answers: where the
@@ -97,6 +100,12 @@ func (s *Server) addRootfs(w http.ResponseWriter, r *http.Request) {
 	if err == nil && !containerIDRE.MatchString(req.ID) {
 		err = fmt.Errorf("container id %.80q: want 1 to 76 letters, digits, '_', '.' and '-', a letter or digit first: %w", req.ID, errdefs.ErrInvalidArgument)
 	}
+	if err == nil && len(req.Label) > 1 {
+		err = fmt.Errorf("%d labels for a root file system: at most one: %w", len(req.Label), errdefs.ErrInvalidArgument)
+	}
+	if err == nil {
+		err = checkLabels(req.Label)
+	}
 	if err == nil && s.rootfs == nil {
 		err = fmt.Errorf("root file system %s: this daemon serves no containerd snapshotter (boxd daemon --containerd-snapshotter SOCK), whose root file systems alone a box can be given: %w", req.Rootfs, errdefs.ErrFailedPrecondition)
 	}
@@ -125,11 +134,18 @@ func (s *Server) addRootfs(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
+	for k, v := range req.Label {
+		if err := s.mgr.SetLabel(name, k, v); err != nil {
+			s.fail(w, r, err)
+			return
+		}
+	}
 	s.touch(name)
 	s.reply(w, RootfsResult{Path: path})
 }
 
-// removeRootfs takes a container's root file system out of a box.
+// removeRootfs takes a container's root file system out of a box, and the
+// label given with it (the query's label=KEY).
 func (s *Server) removeRootfs(w http.ResponseWriter, r *http.Request) {
 	name, err := boxName(r)
 	id := r.PathValue("id")
@@ -142,6 +158,9 @@ func (s *Server) removeRootfs(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		ctx, cancel := s.opContext(r)
 		err = s.mgr.RemoveTree(ctx, name, path.Dir(ContainerRoot(id)))
+		if key := r.URL.Query().Get("label"); err == nil && key != "" {
+			err = s.mgr.SetLabel(name, key, "")
+		}
 		cancel()
 	}
 	if err != nil {
@@ -159,13 +178,18 @@ const rootfsTemp = ".rootfs-"
 // AddRootfs puts the root file system at source (a mount of the daemon's
 // containerd snapshotter) in box name for container id, and returns where
 // it is in the box.
-func (c *Client) AddRootfs(ctx context.Context, name, id, source string) (string, error) {
+func (c *Client) AddRootfs(ctx context.Context, name, id, source string, label map[string]string) (string, error) {
 	var out RootfsResult
-	err := c.do(ctx, http.MethodPost, boxPath(name)+"/rootfs", RootfsRequest{ID: id, Rootfs: source}, &out)
+	err := c.do(ctx, http.MethodPost, boxPath(name)+"/rootfs", RootfsRequest{ID: id, Rootfs: source, Label: label}, &out)
 	return out.Path, err
 }
 
-// RemoveRootfs takes container id's root file system out of box name.
-func (c *Client) RemoveRootfs(ctx context.Context, name, id string) error {
-	return c.do(ctx, http.MethodDelete, boxPath(name)+"/rootfs/"+url.PathEscape(id), nil, nil)
+// RemoveRootfs takes container id's root file system out of box name, and
+// the box's label labelKey ("" for none).
+func (c *Client) RemoveRootfs(ctx context.Context, name, id, labelKey string) error {
+	path := boxPath(name) + "/rootfs/" + url.PathEscape(id)
+	if labelKey != "" {
+		path += "?label=" + url.QueryEscape(labelKey)
+	}
+	return c.do(ctx, http.MethodDelete, path, nil, nil)
 }

@@ -66,7 +66,10 @@ func TestRootfsRoutes(t *testing.T) {
 		{"POST", "/v1/boxes/dev/rootfs", `{"id":"web","rootfs":"/elsewhere"}`, fakeRootfs{}, "", 400, "get dev"},
 		{"POST", "/v1/boxes/nope/rootfs", `{"id":"web","rootfs":"/ctd/images/7"}`, fakeRootfs{}, "", 404, "get nope"},
 		{"POST", "/v1/boxes/dev/rootfs", `{"id":"web","rootfs":"/ctd/images/7"}`, nil, "", 409, ""},
+		{"POST", "/v1/boxes/dev/rootfs", `{"id":"web.1","rootfs":"/ctd/images/7","label":{"kubernetes.container.web":"web.1"}}`, fakeRootfs{}, "", 200, "label dev kubernetes.container.web=web.1"},
+		{"POST", "/v1/boxes/dev/rootfs", `{"id":"web.1","rootfs":"/ctd/images/7","label":{"a":"1","b":"2"}}`, fakeRootfs{}, "", 400, ""},
 		{"DELETE", "/v1/boxes/dev/rootfs/web.1", "", fakeRootfs{}, "", 200, "remove-tree dev /.boxd/containers/web.1"},
+		{"DELETE", "/v1/boxes/dev/rootfs/web.1?label=kubernetes.container.web", "", fakeRootfs{}, "", 200, "label dev kubernetes.container.web="},
 		{"DELETE", "/v1/boxes/dev/rootfs/-x", "", fakeRootfs{}, "", 400, ""},
 	} {
 		t.Run(tc.method+" "+tc.path+" "+tc.body, func(t *testing.T) {

@@ -72,6 +72,8 @@ type Manager interface {
 	// take it away (see box.Manager.PutTree).
 	PutTree(ctx context.Context, name, hostDir, guestDir string) error
 	RemoveTree(ctx context.Context, name, guestDir string) error
+	// SetLabel sets or, with value "", removes a label of box name.
+	SetLabel(name, key, value string) error
 }
 
 // Graph is what the API needs of the snapshot graph (*snapshotter.Graph).

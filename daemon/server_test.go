@@ -344,6 +344,14 @@ func (m *fakeManager) PutTree(_ context.Context, name, hostDir, guestDir string)
 	return err
 }
 
+func (m *fakeManager) SetLabel(name, key, value string) error {
+	if err := m.record("label %s %s=%s", name, key, value); err != nil {
+		return err
+	}
+	_, err := m.lookup(name)
+	return err
+}
+
 func (m *fakeManager) RemoveTree(_ context.Context, name, guestDir string) error {
 	if err := m.record("remove-tree %s %s", name, guestDir); err != nil {
 		return err

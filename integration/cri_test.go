@@ -219,6 +219,9 @@ func (c *criTest) pod(t *testing.T) {
 	c.run(t, "start", server)
 	job := c.run(t, "create", pod, c.containerConfig(t, "job", "uname -r; cat /sys/class/net/eth0/address; hostname; exit 7"), podCfg)
 	c.run(t, "start", job)
+	if boxes := c.podBoxes(t, pod); len(boxes) != 1 || boxes[0].Labels[shim.LabelContainerPrefix+"server"] != server || boxes[0].Labels[shim.LabelContainerPrefix+"job"] != job {
+		t.Fatalf("the pod's box's labels: %+v, want one per container, its name to its id", boxes)
+	}
 	if code := c.waitExited(t, job); code != 7 {
 		t.Fatalf("the job's exit code %d, want 7", code)
 	}
@@ -264,6 +267,9 @@ func (c *criTest) pod(t *testing.T) {
 		t.Fatalf("the stopped server's exit code %d, want a death by signal", code)
 	}
 	c.run(t, "rm", server, job)
+	if boxes := c.podBoxes(t, pod); len(boxes) != 1 || boxes[0].Labels[shim.LabelContainerPrefix+"server"] != "" {
+		t.Fatalf("the pod's box after its containers were removed: %+v", boxes)
+	}
 	c.run(t, "stopp", pod)
 	c.run(t, "rmp", pod)
 	c.checkNothingLeft(t, pod)

@@ -260,12 +260,15 @@ func categorised(ctx context.Context, unmarshal ttrpc.Unmarshaler, _ *ttrpc.Unar
 // is gone, to remove what it left. The container's box goes (its name is
 // in the bundle); its exit is reported as a SIGKILL.
 func cleanup(o options, newBoxes func() (Boxes, error)) int {
-	name, member := BoxName(o.namespace, o.id), false
+	name, member, label := BoxName(o.namespace, o.id), false, ""
 	if data, err := os.ReadFile(filepath.Join(o.bundle, BoxFile)); err == nil {
 		lines := strings.Fields(string(data))
 		name, member = "", len(lines) > 1 && lines[1] == podMember
 		if len(lines) > 0 {
 			name = lines[0]
+		}
+		if member && len(lines) > 2 {
+			label = lines[2]
 		}
 	} else if errors.Is(err, os.ErrNotExist) {
 		name = "" // deleted by the serving shim, or never made
@@ -275,7 +278,7 @@ func cleanup(o options, newBoxes func() (Boxes, error)) int {
 		if err == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			if member {
-				err = leavePod(ctx, boxes, name, o.id) // the pod's box is its sandbox's to remove
+				err = leavePod(ctx, boxes, name, o.id, label) // the pod's box is its sandbox's to remove
 			} else {
 				err = boxes.Remove(ctx, name)
 			}

@@ -39,10 +39,11 @@ type Boxes interface {
 	ForgetProcess(ctx context.Context, name, id string) error
 
 	// AddRootfs puts the root file system at source (a mount of the
-	// daemon's containerd snapshotter) in box name for container id, and
-	// returns where it is in the box; RemoveRootfs takes it out.
-	AddRootfs(ctx context.Context, name, id, source string) (string, error)
-	RemoveRootfs(ctx context.Context, name, id string) error
+	// daemon's containerd snapshotter) in box name for container id, with
+	// a label of the box's while it is there, and returns where it is in
+	// the box; RemoveRootfs takes it and the label labelKey out.
+	AddRootfs(ctx context.Context, name, id, source string, label map[string]string) (string, error)
+	RemoveRootfs(ctx context.Context, name, id, labelKey string) error
 }
 
 // ProcessIO is a kept process's streams on the shim's side.

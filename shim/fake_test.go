@@ -341,7 +341,7 @@ func (r *recorder) topics() []string {
 	return out
 }
 
-func (f *fakeBoxes) AddRootfs(_ context.Context, name, id, source string) (string, error) {
+func (f *fakeBoxes) AddRootfs(_ context.Context, name, id, source string, _ map[string]string) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, err := f.get(name); err != nil {
@@ -351,7 +351,7 @@ func (f *fakeBoxes) AddRootfs(_ context.Context, name, id, source string) (strin
 	return daemon.ContainerRoot(id), nil
 }
 
-func (f *fakeBoxes) RemoveRootfs(_ context.Context, name, id string) error {
+func (f *fakeBoxes) RemoveRootfs(_ context.Context, name, id, _ string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, err := f.get(name); err != nil {

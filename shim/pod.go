@@ -29,11 +29,32 @@ const (
 	ContainerTypeContainer = "container"
 )
 
-// Labels of a pod's box, beside Labels': the pod's names in Kubernetes.
+// Labels of a pod's box, beside Labels': the pod's names in Kubernetes,
+// and one per container of the pod, LabelContainerPrefix and its name,
+// whose value is its containerd id.
 const (
-	LabelPodName      = "kubernetes.pod.name"
-	LabelPodNamespace = "kubernetes.pod.namespace"
+	LabelPodName         = "kubernetes.pod.name"
+	LabelPodNamespace    = "kubernetes.pod.namespace"
+	LabelContainerPrefix = "kubernetes.container."
 )
+
+// containerLabel is the label of a pod's box for container id of the pod,
+// by its spec's annotations; nil when the spec names no container.
+func containerLabel(spec *specs.Spec, id string) map[string]string {
+	name := spec.Annotations[AnnotationContainerName]
+	if name == "" {
+		return nil
+	}
+	return map[string]string{LabelContainerPrefix + name: id}
+}
+
+// labelKey is the key of label, "" for none.
+func labelKey(label map[string]string) string {
+	for k := range label {
+		return k
+	}
+	return ""
+}
 
 // podMember is the second line of a pod container's BoxFile: the box
 // named on the first is its pod's, of which it has a part alone.
@@ -109,9 +130,9 @@ type Pods interface {
 }
 
 // joinPod gives container id of the pod whose sandbox is sandbox its root
-// file system in the pod's box, and returns the box and where the root is
-// in it.
-func (s *Service) joinPod(ctx context.Context, id, sandbox, source string) (string, string, error) {
+// file system in the pod's box, with the box's label for it, and returns
+// the box and where the root is in it.
+func (s *Service) joinPod(ctx context.Context, id, sandbox, source string, label map[string]string) (string, string, error) {
 	if s.cfg.Pods == nil {
 		return "", "", fmt.Errorf("container %s of pod %s: this shim serves no pod: %w", id, sandbox, errdefs.ErrFailedPrecondition)
 	}
@@ -119,16 +140,17 @@ func (s *Service) joinPod(ctx context.Context, id, sandbox, source string) (stri
 	if err != nil {
 		return "", "", fmt.Errorf("container %s of pod %s: %w", id, sandbox, err)
 	}
-	root, err := s.boxes.AddRootfs(ctx, bx, id, source)
+	root, err := s.boxes.AddRootfs(ctx, bx, id, source, label)
 	if err != nil {
 		return "", "", fmt.Errorf("putting container %s's root file system in box %s: %w", id, bx, createError(err))
 	}
 	return bx, root, nil
 }
 
-// leavePod takes container id's processes and root file system out of its
-// pod's box bx; a box or part already gone is no error.
-func leavePod(ctx context.Context, boxes Boxes, bx, id string) error {
+// leavePod takes container id's processes, root file system and label
+// (labelKey) out of its pod's box bx; a box or part already gone is no
+// error.
+func leavePod(ctx context.Context, boxes Boxes, bx, id, labelKey string) error {
 	list, err := boxes.Processes(ctx, bx)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil // the box is gone, or stopped: nothing of the container runs
@@ -144,7 +166,7 @@ func leavePod(ctx context.Context, boxes Boxes, bx, id string) error {
 			}
 		}
 	}
-	if err := boxes.RemoveRootfs(ctx, bx, id); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+	if err := boxes.RemoveRootfs(ctx, bx, id, labelKey); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		errs = append(errs, fmt.Errorf("taking container %s's root file system out of box %s: %w", id, bx, err))
 	}
 	return errors.Join(errs...)

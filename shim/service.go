@@ -54,6 +54,7 @@ type Service struct {
 	box          string // "" until Create made it
 	bundle       string
 	pod          bool   // the box is a pod's, which the container has a part of
+	label        string // with pod, the key of the box's label for the container
 	root         string // with pod, the container's root file system in the box
 	prefix       string // begins the agent ids of its processes (agentPrefix)
 	init         *process
@@ -123,7 +124,7 @@ func (s *Service) Create(ctx context.Context, r *taskapi.CreateTaskRequest) (*ta
 		return nil, err
 	}
 	if sandbox := sandboxOf(oci, r.ID); sandbox != "" {
-		return s.createInPod(ctx, r, sandbox, spec)
+		return s.createInPod(ctx, r, sandbox, spec, containerLabel(oci, r.ID))
 	}
 	req := daemon.CreateRequest{Labels: Labels(s.cfg.Namespace, r.ID)}
 	maps.Copy(req.Labels, podLabels(oci))
@@ -161,7 +162,7 @@ func (s *Service) Create(ctx context.Context, r *taskapi.CreateTaskRequest) (*ta
 // createInPod gives container r.ID, of the pod whose sandbox is sandbox, a
 // part of the pod's box: its root file system there, and its processes,
 // which run in it.
-func (s *Service) createInPod(ctx context.Context, r *taskapi.CreateTaskRequest, sandbox string, spec agent.ProcessSpec) (*taskapi.CreateTaskResponse, error) {
+func (s *Service) createInPod(ctx context.Context, r *taskapi.CreateTaskRequest, sandbox string, spec agent.ProcessSpec, label map[string]string) (*taskapi.CreateTaskResponse, error) {
 	if r.Checkpoint != "" {
 		return nil, fmt.Errorf("container %s of pod %s: a pod's container is not restored from a checkpoint: %w", r.ID, sandbox, errdefs.ErrNotImplemented)
 	}
@@ -169,15 +170,15 @@ func (s *Service) createInPod(ctx context.Context, r *taskapi.CreateTaskRequest,
 	if err != nil {
 		return nil, err
 	}
-	bx, root, err := s.joinPod(ctx, r.ID, sandbox, source)
+	bx, root, err := s.joinPod(ctx, r.ID, sandbox, source, label)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(filepath.Join(r.Bundle, BoxFile), []byte(bx+"\n"+podMember+"\n"), 0o644); err != nil {
-		_ = leavePod(ctx, s.boxes, bx, r.ID)
+	if err := os.WriteFile(filepath.Join(r.Bundle, BoxFile), []byte(bx+"\n"+podMember+"\n"+labelKey(label)+"\n"), 0o644); err != nil {
+		_ = leavePod(ctx, s.boxes, bx, r.ID, labelKey(label))
 		return nil, fmt.Errorf("recording box %s in bundle %s: %w", bx, r.Bundle, err)
 	}
-	s.box, s.bundle, s.pod, s.root, s.prefix = bx, r.Bundle, true, root, agentPrefix(r.ID, true)
+	s.box, s.bundle, s.pod, s.root, s.prefix, s.label = bx, r.Bundle, true, root, agentPrefix(r.ID, true), labelKey(label)
 	spec.Root, spec.Hostname = root, "" // the pod's hostname is the box's
 	s.init = newProcess("", s.prefix+InitProcess, spec, stdio{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal})
 	s.log.Info("created the container in its pod's box", "box", bx, "pod", sandbox, "root", root)
@@ -452,10 +453,10 @@ func (s *Service) Delete(ctx context.Context, r *taskapi.DeleteRequest) (*taskap
 		return resp, nil
 	}
 	s.deleted = true
-	bx, keep, bundle, pod := s.box, s.checkpointed, s.bundle, s.pod
+	bx, keep, bundle, pod, label := s.box, s.checkpointed, s.bundle, s.pod, s.label
 	s.mu.Unlock()
 	if pod {
-		if err := leavePod(ctx, s.boxes, bx, r.ID); err != nil {
+		if err := leavePod(ctx, s.boxes, bx, r.ID, label); err != nil {
 			s.log.Warn("taking the container out of its pod's box", "box", bx, "err", err)
 		}
 		_ = os.Remove(filepath.Join(bundle, BoxFile))
