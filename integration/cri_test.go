@@ -55,6 +55,20 @@ type criTest struct {
 
 func TestCRI(t *testing.T) {
 	ctx, tmp := shimTestSetup(t, 20*time.Minute)
+	runCRITests(ctx, t, tmp, "")
+}
+
+// TestCRIContainerd2 runs TestCRI's steps under containerd 2.x (built
+// from the Go module proxy into the tools cache), whose CRI takes the same
+// configuration.
+func TestCRIContainerd2(t *testing.T) {
+	ctx, tmp := shimTestSetup(t, 25*time.Minute)
+	runCRITests(ctx, t, tmp, testutil.Containerd2.Build(ctx, t))
+}
+
+// runCRITests runs the pod's steps with the containerd in bin ("" for the
+// system's).
+func runCRITests(ctx context.Context, t *testing.T, tmp, bin string) {
 	dm, snapSock := startShimDaemon(ctx, t, tmp)
 	crictl := filepath.Join(testutil.Crictl.Build(ctx, t), "crictl")
 
@@ -70,7 +84,7 @@ func TestCRI(t *testing.T) {
 		}
 	}
 	d := &daemons{t: t, dir: filepath.Join(tmp, "ctr"), boxdRoot: dm.root, boxdSock: snapSock,
-		ctrSock: filepath.Join(tmp, "ctr", "containerd.sock"), ns: "k8s.io",
+		ctrSock: filepath.Join(tmp, "ctr", "containerd.sock"), ns: "k8s.io", bin: bin,
 		cri: fmt.Sprintf(criConfig, pause.ref, snapshotterName, runtimeName, filepath.Join(tmp, "cni/bin"), filepath.Join(tmp, "cni/conf"))}
 	if err := os.MkdirAll(d.dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -258,8 +272,14 @@ func (c *criTest) pod(t *testing.T) {
 	}
 	c.execTerminal(t, server)
 
-	// The pod's box is an ordinary box: it snapshots like any other.
+	// The pod's box is an ordinary box: it snapshots and forks like any
+	// other, its containers' files and processes with it.
 	c.dm.cli(t, "snapshot", bx)
+	c.dm.cli(t, "fork", bx, "pod-copy")
+	if out := c.dm.cli(t, "exec", "pod-copy", "--", "/.boxd/containers/"+server+"/rootfs/bin/cat", "/.boxd/containers/"+server+"/rootfs/marker"); strings.TrimSpace(out) != "mine" {
+		t.Fatalf("the fork of the pod's box: the server's file reads %q", out)
+	}
+	c.dm.cli(t, "rm", "pod-copy")
 
 	// Stop and remove leave no box, memory file, shim socket or mount.
 	c.run(t, "stop", server)
@@ -278,7 +298,10 @@ func (c *criTest) pod(t *testing.T) {
 // execTerminal runs crictl exec -it under a terminal.
 func (c *criTest) execTerminal(t *testing.T, id string) {
 	t.Helper()
-	cmd := exec.CommandContext(c.ctx, c.crictl, c.args("exec", "-it", id, "sh", "-c", "tty; stty size")...)
+	// The window's size follows the start (CRI's streams resize the
+	// terminal once they are up): the script waits for it a while.
+	script := `tty; for i in $(seq 50); do s=$(stty size); [ "$s" != "24 80" ] && break; sleep 0.1; done; echo $s`
+	cmd := exec.CommandContext(c.ctx, c.crictl, c.args("exec", "-it", id, "sh", "-c", script)...)
 	ptmx, err := pty.StartWithSize(cmd, &pty.Winsize{Rows: 31, Cols: 97})
 	if err != nil {
 		t.Fatal(err)
@@ -328,6 +351,9 @@ func (c *criTest) checkNothingLeft(t *testing.T, pod string) {
 		if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(cmdline), pod) {
 			t.Fatalf("the pod's shim (pid %d) still runs", pid)
 		}
+	}
+	if sock := shim.SocketPath(c.d.ctrSock, c.d.namespace(), pod); fileExists(sock) {
+		t.Fatalf("the pod's shim's socket %s is left", sock)
 	}
 }
 
@@ -392,4 +418,10 @@ func (c *criTest) removeAll(t *testing.T) {
 		_, _, _, _ = runIn(ctx, time.Minute, nil, c.crictl, c.args("stopp", pod)...)
 		_, _, _, _ = runIn(ctx, time.Minute, nil, c.crictl, c.args("rmp", "-f", pod)...)
 	}
+}
+
+// fileExists says whether path names anything.
+func fileExists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }

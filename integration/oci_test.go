@@ -187,7 +187,7 @@ func busyboxLayer(path, busybox string) (layer, error) {
 		if err := tarFile(tw, "bin/busybox", 0o755, tar.TypeReg, body, ""); err != nil {
 			return err
 		}
-		for _, applet := range []string{"cat", "echo", "ls", "mkdir", "rm", "hostname", "sh", "sleep", "stty", "test", "true", "tty", "uname"} {
+		for _, applet := range []string{"cat", "echo", "ls", "mkdir", "rm", "hostname", "seq", "sh", "sleep", "stty", "test", "true", "tty", "uname"} {
 			if err := tarFile(tw, "bin/"+applet, 0o777, tar.TypeSymlink, nil, "busybox"); err != nil {
 				return err
 			}

@@ -121,8 +121,12 @@ func printProto(m proto.Message) int {
 }
 
 // socketPath is the serving shim's socket of a container.
-func socketPath(o options) string {
-	sum := sha256.Sum256([]byte(o.address + "\x00" + o.namespace + "\x00" + o.id))
+func socketPath(o options) string { return SocketPath(o.address, o.namespace, o.id) }
+
+// SocketPath is the socket the serving shim of container id in namespace
+// ns listens on, for the containerd whose address is address.
+func SocketPath(address, ns, id string) string {
+	sum := sha256.Sum256([]byte(address + "\x00" + ns + "\x00" + id))
 	return filepath.Join(socketDir, "boxd-"+hex.EncodeToString(sum[:16]))
 }
 
