@@ -142,6 +142,8 @@ type Manager struct {
 	locks    map[string]*sync.Mutex // one operation per box at a time
 	machines map[string]runner.Machine
 	clients  map[string]*agent.Client
+	// held is the clients of boxes between machines (held.go).
+	held map[string]*agent.Client
 
 	usage usageState // what Usage keeps (usage.go)
 
@@ -207,6 +209,7 @@ func Open(cfg Config) (*Manager, error) {
 		locks:    map[string]*sync.Mutex{},
 		machines: map[string]runner.Machine{},
 		clients:  map[string]*agent.Client{},
+		held:     map[string]*agent.Client{},
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists(bucket)
@@ -303,6 +306,10 @@ func (m *Manager) LeaveRunning(ctx context.Context) error {
 		_ = c.Close()
 		delete(m.clients, name)
 	}
+	for name, c := range m.held {
+		_ = c.Close()
+		delete(m.held, name)
+	}
 	m.mu.Unlock()
 	return m.db.Close()
 }
@@ -322,6 +329,9 @@ func (m *Manager) Close(ctx context.Context) error {
 	// Snapshots written in the background go to the store before boxd ends.
 	if err := m.Flush(ctx); err != nil {
 		m.log.Error("box: writing snapshots at exit", "err", err)
+	}
+	for _, b := range boxes {
+		m.dropHeld(b.Name)
 	}
 	return m.db.Close()
 }
@@ -683,7 +693,11 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 		case <-dctx.Done():
 		}
 	}()
-	c, err := agent.Dial(dctx, ah.AgentSocket())
+	c := m.resumeHeld(dctx, name, ah)
+	var err error
+	if c == nil {
+		c, err = agent.Dial(dctx, ah.AgentSocket())
+	}
 	if err != nil {
 		_ = mach.Stop(context.WithoutCancel(ctx))
 		why := "its agent did not answer within " + ReadyTimeout.String()
@@ -895,6 +909,7 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 		return err
 	}
 	m.stopMachine(ctx, name)
+	m.dropHeld(name)
 	if err := m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(name)) }); err != nil {
 		return err
 	}

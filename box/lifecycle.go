@@ -144,6 +144,7 @@ func (m *Manager) hibernateAs(ctx context.Context, bx Box, what string) (Box, er
 		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
 	}
 	top := currentDisk(mach, bx.Disk)
+	m.holdClient(bx.Name)
 	m.stopMachine(ctx, bx.Name)
 	bx.State, bx.Snapshot = StateHibernated, snap
 	if frozen := m.snapshotDisk(s); frozen != "" && frozen != top {
