@@ -1,0 +1,117 @@
+package box_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/box"
+	"github.com/boxd-dev/boxd/box/boxtest"
+	"golang.org/x/crypto/ssh"
+)
+
+// TestBoxLinkSurvives runs a counter on a terminal in a box over its agent client, as `ssh -t` through the front
+// door does, and forks and hibernates the box while it prints: every number arrives once, in order, and the
+// counter goes on after each. BOXD_LINK_FORKS sets the number of forks (3 by default).
+func TestBoxLinkSurvives(t *testing.T) {
+	forks := 3
+	if n, err := strconv.Atoi(os.Getenv("BOXD_LINK_FORKS")); err == nil && n > 0 {
+		forks = n
+	}
+	mgr, _ := boxtest.NewManager(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if _, err := mgr.Create(ctx, box.CreateOptions{Name: "lk", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := mgr.Client(ctx, "lk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := c.SSH().NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	if err := sess.RequestPty("xterm", 24, 80, ssh.TerminalModes{ssh.ECHO: 0}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := sess.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sess.Start(`i=0; while :; do i=$((i+1)); echo "n $i"; sleep 0.02; done`); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan int, 1<<16)
+	go readCounter(t, out, lines)
+	last := 0
+	// past waits until the counter has gone on by n numbers, checking each.
+	past := func(what string, n int) {
+		t.Helper()
+		for want := last + n; last < want; {
+			select {
+			case got, ok := <-lines:
+				if !ok {
+					t.Fatalf("after %s: the session ended at %d", what, last)
+				}
+				if got != last+1 {
+					t.Fatalf("after %s: %d came after %d", what, got, last)
+				}
+				last = got
+			case <-ctx.Done():
+				t.Fatalf("after %s: the counter stopped at %d", what, last)
+			}
+		}
+	}
+	past("the start", 5)
+	for i := range forks {
+		child := "lk-" + strconv.Itoa(i)
+		if _, err := mgr.Fork(ctx, "lk", []string{child}); err != nil {
+			t.Fatal(err)
+		}
+		past("fork "+strconv.Itoa(i), 3)
+		if err := mgr.Remove(ctx, child); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := mgr.Hibernate(ctx, "lk"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mgr.Resume(ctx, "lk"); err != nil {
+		t.Fatal(err)
+	}
+	past("the hibernation", 5)
+	if c2, err := mgr.Client(ctx, "lk"); err != nil || c2 != c {
+		t.Errorf("after the hibernation the box has client %p (%v), want the one it had, %p", c2, err, c)
+	}
+	t.Logf("the counter reached %d over %d forks and a hibernation", last, forks)
+}
+
+// readCounter sends the numbers of "n N" lines read from r.
+func readCounter(t *testing.T, r io.Reader, lines chan<- int) {
+	defer close(lines)
+	br := bufio.NewReader(r)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return
+		}
+		f := strings.Fields(line)
+		if len(f) != 2 || f[0] != "n" {
+			t.Errorf("the counter printed %q", line)
+			continue
+		}
+		n, err := strconv.Atoi(f[1])
+		if err != nil {
+			t.Errorf("the counter printed %q", line)
+			continue
+		}
+		lines <- n
+	}
+}
