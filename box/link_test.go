@@ -2,8 +2,13 @@ package box_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"io"
+	"math/rand/v2"
 	"os"
 	"strconv"
 	"strings"
@@ -12,12 +17,13 @@ import (
 
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/box/boxtest"
+	"github.com/pkg/sftp"
 	"golang.org/x/crypto/ssh"
 )
 
 // TestBoxLinkSurvives runs a counter on a terminal in a box over its agent client, as `ssh -t` through the front
 // door does, and forks and hibernates the box while it prints: every number arrives once, in order, and the
-// counter goes on after each. BOXD_LINK_FORKS sets the number of forks (3 by default).
+// counter goes on after each. A 50 MiB file sent over sftp during a fork arrives whole. BOXD_LINK_FORKS sets the number of forks (3 by default).
 func TestBoxLinkSurvives(t *testing.T) {
 	forks := 3
 	if n, err := strconv.Atoi(os.Getenv("BOXD_LINK_FORKS")); err == nil && n > 0 {
@@ -70,11 +76,33 @@ func TestBoxLinkSurvives(t *testing.T) {
 		}
 	}
 	past("the start", 5)
+
+	// A 50 MiB file in flight over sftp (what scp uses) while the box forks arrives whole.
+	file := randomFile(50 << 20)
+	sent := make(chan error, 1)
+	go func() { sent <- putFile(c.SSH(), "/root/big", file) }()
+	if _, err := mgr.Fork(ctx, "lk", []string{"lk-scp"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-sent; err != nil {
+		t.Fatalf("the file sent during the fork: %v", err)
+	}
+	want := sha256.Sum256(file)
+	if got := strings.Fields(run(ctx, t, mgr, "lk", "sha256sum /root/big; rm /root/big")); len(got) == 0 || got[0] != hex.EncodeToString(want[:]) {
+		t.Errorf("the file sent during the fork has sum %q, want %x", got, want)
+	}
+	if err := mgr.Remove(ctx, "lk-scp"); err != nil {
+		t.Fatal(err)
+	}
+	past("the file", 3)
+
 	for i := range forks {
 		child := "lk-" + strconv.Itoa(i)
+		began := time.Now()
 		if _, err := mgr.Fork(ctx, "lk", []string{child}); err != nil {
 			t.Fatal(err)
 		}
+		t.Logf("fork %d: %v", i, time.Since(began).Round(time.Millisecond))
 		past("fork "+strconv.Itoa(i), 3)
 		if err := mgr.Remove(ctx, child); err != nil {
 			t.Fatal(err)
@@ -91,6 +119,34 @@ func TestBoxLinkSurvives(t *testing.T) {
 		t.Errorf("after the hibernation the box has client %p (%v), want the one it had, %p", c2, err, c)
 	}
 	t.Logf("the counter reached %d over %d forks and a hibernation", last, forks)
+}
+
+// randomFile returns n bytes of no pattern.
+func randomFile(n int) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(5, 6))
+	for i := 0; i+8 <= n; i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], r.Uint64())
+	}
+	return b
+}
+
+// putFile writes data to path in the box over sftp.
+func putFile(c *ssh.Client, path string, data []byte) error {
+	sc, err := sftp.NewClient(c)
+	if err != nil {
+		return err
+	}
+	defer sc.Close()
+	f, err := sc.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := f.ReadFrom(bytes.NewReader(data)); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // readCounter sends the numbers of "n N" lines read from r.
