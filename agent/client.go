@@ -40,6 +40,9 @@ type Client struct {
 	link *Link
 	// redial is where the link's next channel comes from (see linkclient.go).
 	redial *redialer
+	// detachMu protects detach, closed by DetachProcesses.
+	detachMu sync.Mutex
+	detach   chan struct{}
 }
 
 // Dial connects to the agent behind a unix socket (QEMU's chardev for the agent's port), retrying the connection
@@ -88,9 +91,9 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 }
 
 // NewClient makes one SSH handshake with the agent over conn, bounded by ctx: first the channel preamble, which
-// skips bytes left over from earlier connections (see preamble.go), then a new link and SSH over it. The link
-// takes no other channel until Move says where to dial. On failure conn is closed; an agent without the link is
-// an error that wraps errdefs.ErrNotImplemented.
+// skips bytes left over from earlier connections (see preamble.go), then a new link and SSH over it. Unless Move
+// says where to dial next, the link, and the connection, end with conn. On failure conn is closed; an agent
+// without the link is an error that wraps errdefs.ErrNotImplemented.
 func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
 	return newClient(ctx, conn, false, "")
 }

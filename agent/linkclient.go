@@ -110,12 +110,24 @@ func (r *redialer) run(conn net.Conn, rd io.Reader, peerRecv uint64, socket stri
 		}
 		r.note("", nil)
 		var err error
-		if conn, rd, peerRecv, socket, err = r.next(); err != nil {
+		if r.nowhere() {
+			err = errcat.With(errors.New("agent: link: its channel ended, and there is no socket to dial again"), errdefs.ErrUnavailable)
+		} else {
+			conn, rd, peerRecv, socket, err = r.next()
+		}
+		if err != nil {
 			r.link.fail(err)
 			r.note("", err)
 			return
 		}
 	}
+}
+
+// nowhere says whether the link has no socket to dial (NewClient's, never moved).
+func (r *redialer) nowhere() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.socket == ""
 }
 
 func (r *redialer) note(on string, err error) {

@@ -14,6 +14,9 @@ func (m *Manager) holdClient(name string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if c := m.clients[name]; c != nil {
+		// Streams of kept processes end detached, as they did when the
+		// link ended with the machine; sessions wait.
+		c.DetachProcesses()
 		delete(m.clients, name)
 		if old := m.held[name]; old != nil {
 			_ = old.Close()
