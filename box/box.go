@@ -125,6 +125,11 @@ type Config struct {
 	// Events takes an event for each change of a box's state (nil: none
 	// are told).
 	Events *events.Exchange
+	// ForkMovesParent makes a running parent that owns its memory end in
+	// its fork's snapshot, its memory frozen rather than copied, and go on
+	// in a new machine on that memory, as its children do; its agent link
+	// moves with it (forkmove.go).
+	ForkMovesParent bool
 }
 
 // DefaultSpares is the spares each box has by default: enough for a

@@ -23,13 +23,25 @@ import (
 
 // TestBoxLinkSurvives runs a counter on a terminal in a box over its agent client, as `ssh -t` through the front
 // door does, and forks and hibernates the box while it prints: every number arrives once, in order, and the
-// counter goes on after each. A 50 MiB file sent over sftp during a fork arrives whole. BOXD_LINK_FORKS sets the number of forks (3 by default).
+// counter goes on after each. A 50 MiB file sent over sftp during a fork arrives whole. It does so for forks
+// whose parent goes on in its machine and for forks whose parent moves to a new one. BOXD_LINK_FORKS sets the number of forks (3 by default).
 func TestBoxLinkSurvives(t *testing.T) {
+	for _, moves := range []bool{false, true} {
+		name := "parent stays"
+		if moves {
+			name = "parent moves"
+		}
+		t.Run(name, func(t *testing.T) { testLinkSurvives(t, moves) })
+	}
+}
+
+// testLinkSurvives is TestBoxLinkSurvives; moves sets Config.ForkMovesParent.
+func testLinkSurvives(t *testing.T, moves bool) {
 	forks := 3
 	if n, err := strconv.Atoi(os.Getenv("BOXD_LINK_FORKS")); err == nil && n > 0 {
 		forks = n
 	}
-	mgr, _ := boxtest.NewManager(t)
+	mgr, _ := boxtest.NewManagerBox(t, func(c *box.Config) { c.ForkMovesParent = moves })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	if _, err := mgr.Create(ctx, box.CreateOptions{Name: "lk", Image: boxtest.Image, Memory: 256 << 20, Keys: []string{keyA}}); err != nil {
