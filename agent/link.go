@@ -132,20 +132,42 @@ func (l *Link) Run(ch io.WriteCloser, r io.Reader, peerRecv uint64) error {
 	l.cond.Broadcast()
 	l.mu.Unlock()
 
-	errc := make(chan error, 2)
-	go func() { errc <- l.readFrames(gen, r) }()
-	go func() { errc <- l.writeFrames(gen, ch) }()
-	err := <-errc
+	rerr, werr := make(chan error, 1), make(chan error, 1)
+	go func() { rerr <- l.readFrames(gen, r) }()
+	go func() { werr <- l.writeFrames(gen, ch) }()
+	var err error
+	select {
+	case err = <-rerr:
+		l.endChannel(gen, ch)
+		<-werr
+	case err = <-werr:
+		if !errors.Is(err, ErrLinkClosed) && !errors.Is(err, errChannelReplaced) {
+			// The channel broke while sending: the peer may have gone after sending its last frames, a close
+			// among them. They are read before the channel goes.
+			t := time.AfterFunc(linkCloseFlush, func() { ch.Close() })
+			if rerr := <-rerr; errors.Is(rerr, io.EOF) {
+				err = rerr
+			}
+			t.Stop()
+			l.endChannel(gen, ch)
+			return err
+		}
+		l.endChannel(gen, ch)
+		<-rerr
+	}
+	return err
+}
+
+// endChannel ends channel gen, waking its goroutines, and closes ch.
+func (l *Link) endChannel(gen uint64, ch io.Closer) {
 	l.mu.Lock()
-	if l.chGen == gen { // ends the other goroutine's wait
+	if l.chGen == gen {
 		l.ch = nil
 		l.chGen++
 	}
 	l.cond.Broadcast()
 	l.mu.Unlock()
 	ch.Close()
-	<-errc
-	return err
 }
 
 // readFrames applies the frames of channel gen until it breaks or is replaced.
