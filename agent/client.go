@@ -109,7 +109,7 @@ func newClient(ctx context.Context, conn net.Conn, plain bool, socketPath string
 	}
 	// sshConn is what SSH runs over: conn, or the link over it.
 	var sshMu sync.Mutex
-	var sshConn net.Conn = conn
+	sshConn := conn
 	stop := context.AfterFunc(ctx, func() {
 		// Wakes the handshake at once; the deadline covers the ctx that ends by its deadline.
 		_ = conn.SetDeadline(time.Unix(1, 0))
@@ -191,7 +191,7 @@ func (c *Client) Close() error {
 	err := c.ssh.Close()
 	if c.link != nil {
 		_ = c.link.Close()
-		c.redial.stop()
+		c.redial.interrupt()
 	}
 	return err
 }

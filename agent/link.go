@@ -139,7 +139,9 @@ func (l *Link) Run(ch io.WriteCloser, r io.Reader, peerRecv uint64) error {
 	select {
 	case err = <-rerr:
 		l.endChannel(gen, ch)
-		<-werr
+		if werr := <-werr; err == nil {
+			err = werr
+		}
 	case err = <-werr:
 		if !errors.Is(err, ErrLinkClosed) && !errors.Is(err, errChannelReplaced) {
 			// The channel broke while sending: the peer may have gone after sending its last frames, a close
@@ -153,7 +155,9 @@ func (l *Link) Run(ch io.WriteCloser, r io.Reader, peerRecv uint64) error {
 			return err
 		}
 		l.endChannel(gen, ch)
-		<-rerr
+		if rerr := <-rerr; err == nil {
+			err = rerr
+		}
 	}
 	return err
 }
@@ -357,9 +361,13 @@ func (l *Link) done() bool {
 	return l.closing || l.peerClosed || l.failed != nil
 }
 
-func (l *Link) LocalAddr() net.Addr  { return linkAddr(l.id) }
+// LocalAddr names the link.
+func (l *Link) LocalAddr() net.Addr { return linkAddr(l.id) }
+
+// RemoteAddr names the link.
 func (l *Link) RemoteAddr() net.Addr { return linkAddr(l.id) }
 
+// SetDeadline sets the deadline of reads and writes, which is the stream's, not a channel's.
 func (l *Link) SetDeadline(t time.Time) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -368,6 +376,7 @@ func (l *Link) SetDeadline(t time.Time) error {
 	return nil
 }
 
+// SetReadDeadline sets the deadline of reads.
 func (l *Link) SetReadDeadline(t time.Time) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -375,6 +384,7 @@ func (l *Link) SetReadDeadline(t time.Time) error {
 	return nil
 }
 
+// SetWriteDeadline sets the deadline of writes.
 func (l *Link) SetWriteDeadline(t time.Time) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()

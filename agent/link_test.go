@@ -35,7 +35,7 @@ func (c *breakingConn) Write(p []byte) (int, error) {
 	if c.junk != nil {
 		_, _ = c.Conn.Write(c.junk)
 	}
-	c.Conn.Close()
+	c.Close()
 	return n, net.ErrClosed
 }
 

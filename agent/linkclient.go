@@ -210,14 +210,8 @@ func resumeLink(ctx context.Context, socket string, l *Link) (net.Conn, io.Reade
 func (r *redialer) move(ctx context.Context, socket string) error {
 	r.mu.Lock()
 	r.socket = socket
-	if r.cancel != nil {
-		r.cancel()
-	}
 	r.mu.Unlock()
-	select {
-	case r.kick <- struct{}{}:
-	default:
-	}
+	r.interrupt()
 	if !r.carriedFrom(socket) {
 		r.link.detach()
 	}
@@ -250,8 +244,8 @@ func (r *redialer) wait(ctx context.Context, socket string) error {
 	}
 }
 
-// stop ends the attempt in progress and the pause after it, for a closed link.
-func (r *redialer) stop() {
+// interrupt ends the attempt in progress and the pause after it: the link closed, or its socket changed.
+func (r *redialer) interrupt() {
 	r.mu.Lock()
 	if r.cancel != nil {
 		r.cancel()
