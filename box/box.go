@@ -673,6 +673,9 @@ func (m *Manager) startSpares(name string, mach runner.Machine) {
 	if n < 0 || !ok {
 		return
 	}
+	if m.startMoveSpares(name, mach, n) {
+		return
+	}
 	go func() {
 		if err := f.StartSpares(context.Background(), n); err != nil && mach.Err() == nil {
 			m.log.Warn("box: no spares for forks", "box", name, "err", err)

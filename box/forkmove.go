@@ -16,6 +16,28 @@ type freezer interface {
 	OwnsMemory() bool
 }
 
+// moveSparer is a machine that can start spares on its own memory file for a fork that freezes it
+// (runner/qemu's Machine.StartMoveSpares).
+type moveSparer interface {
+	StartMoveSpares(ctx context.Context, n int) error
+	OwnsMemory() bool
+}
+
+// startMoveSpares starts n spares for box name's next fork on the memory its machine owns, when the parent will
+// move (Config.ForkMovesParent): the parent and its children take them. It says whether it did.
+func (m *Manager) startMoveSpares(name string, mach runner.Machine, n int) bool {
+	ms, ok := mach.(moveSparer)
+	if !m.cfg.ForkMovesParent || !ok || !ms.OwnsMemory() {
+		return false
+	}
+	go func() {
+		if err := ms.StartMoveSpares(context.Background(), n); err != nil && mach.Err() == nil {
+			m.log.Warn("box: no spares for forks", "box", name, "err", err)
+		}
+	}()
+	return true
+}
+
 // freezeParent takes the snapshot of a fork whose parent moves (Config.ForkMovesParent): the parent's machine
 // ends in snap, its memory file frozen as the snapshot's, nothing copied, and its agent client is held for the
 // machine it goes on in (moveParent). Until then the parent is recorded hibernated in snap, which it can resume

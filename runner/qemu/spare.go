@@ -133,9 +133,13 @@ func (r *Runner) setPrepared(path string, prepared bool) {
 }
 
 // removeUnused removes the memory file of a spare that ended untaken if
-// nothing uses it: neither a frozen file nor a prepared one. A spare
+// nothing uses it: neither a frozen file, nor a prepared one, nor the own
+// file of a machine that runs. A spare
 // whose file went before its QEMU opened it made it anew.
 func (r *Runner) removeUnused(path string) {
+	if r.ownedByLive(path) { // a spare of StartMoveSpares
+		return
+	}
 	r.frozenMu.Lock()
 	defer r.frozenMu.Unlock()
 	if r.byPath[path] == nil && !r.prepFiles[path] {
