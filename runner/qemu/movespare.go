@@ -24,12 +24,7 @@ func (m *Machine) StartMoveSpares(ctx context.Context, n int) error {
 		if err != nil {
 			return fmt.Errorf("qemu: a spare for %s: %w", m.id, err)
 		}
-		m.r.spareMu.Lock()
-		if m.r.spares == nil {
-			m.r.spares = map[string][]*Machine{}
-		}
-		m.r.spares[m.memFile] = append(m.r.spares[m.memFile], sp)
-		m.r.spareMu.Unlock()
+		m.r.addSpare(m.memFile, sp)
 		if m.stopped() && !m.frozen.Load() { // it ended meanwhile (exited stopped the spares before this one)
 			m.r.stopSpares(m.memFile)
 			return nil
