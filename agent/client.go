@@ -10,6 +10,7 @@ import (
 	"net"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/boxd-dev/boxd/errcat"
@@ -31,9 +32,17 @@ const (
 	dialRetryMax = 500 * time.Millisecond
 )
 
-// Client is the host's connection to one box's agent.
+// Client is the host's connection to one box's agent: an SSH connection over the link (see link.go), or, to an
+// agent without the link, straight over the channel.
 type Client struct {
 	ssh *ssh.Client
+	// link is the host's end of the link; nil on a channel without one.
+	link *Link
+	// redial is where the link's next channel comes from (see linkclient.go).
+	redial *redialer
+	// detachMu protects detach, closed by DetachProcesses.
+	detachMu sync.Mutex
+	detach   chan struct{}
 }
 
 // Dial connects to the agent behind a unix socket (QEMU's chardev for the agent's port), retrying the connection
@@ -41,21 +50,30 @@ type Client struct {
 // AttemptTimeout): a guest that is still booting, or an attempt spoilt by bytes left over from an earlier
 // connection, leads to the next attempt, and the agent reopens its port when the host side goes away.
 //
+// The connection runs over a new link, which replaces any the agent had (a fork's child's, inherited from its
+// parent; one of a boxd before this one). When the link's channel breaks, the client dials socketPath again (or
+// where Move says) and resumes it. An agent without the link gets a plain connection, which ends with its channel.
+//
 // The agent's host key is not checked: the socket is reachable only by root on the host, so no one can stand
 // between client and agent, and the agent makes a fresh key at every boot, which no one could pin anyway.
 func Dial(ctx context.Context, socketPath string) (*Client, error) {
 	var lastErr error
 	pause, timeout := dialRetryMin, AttemptTimeout
+	plain := false
 	for {
 		var d net.Dialer
 		conn, err := d.DialContext(ctx, "unix", socketPath)
 		if err == nil {
 			actx, cancel := context.WithTimeout(ctx, timeout)
 			var c *Client
-			c, err = NewClient(actx, conn)
+			c, err = newClient(actx, conn, plain, socketPath)
 			cancel()
 			if err == nil {
 				return c, nil
+			}
+			if errors.Is(err, errNoLink) && !plain {
+				plain = true
+				continue
 			}
 			timeout = min(2*timeout, MaxAttemptTimeout)
 		}
@@ -73,17 +91,31 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 }
 
 // NewClient makes one SSH handshake with the agent over conn, bounded by ctx: first the channel preamble, which
-// skips bytes left over from earlier connections (see preamble.go), then SSH. On failure conn is closed.
+// skips bytes left over from earlier connections (see preamble.go), then a new link and SSH over it. Unless Move
+// says where to dial next, the link, and the connection, end with conn. On failure conn is closed; an agent
+// without the link is an error that wraps errdefs.ErrNotImplemented.
 func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
+	return newClient(ctx, conn, false, "")
+}
+
+// newClient is NewClient; plain makes an SSH connection straight over conn, without the link, and socketPath is
+// where the link's next channel is dialled.
+func newClient(ctx context.Context, conn net.Conn, plain bool, socketPath string) (*Client, error) {
 	if deadline, ok := ctx.Deadline(); ok {
 		if err := conn.SetDeadline(deadline); err != nil {
 			conn.Close()
 			return nil, fmt.Errorf("agent: handshake: %w", err)
 		}
 	}
+	// sshConn is what SSH runs over: conn, or the link over it.
+	var sshMu sync.Mutex
+	sshConn := conn
 	stop := context.AfterFunc(ctx, func() {
 		// Wakes the handshake at once; the deadline covers the ctx that ends by its deadline.
 		_ = conn.SetDeadline(time.Unix(1, 0))
+		sshMu.Lock()
+		defer sshMu.Unlock()
+		_ = sshConn.SetDeadline(time.Unix(1, 0))
 	})
 	cfg := &ssh.ClientConfig{
 		User: "root",
@@ -92,29 +124,61 @@ func NewClient(ctx context.Context, conn net.Conn) (*Client, error) {
 		// See Dial: the channel is root's alone on the host and the agent's key is made fresh at every boot.
 		HostKeyCallback: ssh.InsecureIgnoreHostKey(),
 	}
+	var link *Link
+	var red *redialer
 	var sc ssh.Conn
 	var chans <-chan ssh.NewChannel
 	var reqs <-chan *ssh.Request
 	pc, err := syncClient(conn)
-	if err == nil {
-		sc, chans, reqs, err = ssh.NewClientConn(pc, "boxd-agent", cfg)
-	}
-	if !stop() || ctx.Err() != nil {
+	if err == nil && !plain {
+		link, red, err = startLink(pc, socketPath)
 		if err == nil {
+			if deadline, ok := ctx.Deadline(); ok {
+				_ = link.SetDeadline(deadline)
+			}
+			sshMu.Lock()
+			sshConn = link
+			sshMu.Unlock()
+		}
+	} else if err == nil {
+		sshMu.Lock()
+		sshConn = pc
+		sshMu.Unlock()
+	}
+	if err == nil {
+		sc, chans, reqs, err = ssh.NewClientConn(sshConn, "boxd-agent", cfg)
+	}
+	fail := func(err error) (*Client, error) {
+		if sc != nil {
 			sc.Close()
 		}
-		conn.Close()
-		return nil, errcat.With(fmt.Errorf("agent: handshake: %w", context.Cause(ctx)), errdefs.ErrUnavailable)
-	}
-	if err != nil {
+		if link != nil {
+			link.fail(err)
+		}
 		conn.Close()
 		return nil, errcat.With(fmt.Errorf("agent: handshake: %w", err), errdefs.ErrUnavailable)
 	}
-	if err := conn.SetDeadline(time.Time{}); err != nil {
-		sc.Close()
-		return nil, fmt.Errorf("agent: handshake: %w", err)
+	if !stop() || ctx.Err() != nil {
+		return fail(context.Cause(ctx))
 	}
-	return &Client{ssh: ssh.NewClient(sc, chans, reqs)}, nil
+	if err != nil {
+		if errors.Is(err, errNoLink) {
+			conn.Close()
+			return nil, err
+		}
+		return fail(err)
+	}
+	if err := sshConn.SetDeadline(time.Time{}); err != nil {
+		return fail(err)
+	}
+	c := &Client{ssh: ssh.NewClient(sc, chans, reqs), link: link, redial: red}
+	if link != nil {
+		go func() {
+			_ = c.ssh.Wait()
+			link.Close()
+		}()
+	}
+	return c, nil
 }
 
 // SSH returns the SSH connection to the agent, for what Client does not wrap: sftp (github.com/pkg/sftp's
@@ -123,7 +187,14 @@ func (c *Client) SSH() *ssh.Client { return c.ssh }
 
 // Close ends the connection. Commands still running in the guest get end of file on stdin and a broken pipe on
 // output; those on a pty get a hangup.
-func (c *Client) Close() error { return c.ssh.Close() }
+func (c *Client) Close() error {
+	err := c.ssh.Close()
+	if c.link != nil {
+		_ = c.link.Close()
+		c.redial.interrupt()
+	}
+	return err
+}
 
 // Wait returns when the connection has ended, with the reason.
 func (c *Client) Wait() error { return c.ssh.Wait() }

@@ -105,15 +105,16 @@ func skipUntil(r *bufio.Reader, want []byte) error {
 	return nil
 }
 
-// acceptPreamble runs the guest's side of the preamble on conn and returns the connection for SSH, positioned at
-// the client's SSH version line. conn's deadline bounds it.
-func acceptPreamble(conn net.Conn) (net.Conn, error) {
+// acceptPreamble runs the guest's side of the preamble on conn and returns the connection positioned at the
+// client's SSH version line, or, for a host that starts a link (see linkwire.go), just after its hello line, which
+// it returns too. conn's deadline bounds it.
+func acceptPreamble(conn net.Conn) (pc net.Conn, linkHello []byte, err error) {
 	br := bufio.NewReaderSize(conn, 4096)
 	acked := ""
 	for {
 		line, whole, err := readPreambleLine(br)
 		if err != nil {
-			return nil, fmt.Errorf("agent: preamble: %w", err)
+			return nil, nil, fmt.Errorf("agent: preamble: %w", err)
 		}
 		if !whole {
 			continue // too long for a line of ours: stale bytes
@@ -121,14 +122,17 @@ func acceptPreamble(conn net.Conn) (net.Conn, error) {
 		if nonce, ok := bytes.CutPrefix(bytes.TrimRight(line, "\r\n"), []byte(syncPrefix)); ok {
 			if isNonce(nonce) && string(nonce) != acked {
 				if _, err := conn.Write([]byte(ackPrefix + string(nonce) + "\n")); err != nil {
-					return nil, fmt.Errorf("agent: preamble: %w", err)
+					return nil, nil, fmt.Errorf("agent: preamble: %w", err)
 				}
 				acked = string(nonce)
 			}
 			continue
 		}
+		if isLinkHello(line) {
+			return &prefixConn{Conn: conn, r: br}, line, nil
+		}
 		if bytes.HasPrefix(line, []byte("SSH-")) {
-			return &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(line), br)}, nil
+			return &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(line), br)}, nil, nil
 		}
 		// Anything else is left over from an earlier connection.
 	}

@@ -64,7 +64,7 @@ func TestAcceptPreamble(t *testing.T) {
 			defer server.Close()
 			go func() { _, _ = client.Write([]byte(tt.in)) }()
 			_ = server.SetDeadline(time.Now().Add(10 * time.Second))
-			conn, err := acceptPreamble(server)
+			conn, _, err := acceptPreamble(server)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -50,6 +50,9 @@ func (c *Client) Process(ctx context.Context, spec ProcessSpec, stdio ProcessIO)
 	defer ch.Close()
 	stop := context.AfterFunc(ctx, func() { _ = ch.Close() })
 	defer stop()
+	gone := c.detachSignal()
+	var out cutOff
+	stdout, stderr := out.writer(stdio.Stdout), out.writer(stdio.Stderr)
 
 	go func() {
 		if stdio.Stdin != nil {
@@ -72,22 +75,32 @@ func (c *Client) Process(ctx context.Context, spec ProcessSpec, stdio ProcessIO)
 		}
 	}
 	wg.Add(2)
-	go pass(stdio.Stdout, ch)
-	go pass(stdio.Stderr, ch.Stderr())
+	go pass(stdout, ch)
+	go pass(stderr, ch.Stderr())
 
 	code, got := -1, false
-	for req := range reqs {
-		if req.Type == "exit-status" {
-			var m exitStatusMsg
-			if ssh.Unmarshal(req.Payload, &m) == nil {
-				code, got = int(m.Status), true
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		for req := range reqs {
+			if req.Type == "exit-status" {
+				var m exitStatusMsg
+				if ssh.Unmarshal(req.Payload, &m) == nil {
+					code, got = int(m.Status), true
+				}
+			}
+			if req.WantReply {
+				_ = req.Reply(false, nil)
 			}
 		}
-		if req.WantReply {
-			_ = req.Reply(false, nil)
-		}
+		wg.Wait()
+	}()
+	select {
+	case <-ended:
+	case <-gone:
+		out.cut()
+		return -1, detached(what, errors.New("the box's machine went away"))
 	}
-	wg.Wait()
 	switch {
 	case ctx.Err() != nil:
 		return -1, detached(what, context.Cause(ctx))
@@ -98,6 +111,60 @@ func (c *Client) Process(ctx context.Context, spec ProcessSpec, stdio ProcessIO)
 	}
 	return code, nil
 }
+
+// detachSignal returns what DetachProcesses closes.
+func (c *Client) detachSignal() <-chan struct{} {
+	c.detachMu.Lock()
+	defer c.detachMu.Unlock()
+	if c.detach == nil {
+		c.detach = make(chan struct{})
+	}
+	return c.detach
+}
+
+// DetachProcesses ends every Process call in progress at once, as the end of its channel would (ErrDetached),
+// for a box whose machine goes away while its link waits (a hibernation): the kept processes go on when the box
+// comes back, and a later attach gets what they write next.
+func (c *Client) DetachProcesses() {
+	c.detachMu.Lock()
+	defer c.detachMu.Unlock()
+	if c.detach != nil {
+		close(c.detach)
+		c.detach = nil
+	}
+}
+
+// cutOff passes output on to its writers until cut, then drops it: a Process call that returned writes no more.
+type cutOff struct {
+	mu  sync.Mutex
+	off bool
+}
+
+func (c *cutOff) cut() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.off = true
+}
+
+// writer returns w (nil discards) behind c.
+func (c *cutOff) writer(w io.Writer) io.Writer {
+	if w == nil {
+		w = io.Discard
+	}
+	return writerFunc(func(p []byte) (int, error) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.off {
+			return len(p), nil
+		}
+		return w.Write(p)
+	})
+}
+
+// writerFunc is a function as an io.Writer.
+type writerFunc func(p []byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // passOutput copies what the agent sent on r to w (nil discards) until r
 // has no more, and returns w's error. A read that fails with bytes (the

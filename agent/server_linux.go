@@ -39,6 +39,9 @@ type ServerConfig struct {
 	// kept is the kept processes, which every connection served with this
 	// configuration shares (see process.go).
 	kept keptTable
+	// links is the agent's end of its link with the host, which every channel served with this configuration
+	// shares (see linkserve.go).
+	links guestLinks
 	// Logf, when not nil, receives one line per notable event (a session that failed to start, a failed
 	// handshake).
 	Logf func(format string, args ...any)
@@ -76,11 +79,13 @@ func NewHostKey() (ssh.Signer, error) {
 	return signer, nil
 }
 
-// Serve runs one SSH server connection over conn until the peer goes away, the connection fails or ctx ends,
-// and closes conn. The client may open with the channel preamble (see preamble.go; the host's client always
-// does) or with its SSH version line. It returns nil when the connection ended cleanly (end of file), else the reason. Commands the
-// connection started are not waited for: they get end of file on stdin and a broken pipe (or, on a pty, a
-// hangup) on output, as under OpenSSH.
+// Serve serves one channel from the host until the peer goes away, the channel fails or ctx ends, and closes
+// it. The client may open with the channel preamble (see preamble.go; the host's client always does) or with its
+// SSH version line, for one SSH connection over the channel; or, after the preamble, start or resume the link
+// (see link.go), whose SSH connection goes on in the background across channels. It returns nil when the
+// channel ended cleanly (end of file), else the reason. Commands an SSH connection started are not waited for
+// when it ends: they get end of file on stdin and a broken pipe (or, on a pty, a hangup) on output, as under
+// OpenSSH.
 func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) error {
 	if cfg == nil {
 		cfg = &ServerConfig{}
@@ -90,6 +95,44 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
 
+	_ = nc.SetDeadline(time.Now().Add(cfg.handshakeTimeout()))
+	pc, hello, err := acceptPreamble(nc)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+		}
+		return fmt.Errorf("agent: serve: %w", err)
+	}
+	if hello != nil {
+		_ = nc.SetDeadline(time.Time{})
+		err := cfg.links.serve(nc, pc, hello, func(l *Link) {
+			if err := serveSSH(ctx, l, cfg); err != nil && ctx.Err() == nil {
+				cfg.logf("link %s ended: %v", l.id, err)
+			}
+		})
+		switch {
+		case ctx.Err() != nil:
+			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+		case cleanEnd(err):
+			return nil
+		}
+		return fmt.Errorf("agent: serve: %w", err)
+	}
+	return serveSSH(ctx, pc, cfg)
+}
+
+func (cfg *ServerConfig) handshakeTimeout() time.Duration {
+	if cfg.HandshakeTimeout <= 0 {
+		return DefaultHandshakeTimeout
+	}
+	return cfg.HandshakeTimeout
+}
+
+// serveSSH runs one SSH server connection over conn until it ends or ctx ends, and closes conn.
+func serveSSH(ctx context.Context, conn net.Conn, cfg *ServerConfig) error {
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
 	key := cfg.HostKey
 	if key == nil {
 		var err error
@@ -100,26 +143,15 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 	sshCfg := &ssh.ServerConfig{NoClientAuth: true, ServerVersion: "SSH-2.0-boxd-agent"}
 	sshCfg.AddHostKey(key)
 
-	timeout := cfg.HandshakeTimeout
-	if timeout <= 0 {
-		timeout = DefaultHandshakeTimeout
-	}
-	_ = nc.SetDeadline(time.Now().Add(timeout))
-	pc, err := acceptPreamble(nc)
-	if err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
-		}
-		return fmt.Errorf("agent: serve: %w", err)
-	}
-	sc, chans, reqs, err := ssh.NewServerConn(pc, sshCfg)
+	_ = conn.SetDeadline(time.Now().Add(cfg.handshakeTimeout()))
+	sc, chans, reqs, err := ssh.NewServerConn(conn, sshCfg)
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
 		}
 		return fmt.Errorf("agent: serve: handshake: %w", err)
 	}
-	_ = nc.SetDeadline(time.Time{})
+	_ = conn.SetDeadline(time.Time{})
 	links.set(sc)
 	defer links.clear(sc)
 

@@ -125,6 +125,11 @@ type Config struct {
 	// Events takes an event for each change of a box's state (nil: none
 	// are told).
 	Events *events.Exchange
+	// ForkMovesParent makes a running parent that owns its memory end in
+	// its fork's snapshot, its memory frozen rather than copied, and go on
+	// in a new machine on that memory, as its children do; its agent link
+	// moves with it (forkmove.go).
+	ForkMovesParent bool
 }
 
 // DefaultSpares is the spares each box has by default: enough for a
@@ -142,6 +147,8 @@ type Manager struct {
 	locks    map[string]*sync.Mutex // one operation per box at a time
 	machines map[string]runner.Machine
 	clients  map[string]*agent.Client
+	// held is the clients of boxes between machines (held.go).
+	held map[string]*agent.Client
 
 	usage usageState // what Usage keeps (usage.go)
 
@@ -207,6 +214,7 @@ func Open(cfg Config) (*Manager, error) {
 		locks:    map[string]*sync.Mutex{},
 		machines: map[string]runner.Machine{},
 		clients:  map[string]*agent.Client{},
+		held:     map[string]*agent.Client{},
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucketIfNotExists(bucket)
@@ -303,6 +311,10 @@ func (m *Manager) LeaveRunning(ctx context.Context) error {
 		_ = c.Close()
 		delete(m.clients, name)
 	}
+	for name, c := range m.held {
+		_ = c.Close()
+		delete(m.held, name)
+	}
 	m.mu.Unlock()
 	return m.db.Close()
 }
@@ -322,6 +334,9 @@ func (m *Manager) Close(ctx context.Context) error {
 	// Snapshots written in the background go to the store before boxd ends.
 	if err := m.Flush(ctx); err != nil {
 		m.log.Error("box: writing snapshots at exit", "err", err)
+	}
+	for _, b := range boxes {
+		m.dropHeld(b.Name)
 	}
 	return m.db.Close()
 }
@@ -658,6 +673,9 @@ func (m *Manager) startSpares(name string, mach runner.Machine) {
 	if n < 0 || !ok {
 		return
 	}
+	if m.startMoveSpares(name, mach, n) {
+		return
+	}
 	go func() {
 		if err := f.StartSpares(context.Background(), n); err != nil && mach.Err() == nil {
 			m.log.Warn("box: no spares for forks", "box", name, "err", err)
@@ -683,7 +701,11 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 		case <-dctx.Done():
 		}
 	}()
-	c, err := agent.Dial(dctx, ah.AgentSocket())
+	c := m.resumeHeld(dctx, name, ah)
+	var err error
+	if c == nil {
+		c, err = agent.Dial(dctx, ah.AgentSocket())
+	}
 	if err != nil {
 		_ = mach.Stop(context.WithoutCancel(ctx))
 		why := "its agent did not answer within " + ReadyTimeout.String()
@@ -895,6 +917,7 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 		return err
 	}
 	m.stopMachine(ctx, name)
+	m.dropHeld(name)
 	if err := m.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(name)) }); err != nil {
 		return err
 	}

@@ -146,6 +146,7 @@ func (m *Manager) hibernateAs(ctx context.Context, bx Box, what string) (Box, er
 		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
 	}
 	top := currentDisk(mach, bx.Disk)
+	m.holdClient(bx.Name)
 	m.stopMachine(ctx, bx.Name)
 	bx.State, bx.Snapshot = StateHibernated, snap
 	if frozen := m.snapshotDisk(s); frozen != "" && frozen != top {
@@ -276,7 +277,7 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	if err := m.admit(fmt.Sprintf("a fork of %s into %d boxes", src, len(names)), forkNeed(parent.Memory, len(names))); err != nil {
 		return nil, err
 	}
-	snap, err := m.forkSnapshot(ctx, &parent)
+	snap, moved, err := m.forkSnapshot(ctx, &parent)
 	if err != nil {
 		return nil, err
 	}
@@ -285,7 +286,16 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	if err != nil {
 		return nil, err
 	}
+	parentDone := make(chan error, 1)
+	if moved {
+		go func() { parentDone <- m.moveParent(ctx, parent, snap) }()
+	} else {
+		parentDone <- nil
+	}
 	errs := m.startForks(ctx, children, snap)
+	if err := <-parentDone; err != nil {
+		m.log.Error("box: a fork's parent did not move", "box", src, "err", err)
+	}
 	made, err := m.recordForks(src, children, errs)
 	took := time.Since(began)
 	for _, bx := range made {
@@ -314,35 +324,39 @@ func checkForkNames(src string, names []string) error {
 
 // forkSnapshot is the snapshot parent's forks start from: a new one of a
 // running parent, which goes on (and gets spares for its next fork), or
-// the one a hibernated parent sleeps in.
-func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (string, error) {
+// the one a hibernated parent sleeps in. moved says the parent's machine
+// ended in the snapshot instead, for moveParent to start it again.
+func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (snap string, moved bool, err error) {
 	switch parent.State {
 	case StateRunning:
 	case StateHibernated:
-		return parent.Snapshot, nil
+		return parent.Snapshot, false, nil
 	default:
-		return "", fmt.Errorf("box %s is %s; start it before forking: %w", parent.Name, parent.State, ErrInvalidState)
+		return "", false, fmt.Errorf("box %s is %s; start it before forking: %w", parent.Name, parent.State, ErrInvalidState)
 	}
 	mach, err := m.running(*parent)
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
-	snap := snapName(parent, "fork")
+	snap = snapName(parent, "fork")
 	opts := runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: parent.Name}}
+	if moved, err := m.freezeParent(ctx, parent, mach, snap, opts); moved || err != nil {
+		return snap, moved, err
+	}
 	take := mach.Snapshot
 	if f, ok := mach.(runner.Forker); ok {
 		take = f.SnapshotForFork
 	}
 	if _, err := take(ctx, snap, opts); err != nil {
-		return "", fmt.Errorf("fork of %s: %w", parent.Name, err)
+		return "", false, fmt.Errorf("fork of %s: %w", parent.Name, err)
 	}
 	parent.Snapshot, parent.Disk = snap, currentDisk(mach, parent.Disk)
 	if err := m.put(*parent); err != nil {
-		return "", err
+		return "", false, err
 	}
 	m.setClock(ctx, parent.Name)
 	m.startSpares(parent.Name, mach)
-	return snap, nil
+	return snap, false, nil
 }
 
 // forkRecords makes and records the boxes names, forks of parent standing

@@ -46,6 +46,9 @@ type Config struct {
 	// Spares is how many spare machines wait for a fork of each box (see
 	// box.Config.Spares): 0 means box.DefaultSpares, negative none.
 	Spares int
+	// ForkMovesParent makes a fork's parent freeze its memory as the
+	// fork's and go on in a new machine on it (box.Config.ForkMovesParent).
+	ForkMovesParent bool
 	// MetricsListen, when set, is the host:port Prometheus metrics are
 	// served on (/metrics); it must be loopback unless MetricsAllowRemote.
 	MetricsListen      string
@@ -123,7 +126,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,
 		Runners: bk.Runners, DefaultRunner: backends.Default, Spares: cfg.Spares,
-		Events: exchange,
+		Events: exchange, ForkMovesParent: cfg.ForkMovesParent,
 	})
 	if err != nil {
 		return err

@@ -175,6 +175,17 @@ func NewManager(t *testing.T) (*box.Manager, *snapshotter.Graph) {
 // adjust (nil: as it is).
 func NewManagerWith(t *testing.T, adjust func(*backends.Config)) (*box.Manager, *snapshotter.Graph) {
 	t.Helper()
+	return newManager(t, adjust, nil)
+}
+
+// NewManagerBox is NewManager with the manager's Config adjusted by adjust.
+func NewManagerBox(t *testing.T, adjust func(*box.Config)) (*box.Manager, *snapshotter.Graph) {
+	t.Helper()
+	return newManager(t, nil, adjust)
+}
+
+func newManager(t *testing.T, adjust func(*backends.Config), adjustBox func(*box.Config)) (*box.Manager, *snapshotter.Graph) {
+	t.Helper()
 	root := ShortDir(t)
 	PrepareRoot(t, root)
 	g, err := snapshotter.Open(root)
@@ -192,7 +203,11 @@ func NewManagerWith(t *testing.T, adjust func(*backends.Config)) (*box.Manager, 
 		adjust(&cfg)
 	}
 	bk := backends.New(cfg)
-	mgr, err := box.Open(box.Config{Root: root, Graph: g, Runners: bk.Runners, DefaultRunner: backends.Default})
+	bcfg := box.Config{Root: root, Graph: g, Runners: bk.Runners, DefaultRunner: backends.Default}
+	if adjustBox != nil {
+		adjustBox(&bcfg)
+	}
+	mgr, err := box.Open(bcfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -51,8 +51,11 @@ package qemu
 // spare then holds that restore's reference on the frozen file. Spares
 // no restore takes are stopped by ReleaseSnapshot, by the frozen file
 // going, by a failed fork, or by their machine stopping before it
-// forked. A spare that ends untaken removes its file if that file is
-// neither frozen nor prepared (removeUnused).
+// forked. StartMoveSpares starts spares on a machine's own file instead,
+// for a Freeze that makes that file frozen: they stop with the machine if
+// it ends otherwise. A spare that ends untaken removes its file if that
+// file is neither frozen, nor prepared, nor a running machine's own
+// (removeUnused).
 //
 // The states and what moves a file between them:
 //

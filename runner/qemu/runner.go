@@ -741,6 +741,10 @@ func (m *Machine) Disk() string {
 // MemoryFile is the file that holds guest memory while QEMU runs.
 func (m *Machine) MemoryFile() string { return m.memFile }
 
+// OwnsMemory says whether the machine's memory file is its own, mapped shared (see memfile.go): Freeze then makes
+// that very file the snapshot's, copying nothing.
+func (m *Machine) OwnsMemory() bool { return !m.private }
+
 // PID is the QEMU process's.
 func (m *Machine) PID() int { return m.pid }
 

@@ -42,12 +42,7 @@ func (m *Machine) StartSpares(ctx context.Context, n int) error {
 		if err != nil {
 			return fmt.Errorf("qemu: a spare for %s: %w", m.id, err)
 		}
-		m.r.spareMu.Lock()
-		if m.r.spares == nil {
-			m.r.spares = map[string][]*Machine{}
-		}
-		m.r.spares[file] = append(m.r.spares[file], sp)
-		m.r.spareMu.Unlock()
+		m.r.addSpare(file, sp)
 		// What became of the file while the spare started decides whether
 		// it stays: a fork in progress adopts its spares or stops them; an
 		// adopted file keeps them until it goes; otherwise they go.
@@ -133,9 +128,13 @@ func (r *Runner) setPrepared(path string, prepared bool) {
 }
 
 // removeUnused removes the memory file of a spare that ended untaken if
-// nothing uses it: neither a frozen file nor a prepared one. A spare
+// nothing uses it: neither a frozen file, nor a prepared one, nor the own
+// file of a machine that runs. A spare
 // whose file went before its QEMU opened it made it anew.
 func (r *Runner) removeUnused(path string) {
+	if r.ownedByLive(path) { // a spare of StartMoveSpares
+		return
+	}
 	r.frozenMu.Lock()
 	defer r.frozenMu.Unlock()
 	if r.byPath[path] == nil && !r.prepFiles[path] {
@@ -427,6 +426,16 @@ func (r *Runner) stopSpares(memFile string) {
 	for _, sp := range list {
 		go func() { _ = sp.Stop(context.Background()) }()
 	}
+}
+
+// addSpare puts sp on the list of spares waiting on memFile.
+func (r *Runner) addSpare(memFile string, sp *Machine) {
+	r.spareMu.Lock()
+	defer r.spareMu.Unlock()
+	if r.spares == nil {
+		r.spares = map[string][]*Machine{}
+	}
+	r.spares[memFile] = append(r.spares[memFile], sp)
 }
 
 // forgetSpare takes an ended spare off the list it waits on.

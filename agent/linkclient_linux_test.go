@@ -1,0 +1,181 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/errdefs"
+)
+
+// agentSocket serves a unix socket as QEMU's chardev does for one machine of a box: each connection is a channel
+// to the agent, served with cfg (the agent's state, shared by every machine the box moves to).
+type agentSocket struct {
+	path string
+	l    net.Listener
+	mu   sync.Mutex
+	open []net.Conn
+	old  bool // an agent without the link
+}
+
+func newAgentSocket(t *testing.T, cfg *ServerConfig, old bool) *agentSocket {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &agentSocket{path: path, l: l, old: old}
+	t.Cleanup(func() { cancel(); l.Close(); s.breakChannels() })
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.open = append(s.open, conn)
+			s.mu.Unlock()
+			if old {
+				go serveOld(ctx, conn, cfg)
+			} else {
+				go func() { _ = Serve(ctx, conn, cfg) }()
+			}
+		}
+	}()
+	return s
+}
+
+// serveOld serves conn as an agent from before the link: a link hello is a client's SSH version line to it.
+func serveOld(ctx context.Context, conn net.Conn, cfg *ServerConfig) {
+	pc, hello, err := acceptPreamble(conn)
+	if err != nil {
+		conn.Close()
+		return
+	}
+	if hello != nil {
+		pc = &prefixConn{Conn: conn, r: io.MultiReader(strings.NewReader(string(hello)), pc)}
+	}
+	_ = serveSSH(ctx, pc, cfg)
+}
+
+// breakChannels breaks the channels open now, as a QEMU that ends does.
+func (s *agentSocket) breakChannels() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.open {
+		c.Close()
+	}
+	s.open = nil
+}
+
+// TestClientMove runs a session that streams a counter out and takes a stream in while its channel breaks, the
+// client redials, and the box moves between machines: the counter arrives with no gap and no repeat, and the
+// guest reads the stream exactly.
+func TestClientMove(t *testing.T) {
+	cfg := &ServerConfig{}
+	machines := []*agentSocket{newAgentSocket(t, cfg, false), newAgentSocket(t, cfg, false)}
+	c, err := Dial(testCtx(t), machines[0].path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sess, err := c.SSH().NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdin, _ := sess.StdinPipe()
+	stdout, _ := sess.StdoutPipe()
+	const lines = 1000000
+	if err := sess.Start(fmt.Sprintf("seq 1 %d; sha256sum", lines)); err != nil {
+		t.Fatal(err)
+	}
+	in := randomBytes(rand.New(rand.NewPCG(3, 4)), 6<<20)
+	go func() {
+		_, _ = stdin.Write(in)
+		stdin.Close()
+	}()
+
+	on := 0
+	r := bufio.NewReader(stdout)
+	for i := 1; i <= lines; i++ {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("line %d: %v", i, err)
+		}
+		if line != strconv.Itoa(i)+"\n" {
+			t.Fatalf("line %d reads %q", i, line)
+		}
+		switch {
+		case i%100000 == 50000: // the channel breaks; the client dials the same machine again
+			machines[on].breakChannels()
+		case i%200000 == 0: // the box goes on in another machine
+			machines[on].breakChannels()
+			on = 1 - on
+			if err := c.Move(testCtx(t), machines[on].path); err != nil {
+				t.Fatalf("Move: %v", err)
+			}
+		}
+	}
+	sum, err := r.ReadString('\n')
+	want := sha256.Sum256(in)
+	if err != nil || !strings.HasPrefix(sum, hex.EncodeToString(want[:])) {
+		t.Errorf("the guest read a stream with sum %q, %v; want %x", sum, err, want)
+	}
+	if err := sess.Wait(); err != nil {
+		t.Errorf("session: %v", err)
+	}
+}
+
+// TestClientNewLink: a second client's new link replaces the first's (a fork's child, a restarted boxd): the
+// first's connection ends, and it cannot move back in.
+func TestClientNewLink(t *testing.T) {
+	cfg := &ServerConfig{}
+	m := newAgentSocket(t, cfg, false)
+	first, err := Dial(testCtx(t), m.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	second, err := Dial(testCtx(t), m.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if out, err := second.Output(testCtx(t), "echo", "second"); err != nil || string(out) != "second\n" {
+		t.Fatalf("the new link's client: %q, %v", out, err)
+	}
+	_ = first.Wait() // its link is gone on the guest: its SSH connection ends
+	err = first.Move(testCtx(t), m.path)
+	if !errdefs.IsNotFound(err) && !errors.Is(err, ErrLinkClosed) {
+		t.Errorf("Move of a replaced link = %v, want not found", err)
+	}
+}
+
+// TestDialOldAgent: an agent without the link gets a plain connection, and it cannot move.
+func TestDialOldAgent(t *testing.T) {
+	m := newAgentSocket(t, &ServerConfig{}, true)
+	c, err := Dial(testCtx(t), m.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if out, err := c.Output(testCtx(t), "echo", "plain"); err != nil || string(out) != "plain\n" {
+		t.Fatalf("Output = %q, %v", out, err)
+	}
+	if err := c.Move(testCtx(t), m.path); !errdefs.IsNotImplemented(err) {
+		t.Errorf("Move without a link = %v, want not implemented", err)
+	}
+}
