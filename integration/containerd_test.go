@@ -500,6 +500,10 @@ func (d *daemons) waitNoImages(timeout time.Duration) {
 func (d *daemons) run(im image, id string, args ...string) string {
 	d.t.Helper()
 	d.containers = append(d.containers, id)
+	// ctr 1.6 can cut the output of a task that exits at once short (it
+	// stops copying the fifo when the task is deleted): the command lingers
+	// a moment after its output, keeping its status.
+	args = append([]string{"sh", "-c", `"$@"; s=$?; sleep 0.2; exit $s`, "sh"}, args...)
 	out := d.ctr(5*time.Minute, append([]string{"run", "--snapshotter", snapshotterName, "--rm", im.ref, id}, args...)...)
 	return strings.TrimSpace(strings.ReplaceAll(out, "\r\n", "\n"))
 }
