@@ -49,34 +49,16 @@ const (
 // starts the daemon and the private sshd. The bench it returns (also on
 // failure, once there is one) must be torn down.
 func setUp(ctx context.Context) (*bench, error) {
-	d, err := filepath.Abs(*dir)
+	bx, d, err := benchkit.OpenRoot(*dir, *boxdBin, "bench/frontdoor.sh", "ssh", "ssh-keygen", "pgrep", "qemu-system-x86_64")
 	if err != nil {
 		return nil, err
-	}
-	bin, err := exec.LookPath(*boxdBin)
-	if err != nil {
-		return nil, fmt.Errorf("the boxd binary (make build): %w", err)
-	}
-	if bin, err = filepath.Abs(bin); err != nil {
-		return nil, err
-	}
-	for _, tool := range []string{"ssh", "ssh-keygen", "pgrep", "qemu-system-x86_64"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil, fmt.Errorf("%s is missing (bench/frontdoor.sh installs it): %w", tool, err)
-		}
 	}
 	if _, err := sshdPath(); err != nil {
 		return nil, err
 	}
-	b := &bench{boxd: benchkit.Boxd{Bin: bin, Root: filepath.Join(d, "root")}, dir: d}
-	if err := os.MkdirAll(b.boxd.Root, 0o700); err != nil {
-		return nil, err
-	}
+	b := &bench{boxd: bx, dir: d}
 	if b.work, err = os.MkdirTemp(d, "run-"); err != nil {
 		return nil, err
-	}
-	if err := os.WriteFile(b.daemonLog(), nil, 0o600); err != nil {
-		return b, err
 	}
 	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s, this run's files in %s", b.boxd.Root, b.daemonLog(), b.work)
 
@@ -128,7 +110,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	return b, nil
 }
 
-func (b *bench) daemonLog() string { return filepath.Join(b.dir, "daemon.log") }
+func (b *bench) daemonLog() string { return benchkit.DaemonLog(b.dir) }
 
 // sshOpts are the OpenSSH client's options for every connection: no
 // configuration file, a fresh connection, the run's key only.

@@ -3,9 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"time"
 
 	"github.com/boxd-dev/boxd/bench/internal/benchkit"
@@ -33,29 +30,11 @@ const (
 // the daemon and creates the box. The bench it returns (also on failure,
 // once there is one) must be torn down.
 func setUp(ctx context.Context) (*bench, error) {
-	d, err := filepath.Abs(*dir)
+	bx, d, err := benchkit.OpenRoot(*dir, *boxdBin, "bench/inside.sh", "pgrep", "qemu-system-x86_64")
 	if err != nil {
 		return nil, err
 	}
-	bin, err := exec.LookPath(*boxdBin)
-	if err != nil {
-		return nil, fmt.Errorf("the boxd binary (make build): %w", err)
-	}
-	if bin, err = filepath.Abs(bin); err != nil {
-		return nil, err
-	}
-	for _, tool := range []string{"pgrep", "qemu-system-x86_64"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil, fmt.Errorf("%s is missing (bench/inside.sh installs it): %w", tool, err)
-		}
-	}
-	b := &bench{boxd: benchkit.Boxd{Bin: bin, Root: filepath.Join(d, "root")}, dir: d}
-	if err := os.MkdirAll(b.boxd.Root, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(b.daemonLog(), nil, 0o600); err != nil {
-		return b, err
-	}
+	b := &bench{boxd: bx, dir: d}
 	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s", b.boxd.Root, b.daemonLog())
 
 	took, err := b.boxd.EnsureImage(ctx, guest.DefaultImage, *treeCache)
@@ -100,7 +79,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	return b, nil
 }
 
-func (b *bench) daemonLog() string { return filepath.Join(b.dir, "daemon.log") }
+func (b *bench) daemonLog() string { return benchkit.DaemonLog(b.dir) }
 
 // startDaemon starts the root's daemon with its SSH front door on a free
 // port of 127.0.0.1 and no idle hibernation.

@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -41,29 +38,11 @@ const (
 // starts from there. The bench it returns (also on failure, once there is
 // one) must be torn down.
 func setUp(ctx context.Context) (*bench, error) {
-	d, err := filepath.Abs(*dir)
+	bx, d, err := benchkit.OpenRoot(*dir, *boxdBin, "bench/metrics.sh", "pgrep", "qemu-system-x86_64")
 	if err != nil {
 		return nil, err
 	}
-	bin, err := exec.LookPath(*boxdBin)
-	if err != nil {
-		return nil, fmt.Errorf("the boxd binary (make build): %w", err)
-	}
-	if bin, err = filepath.Abs(bin); err != nil {
-		return nil, err
-	}
-	for _, tool := range []string{"pgrep", "qemu-system-x86_64"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil, fmt.Errorf("%s is missing (bench/metrics.sh installs it): %w", tool, err)
-		}
-	}
-	b := &bench{boxd: benchkit.Boxd{Bin: bin, Root: filepath.Join(d, "root")}, dir: d}
-	if err := os.MkdirAll(b.boxd.Root, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(b.daemonLog(), nil, 0o600); err != nil {
-		return b, err
-	}
+	b := &bench{boxd: bx, dir: d}
 	benchkit.Progress("root %s (kept: store, image, kernel), daemon log %s", b.boxd.Root, b.daemonLog())
 
 	took, err := b.boxd.EnsureImage(ctx, guest.DefaultImage, *treeCache)
@@ -106,7 +85,7 @@ func setUp(ctx context.Context) (*bench, error) {
 	return b, b.stopDaemon() // which hibernates the box
 }
 
-func (b *bench) daemonLog() string { return filepath.Join(b.dir, "daemon.log") }
+func (b *bench) daemonLog() string { return benchkit.DaemonLog(b.dir) }
 
 // startDaemon starts the root's daemon, with metrics served on a free port
 // of 127.0.0.1 when withMetrics, and returns their URL ("" without).

@@ -393,3 +393,37 @@ func ShowTail(path string, n int) {
 		fmt.Fprintf(os.Stderr, "  %s\n", l)
 	}
 }
+
+// DaemonLog is the daemon's log in a benchmark's kept folder.
+func DaemonLog(dir string) string { return filepath.Join(dir, "daemon.log") }
+
+// OpenRoot is a box benchmark's start: it makes dir absolute, finds the
+// boxd binary boxdBin, checks that the tools are on PATH (script names
+// what installs them), makes the kept root DIR/root and an empty
+// DaemonLog, and returns the Boxd on that root and the absolute dir.
+func OpenRoot(dir, boxdBin, script string, tools ...string) (Boxd, string, error) {
+	d, err := filepath.Abs(dir)
+	if err != nil {
+		return Boxd{}, "", err
+	}
+	bin, err := exec.LookPath(boxdBin)
+	if err != nil {
+		return Boxd{}, "", fmt.Errorf("the boxd binary (make build): %w", err)
+	}
+	if bin, err = filepath.Abs(bin); err != nil {
+		return Boxd{}, "", err
+	}
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			return Boxd{}, "", fmt.Errorf("%s is missing (%s installs it): %w", tool, script, err)
+		}
+	}
+	b := Boxd{Bin: bin, Root: filepath.Join(d, "root")}
+	if err := os.MkdirAll(b.Root, 0o700); err != nil {
+		return Boxd{}, "", err
+	}
+	if err := os.WriteFile(DaemonLog(d), nil, 0o600); err != nil {
+		return Boxd{}, "", err
+	}
+	return b, d, nil
+}
