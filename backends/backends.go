@@ -65,6 +65,9 @@ type Config struct {
 	// plus this much (qemu.Runner.MemoryHeadroom); 0 means
 	// DefaultMemoryHeadroom, negative no bound.
 	MemoryHeadroom int64
+	// EagerRestore makes QEMU restores rebuild a box's whole memory before
+	// it runs instead of serving it lazily (qemu.Runner.EagerRestore).
+	EagerRestore bool
 }
 
 // DefaultMemoryHeadroom is the host memory a QEMU may use beyond its
@@ -117,7 +120,7 @@ func New(cfg Config) *Set {
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
-		MemoryGroups: memDirPrefix + shortHash(cfg.Root),
+		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore,
 	}
 	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
 	set.guard(cfg.Root, hash, log)

@@ -233,6 +233,10 @@ func Open(cfg Config) (*Manager, error) {
 			continue
 		}
 		if err := m.adopt(context.Background(), bx); err != nil {
+			if errors.Is(err, runner.ErrMemoryNotRestored) && bx.Snapshot != "" {
+				m.backToSnapshot(bx, err)
+				continue
+			}
 			m.log.Warn("box: a box left running is stopped", "box", bx.Name, "err", err)
 			bx.State, bx.Note = StateStopped, "boxd stopped while the box ran, and "+err.Error()+"; its disk is kept, the next use boots it"
 			if err := m.put(bx); err != nil {
@@ -749,6 +753,10 @@ func (m *Manager) watch(name string, mach runner.Machine) {
 	if err != nil || (bx.State != StateRunning && bx.State != StatePaused) {
 		return
 	}
+	if errors.Is(mach.Err(), runner.ErrMemoryNotRestored) && bx.Snapshot != "" {
+		m.backToSnapshot(bx, mach.Err())
+		return
+	}
 	bx.State, bx.Note = StateStopped, "its machine exited: "+mach.Err().Error()+"; its disk is kept, the next use boots it"
 	if err := m.put(bx); err != nil {
 		m.log.Error("box: recording a machine that exited", "box", name, "err", err)
@@ -756,6 +764,19 @@ func (m *Manager) watch(name string, mach runner.Machine) {
 	}
 	m.emit(events.Event{Type: events.Stopped, Box: name, Reason: "its machine exited: " + mach.Err().Error()})
 	m.log.Warn("box: machine exited", "box", name, "err", mach.Err())
+}
+
+// backToSnapshot records that box bx's machine, restored from bx.Snapshot,
+// ended before its memory was back (err): the box is hibernated in that
+// snapshot again, which lost nothing, and the next use resumes it from there.
+func (m *Manager) backToSnapshot(bx Box, err error) {
+	bx.State, bx.Note = StateHibernated, "its machine ended before its memory was restored: "+err.Error()+"; it is hibernated in snapshot "+bx.Snapshot+" again"
+	if perr := m.put(bx); perr != nil {
+		m.log.Error("box: recording a machine that ended while restoring", "box", bx.Name, "err", perr)
+		return
+	}
+	m.emit(events.Event{Type: events.Hibernated, Box: bx.Name, Snapshot: bx.Snapshot, Reason: "its machine ended before its memory was restored: " + err.Error()})
+	m.log.Warn("box: machine ended while restoring its memory", "box", bx.Name, "snapshot", bx.Snapshot, "err", err)
 }
 
 // tail returns the last n lines of b.

@@ -49,6 +49,10 @@ type Config struct {
 	// ForkMovesParent makes a fork's parent freeze its memory as the
 	// fork's and go on in a new machine on it (box.Config.ForkMovesParent).
 	ForkMovesParent bool
+	// EagerRestore makes a resume rebuild a box's whole memory before it
+	// runs, instead of serving its pages while it runs
+	// (backends.Config.EagerRestore).
+	EagerRestore bool
 	// MetricsListen, when set, is the host:port Prometheus metrics are
 	// served on (/metrics); it must be loopback unless MetricsAllowRemote.
 	MetricsListen      string
@@ -121,7 +125,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
-	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true})
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, EagerRestore: cfg.EagerRestore})
 	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,

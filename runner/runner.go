@@ -173,6 +173,13 @@ type Machine interface {
 // ErrStopped is the Err of a machine that Stop ended (errors.Is matches it).
 var ErrStopped = errors.New("machine stopped")
 
+// ErrMemoryNotRestored matches the Err of a machine restored lazily that
+// ended before all its memory came back from its snapshot (a damaged
+// chunk, its VMM killed, the process serving its memory gone), and
+// Adopter.Adopt's error for such a machine: nothing the snapshot holds is
+// lost, and a restore from it starts over.
+var ErrMemoryNotRestored = errors.New("its memory was not restored yet")
+
 // Observer is how the conformance suite sees inside a backend's test guest.
 type Observer interface {
 	// Next returns the guest's observation at its next step: a checksum

@@ -64,6 +64,9 @@ type machineState struct {
 	Base          string   `json:"base,omitempty"`
 	Last          string   `json:"last,omitempty"`
 	UnstoredDisks []string `json:"unstored_disks,omitempty"`
+	// Restoring is the snapshot whose memory boxd serves the machine
+	// while it is not Ready (a lazy restore, postcopy.go).
+	Restoring string `json:"restoring,omitempty"`
 }
 
 // saveState writes m's state file. The caller holds snapMu or owns m
@@ -76,6 +79,9 @@ func (m *Machine) saveState() error {
 		PID: m.pid, StartTicks: m.startTicks, Ready: m.ready, Accel: m.accel,
 		Spec: m.spec, Console: m.consolePath(), MemFile: m.memFile, Private: m.private,
 		Disk: m.disk, Base: m.base, Last: m.last, UnstoredDisks: m.unstoredDisks,
+	}
+	if l := m.lazy.Load(); l != nil && !m.ready {
+		st.Restoring = l.snap
 	}
 	if d := m.ownDisk.Load(); d != nil {
 		st.OwnDisk = *d
@@ -151,6 +157,9 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 	var st machineState
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("qemu: %s: state file: %w", id, err)
+	}
+	if !st.Ready && st.Restoring != "" {
+		return nil, fmt.Errorf("qemu: %s was restoring the memory of snapshot %q when its boxd ended: %w", id, st.Restoring, runner.ErrMemoryNotRestored)
 	}
 	if !st.Ready {
 		return nil, fmt.Errorf("qemu: %s never finished starting: %w", id, errdefs.ErrFailedPrecondition)

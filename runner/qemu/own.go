@@ -16,18 +16,9 @@ import (
 // else rebuilt from the store. fill may run while QEMU starts on the
 // file: QEMU does not touch a shared memory file until the guest runs.
 func (r *Runner) ownMemory(snap string, size int64) (path string, fill func(context.Context) error, err error) {
-	if err := os.MkdirAll(r.memDir(), 0o700); err != nil {
-		return "", nil, fmt.Errorf("qemu: memory folder: %w", err)
-	}
-	path = filepath.Join(r.memDir(), fmt.Sprintf("own-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
-	out, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	path, out, err := r.emptyMemory(snap, size)
 	if err != nil {
-		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
-	}
-	if err := out.Truncate(size); err != nil {
-		_ = out.Close()
-		_ = os.Remove(path)
-		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
+		return "", nil, err
 	}
 	r.frozenMu.Lock()
 	f := r.frozen[snap]
@@ -54,6 +45,25 @@ func (r *Runner) ownMemory(snap string, size int64) (path string, fill func(cont
 		return nil
 	}
 	return path, fill, nil
+}
+
+// emptyMemory makes a new memory file of size bytes, all holes, for one
+// machine restored from snapshot snap.
+func (r *Runner) emptyMemory(snap string, size int64) (string, *os.File, error) {
+	if err := os.MkdirAll(r.memDir(), 0o700); err != nil {
+		return "", nil, fmt.Errorf("qemu: memory folder: %w", err)
+	}
+	path := filepath.Join(r.memDir(), fmt.Sprintf("own-%d-%d-%s.mem", os.Getpid(), r.ids.Add(1), snap))
+	out, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
+	}
+	if err := out.Truncate(size); err != nil {
+		_ = out.Close()
+		_ = os.Remove(path)
+		return "", nil, fmt.Errorf("qemu: memory file: %w", err)
+	}
+	return path, out, nil
 }
 
 // copySparse copies the size bytes of file from into out, a file of

@@ -59,6 +59,9 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		r.logger().Warn("qemu: a snapshot from before boxes ran on passt restores on QEMU's own user network, which reaches the host's loopback, until its box boots again", "snapshot", snap)
 	}
 	rs := &restoreRun{r: r, ctx: ctx, snap: s, own: opts.LongLived, filled: make(chan error, 1), ph: startPhases()}
+	if rs.own {
+		rs.plan = r.lazyPlan(snap, devices)
+	}
 	if err := rs.restoreMemory(spec.MemSize); err != nil {
 		return nil, err
 	}
@@ -77,9 +80,22 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	}
 	m.last = snap
 	m.pendingUnique = opts.Unique
+	if l := m.lazy.Load(); l != nil {
+		defer func() {
+			if !m.stopped() {
+				l.guestRuns()
+			}
+		}()
+	}
 	defer func() { r.logger().Debug("qemu: restore", rs.ph.log("id", m.id, "snapshot", snap)...) }()
+	// A lazily restored machine is ready to adopt once its memory is in
+	// place (watchLazy): a boxd that ends before that leaves it to be
+	// stopped by the next, its snapshot intact.
+	lazy := m.lazy.Load() != nil
 	if opts.Paused {
-		m.markReady()
+		if !lazy {
+			m.markReady()
+		}
 		return m, nil
 	}
 	if err := m.Continue(ctx); err != nil {
@@ -87,7 +103,9 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 		return nil, err
 	}
 	rs.ph.mark("cont")
-	m.markReady()
+	if !lazy {
+		m.markReady()
+	}
 	return m, nil
 }
 
@@ -96,10 +114,11 @@ type restoreRun struct {
 	r       *Runner
 	ctx     context.Context
 	snap    snapshotter.Snapshot
-	own     bool       // a memory file of the machine's own (LongLived)
-	memFile string     // the machine's memory file
-	filled  chan error // the own file's filling, done (nil at once for a frozen file)
-	ownDisk string     // a disk the runner made for the machine, gone with it
+	own     bool          // a memory file of the machine's own (LongLived)
+	memFile string        // the machine's memory file
+	filled  chan error    // the own file's filling, done (nil at once for a frozen file)
+	plan    *postcopyPlan // the device state taken apart for a lazy restore; nil restores eagerly
+	ownDisk string        // a disk the runner made for the machine, gone with it
 	ph      *phases
 }
 
@@ -108,12 +127,20 @@ type restoreRun struct {
 // more machine mapping it.
 func (rs *restoreRun) restoreMemory(size int64) error {
 	var err error
-	if rs.own {
+	switch {
+	case rs.plan != nil:
+		// Served while the guest runs.
+		var f *os.File
+		if rs.memFile, f, err = rs.r.emptyMemory(rs.snap.Name, size); err == nil {
+			_ = f.Close()
+			rs.filled <- nil
+		}
+	case rs.own:
 		var fill func(context.Context) error
 		if rs.memFile, fill, err = rs.r.ownMemory(rs.snap.Name, size); err == nil {
 			go func() { rs.filled <- fill(rs.ctx) }()
 		}
-	} else {
+	default:
 		rs.memFile, err = rs.r.acquire(rs.ctx, rs.snap.Name)
 		rs.filled <- nil
 	}
@@ -162,7 +189,7 @@ func (rs *restoreRun) restoreDisk(spec *runner.Spec, disk string) error {
 func (rs *restoreRun) startMachine(spec runner.Spec) (*Machine, error) {
 	r := rs.r
 	if rs.own {
-		m, err := r.launch(rs.ctx, spec, launchOptions{ownFile: rs.memFile, incoming: true})
+		m, err := r.launch(rs.ctx, spec, launchOptions{ownFile: rs.memFile, incoming: true, postcopy: rs.plan != nil})
 		rs.ph.mark("launch")
 		return m, err
 	}
@@ -186,6 +213,17 @@ func (rs *restoreRun) loadState(m *Machine, devices []byte) error {
 		return err
 	}
 	rs.ph.mark("filled")
+	if rs.plan != nil {
+		l, err := rs.r.newLazyMemory(m, rs.snap.Name, rs.plan)
+		if err == nil {
+			err = m.restoreLazily(rs.ctx, l)
+		}
+		if err != nil {
+			return err
+		}
+		rs.ph.mark("devices")
+		return nil
+	}
 	seeded := make(chan error, 1)
 	if rs.own {
 		go func() { seeded <- m.seedSums() }()
@@ -416,3 +454,26 @@ func (r *Runner) FrozenFiles() []string {
 
 // errNoUnique says a unique restore has no way to reseed the guest.
 var errNoUnique = errors.New("qemu: a unique restore needs Runner.Unique (the guest agent reseeds the guest)")
+
+// lazyPlan returns the device state of snapshot snap taken apart for a
+// lazy restore, or nil where the restore must be eager: EagerRestore, the
+// snapshot's frozen file still in memory (copying it is quicker than
+// serving it), a snapshot still on its way to the store, or device state
+// this code does not understand (logged).
+func (r *Runner) lazyPlan(snap string, devices []byte) *postcopyPlan {
+	if r.EagerRestore || r.pendingOf(snap) != nil {
+		return nil
+	}
+	r.frozenMu.Lock()
+	_, frozen := r.frozen[snap]
+	r.frozenMu.Unlock()
+	if frozen {
+		return nil
+	}
+	p, err := planPostcopy(devices)
+	if err != nil {
+		r.logger().Warn("qemu: restoring eagerly", "snapshot", snap, "err", err)
+		return nil
+	}
+	return p
+}

@@ -118,6 +118,10 @@ type Runner struct {
 
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
+	// EagerRestore makes a long-lived restore rebuild the whole memory
+	// file before QEMU starts, as boxd did before lazy restores
+	// (postcopy.go); it is there to compare the two.
+	EagerRestore bool
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
 	// (the guest agent's job: QEMU has no way to reseed a Linux guest's
@@ -364,6 +368,10 @@ type launchOptions struct {
 	memFile string
 	// incoming starts QEMU paused, waiting for device state (-incoming defer).
 	incoming bool
+	// postcopy makes QEMU the destination of a postcopy migration whose
+	// source is boxd (a lazy restore, postcopy.go), with x-ignore-shared
+	// off until its memory is in place.
+	postcopy bool
 	// acquired says the machine holds a reference on memFile (acquire),
 	// to release when it ends; a spare holds none until it is taken.
 	acquired bool
@@ -497,9 +505,12 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 		<-m.done
 		return nil, fmt.Errorf("qemu: %s (%s): %w; QEMU said: %s", id, m.accel, err, m.said())
 	}
-	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{
-		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
-	}); err != nil {
+	caps := []map[string]any{{"capability": "x-ignore-shared", "state": true}}
+	if lo.postcopy {
+		caps = []map[string]any{{"capability": "postcopy-ram", "state": true}}
+		m.restored = make(chan struct{})
+	}
+	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}); err != nil {
 		m.kill()
 		<-m.done
 		return nil, fmt.Errorf("qemu: %s: %w", id, err)
@@ -640,6 +651,13 @@ type Machine struct {
 	qmpMu       sync.Mutex // guards qmp's writing (connect) against wait's closing
 	qmp         *qmp       // set before Start returns
 
+	// lazy serves the memory of a machine restored lazily (postcopy.go)
+	// until restored closes; nil for any other machine.
+	lazy     atomic.Pointer[lazyMemory]
+	restored chan struct{}
+	// failCause is why boxd killed the machine, its exit error.
+	failCause atomic.Pointer[error]
+
 	stopping atomic.Bool
 	done     chan struct{}
 	exit     error  // set before done closes
@@ -652,9 +670,17 @@ var _ runner.Machine = (*Machine)(nil)
 func (m *Machine) wait() {
 	err := m.cmd.Wait()
 	m.net.stop()
+	l := m.lazy.Load()
 	switch {
+	case m.failCause.Load() != nil:
+		err = *m.failCause.Load()
 	case m.stopping.Load():
 		err = runner.ErrStopped
+	case l != nil && !isClosed(m.restored):
+		err = fmt.Errorf("qemu: QEMU exited while its memory was being restored from snapshot %q: %w (%w)", l.snap, err, runner.ErrMemoryNotRestored)
+		if said := m.said(); said != "" {
+			err = fmt.Errorf("%w: %s", err, said)
+		}
 	case err == nil:
 		err = errors.New("qemu: guest powered off")
 	case killedBySignal(err) && m.memcg.Load() != nil && oomKilled(m.pid, m.started) == oomCgroup:
@@ -841,6 +867,13 @@ func (m *Machine) Stop(ctx context.Context) error {
 		return nil
 	}
 	m.stopping.Store(true)
+	if l := m.lazy.Load(); l != nil && !isClosed(m.restored) {
+		// Its vCPUs may wait on pages: quit would wait for them.
+		l.stop()
+		m.kill()
+		<-m.done
+		return nil
+	}
 	qctx, cancel := context.WithTimeout(ctx, quitGrace)
 	defer cancel()
 	_, _ = m.qmp.execute(qctx, "quit", nil) // QEMU may close the socket before it answers
@@ -890,4 +923,17 @@ func (m *Machine) Console() []byte {
 		return m.final
 	}
 	return b
+}
+
+// isClosed says whether ch (nil: never made) is closed.
+func isClosed(ch chan struct{}) bool {
+	if ch == nil {
+		return false
+	}
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }

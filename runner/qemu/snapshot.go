@@ -87,6 +87,9 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	if err := snapshotter.ValidateName(name); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
+	if err := m.awaitMemory(ctx); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
 	// The disk's top and the previous snapshot change: a later boxd

@@ -1,0 +1,643 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/memstore"
+	"github.com/boxd-dev/boxd/runner"
+)
+
+// A lazy restore starts QEMU with an empty memory file and serves guest
+// RAM from the snapshot in the store while the guest runs, as the source
+// of a QEMU postcopy migration: QEMU registers its RAM with userfaultfd
+// and asks boxd, over the migration's return path, for each page it
+// faults on. boxd answers those first, pushes the snapshot's recorded
+// working set ahead of demand, and after a short grace the rest of the
+// pages that hold data, then ends the migration: from there the machine
+// no longer needs boxd for its memory, and pages never sent (zeros in the
+// snapshot) are the kernel's zero pages.
+const (
+	// lazyWindow is how many pages a demanded page brings along: the
+	// pages that follow it and hold data, not yet sent.
+	lazyWindow = 16
+	// lazyBatch is how many pages the background push sends between
+	// looks at QEMU's requests.
+	lazyBatch = 64
+	// lazyGrace is how long after the guest starts the pages outside
+	// the working set wait, so that the guest's first faults are answered
+	// without the whole memory in front of them, and are recorded.
+	lazyGrace = 500 * time.Millisecond
+	// lazyTraceWindow is how long after the guest starts demanded pages
+	// count as its working set.
+	lazyTraceWindow = 5 * time.Second
+	// maxWorkingSet bounds a recorded working set (pages).
+	maxWorkingSet = 1 << 18
+)
+
+// lazyStats counts what a lazy restore sent.
+type lazyStats struct {
+	Demanded   int64 `json:"demanded"`   // requests QEMU made
+	Prefetched int64 `json:"prefetched"` // working-set pages pushed
+	Pushed     int64 `json:"pushed"`     // other pages pushed
+	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
+}
+
+// lazyMemory serves one restoring machine's guest RAM from a snapshot.
+type lazyMemory struct {
+	m     *Machine
+	snap  string
+	store *cas.Store
+	plan  *postcopyPlan
+	ids   []cas.ID // the snapshot's memory map: page → chunk
+	ws    []uint64 // the working set to push first, sorted
+	grace time.Duration
+
+	conn net.Conn
+	pw   *postcopyWriter
+	reqs chan rpMessage // page requests, reader → writer
+	ran  chan struct{}  // closed when the guest may run (the writer starts its grace)
+
+	sent memstore.Bitmap // pages written out (writer only)
+	sums *pageSums       // page sums as sent, the machine's once done
+
+	traceMu  sync.Mutex
+	trace    []uint64 // pages demanded in the trace window
+	traceEnd time.Time
+
+	stats lazyStats
+
+	ended    atomic.Bool   // the stream's end was written
+	done     chan struct{} // closed when the restore ended, err set
+	err      error
+	failOnce sync.Once
+	stopped  chan struct{} // closed by stop
+	stopOnce sync.Once
+}
+
+// newLazyMemory prepares serving snapshot snap's memory to m: the map and
+// the working set recorded by an earlier restore of it or an ancestor.
+func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*lazyMemory, error) {
+	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	pages := int(m.spec.MemSize / memstore.PageSize)
+	if mr.Size() != m.spec.MemSize {
+		return nil, fmt.Errorf("qemu: memory of snapshot %q is %d bytes, its machine %d", snap, mr.Size(), m.spec.MemSize)
+	}
+	l := &lazyMemory{
+		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
+		ids:     make([]cas.ID, pages),
+		grace:   lazyGrace,
+		reqs:    make(chan rpMessage, 4096),
+		ran:     make(chan struct{}),
+		sent:    memstore.NewBitmap(pages),
+		sums:    newPageSums(pages),
+		done:    make(chan struct{}),
+		stopped: make(chan struct{}),
+	}
+	for i := range l.ids {
+		l.ids[i] = cas.ZeroID // pages the map leaves out hold zeros
+	}
+	if err := mr.Each(func(n uint64, id cas.ID) error {
+		if n < uint64(pages) {
+			l.ids[n] = id
+		}
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	if ws, _, err := r.Graph.WorkingSet(snap, memstore.DefaultMap); err == nil {
+		for _, p := range ws {
+			if p < uint64(pages) && l.ids[p] != cas.ZeroID {
+				l.ws = append(l.ws, p)
+			}
+		}
+		slices.Sort(l.ws)
+		l.ws = slices.Compact(l.ws)
+	}
+	return l, nil
+}
+
+// start connects to QEMU's incoming socket, writes everything up to the
+// pages and starts serving them.
+func (l *lazyMemory) start(ctx context.Context, sock string) error {
+	var conn net.Conn
+	var err error
+	for {
+		var d net.Dialer
+		if conn, err = d.DialContext(ctx, "unix", sock); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("qemu: %s: restoring memory: %w", l.m.id, err)
+		case <-l.m.done:
+			return l.m.exit
+		case <-time.After(time.Millisecond):
+		}
+	}
+	l.conn = conn
+	l.pw = &postcopyWriter{w: bufio.NewWriterSize(conn, 1<<18)}
+	err = l.pw.prelude(l.plan)
+	if err == nil {
+		err = l.early()
+	}
+	if err == nil {
+		err = l.pw.pack(l.plan, earlyPages*memstore.PageSize) // not sent yet
+	}
+	if err != nil {
+		_ = conn.Close()
+		select { // QEMU gave up on the stream: say why
+		case <-l.m.done:
+		case <-time.After(time.Second):
+		}
+		return fmt.Errorf("qemu: %s: restoring memory: %w; QEMU said: %s", l.m.id, err, l.m.said())
+	}
+	go l.read()
+	go l.write()
+	go func() {
+		select {
+		case <-l.m.done:
+			l.fail(fmt.Errorf("QEMU exited: %w", l.m.exit))
+		case <-l.done:
+		}
+	}()
+	return nil
+}
+
+// earlyPages is how much of guest RAM, from its start, goes before the
+// devices: the legacy area below 1 MiB, where loading the devices reads
+// guest memory (the TPR patching of kvmvapic).
+const earlyPages = (1 << 20) / memstore.PageSize
+
+// early sends the pages that hold data in the first earlyPages, which
+// QEMU loads as precopy pages before it registers guest RAM.
+func (l *lazyMemory) early() error {
+	buf := make([]byte, lazyBatch*memstore.PageSize)
+	var batch []int
+	for p := 0; p < earlyPages && p < len(l.ids); p++ {
+		if l.ids[p] != cas.ZeroID {
+			batch = append(batch, p)
+		}
+		if len(batch) == lazyBatch || (p == earlyPages-1 && len(batch) > 0) {
+			if err := l.send(batch, nil, buf); err != nil {
+				return err
+			}
+			batch = batch[:0]
+		}
+	}
+	return nil
+}
+
+// guestRuns tells the server the guest was let run: the trace window and
+// the grace before the rest of the memory start.
+func (l *lazyMemory) guestRuns() {
+	l.traceMu.Lock()
+	l.traceEnd = time.Now().Add(lazyTraceWindow)
+	l.traceMu.Unlock()
+	select {
+	case <-l.ran:
+	default:
+		close(l.ran)
+	}
+}
+
+// read takes QEMU's messages off the return path.
+func (l *lazyMemory) read() {
+	r := bufio.NewReader(l.conn)
+	block := ""
+	for {
+		msg, err := readRPMessage(r)
+		if err != nil {
+			if !l.ended.Load() || !errors.Is(err, io.EOF) {
+				l.fail(fmt.Errorf("the migration's return path: %w; QEMU said: %s", err, l.m.said()))
+			}
+			return
+		}
+		switch msg.typ {
+		case rpShut:
+			if msg.status != 0 {
+				l.fail(fmt.Errorf("QEMU ended the migration with status %d; QEMU said: %s", msg.status, l.m.said()))
+			}
+			return
+		case rpReqPagesID:
+			block = msg.block
+		case rpReqPages:
+			msg.block = block
+		default:
+			continue
+		}
+		if msg.typ == rpReqPagesID || msg.typ == rpReqPages {
+			if l.ended.Load() {
+				continue // a fault raced the end: QEMU's end wakes it
+			}
+			select {
+			case l.reqs <- msg:
+			case <-l.done:
+				return
+			}
+		}
+	}
+}
+
+// write sends pages: requested ones first, then the working set, then,
+// after the grace, the rest that hold data; then the end.
+func (l *lazyMemory) write() {
+	bufPages := max(lazyBatch, lazyWindow)
+	buf := make([]byte, bufPages*memstore.PageSize)
+	order := l.ws
+	next := 0 // position in order
+	rest := 0 // next page of the whole memory to consider
+	var grace <-chan time.Time
+	ran := l.ran // nil once seen
+	graceOver := false
+	pending := func() (rpMessage, bool) {
+		select {
+		case msg := <-l.reqs:
+			return msg, true
+		default:
+			return rpMessage{}, false
+		}
+	}
+	for {
+		if msg, ok := pending(); ok {
+			if err := l.serve(msg, buf); err != nil {
+				l.fail(err)
+				return
+			}
+			continue
+		}
+		// The next background batch: the working set, then the rest.
+		batch := make([]int, 0, lazyBatch)
+		for next < len(order) && len(batch) < lazyBatch {
+			if p := int(order[next]); !l.sent.Has(p) {
+				batch = append(batch, p)
+			}
+			next++
+		}
+		inWS := len(batch) > 0
+		if !inWS && !graceOver {
+			select {
+			case msg := <-l.reqs:
+				if err := l.serve(msg, buf); err != nil {
+					l.fail(err)
+					return
+				}
+			case <-grace:
+				graceOver = true
+			case <-ran:
+				ran, grace = nil, time.After(l.grace)
+			case <-l.done:
+				return
+			case <-l.stopped:
+				return
+			}
+			continue
+		}
+		for !inWS && rest < len(l.ids) && len(batch) < lazyBatch {
+			if !l.sent.Has(rest) && l.ids[rest] != cas.ZeroID {
+				batch = append(batch, rest)
+			}
+			rest++
+		}
+		if len(batch) == 0 {
+			break
+		}
+		if err := l.send(batch, nil, buf); err != nil {
+			l.fail(err)
+			return
+		}
+		if inWS {
+			l.stats.Prefetched += int64(len(batch))
+		} else {
+			l.stats.Pushed += int64(len(batch))
+		}
+		select {
+		case <-l.done:
+			return
+		case <-l.stopped:
+			return
+		default:
+		}
+	}
+	// Requests that came while the last batch went out, then the end.
+	for {
+		msg, ok := pending()
+		if !ok {
+			break
+		}
+		if err := l.serve(msg, buf); err != nil {
+			l.fail(err)
+			return
+		}
+	}
+	l.ended.Store(true)
+	if err := l.pw.end(l.plan.ramID); err != nil {
+		l.fail(fmt.Errorf("ending the migration: %w", err))
+	}
+}
+
+// serve answers one page request: the page and the unsent pages holding
+// data that follow it in its window. A block other than guest RAM (the
+// small ones went whole before the package) gets zero pages.
+func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
+	l.stats.Demanded++
+	if msg.block != guestRAMBlockStr {
+		var offs []uint64
+		var zero []bool
+		for off := msg.start; off < msg.start+uint64(msg.length); off += migrationPage {
+			offs = append(offs, off)
+			zero = append(zero, true)
+		}
+		return l.pw.pages(l.plan.ramID, msg.block, offs, nil, zero)
+	}
+	first := int(msg.start / memstore.PageSize)
+	n := int((uint64(msg.length) + memstore.PageSize - 1) / memstore.PageSize)
+	if first+n > len(l.ids) || first < 0 {
+		return fmt.Errorf("QEMU asked for bytes %d+%d of guest RAM, which has %d pages", msg.start, msg.length, len(l.ids))
+	}
+	var batch []int
+	asked := map[int]bool{}
+	for p := first; p < first+n; p++ {
+		if !l.sent.Has(p) {
+			batch = append(batch, p)
+			asked[p] = true
+		}
+	}
+	if len(batch) == 0 {
+		return nil // on its way already
+	}
+	l.record(batch)
+	for p := first + n; p < len(l.ids) && p < first+lazyWindow; p++ {
+		if !l.sent.Has(p) && l.ids[p] != cas.ZeroID {
+			batch = append(batch, p)
+		}
+	}
+	return l.send(batch, asked, buf)
+}
+
+// record adds demanded pages to the working set while its window lasts.
+func (l *lazyMemory) record(pages []int) {
+	l.traceMu.Lock()
+	defer l.traceMu.Unlock()
+	if (!l.traceEnd.IsZero() && time.Now().After(l.traceEnd)) || len(l.trace) >= maxWorkingSet {
+		return
+	}
+	for _, p := range pages {
+		l.trace = append(l.trace, uint64(p))
+	}
+}
+
+// send reads pages from the store and writes them out as one RAM part;
+// pages that hold zeros go as zero records when asked for (and are not
+// sent otherwise).
+func (l *lazyMemory) send(pages []int, asked map[int]bool, buf []byte) error {
+	var ids []cas.ID
+	var offs []uint64
+	var zero []bool
+	for _, p := range pages {
+		z := l.ids[p] == cas.ZeroID
+		if z && !asked[p] {
+			continue
+		}
+		offs = append(offs, uint64(p)*memstore.PageSize)
+		zero = append(zero, z)
+		if !z {
+			ids = append(ids, l.ids[p])
+		}
+	}
+	data := buf[:0]
+	if len(ids) > 0 {
+		data = buf[:len(ids)*memstore.PageSize]
+		locs, err := l.store.LookupMany(ids)
+		if err == nil {
+			err = l.store.GetLocated(ids, locs, data)
+		}
+		if err != nil {
+			return l.damaged(pages, err)
+		}
+	}
+	// data holds the non-zero pages in order; pages() wants one slot per
+	// page, so spread them out (from the back, in place) when zeros mix in.
+	if len(ids) != len(offs) && len(ids) > 0 {
+		full := make([]byte, len(offs)*memstore.PageSize)
+		j := 0
+		for i := range offs {
+			if !zero[i] {
+				copy(full[i*memstore.PageSize:], data[j*memstore.PageSize:(j+1)*memstore.PageSize])
+				j++
+			}
+		}
+		data = full
+	}
+	if err := l.pw.pages(l.plan.ramID, guestRAMBlockStr, offs, data, zero); err != nil {
+		return fmt.Errorf("sending pages: %w", err)
+	}
+	d := xxhash.NewWithSeed(l.sums.seed)
+	var zeroPage [memstore.PageSize]byte
+	for i, off := range offs {
+		p := int(off / memstore.PageSize)
+		l.sent.Set(p)
+		page := zeroPage[:]
+		if !zero[i] {
+			page = data[i*memstore.PageSize : (i+1)*memstore.PageSize]
+		} else {
+			l.stats.Zeroed++
+		}
+		d.ResetWithSeed(l.sums.seed)
+		_, _ = d.Write(page)
+		l.sums.sums[p] = d.Sum64()
+	}
+	return nil
+}
+
+// damaged names the page and chunk that could not be read.
+func (l *lazyMemory) damaged(pages []int, err error) error {
+	var b [memstore.PageSize]byte
+	for _, p := range pages {
+		if id := l.ids[p]; id != cas.ZeroID {
+			if _, gerr := l.store.Get(id, b[:]); gerr != nil {
+				return fmt.Errorf("restoring the memory of snapshot %q: page %d, chunk %s: %w", l.snap, p, id, gerr)
+			}
+		}
+	}
+	return fmt.Errorf("restoring the memory of snapshot %q: %w", l.snap, err)
+}
+
+// fail ends the restore with err: the machine cannot go on without the
+// page it waits for, so its QEMU is killed, err its reason.
+func (l *lazyMemory) fail(err error) {
+	l.failOnce.Do(func() {
+		l.err = err
+		if !l.m.stopping.Load() {
+			cause := fmt.Errorf("qemu: %s: %w (%w)", l.m.id, err, runner.ErrMemoryNotRestored)
+			l.m.failCause.Store(&cause)
+			l.m.kill()
+		}
+		_ = l.conn.Close()
+		close(l.done)
+	})
+}
+
+// finish is called once QEMU says the migration completed.
+func (l *lazyMemory) finish() {
+	l.failOnce.Do(func() {
+		_ = l.conn.Close()
+		close(l.done)
+	})
+}
+
+// stop ends serving for a machine that is stopping.
+func (l *lazyMemory) stop() {
+	l.stopOnce.Do(func() { close(l.stopped) })
+}
+
+// workingSet returns the working set to keep with the snapshot: the one
+// pushed, then the pages demanded in the trace window.
+func (l *lazyMemory) workingSet() []uint64 {
+	l.traceMu.Lock()
+	defer l.traceMu.Unlock()
+	ws := slices.Clone(l.ws)
+	ws = append(ws, l.trace...)
+	slices.Sort(ws)
+	ws = slices.Compact(ws)
+	if len(ws) > maxWorkingSet {
+		ws = ws[:maxWorkingSet]
+	}
+	return ws
+}
+
+// restoreLazily loads the device state into m (started with -incoming and
+// its memory file empty) and starts serving its memory; it returns once
+// QEMU has loaded the devices and waits, paused, for cont.
+func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory) error {
+	sock := filepath.Join(m.dir, "load.sock")
+	if _, err := m.qmp.execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}); err != nil {
+		return fmt.Errorf("qemu: %s: restoring memory: %w", m.id, err)
+	}
+	m.lazy.Store(l)
+	if err := m.saveState(); err != nil { // a later boxd must not adopt it half-restored
+		m.r.logger().Warn("qemu: a later boxd may not stop this machine", "id", m.id, "err", err)
+	}
+	if err := l.start(ctx, sock); err != nil {
+		return err
+	}
+	for {
+		st, err := m.Status(ctx)
+		if err != nil {
+			select {
+			case <-m.done:
+				return m.exit
+			case <-time.After(time.Second):
+			}
+			return fmt.Errorf("%w; QEMU said: %s", err, m.said())
+		}
+		if st != "inmigrate" {
+			break
+		}
+		select {
+		case <-l.done:
+			if l.err != nil {
+				return fmt.Errorf("qemu: %s: %w", m.id, l.err)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	go m.watchLazy(l)
+	return nil
+}
+
+// watchLazy waits for the lazy restore's end: on success it gives the
+// machine its page sums and the capabilities its snapshots need, records
+// the working set and marks the machine ready to adopt; on failure the
+// server has already killed QEMU.
+func (m *Machine) watchLazy(l *lazyMemory) {
+	ctx := context.Background()
+	for {
+		select {
+		case <-l.done:
+		case <-m.done:
+			l.fail(fmt.Errorf("QEMU exited: %w", m.exit))
+		case <-time.After(2 * time.Millisecond):
+			raw, err := m.qmp.execute(ctx, "query-migrate", nil)
+			if err != nil {
+				continue
+			}
+			var st struct {
+				Status string `json:"status"`
+			}
+			_ = json.Unmarshal(raw, &st)
+			switch st.Status {
+			case "completed":
+				if l.ended.Load() {
+					l.finish()
+				}
+			case "failed", "cancelled":
+				l.fail(fmt.Errorf("QEMU's side of the migration %s; QEMU said: %s", st.Status, m.said()))
+			}
+			continue
+		}
+		break
+	}
+	if l.err != nil {
+		m.r.logger().Warn("qemu: lazy restore failed", "id", m.id, "snapshot", l.snap, "err", l.err)
+		close(m.restored)
+		return
+	}
+	if _, err := m.qmp.execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{
+			{"capability": "postcopy-ram", "state": false},
+			{"capability": "x-ignore-shared", "state": true},
+		},
+	}); err != nil {
+		l.err = fmt.Errorf("qemu: %s: after restoring memory: %w", m.id, err)
+		close(m.restored)
+		return
+	}
+	m.sums = l.sums
+	if ws := l.workingSet(); len(ws) > 0 {
+		if err := m.r.Graph.SetWorkingSet(l.snap, memstore.DefaultMap, ws); err != nil && !errors.Is(err, os.ErrNotExist) {
+			m.r.logger().Debug("qemu: keeping the working set", "snapshot", l.snap, "err", err)
+		}
+	}
+	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap,
+		"demanded", l.stats.Demanded, "prefetched", l.stats.Prefetched, "pushed", l.stats.Pushed, "zeroed", l.stats.Zeroed)
+	m.markReady()
+	close(m.restored)
+}
+
+// awaitMemory waits until a lazily restored machine holds all its memory
+// (at once for any other machine): snapshots read the memory file.
+func (m *Machine) awaitMemory(ctx context.Context) error {
+	l := m.lazy.Load()
+	if l == nil {
+		return nil
+	}
+	select {
+	case <-m.restored:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if l.err != nil {
+		return fmt.Errorf("qemu: %s: %w", m.id, l.err)
+	}
+	return nil
+}
