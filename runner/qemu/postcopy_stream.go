@@ -124,14 +124,15 @@ func planPostcopy(state []byte) (*postcopyPlan, error) {
 	if magic, ver := c.be32(), c.be32(); c.err == nil && (magic != vmFileMagic || ver != vmFileVersion) {
 		c.fail("header %#x version %d, want QEVM version 3", magic, ver)
 	}
-	header = append(header, state[:min(8, len(state))]...)
 	if t := c.u8(); c.err == nil && t != vmConfiguration {
 		c.fail("section %#x where the configuration belongs", t)
 	}
-	start := c.off - 1
 	n := c.be32()
 	c.take(int(n))
-	header = append(header, state[start:c.off]...)
+	if c.err != nil {
+		return nil, c.err
+	}
+	header = append(header, state[:c.off]...)
 	for c.err == nil && c.peek() == vmSubsection {
 		sub := c.off
 		c.u8()
@@ -268,27 +269,74 @@ func (c *streamCursor) ramRecords() {
 // deviceStateEnd returns where the device sections that start at from end:
 // at the end-of-file byte, which the stream's last byte is, or which its
 // trailing JSON description (QEMU_VM_VMDESCRIPTION, length-prefixed)
-// follows.
+// follows. The sections between must chain: each a full section whose
+// footer names it, followed by the next or by the end.
 func deviceStateEnd(state []byte, from int) (int, error) {
 	n := len(state)
-	if n-1 >= from && state[n-1] == vmEOF && endsSection(state, from, n-1) {
-		return n - 1, nil
-	}
-	for p := n - 5; p > from; p-- {
-		if state[p] != vmVMDescription || state[p-1] != vmEOF {
-			continue
-		}
-		if int(binary.BigEndian.Uint32(state[p+1:])) == n-p-5 && n-p-5 > 0 && state[p+5] == '{' && endsSection(state, from, p-1) {
-			return p - 1, nil
+	end := -1
+	for p := n - 5; p > from && end < 0; p-- {
+		if state[p] == vmVMDescription && state[p-1] == vmEOF &&
+			int(binary.BigEndian.Uint32(state[p+1:])) == n-p-5 && n-p-5 > 0 && state[p+5] == '{' {
+			end = p - 1
 		}
 	}
-	return 0, fmt.Errorf("%w: device state has no end of file", errStream)
+	if end < 0 && n > from && state[n-1] == vmEOF {
+		end = n - 1
+	}
+	if end < 0 || !sectionsChain(state, from, end) {
+		return 0, fmt.Errorf("%w: device state has no end of file after its sections", errStream)
+	}
+	return end, nil
 }
 
-// endsSection says whether state[from:end] is empty or ends with a section
-// footer.
-func endsSection(state []byte, from, end int) bool {
-	return end == from || (end-from >= 5 && state[end-5] == vmSectionFooter)
+// sectionsChain says whether state[from:end] is a chain of full sections,
+// each ended by a footer that names it.
+func sectionsChain(state []byte, from, end int) bool {
+	for from < end {
+		id, body, ok := fullHeader(state, from, end)
+		if !ok {
+			return false
+		}
+		next := -1
+		for q := body; q+5 <= end; q++ {
+			if state[q] != vmSectionFooter || binary.BigEndian.Uint32(state[q+1:]) != id {
+				continue
+			}
+			if q+5 == end {
+				next = end
+				break
+			}
+			if _, _, ok := fullHeader(state, q+5, end); ok {
+				next = q + 5
+				break
+			}
+		}
+		if next < 0 {
+			return false
+		}
+		from = next
+	}
+	return from == end
+}
+
+// fullHeader reads the header of a full section at state[at:end]: its id
+// and where its body starts. The section's name must be printable.
+func fullHeader(state []byte, at, end int) (id uint32, body int, ok bool) {
+	if end-at < 1+4+1 || state[at] != vmSectionFull {
+		return 0, 0, false
+	}
+	id = binary.BigEndian.Uint32(state[at+1:])
+	nameLen := int(state[at+5])
+	body = at + 6 + nameLen + 8 // name, instance, version
+	if nameLen == 0 || body > end {
+		return 0, 0, false
+	}
+	for _, ch := range state[at+6 : at+6+nameLen] {
+		if ch < 0x20 || ch > 0x7e {
+			return 0, 0, false
+		}
+	}
+	return id, body, true
 }
 
 // postcopyWriter writes the source's side of a postcopy restore.
