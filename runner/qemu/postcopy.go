@@ -80,6 +80,7 @@ type lazyMemory struct {
 	traceEnd time.Time
 
 	stats lazyStats
+	began time.Time // when serving started
 
 	ended    atomic.Bool   // the stream's end was written
 	done     chan struct{} // closed when the restore ended, err set
@@ -153,6 +154,7 @@ func (l *lazyMemory) start(ctx context.Context, sock string) error {
 		}
 	}
 	l.conn = conn
+	l.began = time.Now()
 	l.pw = &postcopyWriter{w: bufio.NewWriterSize(conn, 1<<18)}
 	err = l.pw.prelude(l.plan)
 	if err == nil {
@@ -618,7 +620,7 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 			m.r.logger().Debug("qemu: keeping the working set", "snapshot", l.snap, "err", err)
 		}
 	}
-	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap,
+	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap, "took", time.Since(l.began).Round(time.Microsecond),
 		"demanded", l.stats.Demanded, "prefetched", l.stats.Prefetched, "pushed", l.stats.Pushed, "zeroed", l.stats.Zeroed)
 	m.markReady()
 	close(m.restored)
