@@ -2,7 +2,10 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -84,5 +87,65 @@ func TestBoxLazyResume(t *testing.T) {
 	}
 	if got := sum("big-f"); got != want {
 		t.Fatalf("1 GiB read back in a fork of a lazily resumed box: sha256 %s, want %s", got, want)
+	}
+}
+
+// TestDaemonKilledDuringLazyResume kills the daemon with -9 while it serves
+// a resuming box's memory: the next daemon finds the box hibernated in its
+// snapshot, with its half-restored QEMU gone, and resumes it whole.
+func TestDaemonKilledDuringLazyResume(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	d := newDaemonEnv(ctx, t)
+	d.cli(t, "create", "w", "--memory", "1G", "--ssh-key", d.key+".pub")
+	out, _, code := d.ssh(t, d.key, "w", "mkdir -p /mnt/x && mount -t tmpfs -o size=700m tmpfs /mnt/x && head -c 629145600 /dev/urandom > /mnt/x/p && sha256sum /mnt/x/p")
+	if code != 0 {
+		t.Fatalf("filling w: exit %d: %s", code, out)
+	}
+	want := strings.Fields(out + " x")[0]
+	d.cli(t, "hibernate", "w")
+
+	// Resume in the background; kill the daemon once w's machine is
+	// serving its memory (its state file says so).
+	resume := exec.Command(d.boxd, "--root", d.root, "resume", "w")
+	resume.Env = d.env
+	if err := resume.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = resume.Wait() }()
+	var restoring string
+	for restoring == "" {
+		dirs, _ := filepath.Glob(filepath.Join(d.root, "run", "*", "state.json"))
+		for _, f := range dirs {
+			var st struct {
+				Ready     bool
+				Restoring string
+			}
+			if b, err := os.ReadFile(f); err == nil && json.Unmarshal(b, &st) == nil && !st.Ready && st.Restoring != "" {
+				restoring = st.Restoring
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("no machine of w ever served its memory lazily")
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	killed := d.kill(t)
+	t.Logf("daemon %d killed while w's memory came back from %s", killed, restoring)
+	d.start(t)
+	for _, b := range d.boxes(t) {
+		if b.Name == "w" && (b.State != "hibernated" || !strings.Contains(b.Note, "memory")) {
+			t.Fatalf("w after the daemon was killed mid-restore: %s (%s)", b.State, b.Note)
+		} else if b.Name == "w" {
+			t.Logf("w after the daemon was killed mid-restore: %s (%s)", b.State, b.Note)
+		}
+	}
+	if left := qemusOf(memFolder(t, d.root)); len(left) != 0 {
+		t.Fatalf("QEMUs left after the new daemon reclaimed: %v", left)
+	}
+	d.cli(t, "resume", "w")
+	if out, _, code := d.ssh(t, d.key, "w", "sha256sum /mnt/x/p"); code != 0 || strings.Fields(out + " x")[0] != want {
+		t.Fatalf("w's 600 MiB after the resume that followed the kill: %q (exit %d), want %s", out, code, want)
 	}
 }

@@ -37,6 +37,32 @@ func TestLazyRestore(t *testing.T) {
 	if n, got := diskStep(ctx, t, m, frozeAt); got != "boxd-disk!" || n > frozeAt+10 {
 		t.Fatalf("lazy restore: step %d reading %q; the parent froze at %d", n, got, frozeAt)
 	}
+	if err := m.AwaitMemory(ctx); err != nil {
+		t.Fatalf("the lazy restore's memory: %v", err)
+	}
+	first, ok := m.LazyStats()
+	if !ok || !first.Done || first.Pushed == 0 {
+		t.Fatalf("lazy restore stats %+v (%v)", first, ok)
+	}
+	t.Logf("first lazy restore: %+v", first)
+	// A second restore of the snapshot pushes the working set the first
+	// recorded before the guest asks.
+	m2, err := r.RestoreMachine(ctx, "lazy-1", runner.RestoreOptions{
+		Disk: filepath.Join(work, "b.qcow2"), LongLived: true,
+	})
+	if err != nil {
+		t.Fatalf("second lazy restore: %v", err)
+	}
+	diskStep(ctx, t, m2, frozeAt)
+	if err := m2.AwaitMemory(ctx); err != nil {
+		t.Fatal(err)
+	}
+	second, _ := m2.LazyStats()
+	t.Logf("second lazy restore: %+v", second)
+	if second.Prefetched == 0 {
+		t.Errorf("the second lazy restore prefetched no working set: %+v", second)
+	}
+	_ = m2.Stop(ctx)
 	if _, err := m.Snapshot(ctx, "lazy-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatalf("snapshot after a lazy restore: %v", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -49,12 +50,18 @@ const (
 	maxWorkingSet = 1 << 18
 )
 
-// lazyStats counts what a lazy restore sent.
-type lazyStats struct {
-	Demanded   int64 `json:"demanded"`   // requests QEMU made
+// LazyStats counts what a lazy restore sent.
+type LazyStats struct {
+	Demanded   int64 `json:"demanded"`   // page requests QEMU made
 	Prefetched int64 `json:"prefetched"` // working-set pages pushed
 	Pushed     int64 `json:"pushed"`     // other pages pushed
 	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
+	Done       bool  `json:"done"`       // all memory is in place
+}
+
+// lazyCounters are LazyStats as they grow.
+type lazyCounters struct {
+	demanded, prefetched, pushed, zeroed atomic.Int64
 }
 
 // lazyMemory serves one restoring machine's guest RAM from a snapshot.
@@ -79,7 +86,7 @@ type lazyMemory struct {
 	trace    []uint64 // pages demanded in the trace window
 	traceEnd time.Time
 
-	stats lazyStats
+	stats lazyCounters
 	began time.Time // when serving started
 
 	ended    atomic.Bool   // the stream's end was written
@@ -326,9 +333,9 @@ func (l *lazyMemory) write() {
 			return
 		}
 		if inWS {
-			l.stats.Prefetched += int64(len(batch))
+			l.stats.prefetched.Add(int64(len(batch)))
 		} else {
-			l.stats.Pushed += int64(len(batch))
+			l.stats.pushed.Add(int64(len(batch)))
 		}
 		select {
 		case <-l.done:
@@ -359,7 +366,7 @@ func (l *lazyMemory) write() {
 // data that follow it in its window. A block other than guest RAM (the
 // small ones went whole before the package) gets zero pages.
 func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
-	l.stats.Demanded++
+	l.stats.demanded.Add(1)
 	if msg.block != guestRAMBlockStr {
 		var offs []uint64
 		var zero []bool
@@ -460,7 +467,7 @@ func (l *lazyMemory) send(pages []int, asked map[int]bool, buf []byte) error {
 		if !zero[i] {
 			page = data[i*memstore.PageSize : (i+1)*memstore.PageSize]
 		} else {
-			l.stats.Zeroed++
+			l.stats.zeroed.Add(1)
 		}
 		d.ResetWithSeed(l.sums.seed)
 		_, _ = d.Write(page)
@@ -485,9 +492,18 @@ func (l *lazyMemory) damaged(pages []int, err error) error {
 // fail ends the restore with err: the machine cannot go on without the
 // page it waits for, so its QEMU is killed, err its reason.
 func (l *lazyMemory) fail(err error) {
+	if connectionLost(err) {
+		// QEMU closing the stream is most likely QEMU ending: its exit
+		// says why better than the broken connection.
+		select {
+		case <-l.m.done:
+			err = fmt.Errorf("QEMU exited: %w", l.m.exit)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 	l.failOnce.Do(func() {
 		l.err = err
-		if !l.m.stopping.Load() {
+		if !l.m.stopping.Load() && !l.m.stopped() {
 			cause := fmt.Errorf("qemu: %s: %w (%w)", l.m.id, err, runner.ErrMemoryNotRestored)
 			l.m.failCause.Store(&cause)
 			l.m.kill()
@@ -495,6 +511,12 @@ func (l *lazyMemory) fail(err error) {
 		_ = l.conn.Close()
 		close(l.done)
 	})
+}
+
+// connectionLost says whether err is the migration's connection breaking.
+func connectionLost(err error) bool {
+	var op *net.OpError
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.As(err, &op)
 }
 
 // finish is called once QEMU says the migration completed.
@@ -621,7 +643,7 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 		}
 	}
 	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap, "took", time.Since(l.began).Round(time.Microsecond),
-		"demanded", l.stats.Demanded, "prefetched", l.stats.Prefetched, "pushed", l.stats.Pushed, "zeroed", l.stats.Zeroed)
+		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "zeroed", l.stats.zeroed.Load())
 	m.markReady()
 	close(m.restored)
 }
@@ -643,3 +665,21 @@ func (m *Machine) awaitMemory(ctx context.Context) error {
 	}
 	return nil
 }
+
+// LazyStats says what the lazy restore of m sent so far; ok is false for a
+// machine not restored lazily.
+func (m *Machine) LazyStats() (stats LazyStats, ok bool) {
+	l := m.lazy.Load()
+	if l == nil {
+		return LazyStats{}, false
+	}
+	return LazyStats{
+		Demanded: l.stats.demanded.Load(), Prefetched: l.stats.prefetched.Load(),
+		Pushed: l.stats.pushed.Load(), Zeroed: l.stats.zeroed.Load(),
+		Done: isClosed(m.restored) && l.err == nil,
+	}, true
+}
+
+// AwaitMemory waits until all of a lazily restored machine's memory is in
+// place (at once for any other machine).
+func (m *Machine) AwaitMemory(ctx context.Context) error { return m.awaitMemory(ctx) }
