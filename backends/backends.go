@@ -70,6 +70,10 @@ type Config struct {
 	EagerRestore bool
 }
 
+// ResumeSpares is how many QEMUs wait, started, for the next lazy resume
+// of each kind of box resumed lately (qemu.Runner.ResumeSpares).
+const ResumeSpares = 1
+
 // DefaultMemoryHeadroom is the host memory a QEMU may use beyond its
 // guest's: its code, TCG's translation cache, device and migration
 // buffers. A booted 512 MiB box under TCG holds about 240 MiB in all.
@@ -121,6 +125,7 @@ func New(cfg Config) *Set {
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
 		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore,
+		ResumeSpares: ResumeSpares,
 	}
 	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
 	set.guard(cfg.Root, hash, log)
@@ -230,6 +235,7 @@ func (s *Set) expose(ctx context.Context, ports []uint16) (uint32, func(), error
 // runner's waiting VMM processes and removes the memory folder once it is
 // empty (every machine has stopped).
 func (s *Set) Close(ctx context.Context) error {
+	s.QEMU.StopResumeSpares()
 	err := s.QEMU.Flush(ctx)
 	_ = s.KVM.Close()
 	if entries, rerr := os.ReadDir(s.memDir); rerr == nil && len(entries) == 1 && entries[0].Name() == ownerFile {

@@ -19,6 +19,8 @@ func TestLazyRestore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	r, _, spec, work := diskMachine(ctx, t)
+	r.ResumeSpares = 1
+	t.Cleanup(r.StopResumeSpares)
 	frozeAt := frozenMachine(ctx, t, r, spec, "lazy-1")
 	r.ReleaseSnapshot("lazy-1")
 	if _, err := r.Committed(ctx, "lazy-1"); err != nil {
@@ -46,7 +48,14 @@ func TestLazyRestore(t *testing.T) {
 	}
 	t.Logf("first lazy restore: %+v", first)
 	// A second restore of the snapshot pushes the working set the first
-	// recorded before the guest asks.
+	// recorded before the guest asks, on the resume spare the first left.
+	for r.WaitingResumeSpares() == 0 {
+		select {
+		case <-ctx.Done():
+			t.Fatal("no resume spare started after the first lazy restore")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	m2, err := r.RestoreMachine(ctx, "lazy-1", runner.RestoreOptions{
 		Disk: filepath.Join(work, "b.qcow2"), LongLived: true,
 	})
@@ -59,6 +68,9 @@ func TestLazyRestore(t *testing.T) {
 	}
 	second, _ := m2.LazyStats()
 	t.Logf("second lazy restore: %+v", second)
+	if n := r.WaitingResumeSpares(); n != 0 {
+		t.Errorf("%d resume spares wait after the second restore took the one there was and before its memory is back", n)
+	}
 	if second.Prefetched == 0 {
 		t.Errorf("the second lazy restore prefetched no working set: %+v", second)
 	}

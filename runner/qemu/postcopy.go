@@ -646,6 +646,7 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "zeroed", l.stats.zeroed.Load())
 	m.markReady()
 	close(m.restored)
+	m.r.refillResumeSpares(m.spec)
 }
 
 // awaitMemory waits until a lazily restored machine holds all its memory

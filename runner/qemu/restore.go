@@ -188,6 +188,14 @@ func (rs *restoreRun) restoreDisk(spec *runner.Spec, disk string) error {
 // paused, waiting for the device state.
 func (rs *restoreRun) startMachine(spec runner.Spec) (*Machine, error) {
 	r := rs.r
+	if rs.plan != nil {
+		if m := r.takeResumeSpare(rs.ctx, spec); m != nil {
+			_ = os.Remove(rs.memFile) // the spare has its own
+			rs.memFile = m.memFile
+			rs.ph.mark("spare")
+			return m, nil
+		}
+	}
 	if rs.own {
 		m, err := r.launch(rs.ctx, spec, launchOptions{ownFile: rs.memFile, incoming: true, postcopy: rs.plan != nil})
 		rs.ph.mark("launch")

@@ -122,6 +122,10 @@ type Runner struct {
 	// file before QEMU starts, as boxd did before lazy restores
 	// (postcopy.go); it is there to compare the two.
 	EagerRestore bool
+	// ResumeSpares is how many QEMUs are kept started ahead of a lazy
+	// restore for each kind of machine restored lately (resumespare.go);
+	// 0 keeps none.
+	ResumeSpares int
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
 	// (the guest agent's job: QEMU has no way to reseed a Linux guest's
@@ -146,6 +150,11 @@ type Runner struct {
 
 	spareMu sync.Mutex
 	spares  map[string][]*Machine // by the memory file they map
+
+	resumeMu     sync.Mutex
+	resumeSpares []*Machine // resumespare.go
+	refilling    bool       // a refill runs
+	resumeClosed bool       // StopResumeSpares was called
 
 	liveMu sync.Mutex
 	live   map[string]*Machine // the machines that run, by folder (adopt.go)
