@@ -68,6 +68,8 @@ type Config struct {
 	// EagerRestore makes QEMU restores rebuild a box's whole memory before
 	// it runs instead of serving it lazily (qemu.Runner.EagerRestore).
 	EagerRestore bool
+	// LazyGrace is qemu.Runner.LazyGrace (0: its default).
+	LazyGrace time.Duration
 }
 
 // ResumeSpares is how many QEMUs wait, started, for the next lazy resume
@@ -125,7 +127,7 @@ func New(cfg Config) *Set {
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
 		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore,
-		ResumeSpares: ResumeSpares,
+		ResumeSpares: ResumeSpares, LazyGrace: cfg.LazyGrace,
 	}
 	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
 	set.guard(cfg.Root, hash, log)

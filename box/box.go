@@ -220,6 +220,11 @@ func Open(cfg Config) (*Manager, error) {
 		_, err := tx.CreateBucketIfNotExists(bucket)
 		return err
 	})
+	for _, r := range cfg.Runners {
+		if rs, ok := r.(runner.ResumeSparer); ok {
+			rs.SetResumeSparesWanted(m.anyHibernated)
+		}
+	}
 	var boxes []Box
 	if err == nil {
 		boxes, err = m.List()
@@ -233,7 +238,7 @@ func Open(cfg Config) (*Manager, error) {
 			continue
 		}
 		if err := m.adopt(context.Background(), bx); err != nil {
-			if errors.Is(err, runner.ErrMemoryNotRestored) && bx.Snapshot != "" {
+			if errors.Is(err, runner.ErrMemoryNotRestored) && m.ownSnapshot(bx) {
 				m.backToSnapshot(bx, err)
 				continue
 			}
@@ -753,7 +758,7 @@ func (m *Manager) watch(name string, mach runner.Machine) {
 	if err != nil || (bx.State != StateRunning && bx.State != StatePaused) {
 		return
 	}
-	if errors.Is(mach.Err(), runner.ErrMemoryNotRestored) && bx.Snapshot != "" {
+	if errors.Is(mach.Err(), runner.ErrMemoryNotRestored) && m.ownSnapshot(bx) {
 		m.backToSnapshot(bx, mach.Err())
 		return
 	}
@@ -764,6 +769,17 @@ func (m *Manager) watch(name string, mach runner.Machine) {
 	}
 	m.emit(events.Event{Type: events.Stopped, Box: name, Reason: "its machine exited: " + mach.Err().Error()})
 	m.log.Warn("box: machine exited", "box", name, "err", mach.Err())
+}
+
+// ownSnapshot says whether bx.Snapshot is a snapshot of bx itself (its
+// hibernation), not the one it was made from, which it would resume from
+// as its parent's twin.
+func (m *Manager) ownSnapshot(bx Box) bool {
+	if bx.Snapshot == "" {
+		return false
+	}
+	s, err := m.cfg.Graph.Get(bx.Snapshot)
+	return err == nil && s.Labels[LabelBox] == bx.Name
 }
 
 // backToSnapshot records that box bx's machine, restored from bx.Snapshot,
@@ -945,7 +961,28 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 	_ = os.RemoveAll(m.boxDir(name))
 	m.emit(events.Event{Type: events.Removed, Box: name})
 	m.collect(ctx)
+	if !m.anyHibernated() {
+		for _, r := range m.cfg.Runners {
+			if rs, ok := r.(runner.ResumeSparer); ok {
+				rs.DropResumeSpares() // no box left to resume
+			}
+		}
+	}
 	return nil
+}
+
+// anyHibernated says whether a box is hibernated: a resume may come.
+func (m *Manager) anyHibernated() bool {
+	boxes, err := m.List()
+	if err != nil {
+		return true
+	}
+	for _, bx := range boxes {
+		if bx.State == StateHibernated {
+			return true
+		}
+	}
+	return false
 }
 
 // snapName names a box's next snapshot.

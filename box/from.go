@@ -89,7 +89,9 @@ func (m *Manager) CreateFrom(ctx context.Context, opts FromOptions) (Box, error)
 	if err := m.put(bx); err != nil {
 		return Box{}, err
 	}
-	if err := m.restore(ctx, bx, sn.Name, bx.Disk, unique); err != nil {
+	// Long-lived: the box's memory is its own, served lazily from the store
+	// when the snapshot's memory is not at hand.
+	if err := m.restoreWith(ctx, bx, sn.Name, bx.Disk, unique, true); err != nil {
 		// A box left hibernated on the snapshot would resume as its
 		// parent's twin (a resume keeps the hostname and machine-id), so
 		// nothing is kept.

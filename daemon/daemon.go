@@ -53,6 +53,9 @@ type Config struct {
 	// runs, instead of serving its pages while it runs
 	// (backends.Config.EagerRestore).
 	EagerRestore bool
+	// LazyGrace is how long a lazily resumed box's memory beyond its
+	// working set waits before it is pushed (backends.Config.LazyGrace).
+	LazyGrace time.Duration
 	// MetricsListen, when set, is the host:port Prometheus metrics are
 	// served on (/metrics); it must be loopback unless MetricsAllowRemote.
 	MetricsListen      string
@@ -125,7 +128,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
-	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, EagerRestore: cfg.EagerRestore})
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, EagerRestore: cfg.EagerRestore, LazyGrace: cfg.LazyGrace})
 	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,

@@ -91,61 +91,86 @@ func TestBoxLazyResume(t *testing.T) {
 }
 
 // TestDaemonKilledDuringLazyResume kills the daemon with -9 while it serves
-// a resuming box's memory: the next daemon finds the box hibernated in its
-// snapshot, with its half-restored QEMU gone, and resumes it whole.
+// a resuming box's memory, once during the resume and once after it (the
+// daemon holds the rest of the memory back for a while, --lazy-grace): the
+// next daemon finds the box hibernated in its snapshot, with its
+// half-restored QEMU gone, and resumes it whole.
 func TestDaemonKilledDuringLazyResume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	d := newDaemonEnv(ctx, t)
+	d := newDaemonEnv(ctx, t, "--lazy-grace", "1m")
 	d.cli(t, "create", "w", "--memory", "1G", "--ssh-key", d.key+".pub")
-	out, _, code := d.ssh(t, d.key, "w", "mkdir -p /mnt/x && mount -t tmpfs -o size=700m tmpfs /mnt/x && head -c 629145600 /dev/urandom > /mnt/x/p && sha256sum /mnt/x/p")
+	out, _, code := d.ssh(t, d.key, "w", "mkdir -p /mnt/x && mount -t tmpfs -o size=400m tmpfs /mnt/x && head -c 314572800 /dev/urandom > /mnt/x/p && sha256sum /mnt/x/p")
 	if code != 0 {
 		t.Fatalf("filling w: exit %d: %s", code, out)
 	}
 	want := strings.Fields(out + " x")[0]
 	d.cli(t, "hibernate", "w")
-
-	// Resume in the background; kill the daemon once w's machine is
-	// serving its memory (its state file says so).
-	resume := exec.Command(d.boxd, "--root", d.root, "resume", "w")
-	resume.Env = d.env
-	if err := resume.Start(); err != nil {
-		t.Fatal(err)
+	state := func() string {
+		t.Helper()
+		for _, b := range d.boxes(t) {
+			if b.Name == "w" {
+				t.Logf("w: %s (%s)", b.State, b.Note)
+				return b.State
+			}
+		}
+		t.Fatal("no box w")
+		return ""
 	}
-	defer func() { _ = resume.Wait() }()
-	var restoring string
-	for restoring == "" {
-		dirs, _ := filepath.Glob(filepath.Join(d.root, "run", "*", "state.json"))
-		for _, f := range dirs {
+
+	for _, during := range []bool{true, false} {
+		resume := exec.Command(d.boxd, "--root", d.root, "resume", "w")
+		resume.Env = d.env
+		if err := resume.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if !during {
+			if err := resume.Wait(); err != nil {
+				t.Fatalf("boxd resume w: %v", err)
+			}
+			if s := state(); s != "running" {
+				t.Fatalf("w after boxd resume: %s", s)
+			}
+		}
+		// The daemon dies while w's machine serves its memory (its state
+		// file says so).
+		snap := restoringSnapshot(ctx, t, d.root)
+		killed := d.kill(t)
+		_ = resume.Wait()
+		t.Logf("daemon %d killed while w's memory came back from %s (during the resume: %v)", killed, snap, during)
+		d.start(t)
+		if s := state(); s != "hibernated" {
+			t.Fatalf("w after the daemon was killed mid-restore: %s, want hibernated", s)
+		}
+		if left := qemusOf(memFolder(t, d.root)); len(left) != 0 {
+			t.Fatalf("QEMUs left after the new daemon reclaimed: %v", left)
+		}
+	}
+	d.cli(t, "resume", "w")
+	if out, _, code := d.ssh(t, d.key, "w", "sha256sum /mnt/x/p"); code != 0 || strings.Fields(out + " x")[0] != want {
+		t.Fatalf("w's 300 MiB after the resume that followed the kills: %q (exit %d), want %s", out, code, want)
+	}
+}
+
+// restoringSnapshot waits until a machine under root's run folder serves
+// its memory lazily and returns the snapshot it comes from.
+func restoringSnapshot(ctx context.Context, t *testing.T, root string) string {
+	t.Helper()
+	for {
+		files, _ := filepath.Glob(filepath.Join(root, "run", "*", "state.json"))
+		for _, f := range files {
 			var st struct {
 				Ready     bool
 				Restoring string
 			}
 			if b, err := os.ReadFile(f); err == nil && json.Unmarshal(b, &st) == nil && !st.Ready && st.Restoring != "" {
-				restoring = st.Restoring
+				return st.Restoring
 			}
 		}
 		select {
 		case <-ctx.Done():
-			t.Fatal("no machine of w ever served its memory lazily")
+			t.Fatal("no machine ever served its memory lazily")
 		case <-time.After(2 * time.Millisecond):
 		}
-	}
-	killed := d.kill(t)
-	t.Logf("daemon %d killed while w's memory came back from %s", killed, restoring)
-	d.start(t)
-	for _, b := range d.boxes(t) {
-		if b.Name == "w" && (b.State != "hibernated" || !strings.Contains(b.Note, "memory")) {
-			t.Fatalf("w after the daemon was killed mid-restore: %s (%s)", b.State, b.Note)
-		} else if b.Name == "w" {
-			t.Logf("w after the daemon was killed mid-restore: %s (%s)", b.State, b.Note)
-		}
-	}
-	if left := qemusOf(memFolder(t, d.root)); len(left) != 0 {
-		t.Fatalf("QEMUs left after the new daemon reclaimed: %v", left)
-	}
-	d.cli(t, "resume", "w")
-	if out, _, code := d.ssh(t, d.key, "w", "sha256sum /mnt/x/p"); code != 0 || strings.Fields(out + " x")[0] != want {
-		t.Fatalf("w's 600 MiB after the resume that followed the kill: %q (exit %d), want %s", out, code, want)
 	}
 }

@@ -154,3 +154,14 @@ type Adopter interface {
 	// process is gone is errdefs.ErrNotFound, the reason in the error.
 	Adopt(ctx context.Context, id string) (Machine, error)
 }
+
+// ResumeSparer is a Runner that keeps machines started ahead of the next
+// resume. Its user says when any are wanted (some box is hibernated) and
+// drops them when none are.
+type ResumeSparer interface {
+	// SetResumeSparesWanted sets the function asked before a spare starts.
+	SetResumeSparesWanted(wanted func() bool)
+	// DropResumeSpares stops the spares waiting, and returns once they
+	// have.
+	DropResumeSpares()
+}

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -89,12 +90,14 @@ type lazyMemory struct {
 	stats lazyCounters
 	began time.Time // when serving started
 
-	ended    atomic.Bool   // the stream's end was written
-	done     chan struct{} // closed when the restore ended, err set
-	err      error
-	failOnce sync.Once
-	stopped  chan struct{} // closed by stop
-	stopOnce sync.Once
+	ended     atomic.Bool   // the stream's end was written
+	done      chan struct{} // closed when the restore ended, err set
+	err       error
+	failOnce  sync.Once
+	stopped   chan struct{} // closed by stop
+	stopOnce  sync.Once
+	hurry     chan struct{} // closed when the rest must come now (hurryUp)
+	hurryOnce sync.Once
 }
 
 // newLazyMemory prepares serving snapshot snap's memory to m: the map and
@@ -111,13 +114,14 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 	l := &lazyMemory{
 		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
 		ids:     make([]cas.ID, pages),
-		grace:   lazyGrace,
+		grace:   cmp.Or(r.LazyGrace, lazyGrace),
 		reqs:    make(chan rpMessage, 4096),
 		ran:     make(chan struct{}),
 		sent:    memstore.NewBitmap(pages),
 		sums:    newPageSums(pages),
 		done:    make(chan struct{}),
 		stopped: make(chan struct{}),
+		hurry:   make(chan struct{}),
 	}
 	for i := range l.ids {
 		l.ids[i] = cas.ZeroID // pages the map leaves out hold zeros
@@ -309,6 +313,8 @@ func (l *lazyMemory) write() {
 					return
 				}
 			case <-grace:
+				graceOver = true
+			case <-l.hurry:
 				graceOver = true
 			case <-ran:
 				ran, grace = nil, time.After(l.grace)
@@ -527,6 +533,11 @@ func (l *lazyMemory) finish() {
 	})
 }
 
+// hurryUp ends the grace: someone waits for the whole memory.
+func (l *lazyMemory) hurryUp() {
+	l.hurryOnce.Do(func() { close(l.hurry) })
+}
+
 // stop ends serving for a machine that is stopping.
 func (l *lazyMemory) stop() {
 	l.stopOnce.Do(func() { close(l.stopped) })
@@ -656,6 +667,7 @@ func (m *Machine) awaitMemory(ctx context.Context) error {
 	if l == nil {
 		return nil
 	}
+	l.hurryUp()
 	select {
 	case <-m.restored:
 	case <-ctx.Done():

@@ -59,6 +59,13 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 	}
 	spec = resumeSpec(spec)
 	r.resumeMu.Lock()
+	wanted := r.resumeWanted
+	r.resumeMu.Unlock()
+	if wanted != nil && !wanted() {
+		r.DropResumeSpares()
+		return
+	}
+	r.resumeMu.Lock()
 	if r.resumeClosed || r.refilling {
 		r.resumeMu.Unlock()
 		return
@@ -124,8 +131,26 @@ func (r *Runner) WaitingResumeSpares() int {
 // StopResumeSpares stops the resume spares and starts no more.
 func (r *Runner) StopResumeSpares() {
 	r.resumeMu.Lock()
+	r.resumeClosed = true
+	r.resumeMu.Unlock()
+	r.DropResumeSpares()
+}
+
+// SetResumeSparesWanted sets the function a refill asks first: when it
+// says no, the spares waiting are dropped and none start
+// (runner.ResumeSparer).
+func (r *Runner) SetResumeSparesWanted(wanted func() bool) {
+	r.resumeMu.Lock()
+	r.resumeWanted = wanted
+	r.resumeMu.Unlock()
+}
+
+// DropResumeSpares stops the resume spares waiting and returns once they
+// have ended (runner.ResumeSparer).
+func (r *Runner) DropResumeSpares() {
+	r.resumeMu.Lock()
 	spares := r.resumeSpares
-	r.resumeSpares, r.resumeClosed = nil, true
+	r.resumeSpares = nil
 	r.resumeMu.Unlock()
 	for _, sp := range spares {
 		_ = sp.Stop(context.Background())

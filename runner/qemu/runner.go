@@ -126,6 +126,10 @@ type Runner struct {
 	// restore for each kind of machine restored lately (resumespare.go);
 	// 0 keeps none.
 	ResumeSpares int
+	// LazyGrace is how long after a lazily restored guest starts the
+	// pages outside its working set wait before they are pushed (0 means
+	// 500 ms): the guest's first faults meet an idle stream meanwhile.
+	LazyGrace time.Duration
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
 	// (the guest agent's job: QEMU has no way to reseed a Linux guest's
@@ -155,6 +159,7 @@ type Runner struct {
 	resumeSpares []*Machine // resumespare.go
 	refilling    bool       // a refill runs
 	resumeClosed bool       // StopResumeSpares was called
+	resumeWanted func() bool
 
 	liveMu sync.Mutex
 	live   map[string]*Machine // the machines that run, by folder (adopt.go)
