@@ -971,6 +971,18 @@ func (m *Manager) Remove(ctx context.Context, name string) error {
 	return nil
 }
 
+// warmResume has bx's runner ready a machine for bx's resume, if it keeps
+// such spares (runner.ResumeSparer).
+func (m *Manager) warmResume(bx Box) {
+	r, err := m.runnerOf(bx)
+	if err != nil {
+		return
+	}
+	if rs, ok := r.(runner.ResumeSparer); ok {
+		rs.WarmResume(bx.Snapshot, bx.HostPorts)
+	}
+}
+
 // anyHibernated says whether a box is hibernated: a resume may come.
 func (m *Manager) anyHibernated() bool {
 	boxes, err := m.List()

@@ -130,6 +130,7 @@ func (m *Manager) hibernateLocked(ctx context.Context, bx Box, why string) (Box,
 	bx, err := m.hibernateAs(ctx, bx, "hibernate")
 	if err == nil {
 		m.emit(events.Event{Type: events.Hibernated, Box: bx.Name, Snapshot: bx.Snapshot, Reason: why, Took: time.Since(began)})
+		m.warmResume(bx)
 	}
 	return bx, err
 }

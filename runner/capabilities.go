@@ -164,4 +164,7 @@ type ResumeSparer interface {
 	// DropResumeSpares stops the spares waiting, and returns once they
 	// have.
 	DropResumeSpares()
+	// WarmResume readies a spare for a resume from snapshot snap with
+	// host ports hostPorts, in the background.
+	WarmResume(snap string, hostPorts []uint16)
 }

@@ -71,6 +71,7 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 		return
 	}
 	r.refilling = true
+	gen := r.resumeGen
 	r.resumeMu.Unlock()
 	go func() {
 		defer func() {
@@ -104,7 +105,8 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 				return
 			}
 			r.resumeMu.Lock()
-			if r.resumeClosed {
+			if r.resumeClosed || r.resumeGen != gen {
+				// Dropped meanwhile: no resume is coming.
 				r.resumeMu.Unlock()
 				_ = sp.Stop(context.Background())
 				return
@@ -113,6 +115,28 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 			r.resumeMu.Unlock()
 		}
 	}()
+}
+
+// WarmResume starts a resume spare for a lazy restore of snapshot snap
+// with hostPorts, in the background, unless one waits for such a machine
+// (runner.ResumeSparer).
+func (r *Runner) WarmResume(snap string, hostPorts []uint16) {
+	if r.ResumeSpares <= 0 || r.Graph == nil || r.EagerRestore {
+		return
+	}
+	s, err := r.Graph.Get(snap)
+	if err != nil {
+		return
+	}
+	spec, err := r.machineSpec(s)
+	if err != nil {
+		return
+	}
+	if spec.Network == netSlirp {
+		hostPorts = nil
+	}
+	spec.HostPorts = hostPorts
+	r.refillResumeSpares(spec)
 }
 
 // WaitingResumeSpares is how many resume spares wait.
@@ -151,6 +175,7 @@ func (r *Runner) DropResumeSpares() {
 	r.resumeMu.Lock()
 	spares := r.resumeSpares
 	r.resumeSpares = nil
+	r.resumeGen++ // a spare starting now is not kept
 	r.resumeMu.Unlock()
 	for _, sp := range spares {
 		_ = sp.Stop(context.Background())

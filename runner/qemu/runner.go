@@ -160,6 +160,7 @@ type Runner struct {
 	refilling    bool       // a refill runs
 	resumeClosed bool       // StopResumeSpares was called
 	resumeWanted func() bool
+	resumeGen    int // DropResumeSpares calls
 
 	liveMu sync.Mutex
 	live   map[string]*Machine // the machines that run, by folder (adopt.go)
