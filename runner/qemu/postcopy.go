@@ -633,7 +633,11 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 		break
 	}
 	if l.err != nil {
-		m.r.logger().Warn("qemu: lazy restore failed", "id", m.id, "snapshot", l.snap, "err", l.err)
+		log := m.r.logger().Warn
+		if m.stopping.Load() {
+			log = m.r.logger().Debug // stopped on purpose
+		}
+		log("qemu: lazy restore ended before the memory was in place", "id", m.id, "snapshot", l.snap, "err", l.err)
 		close(m.restored)
 		return
 	}
