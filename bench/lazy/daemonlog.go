@@ -62,8 +62,14 @@ type restored struct {
 	ID       string
 	Snapshot string
 	Total    time.Duration // from the runner's start of the restore to the vCPUs running
-	Line     string
+	// Phases is how long each phase of the restore took, by the line's
+	// name for it (restorePhases).
+	Phases map[string]time.Duration
+	Line   string
 }
+
+// restorePhases names the phases a `qemu: restore` line times, in order.
+var restorePhases = []string{"memory", "disk", "launch", "filled", "devices", "cont"}
 
 // restoreOf finds the one `qemu: restore` line for a snapshot of box name
 // that the daemon logged from offset on.
@@ -85,7 +91,13 @@ func (b *bench) restoreOf(offset int64, name string) (restored, error) {
 		if err != nil {
 			return restored{}, fmt.Errorf("the daemon's log: total of %q: %w", l, err)
 		}
-		found = append(found, restored{ID: a["id"], Snapshot: a["snapshot"], Total: total, Line: l})
+		r := restored{ID: a["id"], Snapshot: a["snapshot"], Total: total, Phases: map[string]time.Duration{}, Line: l}
+		for _, p := range restorePhases {
+			if d, err := time.ParseDuration(a[p]); err == nil {
+				r.Phases[p] = d
+			}
+		}
+		found = append(found, r)
 	}
 	if len(found) != 1 {
 		return restored{}, fmt.Errorf("the daemon's log has %d qemu: restore lines for box %s since the resume began, want 1 (is the daemon --debug?)", len(found), name)

@@ -13,14 +13,16 @@ import (
 type side struct {
 	devVCPU, devAgent   []time.Duration // `boxd resume dev`: the log's total, the CLI's wall time
 	wakeSSH, wakeVCPU   []time.Duration // `ssh dev true` to the hibernated box, and the log's total for its resume
-	runningSSH          []time.Duration // `ssh dev true` to the running box
+	runningSSH          []time.Duration // `ssh dev true` to the running box, a lazy restore's memory all in place
+	soonSSH             []time.Duration // `ssh dev true` as soon as `boxd resume dev` returns
 	bigVCPU, bigAgent   []time.Duration
 	litVCPU, litAgent   []time.Duration
 	devTook, wakeTook   []time.Duration // lazy only: the done line's took
 	bigTook, litTook    []time.Duration
 	devMem, bigMem      []hostMem // after -idle
 	litMem              []hostMem
-	failed              []string // operations that failed, and went on from
+	failed              []string                   // operations that failed, and went on from
+	devPhases           map[string][]time.Duration // the phases of dev's resumes (restorePhases)
 	mode                string
 	eager               bool
 	phases              int
@@ -39,7 +41,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 		Rounds: *rounds, Reps: *reps, Idle: idle.String(),
 		Daemon: "boxd daemon --debug --idle-hibernate 0 --warm-forks 0 --ssh-listen 127.0.0.1:PORT [--eager-restore]",
 	}}
-	s := sides{{mode: "lazy"}, {mode: "eager", eager: true}}
+	s := sides{{mode: "lazy", devPhases: map[string][]time.Duration{}}, {mode: "eager", eager: true, devPhases: map[string][]time.Duration{}}}
 	for round := 1; round <= *rounds; round++ {
 		for _, sd := range s {
 			if err := b.phase(ctx, sd, round, &rep); err != nil {
@@ -86,12 +88,23 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 	benchkit.Progress("%s: each box resumed and hibernated by this daemon (untimed)", name)
 
 	for i := range *reps {
-		r, err := b.resume(ctx, sd, dev, name, rep)
+		var soon time.Duration // ssh as soon as the resume returns: a lazy restore's memory still arrives
+		r, err := b.resumeThen(ctx, sd, dev, name, rep, func() error {
+			var err error
+			if soon, err = b.sshTrue(ctx, dev); err != nil {
+				return fmt.Errorf("ssh at once after the resume: %w", err)
+			}
+			return nil
+		})
 		if err != nil {
 			return err
 		}
 		if !r.ok {
 			continue
+		}
+		sd.soonSSH = append(sd.soonSSH, soon)
+		for p, d := range r.phases {
+			sd.devPhases[p] = append(sd.devPhases[p], d)
 		}
 		sd.devVCPU, sd.devAgent = append(sd.devVCPU, r.total), append(sd.devAgent, r.e2e)
 		if !sd.eager {
@@ -119,8 +132,8 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 		if _, _, err := b.boxd.CLI(ctx, "hibernate", dev); err != nil {
 			return err
 		}
-		benchkit.Progress("%s: dev %d/%d: resume %s (vCPUs at %s%s); ssh true running %s; hibernated: ssh true %s (vCPUs at %s%s)",
-			name, i+1, *reps, benchkit.Ms(r.e2e), benchkit.Ms(r.total), tookNote(r), benchkit.Ms(run), benchkit.Ms(w.e2e), benchkit.Ms(w.total), tookNote(w))
+		benchkit.Progress("%s: dev %d/%d: resume %s (vCPUs at %s%s), then ssh true at once %s; ssh true running %s; hibernated: ssh true %s (vCPUs at %s%s)",
+			name, i+1, *reps, benchkit.Ms(r.e2e), benchkit.Ms(r.total), tookNote(r), benchkit.Ms(soon), benchkit.Ms(run), benchkit.Ms(w.e2e), benchkit.Ms(w.total), tookNote(w))
 	}
 
 	for i := range *reps {
@@ -203,6 +216,8 @@ type timedResume struct {
 	total time.Duration
 	took  time.Duration
 	done  lazyDone
+	// phases is the restore line's time for each of its phases.
+	phases map[string]time.Duration
 }
 
 func tookNote(r timedResume) string {
@@ -216,8 +231,17 @@ func tookNote(r timedResume) string {
 // resume times `boxd resume name` and reads the daemon's log for the
 // restore (waiting for a lazy one's memory to be in place).
 func (b *bench) resume(ctx context.Context, sd *side, name, phase string, rep *Report) (timedResume, error) {
+	return b.resumeThen(ctx, sd, name, phase, rep, nil)
+}
+
+// resumeThen is resume, with then run as soon as the command returns
+// (before the wait for a lazy restore's memory), unless it failed.
+func (b *bench) resumeThen(ctx context.Context, sd *side, name, phase string, rep *Report, then func() error) (timedResume, error) {
 	return b.timedWake(ctx, sd, name, phase, "resume", rep, func() (time.Duration, error) {
 		took, _, err := b.boxd.CLI(ctx, "resume", name)
+		if err == nil && then != nil {
+			err = then()
+		}
 		return took, err
 	})
 }
@@ -247,7 +271,7 @@ func (b *bench) timedWake(ctx context.Context, sd *side, name, phase, what strin
 	if err != nil {
 		return timedResume{}, err
 	}
-	t := timedResume{ok: true, e2e: e2e, total: r.Total}
+	t := timedResume{ok: true, e2e: e2e, total: r.Total, phases: r.Phases}
 	if !sd.eager {
 		if t.done, err = b.awaitLazyDone(ctx, off, r); err != nil {
 			return t, err

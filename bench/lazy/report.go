@@ -133,10 +133,14 @@ func rows(s sides) []Row {
 	none := goal{}
 	rs := []Row{
 		row(fmt.Sprintf("dev (%s): resume to vCPUs running (log total=): p50", *memory), "ms", dur(l.devVCPU), dur(e.devVCPU), goal{"lazy <= 40 ms", 40, false}),
+		row("  of it QEMU's start (launch=): p50", "ms", dur(l.devPhases["launch"]), dur(e.devPhases["launch"]), none),
+		row("  of it the wait for the memory file (filled=): p50", "ms", dur(l.devPhases["filled"]), dur(e.devPhases["filled"]), none),
+		row("  of it the device state's load (devices=): p50", "ms", dur(l.devPhases["devices"]), dur(e.devPhases["devices"]), none),
 		row("dev: `boxd resume dev`, until the agent answers: p50", "ms", dur(l.devAgent), dur(e.devAgent), goal{"lazy <= 150 ms", 150, false}),
 		row("dev: `ssh dev true`, hibernated (wakes it): p50", "ms", dur(l.wakeSSH), dur(e.wakeSSH), goal{"lazy <= 300 ms", 300, false}),
 		row("dev: that wake's resume to vCPUs running: p50", "ms", dur(l.wakeVCPU), dur(e.wakeVCPU), none),
 		row("dev: `ssh dev true`, running (baseline): p50", "ms", dur(l.runningSSH), dur(e.runningSSH), none),
+		row("dev: `ssh dev true` at once after `boxd resume dev`: p50", "ms", dur(l.soonSSH), dur(e.soonSSH), none),
 		row(fmt.Sprintf("big (%s, %d MiB touched): resume to vCPUs: p50", *bigMem, *touchBig), "ms", dur(l.bigVCPU), dur(e.bigVCPU), none),
 		row(fmt.Sprintf("little (%s, %d MiB touched): resume to vCPUs: p50", *bigMem, *touchLow), "ms", dur(l.litVCPU), dur(e.litVCPU), none),
 		row("big over little, to vCPUs (each pair's ratio): p50", "x", pairRatios(l.bigVCPU, l.litVCPU), pairRatios(e.bigVCPU, e.litVCPU), goal{"lazy <= 1.2x", 1.2, false}),
