@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"strings"
 	"testing"
 	"time"
 
@@ -37,5 +39,21 @@ func TestPairRatios(t *testing.T) {
 	got := pairRatios([]time.Duration{30, 60, 10}, []time.Duration{10, 20})
 	if got.N != 2 || got.Value != 3 {
 		t.Errorf("got %+v", got)
+	}
+}
+
+func TestReportJSON(t *testing.T) {
+	rep := Report{Memory: []MemSample{{Phase: "lazy 1", Box: dev, hostMem: hostMem{PID: 7, Pss: 3 << 20, PssShmem: 2 << 20, FileAlloc: 4 << 20}}}}
+	var b bytes.Buffer
+	if err := benchkit.Print(&b, true, rep, printTable); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"pss_bytes": 3145728`, `"file_allocated_bytes": 4194304`, `"phase": "lazy 1"`} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("no %s in\n%s", want, b.String())
+		}
+	}
+	if got := rep.Memory[0].Total(); got != 5<<20 {
+		t.Errorf("Total: got %d, want %d", got, 5<<20)
 	}
 }
