@@ -11,22 +11,20 @@ import (
 
 // side is what the phases of one mode measured.
 type side struct {
-	devVCPU, devAgent   []time.Duration // `boxd resume dev`: the log's total, the CLI's wall time
-	wakeSSH, wakeVCPU   []time.Duration // `ssh dev true` to the hibernated box, and the log's total for its resume
-	runningSSH          []time.Duration // `ssh dev true` to the running box, a lazy restore's memory all in place
-	soonSSH             []time.Duration // `ssh dev true` as soon as `boxd resume dev` returns
-	bigVCPU, bigAgent   []time.Duration
-	litVCPU, litAgent   []time.Duration
-	devTook, wakeTook   []time.Duration // lazy only: the done line's took
-	bigTook, litTook    []time.Duration
-	devMem, bigMem      []hostMem // after -idle
-	litMem              []hostMem
-	failed              []string                   // operations that failed, and went on from
-	devPhases           map[string][]time.Duration // the phases of dev's resumes (restorePhases)
-	mode                string
-	eager               bool
-	phases              int
-	warnLines, errLines int
+	devVCPU, devAgent []time.Duration // `boxd resume dev`: the log's total, the CLI's wall time
+	wakeSSH, wakeVCPU []time.Duration // `ssh dev true` to the hibernated box, and the log's total for its resume
+	runningSSH        []time.Duration // `ssh dev true` to the running box, a lazy restore's memory all in place
+	soonSSH           []time.Duration // `ssh dev true` as soon as `boxd resume dev` returns
+	bigVCPU, bigAgent []time.Duration
+	litVCPU, litAgent []time.Duration
+	devTook, wakeTook []time.Duration // lazy only: the done line's took
+	bigTook, litTook  []time.Duration
+	devMem, bigMem    []hostMem // after -idle
+	litMem            []hostMem
+	failed            []string                   // operations that failed, and went on from
+	devPhases         map[string][]time.Duration // the phases of dev's resumes (restorePhases)
+	mode              string
+	eager             bool
 }
 
 // sides is both modes' figures, lazy first.
@@ -71,7 +69,6 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 	if err := b.startDaemon(ctx, sd.eager); err != nil {
 		return err
 	}
-	sd.phases++
 	name := fmt.Sprintf("%s %d", sd.mode, round)
 	for _, bx := range []string{dev, big, little} {
 		r, err := b.resume(ctx, sd, bx, name+" warm-up", rep)
@@ -199,8 +196,6 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 	if err != nil {
 		return err
 	}
-	sd.warnLines += warn
-	sd.errLines += errs
 	for _, l := range lines {
 		rep.LogTrouble = append(rep.LogTrouble, name+": "+l)
 	}
