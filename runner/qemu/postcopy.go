@@ -39,7 +39,7 @@ const (
 	lazyWindow = 16
 	// lazyBatch is how many pages the background push sends between
 	// looks at QEMU's requests.
-	lazyBatch = 64
+	lazyBatch = 32
 	// lazyGrace is how long after the guest starts the pages outside
 	// the working set wait, so that the guest's first faults are answered
 	// without the whole memory in front of them, and are recorded.
@@ -148,7 +148,7 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 
 // start connects to QEMU's incoming socket, writes everything up to the
 // pages and starts serving them.
-func (l *lazyMemory) start(ctx context.Context, sock string) error {
+func (l *lazyMemory) start(ctx context.Context, sock string, ph *phases) error {
 	var conn net.Conn
 	var err error
 	for {
@@ -166,12 +166,15 @@ func (l *lazyMemory) start(ctx context.Context, sock string) error {
 	}
 	l.conn = conn
 	l.began = time.Now()
+	ph.mark("connect")
 	l.pw = &postcopyWriter{w: bufio.NewWriterSize(conn, 1<<18)}
 	err = l.pw.prelude(l.plan)
 	if err == nil {
+		ph.mark("prelude")
 		err = l.early()
 	}
 	if err == nil {
+		ph.mark("early")
 		err = l.pw.pack(l.plan, earlyPages*memstore.PageSize) // not sent yet
 	}
 	if err != nil {
@@ -182,6 +185,7 @@ func (l *lazyMemory) start(ctx context.Context, sock string) error {
 		}
 		return fmt.Errorf("qemu: %s: restoring memory: %w; QEMU said: %s", l.m.id, err, l.m.said())
 	}
+	ph.mark("package")
 	go l.read()
 	go l.write()
 	go func() {
@@ -561,7 +565,7 @@ func (l *lazyMemory) workingSet() []uint64 {
 // restoreLazily loads the device state into m (started with -incoming and
 // its memory file empty) and starts serving its memory; it returns once
 // QEMU has loaded the devices and waits, paused, for cont.
-func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory) error {
+func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory, ph *phases) error {
 	sock := filepath.Join(m.dir, "load.sock")
 	if _, err := m.qmp.execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}); err != nil {
 		return fmt.Errorf("qemu: %s: restoring memory: %w", m.id, err)
@@ -570,7 +574,7 @@ func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory) error {
 	if err := m.saveState(); err != nil { // a later boxd must not adopt it half-restored
 		m.r.logger().Warn("qemu: a later boxd may not stop this machine", "id", m.id, "err", err)
 	}
-	if err := l.start(ctx, sock); err != nil {
+	if err := l.start(ctx, sock, ph); err != nil {
 		return err
 	}
 	for {

@@ -224,7 +224,7 @@ func (rs *restoreRun) loadState(m *Machine, devices []byte) error {
 	if rs.plan != nil {
 		l, err := rs.r.newLazyMemory(m, rs.snap.Name, rs.plan)
 		if err == nil {
-			err = m.restoreLazily(rs.ctx, l)
+			err = m.restoreLazily(rs.ctx, l, rs.ph)
 		}
 		if err != nil {
 			return err
