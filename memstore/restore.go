@@ -25,6 +25,10 @@ type Options struct {
 	Prefetch []uint64
 	// PrefetchBatch is how many prefetch pages go per batch (default 256).
 	PrefetchBatch int
+	// Overlay, when set, holds pages served from host memory instead of
+	// the map (a snapshot on its way to the store); the server holds a
+	// reference to it until it shuts down.
+	Overlay *Overlay
 }
 
 func (o *Options) defaults() {
@@ -115,6 +119,9 @@ type region struct {
 	first   uint64 // the map page at base
 	tab     *pageTable
 	present []atomic.Uint64 // pages filled, bit per page
+	// over holds, per page, its data in the overlay (nil: from the map);
+	// nil without an overlay.
+	over [][]byte
 }
 
 func (r *region) isPresent(p int) bool { return r.present[p/64].Load()&(1<<(p%64)) != 0 }
@@ -146,13 +153,16 @@ func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store,
 		if err != nil {
 			return nil, err
 		}
-		s.regions = append(s.regions, &region{base: sp.base, pages: sp.pages, first: sp.first, tab: tab, present: make([]atomic.Uint64, (sp.pages+63)/64)})
+		s.regions = append(s.regions, &region{base: sp.base, pages: sp.pages, first: sp.first, tab: tab, present: make([]atomic.Uint64, (sp.pages+63)/64), over: overlaid(opts.Overlay, sp)})
 	}
 	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	s.stop = stop
+	if opts.Overlay != nil {
+		opts.Overlay.Retain()
+	}
 	s.wg.Add(1)
 	go s.handle()
 	s.wg.Add(1)
@@ -212,6 +222,9 @@ func (s *Server) Shutdown() {
 		_, _ = unix.Write(s.stop, one[:])
 		s.wg.Wait()
 		unix.Close(s.stop)
+		if s.opts.Overlay != nil {
+			s.opts.Overlay.Release()
+		}
 	})
 }
 
@@ -311,7 +324,7 @@ func (s *Server) record(r *region, p, n int) {
 func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *atomic.Int64) error {
 	allZero := true
 	for i := p; i < p+n; i++ {
-		if r.tab.ids[i] != cas.ZeroID {
+		if r.tab.ids[i] != cas.ZeroID || (r.over != nil && r.over[i] != nil) {
 			allZero = false
 			break
 		}
@@ -328,8 +341,8 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *at
 		total.Add(int64(done / PageSize))
 		return nil
 	}
-	if err := s.store.GetLocated(r.tab.ids[p:p+n], r.tab.locs[p:p+n], buf[:n*PageSize]); err != nil {
-		return fmt.Errorf("restoring page %d: %w", r.first+uint64(p), err)
+	if err := s.read(r, p, n, buf); err != nil {
+		return err
 	}
 	done, err := s.fd.Copy(dst, uffd.Addr(buf), length)
 	if err != nil {
@@ -339,6 +352,50 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *at
 	copied.Add(int64(done / PageSize))
 	total.Add(int64(done / PageSize))
 	return nil
+}
+
+// read reads pages [p, p+n) of r into buf: from the overlay where it holds
+// them, else from the store.
+func (s *Server) read(r *region, p, n int, buf []byte) error {
+	for i := 0; i < n; {
+		if r.over != nil && r.over[p+i] != nil {
+			copy(buf[i*PageSize:(i+1)*PageSize], r.over[p+i])
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && (r.over == nil || r.over[p+j] == nil) {
+			j++
+		}
+		if err := s.store.GetLocated(r.tab.ids[p+i:p+j], r.tab.locs[p+i:p+j], buf[i*PageSize:j*PageSize]); err != nil {
+			return fmt.Errorf("restoring page %d: %w", r.first+uint64(p+i), err)
+		}
+		i = j
+	}
+	return nil
+}
+
+// overlaid returns, for each page of sp, its data in o or its bases (nil
+// where they lack it), or nil when o is nil.
+func overlaid(o *Overlay, sp span) [][]byte {
+	if o == nil {
+		return nil
+	}
+	var chain []*Overlay
+	for x := o; x != nil; x = x.base {
+		chain = append(chain, x)
+	}
+	over := make([][]byte, sp.pages)
+	// Oldest first, so that a newer overlay's page wins.
+	for k := len(chain) - 1; k >= 0; k-- {
+		x := chain[k]
+		for i, mp := range x.pages {
+			if mp >= sp.first && mp < sp.first+uint64(sp.pages) {
+				over[mp-sp.first] = x.data[i*PageSize : (i+1)*PageSize]
+			}
+		}
+	}
+	return over
 }
 
 // prefetch populates the working set (map pages) in batches, with
