@@ -24,7 +24,8 @@ import (
 var guestPath string
 
 // TestMain builds the guest, and doubles as the VMM process: the runner
-// under test starts this binary with BOXD_TEST_VMM=1.
+// under test starts this binary with BOXD_TEST_VMM=1; with
+// BOXD_TEST_FORK_CRASH it is the process TestForkCrashBeforeCommit kills.
 func TestMain(m *testing.M) {
 	if os.Getenv("BOXD_TEST_VMM") == "1" {
 		if err := ServeInherited(); err != nil {
@@ -33,13 +34,21 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	dir, err := os.MkdirTemp("", "boxd-guest")
+	crashRoot := os.Getenv("BOXD_TEST_FORK_CRASH")
+	dir, err := os.MkdirTemp(crashRoot, "boxd-guest")
 	if err != nil {
 		panic(err)
 	}
 	guestPath, err = guest.Build(dir)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	if crashRoot != "" {
+		// The process TestForkCrashBeforeCommit kills.
+		err := crashAfterFork(crashRoot)
+		os.RemoveAll(dir)
+		fmt.Fprintln(os.Stderr, "crash:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
