@@ -94,7 +94,8 @@ type Server struct {
 	// onFail runs once when serving fails, before waiters are woken.
 	onFail func()
 
-	stop     int // eventfd that ends the handler
+	stop     int         // eventfd that ends the handler
+	halt     atomic.Bool // set before stop is written
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 
@@ -217,6 +218,7 @@ func (s *Server) fail(err error) {
 // It may be called more than once.
 func (s *Server) Shutdown() {
 	s.stopOnce.Do(func() {
+		s.halt.Store(true)
 		var one [8]byte
 		one[0] = 1
 		_, _ = unix.Write(s.stop, one[:])
@@ -239,24 +241,16 @@ func (s *Server) handle() {
 	faults := make([]uffd.Fault, 0, len(msgs))
 	buf := make([]byte, s.opts.FaultAround*PageSize)
 	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
-	for {
-		fds[0].Revents, fds[1].Revents = 0, 0
-		if _, err := unix.Poll(fds, -1); err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			s.fail(fmt.Errorf("polling userfaultfd: %w", err))
-			return
-		}
-		if fds[1].Revents != 0 {
-			return
-		}
-		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-			s.fail(errors.New("userfaultfd closed under the handler"))
-			return
-		}
+	for !s.halt.Load() {
+		// Read first and poll only when nothing is pending: while a
+		// thread walks memory, its next fault is usually queued by the
+		// time the previous one is answered, and a poll would cost a
+		// system call per fault.
 		faults, err := s.fd.ReadFaults(msgs, faults[:0])
 		if errors.Is(err, unix.EAGAIN) {
+			if !s.wait(fds) {
+				return
+			}
 			continue
 		}
 		if err != nil {
@@ -269,6 +263,29 @@ func (s *Server) handle() {
 				return
 			}
 		}
+	}
+}
+
+// wait blocks until the userfaultfd has events, and reports false when
+// the handler should end instead (shut down, or the descriptor failed).
+func (s *Server) wait(fds []unix.PollFd) bool {
+	for {
+		fds[0].Revents, fds[1].Revents = 0, 0
+		_, err := unix.Poll(fds, -1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		switch {
+		case err != nil:
+			s.fail(fmt.Errorf("polling userfaultfd: %w", err))
+			return false
+		case fds[1].Revents != 0:
+			return false
+		case fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0:
+			s.fail(errors.New("userfaultfd closed under the handler"))
+			return false
+		}
+		return true
 	}
 }
 
@@ -307,7 +324,13 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	// and recording only the faulting page would leave a prefetched
 	// restore to fault on all the others.
 	s.record(r, p, n)
-	return s.fill(r, p, n, buf, &s.copied, &s.zeroed, &totals.faulted)
+	if r.allZero(p, n) {
+		return s.zero(r, p, n, &s.zeroed, &totals.faulted)
+	}
+	if err := s.read(r, p, n, buf); err != nil {
+		return err
+	}
+	return s.copyIn(r, p, n, buf[:n*PageSize], &s.copied, &totals.faulted)
 }
 
 // record appends pages [p, p+n) of r to the working set.
@@ -322,29 +345,40 @@ func (s *Server) record(r *region, p, n int) {
 // fill populates pages [p, p+n) of r from its table, counting them in
 // copied or zeroed, and in total.
 func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *atomic.Int64) error {
-	allZero := true
-	for i := p; i < p+n; i++ {
-		if r.tab.ids[i] != cas.ZeroID || (r.over != nil && r.over[i] != nil) {
-			allZero = false
-			break
-		}
-	}
-	dst := r.base + uintptr(p)*PageSize
-	length := uintptr(n) * PageSize
-	if allZero {
-		done, err := s.fd.ZeroPage(dst, length)
-		if err != nil {
-			return err
-		}
-		r.markPresent(p, n)
-		zeroed.Add(int64(done / PageSize))
-		total.Add(int64(done / PageSize))
-		return nil
+	if r.allZero(p, n) {
+		return s.zero(r, p, n, zeroed, total)
 	}
 	if err := s.read(r, p, n, buf); err != nil {
 		return err
 	}
-	done, err := s.fd.Copy(dst, uffd.Addr(buf), length)
+	return s.copyIn(r, p, n, buf[:n*PageSize], copied, total)
+}
+
+// allZero reports whether pages [p, p+n) of r are all zero pages.
+func (r *region) allZero(p, n int) bool {
+	for i := p; i < p+n; i++ {
+		if r.tab.ids[i] != cas.ZeroID || (r.over != nil && r.over[i] != nil) {
+			return false
+		}
+	}
+	return true
+}
+
+// zero maps the zero page into pages [p, p+n) of r.
+func (s *Server) zero(r *region, p, n int, zeroed, total *atomic.Int64) error {
+	done, err := s.fd.ZeroPage(r.base+uintptr(p)*PageSize, uintptr(n)*PageSize)
+	if err != nil {
+		return err
+	}
+	r.markPresent(p, n)
+	zeroed.Add(int64(done / PageSize))
+	total.Add(int64(done / PageSize))
+	return nil
+}
+
+// copyIn copies data into pages [p, p+n) of r.
+func (s *Server) copyIn(r *region, p, n int, data []byte, copied, total *atomic.Int64) error {
+	done, err := s.fd.Copy(r.base+uintptr(p)*PageSize, uffd.Addr(data), uintptr(n)*PageSize)
 	if err != nil {
 		return err
 	}
@@ -453,8 +487,4 @@ func (s *Server) regionOfPage(mp uint64) (*region, int) {
 }
 
 // stopped reports whether shutdown has begun.
-func (s *Server) stopped() bool {
-	fds := []unix.PollFd{{Fd: int32(s.stop), Events: unix.POLLIN}}
-	n, _ := unix.Poll(fds, 0)
-	return n > 0
-}
+func (s *Server) stopped() bool { return s.halt.Load() }
