@@ -110,6 +110,22 @@ func (t *timings) add(name string, d time.Duration) {
 	t.s[name] = append(t.s[name], d)
 }
 
+// addPhases adds the parts of a restore finer than its steps, as "p-"
+// names: within the VMM (from spawned to the vCPU state set: p-request
+// is the request's way there and its decoding), then p-answer, the
+// answer's way back to the runner (until restored).
+func (t *timings) addPhases(m *Machine, spawned, restored time.Duration) {
+	prev := spawned
+	for _, ph := range m.phases {
+		at := time.Duration(ph.At)
+		t.add("p-"+ph.Name, at-prev)
+		prev = at
+	}
+	if len(m.phases) > 0 {
+		t.add("p-answer", restored-prev)
+	}
+}
+
 // report reports p50 and p99 of the names in both, and p50 of the rest.
 func (t *timings) report(b *testing.B, both ...string) {
 	b.ReportMetric(0, "ns/op")
@@ -283,6 +299,7 @@ func benchFork(b *testing.B, mem, dirty int64, warm int) {
 		t.add("vmm-restore", st.at[stepRestored]-st.at[stepSpawned])
 		t.add("serve-setup", st.at[stepServing]-st.at[stepRestored])
 		t.add("resume-run", ran-st.at[stepServing])
+		t.addPhases(km, st.at[stepSpawned], st.at[stepRestored])
 		// The snapshot reaches the store in the background: count what
 		// it stored once it has.
 		if snap, err = r.Committed(ctx, snap.Name); err != nil {
@@ -419,6 +436,7 @@ func benchResume(b *testing.B, mem int64, warm int) {
 		t.add("vmm-restore", st.at[stepRestored]-st.at[stepSpawned])
 		t.add("serve-setup", st.at[stepServing]-st.at[stepRestored])
 		t.add("resume-run", ran-st.at[stepServing])
+		t.addPhases(m.(*Machine), st.at[stepSpawned], st.at[stepRestored])
 		if err := m.Stop(ctx); err != nil {
 			b.Fatal(err)
 		}

@@ -98,7 +98,7 @@ func (m *Machine) SnapshotForFork(ctx context.Context, name string, opts runner.
 // pool for the next Restores.
 func (m *Machine) StartSpares(ctx context.Context, n int) error {
 	for range n {
-		s, err := m.r.startVMM()
+		s, err := m.r.startSpare()
 		if err != nil {
 			return err
 		}

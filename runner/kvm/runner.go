@@ -50,10 +50,15 @@ type Runner struct {
 	Memory memstore.Options
 
 	// Pool is how many VMM processes the runner keeps started and waiting,
-	// so that Start and Restore skip process start-up (0: none).
+	// so that Start and Restore skip process start-up (0: none). Each
+	// prepares a VM of the memory size last asked for, which a Restore of
+	// that size takes as it is.
 	Pool int
 
 	ids atomic.Int64
+	// expect is the params of the latest machine started or restored:
+	// pooled VMM processes prepare a machine like it.
+	expect atomic.Pointer[Params]
 	// poolMu protects the warm pool.
 	poolMu    sync.Mutex
 	pool      []*Machine
@@ -229,7 +234,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 		return nil, err
 	}
 	r.tell(stepRestored)
-	m.pid, m.memAddr, m.fd = resp.Pid, resp.MemAddr, fd
+	m.pid, m.memAddr, m.fd, m.phases = resp.Pid, resp.MemAddr, fd, resp.Phases
 	// A snapshot on its way to the store is served from its overlay over
 	// the nearest snapshot that is in the store.
 	mopts := r.Memory
@@ -281,10 +286,27 @@ func (r *Runner) spawn(p Params) (*Machine, error) {
 			return nil, err
 		}
 	}
+	r.expect.Store(&p)
 	if r.Pool > 0 {
 		go r.refill()
 	}
 	m.params = p
+	return m, nil
+}
+
+// startSpare starts a VMM process for the pool, and has it prepare a
+// machine like the last one asked for, if any.
+func (r *Runner) startSpare() (*Machine, error) {
+	m, err := r.startVMM()
+	if err != nil {
+		return nil, err
+	}
+	if p := r.expect.Load(); p != nil {
+		if err := m.call(request{Op: "prepare", Params: p}, nil); err != nil {
+			_ = m.Stop(context.Background())
+			return nil, err
+		}
+	}
 	return m, nil
 }
 
@@ -325,7 +347,7 @@ func (r *Runner) refill() {
 		if full {
 			return
 		}
-		m, err := r.startVMM()
+		m, err := r.startSpare()
 		if err != nil {
 			return
 		}
@@ -415,6 +437,7 @@ type Machine struct {
 	memAddr     uint64
 	fd          *uffd.FD
 	server      *memstore.Server
+	phases      []phase // the VMM's restore, for benchmarks
 
 	// callMu serialises requests; mu protects the fields below.
 	callMu       sync.Mutex
