@@ -25,6 +25,9 @@ type Options struct {
 	Prefetch []uint64
 	// PrefetchBatch is how many prefetch pages go per batch (default 256).
 	PrefetchBatch int
+	// Tables, when set, keeps the page tables of the maps restored, for
+	// the next restore of the same snapshot to take.
+	Tables *Tables
 	// Overlay, when set, holds pages served from host memory instead of
 	// the map (a snapshot on its way to the store); the server holds a
 	// reference to it until it shuts down.
@@ -143,14 +146,22 @@ type span struct {
 
 // newServer resolves the page tables and starts the fault handler and, when
 // there is a working set, the prefetcher.
-func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store, snap, m string, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
 	opts.defaults()
 	s := &Server{fd: fd, store: store, opts: opts, onFail: onFail, failed: make(chan struct{}), prefetchDone: make(chan struct{})}
 	for _, sp := range spans {
 		if uint64(sp.pages)+sp.first > r.Blocks() {
 			return nil, fmt.Errorf("region of %d pages at page %d is larger than the snapshot's %d pages: %w", sp.pages, sp.first, r.Blocks(), errdefs.ErrInvalidArgument)
 		}
-		tab, err := newPageTable(store, r, sp.first, sp.pages)
+		var tab *pageTable
+		var err error
+		if opts.Tables != nil {
+			if tab, err = opts.Tables.tableOf(store, snap, m, r); err == nil {
+				tab = tab.slice(sp.first, sp.pages)
+			}
+		} else {
+			tab, err = newPageTable(store, r, sp.first, sp.pages)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -402,7 +413,11 @@ func (s *Server) read(r *region, p, n int, buf []byte) error {
 			j++
 		}
 		if err := s.store.GetLocated(r.tab.ids[p+i:p+j], r.tab.locs[p+i:p+j], buf[i*PageSize:j*PageSize]); err != nil {
-			return fmt.Errorf("restoring page %d: %w", r.first+uint64(p+i), err)
+			// A table kept from an earlier restore (Tables) may name a
+			// pack GC has removed since: look the chunks up again.
+			if err := s.store.GetMany(r.tab.ids[p+i:p+j], buf[i*PageSize:j*PageSize]); err != nil {
+				return fmt.Errorf("restoring page %d: %w", r.first+uint64(p+i), err)
+			}
 		}
 		i = j
 	}
