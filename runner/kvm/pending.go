@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
@@ -34,10 +35,43 @@ type pendingSnap struct {
 	blob         []byte // the machine state
 	labels       map[string]string
 
-	done    chan struct{} // closed when the first write ends
-	err     error         // its outcome (pendMu), nil once written
-	retryMu sync.Mutex    // one write again at a time
+	done      chan struct{} // closed when the first write ends
+	err       error         // its outcome (pendMu), nil once written
+	retryMu   sync.Mutex    // one write again at a time
+	hurry     chan struct{} // closed when someone waits for the write
+	hurryOnce sync.Once
 }
+
+// Writes wait for the restores of a fork to be done: they are what the
+// fork's caller waits for, and on a small host the write (hashing,
+// compressing, syncing) would take their CPU.
+const (
+	writeDelay    = 20 * time.Millisecond // no restore for this long
+	maxWriteDelay = time.Second
+)
+
+// waitQuiet holds p's first write until no restore has run for
+// writeDelay, someone waits for the write, or maxWriteDelay has passed.
+func (r *Runner) waitQuiet(p *pendingSnap) {
+	deadline := time.Now().Add(maxWriteDelay)
+	t := time.NewTimer(writeDelay)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.hurry:
+			return
+		case <-t.C:
+		}
+		idle := time.Duration(monotonic()) - time.Duration(r.lastRestore.Load())
+		if (r.restoring.Load() == 0 && idle >= writeDelay) || time.Now().After(deadline) {
+			return
+		}
+		t.Reset(writeDelay)
+	}
+}
+
+// hurryUp starts p's first write now.
+func (p *pendingSnap) hurryUp() { p.hurryOnce.Do(func() { close(p.hurry) }) }
 
 // The kvm runner's fork writes its snapshots in the background.
 var (
@@ -81,7 +115,7 @@ func (m *Machine) SnapshotForFork(ctx context.Context, name string, opts runner.
 	m.r.tell(stepCaptured)
 	labels := map[string]string{runner.LabelRunner: m.r.Name()}
 	maps.Copy(labels, opts.Labels)
-	p := &pendingSnap{name: name, parent: parent, size: m.params.MemSize, overlay: ov, blob: held.blob, labels: labels, done: make(chan struct{})}
+	p := &pendingSnap{name: name, parent: parent, size: m.params.MemSize, overlay: ov, blob: held.blob, labels: labels, done: make(chan struct{}), hurry: make(chan struct{})}
 	m.r.adoptPending(p)
 	m.mu.Lock()
 	m.last = name
@@ -136,6 +170,7 @@ func (r *Runner) adoptPending(p *pendingSnap) {
 	r.pending[p.name] = p
 	r.pendMu.Unlock()
 	r.writers.Go(func() {
+		r.waitQuiet(p)
 		_ = r.write(context.Background(), p)
 		close(p.done)
 	})
@@ -163,6 +198,9 @@ func (r *Runner) write(ctx context.Context, p *pendingSnap) error {
 	}
 	r.pendMu.Unlock()
 	if err == nil {
+		// The next fork's children restore over this snapshot: make its
+		// page table from its parent's, if kept, while nobody waits.
+		_ = r.pageTables().Derive(r.Graph, p.parent, p.name, memstore.DefaultMap, p.overlay.Pages())
 		p.overlay.Release()
 	}
 	return err
@@ -207,6 +245,7 @@ func (r *Runner) committed(ctx context.Context, name string) error {
 	if p == nil {
 		return nil
 	}
+	p.hurryUp()
 	select {
 	case <-p.done:
 	case <-ctx.Done():

@@ -74,6 +74,13 @@ type Runner struct {
 	pending map[string]*pendingSnap
 	// writers are the background writes of pending snapshots.
 	writers sync.WaitGroup
+	// restoring counts the restores in progress, and lastRestore is when
+	// the latest ended (CLOCK_MONOTONIC): background writes wait for
+	// quiet (waitQuiet).
+	restoring   atomic.Int32
+	lastRestore atomic.Int64
+	tablesOnce sync.Once
+	tables     *memstore.Tables
 	// beforeCommit, when set, runs before each write of a pending
 	// snapshot, and its error fails that write (tests inject failures).
 	beforeCommit func(name string) error
@@ -94,6 +101,18 @@ func (r *Runner) tell(step string) {
 		r.step(step)
 	}
 }
+
+// pageTables keeps the page tables of the snapshots restored lately and of
+// the forks derived from them, so that a restore of either skips
+// resolving its memory map.
+func (r *Runner) pageTables() *memstore.Tables {
+	r.tablesOnce.Do(func() { r.tables = memstore.NewTables(keptTablePages) })
+	return r.tables
+}
+
+// keptTablePages bounds the kept page tables: 2 GiB of guest memory, about
+// 28 MiB of tables.
+const keptTablePages = 1 << 19
 
 // Name implements runner.Runner.
 func (r *Runner) Name() string { return "kvm" }
@@ -211,6 +230,11 @@ func checkKVM() error {
 
 // Restore implements runner.Runner.
 func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
+	r.restoring.Add(1)
+	defer func() {
+		r.lastRestore.Store(int64(monotonic()))
+		r.restoring.Add(-1)
+	}()
 	blob, err := r.stateBlob(snap)
 	if err != nil {
 		return nil, fmt.Errorf("restoring %s: %w", snap, err)
@@ -239,6 +263,9 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	// the nearest snapshot that is in the store.
 	mopts := r.Memory
 	mopts.Overlay = r.overlayOf(snap)
+	if mopts.Tables == nil {
+		mopts.Tables = r.pageTables()
+	}
 	h := memstore.Handoff{Snapshot: r.inStore(snap), Map: memstore.DefaultMap, Regions: []memstore.RegionLayout{{Base: resp.MemAddr, Size: uint64(st.Params.MemSize), PageSize: memstore.PageSize}}}
 	srv, err := memstore.Serve(context.Background(), r.Graph, fd, h, nil, mopts)
 	if mopts.Overlay != nil {
@@ -375,6 +402,11 @@ func (r *Runner) Close() error {
 	for _, m := range pool {
 		_ = m.Stop(context.Background())
 	}
+	r.pendMu.Lock()
+	for _, p := range r.pending {
+		p.hurryUp()
+	}
+	r.pendMu.Unlock()
 	r.writers.Wait()
 	return nil
 }
