@@ -89,4 +89,3 @@ func bitmapOf(pages int, set []uint64) Bitmap {
 	}
 	return b
 }
-

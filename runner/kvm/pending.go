@@ -62,7 +62,7 @@ func (r *Runner) waitQuiet(p *pendingSnap) {
 			return
 		case <-t.C:
 		}
-		idle := time.Duration(monotonic()) - time.Duration(r.lastRestore.Load())
+		idle := monotonic() - time.Duration(r.lastRestore.Load())
 		if (r.restoring.Load() == 0 && idle >= writeDelay) || time.Now().After(deadline) {
 			return
 		}

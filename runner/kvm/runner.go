@@ -79,8 +79,8 @@ type Runner struct {
 	// quiet (waitQuiet).
 	restoring   atomic.Int32
 	lastRestore atomic.Int64
-	tablesOnce sync.Once
-	tables     *memstore.Tables
+	tablesOnce  sync.Once
+	tables      *memstore.Tables
 	// beforeCommit, when set, runs before each write of a pending
 	// snapshot, and its error fails that write (tests inject failures).
 	beforeCommit func(name string) error
