@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/containerd/errdefs"
@@ -16,10 +17,10 @@ import (
 // snapshot's, also on its way) or on a map in the store; a page it lacks is
 // looked for in the base, then in the map.
 //
-// Its memory is mapped outside the Go heap (with transparent huge pages
-// asked for, so that filling it costs few page faults) and counted: the
-// creator holds one reference, each Server restoring from it another, and
-// the memory is unmapped when the last is released.
+// Its memory is mapped outside the Go heap and counted: the creator holds
+// one reference, each Server restoring from it another, and the memory
+// goes when the last is released (to be reused by the next overlay, see
+// spareMappings).
 type Overlay struct {
 	base  *Overlay
 	pages []uint64 // map pages, ascending; page pages[i] is data[i*PageSize:]
@@ -36,14 +37,9 @@ func NewOverlay(pages []uint64, base *Overlay) (*Overlay, error) {
 	}
 	o := &Overlay{base: base, pages: pages}
 	if len(pages) > 0 {
-		const huge = 2 << 20
-		size := len(pages) * PageSize
-		data, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		data, err := spares.take(len(pages) * PageSize)
 		if err != nil {
-			return nil, fmt.Errorf("mapping %d bytes for an overlay: %w", size, err)
-		}
-		if size >= huge {
-			_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
+			return nil, err
 		}
 		o.data = data
 	}
@@ -77,7 +73,7 @@ func (o *Overlay) Release() {
 		panic("memstore: overlay released more often than retained")
 	}
 	if o.data != nil {
-		_ = unix.Munmap(o.data)
+		spares.give(o.data)
 		o.data = nil
 	}
 	if o.base != nil {
@@ -110,4 +106,60 @@ func (o *Overlay) ReadAt(p []byte, off int64) (int, error) {
 		n += copy(p[n:], o.data[i*PageSize+in:(i+1)*PageSize])
 	}
 	return n, nil
+}
+
+// spareMappings keeps a few released overlay mappings for the next
+// overlays: a fresh mapping costs a page fault (and a page cleared) per
+// page as it is filled, which for the pages of a fork is more than
+// copying them.
+type spareMappings struct {
+	mu    sync.Mutex
+	maps  [][]byte
+	bytes int
+}
+
+// Bounds on the mappings kept.
+const (
+	maxSpareMappings = 4
+	maxSpareBytes    = 256 << 20
+)
+
+var spares spareMappings
+
+// take returns a mapping of size bytes: a kept one of at least size and
+// at most twice it, or a new one (with transparent huge pages asked for).
+func (s *spareMappings) take(size int) ([]byte, error) {
+	s.mu.Lock()
+	for i, m := range s.maps {
+		if cap(m) >= size && cap(m) <= 2*size {
+			s.maps = slices.Delete(s.maps, i, i+1)
+			s.bytes -= cap(m)
+			s.mu.Unlock()
+			return m[:size], nil
+		}
+	}
+	s.mu.Unlock()
+	const huge = 2 << 20
+	data, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("mapping %d bytes for an overlay: %w", size, err)
+	}
+	if size >= huge {
+		_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
+	}
+	return data, nil
+}
+
+// give keeps m for a later take, or unmaps it when enough are kept.
+func (s *spareMappings) give(m []byte) {
+	m = m[:cap(m)]
+	s.mu.Lock()
+	if len(s.maps) < maxSpareMappings && s.bytes+len(m) <= maxSpareBytes {
+		s.maps = append(s.maps, m)
+		s.bytes += len(m)
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	_ = unix.Munmap(m)
 }
