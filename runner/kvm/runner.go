@@ -252,7 +252,7 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	}
 	r.tell(stepSpawned)
 	var resp response
-	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: &st, Console: m.consolePath}, &resp)
+	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: blob, Console: m.consolePath}, &resp)
 	if err != nil {
 		m.kill(err)
 		return nil, err

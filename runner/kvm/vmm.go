@@ -25,11 +25,13 @@ type request struct {
 	Params  *Params `json:"params,omitempty"`
 	Guest   string  `json:"guest,omitempty"`   // boot: the guest binary
 	Console string  `json:"console,omitempty"` // boot, restore: console file
-	State   *State  `json:"state,omitempty"`   // restore
-	Seed    uint64  `json:"seed,omitempty"`    // reseed
-	Wait    bool    `json:"wait,omitempty"`    // report: wait for the answer
-	First   uint32  `json:"first,omitempty"`   // fill: the first data page
-	Count   uint32  `json:"count,omitempty"`   // fill: how many pages
+	// State is the machine state for restore, as the snapshot stores it
+	// (a State in JSON), passed on without decoding it twice.
+	State json.RawMessage `json:"state,omitempty"`
+	Seed  uint64          `json:"seed,omitempty"`  // reseed
+	Wait  bool            `json:"wait,omitempty"`  // report: wait for the answer
+	First uint32          `json:"first,omitempty"` // fill: the first data page
+	Count uint32          `json:"count,omitempty"` // fill: how many pages
 }
 
 type response struct {
@@ -219,8 +221,9 @@ func (v *vmm) handle(req request) (response, *uffd.FD, error) {
 			v.m.start()
 			return resp, nil, nil
 		}
-		if req.State == nil {
-			return response{}, nil, errors.New("state missing")
+		var st State
+		if err := json.Unmarshal(req.State, &st); err != nil {
+			return response{}, nil, fmt.Errorf("state: %w", err)
 		}
 		if pre == nil {
 			// Register guest memory with userfaultfd before KVM sees it,
@@ -238,7 +241,7 @@ func (v *vmm) handle(req request) (response, *uffd.FD, error) {
 			mark("memslot")
 		}
 		fd := v.fd
-		if err := v.m.restoreState(*req.State); err != nil {
+		if err := v.m.restoreState(st); err != nil {
 			return response{}, nil, err
 		}
 		mark("vcpu-state")
