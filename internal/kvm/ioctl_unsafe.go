@@ -209,7 +209,7 @@ func (c *VCPU) SetMSRs(ms []MSR) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("KVM_SET_MSRS: %w", err)
 	}
-	return int(n), nil
+	return n, nil
 }
 
 // SetImmediateExit sets kvm_run.immediate_exit: KVM_RUN returns EINTR at
