@@ -146,7 +146,8 @@ type span struct {
 
 // newServer resolves the page tables and starts the fault handler and, when
 // there is a working set, the prefetcher.
-func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store, snap, m string, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+func newServer(ctx context.Context, fd *uffd.FD, spans []span, g *snapshotter.Graph, snap, m string, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+	store := g.Store()
 	opts.defaults()
 	s := &Server{fd: fd, store: store, opts: opts, onFail: onFail, failed: make(chan struct{}), prefetchDone: make(chan struct{})}
 	for _, sp := range spans {
@@ -156,7 +157,7 @@ func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store,
 		var tab *pageTable
 		var err error
 		if opts.Tables != nil {
-			if tab, err = opts.Tables.tableOf(store, snap, m, r); err == nil {
+			if tab, err = opts.Tables.tableOf(g, snap, m, r); err == nil {
 				tab = tab.slice(sp.first, sp.pages)
 			}
 		} else {

@@ -29,6 +29,18 @@ type Tables struct {
 type tableKey struct {
 	store   *cas.Store
 	snap, m string
+	// created tells apart two snapshots of the same name, one removed and
+	// the other made since.
+	created int64
+}
+
+// keyOf names map m of snapshot snap.
+func keyOf(g *snapshotter.Graph, snap, m string) (tableKey, error) {
+	s, err := g.Get(snap)
+	if err != nil {
+		return tableKey{}, err
+	}
+	return tableKey{g.Store(), snap, m, s.Created.UnixNano()}, nil
 }
 
 type tableEntry struct {
@@ -91,7 +103,15 @@ func (t *Tables) Derive(g *snapshotter.Graph, parent, child, m string, changed [
 		m = DefaultMap
 	}
 	store := g.Store()
-	pt := t.get(tableKey{store, parent, m})
+	pk, err := keyOf(g, parent, m)
+	if err != nil {
+		return err
+	}
+	ck, err := keyOf(g, child, m)
+	if err != nil {
+		return err
+	}
+	pt := t.get(pk)
 	if pt == nil {
 		return nil
 	}
@@ -117,22 +137,26 @@ func (t *Tables) Derive(g *snapshotter.Graph, parent, child, m string, changed [
 	for i, p := range changed {
 		tab.ids[p], tab.locs[p] = ids[i], locs[i]
 	}
-	t.put(tableKey{store, child, m}, tab)
+	t.put(ck, tab)
 	return nil
 }
 
 // tableOf returns the page table of the whole of map m of snap (read
 // through r), from t if it holds it, else resolved and kept in t.
-func (t *Tables) tableOf(store *cas.Store, snap, m string, r *snapshotter.MapReader) (*pageTable, error) {
-	k := tableKey{store, snap, m}
-	if tab := t.get(k); tab != nil && uint64(len(tab.ids)) == r.Blocks() {
-		return tab, nil
+func (t *Tables) tableOf(g *snapshotter.Graph, snap, m string, r *snapshotter.MapReader) (*pageTable, error) {
+	k, kerr := keyOf(g, snap, m)
+	if kerr == nil {
+		if tab := t.get(k); tab != nil && uint64(len(tab.ids)) == r.Blocks() {
+			return tab, nil
+		}
 	}
-	tab, err := newPageTable(store, r, 0, int(r.Blocks()))
+	tab, err := newPageTable(g.Store(), r, 0, int(r.Blocks()))
 	if err != nil {
 		return nil, err
 	}
-	t.put(k, tab)
+	if kerr == nil {
+		t.put(k, tab)
+	}
 	return tab, nil
 }
 

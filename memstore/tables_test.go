@@ -34,7 +34,7 @@ func TestTables(t *testing.T) {
 		}},
 		{"stale locations", "base", base, func(t *testing.T, g *snapshotter.Graph, tabs *Tables) {
 			restoreAndCheck(t, g, "base", base, tabs)
-			tab := tabs.get(tableKey{g.Store(), "base", DefaultMap})
+			tab := tabs.get(mustKey(t, g, "base"))
 			for i := range tab.locs {
 				tab.locs[i].Pack += 1000
 			}
@@ -46,7 +46,7 @@ func TestTables(t *testing.T) {
 			capture(t, g, child, CaptureOptions{Name: "child", Parent: "base", Dirty: bitmapOf(pages, changed)})
 			tabs := NewTables(1 << 20)
 			tc.setup(t, g, tabs)
-			if tabs.get(tableKey{g.Store(), tc.snap, DefaultMap}) == nil {
+			if tabs.get(mustKey(t, g, tc.snap)) == nil {
 				t.Fatalf("no table kept for %s", tc.snap)
 			}
 			restoreAndCheck(t, g, tc.snap, tc.want, tabs)
@@ -62,10 +62,34 @@ func TestTablesDropLeastRecentlyUsed(t *testing.T) {
 		restoreAndCheck(t, g, n, image(8, 64), tabs)
 	}
 	for n, want := range map[string]bool{"a": false, "b": true, "c": true} {
-		if got := tabs.get(tableKey{g.Store(), n, DefaultMap}) != nil; got != want {
+		if got := tabs.get(mustKey(t, g, n)) != nil; got != want {
 			t.Errorf("table of %s kept: %v, want %v", n, got, want)
 		}
 	}
+}
+
+// TestTablesNameUsedAgain restores a snapshot, removes it and makes
+// another of the same name: its restore is of the new one, not the table
+// kept of the old.
+func TestTablesNameUsedAgain(t *testing.T) {
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
+	tabs := NewTables(1 << 20)
+	capture(t, g, image(9, 64), CaptureOptions{Name: "x"})
+	restoreAndCheck(t, g, "x", image(9, 64), tabs)
+	if err := g.Remove("x"); err != nil {
+		t.Fatal(err)
+	}
+	capture(t, g, image(10, 64), CaptureOptions{Name: "x"})
+	restoreAndCheck(t, g, "x", image(10, 64), tabs)
+}
+
+func mustKey(t *testing.T, g *snapshotter.Graph, snap string) tableKey {
+	t.Helper()
+	k, err := keyOf(g, snap, DefaultMap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }
 
 // restoreAndCheck restores snap with tabs and compares it with want.
