@@ -16,6 +16,11 @@
 //   - Working set: the pages faulted during a restore, in order. It is kept
 //     with the snapshot and prefetched, in large batches, by the next restore
 //     of that snapshot or of a descendant.
+//   - Overlay: pages held in host memory over a map in the store (a
+//     snapshot's changed pages while it is on its way to the store), served
+//     before the map.
+//   - Tables: page tables kept from earlier restores, or derived from a
+//     parent's, so that restoring the same snapshot again resolves nothing.
 //
 // memstore knows no VMM: the kvm runner registers its guest memory in
 // process (Restore), and a VMM in another process hands its userfaultfd over

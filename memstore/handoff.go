@@ -139,7 +139,7 @@ func Serve(ctx context.Context, g *snapshotter.Graph, fd *uffd.FD, h Handoff, co
 	for i, reg := range h.Regions {
 		spans[i] = span{base: uintptr(reg.Base), pages: int(reg.Size / PageSize), first: reg.Offset / PageSize}
 	}
-	s, err := newServer(ctx, fd, spans, g.Store(), r, opts, nil)
+	s, err := newServer(ctx, fd, spans, g, h.Snapshot, h.Map, r, opts, nil)
 	if err != nil {
 		return nil, err
 	}

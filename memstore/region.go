@@ -71,7 +71,7 @@ func Start(ctx context.Context, g *snapshotter.Graph, snap, m string, region []b
 		return nil, err
 	}
 	inaccessible := func() { _ = unix.Mprotect(region, unix.PROT_NONE) }
-	s, err := newServer(ctx, fd, []span{{base: base, pages: len(region) / PageSize}}, g.Store(), r, opts, inaccessible)
+	s, err := newServer(ctx, fd, []span{{base: base, pages: len(region) / PageSize}}, g, snap, m, r, opts, inaccessible)
 	if err != nil {
 		fd.Close()
 		return nil, err

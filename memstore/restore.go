@@ -25,6 +25,13 @@ type Options struct {
 	Prefetch []uint64
 	// PrefetchBatch is how many prefetch pages go per batch (default 256).
 	PrefetchBatch int
+	// Tables, when set, keeps the page tables of the maps restored, for
+	// the next restore of the same snapshot to take.
+	Tables *Tables
+	// Overlay, when set, holds pages served from host memory instead of
+	// the map (a snapshot on its way to the store); the server holds a
+	// reference to it until it shuts down.
+	Overlay *Overlay
 }
 
 func (o *Options) defaults() {
@@ -90,7 +97,8 @@ type Server struct {
 	// onFail runs once when serving fails, before waiters are woken.
 	onFail func()
 
-	stop     int // eventfd that ends the handler
+	stop     int         // eventfd that ends the handler
+	halt     atomic.Bool // set before stop is written
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 
@@ -115,6 +123,9 @@ type region struct {
 	first   uint64 // the map page at base
 	tab     *pageTable
 	present []atomic.Uint64 // pages filled, bit per page
+	// over holds, per page, its data in the overlay (nil: from the map);
+	// nil without an overlay.
+	over [][]byte
 }
 
 func (r *region) isPresent(p int) bool { return r.present[p/64].Load()&(1<<(p%64)) != 0 }
@@ -135,24 +146,36 @@ type span struct {
 
 // newServer resolves the page tables and starts the fault handler and, when
 // there is a working set, the prefetcher.
-func newServer(ctx context.Context, fd *uffd.FD, spans []span, store *cas.Store, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+func newServer(ctx context.Context, fd *uffd.FD, spans []span, g *snapshotter.Graph, snap, m string, r *snapshotter.MapReader, opts Options, onFail func()) (*Server, error) {
+	store := g.Store()
 	opts.defaults()
 	s := &Server{fd: fd, store: store, opts: opts, onFail: onFail, failed: make(chan struct{}), prefetchDone: make(chan struct{})}
 	for _, sp := range spans {
 		if uint64(sp.pages)+sp.first > r.Blocks() {
 			return nil, fmt.Errorf("region of %d pages at page %d is larger than the snapshot's %d pages: %w", sp.pages, sp.first, r.Blocks(), errdefs.ErrInvalidArgument)
 		}
-		tab, err := newPageTable(store, r, sp.first, sp.pages)
+		var tab *pageTable
+		var err error
+		if opts.Tables != nil {
+			if tab, err = opts.Tables.tableOf(g, snap, m, r); err == nil {
+				tab = tab.slice(sp.first, sp.pages)
+			}
+		} else {
+			tab, err = newPageTable(store, r, sp.first, sp.pages)
+		}
 		if err != nil {
 			return nil, err
 		}
-		s.regions = append(s.regions, &region{base: sp.base, pages: sp.pages, first: sp.first, tab: tab, present: make([]atomic.Uint64, (sp.pages+63)/64)})
+		s.regions = append(s.regions, &region{base: sp.base, pages: sp.pages, first: sp.first, tab: tab, present: make([]atomic.Uint64, (sp.pages+63)/64), over: overlaid(opts.Overlay, sp)})
 	}
 	stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
 	s.stop = stop
+	if opts.Overlay != nil {
+		opts.Overlay.Retain()
+	}
 	s.wg.Add(1)
 	go s.handle()
 	s.wg.Add(1)
@@ -207,11 +230,15 @@ func (s *Server) fail(err error) {
 // It may be called more than once.
 func (s *Server) Shutdown() {
 	s.stopOnce.Do(func() {
+		s.halt.Store(true)
 		var one [8]byte
 		one[0] = 1
 		_, _ = unix.Write(s.stop, one[:])
 		s.wg.Wait()
 		unix.Close(s.stop)
+		if s.opts.Overlay != nil {
+			s.opts.Overlay.Release()
+		}
 	})
 }
 
@@ -226,24 +253,16 @@ func (s *Server) handle() {
 	faults := make([]uffd.Fault, 0, len(msgs))
 	buf := make([]byte, s.opts.FaultAround*PageSize)
 	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
-	for {
-		fds[0].Revents, fds[1].Revents = 0, 0
-		if _, err := unix.Poll(fds, -1); err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			s.fail(fmt.Errorf("polling userfaultfd: %w", err))
-			return
-		}
-		if fds[1].Revents != 0 {
-			return
-		}
-		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-			s.fail(errors.New("userfaultfd closed under the handler"))
-			return
-		}
+	for !s.halt.Load() {
+		// Read first and poll only when nothing is pending: while a
+		// thread walks memory, its next fault is usually queued by the
+		// time the previous one is answered, and a poll would cost a
+		// system call per fault.
 		faults, err := s.fd.ReadFaults(msgs, faults[:0])
 		if errors.Is(err, unix.EAGAIN) {
+			if !s.wait(fds) {
+				return
+			}
 			continue
 		}
 		if err != nil {
@@ -256,6 +275,29 @@ func (s *Server) handle() {
 				return
 			}
 		}
+	}
+}
+
+// wait blocks until the userfaultfd has events, and reports false when
+// the handler should end instead (shut down, or the descriptor failed).
+func (s *Server) wait(fds []unix.PollFd) bool {
+	for {
+		fds[0].Revents, fds[1].Revents = 0, 0
+		_, err := unix.Poll(fds, -1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		switch {
+		case err != nil:
+			s.fail(fmt.Errorf("polling userfaultfd: %w", err))
+			return false
+		case fds[1].Revents != 0:
+			return false
+		case fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0:
+			s.fail(errors.New("userfaultfd closed under the handler"))
+			return false
+		}
+		return true
 	}
 }
 
@@ -294,7 +336,13 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	// and recording only the faulting page would leave a prefetched
 	// restore to fault on all the others.
 	s.record(r, p, n)
-	return s.fill(r, p, n, buf, &s.copied, &s.zeroed, &totals.faulted)
+	if r.allZero(p, n) {
+		return s.zero(r, p, n, &s.zeroed, &totals.faulted)
+	}
+	if err := s.read(r, p, n, buf); err != nil {
+		return err
+	}
+	return s.copyIn(r, p, n, buf[:n*PageSize], &s.copied, &totals.faulted)
 }
 
 // record appends pages [p, p+n) of r to the working set.
@@ -309,29 +357,40 @@ func (s *Server) record(r *region, p, n int) {
 // fill populates pages [p, p+n) of r from its table, counting them in
 // copied or zeroed, and in total.
 func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *atomic.Int64) error {
-	allZero := true
+	if r.allZero(p, n) {
+		return s.zero(r, p, n, zeroed, total)
+	}
+	if err := s.read(r, p, n, buf); err != nil {
+		return err
+	}
+	return s.copyIn(r, p, n, buf[:n*PageSize], copied, total)
+}
+
+// allZero reports whether pages [p, p+n) of r are all zero pages.
+func (r *region) allZero(p, n int) bool {
 	for i := p; i < p+n; i++ {
-		if r.tab.ids[i] != cas.ZeroID {
-			allZero = false
-			break
+		if r.tab.ids[i] != cas.ZeroID || (r.over != nil && r.over[i] != nil) {
+			return false
 		}
 	}
-	dst := r.base + uintptr(p)*PageSize
-	length := uintptr(n) * PageSize
-	if allZero {
-		done, err := s.fd.ZeroPage(dst, length)
-		if err != nil {
-			return err
-		}
-		r.markPresent(p, n)
-		zeroed.Add(int64(done / PageSize))
-		total.Add(int64(done / PageSize))
-		return nil
+	return true
+}
+
+// zero maps the zero page into pages [p, p+n) of r.
+func (s *Server) zero(r *region, p, n int, zeroed, total *atomic.Int64) error {
+	done, err := s.fd.ZeroPage(r.base+uintptr(p)*PageSize, uintptr(n)*PageSize)
+	if err != nil {
+		return err
 	}
-	if err := s.store.GetLocated(r.tab.ids[p:p+n], r.tab.locs[p:p+n], buf[:n*PageSize]); err != nil {
-		return fmt.Errorf("restoring page %d: %w", r.first+uint64(p), err)
-	}
-	done, err := s.fd.Copy(dst, uffd.Addr(buf), length)
+	r.markPresent(p, n)
+	zeroed.Add(int64(done / PageSize))
+	total.Add(int64(done / PageSize))
+	return nil
+}
+
+// copyIn copies data into pages [p, p+n) of r.
+func (s *Server) copyIn(r *region, p, n int, data []byte, copied, total *atomic.Int64) error {
+	done, err := s.fd.Copy(r.base+uintptr(p)*PageSize, uffd.Addr(data), uintptr(n)*PageSize)
 	if err != nil {
 		return err
 	}
@@ -339,6 +398,54 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *at
 	copied.Add(int64(done / PageSize))
 	total.Add(int64(done / PageSize))
 	return nil
+}
+
+// read reads pages [p, p+n) of r into buf: from the overlay where it holds
+// them, else from the store.
+func (s *Server) read(r *region, p, n int, buf []byte) error {
+	for i := 0; i < n; {
+		if r.over != nil && r.over[p+i] != nil {
+			copy(buf[i*PageSize:(i+1)*PageSize], r.over[p+i])
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && (r.over == nil || r.over[p+j] == nil) {
+			j++
+		}
+		if err := s.store.GetLocated(r.tab.ids[p+i:p+j], r.tab.locs[p+i:p+j], buf[i*PageSize:j*PageSize]); err != nil {
+			// A table kept from an earlier restore (Tables) may name a
+			// pack GC has removed since: look the chunks up again.
+			if err := s.store.GetMany(r.tab.ids[p+i:p+j], buf[i*PageSize:j*PageSize]); err != nil {
+				return fmt.Errorf("restoring page %d: %w", r.first+uint64(p+i), err)
+			}
+		}
+		i = j
+	}
+	return nil
+}
+
+// overlaid returns, for each page of sp, its data in o or its bases (nil
+// where they lack it), or nil when o is nil.
+func overlaid(o *Overlay, sp span) [][]byte {
+	if o == nil {
+		return nil
+	}
+	var chain []*Overlay
+	for x := o; x != nil; x = x.base {
+		chain = append(chain, x)
+	}
+	over := make([][]byte, sp.pages)
+	// Oldest first, so that a newer overlay's page wins.
+	for k := len(chain) - 1; k >= 0; k-- {
+		x := chain[k]
+		for i, mp := range x.pages {
+			if mp >= sp.first && mp < sp.first+uint64(sp.pages) {
+				over[mp-sp.first] = x.data[i*PageSize : (i+1)*PageSize]
+			}
+		}
+	}
+	return over
 }
 
 // prefetch populates the working set (map pages) in batches, with
@@ -396,8 +503,4 @@ func (s *Server) regionOfPage(mp uint64) (*region, int) {
 }
 
 // stopped reports whether shutdown has begun.
-func (s *Server) stopped() bool {
-	fds := []unix.PollFd{{Fd: int32(s.stop), Events: unix.POLLIN}}
-	n, _ := unix.Poll(fds, 0)
-	return n > 0
-}
+func (s *Server) stopped() bool { return s.halt.Load() }

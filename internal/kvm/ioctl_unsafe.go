@@ -195,6 +195,23 @@ func (c *VCPU) SetMSR(m MSR) error {
 	return nil
 }
 
+// SetMSRs writes ms in order with one KVM_SET_MSRS, which stops at the
+// first MSR KVM refuses: it returns how many it set, ms[n] being the one
+// refused when n < len(ms).
+func (c *VCPU) SetMSRs(ms []MSR) (int, error) {
+	if len(ms) == 0 {
+		return 0, nil
+	}
+	buf := make([]MSR, 1+len(ms)) // entry 0 holds the kvm_msrs header
+	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(ms))
+	copy(buf[1:], ms)
+	n, err := ioctlPtr(c.fd, iocSetMSRs, unsafe.Pointer(&buf[0]))
+	if err != nil {
+		return 0, fmt.Errorf("KVM_SET_MSRS: %w", err)
+	}
+	return n, nil
+}
+
 // SetImmediateExit sets kvm_run.immediate_exit: KVM_RUN returns EINTR at
 // once (after completing pending I/O) while it is set.
 func (c *VCPU) SetImmediateExit(on bool) {

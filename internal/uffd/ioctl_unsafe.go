@@ -80,6 +80,18 @@ func ioctl(fd int, req uintptr, arg unsafe.Pointer) (uintptr, error) {
 	return r, nil
 }
 
+// rawIoctl is ioctl without telling the Go scheduler, for the calls a
+// fault handler makes per fault, which never block for long (UFFDIO_COPY,
+// UFFDIO_ZEROPAGE, UFFDIO_WAKE): it saves the scheduler's bookkeeping
+// around each of them.
+func rawIoctl(fd int, req uintptr, arg unsafe.Pointer) (uintptr, error) {
+	r, _, errno := unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+	if errno != 0 {
+		return r, errno
+	}
+	return r, nil
+}
+
 func ioctlNew(dev int, flags int) (int, error) {
 	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(dev), iocNew, uintptr(flags))
 	if errno != 0 {
@@ -110,7 +122,7 @@ func unregister(fd int, start, length uintptr) error {
 
 func wake(fd int, start, length uintptr) error {
 	r := uffdioRange{uint64(start), uint64(length)}
-	_, err := ioctl(fd, iocWake, unsafe.Pointer(&r))
+	_, err := rawIoctl(fd, iocWake, unsafe.Pointer(&r))
 	return err
 }
 
@@ -118,7 +130,7 @@ func wake(fd int, start, length uintptr) error {
 // kernel reports partial progress in the copy field, even with an error).
 func copyPages(fd int, dst, src, length uintptr) (uintptr, error) {
 	c := uffdioCopy{Dst: uint64(dst), Src: uint64(src), Len: uint64(length)}
-	_, err := ioctl(fd, iocCopy, unsafe.Pointer(&c))
+	_, err := rawIoctl(fd, iocCopy, unsafe.Pointer(&c))
 	if c.Copy > 0 {
 		return uintptr(c.Copy), err
 	}
@@ -127,24 +139,24 @@ func copyPages(fd int, dst, src, length uintptr) (uintptr, error) {
 
 func zeroPages(fd int, start, length uintptr) (uintptr, error) {
 	z := uffdioZeropage{Range: uffdioRange{uint64(start), uint64(length)}}
-	_, err := ioctl(fd, iocZeropage, unsafe.Pointer(&z))
+	_, err := rawIoctl(fd, iocZeropage, unsafe.Pointer(&z))
 	if z.Zeropage > 0 {
 		return uintptr(z.Zeropage), err
 	}
 	return 0, err
 }
 
-// readMsgs reads as many messages as fit in buf.
+// readMsgs reads as many messages as fit in buf. The descriptor is
+// non-blocking, so the read is a raw system call (see rawIoctl).
 func readMsgs(fd int, buf []Msg) (int, error) {
 	if len(buf) == 0 {
 		return 0, nil
 	}
-	b := unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), len(buf)*int(unsafe.Sizeof(Msg{})))
-	n, err := unix.Read(fd, b)
-	if err != nil {
-		return 0, err
+	n, _, errno := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf))*unsafe.Sizeof(Msg{}))
+	if errno != 0 {
+		return 0, errno
 	}
-	return n / int(unsafe.Sizeof(Msg{})), nil
+	return int(n / unsafe.Sizeof(Msg{})), nil
 }
 
 // addr returns the address of the first byte of b.

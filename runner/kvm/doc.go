@@ -6,7 +6,8 @@
 // Each VM runs in its own VMM process (`boxd vmm`), so a crashed guest or VMM
 // takes nothing else down; the runner in the boxd process talks to it over a
 // unix socket, owns the store, captures memory and serves the faults of
-// restored VMs.
+// restored VMs. A fork's snapshot (SnapshotForFork) reaches its children
+// from host memory at once and the store in the background (pending.go).
 //
 // Without hardware virtualisation (vmx/svm) KVM here runs only guests the
 // project builds itself, such as the conformance guest in guest/, and runs

@@ -13,7 +13,6 @@ import (
 	ikvm "github.com/boxd-dev/boxd/internal/kvm"
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/runner/kvm/guest"
-	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -266,10 +265,17 @@ func (m *localVM) restoreState(st State) error {
 		{"xsave", func() error { return m.cpu.SetXSave(v.XSave) }},
 		{"debugregs", func() error { return m.cpu.SetDebugRegs(v.Debug) }},
 		{"msrs", func() error {
-			for _, msr := range v.MSRs {
-				if err := m.cpu.SetMSR(msr); err != nil && !errors.Is(err, errdefs.ErrNotImplemented) {
+			// As many as KVM takes with each call; skip the one it
+			// refuses and go on after it.
+			for rest := v.MSRs; len(rest) > 0; {
+				n, err := m.cpu.SetMSRs(rest)
+				if err != nil {
 					return err
 				}
+				if n < len(rest) {
+					n++
+				}
+				rest = rest[n:]
 			}
 			return nil
 		}},

@@ -50,10 +50,15 @@ type Runner struct {
 	Memory memstore.Options
 
 	// Pool is how many VMM processes the runner keeps started and waiting,
-	// so that Start and Restore skip process start-up (0: none).
+	// so that Start and Restore skip process start-up (0: none). Each
+	// prepares a VM of the memory size last asked for, which a Restore of
+	// that size takes as it is.
 	Pool int
 
 	ids atomic.Int64
+	// expect is the params of the latest machine started or restored:
+	// pooled VMM processes prepare a machine like it.
+	expect atomic.Pointer[Params]
 	// poolMu protects the warm pool.
 	poolMu    sync.Mutex
 	pool      []*Machine
@@ -62,6 +67,23 @@ type Runner struct {
 	// step, when set, is told as Restore and Snapshot finish each step
 	// (the step names below), for benchmarks that show where time goes.
 	step func(name string)
+
+	// pendMu protects pending: the fork snapshots on their way to the
+	// store (pending.go).
+	pendMu  sync.Mutex
+	pending map[string]*pendingSnap
+	// writers are the background writes of pending snapshots.
+	writers sync.WaitGroup
+	// restoring counts the restores in progress, and lastRestore is when
+	// the latest ended (CLOCK_MONOTONIC): background writes wait for
+	// quiet (waitQuiet).
+	restoring   atomic.Int32
+	lastRestore atomic.Int64
+	tablesOnce  sync.Once
+	tables      *memstore.Tables
+	// beforeCommit, when set, runs before each write of a pending
+	// snapshot, and its error fails that write (tests inject failures).
+	beforeCommit func(name string) error
 }
 
 // Steps of Restore and Snapshot, as told to Runner.step.
@@ -71,7 +93,7 @@ const (
 	stepServing  = "serving"  // Restore: the page-fault server runs
 	stepState    = "state"    // Snapshot: the vCPU paused and its state saved
 	stepDirty    = "dirty"    // Snapshot: the dirty log read
-	stepCaptured = "captured" // Snapshot: memory and state committed to the store
+	stepCaptured = "captured" // Snapshot: memory and state committed to the store; SnapshotForFork: the dirty pages copied to host memory
 )
 
 func (r *Runner) tell(step string) {
@@ -79,6 +101,18 @@ func (r *Runner) tell(step string) {
 		r.step(step)
 	}
 }
+
+// pageTables keeps the page tables of the snapshots restored lately and of
+// the forks derived from them, so that a restore of either skips
+// resolving its memory map.
+func (r *Runner) pageTables() *memstore.Tables {
+	r.tablesOnce.Do(func() { r.tables = memstore.NewTables(keptTablePages) })
+	return r.tables
+}
+
+// keptTablePages bounds the kept page tables: 2 GiB of guest memory, about
+// 28 MiB of tables.
+const keptTablePages = 1 << 19
 
 // Name implements runner.Runner.
 func (r *Runner) Name() string { return "kvm" }
@@ -196,7 +230,12 @@ func checkKVM() error {
 
 // Restore implements runner.Runner.
 func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOptions) (runner.Machine, error) {
-	blob, err := memstore.ReadBlob(r.Graph, snap, StateMap)
+	r.restoring.Add(1)
+	defer func() {
+		r.lastRestore.Store(int64(monotonic()))
+		r.restoring.Add(-1)
+	}()
+	blob, err := r.stateBlob(snap)
 	if err != nil {
 		return nil, fmt.Errorf("restoring %s: %w", snap, err)
 	}
@@ -213,15 +252,25 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	}
 	r.tell(stepSpawned)
 	var resp response
-	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: &st, Console: m.consolePath}, &resp)
+	fd, err := m.callFD(request{Op: "restore", Params: &st.Params, State: blob, Console: m.consolePath}, &resp)
 	if err != nil {
 		m.kill(err)
 		return nil, err
 	}
 	r.tell(stepRestored)
-	m.pid, m.memAddr, m.fd = resp.Pid, resp.MemAddr, fd
-	h := memstore.Handoff{Snapshot: snap, Map: memstore.DefaultMap, Regions: []memstore.RegionLayout{{Base: resp.MemAddr, Size: uint64(st.Params.MemSize), PageSize: memstore.PageSize}}}
-	srv, err := memstore.Serve(context.Background(), r.Graph, fd, h, nil, r.Memory)
+	m.pid, m.memAddr, m.fd, m.phases = resp.Pid, resp.MemAddr, fd, resp.Phases
+	// A snapshot on its way to the store is served from its overlay over
+	// the nearest snapshot that is in the store.
+	mopts := r.Memory
+	mopts.Overlay = r.overlayOf(snap)
+	if mopts.Tables == nil {
+		mopts.Tables = r.pageTables()
+	}
+	h := memstore.Handoff{Snapshot: r.inStore(snap), Map: memstore.DefaultMap, Regions: []memstore.RegionLayout{{Base: resp.MemAddr, Size: uint64(st.Params.MemSize), PageSize: memstore.PageSize}}}
+	srv, err := memstore.Serve(context.Background(), r.Graph, fd, h, nil, mopts)
+	if mopts.Overlay != nil {
+		mopts.Overlay.Release() // the server holds its own reference
+	}
 	if err != nil {
 		m.kill(err)
 		return nil, fmt.Errorf("restoring %s: %w", snap, err)
@@ -264,10 +313,27 @@ func (r *Runner) spawn(p Params) (*Machine, error) {
 			return nil, err
 		}
 	}
+	r.expect.Store(&p)
 	if r.Pool > 0 {
 		go r.refill()
 	}
 	m.params = p
+	return m, nil
+}
+
+// startSpare starts a VMM process for the pool, and has it prepare a
+// machine like the last one asked for, if any.
+func (r *Runner) startSpare() (*Machine, error) {
+	m, err := r.startVMM()
+	if err != nil {
+		return nil, err
+	}
+	if p := r.expect.Load(); p != nil {
+		if err := m.call(request{Op: "prepare", Params: p}, nil); err != nil {
+			_ = m.Stop(context.Background())
+			return nil, err
+		}
+	}
 	return m, nil
 }
 
@@ -308,7 +374,7 @@ func (r *Runner) refill() {
 		if full {
 			return
 		}
-		m, err := r.startVMM()
+		m, err := r.startSpare()
 		if err != nil {
 			return
 		}
@@ -323,8 +389,10 @@ func (r *Runner) refill() {
 	}
 }
 
-// Close stops the warm VMM processes. Machines already started are not
-// affected; a Runner with Pool set should be closed when done with.
+// Close stops the warm VMM processes and waits for the background writes
+// of fork snapshots to end (Flush writes again those that failed).
+// Machines already started are not affected; a Runner with Pool set, or
+// whose machines fork, should be closed when done with.
 func (r *Runner) Close() error {
 	r.poolMu.Lock()
 	r.closed = true
@@ -334,6 +402,12 @@ func (r *Runner) Close() error {
 	for _, m := range pool {
 		_ = m.Stop(context.Background())
 	}
+	r.pendMu.Lock()
+	for _, p := range r.pending {
+		p.hurryUp()
+	}
+	r.pendMu.Unlock()
+	r.writers.Wait()
 	return nil
 }
 
@@ -395,6 +469,7 @@ type Machine struct {
 	memAddr     uint64
 	fd          *uffd.FD
 	server      *memstore.Server
+	phases      []phase // the VMM's restore, for benchmarks
 
 	// callMu serialises requests; mu protects the fields below.
 	callMu       sync.Mutex
@@ -552,37 +627,25 @@ func (m *Machine) Continue(ctx context.Context) error {
 // clear the dirty log, capture memory (only the dirty pages when
 // incremental), resume if it was running.
 func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
-	if err := snapshotter.ValidateName(name); err != nil {
-		return snapshotter.Snapshot{}, err
-	}
-	if _, err := m.r.Graph.Get(name); err == nil {
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
-	}
-	m.mu.Lock()
-	wasRunning, parent := m.running, m.last
-	m.mu.Unlock()
-	var resp response
-	if err := m.call(request{Op: "state"}, &resp); err != nil {
+	if err := m.r.checkFree(name); err != nil {
 		return snapshotter.Snapshot{}, err
 	}
 	m.mu.Lock()
-	m.running = false
+	parent := m.last
 	m.mu.Unlock()
-	m.r.tell(stepState)
-	st := resp.State
-	if err := m.call(request{Op: "dirty"}, &resp); err != nil {
-		return snapshotter.Snapshot{}, err
+	// A delta needs its parent in the store.
+	if err := m.r.committed(ctx, parent); err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
 	}
-	m.r.tell(stepDirty)
-	blob, err := json.Marshal(st)
+	held, err := m.hold(ctx)
 	if err != nil {
 		return snapshotter.Snapshot{}, err
 	}
 	labels := map[string]string{runner.LabelRunner: m.r.Name()}
 	maps.Copy(labels, opts.Labels)
-	copts := memstore.CaptureOptions{Name: name, Parent: parent, Labels: labels, Blobs: map[string][]byte{StateMap: blob}}
+	copts := memstore.CaptureOptions{Name: name, Parent: parent, Labels: labels, Blobs: map[string][]byte{StateMap: held.blob}}
 	if opts.Incremental && parent != "" {
-		copts.Dirty = memstore.Bitmap(resp.Dirty)
+		copts.Dirty = memstore.Bitmap(held.dirty)
 	}
 	snap, err := memstore.Capture(ctx, m.r.Graph, m.memory(), m.params.MemSize, copts)
 	if err != nil {
@@ -592,12 +655,46 @@ func (m *Machine) Snapshot(ctx context.Context, name string, opts runner.Snapsho
 	m.mu.Lock()
 	m.last = name
 	m.mu.Unlock()
-	if wasRunning {
+	if held.wasRunning {
 		if err := m.Continue(ctx); err != nil {
 			return snap, err
 		}
 	}
 	return snap, nil
+}
+
+// held is a machine paused for a snapshot: its state, and the pages it
+// dirtied since its previous snapshot (the dirty log, now cleared).
+type held struct {
+	blob       []byte
+	dirty      []uint64
+	wasRunning bool
+}
+
+// hold pauses the machine, saves its vCPU state and reads and clears the
+// dirty log.
+func (m *Machine) hold(ctx context.Context) (held, error) {
+	m.mu.Lock()
+	wasRunning := m.running
+	m.mu.Unlock()
+	var resp response
+	if err := m.call(request{Op: "state"}, &resp); err != nil {
+		return held{}, err
+	}
+	m.mu.Lock()
+	m.running = false
+	m.mu.Unlock()
+	m.r.tell(stepState)
+	st := resp.State
+	if err := m.call(request{Op: "dirty"}, &resp); err != nil {
+		return held{}, err
+	}
+	m.r.tell(stepDirty)
+	blob, err := json.Marshal(st)
+	if err != nil {
+		return held{}, err
+	}
+	return held{blob: blob, dirty: resp.Dirty, wasRunning: wasRunning}, nil
 }
 
 // Report asks the guest for its checksum and tick at its next step (the
@@ -655,7 +752,8 @@ func (m *Machine) Stop(ctx context.Context) error {
 			_ = m.cmd.Process.Kill()
 			<-m.done
 		}
-		if m.server != nil && m.server.Err() == nil {
+		// The working set goes with the snapshot in the store.
+		if m.server != nil && m.server.Err() == nil && m.r.committed(ctx, m.restoredFrom) == nil {
 			if ws := m.server.WorkingSet(); len(ws) > 0 {
 				// Keep what was prefetched (a prefetched restore faults
 				// little, and its faults alone would shrink the set) and
@@ -716,7 +814,7 @@ func (m *Machine) Console() []byte {
 }
 
 // memory reads the VMM's guest memory.
-func (m *Machine) memory() io.ReaderAt {
+func (m *Machine) memory() remoteMemory {
 	return remoteMemory{pid: m.pid, base: m.memAddr, size: m.params.MemSize}
 }
 
@@ -752,6 +850,52 @@ func (r remoteMemory) ReadAt(p []byte, off int64) (int, error) {
 		return int(done), io.EOF
 	}
 	return int(done), nil
+}
+
+// readPages reads the listed pages (ascending) back to back into dst, with
+// as few process_vm_readv calls as the runs of contiguous pages allow.
+func (r remoteMemory) readPages(pages []uint64, dst []byte) error {
+	const maxIov = 1024 // IOV_MAX
+	var remote []unix.RemoteIovec
+	done := 0
+	flush := func() error {
+		if len(remote) == 0 {
+			return nil
+		}
+		want := 0
+		for _, v := range remote {
+			want += v.Len
+		}
+		local := []unix.Iovec{{Base: &dst[done]}}
+		local[0].SetLen(want)
+		n, err := unix.ProcessVMReadv(r.pid, local, remote, 0)
+		if err != nil {
+			return fmt.Errorf("reading guest memory of process %d: %w", r.pid, err)
+		}
+		if n != want {
+			return fmt.Errorf("reading guest memory of process %d: %d of %d bytes", r.pid, n, want)
+		}
+		done += want
+		remote = remote[:0]
+		return nil
+	}
+	for i := 0; i < len(pages); {
+		j := i + 1
+		for j < len(pages) && pages[j] == pages[i]+uint64(j-i) {
+			j++
+		}
+		if int64(pages[j-1]+1)*memstore.PageSize > r.size {
+			return fmt.Errorf("page %d is beyond guest memory", pages[j-1])
+		}
+		remote = append(remote, unix.RemoteIovec{Base: uintptr(r.base + pages[i]*memstore.PageSize), Len: (j - i) * memstore.PageSize})
+		if len(remote) == maxIov {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		i = j
+	}
+	return flush()
 }
 
 // tailBuffer keeps the end of a VMM's stderr, where it says why it exited.

@@ -24,7 +24,8 @@ import (
 var guestPath string
 
 // TestMain builds the guest, and doubles as the VMM process: the runner
-// under test starts this binary with BOXD_TEST_VMM=1.
+// under test starts this binary with BOXD_TEST_VMM=1; with
+// BOXD_TEST_FORK_CRASH it is the process TestForkCrashBeforeCommit kills.
 func TestMain(m *testing.M) {
 	if os.Getenv("BOXD_TEST_VMM") == "1" {
 		if err := ServeInherited(); err != nil {
@@ -33,13 +34,21 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	dir, err := os.MkdirTemp("", "boxd-guest")
+	crashRoot := os.Getenv("BOXD_TEST_FORK_CRASH")
+	dir, err := os.MkdirTemp(crashRoot, "boxd-guest")
 	if err != nil {
 		panic(err)
 	}
 	guestPath, err = guest.Build(dir)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	if crashRoot != "" {
+		// The process TestForkCrashBeforeCommit kills.
+		err := crashAfterFork(crashRoot)
+		os.RemoveAll(dir)
+		fmt.Fprintln(os.Stderr, "crash:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
@@ -324,4 +333,69 @@ func TestWarmPool(t *testing.T) {
 		t.Fatalf("restore after Close (without the pool): %v", err)
 	}
 	after.Stop(ctx)
+}
+
+// TestPreparedVMM restores and boots on spare VMM processes that prepared
+// a VM ahead: a restore of the prepared memory size takes it (no memory
+// slot set up on the restore's path), another size builds its own, and a
+// boot drops it; every machine runs.
+func TestPreparedVMM(t *testing.T) {
+	r, _ := newRunner(t)
+	defer r.Close()
+	ctx := context.Background()
+	var spareOf *Machine
+	for _, mem := range []int64{16 << 20, 32 << 20} {
+		m, err := r.Start(ctx, spec(mem))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Stop(ctx)
+		if _, err := m.Snapshot(ctx, fmt.Sprintf("s%d", mem>>20), runner.SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		spareOf = m.(*Machine)
+	}
+	for _, tc := range []struct {
+		snap     string
+		prepared int64 // the memory size the spare prepared
+		boot     bool  // boot a fresh machine instead of restoring
+		takes    bool  // the restore takes the prepared VM
+	}{
+		{snap: "s16", prepared: 16 << 20, takes: true},
+		{snap: "s16", prepared: 32 << 20},
+		{snap: "s32", prepared: 32 << 20, takes: true},
+		{prepared: 16 << 20, boot: true},
+	} {
+		name := fmt.Sprintf("%s/prepared=%dMiB/boot=%v", tc.snap, tc.prepared>>20, tc.boot)
+		t.Run(name, func(t *testing.T) {
+			r.expect.Store(&Params{MemSize: tc.prepared, PagesPerTick: 4, PrintEvery: 1000})
+			if err := spareOf.StartSpares(ctx, 1); err != nil {
+				t.Fatal(err)
+			}
+			var m runner.Machine
+			var err error
+			if tc.boot {
+				m, err = r.Start(ctx, spec(tc.prepared))
+			} else {
+				m, err = r.Restore(ctx, tc.snap, runner.RestoreOptions{})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Stop(ctx)
+			km := m.(*Machine)
+			if !tc.boot {
+				slot := false
+				for _, ph := range km.phases {
+					slot = slot || ph.Name == "memslot"
+				}
+				if slot == tc.takes {
+					t.Fatalf("restore phases %+v: prepared VM taken %v, want %v", km.phases, !slot, tc.takes)
+				}
+			}
+			if _, err := km.Report(ctx); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
 }

@@ -21,15 +21,17 @@ import (
 // The response to "restore" carries the userfaultfd of guest memory
 // (SCM_RIGHTS), for the runner to serve.
 type request struct {
-	Op      string  `json:"op"` // boot, restore, resume, pause, state, dirty, report, wait_report, reseed, fill, first_exit, stop
+	Op      string  `json:"op"` // prepare, boot, restore, resume, pause, state, dirty, report, wait_report, reseed, fill, first_exit, stop
 	Params  *Params `json:"params,omitempty"`
 	Guest   string  `json:"guest,omitempty"`   // boot: the guest binary
 	Console string  `json:"console,omitempty"` // boot, restore: console file
-	State   *State  `json:"state,omitempty"`   // restore
-	Seed    uint64  `json:"seed,omitempty"`    // reseed
-	Wait    bool    `json:"wait,omitempty"`    // report: wait for the answer
-	First   uint32  `json:"first,omitempty"`   // fill: the first data page
-	Count   uint32  `json:"count,omitempty"`   // fill: how many pages
+	// State is the machine state for restore, as the snapshot stores it
+	// (a State in JSON), passed on without decoding it twice.
+	State json.RawMessage `json:"state,omitempty"`
+	Seed  uint64          `json:"seed,omitempty"`  // reseed
+	Wait  bool            `json:"wait,omitempty"`  // report: wait for the answer
+	First uint32          `json:"first,omitempty"` // fill: the first data page
+	Count uint32          `json:"count,omitempty"` // fill: how many pages
 }
 
 type response struct {
@@ -42,6 +44,15 @@ type response struct {
 	// ExitAt answers first_exit: when the vCPU first left KVM_RUN after
 	// the latest start or resume, in CLOCK_MONOTONIC nanoseconds.
 	ExitAt int64 `json:"exit_at,omitempty"`
+	// Phases answers restore: when each of its phases ended.
+	Phases []phase `json:"phases,omitempty"`
+}
+
+// phase is when a named phase of a request ended, in CLOCK_MONOTONIC
+// nanoseconds, for benchmarks that show where the time goes.
+type phase struct {
+	Name string `json:"name"`
+	At   int64  `json:"at"`
 }
 
 // VMMMain runs a VMM process on conn until told to stop or the runner goes
@@ -82,9 +93,15 @@ type vmm struct {
 	m       *localVM
 	console *os.File
 	fd      *uffd.FD
+	// pre is a VM built ahead by "prepare" (memory registered with
+	// preFD and handed to KVM, vCPU created), for a restore of its memory
+	// size to take.
+	pre   *localVM
+	preFD *uffd.FD
 }
 
 func (v *vmm) close() {
+	v.dropPrepared()
 	if v.m != nil {
 		v.m.shutdown()
 		v.m.close()
@@ -111,7 +128,62 @@ func (v *vmm) reply(r response, fd *uffd.FD) error {
 	return err
 }
 
+// prepare builds, for a restore to come, what does not depend on the
+// snapshot: the VM, guest memory registered with a userfaultfd and handed
+// to KVM, and the vCPU with its CPUID. A pooled VMM does it while it
+// waits, which takes the slowest steps of a restore (creating the VM and
+// its memory slot) off the restore's path.
+func (v *vmm) prepare(p Params) error {
+	if v.m != nil || v.pre != nil {
+		return errors.New("a machine is already prepared or running")
+	}
+	m, err := newLocalVM(p, nil)
+	if err != nil {
+		return err
+	}
+	// Registered before KVM sees the memory, as in restore.
+	fd, err := memstore.Register(m.mem)
+	if err != nil {
+		m.close()
+		return err
+	}
+	if err := m.mapMemory(); err != nil {
+		fd.Close()
+		m.close()
+		return err
+	}
+	v.pre, v.preFD = m, fd
+	return nil
+}
+
+// takePrepared returns the prepared VM and its userfaultfd if it fits p,
+// and drops it otherwise.
+func (v *vmm) takePrepared(p Params) (*localVM, *uffd.FD) {
+	if v.pre == nil || v.pre.params.MemSize != p.MemSize {
+		v.dropPrepared()
+		return nil, nil
+	}
+	m, fd := v.pre, v.preFD
+	v.pre, v.preFD = nil, nil
+	m.params = p
+	return m, fd
+}
+
+func (v *vmm) dropPrepared() {
+	if v.pre != nil {
+		v.pre.close()
+		v.preFD.Close()
+		v.pre, v.preFD = nil, nil
+	}
+}
+
 func (v *vmm) handle(req request) (response, *uffd.FD, error) {
+	if req.Op == "prepare" {
+		if req.Params == nil {
+			return response{}, nil, errors.New("params missing")
+		}
+		return response{}, nil, v.prepare(*req.Params)
+	}
 	if v.m == nil && req.Op != "boot" && req.Op != "restore" && req.Op != "stop" {
 		return response{}, nil, errors.New("no machine yet: boot or restore first")
 	}
@@ -123,9 +195,19 @@ func (v *vmm) handle(req request) (response, *uffd.FD, error) {
 		if req.Params == nil {
 			return response{}, nil, errors.New("params missing")
 		}
-		if err := v.open(req); err != nil {
+		var phases []phase
+		mark := func(name string) { phases = append(phases, phase{Name: name, At: int64(monotonic())}) }
+		mark("request")
+		var pre *localVM
+		if req.Op == "restore" {
+			pre, v.fd = v.takePrepared(*req.Params)
+		} else {
+			v.dropPrepared()
+		}
+		if err := v.open(req, pre); err != nil {
 			return response{}, nil, err
 		}
+		mark("vm")
 		go v.exitWithGuest()
 		resp := response{Pid: os.Getpid(), MemAddr: uint64(uffd.Addr(v.m.mem))}
 		if req.Op == "boot" {
@@ -139,22 +221,31 @@ func (v *vmm) handle(req request) (response, *uffd.FD, error) {
 			v.m.start()
 			return resp, nil, nil
 		}
-		if req.State == nil {
-			return response{}, nil, errors.New("state missing")
+		var st State
+		if err := json.Unmarshal(req.State, &st); err != nil {
+			return response{}, nil, fmt.Errorf("state: %w", err)
 		}
-		// Register guest memory with userfaultfd before KVM sees it, so
-		// that its first touch of every page is served by the runner.
-		fd, err := memstore.Register(v.m.mem)
-		if err != nil {
+		if pre == nil {
+			// Register guest memory with userfaultfd before KVM sees it,
+			// so that its first touch of every page is served by the
+			// runner.
+			fd, err := memstore.Register(v.m.mem)
+			if err != nil {
+				return response{}, nil, err
+			}
+			v.fd = fd
+			mark("uffd")
+			if err := v.m.mapMemory(); err != nil {
+				return response{}, nil, err
+			}
+			mark("memslot")
+		}
+		fd := v.fd
+		if err := v.m.restoreState(st); err != nil {
 			return response{}, nil, err
 		}
-		v.fd = fd
-		if err := v.m.mapMemory(); err != nil {
-			return response{}, nil, err
-		}
-		if err := v.m.restoreState(*req.State); err != nil {
-			return response{}, nil, err
-		}
+		mark("vcpu-state")
+		resp.Phases = phases
 		return resp, fd, nil
 	case "resume":
 		v.m.mu.Lock()
@@ -216,7 +307,8 @@ func (v *vmm) exitWithGuest() {
 	os.Exit(3)
 }
 
-func (v *vmm) open(req request) error {
+// open sets up the machine: pre, a prepared VM, or a new one.
+func (v *vmm) open(req request, pre *localVM) error {
 	if req.Console != "" {
 		f, err := os.OpenFile(req.Console, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
@@ -227,6 +319,11 @@ func (v *vmm) open(req request) error {
 	var console io.Writer
 	if v.console != nil {
 		console = v.console
+	}
+	if pre != nil {
+		pre.console = console
+		v.m = pre
+		return nil
 	}
 	m, err := newLocalVM(*req.Params, console)
 	if err != nil {
