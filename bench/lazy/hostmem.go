@@ -4,11 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -29,16 +28,32 @@ type hostMem struct {
 // file (mapped by QEMU or not).
 func (h hostMem) Total() int64 { return h.Pss - h.PssShmem + h.FileAlloc }
 
-// boxQEMU is the pid of the QEMU of box name: the one process whose command
-// line names the box's console file.
+// boxQEMU is the pid of the QEMU of box name: the machine the box's
+// machine file names, whose state file gives its pid (a machine that took
+// over a spare names no console of the box on its command line).
 func (b *bench) boxQEMU(ctx context.Context, name string) (int, error) {
-	console := filepath.Join(b.boxd.Root, "boxes", name, "console.log")
-	out, _ := exec.CommandContext(ctx, "pgrep", "-f", "--", "qemu-system-x86_64 .*"+regexp.QuoteMeta(console)).Output() // exit 1: none
-	pids := strings.Fields(string(out))
-	if len(pids) != 1 {
-		return 0, fmt.Errorf("box %s: %d QEMU processes name %s, want 1", name, len(pids), console)
+	id, err := os.ReadFile(filepath.Join(b.boxd.Root, "boxes", name, "machine"))
+	if err != nil {
+		return 0, fmt.Errorf("box %s names no machine: %w", name, err)
 	}
-	return strconv.Atoi(pids[0])
+	dirs, _ := filepath.Glob(filepath.Join(b.boxd.Root, "run", strings.TrimSpace(string(id))+"-*"))
+	if len(dirs) != 1 {
+		return 0, fmt.Errorf("box %s: machine %s has %d folders, want 1", name, strings.TrimSpace(string(id)), len(dirs))
+	}
+	raw, err := os.ReadFile(filepath.Join(dirs[0], "state.json"))
+	if err != nil {
+		return 0, fmt.Errorf("box %s: %w", name, err)
+	}
+	var st struct {
+		PID int `json:"pid"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil || st.PID <= 0 {
+		return 0, fmt.Errorf("box %s: machine state %s: no pid (%v)", name, dirs[0], err)
+	}
+	if err := syscall.Kill(st.PID, 0); err != nil {
+		return 0, fmt.Errorf("box %s: QEMU %d: %w", name, st.PID, err)
+	}
+	return st.PID, ctx.Err()
 }
 
 // measureHostMem reads box name's QEMU's smaps_rollup and its memory file

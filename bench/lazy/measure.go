@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,7 +79,7 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 		if !r.ok { // back in its snapshot; noted in the report
 			continue
 		}
-		if _, _, err := b.boxd.CLI(ctx, "hibernate", bx); err != nil {
+		if err := b.hibernate(ctx, bx); err != nil {
 			return err
 		}
 	}
@@ -112,7 +113,7 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 			return fmt.Errorf("ssh to the running box: %w", err)
 		}
 		sd.runningSSH = append(sd.runningSSH, run)
-		if _, _, err := b.boxd.CLI(ctx, "hibernate", dev); err != nil {
+		if err := b.hibernate(ctx, dev); err != nil {
 			return err
 		}
 		w, err := b.wake(ctx, sd, name, rep)
@@ -126,7 +127,7 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 		if !sd.eager {
 			sd.wakeTook = append(sd.wakeTook, w.took)
 		}
-		if _, _, err := b.boxd.CLI(ctx, "hibernate", dev); err != nil {
+		if err := b.hibernate(ctx, dev); err != nil {
 			return err
 		}
 		benchkit.Progress("%s: dev %d/%d: resume %s (vCPUs at %s%s), then ssh true at once %s; ssh true running %s; hibernated: ssh true %s (vCPUs at %s%s)",
@@ -142,7 +143,7 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 			if !r.ok {
 				continue
 			}
-			if _, _, err := b.boxd.CLI(ctx, "hibernate", bx); err != nil {
+			if err := b.hibernate(ctx, bx); err != nil {
 				return err
 			}
 			if bx == big {
@@ -287,7 +288,7 @@ func (b *bench) backToHibernated(ctx context.Context, name string) error {
 	case "hibernated":
 		return nil
 	case "running":
-		_, _, err = b.boxd.CLI(ctx, "hibernate", name)
+		err = b.hibernate(ctx, name)
 		return err
 	}
 	return fmt.Errorf("box %s is %s after a failed resume", name, st)
@@ -315,3 +316,27 @@ func (b *bench) logTrouble(offset int64) (warn, errs int, lines []string, err er
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// hibernate hibernates box name, then waits until the root's QEMU
+// processes have stayed the same for half a second (at most 10 s): a
+// hibernation readies a machine for the next resume, which a timed resume
+// should find ready and not share the CPUs with.
+func (b *bench) hibernate(ctx context.Context, name string) error {
+	if _, _, err := b.boxd.CLI(ctx, "hibernate", name); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	_, last := b.boxd.QEMUs(ctx)
+	since := time.Now()
+	for time.Since(since) < 500*time.Millisecond && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		if _, now := b.boxd.QEMUs(ctx); !slices.Equal(now, last) {
+			last, since = now, time.Now()
+		}
+	}
+	return nil
+}
