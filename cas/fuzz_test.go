@@ -204,7 +204,7 @@ func FuzzPackRoundTrip(f *testing.F) {
 			if e.ID != Sum(chunks[i]) {
 				t.Fatalf("entry %d: id %s", i, e.ID.Short())
 			}
-			raw, err := decode(e.Codec, b[e.Offset:e.Offset+e.Stored], out)
+			raw, err := decode(e, b[e.Offset:e.Offset+e.Stored], out)
 			if err != nil || !bytes.Equal(raw, chunks[i]) {
 				t.Fatalf("entry %d (%v) does not decode to its chunk: %v", i, e.Codec, err)
 			}

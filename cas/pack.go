@@ -17,10 +17,18 @@ import (
 
 // Pack file format, version 1 (all integers little-endian):
 //
-//	header   16 bytes  "BOXDPACK" | version u32 | reserved u32 (0)
+//	header   16 bytes  "BOXDPACK" | version u32 | flags u32
 //	chunks   the stored bytes of each chunk, back to back
 //	footer   count × 48-byte entries:
-//	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 | reserved [3]
+//	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 |
+//	           slot u8 | frame u8 | reserved u8
+//
+// A chunk stored with [CodecZstd] shares a zstd frame with up to 254 others:
+// its entry's offset and stored length are the frame's, frame is how many
+// chunks the frame holds and slot is this chunk's place among them. Other
+// codecs store one chunk each, with slot and frame 0. Flags bit 0
+// ([packCompacted]) marks a pack written by compaction; readers need not
+// look at it.
 //	trailer  32 bytes  footer offset u64 | count u32 | crc32c(footer) u32 |
 //	                   version u32 | crc32c(previous 20 bytes) u32 | "BOXDPEND"
 //
@@ -37,6 +45,10 @@ const (
 	PackTarget = 32 << 20
 	// maxPackSize bounds offsets to what a u32 can address.
 	maxPackSize = 1<<32 - 1
+	// MaxFrameChunks is the most chunks one zstd frame holds.
+	MaxFrameChunks = 255
+	// packCompacted is the header flag of a pack that compaction wrote.
+	packCompacted = 1
 )
 
 var (
@@ -52,6 +64,8 @@ type Codec uint8
 const (
 	CodecRaw Codec = 0 // stored as is
 	CodecS2  Codec = 1 // klauspost/compress s2 block format
+	// CodecZstd is a zstd frame of one or more chunks back to back.
+	CodecZstd Codec = 2
 )
 
 func (c Codec) String() string {
@@ -60,6 +74,8 @@ func (c Codec) String() string {
 		return "raw"
 	case CodecS2:
 		return "s2"
+	case CodecZstd:
+		return "zstd"
 	}
 	return fmt.Sprintf("codec(%d)", uint8(c))
 }
@@ -71,6 +87,8 @@ type Entry struct {
 	Stored uint32 // bytes in the pack
 	Raw    uint32 // bytes once decoded
 	Codec  Codec
+	Slot   uint8 // the chunk's place in its zstd frame
+	Frame  uint8 // chunks in its zstd frame; 0 for other codecs
 }
 
 func (e Entry) marshal(b []byte) {
@@ -79,7 +97,7 @@ func (e Entry) marshal(b []byte) {
 	binary.LittleEndian.PutUint32(b[36:], e.Stored)
 	binary.LittleEndian.PutUint32(b[40:], e.Raw)
 	b[44] = byte(e.Codec)
-	b[45], b[46], b[47] = 0, 0, 0
+	b[45], b[46], b[47] = e.Slot, e.Frame, 0
 }
 
 // DecodeFooter parses a pack's footer and trailer from its last bytes. tail
@@ -124,6 +142,8 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 			Stored: binary.LittleEndian.Uint32(b[36:]),
 			Raw:    binary.LittleEndian.Uint32(b[40:]),
 			Codec:  Codec(b[44]),
+			Slot:   b[45],
+			Frame:  b[46],
 		}
 		if err := e.check(footerOff); err != nil {
 			return nil, fmt.Errorf("pack footer entry %d: %w", i, err)
@@ -135,15 +155,36 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 
 // check validates an entry against the end of a pack's chunk area.
 func (e Entry) check(chunkEnd uint64) error {
+	if e.Codec == CodecZstd {
+		return e.checkFrame(chunkEnd)
+	}
 	switch {
 	case e.Codec != CodecRaw && e.Codec != CodecS2:
 		return fmt.Errorf("unknown codec %d: %w", e.Codec, errdefs.ErrDataLoss)
 	case e.Raw == 0 || e.Raw > ChunkSize:
 		return fmt.Errorf("raw length %d out of range: %w", e.Raw, errdefs.ErrDataLoss)
+	case e.Slot != 0 || e.Frame != 0:
+		return fmt.Errorf("%s chunk with frame slot %d of %d: %w", e.Codec, e.Slot, e.Frame, errdefs.ErrDataLoss)
 	case e.Stored == 0 || e.Stored > e.Raw || (e.Codec == CodecRaw && e.Stored != e.Raw):
 		return fmt.Errorf("stored length %d does not fit raw length %d: %w", e.Stored, e.Raw, errdefs.ErrDataLoss)
 	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
 		return fmt.Errorf("chunk at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, errdefs.ErrDataLoss)
+	}
+	return nil
+}
+
+// checkFrame validates the entry of a chunk in a zstd frame: a frame is
+// smaller than the chunks it holds, or it would not have been written.
+func (e Entry) checkFrame(chunkEnd uint64) error {
+	switch {
+	case e.Raw != ChunkSize:
+		return fmt.Errorf("raw length %d of a framed chunk: %w", e.Raw, errdefs.ErrDataLoss)
+	case e.Frame == 0 || e.Slot >= e.Frame:
+		return fmt.Errorf("frame slot %d of %d: %w", e.Slot, e.Frame, errdefs.ErrDataLoss)
+	case e.Stored == 0 || e.Stored >= uint32(e.Frame)*ChunkSize:
+		return fmt.Errorf("frame of %d bytes for %d chunks: %w", e.Stored, e.Frame, errdefs.ErrDataLoss)
+	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
+		return fmt.Errorf("frame at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, errdefs.ErrDataLoss)
 	}
 	return nil
 }
@@ -191,6 +232,7 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 type packWriter struct {
 	dir     string
 	num     uint32
+	flags   uint32
 	f       *os.File
 	bw      *bufio.Writer
 	off     uint32
@@ -200,14 +242,20 @@ type packWriter struct {
 func packName(num uint32) string { return fmt.Sprintf("pack-%08x.pack", num) }
 
 func newPackWriter(dir string, num uint32) (*packWriter, error) {
+	return newPackWriterFlags(dir, num, 0)
+}
+
+// newPackWriterFlags begins a pack whose header carries flags.
+func newPackWriterFlags(dir string, num, flags uint32) (*packWriter, error) {
 	f, err := os.CreateTemp(dir, packName(num)+".*.tmp")
 	if err != nil {
 		return nil, wrapIO("creating pack", err)
 	}
-	w := &packWriter{dir: dir, num: num, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
+	w := &packWriter{dir: dir, num: num, flags: flags, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
 	var hdr [packHeaderSize]byte
 	copy(hdr[:], packMagic[:])
 	binary.LittleEndian.PutUint32(hdr[8:], packVersion)
+	binary.LittleEndian.PutUint32(hdr[12:], flags)
 	if _, err := w.bw.Write(hdr[:]); err != nil {
 		w.abort()
 		return nil, wrapIO("writing pack header", err)
@@ -228,6 +276,22 @@ func (w *packWriter) add(id ID, stored []byte, codec Codec) (Entry, error) {
 	w.off += uint32(len(stored))
 	w.entries = append(w.entries, e)
 	return e, nil
+}
+
+// addFrame appends a zstd frame holding the chunks ids, in order.
+func (w *packWriter) addFrame(ids []ID, frame []byte) ([]Entry, error) {
+	if len(ids) == 0 || len(ids) > MaxFrameChunks {
+		return nil, fmt.Errorf("frame of %d chunks: %w", len(ids), errdefs.ErrInvalidArgument)
+	}
+	if _, err := w.bw.Write(frame); err != nil {
+		return nil, wrapIO("writing pack", err)
+	}
+	first := len(w.entries)
+	for i, id := range ids {
+		w.entries = append(w.entries, Entry{ID: id, Offset: w.off, Stored: uint32(len(frame)), Raw: ChunkSize, Codec: CodecZstd, Slot: uint8(i), Frame: uint8(len(ids))})
+	}
+	w.off += uint32(len(frame))
+	return w.entries[first:], nil
 }
 
 // seal writes the footer, syncs and renames the pack into place, and syncs

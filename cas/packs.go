@@ -86,7 +86,7 @@ func Unpack(e Entry, stored, dst []byte) ([]byte, error) {
 	if err := e.check(uint64(e.Offset) + uint64(e.Stored)); err != nil {
 		return nil, fmt.Errorf("chunk %s: %w", e.ID, err)
 	}
-	out, err := decode(e.Codec, stored, dst[:ChunkSize])
+	out, err := decode(e, stored, dst[:ChunkSize])
 	if err == nil && Sum(out) != e.ID {
 		err = errors.New("content does not match its id")
 	}
@@ -111,7 +111,16 @@ func (w *Writer) PutStored(e Entry, stored []byte) error {
 		w.stats.ReusedChunk++
 		return nil
 	}
-	if err := w.add(e.ID, stored, e.Codec); err != nil {
+	codec := e.Codec
+	if codec == CodecZstd {
+		// A frame holds other chunks too: store this one on its own.
+		raw, err := Unpack(e, stored, nil)
+		if err != nil {
+			return w.fail(err)
+		}
+		stored, codec = encodeChunk(raw, nil)
+	}
+	if err := w.add(e.ID, stored, codec); err != nil {
 		return w.fail(err)
 	}
 	return nil
