@@ -29,6 +29,7 @@ import (
 // codecs store one chunk each, with slot and frame 0. Flags bit 0
 // ([packCompacted]) marks a pack written by compaction; readers need not
 // look at it.
+//
 //	trailer  32 bytes  footer offset u64 | count u32 | crc32c(footer) u32 |
 //	                   version u32 | crc32c(previous 20 bytes) u32 | "BOXDPEND"
 //
