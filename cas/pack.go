@@ -22,14 +22,6 @@ import (
 //	footer   count × 48-byte entries:
 //	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 |
 //	           slot u8 | frame u8 | reserved u8
-//
-// A chunk stored with [CodecZstd] shares a zstd frame with up to 254 others:
-// its entry's offset and stored length are the frame's, frame is how many
-// chunks the frame holds and slot is this chunk's place among them. Other
-// codecs store one chunk each, with slot and frame 0. Flags bit 0
-// ([packCompacted]) marks a pack written by compaction; readers need not
-// look at it.
-//
 //	trailer  32 bytes  footer offset u64 | count u32 | crc32c(footer) u32 |
 //	                   version u32 | crc32c(previous 20 bytes) u32 | "BOXDPEND"
 //
@@ -37,6 +29,13 @@ import (
 // footer without scanning, and the two checksums tell a torn or damaged footer
 // from a good one. Chunk bytes carry no checksum of their own: the chunk id is
 // the SHA-256 of the raw bytes, and every read checks it.
+//
+// A chunk stored with [CodecZstd] shares a zstd frame with up to 254 others:
+// its entry's offset and stored length are the frame's, frame is how many
+// chunks the frame holds and slot is this chunk's place among them. Other
+// codecs store one chunk each, with slot and frame 0. Flags bit 0
+// ([packCompacted]) marks a pack written by compaction; readers need not
+// look at it.
 const (
 	packVersion    = 1
 	packHeaderSize = 16
