@@ -251,14 +251,8 @@ func (r *gcRun) moveChunk(id ID, loc Location, buf []byte) error {
 			return err
 		}
 	}
-	if r.cur == nil {
-		s.filesMu.Lock()
-		num := s.nextPack
-		s.nextPack++
-		s.filesMu.Unlock()
-		if r.cur, err = newPackWriter(s.packsDir, num); err != nil {
-			return err
-		}
+	if err := r.startPack(0); err != nil {
+		return err
 	}
 	e, err := r.cur.add(id, stored, codec)
 	if err != nil {

@@ -84,6 +84,9 @@ type Graph interface {
 	// snapshots being written (the store's write lock) and is safe while
 	// boxes run.
 	GC(ctx context.Context, opts cas.GCOptions) (cas.GCStats, error)
+	// Compact rewrites freshly written packs into smaller ones; it waits
+	// for snapshots being written and is safe while boxes run.
+	Compact(ctx context.Context, opts cas.CompactOptions) (cas.CompactStats, error)
 }
 
 // Body limits: a request's JSON, and what one exec keeps of each of its
@@ -227,6 +230,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/report", s.report)
 	mux.HandleFunc("GET /v1/stats", s.stats)
 	mux.HandleFunc("POST /v1/gc", s.gc)
+	mux.HandleFunc("POST /v1/compact", s.compact)
 	mux.HandleFunc("GET /v1/events", s.streamEvents)
 	mux.HandleFunc("GET /v1/keys", s.listKeys)
 	mux.HandleFunc("POST /v1/keys", s.addKeys)
@@ -860,6 +864,18 @@ func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.events.Publish(events.Event{Type: events.GC, Bytes: st.BytesFreed, Took: time.Since(began)})
+	writeJSON(w, http.StatusOK, st)
+}
+
+// compact recompresses the packs written since the last compaction.
+func (s *Server) compact(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := s.opContext(r)
+	defer cancel()
+	st, err := s.graph.Compact(ctx, cas.CompactOptions{})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, st)
 }
 

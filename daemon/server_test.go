@@ -387,6 +387,10 @@ func (s *fakeGraph) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, erro
 	return cas.GCStats{BytesFreed: 4096, PacksDeleted: 1}, nil
 }
 
+func (s *fakeGraph) Compact(context.Context, cas.CompactOptions) (cas.CompactStats, error) {
+	return cas.CompactStats{PacksCompacted: 1}, nil
+}
+
 func (s *fakeGraph) Report(_ context.Context, names ...string) (snapshotter.Report, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
