@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"slices"
 	"sync"
@@ -131,11 +132,10 @@ func (s *Store) uncompacted() ([]PackInfo, error) {
 	}
 	var out []PackInfo
 	for _, p := range live {
+		// A pack whose ends cannot be read is tried, and reported as
+		// damaged by the step that reads it.
 		flags, err := s.packFlags(p.Num)
-		if err != nil {
-			return nil, err
-		}
-		if flags&packCompacted == 0 {
+		if err != nil || flags&packCompacted == 0 {
 			out = append(out, p)
 		}
 	}
@@ -145,15 +145,39 @@ func (s *Store) uncompacted() ([]PackInfo, error) {
 
 // packFlags reads the flags in pack num's header.
 func (s *Store) packFlags(num uint32) (uint32, error) {
-	f, err := s.file(num)
+	flags, _, err := s.packEnds(num)
+	return flags, err
+}
+
+// packEnds reads the flags in pack num's header and the footer offset in
+// its trailer. It opens the file on its own, so that it does not count as
+// a read of the pack (PackUses).
+func (s *Store) packEnds(num uint32) (flags uint32, footerOff uint64, err error) {
+	f, err := os.Open(s.packPath(num))
 	if err != nil {
-		return 0, err
+		return 0, 0, fmt.Errorf("opening %s: %w", packName(num), err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, 0, err
+	}
+	if fi.Size() < packHeaderSize+trailerSize {
+		return 0, 0, fmt.Errorf("%s is too short: %w", packName(num), errdefs.ErrDataLoss)
 	}
 	var hdr [packHeaderSize]byte
+	var tr [trailerSize]byte
 	if _, err := f.ReadAt(hdr[:], 0); err != nil {
-		return 0, fmt.Errorf("reading %s: %w", packName(num), err)
+		return 0, 0, fmt.Errorf("reading %s: %w", packName(num), err)
 	}
-	return binary.LittleEndian.Uint32(hdr[12:]), nil
+	if _, err := f.ReadAt(tr[:], fi.Size()-trailerSize); err != nil {
+		return 0, 0, fmt.Errorf("reading %s: %w", packName(num), err)
+	}
+	footerOff = binary.LittleEndian.Uint64(tr[0:])
+	if footerOff < packHeaderSize || footerOff > uint64(fi.Size())-trailerSize {
+		return 0, 0, fmt.Errorf("%s: footer offset %d out of range: %w", packName(num), footerOff, errdefs.ErrDataLoss)
+	}
+	return binary.LittleEndian.Uint32(hdr[12:]), footerOff, nil
 }
 
 // compactStep compacts packs, then switches the index and removes them.

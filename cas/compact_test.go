@@ -388,3 +388,73 @@ func TestGCMovesFramedChunks(t *testing.T) {
 	}
 	checkReadable(t, s, keep, want)
 }
+
+func TestPackedFooter(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		damage func(t *testing.T, path string, size, footerOff int64)
+	}{
+		{"intact", nil},
+		{"footer byte flipped", func(t *testing.T, path string, size, footerOff int64) {
+			flipByte(t, path, footerOff+(size-trailerSize-footerOff)/2)
+		}},
+		{"trailer byte flipped", func(t *testing.T, path string, size, _ int64) {
+			flipByte(t, path, size-trailerSize+1)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := openStore(t, dir)
+			all := testChunks(newGen(17), "mixed", 300)
+			ids := ingestChunks(t, s, all)
+			if _, err := s.Compact(context.Background(), CompactOptions{FrameChunks: 20}); err != nil {
+				t.Fatal(err)
+			}
+			nums, err := s.listPacks(false)
+			if err != nil || len(nums) != 1 {
+				t.Fatalf("packs %v, %v; want one", nums, err)
+			}
+			f, entries, err := s.OpenPack(nums[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			fi, err := f.Stat()
+			if err != nil {
+				t.Fatal(err)
+			}
+			tail, err := PackTail(f, entries, fi.Size())
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := int64(len(tail)); got >= int64(len(entries))*entrySize {
+				t.Errorf("packed footer of %d entries takes %d bytes, no less than unpacked", len(entries), got)
+			}
+			again, err := DecodeFooter(tail, fi.Size())
+			if err != nil || len(again) != len(entries) {
+				t.Fatalf("DecodeFooter(PackTail): %d entries, %v; want %d", len(again), err, len(entries))
+			}
+			for i := range entries {
+				if again[i] != entries[i] {
+					t.Fatalf("entry %d: %+v, want %+v", i, again[i], entries[i])
+				}
+			}
+			if tc.damage == nil {
+				return
+			}
+			s.Close()
+			path := filepath.Join(dir, "packs", packName(nums[0]))
+			tc.damage(t, path, fi.Size(), fi.Size()-int64(len(tail)))
+			if err := os.Remove(filepath.Join(dir, "index.db")); err != nil {
+				t.Fatal(err)
+			}
+			s = openStore(t, dir)
+			if len(s.Damaged) != 1 {
+				t.Fatalf("rebuilt index names damaged packs %v, want the one", s.Damaged)
+			}
+			if _, err := s.Get(ids[0], nil); !errors.Is(err, errdefs.ErrNotFound) {
+				t.Fatalf("Get from a pack with a damaged footer: %v, want not found", err)
+			}
+		})
+	}
+}

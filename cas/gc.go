@@ -86,9 +86,22 @@ func (s *Store) Usage(live func(ID) bool) (map[uint32]*PackUsage, error) {
 		return nil, fmt.Errorf("reading index: %w", err)
 	}
 	for _, u := range use {
+		if area, ok := s.chunkArea(u.Pack); ok {
+			u.ChunkBytes = area
+		}
 		u.Unreachable = u.ChunkBytes - u.LiveBytes - u.DeadBytes
 	}
 	return use, nil
+}
+
+// chunkArea reads the size of pack num's chunk area from its trailer: a
+// packed footer's size does not follow from the number of chunks.
+func (s *Store) chunkArea(num uint32) (int64, bool) {
+	_, off, err := s.packEnds(num)
+	if err != nil {
+		return 0, false
+	}
+	return int64(off) - packHeaderSize, true
 }
 
 // GC removes every chunk for which live returns false. Packs made only of

@@ -15,7 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// Pack file format, version 1 (all integers little-endian):
+// Pack file format, versions 1 and 2 (all integers little-endian):
 //
 //	header   16 bytes  "BOXDPACK" | version u32 | flags u32
 //	chunks   the stored bytes of each chunk, back to back
@@ -35,12 +35,15 @@ import (
 // chunks the frame holds and slot is this chunk's place among them. Other
 // codecs store one chunk each, with slot and frame 0. Flags bit 0
 // ([packCompacted]) marks a pack written by compaction; readers need not
-// look at it.
+// look at it. Such a pack is version 2: its footer is packed (see
+// packFooter), and the footer offset in the trailer says where it begins.
 const (
-	packVersion    = 1
-	packHeaderSize = 16
-	entrySize      = 48
-	trailerSize    = 32
+	packVersion = 1
+	// packVersionPacked is a pack whose footer is packed (see packFooter).
+	packVersionPacked = 2
+	packHeaderSize    = 16
+	entrySize         = 48
+	trailerSize       = 32
 	// PackTarget is the size at which a pack is sealed and a new one begun.
 	PackTarget = 32 << 20
 	// maxPackSize bounds offsets to what a u32 can address.
@@ -117,12 +120,19 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 	footerOff := binary.LittleEndian.Uint64(tr[0:])
 	count := uint64(binary.LittleEndian.Uint32(tr[8:]))
 	footerCRC := binary.LittleEndian.Uint32(tr[12:])
-	if v := binary.LittleEndian.Uint32(tr[16:]); v != packVersion {
-		return nil, fmt.Errorf("pack version %d not supported: %w", v, errdefs.ErrDataLoss)
+	version := binary.LittleEndian.Uint32(tr[16:])
+	if version != packVersion && version != packVersionPacked {
+		return nil, fmt.Errorf("pack version %d not supported: %w", version, errdefs.ErrDataLoss)
 	}
 	// Compare without wrapping: a huge footerOff plus the footer's size
 	// must not overflow to the pack's size.
 	need := count*entrySize + trailerSize
+	if version == packVersionPacked {
+		if footerOff < packHeaderSize || footerOff > uint64(size)-trailerSize {
+			return nil, fmt.Errorf("pack footer offset %d does not fit a %d-byte pack: %w", footerOff, size, errdefs.ErrDataLoss)
+		}
+		need = uint64(size) - footerOff
+	}
 	if footerOff < packHeaderSize || need > uint64(size) || footerOff != uint64(size)-need {
 		return nil, fmt.Errorf("pack footer offset %d with %d entries does not fit a %d-byte pack: %w", footerOff, count, size, errdefs.ErrDataLoss)
 	}
@@ -132,6 +142,12 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 	footer := tail[uint64(len(tail))-need : uint64(len(tail))-trailerSize]
 	if crc32.Checksum(footer, castagnoli) != footerCRC {
 		return nil, fmt.Errorf("pack footer checksum mismatch: %w", errdefs.ErrDataLoss)
+	}
+	if version == packVersionPacked {
+		var err error
+		if footer, err = unpackFooter(footer, count); err != nil {
+			return nil, fmt.Errorf("pack footer: %w: %w", err, errdefs.ErrDataLoss)
+		}
 	}
 	entries := make([]Entry, count)
 	for i := range entries {
@@ -203,9 +219,9 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 	if _, err := f.ReadAt(tr[:], size-trailerSize); err != nil {
 		return nil, size, err
 	}
-	count := int64(binary.LittleEndian.Uint32(tr[8:]))
-	need := count*entrySize + trailerSize
-	if need > size-packHeaderSize {
+	// The footer runs from its offset to the trailer, whatever its version.
+	need := size - int64(min(binary.LittleEndian.Uint64(tr[0:]), uint64(size)))
+	if need > size-packHeaderSize || need < trailerSize {
 		// Let DecodeFooter name the damage.
 		_, err := DecodeFooter(tr[:], size)
 		if err == nil {
@@ -254,7 +270,11 @@ func newPackWriterFlags(dir string, num, flags uint32) (*packWriter, error) {
 	w := &packWriter{dir: dir, num: num, flags: flags, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
 	var hdr [packHeaderSize]byte
 	copy(hdr[:], packMagic[:])
-	binary.LittleEndian.PutUint32(hdr[8:], packVersion)
+	version := uint32(packVersion)
+	if flags&packCompacted != 0 {
+		version = packVersionPacked
+	}
+	binary.LittleEndian.PutUint32(hdr[8:], version)
 	binary.LittleEndian.PutUint32(hdr[12:], flags)
 	if _, err := w.bw.Write(hdr[:]); err != nil {
 		w.abort()
@@ -301,14 +321,23 @@ func (w *packWriter) seal() (string, int64, error) {
 	for i, e := range w.entries {
 		e.marshal(footer[i*entrySize:])
 	}
+	version := uint32(packVersion)
+	if w.flags&packCompacted != 0 {
+		var err error
+		if footer, err = packFooter(footer); err != nil {
+			w.abort()
+			return "", 0, err
+		}
+		version = packVersionPacked
+	}
 	var tr [trailerSize]byte
 	binary.LittleEndian.PutUint64(tr[0:], uint64(w.off))
 	binary.LittleEndian.PutUint32(tr[8:], uint32(len(w.entries)))
 	binary.LittleEndian.PutUint32(tr[12:], crc32.Checksum(footer, castagnoli))
-	binary.LittleEndian.PutUint32(tr[16:], packVersion)
+	binary.LittleEndian.PutUint32(tr[16:], version)
 	binary.LittleEndian.PutUint32(tr[20:], crc32.Checksum(tr[:20], castagnoli))
 	copy(tr[24:], trailerMagic[:])
-	size := w.size()
+	size := int64(w.off) + int64(len(footer)) + trailerSize
 	for _, b := range [][]byte{footer, tr[:]} {
 		if _, err := w.bw.Write(b); err != nil {
 			w.abort()
