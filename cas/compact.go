@@ -181,32 +181,32 @@ func (s *Store) packEnds(num uint32) (flags uint32, footerOff uint64, err error)
 }
 
 // compactStep compacts packs, then switches the index and removes them.
+// One goroutine reads, checks and encodes the next pack while this one
+// writes the last.
 func (s *Store) compactStep(ctx context.Context, packs []PackInfo, opts CompactOptions, st *CompactStats) error {
 	run := &gcRun{s: s, victims: map[uint32]bool{}}
 	defer run.abortUnsealed()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	var before int64
-	for _, p := range packs {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		items, dropped, err := s.compactItems(p.Num, opts)
-		if err == nil {
-			err = checkAndEncode(items, opts.Workers)
-		}
-		if err != nil {
+	for pr := range s.prepareCompaction(ctx, packs, opts) {
+		if err := pr.err; err != nil {
 			if !errors.Is(err, errdefs.ErrDataLoss) {
 				return err
 			}
 			st.PacksSkipped++
-			st.Skipped = append(st.Skipped, fmt.Sprintf("%s: %v", packName(p.Num), err))
+			st.Skipped = append(st.Skipped, fmt.Sprintf("%s: %v", packName(pr.pack.Num), err))
 			continue
 		}
-		if err := run.writeItems(items, st); err != nil {
+		if err := run.writeItems(pr.items, st); err != nil {
 			return err
 		}
-		run.victims[p.Num] = true
-		before += p.Size
-		st.ChunksDropped += dropped
+		run.victims[pr.pack.Num] = true
+		before += pr.pack.Size
+		st.ChunksDropped += pr.dropped
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	if err := run.sealCurrent(); err != nil {
 		return err
@@ -241,6 +241,38 @@ func (s *Store) compactStep(ctx context.Context, packs []PackInfo, opts CompactO
 		st.BytesAfter += sz
 	}
 	return nil
+}
+
+// preparedPack is a pack read, checked and encoded, ready to write.
+type preparedPack struct {
+	pack    PackInfo
+	items   []*compactItem
+	dropped int64
+	err     error
+}
+
+// prepareCompaction reads, checks and encodes packs in order, one ahead of
+// the reader of the channel it returns, until ctx ends.
+func (s *Store) prepareCompaction(ctx context.Context, packs []PackInfo, opts CompactOptions) <-chan preparedPack {
+	out := make(chan preparedPack)
+	go func() {
+		defer close(out)
+		for _, p := range packs {
+			if ctx.Err() != nil {
+				return
+			}
+			items, dropped, err := s.compactItems(p.Num, opts)
+			if err == nil {
+				err = checkAndEncode(items, opts.Workers)
+			}
+			select {
+			case out <- preparedPack{p, items, dropped, err}:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out
 }
 
 // compactItem is what one unit of a compacted pack becomes: a zstd frame

@@ -245,6 +245,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		defer close(idleDone)
 		api.IdleLoop(srvCtx, IdleInterval, cfg.IdleHibernate)
 	}()
+	compactDone := make(chan struct{})
+	go func() {
+		defer close(compactDone)
+		api.CompactLoop(srvCtx, CompactInterval)
+	}()
 	log.Info("boxd daemon serving", "root", cfg.Root, "api", info.Socket, "ssh", info.SSHAddr, "idle_hibernate", info.IdleHibernate, "metrics", info.MetricsAddr)
 	if cfg.Ready != nil {
 		cfg.Ready(info)
@@ -276,6 +281,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	stopOps()
 	api.WaitBuilds()
 	<-idleDone
+	<-compactDone
 	if rm != nil && !cfg.LeaveRunning {
 		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		rm.hibernateAll(hctx)

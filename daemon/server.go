@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
@@ -137,6 +138,10 @@ type Server struct {
 	keys *KeyRegistry
 
 	images *imageBuilds
+
+	// lastRequest is when the API last saw a request (Unix nanoseconds):
+	// background compaction waits for a quiet spell.
+	lastRequest atomic.Int64
 }
 
 // Options configure a Server.
@@ -242,7 +247,7 @@ func (s *Server) Handler() http.Handler {
 		// catch-all matches every method.
 		s.fail(w, r, fmt.Errorf("the boxd daemon has no %s %s: %w", r.Method, r.URL.Path, errdefs.ErrNotFound))
 	})
-	return s.scoped(mux)
+	return s.noteRequests(s.scoped(mux))
 }
 
 // opContext is the context of a box operation that request r started: it
@@ -864,18 +869,6 @@ func (s *Server) gc(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.events.Publish(events.Event{Type: events.GC, Bytes: st.BytesFreed, Took: time.Since(began)})
-	writeJSON(w, http.StatusOK, st)
-}
-
-// compact recompresses the packs written since the last compaction.
-func (s *Server) compact(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := s.opContext(r)
-	defer cancel()
-	st, err := s.graph.Compact(ctx, cas.CompactOptions{})
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
 	writeJSON(w, http.StatusOK, st)
 }
 
