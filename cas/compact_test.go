@@ -458,3 +458,55 @@ func TestPackedFooter(t *testing.T) {
 		})
 	}
 }
+
+func TestUnpackFramesDecodeOnce(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	all := testChunks(newGen(19), "text", 200)
+	ingestChunks(t, s, all)
+	if _, err := s.Compact(context.Background(), CompactOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	nums, err := s.listPacks(false)
+	if err != nil || len(nums) != 1 {
+		t.Fatalf("packs %v, %v", nums, err)
+	}
+	f, entries, err := s.OpenPack(nums[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Unpack each chunk from the pack's bytes, as a remote pull does, and
+	// store it in a second store, as PutStored does.
+	other := openStore(t, t.TempDir())
+	w := other.NewWriter()
+	for _, e := range entries {
+		stored := data[e.Offset : e.Offset+e.Stored]
+		if _, err := Unpack(e, stored, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.PutStored(e, stored); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]ID, len(all))
+	for i, c := range all {
+		ids[i] = Sum(c)
+	}
+	checkReadable(t, other, ids, all)
+	allocs := testing.AllocsPerRun(10, func() {
+		e := entries[len(entries)/2]
+		if _, err := Unpack(e, data[e.Offset:e.Offset+e.Stored], make([]byte, ChunkSize)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs > 2 {
+		t.Errorf("Unpack of a frame just decoded allocates %v times: it decodes again", allocs)
+	}
+}

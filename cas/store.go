@@ -585,7 +585,7 @@ func decode(e Entry, stored, dst []byte) ([]byte, error) {
 		if e.Frame == 0 || e.Slot >= e.Frame {
 			return nil, fmt.Errorf("frame slot %d of %d", e.Slot, e.Frame)
 		}
-		raw, err := decodeFrame(stored, int(e.Frame))
+		raw, err := decodeFrameOnce(stored, int(e.Frame))
 		if err != nil {
 			return nil, err
 		}

@@ -1,6 +1,7 @@
 package cas
 
 import (
+	"bytes"
 	"fmt"
 	"sync"
 
@@ -55,6 +56,36 @@ func decodeFrame(frame []byte, chunks int) ([]byte, error) {
 		return nil, fmt.Errorf("zstd frame decodes to %d bytes, want %d chunks", len(out), chunks)
 	}
 	return out, nil
+}
+
+// lastDecoded remembers the last frame decodeFrameOnce decoded, by its
+// bytes: a caller that unpacks a frame's chunks one by one from a buffer
+// (a remote pull) decodes it once, not once a chunk.
+var lastDecoded struct {
+	// mu protects the fields below.
+	mu         sync.Mutex
+	frame, raw []byte
+}
+
+// decodeFrameOnce is decodeFrame, remembering the last frame. The result is
+// shared: callers copy out of it and never write to it.
+func decodeFrameOnce(frame []byte, chunks int) ([]byte, error) {
+	lastDecoded.mu.Lock()
+	if len(lastDecoded.raw) == chunks*ChunkSize && bytes.Equal(lastDecoded.frame, frame) {
+		raw := lastDecoded.raw
+		lastDecoded.mu.Unlock()
+		return raw, nil
+	}
+	lastDecoded.mu.Unlock()
+	raw, err := decodeFrame(frame, chunks)
+	if err != nil {
+		return nil, err
+	}
+	lastDecoded.mu.Lock()
+	lastDecoded.frame = append(lastDecoded.frame[:0], frame...)
+	lastDecoded.raw = raw
+	lastDecoded.mu.Unlock()
+	return raw, nil
 }
 
 // frameCache keeps the last few decoded frames, so that reading the chunks
