@@ -25,6 +25,7 @@ func daemonCommand() *cli.Command {
 			&cli.StringFlag{Name: "root", Usage: "folder holding boxd's store and metadata (default: the global --root)"},
 			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
 			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
+			&cli.DurationFlag{Name: "compact-after", Value: daemon.CompactInterval, Usage: "compact the store's fresh packs once the API has been quiet this long (0 never)"},
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.BoolFlag{Name: "fork-moves-parent", Usage: "a fork freezes its running parent's memory as the fork's instead of copying it, and the parent goes on in a new machine on it, its SSH sessions with it"},
@@ -67,6 +68,9 @@ func runDaemon(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if c.Duration("compact-after") < 0 {
+		return usageError("--compact-after %s is negative", c.Duration("compact-after"))
+	}
 	if c.Duration("idle-hibernate") < 0 {
 		return usageError("--idle-hibernate %s is negative", c.Duration("idle-hibernate"))
 	}
@@ -107,6 +111,7 @@ func runDaemon(c *cli.Context) error {
 		Root:                  root,
 		SSHListen:             c.String("ssh-listen"),
 		IdleHibernate:         c.Duration("idle-hibernate"),
+		CompactAfter:          c.Duration("compact-after"),
 		Kernel:                c.String("kernel"),
 		Spares:                warm,
 		ForkMovesParent:       c.Bool("fork-moves-parent"),

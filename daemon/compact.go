@@ -8,8 +8,8 @@ import (
 	"github.com/boxd-dev/boxd/cas"
 )
 
-// CompactInterval is how often the daemon looks for a quiet spell in which
-// to compact the store's fresh packs.
+// CompactInterval is, by default, how long the API must be quiet before the
+// daemon compacts the store's fresh packs, and how often it looks.
 const CompactInterval = 30 * time.Second
 
 // compact recompresses the packs written since the last compaction.
@@ -62,8 +62,11 @@ func (s *Server) CompactIdle(ctx context.Context, quiet time.Duration) (cas.Comp
 }
 
 // CompactLoop calls CompactIdle every interval, with interval as the quiet
-// spell, until ctx ends.
+// spell, until ctx ends. interval <= 0 returns at once.
 func (s *Server) CompactLoop(ctx context.Context, interval time.Duration) {
+	if interval <= 0 {
+		return
+	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
