@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # bench/store.sh - measure boxd's content-addressed store against sha256sum,
-# restic and cp on a real 1 GiB ext4 disk image.
+# restic and cp on a real 1 GiB ext4 disk image. boxd's stored bytes are
+# shown twice: right after ingest (s2 packs) and after `boxd store compact`
+# (zstd packs), with the compaction's time.
 #
 # Usage: bench/store.sh [--json] [--keep] [--help]
 #
@@ -278,6 +280,13 @@ log "== stored bytes, image alone"
 log "  boxd packs (du -sb cas/packs) $BOXD1_PACKS ($(mib "$BOXD1_PACKS") MiB); report stored_bytes $BOXD1_STORED; whole root $BOXD1_ROOT"
 log "  restic repo (du -sb)          $RESTIC1_REPO ($(mib "$RESTIC1_REPO") MiB)"
 
+sync
+timed "$BOXD" --root "$ROOT" store compact --json >"$W/compact1.json"
+COMPACT1_S=$ELAPSED
+BOXD1_CPACKS=$(bytes_of "$ROOT/cas/packs")
+log "== compaction after the image"
+log "$(printf '  %-10s %8.3f s   boxd packs %s (%s MiB)' compact "$COMPACT1_S" "$BOXD1_CPACKS" "$(mib "$BOXD1_CPACKS")")"
+
 # ---------------------------------------------------------------- 3. changed copy
 cat "$IMG2" >/dev/null
 log "== ingest of the copy with $CHANGED blocks changed"
@@ -300,9 +309,16 @@ BOXD2_ROOT=$(bytes_of "$ROOT")
 "$BOXD" --root "$ROOT" store report --json >"$W/report2.json"
 BOXD2_STORED=$(jget "$W/report2.json" stored_bytes)
 RESTIC2_REPO=$(bytes_of "$REPO")
-log "== stored bytes, image + changed copy"
+log "== stored bytes, image + changed copy (the image compacted, the copy not yet)"
 log "  boxd packs (du -sb cas/packs) $BOXD2_PACKS ($(mib "$BOXD2_PACKS") MiB); report stored_bytes $BOXD2_STORED; whole root $BOXD2_ROOT"
 log "  restic repo (du -sb)          $RESTIC2_REPO ($(mib "$RESTIC2_REPO") MiB)"
+
+sync
+timed "$BOXD" --root "$ROOT" store compact --json >"$W/compact2.json"
+COMPACT2_S=$ELAPSED
+BOXD2_CPACKS=$(bytes_of "$ROOT/cas/packs")
+log "== compaction after the changed copy"
+log "$(printf '  %-10s %8.3f s   boxd packs %s (%s MiB)' compact "$COMPACT2_S" "$BOXD2_CPACKS" "$(mib "$BOXD2_CPACKS")")"
 
 # ---------------------------------------------------------------- 4. export
 log "== export of the first image"
@@ -332,11 +348,15 @@ R_RESTIC=$(ratio "$BOXD1_MBPS" "$RESTIC1_MBPS")
 R_RESTIC2=$(ratio "$BOXD2_MBPS" "$RESTIC2_MBPS")
 R_ST1=$(ratio "$BOXD1_PACKS" "$RESTIC1_REPO")
 R_ST2=$(ratio "$BOXD2_PACKS" "$RESTIC2_REPO")
+R_CST1=$(ratio "$BOXD1_CPACKS" "$RESTIC1_REPO")
+R_CST2=$(ratio "$BOXD2_CPACKS" "$RESTIC2_REPO")
 R_EXP=$(ratio "$EXP_MBPS" "$CP_MBPS")
 met() { if awk "BEGIN{exit !($1)}"; then echo true; else echo false; fi; }
 G1=$(met "$R_SHA >= 2")
 G2=$(met "$R_RESTIC >= 3")
 G3=$(met "$BOXD2_PACKS <= $RESTIC2_REPO")
+G4=$(met "$BOXD1_CPACKS <= $RESTIC1_REPO")
+G5=$(met "$BOXD2_CPACKS <= 0.6 * $RESTIC2_REPO")
 yn() { if [ "$1" = true ]; then echo MET; else echo "NOT MET"; fi; }
 
 if [ "$JSON" = 1 ]; then
@@ -358,10 +378,15 @@ if [ "$JSON" = 1 ]; then
 		stored.pair.boxd_pack_bytes="$BOXD2_PACKS" stored.pair.boxd_stored_bytes="$BOXD2_STORED" \
 		stored.pair.boxd_root_bytes="$BOXD2_ROOT" stored.pair.restic_repo_bytes="$RESTIC2_REPO" \
 		stored.pair.boxd_vs_restic="$R_ST2" \
+		compact.image.seconds="$COMPACT1_S" compact.image.boxd_pack_bytes="$BOXD1_CPACKS" \
+		compact.image.boxd_vs_restic="$R_CST1" \
+		compact.pair.seconds="$COMPACT2_S" compact.pair.boxd_pack_bytes="$BOXD2_CPACKS" \
+		compact.pair.boxd_vs_restic="$R_CST2" \
 		export.boxd.seconds="$EXP_S" export.boxd.mb_per_s="$EXP_MBPS" export.boxd.reported_mb_per_s="$EXP_SELF" \
 		export.cp.seconds="$CP_S" export.cp.mb_per_s="$CP_MBPS" export.boxd_vs_cp="$R_EXP" \
 		export.identical=true \
 		goals.ingest_2x_sha256sum="$G1" goals.ingest_3x_restic="$G2" goals.pair_stored_le_restic="$G3" \
+		goals.image_compacted_le_restic="$G4" goals.pair_compacted_le_0_6_restic="$G5" \
 		<<'PY'
 import json, sys
 out = {}
@@ -390,10 +415,16 @@ row "  boxd store ingest --parent" "$BOXD2_S" "$BOXD2_MBPS" ""
 row "  restic backup" "$RESTIC2_S" "$RESTIC2_MBPS" "${R_RESTIC2}x"
 echo
 row "stored bytes" "boxd MiB" "restic MiB" "boxd/restic"
-row "  image" "$(mib "$BOXD1_PACKS")" "$(mib "$RESTIC1_REPO")" "$R_ST1"
-row "  image + changed copy" "$(mib "$BOXD2_PACKS")" "$(mib "$RESTIC2_REPO")" "$R_ST2"
-echo "  (boxd: du -sb ROOT/cas/packs; report stored_bytes $(mib "$BOXD1_STORED") / $(mib "$BOXD2_STORED") MiB;"
-echo "   restic: du -sb REPO)"
+row "  image, after ingest" "$(mib "$BOXD1_PACKS")" "$(mib "$RESTIC1_REPO")" "$R_ST1"
+row "  image, after compact" "$(mib "$BOXD1_CPACKS")" "$(mib "$RESTIC1_REPO")" "$R_CST1"
+row "  + changed copy, after ingest" "$(mib "$BOXD2_PACKS")" "$(mib "$RESTIC2_REPO")" "$R_ST2"
+row "  + changed copy, after compact" "$(mib "$BOXD2_CPACKS")" "$(mib "$RESTIC2_REPO")" "$R_CST2"
+echo "  (boxd: du -sb ROOT/cas/packs; report stored_bytes $(mib "$BOXD1_STORED") / $(mib "$BOXD2_STORED") MiB"
+echo "   before compaction; restic: du -sb REPO; the copy is ingested after the image's compaction)"
+echo
+row "compaction (boxd store compact)" seconds "" ""
+row "  after the image" "$COMPACT1_S" "" ""
+row "  after the changed copy" "$COMPACT2_S" "" ""
 echo
 row "export of the image" seconds MB/s "boxd is"
 row "  boxd store export" "$EXP_S" "$EXP_MBPS" ""
@@ -404,3 +435,5 @@ echo "goals"
 printf '  %-52s %s\n' "ingest >= 2x sha256sum     (is ${R_SHA}x)" "$(yn "$G1")"
 printf '  %-52s %s\n' "ingest >= 3x restic        (is ${R_RESTIC}x)" "$(yn "$G2")"
 printf '  %-52s %s\n' "stored bytes for the pair <= restic's (is ${R_ST2}x)" "$(yn "$G3")"
+printf '  %-52s %s\n' "image compacted <= restic's   (is ${R_CST1}x)" "$(yn "$G4")"
+printf '  %-52s %s\n' "pair compacted <= 0.6x restic's (is ${R_CST2}x)" "$(yn "$G5")"

@@ -42,6 +42,7 @@ func wrappedFooter() ([]byte, int64) {
 func TestDecodeFooter(t *testing.T) {
 	pack := smallPack(t)
 	size := int64(len(pack))
+	packed := packedPack(t)
 	wrapped, wrappedSize := wrappedFooter()
 	tests := []struct {
 		name    string
@@ -60,6 +61,9 @@ func TestDecodeFooter(t *testing.T) {
 		{"negative size", pack, -1, -1},
 		{"offset wraps around", wrapped, wrappedSize, -1},
 		{"empty pack", trailerFor(nil, packHeaderSize, 0), packHeaderSize + trailerSize, 0},
+		{"packed footer", packed, int64(len(packed)), 9},
+		{"packed footer cut short", packed[len(packed)-trailerSize-5:], int64(len(packed)), -1},
+		{"packed pack cut", packed[:len(packed)-1], int64(len(packed)) - 1, -1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -77,16 +81,20 @@ func TestDecodeFooter(t *testing.T) {
 			if len(entries) != tt.entries {
 				t.Fatalf("%d entries, want %d", len(entries), tt.entries)
 			}
-			checkEntries(t, entries, tt.size)
+			checkEntries(t, entries, tt.tail, tt.size)
 		})
 	}
 }
 
 // checkEntries fails unless every entry lies inside the chunk area of a pack
 // of size bytes with len(entries) footer entries.
-func checkEntries(t *testing.T, entries []Entry, size int64) {
+func checkEntries(t *testing.T, entries []Entry, tail []byte, size int64) {
 	t.Helper()
-	footerOff := size - int64(len(entries))*entrySize - trailerSize
+	tr := tail[len(tail)-trailerSize:]
+	footerOff := int64(binary.LittleEndian.Uint64(tr[0:]))
+	if v := binary.LittleEndian.Uint32(tr[16:]); v == packVersion && footerOff != size-int64(len(entries))*entrySize-trailerSize {
+		t.Fatalf("%d entries accepted with a footer at %d of a %d-byte pack", len(entries), footerOff, size)
+	}
 	if footerOff < packHeaderSize {
 		t.Fatalf("%d entries accepted for a %d-byte pack", len(entries), size)
 	}
@@ -112,6 +120,9 @@ func FuzzDecodeFooter(f *testing.F) {
 	}
 	wrapped, wrappedSize := wrappedFooter()
 	f.Add(wrapped, wrappedSize)
+	packed := packedPack(f)
+	f.Add(packed, int64(len(packed)))
+	f.Add(packed[len(packed)-trailerSize-20:], int64(len(packed)))
 	f.Add(trailerFor(nil, packHeaderSize, 0), int64(packHeaderSize+trailerSize))
 	f.Fuzz(func(t *testing.T, tail []byte, size int64) {
 		entries, err := DecodeFooter(tail, size)
@@ -121,19 +132,26 @@ func FuzzDecodeFooter(f *testing.F) {
 			}
 			return
 		}
-		checkEntries(t, entries, size)
+		checkEntries(t, entries, tail, size)
 		// The footer lies at the end of tail; re-encoding the entries
-		// gives its bytes back (all but the ignored reserved bytes).
-		footer := tail[len(tail)-trailerSize-len(entries)*entrySize : len(tail)-trailerSize]
-		b := make([]byte, entrySize)
-		for i, e := range entries {
-			e.marshal(b)
-			if !bytes.Equal(b[:45], footer[i*entrySize:i*entrySize+45]) {
-				t.Fatalf("entry %d does not re-encode to its footer bytes", i)
+		// gives its bytes back (all but the ignored reserved byte). A
+		// packed footer (version 2) runs from the trailer's offset.
+		tr := tail[len(tail)-trailerSize:]
+		footerLen := len(entries) * entrySize
+		if binary.LittleEndian.Uint32(tr[16:]) == packVersionPacked {
+			footerLen = int(size-int64(binary.LittleEndian.Uint64(tr[0:]))) - trailerSize
+		} else {
+			footer := tail[len(tail)-trailerSize-footerLen : len(tail)-trailerSize]
+			b := make([]byte, entrySize)
+			for i, e := range entries {
+				e.marshal(b)
+				if !bytes.Equal(b[:47], footer[i*entrySize:i*entrySize+47]) {
+					t.Fatalf("entry %d does not re-encode to its footer bytes", i)
+				}
 			}
 		}
 		// Only the footer and trailer matter.
-		again, err := DecodeFooter(tail[len(tail)-trailerSize-len(entries)*entrySize:], size)
+		again, err := DecodeFooter(tail[len(tail)-trailerSize-footerLen:], size)
 		if err != nil || len(again) != len(entries) {
 			t.Fatalf("the bare footer decodes differently: %d entries, %v", len(again), err)
 		}
@@ -146,6 +164,8 @@ func FuzzDecodeLocation(f *testing.F) {
 	f.Add(Location{Pack: 0, Offset: 0, Stored: 1, Codec: CodecS2}.marshal())
 	f.Add(Location{Pack: 0, Offset: 16, Stored: 100, Codec: CodecRaw}.marshal())
 	f.Add(Location{Pack: 0, Offset: 16, Stored: 100, Codec: 7}.marshal())
+	f.Add(Location{Pack: 2, Offset: 16, Stored: 9000, Codec: CodecZstd, Slot: 4, Frame: 9}.marshal())
+	f.Add(Location{Pack: 2, Offset: 16, Stored: 9000, Codec: CodecZstd, Slot: 9, Frame: 9}.marshal())
 	f.Add([]byte{})
 	f.Add(make([]byte, locationSize+1))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -159,11 +179,12 @@ func FuzzDecodeLocation(f *testing.F) {
 		if !bytes.Equal(l.marshal(), b) {
 			t.Fatalf("%+v re-encodes to %x, not %x", l, l.marshal(), b)
 		}
-		e := Entry{Offset: l.Offset, Stored: l.Stored, Raw: ChunkSize, Codec: l.Codec}
-		if err := e.check(maxPackSize); err != nil {
+		if err := l.entry().check(maxPackSize); err != nil {
 			t.Fatalf("%+v accepted but fails its check: %v", l, err)
 		}
-		if l.Stored == 0 || l.Stored > ChunkSize || l.Offset < packHeaderSize || (l.Codec == CodecRaw && l.Stored != ChunkSize) || l.Codec > CodecS2 {
+		framed := l.Codec == CodecZstd && l.Slot < l.Frame && l.Stored < uint32(l.Frame)*ChunkSize
+		single := l.Codec <= CodecS2 && l.Stored <= ChunkSize && (l.Codec != CodecRaw || l.Stored == ChunkSize) && l.Slot == 0 && l.Frame == 0
+		if l.Stored == 0 || l.Offset < packHeaderSize || !framed && !single {
 			t.Fatalf("implausible location accepted: %+v", l)
 		}
 	})
@@ -204,10 +225,47 @@ func FuzzPackRoundTrip(f *testing.F) {
 			if e.ID != Sum(chunks[i]) {
 				t.Fatalf("entry %d: id %s", i, e.ID.Short())
 			}
-			raw, err := decode(e.Codec, b[e.Offset:e.Offset+e.Stored], out)
+			raw, err := decode(e, b[e.Offset:e.Offset+e.Stored], out)
 			if err != nil || !bytes.Equal(raw, chunks[i]) {
 				t.Fatalf("entry %d (%v) does not decode to its chunk: %v", i, e.Codec, err)
 			}
 		}
 	})
+}
+
+// packedPack returns a compacted pack of a few zstd frames, whose footer is
+// packed (version 2).
+func packedPack(t testing.TB) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	p, err := newPackWriterFlags(dir, 1, packCompacted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := newGen(23)
+	for _, n := range []int{3, 1, 5} {
+		var raw []byte
+		ids := make([]ID, n)
+		for i := range ids {
+			c := g.text()
+			ids[i] = Sum(c)
+			raw = append(raw, c...)
+		}
+		frame, err := encodeFrame(raw, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.addFrame(ids, frame); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path, _, err := p.seal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -74,10 +74,10 @@ func (s *Store) Usage(live func(ID) bool) (map[uint32]*PackUsage, error) {
 			}
 			if live(ID(k)) {
 				u.LiveChunks++
-				u.LiveBytes += int64(loc.Stored)
+				u.LiveBytes += int64(loc.Share())
 			} else {
 				u.DeadChunks++
-				u.DeadBytes += int64(loc.Stored)
+				u.DeadBytes += int64(loc.Share())
 			}
 			return nil
 		})
@@ -86,9 +86,22 @@ func (s *Store) Usage(live func(ID) bool) (map[uint32]*PackUsage, error) {
 		return nil, fmt.Errorf("reading index: %w", err)
 	}
 	for _, u := range use {
+		if area, ok := s.chunkArea(u.Pack); ok {
+			u.ChunkBytes = area
+		}
 		u.Unreachable = u.ChunkBytes - u.LiveBytes - u.DeadBytes
 	}
 	return use, nil
+}
+
+// chunkArea reads the size of pack num's chunk area from its trailer: a
+// packed footer's size does not follow from the number of chunks.
+func (s *Store) chunkArea(num uint32) (int64, bool) {
+	_, off, err := s.packEnds(num)
+	if err != nil {
+		return 0, false
+	}
+	return int64(off) - packHeaderSize, true
 }
 
 // GC removes every chunk for which live returns false. Packs made only of
@@ -228,34 +241,37 @@ func (r *gcRun) copyLive(ctx context.Context) error {
 
 // moveChunk checks live chunk id at loc (buf is scratch for the check) and
 // appends its stored bytes to the current new pack, sealing the pack once
-// it reaches PackTarget.
+// it reaches PackTarget. A chunk of a zstd frame moves alone, compressed
+// with s2 again: the rest of its frame may be garbage.
 func (r *gcRun) moveChunk(id ID, loc Location, buf []byte) error {
 	s := r.s
-	if _, err := s.read(id, loc, buf); err != nil {
+	raw, err := s.read(id, loc, buf)
+	if err != nil {
 		return fmt.Errorf("moving live chunk: %w", err)
 	}
-	stored := make([]byte, loc.Stored)
-	f, err := s.file(loc.Pack)
-	if err != nil {
-		return err
-	}
-	if _, err := f.ReadAt(stored, int64(loc.Offset)); err != nil {
-		return err
-	}
-	if r.cur == nil {
-		s.filesMu.Lock()
-		num := s.nextPack
-		s.nextPack++
-		s.filesMu.Unlock()
-		if r.cur, err = newPackWriter(s.packsDir, num); err != nil {
+	var stored []byte
+	codec := loc.Codec
+	if codec == CodecZstd {
+		stored, codec = encodeChunk(raw, nil)
+		stored = append([]byte(nil), stored...)
+	} else {
+		stored = make([]byte, loc.Stored)
+		f, err := s.file(loc.Pack)
+		if err != nil {
+			return err
+		}
+		if _, err := f.ReadAt(stored, int64(loc.Offset)); err != nil {
 			return err
 		}
 	}
-	e, err := r.cur.add(id, stored, loc.Codec)
+	if err := r.startPack(0); err != nil {
+		return err
+	}
+	e, err := r.cur.add(id, stored, codec)
 	if err != nil {
 		return err
 	}
-	r.moves = append(r.moves, movedChunk{id, Location{Pack: r.cur.num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec}})
+	r.moves = append(r.moves, movedChunk{id, locationOf(r.cur.num, e)})
 	if r.cur.size() >= PackTarget {
 		return r.sealCurrent()
 	}

@@ -32,12 +32,31 @@ type Location struct {
 	Offset uint32
 	Stored uint32
 	Codec  Codec
+	Slot   uint8 // place in a zstd frame (see Entry)
+	Frame  uint8 // chunks in that frame; 0 for other codecs
 }
 
+// Share is the chunk's part of the stored bytes: a frame's bytes are split
+// evenly among the chunks it holds.
+func (l Location) Share() uint32 { return l.Stored / max(uint32(l.Frame), 1) }
+
 // locationSize is the encoded size: pack u32 | offset u32 | stored u16 | codec u8.
-const locationSize = 11
+// A chunk in a zstd frame takes frameLocationSize: pack u32 | offset u32 |
+// stored u32 | codec u8 | slot u8 | frame u8.
+const (
+	locationSize      = 11
+	frameLocationSize = 15
+)
 
 func (l Location) marshal() []byte {
+	if l.Codec == CodecZstd {
+		b := make([]byte, frameLocationSize)
+		binary.BigEndian.PutUint32(b[0:], l.Pack)
+		binary.BigEndian.PutUint32(b[4:], l.Offset)
+		binary.BigEndian.PutUint32(b[8:], l.Stored)
+		b[12], b[13], b[14] = byte(l.Codec), l.Slot, l.Frame
+		return b
+	}
 	b := make([]byte, locationSize)
 	binary.BigEndian.PutUint32(b[0:], l.Pack)
 	binary.BigEndian.PutUint32(b[4:], l.Offset)
@@ -48,6 +67,9 @@ func (l Location) marshal() []byte {
 
 // DecodeLocation parses an index value.
 func DecodeLocation(b []byte) (Location, error) {
+	if len(b) == frameLocationSize {
+		return decodeFrameLocation(b)
+	}
 	if len(b) != locationSize {
 		return Location{}, fmt.Errorf("index entry is %d bytes, want %d: %w", len(b), locationSize, errdefs.ErrDataLoss)
 	}
@@ -62,6 +84,35 @@ func DecodeLocation(b []byte) (Location, error) {
 		return Location{}, fmt.Errorf("index entry: %w", err)
 	}
 	return l, nil
+}
+
+// decodeFrameLocation parses the index value of a chunk in a zstd frame.
+func decodeFrameLocation(b []byte) (Location, error) {
+	l := Location{
+		Pack:   binary.BigEndian.Uint32(b[0:]),
+		Offset: binary.BigEndian.Uint32(b[4:]),
+		Stored: binary.BigEndian.Uint32(b[8:]),
+		Codec:  Codec(b[12]),
+		Slot:   b[13],
+		Frame:  b[14],
+	}
+	if l.Codec != CodecZstd {
+		return Location{}, fmt.Errorf("index entry of %d bytes with codec %s: %w", len(b), l.Codec, errdefs.ErrDataLoss)
+	}
+	if err := l.entry().check(maxPackSize); err != nil {
+		return Location{}, fmt.Errorf("index entry: %w", err)
+	}
+	return l, nil
+}
+
+// entry is the footer entry l was made from, less the id.
+func (l Location) entry() Entry {
+	return Entry{Offset: l.Offset, Stored: l.Stored, Raw: ChunkSize, Codec: l.Codec, Slot: l.Slot, Frame: l.Frame}
+}
+
+// locationOf is where the footer entry e of pack num puts its chunk.
+func locationOf(num uint32, e Entry) Location {
+	return Location{Pack: num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec, Slot: e.Slot, Frame: e.Frame}
 }
 
 // packState is the index's record of one pack.
@@ -131,7 +182,7 @@ func addPack(tx *bolt.Tx, num uint32, size int64, entries []Entry) (added int, e
 		if chunks.Get(e.ID[:]) != nil {
 			continue
 		}
-		loc := Location{Pack: num, Offset: e.Offset, Stored: e.Stored, Codec: e.Codec}
+		loc := locationOf(num, e)
 		if err := chunks.Put(e.ID[:], loc.marshal()); err != nil {
 			return added, err
 		}

@@ -15,12 +15,13 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// Pack file format, version 1 (all integers little-endian):
+// Pack file format, versions 1 and 2 (all integers little-endian):
 //
-//	header   16 bytes  "BOXDPACK" | version u32 | reserved u32 (0)
+//	header   16 bytes  "BOXDPACK" | version u32 | flags u32
 //	chunks   the stored bytes of each chunk, back to back
 //	footer   count × 48-byte entries:
-//	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 | reserved [3]
+//	           id [32] | offset u32 | stored u32 | raw u32 | codec u8 |
+//	           slot u8 | frame u8 | reserved u8
 //	trailer  32 bytes  footer offset u64 | count u32 | crc32c(footer) u32 |
 //	                   version u32 | crc32c(previous 20 bytes) u32 | "BOXDPEND"
 //
@@ -28,15 +29,29 @@ import (
 // footer without scanning, and the two checksums tell a torn or damaged footer
 // from a good one. Chunk bytes carry no checksum of their own: the chunk id is
 // the SHA-256 of the raw bytes, and every read checks it.
+//
+// A chunk stored with [CodecZstd] shares a zstd frame with up to 254 others:
+// its entry's offset and stored length are the frame's, frame is how many
+// chunks the frame holds and slot is this chunk's place among them. Other
+// codecs store one chunk each, with slot and frame 0. Flags bit 0
+// ([packCompacted]) marks a pack written by compaction; readers need not
+// look at it. Such a pack is version 2: its footer is packed (see
+// packFooter), and the footer offset in the trailer says where it begins.
 const (
-	packVersion    = 1
-	packHeaderSize = 16
-	entrySize      = 48
-	trailerSize    = 32
+	packVersion = 1
+	// packVersionPacked is a pack whose footer is packed (see packFooter).
+	packVersionPacked = 2
+	packHeaderSize    = 16
+	entrySize         = 48
+	trailerSize       = 32
 	// PackTarget is the size at which a pack is sealed and a new one begun.
 	PackTarget = 32 << 20
 	// maxPackSize bounds offsets to what a u32 can address.
 	maxPackSize = 1<<32 - 1
+	// MaxFrameChunks is the most chunks one zstd frame holds.
+	MaxFrameChunks = 255
+	// packCompacted is the header flag of a pack that compaction wrote.
+	packCompacted = 1
 )
 
 var (
@@ -52,6 +67,8 @@ type Codec uint8
 const (
 	CodecRaw Codec = 0 // stored as is
 	CodecS2  Codec = 1 // klauspost/compress s2 block format
+	// CodecZstd is a zstd frame of one or more chunks back to back.
+	CodecZstd Codec = 2
 )
 
 func (c Codec) String() string {
@@ -60,6 +77,8 @@ func (c Codec) String() string {
 		return "raw"
 	case CodecS2:
 		return "s2"
+	case CodecZstd:
+		return "zstd"
 	}
 	return fmt.Sprintf("codec(%d)", uint8(c))
 }
@@ -71,6 +90,8 @@ type Entry struct {
 	Stored uint32 // bytes in the pack
 	Raw    uint32 // bytes once decoded
 	Codec  Codec
+	Slot   uint8 // the chunk's place in its zstd frame
+	Frame  uint8 // chunks in its zstd frame; 0 for other codecs
 }
 
 func (e Entry) marshal(b []byte) {
@@ -79,7 +100,7 @@ func (e Entry) marshal(b []byte) {
 	binary.LittleEndian.PutUint32(b[36:], e.Stored)
 	binary.LittleEndian.PutUint32(b[40:], e.Raw)
 	b[44] = byte(e.Codec)
-	b[45], b[46], b[47] = 0, 0, 0
+	b[45], b[46], b[47] = e.Slot, e.Frame, 0
 }
 
 // DecodeFooter parses a pack's footer and trailer from its last bytes. tail
@@ -99,12 +120,19 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 	footerOff := binary.LittleEndian.Uint64(tr[0:])
 	count := uint64(binary.LittleEndian.Uint32(tr[8:]))
 	footerCRC := binary.LittleEndian.Uint32(tr[12:])
-	if v := binary.LittleEndian.Uint32(tr[16:]); v != packVersion {
-		return nil, fmt.Errorf("pack version %d not supported: %w", v, errdefs.ErrDataLoss)
+	version := binary.LittleEndian.Uint32(tr[16:])
+	if version != packVersion && version != packVersionPacked {
+		return nil, fmt.Errorf("pack version %d not supported: %w", version, errdefs.ErrDataLoss)
 	}
 	// Compare without wrapping: a huge footerOff plus the footer's size
 	// must not overflow to the pack's size.
 	need := count*entrySize + trailerSize
+	if version == packVersionPacked {
+		if footerOff < packHeaderSize || footerOff > uint64(size)-trailerSize {
+			return nil, fmt.Errorf("pack footer offset %d does not fit a %d-byte pack: %w", footerOff, size, errdefs.ErrDataLoss)
+		}
+		need = uint64(size) - footerOff
+	}
 	if footerOff < packHeaderSize || need > uint64(size) || footerOff != uint64(size)-need {
 		return nil, fmt.Errorf("pack footer offset %d with %d entries does not fit a %d-byte pack: %w", footerOff, count, size, errdefs.ErrDataLoss)
 	}
@@ -115,6 +143,12 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 	if crc32.Checksum(footer, castagnoli) != footerCRC {
 		return nil, fmt.Errorf("pack footer checksum mismatch: %w", errdefs.ErrDataLoss)
 	}
+	if version == packVersionPacked {
+		var err error
+		if footer, err = unpackFooter(footer, count); err != nil {
+			return nil, fmt.Errorf("pack footer: %w: %w", err, errdefs.ErrDataLoss)
+		}
+	}
 	entries := make([]Entry, count)
 	for i := range entries {
 		b := footer[i*entrySize : (i+1)*entrySize]
@@ -124,6 +158,8 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 			Stored: binary.LittleEndian.Uint32(b[36:]),
 			Raw:    binary.LittleEndian.Uint32(b[40:]),
 			Codec:  Codec(b[44]),
+			Slot:   b[45],
+			Frame:  b[46],
 		}
 		if err := e.check(footerOff); err != nil {
 			return nil, fmt.Errorf("pack footer entry %d: %w", i, err)
@@ -135,15 +171,36 @@ func DecodeFooter(tail []byte, size int64) ([]Entry, error) {
 
 // check validates an entry against the end of a pack's chunk area.
 func (e Entry) check(chunkEnd uint64) error {
+	if e.Codec == CodecZstd {
+		return e.checkFrame(chunkEnd)
+	}
 	switch {
 	case e.Codec != CodecRaw && e.Codec != CodecS2:
 		return fmt.Errorf("unknown codec %d: %w", e.Codec, errdefs.ErrDataLoss)
 	case e.Raw == 0 || e.Raw > ChunkSize:
 		return fmt.Errorf("raw length %d out of range: %w", e.Raw, errdefs.ErrDataLoss)
+	case e.Slot != 0 || e.Frame != 0:
+		return fmt.Errorf("%s chunk with frame slot %d of %d: %w", e.Codec, e.Slot, e.Frame, errdefs.ErrDataLoss)
 	case e.Stored == 0 || e.Stored > e.Raw || (e.Codec == CodecRaw && e.Stored != e.Raw):
 		return fmt.Errorf("stored length %d does not fit raw length %d: %w", e.Stored, e.Raw, errdefs.ErrDataLoss)
 	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
 		return fmt.Errorf("chunk at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, errdefs.ErrDataLoss)
+	}
+	return nil
+}
+
+// checkFrame validates the entry of a chunk in a zstd frame: a frame is
+// smaller than the chunks it holds, or it would not have been written.
+func (e Entry) checkFrame(chunkEnd uint64) error {
+	switch {
+	case e.Raw != ChunkSize:
+		return fmt.Errorf("raw length %d of a framed chunk: %w", e.Raw, errdefs.ErrDataLoss)
+	case e.Frame == 0 || e.Slot >= e.Frame:
+		return fmt.Errorf("frame slot %d of %d: %w", e.Slot, e.Frame, errdefs.ErrDataLoss)
+	case e.Stored == 0 || e.Stored >= uint32(e.Frame)*ChunkSize:
+		return fmt.Errorf("frame of %d bytes for %d chunks: %w", e.Stored, e.Frame, errdefs.ErrDataLoss)
+	case uint64(e.Offset) < packHeaderSize || uint64(e.Offset)+uint64(e.Stored) > chunkEnd:
+		return fmt.Errorf("frame at %d+%d lies outside the chunk area: %w", e.Offset, e.Stored, errdefs.ErrDataLoss)
 	}
 	return nil
 }
@@ -162,9 +219,9 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 	if _, err := f.ReadAt(tr[:], size-trailerSize); err != nil {
 		return nil, size, err
 	}
-	count := int64(binary.LittleEndian.Uint32(tr[8:]))
-	need := count*entrySize + trailerSize
-	if need > size-packHeaderSize {
+	// The footer runs from its offset to the trailer, whatever its version.
+	need := size - int64(min(binary.LittleEndian.Uint64(tr[0:]), uint64(size)))
+	if need > size-packHeaderSize || need < trailerSize {
 		// Let DecodeFooter name the damage.
 		_, err := DecodeFooter(tr[:], size)
 		if err == nil {
@@ -191,6 +248,7 @@ func readFooter(f *os.File) ([]Entry, int64, error) {
 type packWriter struct {
 	dir     string
 	num     uint32
+	flags   uint32
 	f       *os.File
 	bw      *bufio.Writer
 	off     uint32
@@ -200,14 +258,24 @@ type packWriter struct {
 func packName(num uint32) string { return fmt.Sprintf("pack-%08x.pack", num) }
 
 func newPackWriter(dir string, num uint32) (*packWriter, error) {
+	return newPackWriterFlags(dir, num, 0)
+}
+
+// newPackWriterFlags begins a pack whose header carries flags.
+func newPackWriterFlags(dir string, num, flags uint32) (*packWriter, error) {
 	f, err := os.CreateTemp(dir, packName(num)+".*.tmp")
 	if err != nil {
 		return nil, wrapIO("creating pack", err)
 	}
-	w := &packWriter{dir: dir, num: num, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
+	w := &packWriter{dir: dir, num: num, flags: flags, f: f, bw: bufio.NewWriterSize(f, 1<<20), off: packHeaderSize}
 	var hdr [packHeaderSize]byte
 	copy(hdr[:], packMagic[:])
-	binary.LittleEndian.PutUint32(hdr[8:], packVersion)
+	version := uint32(packVersion)
+	if flags&packCompacted != 0 {
+		version = packVersionPacked
+	}
+	binary.LittleEndian.PutUint32(hdr[8:], version)
+	binary.LittleEndian.PutUint32(hdr[12:], flags)
 	if _, err := w.bw.Write(hdr[:]); err != nil {
 		w.abort()
 		return nil, wrapIO("writing pack header", err)
@@ -230,6 +298,22 @@ func (w *packWriter) add(id ID, stored []byte, codec Codec) (Entry, error) {
 	return e, nil
 }
 
+// addFrame appends a zstd frame holding the chunks ids, in order.
+func (w *packWriter) addFrame(ids []ID, frame []byte) ([]Entry, error) {
+	if len(ids) == 0 || len(ids) > MaxFrameChunks {
+		return nil, fmt.Errorf("frame of %d chunks: %w", len(ids), errdefs.ErrInvalidArgument)
+	}
+	if _, err := w.bw.Write(frame); err != nil {
+		return nil, wrapIO("writing pack", err)
+	}
+	first := len(w.entries)
+	for i, id := range ids {
+		w.entries = append(w.entries, Entry{ID: id, Offset: w.off, Stored: uint32(len(frame)), Raw: ChunkSize, Codec: CodecZstd, Slot: uint8(i), Frame: uint8(len(ids))})
+	}
+	w.off += uint32(len(frame))
+	return w.entries[first:], nil
+}
+
 // seal writes the footer, syncs and renames the pack into place, and syncs
 // the folder. It returns the final path and size.
 func (w *packWriter) seal() (string, int64, error) {
@@ -237,14 +321,23 @@ func (w *packWriter) seal() (string, int64, error) {
 	for i, e := range w.entries {
 		e.marshal(footer[i*entrySize:])
 	}
+	version := uint32(packVersion)
+	if w.flags&packCompacted != 0 {
+		var err error
+		if footer, err = packFooter(footer); err != nil {
+			w.abort()
+			return "", 0, err
+		}
+		version = packVersionPacked
+	}
 	var tr [trailerSize]byte
 	binary.LittleEndian.PutUint64(tr[0:], uint64(w.off))
 	binary.LittleEndian.PutUint32(tr[8:], uint32(len(w.entries)))
 	binary.LittleEndian.PutUint32(tr[12:], crc32.Checksum(footer, castagnoli))
-	binary.LittleEndian.PutUint32(tr[16:], packVersion)
+	binary.LittleEndian.PutUint32(tr[16:], version)
 	binary.LittleEndian.PutUint32(tr[20:], crc32.Checksum(tr[:20], castagnoli))
 	copy(tr[24:], trailerMagic[:])
-	size := w.size()
+	size := int64(w.off) + int64(len(footer)) + trailerSize
 	for _, b := range [][]byte{footer, tr[:]} {
 		if _, err := w.bw.Write(b); err != nil {
 			w.abort()

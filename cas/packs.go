@@ -2,6 +2,7 @@ package cas
 
 import (
 	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -63,6 +64,17 @@ func (s *Store) OpenPack(num uint32) (*os.File, []Entry, error) {
 // DecodeFooter takes them, read from the end of the pack file f.
 func PackTail(f *os.File, entries []Entry, size int64) ([]byte, error) {
 	n := int64(len(entries))*entrySize + trailerSize
+	var tr [trailerSize]byte
+	if size >= trailerSize {
+		if _, err := f.ReadAt(tr[:], size-trailerSize); err != nil {
+			return nil, fmt.Errorf("reading pack trailer: %w", err)
+		}
+		// A packed footer (version 2) is shorter: it ends the pack from
+		// its offset on.
+		if binary.LittleEndian.Uint32(tr[16:]) == packVersionPacked {
+			n = size - int64(min(binary.LittleEndian.Uint64(tr[0:]), uint64(size)))
+		}
+	}
 	if n > size {
 		return nil, fmt.Errorf("pack footer of %d bytes in a %d-byte pack: %w", n, size, errdefs.ErrDataLoss)
 	}
@@ -86,7 +98,7 @@ func Unpack(e Entry, stored, dst []byte) ([]byte, error) {
 	if err := e.check(uint64(e.Offset) + uint64(e.Stored)); err != nil {
 		return nil, fmt.Errorf("chunk %s: %w", e.ID, err)
 	}
-	out, err := decode(e.Codec, stored, dst[:ChunkSize])
+	out, err := decode(e, stored, dst[:ChunkSize])
 	if err == nil && Sum(out) != e.ID {
 		err = errors.New("content does not match its id")
 	}
@@ -111,7 +123,16 @@ func (w *Writer) PutStored(e Entry, stored []byte) error {
 		w.stats.ReusedChunk++
 		return nil
 	}
-	if err := w.add(e.ID, stored, e.Codec); err != nil {
+	codec := e.Codec
+	if codec == CodecZstd {
+		// A frame holds other chunks too: store this one on its own.
+		raw, err := Unpack(e, stored, nil)
+		if err != nil {
+			return w.fail(err)
+		}
+		stored, codec = encodeChunk(raw, nil)
+	}
+	if err := w.add(e.ID, stored, codec); err != nil {
 		return w.fail(err)
 	}
 	return nil

@@ -35,6 +35,9 @@ type Store struct {
 	files    map[uint32]*os.File
 	nextPack uint32
 
+	// frames holds recently decoded zstd frames.
+	frames frameCache
+
 	// lastRead maps a pack number to when it was last read
 	// (*atomic.Int64, Unix nanoseconds), for eviction (PackUses).
 	lastRead sync.Map
@@ -445,6 +448,9 @@ func (s *Store) Get(id ID, dst []byte) ([]byte, error) {
 // read fetches, decodes and checks one chunk. It holds filesMu for reading
 // so GC cannot close the file under it.
 func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
+	if loc.Codec == CodecZstd {
+		return s.readFramed(id, loc, dst)
+	}
 	f, err := s.file(loc.Pack)
 	if err != nil {
 		return nil, err
@@ -466,7 +472,7 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 // decodeChecked decodes a chunk's stored bytes into dst and checks them
 // against the id.
 func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
-	out, err := decode(loc.Codec, stored, dst)
+	out, err := decode(loc.entry(), stored, dst)
 	if err == nil && sha256.Sum256(out) != id {
 		err = errors.New("content does not match its id")
 	}
@@ -507,7 +513,8 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 		}
 		// Extend the run while the next chunk follows this one in the pack.
 		j, end := i+1, locs[i].Offset+locs[i].Stored
-		for j < len(ids) && ids[j] != ZeroID && locs[j].Pack == locs[i].Pack && locs[j].Offset == end {
+		// Framed chunks go one at a time, through the frame cache.
+		for j < len(ids) && ids[j] != ZeroID && locs[j].Pack == locs[i].Pack && locs[j].Offset == end && locs[i].Codec != CodecZstd && locs[j].Codec != CodecZstd {
 			end += locs[j].Stored
 			j++
 		}
@@ -553,9 +560,10 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 	return nil
 }
 
-// decode turns stored bytes into the raw chunk, in dst.
-func decode(codec Codec, stored, dst []byte) ([]byte, error) {
-	switch codec {
+// decode turns the stored bytes of the chunk e describes into the raw
+// chunk, in dst: for a framed chunk, stored is the whole frame.
+func decode(e Entry, stored, dst []byte) ([]byte, error) {
+	switch e.Codec {
 	case CodecRaw:
 		if len(stored) != ChunkSize {
 			return nil, fmt.Errorf("raw chunk of %d bytes", len(stored))
@@ -573,6 +581,16 @@ func decode(codec Codec, stored, dst []byte) ([]byte, error) {
 			return nil, fmt.Errorf("decodes to %d bytes", n)
 		}
 		return s2.Decode(dst[:ChunkSize], stored)
+	case CodecZstd:
+		if e.Frame == 0 || e.Slot >= e.Frame {
+			return nil, fmt.Errorf("frame slot %d of %d", e.Slot, e.Frame)
+		}
+		raw, err := decodeFrameOnce(stored, int(e.Frame))
+		if err != nil {
+			return nil, err
+		}
+		copy(dst[:ChunkSize], raw[int(e.Slot)*ChunkSize:])
+		return dst[:ChunkSize], nil
 	}
-	return nil, fmt.Errorf("unknown codec %d", codec)
+	return nil, fmt.Errorf("unknown codec %d", e.Codec)
 }

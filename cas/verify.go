@@ -53,7 +53,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 		}
 	}
 	type packResult struct {
-		entries map[uint32]Entry // by offset
+		entries map[uint64]Entry // by entryKey
 		damaged []Damage
 		chunks  int64
 		size    int64
@@ -89,7 +89,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
-	footers := map[uint32]map[uint32]Entry{}
+	footers := map[uint32]map[uint64]Entry{}
 	// sealedSince caches, for a pack the index names but Verify did not
 	// list, whether it exists now: a Writer or GC sealed it meanwhile.
 	sealedSince := map[uint32]bool{}
@@ -128,8 +128,8 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 			if f == nil {
 				return nil // the pack's damage is already reported
 			}
-			e, ok := f[loc.Offset]
-			if !ok || e.ID != id || e.Stored != loc.Stored || e.Codec != loc.Codec {
+			e, ok := f[entryKey(loc.Offset, loc.Slot)]
+			if !ok || e.ID != id || locationOf(loc.Pack, e) != loc {
 				res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "index entry disagrees with the pack footer"})
 			}
 			return nil
@@ -142,7 +142,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 }
 
 // verifyPack checks one pack. entries is nil when the footer is unreadable.
-func (s *Store) verifyPack(num uint32) (map[uint32]Entry, []Damage, int64) {
+func (s *Store) verifyPack(num uint32) (map[uint64]Entry, []Damage, int64) {
 	name := packName(num)
 	f, err := os.Open(s.packPath(num))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -163,12 +163,13 @@ func (s *Store) verifyPack(num uint32) (map[uint32]Entry, []Damage, int64) {
 		return nil, []Damage{{Pack: name, Reason: err.Error()}}, size
 	}
 	var damaged []Damage
-	byOffset := make(map[uint32]Entry, len(entries))
+	byOffset := make(map[uint64]Entry, len(entries))
 	out := make([]byte, ChunkSize)
+	var frames lastFrame
 	for _, e := range entries {
-		byOffset[e.Offset] = e
+		byOffset[entryKey(e.Offset, e.Slot)] = e
 		stored := data[e.Offset : e.Offset+e.Stored]
-		raw, err := decode(e.Codec, stored, out)
+		raw, err := frames.decode(e, stored, out)
 		if err == nil && sha256.Sum256(raw) != e.ID {
 			err = fmt.Errorf("content does not match its id")
 		}
@@ -209,7 +210,7 @@ func (s *Store) Stats() (StoreStats, error) {
 				return err
 			}
 			st.Chunks++
-			st.StoredBytes += int64(loc.Stored)
+			st.StoredBytes += int64(loc.Share())
 			return nil
 		})
 	})
@@ -228,4 +229,35 @@ func (s *Store) ForEach(fn func(ID, Location) error) error {
 			return fn(ID(k), loc)
 		})
 	})
+}
+
+// entryKey names a chunk within a pack: its offset, and its slot in a frame.
+func entryKey(off uint32, slot uint8) uint64 { return uint64(off)<<8 | uint64(slot) }
+
+// lastFrame decodes a pack's entries in footer order, decoding each zstd
+// frame once for all the chunks it holds.
+type lastFrame struct {
+	off uint32
+	raw []byte
+	err error
+}
+
+func (l *lastFrame) decode(e Entry, stored, dst []byte) ([]byte, error) {
+	if e.Codec != CodecZstd {
+		return decode(e, stored, dst)
+	}
+	if l.off != e.Offset {
+		l.off = e.Offset
+		l.raw, l.err = decodeFrame(stored, int(e.Frame))
+		if l.err == nil && e.Slot >= e.Frame {
+			l.err = fmt.Errorf("frame slot %d of %d", e.Slot, e.Frame)
+		}
+	}
+	if l.err != nil {
+		return nil, l.err
+	}
+	if len(l.raw) < (int(e.Slot)+1)*ChunkSize {
+		return nil, fmt.Errorf("frame slot %d beyond its %d bytes", e.Slot, len(l.raw))
+	}
+	return l.raw[int(e.Slot)*ChunkSize : (int(e.Slot)+1)*ChunkSize], nil
 }

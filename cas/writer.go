@@ -230,12 +230,22 @@ func (w *Writer) process(b *batch) {
 			continue
 		}
 		c := b.data[i*ChunkSize : (i+1)*ChunkSize]
-		enc := s2.Encode(b.comp[i][:cap(b.comp[i])], c)
-		b.comp[i], b.codec[i] = enc, CodecS2
-		if len(enc) > ChunkSize-ChunkSize/8 {
-			b.codec[i] = CodecRaw
+		enc, codec := encodeChunk(c, b.comp[i])
+		// comp keeps its own buffer: a raw chunk's bytes are the input's.
+		if b.codec[i] = codec; codec == CodecS2 {
+			b.comp[i] = enc
 		}
 	}
+}
+
+// encodeChunk compresses one chunk with s2 into dst's room, or says to store
+// it raw (returning the chunk itself) when that saves less than an eighth.
+func encodeChunk(c, dst []byte) ([]byte, Codec) {
+	enc := s2.Encode(dst[:cap(dst)], c)
+	if len(enc) > ChunkSize-ChunkSize/8 {
+		return c, CodecRaw
+	}
+	return enc, CodecS2
 }
 
 // collect appends a processed batch's new chunks to the pack, in order.

@@ -312,6 +312,10 @@ func (noGraph) Report(context.Context, ...string) (snapshotter.Report, error) {
 }
 func (noGraph) GC(context.Context, cas.GCOptions) (cas.GCStats, error) { return cas.GCStats{}, nil }
 
+func (noGraph) Compact(context.Context, cas.CompactOptions) (cas.CompactStats, error) {
+	return cas.CompactStats{}, nil
+}
+
 // serveFake serves the API of an execManager on root's socket.
 func serveFake(t *testing.T, root string) {
 	t.Helper()

@@ -26,6 +26,7 @@ func daemonCommand() *cli.Command {
 			&cli.StringFlag{Name: "root", Usage: "folder holding boxd's store and metadata (default: the global --root)"},
 			&cli.StringFlag{Name: "ssh-listen", Value: daemon.DefaultSSHListen, Usage: "address of the SSH front door"},
 			&cli.DurationFlag{Name: "idle-hibernate", Value: daemon.DefaultIdleHibernate, Usage: "hibernate a running box idle this long (0 never)"},
+			&cli.DurationFlag{Name: "compact-after", Usage: "compact the store's fresh packs into zstd packs once the API has been quiet this long, such as 30s (default 0: never): the store gets smaller, and a page read from a compacted pack decodes its whole frame, which slows the lazy resume of a box whose memory is in it"},
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.BoolFlag{Name: "eager-restore", Usage: "a resume rebuilds a box's whole memory from its snapshot before the box runs, instead of serving its pages from the store while it runs (to compare the two)"},
@@ -70,6 +71,9 @@ func runDaemon(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if c.Duration("compact-after") < 0 {
+		return usageError("--compact-after %s is negative", c.Duration("compact-after"))
+	}
 	if c.Duration("idle-hibernate") < 0 {
 		return usageError("--idle-hibernate %s is negative", c.Duration("idle-hibernate"))
 	}
@@ -110,6 +114,7 @@ func runDaemon(c *cli.Context) error {
 		Root:                  root,
 		SSHListen:             c.String("ssh-listen"),
 		IdleHibernate:         c.Duration("idle-hibernate"),
+		CompactAfter:          c.Duration("compact-after"),
 		Kernel:                c.String("kernel"),
 		Spares:                warm,
 		ForkMovesParent:       c.Bool("fork-moves-parent"),

@@ -67,6 +67,12 @@ func storeCommand() *cli.Command {
 				},
 				Action: storeGC,
 			},
+			{
+				Name:   "compact",
+				Usage:  "recompress the packs written since the last compaction into smaller zstd packs",
+				Flags:  []cli.Flag{&cli.IntFlag{Name: "frame-chunks", Usage: "most chunks one zstd frame holds (1-255; default 255)"}, jsonFlag},
+				Action: storeCompact,
+			},
 			{Name: "verify", Usage: "re-hash every stored chunk and check every snapshot; exit 6 on damage", Flags: []cli.Flag{jsonFlag}, Action: storeVerify},
 		}, remoteCommands()...),
 	}
@@ -413,6 +419,42 @@ func storeGC(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "gc: freed %s; %d packs deleted, %d rewritten (%d chunks moved, %d deleted); %d packs, %s now; %s of garbage left in packs under the threshold\n",
 		size(st.BytesFreed), st.PacksDeleted, st.PacksRewritten, st.ChunksMoved, st.ChunksDeleted, st.PacksAfter, size(st.BytesAfter), size(st.GarbageRemaining))
+	return nil
+}
+
+func storeCompact(c *cli.Context) error {
+	if err := args(c, 0, ""); err != nil {
+		return err
+	}
+	fc := c.Int("frame-chunks")
+	if fc < 0 || fc > cas.MaxFrameChunks {
+		return usageError("--frame-chunks %d is outside 1-%d", fc, cas.MaxFrameChunks)
+	}
+	var st cas.CompactStats
+	if dc := runningDaemon(c); dc != nil {
+		// The daemon owns the store while it runs: it compacts.
+		var err error
+		if st, err = dc.Compact(c.Context); err != nil {
+			return err
+		}
+	} else {
+		g, err := openGraph(c)
+		if err != nil {
+			return err
+		}
+		defer g.Close()
+		if st, err = g.Compact(c.Context, cas.CompactOptions{FrameChunks: fc}); err != nil {
+			return err
+		}
+	}
+	if wantJSON(c) {
+		return printJSON(c, st)
+	}
+	fmt.Fprintf(c.App.Writer, "compact: %d packs (%s) rewritten as %d (%s) in %.2fs; %d chunks in %d frames\n",
+		st.PacksCompacted, size(st.BytesBefore), st.PacksWritten, size(st.BytesAfter), st.Seconds, st.ChunksMoved, st.Frames)
+	for _, s := range st.Skipped {
+		fmt.Fprintf(c.App.Writer, "  left as it is: %s\n", s)
+	}
 	return nil
 }
 

@@ -460,6 +460,12 @@ func (c *Client) GC(ctx context.Context, threshold float64) (cas.GCStats, error)
 	return out, c.do(ctx, http.MethodPost, "/v1/gc", GCRequest{Threshold: threshold}, &out)
 }
 
+// Compact recompresses the store's freshly written packs through the daemon.
+func (c *Client) Compact(ctx context.Context) (cas.CompactStats, error) {
+	var out cas.CompactStats
+	return out, c.do(ctx, http.MethodPost, "/v1/compact", nil, &out)
+}
+
 // Report returns the dedup report of the boxes named (all when none).
 func (c *Client) Report(ctx context.Context, boxes ...string) (Report, error) {
 	q := url.Values{}

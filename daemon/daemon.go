@@ -43,6 +43,9 @@ type Config struct {
 	SSHListen     string        // host:port of the SSH front door
 	IdleHibernate time.Duration // 0 disables idle hibernation
 	Kernel        string        // a kernel to boot instead of Debian's cloud kernel
+	// CompactAfter is how long the API must be quiet before the store's
+	// fresh packs are compacted (see Server.CompactLoop); 0 never.
+	CompactAfter time.Duration
 	// Spares is how many spare machines wait for a fork of each box (see
 	// box.Config.Spares): 0 means box.DefaultSpares, negative none.
 	Spares int
@@ -252,6 +255,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		defer close(idleDone)
 		api.IdleLoop(srvCtx, IdleInterval, cfg.IdleHibernate)
 	}()
+	compactDone := make(chan struct{})
+	go func() {
+		defer close(compactDone)
+		api.CompactLoop(srvCtx, cfg.CompactAfter)
+	}()
 	log.Info("boxd daemon serving", "root", cfg.Root, "api", info.Socket, "ssh", info.SSHAddr, "idle_hibernate", info.IdleHibernate, "metrics", info.MetricsAddr)
 	if cfg.Ready != nil {
 		cfg.Ready(info)
@@ -283,6 +291,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	stopOps()
 	api.WaitBuilds()
 	<-idleDone
+	<-compactDone
 	if rm != nil && !cfg.LeaveRunning {
 		hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), closeTimeout)
 		rm.hibernateAll(hctx)

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/boxd-dev/boxd/agent"
@@ -84,6 +85,9 @@ type Graph interface {
 	// snapshots being written (the store's write lock) and is safe while
 	// boxes run.
 	GC(ctx context.Context, opts cas.GCOptions) (cas.GCStats, error)
+	// Compact rewrites freshly written packs into smaller ones; it waits
+	// for snapshots being written and is safe while boxes run.
+	Compact(ctx context.Context, opts cas.CompactOptions) (cas.CompactStats, error)
 }
 
 // Body limits: a request's JSON, and what one exec keeps of each of its
@@ -134,6 +138,10 @@ type Server struct {
 	keys *KeyRegistry
 
 	images *imageBuilds
+
+	// lastRequest is when the API last saw a request (Unix nanoseconds):
+	// background compaction waits for a quiet spell.
+	lastRequest atomic.Int64
 }
 
 // Options configure a Server.
@@ -227,6 +235,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/report", s.report)
 	mux.HandleFunc("GET /v1/stats", s.stats)
 	mux.HandleFunc("POST /v1/gc", s.gc)
+	mux.HandleFunc("POST /v1/compact", s.compact)
 	mux.HandleFunc("GET /v1/events", s.streamEvents)
 	mux.HandleFunc("GET /v1/keys", s.listKeys)
 	mux.HandleFunc("POST /v1/keys", s.addKeys)
@@ -238,7 +247,7 @@ func (s *Server) Handler() http.Handler {
 		// catch-all matches every method.
 		s.fail(w, r, fmt.Errorf("the boxd daemon has no %s %s: %w", r.Method, r.URL.Path, errdefs.ErrNotFound))
 	})
-	return s.scoped(mux)
+	return s.noteRequests(s.scoped(mux))
 }
 
 // opContext is the context of a box operation that request r started: it

@@ -376,6 +376,9 @@ type fakeGraph struct {
 	snaps   []snapshotter.Snapshot
 	reports [][]string
 	gcs     []float64 // the thresholds GC was called with
+	// compacts counts Compact calls; left is how many packs remain to
+	// compact, one a call.
+	compacts, left int
 }
 
 func (s *fakeGraph) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
@@ -385,6 +388,17 @@ func (s *fakeGraph) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, erro
 	defer s.mu.Unlock()
 	s.gcs = append(s.gcs, opts.Threshold)
 	return cas.GCStats{BytesFreed: 4096, PacksDeleted: 1}, nil
+}
+
+func (s *fakeGraph) Compact(context.Context, cas.CompactOptions) (cas.CompactStats, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.compacts++
+	if s.left == 0 {
+		return cas.CompactStats{}, nil
+	}
+	s.left--
+	return cas.CompactStats{PacksCompacted: 1, PacksLeft: s.left}, nil
 }
 
 func (s *fakeGraph) Report(_ context.Context, names ...string) (snapshotter.Report, error) {

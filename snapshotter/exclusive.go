@@ -91,7 +91,7 @@ func (g *Graph) ExclusiveByGroup(ctx context.Context, group func(Snapshot) strin
 		if o, ok := owner[id]; ok && o != shared {
 			e := out[names[o]]
 			e.Chunks++
-			e.StoredBytes += int64(loc.Stored)
+			e.StoredBytes += int64(loc.Share())
 			out[names[o]] = e
 		}
 		return nil

@@ -370,6 +370,12 @@ func (g *Graph) GC(ctx context.Context, opts cas.GCOptions) (cas.GCStats, error)
 	return w.GC(ctx, func(id cas.ID) bool { _, ok := live[id]; return ok }, opts)
 }
 
+// Compact rewrites the store's freshly written packs into smaller ones
+// (see cas.Store.Compact); it waits for snapshots being written.
+func (g *Graph) Compact(ctx context.Context, opts cas.CompactOptions) (cas.CompactStats, error) {
+	return g.store.Compact(ctx, opts)
+}
+
 // liveSet collects every chunk id any snapshot's delta names.
 func (g *Graph) liveSet() (map[cas.ID]struct{}, error) {
 	live := map[cas.ID]struct{}{}

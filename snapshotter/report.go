@@ -171,7 +171,7 @@ func (g *Graph) storedSizes(referenced map[cas.ID]int64) (map[cas.ID]uint32, err
 	stored := make(map[cas.ID]uint32, len(referenced))
 	err := g.store.ForEach(func(id cas.ID, loc cas.Location) error {
 		if _, ok := referenced[id]; ok {
-			stored[id] = loc.Stored
+			stored[id] = loc.Share()
 		}
 		return nil
 	})
