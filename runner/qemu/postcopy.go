@@ -566,14 +566,23 @@ func (l *lazyMemory) workingSet() []uint64 {
 // its memory file empty) and starts serving its memory; it returns once
 // QEMU has loaded the devices and waits, paused, for cont.
 func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory, ph *phases) error {
-	sock := filepath.Join(m.dir, "load.sock")
-	if _, err := m.qmp.execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + sock}); err != nil {
-		return fmt.Errorf("qemu: %s: restoring memory: %w", m.id, err)
+	sock := m.incomingSocket()
+	if !m.listening {
+		if err := m.listenIncoming(ctx); err != nil {
+			return err
+		}
 	}
 	m.lazy.Store(l)
-	if err := m.saveState(); err != nil { // a later boxd must not adopt it half-restored
-		m.r.logger().Warn("qemu: a later boxd may not stop this machine", "id", m.id, "err", err)
-	}
+	// A later boxd must not adopt it half-restored: its state says so
+	// before the restore returns.
+	saved := make(chan struct{})
+	go func() {
+		defer close(saved)
+		if err := m.saveState(); err != nil {
+			m.r.logger().Warn("qemu: a later boxd may not stop this machine", "id", m.id, "err", err)
+		}
+	}()
+	defer func() { <-saved }()
 	if err := l.start(ctx, sock, ph); err != nil {
 		return err
 	}
@@ -600,7 +609,21 @@ func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory, ph *phases) 
 		case <-time.After(time.Millisecond):
 		}
 	}
+	<-saved // before watchLazy can write the state again
 	go m.watchLazy(l)
+	return nil
+}
+
+// incomingSocket is where m, started with -incoming defer, takes its
+// device state once listenIncoming has run.
+func (m *Machine) incomingSocket() string { return filepath.Join(m.dir, "load.sock") }
+
+// listenIncoming has QEMU listen for the migration that restores it.
+func (m *Machine) listenIncoming(ctx context.Context) error {
+	if _, err := m.qmp.execute(ctx, "migrate-incoming", map[string]any{"uri": "unix:" + m.incomingSocket()}); err != nil {
+		return fmt.Errorf("qemu: %s: restoring memory: %w", m.id, err)
+	}
+	m.listening = true
 	return nil
 }
 

@@ -104,6 +104,11 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 				r.logger().Debug("qemu: a resume spare", "err", err)
 				return
 			}
+			if err := sp.listenIncoming(context.Background()); err != nil {
+				_ = sp.Stop(context.Background())
+				r.logger().Debug("qemu: a resume spare", "err", err)
+				return
+			}
 			r.resumeMu.Lock()
 			if r.resumeClosed || r.resumeGen != gen {
 				// Dropped meanwhile: no resume is coming.

@@ -670,6 +670,9 @@ type Machine struct {
 	// until restored closes; nil for any other machine.
 	lazy     atomic.Pointer[lazyMemory]
 	restored chan struct{}
+	// listening says QEMU listens for its restore's migration already (a
+	// resume spare).
+	listening bool
 	// failCause is why boxd killed the machine, its exit error.
 	failCause atomic.Pointer[error]
 
