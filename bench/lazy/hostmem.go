@@ -47,8 +47,11 @@ func (b *bench) boxQEMU(ctx context.Context, name string) (int, error) {
 	var st struct {
 		PID int `json:"pid"`
 	}
-	if err := json.Unmarshal(raw, &st); err != nil || st.PID <= 0 {
-		return 0, fmt.Errorf("box %s: machine state %s: no pid (%v)", name, dirs[0], err)
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return 0, fmt.Errorf("box %s: machine state %s: %w", name, dirs[0], err)
+	}
+	if st.PID <= 0 {
+		return 0, fmt.Errorf("box %s: machine state %s names no pid", name, dirs[0])
 	}
 	if err := syscall.Kill(st.PID, 0); err != nil {
 		return 0, fmt.Errorf("box %s: QEMU %d: %w", name, st.PID, err)

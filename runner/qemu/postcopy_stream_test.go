@@ -17,7 +17,6 @@ import (
 type streamBuilder struct{ bytes.Buffer }
 
 func (b *streamBuilder) u8(v byte)     { b.WriteByte(v) }
-func (b *streamBuilder) be16(v uint16) { b.Write(binary.BigEndian.AppendUint16(nil, v)) }
 func (b *streamBuilder) be32(v uint32) { b.Write(binary.BigEndian.AppendUint32(nil, v)) }
 func (b *streamBuilder) be64(v uint64) { b.Write(binary.BigEndian.AppendUint64(nil, v)) }
 func (b *streamBuilder) str(s string)  { b.u8(byte(len(s))); b.WriteString(s) }
