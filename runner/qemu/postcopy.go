@@ -634,11 +634,20 @@ func (m *Machine) listenIncoming(ctx context.Context) error {
 func (m *Machine) watchLazy(l *lazyMemory) {
 	ctx := context.Background()
 	for {
+		// QEMU's side is asked once the stream has ended; before that, a
+		// failure shows as the connection or QEMU ending.
+		poll := 50 * time.Millisecond
+		if l.ended.Load() {
+			poll = 2 * time.Millisecond
+		}
 		select {
 		case <-l.done:
 		case <-m.done:
 			l.fail(fmt.Errorf("QEMU exited: %w", m.exit))
-		case <-time.After(2 * time.Millisecond):
+		case <-time.After(poll):
+			if !l.ended.Load() {
+				continue
+			}
 			raw, err := m.qmp.execute(ctx, "query-migrate", nil)
 			if err != nil {
 				continue
