@@ -131,7 +131,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
-	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, EagerRestore: cfg.EagerRestore, LazyGrace: cfg.LazyGrace})
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, LazyGrace: cfg.LazyGrace,
+		// A bounded cache of the bucket's packs may evict a pack a lazy
+		// restore has yet to read: restores read all memory first there.
+		EagerRestore: cfg.EagerRestore || cfg.RemoteCacheLimit > 0,
+	})
 	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{
 		Root: cfg.Root, Graph: g, Kernel: cfg.Kernel, Logger: log,

@@ -454,8 +454,16 @@ func (d *daemonEnv) checkAdopted(t *testing.T, name string, restarted time.Time)
 func (d *daemonEnv) noMachinesOf(t *testing.T, killed int) {
 	t.Helper()
 	live := map[int]bool{}
+	// Machines the running daemon starts meanwhile (spares) may not have
+	// written their state yet; only the killed daemon's must be gone.
+	starting := fmt.Sprintf("qemu-%d-", d.cmd.Process.Pid)
 	dirs, _ := filepath.Glob(filepath.Join(d.root, "run", "qemu-*"))
 	for _, dir := range dirs {
+		if strings.HasPrefix(filepath.Base(dir), starting) {
+			if _, err := os.Stat(filepath.Join(dir, "state.json")); err != nil {
+				continue
+			}
+		}
 		pid := statePID(t, dir)
 		if syscall.Kill(pid, 0) != nil {
 			t.Fatalf("machine folder %s of a QEMU (pid %d) that is gone", dir, pid)
@@ -463,6 +471,9 @@ func (d *daemonEnv) noMachinesOf(t *testing.T, killed int) {
 		live[pid] = true
 	}
 	for _, pid := range qemusOf(memFolder(t, d.root)) {
+		if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); !live[pid] && bytes.Contains(cmdline, []byte("/"+starting)) {
+			continue // the running daemon's, starting
+		}
 		if !live[pid] {
 			t.Fatalf("QEMU pid %d on the root's memory folder has no machine folder: the killed daemon's (pid %d) spare?", pid, killed)
 		}

@@ -597,8 +597,10 @@ func (m *Machine) outputPath() string { return filepath.Join(m.dir, "output") }
 // said is what QEMU printed, less the lines it prints for every disk
 // snapshot ("Formatting '...'"): its error messages.
 func (m *Machine) said() string {
-	out := m.finalOutput
-	if !m.stopped() {
+	var out []byte
+	if m.stopped() {
+		out = m.finalOutput // set before done closed
+	} else {
 		out, _ = os.ReadFile(m.outputPath())
 	}
 	var keep [][]byte
