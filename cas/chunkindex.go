@@ -258,6 +258,20 @@ func (x *chunkIndex) forEach(ctx context.Context, fn func(*indexEntry) error) er
 	return v.each(ctx, fn)
 }
 
+// check parses every segment again, as Open does, and names the damaged
+// ones: a file changed under the store since. The next Open rebuilds them.
+func (x *chunkIndex) check() []Damage {
+	v := x.view()
+	defer v.release()
+	var out []Damage
+	for _, g := range v.segs {
+		if _, err := parseSegment(g.data); err != nil {
+			out = append(out, Damage{Pack: filepath.Join("index", filepath.Base(g.path)), Reason: err.Error()})
+		}
+	}
+	return out
+}
+
 // bytes returns the size of the segment files.
 func (x *chunkIndex) bytes() int64 {
 	x.mu.RLock()

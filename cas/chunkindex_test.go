@@ -380,6 +380,42 @@ func dropRecord(t *testing.T, s *Store, pack uint32) {
 	}
 }
 
+// TestVerifyFindsSegmentDamage spoils a segment file under an open store:
+// Verify names it, and the next Open rebuilds it.
+func TestVerifyFindsSegmentDamage(t *testing.T) {
+	g := newGen(80)
+	dir := t.TempDir()
+	s := openStore(t, dir)
+	datas, idss := ingestPacks(t, s, g, 2, 4)
+	if err := s.idx.waitMerges(); err != nil {
+		t.Fatal(err)
+	}
+	paths := segmentFiles(t, dir)
+	fi, err := os.Stat(paths[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	flipByte(t, paths[0], fi.Size()-segTrailerSize-1)
+	res, err := s.Verify(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Damaged) != 1 || !strings.Contains(res.Damaged[0].Reason, "checksum") || !strings.HasPrefix(res.Damaged[0].Pack, "index/seg-") {
+		t.Fatalf("Verify found %v, want the segment's checksum", res.Damaged)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir)
+	if !s.Rebuilt {
+		t.Error("Rebuilt = false")
+	}
+	for i := range datas {
+		checkReadable(t, s, idss[i], chunksOf(datas[i]))
+	}
+	checkVerify(t, s)
+}
+
 // TestEvictLeavesIndex checks that an evicted pack's chunks are not found.
 func TestEvictLeavesIndex(t *testing.T) {
 	g := newGen(78)

@@ -23,7 +23,8 @@ import (
 // order, fill 0.9; the new one a segment a pack, merged in the background).
 // Reported: bytes/chunk of the index files, and ns/chunk of LookupMany over a
 // restore's batch of 16384 stored chunks (hit) and of Has over absent
-// chunks (miss, a Writer's question for new data).
+// chunks (miss, a Writer's question for new data); for segments, also what
+// Open spends checking them (open, ns per indexed chunk).
 
 const (
 	scalePackChunks = 8192 // a 32 MiB pack of incompressible chunks
@@ -265,6 +266,20 @@ func BenchmarkIndexScale(b *testing.B) {
 				b.ReportMetric(float64(l.bytes())/(1<<20), "MiB")
 				b.ReportMetric(float64(l.files()), "files")
 			})
+			if lay.name == "segments" {
+				// What Open spends on the index: every segment parsed and checked.
+				b.Run(name+"/open", func(b *testing.B) {
+					setup(b)
+					for b.Loop() {
+						x := newChunkIndex(filepath.Join(dir, "index"))
+						if _, _, _, err := x.loadSegments(func(uint32) bool { return true }); err != nil {
+							b.Fatal(err)
+						}
+						x.close()
+					}
+					b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/chunk")
+				})
+			}
 			b.Run(name+"/LookupMany-hit", func(b *testing.B) {
 				setup(b)
 				for b.Loop() {

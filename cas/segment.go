@@ -183,43 +183,43 @@ func (g *segment) checkEntries() error {
 		return fmt.Errorf("index segment: "+format+": %w", append(args, errdefs.ErrDataLoss)...)
 	}
 	seen := make([]uint32, len(g.packs))
+	slot := g.packSlots()
 	slots := uint32(1) << g.bits
 	if g.fenceAt(0) != 0 || g.fenceAt(slots) != uint32(g.n) {
 		return bad("fence does not span the entries")
 	}
-	slot := uint32(0)
+	fence := uint32(0)
 	var prev []byte
 	for i := range g.n {
 		b := g.entries[i*segEntrySize : (i+1)*segEntrySize]
-		if prev != nil {
-			c := bytes.Compare(prev[:32], b[:32])
-			if c > 0 || c == 0 && binary.LittleEndian.Uint32(prev[32:]) >= binary.LittleEndian.Uint32(b[32:]) {
-				return bad("entry %d out of order", i)
-			}
+		if prev != nil && !entryBefore(prev, b) {
+			return bad("entry %d out of order", i)
 		}
 		prev = b
 		loc := segLocation(b)
-		e := Entry{Offset: loc.Offset, Stored: loc.Stored, Raw: ChunkSize, Codec: loc.Codec}
-		if err := e.check(maxPackSize); err != nil {
-			return fmt.Errorf("index segment entry %d: %w", i, err)
+		// Entry.check's rules, inline: this loop is most of Open's time.
+		if loc.Stored == 0 || loc.Stored > ChunkSize || loc.Codec > CodecS2 || loc.Codec == CodecRaw && loc.Stored != ChunkSize ||
+			loc.Offset < packHeaderSize || uint64(loc.Offset)+uint64(loc.Stored) > maxPackSize {
+			e := Entry{Offset: loc.Offset, Stored: loc.Stored, Raw: ChunkSize, Codec: loc.Codec}
+			return fmt.Errorf("index segment entry %d: %w", i, e.check(0))
 		}
-		k, ok := g.packIndex(loc.Pack)
+		k, ok := slot(loc.Pack)
 		if !ok {
 			return bad("entry %d in pack %d, which the segment does not list", i, loc.Pack)
 		}
 		seen[k]++
 		s := fenceSlot(b, g.bits)
-		for slot < s {
-			slot++
-			if g.fenceAt(slot) != uint32(i) {
-				return bad("fence slot %d is %d, want %d", slot, g.fenceAt(slot), i)
+		for fence < s {
+			fence++
+			if g.fenceAt(fence) != uint32(i) {
+				return bad("fence slot %d is %d, want %d", fence, g.fenceAt(fence), i)
 			}
 		}
 	}
-	for slot < slots {
-		slot++
-		if g.fenceAt(slot) != uint32(g.n) {
-			return bad("fence slot %d is %d past the last entry", slot, g.fenceAt(slot))
+	for fence < slots {
+		fence++
+		if g.fenceAt(fence) != uint32(g.n) {
+			return bad("fence slot %d is %d past the last entry", fence, g.fenceAt(fence))
 		}
 	}
 	for k := range seen {
@@ -228,6 +228,39 @@ func (g *segment) checkEntries() error {
 		}
 	}
 	return nil
+}
+
+// entryBefore reports whether encoded entry a sorts strictly before b.
+func entryBefore(a, b []byte) bool {
+	if x, y := binary.BigEndian.Uint64(a), binary.BigEndian.Uint64(b); x != y {
+		return x < y
+	}
+	if c := bytes.Compare(a[8:32], b[8:32]); c != 0 {
+		return c < 0
+	}
+	return binary.LittleEndian.Uint32(a[32:]) < binary.LittleEndian.Uint32(b[32:])
+}
+
+// packSlots returns a function from a pack number to its place in the
+// segment's pack list: a table when the numbers are dense, as they are.
+func (g *segment) packSlots() func(uint32) (int, bool) {
+	lo, hi := g.packs[0], g.packs[len(g.packs)-1]
+	if span := uint64(hi-lo) + 1; span > 4*uint64(len(g.packs))+4096 {
+		return g.packIndex
+	}
+	table := make([]int32, hi-lo+1)
+	for i := range table {
+		table[i] = -1
+	}
+	for k, p := range g.packs {
+		table[p-lo] = int32(k)
+	}
+	return func(p uint32) (int, bool) {
+		if p < lo || p > hi || table[p-lo] < 0 {
+			return 0, false
+		}
+		return int(table[p-lo]), true
+	}
 }
 
 func (g *segment) fenceAt(slot uint32) uint32 {

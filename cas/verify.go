@@ -39,7 +39,8 @@ type VerifyResult struct {
 }
 
 // Verify reads every pack, checks its footer, re-hashes every chunk in it,
-// and checks that every index entry points at a chunk that a footer lists.
+// checks every index segment again as Open does, and checks that every
+// index entry points at a chunk that a footer lists.
 // progress, when not nil, is called with the bytes read so far.
 func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (VerifyResult, error) {
 	var res VerifyResult
@@ -104,6 +105,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 		res.Damaged = append(res.Damaged, r.damaged...)
 		footers[nums[i]] = r.entries
 	}
+	res.Damaged = append(res.Damaged, s.idx.check()...)
 	err = s.idx.forEach(ctx, func(e *indexEntry) error {
 		id, loc := e.ID, e.Loc
 		f, ok := footers[loc.Pack]
