@@ -2,20 +2,22 @@ package cas
 
 import (
 	"fmt"
+	"math/bits"
 	"slices"
 )
 
 // Merging keeps the index a few files however many packs are sealed. Each
 // sealed pack adds a small segment; in the background, two neighbouring
-// segments merge whenever the older is no more than twice the newer, newest
-// first. Sizes then at least halve from the oldest segment to the newest, so
-// the index is at most about log2(packs) segments, and an entry is rewritten
-// at most about log1.5(packs) times in the store's life, as its segment
-// grows by half or more at each merge. A segment
-// whose entries are half or more of dead packs is rewritten alone, which is how
-// GC's and eviction's removals leave the index. A merge writes its output
-// under the name of its newest input, replacing it by rename, and then
-// removes the other inputs: after a crash in between, Open finds them
+// segments merge whenever the older is of the same power of two of entries
+// as the newer, or a lower one, newest first: a binary counter that
+// tolerates packs of unequal sizes. Each merge moves an entry up at least
+// one power of two, so an entry is rewritten at most log2(entries) times in
+// the store's life, and the powers decrease strictly from the oldest segment
+// to the newest, so the index is at most about log2(packs) segments. A
+// segment whose entries are half or more of dead packs is rewritten alone,
+// which is how GC's and eviction's removals leave the index. A merge writes
+// its output under the name of its newest input, replacing it by rename, and
+// then removes the other inputs: after a crash in between, Open finds them
 // redundant and removes them.
 
 // maxSegments bounds the list for lookups of absent chunks, which try every
@@ -103,7 +105,7 @@ func (x *chunkIndex) pickMerge() []*segment {
 	}
 	if lo < 0 {
 		for i := n - 2; i >= 0; i-- {
-			if sizes[i] <= 2*sizes[i+1] {
+			if bits.Len(uint(sizes[i])) <= bits.Len(uint(sizes[i+1])) {
 				lo, hi = i, i+2
 				break
 			}

@@ -86,7 +86,7 @@ func TestIndexMerges(t *testing.T) {
 	if err := s.idx.waitMerges(); err != nil {
 		t.Fatal(err)
 	}
-	// Sizes at least halve from the oldest segment to the newest.
+	// Powers of two of entries decrease from the oldest segment to the newest.
 	if n := len(segmentFiles(t, dir)); n > 6 {
 		t.Errorf("%d segments for %d packs after merging", n, packs)
 	}

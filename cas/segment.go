@@ -2,6 +2,7 @@ package cas
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
@@ -54,10 +55,13 @@ type indexEntry struct {
 
 // compareEntries orders entries as a segment lists them: by id, then pack.
 func compareEntries(a, b *indexEntry) int {
-	if c := bytes.Compare(a.ID[:], b.ID[:]); c != 0 {
+	if x, y := binary.BigEndian.Uint64(a.ID[:8]), binary.BigEndian.Uint64(b.ID[:8]); x != y {
+		return cmp.Compare(x, y)
+	}
+	if c := bytes.Compare(a.ID[8:], b.ID[8:]); c != 0 {
 		return c
 	}
-	return int(int64(a.Loc.Pack) - int64(b.Loc.Pack))
+	return cmp.Compare(a.Loc.Pack, b.Loc.Pack)
 }
 
 // fenceBitsFor sizes the fence table for n entries: 8 to 16 entries a slot.

@@ -29,8 +29,15 @@ type segWriter struct {
 	slot  uint32 // the next fence slot to fill
 	n     int
 	last  indexEntry
-	packs map[uint32]uint32
-	buf   [segEntrySize]byte
+	packs packCounter
+	buf   []byte // entries not yet written
+}
+
+// flushBuf writes the gathered entries.
+func (w *segWriter) flushBuf() error {
+	err := w.write(w.buf)
+	w.buf = w.buf[:0]
+	return err
 }
 
 // newSegWriter starts a segment in dir for about expect entries (which
@@ -40,7 +47,7 @@ func newSegWriter(dir string, expect int) (*segWriter, error) {
 	if err != nil {
 		return nil, wrapIO("creating index segment", err)
 	}
-	w := &segWriter{dir: dir, f: f, bw: bufio.NewWriterSize(f, 1<<20), crc: crc32.New(castagnoli), packs: map[uint32]uint32{}}
+	w := &segWriter{dir: dir, f: f, bw: bufio.NewWriterSize(f, 1<<20), crc: crc32.New(castagnoli), buf: make([]byte, 0, 1560*segEntrySize)}
 	w.bits = fenceBitsFor(expect)
 	w.fence = make([]uint32, 1<<w.bits+1)
 	var hdr [segHeaderSize]byte
@@ -73,13 +80,17 @@ func (w *segWriter) add(e *indexEntry) error {
 	for s := fenceSlot(e.ID[:], w.bits); w.slot <= s; w.slot++ {
 		w.fence[w.slot] = uint32(w.n)
 	}
-	putSegEntry(w.buf[:], e)
-	if err := w.write(w.buf[:]); err != nil {
-		return err
+	// Entries gather in buf and go to the checksum and the file together.
+	if len(w.buf)+segEntrySize > cap(w.buf) {
+		if err := w.flushBuf(); err != nil {
+			return err
+		}
 	}
+	w.buf = w.buf[:len(w.buf)+segEntrySize]
+	putSegEntry(w.buf[len(w.buf)-segEntrySize:], e)
 	w.last = *e
 	w.n++
-	w.packs[e.Loc.Pack]++
+	w.packs.add(e.Loc.Pack)
 	return nil
 }
 
@@ -90,19 +101,24 @@ func (w *segWriter) finish(name string) (*segment, error) {
 		w.abort()
 		return nil, nil
 	}
+	if err := w.flushBuf(); err != nil {
+		w.abort()
+		return nil, err
+	}
 	for ; w.slot < uint32(len(w.fence)); w.slot++ {
 		w.fence[w.slot] = uint32(w.n)
 	}
-	tail := make([]byte, 0, len(w.fence)*4+len(w.packs)*segPackSize+segTrailerSize)
+	tail := make([]byte, 0, len(w.fence)*4+segTrailerSize)
 	for _, v := range w.fence {
 		tail = binary.LittleEndian.AppendUint32(tail, v)
 	}
-	for _, p := range slices.Sorted(maps.Keys(w.packs)) {
-		tail = binary.LittleEndian.AppendUint32(tail, p)
-		tail = binary.LittleEndian.AppendUint32(tail, w.packs[p])
+	packs := w.packs.sorted()
+	for _, p := range packs {
+		tail = binary.LittleEndian.AppendUint32(tail, p.pack)
+		tail = binary.LittleEndian.AppendUint32(tail, p.n)
 	}
 	tail = binary.LittleEndian.AppendUint32(tail, uint32(w.n))
-	tail = binary.LittleEndian.AppendUint32(tail, uint32(len(w.packs)))
+	tail = binary.LittleEndian.AppendUint32(tail, uint32(len(packs)))
 	if err := w.write(tail); err != nil {
 		w.abort()
 		return nil, err
@@ -179,4 +195,71 @@ func openSegment(path string) (*segment, error) {
 	g.seq, g.path, g.unmap = seq, path, unix.Munmap
 	g.refs.Store(1)
 	return g, nil
+}
+
+// packCounter counts entries by pack: in a slice while the pack numbers
+// are dense, as a store's are, and in a map past that.
+type packCounter struct {
+	base   uint32
+	counts []uint32 // counts[p-base]
+	sparse map[uint32]uint32
+}
+
+// maxDensePacks bounds the span of pack numbers counted in the slice.
+const maxDensePacks = 1 << 20
+
+func (c *packCounter) add(p uint32) {
+	if c.sparse != nil {
+		c.sparse[p]++
+		return
+	}
+	if c.counts == nil {
+		c.base, c.counts = p, make([]uint32, 1, 64)
+	}
+	end := uint64(c.base) + uint64(len(c.counts))
+	lo, hi := min(uint64(c.base), uint64(p)), max(end, uint64(p)+1)
+	switch {
+	case hi-lo > maxDensePacks:
+		c.sparse = map[uint32]uint32{}
+		for i, n := range c.counts {
+			if n > 0 {
+				c.sparse[c.base+uint32(i)] = n
+			}
+		}
+		c.counts = nil
+		c.sparse[p]++
+		return
+	case lo < uint64(c.base):
+		// Leave room below too, so packs that come in falling order
+		// copy the counts a few times only.
+		if slack := min(lo, uint64(len(c.counts))); hi-(lo-slack) <= maxDensePacks {
+			lo -= slack
+		}
+		grown := make([]uint32, hi-lo)
+		copy(grown[uint64(c.base)-lo:], c.counts)
+		c.base, c.counts = uint32(lo), grown
+	case hi > end:
+		c.counts = append(c.counts, make([]uint32, hi-end)...)
+	}
+	c.counts[p-c.base]++
+}
+
+// packCount is one pack's count.
+type packCount struct{ pack, n uint32 }
+
+// sorted returns the packs counted, by increasing number.
+func (c *packCounter) sorted() []packCount {
+	var out []packCount
+	if c.sparse != nil {
+		for _, p := range slices.Sorted(maps.Keys(c.sparse)) {
+			out = append(out, packCount{p, c.sparse[p]})
+		}
+		return out
+	}
+	for i, n := range c.counts {
+		if n > 0 {
+			out = append(out, packCount{c.base + uint32(i), n})
+		}
+	}
+	return out
 }

@@ -240,3 +240,39 @@ func TestOpenSegmentFiles(t *testing.T) {
 		t.Errorf("fence sizes %d %d %d %d", fenceBitsFor(0), fenceBitsFor(15), fenceBitsFor(16), fenceBitsFor(1<<20))
 	}
 }
+
+func TestPackCounter(t *testing.T) {
+	tests := []struct {
+		name  string
+		packs []uint32
+	}{
+		{"one", []uint32{7}},
+		{"rising", []uint32{1, 2, 2, 3, 9}},
+		{"falling", []uint32{900, 500, 20, 3, 0}},
+		{"mixed", []uint32{40, 2, 40, 77, 1, 3, 2}},
+		{"sparse", []uint32{5, 1 << 31, 6, 1<<32 - 1, 0}},
+		{"dense then sparse", []uint32{1, 2, 3, maxDensePacks + 10, 2}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var c packCounter
+			want := map[uint32]uint32{}
+			for _, p := range tt.packs {
+				c.add(p)
+				want[p]++
+			}
+			got := c.sorted()
+			if len(got) != len(want) {
+				t.Fatalf("%d packs counted, want %d: %v", len(got), len(want), got)
+			}
+			for i, pc := range got {
+				if i > 0 && got[i-1].pack >= pc.pack {
+					t.Fatalf("not sorted: %v", got)
+				}
+				if want[pc.pack] != pc.n {
+					t.Fatalf("pack %d counted %d, want %d", pc.pack, pc.n, want[pc.pack])
+				}
+			}
+		})
+	}
+}
