@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -31,7 +32,7 @@ type chunkIndex struct {
 	// change of the list holds it for writing.
 	mu      sync.RWMutex
 	segs    []*segment // oldest first
-	live    []uint64   // bitmap: pack n is live
+	live    packSet    // the live packs
 	nextSeq uint64
 
 	// mergeMu protects ready, merging, mergeAgain and mergeErr, the last
@@ -53,24 +54,58 @@ func newChunkIndex(dir string) *chunkIndex {
 }
 
 // isLive reports whether pack n is live. The caller holds mu.
-func (x *chunkIndex) isLive(n uint32) bool {
-	w := int(n / 64)
-	return w < len(x.live) && x.live[w]&(1<<(n%64)) != 0
-}
+func (x *chunkIndex) isLive(n uint32) bool { return x.live.has(n) }
 
 // setLive marks packs live or not. The caller holds mu for writing.
 func (x *chunkIndex) setLive(packs []uint32, live bool) {
 	for _, n := range packs {
-		w := int(n / 64)
-		if w >= len(x.live) {
-			x.live = append(x.live, make([]uint64, w+1-len(x.live))...)
-		}
-		if live {
-			x.live[w] |= 1 << (n % 64)
-		} else {
-			x.live[w] &^= 1 << (n % 64)
-		}
+		x.live.set(n, live)
 	}
+}
+
+// packSet is a set of pack numbers: a bitmap for the numbers a store uses,
+// a map for any far beyond them (a stray file's name).
+type packSet struct {
+	bits []uint64
+	far  map[uint32]bool
+}
+
+// maxPackBitmap bounds the bitmap (2 MiB).
+const maxPackBitmap = 1 << 24
+
+func (p *packSet) has(n uint32) bool {
+	if n >= maxPackBitmap {
+		return p.far[n]
+	}
+	w := int(n / 64)
+	return w < len(p.bits) && p.bits[w]&(1<<(n%64)) != 0
+}
+
+func (p *packSet) set(n uint32, in bool) {
+	if n >= maxPackBitmap {
+		if p.far == nil {
+			p.far = map[uint32]bool{}
+		}
+		if in {
+			p.far[n] = true
+		} else {
+			delete(p.far, n)
+		}
+		return
+	}
+	w := int(n / 64)
+	if w >= len(p.bits) {
+		p.bits = append(p.bits, make([]uint64, w+1-len(p.bits))...)
+	}
+	if in {
+		p.bits[w] |= 1 << (n % 64)
+	} else {
+		p.bits[w] &^= 1 << (n % 64)
+	}
+}
+
+func (p *packSet) clone() packSet {
+	return packSet{bits: slices.Clone(p.bits), far: maps.Clone(p.far)}
 }
 
 // find returns the location of id. The caller holds mu.
@@ -171,13 +206,13 @@ func packEntries(num uint32, entries []Entry) []indexEntry {
 // when it was taken. It needs no lock, so its reader may call anything.
 type view struct {
 	segs []*segment
-	live []uint64
+	live packSet
 }
 
 func (x *chunkIndex) view() *view {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
-	v := &view{segs: slices.Clone(x.segs), live: slices.Clone(x.live)}
+	v := &view{segs: slices.Clone(x.segs), live: x.live.clone()}
 	for _, g := range v.segs {
 		g.hold()
 	}
@@ -191,10 +226,7 @@ func (v *view) release() {
 	v.segs = nil
 }
 
-func (v *view) isLive(n uint32) bool {
-	w := int(n / 64)
-	return w < len(v.live) && v.live[w]&(1<<(n%64)) != 0
-}
+func (v *view) isLive(n uint32) bool { return v.live.has(n) }
 
 // each calls fn for every chunk in a live pack, in id order, once: where
 // live packs hold a chunk twice, with the lowest pack.

@@ -140,7 +140,7 @@ func (x *chunkIndex) merge(run []*segment) error {
 		}
 	}()
 	x.mu.RLock()
-	live := slices.Clone(x.live)
+	live := x.live.clone()
 	x.mu.RUnlock()
 	isLive := (&view{live: live}).isLive
 	total := 0

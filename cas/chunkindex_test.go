@@ -446,3 +446,40 @@ func TestEvictLeavesIndex(t *testing.T) {
 	}
 	checkVerify(t, s)
 }
+
+func TestPackSet(t *testing.T) {
+	tests := []struct {
+		name string
+		in   []uint32
+		out  []uint32 // set, then removed
+	}{
+		{"small", []uint32{0, 1, 63, 64, 1000}, []uint32{63}},
+		{"far", []uint32{maxPackBitmap, 1<<32 - 1}, []uint32{maxPackBitmap}},
+		{"both", []uint32{5, maxPackBitmap - 1, maxPackBitmap + 5}, []uint32{5, maxPackBitmap + 5}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var p packSet
+			for _, n := range tt.in {
+				p.set(n, true)
+			}
+			for _, n := range tt.out {
+				p.set(n, false)
+			}
+			c := p.clone()
+			p.set(2, true) // the clone does not see later changes
+			for _, n := range tt.in {
+				want := !slices.Contains(tt.out, n)
+				if p.has(n) != want || c.has(n) != want {
+					t.Errorf("pack %d: has %v, clone %v, want %v", n, p.has(n), c.has(n), want)
+				}
+			}
+			if c.has(2) && !slices.Contains(tt.in, 2) {
+				t.Error("clone changed with its original")
+			}
+			if len(p.bits) > maxPackBitmap/64 {
+				t.Errorf("bitmap of %d words", len(p.bits))
+			}
+		})
+	}
+}
