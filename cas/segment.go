@@ -285,22 +285,34 @@ func (g *segment) packIndex(pack uint32) (int, bool) {
 	return lo, lo < len(g.packs) && g.packs[lo] == pack
 }
 
-// search returns the first entry whose id is id or greater.
+// search returns the first entry whose id is id or greater. Ids are
+// uniform, so the bits after the fence slot's say about where in the slot
+// id falls: the search starts there and steps to the answer, usually
+// within the cache line it started on.
 func (g *segment) search(id *ID) int {
 	slot := fenceSlot(id[:], g.bits)
 	lo, hi := int(g.fenceAt(slot)), int(g.fenceAt(slot+1))
-	want := binary.BigEndian.Uint64(id[:8])
-	for lo < hi {
-		mid := int(uint(lo+hi) >> 1)
-		e := g.entries[mid*segEntrySize:]
-		have := binary.BigEndian.Uint64(e[:8])
-		if have < want || have == want && bytes.Compare(e[8:32], id[8:]) < 0 {
-			lo = mid + 1
-		} else {
-			hi = mid
-		}
+	if lo == hi {
+		return lo
 	}
-	return lo
+	want := binary.BigEndian.Uint64(id[:8])
+	i := lo + int(uint64(hi-lo)*((want<<g.bits)>>32)>>32)
+	if g.before(i, want, id) {
+		for i++; i < hi && g.before(i, want, id); i++ {
+		}
+		return i
+	}
+	for i > lo && !g.before(i-1, want, id) {
+		i--
+	}
+	return i
+}
+
+// before reports whether entry i sorts before id, whose first 8 bytes are want.
+func (g *segment) before(i int, want uint64, id *ID) bool {
+	e := g.entries[i*segEntrySize : i*segEntrySize+32]
+	have := binary.BigEndian.Uint64(e)
+	return have < want || have == want && bytes.Compare(e[8:], id[8:]) < 0
 }
 
 // idAt reports whether entry i exists and is for id.
