@@ -301,21 +301,12 @@ func (s *Store) compactItems(num uint32, opts CompactOptions) ([]*compactItem, i
 		return nil, 0, fmt.Errorf("reading %s: %w", packName(num), err)
 	}
 	current := make([]bool, len(entries))
-	err = s.db.View(func(tx *bolt.Tx) error {
-		chunks := tx.Bucket(bucketChunks)
+	s.idx.read(func(find func(*ID) (Location, bool)) {
 		for i, e := range entries {
-			v := chunks.Get(e.ID[:])
-			if v == nil {
-				continue
-			}
-			loc, err := DecodeLocation(v)
-			current[i] = err == nil && loc == locationOf(num, e)
+			loc, ok := find(&e.ID)
+			current[i] = ok && loc == locationOf(num, e)
 		}
-		return nil
 	})
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading index: %w", err)
-	}
 	var items []*compactItem
 	var open *compactItem
 	var dropped int64
