@@ -128,6 +128,29 @@ func (x *chunkIndex) lookup(id ID) (Location, bool) {
 	return x.find(&id)
 }
 
+// owners returns, for each id, its location in the lowest live pack that
+// holds it, and whether any does. Unlike find's, the answer does not depend
+// on how the segments happen to be merged, so decisions taken apart (which
+// copy of a chunk compaction keeps) agree on the copy that is the chunk's,
+// as forEach's does.
+func (x *chunkIndex) owners(ids []ID) ([]Location, []bool) {
+	locs, found := make([]Location, len(ids)), make([]bool, len(ids))
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	for k := range ids {
+		id := &ids[k]
+		for _, g := range x.segs {
+			for i := g.search(id); g.idAt(i, id); i++ {
+				loc := segLocation(g.entries[i*segEntrySize:])
+				if x.isLive(loc.Pack) && (!found[k] || loc.Pack < locs[k].Pack) {
+					locs[k], found[k] = loc, true
+				}
+			}
+		}
+	}
+	return locs, found
+}
+
 // read calls fn with a lookup function valid during the call: one
 // consistent view of the index for many lookups.
 func (x *chunkIndex) read(fn func(find func(*ID) (Location, bool))) {

@@ -300,18 +300,16 @@ func (s *Store) compactItems(num uint32, opts CompactOptions) ([]*compactItem, i
 	if _, err := f.ReadAt(data, 0); err != nil {
 		return nil, 0, fmt.Errorf("reading %s: %w", packName(num), err)
 	}
-	current := make([]bool, len(entries))
-	s.idx.read(func(find func(*ID) (Location, bool)) {
-		for i, e := range entries {
-			loc, ok := find(&e.ID)
-			current[i] = ok && loc == locationOf(num, e)
-		}
-	})
+	ids := make([]ID, len(entries))
+	for i, e := range entries {
+		ids[i] = e.ID
+	}
+	locs, found := s.idx.owners(ids)
 	var items []*compactItem
 	var open *compactItem
 	var dropped int64
 	for i, e := range entries {
-		if !current[i] {
+		if !found[i] || locs[i] != locationOf(num, e) {
 			dropped++
 			continue
 		}
