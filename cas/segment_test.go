@@ -145,6 +145,9 @@ func TestParseSegmentChecks(t *testing.T) {
 		{"slot of an s2 chunk", func(b []byte) {
 			binary.LittleEndian.PutUint32(b[segHeaderSize+40:], 1<<24|uint32(CodecS2)<<storedBits|100)
 		}},
+		{"slot 16 of an s2 chunk", func(b []byte) {
+			binary.LittleEndian.PutUint32(b[segHeaderSize+40:], 16<<24|uint32(CodecS2)<<storedBits|100)
+		}},
 		{"frame of an s2 chunk", func(b []byte) {
 			binary.LittleEndian.PutUint32(b[segHeaderSize+40:], uint32(CodecS2)<<storedBits|100)
 			b[segHeaderSize+44] = 2
@@ -179,11 +182,9 @@ func TestParseSegmentChecks(t *testing.T) {
 	}
 }
 
-// TestSegmentFrameLocations: a chunk of a zstd frame keeps its whole
-// location through a segment: the frame's stored length (past 16 bits), its
-// slot and the frame's chunk count.
-func TestSegmentFrameLocations(t *testing.T) {
-	g := newGen(74)
+// frameEntries makes entries of chunks in zstd frames, at the edges of
+// what a location holds, beside a few of other codecs.
+func frameEntries(g *gen) []indexEntry {
 	var entries []indexEntry
 	for i, loc := range []Location{
 		{Pack: 1, Offset: packHeaderSize, Stored: 255*ChunkSize - 1, Codec: CodecZstd, Slot: 254, Frame: 255},
@@ -201,6 +202,14 @@ func TestSegmentFrameLocations(t *testing.T) {
 			entries = append(entries, indexEntry{ID: id, Loc: Location{Pack: 3, Offset: packHeaderSize, Stored: 99, Codec: CodecS2}})
 		}
 	}
+	return entries
+}
+
+// TestSegmentFrameLocations: a chunk of a zstd frame keeps its whole
+// location through a segment: the frame's stored length (past 16 bits), its
+// slot and the frame's chunk count.
+func TestSegmentFrameLocations(t *testing.T) {
+	entries := frameEntries(newGen(74))
 	seg, err := parseSegment(segmentBytes(t, entries))
 	if err != nil {
 		t.Fatal(err)
@@ -228,6 +237,7 @@ func FuzzParseSegment(f *testing.F) {
 		f.Add(b, false)
 		f.Add(b, true)
 	}
+	f.Add(segmentBytes(f, frameEntries(newGen(84))), true)
 	f.Add([]byte("BOXDISEG"), false)
 	f.Fuzz(func(t *testing.T, b []byte, reseal bool) {
 		if reseal && len(b) >= segHeaderSize+segTrailerSize {
