@@ -300,27 +300,16 @@ func (s *Store) compactItems(num uint32, opts CompactOptions) ([]*compactItem, i
 	if _, err := f.ReadAt(data, 0); err != nil {
 		return nil, 0, fmt.Errorf("reading %s: %w", packName(num), err)
 	}
-	current := make([]bool, len(entries))
-	err = s.db.View(func(tx *bolt.Tx) error {
-		chunks := tx.Bucket(bucketChunks)
-		for i, e := range entries {
-			v := chunks.Get(e.ID[:])
-			if v == nil {
-				continue
-			}
-			loc, err := DecodeLocation(v)
-			current[i] = err == nil && loc == locationOf(num, e)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading index: %w", err)
+	ids := make([]ID, len(entries))
+	for i, e := range entries {
+		ids[i] = e.ID
 	}
+	locs, found := s.idx.owners(ids)
 	var items []*compactItem
 	var open *compactItem
 	var dropped int64
 	for i, e := range entries {
-		if !current[i] {
+		if !found[i] || locs[i] != locationOf(num, e) {
 			dropped++
 			continue
 		}

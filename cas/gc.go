@@ -50,7 +50,7 @@ func (u PackUsage) Garbage() int64 { return u.ChunkBytes - u.LiveBytes }
 func (s *Store) Usage(live func(ID) bool) (map[uint32]*PackUsage, error) {
 	use := map[uint32]*PackUsage{}
 	err := s.db.View(func(tx *bolt.Tx) error {
-		err := tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
+		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
 			rec, err := decodePackRecord(v)
 			if err != nil || rec.State != packLive {
 				return err
@@ -60,28 +60,23 @@ func (s *Store) Usage(live func(ID) bool) (map[uint32]*PackUsage, error) {
 			use[n] = &PackUsage{Pack: n, Size: int64(rec.Size), ChunkBytes: area}
 			return nil
 		})
-		if err != nil {
-			return err
-		}
-		return tx.Bucket(bucketChunks).ForEach(func(k, v []byte) error {
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				return fmt.Errorf("chunk %x: %w", k, err)
-			}
-			u := use[loc.Pack]
+	})
+	if err == nil {
+		err = s.idx.forEach(context.Background(), func(e *indexEntry) error {
+			u := use[e.Loc.Pack]
 			if u == nil {
 				return nil
 			}
-			if live(ID(k)) {
+			if live(e.ID) {
 				u.LiveChunks++
-				u.LiveBytes += int64(loc.Share())
+				u.LiveBytes += int64(e.Loc.Share())
 			} else {
 				u.DeadChunks++
-				u.DeadBytes += int64(loc.Share())
+				u.DeadBytes += int64(e.Loc.Share())
 			}
 			return nil
 		})
-	})
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading index: %w", err)
 	}
@@ -194,7 +189,7 @@ type gcRun struct {
 	victims map[uint32]bool // packs being collected
 
 	moves  []movedChunk  // live chunks copied out of the victims
-	dead   [][]byte      // index keys of the victims' garbage chunks
+	dead   int64         // the victims' garbage chunks
 	sealed []*packWriter // new packs, sealed
 	sizes  []int64       // file sizes of sealed
 	cur    *packWriter   // the new pack being written, if any
@@ -205,30 +200,16 @@ type gcRun struct {
 // move as they are, after a check of their hash, so damage is never
 // copied. Garbage chunks are only noted.
 func (r *gcRun) copyLive(ctx context.Context) error {
-	err := r.s.db.View(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketChunks).Cursor()
-		buf := make([]byte, ChunkSize)
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				return err
-			}
-			if !r.victims[loc.Pack] {
-				continue
-			}
-			id := ID(k)
-			if !r.live(id) {
-				r.dead = append(r.dead, append([]byte(nil), k...))
-				continue
-			}
-			if err := r.moveChunk(id, loc, buf); err != nil {
-				return err
-			}
+	buf := make([]byte, ChunkSize)
+	err := r.s.idx.forEach(ctx, func(e *indexEntry) error {
+		if !r.victims[e.Loc.Pack] {
+			return nil
 		}
-		return nil
+		if !r.live(e.ID) {
+			r.dead++
+			return nil
+		}
+		return r.moveChunk(e.ID, e.Loc, buf)
 	})
 	if err == nil {
 		err = r.sealCurrent()
@@ -299,40 +280,46 @@ func (r *gcRun) abortUnsealed() {
 	}
 }
 
-// switchIndex moves the index to the new packs in one transaction: it
-// records them, points the live chunks at them, deletes the garbage
-// chunks and marks the victims for deletion.
+// switchIndex moves the index to the new packs: it writes their index
+// segment, then in one transaction records them, marks the victims for
+// deletion (which takes the victims' chunks, garbage and moved ones, out of
+// the index) and records the next pack number.
 func (r *gcRun) switchIndex() error {
 	s := r.s
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		chunks, packs := tx.Bucket(bucketChunks), tx.Bucket(bucketPacks)
+	var entries []indexEntry
+	for _, m := range r.moves {
+		entries = append(entries, indexEntry{ID: m.id, Loc: m.loc})
+	}
+	g, err := s.idx.writeSegment(entries)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
+	var sealed, victims []uint32
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		packs := tx.Bucket(bucketPacks)
 		for i, p := range r.sealed {
 			rec := packRecord{State: packLive, Chunks: uint32(len(p.entries)), Size: uint64(r.sizes[i])}
 			if err := packs.Put(packKey(p.num), rec.marshal()); err != nil {
 				return err
 			}
-		}
-		for _, m := range r.moves {
-			if err := chunks.Put(m.id[:], m.loc.marshal()); err != nil {
-				return err
-			}
-		}
-		for _, k := range r.dead {
-			if err := chunks.Delete(k); err != nil {
-				return err
-			}
+			sealed = append(sealed, p.num)
 		}
 		for n := range r.victims {
 			rec := packRecord{State: packDeleting}
 			if err := packs.Put(packKey(n), rec.marshal()); err != nil {
 				return err
 			}
+			victims = append(victims, n)
 		}
 		return tx.Bucket(bucketMeta).Put(keyNextPack, packKey(s.nextPack))
 	})
 	if err != nil {
+		if g != nil {
+			g.release()
+		}
 		return wrapIO("gc: switching index", err)
 	}
+	s.idx.publish([]*segment{g}, sealed, victims)
 	return nil
 }
 
@@ -374,7 +361,7 @@ func (r *gcRun) forgetVictims() error {
 
 // statsAfter completes st with what the collection did.
 func (r *gcRun) statsAfter(st GCStats, use map[uint32]*PackUsage) GCStats {
-	st.ChunksDeleted = int64(len(r.dead))
+	st.ChunksDeleted = r.dead
 	st.ChunksMoved = int64(len(r.moves))
 	for n, u := range use {
 		if r.victims[n] {

@@ -1,30 +1,39 @@
 package cas
 
 import (
-	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 )
 
-// The index is a bbolt database rather than a format of our own: it gives
-// ordered, mmap-backed lookups whose memory the kernel pages in and out (so a
-// store far larger than RAM costs no heap), atomic multi-key updates for a
-// sealed pack's entries and for GC's switch of locations, and a file lock that
-// keeps a second process out. It is only a cache of the pack footers, so its
-// durability needs are modest; Open rebuilds it when it is missing or damaged.
+// The store's metadata is a bbolt database, index.db: a record per pack
+// (its state, chunks and size) and the next pack number. It gives atomic
+// multi-key updates (GC marks its victims dead and its new packs live in one
+// transaction) and a file lock. Chunk locations are not in it: they are in
+// index segments (segment.go, chunkindex.go), about 45 bytes a chunk where
+// bbolt took about 300. Both are caches of the pack footers, so their
+// durability needs are modest; Open rebuilds them when missing or damaged.
+//
+// Version 1 also held a "chunks" bucket (id → location). Open migrates such
+// a store (migrate.go): it keeps the pack records, finishing any pending
+// deletion, writes them to a fresh version 2 database that replaces the old
+// file, and builds the segments from the pack footers.
 var (
-	bucketChunks = []byte("chunks")
-	bucketPacks  = []byte("packs")
-	bucketMeta   = []byte("meta")
-	keyVersion   = []byte("version")
-	keyNextPack  = []byte("next-pack")
+	bucketPacks = []byte("packs")
+	bucketMeta  = []byte("meta")
+	keyVersion  = []byte("version")
+	keyNextPack = []byte("next-pack")
 )
 
-const indexVersion = 1
+// indexVersion is the version of index.db; legacyIndexVersion is the one
+// that held chunk locations too.
+const (
+	indexVersion       = 2
+	legacyIndexVersion = 1
+)
 
 // Location is where a chunk lives.
 type Location struct {
@@ -40,9 +49,10 @@ type Location struct {
 // evenly among the chunks it holds.
 func (l Location) Share() uint32 { return l.Stored / max(uint32(l.Frame), 1) }
 
-// locationSize is the encoded size: pack u32 | offset u32 | stored u16 | codec u8.
-// A chunk in a zstd frame takes frameLocationSize: pack u32 | offset u32 |
-// stored u32 | codec u8 | slot u8 | frame u8.
+// locationSize is the size of a location as version 1 of index.db stored
+// it: pack u32 | offset u32 | stored u16 | codec u8. A chunk in a zstd
+// frame took frameLocationSize: pack u32 | offset u32 | stored u32 |
+// codec u8 | slot u8 | frame u8.
 const (
 	locationSize      = 11
 	frameLocationSize = 15
@@ -65,7 +75,7 @@ func (l Location) marshal() []byte {
 	return b
 }
 
-// DecodeLocation parses an index value.
+// DecodeLocation parses a location as version 1 of index.db stored it.
 func DecodeLocation(b []byte) (Location, error) {
 	if len(b) == frameLocationSize {
 		return decodeFrameLocation(b)
@@ -151,14 +161,24 @@ func packKey(num uint32) []byte {
 	return k[:]
 }
 
+// errLegacyIndex says index.db is of version 1, to migrate.
+var errLegacyIndex = errors.New("index of version 1")
+
 // initIndex creates the buckets and checks the version.
 func initIndex(tx *bolt.Tx) error {
-	for _, name := range [][]byte{bucketChunks, bucketPacks, bucketMeta} {
+	meta := tx.Bucket(bucketMeta)
+	if meta != nil {
+		v := meta.Get(keyVersion)
+		if len(v) == 4 && binary.BigEndian.Uint32(v) == legacyIndexVersion {
+			return errLegacyIndex
+		}
+	}
+	for _, name := range [][]byte{bucketPacks, bucketMeta} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
 	}
-	meta := tx.Bucket(bucketMeta)
+	meta = tx.Bucket(bucketMeta)
 	v := meta.Get(keyVersion)
 	if v == nil {
 		return meta.Put(keyVersion, binary.BigEndian.AppendUint32(nil, indexVersion))
@@ -169,25 +189,4 @@ func initIndex(tx *bolt.Tx) error {
 	return nil
 }
 
-// addPack records a sealed pack and its chunks. A chunk already indexed
-// elsewhere keeps its location; the copy here is garbage for GC.
-func addPack(tx *bolt.Tx, num uint32, size int64, entries []Entry) (added int, err error) {
-	chunks := tx.Bucket(bucketChunks)
-	// Random ids land everywhere in the tree; fuller leaves keep it small.
-	chunks.FillPercent = 0.9
-	// In id order, consecutive inserts land on the same or the next leaf.
-	sorted := slices.Clone(entries)
-	slices.SortFunc(sorted, func(a, b Entry) int { return bytes.Compare(a.ID[:], b.ID[:]) })
-	for _, e := range sorted {
-		if chunks.Get(e.ID[:]) != nil {
-			continue
-		}
-		loc := locationOf(num, e)
-		if err := chunks.Put(e.ID[:], loc.marshal()); err != nil {
-			return added, err
-		}
-		added++
-	}
-	rec := packRecord{State: packLive, Chunks: uint32(len(entries)), Size: uint64(size)}
-	return added, tx.Bucket(bucketPacks).Put(packKey(num), rec.marshal())
-}
+func beUint32(b []byte) uint32 { return binary.BigEndian.Uint32(b) }

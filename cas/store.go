@@ -1,14 +1,12 @@
 package cas
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -26,6 +24,8 @@ type Store struct {
 	dir      string
 	packsDir string
 	db       *bolt.DB
+	idx      *chunkIndex
+	lock     *os.File
 
 	// writeMu is held by the one Writer (and by GC) for its whole life.
 	writeMu sync.Mutex
@@ -57,7 +57,8 @@ type Options struct {
 
 // Open opens or creates the store in dir. It takes an exclusive lock on the
 // store, removes unfinished packs, and reconciles the index with the packs on
-// disk, rebuilding it when it is missing or unreadable.
+// disk, rebuilding what is missing or unreadable, and migrating an index of
+// an earlier version.
 func Open(dir string, opts Options) (*Store, error) {
 	if opts.LockTimeout == 0 {
 		opts.LockTimeout = time.Second
@@ -66,41 +67,72 @@ func Open(dir string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(s.packsDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating store in %s: %w", dir, err)
 	}
-	dbPath := filepath.Join(dir, "index.db")
-	_, statErr := os.Stat(dbPath)
-	indexMissing := errors.Is(statErr, fs.ErrNotExist)
-	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
-	switch {
-	case errors.Is(err, bolterrors.ErrTimeout):
-		return nil, fmt.Errorf("store %s is in use by another process: %w", dir, errdefs.ErrUnavailable)
-	case err != nil && isAccessError(err):
-		// Not damage: the index is fine, we may not open it.
-		return nil, fmt.Errorf("opening index: %w", err)
-	case err != nil:
-		// Unreadable index: keep it aside for inspection and rebuild.
-		_ = os.Rename(dbPath, dbPath+".damaged")
-		db, err = bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
-		if err != nil {
-			return nil, fmt.Errorf("recreating index: %w", err)
-		}
-		s.Rebuilt = true
+	lock, err := lockStore(dir, opts.LockTimeout)
+	if err != nil {
+		return nil, err
 	}
-	s.db = db
-	if err := db.Update(initIndex); err != nil {
-		if !errors.Is(err, errdefs.ErrDataLoss) {
-			db.Close()
-			return nil, wrapIO("initialising index", err)
-		}
-		if err := s.resetIndex(); err != nil {
-			db.Close()
-			return nil, err
-		}
+	s.lock = lock
+	s.idx = newChunkIndex(filepath.Join(dir, "index"))
+	indexMissing, err := s.openDB(opts)
+	if err != nil {
+		s.lock.Close()
+		return nil, err
 	}
 	if err := s.reconcile(indexMissing); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
+}
+
+// openDB opens index.db, recreating it when it is unreadable and migrating
+// it from version 1. It reports whether the file was missing.
+func (s *Store) openDB(opts Options) (missing bool, err error) {
+	dbPath := filepath.Join(s.dir, "index.db")
+	_, statErr := os.Stat(dbPath)
+	missing = errors.Is(statErr, fs.ErrNotExist)
+	db, err := bolt.Open(dbPath, 0o600, boltOptions(opts))
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return false, fmt.Errorf("store %s is in use by another process: %w", s.dir, errdefs.ErrUnavailable)
+	case err != nil && isAccessError(err):
+		// Not damage: the index is fine, we may not open it.
+		return false, fmt.Errorf("opening index: %w", err)
+	case err != nil:
+		// Unreadable index: keep it aside for inspection and rebuild.
+		_ = os.Rename(dbPath, dbPath+".damaged")
+		db, err = bolt.Open(dbPath, 0o600, boltOptions(opts))
+		if err != nil {
+			return false, fmt.Errorf("recreating index: %w", err)
+		}
+		s.Rebuilt = true
+	}
+	s.db = db
+	err = db.Update(initIndex)
+	switch {
+	case err == nil:
+		return missing, nil
+	case errors.Is(err, errLegacyIndex):
+		s.Rebuilt = true
+		if s.db, err = migrateLegacyIndex(db, dbPath, s.packsDir, boltOptions(opts)); err != nil {
+			return false, err
+		}
+		return missing, nil
+	case errors.Is(err, errdefs.ErrDataLoss):
+		if err := s.resetIndex(); err != nil {
+			db.Close()
+			return false, err
+		}
+		return missing, nil
+	default:
+		db.Close()
+		return false, wrapIO("initialising index", err)
+	}
+}
+
+// boltOptions are the options index.db is opened with.
+func boltOptions(opts Options) *bolt.Options {
+	return &bolt.Options{Timeout: opts.LockTimeout, NoFreelistSync: true, FreelistType: bolt.FreelistMapType}
 }
 
 // isAccessError reports an error opening a file that says nothing about its
@@ -113,7 +145,7 @@ func isAccessError(err error) bool {
 func (s *Store) resetIndex() error {
 	s.Rebuilt = true
 	return s.db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketChunks, bucketPacks, bucketMeta} {
+		for _, name := range [][]byte{bucketPacks, bucketMeta} {
 			if tx.Bucket(name) != nil {
 				if err := tx.DeleteBucket(name); err != nil {
 					return err
@@ -127,15 +159,19 @@ func (s *Store) resetIndex() error {
 // Dir returns the store's directory.
 func (s *Store) Dir() string { return s.dir }
 
-// Close closes the index and every open pack.
+// Close closes the index and every open pack. It waits for a merge of
+// index segments in progress to stop.
 func (s *Store) Close() error {
+	s.idx.close()
 	s.filesMu.Lock()
 	for n, f := range s.files {
 		f.Close()
 		delete(s.files, n)
 	}
 	s.filesMu.Unlock()
-	return s.db.Close()
+	err := s.db.Close()
+	s.lock.Close()
+	return err
 }
 
 // packPath returns the path of pack num.
@@ -167,207 +203,38 @@ func (s *Store) listPacks(removeTmp bool) ([]uint32, error) {
 	return nums, nil
 }
 
-// reconcile brings the index in line with the packs on disk: it finishes
-// interrupted deletions, indexes sealed packs the index does not know (a
-// crash between sealing and indexing, or a rebuild), and drops the entries of
-// packs that are gone. indexMissing says Open found no index file, so the
-// packs on disk, if any, are indexed afresh: a rebuild.
-func (s *Store) reconcile(indexMissing bool) error {
-	onDisk, err := s.listPacks(true)
-	if err != nil {
-		return err
-	}
-	if indexMissing && len(onDisk) > 0 {
-		s.Rebuilt = true
-	}
-	present := map[uint32]bool{}
-	for _, n := range onDisk {
-		present[n] = true
-	}
-	known := map[uint32]packRecord{}
-	var next uint32
-	err = s.db.View(func(tx *bolt.Tx) error {
-		if v := tx.Bucket(bucketMeta).Get(keyNextPack); len(v) == 4 {
-			next = beUint32(v)
-		}
-		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
-			rec, err := decodePackRecord(v)
-			if err != nil || len(k) != 4 {
-				return fmt.Errorf("pack record %x: %w", k, errdefs.ErrDataLoss)
-			}
-			known[beUint32(k)] = rec
-			return nil
-		})
-	})
-	if errors.Is(err, errdefs.ErrDataLoss) {
-		if err := s.resetIndex(); err != nil {
-			return err
-		}
-		known = map[uint32]packRecord{}
-	} else if err != nil {
-		return fmt.Errorf("reading index: %w", err)
-	}
-	var gone []uint32
-	for n, rec := range known {
-		switch {
-		case rec.State == packDeleting:
-			if err := os.Remove(s.packPath(n)); err != nil && !os.IsNotExist(err) {
-				return fmt.Errorf("finishing removal of %s: %w", packName(n), err)
-			}
-			delete(present, n)
-			gone = append(gone, n)
-		case !present[n]:
-			gone = append(gone, n)
-		}
-	}
-	if len(gone) > 0 {
-		if err := s.dropPacks(gone); err != nil {
-			return err
-		}
-	}
-	for _, n := range onDisk {
-		if n >= next {
-			next = n + 1
-		}
-		if _, ok := known[n]; ok || !present[n] {
-			continue
-		}
-		if err := s.indexPackFile(n); err != nil {
-			if errors.Is(err, errdefs.ErrDataLoss) {
-				s.Damaged = append(s.Damaged, fmt.Sprintf("%s: %v", packName(n), err))
-				continue
-			}
-			return err
-		}
-	}
-	s.nextPack = next
-	return nil
-}
-
-// indexPackFile adds a sealed pack found on disk to the index.
-func (s *Store) indexPackFile(num uint32) error {
-	f, err := os.Open(s.packPath(num))
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", packName(num), err)
-	}
-	defer f.Close()
-	entries, size, err := readFooter(f)
-	if err != nil {
-		return fmt.Errorf("%s: %w", packName(num), err)
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		_, err := addPack(tx, num, size, entries)
-		return err
-	})
-}
-
-// dropPacks removes the records of packs that are gone and every index
-// entry that points into them.
-func (s *Store) dropPacks(nums []uint32) error {
-	drop := map[uint32]bool{}
-	for _, n := range nums {
-		drop[n] = true
-	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketChunks).Cursor()
-		for k, v := c.First(); k != nil; {
-			loc, err := DecodeLocation(v)
-			if err != nil || drop[loc.Pack] {
-				if err := c.Delete(); err != nil {
-					return err
-				}
-				k, v = c.Seek(k)
-				continue
-			}
-			k, v = c.Next()
-		}
-		for n := range drop {
-			if err := tx.Bucket(bucketPacks).Delete(packKey(n)); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-}
-
-func beUint32(b []byte) uint32 {
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-}
-
 // Lookup returns where a chunk is stored.
 func (s *Store) Lookup(id ID) (Location, error) {
-	var loc Location
-	err := s.db.View(func(tx *bolt.Tx) error {
-		v := tx.Bucket(bucketChunks).Get(id[:])
-		if v == nil {
-			return fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
-		}
-		var err error
-		loc, err = DecodeLocation(v)
-		return err
-	})
-	return loc, err
+	loc, ok := s.idx.lookup(id)
+	if !ok {
+		return Location{}, fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
+	}
+	return loc, nil
 }
 
 // LookupMany returns the locations of ids in one consistent view of the
 // index (zero chunks get a zero Location). It fails on the first id that is
-// not stored, naming it. The ids are looked up in sorted order, each once,
-// so that a large map walks the index's leaves in order instead of jumping
-// between them.
+// not stored, naming it.
 func (s *Store) LookupMany(ids []ID) ([]Location, error) {
-	order := make([]int32, 0, len(ids))
-	for i, id := range ids {
-		if id != ZeroID {
-			order = append(order, int32(i))
-		}
-	}
-	slices.SortFunc(order, func(a, b int32) int { return bytes.Compare(ids[a][:], ids[b][:]) })
 	locs := make([]Location, len(ids))
-	err := s.db.View(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketChunks).Cursor()
-		var prev ID
-		var loc Location
-		for k, i := range order {
-			id := ids[i]
-			if k > 0 && id == prev {
-				locs[i] = loc
+	missing := -1
+	s.idx.read(func(find func(*ID) (Location, bool)) {
+		for i := range ids {
+			if ids[i] == ZeroID {
 				continue
 			}
-			key, v := seekNear(c, id[:], k > 0)
-			if key == nil || !bytes.Equal(key, id[:]) {
-				return fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
+			loc, ok := find(&ids[i])
+			if !ok {
+				missing = i
+				return
 			}
-			var err error
-			if loc, err = DecodeLocation(v); err != nil {
-				return fmt.Errorf("chunk %s: %w", id, err)
-			}
-			locs[i], prev = loc, id
+			locs[i] = loc
 		}
-		return nil
 	})
-	if err != nil {
-		return nil, err
+	if missing >= 0 {
+		return nil, fmt.Errorf("chunk %s: %w", ids[missing], errdefs.ErrNotFound)
 	}
 	return locs, nil
-}
-
-// seekNear positions c at the first key at or after want. After a previous
-// position, it first steps forward a few keys: when the ids sought are most
-// of the index, the next one is usually among them, which is cheaper than a
-// Seek from the root.
-func seekNear(c *bolt.Cursor, want []byte, positioned bool) ([]byte, []byte) {
-	if positioned {
-		for range 4 {
-			k, v := c.Next()
-			if k == nil {
-				break
-			}
-			if bytes.Compare(k, want) >= 0 {
-				return k, v
-			}
-		}
-	}
-	return c.Seek(want)
 }
 
 // Has reports whether a chunk is stored (the zero chunk always is).
@@ -375,8 +242,8 @@ func (s *Store) Has(id ID) bool {
 	if id == ZeroID {
 		return true
 	}
-	_, err := s.Lookup(id)
-	return err == nil
+	_, ok := s.idx.lookup(id)
+	return ok
 }
 
 // file returns the open pack file num, and notes that it was read now.

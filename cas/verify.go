@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 
@@ -38,7 +39,8 @@ type VerifyResult struct {
 }
 
 // Verify reads every pack, checks its footer, re-hashes every chunk in it,
-// and checks that every index entry points at a chunk that a footer lists.
+// checks every index segment again as Open does, and checks that every
+// index entry points at a chunk that a footer lists.
 // progress, when not nil, is called with the bytes read so far.
 func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (VerifyResult, error) {
 	var res VerifyResult
@@ -103,37 +105,31 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) (V
 		res.Damaged = append(res.Damaged, r.damaged...)
 		footers[nums[i]] = r.entries
 	}
-	err = s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketChunks).ForEach(func(k, v []byte) error {
-			id := ID(k)
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				res.Damaged = append(res.Damaged, Damage{Pack: "index.db", Chunk: id.String(), Reason: err.Error()})
+	res.Damaged = append(res.Damaged, s.idx.check()...)
+	err = s.idx.forEach(ctx, func(e *indexEntry) error {
+		id, loc := e.ID, e.Loc
+		f, ok := footers[loc.Pack]
+		if !ok {
+			sealed, seen := sealedSince[loc.Pack]
+			if !seen {
+				_, err := os.Stat(s.packPath(loc.Pack))
+				sealed = err == nil
+				sealedSince[loc.Pack] = sealed
+			}
+			if sealed {
 				return nil
 			}
-			f, ok := footers[loc.Pack]
-			if !ok {
-				sealed, seen := sealedSince[loc.Pack]
-				if !seen {
-					_, err := os.Stat(s.packPath(loc.Pack))
-					sealed = err == nil
-					sealedSince[loc.Pack] = sealed
-				}
-				if sealed {
-					return nil
-				}
-				res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "indexed in a pack that is missing"})
-				return nil
-			}
-			if f == nil {
-				return nil // the pack's damage is already reported
-			}
-			e, ok := f[entryKey(loc.Offset, loc.Slot)]
-			if !ok || e.ID != id || locationOf(loc.Pack, e) != loc {
-				res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "index entry disagrees with the pack footer"})
-			}
+			res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "indexed in a pack that is missing"})
 			return nil
-		})
+		}
+		if f == nil {
+			return nil // the pack's damage is already reported
+		}
+		e2, ok := f[entryKey(loc.Offset, loc.Slot)]
+		if !ok || e2.ID != id || locationOf(loc.Pack, e2) != loc {
+			res.Damaged = append(res.Damaged, Damage{Pack: packName(loc.Pack), Chunk: id.String(), Offset: int64(loc.Offset), Reason: "index entry disagrees with the pack footer"})
+		}
+		return nil
 	})
 	if err != nil {
 		return res, fmt.Errorf("reading index: %w", err)
@@ -186,33 +182,33 @@ type StoreStats struct {
 	PackBytes   int64 `json:"pack_bytes"`
 	Chunks      int64 `json:"index_entries"`
 	StoredBytes int64 `json:"stored_bytes"`
-	IndexBytes  int64 `json:"index_bytes"`
+	IndexBytes  int64 `json:"index_bytes"` // index.db and the index segments
 }
 
 // Stats reads the index's totals.
 func (s *Store) Stats() (StoreStats, error) {
 	var st StoreStats
 	err := s.db.View(func(tx *bolt.Tx) error {
-		st.IndexBytes = tx.Size()
-		if err := tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
+		return tx.Bucket(bucketPacks).ForEach(func(k, v []byte) error {
 			rec, err := decodePackRecord(v)
 			if err == nil && rec.State == packLive {
 				st.Packs++
 				st.PackBytes += int64(rec.Size)
 			}
 			return err
-		}); err != nil {
-			return err
-		}
-		return tx.Bucket(bucketChunks).ForEach(func(k, v []byte) error {
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				return err
-			}
-			st.Chunks++
-			st.StoredBytes += int64(loc.Share())
-			return nil
 		})
+	})
+	if err != nil {
+		return st, err
+	}
+	st.IndexBytes = s.idx.bytes()
+	if fi, err := os.Stat(filepath.Join(s.dir, "index.db")); err == nil {
+		st.IndexBytes += fi.Size()
+	}
+	err = s.idx.forEach(context.Background(), func(e *indexEntry) error {
+		st.Chunks++
+		st.StoredBytes += int64(e.Loc.Share())
+		return nil
 	})
 	return st, err
 }
@@ -220,14 +216,8 @@ func (s *Store) Stats() (StoreStats, error) {
 // ForEach calls fn for every indexed chunk, in id order, inside one
 // consistent view of the index.
 func (s *Store) ForEach(fn func(ID, Location) error) error {
-	return s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketChunks).ForEach(func(k, v []byte) error {
-			loc, err := DecodeLocation(v)
-			if err != nil {
-				return fmt.Errorf("chunk %x: %w", k, err)
-			}
-			return fn(ID(k), loc)
-		})
+	return s.idx.forEach(context.Background(), func(e *indexEntry) error {
+		return fn(e.ID, e.Loc)
 	})
 }
 

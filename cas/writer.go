@@ -11,7 +11,6 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/s2"
-	bolt "go.etcd.io/bbolt"
 )
 
 // WriteStats counts what a Writer did with the chunks it was given.
@@ -216,14 +215,14 @@ func (w *Writer) process(b *batch) {
 		}
 		b.ids[i], b.class[i] = sha256.Sum256(c), classNew
 	}
-	_ = w.s.db.View(func(tx *bolt.Tx) error {
-		chunks := tx.Bucket(bucketChunks)
+	w.s.idx.read(func(find func(*ID) (Location, bool)) {
 		for i := 0; i < b.n; i++ {
-			if b.class[i] == classNew && chunks.Get(b.ids[i][:]) != nil {
-				b.class[i] = classKnown
+			if b.class[i] == classNew {
+				if _, ok := find(&b.ids[i]); ok {
+					b.class[i] = classKnown
+				}
 			}
 		}
-		return nil
 	})
 	for i := 0; i < b.n; i++ {
 		if b.class[i] != classNew {
@@ -370,12 +369,7 @@ func (s *Store) sealAndIndex(p *packWriter) error {
 	if err != nil {
 		return err
 	}
-	err = s.db.Update(func(tx *bolt.Tx) error {
-		if _, err := addPack(tx, p.num, size, p.entries); err != nil {
-			return err
-		}
-		return tx.Bucket(bucketMeta).Put(keyNextPack, packKey(p.num+1))
-	})
+	err = s.indexPack(p.num, size, p.entries)
 	if err != nil {
 		// The pack is sealed; the next Open indexes it.
 		return wrapIO("indexing "+packName(p.num), err)

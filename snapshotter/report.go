@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/bits"
-	"os"
-	"path/filepath"
 
 	"github.com/boxd-dev/boxd/cas"
 	bolt "go.etcd.io/bbolt"
@@ -313,9 +311,6 @@ func (g *Graph) storeReport(st cas.StoreStats) (StoreReport, error) {
 	use, err := g.store.Usage(func(id cas.ID) bool { _, ok := live[id]; return ok })
 	if err != nil {
 		return sr, err
-	}
-	if fi, err := os.Stat(filepath.Join(g.store.Dir(), "index.db")); err == nil {
-		sr.IndexBytes = fi.Size()
 	}
 	for _, u := range use {
 		sr.GarbageBytes += u.Garbage()
