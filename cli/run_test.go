@@ -69,9 +69,16 @@ func TestRunQEMU(t *testing.T) {
 	// The project, checked out and built once.
 	ok(t, root, "exec", "warm", "--", "sh", "-c", "mkdir -p /root/proj && echo built-once > /root/proj/state")
 	memDir := filepath.Join("/dev/shm", "boxd-"+func() string { h := cas.Sum([]byte(root)); return hex.EncodeToString(h[:6]) }())
-	memBefore := memFiles(t, memDir)
-
+	// The warm box's spares start one after another: count once they
+	// have stopped changing.
 	qemuBefore := qemus(root)
+	for stable, deadline := time.Now(), time.Now().Add(time.Minute); time.Since(stable) < 3*time.Second && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+		if n := qemus(root); n != qemuBefore {
+			qemuBefore, stable = n, time.Now()
+		}
+	}
+	memBefore := memFiles(t, memDir)
 	if len(memBefore) == 0 || qemuBefore == 0 {
 		t.Fatalf("the warm box has %d memory files in %s and %d QEMU processes: the checks below would see nothing", len(memBefore), memDir, qemuBefore)
 	}
