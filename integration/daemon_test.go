@@ -274,6 +274,11 @@ func TestDaemonSSH(t *testing.T) {
 	d.noMachinesOf(t, killed)
 	for _, b := range d.boxes(t) {
 		switch {
+		case b.Name == "dev" && b.State == "hibernated" && strings.Contains(b.Note, "memory was not restored"):
+			// The daemon was killed while dev's memory still came back
+			// from its snapshot (a lazy resume): dev is hibernated in it
+			// again, and the next use resumes it.
+			t.Logf("dev, killed while its memory came back: %s (%q)", b.State, b.Note)
 		case b.Name == "dev" && (b.State != "stopped" || !strings.Contains(b.Note, "its machine ended meanwhile")):
 			t.Fatalf("dev, whose QEMU was killed while no daemon ran: %s (%q), want stopped with the reason", b.State, b.Note)
 		case b.Name == "f1" && b.State != "running":
