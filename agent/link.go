@@ -104,8 +104,10 @@ func (l *Link) checkResume(peerRecv uint64) error {
 	switch {
 	case l.failed != nil:
 		return l.failed
-	case l.closing || l.peerClosed:
-		return fmt.Errorf("agent: link %s: closed: %w", l.id, errdefs.ErrFailedPrecondition)
+	case l.closing:
+		return fmt.Errorf("agent: link %s: closed by this end: %w", l.id, errdefs.ErrFailedPrecondition)
+	case l.peerClosed:
+		return fmt.Errorf("agent: link %s: closed by the peer: %w", l.id, errdefs.ErrFailedPrecondition)
 	case peerRecv < l.outAck || peerRecv > l.outAck+uint64(l.out.len()):
 		return fmt.Errorf("agent: link %s: the peer holds %d bytes, this end kept %d to %d: %w",
 			l.id, peerRecv, l.outAck, l.outAck+uint64(l.out.len()), errdefs.ErrFailedPrecondition)

@@ -28,10 +28,10 @@ func (g *guestLinks) serve(ch io.WriteCloser, r io.Reader, line []byte, ssh func
 	if err != nil {
 		return err
 	}
-	l, recv, reason := g.take(h, ssh)
+	l, recv, reason, why := g.take(h, ssh)
 	if l == nil {
 		_, _ = io.WriteString(ch, helloReply{reason: reason}.line())
-		return fmt.Errorf("agent: link %s: refused (%s)", h.id, reason)
+		return fmt.Errorf("agent: link %s: refused (%s): %w", h.id, reason, why)
 	}
 	if _, err := io.WriteString(ch, helloReply{ok: true, id: h.id, recv: recv}.line()); err != nil {
 		return fmt.Errorf("agent: link: %w", err)
@@ -40,8 +40,8 @@ func (g *guestLinks) serve(ch io.WriteCloser, r io.Reader, line []byte, ssh func
 }
 
 // take returns the link hello h asks for, detached from any channel, and what it holds of the host's stream; or
-// the reason of a refusal.
-func (g *guestLinks) take(h hello, ssh func(l *Link)) (l *Link, recv uint64, refused string) {
+// the reason of a refusal and its detail.
+func (g *guestLinks) take(h hello, ssh func(l *Link)) (l *Link, recv uint64, refused string, why error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if !h.resume {
@@ -50,13 +50,18 @@ func (g *guestLinks) take(h hello, ssh func(l *Link)) (l *Link, recv uint64, ref
 		}
 		g.cur = newLink(h.id)
 		go ssh(g.cur)
-		return g.cur, 0, ""
+		return g.cur, 0, "", nil
 	}
-	if g.cur == nil || g.cur.id != h.id || g.cur.done() {
-		return nil, 0, refusedUnknown
+	switch {
+	case g.cur == nil:
+		return nil, 0, refusedUnknown, errors.New("this agent has no link")
+	case g.cur.id != h.id:
+		return nil, 0, refusedUnknown, fmt.Errorf("this agent's link is %s", g.cur.id)
+	case g.cur.done():
+		return nil, 0, refusedUnknown, errors.New("the link ended")
 	}
 	if err := g.cur.canResume(h.recv); err != nil {
-		return nil, 0, refusedPosition
+		return nil, 0, refusedPosition, err
 	}
-	return g.cur, g.cur.detach(), ""
+	return g.cur, g.cur.detach(), "", nil
 }

@@ -265,6 +265,7 @@ type fakeMachine struct {
 	disk, last string
 	base       string
 	paused     bool
+	ranOn      bool // ran after its last snapshot: a snapshot taken running goes on after, as a real one does
 	done       chan struct{}
 	err        error
 }
@@ -300,7 +301,22 @@ func (m *fakeMachine) Continue(context.Context) error {
 		return m.err
 	}
 	m.paused = false
+	m.ranOn = true
 	return nil
+}
+
+// ranAfterSnapshot says whether the machine ran after its last snapshot.
+func (m *fakeMachine) ranAfterSnapshot() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ranOn
+}
+
+// isPaused says whether the machine is paused.
+func (m *fakeMachine) isPaused() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.paused
 }
 
 func (m *fakeMachine) Snapshot(ctx context.Context, name string, opts runner.SnapshotOptions) (snapshotter.Snapshot, error) {
@@ -344,6 +360,7 @@ func (m *fakeMachine) Snapshot(ctx context.Context, name string, opts runner.Sna
 		return snapshotter.Snapshot{}, err
 	}
 	m.disk, m.last = top, name
+	m.ranOn = !m.paused
 	return s, nil
 }
 

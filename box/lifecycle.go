@@ -142,8 +142,16 @@ func (m *Manager) hibernateAs(ctx context.Context, bx Box, what string) (Box, er
 		return Box{}, err
 	}
 	snap := snapName(&bx, what)
+	// Paused first, the machine stays paused after its snapshot until it stops: a guest that ran on would
+	// send its agent link bytes the snapshot does not hold, and the link could not resume.
+	if err := mach.Pause(ctx); err != nil {
+		return bx, fmt.Errorf("hibernating box %s: %w", bx.Name, err)
+	}
 	s, err := mach.Snapshot(ctx, snap, runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: bx.Name}})
 	if err != nil {
+		if cerr := mach.Continue(context.WithoutCancel(ctx)); cerr != nil {
+			m.log.Error("box: the machine stays paused after a failed hibernation", "box", bx.Name, "err", cerr)
+		}
 		return bx, fmt.Errorf("hibernating box %s (it keeps running): %w", bx.Name, err)
 	}
 	top := currentDisk(mach, bx.Disk)

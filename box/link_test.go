@@ -129,6 +129,7 @@ func testLinkSurvives(t *testing.T, moves bool) {
 	past("the hibernation", 5)
 	if c2, err := mgr.Client(ctx, "lk"); err != nil || c2 != c {
 		t.Errorf("after the hibernation the box has client %p (%v), want the one it had, %p", c2, err, c)
+		logConsole(t, mgr, "lk")
 	}
 	t.Logf("the counter reached %d over %d forks and a hibernation", last, forks)
 }
@@ -182,4 +183,21 @@ func readCounter(t *testing.T, r io.Reader, lines chan<- int) {
 		}
 		lines <- n
 	}
+}
+
+// logConsole logs the last lines of box name's console.
+func logConsole(t *testing.T, mgr *box.Manager, name string) {
+	t.Helper()
+	path, err := mgr.ConsolePath(name)
+	if err != nil {
+		t.Logf("console of %s: %v", name, err)
+		return
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Logf("console of %s: %v", name, err)
+		return
+	}
+	b = b[max(0, len(b)-4096):]
+	t.Logf("the end of %s's console:\n%s", name, b)
 }

@@ -233,10 +233,16 @@ func TestFakeHibernateResume(t *testing.T) {
 	e := newFakeEnv(t, false)
 	ctx := context.Background()
 	e.create(t, "dev")
-	_, id, _ := e.machine(t, "dev").sys.get()
+	mach := e.machine(t, "dev")
+	_, id, _ := mach.sys.get()
 	bx, err := e.mgr.Hibernate(ctx, "dev")
 	if err != nil || bx.State != box.StateHibernated {
 		t.Fatalf("Hibernate: %+v, %v", bx, err)
+	}
+	// Nothing the guest does after its snapshot is kept: it must not run on (its agent link would hold bytes
+	// the snapshot does not, and could not resume).
+	if mach.ranAfterSnapshot() {
+		t.Fatal("the machine ran on after its hibernation snapshot")
 	}
 	s, err := e.g.Get(bx.Snapshot)
 	if err != nil || s.Labels[box.LabelBox] != "dev" {
@@ -288,6 +294,9 @@ func TestFakeHibernateDiskFull(t *testing.T) {
 	}
 	if got := e.state(t, "dev").State; got != box.StateRunning {
 		t.Fatalf("after a failed hibernation the box is %s, want running", got)
+	}
+	if e.machine(t, "dev").isPaused() {
+		t.Fatal("after a failed hibernation the machine stays paused")
 	}
 	run(ctx, t, e.mgr, "dev", "true")
 	e.r.setSnapErr(nil)
