@@ -37,6 +37,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,6 +117,13 @@ type Runner struct {
 	// Spec.HostPorts are refused.
 	Expose func(ctx context.Context, ports []uint16) (uid uint32, release func(), err error)
 
+	// TCGCacheMiB bounds QEMU's translation cache under TCG (-accel
+	// tcg,tb-size), in MiB: a machine fills it as its guest runs code, up
+	// to this, so it is most of what a machine holds beyond its guest's
+	// memory, once for each fork. 0 means DefaultTCGCacheMiB; KVM has no
+	// such cache.
+	TCGCacheMiB int
+
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
 	// EagerRestore makes a long-lived restore rebuild the whole memory
@@ -164,6 +172,8 @@ type Runner struct {
 
 	liveMu sync.Mutex
 	live   map[string]*Machine // the machines that run, by folder (adopt.go)
+
+	stubs stubKernels // stubkernel.go
 }
 
 // The runner and its machines have every optional capability.
@@ -219,8 +229,26 @@ func HasVirtFlag(cpuinfo []byte) bool {
 	return false
 }
 
+// DefaultTCGCacheMiB is Runner.TCGCacheMiB's default: QEMU's own is 1 GiB,
+// which a long-running guest fills a good part of, in every fork.
+const DefaultTCGCacheMiB = 64
+
+// accelArg is -accel's value: the accelerator, and under TCG the size of
+// its translation cache.
+func (r *Runner) accelArg() string {
+	a := r.Accel()
+	if a != AccelTCG {
+		return a
+	}
+	size := r.TCGCacheMiB
+	if size <= 0 {
+		size = DefaultTCGCacheMiB
+	}
+	return a + ",tb-size=" + strconv.Itoa(size)
+}
+
 // Capabilities says the backend boots Linux guests and takes incremental
-// snapshots; memory is not served lazily (a restore maps a memory file).
+// snapshots.
 func (r *Runner) Capabilities() runner.Capabilities {
 	return runner.Capabilities{Linux: true, IncrementalSnapshots: true}
 }
@@ -248,7 +276,7 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	}
 	cpus := max(spec.CPUs, 1)
 	args := []string{
-		"-accel", r.Accel(),
+		"-accel", r.accelArg(),
 		"-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
 		"-m", strconv.FormatInt(spec.MemSize/mib, 10) + "M",
 		"-smp", strconv.Itoa(cpus),
@@ -462,6 +490,9 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	)
 	if lo.incoming {
 		args = append(args, "-S", "-incoming", "defer")
+		if i := slices.Index(args, "-kernel"); i >= 0 {
+			args[i+1] = r.restoreKernel(spec.Kernel)
+		}
 	}
 	// QEMU writes what it says to a file in its folder, not to a pipe
 	// that would break if it outlives this process (Detached, adopt.go).

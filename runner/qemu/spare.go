@@ -18,9 +18,10 @@ import (
 // StartSpares starts n spares for forks of m. A spare is QEMU started ahead of
 // time with m's machine, less its disk, paused and waiting for device
 // state (-incoming defer), with a memory file mapped copy-on-write that m
-// prepares for its next SnapshotForFork: an empty file for a machine on its own
-// memory file, a copy of the frozen file it maps for a fork. SnapshotForFork fills
-// the file with m's memory, and the restores of its snapshot take the
+// prepares for its next SnapshotForFork: an empty file, which SnapshotForFork
+// fills with m's memory (for a fork of a fork too: a copy of the frozen file
+// held ahead would cost host memory the size of the guest's, for every
+// machine that may fork), and the restores of its snapshot take the
 // spares instead of starting QEMU: they attach their disk and console and
 // load the device state, which takes process start off a fork's critical
 // path. A spare reads nothing of the file before it runs, so it sees what
@@ -88,8 +89,7 @@ func (m *Machine) prepare() (string, error) {
 	return path, nil
 }
 
-// newPrepared makes a file for a fork's memory: empty for a machine on
-// its own memory file, a copy of the frozen file it maps for a fork.
+// newPrepared makes an empty file for a fork's memory.
 func (m *Machine) newPrepared() (string, error) {
 	path := filepath.Join(m.r.memDir(), fmt.Sprintf("fork-%d-%d.mem", os.Getpid(), m.r.ids.Add(1)))
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
@@ -97,9 +97,6 @@ func (m *Machine) newPrepared() (string, error) {
 		return "", fmt.Errorf("qemu: memory file: %w", err)
 	}
 	err = out.Truncate(m.spec.MemSize)
-	if err == nil && m.private {
-		err = copySparse(m.memFile, out, m.spec.MemSize)
-	}
 	if cerr := out.Close(); err == nil {
 		err = cerr
 	}
@@ -200,14 +197,11 @@ func (m *Machine) dropPrepared() {
 	}
 }
 
-// precopy copies a machine's own memory file into file, made by
+// precopy copies the memory file a machine maps into file, made by
 // newPrepared, while the guest runs: fillPrepared, with the guest stopped,
-// then writes only the pages that changed meanwhile. A fork (private)
-// has nothing to copy ahead.
+// then writes only the pages that changed meanwhile (a machine on its own
+// file) or that the machine holds privately (a fork, on a frozen file).
 func (m *Machine) precopy(file string) error {
-	if m.private {
-		return nil
-	}
 	out, err := os.OpenFile(file, os.O_WRONLY, 0)
 	if err != nil {
 		return fmt.Errorf("qemu: memory file: %w", err)
@@ -231,7 +225,8 @@ func (m *Machine) fillPrepared(file string) error {
 }
 
 // writePrivate writes the pages the stopped machine holds privately into
-// file, a copy of the frozen file it maps: file then holds its memory.
+// file, a copy of the frozen file it maps (precopy): file then holds its
+// memory.
 func (m *Machine) writePrivate(file string) error {
 	ram, err := findGuestRAM(m.PID(), m.memFile, m.spec.MemSize)
 	if err != nil {

@@ -113,6 +113,16 @@ func TestWarmFork(t *testing.T) {
 			}
 		}
 	}
+	// The forks carry on without the kernel in QEMU's memory: they start on its stub.
+	if got := kernelArg(t, parent.PID()); got != spec.Kernel {
+		t.Errorf("the parent booted %s, want %s", got, spec.Kernel)
+	}
+	for i, k := range kids {
+		stub := kernelArg(t, k.PID())
+		if st, err := os.Stat(stub); err != nil || stub == spec.Kernel || st.Size() > 64<<10 {
+			t.Errorf("fork %d started on kernel %s (%v), want a stub of at most 64 KiB", i, stub, err)
+		}
+	}
 	for i, k := range kids {
 		n, got := diskStep(ctx, t, k, frozeAt)
 		if got != "boxd-disk!" {
@@ -180,8 +190,9 @@ func TestWarmFork(t *testing.T) {
 			t.Errorf("memory files left: %v", left)
 		}
 	}
-	// Every machine's folder goes when its QEMU ends (disks/ is the
-	// runner's, for disks exported from the store).
+	// Every machine's folder goes when its QEMU ends (disks/ and
+	// kernel-stubs/ are the runner's: disks exported from the store, the
+	// kernels restores start on).
 	if left := machineDirs(t, r.Dir); len(left) != 0 {
 		time.Sleep(time.Second)
 		if left = machineDirs(t, r.Dir); len(left) != 0 {
@@ -211,7 +222,7 @@ func machineDirs(t *testing.T, dir string) []string {
 	}
 	var out []string
 	for _, e := range ents {
-		if e.Name() != "disks" {
+		if e.Name() != "disks" && e.Name() != "kernel-stubs" { // the runner's own
 			out = append(out, e.Name())
 		}
 	}
@@ -479,4 +490,19 @@ func TestWarmForkOfFork(t *testing.T) {
 		t.Fatalf("restore from the store: step %d reading %q; the fork froze at %d", n, got, frozeAt)
 	}
 	_ = before
+}
+
+// kernelArg is the -kernel argument of QEMU process pid.
+func kernelArg(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := strings.Split(string(b), "\x00")
+	if i := slices.Index(args, "-kernel"); i >= 0 && i+1 < len(args) {
+		return args[i+1]
+	}
+	t.Fatalf("QEMU %d has no -kernel", pid)
+	return ""
 }
