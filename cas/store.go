@@ -322,10 +322,15 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	var buf [ChunkSize]byte
-	stored := buf[:loc.Stored]
+	var stored []byte
 	if loc.Codec == CodecRaw {
 		stored = dst[:loc.Stored]
+	} else {
+		// The stored bytes go through a pooled buffer: one on the stack
+		// escapes (ReadAt), and a chunk read would allocate 4 KiB.
+		buf := storedBufs.Get().(*[ChunkSize]byte)
+		defer storedBufs.Put(buf)
+		stored = buf[:loc.Stored]
 	}
 	s.filesMu.RLock()
 	_, err = f.ReadAt(stored, int64(loc.Offset))
@@ -335,6 +340,9 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 	}
 	return decodeChecked(id, loc, stored, dst)
 }
+
+// storedBufs holds buffers for the stored bytes of one compressed chunk.
+var storedBufs = sync.Pool{New: func() any { return new([ChunkSize]byte) }}
 
 // decodeChecked decodes a chunk's stored bytes into dst and checks them
 // against the id.
