@@ -336,13 +336,7 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	// and recording only the faulting page would leave a prefetched
 	// restore to fault on all the others.
 	s.record(r, p, n)
-	if r.allZero(p, n) {
-		return s.zero(r, p, n, &s.zeroed, &totals.faulted)
-	}
-	if err := s.read(r, p, n, buf); err != nil {
-		return err
-	}
-	return s.copyIn(r, p, n, buf[:n*PageSize], &s.copied, &totals.faulted)
+	return s.fill(r, p, n, buf, &s.copied, &s.zeroed, &totals.faulted)
 }
 
 // record appends pages [p, p+n) of r to the working set.
@@ -360,6 +354,11 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *at
 	if r.allZero(p, n) {
 		return s.zero(r, p, n, zeroed, total)
 	}
+	if data := r.overlayRun(p, n); data != nil {
+		// Straight from the overlay's memory, which the server holds a
+		// reference to: no copy into buf first.
+		return s.copyIn(r, p, n, data, copied, total)
+	}
 	if err := s.read(r, p, n, buf); err != nil {
 		return err
 	}
@@ -374,6 +373,21 @@ func (r *region) allZero(p, n int) bool {
 		}
 	}
 	return true
+}
+
+// overlayRun returns the memory of pages [p, p+n) of r when the overlay
+// holds all of them, back to back in one mapping, else nil.
+func (r *region) overlayRun(p, n int) []byte {
+	if r.over == nil || r.over[p] == nil || cap(r.over[p]) < n*PageSize {
+		return nil
+	}
+	first := uffd.Addr(r.over[p])
+	for i := 1; i < n; i++ {
+		if r.over[p+i] == nil || uffd.Addr(r.over[p+i]) != first+uintptr(i)*PageSize {
+			return nil
+		}
+	}
+	return r.over[p][:n*PageSize]
 }
 
 // zero maps the zero page into pages [p, p+n) of r.
