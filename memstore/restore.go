@@ -251,7 +251,7 @@ func (s *Server) handle() {
 	defer runtime.UnlockOSThread()
 	msgs := make([]uffd.Msg, 64)
 	faults := make([]uffd.Fault, 0, len(msgs))
-	buf := make([]byte, s.opts.FaultAround*PageSize)
+	ra := newReadahead(s.opts.FaultAround)
 	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
 	for !s.halt.Load() {
 		// Read first and poll only when nothing is pending: while a
@@ -270,7 +270,7 @@ func (s *Server) handle() {
 			return
 		}
 		for _, f := range faults {
-			if err := s.serve(f.Address, buf); err != nil {
+			if err := s.serve(f.Address, ra); err != nil {
 				s.fail(err)
 				return
 			}
@@ -312,8 +312,8 @@ func (s *Server) regionOf(addr uintptr) (*region, int) {
 }
 
 // serve answers one fault with a window of missing pages starting at the
-// faulting page.
-func (s *Server) serve(addr uintptr, buf []byte) error {
+// faulting page, reading through ra.
+func (s *Server) serve(addr uintptr, ra *readahead) error {
 	r, p := s.regionOf(addr)
 	if r == nil {
 		return fmt.Errorf("fault at %#x outside every registered region", addr)
@@ -336,7 +336,17 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	// and recording only the faulting page would leave a prefetched
 	// restore to fault on all the others.
 	s.record(r, p, n)
-	return s.fill(r, p, n, buf, &s.copied, &s.zeroed, &totals.faulted)
+	if r.allZero(p, n) {
+		return s.zero(r, p, n, &s.zeroed, &totals.faulted)
+	}
+	if data := r.overlayRun(p, n); data != nil {
+		return s.copyIn(r, p, n, data, &s.copied, &totals.faulted)
+	}
+	data, err := ra.window(s, r, p, n)
+	if err != nil {
+		return err
+	}
+	return s.copyIn(r, p, n, data, &s.copied, &totals.faulted)
 }
 
 // record appends pages [p, p+n) of r to the working set.
