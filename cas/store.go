@@ -344,6 +344,14 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 // storedBufs holds buffers for the stored bytes of one compressed chunk.
 var storedBufs = sync.Pool{New: func() any { return new([ChunkSize]byte) }}
 
+// runBufs holds buffers for the stored bytes of runs of chunks that lie
+// back to back in a pack (GetLocated), so that reading runs allocates
+// nothing once a buffer has grown to the runs read.
+var runBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// maxPooledRun is the largest run buffer kept in runBufs.
+const maxPooledRun = 1 << 20
+
 // decodeChecked decodes a chunk's stored bytes into dst and checks them
 // against the id.
 func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
@@ -378,7 +386,12 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 	if len(locs) != len(ids) || len(dst) < len(ids)*ChunkSize {
 		return fmt.Errorf("GetLocated: %d ids, %d locations, %d bytes: %w", len(ids), len(locs), len(dst), errdefs.ErrInvalidArgument)
 	}
-	var run []byte
+	var run *[]byte
+	defer func() {
+		if run != nil && cap(*run) <= maxPooledRun {
+			runBufs.Put(run)
+		}
+	}()
 	for i := 0; i < len(ids); {
 		out := dst[i*ChunkSize : (i+1)*ChunkSize]
 		if ids[i] == ZeroID {
@@ -407,12 +420,15 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 			return err
 		}
 		n := int(end - locs[i].Offset)
-		if cap(run) < n {
-			run = make([]byte, n)
+		if run == nil {
+			run = runBufs.Get().(*[]byte)
 		}
-		run = run[:n]
+		if cap(*run) < n {
+			*run = make([]byte, n)
+		}
+		buf := (*run)[:n]
 		s.filesMu.RLock()
-		_, err = f.ReadAt(run, int64(locs[i].Offset))
+		_, err = f.ReadAt(buf, int64(locs[i].Offset))
 		s.filesMu.RUnlock()
 		if err != nil {
 			// A moved chunk or a short file: fall back to one at a time.
@@ -426,7 +442,7 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 		}
 		for k := i; k < j; k++ {
 			lo := locs[k].Offset - locs[i].Offset
-			if _, err := decodeChecked(ids[k], locs[k], run[lo:lo+locs[k].Stored], dst[k*ChunkSize:(k+1)*ChunkSize]); err != nil {
+			if _, err := decodeChecked(ids[k], locs[k], buf[lo:lo+locs[k].Stored], dst[k*ChunkSize:(k+1)*ChunkSize]); err != nil {
 				return err
 			}
 		}
