@@ -74,7 +74,7 @@ type FaultService struct {
 	SameCPU   Placement  `json:"same_cpu"`
 	Different *Placement `json:"different_cpus,omitempty"`
 	// The Go handler serving every page from an overlay in host memory
-	// (a 4 KiB copy, then UFFDIO_COPY): the C baseline's work.
+	// (UFFDIO_COPY from the overlay): the C baseline's work.
 	SameCPUMemory   Placement  `json:"same_cpu_from_memory"`
 	DifferentMemory *Placement `json:"different_cpus_from_memory,omitempty"`
 	// The C baseline under taskset -c 0,1, placement left to the scheduler.
@@ -196,8 +196,8 @@ func printTable(w io.Writer, rep *Report) {
 		fmt.Fprintf(w, "1. fault service: %d MiB snapshot (%s), one page per fault,\n", faultMiB, fs.Content)
 		fmt.Fprintf(w, "   no prefetch; one thread touches every page once, in order\n")
 		fmt.Fprintf(w, "   C serves every page from memory (UFFDIO_COPY from a copy of the image); Go from the store\n")
-		fmt.Fprintf(w, "   (pread, s2 decode, SHA-256 check, then UFFDIO_COPY) and, like for like, from memory (an overlay\n")
-		fmt.Fprintf(w, "   holding every page: a 4 KiB copy, then UFFDIO_COPY). CPU: the whole process, while touching.\n")
+		fmt.Fprintf(w, "   (pread, s2 decode, SHA-256 check, then UFFDIO_COPY) and, like for like, from memory (UFFDIO_COPY\n")
+		fmt.Fprintf(w, "   from an overlay holding every page). CPU: the whole process, all threads, while touching.\n")
 		fmt.Fprintf(w, "   %-38s %-6s %9s %8s %7s %9s %8s %7s\n", "placement", "Go src", "Go µs/pg", "C µs/pg", "Go/C", "Go CPU", "C CPU", "Go/C")
 		row := func(name, src string, p Placement) {
 			fmt.Fprintf(w, "   %-38s %-6s %9.2f %8.2f %6.2fx %9.2f %8.2f %6.2fx\n", name, src, p.GoUsPerPage, p.CUsPerPage, p.Ratio, p.GoCPUUsPerPage, p.CCPUUsPerPage, p.CPURatio)
