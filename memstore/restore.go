@@ -346,7 +346,11 @@ func (s *Server) serve(addr uintptr, ra *readahead) error {
 	if err != nil {
 		return err
 	}
-	return s.copyIn(r, p, n, data, &s.copied, &totals.faulted)
+	if err := s.copyIn(r, p, n, data, &s.copied, &totals.faulted); err != nil {
+		return err
+	}
+	ra.after(s, r, p, n)
+	return nil
 }
 
 // record appends pages [p, p+n) of r to the working set.
