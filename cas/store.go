@@ -357,12 +357,51 @@ const maxPooledRun = 1 << 20
 func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
 	out, err := decode(loc.entry(), stored, dst)
 	if err == nil && sha256.Sum256(out) != id {
-		err = errors.New("content does not match its id")
+		err = errMismatch
 	}
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, errdefs.ErrDataLoss)
+		return nil, damaged(id, loc, err)
 	}
 	return out, nil
+}
+
+// errMismatch says that a chunk's content does not hash to its id.
+var errMismatch = errors.New("content does not match its id")
+
+// damaged is the error for a chunk whose stored bytes are wrong.
+func damaged(id ID, loc Location, err error) error {
+	return fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, errdefs.ErrDataLoss)
+}
+
+// decodeRun decodes the chunks of a run (stored back to back in run, the
+// first at locs[0].Offset) into dst, chunk k at dst[k*ChunkSize:], and
+// checks them against ids, two at a time (sum2).
+func decodeRun(ids []ID, locs []Location, run, dst []byte) error {
+	for k := range ids {
+		lo := locs[k].Offset - locs[0].Offset
+		out := dst[k*ChunkSize : (k+1)*ChunkSize]
+		got, err := decode(locs[k].entry(), run[lo:lo+locs[k].Stored], out)
+		if err != nil {
+			return damaged(ids[k], locs[k], err)
+		}
+		if &got[0] != &out[0] {
+			copy(out, got)
+		}
+	}
+	k := 0
+	for ; k+1 < len(ids); k += 2 {
+		a, b := sum2((*[ChunkSize]byte)(dst[k*ChunkSize:]), (*[ChunkSize]byte)(dst[(k+1)*ChunkSize:]))
+		if a != ids[k] {
+			return damaged(ids[k], locs[k], errMismatch)
+		}
+		if b != ids[k+1] {
+			return damaged(ids[k+1], locs[k+1], errMismatch)
+		}
+	}
+	if k < len(ids) && sha256.Sum256(dst[k*ChunkSize:(k+1)*ChunkSize]) != ids[k] {
+		return damaged(ids[k], locs[k], errMismatch)
+	}
+	return nil
 }
 
 // GetMany reads the chunks ids into dst, chunk i at dst[i*ChunkSize:], as
@@ -440,11 +479,8 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 			i = j
 			continue
 		}
-		for k := i; k < j; k++ {
-			lo := locs[k].Offset - locs[i].Offset
-			if _, err := decodeChecked(ids[k], locs[k], buf[lo:lo+locs[k].Stored], dst[k*ChunkSize:(k+1)*ChunkSize]); err != nil {
-				return err
-			}
+		if err := decodeRun(ids[i:j], locs[i:j], buf, dst[i*ChunkSize:j*ChunkSize]); err != nil {
+			return err
 		}
 		i = j
 	}
