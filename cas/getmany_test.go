@@ -3,6 +3,7 @@ package cas
 import (
 	"bytes"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -88,4 +89,48 @@ func reversed(s []int) []int {
 		out[len(s)-1-i] = v
 	}
 	return out
+}
+
+// TestGetManyDamagedInRun damages one chunk of a run read with one read
+// (the chunks of a run are checked two at a time) and checks that reading
+// the run fails on that chunk, wherever it lies in the run.
+func TestGetManyDamagedInRun(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		chunks, hurt int
+	}{
+		{"first of a pair", 9, 0},
+		{"second of a pair", 9, 1},
+		{"inside the run", 9, 4},
+		{"last pair", 8, 7},
+		{"the odd one at the end", 9, 8},
+		{"a run of two", 2, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newGen(byte(10 + tc.hurt))
+			var data []byte
+			for i := range tc.chunks {
+				if i%2 == 0 {
+					data = append(data, g.random(ChunkSize)...)
+				} else {
+					data = append(data, g.text()...)
+				}
+			}
+			s := openStore(t, t.TempDir())
+			ids, _ := ingest(t, s, data)
+			dst := make([]byte, len(ids)*ChunkSize)
+			if err := s.GetMany(ids, dst); err != nil || !bytes.Equal(dst, data) {
+				t.Fatalf("GetMany before the damage: %v (equal %v)", err, bytes.Equal(dst, data))
+			}
+			loc, err := s.Lookup(ids[tc.hurt])
+			if err != nil {
+				t.Fatal(err)
+			}
+			flipByte(t, s.packPath(loc.Pack), int64(loc.Offset)+int64(loc.Stored)-1)
+			err = s.GetMany(ids, dst)
+			if !errors.Is(err, errdefs.ErrDataLoss) || !strings.Contains(err.Error(), ids[tc.hurt].String()) {
+				t.Fatalf("GetMany over chunk %d damaged: %v, want errdefs.ErrDataLoss naming it", tc.hurt, err)
+			}
+		})
+	}
 }

@@ -322,10 +322,15 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	var buf [ChunkSize]byte
-	stored := buf[:loc.Stored]
+	var stored []byte
 	if loc.Codec == CodecRaw {
 		stored = dst[:loc.Stored]
+	} else {
+		// The stored bytes go through a pooled buffer: one on the stack
+		// escapes (ReadAt), and a chunk read would allocate 4 KiB.
+		buf := storedBufs.Get().(*[ChunkSize]byte)
+		defer storedBufs.Put(buf)
+		stored = buf[:loc.Stored]
 	}
 	s.filesMu.RLock()
 	_, err = f.ReadAt(stored, int64(loc.Offset))
@@ -336,17 +341,67 @@ func (s *Store) read(id ID, loc Location, dst []byte) ([]byte, error) {
 	return decodeChecked(id, loc, stored, dst)
 }
 
+// storedBufs holds buffers for the stored bytes of one compressed chunk.
+var storedBufs = sync.Pool{New: func() any { return new([ChunkSize]byte) }}
+
+// runBufs holds buffers for the stored bytes of runs of chunks that lie
+// back to back in a pack (GetLocated), so that reading runs allocates
+// nothing once a buffer has grown to the runs read.
+var runBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// maxPooledRun is the largest run buffer kept in runBufs.
+const maxPooledRun = 1 << 20
+
 // decodeChecked decodes a chunk's stored bytes into dst and checks them
 // against the id.
 func decodeChecked(id ID, loc Location, stored, dst []byte) ([]byte, error) {
 	out, err := decode(loc.entry(), stored, dst)
 	if err == nil && sha256.Sum256(out) != id {
-		err = errors.New("content does not match its id")
+		err = errMismatch
 	}
 	if err != nil {
-		return nil, fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, errdefs.ErrDataLoss)
+		return nil, damaged(id, loc, err)
 	}
 	return out, nil
+}
+
+// errMismatch says that a chunk's content does not hash to its id.
+var errMismatch = errors.New("content does not match its id")
+
+// damaged is the error for a chunk whose stored bytes are wrong.
+func damaged(id ID, loc Location, err error) error {
+	return fmt.Errorf("chunk %s in %s at offset %d is damaged: %w: %w", id, packName(loc.Pack), loc.Offset, err, errdefs.ErrDataLoss)
+}
+
+// decodeRun decodes the chunks of a run (stored back to back in run, the
+// first at locs[0].Offset) into dst, chunk k at dst[k*ChunkSize:], and
+// checks them against ids, two at a time (sum2).
+func decodeRun(ids []ID, locs []Location, run, dst []byte) error {
+	for k := range ids {
+		lo := locs[k].Offset - locs[0].Offset
+		out := dst[k*ChunkSize : (k+1)*ChunkSize]
+		got, err := decode(locs[k].entry(), run[lo:lo+locs[k].Stored], out)
+		if err != nil {
+			return damaged(ids[k], locs[k], err)
+		}
+		if &got[0] != &out[0] {
+			copy(out, got)
+		}
+	}
+	k := 0
+	for ; k+1 < len(ids); k += 2 {
+		a, b := sum2((*[ChunkSize]byte)(dst[k*ChunkSize:]), (*[ChunkSize]byte)(dst[(k+1)*ChunkSize:]))
+		if a != ids[k] {
+			return damaged(ids[k], locs[k], errMismatch)
+		}
+		if b != ids[k+1] {
+			return damaged(ids[k+1], locs[k+1], errMismatch)
+		}
+	}
+	if k < len(ids) && sha256.Sum256(dst[k*ChunkSize:(k+1)*ChunkSize]) != ids[k] {
+		return damaged(ids[k], locs[k], errMismatch)
+	}
+	return nil
 }
 
 // GetMany reads the chunks ids into dst, chunk i at dst[i*ChunkSize:], as
@@ -370,7 +425,12 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 	if len(locs) != len(ids) || len(dst) < len(ids)*ChunkSize {
 		return fmt.Errorf("GetLocated: %d ids, %d locations, %d bytes: %w", len(ids), len(locs), len(dst), errdefs.ErrInvalidArgument)
 	}
-	var run []byte
+	var run *[]byte
+	defer func() {
+		if run != nil && cap(*run) <= maxPooledRun {
+			runBufs.Put(run)
+		}
+	}()
 	for i := 0; i < len(ids); {
 		out := dst[i*ChunkSize : (i+1)*ChunkSize]
 		if ids[i] == ZeroID {
@@ -399,12 +459,15 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 			return err
 		}
 		n := int(end - locs[i].Offset)
-		if cap(run) < n {
-			run = make([]byte, n)
+		if run == nil {
+			run = runBufs.Get().(*[]byte)
 		}
-		run = run[:n]
+		if cap(*run) < n {
+			*run = make([]byte, n)
+		}
+		buf := (*run)[:n]
 		s.filesMu.RLock()
-		_, err = f.ReadAt(run, int64(locs[i].Offset))
+		_, err = f.ReadAt(buf, int64(locs[i].Offset))
 		s.filesMu.RUnlock()
 		if err != nil {
 			// A moved chunk or a short file: fall back to one at a time.
@@ -416,11 +479,8 @@ func (s *Store) GetLocated(ids []ID, locs []Location, dst []byte) error {
 			i = j
 			continue
 		}
-		for k := i; k < j; k++ {
-			lo := locs[k].Offset - locs[i].Offset
-			if _, err := decodeChecked(ids[k], locs[k], run[lo:lo+locs[k].Stored], dst[k*ChunkSize:(k+1)*ChunkSize]); err != nil {
-				return err
-			}
+		if err := decodeRun(ids[i:j], locs[i:j], buf, dst[i*ChunkSize:j*ChunkSize]); err != nil {
+			return err
 		}
 		i = j
 	}

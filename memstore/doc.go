@@ -13,6 +13,10 @@
 //   - Fault-around: a fault is answered with up to FaultAround contiguous
 //     missing pages, because waking the faulting thread costs more than
 //     copying a few more pages.
+//   - Read-ahead: while faults come in order, the handler reads the missing
+//     pages after each window from the store in one go, checked against
+//     their chunk ids, and serves the next faults from them; only faulting
+//     windows are copied in.
 //   - Working set: the pages faulted during a restore, in order. It is kept
 //     with the snapshot and prefetched, in large batches, by the next restore
 //     of that snapshot or of a descendant.

@@ -117,3 +117,53 @@ func seq(from, to uint64) []uint64 {
 	}
 	return out
 }
+
+// TestOverlayRun checks which windows are served straight from overlay
+// memory: only those the overlay holds in full, back to back in one
+// mapping.
+func TestOverlayRun(t *testing.T) {
+	const pages = 16
+	img := image(6, pages)
+	lower := overlayOf(t, img, seq(0, 8), nil)   // pages 0..7
+	upper := overlayOf(t, img, seq(4, 6), lower) // pages 4..5 over lower's
+	gap := overlayOf(t, img, []uint64{10, 12}, nil)
+	defer func() {
+		for _, o := range []*Overlay{upper, lower, gap} {
+			o.Release()
+		}
+	}()
+	for _, tc := range []struct {
+		name string
+		o    *Overlay
+		p, n int
+		want []uint64 // the pages served from memory, nil for none
+	}{
+		{"one page", lower, 3, 1, seq(3, 4)},
+		{"a run in one mapping", lower, 0, 8, seq(0, 8)},
+		{"past the overlay's end", lower, 6, 4, nil},
+		{"a page the overlay lacks", lower, 9, 1, nil},
+		{"across two mappings", upper, 2, 4, nil},
+		{"inside the upper mapping", upper, 4, 2, seq(4, 6)},
+		{"the lower mapping after the upper", upper, 6, 2, seq(6, 8)},
+		{"pages apart in the overlay", gap, 10, 3, nil},
+		{"one page of a sparse overlay", gap, 12, 1, seq(12, 13)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &region{pages: pages, over: overlaid(tc.o, span{pages: pages})}
+			got := r.overlayRun(tc.p, tc.n)
+			if tc.want == nil {
+				if got != nil {
+					t.Fatalf("overlayRun(%d, %d) = %d bytes, want nil", tc.p, tc.n, len(got))
+				}
+				return
+			}
+			var want []byte
+			for _, p := range tc.want {
+				want = append(want, img[p*PageSize:(p+1)*PageSize]...)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("overlayRun(%d, %d) does not hold pages %v", tc.p, tc.n, tc.want)
+			}
+		})
+	}
+}

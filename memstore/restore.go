@@ -251,7 +251,7 @@ func (s *Server) handle() {
 	defer runtime.UnlockOSThread()
 	msgs := make([]uffd.Msg, 64)
 	faults := make([]uffd.Fault, 0, len(msgs))
-	buf := make([]byte, s.opts.FaultAround*PageSize)
+	ra := newReadahead(s.opts.FaultAround)
 	fds := []unix.PollFd{{Fd: int32(s.fd.Fd()), Events: unix.POLLIN}, {Fd: int32(s.stop), Events: unix.POLLIN}}
 	for !s.halt.Load() {
 		// Read first and poll only when nothing is pending: while a
@@ -270,7 +270,7 @@ func (s *Server) handle() {
 			return
 		}
 		for _, f := range faults {
-			if err := s.serve(f.Address, buf); err != nil {
+			if err := s.serve(f.Address, ra); err != nil {
 				s.fail(err)
 				return
 			}
@@ -312,8 +312,8 @@ func (s *Server) regionOf(addr uintptr) (*region, int) {
 }
 
 // serve answers one fault with a window of missing pages starting at the
-// faulting page.
-func (s *Server) serve(addr uintptr, buf []byte) error {
+// faulting page, reading through ra.
+func (s *Server) serve(addr uintptr, ra *readahead) error {
 	r, p := s.regionOf(addr)
 	if r == nil {
 		return fmt.Errorf("fault at %#x outside every registered region", addr)
@@ -339,10 +339,18 @@ func (s *Server) serve(addr uintptr, buf []byte) error {
 	if r.allZero(p, n) {
 		return s.zero(r, p, n, &s.zeroed, &totals.faulted)
 	}
-	if err := s.read(r, p, n, buf); err != nil {
+	if data := r.overlayRun(p, n); data != nil {
+		return s.copyIn(r, p, n, data, &s.copied, &totals.faulted)
+	}
+	data, err := ra.window(s, r, p, n)
+	if err != nil {
 		return err
 	}
-	return s.copyIn(r, p, n, buf[:n*PageSize], &s.copied, &totals.faulted)
+	if err := s.copyIn(r, p, n, data, &s.copied, &totals.faulted); err != nil {
+		return err
+	}
+	ra.after(s, r, p, n)
+	return nil
 }
 
 // record appends pages [p, p+n) of r to the working set.
@@ -360,6 +368,11 @@ func (s *Server) fill(r *region, p, n int, buf []byte, copied, zeroed, total *at
 	if r.allZero(p, n) {
 		return s.zero(r, p, n, zeroed, total)
 	}
+	if data := r.overlayRun(p, n); data != nil {
+		// Straight from the overlay's memory, which the server holds a
+		// reference to: no copy into buf first.
+		return s.copyIn(r, p, n, data, copied, total)
+	}
 	if err := s.read(r, p, n, buf); err != nil {
 		return err
 	}
@@ -374,6 +387,21 @@ func (r *region) allZero(p, n int) bool {
 		}
 	}
 	return true
+}
+
+// overlayRun returns the memory of pages [p, p+n) of r when the overlay
+// holds all of them, back to back in one mapping, else nil.
+func (r *region) overlayRun(p, n int) []byte {
+	if r.over == nil || r.over[p] == nil || cap(r.over[p]) < n*PageSize {
+		return nil
+	}
+	first := uffd.Addr(r.over[p])
+	for i := 1; i < n; i++ {
+		if r.over[p+i] == nil || uffd.Addr(r.over[p+i]) != first+uintptr(i)*PageSize {
+			return nil
+		}
+	}
+	return r.over[p][:n*PageSize]
 }
 
 // zero maps the zero page into pages [p, p+n) of r.

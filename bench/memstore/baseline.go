@@ -32,6 +32,10 @@ func buildBaseline(dir string) (string, error) {
 
 type cResult struct {
 	usPerPage, memcpyGBps float64
+	// cpuUsPerPage is the CPU time of the baseline's whole process (both
+	// threads) while the pages were touched, per page; 0 when the baseline
+	// does not report it.
+	cpuUsPerPage float64
 }
 
 // runC runs the C baseline on 64 MiB. placement: "same" (taskset -c 0),
@@ -94,6 +98,8 @@ func runC(bin, placement string) (cResult, error) {
 			pages, _ = strconv.Atoi(v)
 		case "us_per_page":
 			r.usPerPage, _ = strconv.ParseFloat(v, 64)
+		case "cpu_us_per_page":
+			r.cpuUsPerPage, _ = strconv.ParseFloat(v, 64)
 		case "memcpy_gbps":
 			r.memcpyGBps, _ = strconv.ParseFloat(v, 64)
 		}

@@ -15,7 +15,7 @@
 // It needs root (userfaultfd), gcc and taskset. Goals are reported as met or
 // not met; a missed goal does not change the exit status.
 //
-// Usage: go run ./bench/memstore [-json] [-reps N] [-baseline FILE]
+// Usage: go run ./bench/memstore [-json] [-reps N] [-baseline FILE] [-only PART] [-cpuprofile FILE]
 package main
 
 import (
@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/pprof"
 
 	"github.com/boxd-dev/boxd/bench/internal/benchkit"
 	"github.com/boxd-dev/boxd/memstore"
@@ -45,11 +46,13 @@ var (
 	jsonOut  = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
 	reps     = flag.Int("reps", 3, "repetitions of each measurement; the median is reported")
 	baseline = flag.String("baseline", "bench/baseline/uffd_baseline.c", "C baseline source; a relative path is taken from the repository root")
+	only     = flag.String("only", "", "run only this part: fault, restore or capture (default: all three)")
+	cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the measurements to this file")
 )
 
 func main() {
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: memstore [-json] [-reps N] [-baseline FILE]\n\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: memstore [-json] [-reps N] [-baseline FILE] [-only PART] [-cpuprofile FILE]\n\n"+
 			"Measures boxd's lazy memory restore and capture against a C userfaultfd\n"+
 			"baseline and a plain copy. Needs root, gcc and taskset.\n\n")
 		flag.PrintDefaults()
@@ -61,6 +64,11 @@ func main() {
 func badFlags() string {
 	if *reps < 1 {
 		return "-reps must be at least 1"
+	}
+	switch *only {
+	case "", "fault", "restore", "capture":
+	default:
+		return "-only must be fault, restore or capture"
 	}
 	return ""
 }
@@ -80,14 +88,28 @@ func run(ctx context.Context) error {
 	defer e.tearDown()
 	rep := newReport()
 	steps := []struct {
-		name string
-		f    func() error
+		part, name string
+		f          func() error
 	}{
-		{"fault service", func() error { return faultService(rep, e) }},
-		{"scattered restore", func() error { return scatteredRestore(rep, e) }},
-		{"capture", func() error { return captureBench(rep, e.tmp) }},
+		{"fault", "fault service", func() error { return faultService(rep, e) }},
+		{"restore", "scattered restore", func() error { return scatteredRestore(rep, e) }},
+		{"capture", "capture", func() error { return captureBench(rep, e.tmp) }},
+	}
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("starting the CPU profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	for _, s := range steps {
+		if *only != "" && s.part != *only {
+			continue
+		}
 		if err := s.f(); err != nil {
 			benchkit.Progress("%s: FAILED: %v", s.name, err)
 			rep.Failures = append(rep.Failures, s.name+": "+err.Error())

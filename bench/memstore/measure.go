@@ -24,37 +24,69 @@ import (
 // goFault restores the snapshot one page per fault with no prefetch and
 // touches every page in order. different: the toucher runs on CPU 1 and
 // every other thread (the handler's included) on CPU 0; otherwise all
-// threads run on CPU 0.
-func goFault(g *snapshotter.Graph, snap string, img []byte, orig *unix.CPUSet, different bool) (float64, memstore.Stats, error) {
+// threads run on CPU 0. With over set, every page is served from that
+// overlay (host memory) instead of the store. It returns µs per page, wall
+// clock and CPU time of the whole process while the pages were touched.
+func goFault(g *snapshotter.Graph, snap string, img []byte, orig *unix.CPUSet, different bool, over *memstore.Overlay) (faultRun, memstore.Stats, error) {
 	region, err := anon(len(img))
 	if err != nil {
-		return 0, memstore.Stats{}, err
+		return faultRun{}, memstore.Stats{}, err
 	}
 	defer func() { _ = unix.Munmap(region) }()
 	runtime.GC()
 	// Pin first, so that the handler's thread (new or reused) is on CPU 0.
 	if err := pinAll(cpuSet(0), -1); err != nil {
-		return 0, memstore.Stats{}, err
+		return faultRun{}, memstore.Stats{}, err
 	}
 	defer func() { _ = pinAll(orig, -1) }()
-	r, err := memstore.Start(context.Background(), g, snap, "", region, memstore.Options{FaultAround: 1, Prefetch: []uint64{}})
+	r, err := memstore.Start(context.Background(), g, snap, "", region, memstore.Options{FaultAround: 1, Prefetch: []uint64{}, Overlay: over})
 	if err != nil {
-		return 0, memstore.Stats{}, err
+		return faultRun{}, memstore.Stats{}, err
 	}
 	cpu := -1
 	if different {
 		cpu = 1
 	}
+	c0 := cpuTime()
 	d, terr := touch(region, nil, cpu)
+	c := cpuTime() - c0
 	cerr := r.Close()
 	st := r.Stats()
 	if err := errors.Join(terr, cerr); err != nil {
-		return 0, st, err
+		return faultRun{}, st, err
 	}
 	if !bytes.Equal(region, img) {
-		return 0, st, errors.New("restored memory differs from the snapshot")
+		return faultRun{}, st, errors.New("restored memory differs from the snapshot")
 	}
-	return d.Seconds() * 1e6 / float64(len(img)/pageSize), st, nil
+	pages := float64(len(img) / pageSize)
+	return faultRun{wall: d.Seconds() * 1e6 / pages, cpu: c.Seconds() * 1e6 / pages}, st, nil
+}
+
+// faultRun is one run of part 1: µs per page, wall clock and CPU time.
+type faultRun struct{ wall, cpu float64 }
+
+// cpuTime is the CPU time this process has used, all its threads together.
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// memoryOverlay returns an overlay that holds every page of img, for
+// serving a restore from host memory as the C baseline does.
+func memoryOverlay(img []byte) (*memstore.Overlay, error) {
+	pages := make([]uint64, len(img)/pageSize)
+	for i := range pages {
+		pages[i] = uint64(i)
+	}
+	o, err := memstore.NewOverlay(pages, nil)
+	if err != nil {
+		return nil, err
+	}
+	copy(o.Data(), img)
+	return o, nil
 }
 
 func faultService(rep *Report, e *env) error {
@@ -77,53 +109,65 @@ func faultService(rep *Report, e *env) error {
 		return fmt.Errorf("reading pages from the store: %w", err)
 	}
 	benchkit.Progress("  store read alone (GetLocated, one page a call): %.2f µs/page", fs.StoreReadUs)
+	over, err := memoryOverlay(img)
+	if err != nil {
+		return fmt.Errorf("overlay of the snapshot: %w", err)
+	}
+	defer over.Release()
 	twoCPUs := e.twoCPUs()
-	var diff Placement
+	var diff, diffMem Placement
 	var memcpy []float64
-	for i := range *reps {
-		c, err := runC(e.bin, "same")
-		if err != nil {
-			return fmt.Errorf("c baseline, same CPU: %w", err)
+	// one runs the C baseline and the Go handler (from the store and from
+	// memory) in one placement.
+	one := func(i int, name string, different bool, p, mem *Placement) error {
+		placement := "same"
+		if different {
+			placement = "different"
 		}
-		fs.SameCPU.CRuns = append(fs.SameCPU.CRuns, c.usPerPage)
+		c, err := runC(e.bin, placement)
+		if err != nil {
+			return fmt.Errorf("c baseline, %s: %w", name, err)
+		}
 		memcpy = append(memcpy, c.memcpyGBps)
-		us, st, err := goFault(g, "fault", img, &e.orig, false)
-		if err != nil {
-			return fmt.Errorf("go handler, same CPU: %w", err)
+		for _, x := range []struct {
+			p    *Placement
+			over *memstore.Overlay
+			src  string
+		}{{p, nil, "store"}, {mem, over, "memory"}} {
+			x.p.add(c)
+			run, st, err := goFault(g, "fault", img, &e.orig, different, x.over)
+			if err != nil {
+				return fmt.Errorf("go handler from %s, %s: %w", x.src, name, err)
+			}
+			x.p.GoRuns, x.p.GoCPURuns = append(x.p.GoRuns, run.wall), append(x.p.GoCPURuns, run.cpu)
+			x.p.GoFaults = st.Faults
+			benchkit.Progress("  rep %d %-15s C %6.2f µs/page (CPU %6.2f)   Go from %-6s %6.2f µs/page (CPU %6.2f; %d faults)", i+1, name+":", c.usPerPage, c.cpuUsPerPage, x.src, run.wall, run.cpu, st.Faults)
 		}
-		fs.SameCPU.GoRuns = append(fs.SameCPU.GoRuns, us)
-		fs.SameCPU.GoFaults = st.Faults
-		benchkit.Progress("  rep %d same CPU:       C %6.2f µs/page   Go %6.2f µs/page (%d faults)", i+1, c.usPerPage, us, st.Faults)
+		return nil
+	}
+	for i := range *reps {
+		if err := one(i, "same CPU", false, &fs.SameCPU, &fs.SameCPUMemory); err != nil {
+			return err
+		}
 		if !twoCPUs {
 			continue
 		}
-		c, err = runC(e.bin, "different")
-		if err != nil {
-			return fmt.Errorf("c baseline, different CPUs: %w", err)
+		if err := one(i, "different CPUs", true, &diff, &diffMem); err != nil {
+			return err
 		}
-		diff.CRuns = append(diff.CRuns, c.usPerPage)
-		us, st, err = goFault(g, "fault", img, &e.orig, true)
-		if err != nil {
-			return fmt.Errorf("go handler, different CPUs: %w", err)
-		}
-		diff.GoRuns = append(diff.GoRuns, us)
-		diff.GoFaults = st.Faults
-		benchkit.Progress("  rep %d different CPUs: C %6.2f µs/page   Go %6.2f µs/page (%d faults)", i+1, c.usPerPage, us, st.Faults)
-		c, err = runC(e.bin, "unpinned")
+		c, err := runC(e.bin, "unpinned")
 		if err != nil {
 			return fmt.Errorf("c baseline, unpinned: %w", err)
 		}
 		fs.CUnpinnedRuns = append(fs.CUnpinnedRuns, c.usPerPage)
 		benchkit.Progress("  rep %d unpinned:       C %6.2f µs/page", i+1, c.usPerPage)
 	}
-	fin := func(p *Placement) {
-		p.GoUsPerPage, p.CUsPerPage = median(p.GoRuns), median(p.CRuns)
-		p.Ratio = benchkit.Ratio(p.GoUsPerPage, p.CUsPerPage)
-	}
-	fin(&fs.SameCPU)
+	fs.SameCPU.finish()
+	fs.SameCPUMemory.finish()
 	if twoCPUs {
-		fin(&diff)
-		fs.Different = &diff
+		diff.finish()
+		diffMem.finish()
+		fs.Different, fs.DifferentMemory = &diff, &diffMem
 		fs.CUnpinned = median(fs.CUnpinnedRuns)
 	} else {
 		benchkit.Progress("  only one CPU available: different-CPU placement skipped")
