@@ -17,6 +17,7 @@ import (
 type WriteStats struct {
 	Chunks      int64 // chunks offered, zero ones included
 	ZeroChunks  int64 // all-zero chunks (never stored)
+	HoleChunks  int64 // of ZeroChunks, those in holes of a sparse file (never read)
 	NewChunks   int64 // chunks stored for the first time
 	NewStored   int64 // bytes those took in packs
 	ReusedChunk int64 // chunks already in the store (deduplicated)
@@ -86,11 +87,15 @@ type batch struct {
 	mapped []byte // the part of a mapped file data came from
 	n      int
 	ids    []ID
-	class  [batchChunks]uint8
-	codec  [batchChunks]Codec
-	comp   [batchChunks][]byte // stored bytes of new chunks
-	gen    uint64
-	done   chan struct{}
+	// hole marks the chunks that lie in holes of a sparse input, valid
+	// when holes (their number) is not 0.
+	hole  [batchChunks]bool
+	holes int
+	class [batchChunks]uint8
+	codec [batchChunks]Codec
+	comp  [batchChunks][]byte // stored bytes of new chunks
+	gen   uint64
+	done  chan struct{}
 }
 
 func newBatch() *batch {
@@ -208,6 +213,10 @@ func (w *Writer) process(b *batch) {
 	b.gen = w.sealGen
 	w.s.filesMu.RUnlock()
 	for i := 0; i < b.n; i++ {
+		if b.holes > 0 && b.hole[i] {
+			b.ids[i], b.class[i] = ZeroID, classZero
+			continue
+		}
 		c := b.data[i*ChunkSize : (i+1)*ChunkSize]
 		if isZeroChunk(c) {
 			b.ids[i], b.class[i] = ZeroID, classZero
@@ -257,6 +266,9 @@ func (w *Writer) collect(b *batch) error {
 		switch b.class[i] {
 		case classZero:
 			w.stats.ZeroChunks++
+			if b.holes > 0 && b.hole[i] {
+				w.stats.HoleChunks++
+			}
 			continue
 		case classKnown:
 			w.stats.ReusedChunk++
