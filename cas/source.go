@@ -32,7 +32,7 @@ func newSource(r io.Reader) source {
 type readSource struct{ r io.Reader }
 
 func (s *readSource) fill(b *batch) (int, error) {
-	n, err := io.ReadFull(s.r, b.buf)
+	n, err := io.ReadFull(s.r, b.room())
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
 		err = nil
 	}
@@ -93,7 +93,7 @@ func (s *mappedSource) fill(b *batch) (int, error) {
 	if n%ChunkSize == 0 {
 		b.data = s.m[s.off : s.off+n]
 	} else {
-		copy(b.buf, s.m[s.off:s.off+n])
+		copy(b.room(), s.m[s.off:s.off+n])
 		clear(b.buf[n : b.n*ChunkSize])
 		b.data = b.buf[:b.n*ChunkSize]
 	}

@@ -49,7 +49,7 @@ type Writer struct {
 // NewWriter waits for the write lock and returns a Writer.
 func (s *Store) NewWriter() *Writer {
 	s.writeMu.Lock()
-	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0), spare: make(chan *batch, 16)}
+	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0), spare: make(chan *batch, 32)}
 }
 
 // Stats returns the counts so far.
@@ -82,7 +82,7 @@ const (
 )
 
 type batch struct {
-	buf    []byte // room for batchChunks chunks
+	buf    []byte // room for batchChunks chunks, made when first needed
 	data   []byte // the batch's n chunks, back to back: buf, or a mapped file
 	mapped []byte // the part of a mapped file data came from
 	n      int
@@ -99,11 +99,20 @@ type batch struct {
 }
 
 func newBatch() *batch {
-	b := &batch{buf: make([]byte, batchChunks*ChunkSize), ids: make([]ID, batchChunks)}
+	b := &batch{ids: make([]ID, batchChunks)}
 	for i := range b.comp {
 		b.comp[i] = make([]byte, 0, s2.MaxEncodedLen(ChunkSize))
 	}
 	return b
+}
+
+// room returns b's buffer for batchChunks chunks. A batch of a mapped file
+// needs none but for the file's short tail.
+func (b *batch) room() []byte {
+	if b.buf == nil {
+		b.buf = make([]byte, batchChunks*ChunkSize)
+	}
+	return b.buf
 }
 
 // getBatch returns a spare batch, or a new one. The Writer keeps its spares
@@ -135,7 +144,7 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	}
 	workers := max(w.Workers, 1)
 	work := make(chan *batch, workers)
-	order := make(chan *batch, 2*workers+1)
+	order := make(chan *batch, lookahead(workers))
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Go(func() {
@@ -205,6 +214,14 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	}
 	return total, err
 }
+
+// lookahead is how many batches may wait to be collected, in order, behind
+// the oldest. The workers take batches in order but finish them in any, and
+// a worker that is slow on the oldest batch (descheduled, say, on a busy
+// host) holds up the collector: the others go on with the batches behind it
+// as long as there is room. Batches of a mapped file hold no copy of their
+// chunks, so the room costs little memory.
+func lookahead(workers int) int { return min(8*workers, 24) }
 
 // process hashes a batch, looks its chunks up in the index and compresses
 // the new ones. It runs on a worker goroutine.
