@@ -421,6 +421,21 @@ func (w *Writer) fail(err error) error {
 	return w.broken
 }
 
+// Seal starts sealing the pack being filled, in the background, and returns
+// at once; chunks put after it go to a new pack. A caller with work to do
+// before Commit (encoding what refers to the chunks, say) calls it first, so
+// that the pack's fsync overlaps that work. Commit waits for the seal as for
+// any other, and an error of the seal is Commit's.
+func (w *Writer) Seal() error {
+	if err := w.usable(); err != nil {
+		return err
+	}
+	if err := w.startSeal(); err != nil {
+		return w.fail(err)
+	}
+	return nil
+}
+
 // Commit seals the last pack and releases the write lock. Once it returns
 // nil, every chunk the Writer returned an id for is durable and indexed.
 func (w *Writer) Commit() error {
