@@ -4,7 +4,9 @@
 // Vocabulary:
 //
 //   - Chunk: 4 KiB of data, addressed by the SHA-256 of its raw bytes (an [ID]).
-//     The all-zero chunk has an id ([ZeroID]) but is never stored.
+//     The all-zero chunk has an id ([ZeroID]) but is never stored. A Writer
+//     reading a sparse file takes the chunks in its holes for zero chunks
+//     without reading them (the file system says where the data is).
 //   - Pack: an append-only file of chunks, closed by a footer that lists every
 //     chunk, so the index can be rebuilt from packs alone. A sealed pack is
 //     immutable. A Writer compresses each chunk on its own with s2 (or stores it
@@ -31,7 +33,8 @@
 //	packs/*.tmp           a pack being written; removed on open (never indexed)
 //
 // Write order is the crash-safety argument: a pack is written to a temporary
-// file, fsynced, renamed and its folder fsynced; only then is its index
+// file (its writeback to disk started as it grows, which makes nothing
+// durable by itself), fsynced, renamed and its folder fsynced; only then is its index
 // segment written the same way, and then its record in index.db; only after
 // that may a snapshot refer to its chunks. Garbage collection writes the new
 // packs and their segment first, then switches index.db (new packs live,

@@ -32,11 +32,12 @@ func newSource(r io.Reader) source {
 type readSource struct{ r io.Reader }
 
 func (s *readSource) fill(b *batch) (int, error) {
-	n, err := io.ReadFull(s.r, b.buf)
+	n, err := io.ReadFull(s.r, b.room())
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
 		err = nil
 	}
 	b.n = (n + ChunkSize - 1) / ChunkSize
+	b.holes = 0
 	clear(b.buf[n : b.n*ChunkSize])
 	b.data = b.buf[:b.n*ChunkSize]
 	return n, err
@@ -49,11 +50,18 @@ func (s *readSource) close()         {}
 // Batches point into the mapping; once collected, their pages are dropped
 // from this process (MADV_DONTNEED), so the mapping never holds more than the
 // batches in flight and RSS stays bounded whatever the file's size.
+//
+// Chunks that lie wholly in a hole of a sparse file are marked as such and
+// never read: the file system says where its data is (see dataExtent).
 type mappedSource struct {
 	f    *os.File
 	m    []byte
 	off  int
 	base int64 // file offset of m[0]
+	// sparse is whether dataExtent answers for this file; [dataStart,
+	// dataEnd) is the data extent found last, in file offsets.
+	sparse             bool
+	dataStart, dataEnd int64
 }
 
 // mapFile maps f from its current offset to its end, or returns nil when it
@@ -72,7 +80,7 @@ func mapFile(f *os.File) *mappedSource {
 		return nil
 	}
 	_ = unix.Madvise(m, unix.MADV_SEQUENTIAL)
-	return &mappedSource{f: f, m: m, base: pos}
+	return &mappedSource{f: f, m: m, base: pos, sparse: true}
 }
 
 func (s *mappedSource) fill(b *batch) (int, error) {
@@ -81,16 +89,42 @@ func (s *mappedSource) fill(b *batch) (int, error) {
 		return 0, nil
 	}
 	b.n = (n + ChunkSize - 1) / ChunkSize
+	s.markHoles(b, s.base+int64(s.off))
 	if n%ChunkSize == 0 {
 		b.data = s.m[s.off : s.off+n]
 	} else {
-		copy(b.buf, s.m[s.off:s.off+n])
+		copy(b.room(), s.m[s.off:s.off+n])
 		clear(b.buf[n : b.n*ChunkSize])
 		b.data = b.buf[:b.n*ChunkSize]
 	}
 	b.mapped = s.m[s.off : s.off+n]
 	s.off += n
 	return n, nil
+}
+
+// markHoles marks the chunks of b, which starts at file offset pos, that no
+// data extent touches. A short last chunk counts as a hole when its part of
+// the file is one: the rest of it is padding.
+func (s *mappedSource) markHoles(b *batch, pos int64) {
+	b.holes = 0
+	for i := 0; i < b.n && s.sparse; i++ {
+		q := pos + int64(i)*ChunkSize
+		if q >= s.dataEnd {
+			start, end, ok := dataExtent(int(s.f.Fd()), q)
+			if !ok {
+				s.sparse = false
+				break
+			}
+			s.dataStart, s.dataEnd = start, end
+		}
+		// dataEnd > q here, so the chunk is a hole only when the next
+		// data begins at or after its end.
+		hole := q+ChunkSize <= s.dataStart
+		b.hole[i] = hole
+		if hole {
+			b.holes++
+		}
+	}
 }
 
 func (s *mappedSource) release(b *batch) {

@@ -3,6 +3,7 @@ package cas
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -41,6 +42,15 @@ func TestRoundTrip(t *testing.T) {
 	a, b := g.random(ChunkSize), g.text()
 	zero := make([]byte, ChunkSize)
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	// counted is n small chunks, each holding its number modulo period, so
+	// chunks repeat across batches that are in flight together.
+	counted := func(n, period int) []byte {
+		out := make([]byte, n*ChunkSize)
+		for i := range n {
+			binary.LittleEndian.PutUint64(out[i*ChunkSize+100:], uint64(i%period)+1)
+		}
+		return out
+	}
 	tests := []struct {
 		name string
 		data []byte
@@ -58,9 +68,10 @@ func TestRoundTrip(t *testing.T) {
 		{"mixed with tail", cat(a, zero, b, g.random(2*ChunkSize), zero, a, g.half(), b, g.random(123))},
 		{"tail repeats an earlier chunk", cat(a, b, a[:ChunkSize-1])},
 		{"more than one batch", cat(g.random(batchChunks*ChunkSize), zero, a, g.random(batchChunks*ChunkSize+17))},
+		{"more batches than wait to be collected", cat(counted((lookahead(8)+6)*batchChunks, 5000), g.random(99))},
 	}
 	for _, tt := range tests {
-		for _, workers := range []int{1, 3} {
+		for _, workers := range []int{1, 3, 8} {
 			t.Run(fmt.Sprintf("%s/workers=%d", tt.name, workers), func(t *testing.T) {
 				s := openStore(t, t.TempDir())
 				want := chunksOf(tt.data)

@@ -17,6 +17,7 @@ import (
 type WriteStats struct {
 	Chunks      int64 // chunks offered, zero ones included
 	ZeroChunks  int64 // all-zero chunks (never stored)
+	HoleChunks  int64 // of ZeroChunks, those in holes of a sparse file (never read)
 	NewChunks   int64 // chunks stored for the first time
 	NewStored   int64 // bytes those took in packs
 	ReusedChunk int64 // chunks already in the store (deduplicated)
@@ -48,7 +49,7 @@ type Writer struct {
 // NewWriter waits for the write lock and returns a Writer.
 func (s *Store) NewWriter() *Writer {
 	s.writeMu.Lock()
-	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0), spare: make(chan *batch, 16)}
+	return &Writer{s: s, pending: map[ID]struct{}{}, Workers: runtime.GOMAXPROCS(0), spare: make(chan *batch, 32)}
 }
 
 // Stats returns the counts so far.
@@ -81,24 +82,37 @@ const (
 )
 
 type batch struct {
-	buf    []byte // room for batchChunks chunks
+	buf    []byte // room for batchChunks chunks, made when first needed
 	data   []byte // the batch's n chunks, back to back: buf, or a mapped file
 	mapped []byte // the part of a mapped file data came from
 	n      int
 	ids    []ID
-	class  [batchChunks]uint8
-	codec  [batchChunks]Codec
-	comp   [batchChunks][]byte // stored bytes of new chunks
-	gen    uint64
-	done   chan struct{}
+	// hole marks the chunks that lie in holes of a sparse input, valid
+	// when holes (their number) is not 0.
+	hole  [batchChunks]bool
+	holes int
+	class [batchChunks]uint8
+	codec [batchChunks]Codec
+	comp  [batchChunks][]byte // stored bytes of new chunks
+	gen   uint64
+	done  chan struct{}
 }
 
 func newBatch() *batch {
-	b := &batch{buf: make([]byte, batchChunks*ChunkSize), ids: make([]ID, batchChunks)}
+	b := &batch{ids: make([]ID, batchChunks)}
 	for i := range b.comp {
 		b.comp[i] = make([]byte, 0, s2.MaxEncodedLen(ChunkSize))
 	}
 	return b
+}
+
+// room returns b's buffer for batchChunks chunks. A batch of a mapped file
+// needs none but for the file's short tail.
+func (b *batch) room() []byte {
+	if b.buf == nil {
+		b.buf = make([]byte, batchChunks*ChunkSize)
+	}
+	return b.buf
 }
 
 // getBatch returns a spare batch, or a new one. The Writer keeps its spares
@@ -130,7 +144,7 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	}
 	workers := max(w.Workers, 1)
 	work := make(chan *batch, workers)
-	order := make(chan *batch, 2*workers+1)
+	order := make(chan *batch, lookahead(workers))
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Go(func() {
@@ -201,6 +215,14 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	return total, err
 }
 
+// lookahead is how many batches may wait to be collected, in order, behind
+// the oldest. The workers take batches in order but finish them in any, and
+// a worker that is slow on the oldest batch (descheduled, say, on a busy
+// host) holds up the collector: the others go on with the batches behind it
+// as long as there is room. Batches of a mapped file hold no copy of their
+// chunks, so the room costs little memory.
+func lookahead(workers int) int { return min(8*workers, 24) }
+
 // process hashes a batch, looks its chunks up in the index and compresses
 // the new ones. It runs on a worker goroutine.
 func (w *Writer) process(b *batch) {
@@ -208,6 +230,10 @@ func (w *Writer) process(b *batch) {
 	b.gen = w.sealGen
 	w.s.filesMu.RUnlock()
 	for i := 0; i < b.n; i++ {
+		if b.holes > 0 && b.hole[i] {
+			b.ids[i], b.class[i] = ZeroID, classZero
+			continue
+		}
 		c := b.data[i*ChunkSize : (i+1)*ChunkSize]
 		if isZeroChunk(c) {
 			b.ids[i], b.class[i] = ZeroID, classZero
@@ -257,6 +283,9 @@ func (w *Writer) collect(b *batch) error {
 		switch b.class[i] {
 		case classZero:
 			w.stats.ZeroChunks++
+			if b.holes > 0 && b.hole[i] {
+				w.stats.HoleChunks++
+			}
 			continue
 		case classKnown:
 			w.stats.ReusedChunk++
@@ -390,6 +419,21 @@ func (w *Writer) fail(err error) error {
 		w.broken = err
 	}
 	return w.broken
+}
+
+// Seal starts sealing the pack being filled, in the background, and returns
+// at once; chunks put after it go to a new pack. A caller with work to do
+// before Commit (encoding what refers to the chunks, say) calls it first, so
+// that the pack's fsync overlaps that work. Commit waits for the seal as for
+// any other, and an error of the seal is Commit's.
+func (w *Writer) Seal() error {
+	if err := w.usable(); err != nil {
+		return err
+	}
+	if err := w.startSeal(); err != nil {
+		return w.fail(err)
+	}
+	return nil
 }
 
 // Commit seals the last pack and releases the write lock. Once it returns

@@ -293,6 +293,10 @@ func (d *Draft) Commit(name string, labels map[string]string) (Snapshot, error) 
 	if _, err := g.Get(name); err == nil {
 		return Snapshot{}, fmt.Errorf("snapshot %q already exists: %w", name, errdefs.ErrAlreadyExists)
 	}
+	// The last pack's fsync runs while the deltas are encoded.
+	if err := d.w.Seal(); err != nil {
+		return Snapshot{}, fmt.Errorf("storing chunks: %w", err)
+	}
 	snap := Snapshot{Name: name, Created: time.Now().UTC(), Labels: labels}
 	if d.parent != nil {
 		snap.Parent = d.parent.Name
