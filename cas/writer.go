@@ -229,6 +229,8 @@ func (w *Writer) process(b *batch) {
 	w.s.filesMu.RLock()
 	b.gen = w.sealGen
 	w.s.filesMu.RUnlock()
+	// Chunks that hold data are hashed two at a time (sum2).
+	pending := -1
 	for i := 0; i < b.n; i++ {
 		if b.holes > 0 && b.hole[i] {
 			b.ids[i], b.class[i] = ZeroID, classZero
@@ -239,7 +241,16 @@ func (w *Writer) process(b *batch) {
 			b.ids[i], b.class[i] = ZeroID, classZero
 			continue
 		}
-		b.ids[i], b.class[i] = sha256.Sum256(c), classNew
+		b.class[i] = classNew
+		if pending < 0 {
+			pending = i
+			continue
+		}
+		b.ids[pending], b.ids[i] = sum2((*[ChunkSize]byte)(b.data[pending*ChunkSize:]), (*[ChunkSize]byte)(c))
+		pending = -1
+	}
+	if pending >= 0 {
+		b.ids[pending] = sha256.Sum256(b.data[pending*ChunkSize : (pending+1)*ChunkSize])
 	}
 	w.s.idx.read(func(find func(*ID) (Location, bool)) {
 		for i := 0; i < b.n; i++ {
