@@ -52,18 +52,7 @@ func TestWriteStreamFile(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := openStore(t, filepath.Join(dir, "b"))
-			w := s.NewWriter()
-			var got []ID
-			n, err := w.WriteStream(t.Context(), f, func(i int64, id ID) error {
-				got = append(got, id)
-				return nil
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Commit(); err != nil {
-				t.Fatal(err)
-			}
+			w, got, n := writeFile(t, s, f)
 			if n != int64(len(tc.data))-tc.skip {
 				t.Errorf("read %d bytes, want %d", n, int64(len(tc.data))-tc.skip)
 			}
@@ -143,18 +132,7 @@ func TestWriteStreamSparse(t *testing.T) {
 			want, wantStats := ingest(t, openStore(t, filepath.Join(dir, "a")), data[tc.skip:])
 
 			s := openStore(t, filepath.Join(dir, "b"))
-			w := s.NewWriter()
-			var got []ID
-			n, err := w.WriteStream(t.Context(), f, func(i int64, id ID) error {
-				got = append(got, id)
-				return nil
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := w.Commit(); err != nil {
-				t.Fatal(err)
-			}
+			w, got, n := writeFile(t, s, f)
 			if n != tc.size-tc.skip {
 				t.Errorf("read %d bytes, want %d", n, tc.size-tc.skip)
 			}
@@ -193,4 +171,22 @@ func holesReported(t *testing.T, f *os.File) bool {
 	}
 	start, _, ok := dataExtent(int(probe.Fd()), 0)
 	return ok && start >= 1<<20
+}
+
+// writeFile writes f into s with one writer and commits it: the writer, the ids in order and the bytes read.
+func writeFile(t *testing.T, s *Store, f *os.File) (*Writer, []ID, int64) {
+	t.Helper()
+	w := s.NewWriter()
+	var got []ID
+	n, err := w.WriteStream(t.Context(), f, func(i int64, id ID) error {
+		got = append(got, id)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	return w, got, n
 }
