@@ -300,9 +300,10 @@ func (l *lazyMemory) write() {
 			}
 			continue
 		}
-		// The next background batch: the working set, then the rest.
+		// The next background batch: the working set once the guest runs
+		// (QEMU loads the devices without a push in its way), then the rest.
 		batch := make([]int, 0, lazyBatch)
-		for next < len(order) && len(batch) < lazyBatch {
+		for ran == nil && next < len(order) && len(batch) < lazyBatch {
 			if p := int(order[next]); !l.sent.Has(p) {
 				batch = append(batch, p)
 			}
