@@ -1,8 +1,13 @@
 package qemu
 
+import "github.com/boxd-dev/boxd/runner"
+
 // DropQMP closes m's QMP connection, as a process that dies does.
 func DropQMP(m *Machine) {
 	m.qmpMu.Lock()
 	defer m.qmpMu.Unlock()
 	_ = m.qmp.close()
 }
+
+// RefillResumeSpares starts resume spares for machines of spec, in the background.
+func (r *Runner) RefillResumeSpares(spec runner.Spec) { r.refillResumeSpares(spec) }

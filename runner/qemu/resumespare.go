@@ -71,6 +71,7 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 		return
 	}
 	r.refilling = true
+	r.refills.Add(1)
 	gen := r.resumeGen
 	r.resumeMu.Unlock()
 	go func() {
@@ -78,6 +79,7 @@ func (r *Runner) refillResumeSpares(spec runner.Spec) {
 			r.resumeMu.Lock()
 			r.refilling = false
 			r.resumeMu.Unlock()
+			r.refills.Done()
 		}()
 		for {
 			r.resumeMu.Lock()
@@ -157,11 +159,14 @@ func (r *Runner) WaitingResumeSpares() int {
 	return n
 }
 
-// StopResumeSpares stops the resume spares and starts no more.
+// StopResumeSpares stops the resume spares and starts no more. It waits
+// for a refill under way, which stops the spare it was starting: a process
+// that ends after it (boxd's daemon) leaves no spare behind.
 func (r *Runner) StopResumeSpares() {
 	r.resumeMu.Lock()
 	r.resumeClosed = true
 	r.resumeMu.Unlock()
+	r.refills.Wait()
 	r.DropResumeSpares()
 }
 

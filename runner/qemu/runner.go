@@ -164,9 +164,10 @@ type Runner struct {
 	spares  map[string][]*Machine // by the memory file they map
 
 	resumeMu     sync.Mutex
-	resumeSpares []*Machine // resumespare.go
-	refilling    bool       // a refill runs
-	resumeClosed bool       // StopResumeSpares was called
+	resumeSpares []*Machine     // resumespare.go
+	refilling    bool           // a refill runs
+	refills      sync.WaitGroup // the refill that runs, for StopResumeSpares
+	resumeClosed bool           // StopResumeSpares was called
 	resumeWanted func() bool
 	resumeGen    int // DropResumeSpares calls
 

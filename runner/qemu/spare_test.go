@@ -506,3 +506,28 @@ func kernelArg(t *testing.T, pid int) string {
 	t.Fatalf("QEMU %d has no -kernel", pid)
 	return ""
 }
+
+// TestStopResumeSparesDuringRefill stops resume spares while a refill
+// starts one: once StopResumeSpares returns, no spare and no memory file is
+// left, as a daemon that exits then must leave none.
+func TestStopResumeSparesDuringRefill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	r, _, spec, _ := diskMachine(ctx, t)
+	r.ResumeSpares = 1
+	for _, wait := range []time.Duration{0, 20 * time.Millisecond, 80 * time.Millisecond} {
+		r2 := &qemu.Runner{Dir: r.Dir, MemDir: r.MemDir, Graph: r.Graph, ResumeSpares: 1}
+		r2.RefillResumeSpares(spec)
+		time.Sleep(wait)
+		r2.StopResumeSpares()
+		if n := r2.WaitingResumeSpares(); n != 0 {
+			t.Errorf("stopped %v after a refill began: %d spares wait", wait, n)
+		}
+		if left := memFiles(t, r.MemDir); len(left) != 0 {
+			t.Errorf("stopped %v after a refill began: memory files left: %v", wait, left)
+		}
+	}
+}
