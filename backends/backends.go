@@ -233,12 +233,13 @@ func (s *Set) expose(ctx context.Context, ports []uint16) (uint32, func(), error
 	return uid, release, nil
 }
 
-// Close waits for the snapshots written in the background, stops the kvm
-// runner's waiting VMM processes and removes the memory folder once it is
-// empty (every machine has stopped).
+// Close waits for the lazy restores under way and the snapshots written in
+// the background, stops the kvm runner's waiting VMM processes and removes
+// the memory folder once it is empty (every machine has stopped).
 func (s *Set) Close(ctx context.Context) error {
 	s.QEMU.StopResumeSpares()
-	err := s.QEMU.Flush(ctx)
+	err := s.QEMU.AwaitRestores(ctx)
+	err = errors.Join(err, s.QEMU.Flush(ctx))
 	_ = s.KVM.Close()
 	if entries, rerr := os.ReadDir(s.memDir); rerr == nil && len(entries) == 1 && entries[0].Name() == ownerFile {
 		_ = os.RemoveAll(s.memDir) // only the owner file is left: every machine has stopped

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -41,6 +42,10 @@ type Store struct {
 	// lastRead maps a pack number to when it was last read
 	// (*atomic.Int64, Unix nanoseconds), for eviction (PackUses).
 	lastRead sync.Map
+
+	// closed is set by Close: a lookup that misses then says so rather
+	// than that the chunk is not stored.
+	closed atomic.Bool
 
 	// Rebuilt reports whether Open rebuilt the index from the pack footers.
 	Rebuilt bool
@@ -162,6 +167,7 @@ func (s *Store) Dir() string { return s.dir }
 // Close closes the index and every open pack. It waits for a merge of
 // index segments in progress to stop.
 func (s *Store) Close() error {
+	s.closed.Store(true)
 	s.idx.close()
 	s.filesMu.Lock()
 	for n, f := range s.files {
@@ -207,7 +213,7 @@ func (s *Store) listPacks(removeTmp bool) ([]uint32, error) {
 func (s *Store) Lookup(id ID) (Location, error) {
 	loc, ok := s.idx.lookup(id)
 	if !ok {
-		return Location{}, fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
+		return Location{}, s.missing(id)
 	}
 	return loc, nil
 }
@@ -232,9 +238,20 @@ func (s *Store) LookupMany(ids []ID) ([]Location, error) {
 		}
 	})
 	if missing >= 0 {
-		return nil, fmt.Errorf("chunk %s: %w", ids[missing], errdefs.ErrNotFound)
+		return nil, s.missing(ids[missing])
 	}
 	return locs, nil
+}
+
+// ErrClosed says the store was closed.
+var ErrClosed = fmt.Errorf("the chunk store is closed: %w", errdefs.ErrUnavailable)
+
+// missing is the error for a chunk the index does not hold.
+func (s *Store) missing(id ID) error {
+	if s.closed.Load() {
+		return fmt.Errorf("chunk %s: %w", id, ErrClosed)
+	}
+	return fmt.Errorf("chunk %s: %w", id, errdefs.ErrNotFound)
 }
 
 // Has reports whether a chunk is stored (the zero chunk always is).

@@ -214,6 +214,36 @@ func TestPut(t *testing.T) {
 	}
 }
 
+// TestClosedStore checks that reads from a closed store say it is closed,
+// not that the chunk is missing (a caller would report a damaged snapshot).
+func TestClosedStore(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := s.NewWriter()
+	id, err := w.Put(newGen(4).text())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	absent := Sum([]byte("never stored"))
+	if _, err := s.Get(absent, nil); !errors.Is(err, errdefs.ErrNotFound) || errors.Is(err, ErrClosed) {
+		t.Fatalf("an absent chunk of an open store: %v, want not found", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(id, nil); !errors.Is(err, ErrClosed) || errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("Get after Close: %v, want ErrClosed", err)
+	}
+	if _, err := s.LookupMany([]ID{id}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("LookupMany after Close: %v, want ErrClosed", err)
+	}
+}
+
 func TestDedup(t *testing.T) {
 	g := newGen(4)
 	data := bytes.Join([][]byte{g.random(40 * ChunkSize), g.text(), make([]byte, ChunkSize), g.half(), g.random(77)}, nil)

@@ -58,6 +58,17 @@ func (d *daemonEnv) start(t *testing.T) {
 	}
 }
 
+// logTail logs the last lines the daemons on the root wrote.
+func (d *daemonEnv) logTail(t *testing.T) {
+	t.Helper()
+	b, _ := os.ReadFile(filepath.Join(d.root, "daemon.log"))
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > 80 {
+		lines = lines[len(lines)-80:]
+	}
+	t.Logf("the daemon's log, its end:\n%s", strings.Join(lines, "\n"))
+}
+
 func (d *daemonEnv) stop(t *testing.T) {
 	t.Helper()
 	if d.cmd == nil {
@@ -157,6 +168,9 @@ func newDaemonEnv(ctx context.Context, t *testing.T, args ...string) *daemonEnv 
 	d.start(t)
 	t.Cleanup(func() {
 		d.stop(t)
+		if t.Failed() {
+			d.logTail(t)
+		}
 		// Boxes outlive the daemon: a test that failed while none ran
 		// leaves no QEMU behind.
 		if owners, _ := filepath.Glob("/dev/shm/boxd-*/owner"); len(owners) > 0 {
@@ -322,8 +336,8 @@ func TestDaemonSSH(t *testing.T) {
 	// dev, adopted on a memory file of its own (it booted), forks and
 	// hibernates too.
 	d.cli(t, "fork", "dev", "f3")
-	if out, _, _ := d.ssh(t, d.key, "f3", "cat /root/kept.txt"); out != "kept" {
-		t.Fatalf("f3, a fork of an adopted box: %q", out)
+	if out, errOut, code := d.ssh(t, d.key, "f3", "cat /root/kept.txt"); out != "kept" {
+		t.Fatalf("f3, a fork of an adopted box: %q, exit %d, %s", out, code, errOut)
 	}
 	d.cli(t, "rm", "f3")
 	d.cli(t, "hibernate", "dev")

@@ -63,11 +63,16 @@ func TestLazyRestore(t *testing.T) {
 		t.Fatalf("second lazy restore: %v", err)
 	}
 	diskStep(ctx, t, m2, frozeAt)
-	if err := m2.AwaitMemory(ctx); err != nil {
+	// The runner's own wait (a boxd leaving its boxes running) returns
+	// once the memory is in place.
+	if err := r.AwaitRestores(ctx); err != nil {
 		t.Fatal(err)
 	}
 	second, _ := m2.LazyStats()
 	t.Logf("second lazy restore: %+v", second)
+	if !second.Done {
+		t.Errorf("AwaitRestores returned before the second restore's memory was in place: %+v", second)
+	}
 	if n := r.WaitingResumeSpares(); n != 0 {
 		t.Errorf("%d resume spares wait after the second restore took the one there was and before its memory is back", n)
 	}

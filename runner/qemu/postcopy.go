@@ -737,3 +737,25 @@ func (m *Machine) LazyStats() (stats LazyStats, ok bool) {
 // AwaitMemory waits until all of a lazily restored machine's memory is in
 // place (at once for any other machine).
 func (m *Machine) AwaitMemory(ctx context.Context) error { return m.awaitMemory(ctx) }
+
+// AwaitRestores hurries every lazy restore under way and waits until each
+// has its memory in place or ended: a boxd that exits leaving its boxes
+// running must not leave one whose memory it still serves, which no later
+// boxd could adopt.
+func (r *Runner) AwaitRestores(ctx context.Context) error {
+	r.liveMu.Lock()
+	var restoring []*Machine
+	for _, m := range r.live {
+		if l := m.lazy.Load(); l != nil && !isClosed(m.restored) {
+			restoring = append(restoring, m)
+		}
+	}
+	r.liveMu.Unlock()
+	var errs []error
+	for _, m := range restoring {
+		if err := m.awaitMemory(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
