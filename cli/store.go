@@ -70,7 +70,7 @@ func storeCommand() *cli.Command {
 			{
 				Name:   "compact",
 				Usage:  "recompress the packs written since the last compaction into smaller zstd packs",
-				Flags:  []cli.Flag{&cli.IntFlag{Name: "frame-chunks", Usage: "most chunks one zstd frame holds (1-255; default 255)"}, jsonFlag},
+				Flags:  []cli.Flag{&cli.IntFlag{Name: "frame-chunks", Usage: "most chunks one zstd frame holds (1-255)", DefaultText: strconv.Itoa(cas.DefaultFrameChunks)}, jsonFlag},
 				Action: storeCompact,
 			},
 			{Name: "verify", Usage: "re-hash every stored chunk and check every snapshot; exit 6 on damage", Flags: []cli.Flag{jsonFlag}, Action: storeVerify},
@@ -91,6 +91,22 @@ func runningDaemon(c *cli.Context) *daemon.Client {
 		return nil
 	}
 	return dc
+}
+
+// daemonOrLocal runs viaDaemon when a daemon serves --root, since it owns
+// the store while it runs; otherwise it opens the graph under --root and
+// runs local on it.
+func daemonOrLocal[T any](c *cli.Context, viaDaemon func(*daemon.Client) (T, error), local func(*snapshotter.Graph) (T, error)) (T, error) {
+	if dc := runningDaemon(c); dc != nil {
+		return viaDaemon(dc)
+	}
+	g, err := openGraph(c)
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	defer g.Close()
+	return local(g)
 }
 
 // openGraph opens the graph under --root.
@@ -397,22 +413,13 @@ func storeGC(c *cli.Context) error {
 	if th <= 0 || th > 1 {
 		return usageError("--threshold %g is outside (0, 1]", th)
 	}
-	var st cas.GCStats
-	if dc := runningDaemon(c); dc != nil {
-		// The daemon owns the store while it runs: it collects.
-		var err error
-		if st, err = dc.GC(c.Context, th); err != nil {
-			return err
-		}
-	} else {
-		g, err := openGraph(c)
-		if err != nil {
-			return err
-		}
-		defer g.Close()
-		if st, err = g.GC(c.Context, cas.GCOptions{Threshold: th}); err != nil {
-			return err
-		}
+	st, err := daemonOrLocal(c,
+		func(dc *daemon.Client) (cas.GCStats, error) { return dc.GC(c.Context, th) },
+		func(g *snapshotter.Graph) (cas.GCStats, error) {
+			return g.GC(c.Context, cas.GCOptions{Threshold: th})
+		})
+	if err != nil {
+		return err
 	}
 	if wantJSON(c) {
 		return printJSON(c, st)
@@ -430,22 +437,15 @@ func storeCompact(c *cli.Context) error {
 	if fc < 0 || fc > cas.MaxFrameChunks {
 		return usageError("--frame-chunks %d is outside 1-%d", fc, cas.MaxFrameChunks)
 	}
-	var st cas.CompactStats
-	if dc := runningDaemon(c); dc != nil {
-		// The daemon owns the store while it runs: it compacts.
-		var err error
-		if st, err = dc.Compact(c.Context); err != nil {
-			return err
-		}
-	} else {
-		g, err := openGraph(c)
-		if err != nil {
-			return err
-		}
-		defer g.Close()
-		if st, err = g.Compact(c.Context, cas.CompactOptions{FrameChunks: fc}); err != nil {
-			return err
-		}
+	st, err := daemonOrLocal(c,
+		func(dc *daemon.Client) (cas.CompactStats, error) {
+			return dc.Compact(c.Context, daemon.CompactRequest{FrameChunks: fc})
+		},
+		func(g *snapshotter.Graph) (cas.CompactStats, error) {
+			return g.Compact(c.Context, cas.CompactOptions{FrameChunks: fc})
+		})
+	if err != nil {
+		return err
 	}
 	if wantJSON(c) {
 		return printJSON(c, st)

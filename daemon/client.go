@@ -460,10 +460,11 @@ func (c *Client) GC(ctx context.Context, threshold float64) (cas.GCStats, error)
 	return out, c.do(ctx, http.MethodPost, "/v1/gc", GCRequest{Threshold: threshold}, &out)
 }
 
-// Compact recompresses the store's freshly written packs through the daemon.
-func (c *Client) Compact(ctx context.Context) (cas.CompactStats, error) {
+// Compact recompresses the store's freshly written packs through the
+// daemon, with the options of req (zero fields mean the store's defaults).
+func (c *Client) Compact(ctx context.Context, req CompactRequest) (cas.CompactStats, error) {
 	var out cas.CompactStats
-	return out, c.do(ctx, http.MethodPost, "/v1/compact", nil, &out)
+	return out, c.do(ctx, http.MethodPost, "/v1/compact", req, &out)
 }
 
 // Report returns the dedup report of the boxes named (all when none).

@@ -2,21 +2,52 @@ package daemon
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"time"
 
 	"github.com/boxd-dev/boxd/cas"
+	"github.com/containerd/errdefs"
 )
 
 // CompactInterval is a quiet spell that suits Config.CompactAfter (which is
 // off unless set: compacted packs make random page reads slower).
 const CompactInterval = 30 * time.Second
 
-// compact recompresses the packs written since the last compaction.
+// CompactRequest is the body of POST /v1/compact. The body may be left
+// out: a request without one compacts with the store's defaults.
+type CompactRequest struct {
+	// FrameChunks is the most chunks one zstd frame holds, 1 to
+	// cas.MaxFrameChunks (0 means the store's default).
+	FrameChunks int `json:"frame_chunks,omitempty"`
+}
+
+// options checks req and returns the compaction options it asks for.
+func (req CompactRequest) options() (cas.CompactOptions, error) {
+	if req.FrameChunks < 0 || req.FrameChunks > cas.MaxFrameChunks {
+		return cas.CompactOptions{}, fmt.Errorf("compact frame_chunks %d is outside 1-%d: %w", req.FrameChunks, cas.MaxFrameChunks, errdefs.ErrInvalidArgument)
+	}
+	return cas.CompactOptions{FrameChunks: req.FrameChunks}, nil
+}
+
+// compact recompresses the packs written since the last compaction, with
+// the options of the request's body (the defaults when it has none).
 func (s *Server) compact(w http.ResponseWriter, r *http.Request) {
+	var req CompactRequest
+	if err := decode(w, r, maxRequestBody, &req); err != nil && !errors.Is(err, io.EOF) {
+		s.fail(w, r, err)
+		return
+	}
+	opts, err := req.options()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
 	ctx, cancel := s.opContext(r)
 	defer cancel()
-	st, err := s.graph.Compact(ctx, cas.CompactOptions{})
+	st, err := s.graph.Compact(ctx, opts)
 	if err != nil {
 		s.fail(w, r, err)
 		return

@@ -379,6 +379,7 @@ type fakeGraph struct {
 	// compacts counts Compact calls; left is how many packs remain to
 	// compact, one a call.
 	compacts, left int
+	compactOpts    []cas.CompactOptions // the options Compact was called with
 }
 
 func (s *fakeGraph) List() ([]snapshotter.Snapshot, error) { return s.snaps, nil }
@@ -390,10 +391,11 @@ func (s *fakeGraph) GC(_ context.Context, opts cas.GCOptions) (cas.GCStats, erro
 	return cas.GCStats{BytesFreed: 4096, PacksDeleted: 1}, nil
 }
 
-func (s *fakeGraph) Compact(context.Context, cas.CompactOptions) (cas.CompactStats, error) {
+func (s *fakeGraph) Compact(_ context.Context, opts cas.CompactOptions) (cas.CompactStats, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.compacts++
+	s.compactOpts = append(s.compactOpts, opts)
 	if s.left == 0 {
 		return cas.CompactStats{}, nil
 	}
