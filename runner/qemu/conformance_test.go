@@ -1,10 +1,13 @@
 package qemu_test
 
 import (
+	"bufio"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -24,24 +27,47 @@ import (
 )
 
 // observerInit is the conformance guest: it loads the virtio console
-// driver, prints "step N sum S L" every 200 ms, where S is the MD5 (and L the length) of a
-// file in RAM that grows with bytes from the kernel's random number
-// generator each step, and adds every line the host writes on the agent
-// port to that file (the host's fresh entropy after a unique restore).
+// driver and prints "step N sum S L" every 200 ms, where S is the MD5 (and
+// L the length) of a file in RAM that grows each step by the step's
+// number. It adds every line the host writes on the agent port to that
+// file (the host's fresh entropy after a unique restore, seedGuest) and
+// answers it with "seeded " and the line. What the guest prints thus
+// depends only on its own steps and on the lines the host sent: machines
+// that go on from one snapshot take the same steps unless the host seeds
+// them.
+//
+// The port is found by its name: its device is vportNp1, N the index of
+// the virtio device, which is not 0 where a virtio disk comes first. The
+// reader opens it once: a port's unread data is dropped when it is
+// closed, and a read while no host is connected ends at once (EOF).
 const observerInit = `#!/bin/sh
 mount -t proc proc /proc
+mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /lib/modules/boxd/order); do insmod /lib/modules/boxd/$m; done
 : > /tmp/state
 (
+	port=
+	while [ -z "$port" ] || [ ! -c "$port" ]; do
+		for p in /sys/class/virtio-ports/*; do
+			[ "$(cat $p/name 2>/dev/null)" = ` + qemu.AgentPort + ` ] && port=/dev/${p##*/}
+		done
+		sleep 0.05
+	done
+	exec 3<>$port
 	while :; do
-		if read -r line < /dev/vport0p1; then echo "$line" >> /tmp/state; else sleep 0.05; fi
+		if read -r line <&3; then
+			echo "$line" >> /tmp/state
+			echo "seeded $line" >&3
+		else
+			sleep 0.05
+		fi
 	done
 ) &
 i=0
 while :; do
 	echo "step $i sum $(md5sum < /tmp/state | head -c 16) $(wc -c < /tmp/state)"
-	head -c 16 /dev/urandom >> /tmp/state
+	echo "$i" >> /tmp/state
 	i=$((i+1))
 	sleep 0.2
 done
@@ -96,25 +122,38 @@ func (o *observer) Next(ctx context.Context, rm runner.Machine) (runner.Observat
 }
 
 // seedGuest is the conformance guest's reseed: a line of fresh host
-// entropy on the agent port.
+// entropy on the agent port. It returns once the guest has added the line
+// to its state and said so, as the agent answers its Unique request: the
+// guest's next step already depends on it.
 func seedGuest(ctx context.Context, m *qemu.Machine) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", m.AgentSocket())
 	if err != nil {
 		return err
 	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	defer stop()
 	seed := make([]byte, 32)
 	_, _ = rand.Read(seed)
-	_, err = fmt.Fprintf(conn, "seed %s\n", hex.EncodeToString(seed))
-	// The guest reads the line while the host is connected, and it opens
-	// the port only between its reads: QEMU passes the line on once it
-	// does. A busy host may take a while, so the connection stays open
-	// for a few seconds, without holding the caller up.
-	go func() {
-		time.Sleep(3 * time.Second)
-		_ = conn.Close()
-	}()
-	return err
+	line := "seed " + hex.EncodeToString(seed)
+	if _, err := fmt.Fprintln(conn, line); err != nil {
+		return err
+	}
+	// The guest may answer lines it took before (from an earlier
+	// connection): only the answer to this one will do.
+	sc := bufio.NewScanner(conn)
+	for sc.Scan() {
+		if sc.Text() == "seeded "+line {
+			return nil
+		}
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("the guest did not take its seed: %w", ctx.Err())
+	}
+	return fmt.Errorf("the guest did not take its seed: %v", cmp.Or(sc.Err(), io.ErrUnexpectedEOF))
 }
 
 func TestConformance(t *testing.T) {
@@ -212,7 +251,7 @@ func busyboxGuest(ctx context.Context, t *testing.T, init string, modules ...str
 			t.Fatal(err)
 		}
 	}
-	for _, d := range []string{"/bin", "/dev", "/proc", "/tmp", "/lib/modules/boxd"} {
+	for _, d := range []string{"/bin", "/dev", "/proc", "/sys", "/tmp", "/lib/modules/boxd"} {
 		check(w.Dir(d, 0o755))
 	}
 	check(w.CharDev("/dev/console", 0o600, 5, 1))
