@@ -332,6 +332,13 @@ func TestDaemonSSH(t *testing.T) {
 	d.checkRunsAlone(t, "f1")
 	d.start(t)
 	d.checkAdopted(t, "f1", time.Now())
+	// dev woke lazily just before that stop: the daemon left it running
+	// with all its memory in place, so it was adopted, with what it wrote.
+	for _, b := range d.boxes(t) {
+		if b.Name == "dev" && (b.State != "running" || b.Note != "") {
+			t.Fatalf("dev, resumed just before a stop with --leave-running: %s (%q), want running (adopted)", b.State, b.Note)
+		}
+	}
 
 	// dev, adopted on a memory file of its own (it booted), forks and
 	// hibernates too.
