@@ -64,6 +64,11 @@ type frame struct {
 // errBadFrame is what breaks a channel whose bytes are no frame.
 var errBadFrame = errors.New("agent: link: bad frame")
 
+// errNewChannel is a sync line where a frame was due: the host opened a new channel (a box resumed or moved onto
+// another machine, or the host's end of the old one broke), and the guest's session on the old one ends, as the
+// preamble means it to. It is routine, not worth a line in the box's log.
+var errNewChannel = fmt.Errorf("%w: a sync line: the host opened a new channel", errBadFrame)
+
 // appendFrame appends f's encoding to b.
 func appendFrame(b []byte, f frame) []byte {
 	start := len(b)
@@ -86,6 +91,8 @@ func readFrame(r io.Reader, buf []byte) (frame, error) {
 	f := frame{typ: h[0], ack: binary.BigEndian.Uint64(h[1:9]), seq: binary.BigEndian.Uint64(h[9:17])}
 	n := binary.BigEndian.Uint32(h[17:21])
 	switch {
+	case bytes.HasPrefix(h, []byte(syncPrefix)):
+		return frame{}, errNewChannel
 	case f.typ == frameData && (n == 0 || n > maxFramePayload):
 		return frame{}, fmt.Errorf("%w: data of %d bytes", errBadFrame, n)
 	case (f.typ == frameAck || f.typ == frameClose) && n != 0:

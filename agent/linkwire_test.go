@@ -37,10 +37,12 @@ func TestReadFrameRefuses(t *testing.T) {
 		return b
 	}
 	tests := []struct {
-		name string
-		in   []byte
+		name       string
+		in         []byte
+		newChannel bool // the error says the host opened a new channel
 	}{
-		{name: "a preamble line", in: []byte("BOXD-SYNC 0123456789abcdef\nBOXD-SYNC 0123456789abcdef\n")},
+		{name: "a preamble line", in: []byte("BOXD-SYNC 0123456789abcdef\nBOXD-SYNC 0123456789abcdef\n"), newChannel: true},
+		{name: "a preamble line's start", in: []byte("BOXD-SYNQ 0123456789abcdef\n")},
 		{name: "unknown type", in: flip(0)},
 		{name: "changed ack", in: flip(3)},
 		{name: "changed payload", in: flip(len(good) - 1)},
@@ -51,8 +53,15 @@ func TestReadFrameRefuses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if f, err := readFrame(bytes.NewReader(tt.in), make([]byte, frameHeaderLen+maxFramePayload)); err == nil {
-				t.Errorf("read a %c frame of %d bytes", f.typ, len(f.payload))
+			f, err := readFrame(bytes.NewReader(tt.in), make([]byte, frameHeaderLen+maxFramePayload))
+			if err == nil {
+				t.Fatalf("read a %c frame of %d bytes", f.typ, len(f.payload))
+			}
+			if got := errors.Is(err, errNewChannel); got != tt.newChannel {
+				t.Errorf("%v: a new channel %v, want %v", err, got, tt.newChannel)
+			}
+			if tt.in[0] != good[0] && !errors.Is(err, errBadFrame) && len(tt.in) >= frameHeaderLen {
+				t.Errorf("%v is no bad frame", err)
 			}
 		})
 	}

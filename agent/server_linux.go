@@ -364,7 +364,9 @@ func ServeSerial(ctx context.Context, next func(ctx context.Context) (io.ReadWri
 		}
 		start := time.Now()
 		if err := Serve(ctx, conn, cfg); err != nil && ctx.Err() == nil {
-			cfg.logf("connection ended: %v", err)
+			if !errors.Is(err, errNewChannel) {
+				cfg.logf("connection ended: %v", err)
+			}
 			if time.Since(start) < pause && !sleepCtx(ctx, pause) {
 				return ctx.Err()
 			}
