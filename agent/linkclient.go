@@ -97,16 +97,25 @@ type redialer struct {
 	err     error              // why the link ended
 	cancel  context.CancelFunc // ends the attempt in progress
 	changed chan struct{}
+	moved   bool                           // move broke the channel: its end was asked for
+	onBreak func(socket string, err error) // told of each channel that broke unasked
 }
 
 // run carries the link over conn (read through rd, dialled at socket), then over each channel next gives.
 func (r *redialer) run(conn net.Conn, rd io.Reader, peerRecv uint64, socket string) {
 	for {
 		r.note(socket, nil)
-		_ = r.link.Run(conn, rd, peerRecv)
+		runErr := r.link.Run(conn, rd, peerRecv)
 		if r.link.done() {
 			r.note("", ErrLinkClosed)
 			return
+		}
+		r.mu.Lock()
+		asked, onBreak := r.moved, r.onBreak
+		r.moved = false
+		r.mu.Unlock()
+		if !asked && onBreak != nil {
+			onBreak(socket, runErr)
 		}
 		r.note("", nil)
 		var err error
@@ -210,6 +219,7 @@ func resumeLink(ctx context.Context, socket string, l *Link) (net.Conn, io.Reade
 func (r *redialer) move(ctx context.Context, socket string) error {
 	r.mu.Lock()
 	r.socket = socket
+	r.moved = r.on != "" && r.on != socket // the detach below breaks the channel that carries the link
 	r.mu.Unlock()
 	r.interrupt()
 	if !r.carriedFrom(socket) {
@@ -255,6 +265,18 @@ func (r *redialer) interrupt() {
 	case r.kick <- struct{}{}:
 	default:
 	}
+}
+
+// OnChannelBreak has f called, from the link's own goroutine, with the socket and the error of each channel that
+// breaks without Move asking for it, before the client dials the socket again: for a log of why a box's link
+// moved. f must not block.
+func (c *Client) OnChannelBreak(f func(socket string, err error)) {
+	if c.redial == nil {
+		return
+	}
+	c.redial.mu.Lock()
+	c.redial.onBreak = f
+	c.redial.mu.Unlock()
 }
 
 // Move resumes the client's link over the agent socket at socketPath, for a box whose machine changed (restored

@@ -179,3 +179,48 @@ func TestDialOldAgent(t *testing.T) {
 		t.Errorf("Move without a link = %v, want not implemented", err)
 	}
 }
+
+// TestClientChannelBreak: a channel that breaks unasked is reported, with its socket, before the client dials
+// again; one that Move breaks is not.
+func TestClientChannelBreak(t *testing.T) {
+	cfg := &ServerConfig{}
+	machines := []*agentSocket{newAgentSocket(t, cfg, false), newAgentSocket(t, cfg, false)}
+	c, err := Dial(testCtx(t), machines[0].path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	broke := make(chan string, 4)
+	c.OnChannelBreak(func(socket string, err error) {
+		if err == nil {
+			t.Errorf("a break on %s reported without its error", socket)
+		}
+		broke <- socket
+	})
+	run := func(step string) {
+		t.Helper()
+		if out, err := c.Output(testCtx(t), "echo", "ok"); err != nil || strings.TrimSpace(string(out)) != "ok" {
+			t.Fatalf("%s: echo: %q, %v", step, out, err)
+		}
+	}
+	run("first")
+	machines[0].breakChannels()
+	select {
+	case got := <-broke:
+		if got != machines[0].path {
+			t.Errorf("break reported on %s, want %s", got, machines[0].path)
+		}
+	case <-testCtx(t).Done():
+		t.Fatal("a broken channel was not reported")
+	}
+	run("after the break")
+	if err := c.Move(testCtx(t), machines[1].path); err != nil {
+		t.Fatal(err)
+	}
+	run("after the move")
+	select {
+	case got := <-broke:
+		t.Errorf("the channel Move broke was reported (%s)", got)
+	default:
+	}
+}

@@ -723,6 +723,9 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 		}
 		return fmt.Errorf("box %s did not come up (%s); the console ends with:\n%s: %w", name, why, tail(mach.Console(), 12), errdefs.ErrUnavailable)
 	}
+	c.OnChannelBreak(func(socket string, err error) {
+		m.log.Info("box: the agent link's channel broke; dialling the agent again", "box", name, "err", err)
+	})
 	m.mu.Lock()
 	m.machines[name], m.clients[name] = mach, c
 	m.mu.Unlock()
