@@ -17,6 +17,7 @@ func (m *Manager) holdClient(name string) {
 		// Streams of kept processes end detached, as they did when the
 		// link ended with the machine; sessions wait.
 		c.DetachProcesses()
+		c.OnChannelBreak(nil) // its channel ends with the machine, as asked
 		delete(m.clients, name)
 		if old := m.held[name]; old != nil {
 			_ = old.Close()
