@@ -153,7 +153,7 @@ func seedGuest(ctx context.Context, m *qemu.Machine) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("the guest did not take its seed: %w", ctx.Err())
 	}
-	return fmt.Errorf("the guest did not take its seed: %v", cmp.Or(sc.Err(), io.ErrUnexpectedEOF))
+	return fmt.Errorf("the guest did not take its seed: %w", cmp.Or(sc.Err(), io.ErrUnexpectedEOF))
 }
 
 func TestConformance(t *testing.T) {
