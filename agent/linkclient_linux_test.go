@@ -81,17 +81,25 @@ func (s *agentSocket) breakChannels() {
 	s.open = nil
 }
 
-// TestClientMove runs a session that streams a counter out and takes a stream in while its channel breaks, the
-// client redials, and the box moves between machines: the counter arrives with no gap and no repeat, and the
-// guest reads the stream exactly.
-func TestClientMove(t *testing.T) {
+// twoMachines starts two machines of one box (one agent state) and dials the first; the test's end closes the
+// client.
+func twoMachines(t *testing.T) ([]*agentSocket, *Client) {
+	t.Helper()
 	cfg := &ServerConfig{}
 	machines := []*agentSocket{newAgentSocket(t, cfg, false), newAgentSocket(t, cfg, false)}
 	c, err := Dial(testCtx(t), machines[0].path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
+	return machines, c
+}
+
+// TestClientMove runs a session that streams a counter out and takes a stream in while its channel breaks, the
+// client redials, and the box moves between machines: the counter arrives with no gap and no repeat, and the
+// guest reads the stream exactly.
+func TestClientMove(t *testing.T) {
+	machines, c := twoMachines(t)
 	sess, err := c.SSH().NewSession()
 	if err != nil {
 		t.Fatal(err)
@@ -183,13 +191,7 @@ func TestDialOldAgent(t *testing.T) {
 // TestClientChannelBreak: a channel that breaks unasked is reported, with its socket, before the client dials
 // again; one that Move breaks is not.
 func TestClientChannelBreak(t *testing.T) {
-	cfg := &ServerConfig{}
-	machines := []*agentSocket{newAgentSocket(t, cfg, false), newAgentSocket(t, cfg, false)}
-	c, err := Dial(testCtx(t), machines[0].path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	machines, c := twoMachines(t)
 	broke := make(chan string, 4)
 	c.OnChannelBreak(func(socket string, err error) {
 		if err == nil {
