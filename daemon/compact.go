@@ -98,6 +98,19 @@ func (s *Server) CompactLoop(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		return
 	}
+	every(ctx, interval, func() {
+		st, err := s.CompactIdle(ctx, interval)
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("background compaction", "err", err)
+		}
+		if st.PacksCompacted > 0 {
+			s.log.Info("background compaction", "packs", st.PacksCompacted, "bytes_before", st.BytesBefore, "bytes_after", st.BytesAfter, "seconds", st.Seconds, "packs_left", st.PacksLeft)
+		}
+	})
+}
+
+// every calls f every interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, f func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -105,13 +118,7 @@ func (s *Server) CompactLoop(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			st, err := s.CompactIdle(ctx, interval)
-			if err != nil && ctx.Err() == nil {
-				s.log.Warn("background compaction", "err", err)
-			}
-			if st.PacksCompacted > 0 {
-				s.log.Info("background compaction", "packs", st.PacksCompacted, "bytes_before", st.BytesBefore, "bytes_after", st.BytesAfter, "seconds", st.Seconds, "packs_left", st.PacksLeft)
-			}
+			f()
 		}
 	}
 }

@@ -1084,16 +1084,9 @@ func (s *Server) IdleLoop(ctx context.Context, interval, idle time.Duration) {
 	if idle <= 0 {
 		return
 	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if _, err := s.HibernateIdle(ctx, idle); err != nil && ctx.Err() == nil {
-				s.log.Warn("idle hibernation", "err", err)
-			}
+	every(ctx, interval, func() {
+		if _, err := s.HibernateIdle(ctx, idle); err != nil && ctx.Err() == nil {
+			s.log.Warn("idle hibernation", "err", err)
 		}
-	}
+	})
 }
