@@ -137,3 +137,27 @@ func TestCompactIdle(t *testing.T) {
 		})
 	}
 }
+
+// TestEvery: the loops' ticker calls its function again and again, and returns once its context ends.
+func TestEvery(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	calls, done := make(chan struct{}, 100), make(chan struct{})
+	go func() {
+		every(ctx, time.Millisecond, func() { calls <- struct{}{} })
+		close(done)
+	}()
+	for i := range 3 {
+		select {
+		case <-calls:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("call %d did not come", i+1)
+		}
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("every did not return once its context ended")
+	}
+}
