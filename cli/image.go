@@ -195,21 +195,11 @@ func imageList(c *cli.Context) error {
 	if err := imageArgs(c); err != nil {
 		return err
 	}
-	var imgs []guest.Image
-	if dc := runningDaemon(c); dc != nil {
-		var err error
-		if imgs, err = dc.Images(c.Context); err != nil {
-			return err
-		}
-	} else {
-		g, err := openGraph(c)
-		if err != nil {
-			return err
-		}
-		defer g.Close()
-		if imgs, err = guest.ListImages(g); err != nil {
-			return err
-		}
+	imgs, err := daemonOrLocal(c,
+		func(dc *daemon.Client) ([]guest.Image, error) { return dc.Images(c.Context) },
+		guest.ListImages)
+	if err != nil {
+		return err
 	}
 	if wantJSON(c) {
 		if imgs == nil {
