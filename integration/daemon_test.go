@@ -62,11 +62,7 @@ func (d *daemonEnv) start(t *testing.T) {
 func (d *daemonEnv) logTail(t *testing.T) {
 	t.Helper()
 	b, _ := os.ReadFile(filepath.Join(d.root, "daemon.log"))
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > 80 {
-		lines = lines[len(lines)-80:]
-	}
-	t.Logf("the daemon's log, its end:\n%s", strings.Join(lines, "\n"))
+	t.Logf("the daemon's log, its end:\n%s", tail(string(b), 80))
 }
 
 func (d *daemonEnv) stop(t *testing.T) {
