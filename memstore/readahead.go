@@ -19,6 +19,9 @@ type readahead struct {
 	next  int     // the page after it
 	seq   bool    // the last window was in order
 	ahead int     // pages to read ahead next time
+	// frame is the buffer the pages of a compacted frame are filled
+	// through (Server.fillFrame).
+	frame []byte
 }
 
 // Pages read ahead: minAhead at first, doubling with each read in order up
@@ -29,7 +32,7 @@ const (
 )
 
 func newReadahead(faultAround int) *readahead {
-	return &readahead{buf: make([]byte, max(faultAround, maxAhead)*PageSize), ahead: minAhead}
+	return &readahead{buf: make([]byte, max(faultAround, maxAhead)*PageSize), ahead: minAhead, frame: make([]byte, maxAhead*PageSize)}
 }
 
 // window returns the data of pages [p, p+n) of r (n at most the handler's

@@ -19,7 +19,9 @@ import (
 // Options tune a restore.
 type Options struct {
 	// FaultAround is how many contiguous missing pages answer one fault
-	// (default 16: 64 KiB). 1 serves exactly the faulting page.
+	// (default 16: 64 KiB). 1 serves exactly the faulting page, unless it
+	// lies in a compacted zstd frame: then the frame's other pages near it
+	// come too (frames.go).
 	FaultAround int
 	// Prefetch lists pages to populate first, in order (a working set).
 	Prefetch []uint64
@@ -348,6 +350,12 @@ func (s *Server) serve(addr uintptr, ra *readahead) error {
 	}
 	if err := s.copyIn(r, p, n, data, &s.copied, &totals.faulted); err != nil {
 		return err
+	}
+	if r.framed(p) {
+		// The frame is decoded: bring in its other pages near p
+		// (frames.go), which also covers what reading ahead would.
+		s.fillFrame(r, p, ra.frame)
+		return nil
 	}
 	ra.after(s, r, p, n)
 	return nil

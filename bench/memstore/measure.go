@@ -238,6 +238,22 @@ func scatteredRestore(rep *Report, e *env) error {
 	if _, err := memstore.Capture(context.Background(), g, bytes.NewReader(img), int64(len(img)), memstore.CaptureOptions{Name: "guest"}); err != nil {
 		return err
 	}
+	// The same snapshot in a store compacted afterwards (chunks in zstd
+	// frames), as the daemon leaves a store in a quiet spell.
+	rootZ := filepath.Join(e.tmp, "restore-compacted")
+	gz, err := snapshotter.Open(rootZ)
+	if err != nil {
+		return err
+	}
+	defer func() { gz.Close(); os.RemoveAll(rootZ) }()
+	if _, err := memstore.Capture(context.Background(), gz, bytes.NewReader(img), int64(len(img)), memstore.CaptureOptions{Name: "guest"}); err != nil {
+		return err
+	}
+	cst, err := gz.Store().Compact(context.Background(), cas.CompactOptions{})
+	if err != nil {
+		return fmt.Errorf("compacting: %w", err)
+	}
+	sr.CompactedFrames = cst.Frames
 	set := rand.New(rand.NewPCG(seed, 2)).Perm(pages)[:touchedPages]
 	for _, p := range set {
 		if kinds[p] == kindZero {
@@ -257,7 +273,7 @@ func scatteredRestore(rep *Report, e *env) error {
 		st                     memstore.Stats
 		ws                     int
 	}
-	restore := func(opts memstore.Options, save bool) (outcome, error) {
+	restore := func(g *snapshotter.Graph, opts memstore.Options, save bool) (outcome, error) {
 		var o outcome
 		region, err := anon(len(img))
 		if err != nil {
@@ -305,7 +321,7 @@ func scatteredRestore(rep *Report, e *env) error {
 	var starts []float64
 	for i := range *reps {
 		// (a) no help; the first run also records the working set.
-		o, err := restore(memstore.Options{FaultAround: 1, Prefetch: []uint64{}}, i == 0)
+		o, err := restore(g, memstore.Options{FaultAround: 1, Prefetch: []uint64{}}, i == 0)
 		if err != nil {
 			return fmt.Errorf("no help: %w", err)
 		}
@@ -316,7 +332,7 @@ func scatteredRestore(rep *Report, e *env) error {
 		starts = append(starts, ms(o.start))
 		benchkit.Progress("  rep %d no help:          touch %8.2f ms  (%d faults)", i+1, ms(o.touch), o.st.Faults)
 		// (b) fault-around 16.
-		o, err = restore(memstore.Options{FaultAround: 16, Prefetch: []uint64{}}, false)
+		o, err = restore(g, memstore.Options{FaultAround: 16, Prefetch: []uint64{}}, false)
 		if err != nil {
 			return fmt.Errorf("fault-around: %w", err)
 		}
@@ -324,7 +340,7 @@ func scatteredRestore(rep *Report, e *env) error {
 		starts = append(starts, ms(o.start))
 		benchkit.Progress("  rep %d fault-around 16:  touch %8.2f ms  (%d faults)", i+1, ms(o.touch), o.st.Faults)
 		// (c) default options: the saved working set is prefetched.
-		o, err = restore(memstore.Options{}, false)
+		o, err = restore(g, memstore.Options{}, false)
 		if err != nil {
 			return fmt.Errorf("prefetch: %w", err)
 		}
@@ -332,6 +348,19 @@ func scatteredRestore(rep *Report, e *env) error {
 		sr.Prefetch.PrefetchRuns = append(sr.Prefetch.PrefetchRuns, ms(o.prefetch))
 		starts = append(starts, ms(o.start))
 		benchkit.Progress("  rep %d prefetch:         touch %8.2f ms  (%d faults, %d prefetched; Start→PrefetchDone %.2f ms)", i+1, ms(o.touch), o.st.Faults, o.st.Prefetched, ms(o.prefetch))
+		// (e) and (f): (a) and (b) from the compacted store.
+		for _, x := range []struct {
+			t      *TouchResult
+			around int
+			name   string
+		}{{&sr.Compacted, 1, "compacted, no help:"}, {&sr.CompactedAround, 16, "compacted, around 16:"}} {
+			o, err = restore(gz, memstore.Options{FaultAround: x.around, Prefetch: []uint64{}}, false)
+			if err != nil {
+				return fmt.Errorf("%s %w", x.name, err)
+			}
+			fill(x.t, o)
+			benchkit.Progress("  rep %d %-22s touch %8.2f ms  (%d faults)", i+1, x.name, ms(o.touch), o.st.Faults)
+		}
 		// (d) a plain copy into fresh anonymous memory.
 		dst, err := anon(len(packed))
 		if err != nil {
@@ -348,7 +377,7 @@ func scatteredRestore(rep *Report, e *env) error {
 	}
 	sr.StartMs = median(starts)
 	sr.CopyMs = median(sr.CopyRuns)
-	for _, t := range []*TouchResult{&sr.NoHelp, &sr.FaultAround, &sr.Prefetch.TouchResult} {
+	for _, t := range []*TouchResult{&sr.NoHelp, &sr.FaultAround, &sr.Prefetch.TouchResult, &sr.Compacted, &sr.CompactedAround} {
 		t.Ms = median(t.Runs)
 		t.VsCopy = benchkit.Ratio(t.Ms, sr.CopyMs)
 	}

@@ -114,8 +114,14 @@ type ScatterRestore struct {
 	NoHelp        TouchResult    `json:"no_help"`
 	FaultAround   TouchResult    `json:"fault_around_16"`
 	Prefetch      PrefetchResult `json:"prefetch"`
-	CopyMs        float64        `json:"copy_ms"`
-	CopyRuns      []float64      `json:"copy_runs_ms"`
+	// Compacted and CompactedAround are NoHelp and FaultAround from the
+	// same snapshot in a store compacted afterwards (CompactedFrames zstd
+	// frames).
+	Compacted       TouchResult `json:"compacted_no_help"`
+	CompactedAround TouchResult `json:"compacted_fault_around_16"`
+	CompactedFrames int64       `json:"compacted_frames"`
+	CopyMs          float64     `json:"copy_ms"`
+	CopyRuns        []float64   `json:"copy_runs_ms"`
 }
 
 type CaptureRun struct {
@@ -230,6 +236,9 @@ func printTable(w io.Writer, rep *Report) {
 		tr("(c) prefetch, touch after PrefetchDone", sr.Prefetch.TouchResult)
 		fmt.Fprintf(w, "   %-44s %10.2f %7.2fx\n", "    Start → PrefetchDone", sr.Prefetch.PrefetchMs, sr.Prefetch.PrefetchVsCopy)
 		fmt.Fprintf(w, "   %-44s %10.2f %7.2fx\n", "(d) copy 32 MiB into fresh anonymous memory", sr.CopyMs, 1.0)
+		fmt.Fprintf(w, "   the snapshot again, in a store compacted after the capture (%d zstd frames):\n", sr.CompactedFrames)
+		tr("(e) as (a), compacted", sr.Compacted)
+		tr("(f) as (b), compacted", sr.CompactedAround)
 		fmt.Fprintf(w, "   working set recorded by (a): %d pages\n\n", sr.Prefetch.WorkingSet)
 	}
 

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/boxd-dev/boxd/cas"
+	"github.com/boxd-dev/boxd/memstore"
 	"github.com/boxd-dev/boxd/runner"
 )
 
@@ -80,6 +82,33 @@ func TestLazyRestore(t *testing.T) {
 		t.Errorf("the second lazy restore prefetched no working set: %+v", second)
 	}
 	_ = m2.Stop(ctx)
+	// Once the store is compacted (zstd frames of many chunks), a page
+	// asked for brings the rest of its frame near it, decoded once; with
+	// no working set to push, the guest asks for what it needs.
+	if _, err := r.Graph.Store().Compact(ctx, cas.CompactOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Graph.SetWorkingSet("lazy-1", memstore.DefaultMap, nil); err != nil {
+		t.Fatal(err)
+	}
+	m3, err := r.RestoreMachine(ctx, "lazy-1", runner.RestoreOptions{
+		Disk: filepath.Join(work, "c.qcow2"), LongLived: true,
+	})
+	if err != nil {
+		t.Fatalf("lazy restore from the compacted store: %v", err)
+	}
+	if n, got := diskStep(ctx, t, m3, frozeAt); got != "boxd-disk!" || n > frozeAt+10 {
+		t.Fatalf("lazy restore from the compacted store: step %d reading %q; the parent froze at %d", n, got, frozeAt)
+	}
+	if err := m3.AwaitMemory(ctx); err != nil {
+		t.Fatalf("the memory of the lazy restore from the compacted store: %v", err)
+	}
+	third, _ := m3.LazyStats()
+	t.Logf("lazy restore from the compacted store: %+v", third)
+	if third.Demanded == 0 || third.Framed == 0 {
+		t.Errorf("a lazy restore from a compacted store with no working set sent no page with a demanded one of its frame: %+v", third)
+	}
+	_ = m3.Stop(ctx)
 	if _, err := m.Snapshot(ctx, "lazy-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatalf("snapshot after a lazy restore: %v", err)
 	}

@@ -56,13 +56,14 @@ type LazyStats struct {
 	Demanded   int64 `json:"demanded"`   // page requests QEMU made
 	Prefetched int64 `json:"prefetched"` // working-set pages pushed
 	Pushed     int64 `json:"pushed"`     // other pages pushed
+	Framed     int64 `json:"framed"`     // pages sent with a demanded one of their zstd frame (sendFrame)
 	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
 	Done       bool  `json:"done"`       // all memory is in place
 }
 
 // lazyCounters are LazyStats as they grow.
 type lazyCounters struct {
-	demanded, prefetched, pushed, zeroed atomic.Int64
+	demanded, prefetched, pushed, framed, zeroed atomic.Int64
 }
 
 // lazyMemory serves one restoring machine's guest RAM from a snapshot.
@@ -409,7 +410,59 @@ func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
 			batch = append(batch, p)
 		}
 	}
-	return l.send(batch, asked, buf)
+	if err := l.send(batch, asked, buf); err != nil {
+		return err
+	}
+	return l.sendFrame(first, buf)
+}
+
+// sendFrame sends, after a demanded page p, the unsent pages near it whose
+// chunks lie in the same zstd frame of a compacted store: reading p decoded
+// that whole frame (about a millisecond for a full one), which the store
+// keeps for a while, and the guest's next faults there would each decode it
+// again once it is gone. Pages of other codecs are cheap to read one by
+// one and are left to demand and the push.
+func (l *lazyMemory) sendFrame(p int, buf []byte) error {
+	if l.ids[p] == cas.ZeroID {
+		return nil
+	}
+	loc, err := l.store.Lookup(l.ids[p])
+	if err != nil || loc.Codec != cas.CodecZstd {
+		return nil // the page went out: a moved chunk is the push's to find
+	}
+	var near []int
+	var ids []cas.ID
+	for q := max(0, p-cas.MaxFrameChunks); q < min(len(l.ids), p+cas.MaxFrameChunks+1); q++ {
+		if !l.sent.Has(q) && l.ids[q] != cas.ZeroID {
+			near = append(near, q)
+			ids = append(ids, l.ids[q])
+		}
+	}
+	locs, err := l.store.LookupMany(ids)
+	if err != nil {
+		return nil
+	}
+	var batch []int
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		err := l.send(batch, nil, buf)
+		l.stats.framed.Add(int64(len(batch)))
+		batch = batch[:0]
+		return err
+	}
+	for i, q := range near {
+		if locs[i].Codec != cas.CodecZstd || locs[i].Pack != loc.Pack || locs[i].Offset != loc.Offset {
+			continue
+		}
+		if batch = append(batch, q); len(batch) == len(buf)/memstore.PageSize {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
 }
 
 // record adds demanded pages to the working set while its window lasts.
@@ -695,7 +748,7 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 		}
 	}
 	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap, "took", time.Since(l.began).Round(time.Microsecond),
-		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "zeroed", l.stats.zeroed.Load())
+		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "framed", l.stats.framed.Load(), "zeroed", l.stats.zeroed.Load())
 	m.markReady()
 	close(m.restored)
 	m.r.refillResumeSpares(m.spec)
@@ -729,7 +782,7 @@ func (m *Machine) LazyStats() (stats LazyStats, ok bool) {
 	}
 	return LazyStats{
 		Demanded: l.stats.demanded.Load(), Prefetched: l.stats.prefetched.Load(),
-		Pushed: l.stats.pushed.Load(), Zeroed: l.stats.zeroed.Load(),
+		Pushed: l.stats.pushed.Load(), Framed: l.stats.framed.Load(), Zeroed: l.stats.zeroed.Load(),
 		Done: isClosed(m.restored) && l.err == nil,
 	}, true
 }
