@@ -228,6 +228,10 @@ func TestBenchInstruments(t *testing.T) {
 // (x-ignore-shared) to a file; a new QEMU started with -incoming defer on a
 // private mapping of that file until it is ready for migrate-incoming; then
 // migrate-incoming and cont.
+//
+// The warm=1 sub-benchmarks keep one VMM process waiting with its VM built
+// (Runner.Pool 1), as boxd's daemon does (backends.KVMPool); the others
+// start a process each fork.
 func BenchmarkFork(b *testing.B) {
 	for _, mem := range []int64{256 * mib, 1 << 30} {
 		for _, dirty := range []int64{0, 16 * mib, 64 * mib} {
