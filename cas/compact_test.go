@@ -510,3 +510,42 @@ func TestUnpackFramesDecodeOnce(t *testing.T) {
 		t.Errorf("Unpack of a frame just decoded allocates %v times: it decodes again", allocs)
 	}
 }
+
+// TestMoves checks that Store.Moves counts the index switches that moved
+// chunks (compaction, GC) and nothing else: an ingest, or a compaction or
+// GC with nothing to do, leaves it.
+func TestMoves(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir())
+	g := newGen(5)
+	keep := ingestChunks(t, s, testChunks(g, "text", 300))
+	drop := ingestChunks(t, s, testChunks(g, "text", 40))
+	if n := s.Moves(); n != 0 {
+		t.Fatalf("Moves %d after ingests alone", n)
+	}
+	if _, err := s.Compact(ctx, CompactOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Moves(); n != 1 {
+		t.Fatalf("Moves %d after a compaction, want 1", n)
+	}
+	if _, err := s.Compact(ctx, CompactOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Moves(); n != 1 {
+		t.Fatalf("Moves %d after a compaction with nothing left to do, want 1", n)
+	}
+	dropped := map[ID]bool{}
+	for _, id := range drop {
+		dropped[id] = true
+	}
+	if _, err := s.GC(ctx, func(id ID) bool { return !dropped[id] }, GCOptions{Threshold: 0.01}); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Moves(); n != 2 {
+		t.Fatalf("Moves %d after a GC that removed chunks, want 2", n)
+	}
+	if _, err := s.Get(keep[0], nil); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -320,6 +320,9 @@ func (r *gcRun) switchIndex() error {
 		return wrapIO("gc: switching index", err)
 	}
 	s.idx.publish([]*segment{g}, sealed, victims)
+	if len(victims) > 0 {
+		s.moves.Add(1)
+	}
 	return nil
 }
 

@@ -47,6 +47,9 @@ type Store struct {
 	// than that the chunk is not stored.
 	closed atomic.Bool
 
+	// moves counts the index switches that moved chunks (Moves).
+	moves atomic.Uint64
+
 	// Rebuilt reports whether Open rebuilt the index from the pack footers.
 	Rebuilt bool
 	// Damaged lists packs whose footers could not be read when the index was
@@ -160,6 +163,13 @@ func (s *Store) resetIndex() error {
 		return initIndex(tx)
 	})
 }
+
+// Moves counts the times GC or compaction moved chunks to other packs
+// since Open. A location looked up while it had one value may be stale
+// once it has another (a read of it then fails, and a fresh look-up finds
+// the chunk), and a chunk may have changed codec: a caller that keeps
+// locations compares it to know when to look them up again.
+func (s *Store) Moves() uint64 { return s.moves.Load() }
 
 // Dir returns the store's directory.
 func (s *Store) Dir() string { return s.dir }

@@ -15,7 +15,8 @@ import (
 // zstd frames, one page per fault, touched in random order: each fault on a
 // framed page fills the missing pages near it of the same frame, so the
 // memory comes back whole after a few faults a frame instead of one a page,
-// and pages the overlay holds still come from the overlay.
+// and pages the overlay holds still come from the overlay. A page table
+// kept from a restore before the compaction is resolved again.
 func TestFaultFillsFrame(t *testing.T) {
 	const pages = 2048 // 8 MiB: 1536 pages with data, in about 7 frames
 	src := wordsImage(11, pages)
@@ -24,14 +25,20 @@ func TestFaultFillsFrame(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		overlay bool
+		kept    bool // restored with Tables before the compaction
 		want    []byte
 	}{
-		{"store alone", false, src},
-		{"overlay over frames", true, newer},
+		{"store alone", false, false, src},
+		{"overlay over frames", true, false, newer},
+		{"table kept from before", false, true, src},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 			capture(t, g, src, CaptureOptions{Name: "m"})
+			tabs := NewTables(1 << 20)
+			if tc.kept {
+				restoreAndCheck(t, g, "m", src, tabs)
+			}
 			st, err := g.Store().Compact(context.Background(), cas.CompactOptions{})
 			if err != nil {
 				t.Fatal(err)
@@ -39,7 +46,7 @@ func TestFaultFillsFrame(t *testing.T) {
 			if st.Frames == 0 {
 				t.Fatalf("compaction wrote no frames: %+v", st)
 			}
-			opts := Options{FaultAround: 1, Prefetch: []uint64{}}
+			opts := Options{FaultAround: 1, Prefetch: []uint64{}, Tables: tabs}
 			if tc.overlay {
 				opts.Overlay = overlayOf(t, newer, seq(100, 150), nil)
 				defer opts.Overlay.Release()

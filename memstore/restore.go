@@ -72,10 +72,13 @@ func Totals() (faulted, prefetched int64) {
 type pageTable struct {
 	ids  []cas.ID
 	locs []cas.Location
+	// moves is the store's Moves before the locations were looked up: a
+	// kept table is resolved again once it differs (Tables).
+	moves uint64
 }
 
 func newPageTable(store *cas.Store, r *snapshotter.MapReader, offset uint64, pages int) (*pageTable, error) {
-	t := &pageTable{ids: make([]cas.ID, pages)}
+	t := &pageTable{ids: make([]cas.ID, pages), moves: store.Moves()}
 	for i := range pages {
 		t.ids[i] = r.Block(offset + uint64(i))
 	}

@@ -13,9 +13,10 @@ import (
 // next restore of the same snapshot skips resolving every page of its map
 // (a walk of the map and an index look-up per chunk), and so that the
 // table of a new snapshot can be made from its parent's and the pages it
-// changed (Derive). A table whose chunks GC moved since still serves: a
-// read that misses looks the chunks up again. It is safe for concurrent
-// use; set it in Options.Tables.
+// changed (Derive). A table is resolved again once GC or compaction moved
+// chunks since it was (cas.Store.Moves): its reads would miss and look each
+// chunk up again, and it would not know which pages compaction put in
+// frames. It is safe for concurrent use; set it in Options.Tables.
 type Tables struct {
 	maxPages int
 
@@ -62,6 +63,11 @@ func (t *Tables) get(k tableKey) *pageTable {
 	defer t.mu.Unlock()
 	e := t.byKey[k]
 	if e == nil {
+		return nil
+	}
+	if e.tab.moves != k.store.Moves() {
+		t.pages -= len(e.tab.ids)
+		delete(t.byKey, k)
 		return nil
 	}
 	t.use++
@@ -133,7 +139,7 @@ func (t *Tables) Derive(g *snapshotter.Graph, parent, child, m string, changed [
 	if err != nil {
 		return fmt.Errorf("memory map of %s: %w", child, err)
 	}
-	tab := &pageTable{ids: append([]cas.ID(nil), pt.ids...), locs: append([]cas.Location(nil), pt.locs...)}
+	tab := &pageTable{ids: append([]cas.ID(nil), pt.ids...), locs: append([]cas.Location(nil), pt.locs...), moves: pt.moves}
 	for i, p := range changed {
 		tab.ids[p], tab.locs[p] = ids[i], locs[i]
 	}
