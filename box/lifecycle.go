@@ -226,6 +226,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		return fmt.Errorf("box: %w", err)
 	}
 	m.trimConsole(bx.Name)
+	began := time.Now()
 	mach, err := r.Restore(ctx, snap, runner.RestoreOptions{
 		Disk: disk, Console: m.consolePath(bx.Name), LongLived: longLived, HostPorts: bx.HostPorts,
 	})
@@ -233,10 +234,12 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		_ = os.Remove(disk)
 		return err
 	}
+	restored := time.Now()
 	if err := m.attach(ctx, bx.Name, mach); err != nil {
 		_ = os.Remove(disk) // its machine has stopped
 		return err
 	}
+	attached := time.Now()
 	_, c, _ := m.machine(bx.Name)
 	if u.TimeUnixNano != 0 {
 		u.TimeUnixNano = time.Now().UnixNano() // the clock as it is now, not when u was made
@@ -246,6 +249,8 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		_ = os.Remove(disk)
 		return fmt.Errorf("making box %s unique: %w", bx.Name, err)
 	}
+	m.log.Debug("box: restored", "box", bx.Name, "snapshot", snap, "machine", restored.Sub(began),
+		"agent", attached.Sub(restored), "identity", time.Since(attached))
 	if longLived {
 		m.startSpares(bx.Name, mach)
 	}

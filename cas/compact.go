@@ -42,6 +42,11 @@ type CompactOptions struct {
 	Workers int
 	// MaxPacks bounds how many packs this call compacts; zero means all.
 	MaxPacks int
+	// Keep, when set, names chunks to leave out of frames, stored one by
+	// one as they were: chunks read first and in no particular order, such
+	// as the working sets a lazy resume pushes ahead, which would otherwise
+	// decode a whole frame for each. They still move to the new packs.
+	Keep func(ID) bool
 }
 
 // CompactStats says what a compaction did.
@@ -53,6 +58,7 @@ type CompactStats struct {
 	ChunksMoved    int64   `json:"chunks_moved"`
 	ChunksDropped  int64   `json:"chunks_dropped"`
 	Frames         int64   `json:"frames"`
+	ChunksKept     int64   `json:"chunks_kept"` // left out of frames (CompactOptions.Keep)
 	BytesBefore    int64   `json:"bytes_before"`
 	BytesAfter     int64   `json:"bytes_after"`
 	Seconds        float64 `json:"seconds"`
@@ -282,6 +288,7 @@ type compactItem struct {
 	src    []Entry  // the chunks, as the old pack's footer lists them
 	stored [][]byte // their stored bytes in the old pack
 	frame  []byte   // the zstd frame, once encoded; nil keeps src as stored
+	keep   bool     // one chunk CompactOptions.Keep names: never framed
 }
 
 // compactItems reads pack num and groups the chunks the index places in it
@@ -314,6 +321,10 @@ func (s *Store) compactItems(num uint32, opts CompactOptions) ([]*compactItem, i
 			continue
 		}
 		stored := data[e.Offset : e.Offset+e.Stored]
+		if opts.Keep != nil && opts.Keep(e.ID) {
+			items = append(items, &compactItem{src: []Entry{e}, stored: [][]byte{stored}, keep: true})
+			continue
+		}
 		if open == nil || len(open.src) == opts.FrameChunks {
 			open = &compactItem{}
 			items = append(items, open)
@@ -365,6 +376,9 @@ func (it *compactItem) encode() error {
 		}
 		was += len(it.stored[i])
 	}
+	if it.keep {
+		return nil
+	}
 	frame, err := encodeFrame(raw, nil)
 	if err != nil {
 		return err
@@ -381,6 +395,9 @@ func (r *gcRun) writeItems(items []*compactItem, st *CompactStats) error {
 	for _, it := range items {
 		if err := r.startPack(packCompacted); err != nil {
 			return err
+		}
+		if it.keep {
+			st.ChunksKept++
 		}
 		if it.frame != nil {
 			ids := make([]ID, len(it.src))

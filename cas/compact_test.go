@@ -549,3 +549,48 @@ func TestMoves(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestCompactKeep compacts with CompactOptions.Keep naming some chunks:
+// they move to the new packs as they were stored, one by one, while the
+// others around them go into frames; every chunk reads back.
+func TestCompactKeep(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		keep func(i int) bool // of the chunks' index
+	}{
+		{"every tenth", func(i int) bool { return i%10 == 0 }},
+		{"a run in the middle", func(i int) bool { return i >= 100 && i < 140 }},
+		{"none", func(int) bool { return false }},
+		{"all", func(int) bool { return true }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := openStore(t, t.TempDir())
+			chunks := testChunks(newGen(9), "text", 300)
+			ids := ingestChunks(t, s, chunks)
+			kept := map[ID]bool{}
+			for i, id := range ids {
+				if tc.keep(i) {
+					kept[id] = true
+				}
+			}
+			st, err := s.Compact(context.Background(), CompactOptions{Keep: func(id ID) bool { return kept[id] }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.ChunksKept != int64(len(kept)) {
+				t.Errorf("ChunksKept %d, want %d", st.ChunksKept, len(kept))
+			}
+			for i, id := range ids {
+				loc, err := s.Lookup(id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if framed := loc.Codec == CodecZstd; framed == kept[id] {
+					t.Fatalf("chunk %d (kept %v) is stored %s after the compaction", i, kept[id], loc.Codec)
+				}
+			}
+			checkReadable(t, s, ids, chunks)
+			checkVerify(t, s)
+		})
+	}
+}

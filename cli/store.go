@@ -452,6 +452,9 @@ func storeCompact(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "compact: %d packs (%s) rewritten as %d (%s) in %.2fs; %d chunks in %d frames\n",
 		st.PacksCompacted, size(st.BytesBefore), st.PacksWritten, size(st.BytesAfter), st.Seconds, st.ChunksMoved, st.Frames)
+	if st.ChunksKept > 0 {
+		fmt.Fprintf(c.App.Writer, "  %d chunks of working sets left out of frames (a lazy resume reads them first)\n", st.ChunksKept)
+	}
 	for _, s := range st.Skipped {
 		fmt.Fprintf(c.App.Writer, "  left as it is: %s\n", s)
 	}

@@ -372,7 +372,21 @@ func (g *Graph) GC(ctx context.Context, opts cas.GCOptions) (cas.GCStats, error)
 
 // Compact rewrites the store's freshly written packs into smaller ones
 // (see cas.Store.Compact); it waits for snapshots being written.
+//
+// Unless opts.Keep says otherwise, the chunks of the recorded working sets
+// stay out of frames: a lazy resume pushes them first, in page order and
+// far apart in the store, and reading each from a frame would decode the
+// whole frame (see WorkingSetChunks).
 func (g *Graph) Compact(ctx context.Context, opts cas.CompactOptions) (cas.CompactStats, error) {
+	if opts.Keep == nil {
+		hot, err := g.WorkingSetChunks()
+		if err != nil {
+			return cas.CompactStats{}, err
+		}
+		if len(hot) > 0 {
+			opts.Keep = func(id cas.ID) bool { _, ok := hot[id]; return ok }
+		}
+	}
 	return g.store.Compact(ctx, opts)
 }
 

@@ -3,6 +3,9 @@ package snapshotter
 import (
 	"encoding/binary"
 	"fmt"
+	"strings"
+
+	"github.com/boxd-dev/boxd/cas"
 
 	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
@@ -92,4 +95,51 @@ func decodeWorkingSet(b []byte) ([]uint64, error) {
 		return nil, fmt.Errorf("%d trailing bytes: %w", len(b), errdefs.ErrDataLoss)
 	}
 	return pages, nil
+}
+
+// WorkingSetChunks returns the chunks the pages of every recorded working
+// set hold (zero chunks left out). A working set whose snapshot or map is
+// gone is skipped.
+func (g *Graph) WorkingSetChunks() (map[cas.ID]struct{}, error) {
+	type recorded struct {
+		snap, m string
+		pages   []uint64
+	}
+	var sets []recorded
+	err := g.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketWorkingSets)
+		if b == nil {
+			return nil
+		}
+		return b.ForEach(func(k, v []byte) error {
+			snap, m, ok := strings.Cut(string(k), "\x00")
+			if !ok {
+				return nil
+			}
+			pages, err := decodeWorkingSet(v)
+			if err != nil {
+				return fmt.Errorf("working set of %q: %w", snap, err)
+			}
+			sets = append(sets, recorded{snap, m, pages})
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	hot := map[cas.ID]struct{}{}
+	for _, ws := range sets {
+		r, err := g.OpenMap(ws.snap, ws.m)
+		if err != nil {
+			continue
+		}
+		for _, p := range ws.pages {
+			if p < r.Blocks() {
+				if id := r.Block(p); id != cas.ZeroID {
+					hot[id] = struct{}{}
+				}
+			}
+		}
+	}
+	return hot, nil
 }

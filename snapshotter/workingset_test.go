@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 
@@ -68,4 +69,52 @@ func FuzzDecodeWorkingSet(f *testing.F) {
 			t.Fatalf("%d pages from %d bytes", len(pages), len(b))
 		}
 	})
+}
+
+// TestCompactKeepsWorkingSets compacts a graph whose snapshot has a working
+// set: the chunks of its pages stay out of frames (a lazy resume pushes them
+// first), the rest go into frames, and the map reads back the same.
+func TestCompactKeepsWorkingSets(t *testing.T) {
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
+	var data []byte
+	for p := range 300 {
+		line := fmt.Sprintf("page %d of a memory map that compresses well in a frame; ", p)
+		data = append(data, bytes.Repeat([]byte(line), cas.ChunkSize/len(line)+1)[:cas.ChunkSize]...)
+	}
+	if _, err := g.Ingest(context.Background(), bytes.NewReader(data), IngestOptions{Name: "m", Kind: KindMemory}); err != nil {
+		t.Fatal(err)
+	}
+	ws := []uint64{200, 3, 50, 51, 1 << 30} // out of order, one beyond the map
+	if err := g.SetWorkingSet("m", "memory", ws); err != nil {
+		t.Fatal(err)
+	}
+	hot, err := g.WorkingSetChunks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := g.OpenMap("m", "memory")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hot) != 4 {
+		t.Fatalf("WorkingSetChunks: %d chunks, want the 4 of pages 3, 50, 51 and 200", len(hot))
+	}
+	st, err := g.Compact(context.Background(), cas.CompactOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ChunksKept != 4 || st.Frames == 0 {
+		t.Errorf("compaction kept %d chunks out of %d frames, want 4 kept", st.ChunksKept, st.Frames)
+	}
+	for p := range uint64(300) {
+		loc, err := g.Store().Lookup(r.Block(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, inWS := hot[r.Block(p)]
+		if framed := loc.Codec == cas.CodecZstd; framed == inWS {
+			t.Errorf("page %d (in the working set: %v) is stored %s", p, inWS, loc.Codec)
+		}
+	}
+	checkExport(t, g, "m", "memory", data)
 }

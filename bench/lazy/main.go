@@ -23,18 +23,21 @@ import (
 )
 
 var (
-	jsonOut   = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
-	rounds    = flag.Int("rounds", 2, "rounds; each is a lazy phase, then an eager one")
-	reps      = flag.Int("reps", 3, "timed resumes, wakes by ssh, and resumes of each 2 GiB box, in each phase")
-	idle      = flag.Duration("idle", time.Minute, "how long a resumed box idles before its host memory is read")
-	memory    = flag.String("mem", "512M", "memory of the measured box (boxd's default)")
-	fillMiB   = flag.Int("fill", 256, "MiB the measured box writes to a file and reads back once created, to fill its page cache")
-	bigMem    = flag.String("big-mem", "2G", "memory of the two boxes that touch -touch-big and -touch-small MiB")
-	touchBig  = flag.Int("touch-big", 1024, "MiB of random data one big-memory box writes into a tmpfs")
-	touchLow  = flag.Int("touch-small", 100, "MiB of random data the other writes")
-	dir       = flag.String("dir", benchkit.EnvOr("BOXD_BENCH_LAZY_DIR", "/var/tmp/boxd-bench-lazy"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
-	treeCache = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
-	boxdBin   = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
+	jsonOut     = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
+	rounds      = flag.Int("rounds", 2, "rounds; each is a lazy phase, then an eager one")
+	reps        = flag.Int("reps", 3, "timed resumes, wakes by ssh, and resumes of each 2 GiB box, in each phase")
+	idle        = flag.Duration("idle", time.Minute, "how long a resumed box idles before its host memory is read")
+	memory      = flag.String("mem", "512M", "memory of the measured box (boxd's default)")
+	fillMiB     = flag.Int("fill", 256, "MiB the measured box writes to a file and reads back once created, to fill its page cache")
+	bigMem      = flag.String("big-mem", "2G", "memory of the two boxes that touch -touch-big and -touch-small MiB")
+	touchBig    = flag.Int("touch-big", 1024, "MiB of random data one big-memory box writes into a tmpfs")
+	touchLow    = flag.Int("touch-small", 100, "MiB of random data the other writes")
+	dir         = flag.String("dir", benchkit.EnvOr("BOXD_BENCH_LAZY_DIR", "/var/tmp/boxd-bench-lazy"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
+	treeCache   = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
+	warmUps     = flag.Int("warm-ups", 1, "untimed resume and hibernate cycles of each box in each phase before the timed ones (and before -compact): each records more of the box's working set")
+	compact     = flag.Bool("compact", false, "compact the store (boxd store compact) before each phase's timed resumes, so that they read memory from zstd frames, as from a store the daemon compacted in a quiet spell")
+	frameChunks = flag.Int("frame-chunks", 0, "with -compact, the chunks a zstd frame holds (boxd store compact --frame-chunks; 0: its default)")
+	boxdBin     = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
 )
 
 func main() {
@@ -44,8 +47,8 @@ func main() {
 // badFlags says what is wrong with the flags' values ("" for nothing).
 func badFlags() string {
 	switch {
-	case *rounds < 1 || *reps < 1:
-		return "-rounds and -reps must be at least 1"
+	case *rounds < 1 || *reps < 1 || *warmUps < 1:
+		return "-rounds, -reps and -warm-ups must be at least 1"
 	case *idle < 0:
 		return "-idle must not be negative"
 	case *fillMiB < 0 || *touchBig < 1 || *touchLow < 1:

@@ -37,7 +37,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	began := time.Now()
 	rep := Report{Host: host(), Setup: Setup{
 		Memory: *memory, FillMiB: *fillMiB, BigMemory: *bigMem, TouchBigMiB: *touchBig, TouchSmallMiB: *touchLow,
-		Rounds: *rounds, Reps: *reps, Idle: idle.String(),
+		Rounds: *rounds, Reps: *reps, Idle: idle.String(), WarmUps: *warmUps, Compact: *compact, FrameChunks: *frameChunks,
 		Daemon: "boxd daemon --debug --idle-hibernate 0 --warm-forks 0 --ssh-listen 127.0.0.1:PORT [--eager-restore]",
 	}}
 	s := sides{{mode: "lazy", devPhases: map[string][]time.Duration{}}, {mode: "eager", eager: true, devPhases: map[string][]time.Duration{}}}
@@ -71,19 +71,32 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 		return err
 	}
 	name := fmt.Sprintf("%s %d", sd.mode, round)
-	for _, bx := range []string{dev, big, little} {
-		r, err := b.resume(ctx, sd, bx, name+" warm-up", rep)
-		if err != nil {
-			return err
-		}
-		if !r.ok { // back in its snapshot; noted in the report
-			continue
-		}
-		if err := b.hibernate(ctx, bx); err != nil {
-			return err
+	for range *warmUps {
+		for _, bx := range []string{dev, big, little} {
+			r, err := b.resume(ctx, sd, bx, name+" warm-up", rep)
+			if err != nil {
+				return err
+			}
+			if !r.ok { // back in its snapshot; noted in the report
+				continue
+			}
+			if err := b.hibernate(ctx, bx); err != nil {
+				return err
+			}
 		}
 	}
-	benchkit.Progress("%s: each box resumed and hibernated by this daemon (untimed)", name)
+	benchkit.Progress("%s: each box resumed and hibernated %d times by this daemon (untimed)", name, *warmUps)
+	if *compact {
+		args := []string{"store", "compact"}
+		if *frameChunks > 0 {
+			args = append(args, "--frame-chunks", fmt.Sprint(*frameChunks))
+		}
+		took, _, err := b.boxd.CLI(ctx, args...)
+		if err != nil {
+			return fmt.Errorf("compacting the store: %w", err)
+		}
+		benchkit.Progress("%s: store compacted in %s", name, benchkit.Ms(took))
+	}
 
 	for i := range *reps {
 		var soon time.Duration // ssh as soon as the resume returns: a lazy restore's memory still arrives

@@ -51,6 +51,9 @@ type Setup struct {
 	Rounds        int    `json:"rounds"`
 	Reps          int    `json:"reps"`
 	Idle          string `json:"idle"`
+	WarmUps       int    `json:"warm_ups"`
+	Compact       bool   `json:"compact"`                // the store compacted before the timed resumes
+	FrameChunks   int    `json:"frame_chunks,omitempty"` // the compaction's --frame-chunks (0: its default)
 	Daemon        string `json:"daemon"`
 }
 
@@ -206,6 +209,16 @@ func printTable(w io.Writer, rep Report) {
 	fmt.Fprintf(w, "boxes: dev %s (%d MiB written and read back), big and little %s (%d and %d MiB of random data in a tmpfs), 1 vCPU, the default image;\n"+
 		"%d rounds of a lazy then an eager phase, each a fresh daemon (%s), %d timed resumes of each kind a phase, host memory after %s idle\n\n",
 		s.Memory, s.FillMiB, s.BigMemory, s.TouchBigMiB, s.TouchSmallMiB, s.Rounds, s.Daemon, s.Reps, s.Idle)
+	if s.WarmUps > 1 {
+		fmt.Fprintf(w, "each box resumed and hibernated %d times (untimed) before the timed resumes of each phase\n", s.WarmUps)
+	}
+	if s.Compact {
+		fc := "the default"
+		if s.FrameChunks > 0 {
+			fc = fmt.Sprint(s.FrameChunks)
+		}
+		fmt.Fprintf(w, "the store compacted (boxd store compact, %s chunks a frame) before each phase's timed resumes: their memory comes from zstd frames\n\n", fc)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "what\tlazy\teager\tlazy/eager\tgoal\tmet\t")
 	for _, r := range rep.Rows {

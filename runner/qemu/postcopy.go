@@ -56,7 +56,7 @@ type LazyStats struct {
 	Demanded   int64 `json:"demanded"`   // page requests QEMU made
 	Prefetched int64 `json:"prefetched"` // working-set pages pushed
 	Pushed     int64 `json:"pushed"`     // other pages pushed
-	Framed     int64 `json:"framed"`     // pages sent with a demanded one of their zstd frame (sendFrame)
+	Framed     int64 `json:"framed"`     // pages sent after a demanded one of their zstd frame (queueFrame)
 	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
 	Done       bool  `json:"done"`       // all memory is in place
 }
@@ -82,7 +82,11 @@ type lazyMemory struct {
 	ran  chan struct{}  // closed when the guest may run (the writer starts its grace)
 
 	sent memstore.Bitmap // pages written out (writer only)
-	sums *pageSums       // page sums as sent, the machine's once done
+	// frameOf lists demanded pages whose frames' other pages go out after
+	// the requests waiting, and framed the pages of the frame going out
+	// now (queueFrame; writer only).
+	frameOf, framed []int
+	sums            *pageSums // page sums as sent, the machine's once done
 
 	traceMu  sync.Mutex
 	trace    []uint64 // pages demanded in the trace window
@@ -301,6 +305,16 @@ func (l *lazyMemory) write() {
 			}
 			continue
 		}
+		// The pages of demanded pages' frames, decoded lately (the store
+		// keeps the last few frames it decoded).
+		if batch := l.nextFramed(make([]int, 0, lazyBatch)); len(batch) > 0 {
+			if err := l.send(batch, nil, buf); err != nil {
+				l.fail(err)
+				return
+			}
+			l.stats.framed.Add(int64(len(batch)))
+			continue
+		}
 		// The next background batch: the working set once the guest runs
 		// (QEMU loads the devices without a push in its way), then the rest.
 		batch := make([]int, 0, lazyBatch)
@@ -413,22 +427,31 @@ func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
 	if err := l.send(batch, asked, buf); err != nil {
 		return err
 	}
-	return l.sendFrame(first, buf)
+	l.queueFrame(first)
+	return nil
 }
 
-// sendFrame sends, after a demanded page p, the unsent pages near it whose
-// chunks lie in the same zstd frame of a compacted store: reading p decoded
-// that whole frame (about a millisecond for a full one), which the store
-// keeps for a while, and the guest's next faults there would each decode it
-// again once it is gone. Pages of other codecs are cheap to read one by
-// one and are left to demand and the push.
-func (l *lazyMemory) sendFrame(p int, buf []byte) error {
+// queueFrame notes that the unsent pages near demanded page p whose chunks
+// lie in p's zstd frame of a compacted store go out next, after the
+// requests waiting (nextFramed): reading p decoded that whole frame (about
+// a millisecond for a full one), which the store keeps for a while, and
+// the guest's next faults there would each decode it again once it is
+// gone. Which pages those are is worked out later, off the demand's path.
+func (l *lazyMemory) queueFrame(p int) {
+	l.frameOf = append(l.frameOf, p)
+}
+
+// framePages returns the unsent pages within a frame's reach of p whose
+// chunks lie in the same zstd frame as p's; none when p's chunk is in no
+// frame. Pages of other codecs are cheap to read one by one and are left
+// to demand and the push.
+func (l *lazyMemory) framePages(p int) []int {
 	if l.ids[p] == cas.ZeroID {
 		return nil
 	}
 	loc, err := l.store.Lookup(l.ids[p])
 	if err != nil || loc.Codec != cas.CodecZstd {
-		return nil // the page went out: a moved chunk is the push's to find
+		return nil // a moved chunk is the push's to find
 	}
 	var near []int
 	var ids []cas.ID
@@ -442,27 +465,34 @@ func (l *lazyMemory) sendFrame(p int, buf []byte) error {
 	if err != nil {
 		return nil
 	}
-	var batch []int
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		err := l.send(batch, nil, buf)
-		l.stats.framed.Add(int64(len(batch)))
-		batch = batch[:0]
-		return err
-	}
+	kept := near[:0]
 	for i, q := range near {
-		if locs[i].Codec != cas.CodecZstd || locs[i].Pack != loc.Pack || locs[i].Offset != loc.Offset {
+		if locs[i].Codec == cas.CodecZstd && locs[i].Pack == loc.Pack && locs[i].Offset == loc.Offset {
+			kept = append(kept, q)
+		}
+	}
+	return kept
+}
+
+// nextFramed takes the next batch of pages of demanded pages' frames
+// (queueFrame) not sent since, or none. Two demands near each other bring
+// some pages twice: a page goes out once (QEMU refuses a page it has).
+func (l *lazyMemory) nextFramed(batch []int) []int {
+	for len(batch) < lazyBatch {
+		if len(l.framed) == 0 {
+			if len(l.frameOf) == 0 {
+				break
+			}
+			l.framed = l.framePages(l.frameOf[0])
+			l.frameOf = l.frameOf[1:]
 			continue
 		}
-		if batch = append(batch, q); len(batch) == len(buf)/memstore.PageSize {
-			if err := flush(); err != nil {
-				return err
-			}
+		if p := l.framed[0]; !l.sent.Has(p) && !slices.Contains(batch, p) {
+			batch = append(batch, p)
 		}
+		l.framed = l.framed[1:]
 	}
-	return flush()
+	return batch
 }
 
 // record adds demanded pages to the working set while its window lasts.
