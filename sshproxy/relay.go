@@ -100,6 +100,11 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 	// Person → box: requests, and data once the box has a program.
 	started := make(chan struct{})
 	personGone := make(chan struct{})
+	// A start request's answer must reach the person before the box's
+	// exit status and close do: a short program ends before the proxy has
+	// passed the box's answer on, and a person whose channel closes while
+	// it waits for the answer sees the start fail.
+	var answer pendingAnswer
 	go func() {
 		var once sync.Once
 		start := func() { once.Do(func() { close(started) }) }
@@ -118,10 +123,15 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 				}
 				continue
 			}
+			done := func() {}
+			if startRequests[r.Type] {
+				done = answer.begin()
+			}
 			ok, err := bch.SendRequest(r.Type, r.WantReply, r.Payload)
 			if r.WantReply {
 				_ = r.Reply(ok && err == nil, nil)
 			}
+			done()
 			if startRequests[r.Type] {
 				start()
 			}
@@ -153,6 +163,7 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 		for r := range breqs {
 			if r.Type == "exit-status" || r.Type == "exit-signal" {
 				<-dataDone
+				answer.wait()
 				exited = true
 			}
 			ok, err := cch.SendRequest(r.Type, r.WantReply, r.Payload)
@@ -164,6 +175,7 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 		if session && !exited && c.boxLost() {
 			_, _ = fmt.Fprintf(cch.Stderr(), "boxd: lost the connection to box %s\r\n", c.name)
 		}
+		answer.wait()
 		if session {
 			_ = cch.CloseWrite()
 		}
@@ -180,6 +192,42 @@ func (c *proxyConn) relay(session bool, cch ssh.Channel, creqs <-chan *ssh.Reque
 		case <-t.C:
 			c.log.Warn("box did not close a channel the person closed; leaving it")
 		}
+	}
+}
+
+// pendingAnswer is a start request on its way to the box, whose answer the
+// person has not had yet.
+type pendingAnswer struct {
+	mu      sync.Mutex
+	waiting chan struct{} // nil: none
+}
+
+// begin notes a request on its way; the function it returns is called
+// once the person has the answer.
+func (a *pendingAnswer) begin() func() {
+	ch := make(chan struct{})
+	a.mu.Lock()
+	a.waiting = ch
+	a.mu.Unlock()
+	return func() { close(ch) }
+}
+
+// wait returns once the person has the answer to the request on its way,
+// if any: soon, since the box answers a request before what follows it,
+// or its channel ends, which ends the request too. It gives up after
+// closeGrace all the same.
+func (a *pendingAnswer) wait() {
+	a.mu.Lock()
+	ch := a.waiting
+	a.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	t := time.NewTimer(closeGrace)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
 	}
 }
 
