@@ -45,6 +45,12 @@ type Location struct {
 	Frame  uint8 // chunks in that frame; 0 for other codecs
 }
 
+// SameFrame reports whether l and o are chunks of one zstd frame: reading
+// either decodes the frame, which the store keeps for a while.
+func (l Location) SameFrame(o Location) bool {
+	return l.Codec == CodecZstd && o.Codec == CodecZstd && l.Pack == o.Pack && l.Offset == o.Offset
+}
+
 // Share is the chunk's part of the stored bytes: a frame's bytes are split
 // evenly among the chunks it holds.
 func (l Location) Share() uint32 { return l.Stored / max(uint32(l.Frame), 1) }

@@ -20,16 +20,7 @@ const frameReach = cas.MaxFrameChunks
 // inFrame reports whether page p of r is served from the store (not zero,
 // not from the overlay) out of the zstd frame that loc names.
 func (r *region) inFrame(p int, loc cas.Location) bool {
-	if r.tab.ids[p] == cas.ZeroID || (r.over != nil && r.over[p] != nil) {
-		return false
-	}
-	l := r.tab.locs[p]
-	return l.Codec == cas.CodecZstd && l.Pack == loc.Pack && l.Offset == loc.Offset
-}
-
-// framed reports whether page p of r is read from a zstd frame.
-func (r *region) framed(p int) bool {
-	return r.tab.ids[p] != cas.ZeroID && (r.over == nil || r.over[p] == nil) && r.tab.locs[p].Codec == cas.CodecZstd
+	return r.tab.ids[p] != cas.ZeroID && (r.over == nil || r.over[p] == nil) && r.tab.locs[p].SameFrame(loc)
 }
 
 // fillFrame fills the missing pages of r within frameReach of page p whose

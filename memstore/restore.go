@@ -354,7 +354,7 @@ func (s *Server) serve(addr uintptr, ra *readahead) error {
 	if err := s.copyIn(r, p, n, data, &s.copied, &totals.faulted); err != nil {
 		return err
 	}
-	if r.framed(p) {
+	if r.inFrame(p, r.tab.locs[p]) {
 		// The frame is decoded: bring in its other pages near p
 		// (frames.go), which also covers what reading ahead would.
 		s.fillFrame(r, p, ra.frame)

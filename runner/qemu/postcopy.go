@@ -467,7 +467,7 @@ func (l *lazyMemory) framePages(p int) []int {
 	}
 	kept := near[:0]
 	for i, q := range near {
-		if locs[i].Codec == cas.CodecZstd && locs[i].Pack == loc.Pack && locs[i].Offset == loc.Offset {
+		if locs[i].SameFrame(loc) {
 			kept = append(kept, q)
 		}
 	}
