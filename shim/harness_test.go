@@ -77,6 +77,15 @@ type streams struct {
 
 func (h *harness) streams(name string, stdin bool) *streams {
 	h.t.Helper()
+	s := h.fifos(name, stdin)
+	s.out, s.errOut = h.collect(s.stdout), h.collect(s.stderr)
+	return s
+}
+
+// fifos makes a process's fifos with no output read yet: their readers
+// come with collect.
+func (h *harness) fifos(name string, stdin bool) *streams {
+	h.t.Helper()
 	s := &streams{stdout: filepath.Join(h.dir, name+"-stdout"), stderr: filepath.Join(h.dir, name+"-stderr")}
 	if stdin {
 		s.stdin = filepath.Join(h.dir, name+"-stdin")
@@ -88,7 +97,6 @@ func (h *harness) streams(name string, stdin bool) *streams {
 			}
 		}
 	}
-	s.out, s.errOut = h.collect(s.stdout), h.collect(s.stderr)
 	if stdin {
 		f, err := fifo.OpenFifo(h.ctx, s.stdin, syscall.O_WRONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {

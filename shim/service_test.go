@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/fifo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -55,6 +58,92 @@ func TestRunOutputBeforeWait(t *testing.T) {
 	}
 }
 
+// TestOutputReaderLate opens the outputs' readers only once the process
+// ended, as they are when containerd's goroutine that opens them runs
+// late: what the process wrote still arrives, whole, and the output ends,
+// also when it wrote nothing.
+func TestOutputReaderLate(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		exec             bool
+		args             []string
+		status           uint32
+		wantOut, wantErr string
+	}{
+		{"init writes", false, []string{"echo", "hello", "box"}, 0, "hello box\n", "err\n"},
+		{"init writes nothing", false, []string{"exit", "5"}, 5, "", ""},
+		{"exec writes", true, []string{"echo", "from", "exec"}, 0, "from exec\n", "err\n"},
+		{"exec writes nothing", true, []string{"exit", "5"}, 5, "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			s := h.fifos("late", false)
+			execID := ""
+			if tc.exec {
+				execID = "e1"
+				if err := h.create(h.streams("init", false), "sleep"); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID}); err != nil {
+					t.Fatal(err)
+				}
+				spec, _ := json.Marshal(specs.Process{Args: tc.args, Cwd: "/"})
+				if _, err := h.svc.Exec(h.ctx, &taskapi.ExecProcessRequest{ID: testID, ExecID: execID, Stdout: s.stdout, Stderr: s.stderr,
+					Spec: &anypb.Any{TypeUrl: "types.containerd.io/opencontainers/runtime-spec/1/Process", Value: spec}}); err != nil {
+					t.Fatal(err)
+				}
+			} else if err := h.create(s, tc.args...); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID, ExecID: execID}); err != nil {
+				t.Fatal(err)
+			}
+			// The fake box runs the program at once: give its stream time
+			// to end and the shim time to close what it would close.
+			time.Sleep(300 * time.Millisecond)
+			s.out, s.errOut = h.collect(s.stdout), h.collect(s.stderr)
+			if status := h.wait(execID); status != tc.status {
+				t.Errorf("exit status %d, want %d", status, tc.status)
+			}
+			if got := s.out.text(t); got != tc.wantOut {
+				t.Errorf("stdout %q, want %q", got, tc.wantOut)
+			}
+			if got := s.errOut.text(t); got != tc.wantErr {
+				t.Errorf("stderr %q, want %q", got, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestOutputNoReader: with no reader, an output's writes fail and its
+// close returns once the wait for one is over.
+func TestOutputNoReader(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "out")
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o, err := openOutput(path, 200*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.Write([]byte("lost")); err == nil {
+		t.Error("a write with no reader succeeded")
+	}
+	done := make(chan error, 1)
+	go func() { done <- o.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close still waits for a reader after its wait ended")
+	}
+	if _, err := openOutput(filepath.Join(t.TempDir(), "missing"), time.Second); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("an output that is not there: %v, want not exist", err)
+	}
+}
+
 func TestExitStatusPassesThrough(t *testing.T) {
 	for _, code := range []string{"0", "3", "127", "255"} {
 		t.Run(code, func(t *testing.T) {
@@ -72,16 +161,36 @@ func TestStdinThenCloseIO(t *testing.T) {
 		// closeFirst closes the fifo before CloseIO; ctr asks for the
 		// close first, and closes its end once CloseIO answered.
 		closeFirst bool
-	}{{"fifo closed first", true}, {"CloseIO first", false}}
+		// writerLate opens the client's end only after the start's
+		// request ended (its context cancelled).
+		writerLate bool
+	}{{"fifo closed first", true, false}, {"CloseIO first", false, false}, {"writer opened after the start", true, true}}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			h := newHarness(t)
-			s := h.streams("init", true)
+			s := h.streams("init", !c.writerLate)
+			if c.writerLate {
+				s.stdin = filepath.Join(h.dir, "init-stdin")
+				if err := syscall.Mkfifo(s.stdin, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
 			if err := h.create(s, "cat"); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := h.svc.Start(h.ctx, &taskapi.StartRequest{ID: testID}); err != nil {
+			startCtx, cancel := context.WithCancel(h.ctx)
+			_, err := h.svc.Start(startCtx, &taskapi.StartRequest{ID: testID})
+			cancel()
+			if err != nil {
 				t.Fatal(err)
+			}
+			if c.writerLate {
+				time.Sleep(100 * time.Millisecond)
+				f, err := fifo.OpenFifo(h.ctx, s.stdin, syscall.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				s.in = f
 			}
 			input := strings.Repeat("line of input\n", 2000)
 			if _, err := s.in.Write([]byte(input)); err != nil {

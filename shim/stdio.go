@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/fifo"
 	"golang.org/x/sys/unix"
@@ -28,9 +30,11 @@ type openStreams struct {
 
 // open opens the fifos of s. Standard input is opened for reading in the
 // background, so a client that never writes does not hold the start up;
-// the outputs are opened read-write, which never blocks, and each write
-// error is dropped (a reader gone away loses the output, not the process).
+// an output is written once its reader has opened it (see output), and
+// each write error is dropped (a reader gone away loses the output, not
+// the process). The fifos outlive ctx, the start request's.
 func (s stdio) open(ctx context.Context) (*openStreams, error) {
+	ctx = context.WithoutCancel(ctx)
 	o := &openStreams{}
 	if s.stdin != "" {
 		f, err := fifo.OpenFifo(ctx, s.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
@@ -53,9 +57,9 @@ func (s stdio) open(ctx context.Context) (*openStreams, error) {
 			*out.w = w
 			continue
 		}
-		f, err := fifo.OpenFifo(ctx, out.path, syscall.O_RDWR, 0)
+		f, err := openOutput(out.path, readerWait)
 		if err != nil {
-			o.close()
+			o.abandon()
 			return nil, fmt.Errorf("opening output %s: %w", out.path, err)
 		}
 		o.closer = append(o.closer, f)
@@ -67,12 +71,129 @@ func (s stdio) open(ctx context.Context) (*openStreams, error) {
 }
 
 // close closes every fifo end the shim holds: a reader of the outputs
-// then sees their end once it has read what was written.
+// then sees their end once it has read what was written. An output whose
+// reader has not come yet is waited for, at most readerWait from its
+// opening.
 func (o *openStreams) close() {
 	for _, c := range o.closer {
 		_ = c.Close()
 	}
 }
+
+// abandon closes every fifo end the shim holds without waiting for an
+// output's reader.
+func (o *openStreams) abandon() {
+	for _, c := range o.closer {
+		if out, ok := c.(*output); ok {
+			out.abandon()
+		}
+		_ = c.Close()
+	}
+}
+
+// readerWait bounds how long an output waits for its reader to open it:
+// the writes and the close wait, then what the process writes is dropped.
+const readerWait = 30 * time.Second
+
+// output is a process's output fifo as the shim writes it. Its writing
+// end is opened only once a reader has the fifo open: a reader whose
+// open(2) begins after the last writer closed would wait for a writer
+// forever, and the bytes written before would go with the pipe. That is
+// not rare under load: containerd opens its reading end in a goroutine of
+// its own, and a short process (an exec of "exit 5") can start, end and
+// close its outputs before that goroutine runs. Once a reader came, the
+// shim holds the fifo read-write, so a reader that goes away (containerd
+// restarting) finds what was written meanwhile when it comes back, as
+// with runc's shim.
+type output struct {
+	path    string
+	ready   chan struct{} // closed once f is open or the wait ended
+	stop    chan struct{} // closed by abandon
+	stopped sync.Once
+	f       *os.File // nil when no reader came
+	err     error    // why f is nil
+}
+
+// openOutput opens the output fifo at path: at once when a reader has it
+// open, or else in the background once one does, until wait has passed.
+func openOutput(path string, wait time.Duration) (*output, error) {
+	if fi, err := os.Stat(path); err != nil {
+		return nil, err
+	} else if fi.Mode()&os.ModeNamedPipe == 0 {
+		return nil, fmt.Errorf("%s is not a fifo", path)
+	}
+	o := &output{path: path, ready: make(chan struct{}), stop: make(chan struct{})}
+	f, err := openForReader(path)
+	switch {
+	case err == nil:
+		o.f = f
+		close(o.ready)
+	case errors.Is(err, unix.ENXIO):
+		go o.await(time.Now().Add(wait))
+	default:
+		return nil, err
+	}
+	return o, nil
+}
+
+// openForReader opens the fifo at path read-write once a reader has it
+// open (one blocked in its open(2) counts, and is woken); ENXIO says none
+// has.
+func openForReader(path string) (*os.File, error) {
+	probe, err := unix.Open(path, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(probe)
+	return os.OpenFile(path, os.O_RDWR, 0)
+}
+
+func (o *output) await(deadline time.Time) {
+	defer close(o.ready)
+	for {
+		f, err := openForReader(o.path)
+		if err == nil {
+			o.f = f
+			return
+		}
+		if !errors.Is(err, unix.ENXIO) {
+			o.err = err
+			return
+		}
+		if time.Now().After(deadline) {
+			o.err = fmt.Errorf("no reader opened %s", o.path)
+			return
+		}
+		select {
+		case <-o.stop:
+			o.err = fmt.Errorf("%s closed before a reader opened it", o.path)
+			return
+		case <-time.After(pollEvery):
+		}
+	}
+}
+
+// Write writes p once the reader came, and fails when none did.
+func (o *output) Write(p []byte) (int, error) {
+	<-o.ready
+	if o.f == nil {
+		return 0, o.err
+	}
+	return o.f.Write(p)
+}
+
+// Close waits for the reader, bounded as the writes are, and closes the
+// shim's end.
+func (o *output) Close() error {
+	<-o.ready
+	if o.f == nil {
+		return nil
+	}
+	return o.f.Close()
+}
+
+// abandon stops waiting for the reader.
+func (o *output) abandon() { o.stopped.Do(func() { close(o.stop) }) }
 
 // lossyWriter writes to w until it fails once, then drops what it is
 // given: the process must not stall or fail because its reader left.
