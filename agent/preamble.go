@@ -16,7 +16,7 @@ import (
 // had not yet seen the host go away, what the guest wrote while no host listened. So before SSH starts, the host
 // proves that the guest it talks to is a fresh session reading its bytes:
 //
-//	host:  BOXD-SYNC <nonce>\n   (again every syncInterval, until acknowledged)
+//	host:  BOXD-SYNC <nonce>\n   (again, soon and then every syncInterval, until acknowledged)
 //	guest: BOXD-ACK <nonce>\n    (once per nonce; anything before a sync line is dropped)
 //	host:  drops everything up to the acknowledgement, stops syncing, then starts SSH
 //	guest: drops further sync lines up to the client's SSH version line, then starts SSH
@@ -31,12 +31,25 @@ import (
 const (
 	syncPrefix = "BOXD-SYNC "
 	ackPrefix  = "BOXD-ACK "
-	// syncInterval is how often the host repeats its sync line while unanswered.
+	// The host repeats its sync line while unanswered: every syncFast for syncFastFor, then every
+	// syncInterval. A guest whose session on the old channel ends at the first line (a box resumed, forked or
+	// moved) reopens its port, which drops what came before, and answers the next line: that one must come
+	// soon, not a whole syncInterval later.
+	syncFast     = 10 * time.Millisecond
+	syncFastFor  = 500 * time.Millisecond
 	syncInterval = 100 * time.Millisecond
 	// maxPreambleLine is the longest line the guest keeps whole while it looks for sync and version lines
 	// (an SSH version line has at most 255 bytes and its line end); longer lines are dropped unread.
 	maxPreambleLine = 257
 )
+
+// syncPause is the pause before the next sync line, elapsed after the first.
+func syncPause(elapsed time.Duration) time.Duration {
+	if elapsed < syncFastFor {
+		return syncFast
+	}
+	return syncInterval
+}
 
 // newNonce returns a fresh random nonce for a sync line.
 func newNonce() (string, error) {
@@ -57,7 +70,8 @@ func syncClient(conn net.Conn) (net.Conn, error) {
 	line := []byte(syncPrefix + nonce + "\n")
 	stop, stopped := make(chan struct{}), make(chan error, 1)
 	go func() {
-		t := time.NewTicker(syncInterval)
+		began := time.Now()
+		t := time.NewTimer(syncPause(0))
 		defer t.Stop()
 		for {
 			if _, err := conn.Write(line); err != nil {
@@ -70,6 +84,7 @@ func syncClient(conn net.Conn) (net.Conn, error) {
 				return
 			case <-t.C:
 			}
+			t.Reset(syncPause(time.Since(began)))
 		}
 	}()
 

@@ -122,3 +122,47 @@ func TestSyncClientNoAnswer(t *testing.T) {
 		t.Errorf("sync gave up after %v", time.Since(start))
 	}
 }
+
+// TestSyncClientFirstLineLost: a guest whose session on an old channel ends at the host's first sync line
+// answers a later one; the host repeats its line until then.
+func TestSyncClientFirstLineLost(t *testing.T) {
+	client, guest := socketPair(t)
+	defer client.Close()
+	defer guest.Close()
+	go func() {
+		r := bufio.NewReader(guest)
+		if _, err := r.ReadString('\n'); err != nil { // the old session ends here
+			return
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		nonce := strings.TrimSpace(strings.TrimPrefix(line, syncPrefix))
+		_, _ = guest.Write([]byte("BOXD-ACK " + nonce + "\nSSH-2.0-boxd-agent\r\n"))
+	}()
+	_ = client.SetDeadline(time.Now().Add(10 * time.Second))
+	conn, err := syncClient(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len("SSH-2.0-boxd-agent\r\n"))
+	if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, []byte("SSH-2.0-boxd-agent\r\n")) {
+		t.Fatalf("after the preamble SSH reads %q, %v", got, err)
+	}
+}
+
+func TestSyncPause(t *testing.T) {
+	for _, tc := range []struct {
+		elapsed, want time.Duration
+	}{
+		{0, syncFast},
+		{syncFastFor - time.Millisecond, syncFast},
+		{syncFastFor, syncInterval},
+		{time.Minute, syncInterval},
+	} {
+		if got := syncPause(tc.elapsed); got != tc.want {
+			t.Errorf("syncPause(%v) = %v, want %v", tc.elapsed, got, tc.want)
+		}
+	}
+}
