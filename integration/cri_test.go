@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -108,6 +109,40 @@ func (c *criTest) run(t *testing.T, args ...string) string {
 		t.Fatalf("crictl %s: exit %d, %v\n%s", strings.Join(args, " "), code, err, tail(errOut, 20))
 	}
 	return strings.TrimSpace(out)
+}
+
+// checkStats checks that crictl stats reports container id's CPU time and
+// memory (its box's).
+func (c *criTest) checkStats(t *testing.T, id string) {
+	t.Helper()
+	type value struct {
+		Value json.RawMessage `json:"value"`
+	}
+	var out struct {
+		Stats []struct {
+			Attributes struct {
+				ID string `json:"id"`
+			} `json:"attributes"`
+			CPU struct {
+				UsageCoreNanoSeconds value `json:"usageCoreNanoSeconds"`
+			} `json:"cpu"`
+			Memory struct {
+				WorkingSetBytes value `json:"workingSetBytes"`
+			} `json:"memory"`
+		} `json:"stats"`
+	}
+	raw := c.run(t, "stats", "-o", "json", id)
+	if err := json.Unmarshal([]byte(raw), &out); err != nil {
+		t.Fatalf("crictl stats -o json: %v\n%s", err, raw)
+	}
+	number := func(v value) uint64 {
+		n, _ := strconv.ParseUint(strings.Trim(string(v.Value), `"`), 10, 64)
+		return n
+	}
+	if len(out.Stats) != 1 || out.Stats[0].Attributes.ID != id || number(out.Stats[0].CPU.UsageCoreNanoSeconds) == 0 ||
+		number(out.Stats[0].Memory.WorkingSetBytes) < 16<<20 {
+		t.Fatalf("crictl stats of %s: %s; want its CPU time and at least 16 MiB of memory", id, raw)
+	}
 }
 
 // args are crictl's arguments for the test's containerd.
@@ -241,6 +276,7 @@ func (c *criTest) pod(t *testing.T) {
 	}
 	jobLog := strings.Fields(c.waitLog(t, job, "web-pod"))
 	c.waitLog(t, server, "server up")
+	c.checkStats(t, server)
 	execOut := strings.Fields(c.run(t, "exec", server, "sh", "-c", "uname -r; cat /sys/class/net/eth0/address; hostname"))
 	if len(jobLog) != 3 || len(execOut) != 3 {
 		t.Fatalf("the job's log %q, the exec's output %q: want a kernel, an address and a hostname each", jobLog, execOut)

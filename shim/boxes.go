@@ -23,6 +23,8 @@ type Boxes interface {
 	Unpause(ctx context.Context, name string) (box.Box, error)
 	// Snapshot saves a running box as snapshot box.NAME.SNAP.
 	Snapshot(ctx context.Context, name, snap string) (snapshotter.Snapshot, error)
+	// Stats measures what boxes use of the host now.
+	Stats(ctx context.Context, opts daemon.StatsOptions) ([]box.Usage, error)
 
 	// ProcessStream starts kept process spec.ID in box name (or attaches
 	// to it: spec.Attach) and copies its streams to and from stdio until

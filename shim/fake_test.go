@@ -11,6 +11,7 @@ import (
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
+	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
 	"github.com/containerd/errdefs"
 	"google.golang.org/protobuf/proto"
@@ -150,6 +151,34 @@ func (f *fakeBoxes) Snapshot(_ context.Context, name, snap string) (snapshotter.
 	}
 	return snapshotter.Snapshot{Name: s}, nil
 }
+
+// Stats answers as the daemon does for a box with a machine (running or
+// paused): fakeCPUSeconds of CPU and fakePSS of host memory; for one
+// without, neither. It does not use the box's agent.
+func (f *fakeBoxes) Stats(_ context.Context, opts daemon.StatsOptions) ([]box.Usage, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []box.Usage
+	for _, name := range opts.Boxes {
+		bx, err := f.get(name)
+		if err != nil {
+			return nil, err
+		}
+		u := box.Usage{Name: name, State: bx.State}
+		if bx.State == box.StateRunning || bx.State == box.StatePaused {
+			cpu := fakeCPUSeconds
+			u.CPUSeconds, u.HostMemory = &cpu, &runner.MemoryUse{RSS: 2 * fakePSS, PSS: fakePSS}
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
+// The figures of fakeBoxes.Stats.
+const (
+	fakeCPUSeconds = 1.5
+	fakePSS        = 300 << 20
+)
 
 // use is a call to box name's agent: as the daemon does, it unpauses a
 // paused box. The caller holds mu.

@@ -536,11 +536,6 @@ func (s *Service) Shutdown(ctx context.Context, r *taskapi.ShutdownRequest) (*em
 	return &emptypb.Empty{}, nil
 }
 
-// Stats is not implemented: boxd keeps no cgroup statistics of a box.
-func (s *Service) Stats(ctx context.Context, r *taskapi.StatsRequest) (*taskapi.StatsResponse, error) {
-	return nil, fmt.Errorf("stats of a boxd task: %w", errdefs.ErrNotImplemented)
-}
-
 // Update is not implemented: a box's size is fixed when it is made.
 func (s *Service) Update(ctx context.Context, r *taskapi.UpdateTaskRequest) (*emptypb.Empty, error) {
 	return nil, fmt.Errorf("updating a boxd task's resources: %w", errdefs.ErrNotImplemented)
