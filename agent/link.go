@@ -178,12 +178,18 @@ func (l *Link) endChannel(gen uint64, ch io.Closer) {
 
 // readFrames applies the frames of channel gen until it breaks or is replaced.
 func (l *Link) readFrames(gen uint64, r io.Reader) error {
-	if _, ok := r.(*bufio.Reader); !ok {
-		r = bufio.NewReaderSize(r, 64<<10)
+	br, ok := r.(*bufio.Reader)
+	if !ok {
+		br = bufio.NewReaderSize(r, 64<<10)
 	}
 	buf := make([]byte, frameHeaderLen+maxFramePayload)
 	for {
-		f, err := readFrame(r, buf)
+		f, err := readFrame(br, buf)
+		if errors.Is(err, errNewChannel) {
+			rest := append([]byte(nil), buf[:frameHeaderLen]...)
+			held, _ := br.Peek(br.Buffered())
+			return &newChannelError{rest: append(rest, held...)}
+		}
 		if err != nil {
 			return err
 		}

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
@@ -224,5 +225,105 @@ func TestClientChannelBreak(t *testing.T) {
 	case got := <-broke:
 		t.Errorf("the channel Move broke was reported (%s)", got)
 	default:
+	}
+}
+
+// sharedPort is a guest's virtio-serial port behind QEMU chardev sockets, as across a restore: the guest's end is
+// one connection that outlives the host's, and each host connection, to any of the sockets, takes the port over.
+type sharedPort struct {
+	guest, host net.Conn // the agent's end; the end the sockets' connections are spliced onto
+
+	mu  sync.Mutex
+	cur net.Conn // the host connection that has the port
+}
+
+func newSharedPort(t *testing.T) *sharedPort {
+	g, h := socketPair(t)
+	p := &sharedPort{guest: g, host: h}
+	go func() { // the guest's output reaches whichever host connection has the port
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := h.Read(buf)
+			p.mu.Lock()
+			c := p.cur
+			p.mu.Unlock()
+			if n > 0 && c != nil {
+				_, _ = c.Write(buf[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return p
+}
+
+// socket returns the path of a new chardev socket onto the port.
+func (p *sharedPort) socket(t *testing.T) string {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		l.Close()
+		p.mu.Lock()
+		if p.cur != nil {
+			p.cur.Close()
+		}
+		p.mu.Unlock()
+	})
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			p.mu.Lock()
+			if p.cur != nil {
+				p.cur.Close()
+			}
+			p.cur = conn
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(p.host, conn) }()
+		}
+	}()
+	return path
+}
+
+// TestMoveOnOnePort moves a link between two sockets onto one guest port, as a resume does (the new QEMU's
+// socket, the guest's port as it was): the agent answers each new channel's first sync line on the port it has,
+// without reopening it, and the session carries on.
+func TestMoveOnOnePort(t *testing.T) {
+	port := newSharedPort(t)
+	var opens sync.Map
+	next := func(ctx context.Context) (io.ReadWriteCloser, error) {
+		if _, again := opens.LoadOrStore("port", true); again {
+			<-ctx.Done() // this port opens once
+			return nil, ctx.Err()
+		}
+		return port.guest, nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = ServeSerial(ctx, next, &ServerConfig{}) }()
+	sockets := []string{port.socket(t), port.socket(t)}
+	c, err := Dial(testCtx(t), sockets[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range 4 {
+		if i > 0 {
+			mctx, mcancel := context.WithTimeout(ctx, 10*time.Second)
+			err := c.Move(mctx, sockets[i%2])
+			mcancel()
+			if err != nil {
+				t.Fatalf("move %d: %v (a guest that closes its port to answer cannot open it again here)", i, err)
+			}
+		}
+		if out, err := c.Output(testCtx(t), "echo", strconv.Itoa(i)); err != nil || string(out) != strconv.Itoa(i)+"\n" {
+			t.Fatalf("after move %d: Output = %q, %v", i, out, err)
+		}
 	}
 }

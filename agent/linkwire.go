@@ -69,6 +69,15 @@ var errBadFrame = errors.New("agent: link: bad frame")
 // preamble means it to. It is routine, not worth a line in the box's log.
 var errNewChannel = fmt.Errorf("%w: a sync line: the host opened a new channel", errBadFrame)
 
+// newChannelError is errNewChannel with what the reader had taken of the new channel: the start of the sync line
+// and the bytes it had read past it. The guest answers that sync line on the same port (Serve).
+type newChannelError struct {
+	rest []byte
+}
+
+func (e *newChannelError) Error() string { return errNewChannel.Error() }
+func (e *newChannelError) Unwrap() error { return errNewChannel }
+
 // appendFrame appends f's encoding to b.
 func appendFrame(b []byte, f frame) []byte {
 	start := len(b)

@@ -196,3 +196,14 @@ type prefixConn struct {
 }
 
 func (c *prefixConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// held returns the bytes read from Conn and not yet read from c, where r is a bufio.Reader straight over Conn (as
+// acceptPreamble leaves it).
+func (c *prefixConn) held() []byte {
+	br, ok := c.r.(*bufio.Reader)
+	if !ok {
+		return nil
+	}
+	b, _ := br.Peek(br.Buffered())
+	return b
+}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -95,30 +96,84 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg *ServerConfig) erro
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
 
-	_ = nc.SetDeadline(time.Now().Add(cfg.handshakeTimeout()))
-	pc, hello, err := acceptPreamble(nc)
-	if err != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+	rd := nc // where the next preamble is read from
+	for {
+		_ = nc.SetDeadline(time.Now().Add(cfg.handshakeTimeout()))
+		pc, hello, err := acceptPreamble(rd)
+		if err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+			}
+			return fmt.Errorf("agent: serve: %w", err)
 		}
-		return fmt.Errorf("agent: serve: %w", err)
-	}
-	if hello != nil {
+		if hello == nil {
+			return serveSSH(ctx, pc, cfg)
+		}
 		_ = nc.SetDeadline(time.Time{})
-		err := cfg.links.serve(nc, pc, hello, func(l *Link) {
+		ch := &linkChannel{Conn: nc}
+		err = cfg.links.serve(ch, pc, hello, func(l *Link) {
 			if err := serveSSH(ctx, l, cfg); err != nil && ctx.Err() == nil {
 				cfg.logf("link %s ended: %v", l.id, err)
 			}
 		})
+		var nce *newChannelError
 		switch {
 		case ctx.Err() != nil:
 			return fmt.Errorf("agent: serve: %w", context.Cause(ctx))
+		case errors.As(err, &nce) && ch.released():
+			// The host opened a new channel on this port (a box resumed, forked or moved) and its sync line has
+			// begun: answer that line here, rather than reopen the port and wait for the host's next one. What
+			// was read past the line's start is read again first.
+			rest := nce.rest
+			if p, ok := pc.(*prefixConn); ok {
+				rest = append(rest, p.held()...)
+			}
+			rd = &prefixConn{Conn: nc, r: io.MultiReader(bytes.NewReader(rest), nc)}
+			continue
 		case cleanEnd(err):
 			return nil
 		}
 		return fmt.Errorf("agent: serve: %w", err)
 	}
-	return serveSSH(ctx, pc, cfg)
+}
+
+// linkChannel is the port as one channel of a link uses it. Closing it ends the channel's use of the port, not the
+// port: a pending read or write is cut short, and later writes fail; the port's next channel may begin on the
+// same connection (Serve).
+type linkChannel struct {
+	net.Conn
+
+	mu     sync.Mutex // held across a write, so that once closed, no write of the channel's is under way
+	closed bool
+	cut    bool // the deadlines that cut the pending calls short were set
+}
+
+func (c *linkChannel) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *linkChannel) Close() error {
+	// A deadline in the past wakes a pending read or write; the write returns, and so releases mu.
+	cut := c.SetDeadline(time.Unix(1, 0)) == nil
+	c.mu.Lock()
+	if !c.closed {
+		c.closed, c.cut = true, cut
+	}
+	c.mu.Unlock()
+	return nil
+}
+
+// released says whether the channel let go of the port cleanly: closed, with its pending calls cut short by
+// deadlines (a port without them is not used again).
+func (c *linkChannel) released() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed && c.cut
 }
 
 func (cfg *ServerConfig) handshakeTimeout() time.Duration {
