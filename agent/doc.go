@@ -22,7 +22,8 @@
 //
 // A channel ends when the host goes away (the port reads end of file), when the VM is restored into a new
 // QEMU, or when bytes left over from an old channel break it. The agent then reopens the port and waits for
-// the host to connect again; the client's Dial retries until a handshake succeeds, and a client's link redials
+// the host to connect again (but a link whose channel ends at a new channel's sync line answers it on the port
+// it has: Serve); the client's Dial retries until a handshake succeeds, and a client's link redials
 // and resumes, so its SSH connection goes on. Before SSH starts, a short
 // preamble (see preamble.go) lets the host skip bytes left on the line by earlier connections and know that a
 // fresh agent session reads it, so a reconnect costs one round of it rather than a timeout. Because the channel
