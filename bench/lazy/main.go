@@ -51,6 +51,8 @@ func badFlags() string {
 		return "-rounds, -reps and -warm-ups must be at least 1"
 	case *frameChunks < 0 || *frameChunks > 255:
 		return "-frame-chunks must be 0 (the default) to 255"
+	case *frameChunks > 0 && !*compact:
+		return "-frame-chunks applies to -compact's compaction: give -compact too"
 	case *idle < 0:
 		return "-idle must not be negative"
 	case *fillMiB < 0 || *touchBig < 1 || *touchLow < 1:

@@ -307,7 +307,8 @@ func (l *lazyMemory) write() {
 		}
 		// The pages of demanded pages' frames, decoded lately (the store
 		// keeps the last few frames it decoded).
-		if batch := l.nextFramed(make([]int, 0, lazyBatch)); len(batch) > 0 {
+		batch := l.nextFramed(make([]int, 0, lazyBatch))
+		if len(batch) > 0 {
 			if err := l.send(batch, nil, buf); err != nil {
 				l.fail(err)
 				return
@@ -317,7 +318,6 @@ func (l *lazyMemory) write() {
 		}
 		// The next background batch: the working set once the guest runs
 		// (QEMU loads the devices without a push in its way), then the rest.
-		batch := make([]int, 0, lazyBatch)
 		for ran == nil && next < len(order) && len(batch) < lazyBatch {
 			if p := int(order[next]); !l.sent.Has(p) {
 				batch = append(batch, p)
