@@ -27,8 +27,8 @@
 #
 # Builds bin/boxd and bin/boxd-agent (make build) and the program in
 # bench/frontdoor/, and runs it; see bench/README.md. Needs root; installs
-# Debian's openssh-client, openssh-server, qemu-system-x86 and qemu-utils
-# if they are missing (the sshd the package brings is not started: the
+# Debian's openssh-client, openssh-server and what boxes need (QEMU,
+# debootstrap, passt, nftables: need_box_debs in lib.sh) if they are missing (the sshd the package brings is not started: the
 # baseline is a private one). The first run builds the image (seconds from
 # a cached debootstrap tree) and fetches the kernel; a run takes about
 # three minutes on 2 cores under TCG. Every box is removed, the daemon
@@ -48,8 +48,7 @@ fi
 need=()
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
+need_box_debs
 command -v pgrep >/dev/null || need+=(procps)
 install_debs "${need[@]}"
 

@@ -29,9 +29,10 @@
 #
 # Builds bin/boxd and bin/boxd-agent (make build) and the program in
 # bench/lazy/, and runs it; see bench/README.md. Needs root; installs
-# Debian's openssh-client, qemu-system-x86, qemu-utils and procps if they
-# are missing. The first run builds the image (seconds from a cached
-# debootstrap tree) and fetches the kernel; a run with the defaults takes
+# Debian's openssh-client, procps and what boxes need (QEMU, debootstrap,
+# passt, nftables: need_box_debs in lib.sh) if they are missing. The first
+# run builds the image (seconds from a cached debootstrap tree) and fetches
+# the kernel; a run with the defaults takes
 # about 15 to 20 minutes on 2 cores under TCG with other work on them. At
 # most three boxes (512 MiB, 2 GiB, 2 GiB) run at once. Every box is
 # removed, the daemon stopped, and no QEMU of the root is left, on an error
@@ -49,8 +50,7 @@ fi
 
 need=()
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
+need_box_debs
 command -v pgrep >/dev/null || need+=(procps)
 install_debs "${need[@]}"
 

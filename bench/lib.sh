@@ -29,6 +29,19 @@ install_debs() {
 	fi
 }
 
+# need_box_debs: adds to the caller's need array the Debian packages that a
+# daemon's real boxes need and this host lacks: QEMU, debootstrap and
+# mkfs.ext4 for the image, passt for a box's network and nftables for the
+# table that keeps boxes off the host.
+need_box_debs() {
+	command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+	command -v qemu-img >/dev/null || need+=(qemu-utils)
+	command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+	command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+	command -v passt >/dev/null || need+=(passt)
+	command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+}
+
 # build_boxd: make build, and BOXD_AGENT names the agent it built unless
 # it is set.
 build_boxd() {

@@ -27,7 +27,8 @@
 #
 # Builds bin/boxd and bin/boxd-agent (make build) and the program in
 # bench/metrics/, and runs it; see bench/README.md. Needs root; installs
-# Debian's qemu-system-x86, qemu-utils and procps if they are missing. The
+# Debian's procps and what boxes need (QEMU, debootstrap, passt, nftables:
+# need_box_debs in lib.sh) if they are missing. The
 # first run builds the image (seconds from a cached debootstrap tree) and
 # fetches the kernel; a run with the defaults takes about ten minutes on 2
 # cores under TCG, more when other work shares the machine. The box is
@@ -45,8 +46,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
+need_box_debs
 command -v pgrep >/dev/null || need+=(procps)
 install_debs "${need[@]}"
 

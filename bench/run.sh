@@ -58,8 +58,7 @@ if [ "$(id -u)" != 0 ]; then
 	exit 1
 fi
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
+need_box_debs
 command -v pgrep >/dev/null || need+=(procps)
 install_debs "${need[@]}"
 build_boxd
