@@ -262,11 +262,20 @@ func ShellQuote(s string) string {
 // found, 128+n for a death by signal n. err is only for failures to run it at all: a broken connection, a
 // refused session, or ctx ending, which kills the command's process group.
 func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error) {
-	sess, err := c.ssh.NewSession()
+	sess, err := c.newSession(ctx)
 	if err != nil {
 		return -1, fmt.Errorf("agent: run: new session: %w", err)
 	}
 	defer sess.Close()
+	// Until the command starts, ctx ending closes the session, which ends a request the guest leaves unanswered.
+	setup := context.AfterFunc(ctx, func() { sess.Close() })
+	defer setup()
+	failed := func(what string, err error) (int, error) {
+		if ctx.Err() != nil {
+			err = context.Cause(ctx)
+		}
+		return -1, fmt.Errorf("agent: run: %s: %w", what, err)
+	}
 
 	keys := make([]string, 0, len(cmd.Env))
 	for k := range cmd.Env {
@@ -275,7 +284,7 @@ func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error)
 	sort.Strings(keys)
 	for _, k := range keys {
 		if err := sess.Setenv(k, cmd.Env[k]); err != nil {
-			return -1, fmt.Errorf("agent: run: env %s: %w", k, err)
+			return failed("env "+k, err)
 		}
 	}
 	if cmd.TTY {
@@ -288,7 +297,7 @@ func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error)
 			rows, cols = 24, 80
 		}
 		if err := sess.RequestPty(term, rows, cols, ssh.TerminalModes{}); err != nil {
-			return -1, fmt.Errorf("agent: run: pty: %w", err)
+			return failed("pty", err)
 		}
 	}
 	sess.Stdin, sess.Stdout, sess.Stderr = cmd.Stdin, cmd.Stdout, cmd.Stderr
@@ -299,7 +308,10 @@ func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error)
 		err = sess.Shell()
 	}
 	if err != nil {
-		return -1, fmt.Errorf("agent: run: start: %w", err)
+		return failed("start", err)
+	}
+	if !setup() {
+		return failed("start", context.Cause(ctx))
 	}
 
 	done := make(chan struct{})
@@ -355,6 +367,30 @@ func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error)
 		return exit.ExitStatus(), nil
 	}
 	return -1, fmt.Errorf("agent: run: %w", err)
+}
+
+// newSession opens a session channel, or returns ctx's error if ctx ends first (a guest that does not answer).
+func (c *Client) newSession(ctx context.Context) (*ssh.Session, error) {
+	type opened struct {
+		sess *ssh.Session
+		err  error
+	}
+	ch := make(chan opened, 1)
+	go func() {
+		sess, err := c.ssh.NewSession()
+		ch <- opened{sess, err}
+	}()
+	select {
+	case o := <-ch:
+		return o.sess, o.err
+	case <-ctx.Done():
+		go func() { // the session the guest opens late is closed at once
+			if o := <-ch; o.sess != nil {
+				o.sess.Close()
+			}
+		}()
+		return nil, context.Cause(ctx)
+	}
 }
 
 // ExitError is Output's error for a command that ran and did not exit 0.

@@ -185,11 +185,6 @@ func (l *Link) readFrames(gen uint64, r io.Reader) error {
 	buf := make([]byte, frameHeaderLen+maxFramePayload)
 	for {
 		f, err := readFrame(br, buf)
-		if errors.Is(err, errNewChannel) {
-			rest := append([]byte(nil), buf[:frameHeaderLen]...)
-			held, _ := br.Peek(br.Buffered())
-			return &newChannelError{rest: append(rest, held...)}
-		}
 		if err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -285,10 +286,37 @@ func (p *sharedPort) socket(t *testing.T) string {
 			}
 			p.cur = conn
 			p.mu.Unlock()
-			go func() { _, _ = io.Copy(p.host, conn) }()
+			go func() { // the connection's bytes reach the guest while it has the port
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := conn.Read(buf)
+					p.mu.Lock()
+					if n > 0 && p.cur == conn {
+						_, _ = p.host.Write(buf[:n])
+					}
+					p.mu.Unlock()
+					if err != nil {
+						return
+					}
+				}
+			}()
 		}
 	}()
 	return path
+}
+
+// cut ends the host connection that has the port, as a QEMU that stops, and leaves partial, the last bytes the
+// guest got from it: what follows on the port comes from the next connection.
+func (p *sharedPort) cut(t *testing.T, partial []byte) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cur != nil {
+		p.cur.Close()
+		p.cur = nil
+	}
+	if _, err := p.host.Write(partial); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestMoveOnOnePort moves a link between two sockets onto one guest port, as a resume does (the new QEMU's
@@ -325,5 +353,95 @@ func TestMoveOnOnePort(t *testing.T) {
 		if out, err := c.Output(testCtx(t), "echo", strconv.Itoa(i)); err != nil || string(out) != strconv.Itoa(i)+"\n" {
 			t.Fatalf("after move %d: Output = %q, %v", i, out, err)
 		}
+	}
+}
+
+// TestChannelAfterCutFrame: a guest frozen with part of a frame read (a box hibernated, forked or moved while the
+// host sent it data) gets the new channel's sync line where the rest of that frame was due. The agent answers
+// that line on the port it has, wherever in the frame it comes, and the link carries on. Before, it took the sync
+// lines for the frame's payload and answered none until its host gave up on the channel.
+func TestChannelAfterCutFrame(t *testing.T) {
+	header := func(n uint32) []byte { // a data frame's header, for a payload of n bytes
+		h := appendFrame(nil, frame{typ: frameData, ack: 1, seq: 2, payload: []byte("abc")})[:frameHeaderLen]
+		binary.BigEndian.PutUint32(h[17:21], n)
+		return h
+	}
+	tests := []struct {
+		name    string
+		partial []byte
+	}{
+		{"in the payload", append(header(maxFramePayload), "abc"...)},
+		{"in the header", header(maxFramePayload)[:10]},
+		{"the line's start ends the frame", append(header(3+4), "abc"...)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			port := newSharedPort(t)
+			var opens sync.Map
+			next := func(ctx context.Context) (io.ReadWriteCloser, error) {
+				if _, again := opens.LoadOrStore("port", true); again {
+					<-ctx.Done() // this port opens once, as across a restore
+					return nil, ctx.Err()
+				}
+				return port.guest, nil
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go func() { _ = ServeSerial(ctx, next, &ServerConfig{}) }()
+			socket := port.socket(t)
+			c, err := Dial(testCtx(t), socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if out, err := c.Output(testCtx(t), "echo", "before"); err != nil || string(out) != "before\n" {
+				t.Fatalf("before the cut: Output = %q, %v", out, err)
+			}
+			port.cut(t, tt.partial) // the client dials again on its own
+			octx, ocancel := context.WithTimeout(ctx, 10*time.Second)
+			defer ocancel()
+			if out, err := c.Output(octx, "echo", "after"); err != nil || string(out) != "after\n" {
+				t.Fatalf("after the cut: Output = %q, %v (the agent did not answer the new channel)", out, err)
+			}
+		})
+	}
+}
+
+// TestRunUnanswered: Run returns its context's error once the context ends, though the guest has answered nothing
+// yet (a guest frozen, or a link between channels), and the link carries on once the guest answers again.
+func TestRunUnanswered(t *testing.T) {
+	port := newSharedPort(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		_ = ServeSerial(ctx, func(context.Context) (io.ReadWriteCloser, error) { return port.guest, nil }, &ServerConfig{})
+	}()
+	c, err := Dial(testCtx(t), port.socket(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if out, err := c.Output(testCtx(t), "echo", "before"); err != nil || string(out) != "before\n" {
+		t.Fatalf("Output = %q, %v", out, err)
+	}
+	port.mu.Lock() // nothing reaches the guest, nor comes back from it
+	rctx, rcancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer rcancel()
+	ran := make(chan error, 1)
+	go func() {
+		_, err := c.Run(rctx, Command{Args: []string{"true"}})
+		ran <- err
+	}()
+	select {
+	case err := <-ran:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Run = %v, want its context's deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("Run did not return after its context ended")
+	}
+	port.mu.Unlock()
+	if out, err := c.Output(testCtx(t), "echo", "after"); err != nil || string(out) != "after\n" {
+		t.Fatalf("after the guest answered again: Output = %q, %v", out, err)
 	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -92,33 +93,87 @@ func appendFrame(b []byte, f frame) []byte {
 
 // readFrame reads one frame from r into buf, which must hold frameHeaderLen+maxFramePayload bytes; the payload
 // it returns is part of buf.
-func readFrame(r io.Reader, buf []byte) (frame, error) {
-	h := buf[:frameHeaderLen]
-	if _, err := io.ReadFull(r, h); err != nil {
+//
+// A host's sync line that begins among the frame's bytes means the frame was cut short by a channel change: the
+// guest was frozen (a snapshot, a fork, a move) with part of a frame read, its rest went with the old QEMU, and
+// the new channel's preamble follows. The error is then a *newChannelError holding the line's start and what was
+// read past it, whether the line came where the header was due, inside the header or payload, or across the
+// frame's end. Without that, a guest frozen in a frame's payload would take the new channel's sync lines for the
+// rest of the payload and answer none until its host gave up on the channel.
+func readFrame(r *bufio.Reader, buf []byte) (frame, error) {
+	if err := readWatching(r, buf, 0, frameHeaderLen); err != nil {
 		return frame{}, err
 	}
+	h := buf[:frameHeaderLen]
 	f := frame{typ: h[0], ack: binary.BigEndian.Uint64(h[1:9]), seq: binary.BigEndian.Uint64(h[9:17])}
 	n := binary.BigEndian.Uint32(h[17:21])
+	var bad error
 	switch {
-	case bytes.HasPrefix(h, []byte(syncPrefix)):
-		return frame{}, errNewChannel
 	case f.typ == frameData && (n == 0 || n > maxFramePayload):
-		return frame{}, fmt.Errorf("%w: data of %d bytes", errBadFrame, n)
+		bad = fmt.Errorf("%w: data of %d bytes", errBadFrame, n)
 	case (f.typ == frameAck || f.typ == frameClose) && n != 0:
-		return frame{}, fmt.Errorf("%w: a %q frame with a payload", errBadFrame, f.typ)
+		bad = fmt.Errorf("%w: a %q frame with a payload", errBadFrame, f.typ)
 	case f.typ != frameData && f.typ != frameAck && f.typ != frameClose:
-		return frame{}, fmt.Errorf("%w: type %#x", errBadFrame, f.typ)
+		bad = fmt.Errorf("%w: type %#x", errBadFrame, f.typ)
 	}
-	if n > 0 {
-		f.payload = buf[frameHeaderLen : frameHeaderLen+int(n)]
-		if _, err := io.ReadFull(r, f.payload); err != nil {
-			return frame{}, err
-		}
+	if bad != nil {
+		return frame{}, syncAtEnd(r, h, bad)
 	}
+	end := frameHeaderLen + int(n)
+	if err := readWatching(r, buf, frameHeaderLen, end); err != nil {
+		return frame{}, err
+	}
+	f.payload = buf[frameHeaderLen:end]
 	if crc32.Update(crc32.Checksum(h[:21], crcTable), crcTable, f.payload) != binary.BigEndian.Uint32(h[21:]) {
-		return frame{}, fmt.Errorf("%w: checksum", errBadFrame)
+		return frame{}, syncAtEnd(r, buf[:end], fmt.Errorf("%w: checksum", errBadFrame))
 	}
 	return f, nil
+}
+
+// readWatching fills buf[from:to] from r, as io.ReadFull does, but stops at a sync line that begins in buf[:to]
+// (a *newChannelError). buf[:from] was read already, and held no sync line.
+func readWatching(r *bufio.Reader, buf []byte, from, to int) error {
+	have := from
+	for have < to {
+		n, err := r.Read(buf[have:to])
+		if n > 0 {
+			scan := max(0, have-len(syncPrefix)+1) // a line that began in the bytes before
+			have += n
+			if i := bytes.Index(buf[scan:have], []byte(syncPrefix)); i >= 0 {
+				return newChannel(r, buf[scan+i:have])
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && have > from {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// syncAtEnd returns err, the reason the frame b was refused, unless b ends with the start of a sync line that r
+// goes on with: then the new channel began there (a *newChannelError).
+func syncAtEnd(r *bufio.Reader, b []byte, err error) error {
+	// The prefix's bytes are all different, so at most one of its starts ends b.
+	for k := min(len(syncPrefix)-1, len(b)); k > 0; k-- {
+		if !bytes.HasSuffix(b, []byte(syncPrefix[:k])) {
+			continue
+		}
+		if more, perr := r.Peek(len(syncPrefix) - k); perr == nil && string(more) == syncPrefix[k:] {
+			return newChannel(r, b[len(b)-k:])
+		}
+		break
+	}
+	return err
+}
+
+// newChannel is the *newChannelError for a sync line that begins at start, the last bytes read from r.
+func newChannel(r *bufio.Reader, start []byte) error {
+	held, _ := r.Peek(r.Buffered())
+	rest := make([]byte, 0, len(start)+len(held))
+	return &newChannelError{rest: append(append(rest, start...), held...)}
 }
 
 // hello is the host's first line on a channel.

@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"testing"
 
@@ -18,7 +20,7 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 	for _, f := range tests {
 		enc := appendFrame(nil, f)
-		got, err := readFrame(bytes.NewReader(enc), make([]byte, frameHeaderLen+maxFramePayload))
+		got, err := readFrame(bufio.NewReader(bytes.NewReader(enc)), make([]byte, frameHeaderLen+maxFramePayload))
 		if err != nil {
 			t.Fatalf("%c frame: %v", f.typ, err)
 		}
@@ -36,12 +38,27 @@ func TestReadFrameRefuses(t *testing.T) {
 		b[i] ^= 0x40
 		return b
 	}
+	const sync = "BOXD-SYNC 0123456789abcdef\n"
+	// header is the header of a data frame of n bytes whose checksum is the one of payload "abc".
+	header := func(n uint32) []byte {
+		h := appendFrame(nil, frame{typ: frameData, ack: 1, seq: 2, payload: []byte("abc")})[:frameHeaderLen]
+		binary.BigEndian.PutUint32(h[17:21], n)
+		return h
+	}
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 	tests := []struct {
 		name       string
 		in         []byte
-		newChannel bool // the error says the host opened a new channel
+		newChannel bool // the error says the host opened a new channel, and holds the sync line read
 	}{
-		{name: "a preamble line", in: []byte("BOXD-SYNC 0123456789abcdef\nBOXD-SYNC 0123456789abcdef\n"), newChannel: true},
+		{name: "a preamble line", in: []byte(sync + sync), newChannel: true},
+		// A guest frozen with part of a frame read, which the host's new channel follows.
+		{name: "a frame cut in its payload", in: cat(header(maxFramePayload), []byte("abc"), []byte(sync+sync)), newChannel: true},
+		{name: "a frame cut in its header", in: cat(good[:10], []byte(sync+sync)), newChannel: true},
+		{name: "a sync line across the header's end", in: cat(good[:20], []byte(sync+sync)), newChannel: true},
+		{name: "a sync line across the frame's end", in: cat(header(3+4), []byte("abc"), []byte(sync+sync)), newChannel: true},
+		{name: "a frame cut before a near miss", in: cat(header(3+27), []byte("abcBOXD-SYNQ 0123456789abcdef\n"))},
+		{name: "a bad frame ending like a sync line's start", in: cat(header(3+4), []byte("abcBOXD-SYNQ"))},
 		{name: "a preamble line's start", in: []byte("BOXD-SYNQ 0123456789abcdef\n")},
 		{name: "unknown type", in: flip(0)},
 		{name: "changed ack", in: flip(3)},
@@ -53,12 +70,16 @@ func TestReadFrameRefuses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			f, err := readFrame(bytes.NewReader(tt.in), make([]byte, frameHeaderLen+maxFramePayload))
+			f, err := readFrame(bufio.NewReader(bytes.NewReader(tt.in)), make([]byte, frameHeaderLen+maxFramePayload))
 			if err == nil {
 				t.Fatalf("read a %c frame of %d bytes", f.typ, len(f.payload))
 			}
 			if got := errors.Is(err, errNewChannel); got != tt.newChannel {
 				t.Errorf("%v: a new channel %v, want %v", err, got, tt.newChannel)
+			}
+			var nce *newChannelError
+			if tt.newChannel && (!errors.As(err, &nce) || !bytes.Equal(nce.rest, []byte(sync+sync))) {
+				t.Errorf("%v: the new channel's bytes read are not its two sync lines", err)
 			}
 			if tt.in[0] != good[0] && !errors.Is(err, errBadFrame) && len(tt.in) >= frameHeaderLen {
 				t.Errorf("%v is no bad frame", err)
@@ -74,7 +95,7 @@ func FuzzReadFrame(f *testing.F) {
 	f.Add(appendFrame(nil, frame{typ: frameClose, seq: 9}))
 	f.Add([]byte("BOXD-SYNC 0123456789abcdef\n"))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		fr, err := readFrame(bytes.NewReader(in), make([]byte, frameHeaderLen+maxFramePayload))
+		fr, err := readFrame(bufio.NewReader(bytes.NewReader(in)), make([]byte, frameHeaderLen+maxFramePayload))
 		if err != nil {
 			return
 		}
