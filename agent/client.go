@@ -168,7 +168,8 @@ func newClient(ctx context.Context, conn net.Conn, plain bool, socketPath string
 		}
 		return fail(err)
 	}
-	if err := sshConn.SetDeadline(time.Time{}); err != nil {
+	// The handshake's deadline goes from the link too, and from conn, which carries the link's first channel.
+	if err := errors.Join(sshConn.SetDeadline(time.Time{}), conn.SetDeadline(time.Time{})); err != nil {
 		return fail(err)
 	}
 	c := &Client{ssh: ssh.NewClient(sc, chans, reqs), link: link, redial: red}

@@ -445,3 +445,24 @@ func TestRunUnanswered(t *testing.T) {
 		t.Fatalf("after the guest answered again: Output = %q, %v", out, err)
 	}
 }
+
+// TestClientOutlivesHandshake: the deadline of NewClient's context bounds the handshake alone. It was left on the
+// connection under the link, whose first channel then broke at it (with a box's agent, 5 s after every Dial).
+func TestClientOutlivesHandshake(t *testing.T) {
+	cc, sc := socketPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = Serve(ctx, sc, &ServerConfig{}) }()
+	hctx, hcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer hcancel()
+	c, err := NewClient(hctx, cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline, _ := hctx.Deadline()
+	time.Sleep(time.Until(deadline) + 300*time.Millisecond)
+	if out, err := c.Output(testCtx(t), "echo", "later"); err != nil || string(out) != "later\n" {
+		t.Fatalf("after the handshake's deadline: Output = %q, %v", out, err)
+	}
+}
