@@ -2,13 +2,15 @@
 # bench/lazy.sh - boxd's lazy restores beside its eager ones
 # (boxd daemon --eager-restore), in alternating phases of one run: a
 # hibernated box's resume until its vCPUs run and until its agent answers,
-# `ssh BOX true` that wakes it through boxd's SSH front door, a 2 GiB box
+# `ssh BOX true` that wakes it through boxd's SSH front door, a resume of
+# the box hibernated while an upload streamed into it, a 2 GiB box
 # that touched 1 GiB against one that touched 100 MiB, and the host memory
 # of a resumed box a minute later, printed side by side with their goals.
 #
 # Usage: bench/lazy.sh [-json] [-rounds N] [-reps N] [-idle D] [-mem SIZE]
 #                      [-fill MIB] [-big-mem SIZE] [-touch-big MIB]
-#                      [-touch-small MIB] [-dir DIR] [-cache DIR]
+#                      [-touch-small MIB] [-upload MIB] [-dir DIR]
+#                      [-cache DIR]
 #
 #   -json             the results as one JSON object on stdout (progress on
 #                     stderr)
@@ -22,6 +24,9 @@
 #   -big-mem SIZE     the memory of the two boxes compared (default 2G)
 #   -touch-big MIB    random data the one writes into a tmpfs (default 1024)
 #   -touch-small MIB  random data the other writes (default 100)
+#   -upload MIB       what streams into the measured box while it hibernates
+#                     and resumes, for the busy resume's row (default 24;
+#                     0: no such row)
 #   -dir DIR          kept folder: the boxd root and the daemon's log
 #                     (default /var/tmp/boxd-bench-lazy, BOXD_BENCH_LAZY_DIR)
 #   -cache DIR        where the debootstrap-bookworm tree is (default

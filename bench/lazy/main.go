@@ -1,7 +1,8 @@
 // Command lazy measures boxd's lazy restores beside its eager ones, in one
 // run: the resume of a hibernated box until its vCPUs run (the daemon's
 // log) and until its agent answers (`boxd resume`), `ssh BOX true` that
-// wakes a hibernated box through boxd's SSH front door, how the resume of
+// wakes a hibernated box through boxd's SSH front door, the resume of a box
+// hibernated while an upload streamed into it, how the resume of
 // a 2 GiB box that touched 1 GiB compares with one that touched 100 MiB,
 // and the host memory of a resumed box a minute later. Rounds alternate a
 // daemon that restores lazily (the default) with one started with
@@ -37,6 +38,7 @@ var (
 	warmUps     = flag.Int("warm-ups", 1, "untimed resume and hibernate cycles of each box in each phase before the timed ones (and before -compact): each records more of the box's working set")
 	compact     = flag.Bool("compact", false, "compact the store (boxd store compact) before each phase's timed resumes, so that they read memory from zstd frames, as from a store the daemon compacted in a quiet spell")
 	frameChunks = flag.Int("frame-chunks", 0, "with -compact, the chunks a zstd frame holds (boxd store compact --frame-chunks; 0: its default)")
+	uploadMiB   = flag.Int("upload", 24, "MiB an upload streams into dev (ssh dev sha256sum) while it hibernates and resumes, for the busy resume's row (0: no such row)")
 	boxdBin     = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
 )
 
@@ -57,6 +59,8 @@ func badFlags() string {
 		return "-idle must not be negative"
 	case *fillMiB < 0 || *touchBig < 1 || *touchLow < 1:
 		return "-fill must not be negative, -touch-big and -touch-small must be at least 1"
+	case *uploadMiB < 0 || *uploadMiB > 4096:
+		return "-upload must be 0 (no busy resumes) to 4096 MiB"
 	}
 	return ""
 }

@@ -16,6 +16,7 @@ type side struct {
 	wakeSSH, wakeVCPU []time.Duration // `ssh dev true` to the hibernated box, and the log's total for its resume
 	runningSSH        []time.Duration // `ssh dev true` to the running box, a lazy restore's memory all in place
 	soonSSH           []time.Duration // `ssh dev true` as soon as `boxd resume dev` returns
+	busyAgent         []time.Duration // `boxd resume dev` of dev hibernated while an upload streamed into it
 	bigVCPU, bigAgent []time.Duration
 	litVCPU, litAgent []time.Duration
 	devTook, wakeTook []time.Duration // lazy only: the done line's took
@@ -37,7 +38,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	began := time.Now()
 	rep := Report{Host: host(), Setup: Setup{
 		Memory: *memory, FillMiB: *fillMiB, BigMemory: *bigMem, TouchBigMiB: *touchBig, TouchSmallMiB: *touchLow,
-		Rounds: *rounds, Reps: *reps, Idle: idle.String(), WarmUps: *warmUps, Compact: *compact, FrameChunks: *frameChunks,
+		Rounds: *rounds, Reps: *reps, Idle: idle.String(), WarmUps: *warmUps, Compact: *compact, FrameChunks: *frameChunks, UploadMiB: *uploadMiB,
 		Daemon: "boxd daemon --debug --idle-hibernate 0 --warm-forks 0 --ssh-listen 127.0.0.1:PORT [--eager-restore]",
 	}}
 	s := sides{{mode: "lazy", devPhases: map[string][]time.Duration{}}, {mode: "eager", eager: true, devPhases: map[string][]time.Duration{}}}
@@ -145,6 +146,25 @@ func (b *bench) phase(ctx context.Context, sd *side, round int, rep *Report) err
 		}
 		benchkit.Progress("%s: dev %d/%d: resume %s (vCPUs at %s%s), then ssh true at once %s; ssh true running %s; hibernated: ssh true %s (vCPUs at %s%s)",
 			name, i+1, *reps, benchkit.Ms(r.e2e), benchkit.Ms(r.total), tookNote(r), benchkit.Ms(soon), benchkit.Ms(run), benchkit.Ms(w.e2e), benchkit.Ms(w.total), tookNote(w))
+	}
+
+	for i := range *reps {
+		if *uploadMiB == 0 {
+			break
+		}
+		r, err := b.busyResume(ctx, sd, name, rep)
+		if err != nil {
+			return err
+		}
+		if !r.ok {
+			continue
+		}
+		sd.busyAgent = append(sd.busyAgent, r.e2e)
+		if err := b.hibernate(ctx, dev); err != nil {
+			return err
+		}
+		benchkit.Progress("%s: dev %d/%d, hibernated while %d MiB streamed into it: resume %s (vCPUs at %s%s); the upload arrived whole",
+			name, i+1, *reps, *uploadMiB, benchkit.Ms(r.e2e), benchkit.Ms(r.total), tookNote(r))
 	}
 
 	for i := range *reps {

@@ -54,6 +54,7 @@ type Setup struct {
 	WarmUps       int    `json:"warm_ups"`
 	Compact       bool   `json:"compact"`                // the store compacted before the timed resumes
 	FrameChunks   int    `json:"frame_chunks,omitempty"` // the compaction's --frame-chunks (0: its default)
+	UploadMiB     int    `json:"upload_mib"`             // streamed into dev across its busy resumes (0: none)
 	Daemon        string `json:"daemon"`
 }
 
@@ -140,6 +141,8 @@ func rows(s sides) []Row {
 		row("  of it the wait for the memory file (filled=): p50", "ms", dur(l.devPhases["filled"]), dur(e.devPhases["filled"]), none),
 		row("  of it the device state's load (devices=): p50", "ms", dur(l.devPhases["devices"]), dur(e.devPhases["devices"]), none),
 		row("dev: `boxd resume dev`, until the agent answers: p50", "ms", dur(l.devAgent), dur(e.devAgent), goal{"lazy <= 150 ms", 150, false}),
+		row(fmt.Sprintf("dev: `boxd resume dev`, hibernated while %d MiB streamed into it: p50", *uploadMiB), "ms", dur(l.busyAgent), dur(e.busyAgent), none),
+		row("  busy over idle, to the agent (each pair's ratio): p50", "x", pairRatios(l.busyAgent, l.devAgent), pairRatios(e.busyAgent, e.devAgent), none),
 		row("dev: `ssh dev true`, hibernated (wakes it): p50", "ms", dur(l.wakeSSH), dur(e.wakeSSH), goal{"lazy <= 300 ms", 300, false}),
 		row("dev: that wake's resume to vCPUs running: p50", "ms", dur(l.wakeVCPU), dur(e.wakeVCPU), none),
 		row("dev: `ssh dev true`, running (baseline): p50", "ms", dur(l.runningSSH), dur(e.runningSSH), none),
