@@ -6,9 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"os/signal"
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -269,6 +272,11 @@ func TestProcessStdinAcrossAttach(t *testing.T) {
 }
 
 func TestProcessSignal(t *testing.T) {
+	// A test run started with SIGHUP ignored (under nohup) passes that on to the processes it starts, which then
+	// outlive the hangup below. With a handler of its own, exec gives them the default.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	c := serve(t, &ServerConfig{})
 	tests := []struct {
 		name string
