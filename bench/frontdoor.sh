@@ -5,6 +5,7 @@
 # print them side by side.
 #
 # Usage: bench/frontdoor.sh [-json] [-reps N] [-wake-reps N] [-fork-reps N]
+#                           [-upload MiB] [-upload-reps N]
 #                           [-ls-reps N] [-boxes N] [-batch N] [-mem SIZE]
 #                           [-many-mem SIZE] [-dir DIR] [-cache DIR]
 #
@@ -14,6 +15,10 @@
 #                  boxd exec, N times each (default 20)
 #   -wake-reps N   ssh to the hibernated box (default 5)
 #   -fork-reps N   boxd fork, fork --count 2 and cold creates (default 3)
+#   -upload MiB    each upload's size: ssh `cat >/dev/null` to the box and
+#                  to the baseline sshd, and boxd exec while one runs
+#                  (default 64; 0: none)
+#   -upload-reps N uploads of each kind (default 3)
 #   -ls-reps N     each ls (default 10)
 #   -boxes N       boxes for the big ls (default 100)
 #   -batch N       forks made, then hibernated, at a time (default 10)

@@ -8,6 +8,9 @@
 //     stock OpenSSH sshd on the host and beside `boxd exec BOX -- true`;
 //   - the same to a hibernated box, which the connection wakes, beside
 //     `boxd resume` followed by the ssh;
+//   - `ssh BOX 'cat >/dev/null'` of -upload MiB to the running box, beside
+//     the same to sshd, and `boxd exec BOX -- true` while such an upload
+//     runs, beside the same with the box idle;
 //   - `boxd fork SRC NEW` and `--count 2` until the CLI returns, beside a
 //     cold `boxd create`;
 //   - `boxd ls` and `boxd ls --json` (and the API's list) with 1 box and
@@ -30,18 +33,20 @@ import (
 )
 
 var (
-	jsonOut   = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
-	reps      = flag.Int("reps", 20, "ssh and exec round trips to the running box (and to sshd)")
-	wakeReps  = flag.Int("wake-reps", 5, "ssh connections that wake the hibernated box (and resume-then-ssh baselines)")
-	forkReps  = flag.Int("fork-reps", 3, "forks of each kind, and cold creates for their baseline")
-	lsReps    = flag.Int("ls-reps", 10, "runs of each ls")
-	boxes     = flag.Int("boxes", 100, "boxes that exist for the big ls (the measured box, the seed and forks of the seed)")
-	batch     = flag.Int("batch", 10, "forks made at once for the big ls; each batch is hibernated before the next")
-	memory    = flag.String("mem", "512M", "memory of the measured box and the cold creates (boxd's default)")
-	manyMem   = flag.String("many-mem", "128M", "memory of the seed box the many are forked from")
-	dir       = flag.String("dir", benchkit.EnvOr("BOXD_BENCH_FRONTDOOR_DIR", "/var/tmp/boxd-bench-frontdoor"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
-	treeCache = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
-	boxdBin   = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
+	jsonOut    = flag.Bool("json", false, "print the results as one JSON object on stdout (progress goes to stderr)")
+	reps       = flag.Int("reps", 20, "ssh and exec round trips to the running box (and to sshd)")
+	wakeReps   = flag.Int("wake-reps", 5, "ssh connections that wake the hibernated box (and resume-then-ssh baselines)")
+	forkReps   = flag.Int("fork-reps", 3, "forks of each kind, and cold creates for their baseline")
+	lsReps     = flag.Int("ls-reps", 10, "runs of each ls")
+	uploadMiB  = flag.Int("upload", 64, "MiB each upload sends (0: no upload rows)")
+	uploadReps = flag.Int("upload-reps", 3, "uploads of each kind: to the box, to sshd, and to the box with execs beside it")
+	boxes      = flag.Int("boxes", 100, "boxes that exist for the big ls (the measured box, the seed and forks of the seed)")
+	batch      = flag.Int("batch", 10, "forks made at once for the big ls; each batch is hibernated before the next")
+	memory     = flag.String("mem", "512M", "memory of the measured box and the cold creates (boxd's default)")
+	manyMem    = flag.String("many-mem", "128M", "memory of the seed box the many are forked from")
+	dir        = flag.String("dir", benchkit.EnvOr("BOXD_BENCH_FRONTDOOR_DIR", "/var/tmp/boxd-bench-frontdoor"), "kept folder: the boxd root (store, image, kernel) in DIR/root and the daemon's log")
+	treeCache  = flag.String("cache", benchkit.EnvOr("BOXD_TEST_CACHE", "/var/cache/boxd-test"), "folder whose debootstrap-bookworm tree the image is built from when it is complete (else boxd image build runs debootstrap)")
+	boxdBin    = flag.String("boxd", benchkit.EnvOr("BOXD", "bin/boxd"), "the boxd binary")
 )
 
 func main() {
@@ -52,6 +57,9 @@ func main() {
 func badFlags() string {
 	if *reps < 1 || *wakeReps < 1 || *forkReps < 1 || *lsReps < 1 || *boxes < 3 || *batch < 1 {
 		return "-reps, -wake-reps, -fork-reps, -ls-reps and -batch must be at least 1, -boxes at least 3"
+	}
+	if *uploadMiB < 0 || *uploadReps < 1 {
+		return "-upload must not be negative, -upload-reps must be at least 1"
 	}
 	return ""
 }

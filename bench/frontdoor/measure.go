@@ -28,7 +28,7 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	began := time.Now()
 	rep := Report{Host: host(), Setup: Setup{
 		Memory: *memory, ManyMemory: *manyMem, Reps: *reps, WakeReps: *wakeReps, ForkReps: *forkReps,
-		LsReps: *lsReps, Boxes: *boxes, Batch: *batch,
+		LsReps: *lsReps, Boxes: *boxes, Batch: *batch, UploadMiB: *uploadMiB, UploadReps: *uploadReps,
 	}}
 	key := b.key + ".pub"
 
@@ -104,6 +104,12 @@ func (b *bench) measure(ctx context.Context) (Report, error) {
 	}
 	for _, p := range []int{50, 95} {
 		rep.add(benchkit.PctRow(fmt.Sprintf("ssh `true`, running box: p%d", p), p, "ms", viaBoxd, viaExec, baseExec))
+	}
+
+	if *uploadMiB > 0 {
+		if err := b.measureUpload(ctx, &rep, viaExec); err != nil {
+			return rep, err
+		}
 	}
 
 	// ls with the one box.

@@ -51,6 +51,8 @@ type Setup struct {
 	LsReps     int    `json:"ls_reps"`
 	Boxes      int    `json:"boxes"`
 	Batch      int    `json:"batch"`
+	UploadMiB  int    `json:"upload_mib"`
+	UploadReps int    `json:"upload_reps"`
 }
 
 func (r *Report) add(row benchkit.Row) { r.Rows = append(r.Rows, row) }
