@@ -32,6 +32,13 @@ const (
 	dialRetryMax = 500 * time.Millisecond
 )
 
+// agentCiphers are the ciphers the host offers the agent, most wanted first. The guest does the costly end: a
+// box's CPU model (QEMU's default) has no AES instructions, and there Go's ChaCha20-Poly1305 encrypts about four
+// times as fast as its AES-GCM (about 58 against 13 MB/s in a box under TCG), which bounds how fast a box takes
+// an upload. Every agent supports it; the rest are x/crypto/ssh's defaults, in their order.
+var agentCiphers = []string{ssh.CipherChaCha20Poly1305, ssh.CipherAES128GCM, ssh.CipherAES256GCM,
+	ssh.CipherAES128CTR, ssh.CipherAES192CTR, ssh.CipherAES256CTR}
+
 // Client is the host's connection to one box's agent: an SSH connection over the link (see link.go), or, to an
 // agent without the link, straight over the channel.
 type Client struct {
@@ -123,6 +130,7 @@ func newClient(ctx context.Context, conn net.Conn, plain bool, socketPath string
 		Auth: nil,
 		// See Dial: the channel is root's alone on the host and the agent's key is made fresh at every boot.
 		HostKeyCallback: ssh.InsecureIgnoreHostKey(),
+		Config:          ssh.Config{Ciphers: agentCiphers},
 	}
 	var link *Link
 	var red *redialer
