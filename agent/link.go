@@ -15,12 +15,19 @@ import (
 
 // Link's bounds.
 const (
-	// linkWindow is the most bytes a sender keeps unacknowledged: Write blocks beyond it. It also bounds what a
-	// receiver holds unread, for a sender may send no further than its window past what the receiver has read.
+	// linkWindow bounds what a receiver holds unread: a sender may send no further than its window past what
+	// the receiver has read. It is the most any end, of this version or an older one, sends ahead.
 	linkWindow = 4 << 20
+	// linkSendWindow is the most bytes this end keeps unacknowledged: Write blocks beyond it. The peer
+	// acknowledges what its SSH connection has read, so the window is also how much of one SSH channel's data
+	// may wait ahead of the next message of another: an agent request queued behind an upload waits for the
+	// guest to decrypt what is ahead of it. A guest under TCG reads about 10 MB/s; 128 KiB keeps it fed (an
+	// upload measured no slower than with 4 MiB) and the wait short. Its receiver may be older, with a window of
+	// linkWindow and acknowledgements every 64 KiB.
+	linkSendWindow = 128 << 10
 	// linkAckEvery is how many bytes read the receiver lets pass before it acknowledges them without data to
-	// carry the acknowledgement; below linkWindow, so a sender with a full window always hears of progress.
-	linkAckEvery = 64 << 10
+	// carry the acknowledgement; below linkSendWindow, so a sender with a full window always hears of progress.
+	linkAckEvery = 32 << 10
 	// linkCloseFlush is how long Close lets the link try to send what is left and its close frame.
 	linkCloseFlush = time.Second
 )
@@ -257,10 +264,8 @@ func (l *Link) nextFrame(gen uint64, buf []byte) ([]byte, error) {
 		f := frame{ack: l.inRead, seq: l.outSent}
 		switch {
 		case l.outSent < end:
-			from := int(l.outSent - l.outAck)
-			n := min(int(end-l.outSent), maxFramePayload)
-			f.typ, f.payload = frameData, l.out.bytes()[from:from+n]
-			l.outSent += uint64(n)
+			f.typ, f.payload = frameData, l.out.peek(int(l.outSent-l.outAck), maxFramePayload)
+			l.outSent += uint64(len(f.payload))
 		case l.closing:
 			f.typ = frameClose
 		case l.ackNow || l.inRead-l.inAcked >= linkAckEvery:
@@ -290,8 +295,7 @@ func (l *Link) Read(p []byte) (int, error) {
 		}
 		l.cond.Wait()
 	}
-	n := copy(p, l.in.bytes())
-	l.in.drop(n)
+	n := l.in.read(p)
 	l.inRead += uint64(n)
 	if l.inRead-l.inAcked >= linkAckEvery {
 		l.cond.Broadcast()
@@ -310,11 +314,11 @@ func (l *Link) Write(p []byte) (int, error) {
 			return done, ErrLinkClosed
 		case l.writeDL.passed():
 			return done, os.ErrDeadlineExceeded
-		case l.out.len() >= linkWindow:
+		case l.out.len() >= linkSendWindow:
 			l.cond.Wait()
 			continue
 		}
-		n := min(len(p)-done, linkWindow-l.out.len())
+		n := min(len(p)-done, linkSendWindow-l.out.len())
 		l.out.push(p[done : done+n])
 		done += n
 		l.cond.Broadcast()
@@ -428,33 +432,73 @@ func (d *deadline) set(t time.Time) {
 // passed says whether the deadline has passed. The caller holds cond's lock.
 func (d *deadline) passed() bool { return !d.at.IsZero() && !time.Now().Before(d.at) }
 
-// byteQueue is a first-in, first-out queue of bytes.
+// byteQueue is a first-in, first-out queue of bytes, held in chunks of queueChunk bytes that come from a pool
+// and go back to it once read: a queue that fills and empties again and again, as a link's do under a steady
+// stream, neither grows a slice nor moves what it holds, and an empty one holds no memory.
 type byteQueue struct {
-	b   []byte
-	off int
+	chunks []*[]byte // the bytes are chunks[0][off:], then the whole of each later chunk; only the last is short
+	off    int
+	n      int // bytes held
 }
 
-func (q *byteQueue) len() int      { return len(q.b) - q.off }
-func (q *byteQueue) bytes() []byte { return q.b[q.off:] }
+// queueChunk is the size of a byteQueue's chunks: a frame's payload at most.
+const queueChunk = maxFramePayload
 
+var queueChunks = sync.Pool{New: func() any {
+	b := make([]byte, 0, queueChunk)
+	return &b
+}}
+
+func (q *byteQueue) len() int { return q.n }
+
+// push appends a copy of p.
 func (q *byteQueue) push(p []byte) {
-	if q.off > 0 && q.off >= len(q.b)/2 {
-		n := copy(q.b, q.b[q.off:])
-		q.b, q.off = q.b[:n], 0
+	for len(p) > 0 {
+		if len(q.chunks) == 0 || len(*q.chunks[len(q.chunks)-1]) == queueChunk {
+			c := queueChunks.Get().(*[]byte)
+			*c = (*c)[:0]
+			q.chunks = append(q.chunks, c)
+		}
+		c := q.chunks[len(q.chunks)-1]
+		k := copy((*c)[len(*c):queueChunk], p)
+		*c = (*c)[:len(*c)+k]
+		p = p[k:]
+		q.n += k
 	}
-	q.b = append(q.b, p...)
 }
 
-// drop forgets the first n bytes; an emptied queue lets a big buffer go.
+// peek returns up to n bytes from position from of the queue (0: its first byte) without copying them: fewer
+// where a chunk ends first. The bytes stay valid until the queue drops them.
+func (q *byteQueue) peek(from, n int) []byte {
+	from += q.off
+	c := q.chunks[from/queueChunk]
+	from %= queueChunk
+	return (*c)[from:min(from+n, len(*c))]
+}
+
+// read copies the queue's first bytes into p and drops them; it returns how many.
+func (q *byteQueue) read(p []byte) int {
+	done := 0
+	for done < len(p) && q.n > 0 {
+		k := copy(p[done:], q.peek(0, len(p)-done))
+		q.drop(k)
+		done += k
+	}
+	return done
+}
+
+// drop forgets the first n bytes, giving the chunks it emptied back to the pool.
 func (q *byteQueue) drop(n int) {
+	q.n -= n
 	q.off += n
-	if q.off == len(q.b) {
-		q.off = 0
-		if cap(q.b) > 64<<10 {
-			q.b = nil
-		} else {
-			q.b = q.b[:0]
-		}
+	for len(q.chunks) > 0 && (q.off >= queueChunk || q.n == 0) {
+		queueChunks.Put(q.chunks[0])
+		q.chunks[0] = nil
+		q.chunks = q.chunks[1:]
+		q.off = max(q.off-queueChunk, 0)
+	}
+	if len(q.chunks) == 0 {
+		q.chunks, q.off = nil, 0
 	}
 }
 

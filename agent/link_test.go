@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
 )
 
 // breakingConn is a channel that breaks after limit bytes written: it writes what fits, then junk (a channel
@@ -177,11 +179,11 @@ func TestLinkWindow(t *testing.T) {
 	l := newLink("0123456789abcdef")
 	defer l.Close()
 	_ = l.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	n, err := l.Write(make([]byte, linkWindow+1))
-	if n != linkWindow || !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("Write past the window = %d, %v; want %d, a deadline", n, err, linkWindow)
+	n, err := l.Write(make([]byte, linkSendWindow+1))
+	if n != linkSendWindow || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Write past the window = %d, %v; want %d, a deadline", n, err, linkSendWindow)
 	}
-	if err := l.canResume(uint64(linkWindow) + 1); err == nil {
+	if err := l.canResume(uint64(linkSendWindow) + 1); err == nil {
 		t.Error("a peer holding bytes never sent may resume")
 	}
 	if err := l.canResume(10); err != nil {
@@ -214,5 +216,101 @@ func TestLinkClose(t *testing.T) {
 	}
 	if _, err := p.b.Write([]byte("more")); !errors.Is(err, ErrLinkClosed) {
 		t.Errorf("Write to a closed peer = %v", err)
+	}
+}
+
+// TestByteQueue checks the queue against a plain slice through pushes, peeks, reads and drops of sizes around
+// its chunks' (one byte, a chunk less one, a chunk, a chunk and one, several chunks).
+func TestByteQueue(t *testing.T) {
+	sizes := []int{1, 7, queueChunk - 1, queueChunk, queueChunk + 1, 3*queueChunk + 5}
+	rng := rand.New(rand.NewPCG(1, 2))
+	var q byteQueue
+	var want []byte
+	next := byte(0)
+	for step := range 2000 {
+		size := sizes[rng.IntN(len(sizes))]
+		switch op := rng.IntN(4); {
+		case op == 0 || q.len() == 0:
+			p := make([]byte, size)
+			for i := range p {
+				p[i], next = next, next+1
+			}
+			q.push(p)
+			want = append(want, p...)
+		case op == 1:
+			from := rng.IntN(q.len())
+			got := q.peek(from, size)
+			if len(got) == 0 || len(got) > size || !bytes.Equal(got, want[from:from+len(got)]) {
+				t.Fatalf("step %d: peek(%d, %d) of %d bytes gave %d bytes, not those at %d", step, from, size, len(want), len(got), from)
+			}
+			if end := from + q.off; len(got) < min(size, len(want)-from) && (end+len(got))%queueChunk != 0 {
+				t.Fatalf("step %d: peek(%d, %d) stopped short (%d bytes) before its chunk's end", step, from, size, len(got))
+			}
+		case op == 2:
+			p := make([]byte, size)
+			n := q.read(p)
+			if n != min(size, len(want)) || !bytes.Equal(p[:n], want[:n]) {
+				t.Fatalf("step %d: read of %d from %d bytes gave %d, or other bytes", step, size, len(want), n)
+			}
+			want = want[n:]
+		default:
+			n := min(size, q.len())
+			q.drop(n)
+			want = want[n:]
+		}
+		if q.len() != len(want) {
+			t.Fatalf("step %d: len %d, want %d", step, q.len(), len(want))
+		}
+		if held := len(q.chunks) * queueChunk; held > len(want)+2*queueChunk {
+			t.Fatalf("step %d: %d chunks held for %d bytes", step, len(q.chunks), len(want))
+		}
+	}
+	q.drop(q.len())
+	if len(q.chunks) != 0 {
+		t.Errorf("an emptied queue holds %d chunks", len(q.chunks))
+	}
+}
+
+// BenchmarkLinkStream streams one way in 32 KiB writes, read in 32 KiB reads at the other end, over a unix socket
+// pair alone and over a link on one: what the link's framing, copies and bookkeeping add to each byte.
+func BenchmarkLinkStream(b *testing.B) {
+	for _, overLink := range []bool{false, true} {
+		name := "socket pair"
+		if overLink {
+			name = "link"
+		}
+		b.Run(name, func(b *testing.B) {
+			ca, cb, err := testutil.SocketPair()
+			if err != nil {
+				b.Fatal(err)
+			}
+			var w io.WriteCloser = ca
+			var r io.Reader = cb
+			if overLink {
+				la, lb := newLink("0123456789abcdef"), newLink("0123456789abcdef")
+				go func() { _ = la.Run(ca, ca, 0) }()
+				go func() { _ = lb.Run(cb, cb, 0) }()
+				defer lb.Close()
+				w, r = la, lb
+			}
+			defer w.Close()
+			buf := make([]byte, 32<<10)
+			total := int64(b.N) * int64(len(buf))
+			read := make(chan error, 1)
+			go func() {
+				_, err := io.CopyN(io.Discard, r, total)
+				read <- err
+			}()
+			b.SetBytes(int64(len(buf)))
+			b.ResetTimer()
+			for range b.N {
+				if _, err := w.Write(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := <-read; err != nil {
+				b.Fatal(err)
+			}
+		})
 	}
 }
