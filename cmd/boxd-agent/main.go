@@ -56,6 +56,7 @@ func run(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	keepIgnoring(syscall.SIGHUP) // SIGINT is handled above; Go handles the rest itself
 	key, err := agent.NewHostKey()
 	if err != nil {
 		return err
@@ -79,6 +80,17 @@ func run(args []string) error {
 		return err
 	}
 	return serveSocket(ctx, *socket, cfg)
+}
+
+// keepIgnoring has the agent go on ignoring those of sigs it was started with ignored (nohup ignores SIGHUP)
+// without passing that on to the sessions and processes it starts: an ignored signal stays ignored across exec, a
+// handled one goes back to its default.
+func keepIgnoring(sigs ...os.Signal) {
+	for _, sig := range sigs {
+		if signal.Ignored(sig) {
+			signal.Notify(make(chan os.Signal, 1), sig)
+		}
+	}
 }
 
 // serveSocket serves each connection to a unix socket (root's alone) at path, at the same time.
