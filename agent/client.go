@@ -380,25 +380,32 @@ func (c *Client) Run(ctx context.Context, cmd Command) (exitCode int, err error)
 
 // newSession opens a session channel, or returns ctx's error if ctx ends first (a guest that does not answer).
 func (c *Client) newSession(ctx context.Context) (*ssh.Session, error) {
+	return beforeDone(ctx, c.ssh.NewSession, func(s *ssh.Session) { s.Close() })
+}
+
+// beforeDone returns what open returns, or the cause of ctx's end when that comes first: open waits on the guest,
+// which may never answer. What open gets after that is given to drop.
+func beforeDone[T any](ctx context.Context, open func() (T, error), drop func(T)) (T, error) {
 	type opened struct {
-		sess *ssh.Session
-		err  error
+		v   T
+		err error
 	}
-	ch := make(chan opened, 1)
+	res := make(chan opened, 1)
 	go func() {
-		sess, err := c.ssh.NewSession()
-		ch <- opened{sess, err}
+		v, err := open()
+		res <- opened{v, err}
 	}()
 	select {
-	case o := <-ch:
-		return o.sess, o.err
+	case o := <-res:
+		return o.v, o.err
 	case <-ctx.Done():
-		go func() { // the session the guest opens late is closed at once
-			if o := <-ch; o.sess != nil {
-				o.sess.Close()
+		go func() {
+			if o := <-res; o.err == nil {
+				drop(o.v)
 			}
 		}()
-		return nil, context.Cause(ctx)
+		var zero T
+		return zero, context.Cause(ctx)
 	}
 }
 

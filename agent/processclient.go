@@ -191,28 +191,18 @@ func passOutput(w io.Writer, r io.Reader) error {
 // openProcess opens a ProcessChannel with extra data extra, or gives up
 // when ctx ends (a channel opened later is closed).
 func (c *Client) openProcess(ctx context.Context, extra []byte) (ssh.Channel, <-chan *ssh.Request, error) {
-	type opened struct {
+	type channel struct {
 		ch   ssh.Channel
 		reqs <-chan *ssh.Request
-		err  error
 	}
-	res := make(chan opened, 1)
-	go func() {
+	o, err := beforeDone(ctx, func() (channel, error) {
 		ch, reqs, err := c.ssh.OpenChannel(ProcessChannel, extra)
-		res <- opened{ch, reqs, err}
-	}()
-	select {
-	case o := <-res:
-		return o.ch, o.reqs, o.err
-	case <-ctx.Done():
-		go func() {
-			if o := <-res; o.err == nil {
-				_ = o.ch.Close()
-				go ssh.DiscardRequests(o.reqs)
-			}
-		}()
-		return nil, nil, context.Cause(ctx)
-	}
+		return channel{ch, reqs}, err
+	}, func(o channel) {
+		_ = o.ch.Close()
+		go ssh.DiscardRequests(o.reqs)
+	})
+	return o.ch, o.reqs, err
 }
 
 // detached is the error of an attachment that ended before the exit status.
