@@ -16,8 +16,8 @@
 #   -wake-reps N   ssh to the hibernated box (default 5)
 #   -fork-reps N   boxd fork, fork --count 2 and cold creates (default 3)
 #   -upload MiB    each upload's size: ssh `cat >/dev/null` to the box and
-#                  to the baseline sshd, and boxd exec while one runs
-#                  (default 64; 0: none)
+#                  to the baseline sshd, boxd exec while one runs, and the
+#                  same size downloaded (default 64; 0: none)
 #   -upload-reps N uploads of each kind (default 3)
 #   -ls-reps N     each ls (default 10)
 #   -boxes N       boxes for the big ls (default 100)

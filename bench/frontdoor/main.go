@@ -8,9 +8,9 @@
 //     stock OpenSSH sshd on the host and beside `boxd exec BOX -- true`;
 //   - the same to a hibernated box, which the connection wakes, beside
 //     `boxd resume` followed by the ssh;
-//   - `ssh BOX 'cat >/dev/null'` of -upload MiB to the running box, beside
-//     the same to sshd, and `boxd exec BOX -- true` while such an upload
-//     runs, beside the same with the box idle;
+//   - `ssh BOX 'cat >/dev/null'` of -upload MiB to the running box, and as
+//     much downloaded, beside the same with sshd, and `boxd exec BOX -- true`
+//     while such an upload runs, beside the same with the box idle;
 //   - `boxd fork SRC NEW` and `--count 2` until the CLI returns, beside a
 //     cold `boxd create`;
 //   - `boxd ls` and `boxd ls --json` (and the API's list) with 1 box and
@@ -38,7 +38,7 @@ var (
 	wakeReps   = flag.Int("wake-reps", 5, "ssh connections that wake the hibernated box (and resume-then-ssh baselines)")
 	forkReps   = flag.Int("fork-reps", 3, "forks of each kind, and cold creates for their baseline")
 	lsReps     = flag.Int("ls-reps", 10, "runs of each ls")
-	uploadMiB  = flag.Int("upload", 64, "MiB each upload sends (0: no upload rows)")
+	uploadMiB  = flag.Int("upload", 64, "MiB each upload sends and each download receives (0: no such rows)")
 	uploadReps = flag.Int("upload-reps", 3, "uploads of each kind: to the box, to sshd, and to the box with execs beside it")
 	boxes      = flag.Int("boxes", 100, "boxes that exist for the big ls (the measured box, the seed and forks of the seed)")
 	batch      = flag.Int("batch", 10, "forks made at once for the big ls; each batch is hibernated before the next")

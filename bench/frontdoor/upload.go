@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os/exec"
 	"strings"
 	"time"
@@ -13,19 +14,21 @@ import (
 // What the upload rows are compared with.
 const (
 	baseUpload     = "the same upload to Debian's OpenSSH sshd on the host, `cat >/dev/null` as root"
+	baseDownload   = "the same download from Debian's OpenSSH sshd on the host, as root"
 	baseExecIdle   = "`boxd exec BOX -- true` with the box idle (the rows above)"
 	uploadChunkLen = 256 << 10
 )
 
 // measureUpload times `ssh BOX 'cat >/dev/null'` of -upload MiB of zeros
-// through the front door beside the same upload to sshd, and `boxd exec BOX
+// through the front door beside the same upload to sshd, the same download
+// (`head -c SIZE /dev/zero`) beside sshd's, and `boxd exec BOX
 // -- true`, one after another, while such an upload runs beside the same
 // exec with the box idle: the exec's request to the agent travels on the
 // agent's one connection behind whatever of the upload the host has queued
 // for the guest.
 func (b *bench) measureUpload(ctx context.Context, rep *Report, idleExec []time.Duration) error {
 	size := int64(*uploadMiB) << 20
-	var toBox, toSSHD, busyExec []time.Duration
+	var toBox, toSSHD, fromBox, fromSSHD, busyExec []time.Duration
 	for i := range *uploadReps {
 		s, err := b.upload(ctx, b.sshdPort, "root", size, nil)
 		if err != nil {
@@ -35,6 +38,15 @@ func (b *bench) measureUpload(ctx context.Context, rep *Report, idleExec []time.
 		if err != nil {
 			return fmt.Errorf("upload to box %s: %w", door, err)
 		}
+		sd, err := b.download(ctx, b.sshdPort, "root", size)
+		if err != nil {
+			return fmt.Errorf("download from the baseline sshd: %w", err)
+		}
+		dd, err := b.download(ctx, b.port, door, size)
+		if err != nil {
+			return fmt.Errorf("download from box %s: %w", door, err)
+		}
+		fromBox, fromSSHD = append(fromBox, dd), append(fromSSHD, sd)
 		var execs []time.Duration
 		u, err := b.upload(ctx, b.port, door, size, func(ctx context.Context, done <-chan struct{}) error {
 			for {
@@ -54,14 +66,15 @@ func (b *bench) measureUpload(ctx context.Context, rep *Report, idleExec []time.
 			return fmt.Errorf("upload to box %s with execs beside it: %w", door, err)
 		}
 		toBox, toSSHD, busyExec = append(toBox, d), append(toSSHD, s), append(busyExec, execs...)
-		benchkit.Progress("upload %d/%d of %d MiB: box %s (%s), sshd %s (%s); with execs beside it %s, %d execs, p50 %s",
-			i+1, *uploadReps, *uploadMiB, secs(d), rate(size, d), secs(s), rate(size, s), secs(u), len(execs),
-			benchkit.Ms(benchkit.Percentile(execs, 50)))
+		benchkit.Progress("upload %d/%d of %d MiB: box %s (%s), sshd %s (%s); download: box %s (%s), sshd %s (%s); upload with execs beside it %s, %d execs, p50 %s",
+			i+1, *uploadReps, *uploadMiB, secs(d), rate(size, d), secs(s), rate(size, s), secs(dd), rate(size, dd), secs(sd), rate(size, sd),
+			secs(u), len(execs), benchkit.Ms(benchkit.Percentile(execs, 50)))
 	}
 	if len(busyExec) == 0 {
 		return fmt.Errorf("no `boxd exec` ended while an upload of %d MiB ran: make -upload larger", *uploadMiB)
 	}
 	rep.add(benchkit.PctRow(fmt.Sprintf("ssh `cat >/dev/null` of %d MiB, running box: p50", *uploadMiB), 50, "s", toBox, toSSHD, baseUpload))
+	rep.add(benchkit.PctRow(fmt.Sprintf("ssh `head -c %d MiB /dev/zero`, running box: p50", *uploadMiB), 50, "s", fromBox, fromSSHD, baseDownload))
 	for _, p := range []int{50, 95} {
 		rep.add(benchkit.PctRow(fmt.Sprintf("`boxd exec BOX -- true` while an upload streams into BOX: p%d", p), p, "ms", busyExec, idleExec, baseExecIdle))
 	}
@@ -128,6 +141,36 @@ func (b *bench) upload(ctx context.Context, port, user string, size int64, durin
 		return took, fmt.Errorf("%w: %s", waitErr, strings.TrimSpace(errOut.String()))
 	}
 	return took, duringErr
+}
+
+// download reads size bytes of zeros that `head -c SIZE /dev/zero` writes as
+// user on 127.0.0.1:port, with the real OpenSSH client, and returns how long
+// the client ran.
+func (b *bench) download(ctx context.Context, port, user string, size int64) (time.Duration, error) {
+	args := append(b.sshOpts(), "-o", "LogLevel=ERROR", "-p", port, user+"@127.0.0.1", fmt.Sprintf("head -c %d /dev/zero", size))
+	cmd := exec.CommandContext(ctx, "ssh", args...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	var errOut strings.Builder
+	cmd.Stderr = &errOut
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	n, cerr := io.Copy(io.Discard, out)
+	err = cmd.Wait()
+	took := time.Since(start)
+	switch {
+	case err != nil:
+		return took, fmt.Errorf("%w: %s", err, strings.TrimSpace(errOut.String()))
+	case cerr != nil:
+		return took, cerr
+	case n != size:
+		return took, fmt.Errorf("received %d bytes of %d", n, size)
+	}
+	return took, nil
 }
 
 // rate is size bytes over d, in MB/s.
