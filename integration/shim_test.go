@@ -189,13 +189,18 @@ func (s *shimTest) stdin(t *testing.T) {
 	}
 }
 
+// sizeOnceResized prints the terminal's size once it is no longer the default 24x80 (or after 5 s), then the
+// terminal's name: ctr (2.x) starts a process, then resizes its terminal to its own, so a command that asks
+// at once may still find the size the terminal was made with.
+const sizeOnceResized = `for i in $(seq 50); do s=$(stty size); [ "$s" != "24 80" ] && break; sleep 0.1; done; echo $s; tty`
+
 func (s *shimTest) terminal(t *testing.T) {
-	got := s.ctrTTY(t, 33, 101, append(s.runArgs("--rm", "-t"), s.id(), "sh", "-c", "stty size; tty")...)
+	got := s.ctrTTY(t, 33, 101, append(s.runArgs("--rm", "-t"), s.id(), "sh", "-c", sizeOnceResized)...)
 	if !strings.Contains(got, "33 101\n") || !strings.Contains(got, "/dev/pts/") {
 		t.Errorf("ctr run -t: stty size; tty gave %q, want 33 101 and a /dev/pts terminal", got)
 	}
 	id := s.start(t)
-	got = s.ctrTTY(t, 41, 120, "task", "exec", "-t", "--exec-id", "t1", id, "sh", "-c", "stty size; tty")
+	got = s.ctrTTY(t, 41, 120, "task", "exec", "-t", "--exec-id", "t1", id, "sh", "-c", sizeOnceResized)
 	if !strings.Contains(got, "41 120\n") || !strings.Contains(got, "/dev/pts/") {
 		t.Errorf("ctr task exec -t: stty size; tty gave %q, want 41 120 and a /dev/pts terminal", got)
 	}
