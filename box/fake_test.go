@@ -44,6 +44,29 @@ type fakeRunner struct {
 	machines []*fakeMachine  // every machine started
 	pending  map[string]bool // snapshots SnapshotForFork took, until Flush
 	spares   int             // spares asked for (StartSpares), in all
+	// writeAfter is the last SnapshotForFork's WriteAfter; atRestore is, for each Restore after it, whether it
+	// was closed then and how many spares had been asked for.
+	writeAfter <-chan struct{}
+	atRestore  []fakeForkState
+}
+
+// fakeForkState is what a Restore saw of the fork before it.
+type fakeForkState struct {
+	writeReleased bool
+	spares        int
+}
+
+// closed says whether ch is closed; false for nil.
+func closed(ch <-chan struct{}) bool {
+	if ch == nil {
+		return false
+	}
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 type fakeRestore struct {
@@ -116,6 +139,9 @@ func (r *fakeRunner) Restore(ctx context.Context, snap string, opts runner.Resto
 	spec.Disk, spec.Console = &runner.Disk{Path: disk}, opts.Console
 	r.mu.Lock()
 	r.restores = append(r.restores, fakeRestore{snap, opts.LongLived})
+	if r.writeAfter != nil {
+		r.atRestore = append(r.atRestore, fakeForkState{writeReleased: closed(r.writeAfter), spares: r.spares})
+	}
 	r.mu.Unlock()
 	m, err := r.launch(spec, snap, "")
 	if err != nil {
@@ -427,6 +453,7 @@ func (m *fakeForkMachine) SnapshotForFork(ctx context.Context, name string, opts
 	if err == nil {
 		m.r.mu.Lock()
 		m.r.pending[name] = true
+		m.r.writeAfter, m.r.atRestore = opts.WriteAfter, nil
 		m.r.mu.Unlock()
 	}
 	return s, err

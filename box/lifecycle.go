@@ -291,7 +291,12 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 	if err := m.admit(fmt.Sprintf("a fork of %s into %d boxes", src, len(names)), forkNeed(parent.Memory, len(names))); err != nil {
 		return nil, err
 	}
-	snap, moved, err := m.forkSnapshot(ctx, &parent)
+	// The work a fork leaves for later (the snapshot's write to the store, the parent's spares for its next
+	// fork) waits until the children have started: on a small host it would take CPU from them.
+	started := make(chan struct{})
+	startedNow := sync.OnceFunc(func() { close(started) })
+	defer startedNow()
+	snap, moved, err := m.forkSnapshot(ctx, &parent, started)
 	if err != nil {
 		return nil, err
 	}
@@ -301,14 +306,26 @@ func (m *Manager) Fork(ctx context.Context, src string, names []string) ([]Box, 
 		return nil, err
 	}
 	parentDone := make(chan error, 1)
-	if moved {
+	switch {
+	case moved:
 		go func() { parentDone <- m.moveParent(ctx, parent, snap) }()
-	} else {
+	case parent.State == StateRunning: // it went on after the snapshot, its clock behind by the stop
+		go func() {
+			m.setClock(ctx, parent.Name)
+			parentDone <- nil
+		}()
+	default:
 		parentDone <- nil
 	}
 	errs := m.startForks(ctx, children, snap)
+	startedNow()
 	if err := <-parentDone; err != nil {
 		m.log.Error("box: a fork's parent did not move", "box", src, "err", err)
+	}
+	if !moved && parent.State == StateRunning {
+		if mach, _, ok := m.machine(parent.Name); ok {
+			m.startSpares(parent.Name, mach)
+		}
 	}
 	made, err := m.recordForks(src, children, errs)
 	took := time.Since(began)
@@ -337,10 +354,12 @@ func checkForkNames(src string, names []string) error {
 }
 
 // forkSnapshot is the snapshot parent's forks start from: a new one of a
-// running parent, which goes on (and gets spares for its next fork), or
-// the one a hibernated parent sleeps in. moved says the parent's machine
-// ended in the snapshot instead, for moveParent to start it again.
-func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (snap string, moved bool, err error) {
+// running parent, which goes on (Fork then steps its clock and gets it
+// spares for its next fork), or the one a hibernated parent sleeps in.
+// moved says the parent's machine ended in the snapshot instead, for
+// moveParent to start it again. The new snapshot's write to the store
+// waits for started (runner.SnapshotOptions.WriteAfter).
+func (m *Manager) forkSnapshot(ctx context.Context, parent *Box, started <-chan struct{}) (snap string, moved bool, err error) {
 	switch parent.State {
 	case StateRunning:
 	case StateHibernated:
@@ -353,7 +372,7 @@ func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (snap string, m
 		return "", false, err
 	}
 	snap = snapName(parent, "fork")
-	opts := runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: parent.Name}}
+	opts := runner.SnapshotOptions{Incremental: true, Labels: map[string]string{LabelBox: parent.Name}, WriteAfter: started}
 	if moved, err := m.freezeParent(ctx, parent, mach, snap, opts); moved || err != nil {
 		return snap, moved, err
 	}
@@ -368,8 +387,6 @@ func (m *Manager) forkSnapshot(ctx context.Context, parent *Box) (snap string, m
 	if err := m.put(*parent); err != nil {
 		return "", false, err
 	}
-	m.setClock(ctx, parent.Name)
-	m.startSpares(parent.Name, mach)
 	return snap, false, nil
 }
 

@@ -217,6 +217,24 @@ func TestFakeFork(t *testing.T) {
 			if !forker && spares != 0 {
 				t.Fatalf("spares asked of machines without runner.Forker: %d", spares)
 			}
+			if forker {
+				// The snapshot's write and the parent's next spares wait until the children started.
+				e.r.mu.Lock()
+				writeAfter, atRestore := e.r.writeAfter, e.r.atRestore
+				e.r.mu.Unlock()
+				if writeAfter == nil || !closed(writeAfter) {
+					t.Fatalf("the fork's snapshot had no WriteAfter, or it is still open after Fork returned (nil: %v)", writeAfter == nil)
+				}
+				if len(atRestore) != 2 {
+					t.Fatalf("%d restores seen after the fork's snapshot, want 2", len(atRestore))
+				}
+				for i, st := range atRestore {
+					if st.writeReleased || st.spares == spares {
+						t.Fatalf("restore %d of 2 saw the snapshot's write released (%v), or the parent's new spares asked for already (%d of %d)",
+							i+1, st.writeReleased, st.spares, spares)
+					}
+				}
+			}
 			if err := e.mgr.Flush(ctx); err != nil || len(e.r.Pending()) != 0 {
 				t.Fatalf("Flush: %v, pending %v", err, e.r.Pending())
 			}

@@ -135,6 +135,13 @@ type SnapshotOptions struct {
 	Incremental bool
 	// Labels are kept with the snapshot.
 	Labels map[string]string
+	// WriteAfter, when not nil, holds back the write of a snapshot that
+	// reaches the store after it is taken (a BackgroundWriter's) until it
+	// is closed: the caller has work to do first that should not share the
+	// CPU with the write, such as starting a fork's children. Whatever needs
+	// the snapshot in the store (Flush, a later snapshot) writes it at once;
+	// a backend may bound the hold, or write at once regardless.
+	WriteAfter <-chan struct{}
 }
 
 // Machine is one running (or paused, or stopped) VM.

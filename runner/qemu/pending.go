@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/boxd-dev/boxd/snapshotter"
 )
@@ -16,15 +18,38 @@ import (
 // writing fails, the snapshot stays pending and the next snapshot that
 // needs it (or Committed, or Flush) tries again.
 type pendingSnap struct {
-	job  *captureJob
-	done chan struct{} // closed when the first attempt ends
-	err  error         // its error (frozenMu), nil once written
+	job     *captureJob
+	done    chan struct{} // closed when the first attempt ends
+	err     error         // its error (frozenMu), nil once written
+	needed  chan struct{} // closed when something waits for the write: it starts at once
+	needOne sync.Once
+}
+
+// maxWriteHold bounds how long SnapshotOptions.WriteAfter holds a write back (a variable for tests).
+var maxWriteHold = 10 * time.Second
+
+// need starts p's first write now if it is held back.
+func (p *pendingSnap) need() { p.needOne.Do(func() { close(p.needed) }) }
+
+// hold waits until p's first write may start: once the job's WriteAfter is closed, something needs the
+// snapshot, or maxWriteHold has passed.
+func (p *pendingSnap) hold() {
+	if p.job.writeAfter == nil {
+		return
+	}
+	t := time.NewTimer(maxWriteHold)
+	defer t.Stop()
+	select {
+	case <-p.job.writeAfter:
+	case <-p.needed:
+	case <-t.C:
+	}
 }
 
 // adoptPending makes j's memory file the frozen memory of snapshot j.name
 // and writes the snapshot in the background.
 func (r *Runner) adoptPending(j *captureJob) {
-	p := &pendingSnap{job: j, done: make(chan struct{})}
+	p := &pendingSnap{job: j, done: make(chan struct{}), needed: make(chan struct{})}
 	r.frozenMu.Lock()
 	if r.pending == nil {
 		r.pending = map[string]*pendingSnap{}
@@ -34,6 +59,7 @@ func (r *Runner) adoptPending(j *captureJob) {
 	delete(r.prepFiles, j.memFile) // a fork's prepared file: frozen now
 	r.frozenMu.Unlock()
 	go func() {
+		p.hold()
 		ph := startPhases()
 		_, err := r.write(context.Background(), p)
 		ph.mark("capture")
@@ -94,6 +120,7 @@ func (r *Runner) committed(ctx context.Context, name string) error {
 	if p == nil {
 		return nil
 	}
+	p.need()
 	select {
 	case <-p.done:
 	case <-ctx.Done():

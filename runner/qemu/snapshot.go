@@ -378,7 +378,8 @@ type captureJob struct {
 	memSize      int64
 	pid          int // a running QEMU whose private mapping of memFile holds the memory; 0: memFile holds it
 	sums         *pageSums
-	retryMu      sync.Mutex // one retry of a failed background write at a time
+	retryMu      sync.Mutex      // one retry of a failed background write at a time
+	writeAfter   <-chan struct{} // SnapshotOptions.WriteAfter
 }
 
 // captureJob describes snapshot name of the stopped machine.
@@ -398,7 +399,7 @@ func (m *Machine) captureJob(name, parent string, opts runner.SnapshotOptions, d
 	j := &captureJob{
 		name: name, parent: parent, incremental: opts.Incremental && m.last != "",
 		labels: labels, devices: devices,
-		memFile: m.memFile, memSize: m.spec.MemSize, sums: m.sums,
+		memFile: m.memFile, memSize: m.spec.MemSize, sums: m.sums, writeAfter: opts.WriteAfter,
 	}
 	if frozenDisk == "" {
 		j.rawDisk = m.disk

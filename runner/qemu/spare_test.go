@@ -91,7 +91,10 @@ func TestWarmFork(t *testing.T) {
 	// steps it printed once it went on, which its forks print too.)
 	beforeFork := lastStep(parent.Console())
 	start := time.Now()
-	if _, err := parent.SnapshotForFork(ctx, "warm-fork", runner.SnapshotOptions{}); err != nil {
+	// The snapshot's write waits for hold, never closed here: until something needs it in the store.
+	hold := make(chan struct{})
+	qemu.SetMaxWriteHold(t, 5*time.Minute)
+	if _, err := parent.SnapshotForFork(ctx, "warm-fork", runner.SnapshotOptions{WriteAfter: hold}); err != nil {
 		t.Fatalf("Fork: %v", err)
 	}
 	t.Logf("fork: %v", time.Since(start))
@@ -148,9 +151,14 @@ func TestWarmFork(t *testing.T) {
 	if n, got := diskStep(ctx, t, parent, frozeAt+2); got != "boxd-disk!" {
 		t.Fatalf("the parent after the fork: step %d reading %q", n, got)
 	}
-	// Fork returned before its snapshot was in the store; it gets there,
-	// and a fork's own snapshot builds on it.
-	snap, err := r.Committed(ctx, "warm-fork")
+	// Fork returned before its snapshot was in the store, whose write its WriteAfter holds back; Committed
+	// writes it at once, and a fork's own snapshot builds on it.
+	if !slices.Contains(r.Pending(), "warm-fork") {
+		t.Fatalf("warm-fork was written while its WriteAfter held it back: pending %v", r.Pending())
+	}
+	cctx, ccancel := context.WithTimeout(ctx, time.Minute)
+	defer ccancel()
+	snap, err := r.Committed(cctx, "warm-fork")
 	if err != nil {
 		t.Fatalf("Committed: %v", err)
 	}
