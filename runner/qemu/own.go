@@ -2,10 +2,13 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/boxd-dev/boxd/memstore"
 )
@@ -68,14 +71,17 @@ func (r *Runner) emptyMemory(snap string, size int64) (string, *os.File, error) 
 
 // copySparse copies the size bytes of file from into out, a file of
 // that size holding zeros: only the runs that hold data, so holes stay
-// holes.
+// holes. The kernel copies them (copy_file_range), which on tmpfs saves
+// the trip through a buffer (about a fifth of the time here); where it
+// cannot, they go through one.
 func copySparse(from string, out *os.File, size int64) error {
 	in, err := os.Open(from)
 	if err != nil {
 		return fmt.Errorf("qemu: memory file: %w", err)
 	}
 	defer in.Close()
-	buf := make([]byte, 1<<20)
+	inKernel := true
+	var buf []byte
 	for off := int64(0); off < size; {
 		start, err := seekData(in, off)
 		if err != nil {
@@ -90,6 +96,17 @@ func copySparse(from string, out *os.File, size int64) error {
 		}
 		end = min(end, size)
 		for p := start; p < end; {
+			if inKernel {
+				n, err := kernelCopy(in, out, p, end-p)
+				if err == nil {
+					p += n
+					continue
+				}
+				if !errors.Is(err, errNoCopyRange) {
+					return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
+				}
+				inKernel, buf = false, make([]byte, 1<<20)
+			}
 			n := min(int64(len(buf)), end-p)
 			if _, err := in.ReadAt(buf[:n], p); err != nil && err != io.EOF {
 				return fmt.Errorf("qemu: copying memory file %s: %w", from, err)
@@ -102,6 +119,28 @@ func copySparse(from string, out *os.File, size int64) error {
 		off = end
 	}
 	return nil
+}
+
+// kernelCopy is copyRange (a variable for tests).
+var kernelCopy = copyRange
+
+// errNoCopyRange says the kernel cannot copy between the two files itself.
+var errNoCopyRange = errors.New("no copy_file_range between these files")
+
+// copyRange copies up to n bytes at offset off of in to the same offset of out in the kernel and returns how
+// many it copied (at least one); errNoCopyRange where the files or the kernel do not allow it.
+func copyRange(in, out *os.File, off, n int64) (int64, error) {
+	src, dst := off, off
+	c, err := unix.CopyFileRange(int(in.Fd()), &src, int(out.Fd()), &dst, int(min(n, 64<<20)), 0)
+	switch {
+	case errors.Is(err, unix.ENOSYS), errors.Is(err, unix.EXDEV), errors.Is(err, unix.EINVAL), errors.Is(err, unix.EOPNOTSUPP):
+		return 0, errNoCopyRange
+	case err != nil:
+		return 0, err
+	case c == 0:
+		return 0, fmt.Errorf("copy_file_range copied nothing at %d: %w", off, io.ErrUnexpectedEOF)
+	}
+	return int64(c), nil
 }
 
 // seedSums makes m's page sums those of its memory file as it is now,
