@@ -87,14 +87,12 @@ func (b *bench) measureUpload(ctx context.Context, rep *Report, idleExec []time.
 // went, with a channel closed when the client has exited; upload waits for
 // it.
 func (b *bench) upload(ctx context.Context, port, user string, size int64, during func(context.Context, <-chan struct{}) error) (time.Duration, error) {
-	args := append(b.sshOpts(), "-o", "LogLevel=ERROR", "-p", port, user+"@127.0.0.1", "cat >/dev/null")
-	cmd := exec.CommandContext(ctx, "ssh", args...)
+	var errOut strings.Builder
+	cmd := b.sshCommand(ctx, port, user, "cat >/dev/null", &errOut)
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		return 0, err
 	}
-	var errOut strings.Builder
-	cmd.Stderr = &errOut
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return 0, err
@@ -147,14 +145,12 @@ func (b *bench) upload(ctx context.Context, port, user string, size int64, durin
 // user on 127.0.0.1:port, with the real OpenSSH client, and returns how long
 // the client ran.
 func (b *bench) download(ctx context.Context, port, user string, size int64) (time.Duration, error) {
-	args := append(b.sshOpts(), "-o", "LogLevel=ERROR", "-p", port, user+"@127.0.0.1", fmt.Sprintf("head -c %d /dev/zero", size))
-	cmd := exec.CommandContext(ctx, "ssh", args...)
+	var errOut strings.Builder
+	cmd := b.sshCommand(ctx, port, user, fmt.Sprintf("head -c %d /dev/zero", size), &errOut)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return 0, err
 	}
-	var errOut strings.Builder
-	cmd.Stderr = &errOut
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return 0, err
@@ -171,6 +167,15 @@ func (b *bench) download(ctx context.Context, port, user string, size int64) (ti
 		return took, fmt.Errorf("received %d bytes of %d", n, size)
 	}
 	return took, nil
+}
+
+// sshCommand is the real OpenSSH client to run command as user on
+// 127.0.0.1:port, its standard error going to errOut.
+func (b *bench) sshCommand(ctx context.Context, port, user, command string, errOut *strings.Builder) *exec.Cmd {
+	args := append(b.sshOpts(), "-o", "LogLevel=ERROR", "-p", port, user+"@127.0.0.1", command)
+	cmd := exec.CommandContext(ctx, "ssh", args...)
+	cmd.Stderr = errOut
+	return cmd
 }
 
 // rate is size bytes over d, in MB/s.
