@@ -36,7 +36,7 @@
 # debootstrap, passt, nftables: need_box_debs in lib.sh) if they are missing (the sshd the package brings is not started: the
 # baseline is a private one). The first run builds the image (seconds from
 # a cached debootstrap tree) and fetches the kernel; a run takes about
-# three minutes on 2 cores under TCG. Every box is removed, the daemon
+# four minutes on 2 cores under TCG. Every box is removed, the daemon
 # and the private sshd are stopped, and no QEMU of the root is left, on an
 # error or ^C too.
 set -euo pipefail
