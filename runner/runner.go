@@ -81,6 +81,11 @@ type Spec struct {
 	// reach at the gateway address (10.0.2.2). Without them a user network
 	// reaches no address of the host's. A snapshot does not keep them.
 	HostPorts []uint16
+	// CPUModel is the guest's CPU model, in the backend's terms; "" is the
+	// backend's default for a new machine. The spec of a snapshot names
+	// the model it was taken on, which its restores keep: a running guest
+	// must not lose a CPU feature it has seen.
+	CPUModel string
 }
 
 // Networks a machine may have.

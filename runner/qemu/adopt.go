@@ -172,6 +172,9 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 		}
 		return nil, fmt.Errorf("%s (pid %d): %w", id, st.PID, err)
 	}
+	if st.Spec.CPUModel == "" {
+		st.Spec.CPUModel = LegacyCPU // started by a boxd that gave QEMU no -cpu
+	}
 	m := &Machine{
 		r: r, spec: st.Spec, id: id, accel: st.Accel, dir: dir,
 		console: st.Console,

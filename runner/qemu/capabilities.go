@@ -93,6 +93,9 @@ const (
 	storedInitrd  = "initrd"
 	storedCmdline = "cmdline"
 	storedNet     = "net"
+	// storedCPU is the machine's CPU model; a snapshot without it was
+	// taken on LegacyCPU.
+	storedCPU = "cpu"
 )
 
 // Values of Options[storedNet] besides the runner's networks: snapshots
@@ -106,7 +109,7 @@ func toStored(s runner.Spec) storedSpec {
 	if net == "" || net == runner.NetworkUser {
 		net = storedPasst
 	}
-	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: net} {
+	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: net, storedCPU: s.CPUModel} {
 		if v != "" {
 			st.Options[k] = v
 		}
@@ -124,8 +127,13 @@ func (st storedSpec) spec() runner.Spec {
 	case "", runner.NetworkUser:
 		net = netSlirp
 	}
+	cpu := st.Options[storedCPU]
+	if cpu == "" {
+		cpu = LegacyCPU
+	}
 	return runner.Spec{
 		MemSize: st.MemSize, CPUs: st.CPUs, Kernel: st.Boot,
 		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: net,
+		CPUModel: cpu,
 	}
 }

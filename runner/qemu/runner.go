@@ -276,11 +276,16 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		return nil, err
 	}
 	cpus := max(spec.CPUs, 1)
+	model := cpuModel(spec)
+	if !validCPUModel(model) {
+		return nil, fmt.Errorf("qemu: CPU model %q: %w", model, errdefs.ErrInvalidArgument)
+	}
 	args := []string{
 		"-accel", r.accelArg(),
 		"-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
 		"-m", strconv.FormatInt(spec.MemSize/mib, 10) + "M",
 		"-smp", strconv.Itoa(cpus),
+		"-cpu", model,
 		"-kernel", spec.Kernel,
 	}
 	if spec.Initrd != "" {
@@ -315,6 +320,44 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 		return nil, fmt.Errorf("qemu: network %q: want %q or %q: %w", spec.Network, runner.NetworkUser, runner.NetworkNone, errdefs.ErrInvalidArgument)
 	}
 	return args, nil
+}
+
+// CPU models of machines (QEMU's -cpu, runner.Spec.CPUModel).
+const (
+	// NewCPU is a new machine's: QEMU's default x86-64 model with RDRAND,
+	// which QEMU emulates under TCG from the host's random numbers. The
+	// guest kernel (trusting the CPU's generator, as Debian's does) has its
+	// random pool ready as it boots, so nothing in the guest waits for
+	// entropy: on QEMU's bare default, the agent's first random bytes (its
+	// host key) waited about a second of every cold boot for the pool.
+	NewCPU = "qemu64,+rdrand"
+	// LegacyCPU is QEMU's default, which machines ran before NewCPU: the
+	// model of a snapshot whose spec names none, and of a machine adopted
+	// from a boxd that recorded none.
+	LegacyCPU = "qemu64"
+)
+
+// cpuModel is the CPU model a machine of spec runs.
+func cpuModel(spec runner.Spec) string {
+	if spec.CPUModel == "" {
+		return NewCPU
+	}
+	return spec.CPUModel
+}
+
+// validCPUModel says whether s can be QEMU's -cpu: a model's name and its
+// +feature and key=value options, nothing that could end the option.
+func validCPUModel(s string) bool {
+	if s == "" || len(s) > 256 {
+		return false
+	}
+	for _, c := range s {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune(",+-_=.", c)
+		if !ok {
+			return false
+		}
+	}
+	return !strings.Contains(s, ",,")
 }
 
 // netSlirp is the Network of a machine restored from a snapshot taken
@@ -425,6 +468,7 @@ type launchOptions struct {
 }
 
 func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions) (*Machine, error) {
+	spec.CPUModel = cpuModel(spec) // what it runs, for its snapshots and spares
 	args, err := r.args(spec)
 	if err != nil {
 		return nil, err

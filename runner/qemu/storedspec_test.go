@@ -2,10 +2,14 @@ package qemu
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/boxd-dev/boxd/runner"
 	"github.com/boxd-dev/boxd/snapshotter"
+	"github.com/containerd/errdefs"
 )
 
 // Snapshots taken before boxes ran on passt restore on QEMU's own user
@@ -39,6 +43,80 @@ func TestStoredNetwork(t *testing.T) {
 		s.Labels[LabelSpec] = string(b)
 		if again, _ := r.machineSpec(s); again.Network != tc.restore {
 			t.Errorf("%s: after another snapshot, restores on %q, want %q", tc.name, again.Network, tc.restore)
+		}
+	}
+}
+
+// A new machine runs NewCPU; a snapshot keeps the model its machine ran
+// and restores on it, LegacyCPU when its spec names none (taken before
+// models were recorded); a spare of one model never takes over a machine
+// of another; and a model that could end QEMU's option is refused.
+func TestStoredCPU(t *testing.T) {
+	kernel := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(kernel, []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := &Runner{}
+	cpuArg := func(spec runner.Spec) string {
+		t.Helper()
+		spec.Kernel, spec.MemSize = kernel, 64<<20
+		args, err := r.args(spec)
+		if err != nil {
+			t.Fatalf("args of %+v: %v", spec, err)
+		}
+		i := slices.Index(args, "-cpu")
+		if i < 0 || i+1 == len(args) {
+			t.Fatalf("no -cpu in %q", args)
+		}
+		return args[i+1]
+	}
+	if got := cpuArg(runner.Spec{}); got != NewCPU {
+		t.Errorf("a new machine runs %q, want %q", got, NewCPU)
+	}
+	for _, tc := range []struct {
+		name  string
+		label string
+		want  string
+	}{
+		{"recorded none", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"net":"passt"}}`, LegacyCPU},
+		{"recorded legacy", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"cpu":"qemu64"}}`, LegacyCPU},
+		{"recorded new", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"cpu":"qemu64,+rdrand"}}`, NewCPU},
+	} {
+		s := snapshotter.Snapshot{Name: "s", Labels: map[string]string{runner.LabelRunner: "qemu", LabelSpec: tc.label}}
+		spec, err := r.machineSpec(s)
+		if err != nil || spec.CPUModel != tc.want {
+			t.Errorf("%s: restores on %q (%v), want %q", tc.name, spec.CPUModel, err, tc.want)
+			continue
+		}
+		if got := cpuArg(spec); got != tc.want {
+			t.Errorf("%s: restore runs -cpu %q, want %q", tc.name, got, tc.want)
+		}
+		if pub, _ := r.SnapshotSpec(s); pub.CPUModel != tc.want {
+			t.Errorf("%s: SnapshotSpec gives %q, want %q", tc.name, pub.CPUModel, tc.want)
+		}
+		// The machine's next snapshot records the same model.
+		b, _ := json.Marshal(toStored(spec))
+		s.Labels[LabelSpec] = string(b)
+		if again, _ := r.machineSpec(s); again.CPUModel != tc.want {
+			t.Errorf("%s: after another snapshot, restores on %q, want %q", tc.name, again.CPUModel, tc.want)
+		}
+	}
+	base := runner.Spec{MemSize: 1, Kernel: "k"}
+	legacy, fresh := base, base
+	legacy.CPUModel = LegacyCPU
+	if sameMachine(legacy, fresh) || sameMachine(fresh, legacy) {
+		t.Error("a spare on one CPU model takes over a machine of another")
+	}
+	named := base
+	named.CPUModel = NewCPU
+	if !sameMachine(named, fresh) {
+		t.Error("a spare on NewCPU does not take over a new machine")
+	}
+	for _, bad := range []string{"qemu64 -device x", "qemu64,,id=x", "qemu64\n", "max;", "x=$(y)"} {
+		spec := base
+		spec.Kernel, spec.CPUModel = kernel, bad
+		if _, err := r.args(spec); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("CPU model %q: args gave %v, want an invalid-argument error", bad, err)
 		}
 	}
 }
