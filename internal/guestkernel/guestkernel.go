@@ -12,6 +12,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/errdefs"
 )
@@ -51,13 +53,74 @@ func Fetch(ctx context.Context, cacheDir string) (*Kernel, error) {
 	return FetchPackage(ctx, cacheDir, pkg)
 }
 
-// ResolvePackage asks apt-cache which kernel package MetaPackage depends on.
+// ResolvePackage asks apt-cache which kernel package MetaPackage depends on. The answer is kept while apt's
+// package lists and sources stay as they were: where apt's binary cache is turned off (Debian's container
+// images turn it off), apt-cache reads every list on each run, about a second, and each cold boot of a box
+// asks.
 func ResolvePackage(ctx context.Context) (string, error) {
+	stamp := aptStamp(aptState)
+	resolved.Lock()
+	defer resolved.Unlock()
+	if stamp != "" && stamp == resolved.stamp {
+		return resolved.pkg, nil
+	}
+	aptRuns.Add(1)
 	out, err := run(ctx, "", "apt-cache", "depends", MetaPackage)
 	if err != nil {
 		return "", err
 	}
-	return parseDepends(out)
+	pkg, err := parseDepends(out)
+	if err != nil {
+		return "", err
+	}
+	resolved.stamp, resolved.pkg = stamp, pkg
+	return pkg, nil
+}
+
+// resolved is ResolvePackage's last answer and the stamp of apt's state it came from.
+var resolved struct {
+	sync.Mutex
+	stamp, pkg string
+}
+
+// aptRuns counts ResolvePackage's runs of apt-cache.
+var aptRuns atomic.Int64
+
+// aptState are the files and folders whose change can change apt-cache's answer: apt-get update renames new
+// lists into the lists folder, and the sources say which lists count.
+var aptState = []string{"/var/lib/apt/lists", "/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/apt/preferences",
+	"/etc/apt/preferences.d"}
+
+// aptStamp describes paths as they are now (modification time and size of each, or that it is missing), and
+// of the entries of those that are folders; "" when one cannot be read, which keeps no answer.
+func aptStamp(paths []string) string {
+	var b strings.Builder
+	for _, p := range paths {
+		fi, err := os.Stat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			fmt.Fprintf(&b, "%s missing\n", p)
+			continue
+		}
+		if err != nil {
+			return ""
+		}
+		fmt.Fprintf(&b, "%s %d %d\n", p, fi.ModTime().UnixNano(), fi.Size())
+		if !fi.IsDir() || p == aptState[0] {
+			continue // lists change by renames, which the folder's time shows
+		}
+		entries, err := os.ReadDir(p)
+		if err != nil {
+			return ""
+		}
+		for _, e := range entries {
+			info, err := e.Info()
+			if err != nil {
+				return ""
+			}
+			fmt.Fprintf(&b, "%s/%s %d %d\n", p, e.Name(), info.ModTime().UnixNano(), info.Size())
+		}
+	}
+	return b.String()
 }
 
 // parseDepends finds the first "Depends: linux-image-..." line in apt-cache depends output.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -90,4 +91,55 @@ func TestFetchCached(t *testing.T) {
 		t.Fatalf("cache holds %d entries, want only the unpacked package", len(entries))
 	}
 	t.Logf("cached Fetch took %v", time.Since(start).Round(time.Millisecond))
+}
+
+// ResolvePackage runs apt-cache once while apt's state stays as it was, and
+// again once the lists or the sources change.
+func TestResolvePackageKept(t *testing.T) {
+	if _, err := exec.LookPath("apt-cache"); err != nil {
+		t.Skip("needs apt-cache (a Debian host): ", err)
+	}
+	dir := t.TempDir()
+	lists, sources := filepath.Join(dir, "lists"), filepath.Join(dir, "sources.list.d")
+	for _, d := range []string{lists, sources} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	source := filepath.Join(sources, "debian.sources")
+	if err := os.WriteFile(source, []byte("a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	old := aptState
+	aptState = []string{lists, filepath.Join(dir, "sources.list"), sources}
+	t.Cleanup(func() { aptState = old })
+	ctx := context.Background()
+	step := func(what string, wantRun bool) {
+		t.Helper()
+		before := aptRuns.Load()
+		pkg, err := ResolvePackage(ctx)
+		if err != nil || !strings.HasPrefix(pkg, "linux-image-") {
+			t.Fatalf("%s: ResolvePackage = %q, %v", what, pkg, err)
+		}
+		if ran := aptRuns.Load() > before; ran != wantRun {
+			t.Fatalf("%s: apt-cache ran: %v, want %v", what, ran, wantRun)
+		}
+	}
+	step("first", true)
+	step("again", false)
+	later := time.Now().Add(time.Minute)
+	if err := os.Chtimes(lists, later, later); err != nil { // what apt-get update's renames do
+		t.Fatal(err)
+	}
+	step("lists changed", true)
+	step("again", false)
+	if err := os.WriteFile(source, []byte("ab"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	step("a source changed", true)
+	if err := os.WriteFile(filepath.Join(dir, "sources.list"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	step("a source appeared", true)
+	step("again", false)
 }
