@@ -64,14 +64,33 @@ type Client struct {
 // The agent's host key is not checked: the socket is reachable only by root on the host, so no one can stand
 // between client and agent, and the agent makes a fresh key at every boot, which no one could pin anyway.
 func Dial(ctx context.Context, socketPath string) (*Client, error) {
+	return dial(ctx, socketPath, AttemptTimeout)
+}
+
+// DialBooting is Dial for a machine that has just started booting: its first attempt waits for the guest for as
+// long as ctx allows. A fresh machine holds no bytes of an earlier connection that could spoil that attempt,
+// and its guest takes seconds to open the agent's port (about 4-5 s from QEMU's start under TCG here), so a
+// first attempt cut at AttemptTimeout only cost a reconnection.
+func DialBooting(ctx context.Context, socketPath string) (*Client, error) {
+	return dial(ctx, socketPath, 0)
+}
+
+// dial is Dial with first as the first attempt's timeout; 0 leaves the first attempt to ctx.
+func dial(ctx context.Context, socketPath string, first time.Duration) (*Client, error) {
 	var lastErr error
-	pause, timeout := dialRetryMin, AttemptTimeout
+	pause, timeout := dialRetryMin, first
 	plain := false
 	for {
 		var d net.Dialer
 		conn, err := d.DialContext(ctx, "unix", socketPath)
 		if err == nil {
-			actx, cancel := context.WithTimeout(ctx, timeout)
+			var actx context.Context
+			var cancel context.CancelFunc
+			if timeout > 0 {
+				actx, cancel = context.WithTimeout(ctx, timeout)
+			} else {
+				actx, cancel = context.WithCancel(ctx)
+			}
 			var c *Client
 			c, err = newClient(actx, conn, plain, socketPath)
 			cancel()
@@ -82,7 +101,7 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 				plain = true
 				continue
 			}
-			timeout = min(2*timeout, MaxAttemptTimeout)
+			timeout = min(2*max(timeout, AttemptTimeout/2), MaxAttemptTimeout)
 		}
 		if ctx.Err() == nil || lastErr == nil {
 			lastErr = err

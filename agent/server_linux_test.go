@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -646,6 +647,60 @@ func TestDial(t *testing.T) {
 	defer dcancel()
 	if _, err := Dial(dctx, filepath.Join(t.TempDir(), "nobody.sock")); !errdefs.IsUnavailable(err) {
 		t.Errorf("Dial of a socket nobody serves = %v, want unavailable", err)
+	}
+}
+
+// TestDialBooting: a guest that opens its port after AttemptTimeout, as a booting one may, is reached on the
+// first connection by DialBooting, while Dial gives up that connection and makes another.
+func TestDialBooting(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		dial  func(context.Context, string) (*Client, error)
+		conns int
+	}{
+		{"DialBooting", DialBooting, 1},
+		{"Dial", Dial, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			path := filepath.Join(t.TempDir(), "agent.sock")
+			l, err := net.Listen("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var accepted atomic.Int32
+			go func() {
+				for {
+					conn, err := l.Accept()
+					if err != nil {
+						return
+					}
+					n := accepted.Add(1)
+					go func() {
+						if n == 1 { // the guest opens its port late; what the host sent meanwhile waits
+							time.Sleep(AttemptTimeout + time.Second)
+						}
+						_ = Serve(ctx, conn, nil)
+					}()
+				}
+			}()
+			dctx, dcancel := context.WithTimeout(context.Background(), 4*AttemptTimeout)
+			defer dcancel()
+			c, err := tc.dial(dctx, path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if out, err := c.Output(testCtx(t), "echo", "up"); err != nil || string(out) != "up\n" {
+				t.Fatalf("Output = %q, %v", out, err)
+			}
+			if n := accepted.Load(); int(n) != tc.conns {
+				t.Errorf("%s made %d connections, want %d", tc.name, n, tc.conns)
+			}
+		})
 	}
 }
 

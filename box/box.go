@@ -289,7 +289,7 @@ func (m *Manager) adopt(ctx context.Context, bx Box) error {
 		_ = mach.Stop(ctx)
 		return fmt.Errorf("its adopted machine does not run (%w)", err)
 	}
-	if err := m.attach(ctx, bx.Name, mach); err != nil {
+	if err := m.attach(ctx, bx.Name, mach, false); err != nil {
 		return fmt.Errorf("its adopted machine did not answer (%w)", err)
 	}
 	if bx.State == StatePaused {
@@ -663,7 +663,7 @@ func (m *Manager) boot(ctx context.Context, bx Box) (Box, error) {
 	if err != nil {
 		return bx, err
 	}
-	if err := m.attach(ctx, bx.Name, mach); err != nil {
+	if err := m.attach(ctx, bx.Name, mach, true); err != nil {
 		return bx, err
 	}
 	m.startSpares(bx.Name, mach)
@@ -694,7 +694,8 @@ func (m *Manager) startSpares(name string, mach runner.Machine) {
 
 // attach waits for the agent of mach and makes it box name's machine. On
 // failure the machine is stopped and the error carries the console's end.
-func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) error {
+// booting says mach has just started booting (agent.DialBooting).
+func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine, booting bool) error {
 	m.usage.noteStart(name, mach, time.Now())
 	ah, ok := mach.(runner.AgentHost)
 	if !ok { // ChooseRunner refuses such runners; a backend that changed its mind
@@ -712,7 +713,11 @@ func (m *Manager) attach(ctx context.Context, name string, mach runner.Machine) 
 	}()
 	c := m.resumeHeld(dctx, name, ah)
 	var err error
-	if c == nil {
+	switch {
+	case c != nil:
+	case booting:
+		c, err = agent.DialBooting(dctx, ah.AgentSocket())
+	default:
 		c, err = agent.Dial(dctx, ah.AgentSocket())
 	}
 	if err != nil {

@@ -235,7 +235,7 @@ func (m *Manager) restoreWith(ctx context.Context, bx Box, snap, disk string, u 
 		return err
 	}
 	restored := time.Now()
-	if err := m.attach(ctx, bx.Name, mach); err != nil {
+	if err := m.attach(ctx, bx.Name, mach, false); err != nil {
 		_ = os.Remove(disk) // its machine has stopped
 		return err
 	}
