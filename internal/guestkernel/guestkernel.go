@@ -44,9 +44,9 @@ func DefaultCacheDir() (string, error) {
 }
 
 // Fetch resolves MetaPackage to the kernel package it depends on and returns that package, unpacked under
-// cacheDir (see FetchPackage).
+// cacheDir (see FetchPackage). The answer is kept in cacheDir too (see ResolvePackage).
 func Fetch(ctx context.Context, cacheDir string) (*Kernel, error) {
-	pkg, err := ResolvePackage(ctx)
+	pkg, err := resolve(ctx, cacheDir)
 	if err != nil {
 		return nil, err
 	}
@@ -58,11 +58,30 @@ func Fetch(ctx context.Context, cacheDir string) (*Kernel, error) {
 // images turn it off), apt-cache reads every list on each run, about a second, and each cold boot of a box
 // asks.
 func ResolvePackage(ctx context.Context) (string, error) {
+	return resolve(ctx, "")
+}
+
+// resolvedFile is the file in a cache folder that keeps ResolvePackage's answer across processes: the package
+// on its first line, the stamp of apt's state after it.
+const resolvedFile = "resolved"
+
+// resolve is ResolvePackage, kept in cacheDir too unless it is "".
+func resolve(ctx context.Context, cacheDir string) (string, error) {
 	stamp := aptStamp(aptState)
 	resolved.Lock()
 	defer resolved.Unlock()
 	if stamp != "" && stamp == resolved.stamp {
 		return resolved.pkg, nil
+	}
+	kept := ""
+	if cacheDir != "" {
+		kept = filepath.Join(cacheDir, resolvedFile)
+		if b, err := os.ReadFile(kept); err == nil && stamp != "" {
+			if pkg, rest, ok := strings.Cut(string(b), "\n"); ok && rest == stamp && pkg != "" {
+				resolved.stamp, resolved.pkg = stamp, pkg
+				return pkg, nil
+			}
+		}
 	}
 	aptRuns.Add(1)
 	out, err := run(ctx, "", "apt-cache", "depends", MetaPackage)
@@ -74,7 +93,29 @@ func ResolvePackage(ctx context.Context) (string, error) {
 		return "", err
 	}
 	resolved.stamp, resolved.pkg = stamp, pkg
+	if kept != "" && stamp != "" {
+		keep(kept, pkg+"\n"+stamp) // a cache: failing to write it costs the next process a run
+	}
 	return pkg, nil
+}
+
+// keep writes data to path whole or not at all.
+func keep(path, data string) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return
+	}
+	_, werr := f.WriteString(data)
+	if err := errors.Join(werr, f.Close()); err != nil {
+		_ = os.Remove(f.Name())
+		return
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		_ = os.Remove(f.Name())
+	}
 }
 
 // resolved is ResolvePackage's last answer and the stamp of apt's state it came from.

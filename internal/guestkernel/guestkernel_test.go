@@ -142,4 +142,35 @@ func TestResolvePackageKept(t *testing.T) {
 	}
 	step("a source appeared", true)
 	step("again", false)
+
+	// Across processes, through the cache folder's file.
+	cache := t.TempDir()
+	forget := func() {
+		resolved.Lock()
+		resolved.stamp, resolved.pkg = "", ""
+		resolved.Unlock()
+	}
+	fromCache := func(what string, wantRun bool) {
+		t.Helper()
+		forget()
+		before := aptRuns.Load()
+		pkg, err := resolve(ctx, cache)
+		if err != nil || !strings.HasPrefix(pkg, "linux-image-") {
+			t.Fatalf("%s: resolve = %q, %v", what, pkg, err)
+		}
+		if ran := aptRuns.Load() > before; ran != wantRun {
+			t.Fatalf("%s: apt-cache ran: %v, want %v", what, ran, wantRun)
+		}
+	}
+	fromCache("a new process, no file", true)
+	fromCache("a new process, the file kept", false)
+	if err := os.Chtimes(lists, later.Add(time.Minute), later.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	fromCache("a new process, lists changed since the file", true)
+	fromCache("a new process, the file renewed", false)
+	if err := os.WriteFile(filepath.Join(cache, resolvedFile), []byte("linux-image-x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fromCache("a damaged file", true)
 }
