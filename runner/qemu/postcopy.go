@@ -44,6 +44,11 @@ const (
 	// the working set wait, so that the guest's first faults are answered
 	// without the whole memory in front of them, and are recorded.
 	lazyGrace = 500 * time.Millisecond
+	// lazyQuiet is how long after the guest's last page request the
+	// push of the rest waits: while the guest faults, its pages go out
+	// alone, since each page behind a batch in the stream waits for QEMU
+	// to place the batch first.
+	lazyQuiet = 10 * time.Millisecond
 	// lazyTraceWindow is how long after the guest starts demanded pages
 	// count as its working set.
 	lazyTraceWindow = 5 * time.Second
@@ -75,6 +80,7 @@ type lazyMemory struct {
 	ids   []cas.ID // the snapshot's memory map: page → chunk
 	ws    []uint64 // the working set to push first, sorted
 	grace time.Duration
+	quiet time.Duration // lazyQuiet
 
 	conn net.Conn
 	pw   *postcopyWriter
@@ -120,6 +126,7 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
 		ids:     make([]cas.ID, pages),
 		grace:   cmp.Or(r.LazyGrace, lazyGrace),
+		quiet:   lazyQuiet,
 		reqs:    make(chan rpMessage, 4096),
 		ran:     make(chan struct{}),
 		sent:    memstore.NewBitmap(pages),
@@ -297,12 +304,14 @@ func (l *lazyMemory) write() {
 			return rpMessage{}, false
 		}
 	}
+	var lastDemand time.Time
 	for {
 		if msg, ok := pending(); ok {
 			if err := l.serve(msg, buf); err != nil {
 				l.fail(err)
 				return
 			}
+			lastDemand = time.Now()
 			continue
 		}
 		// The pages of demanded pages' frames, decoded lately (the store
@@ -332,12 +341,31 @@ func (l *lazyMemory) write() {
 					l.fail(err)
 					return
 				}
+				lastDemand = time.Now()
 			case <-grace:
 				graceOver = true
 			case <-l.hurry:
 				graceOver = true
 			case <-ran:
 				ran, grace = nil, time.After(l.grace)
+			case <-l.done:
+				return
+			case <-l.stopped:
+				return
+			}
+			continue
+		}
+		if wait := l.quiet - time.Since(lastDemand); !inWS && wait > 0 {
+			select {
+			case msg := <-l.reqs:
+				if err := l.serve(msg, buf); err != nil {
+					l.fail(err)
+					return
+				}
+				lastDemand = time.Now()
+			case <-time.After(wait):
+			case <-l.hurry:
+				lastDemand = time.Time{}
 			case <-l.done:
 				return
 			case <-l.stopped:

@@ -1,0 +1,123 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/internal/testutil"
+	"github.com/boxd-dev/boxd/memstore"
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// writeLog keeps the first page each write of the stream carries (-1 for
+// a write that carries none): one write is one batch of pages, since the
+// writer's buffer holds a whole batch and each batch ends with a flush.
+type writeLog struct {
+	mu    sync.Mutex
+	first []int
+}
+
+func (w *writeLog) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	p := -1
+	if len(b) >= 13 && b[0] == vmSectionPart {
+		p = int(binary.BigEndian.Uint64(b[5:13]) / migrationPage)
+	}
+	w.first = append(w.first, p)
+	return len(b), nil
+}
+
+// While the guest asks for pages, the push of the rest waits: no batch of
+// it goes out between requests that come closer together than the quiet
+// time, so a page asked for never queues behind one in the stream; once
+// the requests stop, the rest goes.
+func TestLazyPushWaitsForQuiet(t *testing.T) {
+	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
+	const pages, top = 256, 128
+	var mem bytes.Buffer
+	for p := range pages {
+		page := bytes.Repeat(fmt.Appendf(nil, "page %d of boxd ", p), memstore.PageSize)
+		mem.Write(page[:memstore.PageSize])
+	}
+	if _, err := g.Ingest(context.Background(), bytes.NewReader(mem.Bytes()), snapshotter.IngestOptions{
+		Name: "snap", Kind: snapshotter.KindMemory, MapName: memstore.DefaultMap,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	plan, err := planPostcopy(savedStream(t, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Runner{Graph: g, LazyGrace: time.Nanosecond}
+	m := &Machine{id: "test", spec: runner.Spec{MemSize: pages * memstore.PageSize}, done: make(chan struct{})}
+	l, err := r.newLazyMemory(m, "snap", plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.quiet = 300 * time.Millisecond
+	conn, peer := net.Pipe()
+	defer peer.Close()
+	l.conn = conn
+	rec := &writeLog{}
+	l.pw = &postcopyWriter{w: bufio.NewWriterSize(rec, 1<<20)}
+	finished := make(chan struct{})
+	go func() { l.write(); close(finished) }()
+
+	// Requests for pages of the top half, each one the window of the one
+	// before did not bring, 5 ms apart; the guest runs after the first.
+	const asks = 8
+	for i := range asks {
+		l.reqs <- rpMessage{typ: rpReqPagesID, block: guestRAMBlockStr, start: uint64(top+i*lazyWindow) * memstore.PageSize, length: memstore.PageSize}
+		if i == 0 {
+			l.guestRuns()
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case <-finished:
+	case <-l.done:
+		t.Fatalf("the restore failed: %v", l.err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the push did not end")
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	firstAsk, lastAsk := -1, -1
+	for i, p := range rec.first {
+		if p >= top {
+			if firstAsk < 0 {
+				firstAsk = i
+			}
+			lastAsk = i
+		}
+	}
+	if firstAsk < 0 {
+		t.Fatalf("no answer to a request in the stream: %v", rec.first)
+	}
+	for i := firstAsk; i <= lastAsk; i++ {
+		if p := rec.first[i]; p >= 0 && p < top {
+			t.Fatalf("a pushed batch (from page %d) went out between the answers to requests: batches' first pages %v", p, rec.first)
+		}
+	}
+	st := &l.stats
+	if got := st.demanded.Load(); got != asks {
+		t.Errorf("%d requests served, want %d", got, asks)
+	}
+	if got := st.pushed.Load(); got != top {
+		t.Errorf("%d pages pushed after the requests, want the %d of the lower half", got, top)
+	}
+	for p := range pages {
+		if !l.sent.Has(p) {
+			t.Fatalf("page %d never sent", p)
+		}
+	}
+}
