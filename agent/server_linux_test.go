@@ -605,34 +605,43 @@ func TestServeSerial(t *testing.T) {
 	}
 }
 
-// TestDial reaches an agent behind a unix socket whose first connections fail, as QEMU's chardev does while the
-// guest boots or after a restore.
-func TestDial(t *testing.T) {
+// acceptEach listens on a unix socket in a test folder and hands each connection to handle, with its number
+// (from 0) and a context that ends with the test; it returns the socket's path.
+func acceptEach(t *testing.T, handle func(ctx context.Context, i int, conn net.Conn)) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "agent.sock")
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	t.Cleanup(func() { cancel(); l.Close() })
 	go func() {
 		for i := 0; ; i++ {
 			conn, err := l.Accept()
 			if err != nil {
 				return
 			}
-			switch i {
-			case 0:
-				conn.Close() // hung up at once
-			case 1:
-				_, _ = conn.Write([]byte("SSH-2.0-stale\r\n\x00\x00\x00\x10garbage"))
-				conn.Close()
-			default:
-				go func() { _ = Serve(ctx, conn, nil) }()
-			}
+			handle(ctx, i, conn)
 		}
 	}()
+	return path
+}
+
+// TestDial reaches an agent behind a unix socket whose first connections fail, as QEMU's chardev does while the
+// guest boots or after a restore.
+func TestDial(t *testing.T) {
+	path := acceptEach(t, func(ctx context.Context, i int, conn net.Conn) {
+		switch i {
+		case 0:
+			conn.Close() // hung up at once
+		case 1:
+			_, _ = conn.Write([]byte("SSH-2.0-stale\r\n\x00\x00\x00\x10garbage"))
+			conn.Close()
+		default:
+			go func() { _ = Serve(ctx, conn, nil) }()
+		}
+	})
 	c, err := Dial(testCtx(t), path)
 	if err != nil {
 		t.Fatal(err)
@@ -663,30 +672,16 @@ func TestDialBooting(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			path := filepath.Join(t.TempDir(), "agent.sock")
-			l, err := net.Listen("unix", path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer l.Close()
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
 			var accepted atomic.Int32
-			go func() {
-				for {
-					conn, err := l.Accept()
-					if err != nil {
-						return
+			path := acceptEach(t, func(ctx context.Context, i int, conn net.Conn) {
+				accepted.Add(1)
+				go func() {
+					if i == 0 { // the guest opens its port late; what the host sent meanwhile waits
+						time.Sleep(AttemptTimeout + time.Second)
 					}
-					n := accepted.Add(1)
-					go func() {
-						if n == 1 { // the guest opens its port late; what the host sent meanwhile waits
-							time.Sleep(AttemptTimeout + time.Second)
-						}
-						_ = Serve(ctx, conn, nil)
-					}()
-				}
-			}()
+					_ = Serve(ctx, conn, nil)
+				}()
+			})
 			dctx, dcancel := context.WithTimeout(context.Background(), 4*AttemptTimeout)
 			defer dcancel()
 			c, err := tc.dial(dctx, path)

@@ -305,13 +305,20 @@ func (l *lazyMemory) write() {
 		}
 	}
 	var lastDemand time.Time
+	// answer serves a request; false once the restore has failed.
+	answer := func(msg rpMessage) bool {
+		if err := l.serve(msg, buf); err != nil {
+			l.fail(err)
+			return false
+		}
+		lastDemand = time.Now()
+		return true
+	}
 	for {
 		if msg, ok := pending(); ok {
-			if err := l.serve(msg, buf); err != nil {
-				l.fail(err)
+			if !answer(msg) {
 				return
 			}
-			lastDemand = time.Now()
 			continue
 		}
 		// The pages of demanded pages' frames, decoded lately (the store
@@ -337,11 +344,9 @@ func (l *lazyMemory) write() {
 		if !inWS && !graceOver {
 			select {
 			case msg := <-l.reqs:
-				if err := l.serve(msg, buf); err != nil {
-					l.fail(err)
+				if !answer(msg) {
 					return
 				}
-				lastDemand = time.Now()
 			case <-grace:
 				graceOver = true
 			case <-l.hurry:
@@ -358,11 +363,9 @@ func (l *lazyMemory) write() {
 		if wait := l.quiet - time.Since(lastDemand); !inWS && wait > 0 {
 			select {
 			case msg := <-l.reqs:
-				if err := l.serve(msg, buf); err != nil {
-					l.fail(err)
+				if !answer(msg) {
 					return
 				}
-				lastDemand = time.Now()
 			case <-time.After(wait):
 			case <-l.hurry:
 				lastDemand = time.Time{}
@@ -405,8 +408,7 @@ func (l *lazyMemory) write() {
 		if !ok {
 			break
 		}
-		if err := l.serve(msg, buf); err != nil {
-			l.fail(err)
+		if !answer(msg) {
 			return
 		}
 	}
