@@ -114,17 +114,25 @@ func TestResolvePackageKept(t *testing.T) {
 	aptState = []string{lists, filepath.Join(dir, "sources.list"), sources}
 	t.Cleanup(func() { aptState = old })
 	ctx := context.Background()
-	step := func(what string, wantRun bool) {
+	// resolveIn resolves through cache ("": none), as a new process when
+	// fresh says so, and checks whether apt-cache ran.
+	resolveIn := func(what, cache string, fresh, wantRun bool) {
 		t.Helper()
+		if fresh {
+			resolved.Lock()
+			resolved.stamp, resolved.pkg = "", ""
+			resolved.Unlock()
+		}
 		before := aptRuns.Load()
-		pkg, err := ResolvePackage(ctx)
+		pkg, err := resolve(ctx, cache)
 		if err != nil || !strings.HasPrefix(pkg, "linux-image-") {
-			t.Fatalf("%s: ResolvePackage = %q, %v", what, pkg, err)
+			t.Fatalf("%s: resolve = %q, %v", what, pkg, err)
 		}
 		if ran := aptRuns.Load() > before; ran != wantRun {
 			t.Fatalf("%s: apt-cache ran: %v, want %v", what, ran, wantRun)
 		}
 	}
+	step := func(what string, wantRun bool) { t.Helper(); resolveIn(what, "", false, wantRun) }
 	step("first", true)
 	step("again", false)
 	later := time.Now().Add(time.Minute)
@@ -145,23 +153,7 @@ func TestResolvePackageKept(t *testing.T) {
 
 	// Across processes, through the cache folder's file.
 	cache := t.TempDir()
-	forget := func() {
-		resolved.Lock()
-		resolved.stamp, resolved.pkg = "", ""
-		resolved.Unlock()
-	}
-	fromCache := func(what string, wantRun bool) {
-		t.Helper()
-		forget()
-		before := aptRuns.Load()
-		pkg, err := resolve(ctx, cache)
-		if err != nil || !strings.HasPrefix(pkg, "linux-image-") {
-			t.Fatalf("%s: resolve = %q, %v", what, pkg, err)
-		}
-		if ran := aptRuns.Load() > before; ran != wantRun {
-			t.Fatalf("%s: apt-cache ran: %v, want %v", what, ran, wantRun)
-		}
-	}
+	fromCache := func(what string, wantRun bool) { t.Helper(); resolveIn(what, cache, true, wantRun) }
 	fromCache("a new process, no file", true)
 	fromCache("a new process, the file kept", false)
 	if err := os.Chtimes(lists, later.Add(time.Minute), later.Add(time.Minute)); err != nil {
