@@ -313,6 +313,12 @@ func TestBoxForkHibernate(t *testing.T) {
 	}
 
 	// kill -9 of QEMU during a snapshot leaves the previous snapshot whole.
+	// (Its memory all in place first: a QEMU that dies before is a resume
+	// that did not finish, which leaves the box hibernated, as the
+	// lazy-restore tests check.)
+	if err := e.bk.QEMU.AwaitRestores(ctx); err != nil {
+		t.Fatalf("b's memory after its resume: %v", err)
+	}
 	bx, _ := e.mgr.Get("b")
 	prev := bx.Snapshot
 	pids, _ := exec.Command("pgrep", "-f", bx.Disk).Output()

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -87,8 +88,12 @@ func TestFetchCached(t *testing.T) {
 		t.Fatalf("second Fetch replaced the cached kernel (%v)", err)
 	}
 	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Fatalf("cache holds %d entries, want only the unpacked package", len(entries))
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if want := []string{k.Package, resolvedFile}; !slices.Equal(names, want) {
+		t.Fatalf("cache holds %q, want only %q", names, want)
 	}
 	t.Logf("cached Fetch took %v", time.Since(start).Round(time.Millisecond))
 }

@@ -49,6 +49,11 @@ const (
 	// alone, since each page behind a batch in the stream waits for QEMU
 	// to place the batch first.
 	lazyQuiet = 10 * time.Millisecond
+	// lazyQuietBudget bounds the time the push of the rest waits for
+	// quiet, all waits together: a guest that never stops faulting must
+	// not keep its memory from being all in place (and the box dependent
+	// on boxd) for long.
+	lazyQuietBudget = time.Second
 	// lazyTraceWindow is how long after the guest starts demanded pages
 	// count as its working set.
 	lazyTraceWindow = 5 * time.Second
@@ -81,6 +86,8 @@ type lazyMemory struct {
 	ws    []uint64 // the working set to push first, sorted
 	grace time.Duration
 	quiet time.Duration // lazyQuiet
+	// quietBudget is lazyQuietBudget.
+	quietBudget time.Duration
 
 	conn net.Conn
 	pw   *postcopyWriter
@@ -124,16 +131,17 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 	}
 	l := &lazyMemory{
 		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
-		ids:     make([]cas.ID, pages),
-		grace:   cmp.Or(r.LazyGrace, lazyGrace),
-		quiet:   lazyQuiet,
-		reqs:    make(chan rpMessage, 4096),
-		ran:     make(chan struct{}),
-		sent:    memstore.NewBitmap(pages),
-		sums:    newPageSums(pages),
-		done:    make(chan struct{}),
-		stopped: make(chan struct{}),
-		hurry:   make(chan struct{}),
+		ids:         make([]cas.ID, pages),
+		grace:       cmp.Or(r.LazyGrace, lazyGrace),
+		quiet:       lazyQuiet,
+		quietBudget: lazyQuietBudget,
+		reqs:        make(chan rpMessage, 4096),
+		ran:         make(chan struct{}),
+		sent:        memstore.NewBitmap(pages),
+		sums:        newPageSums(pages),
+		done:        make(chan struct{}),
+		stopped:     make(chan struct{}),
+		hurry:       make(chan struct{}),
 	}
 	for i := range l.ids {
 		l.ids[i] = cas.ZeroID // pages the map leaves out hold zeros
@@ -305,6 +313,7 @@ func (l *lazyMemory) write() {
 		}
 	}
 	var lastDemand time.Time
+	var held time.Duration // waits for quiet so far
 	// answer serves a request; false once the restore has failed.
 	answer := func(msg rpMessage) bool {
 		if err := l.serve(msg, buf); err != nil {
@@ -360,7 +369,8 @@ func (l *lazyMemory) write() {
 			}
 			continue
 		}
-		if wait := l.quiet - time.Since(lastDemand); !inWS && wait > 0 {
+		if wait := min(l.quiet-time.Since(lastDemand), l.quietBudget-held); !inWS && wait > 0 {
+			began := time.Now()
 			select {
 			case msg := <-l.reqs:
 				if !answer(msg) {
@@ -374,6 +384,7 @@ func (l *lazyMemory) write() {
 			case <-l.stopped:
 				return
 			}
+			held += time.Since(began)
 			continue
 		}
 		for !inWS && rest < len(l.ids) && len(batch) < lazyBatch {

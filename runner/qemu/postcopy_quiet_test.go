@@ -39,7 +39,8 @@ func (w *writeLog) Write(b []byte) (int, error) {
 // While the guest asks for pages, the push of the rest waits: no batch of
 // it goes out between requests that come closer together than the quiet
 // time, so a page asked for never queues behind one in the stream; once
-// the requests stop, the rest goes.
+// the requests stop, the rest goes. The waits have a budget: past it, the
+// rest goes between the requests too.
 func TestLazyPushWaitsForQuiet(t *testing.T) {
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	const pages, top = 256, 128
@@ -57,67 +58,88 @@ func TestLazyPushWaitsForQuiet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &Runner{Graph: g, LazyGrace: time.Nanosecond}
-	m := &Machine{id: "test", spec: runner.Spec{MemSize: pages * memstore.PageSize}, done: make(chan struct{})}
-	l, err := r.newLazyMemory(m, "snap", plan)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.quiet = 300 * time.Millisecond
-	conn, peer := net.Pipe()
-	defer peer.Close()
-	l.conn = conn
-	rec := &writeLog{}
-	l.pw = &postcopyWriter{w: bufio.NewWriterSize(rec, 1<<20)}
-	finished := make(chan struct{})
-	go func() { l.write(); close(finished) }()
-
-	// Requests for pages of the top half, each one the window of the one
-	// before did not bring, 5 ms apart; the guest runs after the first.
-	const asks = 8
-	for i := range asks {
-		l.reqs <- rpMessage{typ: rpReqPagesID, block: guestRAMBlockStr, start: uint64(top+i*lazyWindow) * memstore.PageSize, length: memstore.PageSize}
-		if i == 0 {
-			l.guestRuns()
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	select {
-	case <-finished:
-	case <-l.done:
-		t.Fatalf("the restore failed: %v", l.err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("the push did not end")
-	}
-	rec.mu.Lock()
-	defer rec.mu.Unlock()
-	firstAsk, lastAsk := -1, -1
-	for i, p := range rec.first {
-		if p >= top {
-			if firstAsk < 0 {
-				firstAsk = i
+	for _, tc := range []struct {
+		name   string
+		budget time.Duration
+		apart  time.Duration // between requests
+	}{
+		{"within the budget", time.Minute, 5 * time.Millisecond},
+		{"past the budget", 10 * time.Millisecond, 20 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &Runner{Graph: g, LazyGrace: time.Nanosecond}
+			m := &Machine{id: "test", spec: runner.Spec{MemSize: pages * memstore.PageSize}, done: make(chan struct{})}
+			l, err := r.newLazyMemory(m, "snap", plan)
+			if err != nil {
+				t.Fatal(err)
 			}
-			lastAsk = i
-		}
-	}
-	if firstAsk < 0 {
-		t.Fatalf("no answer to a request in the stream: %v", rec.first)
-	}
-	for i := firstAsk; i <= lastAsk; i++ {
-		if p := rec.first[i]; p >= 0 && p < top {
-			t.Fatalf("a pushed batch (from page %d) went out between the answers to requests: batches' first pages %v", p, rec.first)
-		}
-	}
-	st := &l.stats
-	if got := st.demanded.Load(); got != asks {
-		t.Errorf("%d requests served, want %d", got, asks)
-	}
-	if got := st.pushed.Load(); got != top {
-		t.Errorf("%d pages pushed after the requests, want the %d of the lower half", got, top)
-	}
-	for p := range pages {
-		if !l.sent.Has(p) {
-			t.Fatalf("page %d never sent", p)
-		}
+			l.quiet, l.quietBudget = 300*time.Millisecond, tc.budget
+			conn, peer := net.Pipe()
+			defer peer.Close()
+			l.conn = conn
+			rec := &writeLog{}
+			l.pw = &postcopyWriter{w: bufio.NewWriterSize(rec, 1<<20)}
+			finished := make(chan struct{})
+			var finishedAt time.Time
+			go func() { l.write(); finishedAt = time.Now(); close(finished) }()
+
+			// Requests for pages of the top half, each one the window of
+			// the one before did not bring; the guest runs after the first.
+			const asks = 8
+			for i := range asks {
+				l.reqs <- rpMessage{typ: rpReqPagesID, block: guestRAMBlockStr, start: uint64(top+i*lazyWindow) * memstore.PageSize, length: memstore.PageSize}
+				if i == 0 {
+					l.guestRuns()
+				}
+				time.Sleep(tc.apart)
+			}
+			askedAll := time.Now()
+			select {
+			case <-finished:
+			case <-l.done:
+				t.Fatalf("the restore failed: %v", l.err)
+			case <-time.After(30 * time.Second):
+				t.Fatal("the push did not end")
+			}
+			for p := range pages {
+				if !l.sent.Has(p) {
+					t.Fatalf("page %d never sent", p)
+				}
+			}
+			if tc.budget < time.Minute {
+				// The waits used up, the rest went while the guest
+				// still asked: the memory was all in place before.
+				if !finishedAt.Before(askedAll) {
+					t.Fatalf("the memory was all in place %v after the last request, want before it", finishedAt.Sub(askedAll))
+				}
+				return
+			}
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			firstAsk, lastAsk := -1, -1
+			for i, p := range rec.first {
+				if p >= top {
+					if firstAsk < 0 {
+						firstAsk = i
+					}
+					lastAsk = i
+				}
+			}
+			if firstAsk < 0 {
+				t.Fatalf("no answer to a request in the stream: %v", rec.first)
+			}
+			for i := firstAsk; i <= lastAsk; i++ {
+				if p := rec.first[i]; p >= 0 && p < top {
+					t.Fatalf("a pushed batch (from page %d) went out between the answers to requests: batches' first pages %v", p, rec.first)
+				}
+			}
+			st := &l.stats
+			if got := st.demanded.Load(); got != asks {
+				t.Errorf("%d requests served, want %d", got, asks)
+			}
+			if got := st.pushed.Load(); got != top {
+				t.Errorf("%d pages pushed, want the %d of the lower half", got, top)
+			}
+		})
 	}
 }
