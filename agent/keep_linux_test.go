@@ -177,7 +177,7 @@ func TestProcessReattach(t *testing.T) {
 	for _, how := range []string{"connection", "context"} {
 		t.Run("detach by "+how, func(t *testing.T) {
 			cfg := &ServerConfig{}
-			c1 := serve(t, cfg)
+			c1, cc, sc := serveConns(t, cfg)
 			ctx, cancel := context.WithCancel(testCtx(t))
 			defer cancel()
 			id := "seq-" + how
@@ -187,7 +187,11 @@ func TestProcessReattach(t *testing.T) {
 					// Once the agent waits for the window (the client
 					// holds it all, unread), nothing is in flight: the
 					// bytes in the socket when a link breaks are lost.
-					time.Sleep(200 * time.Millisecond)
+					// A busy host (the race detector, other packages'
+					// tests) may take a while to take in what was sent:
+					// wait a second and until the sockets hold nothing.
+					time.Sleep(time.Second)
+					settle(t, cc, sc)
 					c1.Close()
 				} else {
 					// The channel's close: what the agent sent before

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -84,6 +85,14 @@ func (f *fakeSystem) SetMachineID(id string) error {
 // for Serve to return.
 func serve(t *testing.T, cfg *ServerConfig) *Client {
 	t.Helper()
+	c, _, _ := serveConns(t, cfg)
+	return c
+}
+
+// serveConns is serve, also returning the client's and the server's ends of
+// the socket pair between them.
+func serveConns(t *testing.T, cfg *ServerConfig) (*Client, net.Conn, net.Conn) {
+	t.Helper()
 	cc, sc := socketPair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -104,7 +113,47 @@ func serve(t *testing.T, cfg *ServerConfig) *Client {
 		}
 		cancel()
 	})
-	return c
+	return c, cc, sc
+}
+
+// queued is what conn (a unix socket) holds that its reader has not taken:
+// unread by this end (SIOCINQ) and sent but unread by the other (SIOCOUTQ).
+func queued(t *testing.T, conn net.Conn) int {
+	t.Helper()
+	raw, err := conn.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var in, out int
+	var ierr, oerr error
+	if err := raw.Control(func(fd uintptr) {
+		in, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		out, oerr = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(ierr, oerr); err != nil {
+		t.Fatal(err)
+	}
+	return in + out
+}
+
+// settle waits until the sockets have held nothing in flight for a few looks
+// in a row (at most 10 s): a busy host may take a while to read what was sent.
+func settle(t *testing.T, conns ...net.Conn) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for calm := 0; calm < 5 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		n := 0
+		for _, c := range conns {
+			n += queued(t, c)
+		}
+		if n == 0 {
+			calm++
+		} else {
+			calm = 0
+		}
+	}
 }
 
 func testCtx(t *testing.T) context.Context {
