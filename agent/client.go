@@ -101,6 +101,7 @@ func dial(ctx context.Context, socketPath string, first time.Duration) (*Client,
 				plain = true
 				continue
 			}
+			// Twice the last, and AttemptTimeout after a first attempt left to ctx.
 			timeout = min(2*max(timeout, AttemptTimeout/2), MaxAttemptTimeout)
 		}
 		if ctx.Err() == nil || lastErr == nil {

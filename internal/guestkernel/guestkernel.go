@@ -133,7 +133,8 @@ var aptState = []string{"/var/lib/apt/lists", "/etc/apt/sources.list", "/etc/apt
 	"/etc/apt/preferences.d"}
 
 // aptStamp describes paths as they are now (modification time and size of each, or that it is missing), and
-// of the entries of those that are folders; "" when one cannot be read, which keeps no answer.
+// of the entries of the ".d" folders among them, whose files are edited in place; "" when one cannot be read,
+// which keeps no answer. Other folders (the lists) change by renames, which the folder's time shows.
 func aptStamp(paths []string) string {
 	var b strings.Builder
 	for _, p := range paths {
@@ -146,8 +147,8 @@ func aptStamp(paths []string) string {
 			return ""
 		}
 		fmt.Fprintf(&b, "%s %d %d\n", p, fi.ModTime().UnixNano(), fi.Size())
-		if !fi.IsDir() || p == aptState[0] {
-			continue // lists change by renames, which the folder's time shows
+		if !fi.IsDir() || !strings.HasSuffix(p, ".d") {
+			continue
 		}
 		entries, err := os.ReadDir(p)
 		if err != nil {

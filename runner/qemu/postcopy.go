@@ -378,7 +378,7 @@ func (l *lazyMemory) write() {
 				}
 			case <-time.After(wait):
 			case <-l.hurry:
-				lastDemand = time.Time{}
+				held = l.quietBudget // someone waits for the whole memory: no more waits
 			case <-l.done:
 				return
 			case <-l.stopped:
