@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"time"
 
 	"github.com/boxd-dev/boxd/box"
 	"github.com/boxd-dev/boxd/daemon"
@@ -30,7 +29,7 @@ func daemonCommand() *cli.Command {
 			&cli.StringFlag{Name: "kernel", Usage: "boot boxes with this kernel instead of Debian's cloud kernel"},
 			&cli.IntFlag{Name: "warm-forks", Value: box.DefaultSpares, Usage: "spare machines kept waiting, paused, for a fork of each running box (0 none): a fork then starts no process"},
 			&cli.BoolFlag{Name: "eager-restore", Usage: "a resume rebuilds a box's whole memory from its snapshot before the box runs, instead of serving its pages from the store while it runs (to compare the two)"},
-			&cli.DurationFlag{Name: "lazy-grace", Value: 500 * time.Millisecond, Usage: "how long after a lazily resumed box starts the part of its memory it has not asked for waits before it is pushed to it"},
+			&cli.DurationFlag{Name: "lazy-grace", Usage: "how long after a lazily resumed box starts the part of its memory it has not asked for waits before it is pushed to it (0: none where boxd places pages straight into the box's memory, else 500ms)"},
 			&cli.BoolFlag{Name: "fork-moves-parent", Usage: "a fork freezes its running parent's memory as the fork's instead of copying it, and the parent goes on in a new machine on it, its SSH sessions with it"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on this host:port (/metrics), e.g. 127.0.0.1:9464 (default: none)"},
 			&cli.BoolFlag{Name: "metrics-allow-remote", Usage: "let --metrics-listen be an address other hosts can reach"},

@@ -35,14 +35,22 @@ import (
 // snapshot) are the kernel's zero pages.
 const (
 	// lazyWindow is how many pages a demanded page brings along: the
-	// pages that follow it and hold data, not yet sent.
+	// pages that follow it and hold data, not yet sent. They go out after
+	// the demanded page, in a part of their own, and after the requests
+	// waiting by then: the guest waits only for the page it asked for.
 	lazyWindow = 16
 	// lazyBatch is how many pages the background push sends between
 	// looks at QEMU's requests.
 	lazyBatch = 32
+	// directBatch is lazyBatch where the push places pages straight into
+	// guest RAM (directRAM) while the guest runs: a request waits for the
+	// batch being placed, which nothing in the stream bounds.
+	directBatch = 8
 	// lazyGrace is how long after the guest starts the pages outside
 	// the working set wait, so that the guest's first faults are answered
-	// without the whole memory in front of them, and are recorded.
+	// without the whole memory in front of them in the stream, and are
+	// recorded. Pages placed straight into guest RAM (directRAM) do not
+	// wait unless Runner.LazyGrace says so.
 	lazyGrace = 500 * time.Millisecond
 	// lazyQuiet is how long after the guest's last page request the
 	// push of the rest waits: while the guest faults, its pages go out
@@ -68,12 +76,13 @@ type LazyStats struct {
 	Pushed     int64 `json:"pushed"`     // other pages pushed
 	Framed     int64 `json:"framed"`     // pages sent after a demanded one of their zstd frame (queueFrame)
 	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
+	Placed     int64 `json:"placed"`     // of the pages pushed, those placed straight into guest RAM (directRAM)
 	Done       bool  `json:"done"`       // all memory is in place
 }
 
 // lazyCounters are LazyStats as they grow.
 type lazyCounters struct {
-	demanded, prefetched, pushed, framed, zeroed atomic.Int64
+	demanded, prefetched, pushed, framed, zeroed, placed atomic.Int64
 }
 
 // lazyMemory serves one restoring machine's guest RAM from a snapshot.
@@ -91,15 +100,25 @@ type lazyMemory struct {
 
 	conn net.Conn
 	pw   *postcopyWriter
-	reqs chan rpMessage // page requests, reader → writer
-	ran  chan struct{}  // closed when the guest may run (the writer starts its grace)
+	// direct places the pushed pages into guest RAM without the stream,
+	// once taken from QEMU (directram.go); nil until then, or for good
+	// where it cannot be. directMu orders its hand-over with the
+	// writer's end (directEnded).
+	direct      atomic.Pointer[directRAM]
+	directMu    sync.Mutex
+	directEnded bool
+	reqs        chan rpMessage // page requests, reader → writer
+	ran         chan struct{}  // closed when the guest may run (the writer starts its grace)
 
 	sent memstore.Bitmap // pages written out (writer only)
 	// frameOf lists demanded pages whose frames' other pages go out after
 	// the requests waiting, and framed the pages of the frame going out
 	// now (queueFrame; writer only).
 	frameOf, framed []int
-	sums            *pageSums // page sums as sent, the machine's once done
+	// windows holds the pages that follow demanded ones (lazyWindow), to
+	// go out after the requests waiting (writer only).
+	windows []int
+	sums    *pageSums // page sums as sent, the machine's once done
 
 	traceMu  sync.Mutex
 	trace    []uint64 // pages demanded in the trace window
@@ -132,7 +151,7 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 	l := &lazyMemory{
 		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
 		ids:         make([]cas.ID, pages),
-		grace:       cmp.Or(r.LazyGrace, lazyGrace),
+		grace:       r.LazyGrace,
 		quiet:       lazyQuiet,
 		quietBudget: lazyQuietBudget,
 		reqs:        make(chan rpMessage, 4096),
@@ -304,6 +323,7 @@ func (l *lazyMemory) write() {
 	var grace <-chan time.Time
 	ran := l.ran // nil once seen
 	graceOver := false
+	defer l.dropDirect()
 	pending := func() (rpMessage, bool) {
 		select {
 		case msg := <-l.reqs:
@@ -330,9 +350,18 @@ func (l *lazyMemory) write() {
 			}
 			continue
 		}
-		// The pages of demanded pages' frames, decoded lately (the store
-		// keeps the last few frames it decoded).
-		batch := l.nextFramed(make([]int, 0, lazyBatch))
+		// The pages after demanded ones, then those of demanded pages'
+		// frames, decoded lately (the store keeps the last few frames it
+		// decoded).
+		batch := l.nextWindow(make([]int, 0, lazyBatch))
+		if len(batch) > 0 {
+			if err := l.send(batch, nil, buf); err != nil {
+				l.fail(err)
+				return
+			}
+			continue
+		}
+		batch = l.nextFramed(batch)
 		if len(batch) > 0 {
 			if err := l.send(batch, nil, buf); err != nil {
 				l.fail(err)
@@ -343,13 +372,23 @@ func (l *lazyMemory) write() {
 		}
 		// The next background batch: the working set once the guest runs
 		// (QEMU loads the devices without a push in its way), then the rest.
-		for ran == nil && next < len(order) && len(batch) < lazyBatch {
+		direct := l.direct.Load()
+		limit := lazyBatch
+		if direct != nil {
+			limit = directBatch
+		}
+		for ran == nil && next < len(order) && len(batch) < limit {
 			if p := int(order[next]); !l.sent.Has(p) {
 				batch = append(batch, p)
 			}
 			next++
 		}
 		inWS := len(batch) > 0
+		if !inWS && !graceOver && ran == nil && direct != nil && l.grace == 0 {
+			// Pages placed straight into guest RAM wait in no stream
+			// in front of the guest's requests: no grace.
+			graceOver = true
+		}
 		if !inWS && !graceOver {
 			select {
 			case msg := <-l.reqs:
@@ -361,7 +400,7 @@ func (l *lazyMemory) write() {
 			case <-l.hurry:
 				graceOver = true
 			case <-ran:
-				ran, grace = nil, time.After(l.grace)
+				ran, grace = nil, time.After(cmp.Or(l.grace, lazyGrace))
 			case <-l.done:
 				return
 			case <-l.stopped:
@@ -369,7 +408,7 @@ func (l *lazyMemory) write() {
 			}
 			continue
 		}
-		if wait := min(l.quiet-time.Since(lastDemand), l.quietBudget-held); !inWS && wait > 0 {
+		if wait := min(l.quiet-time.Since(lastDemand), l.quietBudget-held); !inWS && direct == nil && wait > 0 {
 			began := time.Now()
 			select {
 			case msg := <-l.reqs:
@@ -387,7 +426,7 @@ func (l *lazyMemory) write() {
 			held += time.Since(began)
 			continue
 		}
-		for !inWS && rest < len(l.ids) && len(batch) < lazyBatch {
+		for !inWS && rest < len(l.ids) && len(batch) < limit {
 			if !l.sent.Has(rest) && l.ids[rest] != cas.ZeroID {
 				batch = append(batch, rest)
 			}
@@ -396,7 +435,13 @@ func (l *lazyMemory) write() {
 		if len(batch) == 0 {
 			break
 		}
-		if err := l.send(batch, nil, buf); err != nil {
+		var err error
+		if direct != nil {
+			err = l.place(direct, batch, buf)
+		} else {
+			err = l.send(batch, nil, buf)
+		}
+		if err != nil {
 			l.fail(err)
 			return
 		}
@@ -427,6 +472,72 @@ func (l *lazyMemory) write() {
 	if err := l.pw.end(l.plan.ramID); err != nil {
 		l.fail(fmt.Errorf("ending the migration: %w", err))
 	}
+}
+
+// useDirect hands the writer d to place pages with; false (d then the
+// caller's to close) once the writer has ended.
+func (l *lazyMemory) useDirect(d *directRAM) bool {
+	l.directMu.Lock()
+	defer l.directMu.Unlock()
+	if l.directEnded {
+		return false
+	}
+	l.direct.Store(d)
+	return true
+}
+
+// dropDirect ends the direct placement, when the writer ends.
+func (l *lazyMemory) dropDirect() {
+	l.directMu.Lock()
+	defer l.directMu.Unlock()
+	l.directEnded = true
+	if d := l.direct.Swap(nil); d != nil {
+		d.close()
+	}
+}
+
+// place reads pages from the store and places those that hold data
+// straight into guest RAM (directRAM), a run of consecutive pages at a
+// time; zero pages are left to the kernel, as send leaves them.
+func (l *lazyMemory) place(d *directRAM, pages []int, buf []byte) error {
+	var ids []cas.ID
+	var ps []int
+	for _, p := range pages {
+		if l.ids[p] != cas.ZeroID {
+			ids = append(ids, l.ids[p])
+			ps = append(ps, p)
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	data := buf[:len(ids)*memstore.PageSize]
+	locs, err := l.store.LookupMany(ids)
+	if err == nil {
+		err = l.store.GetLocated(ids, locs, data)
+	}
+	if err != nil {
+		return l.damaged(ps, err)
+	}
+	for i := 0; i < len(ps); {
+		j := i + 1
+		for j < len(ps) && ps[j] == ps[j-1]+1 {
+			j++
+		}
+		if err := d.place(ps[i], data[i*memstore.PageSize:j*memstore.PageSize]); err != nil {
+			return err
+		}
+		i = j
+	}
+	h := xxhash.NewWithSeed(l.sums.seed)
+	for i, p := range ps {
+		l.sent.Set(p)
+		h.ResetWithSeed(l.sums.seed)
+		_, _ = h.Write(data[i*memstore.PageSize : (i+1)*memstore.PageSize])
+		l.sums.sums[p] = h.Sum64()
+	}
+	l.stats.placed.Add(int64(len(ps)))
+	return nil
 }
 
 // serve answers one page request: the page and the unsent pages holding
@@ -460,16 +571,28 @@ func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
 		return nil // on its way already
 	}
 	l.record(batch)
-	for p := first + n; p < len(l.ids) && p < first+lazyWindow; p++ {
-		if !l.sent.Has(p) && l.ids[p] != cas.ZeroID {
-			batch = append(batch, p)
-		}
-	}
 	if err := l.send(batch, asked, buf); err != nil {
 		return err
 	}
+	for p := first + n; p < len(l.ids) && p < first+lazyWindow; p++ {
+		if !l.sent.Has(p) && l.ids[p] != cas.ZeroID {
+			l.windows = append(l.windows, p)
+		}
+	}
 	l.queueFrame(first)
 	return nil
+}
+
+// nextWindow takes the next batch of pages that follow demanded ones
+// (serve) and were not sent since, or none.
+func (l *lazyMemory) nextWindow(batch []int) []int {
+	for len(batch) < lazyBatch && len(l.windows) > 0 {
+		if p := l.windows[0]; !l.sent.Has(p) && !slices.Contains(batch, p) {
+			batch = append(batch, p)
+		}
+		l.windows = l.windows[1:]
+	}
+	return batch
 }
 
 // queueFrame notes that the unsent pages near demanded page p whose chunks
@@ -648,10 +771,12 @@ func (l *lazyMemory) fail(err error) {
 	})
 }
 
-// connectionLost says whether err is the migration's connection breaking.
+// connectionLost says whether err is the migration's connection breaking,
+// or QEMU's memory going away under a placement.
 func connectionLost(err error) bool {
 	var op *net.OpError
-	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.As(err, &op)
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.As(err, &op) ||
+		errors.Is(err, syscall.ESRCH) // placing a page (directRAM) into a QEMU whose memory is gone
 }
 
 // finish is called once QEMU says the migration completed.
@@ -736,6 +861,17 @@ func (m *Machine) restoreLazily(ctx context.Context, l *lazyMemory, ph *phases) 
 	}
 	<-saved // before watchLazy can write the state again
 	go m.watchLazy(l)
+	// QEMU listens for pages: its userfaultfd is there to take.
+	go func() {
+		d, err := grabDirectRAM(m.PID(), m.memFile, m.spec.MemSize)
+		if err != nil {
+			m.r.logger().Debug("qemu: pages of a lazy restore go through QEMU", "id", m.id, "err", err)
+			return
+		}
+		if !l.useDirect(d) {
+			d.close()
+		}
+	}()
 	return nil
 }
 
@@ -819,7 +955,7 @@ func (m *Machine) watchLazy(l *lazyMemory) {
 		}
 	}
 	m.r.logger().Debug("qemu: lazy restore done", "id", m.id, "snapshot", l.snap, "took", time.Since(l.began).Round(time.Microsecond),
-		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "framed", l.stats.framed.Load(), "zeroed", l.stats.zeroed.Load())
+		"demanded", l.stats.demanded.Load(), "prefetched", l.stats.prefetched.Load(), "pushed", l.stats.pushed.Load(), "framed", l.stats.framed.Load(), "zeroed", l.stats.zeroed.Load(), "placed", l.stats.placed.Load())
 	m.markReady()
 	close(m.restored)
 	m.r.refillResumeSpares(m.spec)
@@ -854,7 +990,8 @@ func (m *Machine) LazyStats() (stats LazyStats, ok bool) {
 	return LazyStats{
 		Demanded: l.stats.demanded.Load(), Prefetched: l.stats.prefetched.Load(),
 		Pushed: l.stats.pushed.Load(), Framed: l.stats.framed.Load(), Zeroed: l.stats.zeroed.Load(),
-		Done: isClosed(m.restored) && l.err == nil,
+		Placed: l.stats.placed.Load(),
+		Done:   isClosed(m.restored) && l.err == nil,
 	}, true
 }
 

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -36,20 +37,17 @@ func (w *writeLog) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// While the guest asks for pages, the push of the rest waits: no batch of
-// it goes out between requests that come closer together than the quiet
-// time, so a page asked for never queues behind one in the stream; once
-// the requests stop, the rest goes. The waits have a budget: past it, the
-// rest goes between the requests too.
-func TestLazyPushWaitsForQuiet(t *testing.T) {
+// testPage is page p of the snapshots these tests restore.
+func testPage(p int) []byte {
+	return bytes.Repeat(fmt.Appendf(nil, "page %d of boxd ", p), memstore.PageSize)[:memstore.PageSize]
+}
+
+// lazySnapshot stores mem as the memory of snapshot "snap" in a new graph
+// and returns it with a plan of a saved stream.
+func lazySnapshot(t *testing.T, mem []byte) (*snapshotter.Graph, *postcopyPlan) {
+	t.Helper()
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
-	const pages, top = 256, 128
-	var mem bytes.Buffer
-	for p := range pages {
-		page := bytes.Repeat(fmt.Appendf(nil, "page %d of boxd ", p), memstore.PageSize)
-		mem.Write(page[:memstore.PageSize])
-	}
-	if _, err := g.Ingest(context.Background(), bytes.NewReader(mem.Bytes()), snapshotter.IngestOptions{
+	if _, err := g.Ingest(context.Background(), bytes.NewReader(mem), snapshotter.IngestOptions{
 		Name: "snap", Kind: snapshotter.KindMemory, MapName: memstore.DefaultMap,
 	}); err != nil {
 		t.Fatal(err)
@@ -58,6 +56,38 @@ func TestLazyPushWaitsForQuiet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return g, plan
+}
+
+// testLazyMemory serves snapshot "snap" of r's graph to a machine of pages
+// pages, writing the stream to w; QEMU's end of the return path is never
+// read.
+func testLazyMemory(t *testing.T, r *Runner, plan *postcopyPlan, pages int, w io.Writer) *lazyMemory {
+	t.Helper()
+	m := &Machine{id: "test", spec: runner.Spec{MemSize: int64(pages) * memstore.PageSize}, done: make(chan struct{})}
+	l, err := r.newLazyMemory(m, "snap", plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, peer := net.Pipe()
+	t.Cleanup(func() { peer.Close() })
+	l.conn = conn
+	l.pw = &postcopyWriter{w: bufio.NewWriterSize(w, 1<<20)}
+	return l
+}
+
+// While the guest asks for pages, the push of the rest waits: no batch of
+// it goes out between requests that come closer together than the quiet
+// time, so a page asked for never queues behind one in the stream; once
+// the requests stop, the rest goes. The waits have a budget: past it, the
+// rest goes between the requests too.
+func TestLazyPushWaitsForQuiet(t *testing.T) {
+	const pages, top = 256, 128
+	var mem bytes.Buffer
+	for p := range pages {
+		mem.Write(testPage(p))
+	}
+	g, plan := lazySnapshot(t, mem.Bytes())
 	for _, tc := range []struct {
 		name   string
 		budget time.Duration
@@ -67,18 +97,9 @@ func TestLazyPushWaitsForQuiet(t *testing.T) {
 		{"past the budget", 10 * time.Millisecond, 20 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := &Runner{Graph: g, LazyGrace: time.Nanosecond}
-			m := &Machine{id: "test", spec: runner.Spec{MemSize: pages * memstore.PageSize}, done: make(chan struct{})}
-			l, err := r.newLazyMemory(m, "snap", plan)
-			if err != nil {
-				t.Fatal(err)
-			}
-			l.quiet, l.quietBudget = 300*time.Millisecond, tc.budget
-			conn, peer := net.Pipe()
-			defer peer.Close()
-			l.conn = conn
 			rec := &writeLog{}
-			l.pw = &postcopyWriter{w: bufio.NewWriterSize(rec, 1<<20)}
+			l := testLazyMemory(t, &Runner{Graph: g, LazyGrace: time.Nanosecond}, plan, pages, rec)
+			l.quiet, l.quietBudget = 300*time.Millisecond, tc.budget
 			finished := make(chan struct{})
 			var finishedAt time.Time
 			go func() { l.write(); finishedAt = time.Now(); close(finished) }()

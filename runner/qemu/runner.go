@@ -135,8 +135,10 @@ type Runner struct {
 	// 0 keeps none.
 	ResumeSpares int
 	// LazyGrace is how long after a lazily restored guest starts the
-	// pages outside its working set wait before they are pushed (0 means
-	// 500 ms): the guest's first faults meet an idle stream meanwhile.
+	// pages outside its working set wait before they are pushed. 0 means
+	// none where the push places pages straight into guest RAM
+	// (directRAM), else 500 ms: the guest's first faults meet an idle
+	// migration stream meanwhile.
 	LazyGrace time.Duration
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
