@@ -194,10 +194,10 @@ func (w *streamPages) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// With guest RAM to place pages in (directRAM), the push of the rest
-// places them there and the stream carries only the pages QEMU asked for
-// (and their windows): each page that holds data goes one way, once, and
-// the pages placed are the snapshot's.
+// Once there is guest RAM to place pages in (directRAM), the pages asked
+// for and the push of the rest are placed there; before, they went through
+// the stream. Each page that holds data goes one way, once, the pages
+// placed are the snapshot's, and a zero page goes only when asked for.
 func TestLazyPlacesDirectly(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("userfaultfd needs root here")
@@ -237,17 +237,36 @@ func TestLazyPlacesDirectly(t *testing.T) {
 	if err := u.Register(uffd.Addr(ram), uintptr(len(ram))); err != nil {
 		t.Fatal(err)
 	}
+	ask := func(p int) {
+		l.reqs <- rpMessage{typ: rpReqPagesID, block: guestRAMBlockStr, start: uint64(p) * memstore.PageSize, length: memstore.PageSize}
+	}
+	finished := make(chan struct{})
+	go func() { l.write(); close(finished) }()
+	// Requests before the userfaultfd is there go through the stream, with
+	// their windows; one for a zero page gets a zero record.
+	streamed := []int{10, 100, 203}
+	for _, p := range streamed {
+		ask(p)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		rec.mu.Lock()
+		n := rec.pages[203]
+		rec.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the requests were not answered")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	if !l.useDirect(&directRAM{fd: u, base: uffd.Addr(ram), size: int64(len(ram))}) {
 		t.Fatal("useDirect refused before the writer ended")
 	}
-
-	finished := make(chan struct{})
-	go func() { l.write(); close(finished) }()
-	// Requests before the guest runs go through the stream, with their
-	// windows; one for a zero page gets a zero record.
-	asked := []int{10, 100, 203}
-	for _, p := range asked {
-		l.reqs <- rpMessage{typ: rpReqPagesID, block: guestRAMBlockStr, start: uint64(p) * memstore.PageSize, length: memstore.PageSize}
+	// Requests after it are placed: a page with data, a zero page.
+	placedAsked := []int{57, 207}
+	for _, p := range placedAsked {
+		ask(p)
 	}
 	l.guestRuns()
 	select {
@@ -279,7 +298,7 @@ func TestLazyPlacesDirectly(t *testing.T) {
 		switch {
 		case p%4 == 3 && p != 203:
 			if sent != 0 {
-				t.Errorf("zero page %d went through the stream %d times; no one asked for it", p, sent)
+				t.Errorf("zero page %d went through the stream %d times; it was not asked for before the userfaultfd came", p, sent)
 			}
 		case p%4 == 3:
 			if sent != 1 {
@@ -291,10 +310,18 @@ func TestLazyPlacesDirectly(t *testing.T) {
 			placed++
 		}
 	}
-	for _, p := range asked {
+	for _, p := range streamed {
 		if rec.pages[p] != 1 {
-			t.Errorf("page %d was asked for and went through the stream %d times", p, rec.pages[p])
+			t.Errorf("page %d was asked for before the userfaultfd came and went through the stream %d times, want once", p, rec.pages[p])
 		}
+	}
+	for _, p := range placedAsked {
+		if rec.pages[p] != 0 {
+			t.Errorf("page %d was asked for once the userfaultfd was there and went through the stream %d times, want none", p, rec.pages[p])
+		}
+	}
+	if z := l.stats.zeroed.Load(); z != 2 {
+		t.Errorf("%d zero pages delivered, want the 2 asked for", z)
 	}
 	if placed == 0 || l.stats.placed.Load() != int64(placed) {
 		t.Errorf("%d pages found placed, the stats say %d", placed, l.stats.placed.Load())

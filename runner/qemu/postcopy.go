@@ -29,10 +29,14 @@ import (
 // of a QEMU postcopy migration: QEMU registers its RAM with userfaultfd
 // and asks boxd, over the migration's return path, for each page it
 // faults on. boxd answers those first, pushes the snapshot's recorded
-// working set ahead of demand, and after a short grace the rest of the
-// pages that hold data, then ends the migration: from there the machine
-// no longer needs boxd for its memory, and pages never sent (zeros in the
-// snapshot) are the kernel's zero pages.
+// working set ahead of demand, then the rest of the pages that hold data,
+// then ends the migration: from there the machine no longer needs boxd
+// for its memory, and pages never sent (zeros in the snapshot) are the
+// kernel's zero pages. Once QEMU has registered its RAM, boxd takes its
+// userfaultfd and places pages straight into guest RAM (directRAM)
+// instead of writing them into the stream; where it cannot, the push of
+// the rest waits for a grace and for quiet spells of the guest's requests,
+// so that pages asked for do not queue behind it in the stream.
 const (
 	// lazyWindow is how many pages a demanded page brings along: the
 	// pages that follow it and hold data, not yet sent. They go out after
@@ -76,7 +80,7 @@ type LazyStats struct {
 	Pushed     int64 `json:"pushed"`     // other pages pushed
 	Framed     int64 `json:"framed"`     // pages sent after a demanded one of their zstd frame (queueFrame)
 	Zeroed     int64 `json:"zeroed"`     // zero pages sent on demand
-	Placed     int64 `json:"placed"`     // of the pages pushed, those placed straight into guest RAM (directRAM)
+	Placed     int64 `json:"placed"`     // pages that hold data placed straight into guest RAM (directRAM), asked for or pushed
 	Done       bool  `json:"done"`       // all memory is in place
 }
 
@@ -110,7 +114,7 @@ type lazyMemory struct {
 	reqs        chan rpMessage // page requests, reader → writer
 	ran         chan struct{}  // closed when the guest may run (the writer starts its grace)
 
-	sent memstore.Bitmap // pages written out (writer only)
+	sent memstore.Bitmap // pages written out or placed (writer only)
 	// frameOf lists demanded pages whose frames' other pages go out after
 	// the requests waiting, and framed the pages of the frame going out
 	// now (queueFrame; writer only).
@@ -355,7 +359,7 @@ func (l *lazyMemory) write() {
 		// decoded).
 		batch := l.nextWindow(make([]int, 0, lazyBatch))
 		if len(batch) > 0 {
-			if err := l.send(batch, nil, buf); err != nil {
+			if err := l.deliver(batch, nil, buf); err != nil {
 				l.fail(err)
 				return
 			}
@@ -363,7 +367,7 @@ func (l *lazyMemory) write() {
 		}
 		batch = l.nextFramed(batch)
 		if len(batch) > 0 {
-			if err := l.send(batch, nil, buf); err != nil {
+			if err := l.deliver(batch, nil, buf); err != nil {
 				l.fail(err)
 				return
 			}
@@ -435,13 +439,7 @@ func (l *lazyMemory) write() {
 		if len(batch) == 0 {
 			break
 		}
-		var err error
-		if direct != nil {
-			err = l.place(direct, batch, buf)
-		} else {
-			err = l.send(batch, nil, buf)
-		}
-		if err != nil {
+		if err := l.deliver(batch, nil, buf); err != nil {
 			l.fail(err)
 			return
 		}
@@ -496,16 +494,37 @@ func (l *lazyMemory) dropDirect() {
 	}
 }
 
+// deliver gets pages to QEMU: placed straight into guest RAM once that
+// can be (directRAM), else through the stream (send). Pages that hold
+// zeros go only when asked for.
+func (l *lazyMemory) deliver(pages []int, asked map[int]bool, buf []byte) error {
+	if d := l.direct.Load(); d != nil {
+		return l.place(d, pages, asked, buf)
+	}
+	return l.send(pages, asked, buf)
+}
+
 // place reads pages from the store and places those that hold data
 // straight into guest RAM (directRAM), a run of consecutive pages at a
-// time; zero pages are left to the kernel, as send leaves them.
-func (l *lazyMemory) place(d *directRAM, pages []int, buf []byte) error {
+// time; zero pages are placed only when asked for, and are otherwise left
+// to the kernel, as send leaves them.
+func (l *lazyMemory) place(d *directRAM, pages []int, asked map[int]bool, buf []byte) error {
 	var ids []cas.ID
 	var ps []int
+	var zeros [memstore.PageSize]byte
 	for _, p := range pages {
 		if l.ids[p] != cas.ZeroID {
 			ids = append(ids, l.ids[p])
 			ps = append(ps, p)
+		} else if asked[p] {
+			if err := d.place(p, zeros[:]); err != nil {
+				return err
+			}
+			l.sent.Set(p)
+			h := xxhash.NewWithSeed(l.sums.seed)
+			_, _ = h.Write(zeros[:])
+			l.sums.sums[p] = h.Sum64()
+			l.stats.zeroed.Add(1)
 		}
 	}
 	if len(ids) == 0 {
@@ -571,7 +590,7 @@ func (l *lazyMemory) serve(msg rpMessage, buf []byte) error {
 		return nil // on its way already
 	}
 	l.record(batch)
-	if err := l.send(batch, asked, buf); err != nil {
+	if err := l.deliver(batch, asked, buf); err != nil {
 		return err
 	}
 	for p := first + n; p < len(l.ids) && p < first+lazyWindow; p++ {
