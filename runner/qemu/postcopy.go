@@ -512,6 +512,7 @@ func (l *lazyMemory) place(d *directRAM, pages []int, asked map[int]bool, buf []
 	var ids []cas.ID
 	var ps []int
 	var zeros [memstore.PageSize]byte
+	h := xxhash.NewWithSeed(l.sums.seed)
 	for _, p := range pages {
 		if l.ids[p] != cas.ZeroID {
 			ids = append(ids, l.ids[p])
@@ -520,10 +521,7 @@ func (l *lazyMemory) place(d *directRAM, pages []int, asked map[int]bool, buf []
 			if err := d.place(p, zeros[:]); err != nil {
 				return err
 			}
-			l.sent.Set(p)
-			h := xxhash.NewWithSeed(l.sums.seed)
-			_, _ = h.Write(zeros[:])
-			l.sums.sums[p] = h.Sum64()
+			l.delivered(h, p, zeros[:])
 			l.stats.zeroed.Add(1)
 		}
 	}
@@ -531,12 +529,8 @@ func (l *lazyMemory) place(d *directRAM, pages []int, asked map[int]bool, buf []
 		return nil
 	}
 	data := buf[:len(ids)*memstore.PageSize]
-	locs, err := l.store.LookupMany(ids)
-	if err == nil {
-		err = l.store.GetLocated(ids, locs, data)
-	}
-	if err != nil {
-		return l.damaged(ps, err)
+	if err := l.readPages(ids, ps, data); err != nil {
+		return err
 	}
 	for i := 0; i < len(ps); {
 		j := i + 1
@@ -548,12 +542,8 @@ func (l *lazyMemory) place(d *directRAM, pages []int, asked map[int]bool, buf []
 		}
 		i = j
 	}
-	h := xxhash.NewWithSeed(l.sums.seed)
 	for i, p := range ps {
-		l.sent.Set(p)
-		h.ResetWithSeed(l.sums.seed)
-		_, _ = h.Write(data[i*memstore.PageSize : (i+1)*memstore.PageSize])
-		l.sums.sums[p] = h.Sum64()
+		l.delivered(h, p, data[i*memstore.PageSize:(i+1)*memstore.PageSize])
 	}
 	l.stats.placed.Add(int64(len(ps)))
 	return nil
@@ -711,12 +701,8 @@ func (l *lazyMemory) send(pages []int, asked map[int]bool, buf []byte) error {
 	data := buf[:0]
 	if len(ids) > 0 {
 		data = buf[:len(ids)*memstore.PageSize]
-		locs, err := l.store.LookupMany(ids)
-		if err == nil {
-			err = l.store.GetLocated(ids, locs, data)
-		}
-		if err != nil {
-			return l.damaged(pages, err)
+		if err := l.readPages(ids, pages, data); err != nil {
+			return err
 		}
 	}
 	// data holds the non-zero pages in order; pages() wants one slot per
@@ -735,22 +721,40 @@ func (l *lazyMemory) send(pages []int, asked map[int]bool, buf []byte) error {
 	if err := l.pw.pages(l.plan.ramID, guestRAMBlockStr, offs, data, zero); err != nil {
 		return fmt.Errorf("sending pages: %w", err)
 	}
-	d := xxhash.NewWithSeed(l.sums.seed)
+	h := xxhash.NewWithSeed(l.sums.seed)
 	var zeroPage [memstore.PageSize]byte
 	for i, off := range offs {
-		p := int(off / memstore.PageSize)
-		l.sent.Set(p)
 		page := zeroPage[:]
 		if !zero[i] {
 			page = data[i*memstore.PageSize : (i+1)*memstore.PageSize]
 		} else {
 			l.stats.zeroed.Add(1)
 		}
-		d.ResetWithSeed(l.sums.seed)
-		_, _ = d.Write(page)
-		l.sums.sums[p] = d.Sum64()
+		l.delivered(h, int(off/memstore.PageSize), page)
 	}
 	return nil
+}
+
+// readPages reads the chunks ids into data, each checked against its id;
+// a failure names the snapshot, the page and the chunk (of pages).
+func (l *lazyMemory) readPages(ids []cas.ID, pages []int, data []byte) error {
+	locs, err := l.store.LookupMany(ids)
+	if err == nil {
+		err = l.store.GetLocated(ids, locs, data)
+	}
+	if err != nil {
+		return l.damaged(pages, err)
+	}
+	return nil
+}
+
+// delivered notes page p, holding page, as sent or placed, with its sum
+// (h is a scratch digest).
+func (l *lazyMemory) delivered(h *xxhash.Digest, p int, page []byte) {
+	l.sent.Set(p)
+	h.ResetWithSeed(l.sums.seed)
+	_, _ = h.Write(page)
+	l.sums.sums[p] = h.Sum64()
 }
 
 // damaged names the page and chunk that could not be read.
