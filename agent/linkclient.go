@@ -97,6 +97,7 @@ type redialer struct {
 	err     error              // why the link ended
 	cancel  context.CancelFunc // ends the attempt in progress
 	changed chan struct{}
+	conn    net.Conn                       // the channel that carries the link now; nil between channels
 	moved   bool                           // move broke the channel: its end was asked for
 	onBreak func(socket string, err error) // told of each channel that broke unasked
 }
@@ -104,20 +105,22 @@ type redialer struct {
 // run carries the link over conn (read through rd, dialled at socket), then over each channel next gives.
 func (r *redialer) run(conn net.Conn, rd io.Reader, peerRecv uint64, socket string) {
 	for {
-		r.note(socket, nil)
-		runErr := r.link.Run(conn, rd, peerRecv)
+		var runErr error
+		if r.carry(socket, conn) {
+			runErr = r.link.Run(conn, rd, peerRecv)
+		}
 		if r.link.done() {
 			r.note("", ErrLinkClosed)
 			return
 		}
 		r.mu.Lock()
 		asked, onBreak := r.moved, r.onBreak
-		r.moved = false
+		r.on, r.conn, r.moved = "", nil, false
+		r.changed = notify(r.changed)
 		r.mu.Unlock()
 		if !asked && onBreak != nil {
 			onBreak(socket, runErr)
 		}
-		r.note("", nil)
 		var err error
 		if r.nowhere() {
 			err = errcat.With(errors.New("agent: link: its channel ended, and there is no socket to dial again"), errdefs.ErrUnavailable)
@@ -139,12 +142,32 @@ func (r *redialer) nowhere() bool {
 	return r.socket == ""
 }
 
+// carry notes conn, dialled at socket, as the link's channel, unless Move has asked for another socket since it
+// was dialled: then conn is closed unused, as a channel Move broke.
+func (r *redialer) carry(socket string, conn net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.socket != socket {
+		r.moved = true
+		conn.Close()
+		return false
+	}
+	r.on, r.err, r.conn = socket, nil, conn
+	r.changed = notify(r.changed)
+	return true
+}
+
+// notify closes changed and gives the channel that replaces it.
+func notify(changed chan struct{}) chan struct{} {
+	close(changed)
+	return make(chan struct{})
+}
+
 func (r *redialer) note(on string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.on, r.err = on, err
-	close(r.changed)
-	r.changed = make(chan struct{})
+	r.changed = notify(r.changed)
 }
 
 // next dials until a channel resumes the link. A refusal is final; so is a link closed meanwhile.
@@ -219,19 +242,16 @@ func resumeLink(ctx context.Context, socket string, l *Link) (net.Conn, io.Reade
 func (r *redialer) move(ctx context.Context, socket string) error {
 	r.mu.Lock()
 	r.socket = socket
-	r.moved = r.on != "" && r.on != socket // the detach below breaks the channel that carries the link
+	if r.on != "" && r.on != socket {
+		// The channel that carries the link is broken here, under mu, so that one the link is about to run
+		// over is too: closed before Run starts, it fails at once. A channel dialled at the old socket and not
+		// carried yet is closed by carry.
+		r.moved = true
+		r.conn.Close()
+	}
 	r.mu.Unlock()
 	r.interrupt()
-	if !r.carriedFrom(socket) {
-		r.link.detach()
-	}
 	return r.wait(ctx, socket)
-}
-
-func (r *redialer) carriedFrom(socket string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.on == socket
 }
 
 // wait waits until a channel from socket carries the link, or the link ends, or ctx ends.

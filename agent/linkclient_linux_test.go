@@ -149,6 +149,35 @@ func TestClientMove(t *testing.T) {
 	}
 }
 
+// TestClientMoveWhileRedialling moves the box right after its channel broke, again and again, at moments spread
+// over the client's redial of the machine it was on: whether the move comes before, during or just after that
+// redial, the link ends up on the machine moved to.
+func TestClientMoveWhileRedialling(t *testing.T) {
+	machines, c := twoMachines(t)
+	broke := make(chan struct{}, 1)
+	c.OnChannelBreak(func(string, error) { broke <- struct{}{} })
+	on := 0
+	for i := range 300 {
+		machines[on].breakChannels()
+		select {
+		case <-broke: // the client saw the break and dials again now
+		case <-testCtx(t).Done():
+			t.Fatalf("move %d: the client did not see its channel break", i)
+		}
+		time.Sleep(time.Duration(i%60) * 20 * time.Microsecond)
+		on = 1 - on
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := c.Move(ctx, machines[on].path)
+		cancel()
+		if err != nil {
+			t.Fatalf("move %d: %v", i, err)
+		}
+	}
+	if out, err := c.Output(testCtx(t), "echo", "ok"); err != nil || string(out) != "ok\n" {
+		t.Fatalf("after the moves: %q, %v", out, err)
+	}
+}
+
 // TestClientNewLink: a second client's new link replaces the first's (a fork's child, a restarted boxd): the
 // first's connection ends, and it cannot move back in.
 func TestClientNewLink(t *testing.T) {
