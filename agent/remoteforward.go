@@ -110,15 +110,19 @@ func (f *remoteForwards) cancel(payload []byte) bool {
 	}
 	key := forwardKey{r.Addr, r.Port}
 	f.mu.Lock()
-	fw, ok := f.byKey[key]
-	if ok && bytes.Equal(fw.tag, r.Tag) {
+	fw, held := f.byKey[key]
+	ok := held && bytes.Equal(fw.tag, r.Tag)
+	if ok {
 		delete(f.byKey, key)
-	} else {
-		ok = false
 	}
 	f.mu.Unlock()
-	if ok {
+	switch {
+	case ok:
 		fw.close()
+	case held:
+		f.logf("cancel-tcpip-forward %s: refused: another connection's forward", key)
+	default:
+		f.logf("cancel-tcpip-forward %s: refused: no such forward", key)
 	}
 	return ok
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/boxd-dev/boxd/agent"
 	"github.com/boxd-dev/boxd/internal/testutil"
@@ -28,6 +29,7 @@ type testBackend struct {
 	hosts      map[string]net.Conn // the host end of each box's agent channel
 	connectErr map[string]error
 	connects   map[string]int
+	delay      map[string]time.Duration // how long Connect takes, as for a box that resumes
 }
 
 func newTestBackend(t *testing.T) *testBackend {
@@ -38,6 +40,7 @@ func newTestBackend(t *testing.T) *testBackend {
 		hosts:      map[string]net.Conn{},
 		connectErr: map[string]error{},
 		connects:   map[string]int{},
+		delay:      map[string]time.Duration{},
 	}
 }
 
@@ -62,6 +65,14 @@ func (b *testBackend) AuthorizedKeys(_ context.Context, box string) ([]ssh.Publi
 }
 
 func (b *testBackend) Connect(ctx context.Context, box string) (*ssh.Client, error) {
+	b.mu.Lock()
+	d := b.delay[box]
+	b.mu.Unlock()
+	select {
+	case <-time.After(d):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.connects[box]++
@@ -122,4 +133,11 @@ func (b *testBackend) failConnect(box string, err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.connectErr[box] = err
+}
+
+// slowConnect has Connect to box take d, as for a box that resumes.
+func (b *testBackend) slowConnect(box string, d time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.delay[box] = d
 }

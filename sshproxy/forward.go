@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -144,6 +145,16 @@ func (c *proxyConn) openBack(nch ssh.NewChannel, payload []byte, key forwardKey)
 	c.relay(false, cch, creqs, bch, breqs)
 }
 
+// answer answers a global request intake handed on: a forward request relayed to the box, a keepalive no.
+func (c *proxyConn) answer(r *ssh.Request, queued *atomic.Int64) {
+	if r.Type == reqTCPIPForward || r.Type == reqCancelTCPIPForward {
+		c.forwardRequest(r)
+	} else {
+		_ = r.Reply(false, nil)
+	}
+	queued.Add(-1)
+}
+
 // forwardRequest relays a person's tcpip-forward or cancel-tcpip-forward to the box, with the connection's tag,
 // and keeps the forwards the box holds for them.
 func (c *proxyConn) forwardRequest(r *ssh.Request) {
@@ -185,10 +196,14 @@ func (c *proxyConn) forwardRequest(r *ssh.Request) {
 		_ = r.Reply(true, reply)
 	case reqCancelTCPIPForward:
 		if !held {
+			c.log.Info("ssh remote forward cancel refused: the connection holds no such forward", "addr", m.Addr, "port", m.Port)
 			_ = r.Reply(false, nil)
 			return
 		}
 		ok, _, err := c.box.SendRequest(reqCancelTCPIPForward, true, ssh.Marshal(m))
+		if err != nil || !ok {
+			c.log.Info("ssh remote forward cancel refused by the box", "addr", m.Addr, "port", m.Port, "err", err)
+		}
 		c.mu.Lock()
 		delete(c.forwards, key)
 		c.mu.Unlock()
@@ -236,7 +251,12 @@ type intakeItem struct {
 // before a session is in place when the session's command starts, as with OpenSSH's sshd. The ssh package
 // delivers requests and channels on separate Go channels, filled by one reader in the order they arrived: once a
 // channel is here, every request sent before it is already waiting, so taking those first keeps the order.
-func intake(done <-chan struct{}, reqs <-chan *ssh.Request, chans <-chan ssh.NewChannel, items chan<- intakeItem) {
+//
+// SSH matches the replies to global requests by their order, so a keepalive is answered at once only while no
+// request handed on waits for its answer (queued counts those; whoever answers one takes it off); otherwise it
+// is handed on too, and answered in its turn. An OpenSSH client with ServerAliveInterval sends keepalives while
+// its remote forwards wait for a box that resumes: an answer ahead of theirs would be taken for theirs.
+func intake(done <-chan struct{}, reqs <-chan *ssh.Request, chans <-chan ssh.NewChannel, items chan<- intakeItem, queued *atomic.Int64) {
 	defer close(items)
 	give := func(it intakeItem) {
 		select {
@@ -244,19 +264,19 @@ func intake(done <-chan struct{}, reqs <-chan *ssh.Request, chans <-chan ssh.New
 		case <-done:
 			if it.req != nil {
 				_ = it.req.Reply(false, nil)
+				queued.Add(-1)
 			} else {
 				_ = it.nch.Reject(ssh.ConnectionFailed, "boxd: the connection is closing")
 			}
 		}
 	}
 	request := func(r *ssh.Request) {
-		switch r.Type {
-		case reqTCPIPForward, reqCancelTCPIPForward:
+		switch {
+		case r.Type == reqTCPIPForward || r.Type == reqCancelTCPIPForward || (r.WantReply && queued.Load() > 0):
+			queued.Add(1)
 			give(intakeItem{req: r})
-		default:
-			if r.WantReply {
-				_ = r.Reply(false, nil)
-			}
+		case r.WantReply:
+			_ = r.Reply(false, nil)
 		}
 	}
 	for reqs != nil || chans != nil {
@@ -290,9 +310,37 @@ func intake(done <-chan struct{}, reqs <-chan *ssh.Request, chans <-chan ssh.New
 	}
 }
 
+// heartbeatEvery is how often heartbeat sends: at most half the shortest ServerAliveInterval an OpenSSH client
+// takes (one second).
+const heartbeatEvery = 400 * time.Millisecond
+
+// heartbeat sends the person a keepalive that asks for no answer every interval until the returned stop is
+// called. While a box resumes, an OpenSSH client with ServerAliveInterval then hears from the proxy and sends no
+// keepalive of its own, which would have to wait for its answer behind a remote forward's (intake), and end the
+// connection after ServerAliveCountMax of them.
+func heartbeat(conn ssh.Conn, every time.Duration) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if _, _, err := conn.SendRequest("keepalive@openssh.com", false, nil); err != nil {
+					return
+				}
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done) }) }
+}
+
 // refuseItems answers the person when their box cannot be reached: forward requests get no, the first channel
 // gets msg (the OpenSSH client prints it); it gives up waiting for a channel after timeout.
-func refuseItems(items <-chan intakeItem, msg string, timeout time.Duration) {
+func refuseItems(items <-chan intakeItem, queued *atomic.Int64, msg string, timeout time.Duration) {
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	for {
@@ -303,6 +351,7 @@ func refuseItems(items <-chan intakeItem, msg string, timeout time.Duration) {
 			}
 			if it.req != nil {
 				_ = it.req.Reply(false, nil)
+				queued.Add(-1)
 				continue
 			}
 			_ = it.nch.Reject(ssh.ConnectionFailed, msg)

@@ -210,6 +210,30 @@ func TestRemoteForward(t *testing.T) {
 	})
 }
 
+// TestRemoteForwardKeepalive: an OpenSSH client that sends keepalives (ServerAliveInterval) while its remote
+// forward waits for a box that resumes gets each reply in its turn: SSH matches the replies to global requests by
+// their order, and a keepalive answered ahead of the forward would be taken for the forward's refusal.
+func TestRemoteForwardKeepalive(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed")
+	}
+	e := newTestEnv(t)
+	owner := newTestKey(t)
+	e.backend.addBox("dev", owner.pub)
+	e.backend.slowConnect("dev", 3500*time.Millisecond) // three keepalives go out meanwhile
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "hello from the client's side\n")
+	}))
+	defer web.Close()
+	port := freePort(t)
+	extra := []string{"-o", "ServerAliveInterval=1", "-o", "ExitOnForwardFailure=yes",
+		"-R", fmt.Sprintf("%d:%s", port, strings.TrimPrefix(web.URL, "http://"))}
+	got := e.ssh(t, nil, []testKey{owner}, extra, "dev", fmt.Sprintf("curl -sS http://localhost:%d/", port))
+	if got != (result{stdout: "hello from the client's side\n"}) {
+		t.Fatalf("curl in the box: %+v", got)
+	}
+}
+
 // startAgent starts an ssh-agent holding keys and returns its socket.
 func startAgent(t *testing.T, keys ...testKey) string {
 	t.Helper()

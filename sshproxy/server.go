@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -437,12 +438,16 @@ func (s *Server) serveConn(nc net.Conn) {
 		return
 	}
 
-	// Keepalives are answered at once, also while the box resumes; forward
-	// requests and channels wait for the box, in order.
+	// Keepalives are answered at once, also while the box resumes, unless a
+	// forward request waits before them; forward requests and channels wait
+	// for the box, in order.
 	items := make(chan intakeItem, 64)
-	go intake(ctx.Done(), reqs, chans, items)
+	var queued atomic.Int64 // requests in items, or taken from it and not yet answered
+	go intake(ctx.Done(), reqs, chans, items, &queued)
 
+	stopBeat := heartbeat(sconn, heartbeatEvery)
 	client, err := s.Backend.Connect(ctx, box)
+	stopBeat()
 	if err == nil && client == nil {
 		err = errors.New("the box manager returned no connection")
 	}
@@ -450,7 +455,7 @@ func (s *Server) serveConn(nc net.Conn) {
 		if ctx.Err() == nil {
 			log.Warn("ssh connect to box failed", "err", err)
 			s.observe(Unreachable)
-			refuseItems(items, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
+			refuseItems(items, &queued, fmt.Sprintf("boxd: cannot reach box %s: %v", box, err), timeout)
 		}
 		log.Info("ssh disconnect", "duration", time.Since(start).Round(time.Millisecond))
 		return
@@ -482,7 +487,7 @@ func (s *Server) serveConn(nc net.Conn) {
 	var channels sync.WaitGroup
 	for it := range items {
 		if it.req != nil {
-			c.forwardRequest(it.req)
+			c.answer(it.req, &queued)
 			continue
 		}
 		channels.Go(func() { c.handleChannel(it.nch) })
