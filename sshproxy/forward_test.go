@@ -164,6 +164,20 @@ func TestRemoteForward(t *testing.T) {
 		}
 	})
 
+	t.Run("keepalives while the box resumes", func(t *testing.T) {
+		// An OpenSSH client that sends keepalives (ServerAliveInterval) while its remote forward waits for
+		// a box that resumes gets each reply in its turn: SSH matches the replies to global requests by
+		// their order, and a keepalive answered ahead of the forward would be taken for its refusal.
+		e.backend.addBox("slow", owner.pub)
+		e.backend.slowConnect("slow", 3500*time.Millisecond) // three keepalive intervals
+		port := freePort(t)
+		extra := []string{"-o", "ServerAliveInterval=1", "-o", "ExitOnForwardFailure=yes", "-R", fmt.Sprintf("%d:%s", port, webAddr)}
+		got := e.ssh(t, nil, []testKey{owner}, extra, "slow", fmt.Sprintf("curl -sS http://localhost:%d/", port))
+		if got != (result{stdout: "hello from the client's side\n"}) {
+			t.Fatalf("curl in the box: %+v", got)
+		}
+	})
+
 	t.Run("allocated port", func(t *testing.T) {
 		stderr := e.background(t, []testKey{owner}, []string{"-N", "-o", "LogLevel=INFO", "-R", "0:" + webAddr}, "dev", "")
 		allocated := regexp.MustCompile(`Allocated port ([0-9]+) for remote forward`)
@@ -208,30 +222,6 @@ func TestRemoteForward(t *testing.T) {
 		}
 		waitRefused(t, addr)
 	})
-}
-
-// TestRemoteForwardKeepalive: an OpenSSH client that sends keepalives (ServerAliveInterval) while its remote
-// forward waits for a box that resumes gets each reply in its turn: SSH matches the replies to global requests by
-// their order, and a keepalive answered ahead of the forward would be taken for the forward's refusal.
-func TestRemoteForwardKeepalive(t *testing.T) {
-	if _, err := exec.LookPath("curl"); err != nil {
-		t.Skip("curl is not installed")
-	}
-	e := newTestEnv(t)
-	owner := newTestKey(t)
-	e.backend.addBox("dev", owner.pub)
-	e.backend.slowConnect("dev", 3500*time.Millisecond) // three keepalives go out meanwhile
-	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		io.WriteString(w, "hello from the client's side\n")
-	}))
-	defer web.Close()
-	port := freePort(t)
-	extra := []string{"-o", "ServerAliveInterval=1", "-o", "ExitOnForwardFailure=yes",
-		"-R", fmt.Sprintf("%d:%s", port, strings.TrimPrefix(web.URL, "http://"))}
-	got := e.ssh(t, nil, []testKey{owner}, extra, "dev", fmt.Sprintf("curl -sS http://localhost:%d/", port))
-	if got != (result{stdout: "hello from the client's side\n"}) {
-		t.Fatalf("curl in the box: %+v", got)
-	}
 }
 
 // startAgent starts an ssh-agent holding keys and returns its socket.
