@@ -110,13 +110,13 @@ func (r *redialer) run(conn net.Conn, rd io.Reader, peerRecv uint64, socket stri
 			runErr = r.link.Run(conn, rd, peerRecv)
 		}
 		if r.link.done() {
-			r.note("", ErrLinkClosed)
+			r.end(ErrLinkClosed)
 			return
 		}
 		r.mu.Lock()
 		asked, onBreak := r.moved, r.onBreak
-		r.on, r.conn, r.moved = "", nil, false
-		r.changed = notify(r.changed)
+		r.moved = false
+		r.noteLocked("", nil, nil)
 		r.mu.Unlock()
 		if !asked && onBreak != nil {
 			onBreak(socket, runErr)
@@ -129,7 +129,7 @@ func (r *redialer) run(conn net.Conn, rd io.Reader, peerRecv uint64, socket stri
 		}
 		if err != nil {
 			r.link.fail(err)
-			r.note("", err)
+			r.end(err)
 			return
 		}
 	}
@@ -152,22 +152,23 @@ func (r *redialer) carry(socket string, conn net.Conn) bool {
 		conn.Close()
 		return false
 	}
-	r.on, r.err, r.conn = socket, nil, conn
-	r.changed = notify(r.changed)
+	r.noteLocked(socket, conn, nil)
 	return true
 }
 
-// notify closes changed and gives the channel that replaces it.
-func notify(changed chan struct{}) chan struct{} {
-	close(changed)
-	return make(chan struct{})
-}
-
-func (r *redialer) note(on string, err error) {
+// end notes that the link ended, for err.
+func (r *redialer) end(err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.on, r.err = on, err
-	r.changed = notify(r.changed)
+	r.noteLocked("", nil, err)
+}
+
+// noteLocked sets the channel that carries the link (its socket and conn; "" and nil between channels) and why
+// the link ended, and wakes wait. The caller holds mu.
+func (r *redialer) noteLocked(on string, conn net.Conn, err error) {
+	r.on, r.conn, r.err = on, conn, err
+	close(r.changed)
+	r.changed = make(chan struct{})
 }
 
 // next dials until a channel resumes the link. A refusal is final; so is a link closed meanwhile.

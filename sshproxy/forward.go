@@ -315,7 +315,7 @@ func intake(done <-chan struct{}, reqs <-chan *ssh.Request, chans <-chan ssh.New
 const heartbeatEvery = 400 * time.Millisecond
 
 // heartbeat sends the person a keepalive that asks for no answer every interval until the returned stop is
-// called. While a box resumes, an OpenSSH client with ServerAliveInterval then hears from the proxy and sends no
+// called, once. While a box resumes, an OpenSSH client with ServerAliveInterval then hears from the proxy and sends no
 // keepalive of its own, which would have to wait for its answer behind a remote forward's (intake), and end the
 // connection after ServerAliveCountMax of them.
 func heartbeat(conn ssh.Conn, every time.Duration) (stop func()) {
@@ -334,8 +334,7 @@ func heartbeat(conn ssh.Conn, every time.Duration) (stop func()) {
 			}
 		}
 	}()
-	var once sync.Once
-	return func() { once.Do(func() { close(done) }) }
+	return func() { close(done) }
 }
 
 // refuseItems answers the person when their box cannot be reached: forward requests get no, the first channel
