@@ -196,7 +196,7 @@ func TestConformance(t *testing.T) {
 }
 
 // shmDir is a fresh folder on tmpfs for memory files.
-func shmDir(t *testing.T) string {
+func shmDir(t testing.TB) string {
 	t.Helper()
 	d, err := os.MkdirTemp("/dev/shm", "boxd-test-")
 	if err != nil {
@@ -216,7 +216,7 @@ func observerGuest(ctx context.Context, t *testing.T) (kernel, initrd string) {
 // busyboxGuest fetches the kernel and writes an initramfs of static
 // busybox, the modules named (and what they need, listed in load order in
 // /lib/modules/boxd/order) and init as /init; it returns their paths.
-func busyboxGuest(ctx context.Context, t *testing.T, init string, modules ...string) (kernel, initrd string) {
+func busyboxGuest(ctx context.Context, t testing.TB, init string, modules ...string) (kernel, initrd string) {
 	t.Helper()
 	testutil.EnsurePackages(ctx, t, map[string]string{"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"})
 	testutil.StaticBusybox(ctx, t)
@@ -256,7 +256,7 @@ func busyboxGuest(ctx context.Context, t *testing.T, init string, modules ...str
 	}
 	check(w.CharDev("/dev/console", 0o600, 5, 1))
 	check(w.CopyFile("/bin/busybox", 0o755, busyboxPath))
-	for _, applet := range []string{"sh", "mount", "sleep", "echo", "cat", "md5sum", "wc", "head", "insmod", "dd"} {
+	for _, applet := range []string{"sh", "mount", "sleep", "echo", "cat", "md5sum", "wc", "head", "insmod", "dd", "mkdir", "rm"} {
 		check(w.Symlink("/bin/"+applet, "busybox"))
 	}
 	var list string

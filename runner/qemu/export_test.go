@@ -23,3 +23,22 @@ func SetMaxWriteHold(t *testing.T, d time.Duration) {
 	maxWriteHold = d
 	t.Cleanup(func() { maxWriteHold = old })
 }
+
+// LiveForks is how many of m's forks copied its memory live (livecopy.go).
+func LiveForks(m *Machine) int64 { return m.liveForks.Load() }
+
+// FailLiveCopies makes live copies fail with err once they have written
+// after pages, for the rest of t, or until it is called again with nil.
+func FailLiveCopies(t *testing.T, after int64, err error) {
+	if err == nil {
+		liveFault = nil
+		return
+	}
+	liveFault = func(written int64) error {
+		if written >= after {
+			return err
+		}
+		return nil
+	}
+	t.Cleanup(func() { liveFault = nil })
+}

@@ -74,8 +74,8 @@ package qemu
 //	  +------------------+                       +--------+      has no file: rebuilt from
 //	    ^                                          |             the store
 //	    | SnapshotForFork                          | no machine maps it, and done
-//	    | (precopy, stop, catch up)                | (its last machine's Stop,
-//	    |                                          | ReleaseSnapshot, SnapshotRemoved)
+//	    | (live copy, or precopy,                  | (its last machine's Stop,
+//	    |  stop, catch up)                         | ReleaseSnapshot, SnapshotRemoved)
 //	  +----------+                                 v
 //	  | prepared |                               removed
 //	  +----------+
@@ -98,12 +98,14 @@ package qemu
 // a machine on a frozen file stores the snapshot before it returns and
 // adopts no file.
 //
-// SnapshotForFork of a machine on an own file copies that file into the
-// prepared one while the guest runs (precopy), stops the guest, and
-// writes the pages that changed since (catchUp); for a machine on a
-// frozen file, the prepared file is already a copy of that file and only
-// the pages the machine holds privately (found in /proc/PID/pagemap) are
-// written (writePrivate). Either way the machine continues on its own
+// SnapshotForFork of a running machine on a frozen file, or on an own file
+// that is mostly data, copies its memory into the prepared file live, with
+// QEMU's dirty tracking (livecopy.go). Otherwise, for a machine on an own
+// file, it copies that file into the prepared one while the guest runs
+// (precopy), stops the guest, and writes the pages that changed since
+// (catchUp); for a machine on a frozen file, the prepared file is already a
+// copy of that file and only the pages the machine holds privately (found
+// in /proc/PID/pagemap) are written (writePrivate). Either way the machine continues on its own
 // memory. A machine whose disk is raw cannot fork this way: its
 // SnapshotForFork is a Snapshot, stored before it returns, and restores
 // rebuild memory from the store.

@@ -126,6 +126,11 @@ type Runner struct {
 
 	// Graph is the store snapshots go to and come from.
 	Graph *snapshotter.Graph
+	// CopyForks makes a fork of a running machine on its own memory file
+	// copy that file while the guest runs and compare every page of it
+	// with the prepared copy once the guest is stopped, as boxd did before
+	// live copies (livecopy.go); it is there to compare the two.
+	CopyForks bool
 	// EagerRestore makes a long-lived restore rebuild the whole memory
 	// file before QEMU starts, as boxd did before lazy restores
 	// (postcopy.go); it is there to compare the two.
@@ -698,17 +703,19 @@ type Machine struct {
 	// Runner.MemoryHeadroom), memLimit its limit.
 	memcg    atomic.Pointer[string]
 	memLimit int64
-	id       string
-	accel    string
-	dir      string
-	console  string
-	socket   string
-	agent    string
-	memFile  string
-	private  bool // memFile is a frozen snapshot's, mapped copy-on-write
-	disk     string
-	base     string        // the snapshot the disk starts from (Spec.Disk.Base)
-	started  time.Duration // CLOCK_MONOTONIC when QEMU started
+	// liveForks counts the forks that copied the memory live (livecopy.go).
+	liveForks atomic.Int64
+	id        string
+	accel     string
+	dir       string
+	console   string
+	socket    string
+	agent     string
+	memFile   string
+	private   bool // memFile is a frozen snapshot's, mapped copy-on-write
+	disk      string
+	base      string        // the snapshot the disk starts from (Spec.Disk.Base)
+	started   time.Duration // CLOCK_MONOTONIC when QEMU started
 
 	consoleMu sync.Mutex // guards console, which a spare's takeover changes
 

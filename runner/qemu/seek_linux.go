@@ -29,3 +29,11 @@ func seekHole(f *os.File, off int64) (int64, error) {
 	}
 	return n, nil
 }
+
+// punchHole gives the n bytes of f at off back to holes.
+func punchHole(f *os.File, off, n int64) error {
+	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+		return fmt.Errorf("qemu: punching a hole: %w", err)
+	}
+	return nil
+}

@@ -100,6 +100,11 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 		return snapshotter.Snapshot{}, err
 	}
 	if s.mode == modeFork {
+		if gaps, ok := s.live(); ok {
+			return s.forkLive(gaps)
+		}
+	}
+	if s.mode == modeFork {
 		if err := s.precopy(); err != nil {
 			return snapshotter.Snapshot{}, err
 		}
@@ -148,6 +153,7 @@ type snapRun struct {
 	qcow2        bool // the machine's disk is a qcow2 overlay chain
 	wasRunning   bool
 	prep         string // a fork's prepared memory file, until the snapshot owns it
+	filled       bool   // prep holds the stopped machine's memory (forkLive)
 	frozenDisk   string // the overlay this snapshot froze
 	job          *captureJob
 	ph           *phases
@@ -211,6 +217,54 @@ func (s *snapRun) precopy() error {
 	return nil
 }
 
+// live says whether the fork copies the machine's memory with a live
+// migration (livecopy.go), and the holes of its memory file then: a
+// running machine, of a runner that does not copy files instead
+// (Runner.CopyForks), on a frozen file (whose pages a snapshot migration
+// sends anyway), or on its own file with few holes (the copy fills them,
+// and they are given back while the guest is stopped).
+func (s *snapRun) live() ([][2]int64, bool) {
+	m := s.m
+	if !s.wasRunning || m.r.CopyForks {
+		return nil, false
+	}
+	gaps, holes, err := memoryHoles(m.memFile, m.spec.MemSize)
+	if err != nil {
+		return nil, false
+	}
+	return gaps, m.private || holes*liveHoles <= m.spec.MemSize/migrationPage
+}
+
+// forkLive is the fork of a running machine on its own memory file: its
+// memory goes into the prepared file by liveCopy, which stops the guest
+// itself, and the disk is frozen at that stop.
+func (s *snapRun) forkLive(gaps [][2]int64) (snapshotter.Snapshot, error) {
+	m := s.m
+	prep, err := m.takePrepared()
+	if err != nil {
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	s.prep = prep
+	defer s.dropPrepared()
+	devices, pages, err := m.liveCopy(s.ctx, prep, gaps, func() error {
+		s.ph.mark("precopy")
+		return s.freezeDisk()
+	})
+	if err != nil {
+		s.resume()
+		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	}
+	s.ph.mark("memory")
+	s.ph.attrs = append(s.ph.attrs, "pages", pages)
+	if err := s.describe(devices); err != nil {
+		s.resume()
+		return snapshotter.Snapshot{}, err
+	}
+	s.filled = true
+	m.liveForks.Add(1)
+	return s.finishFork()
+}
+
 // dropPrepared gives back the prepared file of a fork that failed:
 // nothing maps it.
 func (s *snapRun) dropPrepared() {
@@ -260,12 +314,18 @@ func (s *snapRun) freezeDisk() error {
 // saveState saves the device state and describes what the snapshot
 // stores: the capture job.
 func (s *snapRun) saveState() error {
-	m := s.m
-	devices, err := m.saveDevices(s.ctx)
+	devices, err := s.m.saveDevices(s.ctx)
 	if err != nil {
 		return err
 	}
 	s.ph.mark("devices")
+	return s.describe(devices)
+}
+
+// describe makes the capture job of the snapshot whose device state is
+// devices.
+func (s *snapRun) describe(devices []byte) error {
+	m := s.m
 	job, err := m.captureJob(s.name, s.parent, s.opts, devices, s.frozenDisk)
 	if err != nil {
 		return err
@@ -282,11 +342,13 @@ func (s *snapRun) saveState() error {
 // the background) and lets the machine run on.
 func (s *snapRun) finishFork() (snapshotter.Snapshot, error) {
 	m := s.m
-	if err := m.fillPrepared(s.prep); err != nil {
-		s.resume()
-		return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+	if !s.filled {
+		if err := m.fillPrepared(s.prep); err != nil {
+			s.resume()
+			return snapshotter.Snapshot{}, fmt.Errorf("snapshot of %s: %w", m.id, err)
+		}
+		s.ph.mark("memory")
 	}
-	s.ph.mark("memory")
 	s.job.memFile, s.job.pid = s.prep, 0
 	m.r.adoptPending(s.job)
 	m.forkDone(s.prep, true)
@@ -512,35 +574,19 @@ func hasMemory(g *snapshotter.Graph, snap string) bool {
 // saveDevices migrates the stopped machine's device state to boxd over a
 // unix socket, guest RAM stripped out.
 func (m *Machine) saveDevices(ctx context.Context) ([]byte, error) {
-	sock := filepath.Join(m.dir, "save.sock")
-	_ = os.Remove(sock)
-	l, err := net.Listen("unix", sock)
+	uri, got, stop, err := m.receiveMigration("save.sock", func(r io.Reader, w io.Writer) error {
+		_, err := stripRAM(r, w)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("qemu: %w", err)
+		return nil, err
 	}
-	defer os.Remove(sock)
-	defer l.Close()
-	type result struct {
-		b   []byte
-		err error
-	}
-	got := make(chan result, 1)
-	go func() {
-		conn, err := l.Accept()
-		if err != nil {
-			got <- result{err: err}
-			return
-		}
-		defer conn.Close()
-		var buf bytes.Buffer
-		_, err = stripRAM(conn, &buf)
-		got <- result{buf.Bytes(), err}
-	}()
-	if _, err := m.qmp.execute(ctx, "migrate", map[string]any{"uri": "unix:" + sock}); err != nil {
+	defer stop()
+	if _, err := m.qmp.execute(ctx, "migrate", map[string]any{"uri": uri}); err != nil {
 		return nil, fmt.Errorf("qemu: %s: saving device state: %w", m.id, err)
 	}
 	if err := m.waitMigration(ctx); err != nil {
-		_ = l.Close()
+		stop()
 		m.cancelMigration()
 		return nil, fmt.Errorf("qemu: %s: saving device state: %w", m.id, err)
 	}
@@ -553,6 +599,38 @@ func (m *Machine) saveDevices(ctx context.Context) ([]byte, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// migrationResult is what the reader of a migration stream made of it.
+type migrationResult struct {
+	b   []byte
+	err error
+}
+
+// receiveMigration listens on the unix socket name in the machine's folder
+// for one migration stream, which read turns into bytes in the
+// background. It returns the URI for QEMU's migrate and stop, which closes
+// the socket.
+func (m *Machine) receiveMigration(name string, read func(r io.Reader, w io.Writer) error) (uri string, got <-chan migrationResult, stop func(), err error) {
+	sock := filepath.Join(m.dir, name)
+	_ = os.Remove(sock)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		return "", nil, nil, fmt.Errorf("qemu: %w", err)
+	}
+	ch := make(chan migrationResult, 1)
+	go func() {
+		conn, err := l.Accept()
+		if err != nil {
+			ch <- migrationResult{err: err}
+			return
+		}
+		defer conn.Close()
+		var buf bytes.Buffer
+		err = read(conn, &buf)
+		ch <- migrationResult{buf.Bytes(), err}
+	}()
+	return "unix:" + sock, ch, func() { _ = l.Close(); _ = os.Remove(sock) }, nil
 }
 
 // loadDevices feeds device state to a machine started with -incoming.
@@ -615,6 +693,13 @@ func (m *Machine) cancelMigration() {
 
 // waitMigration polls query-migrate until the migration completes.
 func (m *Machine) waitMigration(ctx context.Context) error {
+	return m.awaitMigration(ctx, "completed", nil)
+}
+
+// awaitMigration polls query-migrate until the migration's status is want,
+// calling each (when set) between polls; a migration that ends otherwise is
+// an error.
+func (m *Machine) awaitMigration(ctx context.Context, want string, each func() error) error {
 	for {
 		raw, err := m.qmp.execute(ctx, "query-migrate", nil)
 		if err != nil {
@@ -628,10 +713,15 @@ func (m *Machine) waitMigration(ctx context.Context) error {
 			return err
 		}
 		switch st.Status {
-		case "completed":
+		case want:
 			return nil
-		case "failed", "cancelled":
+		case "failed", "cancelled", "completed":
 			return errors.New("migration " + st.Status + ": " + st.ErrorDesc)
+		}
+		if each != nil {
+			if err := each(); err != nil {
+				return err
+			}
 		}
 		select {
 		case <-ctx.Done():

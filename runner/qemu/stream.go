@@ -44,11 +44,33 @@ var errStream = errors.New("qemu: migration stream")
 // x-ignore-shared; boxd captures those pages itself, so the stream keeps
 // only what it cannot get elsewhere. It returns the pages it dropped.
 func stripRAM(r io.Reader, w io.Writer) (dropped int64, err error) {
-	s := &streamFilter{r: bufio.NewReaderSize(r, 1<<20), w: bufio.NewWriterSize(w, 1<<16), ramID: -1}
+	s := newStreamFilter(r, w)
 	if err := s.run(); err != nil {
 		return s.dropped, err
 	}
 	return s.dropped, s.w.Flush()
+}
+
+// splitRAM reads the stream of a migration that carries guest RAM, one
+// saved without x-ignore-shared (liveCopy), hands each record of the guest
+// RAM block to put (its offset in the block, and the page, or nil for a
+// page of zeros) and copies the rest to w as stripRAM would have left a
+// stream saved with x-ignore-shared: the device state a restore loads. The
+// block addresses that x-ignore-shared adds to the RAM block list are
+// written as 0, the address of the guest RAM block of the x86 machines boxd
+// runs (a restoring QEMU checks it for that block alone, and fails loudly
+// on a mismatch).
+func splitRAM(r io.Reader, w io.Writer, put func(off int64, zero bool) ([]byte, error)) error {
+	s := newStreamFilter(r, w)
+	s.live, s.put = true, put
+	if err := s.run(); err != nil {
+		return err
+	}
+	return s.w.Flush()
+}
+
+func newStreamFilter(r io.Reader, w io.Writer) *streamFilter {
+	return &streamFilter{r: bufio.NewReaderSize(r, 1<<20), w: bufio.NewWriterSize(w, 1<<16), ramID: -1, memSize: -1}
 }
 
 type streamFilter struct {
@@ -60,6 +82,13 @@ type streamFilter struct {
 	lastKept string
 	dropped  int64
 	err      error // the first read or write error
+	// live: the stream was saved without x-ignore-shared (splitRAM), and
+	// the copy gets what that capability adds; put takes the guest RAM
+	// block's records.
+	live      bool
+	put       func(off int64, zero bool) ([]byte, error)
+	capsAdded bool
+	memSize   int64 // the guest RAM block's size, -1 before the block list
 }
 
 func (s *streamFilter) run() error {
@@ -105,22 +134,33 @@ func (s *streamFilter) run() error {
 }
 
 // configuration copies the configuration section: the machine type and
-// its subsections.
+// its subsections. A live stream gains the subsection that says the saving
+// QEMU had x-ignore-shared, where QEMU puts it (after the target's page
+// size, before the uuid).
 func (s *streamFilter) configuration() {
 	n := s.be32(true)
 	s.bytes(int(n), true)
-	for {
+	for s.err == nil {
 		b, err := s.r.Peek(1)
 		if err != nil || b[0] != vmSubsection {
-			return
+			break
 		}
-		s.byte(true)
-		name := s.str(true)
+		s.byte(false)
+		name := s.str(false)
+		if name == "configuration/uuid" {
+			s.addCapabilities()
+		}
+		s.putByte(vmSubsection)
+		s.putStr(name)
 		s.be32(true) // version
 		switch name {
 		case "configuration/target-page-bits":
 			s.be32(true)
 		case "configuration/capabilities":
+			if s.live {
+				s.setErr(fmt.Errorf("%w: a live stream with capabilities", errStream))
+				return
+			}
 			for range s.be32(true) {
 				s.str(true)
 			}
@@ -130,10 +170,23 @@ func (s *streamFilter) configuration() {
 			s.setErr(fmt.Errorf("%w: configuration subsection %q", errStream, name))
 			return
 		}
-		if s.err != nil {
-			return
-		}
 	}
+	s.addCapabilities()
+}
+
+// addCapabilities writes, once, in a live stream's configuration, the
+// subsection of the capabilities QEMU checks on load: x-ignore-shared,
+// which the restoring QEMU has.
+func (s *streamFilter) addCapabilities() {
+	if !s.live || s.capsAdded {
+		return
+	}
+	s.capsAdded = true
+	s.putByte(vmSubsection)
+	s.putStr("configuration/capabilities")
+	s.put32(1) // version
+	s.put32(1) // count
+	s.putStr("x-ignore-shared")
 }
 
 // ramSetup copies the RAM section's start: the block list.
@@ -146,9 +199,16 @@ func (s *streamFilter) ramSetup() {
 		case flags&ramFlagMemSize != 0:
 			total := v &^ ramFlagMask
 			for total > 0 && s.err == nil {
-				s.str(true)
+				name := s.str(true)
 				used := s.be64(true)
-				s.be64(true) // the block's address: boxd always migrates with x-ignore-shared
+				if s.live {
+					s.put64(0) // the block's address, which x-ignore-shared adds
+				} else {
+					s.be64(true) // the block's address: boxd migrates with x-ignore-shared
+				}
+				if name == guestRAMBlockStr {
+					s.memSize = int64(used)
+				}
 				if used > total {
 					s.setErr(fmt.Errorf("%w: RAM block list overruns its total", errStream))
 					return
@@ -193,6 +253,10 @@ func (s *streamFilter) ramPages() {
 		} else {
 			s.dropped++
 		}
+		if !keep && s.put != nil {
+			s.putPage(v, flags)
+			continue
+		}
 		n := migrationPage
 		if flags&ramFlagZero != 0 {
 			n = 1
@@ -201,6 +265,36 @@ func (s *streamFilter) ramPages() {
 			s.bytes(n, true)
 		} else {
 			s.skip(n)
+		}
+	}
+}
+
+// putPage reads the data of a record of the guest RAM block (v, with its
+// flags) into the buffer put gives for it.
+func (s *streamFilter) putPage(v, flags uint64) {
+	off := int64(v &^ ramFlagMask)
+	if off%migrationPage != 0 || off+migrationPage > s.memSize {
+		s.setErr(fmt.Errorf("%w: page at %#x outside guest RAM of %d bytes", errStream, off, s.memSize))
+		return
+	}
+	zero := flags&ramFlagZero != 0
+	if zero {
+		if fill := s.byte(false); fill != 0 {
+			s.setErr(fmt.Errorf("%w: page at %#x filled with %#x", errStream, off, fill))
+			return
+		}
+	}
+	if s.err != nil {
+		return
+	}
+	dst, err := s.put(off, zero)
+	if err != nil {
+		s.setErr(err)
+		return
+	}
+	if !zero {
+		if _, err := io.ReadFull(s.r, dst[:migrationPage]); err != nil {
+			s.setErr(err)
 		}
 	}
 }
@@ -281,6 +375,20 @@ func (s *streamFilter) put64(v uint64) {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], v)
 	if _, err := s.w.Write(b[:]); err != nil {
+		s.setErr(err)
+	}
+}
+
+func (s *streamFilter) put32(v uint32) {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], v)
+	if _, err := s.w.Write(b[:]); err != nil {
+		s.setErr(err)
+	}
+}
+
+func (s *streamFilter) putByte(b byte) {
+	if err := s.w.WriteByte(b); err != nil {
 		s.setErr(err)
 	}
 }
