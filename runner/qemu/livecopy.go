@@ -57,24 +57,16 @@ func (m *Machine) liveCopy(ctx context.Context, file string, gaps [][2]int64, at
 	// tmpfs through a mapping fills it. The pages of gaps (the holes of the
 	// machine's memory file before the copy) go back to holes: for a
 	// machine on its own file, those still zeros, while the guest is
-	// stopped (punch); for one on a frozen file, which nothing writes,
-	// all of them, after the copy.
+	// stopped (punch); for one on a frozen file, all of them, afterwards
+	// (punchFrozen).
+	if m.private {
+		defer func() { go m.punchFrozen(gaps) }()
+	}
 	mapped, err := os.OpenFile(m.memFile, os.O_WRONLY, 0)
 	if err != nil {
 		return nil, 0, fmt.Errorf("qemu: memory file: %w", err)
 	}
-	defer func() {
-		if m.private && err == nil {
-			go func() {
-				defer mapped.Close()
-				if err := punchGaps(mapped, gaps); err != nil {
-					m.r.logger().Warn("qemu: a frozen memory file keeps pages of zeros", "file", m.memFile, "err", err)
-				}
-			}()
-			return
-		}
-		mapped.Close()
-	}()
+	defer mapped.Close()
 	uri, got, stop, err := m.receiveMigration("live.sock", func(r io.Reader, out io.Writer) error {
 		if err := splitRAM(r, out, w.put); err != nil {
 			return err
@@ -316,6 +308,23 @@ func (w *pageWriter) punch(f *os.File, gaps [][2]int64) error {
 		}
 	}
 	return nil
+}
+
+// punchFrozen gives the pages of gaps back to holes in the frozen file the
+// machine maps copy-on-write, after a migration that read them (which
+// fills the holes): nobody writes a frozen file, so they are zeros.
+func (m *Machine) punchFrozen(gaps [][2]int64) {
+	f, err := os.OpenFile(m.memFile, os.O_WRONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return // gone with its last machine
+	}
+	if err == nil {
+		err = punchGaps(f, gaps)
+		f.Close()
+	}
+	if err != nil {
+		m.r.logger().Warn("qemu: a frozen memory file keeps pages of zeros", "file", m.memFile, "err", err)
+	}
 }
 
 // punchGaps gives the pages of gaps back to holes in f.

@@ -574,6 +574,13 @@ func hasMemory(g *snapshotter.Graph, snap string) bool {
 // saveDevices migrates the stopped machine's device state to boxd over a
 // unix socket, guest RAM stripped out.
 func (m *Machine) saveDevices(ctx context.Context) ([]byte, error) {
+	if m.private {
+		// The migration sends private RAM, reading every page of the
+		// frozen file: the holes it fills go back afterwards.
+		if gaps, _, err := memoryHoles(m.memFile, m.spec.MemSize); err == nil {
+			defer func() { go m.punchFrozen(gaps) }()
+		}
+	}
 	uri, got, stop, err := m.receiveMigration("save.sock", func(r io.Reader, w io.Writer) error {
 		_, err := stripRAM(r, w)
 		return err

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -434,10 +435,17 @@ func TestWarmForkOfFork(t *testing.T) {
 	// The fork runs on, writing pages of its own, then freezes.
 	before, _ := diskStep(ctx, t, fork, 0)
 	before, _ = diskStep(ctx, t, fork, before+3)
+	frozenBefore := allocated(t, fork.MemoryFile())
 	start := time.Now()
 	if _, err := fork.SnapshotForFork(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
+	if n := qemu.LiveForks(fork); n != 1 {
+		t.Errorf("%d live copies of the fork's memory, want 1", n)
+	}
+	// The copy read every page of the frozen file the fork maps, which
+	// fills its holes: they go back to holes.
+	awaitAllocated(t, fork.MemoryFile(), frozenBefore+4<<20, start)
 	frozeAt := lastStep(fork.Console())
 	var kids []*qemu.Machine
 	for i := range 2 {
@@ -478,6 +486,14 @@ func TestWarmForkOfFork(t *testing.T) {
 	if _, err := r.Committed(ctx, "fof-3"); err != nil {
 		t.Fatal(err)
 	}
+	// A plain snapshot's device state carries the fork's private RAM, read
+	// through the frozen file too: its holes go back as well.
+	frozenBefore = allocated(t, fork.MemoryFile())
+	start = time.Now()
+	if _, err := fork.Snapshot(ctx, "fof-4", runner.SnapshotOptions{Incremental: true}); err != nil {
+		t.Fatal(err)
+	}
+	awaitAllocated(t, fork.MemoryFile(), frozenBefore+4<<20, start)
 	// The snapshot in the store is whole: a restore from it, with the
 	// frozen files gone, carries on too.
 	if _, err := r.Committed(ctx, "fof-2"); err != nil {
@@ -502,6 +518,28 @@ func TestWarmForkOfFork(t *testing.T) {
 		t.Fatalf("restore from the store: step %d reading %q; the fork froze at %d", n, got, frozeAt)
 	}
 	_ = before
+}
+
+// allocated is how many bytes of the file at path are allocated.
+func allocated(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// awaitAllocated waits until at most limit bytes of the file at path are
+// allocated, for 20 s after start.
+func awaitAllocated(t *testing.T, path string, limit int64, start time.Time) {
+	t.Helper()
+	for n := allocated(t, path); n > limit; n = allocated(t, path) {
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("%s holds %d bytes, want at most %d", path, n, limit)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // kernelArg is the -kernel argument of QEMU process pid.
