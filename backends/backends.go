@@ -68,10 +68,9 @@ type Config struct {
 	// EagerRestore makes QEMU restores rebuild a box's whole memory before
 	// it runs instead of serving it lazily (qemu.Runner.EagerRestore).
 	EagerRestore bool
-	// CopyForks makes QEMU forks copy a box's memory file, and compare it
-	// once the box is stopped, instead of copying it live
-	// (qemu.Runner.CopyForks).
-	CopyForks bool
+	// LiveForks makes QEMU forks copy a box's memory live, with QEMU's
+	// dirty tracking (qemu.Runner.LiveForks).
+	LiveForks bool
 	// LazyGrace is qemu.Runner.LazyGrace (0: its default).
 	LazyGrace time.Duration
 }
@@ -138,7 +137,7 @@ func New(cfg Config) *Set {
 	q := &qemu.Runner{
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
-		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore, CopyForks: cfg.CopyForks,
+		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore, LiveForks: cfg.LiveForks,
 		ResumeSpares: ResumeSpares, LazyGrace: cfg.LazyGrace,
 	}
 	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}

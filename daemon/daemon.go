@@ -56,10 +56,9 @@ type Config struct {
 	// runs, instead of serving its pages while it runs
 	// (backends.Config.EagerRestore).
 	EagerRestore bool
-	// CopyForks makes a fork copy a box's memory file and compare it once
-	// the box is stopped, instead of copying it live
-	// (backends.Config.CopyForks).
-	CopyForks bool
+	// LiveForks makes a fork copy a box's memory live, with QEMU's dirty
+	// tracking (backends.Config.LiveForks).
+	LiveForks bool
 	// LazyGrace is how long a lazily resumed box's memory beyond its
 	// working set waits before it is pushed (backends.Config.LazyGrace).
 	LazyGrace time.Duration
@@ -139,7 +138,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		// A bounded cache of the bucket's packs may evict a pack a lazy
 		// restore has yet to read: restores read all memory first there.
 		EagerRestore: cfg.EagerRestore || cfg.RemoteCacheLimit > 0,
-		CopyForks:    cfg.CopyForks,
+		LiveForks:    cfg.LiveForks,
 	})
 	exchange := events.New(0)
 	mgr, err := box.Open(box.Config{

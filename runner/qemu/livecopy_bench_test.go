@@ -62,7 +62,7 @@ func (p *forkPhases) Handle(_ context.Context, r slog.Record) error {
 
 // BenchmarkForkCopy forks a 192 MiB machine that filled 120 MiB of its
 // memory, on its own memory file and on a frozen file (a fork of a fork),
-// with the memory copied live (livecopy.go) and as files (Runner.CopyForks),
+// with the memory copied live (livecopy.go, Runner.LiveForks) and as files,
 // side by side: ms a fork takes in all, ms the guest runs while its memory
 // is copied, and ms it stands stopped.
 func BenchmarkForkCopy(b *testing.B) {
@@ -85,7 +85,7 @@ func BenchmarkForkCopy(b *testing.B) {
 			b.Run(mapping+"/"+how, func(b *testing.B) {
 				phases := &forkPhases{}
 				g := testutil.OpenGraph(b, b.TempDir(), snapshotter.Open)
-				r := &qemu.Runner{Dir: b.TempDir(), MemDir: shmDir(b), Graph: g, Logger: slog.New(phases), CopyForks: copyFiles}
+				r := &qemu.Runner{Dir: b.TempDir(), MemDir: shmDir(b), Graph: g, Logger: slog.New(phases), LiveForks: !copyFiles}
 				m, err := r.StartMachine(ctx, spec)
 				if err != nil {
 					b.Fatal(err)

@@ -89,7 +89,7 @@ func TestLiveCopyFork(t *testing.T) {
 	defer cancel()
 	kernel, initrd := busyboxGuest(ctx, t, churnInit)
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
-	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
+	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t), LiveForks: true}
 	spec := runner.Spec{
 		MemSize: 192 << 20,
 		Kernel:  kernel,

@@ -99,8 +99,9 @@ package qemu
 // adopts no file.
 //
 // SnapshotForFork of a running machine on a frozen file, or on an own file
-// that is mostly data, copies its memory into the prepared file live, with
-// QEMU's dirty tracking (livecopy.go). Otherwise, for a machine on an own
+// that is mostly data, of a runner with LiveForks, copies its memory into
+// the prepared file live, with QEMU's dirty tracking (livecopy.go).
+// Otherwise, for a machine on an own
 // file, it copies that file into the prepared one while the guest runs
 // (precopy), stops the guest, and writes the pages that changed since
 // (catchUp); for a machine on a frozen file, the prepared file is already a

@@ -420,6 +420,7 @@ func TestWarmForkOfFork(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	r, g, spec, work := diskMachine(ctx, t)
+	r.LiveForks = true
 	frozenMachine(ctx, t, r, spec, "fof-1")
 	fork, err := r.RestoreMachine(ctx, "fof-1", runner.RestoreOptions{Disk: filepath.Join(work, "fork.qcow2")})
 	if err != nil {
