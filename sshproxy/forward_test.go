@@ -200,7 +200,11 @@ func TestRemoteForward(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		go http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		// http.Serve closes its listener when it ends: once this test's
+		// Close below has ended it, a second cancel-tcpip-forward that may
+		// overtake the test's, which is then refused. It gets a listener
+		// whose Close does nothing.
+		go http.Serve(keepOpen{l}, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 			io.WriteString(w, "through the x/crypto client\n")
 		}))
 		addr := l.Addr().String()
@@ -320,3 +324,9 @@ func TestAgentForward(t *testing.T) {
 		}
 	})
 }
+
+// keepOpen is a listener whose Close leaves it open, for a server that
+// must not close it.
+type keepOpen struct{ net.Listener }
+
+func (keepOpen) Close() error { return nil }
