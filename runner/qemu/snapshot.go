@@ -219,9 +219,10 @@ func (s *snapRun) precopy() error {
 
 // live says whether the fork copies the machine's memory with a live
 // migration (livecopy.go), and the holes of its memory file then: a
-// running machine, of a runner with Runner.LiveForks, on a frozen file (whose pages a snapshot migration
-// sends anyway), or on its own file with few holes (the copy fills them,
-// and they are given back while the guest is stopped).
+// running machine, of a runner with Runner.LiveForks, on a frozen file
+// (whose pages a snapshot migration sends anyway), or on its own file with
+// few holes (the copy fills them, and they are given back while the guest
+// is stopped).
 func (s *snapRun) live() ([][2]int64, bool) {
 	m := s.m
 	if !s.wasRunning || !m.r.LiveForks {
@@ -234,9 +235,9 @@ func (s *snapRun) live() ([][2]int64, bool) {
 	return gaps, m.private || holes*liveHoles <= m.spec.MemSize/migrationPage
 }
 
-// forkLive is the fork of a running machine on its own memory file: its
-// memory goes into the prepared file by liveCopy, which stops the guest
-// itself, and the disk is frozen at that stop.
+// forkLive is the fork of a machine that live says copies live: its memory
+// goes into the prepared file by liveCopy, which stops the guest itself,
+// and the disk is frozen at that stop.
 func (s *snapRun) forkLive(gaps [][2]int64) (snapshotter.Snapshot, error) {
 	m := s.m
 	prep, err := m.takePrepared()
