@@ -150,10 +150,14 @@ func seedGuest(ctx context.Context, m *qemu.Machine) error {
 			return nil
 		}
 	}
-	if ctx.Err() != nil {
-		return fmt.Errorf("the guest did not take its seed: %w", ctx.Err())
+	// Say what became of the guest: the console shows a kernel's crash.
+	err = cmp.Or(ctx.Err(), sc.Err(), io.ErrUnexpectedEOF)
+	select {
+	case <-m.Done():
+		return fmt.Errorf("the guest did not take its seed: %w; QEMU exited: %w; console:\n%s", err, m.Err(), m.Console())
+	case <-time.After(time.Second):
 	}
-	return fmt.Errorf("the guest did not take its seed: %w", cmp.Or(sc.Err(), io.ErrUnexpectedEOF))
+	return fmt.Errorf("the guest did not take its seed: %w; console:\n%s", err, m.Console())
 }
 
 func TestConformance(t *testing.T) {

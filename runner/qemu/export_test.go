@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -27,6 +28,17 @@ func SetMaxWriteHold(t *testing.T, d time.Duration) {
 // LiveForks is how many of m's forks copied its memory live (livecopy.go).
 func LiveForks(m *Machine) int64 { return m.liveForks.Load() }
 
+// LiveTracked says whether m's QEMU tracks dirty pages soundly enough for
+// live copies (livecopy.go).
+func LiveTracked(m *Machine) bool { return m.liveTracked() }
+
+// ForceLiveCopies lets live copies run, for the rest of t, where
+// LiveTracked says QEMU loses pages the guest writes during them.
+func ForceLiveCopies(t testing.TB) {
+	liveForced = true
+	t.Cleanup(func() { liveForced = false })
+}
+
 // FailLiveCopies makes live copies fail with err once they have written
 // after pages, for the rest of t, or until it is called again with nil.
 func FailLiveCopies(t *testing.T, after int64, err error) {
@@ -41,4 +53,20 @@ func FailLiveCopies(t *testing.T, after int64, err error) {
 		return nil
 	}
 	t.Cleanup(func() { liveFault = nil })
+}
+
+// HMP runs a human monitor command on m.
+func HMP(m *Machine, cmd string) string {
+	raw, err := m.qmp.execute(context.Background(), "human-monitor-command", map[string]any{"command-line": cmd})
+	if err != nil {
+		return err.Error()
+	}
+	return string(raw)
+}
+
+// Version is the QEMU version m's QMP greeting gave.
+func Version(m *Machine) string {
+	m.qmpMu.Lock()
+	defer m.qmpMu.Unlock()
+	return m.qmp.version.String()
 }

@@ -38,6 +38,38 @@ const (
 	liveHoles = 4
 )
 
+// liveTracked says whether QEMU's dirty tracking of the running guest can
+// be trusted with a live copy. Under KVM it is the kernel's. Under TCG,
+// QEMU before 9.0 loses writes: its bitmap sync clears a page's dirty bit
+// without making the translated code's TLB entry for the page catch the
+// next write (fixed upstream by "physmem: Fix migration dirty bitmap
+// coherency with TCG memory access"), so a page the guest writes after a
+// pass can reach the copy stale. Fork children of QEMU 7.2 under TCG
+// crashed on stale kernel pages (slab free lists, timer queues) about once
+// in thirty forks with the host busy.
+func (m *Machine) liveTracked() bool {
+	m.qmpMu.Lock()
+	v := m.qmp.version
+	m.qmpMu.Unlock()
+	if liveForced || soundDirtyTracking(m.accel, v) {
+		return true
+	}
+	m.r.liveOff.Do(func() {
+		m.r.logger().Warn("qemu: forks copy memory as files, not live: QEMU before 9.0 loses pages a guest under TCG writes during a live copy", "qemu", v.String(), "accel", m.accel)
+	})
+	return false
+}
+
+// soundDirtyTracking says whether QEMU v, running guests with accel,
+// tracks every page they write during a migration (liveTracked).
+func soundDirtyTracking(accel string, v qemuVersion) bool {
+	return accel == AccelKVM || v.atLeast(9, 0)
+}
+
+// liveForced (tests) lets live copies run where liveTracked says QEMU's
+// dirty tracking loses writes.
+var liveForced bool
+
 // liveCopy copies the running machine's memory into file (a fresh prepared
 // file, all holes) with a RAM-carrying migration, calls atStop once QEMU
 // has stopped the guest (the disk is frozen there), and returns the device

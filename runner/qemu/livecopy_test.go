@@ -3,6 +3,7 @@ package qemu_test
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -102,6 +103,14 @@ func TestLiveCopyFork(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = parent.Stop(context.Background()) })
+	if !qemu.LiveTracked(parent) {
+		// Its guest writes kernel pages too: a copy that loses them can
+		// crash the fork, which would fail this test for QEMU's fault.
+		if os.Getenv("BOXD_TEST_UNSOUND_LIVE") == "" {
+			t.Skipf("QEMU %s under %s loses pages a guest writes during a live copy (fixed in QEMU 9.0), so the runner does not copy live here; BOXD_TEST_UNSOUND_LIVE=1 runs this anyway", qemu.Version(parent), parent.Accel())
+		}
+		qemu.ForceLiveCopies(t)
+	}
 	awaitMatch(ctx, t, parent, fillOKRE, -1)
 	// A copy that fails part-way (the memory file cannot be written) fails
 	// the fork, and the machine runs on and forks again.

@@ -14,10 +14,25 @@ import (
 // qmp is a minimal QMP client: one command at a time, JSON lines, async
 // events skipped.
 type qmp struct {
-	mu   sync.Mutex // one command in flight
-	conn net.Conn
-	r    *bufio.Reader
+	mu      sync.Mutex // one command in flight
+	conn    net.Conn
+	r       *bufio.Reader
+	version qemuVersion // from the greeting
 }
+
+// qemuVersion is the version of QEMU its QMP greeting gives.
+type qemuVersion struct {
+	Major int `json:"major"`
+	Minor int `json:"minor"`
+	Micro int `json:"micro"`
+}
+
+// atLeast says whether v is major.minor or later.
+func (v qemuVersion) atLeast(major, minor int) bool {
+	return v.Major > major || v.Major == major && v.Minor >= minor
+}
+
+func (v qemuVersion) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Micro) }
 
 // qmpError is an error QEMU returned for a command.
 type qmpError struct {
@@ -56,6 +71,16 @@ func dialQMP(ctx context.Context, path string) (*qmp, error) {
 		_ = conn.Close()
 		return nil, errors.New("QMP greeting: no QMP banner")
 	}
+	var banner struct {
+		Version struct {
+			QEMU qemuVersion `json:"qemu"`
+		} `json:"version"`
+	}
+	if err := json.Unmarshal(greeting.QMP, &banner); err != nil {
+		_ = conn.Close()
+		return nil, fmt.Errorf("QMP greeting: %w", err)
+	}
+	q.version = banner.Version.QEMU
 	if _, err := q.execute(ctx, "qmp_capabilities", nil); err != nil {
 		_ = conn.Close()
 		return nil, err

@@ -130,9 +130,10 @@ type Runner struct {
 	// with QEMU's dirty tracking (livecopy.go), where that pays: the guest
 	// then stands stopped for the last pages and its device state only.
 	// Off, a fork copies the memory file while the guest runs and, the
-	// guest stopped, compares it (or saves the private RAM). Off by
-	// default: a fork child of the conformance guest failed to start once
-	// in a few runs with it, cause not found yet.
+	// guest stopped, compares it (or saves the private RAM). It takes
+	// effect only where QEMU's dirty tracking is sound: under KVM, or
+	// QEMU 9.0 or later under TCG (liveTracked); elsewhere forks copy
+	// files, and the runner says so once.
 	LiveForks bool
 	// EagerRestore makes a long-lived restore rebuild the whole memory
 	// file before QEMU starts, as boxd did before lazy restores
@@ -156,6 +157,7 @@ type Runner struct {
 
 	ids       atomic.Int64
 	accelOnce sync.Once
+	liveOff   sync.Once // warns that LiveForks is set but live copies are unsound
 	accel     string
 
 	frozenMu sync.Mutex

@@ -219,13 +219,14 @@ func (s *snapRun) precopy() error {
 
 // live says whether the fork copies the machine's memory with a live
 // migration (livecopy.go), and the holes of its memory file then: a
-// running machine, of a runner with Runner.LiveForks, on a frozen file
+// running machine, of a runner with Runner.LiveForks whose QEMU tracks
+// dirty pages soundly (liveTracked), on a frozen file
 // (whose pages a snapshot migration sends anyway), or on its own file with
 // few holes (the copy fills them, and they are given back while the guest
 // is stopped).
 func (s *snapRun) live() ([][2]int64, bool) {
 	m := s.m
-	if !s.wasRunning || !m.r.LiveForks {
+	if !s.wasRunning || !m.r.LiveForks || !m.liveTracked() {
 		return nil, false
 	}
 	gaps, holes, err := memoryHoles(m.memFile, m.spec.MemSize)

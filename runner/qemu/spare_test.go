@@ -441,8 +441,10 @@ func TestWarmForkOfFork(t *testing.T) {
 	if _, err := fork.SnapshotForFork(ctx, "fof-2", runner.SnapshotOptions{Incremental: true}); err != nil {
 		t.Fatal(err)
 	}
-	if n := qemu.LiveForks(fork); n != 1 {
-		t.Errorf("%d live copies of the fork's memory, want 1", n)
+	// Live where QEMU's dirty tracking is sound (not QEMU 7.2 under TCG);
+	// else as files, where the device-state save reads every page the same.
+	if n, want := qemu.LiveForks(fork), map[bool]int64{true: 1}[qemu.LiveTracked(fork)]; n != want {
+		t.Errorf("%d live copies of the fork's memory, want %d", n, want)
 	}
 	// The copy read every page of the frozen file the fork maps, which
 	// fills its holes: they go back to holes.
