@@ -46,7 +46,7 @@ const (
 // coherency with TCG memory access"), so a page the guest writes after a
 // pass can reach the copy stale. Fork children of QEMU 7.2 under TCG
 // crashed on stale kernel pages (slab free lists, timer queues) about once
-// in thirty forks with the host busy.
+// in forty forks with the host busy (none in 130 with it quiet).
 func (m *Machine) liveTracked() bool {
 	m.qmpMu.Lock()
 	v := m.qmp.version
