@@ -35,8 +35,8 @@ func LiveTracked(m *Machine) bool { return m.liveTracked() }
 // ForceLiveCopies lets live copies run, for the rest of t, where
 // LiveTracked says QEMU loses pages the guest writes during them.
 func ForceLiveCopies(t testing.TB) {
-	liveForced = true
-	t.Cleanup(func() { liveForced = false })
+	liveForced.Store(true)
+	t.Cleanup(func() { liveForced.Store(false) })
 }
 
 // FailLiveCopies makes live copies fail with err once they have written

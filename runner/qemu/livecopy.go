@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"time"
 )
 
@@ -51,7 +52,7 @@ func (m *Machine) liveTracked() bool {
 	m.qmpMu.Lock()
 	v := m.qmp.version
 	m.qmpMu.Unlock()
-	if liveForced || soundDirtyTracking(m.accel, v) {
+	if liveForced.Load() || soundDirtyTracking(m.accel, v) {
 		return true
 	}
 	m.r.liveOff.Do(func() {
@@ -68,7 +69,7 @@ func soundDirtyTracking(accel string, v qemuVersion) bool {
 
 // liveForced (tests) lets live copies run where liveTracked says QEMU's
 // dirty tracking loses writes.
-var liveForced bool
+var liveForced atomic.Bool
 
 // liveCopy copies the running machine's memory into file (a fresh prepared
 // file, all holes) with a RAM-carrying migration, calls atStop once QEMU
