@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -1026,5 +1027,86 @@ func TestWriteStreamCancelledMidway(t *testing.T) {
 			}
 			w.Abort()
 		})
+	}
+}
+
+// TestStoreRaw checks that a Writer told to store raw keeps every new chunk
+// uncompressed, through Put and WriteStream, leaves a chunk the store holds
+// as it is, goes back to compressing when told, and that Compact still
+// compresses what it stored raw.
+func TestStoreRaw(t *testing.T) {
+	g := newGen(9)
+	known := g.text()
+	s := openStore(t, t.TempDir())
+	knownIDs, _ := ingest(t, s, known)
+
+	streamed := slices.Concat(g.text(), g.half(), g.random(ChunkSize), known)
+	put, after := g.text(), g.text()
+	w := s.NewWriter()
+	w.StoreRaw(true)
+	ids, err := writeStream(w, streamed)
+	var putID, afterID ID
+	if err == nil {
+		putID, err = w.Put(put)
+	}
+	if err == nil {
+		w.StoreRaw(false)
+		afterID, err = w.Put(after)
+	}
+	if err != nil {
+		w.Abort()
+		t.Fatal(err)
+	}
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if st := w.Stats(); st.NewChunks != 5 || st.NewStored != 4*ChunkSize+int64(len(s2Len(after))) || st.ReusedChunk != 1 {
+		t.Errorf("stats %+v: want 5 new chunks, 4 of them raw, and 1 reused", st)
+	}
+	tests := []struct {
+		name string
+		id   ID
+		data []byte
+		want Codec
+		// framed: compressible, in a pack of several, so Compact puts
+		// it in a zstd frame
+		framed bool
+	}{
+		{"streamed text", ids[0], streamed[:ChunkSize], CodecRaw, true},
+		{"streamed half", ids[1], streamed[ChunkSize : 2*ChunkSize], CodecRaw, true},
+		{"streamed random", ids[2], streamed[2*ChunkSize : 3*ChunkSize], CodecRaw, false},
+		{"already stored", ids[3], known, CodecS2, false},
+		{"put", putID, put, CodecRaw, true},
+		{"put after StoreRaw(false)", afterID, after, CodecS2, true},
+	}
+	if ids[3] != knownIDs[0] {
+		t.Fatalf("the known chunk has id %s, stored as %s", ids[3].Short(), knownIDs[0].Short())
+	}
+	for _, tt := range tests {
+		loc, err := s.Lookup(tt.id)
+		if err != nil {
+			t.Fatalf("%s: %v", tt.name, err)
+		}
+		if loc.Codec != tt.want {
+			t.Errorf("%s: codec %v, want %v", tt.name, loc.Codec, tt.want)
+		}
+		if loc.Codec == CodecRaw && loc.Stored != ChunkSize {
+			t.Errorf("%s: raw chunk stored in %d bytes", tt.name, loc.Stored)
+		}
+		checkReadable(t, s, []ID{tt.id}, [][]byte{tt.data})
+	}
+
+	if _, err := s.Compact(context.Background(), CompactOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range tests {
+		loc, err := s.Lookup(tt.id)
+		if err != nil {
+			t.Fatalf("%s, compacted: %v", tt.name, err)
+		}
+		if tt.framed && loc.Codec != CodecZstd {
+			t.Errorf("%s, compacted: codec %v, want zstd", tt.name, loc.Codec)
+		}
+		checkReadable(t, s, []ID{tt.id}, [][]byte{tt.data})
 	}
 }

@@ -42,6 +42,8 @@ type Writer struct {
 	done    bool
 	// Workers is the number of goroutines hashing and compressing.
 	Workers int
+	// raw, while set (StoreRaw), stores new chunks uncompressed.
+	raw bool
 	// spare holds batches for reuse.
 	spare chan *batch
 }
@@ -55,13 +57,20 @@ func (s *Store) NewWriter() *Writer {
 // Stats returns the counts so far.
 func (w *Writer) Stats() WriteStats { return w.stats }
 
+// StoreRaw sets whether the chunks that Put and WriteStream store from now on
+// are kept uncompressed, for data that is read back page by page where
+// decoding would cost more than the bytes it saves: a restore's page faults
+// each wait for their chunk. Compact compresses them later like any other.
+// Chunks already in the store stay as they are.
+func (w *Writer) StoreRaw(on bool) { w.raw = on }
+
 // Put stores one chunk (shorter chunks are zero-padded) and returns its id.
 func (w *Writer) Put(chunk []byte) (ID, error) {
 	if err := w.usable(); err != nil {
 		return ID{}, err
 	}
 	var ids [1]ID
-	b := &batch{n: 1, buf: make([]byte, ChunkSize), ids: ids[:]}
+	b := &batch{n: 1, buf: make([]byte, ChunkSize), ids: ids[:], raw: w.raw}
 	copy(b.buf, chunk)
 	b.data = b.buf
 	w.process(b)
@@ -91,6 +100,7 @@ type batch struct {
 	// when holes (their number) is not 0.
 	hole  [batchChunks]bool
 	holes int
+	raw   bool // store new chunks uncompressed
 	class [batchChunks]uint8
 	codec [batchChunks]Codec
 	comp  [batchChunks][]byte // stored bytes of new chunks
@@ -158,6 +168,7 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 	defer cancel()
 	var total int64
 	var readErr, stopErr error
+	raw := w.raw
 	src := newSource(r)
 	defer src.close()
 	go func() {
@@ -176,6 +187,7 @@ func (w *Writer) WriteStream(ctx context.Context, r io.Reader, emit func(i int64
 				return
 			}
 			total += int64(n)
+			b.raw = raw
 			b.done = make(chan struct{})
 			order <- b
 			work <- b
@@ -263,6 +275,10 @@ func (w *Writer) process(b *batch) {
 	})
 	for i := 0; i < b.n; i++ {
 		if b.class[i] != classNew {
+			continue
+		}
+		if b.raw {
+			b.codec[i] = CodecRaw
 			continue
 		}
 		c := b.data[i*ChunkSize : (i+1)*ChunkSize]

@@ -76,6 +76,9 @@ func (d *Draft) mapFor(name string, kind Kind) (*draftMap, error) {
 	if m.info.Kind != kind {
 		return nil, fmt.Errorf("map %q is %s, not %s: %w", name, m.info.Kind, kind, errdefs.ErrInvalidArgument)
 	}
+	// Every write goes through here first: store its chunks as its kind
+	// wants them.
+	d.w.StoreRaw(kind.storedRaw())
 	return m, nil
 }
 

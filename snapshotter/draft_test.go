@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 
+	"github.com/boxd-dev/boxd/cas"
 	"github.com/boxd-dev/boxd/internal/testutil"
 	"github.com/containerd/errdefs"
 )
@@ -360,4 +362,64 @@ func TestDraftAfterCommit(t *testing.T) {
 	}
 	draft.Abort()
 	checkExport(t, g, "done", "disk", append([]byte("x"), make([]byte, bs-1)...))
+}
+
+// TestMapKindCodec checks that the store keeps a memory map's new chunks
+// raw and compresses a disk map's, whichever way the draft writes them.
+func TestMapKindCodec(t *testing.T) {
+	g := testutil.OpenGraph(t, t.TempDir(), Open)
+	draft, err := g.NewDraft("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tag := 0
+	text := func() []byte { // compressible, and unique
+		tag++
+		return bytes.Repeat(fmt.Appendf(nil, "block %d: the same words again and again. ", tag), bs)[:bs]
+	}
+	writes := []struct {
+		name  string
+		write func(name string, kind Kind, data []byte) error
+	}{
+		{"WriteMap", func(name string, kind Kind, data []byte) error {
+			_, err := draft.WriteMap(context.Background(), name, kind, bytes.NewReader(data), nil)
+			return err
+		}},
+		{"WriteBlocks", func(name string, kind Kind, data []byte) error {
+			_, err := draft.WriteBlocks(context.Background(), name, kind, []uint64{5}, bytes.NewReader(data))
+			return err
+		}},
+		{"WriteBlock", func(name string, kind Kind, data []byte) error { return draft.WriteBlock(name, kind, 9, data) }},
+	}
+	type written struct {
+		what string
+		id   cas.ID
+		want cas.Codec
+	}
+	var all []written
+	for _, w := range writes {
+		for _, k := range []struct {
+			kind Kind
+			want cas.Codec
+		}{{KindMemory, cas.CodecRaw}, {KindDisk, cas.CodecS2}, {KindMemory, cas.CodecRaw}} {
+			data := text()
+			name := w.name + "-" + string(k.kind)
+			if err := w.write(name, k.kind, data); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			all = append(all, written{name, cas.Sum(data), k.want})
+		}
+	}
+	if _, err := draft.Commit("kinds", nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range all {
+		loc, err := g.Store().Lookup(w.id)
+		if err != nil {
+			t.Fatalf("%s: %v", w.what, err)
+		}
+		if loc.Codec != w.want {
+			t.Errorf("%s: chunk stored as %v, want %v", w.what, loc.Codec, w.want)
+		}
+	}
 }

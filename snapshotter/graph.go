@@ -33,6 +33,12 @@ const (
 	KindState Kind = "state"
 )
 
+// storedRaw reports whether the store keeps the new chunks of a map of kind
+// k uncompressed. Memory is: a lazy restore reads it back a page per fault,
+// and decoding an s2 page costs that fault more than its hash check does,
+// for a saving of disk that Compact makes later anyway, and better.
+func (k Kind) storedRaw() bool { return k == KindMemory }
+
 // ParseKind accepts "disk" or "memory".
 func ParseKind(s string) (Kind, error) {
 	switch k := Kind(s); k {

@@ -102,9 +102,22 @@ func faultService(rep *Report, e *env) error {
 	defer func() { g.Close(); os.RemoveAll(root) }()
 	benchkit.Progress("== part 1: fault service, %d MiB snapshot, one page per fault", faultMiB)
 	img, _ := guestImage(seed, pages, true)
-	if _, err := memstore.Capture(context.Background(), g, bytes.NewReader(img), int64(len(img)), memstore.CaptureOptions{Name: "fault"}); err != nil {
+	snap, err := memstore.Capture(context.Background(), g, bytes.NewReader(img), int64(len(img)), memstore.CaptureOptions{Name: "fault"})
+	if err != nil {
 		return err
 	}
+	if m, ok := snap.Map(memstore.DefaultMap); ok {
+		fs.StoredBytes = m.NewStored
+	}
+	// The same pages stored compressed, as disk blocks are (and memory was
+	// before it was kept raw), in a store of their own: in one store they
+	// would be the raw chunks again.
+	g2, s2Stored, err := compressedCopy(filepath.Join(e.tmp, "fault-s2"), img)
+	if err != nil {
+		return fmt.Errorf("compressed copy of the snapshot: %w", err)
+	}
+	defer func() { g2.Close(); os.RemoveAll(filepath.Join(e.tmp, "fault-s2")) }()
+	fs.CompressedStoredBytes = s2Stored
 	if fs.StoreReadUs, err = storeRead(g, "fault"); err != nil {
 		return fmt.Errorf("reading pages from the store: %w", err)
 	}
@@ -115,11 +128,11 @@ func faultService(rep *Report, e *env) error {
 	}
 	defer over.Release()
 	twoCPUs := e.twoCPUs()
-	var diff, diffMem Placement
+	var diff, diffS2, diffMem Placement
 	var memcpy []float64
 	// one runs the C baseline and the Go handler (from the store and from
 	// memory) in one placement.
-	one := func(i int, name string, different bool, p, mem *Placement) error {
+	one := func(i int, name string, different bool, p, ps2, mem *Placement) error {
 		placement := "same"
 		if different {
 			placement = "different"
@@ -131,11 +144,12 @@ func faultService(rep *Report, e *env) error {
 		memcpy = append(memcpy, c.memcpyGBps)
 		for _, x := range []struct {
 			p    *Placement
+			g    *snapshotter.Graph
 			over *memstore.Overlay
 			src  string
-		}{{p, nil, "store"}, {mem, over, "memory"}} {
+		}{{p, g, nil, "store"}, {ps2, g2, nil, "s2"}, {mem, g, over, "memory"}} {
 			x.p.add(c)
-			run, st, err := goFault(g, "fault", img, &e.orig, different, x.over)
+			run, st, err := goFault(x.g, "fault", img, &e.orig, different, x.over)
 			if err != nil {
 				return fmt.Errorf("go handler from %s, %s: %w", x.src, name, err)
 			}
@@ -146,13 +160,13 @@ func faultService(rep *Report, e *env) error {
 		return nil
 	}
 	for i := range *reps {
-		if err := one(i, "same CPU", false, &fs.SameCPU, &fs.SameCPUMemory); err != nil {
+		if err := one(i, "same CPU", false, &fs.SameCPU, &fs.SameCPUCompressed, &fs.SameCPUMemory); err != nil {
 			return err
 		}
 		if !twoCPUs {
 			continue
 		}
-		if err := one(i, "different CPUs", true, &diff, &diffMem); err != nil {
+		if err := one(i, "different CPUs", true, &diff, &diffS2, &diffMem); err != nil {
 			return err
 		}
 		c, err := runC(e.bin, "unpinned")
@@ -163,17 +177,46 @@ func faultService(rep *Report, e *env) error {
 		benchkit.Progress("  rep %d unpinned:       C %6.2f µs/page", i+1, c.usPerPage)
 	}
 	fs.SameCPU.finish()
+	fs.SameCPUCompressed.finish()
 	fs.SameCPUMemory.finish()
 	if twoCPUs {
 		diff.finish()
+		diffS2.finish()
 		diffMem.finish()
-		fs.Different, fs.DifferentMemory = &diff, &diffMem
+		fs.Different, fs.DifferentCompressed, fs.DifferentMemory = &diff, &diffS2, &diffMem
 		fs.CUnpinned = median(fs.CUnpinnedRuns)
 	} else {
 		benchkit.Progress("  only one CPU available: different-CPU placement skipped")
 	}
 	fs.CMemcpyGBps = median(memcpy)
 	return nil
+}
+
+// compressedCopy stores img as snapshot "fault" in a new store at root, its
+// pages written as a disk map's are (s2, raw where that saves little),
+// under the name a memory map has, and returns the store and the bytes the
+// pages took there.
+func compressedCopy(root string, img []byte) (*snapshotter.Graph, int64, error) {
+	g, err := snapshotter.Open(root)
+	if err != nil {
+		return nil, 0, err
+	}
+	d, err := g.NewDraft("")
+	if err != nil {
+		g.Close()
+		return nil, 0, err
+	}
+	m, err := d.WriteMap(context.Background(), memstore.DefaultMap, snapshotter.KindDisk, bytes.NewReader(img), nil)
+	if err == nil {
+		_, err = d.Commit("fault", nil)
+	} else {
+		d.Abort()
+	}
+	if err != nil {
+		g.Close()
+		return nil, 0, err
+	}
+	return g, m.NewStored, nil
 }
 
 // storeRead times reading every page of map DefaultMap of snap from the

@@ -69,10 +69,17 @@ func (p *Placement) finish() {
 type FaultService struct {
 	Pages   int    `json:"pages"`
 	Content string `json:"content"`
-	// The Go handler serving every page from the store (pread, s2 decode,
-	// SHA-256 check against the chunk id), as a restore does.
+	// The Go handler serving every page from the store (pread, SHA-256
+	// check against the chunk id; memory is stored raw), as a restore does.
 	SameCPU   Placement  `json:"same_cpu"`
 	Different *Placement `json:"different_cpus,omitempty"`
+	// The same from a store holding the pages compressed with s2, as disk
+	// blocks are and memory was before (pread, s2 decode, SHA-256 check).
+	SameCPUCompressed   Placement  `json:"same_cpu_s2"`
+	DifferentCompressed *Placement `json:"different_cpus_s2,omitempty"`
+	// Bytes the snapshot's pages take in the store, raw, and compressed.
+	StoredBytes           int64 `json:"stored_bytes"`
+	CompressedStoredBytes int64 `json:"s2_stored_bytes"`
 	// The Go handler serving every page from an overlay in host memory
 	// (UFFDIO_COPY from the overlay): the C baseline's work.
 	SameCPUMemory   Placement  `json:"same_cpu_from_memory"`
@@ -82,7 +89,7 @@ type FaultService struct {
 	CUnpinnedRuns []float64 `json:"c_unpinned_runs"`
 	CMemcpyGBps   float64   `json:"c_memcpy_gbps"`
 	// Reading one page from the store, as the handler does on each fault
-	// (cas.Store.GetLocated: pread, s2 decode, SHA-256 check), alone.
+	// (cas.Store.GetLocated: pread, SHA-256 check), alone.
 	StoreReadUs float64 `json:"store_read_us_per_page"`
 }
 
@@ -201,24 +208,31 @@ func printTable(w io.Writer, rep *Report) {
 	if fs.Pages > 0 {
 		fmt.Fprintf(w, "1. fault service: %d MiB snapshot (%s), one page per fault,\n", faultMiB, fs.Content)
 		fmt.Fprintf(w, "   no prefetch; one thread touches every page once, in order\n")
-		fmt.Fprintf(w, "   C serves every page from memory (UFFDIO_COPY from a copy of the image); Go from the store\n")
-		fmt.Fprintf(w, "   (pread, s2 decode, SHA-256 check, then UFFDIO_COPY) and, like for like, from memory (UFFDIO_COPY\n")
-		fmt.Fprintf(w, "   from an overlay holding every page). CPU: the whole process, all threads, while touching.\n")
+		fmt.Fprintf(w, "   C serves every page from memory (UFFDIO_COPY from a copy of the image); Go from the store,\n")
+		fmt.Fprintf(w, "   which keeps memory raw (pread, SHA-256 check, then UFFDIO_COPY), from a store holding the same\n")
+		fmt.Fprintf(w, "   pages s2-compressed as before (s2: pread, s2 decode, SHA-256 check, UFFDIO_COPY) and, like for\n")
+		fmt.Fprintf(w, "   like, from memory (UFFDIO_COPY from an overlay holding every page). CPU: the whole process,\n")
+		fmt.Fprintf(w, "   all threads, while touching.\n")
 		fmt.Fprintf(w, "   %-38s %-6s %9s %8s %7s %9s %8s %7s\n", "placement", "Go src", "Go µs/pg", "C µs/pg", "Go/C", "Go CPU", "C CPU", "Go/C")
 		row := func(name, src string, p Placement) {
 			fmt.Fprintf(w, "   %-38s %-6s %9.2f %8.2f %6.2fx %9.2f %8.2f %6.2fx\n", name, src, p.GoUsPerPage, p.CUsPerPage, p.Ratio, p.GoCPUUsPerPage, p.CCPUUsPerPage, p.CPURatio)
 		}
 		row("same CPU (everything on CPU 0)", "store", fs.SameCPU)
+		row("", "s2", fs.SameCPUCompressed)
 		row("", "memory", fs.SameCPUMemory)
 		if fs.Different != nil {
 			row("different CPUs (toucher 1, handler 0)", "store", *fs.Different)
+			if fs.DifferentCompressed != nil {
+				row("", "s2", *fs.DifferentCompressed)
+			}
 			if fs.DifferentMemory != nil {
 				row("", "memory", *fs.DifferentMemory)
 			}
 			fmt.Fprintf(w, "   %-45s %9s %8.2f   runs %s\n", "C, taskset -c 0,1 (scheduler's choice)", "", fs.CUnpinned, runs(fs.CUnpinnedRuns, "%.1f"))
 		}
 		fmt.Fprintf(w, "   Go faults served per run: %d of %d pages; C memcpy %.2f GB/s\n", fs.SameCPU.GoFaults, fs.Pages, fs.CMemcpyGBps)
-		fmt.Fprintf(w, "   reading one page from the store alone (GetLocated: pread, s2 decode, SHA-256): %.2f µs\n\n", fs.StoreReadUs)
+		fmt.Fprintf(w, "   reading one page from the store alone (GetLocated: pread, SHA-256): %.2f µs\n", fs.StoreReadUs)
+		fmt.Fprintf(w, "   the pages' bytes in the store: %.1f MiB raw, %.1f MiB s2 (%.2fx)\n\n", float64(fs.StoredBytes)/mib, float64(fs.CompressedStoredBytes)/mib, benchkit.Ratio(float64(fs.StoredBytes), float64(fs.CompressedStoredBytes)))
 	}
 
 	sr := rep.Restore
