@@ -161,31 +161,34 @@ func (c *VCPU) SetDebugRegs(d DebugRegs) error {
 	return c.get(iocSetDebugRegs, unsafe.Pointer(&d), "KVM_SET_DEBUGREGS")
 }
 
+// msrBuffer makes a struct kvm_msrs for n entries: an 8-byte header
+// (nmsrs, then padding) followed by the entries, which it returns for the
+// caller to fill, with the pointer to pass to KVM.
+func msrBuffer(n int) (unsafe.Pointer, []MSR) {
+	words := make([]uint64, 1+2*n) // uint64s keep the entries 8-byte aligned
+	*(*uint32)(unsafe.Pointer(&words[0])) = uint32(n)
+	return unsafe.Pointer(&words[0]), unsafe.Slice((*MSR)(unsafe.Pointer(&words[1])), n)
+}
+
 // MSRs reads the listed MSRs.
 func (c *VCPU) MSRs(indices []uint32) ([]MSR, error) {
 	if len(indices) == 0 {
 		return nil, nil
 	}
-	buf := make([]MSR, 1+len(indices)) // entry 0 holds the kvm_msrs header
-	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(indices))
+	p, entries := msrBuffer(len(indices))
 	for i, idx := range indices {
-		buf[1+i].Index = idx
+		entries[i].Index = idx
 	}
-	n, err := ioctlPtr(c.fd, iocGetMSRs, unsafe.Pointer(&buf[0]))
+	n, err := ioctlPtr(c.fd, iocGetMSRs, p)
 	if err != nil {
 		return nil, fmt.Errorf("KVM_GET_MSRS: %w", err)
 	}
-	return append([]MSR(nil), buf[1:1+n]...), nil
+	return append([]MSR(nil), entries[:n]...), nil
 }
 
-// SetMSR writes one MSR. KVM_SET_MSRS stops at the first MSR it refuses and
-// returns how many it set, so MSRs are set one at a time and a refusal is an
-// error the caller may choose to skip.
+// SetMSR writes one MSR, and says so when KVM refuses it.
 func (c *VCPU) SetMSR(m MSR) error {
-	var buf [2]MSR
-	*(*uint32)(unsafe.Pointer(&buf[0])) = 1
-	buf[1] = m
-	n, err := ioctlPtr(c.fd, iocSetMSRs, unsafe.Pointer(&buf[0]))
+	n, err := c.SetMSRs([]MSR{m})
 	if err != nil {
 		return fmt.Errorf("KVM_SET_MSRS %#x: %w", m.Index, err)
 	}
@@ -202,10 +205,9 @@ func (c *VCPU) SetMSRs(ms []MSR) (int, error) {
 	if len(ms) == 0 {
 		return 0, nil
 	}
-	buf := make([]MSR, 1+len(ms)) // entry 0 holds the kvm_msrs header
-	*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(len(ms))
-	copy(buf[1:], ms)
-	n, err := ioctlPtr(c.fd, iocSetMSRs, unsafe.Pointer(&buf[0]))
+	p, entries := msrBuffer(len(ms))
+	copy(entries, ms)
+	n, err := ioctlPtr(c.fd, iocSetMSRs, p)
 	if err != nil {
 		return 0, fmt.Errorf("KVM_SET_MSRS: %w", err)
 	}
