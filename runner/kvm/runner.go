@@ -239,7 +239,11 @@ func (r *Runner) Restore(ctx context.Context, snap string, opts runner.RestoreOp
 	if err != nil {
 		return nil, fmt.Errorf("restoring %s: %w", snap, err)
 	}
-	var st State
+	// The VMM reads the vCPU's state; the runner needs only the
+	// parameters (the whole blob is still checked to be JSON).
+	var st struct {
+		Params Params `json:"params"`
+	}
 	if err := json.Unmarshal(blob, &st); err != nil {
 		return nil, fmt.Errorf("restoring %s: machine state unreadable: %w: %w", snap, err, errdefs.ErrDataLoss)
 	}
