@@ -86,6 +86,11 @@ type Spec struct {
 	// the model it was taken on, which its restores keep: a running guest
 	// must not lose a CPU feature it has seen.
 	CPUModel string
+	// Layout names the machine's devices as the backend lays them out, in
+	// its terms; "" is the backend's default for a new machine. Like
+	// CPUModel, a restore keeps the layout its snapshot was taken on: a
+	// device state loads only into the devices it came from.
+	Layout string
 }
 
 // Networks a machine may have.

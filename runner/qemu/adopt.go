@@ -175,6 +175,9 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 	if st.Spec.CPUModel == "" {
 		st.Spec.CPUModel = LegacyCPU // started by a boxd that gave QEMU no -cpu
 	}
+	if st.Spec.Layout == "" {
+		st.Spec.Layout = LegacyLayout // started by a boxd that recorded no layout
+	}
 	m := &Machine{
 		r: r, spec: st.Spec, id: id, accel: st.Accel, dir: dir,
 		console: st.Console,

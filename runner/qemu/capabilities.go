@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -62,6 +63,9 @@ func (r *Runner) SnapshotSpec(s snapshotter.Snapshot) (runner.Spec, error) {
 	if spec.Network == netSlirp {
 		spec.Network = runner.NetworkUser
 	}
+	// A machine booted anew from it gets the new layout: only a device
+	// state needs the old one.
+	spec.Layout = ""
 	return spec, err
 }
 
@@ -96,6 +100,9 @@ const (
 	// storedCPU is the machine's CPU model; a snapshot without it was
 	// taken on LegacyCPU.
 	storedCPU = "cpu"
+	// storedLayout is the machine's layout; a snapshot without it was
+	// taken on LegacyLayout.
+	storedLayout = "layout"
 )
 
 // Values of Options[storedNet] besides the runner's networks: snapshots
@@ -109,7 +116,7 @@ func toStored(s runner.Spec) storedSpec {
 	if net == "" || net == runner.NetworkUser {
 		net = storedPasst
 	}
-	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: net, storedCPU: s.CPUModel} {
+	for k, v := range map[string]string{storedInitrd: s.Initrd, storedCmdline: s.Cmdline, storedNet: net, storedCPU: s.CPUModel, storedLayout: s.Layout} {
 		if v != "" {
 			st.Options[k] = v
 		}
@@ -134,6 +141,6 @@ func (st storedSpec) spec() runner.Spec {
 	return runner.Spec{
 		MemSize: st.MemSize, CPUs: st.CPUs, Kernel: st.Boot,
 		Initrd: st.Options[storedInitrd], Cmdline: st.Options[storedCmdline], Network: net,
-		CPUModel: cpu,
+		CPUModel: cpu, Layout: cmp.Or(st.Options[storedLayout], LegacyLayout),
 	}
 }

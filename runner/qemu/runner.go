@@ -292,6 +292,9 @@ func (r *Runner) args(spec runner.Spec) ([]string, error) {
 	if !validCPUModel(model) {
 		return nil, fmt.Errorf("qemu: CPU model %q: %w", model, errdefs.ErrInvalidArgument)
 	}
+	if _, ok := serialPorts[layout(spec)]; !ok {
+		return nil, fmt.Errorf("qemu: unknown machine layout %q: %w", spec.Layout, errdefs.ErrInvalidArgument)
+	}
 	args := []string{
 		"-accel", r.accelArg(),
 		"-nodefaults", "-nographic", "-no-reboot", "-monitor", "none",
@@ -355,6 +358,39 @@ func cpuModel(spec runner.Spec) string {
 		return NewCPU
 	}
 	return spec.CPUModel
+}
+
+// Layouts of machines (runner.Spec.Layout): what the agent's virtio-serial
+// device offers the guest.
+const (
+	// NewLayout is a new machine's: the virtio-serial device has two ports
+	// (port 0 is QEMU's, kept for a console; the agent's is port 1), so the
+	// guest sets up 6 virtqueues. A restore reads every virtqueue's ring
+	// from guest memory as it loads the device state, so each is a page a
+	// lazy restore must serve before the vCPUs run.
+	NewLayout = "serial2"
+	// LegacyLayout is what machines ran before NewLayout: QEMU's default
+	// of 31 ports, 64 virtqueues, one of which the agent uses. It is the
+	// layout of a snapshot whose spec names none, and of a machine adopted
+	// from a boxd that recorded none.
+	LegacyLayout = "serial31"
+)
+
+// serialPorts is the virtio-serial device's max_ports in each layout.
+var serialPorts = map[string]int{NewLayout: 2, LegacyLayout: 31}
+
+// serialDevice is the -device of the virtio-serial device the agent's port
+// is on, in spec's layout.
+func serialDevice(spec runner.Spec) string {
+	return fmt.Sprintf("virtio-serial-pci,id=vser0,addr=%s,max_ports=%d", slotSerial, serialPorts[layout(spec)])
+}
+
+// layout is the layout a machine of spec runs.
+func layout(spec runner.Spec) string {
+	if spec.Layout == "" {
+		return NewLayout
+	}
+	return spec.Layout
 }
 
 // validCPUModel says whether s can be QEMU's -cpu: a model's name and its
@@ -481,6 +517,7 @@ type launchOptions struct {
 
 func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions) (*Machine, error) {
 	spec.CPUModel = cpuModel(spec) // what it runs, for its snapshots and spares
+	spec.Layout = layout(spec)
 	args, err := r.args(spec)
 	if err != nil {
 		return nil, err
@@ -538,7 +575,7 @@ func (r *Runner) launch(ctx context.Context, spec runner.Spec, lo launchOptions)
 	args = append(args,
 		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", spec.MemSize/mib, escapeOpt(m.memFile), share),
 		"-machine", "pc,memory-backend=mem",
-		"-device", "virtio-serial-pci,id=vser0,addr="+slotSerial,
+		"-device", serialDevice(spec),
 		"-chardev", "socket,id=agent,path="+escapeOpt(m.agent)+",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+AgentPort,
 		"-chardev", "file,id=console,path="+escapeOpt(m.console)+",append=on",

@@ -354,7 +354,7 @@ func sameMachine(spare, spec runner.Spec) bool {
 	}
 	return spare.Kernel == spec.Kernel && spare.MemSize == spec.MemSize && max(spare.CPUs, 1) == max(spec.CPUs, 1) &&
 		spare.Initrd == spec.Initrd && spare.Cmdline == spec.Cmdline && net(spare) == net(spec) &&
-		cpuModel(spare) == cpuModel(spec) && slices.Equal(spare.HostPorts, spec.HostPorts)
+		cpuModel(spare) == cpuModel(spec) && layout(spare) == layout(spec) && slices.Equal(spare.HostPorts, spec.HostPorts)
 }
 
 // takeOver makes a spare the machine of spec: the console goes to spec's

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/boxd-dev/boxd/runner"
@@ -118,5 +119,71 @@ func TestStoredCPU(t *testing.T) {
 		if _, err := r.args(spec); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("CPU model %q: args gave %v, want an invalid-argument error", bad, err)
 		}
+	}
+}
+
+// A new machine runs NewLayout; a snapshot keeps the layout its machine
+// ran and restores on it, LegacyLayout when its spec names none; a
+// machine booted anew from a snapshot (SnapshotSpec) gets NewLayout; a
+// spare of one layout never takes over a machine of another; and an
+// unknown layout is refused.
+func TestStoredLayout(t *testing.T) {
+	kernel := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(kernel, []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := &Runner{}
+	serialArg := func(spec runner.Spec) string {
+		t.Helper()
+		spec.Kernel, spec.MemSize = kernel, 64<<20
+		if _, err := r.args(spec); err != nil {
+			t.Fatalf("args of %+v: %v", spec, err)
+		}
+		return serialDevice(spec)
+	}
+	if got := serialArg(runner.Spec{}); !strings.HasSuffix(got, ",max_ports=2") {
+		t.Errorf("a new machine's serial device is %q, want max_ports=2", got)
+	}
+	for _, tc := range []struct {
+		name  string
+		label string
+		want  string
+		ports string
+	}{
+		{"recorded none", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"cpu":"qemu64,+rdrand"}}`, LegacyLayout, ",max_ports=31"},
+		{"recorded legacy", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"layout":"serial31"}}`, LegacyLayout, ",max_ports=31"},
+		{"recorded new", `{"MemSize":1,"CPUs":1,"Boot":"k","Options":{"layout":"serial2"}}`, NewLayout, ",max_ports=2"},
+	} {
+		s := snapshotter.Snapshot{Name: "s", Labels: map[string]string{runner.LabelRunner: "qemu", LabelSpec: tc.label}}
+		spec, err := r.machineSpec(s)
+		if err != nil || spec.Layout != tc.want {
+			t.Errorf("%s: restores on %q (%v), want %q", tc.name, spec.Layout, err, tc.want)
+			continue
+		}
+		if got := serialArg(spec); !strings.HasSuffix(got, tc.ports) {
+			t.Errorf("%s: restore runs %q, want %s", tc.name, got, tc.ports)
+		}
+		if pub, _ := r.SnapshotSpec(s); pub.Layout != "" {
+			t.Errorf("%s: SnapshotSpec gives layout %q, want none (a new machine's)", tc.name, pub.Layout)
+		}
+		b, _ := json.Marshal(toStored(spec))
+		s.Labels[LabelSpec] = string(b)
+		if again, _ := r.machineSpec(s); again.Layout != tc.want {
+			t.Errorf("%s: after another snapshot, restores on %q, want %q", tc.name, again.Layout, tc.want)
+		}
+	}
+	base := runner.Spec{MemSize: 1, Kernel: "k"}
+	legacy, fresh, named := base, base, base
+	legacy.Layout, named.Layout = LegacyLayout, NewLayout
+	if sameMachine(legacy, fresh) || sameMachine(fresh, legacy) {
+		t.Error("a spare of one layout takes over a machine of another")
+	}
+	if !sameMachine(named, fresh) {
+		t.Error("a spare of NewLayout does not take over a new machine")
+	}
+	spec := base
+	spec.Kernel, spec.Layout = kernel, "serial7"
+	if _, err := r.args(spec); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("layout serial7: args gave %v, want an invalid-argument error", err)
 	}
 }
