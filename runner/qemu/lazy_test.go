@@ -22,6 +22,11 @@ func TestLazyRestore(t *testing.T) {
 	defer cancel()
 	r, _, spec, work := diskMachine(ctx, t)
 	r.ResumeSpares = 1
+	// The push of the rest waits a while after the guest starts, so that
+	// the first restore's guest asks for what it runs on and leaves a
+	// working set: QEMU itself asks for nothing, guest RAM's first MiB
+	// having gone before the devices.
+	r.LazyGrace = 300 * time.Millisecond
 	t.Cleanup(r.StopResumeSpares)
 	frozeAt := frozenMachine(ctx, t, r, spec, "lazy-1")
 	r.ReleaseSnapshot("lazy-1")

@@ -142,19 +142,64 @@ type lazyMemory struct {
 }
 
 // newLazyMemory prepares serving snapshot snap's memory to m: the map and
-// the working set recorded by an earlier restore of it or an ancestor.
+// the working set (lazyPages).
 func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*lazyMemory, error) {
+	pg, err := r.lazyPages(snap, m.spec.MemSize)
+	if err != nil {
+		return nil, err
+	}
+	return r.lazyMemoryOf(m, snap, plan, pg), nil
+}
+
+// lazyPageTable is a snapshot's memory as a lazy restore serves it.
+type lazyPageTable struct {
+	ids []cas.ID // page → chunk, cas.ZeroID for a page of zeros
+	ws  []uint64 // the working set to push first, sorted, pages holding data
+}
+
+// lazyPages reads the memory map of snapshot snap, of a machine of size
+// bytes, and its working set. A restore reads them while its machine is
+// readied (a few ms for 512 MiB).
+func (r *Runner) lazyPages(snap string, size int64) (lazyPageTable, error) {
 	mr, err := r.Graph.OpenMap(snap, memstore.DefaultMap)
 	if err != nil {
-		return nil, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+		return lazyPageTable{}, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
 	}
-	pages := int(m.spec.MemSize / memstore.PageSize)
-	if mr.Size() != m.spec.MemSize {
-		return nil, fmt.Errorf("qemu: memory of snapshot %q is %d bytes, its machine %d", snap, mr.Size(), m.spec.MemSize)
+	pages := int(size / memstore.PageSize)
+	if mr.Size() != size {
+		return lazyPageTable{}, fmt.Errorf("qemu: memory of snapshot %q is %d bytes, its machine %d", snap, mr.Size(), size)
 	}
-	l := &lazyMemory{
+	pt := lazyPageTable{ids: make([]cas.ID, pages)}
+	for i := range pt.ids {
+		pt.ids[i] = cas.ZeroID // pages the map leaves out hold zeros
+	}
+	if err := mr.Each(func(n uint64, id cas.ID) error {
+		if n < uint64(pages) {
+			pt.ids[n] = id
+		}
+		return nil
+	}); err != nil {
+		return lazyPageTable{}, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
+	}
+	if ws, _, err := r.Graph.WorkingSet(snap, memstore.DefaultMap); err == nil {
+		for _, p := range ws {
+			if p < uint64(pages) && pt.ids[p] != cas.ZeroID {
+				pt.ws = append(pt.ws, p)
+			}
+		}
+		slices.Sort(pt.ws)
+		pt.ws = slices.Compact(pt.ws)
+	}
+	return pt, nil
+}
+
+// lazyMemoryOf prepares serving pt, snapshot snap's memory, to m.
+func (r *Runner) lazyMemoryOf(m *Machine, snap string, plan *postcopyPlan, pt lazyPageTable) *lazyMemory {
+	pages := len(pt.ids)
+	return &lazyMemory{
 		m: m, snap: snap, store: r.Graph.Store(), plan: plan,
-		ids:         make([]cas.ID, pages),
+		ids:         pt.ids,
+		ws:          pt.ws,
 		grace:       r.LazyGrace,
 		quiet:       lazyQuiet,
 		quietBudget: lazyQuietBudget,
@@ -166,27 +211,6 @@ func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*la
 		stopped:     make(chan struct{}),
 		hurry:       make(chan struct{}),
 	}
-	for i := range l.ids {
-		l.ids[i] = cas.ZeroID // pages the map leaves out hold zeros
-	}
-	if err := mr.Each(func(n uint64, id cas.ID) error {
-		if n < uint64(pages) {
-			l.ids[n] = id
-		}
-		return nil
-	}); err != nil {
-		return nil, fmt.Errorf("qemu: memory of snapshot %q: %w", snap, err)
-	}
-	if ws, _, err := r.Graph.WorkingSet(snap, memstore.DefaultMap); err == nil {
-		for _, p := range ws {
-			if p < uint64(pages) && l.ids[p] != cas.ZeroID {
-				l.ws = append(l.ws, p)
-			}
-		}
-		slices.Sort(l.ws)
-		l.ws = slices.Compact(l.ws)
-	}
-	return l, nil
 }
 
 // start connects to QEMU's incoming socket, writes everything up to the
@@ -246,17 +270,19 @@ func (l *lazyMemory) start(ctx context.Context, sock string, ph *phases) error {
 // guest memory (the TPR patching of kvmvapic).
 const earlyPages = (1 << 20) / memstore.PageSize
 
-// early sends the pages that hold data in the first earlyPages, which
-// QEMU loads as precopy pages before it registers guest RAM.
+// early sends the first earlyPages, which QEMU loads as precopy pages
+// before it registers guest RAM: those of zeros too, which QEMU would
+// otherwise ask for one by one as it loads the devices (kvmvapic reads
+// its option ROM's area).
 func (l *lazyMemory) early() error {
 	buf := make([]byte, lazyBatch*memstore.PageSize)
 	var batch []int
+	all := map[int]bool{} // a page of zeros goes out as one only when asked for
 	for p := 0; p < earlyPages && p < len(l.ids); p++ {
-		if l.ids[p] != cas.ZeroID {
-			batch = append(batch, p)
-		}
-		if len(batch) == lazyBatch || (p == earlyPages-1 && len(batch) > 0) {
-			if err := l.send(batch, nil, buf); err != nil {
+		batch = append(batch, p)
+		all[p] = true
+		if len(batch) == lazyBatch || p == earlyPages-1 || p == len(l.ids)-1 {
+			if err := l.send(batch, all, buf); err != nil {
 				return err
 			}
 			batch = batch[:0]

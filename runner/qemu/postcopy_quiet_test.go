@@ -164,3 +164,43 @@ func TestLazyPushWaitsForQuiet(t *testing.T) {
 		})
 	}
 }
+
+// Guest RAM's first MiB goes out before the devices, its pages of zeros as
+// such (QEMU would ask for each one as it loads the devices), and nothing
+// above it does.
+func TestLazyEarlyPages(t *testing.T) {
+	const pages = 2 * earlyPages
+	zero := func(p int) bool { return p%3 == 0 || p >= earlyPages+earlyPages/2 }
+	var mem bytes.Buffer
+	want := 0
+	for p := range pages {
+		if zero(p) {
+			mem.Write(make([]byte, memstore.PageSize))
+			if p < earlyPages {
+				want++
+			}
+		} else {
+			mem.Write(testPage(p))
+		}
+	}
+	g, plan := lazySnapshot(t, mem.Bytes())
+	var out bytes.Buffer
+	l := testLazyMemory(t, &Runner{Graph: g}, plan, pages, &out)
+	if err := l.early(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.pw.w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for p := range pages {
+		if sent := l.sent.Has(p); sent != (p < earlyPages) {
+			t.Errorf("page %d (zeros: %v): sent %v", p, zero(p), sent)
+		}
+	}
+	if got := l.stats.zeroed.Load(); got != int64(want) {
+		t.Errorf("%d pages of zeros went out, want %d", got, want)
+	}
+	if out.Len() < (earlyPages-want)*memstore.PageSize {
+		t.Errorf("the stream holds %d bytes, fewer than the first MiB's %d pages of data", out.Len(), earlyPages-want)
+	}
+}

@@ -62,6 +62,14 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	if rs.own {
 		rs.plan = r.lazyPlan(snap, devices)
 	}
+	if rs.plan != nil {
+		// The page table is read while the machine is readied.
+		rs.pages = make(chan lazyPagesResult, 1)
+		go func() {
+			pt, err := r.lazyPages(snap, spec.MemSize)
+			rs.pages <- lazyPagesResult{pt, err}
+		}()
+	}
 	if err := rs.restoreMemory(spec.MemSize); err != nil {
 		return nil, err
 	}
@@ -114,12 +122,19 @@ type restoreRun struct {
 	r       *Runner
 	ctx     context.Context
 	snap    snapshotter.Snapshot
-	own     bool          // a memory file of the machine's own (LongLived)
-	memFile string        // the machine's memory file
-	filled  chan error    // the own file's filling, done (nil at once for a frozen file)
-	plan    *postcopyPlan // the device state taken apart for a lazy restore; nil restores eagerly
-	ownDisk string        // a disk the runner made for the machine, gone with it
+	own     bool                 // a memory file of the machine's own (LongLived)
+	memFile string               // the machine's memory file
+	filled  chan error           // the own file's filling, done (nil at once for a frozen file)
+	plan    *postcopyPlan        // the device state taken apart for a lazy restore; nil restores eagerly
+	pages   chan lazyPagesResult // a lazy restore's page table, being read
+	ownDisk string               // a disk the runner made for the machine, gone with it
 	ph      *phases
+}
+
+// lazyPagesResult is what Runner.lazyPages returned.
+type lazyPagesResult struct {
+	pt  lazyPageTable
+	err error
 }
 
 // restoreMemory gets the machine's memory file: a file of its own, filled
@@ -222,11 +237,12 @@ func (rs *restoreRun) loadState(m *Machine, devices []byte) error {
 	}
 	rs.ph.mark("filled")
 	if rs.plan != nil {
-		l, err := rs.r.newLazyMemory(m, rs.snap.Name, rs.plan)
-		if err == nil {
-			err = m.restoreLazily(rs.ctx, l, rs.ph)
+		pr := <-rs.pages
+		if pr.err != nil {
+			return pr.err
 		}
-		if err != nil {
+		l := rs.r.lazyMemoryOf(m, rs.snap.Name, rs.plan, pr.pt)
+		if err := m.restoreLazily(rs.ctx, l, rs.ph); err != nil {
 			return err
 		}
 		rs.ph.mark("devices")
