@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -69,4 +70,16 @@ func Version(m *Machine) string {
 	m.qmpMu.Lock()
 	defer m.qmpMu.Unlock()
 	return m.qmp.version.String()
+}
+
+// SerialPorts is how many ports m's virtio-serial device offers the guest
+// (its max_ports, as QEMU has it).
+func SerialPorts(ctx context.Context, m *Machine) (int, error) {
+	raw, err := m.qmp.execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/vser0", "property": "max_ports"})
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	err = json.Unmarshal(raw, &n)
+	return n, err
 }
