@@ -260,7 +260,7 @@ func frozenMachine(ctx context.Context, t *testing.T, r *qemu.Runner, spec runne
 
 // diskMachine returns a runner and the spec of a machine running diskInit
 // on a qcow2 overlay over an image in the runner's store, as a box is.
-func diskMachine(ctx context.Context, t *testing.T) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
+func diskMachine(ctx context.Context, t testing.TB) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
 	t.Helper()
 	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
@@ -293,11 +293,11 @@ func diskMachine(ctx context.Context, t *testing.T) (*qemu.Runner, *snapshotter.
 }
 
 // testLogger logs at debug level to the test's log.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
