@@ -141,16 +141,6 @@ type lazyMemory struct {
 	hurryOnce sync.Once
 }
 
-// newLazyMemory prepares serving snapshot snap's memory to m: the map and
-// the working set (lazyPages).
-func (r *Runner) newLazyMemory(m *Machine, snap string, plan *postcopyPlan) (*lazyMemory, error) {
-	pg, err := r.lazyPages(snap, m.spec.MemSize)
-	if err != nil {
-		return nil, err
-	}
-	return r.lazyMemoryOf(m, snap, plan, pg), nil
-}
-
 // lazyPageTable is a snapshot's memory as a lazy restore serves it.
 type lazyPageTable struct {
 	ids []cas.ID // page → chunk, cas.ZeroID for a page of zeros

@@ -65,10 +65,11 @@ func lazySnapshot(t *testing.T, mem []byte) (*snapshotter.Graph, *postcopyPlan) 
 func testLazyMemory(t *testing.T, r *Runner, plan *postcopyPlan, pages int, w io.Writer) *lazyMemory {
 	t.Helper()
 	m := &Machine{id: "test", spec: runner.Spec{MemSize: int64(pages) * memstore.PageSize}, done: make(chan struct{})}
-	l, err := r.newLazyMemory(m, "snap", plan)
+	pt, err := r.lazyPages("snap", m.spec.MemSize)
 	if err != nil {
 		t.Fatal(err)
 	}
+	l := r.lazyMemoryOf(m, "snap", plan, pt)
 	conn, peer := net.Pipe()
 	t.Cleanup(func() { peer.Close() })
 	l.conn = conn

@@ -40,7 +40,7 @@ var diskStepRE = regexp.MustCompile(`(?m)^step (\d+) disk (\S*)\r?\n`)
 
 // diskStep waits for a console line of diskInit numbered after after and
 // returns its number and what it read from the disk.
-func diskStep(ctx context.Context, t *testing.T, m *qemu.Machine, after int) (int, string) {
+func diskStep(ctx context.Context, t testing.TB, m *qemu.Machine, after int) (int, string) {
 	t.Helper()
 	for {
 		for _, s := range diskStepRE.FindAllSubmatch(m.Console(), -1) {
