@@ -383,10 +383,13 @@ func (c *criTest) checkNothingLeft(t *testing.T, pod string) {
 	if strings.Contains(string(mounts), c.dir) {
 		t.Fatalf("mounts left under %s", c.dir)
 	}
-	for _, pid := range shimPids(t) {
-		if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(cmdline), pod) {
+	// The shim goes on its own once containerd lets it go (Shutdown): it
+	// answers the call first, then drains its events.
+	for pid := podShim(t, pod); pid != 0; pid = podShim(t, pod) {
+		if time.Now().After(deadline) {
 			t.Fatalf("the pod's shim (pid %d) still runs", pid)
 		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	if sock := shim.SocketPath(c.d.ctrSock, c.d.namespace(), pod); fileExists(sock) {
 		t.Fatalf("the pod's shim's socket %s is left", sock)
@@ -409,6 +412,17 @@ func shimPids(t *testing.T) []int {
 		}
 	}
 	return out
+}
+
+// podShim returns the pid of the boxd shim that serves pod, or 0.
+func podShim(t *testing.T, pod string) int {
+	t.Helper()
+	for _, pid := range shimPids(t) {
+		if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(cmdline), pod) {
+			return pid
+		}
+	}
+	return 0
 }
 
 // firstLine measures crictl runp, create and start of a busybox container
