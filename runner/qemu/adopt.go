@@ -186,9 +186,10 @@ func (r *Runner) Adopt(ctx context.Context, id string) (runner.Machine, error) {
 		memFile: st.MemFile, private: st.Private,
 		disk: st.Disk, base: st.Base, last: st.Last, unstoredDisks: st.UnstoredDisks,
 		pid: st.PID, startTicks: st.StartTicks, pidfd: pidfd, ready: true,
-		memLimit: r.adoptedMemoryGroup(id),
-		started:  started,
-		done:     make(chan struct{}),
+		flattening: true, // the boxd before may have left a job running
+		memLimit:   r.adoptedMemoryGroup(id),
+		started:    started,
+		done:       make(chan struct{}),
 	}
 	if st.OwnDisk != "" {
 		m.ownDisk.Store(&st.OwnDisk)

@@ -260,7 +260,7 @@ func busyboxGuest(ctx context.Context, t testing.TB, init string, modules ...str
 	}
 	check(w.CharDev("/dev/console", 0o600, 5, 1))
 	check(w.CopyFile("/bin/busybox", 0o755, busyboxPath))
-	for _, applet := range []string{"sh", "mount", "sleep", "echo", "cat", "md5sum", "wc", "head", "insmod", "dd", "mkdir", "rm"} {
+	for _, applet := range []string{"sh", "mount", "sleep", "echo", "cat", "md5sum", "wc", "head", "insmod", "dd", "mkdir", "rm", "sync"} {
 		check(w.Symlink("/bin/"+applet, "busybox"))
 	}
 	var list string

@@ -83,3 +83,19 @@ func SerialPorts(ctx context.Context, m *Machine) (int, error) {
 	err = json.Unmarshal(raw, &n)
 	return n, err
 }
+
+// SetFlatten sets, for the rest of t, how long after a snapshot or a
+// restore a machine's disk chain is looked at and how fast its stream job
+// copies (flatten.go).
+func SetFlatten(t testing.TB, delay time.Duration, speed int64) {
+	oldDelay, oldSpeed := flattenDelay.Load(), flattenSpeed.Load()
+	flattenDelay.Store(int64(delay))
+	flattenSpeed.Store(speed)
+	t.Cleanup(func() {
+		flattenDelay.Store(oldDelay)
+		flattenSpeed.Store(oldSpeed)
+	})
+}
+
+// FlattenRuns says whether m's disk stream job runs in QEMU.
+func FlattenRuns(ctx context.Context, m *Machine) (bool, error) { return m.flattenRuns(ctx) }

@@ -48,25 +48,42 @@ func (p *restorePhases) Handle(_ context.Context, r slog.Record) error {
 }
 
 // BenchmarkResumeLayers freezes and lazily resumes one machine (128 MiB,
-// a qcow2 overlay over an image, as a box's disk is) over and over, as a
-// box that hibernates when idle and wakes on use does: every freeze leaves
-// its disk's top as a layer under the next, so the chain QEMU opens grows
-// by one a cycle. It reports, as medians of three cycles around 5, 12, 22
-// and 42 files in the chain, ms to the vCPUs running (restore-ms), of it
-// the resume spare's take-over (spare-ms: the chain opened by drive_add)
-// and the device state's load (devices-ms: QEMU activating the chain).
-// Each restore takes a resume spare; the first, which finds none, is left
-// out. About a minute.
+// a qcow2 overlay over an image, as a box's disk is) 41 times, as a box
+// that hibernates when idle and wakes on use does: every freeze leaves its
+// disk's top as a layer under the next. It runs twice in one run: with the
+// chain left to grow (Runner.DiskLayers negative, as boxd was before it
+// bounded it), so that the chain QEMU opens grows by one file a cycle, and
+// with the default bound, where a resumed machine past it streams its
+// layers into its top (flatten.go; the benchmark waits for that, which a
+// box idle for minutes before it hibernates would). For each it reports,
+// as medians of three cycles around cycles 3, 10, 20 and 40, ms to the
+// vCPUs running (restore-ms), of it the resume spare's take-over
+// (spare-ms: the chain opened by drive_add) and the device state's load
+// (devices-ms: QEMU activating the chain), and the files in the chain
+// (files). Each restore takes a resume spare; the first, which finds none,
+// is left out. About two minutes.
 func BenchmarkResumeLayers(b *testing.B) {
+	for _, tc := range []struct {
+		name   string
+		layers int
+	}{{"growing", -1}, {"bounded", qemu.DefaultDiskLayers}} {
+		b.Run(tc.name, func(b *testing.B) { resumeLayers(b, tc.layers) })
+	}
+}
+
+func resumeLayers(b *testing.B, layers int) {
 	const cycles = 41
-	points := []int{5, 12, 22, 42} // files in the chain: the image, its overlay, a layer a cycle
+	points := []int{3, 10, 20, 40}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	r, _, spec, work := diskMachine(ctx, b)
 	phases := &restorePhases{}
 	r.Logger = slog.New(phases)
 	r.ResumeSpares = 1
+	r.DiskLayers = layers
+	qemu.SetFlatten(b, 0, 256<<20)
 	b.Cleanup(r.StopResumeSpares)
+	files := make([]int, cycles+1) // by cycle: the files in its restore's chain
 	for range b.N {
 		phases.mu.Lock()
 		phases.spare, phases.devices, phases.total = nil, nil, nil
@@ -102,24 +119,33 @@ func BenchmarkResumeLayers(b *testing.B) {
 			if err := m.AwaitMemory(ctx); err != nil {
 				b.Fatal(err)
 			}
-			if i == cycles {
-				if n := len(qemu.BackingChain(disk)); n != cycles+2 {
-					b.Fatalf("the last restore's disk chain holds %d files, want %d", n, cycles+2)
+			files[i] = len(qemu.BackingChain(disk))
+			// A chain past the bound is streamed (a restore allows a
+			// layer more than a snapshot).
+			for layers >= 0 && len(qemu.BackingChain(disk))-1 > layers+1 {
+				select {
+				case <-ctx.Done():
+					b.Fatalf("the chain of %d files was not streamed", len(qemu.BackingChain(disk)))
+				case <-time.After(10 * time.Millisecond):
 				}
 			}
 		}
 		_ = m.Stop(ctx)
+	}
+	if layers < 0 && files[cycles] != cycles+2 {
+		b.Fatalf("the last restore's disk chain holds %d files, want %d", files[cycles], cycles+2)
 	}
 	phases.mu.Lock()
 	defer phases.mu.Unlock()
 	if len(phases.total) != cycles {
 		b.Fatalf("%d restores logged, want %d", len(phases.total), cycles)
 	}
-	for _, files := range points {
-		i := files - 2 // the restore of cycle i runs on a chain of i+2 files; restore i is phases[i-1]
-		around := func(ds []time.Duration) float64 { return msMedian(ds[i-2 : i+1]) }
-		b.ReportMetric(around(phases.total), fmt.Sprintf("restore-ms@%d-files", files))
-		b.ReportMetric(around(phases.spare), fmt.Sprintf("spare-ms@%d-files", files))
-		b.ReportMetric(around(phases.devices), fmt.Sprintf("devices-ms@%d-files", files))
+	for _, c := range points {
+		// Restore c is phases[c-1]; the medians take cycles c-1 to c+1.
+		around := func(ds []time.Duration) float64 { return msMedian(ds[c-2 : c+1]) }
+		b.ReportMetric(around(phases.total), fmt.Sprintf("restore-ms@cycle-%d", c))
+		b.ReportMetric(around(phases.spare), fmt.Sprintf("spare-ms@cycle-%d", c))
+		b.ReportMetric(around(phases.devices), fmt.Sprintf("devices-ms@cycle-%d", c))
+		b.ReportMetric(float64(files[c]), fmt.Sprintf("files@cycle-%d", c))
 	}
 }

@@ -100,6 +100,8 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	// place (watchLazy): a boxd that ends before that leaves it to be
 	// stopped by the next, its snapshot intact.
 	lazy := m.lazy.Load() != nil
+	// A fork's children start a layer over their parent (flatten.go).
+	defer m.flattenLater(1)
 	if opts.Paused {
 		if !lazy {
 			m.markReady()

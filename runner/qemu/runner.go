@@ -149,6 +149,12 @@ type Runner struct {
 	// (directRAM), else 500 ms: the guest's first faults meet an idle
 	// migration stream meanwhile.
 	LazyGrace time.Duration
+	// DiskLayers bounds the qcow2 layers over a machine's base image
+	// (flatten.go): past it, after a snapshot of the machine (or, with
+	// one more allowed, after a restore), QEMU copies the layers' data
+	// into the machine's top in the background and the chain becomes the
+	// base and the top. 0 means DefaultDiskLayers; negative, never.
+	DiskLayers int
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
 	// (the guest agent's job: QEMU has no way to reseed a Linux guest's
@@ -778,6 +784,9 @@ type Machine struct {
 	// unstoredDisks are overlays that snapshots which then failed froze:
 	// the next snapshot stores their blocks too.
 	unstoredDisks []string
+	// flattening says a job that streams the disk's layers into its top
+	// may run in QEMU (flatten.go).
+	flattening bool
 
 	ownDisk       atomic.Pointer[string] // a restore's disk overlay, removed at exit
 	pendingUnique bool                   // reseed the guest when it next runs

@@ -92,6 +92,13 @@ func (m *Machine) snapshot(ctx context.Context, name string, opts runner.Snapsho
 	}
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
+	if err := m.stopFlatten(ctx); err != nil {
+		return snapshotter.Snapshot{}, err
+	}
+	if mode != modeFreeze {
+		// It goes on with a layer more.
+		defer m.flattenLater(0)
+	}
 	// The disk's top and the previous snapshot change: a later boxd
 	// adopting the machine must see them (adopt.go).
 	defer func() { _ = m.saveState() }()

@@ -262,7 +262,13 @@ func frozenMachine(ctx context.Context, t *testing.T, r *qemu.Runner, spec runne
 // on a qcow2 overlay over an image in the runner's store, as a box is.
 func diskMachine(ctx context.Context, t testing.TB) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
 	t.Helper()
-	kernel, initrd := busyboxGuest(ctx, t, diskInit, "virtio_pci", "virtio_blk")
+	return diskMachineWith(ctx, t, diskInit)
+}
+
+// diskMachineWith is diskMachine with init as the guest's /init.
+func diskMachineWith(ctx context.Context, t testing.TB, init string) (*qemu.Runner, *snapshotter.Graph, runner.Spec, string) {
+	t.Helper()
+	kernel, initrd := busyboxGuest(ctx, t, init, "virtio_pci", "virtio_blk")
 	g := testutil.OpenGraph(t, t.TempDir(), snapshotter.Open)
 	r := &qemu.Runner{Dir: t.TempDir(), MemDir: shmDir(t), Graph: g, Logger: testLogger(t)}
 	work := t.TempDir()

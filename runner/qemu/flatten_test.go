@@ -1,0 +1,146 @@
+package qemu_test
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/boxd-dev/boxd/runner"
+	"github.com/boxd-dev/boxd/runner/qemu"
+	"github.com/boxd-dev/boxd/snapshotter"
+)
+
+// writeInit writes a numbered 4 KiB block to /dev/vda every 100 ms, 200 of
+// them, keeps a copy of what it wrote in its own memory, and after each
+// reads back every block it wrote from the device (the page cache
+// dropped): "wrote N ok" when all of them read as written.
+const writeInit = `#!/bin/sh
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/boxd/order); do insmod /lib/modules/boxd/$m; done
+: > /tmp/expect
+i=0
+while :; do
+	n=$i
+	if [ $i -lt 200 ]; then
+		echo "block $i" | dd of=/dev/vda bs=4096 seek=$((16+i)) conv=sync,notrunc 2>/dev/null
+		echo "block $i" | dd bs=4096 conv=sync 2>/dev/null >> /tmp/expect
+		sync
+		n=$((i+1))
+	fi
+	echo 3 > /proc/sys/vm/drop_caches
+	want=$(md5sum < /tmp/expect)
+	got=$(dd if=/dev/vda bs=4096 skip=16 count=$n 2>/dev/null | md5sum)
+	if [ "$want" = "$got" ]; then echo "wrote $i ok"; else echo "wrote $i bad"; fi
+	i=$((i+1))
+	sleep 0.1
+done
+`
+
+var wroteRE = regexp.MustCompile(`(?m)^wrote (\d+) (ok|bad)\r?\n`)
+
+// wrote waits for a line of writeInit numbered after after, fails the test
+// if any line so far says bad, and returns the number.
+func wrote(ctx context.Context, t *testing.T, m *qemu.Machine, after int) int {
+	t.Helper()
+	for {
+		for _, s := range wroteRE.FindAllSubmatch(m.Console(), -1) {
+			if string(s[2]) == "bad" {
+				t.Fatalf("%s: %s: its disk lost what it wrote; console:\n%s", m.ID(), s[0], m.Console())
+			}
+			if n, _ := strconv.Atoi(string(s[1])); n > after {
+				return n
+			}
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: no write after %d: %v; console:\n%s", m.ID(), after, ctx.Err(), m.Console())
+		case <-m.Done():
+			t.Fatalf("%s exited: %v; console:\n%s", m.ID(), m.Err(), m.Console())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// TestFlatten snapshots a machine that keeps writing its disk and checking
+// what it wrote until its chain is past Runner.DiskLayers: a snapshot
+// cancels the stream job that then runs, the next job streams the layers
+// into the top, and the machine, its next snapshot and an older snapshot
+// all read every block as written.
+func TestFlatten(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots Linux guests under QEMU; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	r, _, spec, work := diskMachineWith(ctx, t, writeInit)
+	r.DiskLayers = 1
+	qemu.SetFlatten(t, 0, 1<<10) // a stream that outlasts the test
+	m, err := r.StartMachine(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Stop(context.Background()) })
+	step := wrote(ctx, t, m, -1)
+	snapshot := func(name string) snapshotter.Snapshot {
+		t.Helper()
+		step = wrote(ctx, t, m, step)
+		s, err := m.Snapshot(ctx, name, runner.SnapshotOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		step = wrote(ctx, t, m, step)
+		return s
+	}
+	files := func() int { return len(qemu.BackingChain(m.Disk())) }
+
+	// Two files over the base after the first: a job starts, at 1 KiB/s.
+	snapshot("flat-1")
+	if n := files(); n != 3 {
+		t.Fatalf("the chain after a snapshot holds %d files, want the top, the frozen layer and the base", n)
+	}
+	for runs := false; !runs; {
+		if runs, err = qemu.FlattenRuns(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		if ctx.Err() != nil {
+			t.Fatal("no stream job started")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The next snapshot cancels it; the one after that runs at full speed.
+	qemu.SetFlatten(t, 0, 256<<20)
+	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-2")))); n != 3 {
+		t.Fatalf("the second snapshot's disk chain holds %d files, want both layers and the base", n)
+	}
+	for files() != 2 {
+		if ctx.Err() != nil {
+			t.Fatalf("the chain still holds %d files", files())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if chain := qemu.BackingChain(m.Disk()); chain[1] != filepath.Join(work, "disk.raw") {
+		t.Fatalf("the chain after the stream: %v, want the top over the image", chain)
+	}
+	step = wrote(ctx, t, m, step+5)
+
+	// A snapshot now freezes a top that holds the whole disk, and one from
+	// before the stream still has its layers.
+	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-3")))); n != 2 {
+		t.Fatalf("the disk chain of a snapshot after the stream holds %d files, want the frozen top and the base", n)
+	}
+	_ = m.Stop(ctx)
+	for _, name := range []string{"flat-3", "flat-1"} {
+		disk := filepath.Join(work, fmt.Sprintf("restored-%s.qcow2", name))
+		rm, err := r.RestoreMachine(ctx, name, runner.RestoreOptions{Disk: disk})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrote(ctx, t, rm, wrote(ctx, t, rm, -1))
+		_ = rm.Stop(ctx)
+	}
+}
