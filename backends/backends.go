@@ -73,6 +73,8 @@ type Config struct {
 	LiveForks bool
 	// LazyGrace is qemu.Runner.LazyGrace (0: its default).
 	LazyGrace time.Duration
+	// DiskLayers is qemu.Runner.DiskLayers (0: its default).
+	DiskLayers int
 }
 
 // ResumeSpares is how many QEMUs wait, started, for the next lazy resume
@@ -138,7 +140,7 @@ func New(cfg Config) *Set {
 		Dir: filepath.Join(cfg.Root, "run"), MemDir: cfg.MemDir, Graph: cfg.Graph, Logger: cfg.Logger,
 		OOMScoreAdj: MachineOOMScoreAdj, Detached: cfg.Detached, MemoryHeadroom: headroom,
 		MemoryGroups: memDirPrefix + shortHash(cfg.Root), EagerRestore: cfg.EagerRestore, LiveForks: cfg.LiveForks,
-		ResumeSpares: ResumeSpares, LazyGrace: cfg.LazyGrace,
+		ResumeSpares: ResumeSpares, LazyGrace: cfg.LazyGrace, DiskLayers: cfg.DiskLayers,
 	}
 	set := &Set{QEMU: q, memDir: cfg.MemDir, log: log}
 	set.guard(cfg.Root, hash, log)

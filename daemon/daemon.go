@@ -62,6 +62,8 @@ type Config struct {
 	// LazyGrace is how long a lazily resumed box's memory beyond its
 	// working set waits before it is pushed (backends.Config.LazyGrace).
 	LazyGrace time.Duration
+	// DiskLayers bounds a box's disk chain (backends.Config.DiskLayers).
+	DiskLayers int
 	// MetricsListen, when set, is the host:port Prometheus metrics are
 	// served on (/metrics); it must be loopback unless MetricsAllowRemote.
 	MetricsListen      string
@@ -134,7 +136,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err := procstat.SetOOMScoreAdj(os.Getpid(), backends.DaemonOOMScoreAdj); err != nil {
 		log.Warn("the kernel's OOM killer may pick the daemon before a box", "err", err)
 	}
-	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, LazyGrace: cfg.LazyGrace,
+	bk := backends.New(backends.Config{Root: cfg.Root, Graph: g, Logger: log, VMM: vmmCommand(), Detached: true, LazyGrace: cfg.LazyGrace, DiskLayers: cfg.DiskLayers,
 		// A bounded cache of the bucket's packs may evict a pack a lazy
 		// restore has yet to read: restores read all memory first there.
 		EagerRestore: cfg.EagerRestore || cfg.RemoteCacheLimit > 0,
