@@ -48,7 +48,7 @@ var (
 )
 
 func init() {
-	flattenDelay.Store(int64(2 * time.Second))
+	flattenDelay.Store(int64(time.Second))
 	flattenSpeed.Store(256 << 20)
 }
 

@@ -67,10 +67,10 @@ func wrote(ctx context.Context, t *testing.T, m *qemu.Machine, after int) int {
 }
 
 // TestFlatten snapshots a machine that keeps writing its disk and checking
-// what it wrote until its chain is past Runner.DiskLayers: a snapshot
-// cancels the stream job that then runs, the next job streams the layers
-// into the top, and the machine, its next snapshot and an older snapshot
-// all read every block as written.
+// what it wrote until its chain is past Runner.DiskLayers: a snapshot (by
+// a runner that adopted the machine) cancels the stream job that then
+// runs, the next job streams the layers into the top, and the machine, its
+// next snapshot and an older snapshot all read every block as written.
 func TestFlatten(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Linux guests under QEMU; skipped with -short")
@@ -112,7 +112,16 @@ func TestFlatten(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	// The next snapshot cancels it; the one after that runs at full speed.
+	// A boxd that ends leaves the job running in QEMU: the next one adopts
+	// the machine, and its next snapshot cancels the job; the job after
+	// that runs at full speed.
+	qemu.DropQMP(m)
+	r = &qemu.Runner{Dir: r.Dir, MemDir: r.MemDir, Graph: r.Graph, Logger: r.Logger, DiskLayers: r.DiskLayers}
+	adopted, err := r.Adopt(ctx, m.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = adopted.(*qemu.Machine)
 	qemu.SetFlatten(t, 0, 256<<20)
 	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-2")))); n != 3 {
 		t.Fatalf("the second snapshot's disk chain holds %d files, want both layers and the base", n)
