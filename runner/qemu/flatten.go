@@ -17,7 +17,7 @@ import (
 //
 // So a machine whose chain holds more than Runner.DiskLayers files over its
 // base has QEMU stream the layers' data into its top (block-stream), in the
-// background a while after a snapshot of it or after its restore, once its
+// background 20 s after a snapshot of it or after its restore, once its
 // memory is in place. When the job ends the top reads from the base alone,
 // and the next snapshot freezes a chain of two files. The layers stay as
 // they are: older snapshots name them. A snapshot cancels a job still
@@ -39,7 +39,11 @@ const flattenJob = "boxd-flatten" // the stream job's id
 var (
 	// flattenDelay is how long after a snapshot, or after a restored
 	// machine holds all its memory, the chain is looked at, in ns: off
-	// the paths that wait for the machine.
+	// the paths that wait for the machine, and long enough that a
+	// machine snapshotted again at once (a box hibernated right after a
+	// command woke it) does not start a stream that its next snapshot
+	// cancels, each time leaving a part of its data copied once more in
+	// the layer that snapshot freezes.
 	flattenDelay atomic.Int64
 	// flattenSpeed bounds the job's copy, bytes a second, to leave the
 	// guest most of the disk: a box with 1 GiB of its own data streams
@@ -48,7 +52,7 @@ var (
 )
 
 func init() {
-	flattenDelay.Store(int64(time.Second))
+	flattenDelay.Store(int64(20 * time.Second))
 	flattenSpeed.Store(256 << 20)
 }
 
