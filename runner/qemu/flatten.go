@@ -18,8 +18,9 @@ import (
 // So a machine whose chain holds more than Runner.DiskLayers files over its
 // base has QEMU stream the layers' data into its top (block-stream), in the
 // background 20 s after a snapshot of it or after its restore, once its
-// memory is in place. When the job ends the top reads from the base alone,
-// and the next snapshot freezes a chain of two files. The layers stay as
+// memory is in place: all layers but the lowest. When the job ends the top
+// reads from the lowest layer, which reads from the base, and the next
+// snapshot freezes a chain of three files. The layers stay as
 // they are: older snapshots name them. A snapshot cancels a job still
 // running (what it copied stays in the top, correct either way) and the
 // next trigger starts another.
@@ -91,21 +92,24 @@ func (m *Machine) flattenLater(extra int) {
 }
 
 // flatten starts the job that streams m's layers into its top, when its
-// chain holds more than layers files over its base and no job runs.
+// chain holds more than layers files over its base and no job runs. The
+// lowest layer stays under the top: it holds what the box wrote before its
+// first snapshot, usually most of its own data (what it installed), so the
+// job copies only what came after.
 func (m *Machine) flatten(layers int) {
 	m.snapMu.Lock()
 	defer m.snapMu.Unlock()
 	if m.flattening || m.stopped() || m.stopping.Load() {
 		return
 	}
-	chain := BackingChain(m.disk)
-	if len(chain)-1 <= layers {
+	chain := BackingChain(m.disk) // the top first, the base image last
+	if len(chain)-1 <= layers || len(chain) < 4 {
 		return
 	}
-	base := chain[len(chain)-1]
-	if b, err := backingFile(base); err != nil || b != "" {
+	if b, err := backingFile(chain[len(chain)-1]); err != nil || b != "" {
 		return // a file missing under the chain: not one the runner made
 	}
+	base := chain[len(chain)-2]
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := m.qmp.execute(ctx, "block-stream", map[string]any{

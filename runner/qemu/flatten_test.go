@@ -69,8 +69,9 @@ func wrote(ctx context.Context, t *testing.T, m *qemu.Machine, after int) int {
 // TestFlatten snapshots a machine that keeps writing its disk and checking
 // what it wrote until its chain is past Runner.DiskLayers: a snapshot (by
 // a runner that adopted the machine) cancels the stream job that then
-// runs, the next job streams the layers into the top, and the machine, its
-// next snapshot and an older snapshot all read every block as written.
+// runs, the next job streams the layers but the lowest into the top, and
+// the machine, its next snapshot and older snapshots all read every block
+// as written.
 func TestFlatten(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots Linux guests under QEMU; skipped with -short")
@@ -78,7 +79,7 @@ func TestFlatten(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	r, _, spec, work := diskMachineWith(ctx, t, writeInit)
-	r.DiskLayers = 1
+	r.DiskLayers = 2
 	qemu.SetFlatten(t, 0, 1<<10) // a stream that outlasts the test
 	m, err := r.StartMachine(ctx, spec)
 	if err != nil {
@@ -96,13 +97,16 @@ func TestFlatten(t *testing.T) {
 		step = wrote(ctx, t, m, step)
 		return s
 	}
-	files := func() int { return len(qemu.BackingChain(m.Disk())) }
+	chain := func() []string { return qemu.BackingChain(m.Disk()) }
+	lowest, image := spec.Disk.Path, filepath.Join(work, "disk.raw")
 
-	// Two files over the base after the first: a job starts, at 1 KiB/s.
+	// Two layers over the image after the first snapshot, three after the
+	// second: a job starts, at 1 KiB/s.
 	snapshot("flat-1")
-	if n := files(); n != 3 {
-		t.Fatalf("the chain after a snapshot holds %d files, want the top, the frozen layer and the base", n)
+	if n := len(chain()); n != 3 {
+		t.Fatalf("the chain after a snapshot holds %d files, want the top, the frozen layer and the image", n)
 	}
+	snapshot("flat-2")
 	for runs := false; !runs; {
 		if runs, err = qemu.FlattenRuns(ctx, m); err != nil {
 			t.Fatal(err)
@@ -123,27 +127,27 @@ func TestFlatten(t *testing.T) {
 	}
 	m = adopted.(*qemu.Machine)
 	qemu.SetFlatten(t, 0, 256<<20)
-	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-2")))); n != 3 {
-		t.Fatalf("the second snapshot's disk chain holds %d files, want both layers and the base", n)
+	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-3")))); n != 4 {
+		t.Fatalf("the third snapshot's disk chain holds %d files, want its three layers and the image", n)
 	}
-	for files() != 2 {
+	for len(chain()) != 3 {
 		if ctx.Err() != nil {
-			t.Fatalf("the chain still holds %d files", files())
+			t.Fatalf("the chain still holds %d files", len(chain()))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if chain := qemu.BackingChain(m.Disk()); chain[1] != filepath.Join(work, "disk.raw") {
-		t.Fatalf("the chain after the stream: %v, want the top over the image", chain)
+	if c := chain(); c[1] != lowest || c[2] != image {
+		t.Fatalf("the chain after the stream: %v, want the top over the lowest layer over the image", c)
 	}
 	step = wrote(ctx, t, m, step+5)
 
-	// A snapshot now freezes a top that holds the whole disk, and one from
-	// before the stream still has its layers.
-	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-3")))); n != 2 {
-		t.Fatalf("the disk chain of a snapshot after the stream holds %d files, want the frozen top and the base", n)
+	// A snapshot now freezes a top that holds every layer's data but the
+	// lowest's, and those from before the stream still have their layers.
+	if n := len(qemu.BackingChain(r.SnapshotDisk(snapshot("flat-4")))); n != 3 {
+		t.Fatalf("the disk chain of a snapshot after the stream holds %d files, want the frozen top, the lowest layer and the image", n)
 	}
 	_ = m.Stop(ctx)
-	for _, name := range []string{"flat-3", "flat-1"} {
+	for _, name := range []string{"flat-4", "flat-3", "flat-1"} {
 		disk := filepath.Join(work, fmt.Sprintf("restored-%s.qcow2", name))
 		rm, err := r.RestoreMachine(ctx, name, runner.RestoreOptions{Disk: disk})
 		if err != nil {
