@@ -25,10 +25,11 @@ import (
 // running (what it copied stays in the top, correct either way) and the
 // next trigger starts another.
 //
-// A restore allows one layer more than a snapshot does: a fork's children
+// A fork's children (restores made unique) allow one layer more: they
 // start on the parent's chain and a layer of their own, and the parent,
-// which streams first, leaves them under the bound, so that ten children
-// do not each copy the parent's disk.
+// which streams first (after its snapshot, or its restore when it moved
+// onto the fork's frozen memory), leaves them under the bound, so that ten
+// children do not each copy the parent's disk.
 
 // DefaultDiskLayers is Runner.DiskLayers' default: a resume opens at most
 // about ten files, a few ms more than the fewest.

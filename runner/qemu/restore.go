@@ -100,8 +100,13 @@ func (r *Runner) RestoreMachine(ctx context.Context, snap string, opts runner.Re
 	// place (watchLazy): a boxd that ends before that leaves it to be
 	// stopped by the next, its snapshot intact.
 	lazy := m.lazy.Load() != nil
-	// A fork's children start a layer over their parent (flatten.go).
-	defer m.flattenLater(1)
+	// A fork's children (made unique) start a layer over their parent,
+	// which streams its chain first (flatten.go).
+	if opts.Unique {
+		defer m.flattenLater(1)
+	} else {
+		defer m.flattenLater(0)
+	}
 	if opts.Paused {
 		if !lazy {
 			m.markReady()

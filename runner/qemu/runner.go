@@ -150,10 +150,11 @@ type Runner struct {
 	// migration stream meanwhile.
 	LazyGrace time.Duration
 	// DiskLayers bounds the qcow2 layers over a machine's base image
-	// (flatten.go): past it, after a snapshot of the machine (or, with
-	// one more allowed, after a restore), QEMU copies the layers' data
-	// into the machine's top in the background and the chain becomes the
-	// base and the top. 0 means DefaultDiskLayers; negative, never.
+	// (flatten.go): past it, after a snapshot or a restore of the machine
+	// (with one more allowed for a fork's child), QEMU copies the data of
+	// the layers but the lowest into the machine's top in the background
+	// and the chain becomes the top over the lowest layer over the base.
+	// 0 means DefaultDiskLayers; negative, never.
 	DiskLayers int
 	// Unique, when set, is called for a machine restored with
 	// RestoreOptions.Unique once it runs, to give the guest fresh entropy
