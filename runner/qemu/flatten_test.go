@@ -147,13 +147,46 @@ func TestFlatten(t *testing.T) {
 		t.Fatalf("the disk chain of a snapshot after the stream holds %d files, want the frozen top, the lowest layer and the image", n)
 	}
 	_ = m.Stop(ctx)
-	for _, name := range []string{"flat-4", "flat-3", "flat-1"} {
-		disk := filepath.Join(work, fmt.Sprintf("restored-%s.qcow2", name))
-		rm, err := r.RestoreMachine(ctx, name, runner.RestoreOptions{Disk: disk})
+	// Restored, they read what they wrote. A fork's child (unique) is
+	// allowed a layer more than the bound; a resumed box is not. (The
+	// guest has no agent to reseed.)
+	r.Unique = func(context.Context, *qemu.Machine) error { return nil }
+	for _, tc := range []struct {
+		snap   string
+		unique bool
+		files  int // in the chain once it settles
+	}{
+		{"flat-4", true, 4},
+		{"flat-3", false, 3},
+		{"flat-1", false, 3},
+	} {
+		disk := filepath.Join(work, fmt.Sprintf("restored-%s.qcow2", tc.snap))
+		rm, err := r.RestoreMachine(ctx, tc.snap, runner.RestoreOptions{Disk: disk, Unique: tc.unique})
 		if err != nil {
 			t.Fatal(err)
 		}
 		wrote(ctx, t, rm, wrote(ctx, t, rm, -1))
+		for len(qemu.BackingChain(disk)) > tc.files && ctx.Err() == nil {
+			time.Sleep(20 * time.Millisecond)
+		}
+		// Two more rounds of writes and reads: time for a stream to start
+		// and end where none should.
+		wrote(ctx, t, rm, lastWrote(rm.Console())+1)
+		if n := len(qemu.BackingChain(disk)); n != tc.files {
+			t.Errorf("%s restored (unique %v): its chain holds %d files, want %d", tc.snap, tc.unique, n, tc.files)
+		}
 		_ = rm.Stop(ctx)
 	}
+}
+
+// lastWrote is the number of writeInit's last line in console, -1 for
+// none.
+func lastWrote(console []byte) int {
+	last := -1
+	for _, s := range wroteRE.FindAllSubmatch(console, -1) {
+		if n, _ := strconv.Atoi(string(s[1])); n > last {
+			last = n
+		}
+	}
+	return last
 }
