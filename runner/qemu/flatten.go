@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // A machine's disk is a chain of qcow2 files over a raw base image, and
@@ -36,6 +39,9 @@ import (
 const DefaultDiskLayers = 6
 
 const flattenJob = "boxd-flatten" // the stream job's id
+
+// flattenReserve is the disk a stream leaves free beside what it may write.
+const flattenReserve = 1 << 30
 
 // The stream job's pace (tests change them).
 var (
@@ -111,6 +117,15 @@ func (m *Machine) flatten(layers int) {
 		return // a file missing under the chain: not one the runner made
 	}
 	base := chain[len(chain)-2]
+	// The job writes at most what the layers between the top and the
+	// lowest hold: it waits for a later trigger while the disk has less
+	// free beside flattenReserve, which the guests' own writes need more.
+	need := allocated(chain[1 : len(chain)-2])
+	if free, err := freeSpace(filepath.Dir(m.disk)); err == nil && free < need+flattenReserve {
+		m.r.logger().Warn("qemu: not streaming the disk's layers into its top: too little disk free",
+			"id", m.id, "layers", len(chain)-1, "need_mib", need>>20, "free_mib", free>>20)
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := m.qmp.execute(ctx, "block-stream", map[string]any{
@@ -178,4 +193,26 @@ func (m *Machine) stopFlatten(ctx context.Context) error {
 	}
 	m.flattening = false
 	return nil
+}
+
+// allocated is the disk space files take, 0 for those it cannot stat.
+func allocated(files []string) int64 {
+	var n int64
+	for _, f := range files {
+		var st unix.Stat_t
+		if unix.Stat(f, &st) == nil {
+			n += st.Blocks * 512
+		}
+	}
+	return n
+}
+
+// freeSpace is what an unprivileged writer may still write to the file
+// system of dir.
+func freeSpace(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * st.Bsize, nil
 }
