@@ -122,7 +122,7 @@ func runDaemon(c *cli.Context) error {
 		EagerRestore:          c.Bool("eager-restore"),
 		LiveForks:             c.Bool("live-forks"),
 		LazyGrace:             c.Duration("lazy-grace"),
-		DiskLayers:            int(c.Int("disk-layers")),
+		DiskLayers:            c.Int("disk-layers"),
 		LeaveRunning:          c.Bool("leave-running"),
 		ContainerdSnapshotter: c.String("containerd-snapshotter"),
 		Remote:                c.String("remote"),
