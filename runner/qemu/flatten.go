@@ -18,13 +18,13 @@ import (
 // small host, so a box that hibernated and resumed a hundred times would
 // resume 130 ms slower, and hold a file open per hibernation.
 //
-// So a machine whose chain holds more than Runner.DiskLayers files over its
+// So a machine whose chain holds more than Runner.DiskLayers layers over its
 // base has QEMU stream the layers' data into its top (block-stream), in the
 // background 20 s after a snapshot of it or after its restore, once its
 // memory is in place: all layers but the lowest. When the job ends the top
 // reads from the lowest layer, which reads from the base, and the next
-// snapshot freezes a chain of three files. The layers stay as
-// they are: older snapshots name them. A snapshot cancels a job still
+// snapshot freezes a chain of three files. The layers stay as they are:
+// older snapshots name them. A snapshot cancels a job still
 // running (what it copied stays in the top, correct either way) and the
 // next trigger starts another.
 //
@@ -34,8 +34,9 @@ import (
 // onto the fork's frozen memory), leaves them under the bound, so that ten
 // children do not each copy the parent's disk.
 
-// DefaultDiskLayers is Runner.DiskLayers' default: a resume opens at most
-// about ten files, a few ms more than the fewest.
+// DefaultDiskLayers is Runner.DiskLayers' default: a box that hibernates
+// when idle resumes on at most eight files, about 6 ms more than on the
+// fewest (four).
 const DefaultDiskLayers = 6
 
 const flattenJob = "boxd-flatten" // the stream job's id
@@ -74,7 +75,7 @@ func (r *Runner) diskLayers() int {
 
 // flattenLater looks at m's disk chain after flattenDelay (and after its
 // lazy restore) and streams it when it holds more than Runner.DiskLayers
-// and extra files over its base.
+// and extra layers over its base.
 func (m *Machine) flattenLater(extra int) {
 	layers := m.r.diskLayers()
 	if layers < 0 {
@@ -99,7 +100,7 @@ func (m *Machine) flattenLater(extra int) {
 }
 
 // flatten starts the job that streams m's layers into its top, when its
-// chain holds more than layers files over its base and no job runs. The
+// chain holds more than layers layers over its base and no job runs. The
 // lowest layer stays under the top: it holds what the box wrote before its
 // first snapshot, usually most of its own data (what it installed), so the
 // job copies only what came after.
