@@ -786,7 +786,7 @@ type Machine struct {
 	// the next snapshot stores their blocks too.
 	unstoredDisks []string
 	// flattening says a job that streams the disk's layers into its top
-	// may run in QEMU (flatten.go).
+	// may run in QEMU (flatten.go); snapMu guards it.
 	flattening bool
 
 	ownDisk       atomic.Pointer[string] // a restore's disk overlay, removed at exit
