@@ -171,22 +171,10 @@ func TestFlatten(t *testing.T) {
 		}
 		// Two more rounds of writes and reads: time for a stream to start
 		// and end where none should.
-		wrote(ctx, t, rm, lastWrote(rm.Console())+1)
+		wrote(ctx, t, rm, lastNumbered(wroteRE, rm.Console())+1)
 		if n := len(qemu.BackingChain(disk)); n != tc.files {
 			t.Errorf("%s restored (unique %v): its chain holds %d files, want %d", tc.snap, tc.unique, n, tc.files)
 		}
 		_ = rm.Stop(ctx)
 	}
-}
-
-// lastWrote is the number of writeInit's last line in console, -1 for
-// none.
-func lastWrote(console []byte) int {
-	last := -1
-	for _, s := range wroteRE.FindAllSubmatch(console, -1) {
-		if n, _ := strconv.Atoi(string(s[1])); n > last {
-			last = n
-		}
-	}
-	return last
 }

@@ -310,9 +310,13 @@ func (w tWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func lastStep(console []byte) int {
+func lastStep(console []byte) int { return lastNumbered(diskStepRE, console) }
+
+// lastNumbered is the largest number re's first group matches in console,
+// -1 for none.
+func lastNumbered(re *regexp.Regexp, console []byte) int {
 	last := -1
-	for _, s := range diskStepRE.FindAllSubmatch(console, -1) {
+	for _, s := range re.FindAllSubmatch(console, -1) {
 		if n, _ := strconv.Atoi(string(s[1])); n > last {
 			last = n
 		}
