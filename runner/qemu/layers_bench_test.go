@@ -13,38 +13,51 @@ import (
 	"github.com/boxd-dev/boxd/runner/qemu"
 )
 
-// restorePhases collects the phases runner/qemu logs for each restore
-// ("qemu: restore"), in order.
-type restorePhases struct {
-	mu                    sync.Mutex
-	spare, devices, total []time.Duration
+// phaseLog collects the phases (duration attributes) of each record
+// runner/qemu logs with one message ("qemu: restore", "qemu: fork"), in
+// order.
+type phaseLog struct {
+	msg     string
+	mu      sync.Mutex
+	records []map[string]time.Duration
 }
 
-func (p *restorePhases) Enabled(context.Context, slog.Level) bool { return true }
-func (p *restorePhases) WithAttrs([]slog.Attr) slog.Handler       { return p }
-func (p *restorePhases) WithGroup(string) slog.Handler            { return p }
-func (p *restorePhases) Handle(_ context.Context, r slog.Record) error {
-	if r.Message != "qemu: restore" {
+func (p *phaseLog) Enabled(context.Context, slog.Level) bool { return true }
+func (p *phaseLog) WithAttrs([]slog.Attr) slog.Handler       { return p }
+func (p *phaseLog) WithGroup(string) slog.Handler            { return p }
+func (p *phaseLog) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != p.msg {
 		return nil
 	}
-	var spare, devices, total time.Duration
+	phases := map[string]time.Duration{}
 	r.Attrs(func(a slog.Attr) bool {
-		switch a.Key {
-		case "spare":
-			spare = a.Value.Duration()
-		case "devices":
-			devices = a.Value.Duration()
-		case "total":
-			total = a.Value.Duration()
+		if a.Value.Kind() == slog.KindDuration {
+			phases[a.Key] = a.Value.Duration()
 		}
 		return true
 	})
 	p.mu.Lock()
-	p.spare = append(p.spare, spare)
-	p.devices = append(p.devices, devices)
-	p.total = append(p.total, total)
+	p.records = append(p.records, phases)
 	p.mu.Unlock()
 	return nil
+}
+
+// phase is one phase of every record so far, 0 where a record lacks it.
+func (p *phaseLog) phase(key string) []time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]time.Duration, len(p.records))
+	for i, r := range p.records {
+		out[i] = r[key]
+	}
+	return out
+}
+
+// reset forgets the records so far.
+func (p *phaseLog) reset() {
+	p.mu.Lock()
+	p.records = nil
+	p.mu.Unlock()
 }
 
 // BenchmarkResumeLayers freezes and lazily resumes one machine (128 MiB,
@@ -77,7 +90,7 @@ func resumeLayers(b *testing.B, layers int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	r, _, spec, work := diskMachine(ctx, b)
-	phases := &restorePhases{}
+	phases := &phaseLog{msg: "qemu: restore"}
 	r.Logger = slog.New(phases)
 	r.ResumeSpares = 1
 	r.DiskLayers = layers
@@ -85,9 +98,7 @@ func resumeLayers(b *testing.B, layers int) {
 	b.Cleanup(r.StopResumeSpares)
 	files := make([]int, cycles+1) // by cycle: the files in its restore's chain
 	for range b.N {
-		phases.mu.Lock()
-		phases.spare, phases.devices, phases.total = nil, nil, nil
-		phases.mu.Unlock()
+		phases.reset()
 		m, err := r.StartMachine(ctx, spec)
 		if err != nil {
 			b.Fatal(err)
@@ -134,17 +145,16 @@ func resumeLayers(b *testing.B, layers int) {
 	if layers < 0 && files[cycles] != cycles+2 {
 		b.Fatalf("the last restore's disk chain holds %d files, want %d", files[cycles], cycles+2)
 	}
-	phases.mu.Lock()
-	defer phases.mu.Unlock()
-	if len(phases.total) != cycles {
-		b.Fatalf("%d restores logged, want %d", len(phases.total), cycles)
+	total, spare, devices := phases.phase("total"), phases.phase("spare"), phases.phase("devices")
+	if len(total) != cycles {
+		b.Fatalf("%d restores logged, want %d", len(total), cycles)
 	}
 	for _, c := range points {
 		// Restore c is phases[c-1]; the medians take cycles c-1 to c+1.
 		around := func(ds []time.Duration) float64 { return msMedian(ds[c-2 : c+1]) }
-		b.ReportMetric(around(phases.total), fmt.Sprintf("restore-ms@cycle-%d", c))
-		b.ReportMetric(around(phases.spare), fmt.Sprintf("spare-ms@cycle-%d", c))
-		b.ReportMetric(around(phases.devices), fmt.Sprintf("devices-ms@cycle-%d", c))
+		b.ReportMetric(around(total), fmt.Sprintf("restore-ms@cycle-%d", c))
+		b.ReportMetric(around(spare), fmt.Sprintf("spare-ms@cycle-%d", c))
+		b.ReportMetric(around(devices), fmt.Sprintf("devices-ms@cycle-%d", c))
 		b.ReportMetric(float64(files[c]), fmt.Sprintf("files@cycle-%d", c))
 	}
 }

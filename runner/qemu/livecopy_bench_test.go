@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,38 +26,6 @@ dd if=/dev/urandom of=/t/fill bs=1M count=120 2>/dev/null
 echo filled
 while :; do sleep 1; done
 `
-
-// forkPhases collects the phases runner/qemu logs for each fork
-// ("qemu: fork"): how long the guest ran while its memory was copied and
-// how long it stood stopped.
-type forkPhases struct {
-	mu               sync.Mutex
-	running, stopped []time.Duration
-}
-
-func (p *forkPhases) Enabled(context.Context, slog.Level) bool { return true }
-func (p *forkPhases) WithAttrs([]slog.Attr) slog.Handler       { return p }
-func (p *forkPhases) WithGroup(string) slog.Handler            { return p }
-func (p *forkPhases) Handle(_ context.Context, r slog.Record) error {
-	if r.Message != "qemu: fork" {
-		return nil
-	}
-	var pre, total time.Duration
-	r.Attrs(func(a slog.Attr) bool {
-		switch a.Key {
-		case "precopy":
-			pre = a.Value.Duration()
-		case "total":
-			total = a.Value.Duration()
-		}
-		return true
-	})
-	p.mu.Lock()
-	p.running = append(p.running, pre)
-	p.stopped = append(p.stopped, total-pre)
-	p.mu.Unlock()
-	return nil
-}
 
 // BenchmarkForkCopy forks a 192 MiB machine that filled 120 MiB of its
 // memory, on its own memory file and on a frozen file (a fork of a fork),
@@ -86,7 +53,7 @@ func BenchmarkForkCopy(b *testing.B) {
 				how = "files"
 			}
 			b.Run(mapping+"/"+how, func(b *testing.B) {
-				phases := &forkPhases{}
+				phases := &phaseLog{msg: "qemu: fork"}
 				g := testutil.OpenGraph(b, b.TempDir(), snapshotter.Open)
 				r := &qemu.Runner{Dir: b.TempDir(), MemDir: shmDir(b), Graph: g, Logger: slog.New(phases), LiveForks: !copyFiles}
 				m, err := r.StartMachine(ctx, spec)
@@ -120,10 +87,15 @@ func BenchmarkForkCopy(b *testing.B) {
 					b.StartTimer()
 				}
 				b.StopTimer()
-				phases.mu.Lock()
-				defer phases.mu.Unlock()
-				b.ReportMetric(msMedian(phases.running), "running-ms/fork")
-				b.ReportMetric(msMedian(phases.stopped), "stopped-ms/fork")
+				// The guest ran while its memory was copied (precopy) and
+				// stood stopped for the rest.
+				running, total := phases.phase("precopy"), phases.phase("total")
+				stopped := make([]time.Duration, len(total))
+				for i := range total {
+					stopped[i] = total[i] - running[i]
+				}
+				b.ReportMetric(msMedian(running), "running-ms/fork")
+				b.ReportMetric(msMedian(stopped), "stopped-ms/fork")
 				if live := qemu.LiveForks(m); (live > 0) == copyFiles {
 					b.Fatalf("%d of %d forks copied live", live, b.N)
 				}
