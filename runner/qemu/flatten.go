@@ -141,10 +141,10 @@ func (m *Machine) flatten(layers int) {
 	m.r.logger().Info("qemu: streaming the disk's layers into its top", "id", m.id, "layers", len(chain)-1)
 }
 
-// blockJob is what query-block-jobs says of one job.
+// blockJob is what query-block-jobs says of one job that boxd reads: its
+// id (QMP's "device").
 type blockJob struct {
 	Device string `json:"device"`
-	Status string `json:"status"`
 }
 
 // flattenRuns says whether m's stream job is still in QEMU.
